@@ -1,0 +1,2 @@
+//! Subcommands of the `netpol-agent` binary that need more than a few lines.
+pub mod compile;

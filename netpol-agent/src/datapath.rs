@@ -1,0 +1,459 @@
+//! The loaded eBPF object: its pinned maps, its two TC programs and where
+//! they are attached.
+//!
+//! Which TC hook is which policy direction: `from_pod` goes on the host-side
+//! veth's TC *ingress* (what the pod sends: its egress), `to_pod` on its TC
+//! *egress* (what is delivered to the pod: its ingress).
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Map, MapData, PerCpuArray},
+    programs::{
+        LinkOrder, SchedClassifier, TcAttachType,
+        tc::{self, NlOptions, SchedClassifierLinkId, TcAttachOptions, TcError},
+    },
+    util::KernelVersion,
+};
+use netpol_common::{COUNTER_ENTRIES, TrafficCounter, direction, family, maps, programs, reason};
+
+use crate::{bpffs, object};
+
+/// Default bpffs mount point.
+pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf";
+/// Folder under the bpffs root holding netpol's pins.
+pub const PIN_SUBDIR: &str = "netpol";
+
+/// How the programs are attached to an interface.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum AttachMode {
+    /// TCX links on kernels ≥ 6.6, netlink clsact filters below.
+    #[default]
+    Auto,
+    /// Netlink clsact filters (the only path before 6.6).
+    Netlink,
+    /// TCX links (6.6 and later).
+    Tcx,
+}
+
+/// What to load and where to pin it.
+#[derive(Clone, Debug)]
+pub struct DatapathConfig {
+    /// bpffs mount point; mounted when it is not a bpffs yet.
+    pub bpffs: PathBuf,
+    /// The object; `None` finds it with [`object::locate`].
+    pub object: Option<PathBuf>,
+    /// How programs are attached.
+    pub attach_mode: AttachMode,
+}
+
+impl Default for DatapathConfig {
+    fn default() -> Self {
+        Self {
+            bpffs: PathBuf::from(DEFAULT_BPFFS),
+            object: None,
+            attach_mode: AttachMode::Auto,
+        }
+    }
+}
+
+impl DatapathConfig {
+    /// The folder the maps are pinned in: `<bpffs>/netpol`.
+    #[must_use]
+    pub fn pin_dir(&self) -> PathBuf {
+        self.bpffs.join(PIN_SUBDIR)
+    }
+}
+
+/// Errors of the datapath, each naming the operation and its object.
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error(transparent)]
+    ObjectNotFound(#[from] object::ObjectNotFound),
+    #[error(transparent)]
+    Bpffs(#[from] bpffs::BpffsError),
+    #[error("creating pin folder {path}: {source}")]
+    PinDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("loading eBPF object {path}: {source}")]
+    Load {
+        path: PathBuf,
+        source: Box<aya::EbpfError>,
+    },
+    #[error("program {name} is missing from the object")]
+    MissingProgram { name: &'static str },
+    #[error("map {name} is missing from the object")]
+    MissingMap { name: &'static str },
+    #[error("program {name}: {source}")]
+    Program {
+        name: &'static str,
+        source: Box<aya::programs::ProgramError>,
+    },
+    #[error("adding clsact qdisc on {interface}: {source}")]
+    Clsact {
+        interface: String,
+        source: Box<TcError>,
+    },
+    #[error("attaching {program} to {interface}: {source}")]
+    Attach {
+        program: &'static str,
+        interface: String,
+        source: Box<aya::programs::ProgramError>,
+    },
+    #[error("{interface} is not attached by this agent")]
+    NotAttached { interface: String },
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        source: Box<aya::maps::MapError>,
+    },
+    #[error("TCX attach needs kernel 6.6 or later (this is {0})")]
+    TcxUnsupported(String),
+}
+
+/// One interface's two attachments.
+#[derive(Debug)]
+struct Attachment {
+    from_pod: SchedClassifierLinkId,
+    to_pod: SchedClassifierLinkId,
+}
+
+/// The loaded object. Dropping it detaches the programs it attached; the
+/// pinned maps stay in bpffs.
+pub struct Datapath {
+    ebpf: Ebpf,
+    pin_dir: PathBuf,
+    attach_mode: AttachMode,
+    attached: BTreeMap<String, Attachment>,
+}
+
+impl std::fmt::Debug for Datapath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Datapath")
+            .field("pin_dir", &self.pin_dir)
+            .field("attach_mode", &self.attach_mode)
+            .field("attached", &self.attached)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Datapath {
+    /// Loads the object, pinning (or reusing) its maps under
+    /// `<bpffs>/netpol`, and loads both programs into the kernel.
+    ///
+    /// # Errors
+    /// When the object is missing or invalid, bpffs cannot be prepared, or
+    /// the kernel refuses a map or program.
+    pub fn load(config: &DatapathConfig) -> Result<Self, DatapathError> {
+        let path = match &config.object {
+            Some(p) => p.clone(),
+            None => object::locate()?,
+        };
+        bpffs::ensure_mounted(&config.bpffs)?;
+        let pin_dir = config.pin_dir();
+        std::fs::create_dir_all(&pin_dir).map_err(|source| DatapathError::PinDir {
+            path: pin_dir.clone(),
+            source,
+        })?;
+
+        let mut loader = EbpfLoader::new();
+        for name in maps::ALL {
+            loader.map_pin_path(name, pin_dir.join(name));
+        }
+        let mut ebpf = loader
+            .load_file(&path)
+            .map_err(|source| DatapathError::Load {
+                path: path.clone(),
+                source: Box::new(source),
+            })?;
+        for name in [programs::FROM_POD, programs::TO_POD] {
+            classifier(&mut ebpf, name)?
+                .load()
+                .map_err(|source| DatapathError::Program {
+                    name,
+                    source: Box::new(source),
+                })?;
+        }
+        tracing::debug!(object = %path.display(), pin_dir = %pin_dir.display(), "datapath loaded");
+        Ok(Self {
+            ebpf,
+            pin_dir,
+            attach_mode: config.attach_mode,
+            attached: BTreeMap::new(),
+        })
+    }
+
+    /// The folder holding the pinned maps.
+    #[must_use]
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    /// Interfaces this datapath has attached to.
+    pub fn attached(&self) -> impl Iterator<Item = &str> {
+        self.attached.keys().map(String::as_str)
+    }
+
+    /// Attaches `from_pod` to `interface`'s TC ingress and `to_pod` to its TC
+    /// egress. On the netlink path a clsact qdisc is added when missing;
+    /// netpol never deletes a qdisc (an empty clsact is harmless, and one it
+    /// did not create may carry other programs).
+    ///
+    /// # Errors
+    /// When the interface does not exist or the kernel refuses the attach;
+    /// nothing stays attached on error.
+    #[tracing::instrument(skip(self), fields(pin_dir = %self.pin_dir.display()))]
+    pub fn attach(&mut self, interface: &str) -> Result<(), DatapathError> {
+        if self.attached.contains_key(interface) {
+            return Ok(());
+        }
+        let options = self.attach_options()?;
+        if matches!(options, TcAttachOptions::Netlink(_)) {
+            ensure_clsact(interface)?;
+        }
+        let from_pod = attach_one(
+            &mut self.ebpf,
+            programs::FROM_POD,
+            interface,
+            TcAttachType::Ingress,
+            &options,
+        )?;
+        let to_pod = match attach_one(
+            &mut self.ebpf,
+            programs::TO_POD,
+            interface,
+            TcAttachType::Egress,
+            &options,
+        ) {
+            Ok(id) => id,
+            Err(e) => {
+                // Leave no half-attached interface behind.
+                if let Ok(p) = classifier(&mut self.ebpf, programs::FROM_POD) {
+                    let _ = p.detach(from_pod);
+                }
+                return Err(e);
+            }
+        };
+        tracing::info!(interface, "attached");
+        self.attached
+            .insert(interface.to_owned(), Attachment { from_pod, to_pod });
+        Ok(())
+    }
+
+    /// Detaches both programs from `interface`.
+    ///
+    /// # Errors
+    /// When the interface was not attached by this datapath, or the kernel
+    /// refuses the detach.
+    pub fn detach(&mut self, interface: &str) -> Result<(), DatapathError> {
+        let a = self
+            .attached
+            .remove(interface)
+            .ok_or_else(|| DatapathError::NotAttached {
+                interface: interface.to_owned(),
+            })?;
+        for (name, id) in [
+            (programs::FROM_POD, a.from_pod),
+            (programs::TO_POD, a.to_pod),
+        ] {
+            classifier(&mut self.ebpf, name)?
+                .detach(id)
+                .map_err(|source| DatapathError::Program {
+                    name,
+                    source: Box::new(source),
+                })?;
+        }
+        tracing::info!(interface, "detached");
+        Ok(())
+    }
+
+    /// Current counters, summed over CPUs.
+    ///
+    /// # Errors
+    /// When the counter map cannot be read.
+    pub fn counters(&self) -> Result<Counters, DatapathError> {
+        let map = self
+            .ebpf
+            .map(maps::COUNTERS)
+            .ok_or(DatapathError::MissingMap {
+                name: maps::COUNTERS,
+            })?;
+        let array = PerCpuArray::<_, TrafficCounter>::try_from(map).map_err(map_err)?;
+        Counters::read(&array)
+    }
+
+    fn attach_options(&self) -> Result<TcAttachOptions, DatapathError> {
+        let tcx_ok = KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0));
+        Ok(match self.attach_mode {
+            AttachMode::Auto if tcx_ok => TcAttachOptions::TcxOrder(LinkOrder::default()),
+            AttachMode::Auto | AttachMode::Netlink => {
+                TcAttachOptions::Netlink(NlOptions::default())
+            }
+            AttachMode::Tcx if tcx_ok => TcAttachOptions::TcxOrder(LinkOrder::default()),
+            AttachMode::Tcx => {
+                return Err(DatapathError::TcxUnsupported(
+                    KernelVersion::current()
+                        .map(|v| v.to_string())
+                        .unwrap_or_else(|_| "unknown".into()),
+                ));
+            }
+        })
+    }
+}
+
+fn map_err(source: aya::maps::MapError) -> DatapathError {
+    DatapathError::Map {
+        name: maps::COUNTERS,
+        source: Box::new(source),
+    }
+}
+
+fn classifier<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut SchedClassifier, DatapathError> {
+    let program = ebpf
+        .program_mut(name)
+        .ok_or(DatapathError::MissingProgram { name })?;
+    program.try_into().map_err(|source| DatapathError::Program {
+        name,
+        source: Box::new(source),
+    })
+}
+
+fn attach_one(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    interface: &str,
+    hook: TcAttachType,
+    options: &TcAttachOptions,
+) -> Result<SchedClassifierLinkId, DatapathError> {
+    let options = match options {
+        TcAttachOptions::Netlink(_) => TcAttachOptions::Netlink(NlOptions::default()),
+        TcAttachOptions::TcxOrder(_) => TcAttachOptions::TcxOrder(LinkOrder::default()),
+    };
+    classifier(ebpf, name)?
+        .attach_with_options(interface, hook, options)
+        .map_err(|source| DatapathError::Attach {
+            program: name,
+            interface: interface.to_owned(),
+            source: Box::new(source),
+        })
+}
+
+fn ensure_clsact(interface: &str) -> Result<(), DatapathError> {
+    match tc::qdisc_add_clsact(interface) {
+        Ok(()) => {
+            tracing::info!(interface, "added clsact qdisc");
+            Ok(())
+        }
+        Err(TcError::AlreadyAttached) => Ok(()),
+        Err(TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => Ok(()),
+        Err(source) => Err(DatapathError::Clsact {
+            interface: interface.to_owned(),
+            source: Box::new(source),
+        }),
+    }
+}
+
+/// One counter slot, summed over CPUs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CounterEntry {
+    /// `netpol_common::direction`.
+    pub direction: u32,
+    /// `netpol_common::family`.
+    pub family: u32,
+    /// `netpol_common::reason`.
+    pub reason: u32,
+    /// Packets and bytes.
+    pub value: TrafficCounter,
+}
+
+/// Every non-zero counter slot.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Non-zero slots, ordered by direction, family, reason.
+    pub entries: Vec<CounterEntry>,
+}
+
+impl Counters {
+    /// Reads the counters from the map pinned in `pin_dir` (another agent's
+    /// or this one's), e.g. for `netpol-agent stats`.
+    ///
+    /// # Errors
+    /// When the pin is missing or not netpol's counter map.
+    pub fn read_pinned(pin_dir: &Path) -> Result<Self, DatapathError> {
+        let data = MapData::from_pin(pin_dir.join(maps::COUNTERS)).map_err(map_err)?;
+        let map = Map::from_map_data(data).map_err(map_err)?;
+        let array = PerCpuArray::<_, TrafficCounter>::try_from(map).map_err(map_err)?;
+        Self::read(&array)
+    }
+
+    fn read<T: std::borrow::Borrow<MapData>>(
+        array: &PerCpuArray<T, TrafficCounter>,
+    ) -> Result<Self, DatapathError> {
+        let mut entries = Vec::new();
+        for d in 0..direction::COUNT {
+            for f in 0..family::COUNT {
+                for r in 0..reason::SLOTS {
+                    let index = netpol_common::counter_index(d, f, r);
+                    debug_assert!(index < COUNTER_ENTRIES);
+                    let per_cpu = array.get(&index, 0).map_err(map_err)?;
+                    let mut sum = TrafficCounter::default();
+                    for v in per_cpu.iter() {
+                        sum.packets += v.packets;
+                        sum.bytes += v.bytes;
+                    }
+                    if sum != TrafficCounter::default() {
+                        entries.push(CounterEntry {
+                            direction: d,
+                            family: f,
+                            reason: r,
+                            value: sum,
+                        });
+                    }
+                }
+            }
+        }
+        Ok(Self { entries })
+    }
+
+    /// Sum over reasons of one direction and family.
+    #[must_use]
+    pub fn total(&self, direction: u32, family: u32) -> TrafficCounter {
+        self.entries
+            .iter()
+            .filter(|e| e.direction == direction && e.family == family)
+            .fold(TrafficCounter::default(), |mut acc, e| {
+                acc.packets += e.value.packets;
+                acc.bytes += e.value.bytes;
+                acc
+            })
+    }
+}
+
+/// Human name of a direction.
+#[must_use]
+pub const fn direction_name(d: u32) -> &'static str {
+    match d {
+        direction::EGRESS => "egress",
+        direction::INGRESS => "ingress",
+        _ => "unknown",
+    }
+}
+
+/// Human name of a family.
+#[must_use]
+pub const fn family_name(f: u32) -> &'static str {
+    match f {
+        family::IPV4 => "ipv4",
+        family::IPV6 => "ipv6",
+        family::OTHER => "other",
+        _ => "unknown",
+    }
+}

@@ -1,0 +1,376 @@
+//! Map keys and values shared by the netpol TC programs and the agent.
+//!
+//! Every type here crosses the user/kernel boundary, so each is `#[repr(C)]`
+//! with explicit padding, uses integer codes rather than Rust enums, and has a
+//! test pinning its size and field offsets. The kernel side builds this crate
+//! `no_std` without features; the agent enables `user` for the `aya::Pod`
+//! impls.
+#![no_std]
+
+/// Names of the maps in the eBPF object. The agent pins each under its bpffs
+/// folder with the same file name.
+pub mod maps {
+    /// Per-CPU array of [`crate::TrafficCounter`], indexed by [`crate::counter_index`].
+    pub const COUNTERS: &str = "NETPOL_COUNTERS";
+    /// Hash `u32 ifindex` → [`crate::EndpointInfo`].
+    pub const ENDPOINTS: &str = "NETPOL_ENDPOINTS";
+    /// LPM trie `Key<`[`crate::PolicyKeyV4`]`>` → [`crate::PolicyValue`].
+    pub const POLICY_V4: &str = "NETPOL_POLICY_V4";
+    /// LPM trie `Key<`[`crate::PolicyKeyV6`]`>` → [`crate::PolicyValue`].
+    pub const POLICY_V6: &str = "NETPOL_POLICY_V6";
+    /// LPM trie `Key<`[`crate::PortKey`]`>` → [`crate::PortValue`].
+    pub const PORTS: &str = "NETPOL_PORTS";
+
+    /// Every map, in the order the agent pins them.
+    pub const ALL: [&str; 5] = [COUNTERS, ENDPOINTS, POLICY_V4, POLICY_V6, PORTS];
+}
+
+/// Names of the two TC programs.
+pub mod programs {
+    /// Host-side veth TC ingress: packets leaving the pod, i.e. the pod's egress.
+    pub const FROM_POD: &str = "from_pod";
+    /// Host-side veth TC egress: packets entering the pod, i.e. the pod's ingress.
+    pub const TO_POD: &str = "to_pod";
+}
+
+/// Version of the layout of every pinned map. Bumped whenever a key or value
+/// type, a map's type or the counter index scheme changes, so that an agent
+/// finding maps of another layout knows it cannot reuse them as they are.
+pub const LAYOUT_VERSION: u32 = 1;
+
+/// Policy direction, seen from the pod.
+pub mod direction {
+    /// Traffic leaving the pod (`from_pod`, host veth TC ingress).
+    pub const EGRESS: u32 = 0;
+    /// Traffic entering the pod (`to_pod`, host veth TC egress).
+    pub const INGRESS: u32 = 1;
+    /// Number of directions.
+    pub const COUNT: u32 = 2;
+}
+
+/// Address family of a packet, as counted.
+pub mod family {
+    /// Not IP (ARP, LLDP, ...).
+    pub const OTHER: u32 = 0;
+    /// IPv4.
+    pub const IPV4: u32 = 1;
+    /// IPv6.
+    pub const IPV6: u32 = 2;
+    /// Number of families.
+    pub const COUNT: u32 = 3;
+}
+
+/// Why a packet got its verdict. One table for passes and drops: it is the
+/// counter index and the metric label set. Numbers are never reused; retired
+/// reasons keep their slot.
+pub mod reason {
+    /// Passed: the interface has no endpoint entry (not managed by netpol).
+    pub const PASS_UNMANAGED: u32 = 0;
+    /// Passed: the endpoint is not isolated in this direction.
+    pub const PASS_NOT_ISOLATED: u32 = 1;
+    /// Passed: the packet belongs to a tracked connection (or is a reply).
+    pub const PASS_TRACKED: u32 = 2;
+    /// Passed: a policy rule allows the peer and port.
+    pub const PASS_POLICY: u32 = 3;
+    /// Passed: IPv6 neighbour discovery, router messages or MLD.
+    pub const PASS_ICMPV6_CONTROL: u32 = 4;
+    /// Passed: sent by the node itself to its pod (kubelet probes).
+    pub const PASS_NODE_ORIGIN: u32 = 5;
+    /// Passed: not an IP packet (ARP).
+    pub const PASS_NON_IP: u32 = 6;
+
+    /// First drop reason; everything at or above it is a drop.
+    pub const FIRST_DROP: u32 = 64;
+    /// Dropped: the endpoint is isolated and no rule matches.
+    pub const DROP_POLICY: u32 = 64;
+    /// Dropped: headers could not be parsed for an isolated endpoint.
+    pub const DROP_PARSE: u32 = 65;
+    /// Dropped: the pod interface is not programmed yet (fail-closed new pods).
+    pub const DROP_NOT_PROGRAMMED: u32 = 66;
+
+    /// Slots per (direction, family) in the counter array.
+    pub const SLOTS: u32 = 128;
+
+    /// Whether `reason` is a drop.
+    #[must_use]
+    pub const fn is_drop(reason: u32) -> bool {
+        reason >= FIRST_DROP
+    }
+
+    /// Stable name of a reason, used as a metric label and in `stats` output.
+    #[must_use]
+    pub const fn name(reason: u32) -> &'static str {
+        match reason {
+            PASS_UNMANAGED => "pass_unmanaged",
+            PASS_NOT_ISOLATED => "pass_not_isolated",
+            PASS_TRACKED => "pass_tracked",
+            PASS_POLICY => "pass_policy",
+            PASS_ICMPV6_CONTROL => "pass_icmpv6_control",
+            PASS_NODE_ORIGIN => "pass_node_origin",
+            PASS_NON_IP => "pass_non_ip",
+            DROP_POLICY => "drop_policy",
+            DROP_PARSE => "drop_parse",
+            DROP_NOT_PROGRAMMED => "drop_not_programmed",
+            _ => "unknown",
+        }
+    }
+}
+
+/// Number of entries of the counter array.
+pub const COUNTER_ENTRIES: u32 = direction::COUNT * family::COUNT * reason::SLOTS;
+
+/// Index into [`maps::COUNTERS`] for a direction, family and reason.
+///
+/// Out-of-range inputs are clamped into the last slot of their range rather
+/// than indexing outside the array: the eBPF side cannot panic.
+#[inline(always)]
+#[must_use]
+pub const fn counter_index(direction: u32, family: u32, reason: u32) -> u32 {
+    let d = if direction < direction::COUNT {
+        direction
+    } else {
+        direction::COUNT - 1
+    };
+    let f = if family < family::COUNT {
+        family
+    } else {
+        family::OTHER
+    };
+    let r = if reason < reason::SLOTS {
+        reason
+    } else {
+        reason::SLOTS - 1
+    };
+    (d * family::COUNT + f) * reason::SLOTS + r
+}
+
+/// Packets and bytes seen, one per CPU per counter index.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TrafficCounter {
+    /// Packets counted.
+    pub packets: u64,
+    /// Bytes counted (`skb->len`, link layer included).
+    pub bytes: u64,
+}
+
+/// Flags of [`EndpointInfo::flags`].
+pub mod endpoint_flags {
+    /// The pod is isolated for ingress.
+    pub const INGRESS_ISOLATED: u32 = 1 << 0;
+    /// The pod is isolated for egress.
+    pub const EGRESS_ISOLATED: u32 = 1 << 1;
+    /// The pod has an IPv4 address.
+    pub const HAS_IPV4: u32 = 1 << 2;
+    /// The pod has an IPv6 address.
+    pub const HAS_IPV6: u32 = 1 << 3;
+    /// The agent knows the interface is a pod's but has not compiled its
+    /// policy yet: the datapath applies the new-pods mode.
+    pub const NOT_PROGRAMMED: u32 = 1 << 4;
+}
+
+/// Value of [`maps::ENDPOINTS`], keyed by the host-side interface index.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EndpointInfo {
+    /// Endpoint id, stable while the pod lives; never 0.
+    pub id: u32,
+    /// [`endpoint_flags`].
+    pub flags: u32,
+}
+
+/// The 32-bit selector that starts every policy key: an endpoint and a
+/// direction. Always matched in full (every prefix length ≥ 32), so its byte
+/// order does not matter to the trie; it is stored native-endian.
+#[inline(always)]
+#[must_use]
+pub const fn policy_selector(endpoint_id: u32, direction: u32) -> u32 {
+    (endpoint_id << 1) | (direction & 1)
+}
+
+/// Bits of the selector at the start of every policy and port key.
+pub const SELECTOR_BITS: u32 = 32;
+
+/// Data of an IPv4 policy LPM key. The trie's prefix length covers the
+/// selector (always all 32 bits) then the first bits of `addr`, so
+/// `prefix_len = 32 + peer prefix length` (32..=64).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PolicyKeyV4 {
+    /// [`policy_selector`] of the local endpoint and direction.
+    pub selector: u32,
+    /// Peer address, network byte order.
+    pub addr: [u8; 4],
+}
+
+/// Data of an IPv6 policy LPM key: selector then peer address;
+/// `prefix_len = 32 + peer prefix length` (32..=160).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PolicyKeyV6 {
+    /// [`policy_selector`] of the local endpoint and direction.
+    pub selector: u32,
+    /// Peer address, network byte order.
+    pub addr: [u8; 16],
+}
+
+/// Value of both policy tries: the rule set (protocols and ports) that the
+/// matched peer prefix may use.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PolicyValue {
+    /// Rule-set id, the selector of [`PortKey`]; never 0.
+    pub ruleset: u32,
+}
+
+/// Data of a port LPM key. The prefix covers `ruleset` (32 bits, always),
+/// then optionally `protocol` and `_pad` (16 bits: the rule names a
+/// protocol), then the first bits of `port`:
+/// - `prefix_len = 32`: every protocol and port (a rule without ports);
+/// - `prefix_len = 48`: every port of `protocol`;
+/// - `prefix_len = 48 + k`: ports sharing the first `k` bits with `port`.
+///
+/// Lookups use the packet's protocol and destination port (0 for protocols
+/// without ports), with `_pad` zero.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PortKey {
+    /// Rule-set id from [`PolicyValue`]; native-endian, always matched in full.
+    pub ruleset: u32,
+    /// IP protocol number (6 TCP, 17 UDP, 132 SCTP).
+    pub protocol: u8,
+    /// Always 0; matched with the protocol so that the port starts on a
+    /// byte boundary.
+    pub _pad: u8,
+    /// Destination port, network byte order.
+    pub port: [u8; 2],
+}
+
+/// Bits of [`PortKey`] before `port`.
+pub const PORT_KEY_PROTOCOL_BITS: u32 = 48;
+
+/// Value of the port trie.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PortValue {
+    /// Non-zero: allowed. Kept as a word so that later versions can carry a
+    /// rule reference without changing the value size.
+    pub allow: u32,
+}
+
+/// `aya::Pod` lets the agent read and write these types in maps.
+#[cfg(feature = "user")]
+mod user {
+    use super::{
+        EndpointInfo, PolicyKeyV4, PolicyKeyV6, PolicyValue, PortKey, PortValue, TrafficCounter,
+    };
+
+    // SAFETY: each type is #[repr(C)], Copy, has only integer fields and no
+    // implicit padding (pinned by the layout tests), so every byte pattern
+    // is a valid value.
+    unsafe impl aya::Pod for TrafficCounter {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for EndpointInfo {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for PolicyKeyV4 {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for PolicyKeyV6 {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for PolicyValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for PortKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for PortValue {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::{offset_of, size_of};
+
+    #[test]
+    fn traffic_counter_layout_is_two_u64() {
+        assert_eq!(size_of::<TrafficCounter>(), 16);
+        assert_eq!(offset_of!(TrafficCounter, packets), 0);
+        assert_eq!(offset_of!(TrafficCounter, bytes), 8);
+    }
+
+    #[test]
+    fn endpoint_info_layout_is_id_then_flags() {
+        assert_eq!(size_of::<EndpointInfo>(), 8);
+        assert_eq!(offset_of!(EndpointInfo, id), 0);
+        assert_eq!(offset_of!(EndpointInfo, flags), 4);
+    }
+
+    #[test]
+    fn policy_key_v4_layout_is_selector_then_address() {
+        assert_eq!(size_of::<PolicyKeyV4>(), 8);
+        assert_eq!(offset_of!(PolicyKeyV4, selector), 0);
+        assert_eq!(offset_of!(PolicyKeyV4, addr), 4);
+    }
+
+    #[test]
+    fn policy_key_v6_layout_is_selector_then_address() {
+        assert_eq!(size_of::<PolicyKeyV6>(), 20);
+        assert_eq!(offset_of!(PolicyKeyV6, selector), 0);
+        assert_eq!(offset_of!(PolicyKeyV6, addr), 4);
+    }
+
+    #[test]
+    fn policy_value_layout_is_one_u32() {
+        assert_eq!(size_of::<PolicyValue>(), 4);
+        assert_eq!(offset_of!(PolicyValue, ruleset), 0);
+    }
+
+    #[test]
+    fn port_key_layout_puts_port_after_48_bits() {
+        assert_eq!(size_of::<PortKey>(), 8);
+        assert_eq!(offset_of!(PortKey, ruleset), 0);
+        assert_eq!(offset_of!(PortKey, protocol), 4);
+        assert_eq!(offset_of!(PortKey, _pad), 5);
+        assert_eq!(offset_of!(PortKey, port), 6);
+        assert_eq!(
+            offset_of!(PortKey, port) * 8,
+            PORT_KEY_PROTOCOL_BITS as usize
+        );
+    }
+
+    #[test]
+    fn port_value_layout_is_one_u32() {
+        assert_eq!(size_of::<PortValue>(), 4);
+        assert_eq!(offset_of!(PortValue, allow), 0);
+    }
+
+    #[test]
+    fn counter_indices_are_distinct_and_in_range() {
+        let mut seen = [false; COUNTER_ENTRIES as usize];
+        for d in 0..direction::COUNT {
+            for f in 0..family::COUNT {
+                for r in 0..reason::SLOTS {
+                    let i = counter_index(d, f, r);
+                    assert!(i < COUNTER_ENTRIES);
+                    assert!(!seen[i as usize], "index {i} reused");
+                    seen[i as usize] = true;
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn counter_index_clamps_out_of_range_inputs() {
+        assert!(counter_index(7, 9, 999) < COUNTER_ENTRIES);
+    }
+
+    #[test]
+    fn drop_reasons_start_at_first_drop() {
+        assert!(!reason::is_drop(reason::PASS_NON_IP));
+        assert!(reason::is_drop(reason::DROP_POLICY));
+        assert_eq!(reason::name(reason::DROP_PARSE), "drop_parse");
+    }
+
+    #[test]
+    fn selector_keeps_direction_in_low_bit() {
+        assert_eq!(policy_selector(5, direction::INGRESS), 11);
+        assert_eq!(policy_selector(5, direction::EGRESS), 10);
+    }
+}

@@ -1,0 +1,42 @@
+//! The one place a decision becomes a TC action, and is counted.
+use aya_ebpf::{
+    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    programs::TcContext,
+};
+use netpol_common::{counter_index, reason};
+
+use crate::maps::NETPOL_COUNTERS;
+
+/// What to do with a packet, and why.
+pub struct Verdict {
+    family: u32,
+    reason: u32,
+}
+
+impl Verdict {
+    #[inline(always)]
+    pub const fn pass(family: u32, reason: u32) -> Self {
+        Self { family, reason }
+    }
+}
+
+/// Counts the packet under its direction, family and reason, and maps the
+/// verdict to a TC action: drops are exactly the reasons at or above
+/// `reason::FIRST_DROP`.
+#[inline(always)]
+pub fn to_tc_action(ctx: &TcContext, direction: u32, v: Verdict) -> i32 {
+    let index = counter_index(direction, v.family, v.reason);
+    if let Some(c) = NETPOL_COUNTERS.get_ptr_mut(index) {
+        // SAFETY: the pointer comes from a successful per-CPU array lookup,
+        // is valid for the program's run and only this CPU writes its slot.
+        unsafe {
+            (*c).packets += 1;
+            (*c).bytes += u64::from(ctx.len());
+        }
+    }
+    if reason::is_drop(v.reason) {
+        TC_ACT_SHOT
+    } else {
+        TC_ACT_OK
+    }
+}

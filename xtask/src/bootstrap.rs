@@ -1,0 +1,238 @@
+//! Installs what the build and the tests need, when it is missing.
+//!
+//! - the nightly's `rust-src` (for `-Z build-std=core`), from rustup or, if
+//!   rustup cannot fetch it, from `../shared/toolchain`;
+//! - `bpf-linker` 0.13, built against the nightly's own libLLVM through a
+//!   prefix folder that must outlive the build (its RUNPATH points there);
+//! - Debian tools the privileged tests and demo drive (bpftool, iproute2,
+//!   ping).
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, Result, bail, ensure};
+
+use crate::run;
+
+/// The bpf-linker release that builds against LLVM 22 on rustc 1.95.
+const BPF_LINKER_VERSION: &str = "0.13.0";
+/// Debian packages, each with a binary that shows it is installed.
+const DEBIAN_TOOLS: &[(&str, &str)] = &[
+    ("bpftool", "bpftool"),
+    ("ip", "iproute2"),
+    ("ping", "iputils-ping"),
+];
+
+/// Everything.
+pub fn all() -> Result<()> {
+    debian_tools()?;
+    ebpf_toolchain()
+}
+
+/// Nightly with rust-src, and bpf-linker.
+pub fn ebpf_toolchain() -> Result<()> {
+    let sysroot = nightly_sysroot()?;
+    rust_src(&sysroot)?;
+    bpf_linker(&sysroot)
+}
+
+fn nightly_sysroot() -> Result<PathBuf> {
+    let out = Command::new("rustup")
+        .args(["run", "nightly", "rustc", "--print", "sysroot"])
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .output()
+        .context("running rustup (is rustup installed?)")?;
+    ensure!(
+        out.status.success(),
+        "the nightly toolchain is not installed (this machine kind ships one; rustup cannot \
+         fetch another here): {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
+}
+
+fn rust_src(sysroot: &Path) -> Result<()> {
+    let core = sysroot.join("lib/rustlib/src/rust/library/core/Cargo.toml");
+    if core.is_file() {
+        println!("bootstrap: nightly rust-src: present");
+        return Ok(());
+    }
+    println!("bootstrap: nightly rust-src: installing with rustup");
+    let ok = Command::new("rustup")
+        .args(["component", "add", "rust-src", "--toolchain", "nightly"])
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .status()
+        .is_ok_and(|s| s.success());
+    if ok && core.is_file() {
+        return Ok(());
+    }
+    let shared = crate::root().join("../shared/toolchain");
+    let archive = std::fs::read_dir(&shared)
+        .with_context(|| {
+            format!(
+                "rustup could not add rust-src and the fallback folder {} is missing",
+                shared.display()
+            )
+        })?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("rust-src-"))
+        })
+        .with_context(|| format!("no rust-src archive in {}", shared.display()))?;
+    println!(
+        "bootstrap: nightly rust-src: extracting {}",
+        archive.display()
+    );
+    run(Command::new("sha256sum")
+        .args(["--check", "--ignore-missing", "--quiet", "SHA256SUMS"])
+        .current_dir(&shared))?;
+    run(Command::new("tar")
+        .arg("-xJf")
+        .arg(&archive)
+        .arg("-C")
+        .arg(sysroot.join("lib/rustlib")))?;
+    ensure!(
+        core.is_file(),
+        "rust-src still missing after extracting {}",
+        archive.display()
+    );
+    Ok(())
+}
+
+/// Where the LLVM prefix for bpf-linker lives: outside /tmp and target/,
+/// because the installed linker loads libLLVM through it at every run.
+fn llvm_prefix() -> PathBuf {
+    if let Some(p) = std::env::var_os("NETPOL_LLVM_PREFIX") {
+        return PathBuf::from(p);
+    }
+    let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("/root"), PathBuf::from);
+    home.join(".local/share/netpol/llvm")
+}
+
+fn cargo_bin() -> PathBuf {
+    std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
+        .unwrap_or_else(|| PathBuf::from("/root/.cargo"))
+        .join("bin")
+}
+
+fn bpf_linker_works() -> bool {
+    Command::new(cargo_bin().join("bpf-linker"))
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| {
+            o.status.success() && String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION)
+        })
+}
+
+fn bpf_linker(sysroot: &Path) -> Result<()> {
+    ensure_on_path(&cargo_bin());
+    let prefix = llvm_prefix();
+    link_llvm(sysroot, &prefix)?;
+    if bpf_linker_works() {
+        println!("bootstrap: bpf-linker {BPF_LINKER_VERSION}: present");
+        return Ok(());
+    }
+    println!(
+        "bootstrap: bpf-linker {BPF_LINKER_VERSION}: building against the nightly's libLLVM \
+         (prefix {}; takes a few minutes)",
+        prefix.display()
+    );
+    let mut c = Command::new("rustup");
+    c.args(["run", "stable", "cargo", "install", "bpf-linker"])
+        .args(["--version", BPF_LINKER_VERSION, "--force"])
+        .args(["--no-default-features", "--features", "llvm-22"])
+        .env("LLVM_PREFIX", &prefix)
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .env_remove("CARGO")
+        .env_remove("RUSTC");
+    run(&mut c)?;
+    if !bpf_linker_works() {
+        bail!("bpf-linker was installed but `bpf-linker --version` fails");
+    }
+    Ok(())
+}
+
+/// `<prefix>/lib/libLLVM.so` and the versioned name, both pointing at the
+/// nightly's libLLVM, so bpf-linker links and later loads exactly the LLVM
+/// rustc emits bitcode for.
+fn link_llvm(sysroot: &Path, prefix: &Path) -> Result<()> {
+    let lib = sysroot.join("lib");
+    let versioned = std::fs::read_dir(&lib)
+        .with_context(|| format!("reading {}", lib.display()))?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name().is_some_and(|n| {
+                let n = n.to_string_lossy();
+                n.starts_with("libLLVM.so.") && !p.is_symlink()
+            })
+        })
+        .with_context(|| format!("no libLLVM.so.* in {}", lib.display()))?;
+    let dir = prefix.join("lib");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let name = versioned
+        .file_name()
+        .context("libLLVM path without a file name")?;
+    for link in [dir.join("libLLVM.so"), dir.join(name)] {
+        if std::fs::read_link(&link).is_ok_and(|t| t == versioned) {
+            continue;
+        }
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&versioned, &link)
+            .with_context(|| format!("linking {} to {}", link.display(), versioned.display()))?;
+    }
+    Ok(())
+}
+
+fn ensure_on_path(dir: &Path) {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    if std::env::split_paths(&path).any(|p| p == dir) {
+        return;
+    }
+    let mut parts = vec![dir.to_path_buf()];
+    parts.extend(std::env::split_paths(&path));
+    if let Ok(joined) = std::env::join_paths(parts) {
+        // SAFETY: xtask is single-threaded here; nothing reads the
+        // environment concurrently.
+        unsafe { std::env::set_var("PATH", joined) };
+    }
+}
+
+fn have(binary: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {binary}")])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// Debian tools, installed with apt-get when any is missing.
+pub fn debian_tools() -> Result<()> {
+    let missing: Vec<&str> = DEBIAN_TOOLS
+        .iter()
+        .filter(|(bin, _)| !have(bin))
+        .map(|(_, pkg)| *pkg)
+        .collect();
+    if missing.is_empty() {
+        println!("bootstrap: Debian tools (bpftool, iproute2, ping): present");
+        return Ok(());
+    }
+    println!("bootstrap: Debian tools: installing {}", missing.join(" "));
+    ensure!(
+        crate::netpol_is_root(),
+        "installing {} needs root (apt-get)",
+        missing.join(" ")
+    );
+    run(Command::new("apt-get")
+        .args(["update", "-qq"])
+        .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-qq", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    Ok(())
+}

@@ -1,0 +1,184 @@
+//! `cargo xtask`: build, test and demo netpol, bootstrapping what they need.
+//!
+//! Every step that installs something checks first and prints one line, so
+//! running it twice is cheap and a fresh machine needs nothing by hand.
+use std::{
+    ffi::OsStr,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, Result, bail, ensure};
+use clap::{Parser, Subcommand};
+
+mod bootstrap;
+mod demo;
+
+/// The eBPF target.
+const BPF_TARGET: &str = "bpfel-unknown-none";
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "netpol build, test and demo tasks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what building and testing need (nightly rust-src, bpf-linker,
+    /// Debian tools), skipping what is already there.
+    Bootstrap,
+    /// Build the eBPF object (release) to target/netpol-ebpf.o.
+    BuildEbpf,
+    /// Build the object, run the lints and every test of the workspace.
+    Test {
+        /// Skip fmt and clippy.
+        #[arg(long)]
+        no_lint: bool,
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Run clippy on both toolchains and rustfmt.
+    Lint,
+    /// Show netpol on a live pod: netns, veth, both families, counters, and
+    /// the offline compile of the built-in example manifests.
+    Demo,
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Cmd::Bootstrap => bootstrap::all(),
+        Cmd::BuildEbpf => build_ebpf().map(|_| ()),
+        Cmd::Test { no_lint, args } => test(no_lint, &args),
+        Cmd::Lint => {
+            bootstrap::ebpf_toolchain()?;
+            lint()
+        }
+        Cmd::Demo => demo::demo(),
+    }
+}
+
+/// The workspace root (xtask lives one level below it).
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+}
+
+/// Where `build-ebpf` leaves the object; the agent looks here too.
+fn object_path() -> PathBuf {
+    root().join("target").join("netpol-ebpf.o")
+}
+
+/// A `cargo` command for the given toolchain, free of the variables the
+/// outer `cargo xtask` (stable) set, which would otherwise pin the inner
+/// cargo to stable.
+fn cargo(toolchain: &str) -> Command {
+    let mut c = Command::new("rustup");
+    c.args(["run", toolchain, "cargo"]);
+    for v in [
+        "RUSTUP_TOOLCHAIN",
+        "RUSTC",
+        "RUSTDOC",
+        "CARGO",
+        "RUSTC_WRAPPER",
+    ] {
+        c.env_remove(v);
+    }
+    c.current_dir(root());
+    c
+}
+
+/// Runs a command, failing with its command line when it fails.
+fn run(cmd: &mut Command) -> Result<()> {
+    let shown = format!(
+        "{} {}",
+        cmd.get_program().to_string_lossy(),
+        cmd.get_args()
+            .map(OsStr::to_string_lossy)
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    let status = cmd
+        .status()
+        .with_context(|| format!("starting `{shown}`"))?;
+    ensure!(status.success(), "`{shown}` failed ({status})");
+    Ok(())
+}
+
+fn ebpf_cargo(subcommand: &str) -> Command {
+    let mut c = cargo("nightly");
+    c.args([
+        subcommand,
+        "--release",
+        "-p",
+        "netpol-ebpf",
+        "--target",
+        BPF_TARGET,
+        "-Z",
+        "build-std=core",
+        "--target-dir",
+        "target/ebpf",
+    ]);
+    // Only target artifacts get these: BTF for the maps (bpftool prints field
+    // names) and the programs.
+    c.env(
+        "CARGO_ENCODED_RUSTFLAGS",
+        "-Cdebuginfo=2\x1f-Clink-arg=--btf",
+    );
+    c
+}
+
+fn build_ebpf() -> Result<PathBuf> {
+    bootstrap::ebpf_toolchain()?;
+    println!("xtask: building the eBPF object (nightly, {BPF_TARGET})");
+    run(&mut ebpf_cargo("build"))?;
+    let built = root()
+        .join("target/ebpf")
+        .join(BPF_TARGET)
+        .join("release/netpol-ebpf");
+    let dest = object_path();
+    std::fs::copy(&built, &dest)
+        .with_context(|| format!("copying {} to {}", built.display(), dest.display()))?;
+    println!("xtask: eBPF object at {}", dest.display());
+    Ok(dest)
+}
+
+fn lint() -> Result<()> {
+    println!("xtask: cargo fmt --check");
+    run(cargo("stable").args(["fmt", "--all", "--check"]))?;
+    println!("xtask: clippy (userspace, stable)");
+    run(cargo("stable").args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
+    println!("xtask: clippy (netpol-ebpf, nightly, {BPF_TARGET})");
+    run(ebpf_cargo("clippy").args(["--", "-D", "warnings"]))?;
+    Ok(())
+}
+
+fn test(no_lint: bool, args: &[String]) -> Result<()> {
+    bootstrap::all()?;
+    let object = build_ebpf()?;
+    if !no_lint {
+        lint()?;
+    }
+    if !netpol_is_root() && std::env::var_os("NETPOL_SKIP_PRIVILEGED").is_none() {
+        bail!(
+            "the privileged tests need root (BPF, netns); run as root, or set \
+             NETPOL_SKIP_PRIVILEGED=1 to skip them"
+        );
+    }
+    println!("xtask: cargo test (userspace crates, unit + privileged integration tests)");
+    run(cargo("stable")
+        .arg("test")
+        .args(args)
+        .env("NETPOL_EBPF_OBJECT", &object))
+}
+
+fn netpol_is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+}
