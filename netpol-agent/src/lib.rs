@@ -20,4 +20,7 @@ pub mod model;
 pub mod object;
 pub mod privileges;
 
-pub use datapath::{AttachMode, Counters, Datapath, DatapathConfig, DatapathError};
+pub use datapath::{
+    AttachMode, Counters, Datapath, DatapathConfig, DatapathError, MapSizes,
+    writer::{FakeMapWriter, KernelMapWriter, MapWriteError, MapWriter},
+};

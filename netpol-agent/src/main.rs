@@ -84,6 +84,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     Mode::Netlink => AttachMode::Netlink,
                     Mode::Tcx => AttachMode::Tcx,
                 },
+                ..DatapathConfig::default()
             };
             let mut dp = Datapath::load(&config).context("loading the datapath")?;
             for i in &interface {

@@ -17,6 +17,7 @@ fn config(bpffs: &TempBpffs, mode: AttachMode) -> DatapathConfig {
         bpffs: bpffs.path().to_owned(),
         object: None,
         attach_mode: mode,
+        ..DatapathConfig::default()
     }
 }
 

@@ -20,9 +20,16 @@ pub mod maps {
     pub const POLICY_V6: &str = "NETPOL_POLICY_V6";
     /// LPM trie `Key<`[`crate::PortKey`]`>` → [`crate::PortValue`].
     pub const PORTS: &str = "NETPOL_PORTS";
+    /// LRU hash [`crate::CtKey`] → [`crate::CtValue`]: connections each
+    /// endpoint admitted.
+    pub const CONNTRACK: &str = "NETPOL_CONNTRACK";
+    /// Array of one [`crate::GlobalConfig`].
+    pub const CONFIG: &str = "NETPOL_CONFIG";
 
     /// Every map, in the order the agent pins them.
-    pub const ALL: [&str; 5] = [COUNTERS, ENDPOINTS, POLICY_V4, POLICY_V6, PORTS];
+    pub const ALL: [&str; 7] = [
+        COUNTERS, ENDPOINTS, POLICY_V4, POLICY_V6, PORTS, CONNTRACK, CONFIG,
+    ];
 }
 
 /// Names of the two TC programs.
@@ -78,6 +85,9 @@ pub mod reason {
     pub const PASS_NODE_ORIGIN: u32 = 5;
     /// Passed: not an IP packet (ARP).
     pub const PASS_NON_IP: u32 = 6;
+    /// Passed: the pod interface is not programmed yet and the new-pods mode
+    /// is fail-open.
+    pub const PASS_NEW_POD_OPEN: u32 = 7;
 
     /// First drop reason; everything at or above it is a drop.
     pub const FIRST_DROP: u32 = 64;
@@ -87,6 +97,12 @@ pub mod reason {
     pub const DROP_PARSE: u32 = 65;
     /// Dropped: the pod interface is not programmed yet (fail-closed new pods).
     pub const DROP_NOT_PROGRAMMED: u32 = 66;
+    /// Dropped: an IPv6 extension header the datapath does not walk, for an
+    /// isolated endpoint.
+    pub const DROP_IPV6_EXTENSION: u32 = 67;
+    /// Dropped: a non-first fragment (no transport header) for an isolated
+    /// endpoint.
+    pub const DROP_FRAGMENT: u32 = 68;
 
     /// Slots per (direction, family) in the counter array.
     pub const SLOTS: u32 = 128;
@@ -108,9 +124,12 @@ pub mod reason {
             PASS_ICMPV6_CONTROL => "pass_icmpv6_control",
             PASS_NODE_ORIGIN => "pass_node_origin",
             PASS_NON_IP => "pass_non_ip",
+            PASS_NEW_POD_OPEN => "pass_new_pod_open",
             DROP_POLICY => "drop_policy",
             DROP_PARSE => "drop_parse",
             DROP_NOT_PROGRAMMED => "drop_not_programmed",
+            DROP_IPV6_EXTENSION => "drop_ipv6_extension",
+            DROP_FRAGMENT => "drop_fragment",
             _ => "unknown",
         }
     }
@@ -258,11 +277,103 @@ pub struct PortValue {
     pub allow: u32,
 }
 
+/// IP protocol numbers the datapath distinguishes.
+pub mod protocol {
+    /// ICMP.
+    pub const ICMP: u8 = 1;
+    /// TCP.
+    pub const TCP: u8 = 6;
+    /// UDP.
+    pub const UDP: u8 = 17;
+    /// ICMPv6.
+    pub const ICMPV6: u8 = 58;
+    /// SCTP.
+    pub const SCTP: u8 = 132;
+}
+
+/// Flags of [`GlobalConfig::flags`].
+pub mod config_flags {
+    /// Pod interfaces the agent has not programmed yet pass everything
+    /// (otherwise only neighbour discovery and node traffic pass).
+    pub const NEW_PODS_FAIL_OPEN: u32 = 1 << 0;
+    /// Benchmarks only: do not record admitted connections, so that every
+    /// repeat of a packet takes the new-flow path. Honoured only by the
+    /// object built with the `bench` feature; the production object has no
+    /// code reading it.
+    pub const BENCH_NO_TRACK: u32 = 1 << 31;
+}
+
+/// Default connection timeouts, used when [`GlobalConfig`] holds 0.
+pub mod ct_defaults {
+    /// TCP and SCTP: an idle established connection.
+    pub const TCP_NS: u64 = 3_600 * 1_000_000_000;
+    /// UDP.
+    pub const UDP_NS: u64 = 120 * 1_000_000_000;
+    /// ICMP echo and any other protocol.
+    pub const OTHER_NS: u64 = 30 * 1_000_000_000;
+}
+
+/// The one entry of [`maps::CONFIG`], written by the agent at start.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GlobalConfig {
+    /// [`config_flags`].
+    pub flags: u32,
+    /// Always 0.
+    pub _pad: u32,
+    /// Idle timeout of TCP and SCTP connections; 0: [`ct_defaults::TCP_NS`].
+    pub ct_timeout_tcp_ns: u64,
+    /// Idle timeout of UDP flows; 0: [`ct_defaults::UDP_NS`].
+    pub ct_timeout_udp_ns: u64,
+    /// Idle timeout of anything else; 0: [`ct_defaults::OTHER_NS`].
+    pub ct_timeout_other_ns: u64,
+}
+
+/// Key of [`maps::CONNTRACK`]: one entry per endpoint and connection,
+/// oriented from the endpoint (`local`) to its peer, so that a connection's
+/// packets in both directions find the same entry at the same endpoint.
+/// Ports are in host byte order; for ICMP echo both hold the echo id.
+/// IPv4 addresses fill the first 4 bytes of the 16, the rest zero.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CtKey {
+    /// Endpoint id.
+    pub endpoint: u32,
+    /// IP protocol number.
+    pub protocol: u8,
+    /// [`family`] code.
+    pub family: u8,
+    /// Always 0.
+    pub _pad: u16,
+    /// The endpoint's port.
+    pub local_port: u16,
+    /// The peer's port.
+    pub peer_port: u16,
+    /// The endpoint's address.
+    pub local_addr: [u8; 16],
+    /// The peer's address.
+    pub peer_addr: [u8; 16],
+}
+
+/// Value of [`maps::CONNTRACK`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CtValue {
+    /// `bpf_ktime_get_ns` of the last packet.
+    pub last_seen_ns: u64,
+    /// [`direction`] of the packet that opened the entry: `EGRESS` when the
+    /// endpoint initiated the connection.
+    pub origin: u32,
+    /// The [`reason`] that admitted the first packet.
+    pub admitted_by: u32,
+}
+
 /// `aya::Pod` lets the agent read and write these types in maps.
 #[cfg(feature = "user")]
 mod user {
     use super::{
-        EndpointInfo, PolicyKeyV4, PolicyKeyV6, PolicyValue, PortKey, PortValue, TrafficCounter,
+        CtKey, CtValue, EndpointInfo, GlobalConfig, PolicyKeyV4, PolicyKeyV6, PolicyValue, PortKey,
+        PortValue, TrafficCounter,
     };
 
     // SAFETY: each type is #[repr(C)], Copy, has only integer fields and no
@@ -281,6 +392,12 @@ mod user {
     unsafe impl aya::Pod for PortKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for PortValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for CtKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for CtValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for GlobalConfig {}
 }
 
 #[cfg(test)]
@@ -339,6 +456,37 @@ mod tests {
     fn port_value_layout_is_one_u32() {
         assert_eq!(size_of::<PortValue>(), 4);
         assert_eq!(offset_of!(PortValue, allow), 0);
+    }
+
+    #[test]
+    fn ct_key_layout_is_endpoint_protocol_ports_addresses() {
+        assert_eq!(size_of::<CtKey>(), 44);
+        assert_eq!(offset_of!(CtKey, endpoint), 0);
+        assert_eq!(offset_of!(CtKey, protocol), 4);
+        assert_eq!(offset_of!(CtKey, family), 5);
+        assert_eq!(offset_of!(CtKey, _pad), 6);
+        assert_eq!(offset_of!(CtKey, local_port), 8);
+        assert_eq!(offset_of!(CtKey, peer_port), 10);
+        assert_eq!(offset_of!(CtKey, local_addr), 12);
+        assert_eq!(offset_of!(CtKey, peer_addr), 28);
+    }
+
+    #[test]
+    fn ct_value_layout_is_timestamp_origin_reason() {
+        assert_eq!(size_of::<CtValue>(), 16);
+        assert_eq!(offset_of!(CtValue, last_seen_ns), 0);
+        assert_eq!(offset_of!(CtValue, origin), 8);
+        assert_eq!(offset_of!(CtValue, admitted_by), 12);
+    }
+
+    #[test]
+    fn global_config_layout_is_flags_then_timeouts() {
+        assert_eq!(size_of::<GlobalConfig>(), 32);
+        assert_eq!(offset_of!(GlobalConfig, flags), 0);
+        assert_eq!(offset_of!(GlobalConfig, _pad), 4);
+        assert_eq!(offset_of!(GlobalConfig, ct_timeout_tcp_ns), 8);
+        assert_eq!(offset_of!(GlobalConfig, ct_timeout_udp_ns), 16);
+        assert_eq!(offset_of!(GlobalConfig, ct_timeout_other_ns), 24);
     }
 
     #[test]

@@ -1,8 +1,51 @@
-//! The maps of the object. Key and value types live in `netpol-common`.
-use aya_ebpf::{btf_maps::PerCpuArray, macros::btf_map};
-use netpol_common::{COUNTER_ENTRIES, TrafficCounter};
+//! The maps of the object. Key and value types live in `netpol-common`;
+//! sizes here are defaults the agent may override at load time.
+use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    macros::btf_map,
+};
+use netpol_common::{
+    COUNTER_ENTRIES, CtKey, CtValue, EndpointInfo, GlobalConfig, PolicyKeyV4, PolicyKeyV6,
+    PolicyValue, PortKey, PortValue, TrafficCounter,
+};
 
 /// Packets and bytes by direction, family and reason (`counter_index`).
 #[btf_map]
 pub static NETPOL_COUNTERS: PerCpuArray<TrafficCounter, { COUNTER_ENTRIES as usize }> =
     PerCpuArray::new();
+
+/// Host-side interface index → the pod endpoint behind it.
+#[btf_map]
+pub static NETPOL_ENDPOINTS: HashMap<u32, EndpointInfo, 4096> = HashMap::new();
+
+/// (endpoint·direction, IPv4 peer prefix) → rule set.
+#[btf_map]
+pub static NETPOL_POLICY_V4: LpmTrie<
+    PolicyKeyV4,
+    PolicyValue,
+    262_144,
+    { BPF_F_NO_PREALLOC as usize },
+> = LpmTrie::new();
+
+/// (endpoint·direction, IPv6 peer prefix) → rule set.
+#[btf_map]
+pub static NETPOL_POLICY_V6: LpmTrie<
+    PolicyKeyV6,
+    PolicyValue,
+    262_144,
+    { BPF_F_NO_PREALLOC as usize },
+> = LpmTrie::new();
+
+/// (rule set, protocol, port prefix) → allowed.
+#[btf_map]
+pub static NETPOL_PORTS: LpmTrie<PortKey, PortValue, 65_536, { BPF_F_NO_PREALLOC as usize }> =
+    LpmTrie::new();
+
+/// Connections each endpoint admitted.
+#[btf_map]
+pub static NETPOL_CONNTRACK: LruHashMap<CtKey, CtValue, 262_144> = LruHashMap::new();
+
+/// The agent's settings (new-pods mode, timeouts).
+#[btf_map]
+pub static NETPOL_CONFIG: Array<GlobalConfig, 1> = Array::new();

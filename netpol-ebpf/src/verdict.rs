@@ -7,24 +7,24 @@ use netpol_common::{counter_index, reason};
 
 use crate::maps::NETPOL_COUNTERS;
 
-/// What to do with a packet, and why.
+/// What to do with a packet, and why: drops are exactly the reasons at or
+/// above `reason::FIRST_DROP`.
 pub struct Verdict {
-    family: u32,
-    reason: u32,
+    pub family: u32,
+    pub reason: u32,
 }
 
 impl Verdict {
     #[inline(always)]
-    pub const fn pass(family: u32, reason: u32) -> Self {
+    pub const fn new(family: u32, reason: u32) -> Self {
         Self { family, reason }
     }
 }
 
 /// Counts the packet under its direction, family and reason, and maps the
-/// verdict to a TC action: drops are exactly the reasons at or above
-/// `reason::FIRST_DROP`.
+/// verdict to a TC action.
 #[inline(always)]
-pub fn to_tc_action(ctx: &TcContext, direction: u32, v: Verdict) -> i32 {
+pub fn to_tc_action(ctx: &TcContext, direction: u32, v: &Verdict) -> i32 {
     let index = counter_index(direction, v.family, v.reason);
     if let Some(c) = NETPOL_COUNTERS.get_ptr_mut(index) {
         // SAFETY: the pointer comes from a successful per-CPU array lookup,

@@ -11,6 +11,7 @@ use std::{
 use anyhow::{Context as _, Result, bail, ensure};
 use clap::{Parser, Subcommand};
 
+mod bench;
 mod bootstrap;
 mod demo;
 
@@ -42,6 +43,12 @@ enum Cmd {
     },
     /// Run clippy on both toolchains and rustfmt.
     Lint,
+    /// Run benchmarks and record them in docs/PERFORMANCE.md.
+    Bench {
+        /// Which: `datapath` (per packet, root), `compiler`, or `all`.
+        #[arg(default_value = "all")]
+        which: String,
+    },
     /// Show netpol on a live pod: netns, veth, both families, counters, and
     /// the offline compile of the built-in example manifests.
     Demo,
@@ -58,6 +65,12 @@ fn main() -> Result<()> {
             lint()
         }
         Cmd::Demo => demo::demo(),
+        Cmd::Bench { which } => match which.as_str() {
+            "datapath" => bench::datapath(),
+            "compiler" => bench::compiler(),
+            "all" => bench::compiler().and_then(|()| bench::datapath()),
+            other => bail!("unknown bench {other:?}: datapath, compiler or all"),
+        },
     }
 }
 
@@ -109,7 +122,7 @@ fn run(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
-fn ebpf_cargo(subcommand: &str) -> Command {
+fn ebpf_cargo(subcommand: &str, target_dir: &str) -> Command {
     let mut c = cargo("nightly");
     c.args([
         subcommand,
@@ -121,7 +134,7 @@ fn ebpf_cargo(subcommand: &str) -> Command {
         "-Z",
         "build-std=core",
         "--target-dir",
-        "target/ebpf",
+        target_dir,
     ]);
     // Only target artifacts get these: BTF for the maps (bpftool prints field
     // names) and the programs.
@@ -135,7 +148,7 @@ fn ebpf_cargo(subcommand: &str) -> Command {
 fn build_ebpf() -> Result<PathBuf> {
     bootstrap::ebpf_toolchain()?;
     println!("xtask: building the eBPF object (nightly, {BPF_TARGET})");
-    run(&mut ebpf_cargo("build"))?;
+    run(&mut ebpf_cargo("build", "target/ebpf"))?;
     let built = root()
         .join("target/ebpf")
         .join(BPF_TARGET)
@@ -153,7 +166,7 @@ fn lint() -> Result<()> {
     println!("xtask: clippy (userspace, stable)");
     run(cargo("stable").args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
     println!("xtask: clippy (netpol-ebpf, nightly, {BPF_TARGET})");
-    run(ebpf_cargo("clippy").args(["--", "-D", "warnings"]))?;
+    run(ebpf_cargo("clippy", "target/ebpf").args(["--", "-D", "warnings"]))?;
     Ok(())
 }
 

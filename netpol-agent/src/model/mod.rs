@@ -1,1 +1,559 @@
-//! stub
+//! Typed model of the cluster objects the compiler reads.
+//!
+//! The Kubernetes boundary is a conversion ([`convert`]): k8s-openapi types
+//! stop here, defaulted and validated the way the API server would (the
+//! files source gets neither), so the compiler only ever sees well-formed
+//! values. [`manifests`] loads a folder of multi-document YAML/JSON into a
+//! [`Snapshot`].
+
+pub mod convert;
+pub mod manifests;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use serde::Serialize;
+
+/// Labels of a pod or namespace.
+pub type Labels = BTreeMap<String, String>;
+
+/// Label every namespace carries (set by the API server; added by the
+/// conversion when a manifest lacks it).
+pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
+
+/// A namespaced object's identity.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct ObjectRef {
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+}
+
+impl ObjectRef {
+    /// Builds a reference.
+    #[must_use]
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        Self {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+}
+
+impl fmt::Display for ObjectRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// An invalid field of an object, as `x/deny-all: spec.ingress[1].ports[0].endPort: less than port`.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error, Serialize)]
+#[error("{object}: {field}: {message}")]
+pub struct ModelError {
+    /// Kind of the object (`NetworkPolicy`, `Pod`, ...).
+    pub kind: String,
+    /// `namespace/name`, or `name` for cluster-scoped objects.
+    pub object: String,
+    /// JSON path of the field, e.g. `spec.ingress[1].ports[0].endPort`.
+    pub field: String,
+    /// What is wrong with it.
+    pub message: String,
+}
+
+/// Transport protocol a policy port names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Protocol {
+    /// TCP (6).
+    Tcp,
+    /// UDP (17).
+    Udp,
+    /// SCTP (132).
+    Sctp,
+}
+
+impl Protocol {
+    /// Every protocol, in order.
+    pub const ALL: [Protocol; 3] = [Protocol::Tcp, Protocol::Udp, Protocol::Sctp];
+
+    /// IP protocol number.
+    #[must_use]
+    pub const fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => 6,
+            Protocol::Udp => 17,
+            Protocol::Sctp => 132,
+        }
+    }
+
+    /// Kubernetes spelling.
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "TCP",
+            Protocol::Udp => "UDP",
+            Protocol::Sctp => "SCTP",
+        }
+    }
+
+    /// Parses the Kubernetes spelling.
+    #[must_use]
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "TCP" => Some(Protocol::Tcp),
+            "UDP" => Some(Protocol::Udp),
+            "SCTP" => Some(Protocol::Sctp),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A declared container port (only named ones matter to policies, but all
+/// are kept for the inspection tools).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct ContainerPort {
+    /// `name`, if any.
+    pub name: Option<String>,
+    /// `containerPort`.
+    pub port: u16,
+    /// `protocol` (default TCP).
+    pub protocol: Protocol,
+}
+
+/// `status.phase` of a pod.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub enum PodPhase {
+    /// Pending (or missing).
+    #[default]
+    Pending,
+    /// Running.
+    Running,
+    /// Succeeded: terminal.
+    Succeeded,
+    /// Failed: terminal.
+    Failed,
+    /// Unknown.
+    Unknown,
+}
+
+/// A pod, reduced to what policies look at.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Pod {
+    /// Namespace and name.
+    pub id: ObjectRef,
+    /// `metadata.uid`: a recreated pod of the same name is another endpoint.
+    pub uid: Option<String>,
+    /// `metadata.labels`.
+    pub labels: Labels,
+    /// `spec.nodeName`.
+    pub node_name: Option<String>,
+    /// `spec.hostNetwork`.
+    pub host_network: bool,
+    /// `status.phase`.
+    pub phase: PodPhase,
+    /// `status.podIPs` (or `status.podIP`), deduplicated, in order.
+    pub ips: Vec<IpAddr>,
+    /// Every container's ports.
+    pub ports: Vec<ContainerPort>,
+}
+
+impl Pod {
+    /// Whether the pod takes part in pod networking: neither host-network,
+    /// nor without addresses, nor finished. Only such pods are endpoints
+    /// or peers.
+    #[must_use]
+    pub fn is_networked(&self) -> bool {
+        !self.host_network
+            && !self.ips.is_empty()
+            && !matches!(self.phase, PodPhase::Succeeded | PodPhase::Failed)
+    }
+
+    /// The number of the container port named `name` with `protocol`.
+    #[must_use]
+    pub fn named_port(&self, name: &str, protocol: Protocol) -> Option<u16> {
+        self.ports
+            .iter()
+            .find(|p| p.protocol == protocol && p.name.as_deref() == Some(name))
+            .map(|p| p.port)
+    }
+}
+
+/// A namespace.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Namespace {
+    /// Name.
+    pub name: String,
+    /// Labels, always including [`NAMESPACE_NAME_LABEL`].
+    pub labels: Labels,
+}
+
+/// A node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Node {
+    /// Name.
+    pub name: String,
+    /// IP addresses of `status.addresses` (host names dropped).
+    pub addresses: Vec<IpAddr>,
+}
+
+/// Operator of a label selector requirement.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub enum Operator {
+    /// The label is present with one of the values.
+    In(BTreeSet<String>),
+    /// The label is absent or has none of the values.
+    NotIn(BTreeSet<String>),
+    /// The label is present.
+    Exists,
+    /// The label is absent.
+    DoesNotExist,
+}
+
+/// One `matchExpressions` entry.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct Requirement {
+    /// Label key.
+    pub key: String,
+    /// Operator and values.
+    pub operator: Operator,
+}
+
+impl Requirement {
+    /// Whether `labels` satisfy the requirement.
+    #[must_use]
+    pub fn matches(&self, labels: &Labels) -> bool {
+        let value = labels.get(&self.key);
+        match &self.operator {
+            Operator::In(values) => value.is_some_and(|v| values.contains(v)),
+            Operator::NotIn(values) => value.is_none_or(|v| !values.contains(v)),
+            Operator::Exists => value.is_some(),
+            Operator::DoesNotExist => value.is_none(),
+        }
+    }
+}
+
+/// A label selector; the empty selector matches everything.
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct LabelSelector {
+    /// `matchLabels`.
+    pub match_labels: Labels,
+    /// `matchExpressions`.
+    pub match_expressions: Vec<Requirement>,
+}
+
+impl LabelSelector {
+    /// Whether `labels` satisfy every term.
+    #[must_use]
+    pub fn matches(&self, labels: &Labels) -> bool {
+        self.match_labels
+            .iter()
+            .all(|(k, v)| labels.get(k) == Some(v))
+            && self.match_expressions.iter().all(|r| r.matches(labels))
+    }
+
+    /// Whether the selector has no term (matches everything).
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.match_labels.is_empty() && self.match_expressions.is_empty()
+    }
+}
+
+/// A policy peer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub enum Peer {
+    /// `podSelector` and/or `namespaceSelector`.
+    Pods {
+        /// Pods to match (`None`: every pod of the selected namespaces).
+        pod_selector: Option<LabelSelector>,
+        /// Namespaces to look in (`None`: the policy's own namespace).
+        namespace_selector: Option<LabelSelector>,
+    },
+    /// `ipBlock`.
+    IpBlock {
+        /// `cidr`, truncated to its network.
+        cidr: IpNet,
+        /// `except`, each strictly inside `cidr` and of its family.
+        except: Vec<IpNet>,
+    },
+}
+
+/// The port part of a policy port.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub enum PortSpec {
+    /// No `port`: every port of the protocol.
+    All,
+    /// `port` (and `endPort`): `first..=last`.
+    Range {
+        /// First port.
+        first: u16,
+        /// Last port (= `first` without `endPort`).
+        last: u16,
+    },
+    /// A named port, resolved against the destination pod.
+    Named(String),
+}
+
+/// One `ports` entry of a rule.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct PolicyPort {
+    /// `protocol` (default TCP).
+    pub protocol: Protocol,
+    /// `port`/`endPort`.
+    pub port: PortSpec,
+}
+
+/// An ingress or egress rule.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Rule {
+    /// `from`/`to`; empty matches every peer.
+    pub peers: Vec<Peer>,
+    /// `ports`; empty matches every port and protocol.
+    pub ports: Vec<PolicyPort>,
+}
+
+/// A validated, defaulted NetworkPolicy.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct NetworkPolicy {
+    /// Namespace and name.
+    pub id: ObjectRef,
+    /// `spec.podSelector`.
+    pub pod_selector: LabelSelector,
+    /// Ingress rules if `Ingress` is among the (defaulted) policy types.
+    pub ingress: Option<Vec<Rule>>,
+    /// Egress rules if `Egress` is among the (defaulted) policy types.
+    pub egress: Option<Vec<Rule>>,
+}
+
+/// A policy as the compiler sees it: the version in force and the errors of
+/// the latest one.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct PolicySlot {
+    /// The last valid version: enforcement never drops because a policy
+    /// became invalid.
+    pub in_force: Option<NetworkPolicy>,
+    /// Errors of the latest version (empty when it is the one in force).
+    pub errors: Vec<ModelError>,
+}
+
+/// Everything the compiler reads. A plain value: sources build it, the
+/// compiler reads it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    /// Name of the node whose maps are compiled (`None`: the only Node).
+    pub local_node: Option<String>,
+    /// Nodes by name.
+    pub nodes: BTreeMap<String, Node>,
+    /// Namespaces by name.
+    pub namespaces: BTreeMap<String, Namespace>,
+    /// Pods.
+    pub pods: BTreeMap<ObjectRef, Pod>,
+    /// NetworkPolicies with their last valid version.
+    pub policies: BTreeMap<ObjectRef, PolicySlot>,
+    /// Errors of rejected pods, namespaces and nodes, by kind and name. A
+    /// rejected update leaves the last valid version in the snapshot.
+    pub invalid: BTreeMap<(String, String), Vec<ModelError>>,
+}
+
+/// Kind of an object the snapshot holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// v1 Node.
+    Node,
+    /// v1 Namespace.
+    Namespace,
+    /// v1 Pod.
+    Pod,
+    /// networking.k8s.io/v1 NetworkPolicy.
+    NetworkPolicy,
+}
+
+impl Snapshot {
+    /// The node whose pods are local: [`Snapshot::local_node`], or the only
+    /// Node.
+    #[must_use]
+    pub fn local_node_name(&self) -> Option<&str> {
+        match &self.local_node {
+            Some(n) => Some(n),
+            None if self.nodes.len() == 1 => self.nodes.keys().next().map(String::as_str),
+            None => None,
+        }
+    }
+
+    /// Adds or replaces a policy. An invalid new version keeps the last
+    /// valid one in force and records its errors.
+    pub fn upsert_policy(&mut self, policy: Result<NetworkPolicy, (ObjectRef, Vec<ModelError>)>) {
+        match policy {
+            Ok(p) => {
+                self.policies.insert(
+                    p.id.clone(),
+                    PolicySlot {
+                        in_force: Some(p),
+                        errors: Vec::new(),
+                    },
+                );
+            }
+            Err((id, errors)) => {
+                let slot = self.policies.entry(id).or_insert(PolicySlot {
+                    in_force: None,
+                    errors: Vec::new(),
+                });
+                slot.errors = errors;
+            }
+        }
+    }
+
+    /// Adds or replaces a pod.
+    pub fn upsert_pod(&mut self, pod: Pod) {
+        self.invalid.remove(&("Pod".to_owned(), pod.id.to_string()));
+        self.pods.insert(pod.id.clone(), pod);
+    }
+
+    /// Adds or replaces a namespace.
+    pub fn upsert_namespace(&mut self, ns: Namespace) {
+        self.invalid
+            .remove(&("Namespace".to_owned(), ns.name.clone()));
+        self.namespaces.insert(ns.name.clone(), ns);
+    }
+
+    /// Adds or replaces a node.
+    pub fn upsert_node(&mut self, node: Node) {
+        self.nodes.insert(node.name.clone(), node);
+    }
+
+    /// Removes an object. Removing a namespace removes its pods and
+    /// policies, as the API server's namespace deletion does.
+    pub fn remove(&mut self, kind: Kind, namespace: &str, name: &str) {
+        let id = ObjectRef::new(namespace, name);
+        match kind {
+            Kind::Node => {
+                self.nodes.remove(name);
+            }
+            Kind::Namespace => {
+                self.namespaces.remove(name);
+                self.pods.retain(|k, _| k.namespace != name);
+                self.policies.retain(|k, _| k.namespace != name);
+            }
+            Kind::Pod => {
+                self.pods.remove(&id);
+            }
+            Kind::NetworkPolicy => {
+                self.policies.remove(&id);
+            }
+        }
+    }
+
+    /// Labels of a namespace; a namespace without an object still has its
+    /// name label, as the API server guarantees.
+    #[must_use]
+    pub fn namespace_labels(&self, name: &str) -> Labels {
+        match self.namespaces.get(name) {
+            Some(ns) => ns.labels.clone(),
+            None => Labels::from([(NAMESPACE_NAME_LABEL.to_owned(), name.to_owned())]),
+        }
+    }
+
+    /// Every error of the latest objects: rejected pods, namespaces, nodes
+    /// and policies.
+    #[must_use]
+    pub fn errors(&self) -> Vec<ModelError> {
+        let mut out: Vec<ModelError> = self.invalid.values().flatten().cloned().collect();
+        out.extend(
+            self.policies
+                .values()
+                .flat_map(|s| s.errors.iter().cloned()),
+        );
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::manifests::{LoadReport, apply_str};
+    use super::*;
+
+    fn l(pairs: &[(&str, &str)]) -> Labels {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    fn req(key: &str, operator: Operator) -> LabelSelector {
+        LabelSelector {
+            match_labels: Labels::new(),
+            match_expressions: vec![Requirement {
+                key: key.to_owned(),
+                operator,
+            }],
+        }
+    }
+
+    #[test]
+    fn empty_selector_matches_everything() {
+        assert!(LabelSelector::default().matches(&Labels::new()));
+    }
+
+    #[test]
+    fn not_in_matches_pods_without_the_label() {
+        let s = req("app", Operator::NotIn(["web".to_owned()].into()));
+        assert!(s.matches(&Labels::new()));
+        assert!(s.matches(&l(&[("app", "db")])));
+        assert!(!s.matches(&l(&[("app", "web")])));
+    }
+
+    #[test]
+    fn in_exists_and_does_not_exist_follow_the_label() {
+        let s = req("app", Operator::In(["web".to_owned()].into()));
+        assert!(s.matches(&l(&[("app", "web")])) && !s.matches(&Labels::new()));
+        assert!(req("app", Operator::Exists).matches(&l(&[("app", "")])));
+        assert!(!req("app", Operator::DoesNotExist).matches(&l(&[("app", "")])));
+    }
+
+    #[test]
+    fn loader_reads_lists_skips_unknown_kinds_and_reports_bad_documents() {
+        let mut s = Snapshot::default();
+        let mut r = LoadReport::default();
+        apply_str(
+            &mut s,
+            r#"
+apiVersion: v1
+kind: List
+items:
+  - {apiVersion: v1, kind: Namespace, metadata: {name: x}}
+  - {apiVersion: v1, kind: Pod, metadata: {name: a, namespace: x}, status: {podIP: 10.0.0.1}}
+---
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: c}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: b, namespace: x}
+status: {podIPs: [{ip: not-an-ip}]}
+---
+{"apiVersion": "v1", "kind": "Service", "metadata": {"name": "s", "namespace": "x"}}
+"#,
+            "t",
+            &mut r,
+        );
+        assert!(r.errors.is_empty(), "{:?}", r.errors);
+        assert_eq!(r.notes.len(), 1);
+        assert_eq!(s.namespaces["x"].labels[NAMESPACE_NAME_LABEL], "x");
+        assert_eq!(s.pods.len(), 1, "an invalid new pod is left out");
+        let errs = s.errors();
+        assert_eq!(errs.len(), 1);
+        assert_eq!(
+            errs[0].to_string(),
+            "x/b: status.podIPs[0].ip: invalid IP address \"not-an-ip\""
+        );
+    }
+}

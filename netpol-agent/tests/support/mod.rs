@@ -68,6 +68,16 @@ impl Netns {
         sh("ip", &full)
     }
 
+    /// Moves the calling thread into the namespace for good (benches, whose
+    /// harness cannot move to another thread).
+    pub fn enter(&self) {
+        let path = PathBuf::from("/var/run/netns").join(&self.name);
+        let file = std::fs::File::open(&path)
+            .unwrap_or_else(|e| panic!("opening {}: {e}", path.display()));
+        nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET)
+            .unwrap_or_else(|e| panic!("entering {}: {e}", path.display()));
+    }
+
     /// Runs `f` on a thread that has entered the namespace. Everything the
     /// closure creates (sockets, netlink requests, BPF attachments by
     /// interface name) happens in it.

@@ -4,6 +4,8 @@
 //! Which TC hook is which policy direction: `from_pod` goes on the host-side
 //! veth's TC *ingress* (what the pod sends: its egress), `to_pod` on its TC
 //! *egress* (what is delivered to the pod: its ingress).
+pub mod writer;
+
 use std::{
     collections::BTreeMap,
     path::{Path, PathBuf},
@@ -18,9 +20,12 @@ use aya::{
     },
     util::KernelVersion,
 };
-use netpol_common::{COUNTER_ENTRIES, TrafficCounter, direction, family, maps, programs, reason};
+use netpol_common::{
+    COUNTER_ENTRIES, GlobalConfig, TrafficCounter, direction, family, maps, programs, reason,
+};
 
 use crate::{bpffs, object};
+use writer::{KernelBackend, KernelMapWriter, MapWriter};
 
 /// Default bpffs mount point.
 pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf";
@@ -48,6 +53,38 @@ pub struct DatapathConfig {
     pub object: Option<PathBuf>,
     /// How programs are attached.
     pub attach_mode: AttachMode,
+    /// Map sizes for maps created by this load (pinned maps that already
+    /// exist keep theirs).
+    pub map_sizes: MapSizes,
+    /// New-pods mode and connection timeouts, written at load.
+    pub global: GlobalConfig,
+}
+
+/// Maximum entries of the maps whose size depends on the cluster.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapSizes {
+    /// Local pod interfaces.
+    pub endpoints: u32,
+    /// IPv4 policy prefixes, all endpoints and directions together.
+    pub policy_v4: u32,
+    /// IPv6 policy prefixes.
+    pub policy_v6: u32,
+    /// Port-trie entries of all rule sets.
+    pub ports: u32,
+    /// Tracked connections.
+    pub conntrack: u32,
+}
+
+impl Default for MapSizes {
+    fn default() -> Self {
+        Self {
+            endpoints: 4096,
+            policy_v4: 262_144,
+            policy_v6: 262_144,
+            ports: 65_536,
+            conntrack: 262_144,
+        }
+    }
 }
 
 impl Default for DatapathConfig {
@@ -56,6 +93,8 @@ impl Default for DatapathConfig {
             bpffs: PathBuf::from(DEFAULT_BPFFS),
             object: None,
             attach_mode: AttachMode::Auto,
+            map_sizes: MapSizes::default(),
+            global: GlobalConfig::default(),
         }
     }
 }
@@ -127,6 +166,7 @@ struct Attachment {
 /// pinned maps stay in bpffs.
 pub struct Datapath {
     ebpf: Ebpf,
+    writer: KernelMapWriter,
     pin_dir: PathBuf,
     attach_mode: AttachMode,
     attached: BTreeMap<String, Attachment>,
@@ -165,6 +205,13 @@ impl Datapath {
         for name in maps::ALL {
             loader.map_pin_path(name, pin_dir.join(name));
         }
+        let sizes = config.map_sizes;
+        loader
+            .map_max_entries(maps::ENDPOINTS, sizes.endpoints)
+            .map_max_entries(maps::POLICY_V4, sizes.policy_v4)
+            .map_max_entries(maps::POLICY_V6, sizes.policy_v6)
+            .map_max_entries(maps::PORTS, sizes.ports)
+            .map_max_entries(maps::CONNTRACK, sizes.conntrack);
         let mut ebpf = loader
             .load_file(&path)
             .map_err(|source| DatapathError::Load {
@@ -179,13 +226,68 @@ impl Datapath {
                     source: Box::new(source),
                 })?;
         }
+        write_global(&mut ebpf, config.global)?;
+        let backend = KernelBackend::new(
+            take_map(&mut ebpf, maps::ENDPOINTS)?,
+            take_map(&mut ebpf, maps::POLICY_V4)?,
+            take_map(&mut ebpf, maps::POLICY_V6)?,
+            take_map(&mut ebpf, maps::PORTS)?,
+        );
+        // Pinned maps may hold a previous agent's state: start from it.
+        let mirror = backend.read_back().map_err(|e| DatapathError::Map {
+            name: maps::ENDPOINTS,
+            source: Box::new(aya::maps::MapError::SyscallError(aya::sys::SyscallError {
+                call: "bpf_map_get_next_key",
+                io_error: e.errno,
+            })),
+        })?;
+        let writer = MapWriter::new(backend, mirror);
         tracing::debug!(object = %path.display(), pin_dir = %pin_dir.display(), "datapath loaded");
         Ok(Self {
             ebpf,
+            writer,
             pin_dir,
             attach_mode: config.attach_mode,
             attached: BTreeMap::new(),
         })
+    }
+
+    /// The policy-map writer.
+    pub fn writer(&mut self) -> &mut KernelMapWriter {
+        &mut self.writer
+    }
+
+    /// Replaces the new-pods mode and timeouts.
+    ///
+    /// # Errors
+    /// When the config map cannot be written.
+    pub fn set_global(&mut self, global: GlobalConfig) -> Result<(), DatapathError> {
+        write_global(&mut self.ebpf, global)
+    }
+
+    /// One of the two programs, e.g. for `BPF_PROG_TEST_RUN`.
+    ///
+    /// # Errors
+    /// When the object lacks it.
+    pub fn program(&mut self, name: &'static str) -> Result<&mut SchedClassifier, DatapathError> {
+        classifier(&mut self.ebpf, name)
+    }
+
+    /// Loads another classifier of the object (the bench object's reference
+    /// programs) and returns it.
+    ///
+    /// # Errors
+    /// When the object lacks it or the kernel refuses it.
+    pub fn load_extra(
+        &mut self,
+        name: &'static str,
+    ) -> Result<&mut SchedClassifier, DatapathError> {
+        let p = classifier(&mut self.ebpf, name)?;
+        p.load().map_err(|source| DatapathError::Program {
+            name,
+            source: Box::new(source),
+        })?;
+        Ok(p)
     }
 
     /// The folder holding the pinned maps.
@@ -304,6 +406,38 @@ impl Datapath {
             }
         })
     }
+}
+
+fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DatapathError>
+where
+    T: TryFrom<Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf
+        .take_map(name)
+        .ok_or(DatapathError::MissingMap { name })?;
+    T::try_from(map).map_err(|source| DatapathError::Map {
+        name,
+        source: Box::new(source),
+    })
+}
+
+fn write_global(ebpf: &mut Ebpf, global: GlobalConfig) -> Result<(), DatapathError> {
+    let name = maps::CONFIG;
+    let map = ebpf
+        .map_mut(name)
+        .ok_or(DatapathError::MissingMap { name })?;
+    let mut array = aya::maps::Array::<_, GlobalConfig>::try_from(map).map_err(|source| {
+        DatapathError::Map {
+            name,
+            source: Box::new(source),
+        }
+    })?;
+    array
+        .set(0, global, 0)
+        .map_err(|source| DatapathError::Map {
+            name,
+            source: Box::new(source),
+        })
 }
 
 fn map_err(source: aya::maps::MapError) -> DatapathError {

@@ -1,0 +1,551 @@
+//! Property tests: over random clusters and policies, the LPM simulator on
+//! the compiled entries agrees with the reference evaluator, on boundary and
+//! random addresses and ports, both families; `diff(a, b)` applied to
+//! `compile(a)` gives `compile(b)`, and no intermediate state of the diff
+//! gives a verdict that neither the old nor the new state gives.
+
+mod common_compiler;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use common_compiler::{ICMP, reference_allows, simulate};
+use ipnet::IpNet;
+use netpol_agent::compiler::{Compiled, Direction, IdAllocation, MapState, compile, diff};
+use netpol_agent::model::{
+    ContainerPort, LabelSelector, Labels, NAMESPACE_NAME_LABEL, Namespace, NetworkPolicy, Node,
+    ObjectRef, Operator, Peer, Pod, PodPhase, PolicyPort, PolicySlot, PortSpec, Protocol,
+    Requirement, Rule, Snapshot,
+};
+use proptest::prelude::*;
+
+/// splitmix64: the cluster is a function of one seed, so a failing case
+/// prints a seed that reproduces it.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+    fn chance(&mut self, percent: u64) -> bool {
+        self.next() % 100 < percent
+    }
+    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
+        &items[self.below(items.len())]
+    }
+}
+
+const NAMESPACES: [&str; 3] = ["a", "b", "c"];
+const APPS: [&str; 3] = ["web", "db", "api"];
+
+fn v4(n: u8) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(10, 0, 0, n))
+}
+
+fn v6(n: u16) -> IpAddr {
+    IpAddr::V6(Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, n))
+}
+
+fn net(s: &str) -> IpNet {
+    s.parse().expect("cidr")
+}
+
+fn labels(pairs: &[(&str, &str)]) -> Labels {
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect()
+}
+
+fn random_selector(r: &mut Rng, keys: &[(&str, &[&str])]) -> LabelSelector {
+    let mut s = LabelSelector::default();
+    match r.below(5) {
+        0 => {}
+        1 | 2 => {
+            let (k, vals) = r.pick(keys);
+            s.match_labels
+                .insert((*k).to_owned(), (*r.pick(vals)).to_owned());
+        }
+        _ => {
+            let (k, vals) = r.pick(keys);
+            let values: BTreeSet<String> = (0..1 + r.below(2))
+                .map(|_| (*r.pick(vals)).to_owned())
+                .collect();
+            let operator = match r.below(4) {
+                0 => Operator::In(values),
+                1 => Operator::NotIn(values),
+                2 => Operator::Exists,
+                _ => Operator::DoesNotExist,
+            };
+            s.match_expressions.push(Requirement {
+                key: (*k).to_owned(),
+                operator,
+            });
+        }
+    }
+    s
+}
+
+const POD_KEYS: &[(&str, &[&str])] = &[("app", &APPS), ("tier", &["1", "2"])];
+const NS_KEYS: &[(&str, &[&str])] = &[("team", &["x", "y"]), (NAMESPACE_NAME_LABEL, &NAMESPACES)];
+
+fn random_pod(r: &mut Rng, i: usize) -> Pod {
+    let n = u8::try_from(i + 1).unwrap() * 7;
+    let family = r.below(4);
+    let mut ips = Vec::new();
+    if family != 1 {
+        ips.push(v4(n));
+    }
+    if family != 2 {
+        ips.push(v6(u16::from(n)));
+    }
+    let mut ports = Vec::new();
+    if r.chance(70) {
+        ports.push(ContainerPort {
+            name: Some("http".into()),
+            port: *r.pick(&[80, 8080, 1500]),
+            protocol: Protocol::Tcp,
+        });
+    }
+    if r.chance(50) {
+        ports.push(ContainerPort {
+            name: Some("dns".into()),
+            port: *r.pick(&[53, 5353]),
+            protocol: Protocol::Udp,
+        });
+    }
+    if r.chance(30) {
+        ports.push(ContainerPort {
+            name: Some("dns".into()),
+            port: 54,
+            protocol: Protocol::Tcp,
+        });
+    }
+    if r.chance(30) {
+        ports.push(ContainerPort {
+            name: Some("assoc".into()),
+            port: *r.pick(&[9000, 9001]),
+            protocol: Protocol::Sctp,
+        });
+    }
+    let app = *r.pick(&APPS);
+    let mut l = labels(&[("app", app)]);
+    if r.chance(50) {
+        l.insert("tier".into(), (*r.pick(&["1", "2"])).to_owned());
+    }
+    Pod {
+        id: ObjectRef::new(*r.pick(&NAMESPACES), format!("p{i}")),
+        uid: Some(format!("uid-{i}")),
+        labels: l,
+        node_name: Some(if r.chance(70) { "node-1" } else { "node-2" }.into()),
+        host_network: r.chance(5),
+        phase: if r.chance(5) {
+            PodPhase::Failed
+        } else {
+            PodPhase::Running
+        },
+        ips,
+        ports,
+    }
+}
+
+const CIDRS: &[(&str, &[&str])] = &[
+    ("0.0.0.0/0", &[]),
+    ("0.0.0.0/0", &["10.0.0.0/26"]),
+    ("10.0.0.0/24", &["10.0.0.16/28", "10.0.0.35/32"]),
+    ("10.0.0.0/26", &[]),
+    ("10.0.0.7/32", &[]),
+    ("10.0.0.0/25", &["10.0.0.64/26", "10.0.0.0/27"]),
+    ("::/0", &[]),
+    ("::/0", &["fd00::/120"]),
+    ("fd00::/120", &["fd00::10/124"]),
+    ("fd00::/64", &["fd00::23/128"]),
+];
+
+fn random_port(r: &mut Rng) -> PolicyPort {
+    let (protocol, port) = match r.below(9) {
+        0 => (
+            Protocol::Tcp,
+            PortSpec::Range {
+                first: 80,
+                last: 80,
+            },
+        ),
+        1 => (
+            Protocol::Udp,
+            PortSpec::Range {
+                first: 53,
+                last: 53,
+            },
+        ),
+        2 => (
+            Protocol::Tcp,
+            PortSpec::Range {
+                first: 1000,
+                last: 2000,
+            },
+        ),
+        3 => (Protocol::Tcp, PortSpec::Named("http".into())),
+        4 => (Protocol::Udp, PortSpec::Named("dns".into())),
+        5 => (Protocol::Sctp, PortSpec::All),
+        6 => (Protocol::Sctp, PortSpec::Named("assoc".into())),
+        7 => (
+            Protocol::Udp,
+            PortSpec::Range {
+                first: 1,
+                last: 65535,
+            },
+        ),
+        _ => (Protocol::Tcp, PortSpec::All),
+    };
+    PolicyPort { protocol, port }
+}
+
+fn random_rule(r: &mut Rng) -> Rule {
+    let mut rule = Rule::default();
+    for _ in 0..r.below(3) {
+        rule.peers.push(match r.below(4) {
+            0 => Peer::Pods {
+                pod_selector: Some(random_selector(r, POD_KEYS)),
+                namespace_selector: None,
+            },
+            1 => Peer::Pods {
+                pod_selector: None,
+                namespace_selector: Some(random_selector(r, NS_KEYS)),
+            },
+            2 => Peer::Pods {
+                pod_selector: Some(random_selector(r, POD_KEYS)),
+                namespace_selector: Some(random_selector(r, NS_KEYS)),
+            },
+            _ => {
+                let (c, ex) = r.pick(CIDRS);
+                Peer::IpBlock {
+                    cidr: net(c),
+                    except: ex.iter().map(|e| net(e)).collect(),
+                }
+            }
+        });
+    }
+    for _ in 0..r.below(3) {
+        rule.ports.push(random_port(r));
+    }
+    rule
+}
+
+fn random_policy(r: &mut Rng, i: usize) -> NetworkPolicy {
+    let rules = |r: &mut Rng| -> Option<Vec<Rule>> {
+        if r.chance(30) {
+            return None;
+        }
+        Some((0..r.below(3)).map(|_| random_rule(r)).collect())
+    };
+    let mut ingress = rules(r);
+    let egress = rules(r);
+    if ingress.is_none() && egress.is_none() {
+        ingress = Some(Vec::new());
+    }
+    NetworkPolicy {
+        id: ObjectRef::new(*r.pick(&NAMESPACES), format!("np{i}")),
+        pod_selector: random_selector(r, POD_KEYS),
+        ingress,
+        egress,
+    }
+}
+
+fn random_cluster(seed: u64) -> Snapshot {
+    let mut r = Rng(seed);
+    let mut s = Snapshot {
+        local_node: Some("node-1".into()),
+        ..Snapshot::default()
+    };
+    s.upsert_node(Node {
+        name: "node-1".into(),
+        addresses: vec![IpAddr::V4(Ipv4Addr::new(10, 0, 1, 1))],
+    });
+    for ns in NAMESPACES {
+        let mut l = labels(&[(NAMESPACE_NAME_LABEL, ns)]);
+        l.insert("team".into(), (*r.pick(&["x", "y"])).to_owned());
+        s.upsert_namespace(Namespace {
+            name: ns.into(),
+            labels: l,
+        });
+    }
+    for i in 0..3 + r.below(6) {
+        s.upsert_pod(random_pod(&mut r, i));
+    }
+    for i in 0..1 + r.below(4) {
+        put_policy(&mut s, random_policy(&mut r, i));
+    }
+    s
+}
+
+fn put_policy(s: &mut Snapshot, p: NetworkPolicy) {
+    s.policies.insert(
+        p.id.clone(),
+        PolicySlot {
+            in_force: Some(p),
+            errors: Vec::new(),
+        },
+    );
+}
+
+/// One random change: labels of a pod or namespace, a pod added or removed,
+/// a policy added, replaced or removed.
+fn mutate(s: &Snapshot, seed: u64) -> Snapshot {
+    let mut r = Rng(seed);
+    let mut s = s.clone();
+    for _ in 0..1 + r.below(3) {
+        match r.below(8) {
+            6 | 7 => {
+                // Widen or narrow an existing policy: the case where the
+                // isolation stays on and entries must change in place.
+                let keys: Vec<ObjectRef> = s.policies.keys().cloned().collect();
+                if !keys.is_empty() {
+                    let k = &keys[r.below(keys.len())];
+                    let p = s.policies.get_mut(k).unwrap().in_force.as_mut().unwrap();
+                    let rules = if r.chance(50) {
+                        &mut p.ingress
+                    } else {
+                        &mut p.egress
+                    };
+                    if let Some(rules) = rules {
+                        if !rules.is_empty() && r.chance(30) {
+                            rules.remove(r.below(rules.len()));
+                        } else {
+                            let (c, ex) = CIDRS[2 + r.below(CIDRS.len() - 2)];
+                            let mut rule = random_rule(&mut r);
+                            rule.peers.push(Peer::IpBlock {
+                                cidr: net(c),
+                                except: ex.iter().map(|e| net(e)).collect(),
+                            });
+                            rules.push(rule);
+                        }
+                    }
+                }
+            }
+            0 => {
+                let keys: Vec<ObjectRef> = s.pods.keys().cloned().collect();
+                if let Some(k) = keys.get(r.below(keys.len().max(1))) {
+                    let pod = s.pods.get_mut(k).unwrap();
+                    pod.labels.insert("app".into(), (*r.pick(&APPS)).to_owned());
+                }
+            }
+            1 => {
+                let ns = *r.pick(&NAMESPACES);
+                let team = (*r.pick(&["x", "y"])).to_owned();
+                s.namespaces
+                    .get_mut(ns)
+                    .unwrap()
+                    .labels
+                    .insert("team".into(), team);
+            }
+            2 => {
+                let i = 20 + r.below(10);
+                s.upsert_pod(random_pod(&mut r, i));
+            }
+            3 => {
+                let keys: Vec<ObjectRef> = s.pods.keys().cloned().collect();
+                if !keys.is_empty() {
+                    s.pods.remove(&keys[r.below(keys.len())]);
+                }
+            }
+            4 => {
+                let i = r.below(6);
+                put_policy(&mut s, random_policy(&mut r, i));
+            }
+            _ => {
+                let keys: Vec<ObjectRef> = s.policies.keys().cloned().collect();
+                if !keys.is_empty() {
+                    s.policies.remove(&keys[r.below(keys.len())]);
+                }
+            }
+        }
+    }
+    s
+}
+
+/// Addresses worth probing: every pod address, and the first and last
+/// address of every CIDR and except with the neighbours just outside.
+fn probe_addresses(s: &Snapshot, r: &mut Rng) -> Vec<IpAddr> {
+    let mut out: BTreeSet<IpAddr> = BTreeSet::new();
+    for p in s.pods.values() {
+        out.extend(p.ips.iter().copied());
+    }
+    let mut nets: Vec<IpNet> = Vec::new();
+    for (c, ex) in CIDRS {
+        nets.push(net(c));
+        nets.extend(ex.iter().map(|e| net(e)));
+    }
+    for n in nets {
+        match n {
+            IpNet::V4(n) => {
+                let lo = u32::from(n.network());
+                let hi = u32::from(n.broadcast());
+                for a in [lo, hi, lo.wrapping_sub(1), hi.wrapping_add(1)] {
+                    out.insert(IpAddr::V4(Ipv4Addr::from(a)));
+                }
+            }
+            IpNet::V6(n) => {
+                let lo = u128::from(n.network());
+                let hi = u128::from(n.broadcast());
+                for a in [lo, hi, lo.wrapping_sub(1), hi.wrapping_add(1)] {
+                    out.insert(IpAddr::V6(Ipv6Addr::from(a)));
+                }
+            }
+        }
+    }
+    for _ in 0..6 {
+        out.insert(IpAddr::V4(Ipv4Addr::new(10, 0, 0, r.next() as u8)));
+        out.insert(IpAddr::V4(Ipv4Addr::from(r.next() as u32)));
+        out.insert(IpAddr::V6(Ipv6Addr::new(
+            0xfd00,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            r.next() as u16 & 0x1ff,
+        )));
+        out.insert(IpAddr::V6(Ipv6Addr::from(
+            u128::from(r.next()) << 64 | u128::from(r.next()),
+        )));
+    }
+    out.into_iter().collect()
+}
+
+fn probe_ports(r: &mut Rng) -> Vec<(u8, u16)> {
+    let mut out = vec![(ICMP, 0)];
+    let ports = [
+        0u16, 1, 52, 53, 54, 79, 80, 81, 999, 1000, 1500, 2000, 2001, 5353, 8080, 9000, 9001,
+        65534, 65535,
+    ];
+    for proto in [6u8, 17, 132] {
+        for p in ports {
+            out.push((proto, p));
+        }
+        out.push((proto, r.next() as u16));
+    }
+    out
+}
+
+fn local_pods(s: &Snapshot) -> Vec<&Pod> {
+    s.pods
+        .values()
+        .filter(|p| p.is_networked() && p.node_name.as_deref() == Some("node-1"))
+        .collect()
+}
+
+fn check_agrees(s: &Snapshot, c: &Compiled, r: &mut Rng) -> Result<(), TestCaseError> {
+    let state = c.map_state();
+    let addrs = probe_addresses(s, r);
+    let ports = probe_ports(r);
+    let locals = local_pods(s);
+    prop_assert_eq!(locals.len(), state.endpoints.len());
+    for pod in locals {
+        for d in [Direction::Egress, Direction::Ingress] {
+            for &a in &addrs {
+                for &(proto, port) in &ports {
+                    let want = reference_allows(s, pod, d, a, proto, port);
+                    let got = simulate(&state, &pod.id, d, a, proto, port);
+                    prop_assert_eq!(
+                        got,
+                        want,
+                        "{} {:?} peer {} proto {} port {}",
+                        pod.id,
+                        d,
+                        a,
+                        proto,
+                        port
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
+
+    #[test]
+    fn simulator_on_compiled_entries_agrees_with_reference(seed in any::<u64>()) {
+        let s = random_cluster(seed);
+        let c = compile(&s, &IdAllocation::default());
+        let mut r = Rng(seed ^ 0x5555);
+        check_agrees(&s, &c, &mut r)?;
+    }
+
+    #[test]
+    fn compile_is_deterministic(seed in any::<u64>()) {
+        let s = random_cluster(seed);
+        let a = compile(&s, &IdAllocation::default());
+        let b = compile(&s, &IdAllocation::default());
+        prop_assert_eq!(a, b);
+    }
+
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    #[test]
+    fn diff_applied_to_old_maps_gives_new_maps_and_every_step_is_safe(
+        seed in any::<u64>(),
+        change in any::<u64>(),
+    ) {
+        let a = random_cluster(seed);
+        let b = mutate(&a, change);
+        let ca = compile(&a, &IdAllocation::default());
+        let cb = compile(&b, &ca.ids);
+        let d = diff(&ca, &cb);
+        let mut state = ca.map_state();
+        let (old_state, new_state) = (ca.map_state(), cb.map_state());
+
+        // Pods enforced with the same id before and after: every
+        // intermediate verdict is the old or the new one.
+        let mut r = Rng(change);
+        let addrs = probe_addresses(&b, &mut r);
+        let ports: Vec<(u8, u16)> = probe_ports(&mut r).into_iter().step_by(5).collect();
+        let stable: Vec<ObjectRef> = old_state
+            .endpoints
+            .iter()
+            .filter(|(k, v)| new_state.endpoints.get(*k).is_some_and(|n| n.id == v.id))
+            .map(|(k, _)| k.clone())
+            .collect();
+        let verdicts = |st: &MapState| -> BTreeMap<(usize, u8, usize, usize), bool> {
+            let mut m = BTreeMap::new();
+            for (pi, pod) in stable.iter().enumerate() {
+                for (di, dir) in [Direction::Egress, Direction::Ingress].into_iter().enumerate() {
+                    for (ai, &a) in addrs.iter().enumerate() {
+                        for (qi, &(proto, port)) in ports.iter().enumerate() {
+                            m.insert((pi, di as u8, ai, qi), simulate(st, pod, dir, a, proto, port));
+                        }
+                    }
+                }
+            }
+            m
+        };
+        let (before, after) = (verdicts(&old_state), verdicts(&new_state));
+        for (i, op) in d.raw().enumerate() {
+            state.apply_op(op);
+            let now = verdicts(&state);
+            for (k, v) in &now {
+                prop_assert!(
+                    *v == before[k] || *v == after[k],
+                    "op {} of {}: verdict {:?} = {} is neither old nor new", i, d.ops.len(), k, v
+                );
+            }
+        }
+        prop_assert_eq!(state, new_state);
+        let mut r = Rng(change ^ 0xaaaa);
+        check_agrees(&b, &cb, &mut r)?;
+    }
+}

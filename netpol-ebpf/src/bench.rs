@@ -1,0 +1,26 @@
+//! Reference classifiers for `cargo xtask bench datapath` (feature `bench`
+//! only): the floor (return at once) and the cost of parsing the same
+//! headers plus one hash lookup, against which `from_pod`/`to_pod` are
+//! measured.
+use aya_ebpf::{bindings::TC_ACT_OK, macros::classifier, programs::TcContext};
+
+use crate::{endpoint, parse};
+
+/// Returns at once.
+#[classifier]
+pub fn bench_ok(_ctx: TcContext) -> i32 {
+    TC_ACT_OK
+}
+
+/// Parses like the real programs and does one hash-map lookup.
+#[classifier]
+pub fn bench_lookup(ctx: TcContext) -> i32 {
+    let mut pkt = parse::Packet::default();
+    let parsed = parse::packet(&ctx, &mut pkt);
+    let found = endpoint::lookup(&ctx).is_some();
+    // Use both results so that neither is optimised away.
+    if matches!(parsed, parse::Parsed::Ip) && found && pkt.dport == 0 {
+        return TC_ACT_OK + 1;
+    }
+    TC_ACT_OK
+}
