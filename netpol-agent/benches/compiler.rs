@@ -1,16 +1,18 @@
 //! Compiler benchmark: a seeded cluster of 10,000 pods (110 on this node),
 //! 1,000 policies and 200 namespaces. Measures the full compile, and the
-//! recompile + diff after one pod's label change and after one policy edit.
-//! Prints map entry counts and bytes, and p50/p99 of the one-change paths.
+//! update + diff after one pod's label change and after one policy edit,
+//! both through the incremental [`Compiler`] (the agent's path) and as a
+//! full recompile + diff for comparison. Prints map entry counts and bytes,
+//! and p50/p99 of the one-change paths.
 
 use std::collections::BTreeSet;
 use std::hint::black_box;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::{Duration, Instant};
 
-use criterion::{Criterion, criterion_group, criterion_main};
+use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use ipnet::IpNet;
-use netpol_agent::compiler::{Compiled, IdAllocation, compile, diff};
+use netpol_agent::compiler::{Changes, Compiled, Compiler, IdAllocation, compile, diff};
 use netpol_agent::model::{
     ContainerPort, LabelSelector, Labels, NAMESPACE_NAME_LABEL, Namespace, NetworkPolicy, Node,
     ObjectRef, Operator, Peer, Pod, PodPhase, PolicyPort, PolicySlot, PortSpec, Protocol,
@@ -126,6 +128,7 @@ fn cluster() -> Snapshot {
                     protocol: Protocol::Tcp,
                 },
             ],
+            allow_any_source: false,
         });
     }
     for p in 0..POLICIES {
@@ -258,8 +261,9 @@ fn cluster() -> Snapshot {
 }
 
 /// The first local pod moves to another app: other policies select it.
-fn relabelled(s: &Snapshot) -> Snapshot {
+fn relabelled(s: &Snapshot) -> (Snapshot, Changes) {
     let mut s2 = s.clone();
+    let mut changes = Changes::default();
     if let Some(pod) = s2
         .pods
         .values_mut()
@@ -271,13 +275,15 @@ fn relabelled(s: &Snapshot) -> Snapshot {
             "app-3"
         };
         pod.labels.insert("app".into(), next.into());
+        changes.pods.insert(pod.id.clone());
     }
-    s2
+    (s2, changes)
 }
 
 /// A policy selecting local pods gets another port.
-fn policy_edited(s: &Snapshot, base: &Compiled) -> Snapshot {
+fn policy_edited(s: &Snapshot, base: &Compiled) -> (Snapshot, Changes) {
     let mut s2 = s.clone();
+    let mut changes = Changes::default();
     let target = base
         .policy_v4
         .values()
@@ -287,7 +293,7 @@ fn policy_edited(s: &Snapshot, base: &Compiled) -> Snapshot {
                 && r.direction == netpol_agent::compiler::Direction::Ingress
         })
         .map(|r| r.policy.clone());
-    if let Some(id) = target
+    if let Some(id) = target.clone()
         && let Some(p) = s2
             .policies
             .get_mut(&id)
@@ -302,16 +308,26 @@ fn policy_edited(s: &Snapshot, base: &Compiled) -> Snapshot {
                 last: 7010,
             },
         ));
+        changes.policies.insert(id);
     }
-    s2
+    (s2, changes)
 }
 
 fn percentiles(name: &str, mut f: impl FnMut()) {
-    let mut samples: Vec<Duration> = (0..60)
+    percentiles_with(name, || (), |()| f());
+}
+
+/// p50/p99 of `f`, each run on a fresh `setup()`; neither the setup nor
+/// dropping what `f` returns is timed.
+fn percentiles_with<T, R>(name: &str, mut setup: impl FnMut() -> T, mut f: impl FnMut(T) -> R) {
+    let mut samples: Vec<Duration> = (0..200)
         .map(|_| {
+            let input = setup();
             let t = Instant::now();
-            f();
-            t.elapsed()
+            let out = f(input);
+            let elapsed = t.elapsed();
+            drop(out);
+            elapsed
         })
         .collect();
     samples.sort();
@@ -336,8 +352,26 @@ fn bench(c: &mut Criterion) {
         s.policies.len(),
         base.rulesets.len()
     );
-    let s_pod = relabelled(&s);
-    let s_pol = policy_edited(&s, &base);
+    let (s_pod, ch_pod) = relabelled(&s);
+    let (s_pol, ch_pol) = policy_edited(&s, &base);
+    let inc = Compiler::new(&s, &IdAllocation::default());
+    assert_eq!(inc.compiled(), &base);
+    {
+        let mut i = inc.clone();
+        i.update(&s_pod, &ch_pod);
+        assert_eq!(
+            i.compiled(),
+            &compile(&s_pod, &base.ids),
+            "incremental != full"
+        );
+        let mut i = inc.clone();
+        i.update(&s_pol, &ch_pol);
+        assert_eq!(
+            i.compiled(),
+            &compile(&s_pol, &base.ids),
+            "incremental != full"
+        );
+    }
     let c_pod = compile(&s_pod, &base.ids);
     let c_pol = compile(&s_pol, &base.ids);
     eprintln!(
@@ -348,6 +382,25 @@ fn bench(c: &mut Criterion) {
     percentiles("full compile", || {
         black_box(compile(&s, &base.ids));
     });
+    percentiles("Compiler::new (full compile + index)", || {
+        black_box(Compiler::new(&s, &base.ids));
+    });
+    percentiles_with(
+        "one pod's labels: Compiler::update (incremental + diff)",
+        || inc.clone(),
+        |mut i| {
+            black_box(i.update(&s_pod, &ch_pod));
+            i
+        },
+    );
+    percentiles_with(
+        "one policy edit: Compiler::update (incremental + diff)",
+        || inc.clone(),
+        |mut i| {
+            black_box(i.update(&s_pol, &ch_pol));
+            i
+        },
+    );
     percentiles("one pod's labels: recompile + diff", || {
         let c2 = compile(&s_pod, &base.ids);
         black_box(diff(&base, &c2));
@@ -364,6 +417,26 @@ fn bench(c: &mut Criterion) {
     g.sample_size(20);
     g.bench_function("full_compile", |b| {
         b.iter(|| compile(black_box(&s), &base.ids))
+    });
+    g.bench_function("one_pod_label_change_update", |b| {
+        b.iter_batched(
+            || inc.clone(),
+            |mut i| {
+                let d = i.update(black_box(&s_pod), &ch_pod);
+                (i, d)
+            },
+            BatchSize::LargeInput,
+        )
+    });
+    g.bench_function("one_policy_edit_update", |b| {
+        b.iter_batched(
+            || inc.clone(),
+            |mut i| {
+                let d = i.update(black_box(&s_pol), &ch_pol);
+                (i, d)
+            },
+            BatchSize::LargeInput,
+        )
     });
     g.bench_function("one_pod_label_change_recompile_and_diff", |b| {
         b.iter(|| diff(&base, &compile(black_box(&s_pod), &base.ids)))

@@ -210,6 +210,7 @@ fn main() {
                         EndpointInfo {
                             id: ENDPOINT,
                             flags: endpoint_flags::INGRESS_ISOLATED,
+                            ..EndpointInfo::default()
                         },
                     ),
                     KernelOp::PortUpsert(

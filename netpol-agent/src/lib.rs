@@ -1,8 +1,9 @@
 //! netpol agent library: keeps one node's eBPF NetworkPolicy datapath in step
 //! with the cluster.
 //!
-//! Data flows one way: sources → [`model`] → [`compiler`] → map writer →
-//! kernel ([`datapath`]).
+//! Data flows one way: [`sources`] → [`model`] → [`compiler`] → map writer →
+//! kernel ([`datapath`]), driven by the one reconcile loop ([`sync`]) of an
+//! [`Agent`].
 //!
 //! ```no_run
 //! use netpol_agent::{Datapath, DatapathConfig};
@@ -13,12 +14,22 @@
 //! # Ok::<(), netpol_agent::DatapathError>(())
 //! ```
 
+pub mod agent;
 pub mod bpffs;
 pub mod compiler;
 pub mod datapath;
+mod http;
+pub mod interfaces;
 pub mod model;
 pub mod object;
 pub mod privileges;
+pub mod sources;
+pub mod sync;
+pub mod telemetry;
+
+pub use agent::{Agent, AgentBuilder, AgentError, NewPods};
+pub use sources::{Source, fingerprint};
+pub use telemetry::{Status, StatusHandle};
 
 pub use datapath::{
     AttachMode, Counters, Datapath, DatapathConfig, DatapathError, MapSizes,

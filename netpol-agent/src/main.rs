@@ -3,7 +3,10 @@ use std::{path::PathBuf, process::ExitCode};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
-use netpol_agent::{AttachMode, Counters, Datapath, DatapathConfig, datapath};
+use netpol_agent::{
+    Agent, AttachMode, Counters, Datapath, DatapathConfig, NewPods, Source, agent, datapath,
+    telemetry::{self, LogFormat},
+};
 use netpol_common::reason;
 
 mod cmd;
@@ -18,12 +21,66 @@ struct Cli {
     /// bpffs mount point; netpol pins its maps in `<bpffs>/netpol`.
     #[arg(long, global = true, env = "NETPOL_BPFFS", default_value = datapath::DEFAULT_BPFFS)]
     bpffs: PathBuf,
+    /// Log format (stderr; level from RUST_LOG, default info).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormatArg::Text)]
+    log_format: LogFormatArg,
     #[command(subcommand)]
     command: Command,
 }
 
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LogFormatArg {
+    Text,
+    Json,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum NewPodsArg {
+    /// Unprogrammed pod interfaces pass only neighbour discovery and the
+    /// node's own traffic (kubelet probes).
+    FailClosed,
+    /// Unprogrammed pod interfaces pass everything.
+    Open,
+}
+
+/// Arguments of `netpol-agent run`.
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    /// Folder of multi-document YAML/JSON manifests (Node, Namespaces,
+    /// Pods, NetworkPolicies, ...), watched for changes.
+    #[arg(long, env = "NETPOL_MANIFESTS")]
+    manifests: PathBuf,
+    /// This node's name (default: the only Node in the manifests).
+    #[arg(long, env = "NODE_NAME")]
+    node: Option<String>,
+    /// Only veths whose name matches this glob are pod interfaces
+    /// (default: every veth).
+    #[arg(long, value_name = "GLOB")]
+    interfaces: Option<String>,
+    /// What pod interfaces do until their pod's policy is written.
+    #[arg(long, value_enum, default_value_t = NewPodsArg::FailClosed)]
+    new_pods: NewPodsArg,
+    /// HTTP address of /healthz, /readyz, /status and /metrics.
+    #[arg(long, default_value = agent::DEFAULT_LISTEN)]
+    listen: std::net::SocketAddr,
+    /// Milliseconds a burst of manifest changes is waited out before
+    /// compiling.
+    #[arg(long, default_value_t = 10)]
+    debounce_ms: u64,
+    /// The eBPF object (default: found next to the binary, in
+    /// /usr/lib/netpol or in the workspace's target/).
+    #[arg(long, env = "NETPOL_EBPF_OBJECT")]
+    object: Option<PathBuf>,
+    /// Attach path.
+    #[arg(long, value_enum, default_value_t = Mode::Auto)]
+    attach_mode: Mode,
+}
+
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Keep this node's kernel in step with the manifests: compile, apply,
+    /// attach to pod veths as they appear, until SIGINT/SIGTERM.
+    Run(RunArgs),
     /// Load the programs, attach them to an interface and hold them until
     /// SIGINT/SIGTERM.
     Attach {
@@ -42,6 +99,13 @@ enum Command {
     Stats,
     /// Compile manifests offline and print what this node's maps would hold.
     Compile(cmd::compile::CompileArgs),
+    /// Print the input fingerprint `run` will report on /status once it
+    /// enforces this folder of manifests (tests wait on it).
+    Fingerprint {
+        /// Folder of manifests.
+        #[arg(long)]
+        manifests: PathBuf,
+    },
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -52,14 +116,12 @@ enum Mode {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    match run(Cli::parse()) {
+    let cli = Cli::parse();
+    telemetry::init_logging(match cli.log_format {
+        LogFormatArg::Text => LogFormat::Text,
+        LogFormatArg::Json => LogFormat::Json,
+    });
+    match run(cli) {
         Ok(code) => code,
         Err(err) => {
             eprintln!("netpol-agent: {err:#}");
@@ -70,6 +132,7 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
+        Command::Run(args) => run_agent(cli.bpffs, args),
         Command::Attach {
             interface,
             object,
@@ -79,11 +142,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let config = DatapathConfig {
                 bpffs: cli.bpffs,
                 object,
-                attach_mode: match attach_mode {
-                    Mode::Auto => AttachMode::Auto,
-                    Mode::Netlink => AttachMode::Netlink,
-                    Mode::Tcx => AttachMode::Tcx,
-                },
+                attach_mode: attach_mode.into(),
                 ..DatapathConfig::default()
             };
             let mut dp = Datapath::load(&config).context("loading the datapath")?;
@@ -107,6 +166,65 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Compile(args) => cmd::compile::run(&args),
+        Command::Fingerprint { manifests } => {
+            let mut snap = netpol_agent::model::Snapshot::default();
+            netpol_agent::model::manifests::load_dir(&manifests, &mut snap)
+                .with_context(|| format!("reading {}", manifests.display()))?;
+            println!("{}", netpol_agent::fingerprint(&snap));
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+impl From<Mode> for AttachMode {
+    fn from(m: Mode) -> Self {
+        match m {
+            Mode::Auto => AttachMode::Auto,
+            Mode::Netlink => AttachMode::Netlink,
+            Mode::Tcx => AttachMode::Tcx,
+        }
+    }
+}
+
+fn run_agent(bpffs: PathBuf, args: RunArgs) -> anyhow::Result<ExitCode> {
+    let mut builder = Agent::builder()
+        .source(Source::Files(args.manifests))
+        .bpffs(bpffs)
+        .attach_mode(args.attach_mode.into())
+        .new_pods(match args.new_pods {
+            NewPodsArg::FailClosed => NewPods::FailClosed,
+            NewPodsArg::Open => NewPods::FailOpen,
+        })
+        .listen(Some(args.listen))
+        .debounce(std::time::Duration::from_millis(args.debounce_ms));
+    if let Some(n) = args.node {
+        builder = builder.node_name(n);
+    }
+    if let Some(g) = args.interfaces {
+        builder = builder.interfaces(g);
+    }
+    if let Some(o) = args.object {
+        builder = builder.object(o);
+    }
+    let agent = builder.build().context("configuring the agent")?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    rt.block_on(agent.run(async {
+        if let Err(e) = signal().await {
+            tracing::error!(error = %e, "waiting for a signal");
+        }
+    }))
+    .context("running the agent")?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn signal() -> std::io::Result<()> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r,
+        _ = term.recv() => Ok(()),
     }
 }
 
@@ -115,14 +233,7 @@ fn wait_for_shutdown() -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the runtime")?;
-    rt.block_on(async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        tokio::select! {
-            r = tokio::signal::ctrl_c() => r,
-            _ = term.recv() => Ok(()),
-        }
-    })
-    .context("waiting for a signal")
+    rt.block_on(signal()).context("waiting for a signal")
 }
 
 fn print_counters(c: &Counters) {

@@ -1,12 +1,15 @@
 //! Replays every `via: pod` cell of the shared conformance scenarios through
-//! the compiler and the LPM simulator (no root, no kernel).
+//! the compiler and the LPM simulator (no root, no kernel). Each step is
+//! also applied through an incremental [`Compiler`], which must land on the
+//! full compile with the same diff, and generations must move exactly for
+//! the endpoint directions whose contents changed.
 
 mod common_compiler;
 
 use std::path::{Path, PathBuf};
 
-use common_compiler::{reference_connection, simulate_connection};
-use netpol_agent::compiler::{IdAllocation, compile, diff};
+use common_compiler::{generation_violation, reference_connection, simulate_connection};
+use netpol_agent::compiler::{Changes, Compiler, IdAllocation, compile, diff};
 use netpol_agent::model::manifests::{LoadReport, apply_str, apply_value};
 use netpol_agent::model::{Kind, ObjectRef, Protocol, Snapshot};
 use serde::Deserialize;
@@ -89,7 +92,9 @@ fn replay(path: &Path, base: &Snapshot, tally: &mut Tally) {
         serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let mut snap = base.clone();
     let mut prev = compile(&snap, &IdAllocation::default());
+    let mut inc = Compiler::new(&snap, &IdAllocation::default());
     for (si, step) in sc.steps.iter().enumerate() {
+        let before = snap.clone();
         for d in &step.delete {
             if matches!(d.kind.as_str(), "Service" | "EndpointSlice" | "Endpoints") {
                 continue;
@@ -113,6 +118,22 @@ fn replay(path: &Path, base: &Snapshot, tally: &mut Tally) {
         let mut state = prev.map_state();
         state.apply(&diff(&prev, &compiled));
         assert_eq!(state, compiled.map_state(), "{} step {si}: diff", sc.name);
+        let inc_diff = inc.update(&snap, &Changes::between(&before, &snap));
+        assert_eq!(
+            inc.compiled(),
+            &compiled,
+            "{} step {si}: incremental",
+            sc.name
+        );
+        assert_eq!(
+            inc_diff,
+            diff(&prev, &compiled),
+            "{} step {si}: incremental diff",
+            sc.name
+        );
+        if let Some(v) = generation_violation(&prev, &compiled) {
+            panic!("{} step {si}: {v}", sc.name);
+        }
         for probe in &step.probes {
             let rows: Vec<Vec<&str>> = probe
                 .matrix

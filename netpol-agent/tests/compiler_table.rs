@@ -4,10 +4,12 @@ mod common_compiler;
 
 use common_compiler::{ICMP, simulate, simulate_connection};
 use netpol_agent::compiler::{
-    Compiled, Direction, EMPTY_RULESET, IdAllocation, MapState, Op, compile, diff,
+    Changes, Compiled, Compiler, Direction, EMPTY_RULESET, IdAllocation, MapState, Op, compile,
+    diff,
 };
 use netpol_agent::model::manifests::{LoadReport, apply_str};
 use netpol_agent::model::{Kind, ObjectRef, Snapshot};
+use netpol_common::endpoint_flags;
 
 const TCP: u8 = 6;
 const UDP: u8 = 17;
@@ -680,4 +682,177 @@ fn namespace_deletion_removes_its_pods_and_policies() {
     let c = compile(&s, &IdAllocation::default());
     assert_eq!(c.endpoints.len(), 1);
     assert!(s.policies.is_empty());
+}
+
+const WEB_FROM_DB: &str = r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: web, namespace: x}
+spec:
+  podSelector: {matchLabels: {app: web}}
+  ingress: [{from: [{podSelector: {matchLabels: {app: db}}}], ports: [{port: 80}]}]
+"#;
+
+/// Compiles `b` from `a` both ways (full, and a [`Compiler`] update), checks
+/// they agree, and returns the two outputs.
+fn step(a: &Snapshot, b: &Snapshot) -> (Compiled, Compiled) {
+    let ca = compile(a, &IdAllocation::default());
+    let cb = compile(b, &ca.ids);
+    let mut inc = Compiler::new(a, &IdAllocation::default());
+    assert_eq!(inc.compiled(), &ca);
+    let d = inc.update(b, &Changes::between(a, b));
+    assert_eq!(
+        inc.compiled(),
+        &cb,
+        "incremental differs from a full compile"
+    );
+    assert_eq!(d, diff(&ca, &cb), "incremental diff differs");
+    (ca, cb)
+}
+
+fn generation(c: &Compiled, pod: &str, d: Direction) -> u32 {
+    let (ns, n) = pod.split_once('/').unwrap();
+    let info = c.endpoints[&ObjectRef::new(ns, n)].info();
+    match d {
+        Direction::Ingress => info.ingress_gen,
+        Direction::Egress => info.egress_gen,
+    }
+}
+
+#[test]
+fn generation_is_zero_when_open_and_odd_when_isolated() {
+    let (_, c, _) = compiled(WEB_FROM_DB);
+    assert_eq!(generation(&c, "x/a", Direction::Egress), 0);
+    assert_eq!(generation(&c, "x/b", Direction::Ingress), 0);
+    assert_eq!(generation(&c, "x/a", Direction::Ingress) & 1, 1);
+}
+
+#[test]
+fn generation_changes_when_a_rule_of_the_pods_policy_changes() {
+    let a = snapshot(WEB_FROM_DB);
+    let b = snapshot(&WEB_FROM_DB.replace("port: 80", "port: 81"));
+    let (ca, cb) = step(&a, &b);
+    assert_ne!(
+        generation(&ca, "x/a", Direction::Ingress),
+        generation(&cb, "x/a", Direction::Ingress)
+    );
+    assert_eq!(
+        generation(&ca, "x/a", Direction::Egress),
+        generation(&cb, "x/a", Direction::Egress)
+    );
+    // The new generation is written after the new entries (step 3).
+    let d = diff(&ca, &cb);
+    let update = d
+        .ops
+        .iter()
+        .position(|o| matches!(o, Op::EndpointUpdate { pod, .. } if pod.name == "a"))
+        .expect("an endpoint update for the new generation");
+    let last_policy = d
+        .ops
+        .iter()
+        .rposition(|o| matches!(o, Op::PolicyInsert { .. } | Op::PolicyUpdate { .. }))
+        .unwrap();
+    assert!(last_policy < update);
+}
+
+#[test]
+fn generation_changes_when_a_peer_pods_labels_change_the_entries() {
+    let a = snapshot(WEB_FROM_DB);
+    let mut b = a.clone();
+    // x/b (app: db) stops being a peer of x/a's ingress.
+    b.pods
+        .get_mut(&ObjectRef::new("x", "b"))
+        .unwrap()
+        .labels
+        .insert("app".into(), "cache".into());
+    let (ca, cb) = step(&a, &b);
+    assert_ne!(
+        generation(&ca, "x/a", Direction::Ingress),
+        generation(&cb, "x/a", Direction::Ingress)
+    );
+    assert!(diff(&ca, &cb).ops.iter().any(
+        |o| matches!(o, Op::EndpointUpdate { pod, info } if pod.name == "a" && pod.namespace == "x"
+            && info.ingress_gen == generation(&cb, "x/a", Direction::Ingress))
+    ));
+}
+
+#[test]
+fn generation_stays_when_an_unrelated_pod_changes() {
+    let a = snapshot(WEB_FROM_DB);
+    let mut b = a.clone();
+    // y/r is in another namespace: not a peer of x/web before or after.
+    b.pods
+        .get_mut(&ObjectRef::new("y", "r"))
+        .unwrap()
+        .labels
+        .insert("app".into(), "web".into());
+    let (ca, cb) = step(&a, &b);
+    assert_eq!(ca.endpoints, cb.endpoints);
+    assert!(diff(&ca, &cb).is_empty());
+}
+
+#[test]
+fn allow_any_source_annotation_sets_the_flag_only_for_true() {
+    let mut extra = String::new();
+    extra += &pod_yaml("x", "router", "app: r", 5, "n1", "");
+    extra += &pod_yaml("x", "other", "app: r", 6, "n1", "");
+    extra += &pod_yaml("x", "plain", "app: r", 7, "n1", "");
+    let extra = extra
+        .replacen(
+            "uid: x-router,",
+            r#"uid: x-router, annotations: {"netpol.io/allow-any-source": "true"},"#,
+            1,
+        )
+        .replacen(
+            "uid: x-other,",
+            r#"uid: x-other, annotations: {"netpol.io/allow-any-source": "yes"},"#,
+            1,
+        );
+    let (_, c, _) = compiled(&extra);
+    let flags = |n: &str| c.endpoints[&ObjectRef::new("x", n)].info().flags;
+    assert_ne!(flags("router") & endpoint_flags::ALLOW_ANY_SOURCE, 0);
+    assert_eq!(flags("other") & endpoint_flags::ALLOW_ANY_SOURCE, 0);
+    assert_eq!(flags("plain") & endpoint_flags::ALLOW_ANY_SOURCE, 0);
+}
+
+#[test]
+fn compiler_updates_equal_full_compiles_through_a_sequence_of_changes() {
+    let mut s = snapshot(WEB_FROM_DB);
+    let mut inc = Compiler::new(&s, &IdAllocation::default());
+    let mut full = compile(&s, &IdAllocation::default());
+    type Edit = Box<dyn Fn(&mut Snapshot)>;
+    let edits: Vec<Edit> = vec![
+        Box::new(|s| {
+            s.pods
+                .get_mut(&ObjectRef::new("x", "b"))
+                .unwrap()
+                .labels
+                .insert("app".into(), "web".into());
+        }),
+        Box::new(|s| {
+            s.pods.get_mut(&ObjectRef::new("x", "a")).unwrap().uid = Some("new".into());
+        }),
+        Box::new(|s| s.remove(Kind::NetworkPolicy, "x", "web")),
+        Box::new(|s| {
+            let mut r = LoadReport::default();
+            apply_str(s, DENY_INGRESS_X, "t", &mut r);
+        }),
+        Box::new(|s| s.remove(Kind::Pod, "x", "a")),
+        Box::new(|s| {
+            s.namespaces
+                .get_mut("y")
+                .unwrap()
+                .labels
+                .insert("team".into(), "a".into());
+        }),
+    ];
+    for edit in edits {
+        let before = s.clone();
+        edit(&mut s);
+        let next = compile(&s, &full.ids);
+        let d = inc.update(&s, &Changes::between(&before, &s));
+        assert_eq!(inc.compiled(), &next);
+        assert_eq!(d, diff(&full, &next));
+        full = next;
+    }
 }

@@ -154,8 +154,8 @@ fn pod(node: &Netns, subnet: u8, v4: &'static str, v6: &'static str) -> Pod {
     }
 }
 
-/// Listens on `port` in the pod and echoes one line per connection, for as
-/// long as the test runs.
+/// Listens on `port` in the pod and echoes every line of every
+/// connection, for as long as the test runs.
 fn serve(p: &Pod, port: u16) {
     for addr in [p.v4, p.v6] {
         let ip: IpAddr = addr.parse().expect("address");
@@ -163,10 +163,16 @@ fn serve(p: &Pod, port: u16) {
             p.ns.run(|| TcpListener::bind(SocketAddr::new(ip, port)).expect("bind"));
         std::thread::spawn(move || {
             for s in l.incoming().flatten() {
-                let mut line = String::new();
-                if BufReader::new(&s).read_line(&mut line).is_ok() {
-                    let _ = (&s).write_all(line.as_bytes());
-                }
+                std::thread::spawn(move || {
+                    let mut reader = BufReader::new(&s);
+                    let mut line = String::new();
+                    while reader.read_line(&mut line).is_ok_and(|n| n > 0) {
+                        if (&s).write_all(line.as_bytes()).is_err() {
+                            break;
+                        }
+                        line.clear();
+                    }
+                });
             }
         });
     }
@@ -306,5 +312,109 @@ fn policy_is_enforced_on_real_connections_over_both_families() {
             .map(|e| e.value.packets)
             .sum::<u64>();
         assert!(dropped >= 4, "policy drops counted: {dropped}");
+    });
+}
+
+/// One line out, the same line back, on an open connection, within
+/// `timeout`.
+fn exchange(s: &TcpStream, line: &str, timeout: Duration) -> bool {
+    let _ = s.set_read_timeout(Some(timeout));
+    if (&*s).write_all(line.as_bytes()).is_err() {
+        return false;
+    }
+    let mut back = String::new();
+    BufReader::new(s).read_line(&mut back).is_ok() && back == line
+}
+
+fn compile(manifests: &str, ids: &IdAllocation) -> Compiled {
+    let mut snap = Snapshot::default();
+    let mut report = model::manifests::LoadReport::default();
+    model::manifests::apply_str(&mut snap, manifests, "test", &mut report);
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    compiler::compile(&snap, ids)
+}
+
+#[test]
+fn removing_the_allowing_policy_cuts_established_connections_within_a_second() {
+    if !privileged() {
+        return;
+    }
+    let node = Netns::new("npn");
+    node.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"]);
+    node.exec("sysctl", &["-qw", "net.ipv6.conf.all.forwarding=1"]);
+    let a = pod(&node, 1, "10.1.1.2", "fd01::2");
+    let b = pod(&node, 2, "10.1.2.2", "fd02::2");
+    serve(&a, 80);
+    let before = compile(MANIFESTS, &IdAllocation::default());
+    // a's rule now admits b on port 81 only.
+    let ingress_80 =
+        "ingress: [{from: [{podSelector: {matchLabels: {app: b}}}], ports: [{port: 80}]}]";
+    assert!(MANIFESTS.contains(ingress_80));
+    let without_rule = MANIFESTS.replace(ingress_80, &ingress_80.replace("80", "81"));
+    let after = compile(&without_rule, &before.ids);
+    assert_ne!(
+        before.endpoints[&ObjectRef::new("x", "a")]
+            .info()
+            .ingress_gen,
+        after.endpoints[&ObjectRef::new("x", "a")]
+            .info()
+            .ingress_gen,
+        "a's ingress generation moves with its policy"
+    );
+
+    let bpffs = TempBpffs::new();
+    node.run(|| {
+        let mut dp = Datapath::load(&DatapathConfig {
+            bpffs: bpffs.path().to_owned(),
+            ..DatapathConfig::default()
+        })
+        .expect("load");
+        let index = |name: &str| {
+            nix::net::if_::if_nametoindex(name).unwrap_or_else(|e| panic!("{name}: {e}"))
+        };
+        let ifaces: BTreeMap<ObjectRef, u32> = [
+            (ObjectRef::new("x", "a"), index(&a.host_if)),
+            (ObjectRef::new("x", "b"), index(&b.host_if)),
+        ]
+        .into_iter()
+        .collect();
+        let ops: Vec<_> = compiler::diff(&Compiled::default(), &before)
+            .raw()
+            .collect();
+        dp.writer().apply(&ops, &ifaces).expect("apply");
+        dp.attach(&a.host_if).expect("attach a");
+        dp.attach(&b.host_if).expect("attach b");
+
+        let conns: Vec<TcpStream> = [a.v4, a.v6]
+            .iter()
+            .map(|to| {
+                let ip: IpAddr = to.parse().expect("address");
+                b.ns.run(|| {
+                    TcpStream::connect_timeout(&SocketAddr::new(ip, 80), Duration::from_secs(3))
+                        .expect("b connects to a:80 while allowed")
+                })
+            })
+            .collect();
+        for c in &conns {
+            assert!(exchange(c, "before\n", Duration::from_secs(3)));
+        }
+
+        let ops: Vec<_> = compiler::diff(&before, &after).raw().collect();
+        dp.writer().apply(&ops, &ifaces).expect("apply the removal");
+        for (c, fam) in conns.iter().zip(["ipv4", "ipv6"]) {
+            assert!(
+                !exchange(c, "after\n", Duration::from_secs(1)),
+                "{fam}: the connection still carries data after its rule went"
+            );
+        }
+        let revoked: u64 = dp
+            .counters()
+            .expect("counters")
+            .entries
+            .iter()
+            .filter(|e| e.reason == netpol_common::reason::DROP_REVOKED)
+            .map(|e| e.value.packets)
+            .sum();
+        assert!(revoked >= 2, "revoked drops counted: {revoked}");
     });
 }

@@ -25,10 +25,12 @@ pub mod maps {
     pub const CONNTRACK: &str = "NETPOL_CONNTRACK";
     /// Array of one [`crate::GlobalConfig`].
     pub const CONFIG: &str = "NETPOL_CONFIG";
+    /// LRU hash [`crate::FragKey`] → [`crate::FragValue`].
+    pub const FRAGMENTS: &str = "NETPOL_FRAGMENTS";
 
     /// Every map, in the order the agent pins them.
-    pub const ALL: [&str; 7] = [
-        COUNTERS, ENDPOINTS, POLICY_V4, POLICY_V6, PORTS, CONNTRACK, CONFIG,
+    pub const ALL: [&str; 8] = [
+        COUNTERS, ENDPOINTS, POLICY_V4, POLICY_V6, PORTS, CONNTRACK, CONFIG, FRAGMENTS,
     ];
 }
 
@@ -88,6 +90,10 @@ pub mod reason {
     /// Passed: the pod interface is not programmed yet and the new-pods mode
     /// is fail-open.
     pub const PASS_NEW_POD_OPEN: u32 = 7;
+    /// Passed: an ICMP error about a tracked connection.
+    pub const PASS_RELATED: u32 = 8;
+    /// Passed: a later fragment of an allowed first fragment.
+    pub const PASS_FRAGMENT: u32 = 9;
 
     /// First drop reason; everything at or above it is a drop.
     pub const FIRST_DROP: u32 = 64;
@@ -97,12 +103,20 @@ pub mod reason {
     pub const DROP_PARSE: u32 = 65;
     /// Dropped: the pod interface is not programmed yet (fail-closed new pods).
     pub const DROP_NOT_PROGRAMMED: u32 = 66;
-    /// Dropped: an IPv6 extension header the datapath does not walk, for an
-    /// isolated endpoint.
+    /// Retired (IPv6 extension headers are walked now); never reused.
     pub const DROP_IPV6_EXTENSION: u32 = 67;
-    /// Dropped: a non-first fragment (no transport header) for an isolated
-    /// endpoint.
+    /// Dropped: a later fragment whose first fragment was not seen (or was
+    /// denied), for an isolated endpoint.
     pub const DROP_FRAGMENT: u32 = 68;
+    /// Dropped: a first fragment too short to hold the transport ports.
+    pub const DROP_FRAGMENT_SHORT: u32 = 69;
+    /// Dropped: a fragment overlapping one already seen.
+    pub const DROP_FRAGMENT_OVERLAP: u32 = 70;
+    /// Dropped: sent by a pod from an address that is not its own.
+    pub const DROP_SPOOFED: u32 = 71;
+    /// Dropped: a tracked connection the endpoint's new policy no longer
+    /// allows.
+    pub const DROP_REVOKED: u32 = 72;
 
     /// Slots per (direction, family) in the counter array.
     pub const SLOTS: u32 = 128;
@@ -125,11 +139,17 @@ pub mod reason {
             PASS_NODE_ORIGIN => "pass_node_origin",
             PASS_NON_IP => "pass_non_ip",
             PASS_NEW_POD_OPEN => "pass_new_pod_open",
+            PASS_RELATED => "pass_related",
+            PASS_FRAGMENT => "pass_fragment",
             DROP_POLICY => "drop_policy",
             DROP_PARSE => "drop_parse",
             DROP_NOT_PROGRAMMED => "drop_not_programmed",
             DROP_IPV6_EXTENSION => "drop_ipv6_extension",
             DROP_FRAGMENT => "drop_fragment",
+            DROP_FRAGMENT_SHORT => "drop_fragment_short",
+            DROP_FRAGMENT_OVERLAP => "drop_fragment_overlap",
+            DROP_SPOOFED => "drop_spoofed",
+            DROP_REVOKED => "drop_revoked",
             _ => "unknown",
         }
     }
@@ -186,6 +206,10 @@ pub mod endpoint_flags {
     /// The agent knows the interface is a pod's but has not compiled its
     /// policy yet: the datapath applies the new-pods mode.
     pub const NOT_PROGRAMMED: u32 = 1 << 4;
+    /// The pod may send from addresses that are not its own (it routes
+    /// other addresses: the documented `netpol.io/allow-any-source`
+    /// annotation); `from_pod` skips its anti-spoofing check.
+    pub const ALLOW_ANY_SOURCE: u32 = 1 << 5;
 }
 
 /// Value of [`maps::ENDPOINTS`], keyed by the host-side interface index.
@@ -196,6 +220,18 @@ pub struct EndpointInfo {
     pub id: u32,
     /// [`endpoint_flags`].
     pub flags: u32,
+    /// Policy generation of the endpoint's ingress: changes whenever what
+    /// its ingress allows changes. Connections record it when admitted and
+    /// are re-checked against policy when it has moved (revocation).
+    pub ingress_gen: u32,
+    /// The same for egress.
+    pub egress_gen: u32,
+    /// The pod's IPv4 address (Kubernetes gives a pod at most one per
+    /// family), valid when `HAS_IPV4` is set: `from_pod` drops packets
+    /// sent from any other address.
+    pub ipv4: [u8; 4],
+    /// The pod's IPv6 address, valid when `HAS_IPV6` is set.
+    pub ipv6: [u8; 16],
 }
 
 /// The 32-bit selector that starts every policy key: an endpoint and a
@@ -305,12 +341,31 @@ pub mod config_flags {
 
 /// Default connection timeouts, used when [`GlobalConfig`] holds 0.
 pub mod ct_defaults {
-    /// TCP and SCTP: an idle established connection.
-    pub const TCP_NS: u64 = 3_600 * 1_000_000_000;
+    const S: u64 = 1_000_000_000;
+    /// TCP before the handshake completes (half-open).
+    pub const TCP_SYN_NS: u64 = 30 * S;
+    /// TCP established, and SCTP.
+    pub const TCP_ESTABLISHED_NS: u64 = 3_600 * S;
+    /// TCP after a FIN or RST.
+    pub const TCP_CLOSING_NS: u64 = 10 * S;
     /// UDP.
-    pub const UDP_NS: u64 = 120 * 1_000_000_000;
+    pub const UDP_NS: u64 = 120 * S;
     /// ICMP echo and any other protocol.
-    pub const OTHER_NS: u64 = 30 * 1_000_000_000;
+    pub const OTHER_NS: u64 = 30 * S;
+    /// Fragments of one datagram.
+    pub const FRAGMENT_NS: u64 = 10 * S;
+}
+
+/// TCP states kept in [`CtValue::tcp_state`].
+pub mod tcp_state {
+    /// Not TCP.
+    pub const NONE: u32 = 0;
+    /// A SYN was seen, the handshake is not complete.
+    pub const SYN_SENT: u32 = 1;
+    /// Past the handshake (or picked up mid-flow).
+    pub const ESTABLISHED: u32 = 2;
+    /// A FIN or RST was seen.
+    pub const CLOSING: u32 = 3;
 }
 
 /// The one entry of [`maps::CONFIG`], written by the agent at start.
@@ -321,12 +376,16 @@ pub struct GlobalConfig {
     pub flags: u32,
     /// Always 0.
     pub _pad: u32,
-    /// Idle timeout of TCP and SCTP connections; 0: [`ct_defaults::TCP_NS`].
-    pub ct_timeout_tcp_ns: u64,
-    /// Idle timeout of UDP flows; 0: [`ct_defaults::UDP_NS`].
-    pub ct_timeout_udp_ns: u64,
-    /// Idle timeout of anything else; 0: [`ct_defaults::OTHER_NS`].
-    pub ct_timeout_other_ns: u64,
+    /// Half-open TCP; 0: [`ct_defaults::TCP_SYN_NS`].
+    pub ct_tcp_syn_ns: u64,
+    /// Established TCP and SCTP; 0: [`ct_defaults::TCP_ESTABLISHED_NS`].
+    pub ct_tcp_established_ns: u64,
+    /// Closing TCP; 0: [`ct_defaults::TCP_CLOSING_NS`].
+    pub ct_tcp_closing_ns: u64,
+    /// UDP; 0: [`ct_defaults::UDP_NS`].
+    pub ct_udp_ns: u64,
+    /// Anything else; 0: [`ct_defaults::OTHER_NS`].
+    pub ct_other_ns: u64,
 }
 
 /// Key of [`maps::CONNTRACK`]: one entry per endpoint and connection,
@@ -366,14 +425,55 @@ pub struct CtValue {
     pub origin: u32,
     /// The [`reason`] that admitted the first packet.
     pub admitted_by: u32,
+    /// The endpoint's policy generation for `origin` when the connection
+    /// was last judged; a different current generation makes the next
+    /// packet re-check the connection (revocation).
+    pub generation: u32,
+    /// [`tcp_state`].
+    pub tcp_state: u32,
+}
+
+/// Key of [`maps::FRAGMENTS`]: one datagram's fragments at one endpoint
+/// and direction.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FragKey {
+    /// [`policy_selector`] of the endpoint and direction.
+    pub selector: u32,
+    /// [`family`] code.
+    pub family: u8,
+    /// IP protocol of the datagram.
+    pub protocol: u8,
+    /// Always 0.
+    pub _pad: u16,
+    /// IP identification (IPv4: 16 bits; IPv6 fragment header: 32 bits).
+    pub id: u32,
+    /// Source address (IPv4 in the first 4 bytes).
+    pub src: [u8; 16],
+    /// Destination address.
+    pub dst: [u8; 16],
+}
+
+/// Value of [`maps::FRAGMENTS`]: the first fragment's verdict, which the
+/// later ones follow.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FragValue {
+    /// Non-zero when the first fragment was allowed.
+    pub allowed: u32,
+    /// End (bytes into the datagram's payload) of the furthest fragment
+    /// seen; a fragment starting before it overlaps and is dropped.
+    pub next_offset: u32,
+    /// `bpf_ktime_get_ns` of the first fragment.
+    pub first_seen_ns: u64,
 }
 
 /// `aya::Pod` lets the agent read and write these types in maps.
 #[cfg(feature = "user")]
 mod user {
     use super::{
-        CtKey, CtValue, EndpointInfo, GlobalConfig, PolicyKeyV4, PolicyKeyV6, PolicyValue, PortKey,
-        PortValue, TrafficCounter,
+        CtKey, CtValue, EndpointInfo, FragKey, FragValue, GlobalConfig, PolicyKeyV4, PolicyKeyV6,
+        PolicyValue, PortKey, PortValue, TrafficCounter,
     };
 
     // SAFETY: each type is #[repr(C)], Copy, has only integer fields and no
@@ -398,6 +498,10 @@ mod user {
     unsafe impl aya::Pod for CtValue {}
     // SAFETY: as above.
     unsafe impl aya::Pod for GlobalConfig {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for FragKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for FragValue {}
 }
 
 #[cfg(test)]
@@ -413,10 +517,14 @@ mod tests {
     }
 
     #[test]
-    fn endpoint_info_layout_is_id_then_flags() {
-        assert_eq!(size_of::<EndpointInfo>(), 8);
+    fn endpoint_info_layout_is_id_flags_generations_then_addresses() {
+        assert_eq!(size_of::<EndpointInfo>(), 36);
         assert_eq!(offset_of!(EndpointInfo, id), 0);
         assert_eq!(offset_of!(EndpointInfo, flags), 4);
+        assert_eq!(offset_of!(EndpointInfo, ingress_gen), 8);
+        assert_eq!(offset_of!(EndpointInfo, egress_gen), 12);
+        assert_eq!(offset_of!(EndpointInfo, ipv4), 16);
+        assert_eq!(offset_of!(EndpointInfo, ipv6), 20);
     }
 
     #[test]
@@ -472,21 +580,45 @@ mod tests {
     }
 
     #[test]
-    fn ct_value_layout_is_timestamp_origin_reason() {
-        assert_eq!(size_of::<CtValue>(), 16);
+    fn ct_value_layout_is_timestamp_origin_reason_generation_state() {
+        assert_eq!(size_of::<CtValue>(), 24);
         assert_eq!(offset_of!(CtValue, last_seen_ns), 0);
         assert_eq!(offset_of!(CtValue, origin), 8);
         assert_eq!(offset_of!(CtValue, admitted_by), 12);
+        assert_eq!(offset_of!(CtValue, generation), 16);
+        assert_eq!(offset_of!(CtValue, tcp_state), 20);
+    }
+
+    #[test]
+    fn frag_key_layout_is_selector_protocol_id_addresses() {
+        assert_eq!(size_of::<FragKey>(), 44);
+        assert_eq!(offset_of!(FragKey, selector), 0);
+        assert_eq!(offset_of!(FragKey, family), 4);
+        assert_eq!(offset_of!(FragKey, protocol), 5);
+        assert_eq!(offset_of!(FragKey, _pad), 6);
+        assert_eq!(offset_of!(FragKey, id), 8);
+        assert_eq!(offset_of!(FragKey, src), 12);
+        assert_eq!(offset_of!(FragKey, dst), 28);
+    }
+
+    #[test]
+    fn frag_value_layout_is_verdict_offset_time() {
+        assert_eq!(size_of::<FragValue>(), 16);
+        assert_eq!(offset_of!(FragValue, allowed), 0);
+        assert_eq!(offset_of!(FragValue, next_offset), 4);
+        assert_eq!(offset_of!(FragValue, first_seen_ns), 8);
     }
 
     #[test]
     fn global_config_layout_is_flags_then_timeouts() {
-        assert_eq!(size_of::<GlobalConfig>(), 32);
+        assert_eq!(size_of::<GlobalConfig>(), 48);
         assert_eq!(offset_of!(GlobalConfig, flags), 0);
         assert_eq!(offset_of!(GlobalConfig, _pad), 4);
-        assert_eq!(offset_of!(GlobalConfig, ct_timeout_tcp_ns), 8);
-        assert_eq!(offset_of!(GlobalConfig, ct_timeout_udp_ns), 16);
-        assert_eq!(offset_of!(GlobalConfig, ct_timeout_other_ns), 24);
+        assert_eq!(offset_of!(GlobalConfig, ct_tcp_syn_ns), 8);
+        assert_eq!(offset_of!(GlobalConfig, ct_tcp_established_ns), 16);
+        assert_eq!(offset_of!(GlobalConfig, ct_tcp_closing_ns), 24);
+        assert_eq!(offset_of!(GlobalConfig, ct_udp_ns), 32);
+        assert_eq!(offset_of!(GlobalConfig, ct_other_ns), 40);
     }
 
     #[test]

@@ -3,9 +3,17 @@
 //! direction of an admitted connection finds it, which is what lets replies
 //! through an isolated direction.
 use aya_ebpf::helpers::bpf_ktime_get_ns;
-use netpol_common::{CtKey, CtValue, GlobalConfig, ct_defaults, direction, protocol};
+use netpol_common::{CtKey, CtValue, GlobalConfig, ct_defaults, direction, protocol, tcp_state};
 
-use crate::{maps::NETPOL_CONNTRACK, parse::Packet};
+use crate::{
+    maps::NETPOL_CONNTRACK,
+    parse::{Inner, Packet},
+};
+
+const TCP_FIN: u8 = 0x01;
+const TCP_SYN: u8 = 0x02;
+const TCP_RST: u8 = 0x04;
+const TCP_ACK: u8 = 0x10;
 
 /// The key of `pkt` at `endpoint`, seen in direction `dir`.
 #[inline(always)]
@@ -23,49 +31,133 @@ pub fn key(endpoint: u32, dir: u32, pkt: &Packet) -> CtKey {
     }
 }
 
+/// The key of the connection an ICMP error is about. The embedded packet
+/// travelled the other way: an error arriving at `to_pod` quotes a packet
+/// the pod sent.
 #[inline(always)]
-fn timeout(cfg: &GlobalConfig, proto: u8) -> u64 {
-    let (set, default) = match proto {
-        protocol::TCP | protocol::SCTP => (cfg.ct_timeout_tcp_ns, ct_defaults::TCP_NS),
-        protocol::UDP => (cfg.ct_timeout_udp_ns, ct_defaults::UDP_NS),
-        _ => (cfg.ct_timeout_other_ns, ct_defaults::OTHER_NS),
-    };
+pub fn inner_key(endpoint: u32, dir: u32, family: u32, inner: &Inner) -> CtKey {
+    let sent = dir != direction::EGRESS;
+    CtKey {
+        endpoint,
+        protocol: inner.protocol,
+        family: family as u8,
+        _pad: 0,
+        local_port: if sent { inner.sport } else { inner.dport },
+        peer_port: if sent { inner.dport } else { inner.sport },
+        local_addr: if sent { inner.src } else { inner.dst },
+        peer_addr: if sent { inner.dst } else { inner.src },
+    }
+}
+
+#[inline(always)]
+fn pick(set: u64, default: u64) -> u64 {
     if set == 0 { default } else { set }
 }
 
-/// Whether the connection is tracked and fresh; refreshes it when it is.
 #[inline(always)]
-pub fn lookup(key: &CtKey, cfg: &GlobalConfig) -> bool {
-    let Some(v) = NETPOL_CONNTRACK.get_ptr_mut(key) else {
+fn timeout(cfg: &GlobalConfig, proto: u8, state: u32) -> u64 {
+    match (proto, state) {
+        (protocol::TCP, tcp_state::SYN_SENT) => pick(cfg.ct_tcp_syn_ns, ct_defaults::TCP_SYN_NS),
+        (protocol::TCP, tcp_state::CLOSING) => {
+            pick(cfg.ct_tcp_closing_ns, ct_defaults::TCP_CLOSING_NS)
+        }
+        (protocol::TCP | protocol::SCTP, _) => {
+            pick(cfg.ct_tcp_established_ns, ct_defaults::TCP_ESTABLISHED_NS)
+        }
+        (protocol::UDP, _) => pick(cfg.ct_udp_ns, ct_defaults::UDP_NS),
+        _ => pick(cfg.ct_other_ns, ct_defaults::OTHER_NS),
+    }
+}
+
+/// The TCP state after a packet with `flags`.
+#[inline(always)]
+fn next_state(state: u32, flags: u8) -> u32 {
+    if flags & (TCP_FIN | TCP_RST) != 0 {
+        tcp_state::CLOSING
+    } else if state == tcp_state::SYN_SENT && flags & TCP_ACK != 0 {
+        tcp_state::ESTABLISHED
+    } else {
+        state
+    }
+}
+
+/// A fresh tracked entry (copied out), or `None` when there is none or it
+/// timed out. Refreshes the entry and its TCP state.
+#[inline(always)]
+pub fn lookup(key: &CtKey, cfg: &GlobalConfig, tcp_flags: u8) -> Option<CtValue> {
+    let v = NETPOL_CONNTRACK.get_ptr_mut(key)?;
+    // SAFETY: bpf_ktime_get_ns has no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: the pointer comes from a successful lookup and is valid for
+    // this run; concurrent updates of these words are benign races (the
+    // worst outcome is one extra policy check).
+    unsafe {
+        if now.saturating_sub((*v).last_seen_ns) > timeout(cfg, key.protocol, (*v).tcp_state) {
+            return None;
+        }
+        (*v).last_seen_ns = now;
+        if key.protocol == protocol::TCP {
+            (*v).tcp_state = next_state((*v).tcp_state, tcp_flags);
+        }
+        Some(*v)
+    }
+}
+
+/// Whether a fresh entry exists, without refreshing it (ICMP errors do
+/// not keep a connection alive).
+#[inline(always)]
+pub fn exists(key: &CtKey, cfg: &GlobalConfig) -> bool {
+    let Some(v) = NETPOL_CONNTRACK.get_ptr(key) else {
         return false;
     };
     // SAFETY: bpf_ktime_get_ns has no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
-    // SAFETY: the pointer comes from a successful lookup and is valid for
-    // this run; a concurrent update of the timestamp is a benign race.
-    unsafe {
-        if now.saturating_sub((*v).last_seen_ns) > timeout(cfg, key.protocol) {
-            return false;
-        }
-        (*v).last_seen_ns = now;
+    // SAFETY: pointer from a successful lookup, read once.
+    let v = unsafe { *v };
+    now.saturating_sub(v.last_seen_ns) <= timeout(cfg, key.protocol, v.tcp_state)
+}
+
+/// Records that the connection was judged again under `generation`.
+#[inline(always)]
+pub fn set_generation(key: &CtKey, generation: u32) {
+    if let Some(v) = NETPOL_CONNTRACK.get_ptr_mut(key) {
+        // SAFETY: pointer from a successful lookup, valid for this run.
+        unsafe { (*v).generation = generation };
     }
-    true
+}
+
+/// Forgets a connection the policy no longer allows.
+#[inline(always)]
+pub fn remove(key: &CtKey) {
+    let _ = NETPOL_CONNTRACK.remove(key);
 }
 
 /// Records an admitted connection. A full map evicts the least recently
 /// used entry (LRU); a failed insert only means the next packet is judged
 /// again.
 #[inline(always)]
-pub fn track(key: &CtKey, origin: u32, admitted_by: u32) {
+pub fn track(key: &CtKey, origin: u32, admitted_by: u32, generation: u32, tcp_flags: u8) {
     #[cfg(feature = "bench")]
     if crate::endpoint::config().flags & netpol_common::config_flags::BENCH_NO_TRACK != 0 {
         return;
     }
+    let state = if key.protocol != protocol::TCP {
+        tcp_state::NONE
+    } else if tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+        tcp_state::CLOSING
+    } else if tcp_flags & TCP_SYN != 0 && tcp_flags & TCP_ACK == 0 {
+        tcp_state::SYN_SENT
+    } else {
+        // Picked up mid-flow (or a SYN-ACK): past the handshake.
+        tcp_state::ESTABLISHED
+    };
     let v = CtValue {
         // SAFETY: bpf_ktime_get_ns has no preconditions.
         last_seen_ns: unsafe { bpf_ktime_get_ns() },
         origin,
         admitted_by,
+        generation,
+        tcp_state: state,
     };
     let _ = NETPOL_CONNTRACK.insert(key, v, 0);
 }

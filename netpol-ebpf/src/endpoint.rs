@@ -1,8 +1,11 @@
 //! Which pod this interface belongs to, and the agent's settings.
 use aya_ebpf::programs::TcContext;
-use netpol_common::{EndpointInfo, GlobalConfig, direction, endpoint_flags};
+use netpol_common::{EndpointInfo, GlobalConfig, direction, endpoint_flags, family};
 
-use crate::maps::{NETPOL_CONFIG, NETPOL_ENDPOINTS};
+use crate::{
+    maps::{NETPOL_CONFIG, NETPOL_ENDPOINTS},
+    parse::Packet,
+};
 
 /// The endpoint behind the interface the packet is on. Identity comes from
 /// the interface, never from the packet's own addresses.
@@ -52,4 +55,37 @@ pub fn config() -> GlobalConfig {
 pub fn from_node(ctx: &TcContext) -> bool {
     // SAFETY: as in `lookup`, a plain context field read.
     unsafe { (*ctx.skb.skb).ingress_ifindex == 0 }
+}
+
+/// The endpoint's policy generation for `dir`.
+#[inline(always)]
+pub const fn generation(ep: &EndpointInfo, dir: u32) -> u32 {
+    if dir == direction::INGRESS {
+        ep.ingress_gen
+    } else {
+        ep.egress_gen
+    }
+}
+
+/// Whether a packet the pod sends claims a source that is not the pod's:
+/// identity comes from the interface, so a pod must not borrow another's
+/// address. `::` and link-local IPv6 stay allowed (DAD, ND, MLD), and pods
+/// annotated to route other addresses are exempt.
+#[inline(always)]
+pub fn spoofed(ep: &EndpointInfo, pkt: &Packet) -> bool {
+    if ep.flags & endpoint_flags::ALLOW_ANY_SOURCE != 0 {
+        return false;
+    }
+    if pkt.family == family::IPV4 {
+        let own = ep.flags & endpoint_flags::HAS_IPV4 != 0
+            && pkt.src[0] == ep.ipv4[0]
+            && pkt.src[1] == ep.ipv4[1]
+            && pkt.src[2] == ep.ipv4[2]
+            && pkt.src[3] == ep.ipv4[3];
+        return !own;
+    }
+    let unspecified = pkt.src == [0; 16];
+    let link_local = pkt.src[0] == 0xfe && pkt.src[1] & 0xc0 == 0x80;
+    let own = ep.flags & endpoint_flags::HAS_IPV6 != 0 && pkt.src == ep.ipv6;
+    !(own || unspecified || link_local)
 }

@@ -6,8 +6,8 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use netpol_common::{
-    COUNTER_ENTRIES, CtKey, CtValue, EndpointInfo, GlobalConfig, PolicyKeyV4, PolicyKeyV6,
-    PolicyValue, PortKey, PortValue, TrafficCounter,
+    COUNTER_ENTRIES, CtKey, CtValue, EndpointInfo, FragKey, FragValue, GlobalConfig, PolicyKeyV4,
+    PolicyKeyV6, PolicyValue, PortKey, PortValue, TrafficCounter,
 };
 
 /// Packets and bytes by direction, family and reason (`counter_index`).
@@ -49,3 +49,7 @@ pub static NETPOL_CONNTRACK: LruHashMap<CtKey, CtValue, 262_144> = LruHashMap::n
 /// The agent's settings (new-pods mode, timeouts).
 #[btf_map]
 pub static NETPOL_CONFIG: Array<GlobalConfig, 1> = Array::new();
+
+/// First-fragment verdicts that later fragments follow.
+#[btf_map]
+pub static NETPOL_FRAGMENTS: LruHashMap<FragKey, FragValue, 8192> = LruHashMap::new();

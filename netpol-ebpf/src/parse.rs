@@ -1,6 +1,7 @@
 //! Header parsing, one layer per function. Fixed offsets go through the
 //! bounds-checked [`ptr_at`]; offsets that depend on the packet (VLAN tag,
-//! IPv4 options) through `ctx.load`, which the kernel bounds-checks.
+//! IPv4 options, IPv6 extension headers) through `ctx.load`, which the
+//! kernel bounds-checks at run time.
 use aya_ebpf::programs::TcContext;
 use netpol_common::{family, protocol};
 
@@ -10,11 +11,20 @@ const ETH_P_IPV6: u16 = 0x86DD;
 const ETH_P_8021Q: u16 = 0x8100;
 const VLAN_HLEN: usize = 4;
 const IPV6_HLEN: usize = 40;
+const IP_MF: u16 = 0x2000;
 const IP_OFFSET: u16 = 0x1fff;
-const ICMP_ECHO_REQUEST: u8 = 8;
-const ICMP_ECHO_REPLY: u8 = 0;
-const ICMPV6_ECHO_REQUEST: u8 = 128;
-const ICMPV6_ECHO_REPLY: u8 = 129;
+/// Extension headers walked before giving up (hop-by-hop, routing,
+/// destination options, fragment, AH, in any order).
+pub const MAX_EXT_HDRS: usize = 8;
+/// Protocol number given to a packet whose transport header is out of
+/// reach (extension chain past [`MAX_EXT_HDRS`]): reserved by IANA, never
+/// named by a rule, so only rules without ports match it.
+pub const PROTO_OPAQUE: u8 = 255;
+
+/// The first fragment (offset 0, more to come): carries the ports.
+pub const FRAG_FIRST: u8 = 1;
+/// A later fragment: no transport header.
+pub const FRAG_LATER: u8 = 2;
 
 /// Why a packet could not be parsed.
 #[derive(Clone, Copy)]
@@ -23,11 +33,20 @@ pub enum ParseError {
     Truncated,
     /// Malformed header (bad IHL, version).
     Malformed,
-    /// IPv6 extension headers (walked by a later stage, dropped until then
-    /// for isolated endpoints).
-    ExtensionHeader,
-    /// A non-first fragment: no transport header to judge.
-    Fragment,
+    /// A first fragment too short to hold the transport ports and flags.
+    FragmentShort,
+}
+
+/// The flow an ICMP error is about (its embedded header), as sent.
+#[derive(Default)]
+pub struct Inner {
+    /// Non-zero when the embedded header was read.
+    pub valid: u8,
+    pub protocol: u8,
+    pub sport: u16,
+    pub dport: u16,
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
 }
 
 /// An IP packet's addresses and transport identity. IPv4 addresses fill
@@ -37,13 +56,24 @@ pub enum ParseError {
 pub struct Packet {
     pub family: u32,
     pub protocol: u8,
-    pub src: [u8; 16],
-    pub dst: [u8; 16],
+    /// TCP flags byte, 0 otherwise.
+    pub tcp_flags: u8,
+    /// ICMP/ICMPv6 type, 0 otherwise.
+    pub icmp_type: u8,
+    /// [`FRAG_NONE`], [`FRAG_FIRST`] or [`FRAG_LATER`].
+    pub frag: u8,
     /// Host byte order; ICMP echo: the id; other ICMP: 0.
     pub sport: u16,
     pub dport: u16,
-    /// ICMP/ICMPv6 type, 0 otherwise.
-    pub icmp_type: u8,
+    /// IP identification of a fragment.
+    pub frag_id: u32,
+    /// Where the fragment starts and ends in the datagram's payload.
+    pub frag_offset: u32,
+    pub frag_end: u32,
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    /// For ICMP errors: the flow they are about.
+    pub inner: Inner,
 }
 
 /// The outcome of parsing a frame; the packet's fields are in the
@@ -52,7 +82,8 @@ pub struct Packet {
 pub enum Parsed {
     /// Not IPv4 or IPv6 (ARP, LLDP, ...).
     NonIp,
-    /// An IP packet whose transport header was read.
+    /// An IP packet whose transport header was read (or, for a later
+    /// fragment, does not exist).
     Ip,
     /// An IP packet that could not be parsed.
     Bad(ParseError),
@@ -76,8 +107,17 @@ fn load<T>(ctx: &TcContext, offset: usize) -> Result<T, ParseError> {
     ctx.load::<T>(offset).map_err(|_| ParseError::Truncated)
 }
 
-/// Ethernet, one optional 802.1Q tag, then IPv4 or IPv6, into `p`.
 #[inline(always)]
+fn be16(b: [u8; 2]) -> u16 {
+    u16::from_be_bytes(b)
+}
+
+/// Ethernet, one optional 802.1Q tag, then IPv4 or IPv6, into `p`.
+///
+/// A BPF-to-BPF call rather than inlined: its scratch space (header
+/// copies, the extension-header walk) is freed before the policy stages
+/// run, which keeps the combined stack under the verifier's 512 bytes.
+#[inline(never)]
 pub fn packet(ctx: &TcContext, p: &mut Packet) -> Parsed {
     let (ethertype, l3) = match ethernet(ctx) {
         Ok(v) => v,
@@ -96,6 +136,11 @@ pub fn packet(ctx: &TcContext, p: &mut Packet) -> Parsed {
     };
     match r {
         Ok(()) => Parsed::Ip,
+        // A first fragment that cannot hold the ports is the tiny-fragment
+        // attack (RFC 1858), not an ordinary truncation.
+        Err(ParseError::Truncated) if p.frag == FRAG_FIRST => {
+            Parsed::Bad(ParseError::FragmentShort)
+        }
         Err(e) => Parsed::Bad(e),
     }
 }
@@ -105,90 +150,215 @@ pub fn packet(ctx: &TcContext, p: &mut Packet) -> Parsed {
 fn ethernet(ctx: &TcContext) -> Result<(u16, usize), ParseError> {
     let p = ptr_at::<[u8; 2]>(ctx, ETH_HLEN - 2)?;
     // SAFETY: ptr_at checked that the two ethertype bytes lie in the packet.
-    let ethertype = u16::from_be_bytes(unsafe { *p });
+    let ethertype = be16(unsafe { *p });
     if ethertype != ETH_P_8021Q {
         return Ok((ethertype, ETH_HLEN));
     }
     let p = ptr_at::<[u8; 2]>(ctx, ETH_HLEN + VLAN_HLEN - 2)?;
     // SAFETY: as above, for the ethertype after the 802.1Q tag.
-    Ok((u16::from_be_bytes(unsafe { *p }), ETH_HLEN + VLAN_HLEN))
+    Ok((be16(unsafe { *p }), ETH_HLEN + VLAN_HLEN))
 }
 
 #[inline(always)]
 fn ipv4(ctx: &TcContext, l3: usize, p: &mut Packet) -> Result<(), ParseError> {
-    let vihl: u8 = load(ctx, l3)?;
-    let ihl = usize::from(vihl & 0x0f) * 4;
-    if vihl >> 4 != 4 || ihl < 20 {
+    let hdr: [u8; 20] = load(ctx, l3)?;
+    let ihl = usize::from(hdr[0] & 0x0f) * 4;
+    if hdr[0] >> 4 != 4 || ihl < 20 {
         return Err(ParseError::Malformed);
     }
-    let frag: [u8; 2] = load(ctx, l3 + 6)?;
-    let frag = u16::from_be_bytes(frag);
-    if frag & IP_OFFSET != 0 {
-        return Err(ParseError::Fragment);
-    }
-    p.protocol = load(ctx, l3 + 9)?;
-    let src: [u8; 4] = load(ctx, l3 + 12)?;
-    let dst: [u8; 4] = load(ctx, l3 + 16)?;
+    p.protocol = hdr[9];
     p.src = [
-        src[0], src[1], src[2], src[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+        hdr[12], hdr[13], hdr[14], hdr[15], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
     ];
     p.dst = [
-        dst[0], dst[1], dst[2], dst[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+        hdr[16], hdr[17], hdr[18], hdr[19], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
     ];
+    let frag = be16([hdr[6], hdr[7]]);
+    if frag & (IP_MF | IP_OFFSET) != 0 {
+        let offset = u32::from(frag & IP_OFFSET) * 8;
+        let total = u32::from(be16([hdr[2], hdr[3]]));
+        p.frag_id = u32::from(be16([hdr[4], hdr[5]]));
+        p.frag_offset = offset;
+        p.frag_end = offset + total.saturating_sub(ihl as u32);
+        if offset != 0 {
+            p.frag = FRAG_LATER;
+            return Ok(());
+        }
+        p.frag = FRAG_FIRST;
+    }
     transport(ctx, l3 + ihl, p)
 }
 
-/// IPv6 extension headers (and ESP), whose presence this stage cannot judge.
+/// IPv6 extension headers this walk steps over.
 #[inline(always)]
 const fn is_extension(next: u8) -> bool {
-    matches!(
-        next,
-        0 | 43 | 44 | 50 | 51 | 60 | 135 | 139 | 140 | 253 | 254
-    )
+    matches!(next, 0 | 43 | 44 | 51 | 60)
 }
 
 #[inline(always)]
 fn ipv6(ctx: &TcContext, l3: usize, p: &mut Packet) -> Result<(), ParseError> {
-    let v: u8 = load(ctx, l3)?;
-    if v >> 4 != 6 {
+    let hdr: [u8; 8] = load(ctx, l3)?;
+    if hdr[0] >> 4 != 6 {
         return Err(ParseError::Malformed);
     }
-    let next: u8 = load(ctx, l3 + 6)?;
-    if is_extension(next) {
-        return Err(ParseError::ExtensionHeader);
-    }
-    p.protocol = next;
+    let payload = u32::from(be16([hdr[4], hdr[5]]));
     p.src = load(ctx, l3 + 8)?;
     p.dst = load(ctx, l3 + 24)?;
-    transport(ctx, l3 + IPV6_HLEN, p)
+    let mut next = hdr[6];
+    let mut off = l3 + IPV6_HLEN;
+    for _ in 0..MAX_EXT_HDRS {
+        match next {
+            // Hop-by-hop, routing, destination options: length in 8-octet
+            // units, not counting the first.
+            0 | 43 | 60 => {
+                let h: [u8; 2] = load(ctx, off)?;
+                next = h[0];
+                off += (usize::from(h[1]) + 1) * 8;
+            }
+            // AH: length in 4-octet units, minus 2.
+            51 => {
+                let h: [u8; 2] = load(ctx, off)?;
+                next = h[0];
+                off += (usize::from(h[1]) + 2) * 4;
+            }
+            44 => {
+                let f: [u8; 8] = load(ctx, off)?;
+                next = f[0];
+                off += 8;
+                let fo = be16([f[2], f[3]]);
+                let offset = u32::from(fo & 0xfff8);
+                if offset != 0 || fo & 1 != 0 {
+                    p.frag_id = u32::from_be_bytes([f[4], f[5], f[6], f[7]]);
+                    p.frag_offset = offset;
+                    let before = (off - l3 - IPV6_HLEN) as u32;
+                    p.frag_end = offset + payload.saturating_sub(before);
+                    p.frag = if offset != 0 { FRAG_LATER } else { FRAG_FIRST };
+                }
+            }
+            _ => break,
+        }
+    }
+    if is_extension(next) {
+        // Past the bound: the transport header is out of reach, so only
+        // rules without ports may match.
+        p.protocol = PROTO_OPAQUE;
+        return Ok(());
+    }
+    p.protocol = next;
+    if p.frag == FRAG_LATER {
+        return Ok(());
+    }
+    transport(ctx, off, p)
 }
 
-/// Ports of TCP, UDP and SCTP (all start with source and destination
-/// port); type and echo id of ICMP and ICMPv6. Other protocols carry no
-/// ports (0).
+/// Ports and flags of TCP, ports of UDP and SCTP; type, echo id and the
+/// embedded flow of ICMP and ICMPv6. Other protocols carry no ports (0).
 #[inline(always)]
 fn transport(ctx: &TcContext, l4: usize, p: &mut Packet) -> Result<(), ParseError> {
     match p.protocol {
-        protocol::TCP | protocol::UDP | protocol::SCTP => {
-            let ports: [u8; 4] = load(ctx, l4)?;
-            p.sport = u16::from_be_bytes([ports[0], ports[1]]);
-            p.dport = u16::from_be_bytes([ports[2], ports[3]]);
+        protocol::TCP => {
+            let h: [u8; 14] = load(ctx, l4)?;
+            p.sport = be16([h[0], h[1]]);
+            p.dport = be16([h[2], h[3]]);
+            p.tcp_flags = h[13];
         }
-        protocol::ICMP | protocol::ICMPV6 => {
-            let hdr: [u8; 8] = load(ctx, l4)?;
-            p.icmp_type = hdr[0];
-            let echo = matches!(
-                (p.protocol, hdr[0]),
-                (protocol::ICMP, ICMP_ECHO_REQUEST | ICMP_ECHO_REPLY)
-                    | (protocol::ICMPV6, ICMPV6_ECHO_REQUEST | ICMPV6_ECHO_REPLY)
-            );
-            if echo {
-                let id = u16::from_be_bytes([hdr[4], hdr[5]]);
-                p.sport = id;
-                p.dport = id;
+        protocol::UDP | protocol::SCTP => {
+            let h: [u8; 4] = load(ctx, l4)?;
+            p.sport = be16([h[0], h[1]]);
+            p.dport = be16([h[2], h[3]]);
+        }
+        protocol::ICMP => {
+            let h: [u8; 8] = load(ctx, l4)?;
+            p.icmp_type = h[0];
+            match h[0] {
+                // Echo reply, echo request.
+                0 | 8 => {
+                    p.sport = be16([h[4], h[5]]);
+                    p.dport = p.sport;
+                }
+                // Unreachable, time exceeded, parameter problem.
+                3 | 11 | 12 => inner_v4(ctx, l4 + 8, &mut p.inner),
+                _ => {}
+            }
+        }
+        protocol::ICMPV6 => {
+            let h: [u8; 8] = load(ctx, l4)?;
+            p.icmp_type = h[0];
+            match h[0] {
+                128 | 129 => {
+                    p.sport = be16([h[4], h[5]]);
+                    p.dport = p.sport;
+                }
+                // Unreachable, packet too big, time exceeded, parameter
+                // problem.
+                1..=4 => inner_v6(ctx, l4 + 8, &mut p.inner),
+                _ => {}
             }
         }
         _ => {}
     }
     Ok(())
+}
+
+/// Ports (or echo id) of an embedded header at `l4`.
+#[inline(always)]
+fn inner_ports(ctx: &TcContext, l4: usize, inner: &mut Inner) -> Result<(), ParseError> {
+    match inner.protocol {
+        protocol::TCP | protocol::UDP | protocol::SCTP => {
+            let h: [u8; 4] = load(ctx, l4)?;
+            inner.sport = be16([h[0], h[1]]);
+            inner.dport = be16([h[2], h[3]]);
+        }
+        protocol::ICMP | protocol::ICMPV6 => {
+            let h: [u8; 8] = load(ctx, l4)?;
+            inner.sport = be16([h[4], h[5]]);
+            inner.dport = inner.sport;
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// The IPv4 header and ports an ICMP error carries; left invalid when
+/// they cannot be read, so the error is judged as plain ICMP.
+#[inline(always)]
+fn inner_v4(ctx: &TcContext, l3: usize, inner: &mut Inner) {
+    let Ok(hdr) = load::<[u8; 20]>(ctx, l3) else {
+        return;
+    };
+    let ihl = usize::from(hdr[0] & 0x0f) * 4;
+    if hdr[0] >> 4 != 4 || ihl < 20 {
+        return;
+    }
+    inner.protocol = hdr[9];
+    inner.src = [
+        hdr[12], hdr[13], hdr[14], hdr[15], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    ];
+    inner.dst = [
+        hdr[16], hdr[17], hdr[18], hdr[19], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    ];
+    if inner_ports(ctx, l3 + ihl, inner).is_ok() {
+        inner.valid = 1;
+    }
+}
+
+/// The same for ICMPv6; an embedded header with extension headers is not
+/// matched (it stays invalid).
+#[inline(always)]
+fn inner_v6(ctx: &TcContext, l3: usize, inner: &mut Inner) {
+    let Ok(hdr) = load::<[u8; 8]>(ctx, l3) else {
+        return;
+    };
+    if hdr[0] >> 4 != 6 || is_extension(hdr[6]) {
+        return;
+    }
+    inner.protocol = hdr[6];
+    let (Ok(src), Ok(dst)) = (load(ctx, l3 + 8), load(ctx, l3 + 24)) else {
+        return;
+    };
+    inner.src = src;
+    inner.dst = dst;
+    if inner_ports(ctx, l3 + IPV6_HLEN, inner).is_ok() {
+        inner.valid = 1;
+    }
 }

@@ -6,17 +6,21 @@ use netpol_common::{
     policy_selector,
 };
 
-use crate::{
-    maps::{NETPOL_POLICY_V4, NETPOL_POLICY_V6, NETPOL_PORTS},
-    parse::Packet,
-};
+use crate::maps::{NETPOL_POLICY_V4, NETPOL_POLICY_V6, NETPOL_PORTS};
 
-/// Whether a rule of the endpoint's policies in `dir` allows the packet's
-/// peer (`peer`) on the packet's protocol and destination port.
+/// Whether a rule of the endpoint's policies in `dir` allows `peer` on
+/// `protocol` and the connection's destination port `dport`.
 #[inline(always)]
-pub fn allows(endpoint: u32, dir: u32, pkt: &Packet, peer: &[u8; 16]) -> bool {
+pub fn allows(
+    endpoint: u32,
+    dir: u32,
+    fam: u32,
+    protocol: u8,
+    dport: u16,
+    peer: &[u8; 16],
+) -> bool {
     let selector = policy_selector(endpoint, dir);
-    let ruleset = if pkt.family == family::IPV4 {
+    let ruleset = if fam == family::IPV4 {
         let key = Key::new(
             SELECTOR_BITS + 32,
             PolicyKeyV4 {
@@ -42,9 +46,9 @@ pub fn allows(endpoint: u32, dir: u32, pkt: &Packet, peer: &[u8; 16]) -> bool {
         PORT_KEY_PROTOCOL_BITS + 16,
         PortKey {
             ruleset,
-            protocol: pkt.protocol,
+            protocol,
             _pad: 0,
-            port: pkt.dport.to_be_bytes(),
+            port: dport.to_be_bytes(),
         },
     );
     NETPOL_PORTS.get(&key).is_some_and(|v| v.allow != 0)

@@ -22,6 +22,7 @@ const DEBIAN_TOOLS: &[(&str, &str)] = &[
     ("bpftool", "bpftool"),
     ("ip", "iproute2"),
     ("ping", "iputils-ping"),
+    ("iptables-restore", "iptables"),
 ];
 
 /// Everything.
@@ -218,7 +219,7 @@ pub fn debian_tools() -> Result<()> {
         .map(|(_, pkg)| *pkg)
         .collect();
     if missing.is_empty() {
-        println!("bootstrap: Debian tools (bpftool, iproute2, ping): present");
+        println!("bootstrap: Debian tools (bpftool, iproute2, ping, iptables): present");
         return Ok(());
     }
     println!("bootstrap: Debian tools: installing {}", missing.join(" "));

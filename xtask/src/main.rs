@@ -13,6 +13,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod bootstrap;
+mod conformance;
 mod demo;
 
 /// The eBPF target.
@@ -43,6 +44,25 @@ enum Cmd {
     },
     /// Run clippy on both toolchains and rustfmt.
     Lint,
+    /// Run the conformance scenarios with real packets in network
+    /// namespaces (as root).
+    Conformance {
+        /// Folder of scenario files.
+        #[arg(long)]
+        scenarios: Option<PathBuf>,
+        /// Only scenarios whose name contains this.
+        #[arg(long)]
+        filter: Option<String>,
+        /// How pods reach each other through the node.
+        #[arg(long, value_enum, default_value_t = TopologyArg::Bridge)]
+        topology: TopologyArg,
+        /// Which probes.
+        #[arg(long, value_enum, default_value_t = ViaArg::Pod)]
+        via: ViaArg,
+        /// Only the first N matching scenarios.
+        #[arg(long)]
+        limit: Option<usize>,
+    },
     /// Run benchmarks and record them in docs/PERFORMANCE.md.
     Bench {
         /// Which: `datapath` (per packet, root), `compiler`, or `all`.
@@ -52,6 +72,19 @@ enum Cmd {
     /// Show netpol on a live pod: netns, veth, both families, counters, and
     /// the offline compile of the built-in example manifests.
     Demo,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum TopologyArg {
+    Bridge,
+    Routed,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ViaArg {
+    Pod,
+    Service,
+    All,
 }
 
 fn main() -> Result<()> {
@@ -65,6 +98,26 @@ fn main() -> Result<()> {
             lint()
         }
         Cmd::Demo => demo::demo(),
+        Cmd::Conformance {
+            scenarios,
+            filter,
+            topology,
+            via,
+            limit,
+        } => {
+            let topology = match topology {
+                TopologyArg::Bridge => conformance::topology::Kind::Bridge,
+                TopologyArg::Routed => conformance::topology::Kind::Routed,
+            };
+            let via = match via {
+                ViaArg::Pod => conformance::ViaSel::Pod,
+                ViaArg::Service => conformance::ViaSel::Service,
+                ViaArg::All => conformance::ViaSel::All,
+            };
+            let t = conformance_run(scenarios, filter, topology, via, limit)?;
+            ensure!(t.failed == 0, "{} conformance cells failed", t.failed);
+            Ok(())
+        }
         Cmd::Bench { which } => match which.as_str() {
             "datapath" => bench::datapath(),
             "compiler" => bench::compiler(),
@@ -187,6 +240,47 @@ fn test(no_lint: bool, args: &[String]) -> Result<()> {
         .arg("test")
         .args(args)
         .env("NETPOL_EBPF_OBJECT", &object))
+}
+
+/// The shared conformance folder beside the repository.
+fn shared_conformance() -> Result<PathBuf> {
+    let dir = root().join("../shared/conformance");
+    ensure!(
+        dir.join("FORMAT.md").is_file(),
+        "{} is missing: the conformance model and scenarios live in the shared folder beside \
+         the repository",
+        dir.display()
+    );
+    Ok(dir)
+}
+
+/// Builds what a conformance run needs and runs it.
+fn conformance_run(
+    scenarios: Option<PathBuf>,
+    filter: Option<String>,
+    topology: conformance::topology::Kind,
+    via: conformance::ViaSel,
+    limit: Option<usize>,
+) -> Result<conformance::Tally> {
+    ensure!(
+        netpol_is_root(),
+        "the conformance harness creates network namespaces and loads BPF programs: run it as root"
+    );
+    bootstrap::debian_tools()?;
+    let object = build_ebpf()?;
+    println!("xtask: building netpol-agent");
+    run(cargo("stable").args(["build", "-p", "netpol-agent"]))?;
+    let shared = shared_conformance()?;
+    conformance::run(&conformance::Options {
+        scenarios: scenarios.unwrap_or_else(|| shared.join("scenarios")),
+        model: shared.join("cluster.yaml"),
+        filter,
+        topology,
+        via,
+        limit,
+        agent: root().join("target/debug/netpol-agent"),
+        object,
+    })
 }
 
 fn netpol_is_root() -> bool {

@@ -64,6 +64,7 @@ struct EndpointDoc {
 #[derive(Serialize)]
 struct DirectionDoc {
     isolated: bool,
+    generation: u32,
     ipv4: Vec<EntryDoc>,
     ipv6: Vec<EntryDoc>,
 }
@@ -146,11 +147,13 @@ fn document(c: &Compiled) -> Document {
             ips: e.ips.clone(),
             ingress: DirectionDoc {
                 isolated: e.ingress_isolated,
+                generation: e.ingress_gen,
                 ipv4: entries(e.id, Direction::Ingress, false),
                 ipv6: entries(e.id, Direction::Ingress, true),
             },
             egress: DirectionDoc {
                 isolated: e.egress_isolated,
+                generation: e.egress_gen,
                 ipv4: entries(e.id, Direction::Egress, false),
                 ipv6: entries(e.id, Direction::Egress, true),
             },

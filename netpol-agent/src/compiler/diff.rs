@@ -21,8 +21,11 @@
 //!    enforced in the old state, entries are inserted with their final
 //!    values: they take effect only at step 3.
 //! 3. **Endpoints**: inserts (new pods), updates (isolation or address
-//!    flags, a new id), deletes. Isolation turns on only once its entries
-//!    are in place; a deleted endpoint stops matching before its entries go.
+//!    flags, a new id, a new policy generation), deletes. Isolation turns on
+//!    only once its entries are in place; a new generation is written only
+//!    once the entries it stands for are in place, so tracked connections
+//!    re-checked because of it are checked against the new entries; a
+//!    deleted endpoint stops matching before its entries go.
 //! 4. **Policy deletes**: by now each doomed prefix carries the value it
 //!    would inherit (step 2) or belongs to an endpoint direction no longer
 //!    enforced, so removing it changes no verdict.

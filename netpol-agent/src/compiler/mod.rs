@@ -1,11 +1,18 @@
 //! Pure policy compiler: a [`Snapshot`] in, the exact contents of one
 //! node's policy maps out ([`compile`]), and the ordered map updates from
-//! one output to the next ([`diff`]).
+//! one output to the next ([`diff`]). [`Compiler`] does the same
+//! incrementally: told what changed ([`Changes`]), it recompiles only the
+//! local pods a change reaches and diffs only those, with the same result
+//! as `compile` + `diff` (this is what the agent calls on every change).
 //!
 //! # What is compiled
 //! - Per local endpoint (networked pod on the node): an id (stable while
-//!   the pod lives, from the [`IdAllocation`] passed in and returned) and an
-//!   isolation flag per direction.
+//!   the pod lives, from the [`IdAllocation`] passed in and returned), an
+//!   isolation flag per direction, a policy generation per direction (a
+//!   content hash of what the direction allows, for revoking tracked
+//!   connections when it changes), and the
+//!   [`ALLOW_ANY_SOURCE_ANNOTATION`](crate::model::ALLOW_ANY_SOURCE_ANNOTATION)
+//!   opt-out of anti-spoofing.
 //! - Per isolated endpoint and direction, per family: LPM entries
 //!   `(endpoint, direction, peer prefix) → rule set`. The value at each
 //!   prefix is the union of the rule sets of every rule contribution whose
@@ -20,18 +27,24 @@
 //! Endpoint and rule-set ids come from the previous [`IdAllocation`] and
 //! are returned in [`Compiled::ids`]. A rule-set id always means the same
 //! content, and a new id is never one the previous allocation used, so a
-//! [`diff`] never changes what an existing id means.
+//! [`diff`] never changes what an existing id means. New ids go to new pods
+//! in pod order and to new rule sets in content order, so the output does
+//! not depend on how it was computed (full or incremental).
 
 mod diff;
+mod incremental;
 mod ruleset;
 
 pub use diff::{Diff, MapState, Op, RawOp, diff};
+pub use incremental::{Changes, Compiler};
 pub use ruleset::{PortPrefix, PortRange, RuleSet};
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use ipnet::IpNet;
 use netpol_common::{
@@ -168,6 +181,17 @@ pub struct Endpoint {
     pub egress_isolated: bool,
     /// The pod's addresses.
     pub ips: Vec<IpAddr>,
+    /// The pod is annotated
+    /// [`ALLOW_ANY_SOURCE_ANNOTATION`](crate::model::ALLOW_ANY_SOURCE_ANNOTATION):
+    /// no anti-spoofing check.
+    pub allow_any_source: bool,
+    /// Policy generation of the ingress direction: a content hash of what
+    /// it allows (isolation, its entries of both families, the contents of
+    /// the rule sets they point at), never 0 when isolated; 0 when not.
+    /// Equal content, equal generation, whatever the endpoint id.
+    pub ingress_gen: u32,
+    /// The same for egress.
+    pub egress_gen: u32,
 }
 
 impl Endpoint {
@@ -187,7 +211,25 @@ impl Endpoint {
         if self.ips.iter().any(IpAddr::is_ipv6) {
             flags |= endpoint_flags::HAS_IPV6;
         }
-        EndpointInfo { id: self.id, flags }
+        if self.allow_any_source {
+            flags |= endpoint_flags::ALLOW_ANY_SOURCE;
+        }
+        let mut info = EndpointInfo {
+            id: self.id,
+            flags,
+            ingress_gen: self.ingress_gen,
+            egress_gen: self.egress_gen,
+            ..EndpointInfo::default()
+        };
+        // A pod has at most one address per family; the first one wins if
+        // a malformed status lists more.
+        for ip in self.ips.iter().rev() {
+            match ip {
+                IpAddr::V4(a) => info.ipv4 = a.octets(),
+                IpAddr::V6(a) => info.ipv6 = a.octets(),
+            }
+        }
+        info
     }
 
     /// Whether the direction is enforced (isolated).
@@ -196,6 +238,15 @@ impl Endpoint {
         match d {
             Direction::Egress => self.egress_isolated,
             Direction::Ingress => self.ingress_isolated,
+        }
+    }
+
+    /// The policy generation of a direction.
+    #[must_use]
+    pub fn generation(&self, d: Direction) -> u32 {
+        match d {
+            Direction::Egress => self.egress_gen,
+            Direction::Ingress => self.ingress_gen,
         }
     }
 }
@@ -256,12 +307,19 @@ impl PolicyTarget {
 }
 
 /// Value of a policy-trie entry with where it came from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct PolicyEntry {
     /// Rule-set id.
     pub ruleset: u32,
-    /// Index into [`Compiled::source_sets`]: the rules that produced it.
-    pub sources: u32,
+    /// The rules that produced it, sorted (for an entry of
+    /// [`EMPTY_RULESET`] shadowing a shorter prefix: the rules whose
+    /// `except` it is). Shared between the entries that have the same.
+    #[serde(serialize_with = "serialize_rules")]
+    pub sources: Arc<[RuleRef]>,
+}
+
+fn serialize_rules<S: serde::Serializer>(r: &Arc<[RuleRef]>, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(r.iter())
 }
 
 /// A pod's endpoint id.
@@ -304,10 +362,6 @@ pub struct Compiled {
     pub policy_v6: BTreeMap<PolicyTarget, PolicyEntry>,
     /// Rule sets in use, by id ([`EMPTY_RULESET`] not included).
     pub rulesets: BTreeMap<u32, RuleSet>,
-    /// Rules referred to by [`Compiled::source_sets`].
-    pub rules: Vec<RuleRef>,
-    /// Sets of indices into [`Compiled::rules`].
-    pub source_sets: Vec<Vec<u32>>,
     /// Errors of the snapshot's latest objects (the rest compiled).
     pub errors: Vec<ModelError>,
     /// Remarks (no local node, ...).
@@ -316,13 +370,8 @@ pub struct Compiled {
 
 impl Compiled {
     /// The rules that produced an entry.
-    pub fn sources(&self, entry: &PolicyEntry) -> impl Iterator<Item = &RuleRef> {
-        self.source_sets
-            .get(entry.sources as usize)
-            .map(Vec::as_slice)
-            .unwrap_or_default()
-            .iter()
-            .filter_map(|&i| self.rules.get(i as usize))
+    pub fn sources<'e>(&self, entry: &'e PolicyEntry) -> impl Iterator<Item = &'e RuleRef> {
+        entry.sources.iter()
     }
 
     /// Endpoint map values per local pod (the agent keys them by ifindex).
@@ -376,7 +425,7 @@ impl Compiled {
     pub fn sizes(&self) -> (usize, usize, usize, usize, usize) {
         let ports = self.port_entries().count();
         // LPM keys carry a u32 prefix length before the data.
-        let bytes = self.endpoints.len() * (4 + 8)
+        let bytes = self.endpoints.len() * (4 + std::mem::size_of::<EndpointInfo>())
             + self.policy_v4.len() * (4 + 8 + 4)
             + self.policy_v6.len() * (4 + 20 + 4)
             + ports * (4 + 8 + 4);
@@ -749,59 +798,80 @@ fn next_free(next: &mut u32, first: u32, max: u32, taken: impl Fn(u32) -> bool) 
     }
 }
 
-/// Compiles a snapshot into the node's map contents.
-///
-/// Pure and deterministic: the same snapshot and allocation give the same
-/// output. `prev` is the allocation of the previous compile (default for
-/// the first); the new one is in [`Compiled::ids`].
-#[must_use]
-pub fn compile(snap: &Snapshot, prev: &IdAllocation) -> Compiled {
-    let mut out = Compiled {
-        node: snap.local_node_name().map(str::to_owned),
-        errors: snap.errors(),
-        ..Compiled::default()
-    };
-    if let Some(node) = out.node.as_ref().and_then(|n| snap.nodes.get(n)) {
-        out.node_addresses.clone_from(&node.addresses);
-    }
-    let Some(node) = out.node.clone() else {
-        out.notes.push(
-            "no local node: pass --node or give exactly one Node; no pod is local".to_owned(),
-        );
-        out.ids = IdAllocation {
-            next_endpoint: prev.next_endpoint,
-            next_ruleset: prev.next_ruleset,
-            ..IdAllocation::default()
-        };
-        return out;
-    };
+/// One local pod's compiled direction entries, in content form (rule sets
+/// as interner indices of [`Core::sets`]), before ids are handed out.
+struct PodOut {
+    id: ObjectRef,
+    uid: Option<String>,
+    ips: Vec<IpAddr>,
+    allow_any_source: bool,
+    egress_isolated: bool,
+    ingress_isolated: bool,
+    /// Policies (indices into [`Core::policies`]) whose pod selector
+    /// matches the pod, whatever their directions.
+    selecting: Vec<usize>,
+    /// `(direction, prefix, rule set, sources)`, egress first, each
+    /// direction sorted by prefix.
+    entries: Vec<(Direction, IpNet, u32, Arc<[RuleRef]>)>,
+}
 
-    let peers: Vec<&Pod> = snap.pods.values().filter(|p| p.is_networked()).collect();
-    // Pods come sorted by namespace: each namespace is one run.
-    let mut by_ns: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
-    let mut run: Option<(&str, Vec<usize>)> = None;
-    for (i, p) in peers.iter().enumerate() {
-        let ns = p.id.namespace.as_str();
-        match &mut run {
-            Some((cur, list)) if *cur == ns => list.push(i),
-            _ => {
-                if let Some((cur, list)) = run.take() {
-                    by_ns.entry(cur).or_default().extend(list);
+/// The peers a policy's rules select, for the incremental compiler.
+struct Members {
+    policy: usize,
+    /// Pods its rules' pod peers select.
+    pods: Vec<ObjectRef>,
+    /// Some egress rule resolves named ports on pods reached through an
+    /// ipBlock or "every peer": any pod change may change its entries.
+    global: bool,
+}
+
+/// A compile of some or all local pods, before ids.
+struct Core<'a> {
+    policies: Vec<&'a NetworkPolicy>,
+    pods: Vec<PodOut>,
+    sets: Vec<RuleSet>,
+    empty: u32,
+    members: Vec<Members>,
+}
+
+/// Compiles the local pods of `node` (those in `only`, if given). With
+/// `members`, also reports what the rules of the policies involved select.
+fn core<'a>(
+    snap: &'a Snapshot,
+    node: &str,
+    only: Option<&BTreeSet<ObjectRef>>,
+    members: bool,
+) -> Core<'a> {
+    let mut peers = match only {
+        None => Peers::all(snap),
+        Some(_) => Peers::lazy(snap),
+    };
+    let mut local: Vec<usize> = Vec::new();
+    match only {
+        None => {
+            for (i, p) in peers.list.iter().enumerate() {
+                if p.node_name.as_deref() == Some(node) {
+                    local.push(i);
                 }
-                run = Some((ns, vec![i]));
+            }
+        }
+        Some(only) => {
+            for id in only {
+                let Some(ns) = peers.load(&id.namespace) else {
+                    continue;
+                };
+                if let Some(&i) = peers.by_ns[ns].iter().find(|&&i| peers.list[i].id == *id)
+                    && peers.list[i].node_name.as_deref() == Some(node)
+                {
+                    local.push(i);
+                }
             }
         }
     }
-    if let Some((cur, list)) = run {
-        by_ns.entry(cur).or_default().extend(list);
-    }
-    let local: Vec<usize> = (0..peers.len())
-        .filter(|&i| peers[i].node_name.as_deref() == Some(node.as_str()))
-        .collect();
     let mut local_by_ns: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
     for &i in &local {
         local_by_ns
-            .entry(peers[i].id.namespace.as_str())
+            .entry(peers.list[i].id.namespace.as_str())
             .or_default()
             .push(i);
     }
@@ -813,41 +883,83 @@ pub fn compile(snap: &Snapshot, prev: &IdAllocation) -> Compiled {
 
     // Which policies select each local pod, per direction.
     let mut selecting: BTreeMap<(usize, Direction), Vec<usize>> = BTreeMap::new();
+    let mut selected_by: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
     let mut relevant: BTreeSet<usize> = BTreeSet::new();
-    for (pi, p) in policies.iter().enumerate() {
-        let Some(candidates) = local_by_ns.get(p.id.namespace.as_str()) else {
-            continue;
-        };
-        for &i in candidates {
-            if !p.pod_selector.matches(&peers[i].labels) {
-                continue;
-            }
-            relevant.insert(pi);
-            if p.ingress.is_some() {
-                selecting
-                    .entry((i, Direction::Ingress))
-                    .or_default()
-                    .push(pi);
-            }
-            if p.egress.is_some() {
-                selecting
-                    .entry((i, Direction::Egress))
-                    .or_default()
-                    .push(pi);
+    for (&ns, candidates) in &local_by_ns {
+        // Policies are sorted by namespace too.
+        let first = policies.partition_point(|p| p.id.namespace.as_str() < ns);
+        let last = policies.partition_point(|p| p.id.namespace.as_str() <= ns);
+        for (pi, p) in policies.iter().enumerate().take(last).skip(first) {
+            for &i in candidates {
+                if !p.pod_selector.matches(&peers.list[i].labels) {
+                    continue;
+                }
+                relevant.insert(pi);
+                selected_by.entry(i).or_default().push(pi);
+                if p.ingress.is_some() {
+                    selecting
+                        .entry((i, Direction::Ingress))
+                        .or_default()
+                        .push(pi);
+                }
+                if p.egress.is_some() {
+                    selecting
+                        .entry((i, Direction::Egress))
+                        .or_default()
+                        .push(pi);
+                }
             }
         }
     }
+    for list in selected_by.values_mut() {
+        list.sort_unstable();
+    }
+    for list in selecting.values_mut() {
+        list.sort_unstable();
+    }
 
     // Resolve the peers of every rule of the policies that matter here.
-    let ns_labels: BTreeMap<&str, crate::model::Labels> = by_ns
-        .keys()
-        .map(|&ns| (ns, snap.namespace_labels(ns)))
-        .collect();
+    let wants_namespaces = relevant.iter().any(|&pi| {
+        let p = policies[pi];
+        p.ingress.iter().chain(p.egress.iter()).flatten().any(|r| {
+            r.peers.iter().any(|peer| {
+                matches!(
+                    peer,
+                    Peer::Pods {
+                        namespace_selector: Some(_),
+                        ..
+                    }
+                )
+            })
+        })
+    });
+    let ns_labels = if wants_namespaces {
+        peers.namespace_labels()
+    } else {
+        BTreeMap::new()
+    };
+    if relevant.iter().any(|&pi| {
+        let p = policies[pi];
+        p.egress.iter().flatten().any(|r| {
+            r.ports.iter().any(|p| matches!(p.port, PortSpec::Named(_)))
+                && (r.peers.is_empty() || r.peers.iter().any(|p| matches!(p, Peer::IpBlock { .. })))
+        })
+    }) {
+        // Named ports resolve on every pod such a rule reaches.
+        peers.load_all();
+    }
     let mut rules = Vec::new();
     let mut prepared = HashMap::default();
     let mut cache = SelectionCache::default();
+    let mut member_lists = Vec::new();
     for &pi in &relevant {
         let p = policies[pi];
+        let mut m = Members {
+            policy: pi,
+            pods: Vec::new(),
+            global: false,
+        };
+        let mut pods: Vec<usize> = Vec::new();
         for d in [Direction::Egress, Direction::Ingress] {
             for (ri, rule) in rules_of(p, d).iter().enumerate() {
                 let id = u32::try_from(rules.len()).unwrap_or(u32::MAX);
@@ -856,16 +968,26 @@ pub fn compile(snap: &Snapshot, prev: &IdAllocation) -> Compiled {
                     direction: d,
                     index: ri,
                 });
-                prepared.insert(
-                    (pi, d, ri),
-                    prepare(id, p, rule, &peers, &by_ns, &ns_labels, &mut cache),
-                );
+                let prep = prepare(id, p, rule, &mut peers, &ns_labels, &mut cache);
+                if members {
+                    pods.extend_from_slice(&prep.pods);
+                    m.global |= d == Direction::Egress
+                        && !prep.named.is_empty()
+                        && (prep.all_peers || !prep.blocks.is_empty());
+                }
+                prepared.insert((pi, d, ri), prep);
             }
+        }
+        if members {
+            pods.sort_unstable();
+            pods.dedup();
+            m.pods = pods.into_iter().map(|i| peers.list[i].id.clone()).collect();
+            member_lists.push(m);
         }
     }
 
     let mut ctx = Ctx {
-        peers,
+        peers: peers.list,
         policies,
         prepared,
         sets: Interner::default(),
@@ -876,60 +998,30 @@ pub fn compile(snap: &Snapshot, prev: &IdAllocation) -> Compiled {
     };
     ctx.empty = ctx.sets.intern(RuleSet::default());
 
-    // Endpoint ids.
-    let mut ids = IdAllocation {
-        next_endpoint: prev.next_endpoint,
-        next_ruleset: prev.next_ruleset,
-        ..IdAllocation::default()
-    };
-    let prev_ids: BTreeSet<u32> = prev.endpoints.values().map(|e| e.id).collect();
-    let mut fresh = Vec::new();
-    let mut assigned: BTreeSet<u32> = BTreeSet::new();
-    for &i in &local {
-        let pod = ctx.peers[i];
-        match prev.endpoints.get(&pod.id) {
-            Some(e) if e.uid == pod.uid => {
-                assigned.insert(e.id);
-                ids.endpoints.insert(pod.id.clone(), e.clone());
-            }
-            _ => fresh.push(i),
-        }
-    }
-    for i in fresh {
-        let pod = ctx.peers[i];
-        let id = next_free(&mut ids.next_endpoint, 1, MAX_ENDPOINT_ID, |id| {
-            prev_ids.contains(&id) || assigned.contains(&id)
-        });
-        assigned.insert(id);
-        ids.endpoints.insert(
-            pod.id.clone(),
-            EndpointId {
-                id,
-                uid: pod.uid.clone(),
-            },
-        );
-    }
-
     // Entries, computed once per distinct (direction, policies, own named
     // ports) and shared by the endpoints that have it.
     let mut groups: HashMap<GroupKey, Vec<(IpNet, u32, u32)>> = HashMap::default();
-    let mut raw: Vec<(PolicyTarget, u32, u32)> = Vec::new();
+    let mut shared: HashMap<u32, Arc<[RuleRef]>> = HashMap::default();
+    let mut pods = Vec::with_capacity(local.len());
     for &i in &local {
         let pod = ctx.peers[i];
-        let id = ids.endpoints.get(&pod.id).map_or(0, |e| e.id);
-        let mut endpoint = Endpoint {
-            id,
-            ingress_isolated: false,
-            egress_isolated: false,
+        let mut out = PodOut {
+            id: pod.id.clone(),
+            uid: pod.uid.clone(),
             ips: pod.ips.clone(),
+            allow_any_source: pod.allow_any_source,
+            egress_isolated: false,
+            ingress_isolated: false,
+            selecting: selected_by.remove(&i).unwrap_or_default(),
+            entries: Vec::new(),
         };
         for d in [Direction::Egress, Direction::Ingress] {
             let Some(pols) = selecting.get(&(i, d)) else {
                 continue;
             };
             match d {
-                Direction::Egress => endpoint.egress_isolated = true,
-                Direction::Ingress => endpoint.ingress_isolated = true,
+                Direction::Egress => out.egress_isolated = true,
+                Direction::Ingress => out.ingress_isolated = true,
             }
             let own_ports: Vec<(Protocol, String, u16)> = if d == Direction::Ingress
                 && pols.iter().any(|&pi| {
@@ -945,76 +1037,349 @@ pub fn compile(snap: &Snapshot, prev: &IdAllocation) -> Compiled {
                 Vec::new()
             };
             let key = (d, pols.clone(), own_ports);
-            let entries = match groups.get(&key) {
-                Some(e) => e.clone(),
-                None => {
-                    let contribs = ctx.contributions(i, d, pols);
-                    let e = ctx.entries(&contribs);
-                    groups.insert(key, e.clone());
-                    e
-                }
-            };
-            for (prefix, set, sources) in entries {
-                raw.push((
-                    PolicyTarget {
-                        endpoint: id,
-                        direction: d,
-                        prefix,
-                    },
-                    set,
-                    sources,
-                ));
+            if !groups.contains_key(&key) {
+                let contribs = ctx.contributions(i, d, pols);
+                let e = ctx.entries(&contribs);
+                groups.insert(key.clone(), e);
+            }
+            for &(prefix, set, sources) in &groups[&key] {
+                let src = shared
+                    .entry(sources)
+                    .or_insert_with(|| {
+                        ctx.source_sets[sources as usize]
+                            .iter()
+                            .map(|&r| rules[r as usize].clone())
+                            .collect()
+                    })
+                    .clone();
+                out.entries.push((d, prefix, set, src));
             }
         }
-        out.endpoints.insert(pod.id.clone(), endpoint);
+        pods.push(out);
+    }
+    Core {
+        policies: ctx.policies,
+        pods,
+        sets: ctx.sets.sets,
+        empty: ctx.empty,
+        members: member_lists,
+    }
+}
+
+/// Policy generation of one endpoint direction: a content hash of its
+/// entries (prefixes and the contents of their rule sets); never 0.
+fn generation<'s>(entries: impl Iterator<Item = (IpNet, &'s RuleSet)>) -> u32 {
+    let mut h = FxHasher {
+        hash: 0x6e65_7470_6f6c_6765,
+    };
+    for (prefix, set) in entries {
+        match prefix {
+            IpNet::V4(n) => {
+                h.add(4);
+                h.add(u64::from(u32::from(n.network())));
+            }
+            IpNet::V6(n) => {
+                let a = u128::from(n.network());
+                h.add(6);
+                h.add((a >> 64) as u64);
+                h.add(a as u64);
+            }
+        }
+        h.add(u64::from(prefix.prefix_len()));
+        h.add(u64::from(set.all));
+        h.add(set.ranges.len() as u64);
+        for r in &set.ranges {
+            h.add(
+                u64::from(r.protocol.number()) << 32 | u64::from(r.first) << 16 | u64::from(r.last),
+            );
+        }
+    }
+    let x = h.finish();
+    (x ^ (x >> 32)) as u32 | 1
+}
+
+impl PodOut {
+    /// The endpoint value with its generations.
+    fn endpoint(&self, id: u32, sets: &[RuleSet]) -> Endpoint {
+        let gen_of = |d: Direction, isolated: bool| {
+            if !isolated {
+                return 0;
+            }
+            generation(
+                self.entries
+                    .iter()
+                    .filter(|e| e.0 == d)
+                    .map(|e| (e.1, &sets[e.2 as usize])),
+            )
+        };
+        Endpoint {
+            id,
+            ingress_isolated: self.ingress_isolated,
+            egress_isolated: self.egress_isolated,
+            ips: self.ips.clone(),
+            allow_any_source: self.allow_any_source,
+            ingress_gen: gen_of(Direction::Ingress, self.ingress_isolated),
+            egress_gen: gen_of(Direction::Egress, self.egress_isolated),
+        }
+    }
+}
+
+/// Endpoint ids of `pods` (in order): kept from `prev` for the same pod
+/// and uid, otherwise the next id neither `prev` nor this call used.
+fn endpoint_ids(
+    pods: &[PodOut],
+    prev: &BTreeMap<ObjectRef, EndpointId>,
+    next: &mut u32,
+) -> Vec<u32> {
+    let mut ids = vec![0; pods.len()];
+    let mut fresh = Vec::new();
+    for (k, pod) in pods.iter().enumerate() {
+        match prev.get(&pod.id) {
+            Some(e) if e.uid == pod.uid => ids[k] = e.id,
+            _ => fresh.push(k),
+        }
+    }
+    if !fresh.is_empty() {
+        let prev_ids: BTreeSet<u32> = prev.values().map(|e| e.id).collect();
+        let mut assigned: BTreeSet<u32> = BTreeSet::new();
+        for k in fresh {
+            let id = next_free(next, 1, MAX_ENDPOINT_ID, |id| {
+                prev_ids.contains(&id) || assigned.contains(&id)
+            });
+            assigned.insert(id);
+            ids[k] = id;
+        }
+    }
+    ids
+}
+
+/// Rule-set ids of the interned sets `core` uses (indexed by interner
+/// index; [`EMPTY_RULESET`] for the empty set): the id `prev` gives the
+/// same content, else (in content order) the next id `prev` never used.
+/// Returns the ids and the new `(id, set)`s.
+fn ruleset_ids(
+    core: &Core<'_>,
+    prev: &BTreeMap<RuleSet, u32>,
+    next: &mut u32,
+) -> (Vec<u32>, Vec<(u32, RuleSet)>) {
+    let mut ids = vec![0; core.sets.len()];
+    let mut used = vec![false; core.sets.len()];
+    for pod in &core.pods {
+        for e in &pod.entries {
+            used[e.2 as usize] = true;
+        }
+    }
+    ids[core.empty as usize] = EMPTY_RULESET;
+    let mut new_sets = Vec::new();
+    for (s, set) in core.sets.iter().enumerate() {
+        if !used[s] || s == core.empty as usize {
+            continue;
+        }
+        match prev.get(set) {
+            Some(&id) => ids[s] = id,
+            None => new_sets.push(s),
+        }
+    }
+    new_sets.sort_unstable_by(|&a, &b| core.sets[a].cmp(&core.sets[b]));
+    let mut added = Vec::with_capacity(new_sets.len());
+    if !new_sets.is_empty() {
+        let prev_ids: BTreeSet<u32> = prev.values().copied().collect();
+        let mut taken: BTreeSet<u32> = BTreeSet::new();
+        for s in new_sets {
+            let id = next_free(next, EMPTY_RULESET + 1, u32::MAX, |id| {
+                prev_ids.contains(&id) || taken.contains(&id)
+            });
+            taken.insert(id);
+            ids[s] = id;
+            added.push((id, core.sets[s].clone()));
+        }
+    }
+    (ids, added)
+}
+
+fn insert_entry(out: &mut Compiled, target: PolicyTarget, entry: PolicyEntry) {
+    match target.prefix {
+        IpNet::V4(_) => out.policy_v4.insert(target, entry),
+        IpNet::V6(_) => out.policy_v6.insert(target, entry),
+    };
+}
+
+/// Compiles a snapshot into the node's map contents.
+///
+/// Pure and deterministic: the same snapshot and allocation give the same
+/// output. `prev` is the allocation of the previous compile (default for
+/// the first); the new one is in [`Compiled::ids`]. To follow a changing
+/// snapshot cheaply, use a [`Compiler`]: its output after any sequence of
+/// updates equals this function's on the same snapshot and allocation.
+#[must_use]
+pub fn compile(snap: &Snapshot, prev: &IdAllocation) -> Compiled {
+    full(snap, prev, false).0
+}
+
+/// A full compile; with `members`, also what [`Compiler`] keeps.
+fn full<'a>(
+    snap: &'a Snapshot,
+    prev: &IdAllocation,
+    members: bool,
+) -> (Compiled, Option<Core<'a>>) {
+    let mut out = Compiled {
+        node: snap.local_node_name().map(str::to_owned),
+        errors: snap.errors(),
+        ..Compiled::default()
+    };
+    if let Some(node) = out.node.as_ref().and_then(|n| snap.nodes.get(n)) {
+        out.node_addresses.clone_from(&node.addresses);
+    }
+    out.ids = IdAllocation {
+        next_endpoint: prev.next_endpoint,
+        next_ruleset: prev.next_ruleset,
+        ..IdAllocation::default()
+    };
+    let Some(node) = out.node.clone() else {
+        out.notes.push(
+            "no local node: pass --node or give exactly one Node; no pod is local".to_owned(),
+        );
+        return (out, None);
+    };
+    let mut core = core(snap, &node, None, members);
+    let endpoint_ids = endpoint_ids(&core.pods, &prev.endpoints, &mut out.ids.next_endpoint);
+    let (set_ids, added) = ruleset_ids(&core, &prev.rulesets, &mut out.ids.next_ruleset);
+    for (s, &id) in set_ids.iter().enumerate() {
+        if id > EMPTY_RULESET {
+            out.ids.rulesets.insert(core.sets[s].clone(), id);
+            out.rulesets.insert(id, core.sets[s].clone());
+        }
+    }
+    debug_assert!(added.iter().all(|(id, _)| out.rulesets.contains_key(id)));
+    for (pod, &id) in core.pods.iter_mut().zip(&endpoint_ids) {
+        out.ids.endpoints.insert(
+            pod.id.clone(),
+            EndpointId {
+                id,
+                uid: pod.uid.clone(),
+            },
+        );
+        out.endpoints
+            .insert(pod.id.clone(), pod.endpoint(id, &core.sets));
+        for (direction, prefix, set, sources) in std::mem::take(&mut pod.entries) {
+            let target = PolicyTarget {
+                endpoint: id,
+                direction,
+                prefix,
+            };
+            let ruleset = set_ids[set as usize];
+            insert_entry(&mut out, target, PolicyEntry { ruleset, sources });
+        }
+    }
+    (out, members.then_some(core))
+}
+
+/// The networked pods a compile looks at, by namespace: all of them, or
+/// (for an incremental compile) the namespaces it needs, loaded on demand.
+struct Peers<'a> {
+    snap: &'a Snapshot,
+    list: Vec<&'a Pod>,
+    by_ns: BTreeMap<&'a str, Vec<usize>>,
+    /// Every namespace is loaded.
+    complete: bool,
+}
+
+impl<'a> Peers<'a> {
+    fn all(snap: &'a Snapshot) -> Self {
+        let list: Vec<&Pod> = snap.pods.values().filter(|p| p.is_networked()).collect();
+        // Pods come sorted by namespace: each namespace is one run.
+        let mut by_ns: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+        let mut start = 0;
+        for i in 1..=list.len() {
+            if i == list.len() || list[i].id.namespace != list[start].id.namespace {
+                by_ns.insert(list[start].id.namespace.as_str(), (start..i).collect());
+                start = i;
+            }
+        }
+        Self {
+            snap,
+            list,
+            by_ns,
+            complete: true,
+        }
     }
 
-    // Rule-set ids: same content, same id; new content, an id the previous
-    // allocation never used.
-    let prev_ruleset_ids: BTreeSet<u32> = prev.rulesets.values().copied().collect();
-    let mut final_id: HashMap<u32, u32> = HashMap::default();
-    let mut used: BTreeSet<u32> = raw.iter().map(|&(_, s, _)| s).collect();
-    used.remove(&ctx.empty);
-    let mut taken: BTreeSet<u32> = BTreeSet::new();
-    let mut new_sets = Vec::new();
-    for &s in &used {
-        let set = &ctx.sets.sets[s as usize];
-        if let Some(&id) = prev.rulesets.get(set) {
-            final_id.insert(s, id);
-            taken.insert(id);
+    fn lazy(snap: &'a Snapshot) -> Self {
+        Self {
+            snap,
+            list: Vec::new(),
+            by_ns: BTreeMap::new(),
+            complete: false,
+        }
+    }
+
+    /// Loads a namespace; its key if it has networked pods.
+    fn load(&mut self, ns: &str) -> Option<&'a str> {
+        if let Some((&k, _)) = self.by_ns.get_key_value(ns) {
+            return Some(k);
+        }
+        if self.complete {
+            return None;
+        }
+        let from = ObjectRef::new(ns, "");
+        let mut key = None;
+        let mut run = Vec::new();
+        for (id, p) in self.snap.pods.range(from..) {
+            if id.namespace != ns {
+                break;
+            }
+            if p.is_networked() {
+                key = Some(p.id.namespace.as_str());
+                run.push(self.list.len());
+                self.list.push(p);
+            }
+        }
+        let key = key?;
+        self.by_ns.insert(key, run);
+        Some(key)
+    }
+
+    /// Every namespace with pods, starting at each one's first pod.
+    fn namespaces(&self) -> Vec<&'a str> {
+        let mut out = Vec::new();
+        let mut next = self.snap.pods.keys().next();
+        while let Some(id) = next {
+            out.push(id.namespace.as_str());
+            let after = ObjectRef::new(format!("{}\0", id.namespace), String::new());
+            next = self.snap.pods.range(after..).next().map(|(k, _)| k);
+        }
+        out
+    }
+
+    fn load_all(&mut self) {
+        if !self.complete {
+            for ns in self.namespaces() {
+                self.load(ns);
+            }
+            self.complete = true;
+        }
+    }
+
+    /// Labels of every namespace a peer can be in (a superset of those
+    /// with networked pods).
+    fn namespace_labels(&self) -> BTreeMap<&'a str, Cow<'a, crate::model::Labels>> {
+        let mut out: BTreeMap<&'a str, Cow<'a, crate::model::Labels>> = self
+            .snap
+            .namespaces
+            .iter()
+            .map(|(n, ns)| (n.as_str(), Cow::Borrowed(&ns.labels)))
+            .collect();
+        let names = if self.complete {
+            self.by_ns.keys().copied().collect()
         } else {
-            new_sets.push(s);
-        }
-    }
-    for s in new_sets {
-        let id = next_free(&mut ids.next_ruleset, EMPTY_RULESET + 1, u32::MAX, |id| {
-            prev_ruleset_ids.contains(&id) || taken.contains(&id)
-        });
-        taken.insert(id);
-        final_id.insert(s, id);
-    }
-    final_id.insert(ctx.empty, EMPTY_RULESET);
-    for (&s, &id) in &final_id {
-        if id != EMPTY_RULESET {
-            let set = ctx.sets.sets[s as usize].clone();
-            ids.rulesets.insert(set.clone(), id);
-            out.rulesets.insert(id, set);
-        }
-    }
-    for (target, s, sources) in raw {
-        let entry = PolicyEntry {
-            ruleset: final_id.get(&s).copied().unwrap_or(EMPTY_RULESET),
-            sources,
+            self.namespaces()
         };
-        match target.prefix {
-            IpNet::V4(_) => out.policy_v4.insert(target, entry),
-            IpNet::V6(_) => out.policy_v6.insert(target, entry),
-        };
+        for n in names {
+            out.entry(n)
+                .or_insert_with(|| Cow::Owned(self.snap.namespace_labels(n)));
+        }
+        out
     }
-    out.ids = ids;
-    out.rules = rules;
-    out.source_sets = ctx.source_sets;
-    out
 }
 
 /// Peer selections already resolved in this compile: policies repeat the
@@ -1029,9 +1394,8 @@ fn prepare<'a>(
     id: u32,
     policy: &'a NetworkPolicy,
     rule: &'a Rule,
-    peers: &[&'a Pod],
-    by_ns: &BTreeMap<&'a str, Vec<usize>>,
-    ns_labels: &BTreeMap<&'a str, crate::model::Labels>,
+    peers: &mut Peers<'a>,
+    ns_labels: &BTreeMap<&'a str, Cow<'a, crate::model::Labels>>,
     cache: &mut SelectionCache<'a>,
 ) -> Prepared<'a> {
     let mut prep = Prepared {
@@ -1069,9 +1433,10 @@ fn prepare<'a>(
                         .clone(),
                 };
                 for ns in namespaces {
-                    let Some((&ns_key, in_ns)) = by_ns.get_key_value(ns) else {
+                    let Some(ns_key) = peers.load(ns) else {
                         continue;
                     };
+                    let (list, in_ns) = (&peers.list, &peers.by_ns[ns_key]);
                     let selected = cache
                         .pods
                         .entry((ns_key, pod_selector.as_ref()))
@@ -1082,7 +1447,7 @@ fn prepare<'a>(
                                 .filter(|&i| {
                                     pod_selector
                                         .as_ref()
-                                        .is_none_or(|s| s.matches(&peers[i].labels))
+                                        .is_none_or(|s| s.matches(&list[i].labels))
                                 })
                                 .collect()
                         });

@@ -73,6 +73,8 @@ pub struct MapSizes {
     pub ports: u32,
     /// Tracked connections.
     pub conntrack: u32,
+    /// Datagrams being reassembled (first-fragment verdicts).
+    pub fragments: u32,
 }
 
 impl Default for MapSizes {
@@ -83,6 +85,7 @@ impl Default for MapSizes {
             policy_v6: 262_144,
             ports: 65_536,
             conntrack: 262_144,
+            fragments: 8192,
         }
     }
 }
@@ -211,7 +214,8 @@ impl Datapath {
             .map_max_entries(maps::POLICY_V4, sizes.policy_v4)
             .map_max_entries(maps::POLICY_V6, sizes.policy_v6)
             .map_max_entries(maps::PORTS, sizes.ports)
-            .map_max_entries(maps::CONNTRACK, sizes.conntrack);
+            .map_max_entries(maps::CONNTRACK, sizes.conntrack)
+            .map_max_entries(maps::FRAGMENTS, sizes.fragments);
         let mut ebpf = loader
             .load_file(&path)
             .map_err(|source| DatapathError::Load {
@@ -232,7 +236,8 @@ impl Datapath {
             take_map(&mut ebpf, maps::POLICY_V4)?,
             take_map(&mut ebpf, maps::POLICY_V6)?,
             take_map(&mut ebpf, maps::PORTS)?,
-        );
+        )
+        .with_conntrack(take_map(&mut ebpf, maps::CONNTRACK)?);
         // Pinned maps may hold a previous agent's state: start from it.
         let mirror = backend.read_back().map_err(|e| DatapathError::Map {
             name: maps::ENDPOINTS,

@@ -9,7 +9,7 @@ use std::{collections::BTreeMap, fmt};
 
 use aya::maps::{HashMap as BpfHashMap, MapData, lpm_trie::Key, lpm_trie::LpmTrie};
 use netpol_common::{
-    EndpointInfo, PolicyKeyV4, PolicyKeyV6, PolicyValue, PortKey, PortValue, maps,
+    CtKey, CtValue, EndpointInfo, PolicyKeyV4, PolicyKeyV6, PolicyValue, PortKey, PortValue, maps,
 };
 
 use crate::{compiler::RawOp, model::ObjectRef};
@@ -67,6 +67,14 @@ pub trait Backend {
     /// # Errors
     /// The kernel's error, e.g. `E2BIG`/`ENOSPC` when the map is full.
     fn exec(&mut self, op: &KernelOp) -> Result<(), BackendError>;
+
+    /// Forgets every tracked connection of an endpoint that is gone, so a
+    /// pod that later gets its address (or id) inherits nothing. Returns
+    /// how many were removed.
+    ///
+    /// # Errors
+    /// When the connection map cannot be read or written.
+    fn purge_connections(&mut self, endpoint: u32) -> Result<usize, BackendError>;
 }
 
 /// Entries per map, as the writer knows them.
@@ -308,11 +316,29 @@ impl<B: Backend> MapWriter<B> {
         })
     }
 
-    /// Applies kernel operations all or nothing.
+    /// Applies kernel operations all or nothing, then forgets the tracked
+    /// connections of endpoint ids that no interface carries any more.
     ///
     /// # Errors
     /// As [`Self::apply`].
     pub fn apply_kernel(&mut self, ops: &[KernelOp]) -> Result<(), MapWriteError> {
+        let before: std::collections::BTreeSet<u32> =
+            self.mirror.endpoints.values().map(|e| e.id).collect();
+        self.apply_all(ops)?;
+        let after: std::collections::BTreeSet<u32> =
+            self.mirror.endpoints.values().map(|e| e.id).collect();
+        for gone in before.difference(&after) {
+            match self.backend.purge_connections(*gone) {
+                Ok(n) => tracing::debug!(endpoint = gone, removed = n, "connections forgotten"),
+                // Connections of a gone id can match nothing new (ids are not
+                // reused), so a failed purge costs memory, not correctness.
+                Err(e) => tracing::warn!(endpoint = gone, error = %e, "purging connections"),
+            }
+        }
+        Ok(())
+    }
+
+    fn apply_all(&mut self, ops: &[KernelOp]) -> Result<(), MapWriteError> {
         let mut undo: Vec<KernelOp> = Vec::new();
         for op in ops {
             let inverse = self.mirror.inverse(op);
@@ -363,6 +389,8 @@ pub struct FakeBackend {
     pub capacity: BTreeMap<&'static str, usize>,
     /// Operations executed, in order (rollbacks included).
     pub log: Vec<KernelOp>,
+    /// Endpoint ids whose connections were purged.
+    pub purged: Vec<u32>,
 }
 
 impl Backend for FakeBackend {
@@ -396,6 +424,11 @@ impl Backend for FakeBackend {
         self.state.record(op);
         Ok(())
     }
+
+    fn purge_connections(&mut self, endpoint: u32) -> Result<usize, BackendError> {
+        self.purged.push(endpoint);
+        Ok(0)
+    }
 }
 
 /// The kernel's maps.
@@ -404,6 +437,7 @@ pub struct KernelBackend {
     policy_v4: LpmTrie<MapData, PolicyKeyV4, PolicyValue>,
     policy_v6: LpmTrie<MapData, PolicyKeyV6, PolicyValue>,
     ports: LpmTrie<MapData, PortKey, PortValue>,
+    conntrack: Option<BpfHashMap<MapData, CtKey, CtValue>>,
 }
 
 impl fmt::Debug for KernelBackend {
@@ -425,7 +459,16 @@ impl KernelBackend {
             policy_v4,
             policy_v6,
             ports,
+            conntrack: None,
         }
+    }
+
+    /// Adds the connection map, so that gone endpoints' connections are
+    /// purged.
+    #[must_use]
+    pub fn with_conntrack(mut self, conntrack: BpfHashMap<MapData, CtKey, CtValue>) -> Self {
+        self.conntrack = Some(conntrack);
+        self
     }
 
     /// Reads what the maps hold (adoption after a restart, inspection).
@@ -498,6 +541,23 @@ impl Backend for KernelBackend {
             KernelOp::PortDelete(l, k) => tolerate_absent(self.ports.remove(&Key::new(l, k))),
         }
     }
+
+    fn purge_connections(&mut self, endpoint: u32) -> Result<usize, BackendError> {
+        let Some(ct) = self.conntrack.as_mut() else {
+            return Ok(0);
+        };
+        // Collect first: deleting while iterating restarts the kernel's
+        // key walk.
+        let keys: Vec<CtKey> = ct
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.endpoint == endpoint)
+            .collect();
+        for k in &keys {
+            tolerate_absent(ct.remove(k))?;
+        }
+        Ok(keys.len())
+    }
 }
 
 /// The production writer.
@@ -558,10 +618,42 @@ mod tests {
     }
 
     #[test]
+    fn connections_of_a_deleted_endpoint_are_purged() {
+        let mut w = MapWriter::new(FakeBackend::default(), Mirror::default());
+        let ifaces: BTreeMap<ObjectRef, u32> = [(pod("a"), 7), (pod("b"), 8)].into_iter().collect();
+        let info = |id| EndpointInfo {
+            id,
+            ..EndpointInfo::default()
+        };
+        w.apply(
+            &[
+                RawOp::EndpointUpsert(pod("a"), info(3)),
+                RawOp::EndpointUpsert(pod("b"), info(4)),
+            ],
+            &ifaces,
+        )
+        .expect("apply");
+        // b's interface now carries a new pod (new id); a is deleted.
+        w.apply(
+            &[
+                RawOp::EndpointUpsert(pod("b"), info(5)),
+                RawOp::EndpointDelete(pod("a"), info(3)),
+            ],
+            &ifaces,
+        )
+        .expect("apply");
+        assert_eq!(w.backend().purged, vec![3, 4]);
+    }
+
+    #[test]
     fn endpoint_updates_are_keyed_by_interface_and_skipped_without_one() {
         let mut w = MapWriter::new(FakeBackend::default(), Mirror::default());
         let ifaces: BTreeMap<ObjectRef, u32> = [(pod("a"), 7)].into_iter().collect();
-        let info = EndpointInfo { id: 3, flags: 1 };
+        let info = EndpointInfo {
+            id: 3,
+            flags: 1,
+            ..EndpointInfo::default()
+        };
         let r = w
             .apply(
                 &[
@@ -580,13 +672,21 @@ mod tests {
     fn rollback_restores_updated_values_not_just_inserts() {
         let mut w = MapWriter::new(FakeBackend::default(), Mirror::default());
         let ifaces: BTreeMap<ObjectRef, u32> = [(pod("a"), 7)].into_iter().collect();
-        let old = EndpointInfo { id: 3, flags: 0 };
+        let old = EndpointInfo {
+            id: 3,
+            flags: 0,
+            ..EndpointInfo::default()
+        };
         w.apply(&[RawOp::EndpointUpsert(pod("a"), old)], &ifaces)
             .expect("apply");
         let mut fake = w.backend().clone();
         fake.capacity.insert(maps::PORTS, 0);
         let mut w = MapWriter::new(fake, w.mirror().clone());
-        let new = EndpointInfo { id: 3, flags: 3 };
+        let new = EndpointInfo {
+            id: 3,
+            flags: 3,
+            ..EndpointInfo::default()
+        };
         w.apply(
             &[RawOp::EndpointUpsert(pod("a"), new), port(2, 80)],
             &ifaces,

@@ -144,6 +144,12 @@ impl TryFrom<&core::Pod> for Pod {
             phase,
             ips,
             ports,
+            allow_any_source: pod
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(super::ALLOW_ANY_SOURCE_ANNOTATION))
+                .is_some_and(|v| v == "true"),
         })
     }
 }

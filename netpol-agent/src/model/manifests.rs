@@ -91,11 +91,16 @@ pub fn apply_str(snapshot: &mut Snapshot, text: &str, origin: &str, report: &mut
         match serde_json::Value::deserialize(doc) {
             Ok(serde_json::Value::Null) => {}
             Ok(value) => apply_value(snapshot, value, &origin, report),
-            Err(e) => report.errors.push(doc_error(
-                &origin,
-                "document",
-                format!("not a YAML document: {e}"),
-            )),
+            Err(e) => {
+                report.errors.push(doc_error(
+                    &origin,
+                    "document",
+                    format!("not a YAML document: {e}"),
+                ));
+                // serde_yaml's document iterator repeats a syntax error
+                // forever: nothing after it can be read.
+                break;
+            }
         }
     }
 }

@@ -23,6 +23,13 @@ pub type Labels = BTreeMap<String, String>;
 /// conversion when a manifest lacks it).
 pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
 
+/// Pod annotation opting a pod out of anti-spoofing: with the value
+/// `"true"` (exactly), the pod may send from addresses that are not its own
+/// (it routes other addresses) and its endpoint gets
+/// `netpol_common::endpoint_flags::ALLOW_ANY_SOURCE`. Any other value, or
+/// no annotation, keeps the check.
+pub const ALLOW_ANY_SOURCE_ANNOTATION: &str = "netpol.io/allow-any-source";
+
 /// A namespaced object's identity.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 pub struct ObjectRef {
@@ -164,6 +171,9 @@ pub struct Pod {
     pub ips: Vec<IpAddr>,
     /// Every container's ports.
     pub ports: Vec<ContainerPort>,
+    /// Annotated [`ALLOW_ANY_SOURCE_ANNOTATION`]` = "true"`: the only
+    /// annotation the compiler reads.
+    pub allow_any_source: bool,
 }
 
 impl Pod {
@@ -516,6 +526,21 @@ mod tests {
         assert!(s.matches(&l(&[("app", "web")])) && !s.matches(&Labels::new()));
         assert!(req("app", Operator::Exists).matches(&l(&[("app", "")])));
         assert!(!req("app", Operator::DoesNotExist).matches(&l(&[("app", "")])));
+    }
+
+    #[test]
+    fn broken_yaml_is_reported_once_and_ends_the_file() {
+        let mut s = Snapshot::default();
+        let mut r = LoadReport::default();
+        // A separator indented into a mapping: serde_yaml's iterator would
+        // repeat this error forever.
+        apply_str(
+            &mut s,
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: x}\n    ---\nkind: [\n",
+            "t",
+            &mut r,
+        );
+        assert_eq!(r.errors.len(), 1, "{:?}", r.errors);
     }
 
     #[test]

@@ -5,7 +5,7 @@
 
 use std::net::IpAddr;
 
-use netpol_agent::compiler::{Direction, MapState};
+use netpol_agent::compiler::{Compiled, Direction, MapState, RuleSet};
 use netpol_agent::model::{NetworkPolicy, Peer, Pod, PortSpec, Rule, Snapshot};
 use netpol_common::{PolicyKeyV4, PolicyKeyV6, PortKey, policy_selector};
 
@@ -205,4 +205,45 @@ pub fn simulate_connection(
     };
     simulate(state, &src.id, Direction::Egress, da, proto, port)
         && simulate(state, &dst.id, Direction::Ingress, sa, proto, port)
+}
+
+/// Endpoint directions present in both outputs whose contents (isolation,
+/// entries of both families with their rule sets' contents) are the same
+/// must have the same generation, and different contents a different one;
+/// an open direction has generation 0. The first violation, if any.
+pub fn generation_violation(a: &Compiled, b: &Compiled) -> Option<String> {
+    let contents = |c: &Compiled, id: u32, isolated: bool, d: Direction| {
+        let entries: Vec<(ipnet::IpNet, Option<RuleSet>)> = c
+            .policy_v4
+            .iter()
+            .chain(c.policy_v6.iter())
+            .filter(|(t, _)| t.endpoint == id && t.direction == d)
+            .map(|(t, v)| (t.prefix, c.rulesets.get(&v.ruleset).cloned()))
+            .collect();
+        (isolated, entries)
+    };
+    for (pod, eb) in &b.endpoints {
+        for d in [Direction::Egress, Direction::Ingress] {
+            if (eb.generation(d) == 0) == eb.isolated(d) {
+                return Some(format!(
+                    "{pod} {d:?}: generation {} but isolated {}",
+                    eb.generation(d),
+                    eb.isolated(d)
+                ));
+            }
+            let Some(ea) = a.endpoints.get(pod) else {
+                continue;
+            };
+            let same =
+                contents(a, ea.id, ea.isolated(d), d) == contents(b, eb.id, eb.isolated(d), d);
+            if same != (ea.generation(d) == eb.generation(d)) {
+                return Some(format!(
+                    "{pod} {d:?}: contents same {same}, generations {} -> {}",
+                    ea.generation(d),
+                    eb.generation(d)
+                ));
+            }
+        }
+    }
+    None
 }

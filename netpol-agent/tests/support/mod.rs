@@ -190,3 +190,301 @@ impl PodLink {
         Self { node, pod, host_if }
     }
 }
+
+// ---------------------------------------------------------------------
+// Agent helpers (tests/agent_*.rs, benches/agent.rs): an agent running in
+// a node namespace, manifests it watches, bridge and routed pod topologies.
+// ---------------------------------------------------------------------
+pub mod agent {
+    use std::{
+        net::SocketAddr,
+        path::{Path, PathBuf},
+        process::Command,
+        time::Duration,
+    };
+
+    use netpol_agent::{
+        Agent, AgentError, Counters, Source, Status, StatusHandle, fingerprint,
+        model::{Snapshot, manifests::load_dir},
+    };
+
+    use super::{Netns, sh, unique};
+
+    pub const DEADLINE: Duration = Duration::from_secs(10);
+
+    /// The manifests folder the agent watches.
+    pub struct Manifests(pub PathBuf);
+
+    impl Manifests {
+        pub fn new() -> Self {
+            let p = std::env::temp_dir().join(unique("netpol-manifests-"));
+            std::fs::create_dir_all(&p).expect("manifests folder");
+            Self(p)
+        }
+
+        pub fn write(&self, name: &str, text: &str) {
+            let tmp = self.0.join(format!(".{name}.tmp"));
+            std::fs::write(&tmp, text).expect("writing a manifest");
+            std::fs::rename(&tmp, self.0.join(name)).expect("renaming a manifest");
+        }
+
+        /// What the agent must report once it enforces this folder.
+        pub fn fingerprint(&self) -> String {
+            let mut s = Snapshot::default();
+            load_dir(&self.0, &mut s).expect("loading the manifests");
+            fingerprint(&s)
+        }
+    }
+
+    impl Drop for Manifests {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// An agent running on its own thread inside the node namespace.
+    pub struct Running {
+        pub status: StatusHandle,
+        stop: Option<tokio::sync::oneshot::Sender<()>>,
+        thread: Option<std::thread::JoinHandle<Result<(), AgentError>>>,
+        rt: tokio::runtime::Runtime,
+    }
+
+    impl Running {
+        pub fn start(node: &Netns, bpffs: &Path, manifests: &Manifests) -> Self {
+            let agent = Agent::builder()
+                .source(Source::Files(manifests.0.clone()))
+                .node_name("n1")
+                .bpffs(bpffs)
+                .interfaces("nph*")
+                .listen(Some("127.0.0.1:0".parse().expect("address")))
+                .build()
+                .expect("agent settings");
+            let status = agent.status();
+            let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+            let ns = PathBuf::from("/var/run/netns").join(&node.name);
+            let thread = std::thread::spawn(move || {
+                let f = std::fs::File::open(&ns).expect("node namespace");
+                nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET)
+                    .expect("entering the node");
+                // Built after setns: every runtime thread is in the node.
+                let rt = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .enable_all()
+                    .build()
+                    .expect("agent runtime");
+                rt.block_on(agent.run(async {
+                    let _ = rx.await;
+                }))
+            });
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .build()
+                .expect("test runtime");
+            Self {
+                status,
+                stop: Some(tx),
+                thread: Some(thread),
+                rt,
+            }
+        }
+
+        pub fn wait(&mut self, what: &str, pred: impl FnMut(&Status) -> bool) -> Status {
+            match self.rt.block_on(self.status.wait_for(DEADLINE, pred)) {
+                Ok(s) => s,
+                Err(last) => panic!("timed out waiting for {what}; status: {last:#?}"),
+            }
+        }
+
+        /// Waits until the agent enforces exactly what the folder holds.
+        pub fn wait_enforced(&mut self, m: &Manifests) -> Status {
+            let fp = m.fingerprint();
+            self.wait(&format!("fingerprint {fp}"), |s| {
+                s.fingerprint.as_deref() == Some(fp.as_str()) && s.last_error.is_none()
+            })
+        }
+    }
+
+    impl Drop for Running {
+        fn drop(&mut self) {
+            if let Some(tx) = self.stop.take() {
+                let _ = tx.send(());
+            }
+            if let Some(t) = self.thread.take() {
+                match t.join() {
+                    Ok(r) => {
+                        if !std::thread::panicking() {
+                            r.expect("agent result");
+                        }
+                    }
+                    Err(p) if !std::thread::panicking() => std::panic::resume_unwind(p),
+                    Err(_) => {}
+                }
+            }
+        }
+    }
+
+    pub fn interface<'a>(
+        s: &'a Status,
+        name: &str,
+    ) -> Option<&'a netpol_agent::telemetry::InterfaceStatus> {
+        s.interfaces.iter().find(|i| i.name == name)
+    }
+
+    /// One echo request and its reply within two seconds.
+    pub fn pings(from: &Netns, to: &str) -> bool {
+        Command::new("ip")
+            .args(["netns", "exec", &from.name, "ping", "-c1", "-W2", to])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    }
+
+    pub fn count(bpffs: &Path, r: u32) -> u64 {
+        let c = Counters::read_pinned(&bpffs.join("netpol")).expect("counters");
+        c.entries
+            .iter()
+            .filter(|e| e.reason == r)
+            .map(|e| e.value.packets)
+            .sum()
+    }
+
+    pub fn http_get(node: &Netns, addr: SocketAddr, path: &str) -> String {
+        use std::io::{Read as _, Write as _};
+        node.run(|| {
+            let mut s = std::net::TcpStream::connect(addr).expect("connecting to the agent");
+            write!(
+                s,
+                "GET {path} HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n"
+            )
+            .expect("request");
+            let mut out = String::new();
+            s.read_to_string(&mut out).expect("response");
+            out
+        })
+    }
+
+    #[derive(Clone, Copy)]
+    pub enum Topology {
+        /// Veths enslaved to one bridge, one subnet.
+        Bridge,
+        /// Each veth routed by the node, one subnet each.
+        Routed,
+    }
+
+    pub struct PodNet {
+        pub ns: Netns,
+        pub host_if: String,
+        pub v4: String,
+        pub v6: String,
+    }
+
+    /// `ip -n <ns> <args>`, the arguments split on spaces.
+    pub fn ip(ns: &str, args: &str) {
+        let mut full = vec!["-n", ns];
+        full.extend(args.split_whitespace());
+        sh("ip", &full);
+    }
+
+    /// The node namespace with its bridge (for [`Topology::Bridge`]).
+    pub fn node(topo: Topology, dual: bool) -> Netns {
+        let node = Netns::new("npn");
+        node.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"]);
+        if dual {
+            node.exec("sysctl", &["-qw", "net.ipv6.conf.all.forwarding=1"]);
+        } else {
+            node.exec("sysctl", &["-qw", "net.ipv6.conf.all.disable_ipv6=1"]);
+            node.exec("sysctl", &["-qw", "net.ipv6.conf.default.disable_ipv6=1"]);
+        }
+        if matches!(topo, Topology::Bridge) {
+            let n = &node.name;
+            ip(n, "link add cni0 type bridge");
+            ip(n, "addr add 10.42.0.1/24 dev cni0");
+            if dual {
+                ip(n, "addr add fd42::1/64 dev cni0 nodad");
+            }
+            ip(n, "link set cni0 up");
+        }
+        node
+    }
+
+    /// A pod's namespace and veth, addressed as a CNI does: the host side
+    /// appears first, the peer gets its addresses after. IPv4 only unless
+    /// `dual`.
+    pub fn pod(node: &Netns, topo: Topology, n: u8, dual: bool) -> PodNet {
+        let ns = Netns::new("npp");
+        let host_if = unique("nph");
+        let (nn, pn) = (&node.name, &ns.name);
+        ip(
+            nn,
+            &format!("link add {host_if} type veth peer name eth0 netns {pn}"),
+        );
+        let (v4, v6, gw4, gw6) = match topo {
+            Topology::Bridge => {
+                ip(nn, &format!("link set {host_if} master cni0"));
+                (
+                    format!("10.42.0.{n}"),
+                    format!("fd42::{n}"),
+                    "10.42.0.1".to_owned(),
+                    "fd42::1".to_owned(),
+                )
+            }
+            Topology::Routed => {
+                let (gw4, gw6) = (format!("10.1.{n}.1"), format!("fd01:{n}::1"));
+                ip(nn, &format!("addr add {gw4}/24 dev {host_if}"));
+                if dual {
+                    ip(nn, &format!("addr add {gw6}/64 dev {host_if} nodad"));
+                }
+                (format!("10.1.{n}.2"), format!("fd01:{n}::2"), gw4, gw6)
+            }
+        };
+        ip(nn, &format!("link set {host_if} up"));
+        ip(pn, &format!("addr add {v4}/24 dev eth0"));
+        if dual {
+            ip(pn, &format!("addr add {v6}/64 dev eth0 nodad"));
+        }
+        ip(pn, "link set eth0 up");
+        ip(pn, &format!("route add default via {gw4}"));
+        if dual {
+            ip(pn, &format!("-6 route add default via {gw6}"));
+        }
+        PodNet {
+            ns,
+            host_if,
+            v4,
+            v6: if dual { v6 } else { String::new() },
+        }
+    }
+
+    impl PodNet {
+        pub fn addresses(&self) -> Vec<&str> {
+            [self.v4.as_str(), self.v6.as_str()]
+                .into_iter()
+                .filter(|a| !a.is_empty())
+                .collect()
+        }
+    }
+
+    pub const BASE: &str = r#"
+apiVersion: v1
+kind: Node
+metadata: {name: n1}
+status: {addresses: [{type: InternalIP, address: 10.0.0.1}, {type: InternalIP, address: "fd00::1"}]}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: x, labels: {kubernetes.io/metadata.name: x}}
+"#;
+
+    pub fn pod_manifest(name: &str, p: &PodNet) -> String {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: x, labels: {{app: {name}}}}}\n\
+             spec: {{nodeName: n1, containers: [{{name: c}}]}}\n\
+             status: {{phase: Running, podIPs: [{}]}}\n",
+            p.addresses()
+                .iter()
+                .map(|a| format!("{{ip: \"{a}\"}}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    }
+}

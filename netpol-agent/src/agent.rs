@@ -1,0 +1,394 @@
+//! [`Agent`]: keeps one node's kernel in step with its desired state.
+//! The binary's `run` is a thin shell over it; a bigger agent embeds it
+//! the same way.
+use std::{future::Future, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+
+use netpol_common::{GlobalConfig, config_flags};
+use tokio::sync::{mpsc, watch};
+
+use crate::{
+    datapath::{AttachMode, Datapath, DatapathConfig, DatapathError, MapSizes},
+    interfaces::{self, InterfaceError},
+    sources::{
+        Source,
+        files::{FilesError, FilesSource},
+    },
+    sync::{SyncConfig, SyncLoop},
+    telemetry::{Families, Metrics, Status, StatusHandle},
+};
+
+/// Default debounce of source bursts.
+pub const DEFAULT_DEBOUNCE: Duration = Duration::from_millis(10);
+/// Default HTTP address of the binary.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:9101";
+
+/// What the datapath does with a pod interface the agent has not
+/// programmed yet (a new veth whose pod is not bound, or whose endpoint is
+/// not written yet).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum NewPods {
+    /// Only neighbour discovery and the node's own traffic (kubelet
+    /// probes) pass until the pod's policy is in force.
+    #[default]
+    FailClosed,
+    /// Everything passes until the pod's policy is in force.
+    FailOpen,
+}
+
+impl NewPods {
+    /// The command-line spelling.
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::FailClosed => "fail-closed",
+            Self::FailOpen => "fail-open",
+        }
+    }
+}
+
+/// Why the agent could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The builder was given no source.
+    #[error("no source: give the agent a manifests folder")]
+    NoSource,
+    /// `--interfaces` is not a glob.
+    #[error("interface pattern {pattern:?}: {source}")]
+    Pattern {
+        /// The pattern.
+        pattern: String,
+        /// Why.
+        source: glob::PatternError,
+    },
+    /// The datapath could not be loaded.
+    #[error("loading the datapath: {0}")]
+    Datapath(#[from] DatapathError),
+    /// The HTTP port could not be bound.
+    #[error("listening on {addr}: {source}")]
+    Listen {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The files source failed.
+    #[error(transparent)]
+    Files(#[from] FilesError),
+    /// Link watching failed.
+    #[error("watching links: {0}")]
+    Links(#[from] InterfaceError),
+    /// A task of the agent panicked.
+    #[error("agent task {task} failed: {message}")]
+    Task {
+        /// The task.
+        task: &'static str,
+        /// The panic.
+        message: String,
+    },
+}
+
+/// Builds an [`Agent`].
+#[derive(Clone, Debug)]
+pub struct AgentBuilder {
+    source: Option<Source>,
+    node: Option<String>,
+    bpffs: PathBuf,
+    object: Option<PathBuf>,
+    attach_mode: AttachMode,
+    map_sizes: MapSizes,
+    interfaces: Option<String>,
+    new_pods: NewPods,
+    listen: Option<SocketAddr>,
+    debounce: Duration,
+}
+
+impl Default for AgentBuilder {
+    fn default() -> Self {
+        Self {
+            source: None,
+            node: None,
+            bpffs: PathBuf::from(crate::datapath::DEFAULT_BPFFS),
+            object: None,
+            attach_mode: AttachMode::Auto,
+            map_sizes: MapSizes::default(),
+            interfaces: None,
+            new_pods: NewPods::FailClosed,
+            listen: None,
+            debounce: DEFAULT_DEBOUNCE,
+        }
+    }
+}
+
+impl AgentBuilder {
+    /// Where the objects come from (required).
+    #[must_use]
+    pub fn source(mut self, source: Source) -> Self {
+        self.source = Some(source);
+        self
+    }
+
+    /// The node whose pods are local (default: the only Node of the
+    /// source).
+    #[must_use]
+    pub fn node_name(mut self, node: impl Into<String>) -> Self {
+        self.node = Some(node.into());
+        self
+    }
+
+    /// bpffs mount point; the maps are pinned in `<bpffs>/netpol`
+    /// (default `/sys/fs/bpf`).
+    #[must_use]
+    pub fn bpffs(mut self, path: impl Into<PathBuf>) -> Self {
+        self.bpffs = path.into();
+        self
+    }
+
+    /// The eBPF object (default: found by [`crate::object::locate`]).
+    #[must_use]
+    pub fn object(mut self, path: impl Into<PathBuf>) -> Self {
+        self.object = Some(path.into());
+        self
+    }
+
+    /// How programs are attached.
+    #[must_use]
+    pub fn attach_mode(mut self, mode: AttachMode) -> Self {
+        self.attach_mode = mode;
+        self
+    }
+
+    /// Sizes of maps this agent creates.
+    #[must_use]
+    pub fn map_sizes(mut self, sizes: MapSizes) -> Self {
+        self.map_sizes = sizes;
+        self
+    }
+
+    /// Only veths whose name matches this glob are pod interfaces
+    /// (default: every veth).
+    #[must_use]
+    pub fn interfaces(mut self, glob: impl Into<String>) -> Self {
+        self.interfaces = Some(glob.into());
+        self
+    }
+
+    /// What unprogrammed pod interfaces do (default fail-closed).
+    #[must_use]
+    pub fn new_pods(mut self, mode: NewPods) -> Self {
+        self.new_pods = mode;
+        self
+    }
+
+    /// Serve `/healthz`, `/readyz`, `/status` and `/metrics` here (default:
+    /// no HTTP; port 0 picks a free port, shown in the log).
+    #[must_use]
+    pub fn listen(mut self, addr: Option<SocketAddr>) -> Self {
+        self.listen = addr;
+        self
+    }
+
+    /// How long a burst of source changes is waited out before compiling
+    /// (default 10 ms).
+    #[must_use]
+    pub fn debounce(mut self, debounce: Duration) -> Self {
+        self.debounce = debounce;
+        self
+    }
+
+    /// Checks the settings.
+    ///
+    /// # Errors
+    /// Without a source, or with an interface pattern that is no glob.
+    pub fn build(self) -> Result<Agent, AgentError> {
+        let source = self.source.clone().ok_or(AgentError::NoSource)?;
+        let interfaces = self
+            .interfaces
+            .as_deref()
+            .map(|p| {
+                glob::Pattern::new(p).map_err(|source| AgentError::Pattern {
+                    pattern: p.to_owned(),
+                    source,
+                })
+            })
+            .transpose()?;
+        let (status_tx, _) = watch::channel(Status {
+            new_pods: self.new_pods.as_str().to_owned(),
+            node: self.node.clone(),
+            ..Status::default()
+        });
+        Ok(Agent {
+            source,
+            interfaces,
+            settings: self,
+            status: status_tx,
+            metrics: Arc::new(Metrics::new()),
+        })
+    }
+}
+
+/// One node's agent.
+///
+/// ```no_run
+/// use netpol_agent::{Agent, NewPods, sources::Source};
+///
+/// # async fn example() -> Result<(), netpol_agent::AgentError> {
+/// let agent = Agent::builder()
+///     .source(Source::Files("/etc/netpol/manifests".into()))
+///     .node_name("node-1")
+///     .interfaces("veth*")
+///     .new_pods(NewPods::FailClosed)
+///     .listen(Some("127.0.0.1:9101".parse().expect("an address")))
+///     .build()?;
+/// let mut status = agent.status();
+/// let shutdown = async {
+///     let _ = tokio::signal::ctrl_c().await;
+/// };
+/// let running = tokio::spawn(agent.run(shutdown));
+/// // Wait until some state is enforced, without sleeping.
+/// let _ = status
+///     .wait_for(std::time::Duration::from_secs(10), |s| s.ready)
+///     .await;
+/// running.await.expect("agent task")?;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Debug)]
+pub struct Agent {
+    source: Source,
+    interfaces: Option<glob::Pattern>,
+    settings: AgentBuilder,
+    status: watch::Sender<Status>,
+    metrics: Arc<Metrics>,
+}
+
+impl Agent {
+    /// A builder with the defaults.
+    #[must_use]
+    pub fn builder() -> AgentBuilder {
+        AgentBuilder::default()
+    }
+
+    /// The agent's status, live.
+    #[must_use]
+    pub fn status(&self) -> StatusHandle {
+        StatusHandle(self.status.subscribe())
+    }
+
+    /// Its metrics.
+    #[must_use]
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.metrics.clone()
+    }
+
+    /// Loads the datapath and keeps the kernel in step with the source
+    /// until `shutdown` completes; the programs are detached on return
+    /// (the pinned maps stay).
+    ///
+    /// # Errors
+    /// When the datapath, the HTTP port, the source or link watching
+    /// cannot start, or one of them fails later.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), AgentError> {
+        let s = &self.settings;
+        let families = match interfaces::node_families().await {
+            Ok((ipv4, ipv6)) => Families { ipv4, ipv6 },
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the node's addresses; assuming both families");
+                Families {
+                    ipv4: true,
+                    ipv6: true,
+                }
+            }
+        };
+        match (families.ipv4, families.ipv6) {
+            (true, false) => tracing::info!("node has no IPv6 address: enforcing IPv4 only"),
+            (false, true) => tracing::info!("node has no IPv4 address: enforcing IPv6 only"),
+            (false, false) => tracing::info!(
+                "node has no global address yet: both families are enforced as pods get them"
+            ),
+            _ => {}
+        }
+        let mut global = GlobalConfig::default();
+        if s.new_pods == NewPods::FailOpen {
+            global.flags |= config_flags::NEW_PODS_FAIL_OPEN;
+        }
+        let dp = Datapath::load(&DatapathConfig {
+            bpffs: s.bpffs.clone(),
+            object: s.object.clone(),
+            attach_mode: s.attach_mode,
+            map_sizes: s.map_sizes,
+            global,
+        })?;
+        // A datapath adopted from a previous run keeps its config map.
+        let mut dp = dp;
+        dp.set_global(global)?;
+
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let listener = match s.listen {
+            Some(addr) => {
+                let l = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| AgentError::Listen { addr, source })?;
+                let local = l.local_addr().unwrap_or(addr);
+                tracing::info!(listen = %local, "serving /healthz /readyz /status /metrics");
+                self.status.send_modify(|st| st.listen = Some(local));
+                Some(l)
+            }
+            None => None,
+        };
+        let http = listener.map(|l| {
+            tokio::spawn(crate::http::serve(
+                l,
+                self.status(),
+                self.metrics.clone(),
+                stop_rx.clone(),
+            ))
+        });
+
+        let (input_tx, input_rx) = watch::channel(None);
+        let mut source = match &self.source {
+            Source::Files(dir) => {
+                tracing::info!(dir = %dir.display(), "files source");
+                tokio::spawn(FilesSource::new(dir.clone()).run(input_tx, stop_rx.clone()))
+            }
+        };
+        let (link_tx, link_rx) = mpsc::unbounded_channel();
+        let mut links = tokio::spawn(interfaces::watch_links(link_tx, stop_rx.clone()));
+
+        let cfg = SyncConfig {
+            node: s.node.clone(),
+            debounce: s.debounce,
+            interfaces: self.interfaces.clone(),
+            new_pods: s.new_pods.as_str(),
+        };
+        let sync = SyncLoop::new(dp, cfg, families, self.status.clone(), self.metrics.clone()).run(
+            input_rx,
+            link_rx,
+            stop_rx.clone(),
+        );
+        tokio::pin!(sync);
+        tokio::pin!(shutdown);
+        let mut sync_done = false;
+        let outcome = tokio::select! {
+            () = &mut shutdown => Ok(()),
+            () = &mut sync => { sync_done = true; Ok(()) }
+            r = &mut source => joined("files source", r).and_then(|r| r.map_err(AgentError::from)),
+            r = &mut links => joined("link watch", r).and_then(|r| r.map_err(AgentError::from)),
+        };
+        tracing::info!("stopping");
+        let _ = stop_tx.send(true);
+        if !sync_done {
+            sync.await;
+        }
+        if let Some(h) = http {
+            let _ = h.await;
+        }
+        outcome
+    }
+}
+
+fn joined<T>(task: &'static str, r: Result<T, tokio::task::JoinError>) -> Result<T, AgentError> {
+    r.map_err(|e| AgentError::Task {
+        task,
+        message: e.to_string(),
+    })
+}

@@ -1,0 +1,442 @@
+//! Pod interfaces: watching links (rtnetlink) and finding which pod a host
+//! veth belongs to without waiting for its traffic.
+//!
+//! Binding reads the pod's side: the veth's peer lives in another network
+//! namespace, named relative to ours by the link's `IFLA_LINK_NETNSID`. The
+//! namespace files under `/var/run/netns` and `/proc/*/ns/net` are matched
+//! against that id (`RTM_GETNSID` with the file's descriptor), and the
+//! peer's addresses are read inside the one that matches. Routed CNIs'
+//! host routes (`podIP dev vethX`) are the fallback when no namespace file
+//! is visible.
+use std::{
+    collections::BTreeSet,
+    net::IpAddr,
+    os::{fd::AsRawFd as _, unix::fs::MetadataExt as _},
+    path::PathBuf,
+};
+
+use futures::{StreamExt as _, TryStreamExt as _};
+use ipnet::IpNet;
+use netlink_packet_core::{NLM_F_REQUEST, NetlinkMessage, NetlinkPayload};
+use netlink_packet_route::{
+    RouteNetlinkMessage,
+    address::AddressAttribute,
+    link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage},
+    neighbour::{NeighbourAddress, NeighbourAttribute},
+    nsid::{NsidAttribute, NsidMessage},
+    route::{RouteAddress, RouteAttribute},
+};
+use netlink_sys::AsyncSocket as _;
+use rtnetlink::{Handle, IpVersion};
+use tokio::sync::{mpsc, watch};
+
+/// A link as the agent sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Link {
+    /// Interface index in the agent's namespace.
+    pub ifindex: u32,
+    /// Interface name.
+    pub name: String,
+    /// Whether it is a veth (only veths are pod interfaces).
+    pub veth: bool,
+    /// The peer's namespace, relative to the agent's (`IFLA_LINK_NETNSID`).
+    pub peer_netnsid: Option<i32>,
+    /// The peer's interface index in its namespace (`IFLA_LINK`).
+    pub peer_ifindex: Option<u32>,
+}
+
+/// A change of the node's links.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LinkEvent {
+    /// The link exists (new, or changed).
+    Present(Link),
+    /// The link is gone.
+    Gone {
+        /// Its index.
+        ifindex: u32,
+        /// Its last name.
+        name: String,
+    },
+}
+
+/// Why a netlink operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum InterfaceError {
+    /// A netlink request failed.
+    #[error("netlink {op}: {source}")]
+    Netlink {
+        /// The request.
+        op: &'static str,
+        /// Why.
+        source: rtnetlink::Error,
+    },
+    /// A system call failed.
+    #[error("{op}: {source}")]
+    Io {
+        /// The call and its object.
+        op: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// No namespace file has the peer's id.
+    #[error("no namespace file under /var/run/netns or /proc/*/ns/net has netnsid {0}")]
+    NetnsNotFound(i32),
+}
+
+fn io(op: impl Into<String>) -> impl FnOnce(std::io::Error) -> InterfaceError {
+    let op = op.into();
+    move |source| InterfaceError::Io { op, source }
+}
+
+/// Reads a link message.
+#[must_use]
+pub fn parse_link(msg: &LinkMessage) -> Link {
+    let mut link = Link {
+        ifindex: msg.header.index,
+        name: String::new(),
+        veth: false,
+        peer_netnsid: None,
+        peer_ifindex: None,
+    };
+    for a in &msg.attributes {
+        match a {
+            LinkAttribute::IfName(n) => link.name.clone_from(n),
+            LinkAttribute::NetnsId(id) if *id >= 0 => link.peer_netnsid = Some(*id),
+            LinkAttribute::Link(i) => link.peer_ifindex = Some(*i),
+            LinkAttribute::LinkInfo(infos) => {
+                link.veth |= infos
+                    .iter()
+                    .any(|i| matches!(i, LinkInfo::Kind(InfoKind::Veth)));
+            }
+            _ => {}
+        }
+    }
+    link
+}
+
+fn connect() -> Result<Handle, InterfaceError> {
+    let (conn, handle, _) = rtnetlink::new_connection().map_err(io("netlink socket"))?;
+    tokio::spawn(conn);
+    Ok(handle)
+}
+
+/// Sends every existing link, then every change, on `tx` until `stop`.
+///
+/// # Errors
+/// When the netlink socket cannot be opened or subscribed.
+pub async fn watch_links(
+    tx: mpsc::UnboundedSender<LinkEvent>,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), InterfaceError> {
+    let (mut conn, handle, mut messages) =
+        rtnetlink::new_connection().map_err(io("netlink socket"))?;
+    // Subscribed before the dump, so no link born in between is missed.
+    conn.socket_mut()
+        .socket_mut()
+        .bind(&netlink_sys::SocketAddr::new(
+            0,
+            rtnetlink::constants::RTMGRP_LINK,
+        ))
+        .map_err(io("subscribing to link events"))?;
+    tokio::spawn(conn);
+    let mut dump = handle.link().get().execute();
+    while let Some(msg) = dump
+        .try_next()
+        .await
+        .map_err(|source| InterfaceError::Netlink {
+            op: "link dump",
+            source,
+        })?
+    {
+        if tx.send(LinkEvent::Present(parse_link(&msg))).is_err() {
+            return Ok(());
+        }
+    }
+    loop {
+        let msg = tokio::select! {
+            () = crate::sync::stopped(&mut stop) => return Ok(()),
+            m = messages.next() => match m {
+                Some((m, _)) => m,
+                None => return Ok(()),
+            },
+        };
+        let ev = match msg.payload {
+            NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(l)) => {
+                LinkEvent::Present(parse_link(&l))
+            }
+            NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelLink(l)) => {
+                let l = parse_link(&l);
+                LinkEvent::Gone {
+                    ifindex: l.ifindex,
+                    name: l.name,
+                }
+            }
+            _ => continue,
+        };
+        if tx.send(ev).is_err() {
+            return Ok(());
+        }
+    }
+}
+
+/// The addresses of a veth's peer, read inside the peer's namespace.
+/// Blocking: it enters the namespace on a thread of its own, which ends
+/// with the lookup (a pool thread must never change namespace).
+///
+/// # Errors
+/// When no namespace file matches the id, or netlink fails.
+pub fn peer_addresses(peer_netnsid: i32, peer_ifindex: u32) -> Result<Vec<IpAddr>, InterfaceError> {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(io("lookup runtime"))?;
+            rt.block_on(async {
+                let file = find_netns(peer_netnsid).await?;
+                nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| {
+                    InterfaceError::Io {
+                        op: "entering the peer's namespace".into(),
+                        source: e.into(),
+                    }
+                })?;
+                // Opened after setns: this socket speaks to the pod's stack.
+                let handle = connect()?;
+                let mut out = Vec::new();
+                let mut dump = handle
+                    .address()
+                    .get()
+                    .set_link_index_filter(peer_ifindex)
+                    .execute();
+                while let Some(msg) =
+                    dump.try_next()
+                        .await
+                        .map_err(|source| InterfaceError::Netlink {
+                            op: "address dump in the peer's namespace",
+                            source,
+                        })?
+                {
+                    for a in msg.attributes {
+                        if let AddressAttribute::Address(ip) = a
+                            && !out.contains(&ip)
+                        {
+                            out.push(ip);
+                        }
+                    }
+                }
+                Ok(out)
+            })
+        })
+        .join()
+        .unwrap_or_else(|_| {
+            Err(InterfaceError::Io {
+                op: "peer address lookup".into(),
+                source: std::io::Error::other("lookup thread panicked"),
+            })
+        })
+    })
+}
+
+/// The namespace file whose id, relative to the caller's namespace, is
+/// `nsid`.
+async fn find_netns(nsid: i32) -> Result<std::fs::File, InterfaceError> {
+    let mut handle = connect()?;
+    let own = std::fs::metadata("/proc/self/ns/net")
+        .map(|m| (m.dev(), m.ino()))
+        .ok();
+    let mut seen = BTreeSet::new();
+    seen.extend(own);
+    for path in netns_candidates() {
+        let Ok(meta) = std::fs::metadata(&path) else {
+            continue;
+        };
+        if !seen.insert((meta.dev(), meta.ino())) {
+            continue;
+        }
+        let Ok(file) = std::fs::File::open(&path) else {
+            continue;
+        };
+        if nsid_of(&mut handle, &file).await == Some(nsid) {
+            return Ok(file);
+        }
+    }
+    Err(InterfaceError::NetnsNotFound(nsid))
+}
+
+fn netns_candidates() -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for dir in ["/var/run/netns", "/run/netns"] {
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            out.extend(entries.filter_map(|e| e.ok().map(|e| e.path())));
+        }
+    }
+    if let Ok(entries) = std::fs::read_dir("/proc") {
+        out.extend(entries.filter_map(|e| {
+            let e = e.ok()?;
+            e.file_name()
+                .to_str()?
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+                .then(|| e.path().join("ns/net"))
+        }));
+    }
+    out
+}
+
+/// `RTM_GETNSID` for a namespace file: its id as the caller's namespace
+/// names it, if it has one.
+async fn nsid_of(handle: &mut Handle, file: &std::fs::File) -> Option<i32> {
+    let mut msg = NsidMessage::default();
+    let fd = u32::try_from(file.as_raw_fd()).ok()?;
+    msg.attributes.push(NsidAttribute::Fd(fd));
+    let mut req = NetlinkMessage::from(RouteNetlinkMessage::GetNsId(msg));
+    req.header.flags = NLM_F_REQUEST;
+    let mut resp = handle.request(req).ok()?;
+    while let Some(m) = resp.next().await {
+        if let NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewNsId(m)) = m.payload {
+            return m.attributes.iter().find_map(|a| match a {
+                NsidAttribute::Id(id) if *id >= 0 => Some(*id),
+                _ => None,
+            });
+        }
+    }
+    None
+}
+
+/// The node's routes with an output interface: `(destination, oif)`, for
+/// routed CNIs whose pod routes point at the pod's veth; then, for bridged
+/// CNIs, a host route per neighbour the node has resolved behind a bridge
+/// port (its MAC looked up in the bridge's FDB), which leaves by that
+/// port.
+///
+/// # Errors
+/// When the route dump fails.
+pub async fn routes() -> Result<Vec<(IpNet, u32)>, InterfaceError> {
+    let handle = connect()?;
+    let mut out = Vec::new();
+    for v6 in [false, true] {
+        let version = if v6 { IpVersion::V6 } else { IpVersion::V4 };
+        let mut dump = handle.route().get(version).execute();
+        loop {
+            let msg = match dump.try_next().await {
+                Ok(Some(m)) => m,
+                Ok(None) => break,
+                // A node without IPv6 has no IPv6 routes to read.
+                Err(_) if v6 => break,
+                Err(source) => {
+                    return Err(InterfaceError::Netlink {
+                        op: "route dump",
+                        source,
+                    });
+                }
+            };
+            let len = msg.header.destination_prefix_length;
+            let mut dst = None;
+            let mut oif = None;
+            for a in &msg.attributes {
+                match a {
+                    RouteAttribute::Destination(RouteAddress::Inet(a)) => {
+                        dst = IpNet::new(IpAddr::V4(*a), len).ok();
+                    }
+                    RouteAttribute::Destination(RouteAddress::Inet6(a)) => {
+                        dst = IpNet::new(IpAddr::V6(*a), len).ok();
+                    }
+                    RouteAttribute::Oif(i) => oif = Some(*i),
+                    _ => {}
+                }
+            }
+            if let (Some(d), Some(o)) = (dst, oif) {
+                out.push((d, o));
+            }
+        }
+    }
+    // Best effort: a node that never spoke to a pod has no entry for it.
+    if let Ok(ports) = neighbour_ports(&handle).await {
+        out.extend(ports.into_iter().map(|(ip, port)| (IpNet::from(ip), port)));
+    }
+    Ok(out)
+}
+
+/// `(neighbour address, bridge port)` for every IP neighbour on a bridge
+/// whose MAC the bridge's FDB has learnt on a port.
+async fn neighbour_ports(handle: &Handle) -> Result<Vec<(IpAddr, u32)>, rtnetlink::Error> {
+    let mut ips: Vec<(IpAddr, Vec<u8>, u32)> = Vec::new();
+    let mut dump = handle.neighbours().get().execute();
+    while let Some(n) = dump.try_next().await? {
+        let mut ip = None;
+        let mut mac = None;
+        for a in n.attributes {
+            match a {
+                NeighbourAttribute::Destination(NeighbourAddress::Inet(a)) => {
+                    ip = Some(IpAddr::V4(a));
+                }
+                NeighbourAttribute::Destination(NeighbourAddress::Inet6(a)) => {
+                    ip = Some(IpAddr::V6(a));
+                }
+                NeighbourAttribute::LinkLocalAddress(m) => mac = Some(m),
+                _ => {}
+            }
+        }
+        if let (Some(ip), Some(mac)) = (ip, mac) {
+            ips.push((ip, mac, n.header.ifindex));
+        }
+    }
+    let mut req = handle.neighbours().get();
+    req.message_mut().header.family = netlink_packet_route::AddressFamily::Bridge;
+    let mut fdb: Vec<(Vec<u8>, u32, Option<u32>)> = Vec::new();
+    let mut dump = req.execute();
+    while let Some(n) = dump.try_next().await? {
+        let mut mac = None;
+        let mut master = None;
+        for a in n.attributes {
+            match a {
+                NeighbourAttribute::LinkLocalAddress(m) => mac = Some(m),
+                NeighbourAttribute::Controller(c) => master = Some(c),
+                _ => {}
+            }
+        }
+        if let Some(mac) = mac {
+            fdb.push((mac, n.header.ifindex, master));
+        }
+    }
+    Ok(ips
+        .into_iter()
+        .filter_map(|(ip, mac, bridge)| {
+            fdb.iter()
+                .find(|(m, port, master)| {
+                    *m == mac && *port != bridge && master.is_none_or(|b| b == bridge)
+                })
+                .map(|(_, port, _)| (ip, *port))
+        })
+        .collect())
+}
+
+/// Which families the node's own stack has: a global (not loopback, not
+/// link-local) address of each.
+///
+/// # Errors
+/// When the address dump fails.
+pub async fn node_families() -> Result<(bool, bool), InterfaceError> {
+    let handle = connect()?;
+    let mut dump = handle.address().get().execute();
+    let (mut v4, mut v6) = (false, false);
+    while let Some(msg) = dump
+        .try_next()
+        .await
+        .map_err(|source| InterfaceError::Netlink {
+            op: "address dump",
+            source,
+        })?
+    {
+        for a in msg.attributes {
+            if let AddressAttribute::Address(ip) = a {
+                match ip {
+                    IpAddr::V4(a) if !a.is_loopback() && !a.is_link_local() => v4 = true,
+                    IpAddr::V6(a) if !a.is_loopback() && !a.is_unicast_link_local() => v6 = true,
+                    _ => {}
+                }
+            }
+        }
+    }
+    Ok((v4, v6))
+}

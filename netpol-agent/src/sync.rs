@@ -1,0 +1,737 @@
+//! The one reconcile loop: the only code that drives the kernel.
+//!
+//! Triggers: a new [`Input`] from the source (debounced, then compiled,
+//! diffed against the state in force and applied through the map writer),
+//! and link changes (a new veth is marked "pod interface, not programmed"
+//! and attached; a gone one is detached and its entry deleted). Binding a
+//! veth to its pod needs no traffic: its peer's addresses are read in the
+//! peer's namespace (or the node's routes point at it) and matched to the
+//! pods' `status.podIPs`; the pod's compiled endpoint entry is then written
+//! under the veth's index (its policy entries, keyed by endpoint id, are in
+//! the maps already).
+//!
+//! # Ids of unbound interfaces
+//! A veth with no pod yet gets `EndpointInfo { id: UNBOUND_ID_BASE |
+//! ifindex, flags: NOT_PROGRAMMED }`. The compiler's endpoint ids stop at
+//! [`compiler::MAX_ENDPOINT_ID`] (2³¹ − 1), so these never collide with a
+//! compiled id, need no allocation state, and differ per interface. The id
+//! of an unprogrammed entry never reaches a policy lookup; it only keys
+//! conntrack entries of the node's own traffic (probes), which therefore
+//! cannot be confused with a programmed pod's connections.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use ipnet::IpNet;
+use netpol_common::{EndpointInfo, endpoint_flags};
+use tokio::sync::{mpsc, watch};
+
+use crate::{
+    compiler::{self, Compiled, IdAllocation, RawOp},
+    datapath::{
+        Datapath,
+        writer::{KernelOp, MapWriteError},
+    },
+    interfaces::{self, Link, LinkEvent},
+    model::ObjectRef,
+    sources::{Input, ObjectCounts, fingerprint},
+    telemetry::{Families, InterfaceStatus, Metrics, Status},
+};
+
+/// High bit of the ids of unbound pod interfaces (see the module docs).
+pub const UNBOUND_ID_BASE: u32 = 1 << 31;
+
+/// How long a failed apply waits before it is retried.
+const RETRY: Duration = Duration::from_secs(1);
+
+/// How often bindings are looked for again while a compiled pod and a pod
+/// interface are both unbound (a bridge learns a pod's MAC only once the
+/// pod speaks, e.g. answers the kubelet's first probe).
+const REBIND: Duration = Duration::from_secs(1);
+
+/// Completes once `stop` turns true (or its sender is gone). Returns no
+/// borrow of the channel, so the futures awaiting it stay `Send`.
+pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+/// The endpoint entry of a pod interface with no pod yet.
+#[must_use]
+pub const fn unbound_entry(ifindex: u32) -> EndpointInfo {
+    EndpointInfo {
+        id: UNBOUND_ID_BASE | ifindex,
+        flags: endpoint_flags::NOT_PROGRAMMED,
+        ingress_gen: 0,
+        egress_gen: 0,
+        ipv4: [0; 4],
+        ipv6: [0; 16],
+    }
+}
+
+/// Settings of the loop.
+#[derive(Clone, Debug)]
+pub(crate) struct SyncConfig {
+    pub node: Option<String>,
+    pub debounce: Duration,
+    pub interfaces: Option<glob::Pattern>,
+    pub new_pods: &'static str,
+}
+
+#[derive(Debug)]
+struct Iface {
+    link: Link,
+    /// Addresses of the peer, read in its namespace.
+    peer: Vec<IpAddr>,
+    /// Pod addresses the node routes to this interface.
+    routed: Vec<IpAddr>,
+    lookup_pending: bool,
+    /// Another lookup was asked for while one ran.
+    lookup_again: bool,
+}
+
+/// Results of the lookups the loop starts off-thread.
+#[derive(Debug)]
+enum Found {
+    Peer {
+        ifindex: u32,
+        result: Result<Vec<IpAddr>, String>,
+    },
+    Routes(Result<Vec<(IpNet, u32)>, String>),
+}
+
+pub(crate) struct SyncLoop {
+    dp: Datapath,
+    cfg: SyncConfig,
+    compiled: Option<Compiled>,
+    ids: IdAllocation,
+    input: Option<Arc<Input>>,
+    ifaces: BTreeMap<u32, Iface>,
+    bindings: BTreeMap<ObjectRef, u32>,
+    generation: u64,
+    fingerprint: Option<String>,
+    ready: bool,
+    last_error: Option<String>,
+    families: Families,
+    routes_pending: bool,
+    routes_again: bool,
+    retry_at: Option<tokio::time::Instant>,
+    rebind_at: Option<tokio::time::Instant>,
+    status: watch::Sender<Status>,
+    metrics: Arc<Metrics>,
+    found_tx: mpsc::UnboundedSender<Found>,
+    found_rx: Option<mpsc::UnboundedReceiver<Found>>,
+}
+
+impl SyncLoop {
+    pub(crate) fn new(
+        dp: Datapath,
+        cfg: SyncConfig,
+        families: Families,
+        status: watch::Sender<Status>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let (found_tx, found_rx) = mpsc::unbounded_channel();
+        Self {
+            dp,
+            cfg,
+            compiled: None,
+            ids: IdAllocation::default(),
+            input: None,
+            ifaces: BTreeMap::new(),
+            bindings: BTreeMap::new(),
+            generation: 0,
+            fingerprint: None,
+            ready: false,
+            last_error: None,
+            families,
+            routes_pending: false,
+            routes_again: false,
+            retry_at: None,
+            rebind_at: None,
+            status,
+            metrics,
+            found_tx,
+            found_rx: Some(found_rx),
+        }
+    }
+
+    /// Runs until `stop`; the datapath (and its attachments) is dropped on
+    /// return.
+    pub(crate) async fn run(
+        mut self,
+        mut inputs: watch::Receiver<Option<Arc<Input>>>,
+        mut links: mpsc::UnboundedReceiver<LinkEvent>,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        let Some(mut found) = self.found_rx.take() else {
+            return;
+        };
+        self.publish();
+        loop {
+            let retry = self.retry_at;
+            let rebind = self.rebind_at;
+            let mut compile = false;
+            let mut endpoints = false;
+            tokio::select! {
+                () = crate::sync::stopped(&mut stop) => break,
+                r = inputs.changed() => {
+                    if r.is_err() {
+                        break;
+                    }
+                    // Bursts (a folder written file by file) become one
+                    // compile of the latest input.
+                    tokio::time::sleep(self.cfg.debounce).await;
+                    compile = true;
+                }
+                Some(ev) = links.recv() => endpoints = self.on_link(ev),
+                Some(f) = found.recv() => endpoints = self.on_found(f),
+                () = async {
+                    match retry {
+                        Some(t) => tokio::time::sleep_until(t).await,
+                        None => std::future::pending().await,
+                    }
+                } => compile = true,
+                () = async {
+                    match rebind {
+                        Some(t) => tokio::time::sleep_until(t).await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    self.rebind_at = None;
+                    self.unbound_pods_lookup();
+                }
+            }
+            if compile {
+                let latest = inputs.borrow_and_update().clone();
+                if let Some(input) = latest {
+                    self.input = Some(input);
+                    self.sync();
+                }
+            } else if endpoints {
+                self.sync_endpoints_and_publish();
+            }
+        }
+        tracing::info!("sync loop stopped");
+    }
+
+    fn on_link(&mut self, ev: LinkEvent) -> bool {
+        match ev {
+            LinkEvent::Present(link) => {
+                let wanted = link.veth
+                    && self
+                        .cfg
+                        .interfaces
+                        .as_ref()
+                        .is_none_or(|p| p.matches(&link.name));
+                if let Some(known) = self.ifaces.get_mut(&link.ifindex) {
+                    if known.link.name != link.name || !wanted {
+                        // Renamed or no longer wanted: start over.
+                        let name = known.link.name.clone();
+                        self.gone(link.ifindex, &name);
+                        return if wanted { self.add(link) } else { true };
+                    }
+                    if known.link.peer_netnsid != link.peer_netnsid
+                        || known.link.peer_ifindex != link.peer_ifindex
+                    {
+                        known.link = link.clone();
+                        known.peer.clear();
+                        self.lookup_peer(link.ifindex);
+                    }
+                    return false;
+                }
+                wanted && self.add(link)
+            }
+            LinkEvent::Gone { ifindex, name } => {
+                if self.ifaces.contains_key(&ifindex) {
+                    self.gone(ifindex, &name);
+                    true
+                } else {
+                    false
+                }
+            }
+        }
+    }
+
+    /// A new pod interface: its "not programmed" entry first, then the
+    /// programs, so the new-pods mode applies from its first packet.
+    fn add(&mut self, link: Link) -> bool {
+        let ifindex = link.ifindex;
+        let name = link.name.clone();
+        let adopted = self.compiled.is_none()
+            && self
+                .dp
+                .writer()
+                .mirror()
+                .endpoints
+                .get(&ifindex)
+                .is_some_and(|e| e.flags & endpoint_flags::NOT_PROGRAMMED == 0);
+        let entry: &[KernelOp] = if adopted {
+            &[]
+        } else {
+            &[KernelOp::EndpointUpsert(ifindex, unbound_entry(ifindex))]
+        };
+        if let Err(e) = self.dp.writer().apply_kernel(entry) {
+            self.fail("attach", format!("marking {name} as a pod interface: {e}"));
+            return false;
+        }
+        if let Err(e) = self.dp.attach(&name) {
+            let _ = self
+                .dp
+                .writer()
+                .apply_kernel(&[KernelOp::EndpointDelete(ifindex)]);
+            self.fail("attach", format!("{e}"));
+            return false;
+        }
+        tracing::info!(interface = %name, ifindex, "pod interface attached, not programmed yet");
+        self.ifaces.insert(
+            ifindex,
+            Iface {
+                link,
+                peer: Vec::new(),
+                routed: Vec::new(),
+                lookup_pending: false,
+                lookup_again: false,
+            },
+        );
+        self.lookup_peer(ifindex);
+        true
+    }
+
+    fn gone(&mut self, ifindex: u32, name: &str) {
+        self.ifaces.remove(&ifindex);
+        // The kernel released the programs with the device; the detach
+        // only drops our handles, so its error says nothing.
+        if let Err(e) = self.dp.detach(name) {
+            tracing::debug!(interface = %name, error = %e, "detach after link removal");
+        }
+        tracing::info!(interface = %name, ifindex, "pod interface gone, detached");
+    }
+
+    fn lookup_peer(&mut self, ifindex: u32) {
+        let Some(iface) = self.ifaces.get_mut(&ifindex) else {
+            return;
+        };
+        let (Some(nsid), Some(peer)) = (iface.link.peer_netnsid, iface.link.peer_ifindex) else {
+            return;
+        };
+        if iface.lookup_pending {
+            // Its answer may predate what we are looking for now.
+            iface.lookup_again = true;
+            return;
+        }
+        iface.lookup_pending = true;
+        let tx = self.found_tx.clone();
+        tokio::task::spawn_blocking(move || {
+            let result = interfaces::peer_addresses(nsid, peer).map_err(|e| e.to_string());
+            let _ = tx.send(Found::Peer { ifindex, result });
+        });
+    }
+
+    fn lookup_routes(&mut self) {
+        if self.routes_pending {
+            self.routes_again = true;
+            return;
+        }
+        self.routes_pending = true;
+        let tx = self.found_tx.clone();
+        tokio::spawn(async move {
+            let result = interfaces::routes().await.map_err(|e| e.to_string());
+            let _ = tx.send(Found::Routes(result));
+        });
+    }
+
+    fn on_found(&mut self, f: Found) -> bool {
+        match f {
+            Found::Peer { ifindex, result } => {
+                let Some(iface) = self.ifaces.get_mut(&ifindex) else {
+                    return false;
+                };
+                iface.lookup_pending = false;
+                let again = std::mem::take(&mut iface.lookup_again);
+                let changed = match result {
+                    Ok(addrs) => {
+                        tracing::debug!(interface = %iface.link.name, ?addrs, "peer addresses");
+                        let changed = iface.peer != addrs;
+                        iface.peer = addrs;
+                        changed
+                    }
+                    Err(e) => {
+                        tracing::debug!(
+                            interface = %iface.link.name,
+                            error = %e,
+                            "peer lookup failed; trying routes"
+                        );
+                        self.lookup_routes();
+                        false
+                    }
+                };
+                if again {
+                    self.lookup_peer(ifindex);
+                }
+                changed
+            }
+            Found::Routes(result) => {
+                self.routes_pending = false;
+                if std::mem::take(&mut self.routes_again) {
+                    self.lookup_routes();
+                }
+                match result {
+                    Ok(routes) => self.apply_routes(&routes),
+                    Err(e) => {
+                        self.metrics.error("bind");
+                        tracing::warn!(error = %e, "reading routes");
+                        false
+                    }
+                }
+            }
+        }
+    }
+
+    /// Gives each unbound pod address to the interface its longest route
+    /// leaves by, when that is a pod interface. Routed addresses stay with
+    /// their interface until it goes or another interface takes them: a
+    /// neighbour entry that ages out must not unbind a pod.
+    fn apply_routes(&mut self, routes: &[(IpNet, u32)]) -> bool {
+        let Some(compiled) = &self.compiled else {
+            return false;
+        };
+        let mut found: Vec<(IpAddr, u32)> = Vec::new();
+        for (pod, ep) in &compiled.endpoints {
+            if self.bindings.contains_key(pod) {
+                continue;
+            }
+            for ip in &ep.ips {
+                let best = routes
+                    .iter()
+                    .filter(|(net, oif)| net.contains(ip) && self.ifaces.contains_key(oif))
+                    .max_by_key(|(net, _)| net.prefix_len());
+                if let Some((_, oif)) = best {
+                    found.push((*ip, *oif));
+                }
+            }
+        }
+        let mut changed = false;
+        for (ip, oif) in found {
+            for (ifindex, iface) in &mut self.ifaces {
+                let has = iface.routed.contains(&ip);
+                if *ifindex == oif && !has {
+                    iface.routed.push(ip);
+                    changed = true;
+                } else if *ifindex != oif && has {
+                    iface.routed.retain(|a| *a != ip);
+                    changed = true;
+                }
+            }
+        }
+        changed
+    }
+
+    /// Pods of `compiled` matched to pod interfaces by address: the peer's
+    /// own addresses first, routes second.
+    fn bind(&self, compiled: &Compiled) -> BTreeMap<ObjectRef, u32> {
+        let mut by_peer: BTreeMap<IpAddr, u32> = BTreeMap::new();
+        let mut by_route: BTreeMap<IpAddr, u32> = BTreeMap::new();
+        for (ifindex, iface) in &self.ifaces {
+            for ip in &iface.peer {
+                by_peer.entry(*ip).or_insert(*ifindex);
+            }
+            for ip in &iface.routed {
+                by_route.entry(*ip).or_insert(*ifindex);
+            }
+        }
+        let mut out = BTreeMap::new();
+        let mut taken = BTreeSet::new();
+        for (pod, ep) in &compiled.endpoints {
+            let found = ep
+                .ips
+                .iter()
+                .find_map(|ip| by_peer.get(ip))
+                .or_else(|| ep.ips.iter().find_map(|ip| by_route.get(ip)));
+            if let Some(&i) = found {
+                if taken.insert(i) {
+                    out.insert(pod.clone(), i);
+                } else {
+                    tracing::warn!(%pod, ifindex = i, "interface claimed by two pods; left unbound");
+                }
+            }
+        }
+        out
+    }
+
+    /// Compiles the latest input and applies the difference.
+    fn sync(&mut self) {
+        let Some(input) = self.input.clone() else {
+            return;
+        };
+        let generation = self.generation + 1;
+        let span = tracing::info_span!("sync", generation);
+        let _enter = span.enter();
+        let start = Instant::now();
+        let mut snapshot = input.snapshot.clone();
+        if self.cfg.node.is_some() {
+            snapshot.local_node.clone_from(&self.cfg.node);
+        }
+        let new = compiler::compile(&snapshot, &self.ids);
+        let bindings = self.bind(&new);
+        let result = match &self.compiled {
+            Some(old) => {
+                let ops: Vec<RawOp> = compiler::diff(old, &new).raw().collect();
+                self.dp.writer().apply(&ops, &bindings).map(|r| r.applied)
+            }
+            None => self.first_apply(&new, &bindings),
+        };
+        match result {
+            Ok(applied) => {
+                self.ids = new.ids.clone();
+                self.compiled = Some(new);
+                if let Err(e) = self.sync_endpoints() {
+                    self.fail("apply", format!("{e}"));
+                    self.publish();
+                    return;
+                }
+                self.generation = generation;
+                self.fingerprint = Some(fingerprint(&input.snapshot));
+                self.ready = true;
+                self.last_error = None;
+                self.retry_at = None;
+                let elapsed = start.elapsed();
+                self.metrics.sync_duration.observe(elapsed.as_secs_f64());
+                tracing::info!(
+                    generation,
+                    fingerprint = self.fingerprint.as_deref().unwrap_or_default(),
+                    applied,
+                    counts = %self.dp.writer().counts(),
+                    micros = elapsed.as_micros(),
+                    "state applied"
+                );
+                self.unbound_pods_lookup();
+            }
+            Err(e) => {
+                self.fail("apply", format!("{e}"));
+                self.retry_at = Some(tokio::time::Instant::now() + RETRY);
+            }
+        }
+        self.publish();
+    }
+
+    /// Pods compiled but not bound: their interface may have got its
+    /// address after we looked (CNIs address the peer after creating it),
+    /// so look again; routes cover peers we cannot see.
+    ///
+    /// Repeated every [`REBIND`] while a compiled pod and a pod interface
+    /// are both unbound.
+    fn unbound_pods_lookup(&mut self) {
+        self.rebind_at = None;
+        let Some(compiled) = &self.compiled else {
+            return;
+        };
+        if compiled
+            .endpoints
+            .keys()
+            .all(|p| self.bindings.contains_key(p))
+        {
+            return;
+        }
+        let bound: BTreeSet<u32> = self.bindings.values().copied().collect();
+        let unbound: Vec<u32> = self
+            .ifaces
+            .keys()
+            .filter(|i| !bound.contains(i))
+            .copied()
+            .collect();
+        if unbound.is_empty() {
+            return;
+        }
+        self.rebind_at = Some(tokio::time::Instant::now() + REBIND);
+        for i in unbound {
+            self.lookup_peer(i);
+        }
+        self.lookup_routes();
+    }
+
+    /// The first apply after start: the pinned maps may hold a previous
+    /// agent's state, whose ids mean nothing to this one, so the policy
+    /// and port maps converge on the new contents entry by entry (new
+    /// entries before endpoints change, stale ones after).
+    fn first_apply(
+        &mut self,
+        new: &Compiled,
+        bindings: &BTreeMap<ObjectRef, u32>,
+    ) -> Result<usize, MapWriteError> {
+        let want = new.map_state();
+        let have = self.dp.writer().mirror().clone();
+        let mut upserts = Vec::new();
+        let mut deletes = Vec::new();
+        for (&(l, k), v) in &want.ports {
+            if have.ports.get(&(l, k)) != Some(v) {
+                upserts.push(KernelOp::PortUpsert(l, k, *v));
+            }
+        }
+        for (&(l, k), v) in &want.policy_v4 {
+            if have.policy_v4.get(&(l, k)) != Some(v) {
+                upserts.push(KernelOp::PolicyV4Upsert(l, k, *v));
+            }
+        }
+        for (&(l, k), v) in &want.policy_v6 {
+            if have.policy_v6.get(&(l, k)) != Some(v) {
+                upserts.push(KernelOp::PolicyV6Upsert(l, k, *v));
+            }
+        }
+        for &(l, k) in have.policy_v4.keys() {
+            if !want.policy_v4.contains_key(&(l, k)) {
+                deletes.push(KernelOp::PolicyV4Delete(l, k));
+            }
+        }
+        for &(l, k) in have.policy_v6.keys() {
+            if !want.policy_v6.contains_key(&(l, k)) {
+                deletes.push(KernelOp::PolicyV6Delete(l, k));
+            }
+        }
+        for &(l, k) in have.ports.keys() {
+            if !want.ports.contains_key(&(l, k)) {
+                deletes.push(KernelOp::PortDelete(l, k));
+            }
+        }
+        self.dp.writer().apply_kernel(&upserts)?;
+        let endpoints = self.endpoint_ops(new, bindings, false);
+        self.dp.writer().apply_kernel(&endpoints)?;
+        self.dp.writer().apply_kernel(&deletes)?;
+        Ok(upserts.len() + endpoints.len() + deletes.len())
+    }
+
+    /// Endpoint entries the interfaces should have, against what the map
+    /// has: a bound pod's compiled entry, the unbound entry otherwise; any
+    /// other index (a gone veth, a previous agent's) is deleted.
+    ///
+    /// With `adopt` (nothing compiled yet), a programmed entry a previous
+    /// agent left in the pinned map stays until the first compile: a
+    /// restart must not put running pods in the new-pods mode.
+    fn endpoint_ops(
+        &mut self,
+        compiled: &Compiled,
+        bindings: &BTreeMap<ObjectRef, u32>,
+        adopt: bool,
+    ) -> Vec<KernelOp> {
+        let have = &self.dp.writer().mirror().endpoints;
+        let mut want: BTreeMap<u32, EndpointInfo> = self
+            .ifaces
+            .keys()
+            .map(|&i| match have.get(&i) {
+                Some(e) if adopt && e.flags & endpoint_flags::NOT_PROGRAMMED == 0 => (i, *e),
+                _ => (i, unbound_entry(i)),
+            })
+            .collect();
+        for (pod, &i) in bindings {
+            if let (Some(ep), Some(slot)) = (compiled.endpoints.get(pod), want.get_mut(&i)) {
+                *slot = ep.info();
+            }
+        }
+        let mut ops: Vec<KernelOp> = want
+            .iter()
+            .filter(|(i, v)| have.get(i) != Some(v))
+            .map(|(&i, &v)| KernelOp::EndpointUpsert(i, v))
+            .collect();
+        ops.extend(
+            have.keys()
+                .filter(|i| !want.contains_key(i))
+                .map(|&i| KernelOp::EndpointDelete(i)),
+        );
+        ops
+    }
+
+    /// Brings the endpoint entries in line with the interfaces and the
+    /// compiled state in force; returns whether anything was written.
+    fn sync_endpoints(&mut self) -> Result<bool, MapWriteError> {
+        let empty = Compiled::default();
+        let compiled = self.compiled.take();
+        let c = compiled.as_ref().unwrap_or(&empty);
+        let bindings = self.bind(c);
+        for (pod, i) in &bindings {
+            if self.bindings.get(pod) != Some(i) {
+                let name = self
+                    .ifaces
+                    .get(i)
+                    .map(|f| f.link.name.clone())
+                    .unwrap_or_default();
+                tracing::info!(%pod, interface = %name, "pod bound to its interface");
+            }
+        }
+        let ops = self.endpoint_ops(c, &bindings, compiled.is_none());
+        self.compiled = compiled;
+        self.bindings = bindings;
+        self.dp.writer().apply_kernel(&ops)?;
+        Ok(!ops.is_empty())
+    }
+
+    fn sync_endpoints_and_publish(&mut self) {
+        match self.sync_endpoints() {
+            Ok(true) => {
+                self.generation += 1;
+                tracing::debug!(generation = self.generation, "interfaces applied");
+            }
+            Ok(false) => {}
+            Err(e) => self.fail("apply", format!("{e}")),
+        }
+        self.publish();
+    }
+
+    fn fail(&mut self, stage: &str, message: String) {
+        self.metrics.error(stage);
+        tracing::error!(stage, error = %message, "sync failed");
+        self.last_error = Some(message);
+    }
+
+    fn publish(&mut self) {
+        let endpoints = self.dp.writer().mirror().endpoints.clone();
+        let counts = self.dp.writer().counts();
+        let interfaces = self
+            .ifaces
+            .iter()
+            .map(|(&ifindex, f)| {
+                let pod = self
+                    .bindings
+                    .iter()
+                    .find(|&(_, &i)| i == ifindex)
+                    .map(|(p, _)| p.to_string());
+                let mut addresses = f.peer.clone();
+                addresses.extend(f.routed.iter().filter(|a| !f.peer.contains(a)));
+                let programmed = endpoints
+                    .get(&ifindex)
+                    .is_some_and(|e| e.flags & endpoint_flags::NOT_PROGRAMMED == 0);
+                InterfaceStatus {
+                    name: f.link.name.clone(),
+                    ifindex,
+                    pod,
+                    addresses,
+                    programmed,
+                }
+            })
+            .collect();
+        let input = self.input.as_deref();
+        let status = Status {
+            listen: self.status.borrow().listen,
+            ready: self.ready,
+            generation: self.generation,
+            fingerprint: self.fingerprint.clone(),
+            node: self
+                .cfg
+                .node
+                .clone()
+                .or_else(|| self.compiled.as_ref().and_then(|c| c.node.clone())),
+            families: self.families,
+            new_pods: self.cfg.new_pods.to_owned(),
+            objects: input
+                .map(|i| ObjectCounts::of(&i.snapshot))
+                .unwrap_or_default(),
+            maps: counts.into(),
+            interfaces,
+            problems: input.map(|i| i.problems.clone()).unwrap_or_default(),
+            last_error: self.last_error.clone(),
+        };
+        self.metrics.observe(&status);
+        self.status.send_replace(status);
+    }
+}

@@ -1,0 +1,572 @@
+//! Running frames through the real programs (BPF_PROG_TEST_RUN) with maps
+//! filled by the production map writer from policies compiled by the
+//! compiler: the fixture, frame builders and verdict tables shared by the
+//! packet test suites.
+#![allow(dead_code, reason = "each test binary uses a subset")]
+
+use std::{collections::BTreeMap, fmt, net::IpAddr};
+
+use crate::support::{Netns, TempBpffs, privileged, sh};
+use aya::programs::{TestRun as _, TestRunOptions};
+use etherparse::{IpNumber, PacketBuilder};
+use netpol_agent::{
+    Datapath, DatapathConfig, MapSizes,
+    compiler::{self, Compiled, IdAllocation},
+    model::{self, ObjectRef, Snapshot},
+};
+use netpol_common::programs;
+
+/// The cluster every test starts from: pods x/a and x/b on this node, y/c
+/// on another; dual-stack.
+pub const CLUSTER: &str = r#"
+apiVersion: v1
+kind: Node
+metadata: {name: n1}
+status:
+  addresses:
+    - {type: InternalIP, address: 172.16.0.1}
+    - {type: InternalIP, address: "fd00:ffff::1"}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: x, labels: {kubernetes.io/metadata.name: x}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: y, labels: {kubernetes.io/metadata.name: y, team: ops}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: a, namespace: x, labels: {app: a}}
+spec:
+  nodeName: n1
+  containers:
+    - name: c
+      ports: [{name: http, containerPort: 8080, protocol: TCP}]
+status:
+  phase: Running
+  podIPs: [{ip: 10.0.0.1}, {ip: "fd00::1"}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: b, namespace: x, labels: {app: b}}
+spec:
+  nodeName: n1
+  containers: [{name: c}]
+status:
+  phase: Running
+  podIPs: [{ip: 10.0.0.2}, {ip: "fd00::2"}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: c, namespace: y, labels: {app: c}}
+spec:
+  nodeName: n2
+  containers: [{name: c}]
+status:
+  phase: Running
+  podIPs: [{ip: 10.0.1.3}, {ip: "fd00:1::3"}]
+"#;
+
+pub const A4: &str = "10.0.0.1";
+pub const A6: &str = "fd00::1";
+pub const B4: &str = "10.0.0.2";
+pub const B6: &str = "fd00::2";
+pub const C4: &str = "10.0.1.3";
+pub const C6: &str = "fd00:1::3";
+pub const NODE4: &str = "172.16.0.1";
+
+pub const TC_ACT_OK: u32 = 0;
+pub const TC_ACT_SHOT: u32 = 2;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum V {
+    Pass,
+    Drop,
+}
+
+impl fmt::Display for V {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            V::Pass => "pass",
+            V::Drop => "drop",
+        })
+    }
+}
+
+/// Where a packet is run: which program, on which pod's interface, and
+/// whether it comes from the node itself (`to_pod` only).
+#[derive(Clone, Copy)]
+pub enum Hook<'a> {
+    /// `from_pod` on the pod's interface: the pod sends.
+    Egress(&'a str),
+    /// `to_pod` on the pod's interface, forwarded from another interface.
+    Ingress(&'a str),
+    /// `to_pod`, sent by the node's own stack (no ingress interface).
+    IngressFromNode(&'a str),
+    /// An interface with no endpoint entry.
+    Unmanaged,
+}
+
+pub struct Fixture {
+    pub dp: Datapath,
+    pub ifindex: BTreeMap<String, u32>,
+    pub compiled: Compiled,
+    /// Pods' host interfaces, for the map writer.
+    pub ifaces: BTreeMap<ObjectRef, u32>,
+}
+
+impl Fixture {
+    /// Runs one frame through a hook and returns the verdict.
+    pub fn run(&mut self, hook: Hook<'_>, frame: &[u8]) -> V {
+        let (prog, iface, iif) = match hook {
+            Hook::Egress(p) => (programs::FROM_POD, self.ifindex[p], self.ifindex["fwd"]),
+            Hook::Ingress(p) => (programs::TO_POD, self.ifindex[p], self.ifindex["fwd"]),
+            Hook::IngressFromNode(p) => (programs::TO_POD, self.ifindex[p], 0),
+            Hook::Unmanaged => (programs::TO_POD, self.ifindex["other"], self.ifindex["fwd"]),
+        };
+        // struct __sk_buff: ingress_ifindex at 36, ifindex at 40; the kernel
+        // wants every field it does not accept to be zero.
+        let mut ctx = [0u8; 192];
+        ctx[36..40].copy_from_slice(&iif.to_ne_bytes());
+        ctx[40..44].copy_from_slice(&iface.to_ne_bytes());
+        let program = self.dp.program(prog).expect("program");
+        let out = program
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                ctx_in: Some(&ctx),
+                ..TestRunOptions::default()
+            })
+            .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN of a {}-byte frame: {e}", frame.len()));
+        match out.return_value {
+            TC_ACT_OK => V::Pass,
+            TC_ACT_SHOT => V::Drop,
+            other => panic!("unexpected TC action {other}"),
+        }
+    }
+
+    pub fn counter(&self, dir: u32, fam: u32, why: u32) -> u64 {
+        self.dp
+            .counters()
+            .expect("counters")
+            .entries
+            .iter()
+            .find(|e| e.direction == dir && e.family == fam && e.reason == why)
+            .map_or(0, |e| e.value.packets)
+    }
+
+    /// Compiles `CLUSTER` plus `manifests` against the current ids and
+    /// applies the difference, as the agent does on a change.
+    pub fn update(&mut self, manifests: &str) {
+        let next = compile_with(manifests, &self.compiled.ids);
+        let ops: Vec<_> = compiler::diff(&self.compiled, &next).raw().collect();
+        self.dp
+            .writer()
+            .apply(&ops, &self.ifaces)
+            .expect("apply update");
+        self.compiled = next;
+    }
+
+    /// Tracked connections, read back from the pinned map.
+    pub fn connections(&self) -> Vec<netpol_common::CtKey> {
+        let pin = self.dp.pin_dir().join(netpol_common::maps::CONNTRACK);
+        let data = aya::maps::MapData::from_pin(&pin).expect("pinned conntrack");
+        let map = aya::maps::Map::from_map_data(data).expect("map");
+        let ct =
+            aya::maps::HashMap::<_, netpol_common::CtKey, netpol_common::CtValue>::try_from(map)
+                .expect("conntrack map");
+        ct.keys().filter_map(Result::ok).collect()
+    }
+
+    pub fn endpoint_id(&self, pod: &str) -> u32 {
+        let (ns, name) = pod.split_once('/').expect("ns/name");
+        self.compiled.endpoints[&ObjectRef::new(ns, name)].id
+    }
+}
+
+/// Loads a fresh datapath in a private netns with interfaces for the
+/// local pods, compiles `CLUSTER` plus `policies`, writes the result through
+/// the map writer and hands the fixture to `f`.
+pub fn with_fixture(policies: &str, f: impl FnOnce(&mut Fixture) + Send) {
+    if !privileged() {
+        return;
+    }
+    let ns = Netns::new("npk");
+    let bpffs = TempBpffs::new();
+    let names = ["x/a", "x/b", "fwd", "other"];
+    let mut ifindex = BTreeMap::new();
+    for (i, n) in names.iter().enumerate() {
+        let dev = format!("d{i}");
+        // This kernel has no dummy driver; a veth pair serves as well.
+        let peer = format!("{dev}p");
+        sh(
+            "ip",
+            &[
+                "-n", &ns.name, "link", "add", &dev, "type", "veth", "peer", "name", &peer,
+            ],
+        );
+        sh("ip", &["-n", &ns.name, "link", "set", &dev, "up"]);
+        let out = sh("ip", &["-n", &ns.name, "-o", "link", "show", "dev", &dev]);
+        let idx: u32 = out
+            .split(':')
+            .next()
+            .and_then(|s| s.trim().parse().ok())
+            .expect("ifindex");
+        ifindex.insert((*n).to_owned(), idx);
+    }
+
+    let compiled = compile_with(policies, &IdAllocation::default());
+    let ops: Vec<_> = compiler::diff(&Compiled::default(), &compiled)
+        .raw()
+        .collect();
+    let ifaces: BTreeMap<ObjectRef, u32> = ["x/a", "x/b"]
+        .iter()
+        .map(|p| {
+            let (n, name) = p.split_once('/').expect("ns/name");
+            (ObjectRef::new(n, name), ifindex[*p])
+        })
+        .collect();
+
+    ns.run(|| {
+        let config = DatapathConfig {
+            bpffs: bpffs.path().to_owned(),
+            map_sizes: MapSizes {
+                endpoints: 64,
+                policy_v4: 1024,
+                policy_v6: 1024,
+                ports: 1024,
+                conntrack: 1024,
+                fragments: 64,
+            },
+            ..DatapathConfig::default()
+        };
+        let mut dp = Datapath::load(&config).expect("load");
+        let report = dp.writer().apply(&ops, &ifaces).expect("apply");
+        assert!(report.skipped.is_empty(), "{:?}", report.skipped);
+        let mut fx = Fixture {
+            dp,
+            ifindex,
+            compiled,
+            ifaces,
+        };
+        f(&mut fx);
+    });
+}
+
+/// `CLUSTER` plus `manifests` (later documents replace earlier objects of
+/// the same name), compiled with `ids`.
+pub fn compile_with(manifests: &str, ids: &IdAllocation) -> Compiled {
+    let mut snap = Snapshot::default();
+    let mut report = model::manifests::LoadReport::default();
+    model::manifests::apply_str(&mut snap, CLUSTER, "cluster", &mut report);
+    model::manifests::apply_str(&mut snap, manifests, "test", &mut report);
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    let compiled = compiler::compile(&snap, ids);
+    assert!(compiled.errors.is_empty(), "{:?}", compiled.errors);
+    compiled
+}
+
+pub const MAC_A: [u8; 6] = [2, 0, 0, 0, 0, 1];
+pub const MAC_B: [u8; 6] = [2, 0, 0, 0, 0, 2];
+
+pub fn ips(src: &str, dst: &str) -> (IpAddr, IpAddr) {
+    (src.parse().expect("src"), dst.parse().expect("dst"))
+}
+
+pub fn builder(src: &str, dst: &str) -> etherparse::PacketBuilderStep<etherparse::IpHeaders> {
+    let eth = PacketBuilder::ethernet2(MAC_A, MAC_B);
+    match ips(src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => eth.ipv4(s.octets(), d.octets(), 64),
+        (IpAddr::V6(s), IpAddr::V6(d)) => eth.ipv6(s.octets(), d.octets(), 64),
+        _ => panic!("mixed families"),
+    }
+}
+
+pub fn tcp_syn(src: &str, dst: &str, sport: u16, dport: u16) -> Vec<u8> {
+    let mut out = Vec::new();
+    builder(src, dst)
+        .tcp(sport, dport, 1, 1024)
+        .syn()
+        .write(&mut out, &[])
+        .expect("build");
+    out
+}
+
+pub fn tcp_ack(src: &str, dst: &str, sport: u16, dport: u16) -> Vec<u8> {
+    let mut out = Vec::new();
+    builder(src, dst)
+        .tcp(sport, dport, 1, 1024)
+        .ack(1)
+        .write(&mut out, b"data")
+        .expect("build");
+    out
+}
+
+pub fn udp(src: &str, dst: &str, sport: u16, dport: u16) -> Vec<u8> {
+    let mut out = Vec::new();
+    builder(src, dst)
+        .udp(sport, dport)
+        .write(&mut out, b"q")
+        .expect("build");
+    out
+}
+
+/// An SCTP common header and an INIT chunk (etherparse has no SCTP).
+pub fn sctp_init(src: &str, dst: &str, sport: u16, dport: u16) -> Vec<u8> {
+    let mut payload = Vec::new();
+    payload.extend_from_slice(&sport.to_be_bytes());
+    payload.extend_from_slice(&dport.to_be_bytes());
+    payload.extend_from_slice(&[0; 8]); // verification tag, checksum
+    payload.extend_from_slice(&[1, 0, 0, 20]); // INIT, flags, length
+    payload.extend_from_slice(&[0; 16]);
+    let mut out = Vec::new();
+    builder(src, dst)
+        .write(&mut out, IpNumber(132), &payload)
+        .expect("build");
+    out
+}
+
+pub fn echo_request(src: &str, dst: &str, id: u16) -> Vec<u8> {
+    let mut out = Vec::new();
+    let b = builder(src, dst);
+    match ips(src, dst).0 {
+        IpAddr::V4(_) => b.icmpv4_echo_request(id, 1).write(&mut out, b"ping"),
+        IpAddr::V6(_) => b.icmpv6_echo_request(id, 1).write(&mut out, b"ping"),
+    }
+    .expect("build");
+    out
+}
+
+pub fn icmpv6(src: &str, dst: &str, icmp_type: u8) -> Vec<u8> {
+    let mut out = Vec::new();
+    builder(src, dst)
+        .icmpv6(etherparse::Icmpv6Type::Unknown {
+            type_u8: icmp_type,
+            code_u8: 0,
+            bytes5to8: [0; 4],
+        })
+        .write(&mut out, &[0; 16])
+        .expect("build");
+    out
+}
+
+pub fn arp() -> Vec<u8> {
+    let mut f = Vec::new();
+    f.extend_from_slice(&[0xff; 6]);
+    f.extend_from_slice(&MAC_A);
+    f.extend_from_slice(&[0x08, 0x06]);
+    f.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1]);
+    f.extend_from_slice(&[0; 20]);
+    f
+}
+
+/// Inserts one 802.1Q tag after the MAC addresses.
+pub fn vlan_tagged(frame: &[u8]) -> Vec<u8> {
+    let mut f = frame[..12].to_vec();
+    f.extend_from_slice(&[0x81, 0x00, 0x00, 0x64]);
+    f.extend_from_slice(&frame[12..]);
+    f
+}
+
+/// Grows an IPv4 header by one word of options (NOPs and end).
+pub fn with_ipv4_options(frame: &[u8]) -> Vec<u8> {
+    let mut f = frame[..34].to_vec();
+    f[14] = 0x46;
+    let total = u16::from_be_bytes([f[16], f[17]]) + 4;
+    f[16..18].copy_from_slice(&total.to_be_bytes());
+    f.extend_from_slice(&[1, 1, 1, 0]);
+    f.extend_from_slice(&frame[34..]);
+    f
+}
+
+/// Puts an empty hop-by-hop header between the IPv6 header and TCP.
+pub fn with_hop_by_hop(frame: &[u8]) -> Vec<u8> {
+    let mut f = frame[..54].to_vec();
+    let next = f[20];
+    f[20] = 0;
+    let len = u16::from_be_bytes([f[18], f[19]]) + 8;
+    f[18..20].copy_from_slice(&len.to_be_bytes());
+    f.extend_from_slice(&[next, 0, 1, 4, 0, 0, 0, 0]);
+    f.extend_from_slice(&frame[54..]);
+    f
+}
+
+/// Marks an IPv4 packet as a non-first fragment.
+pub fn later_fragment(frame: &[u8]) -> Vec<u8> {
+    let mut f = frame.to_vec();
+    f[20..22].copy_from_slice(&0x0010u16.to_be_bytes());
+    f
+}
+
+pub type Case<'a> = (&'a str, Hook<'a>, Vec<u8>, V);
+
+/// Runs every case in order and asserts the whole table at once.
+pub fn assert_table(fx: &mut Fixture, cases: Vec<Case<'_>>) {
+    let mut bad = Vec::new();
+    for (name, hook, frame, want) in cases {
+        let got = fx.run(hook, &frame);
+        if got != want {
+            bad.push(format!("{name}: expected {want}, got {got}"));
+        }
+    }
+    assert!(bad.is_empty(), "verdicts differ:\n{}", bad.join("\n"));
+}
+
+/// A TCP packet with only RST set.
+pub fn tcp_rst(src: &str, dst: &str, sport: u16, dport: u16) -> Vec<u8> {
+    let mut out = Vec::new();
+    builder(src, dst)
+        .tcp(sport, dport, 1, 0)
+        .rst()
+        .write(&mut out, &[])
+        .expect("build");
+    out
+}
+
+const ETH: usize = 14;
+
+/// Splits an IPv4 frame's payload at the given byte counts (multiples of
+/// 8 except the last part) into fragments with id `id`; the rest of the
+/// payload goes in the last fragment.
+pub fn fragments_v4(frame: &[u8], id: u16, sizes: &[usize]) -> Vec<Vec<u8>> {
+    let ihl = usize::from(frame[ETH] & 0x0f) * 4;
+    let (head, payload) = frame.split_at(ETH + ihl);
+    let mut out = Vec::new();
+    let mut off = 0;
+    let mut cuts: Vec<usize> = sizes.to_vec();
+    cuts.push(payload.len() - sizes.iter().sum::<usize>());
+    for (i, n) in cuts.iter().enumerate() {
+        let mut f = head.to_vec();
+        let more = i + 1 < cuts.len();
+        let field = ((off / 8) as u16) | if more { 0x2000 } else { 0 };
+        f[ETH + 4..ETH + 6].copy_from_slice(&id.to_be_bytes());
+        f[ETH + 6..ETH + 8].copy_from_slice(&field.to_be_bytes());
+        let total = (ihl + n) as u16;
+        f[ETH + 2..ETH + 4].copy_from_slice(&total.to_be_bytes());
+        f.extend_from_slice(&payload[off..off + n]);
+        out.push(f);
+        off += n;
+    }
+    out
+}
+
+/// One IPv4 fragment with an arbitrary offset and length of `frame`'s
+/// payload (for overlaps).
+pub fn fragment_v4_at(frame: &[u8], id: u16, offset: usize, len: usize, more: bool) -> Vec<u8> {
+    let ihl = usize::from(frame[ETH] & 0x0f) * 4;
+    let (head, payload) = frame.split_at(ETH + ihl);
+    let mut f = head.to_vec();
+    let field = ((offset / 8) as u16) | if more { 0x2000 } else { 0 };
+    f[ETH + 4..ETH + 6].copy_from_slice(&id.to_be_bytes());
+    f[ETH + 6..ETH + 8].copy_from_slice(&field.to_be_bytes());
+    f[ETH + 2..ETH + 4].copy_from_slice(&((ihl + len) as u16).to_be_bytes());
+    f.extend_from_slice(&payload[offset..offset + len]);
+    f
+}
+
+/// IPv6 fragments: a fragment header (id `id`) after the fixed header,
+/// then `extra` (extension headers placed inside the fragmentable part)
+/// and the payload, split at the given byte counts.
+pub fn fragments_v6(frame: &[u8], id: u32, extra: &[u8], sizes: &[usize]) -> Vec<Vec<u8>> {
+    let (head, payload) = frame.split_at(ETH + 40);
+    let orig_next = head[ETH + 6];
+    let mut body = extra.to_vec();
+    let first_next = if extra.is_empty() { orig_next } else { 60 };
+    if !extra.is_empty() {
+        body[0] = orig_next;
+    }
+    body.extend_from_slice(payload);
+    let mut cuts: Vec<usize> = sizes.to_vec();
+    cuts.push(body.len() - sizes.iter().sum::<usize>());
+    let mut out = Vec::new();
+    let mut off = 0;
+    for (i, n) in cuts.iter().enumerate() {
+        let mut f = head.to_vec();
+        f[ETH + 6] = 44;
+        f[ETH + 4..ETH + 6].copy_from_slice(&((8 + n) as u16).to_be_bytes());
+        let more = u16::from(i + 1 < cuts.len());
+        let field = (off as u16) | more;
+        f.push(first_next);
+        f.push(0);
+        f.extend_from_slice(&field.to_be_bytes());
+        f.extend_from_slice(&id.to_be_bytes());
+        f.extend_from_slice(&body[off..off + n]);
+        out.push(f);
+        off += n;
+    }
+    out
+}
+
+/// Inserts IPv6 extension headers of the given types (8 bytes each, AH
+/// 16) between the fixed header and the transport header.
+pub fn with_ext_chain(frame: &[u8], types: &[u8]) -> Vec<u8> {
+    let (head, payload) = frame.split_at(ETH + 40);
+    let mut f = head.to_vec();
+    let orig_next = f[ETH + 6];
+    let mut chain = Vec::new();
+    for (i, t) in types.iter().enumerate() {
+        let next = types.get(i + 1).copied().unwrap_or(orig_next);
+        if *t == 51 {
+            // AH: length in 4-octet units minus 2 -> 16 bytes.
+            chain.extend_from_slice(&[next, 2, 0, 0, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 0]);
+        } else {
+            chain.extend_from_slice(&[next, 0, 1, 4, 0, 0, 0, 0]);
+        }
+    }
+    f[ETH + 6] = types.first().copied().unwrap_or(orig_next);
+    let len = (payload.len() + chain.len()) as u16;
+    f[ETH + 4..ETH + 6].copy_from_slice(&len.to_be_bytes());
+    f.extend_from_slice(&chain);
+    f.extend_from_slice(payload);
+    f
+}
+
+/// An ESP packet (SPI, sequence, some ciphertext).
+pub fn esp(src: &str, dst: &str) -> Vec<u8> {
+    let mut out = Vec::new();
+    builder(src, dst)
+        .write(
+            &mut out,
+            IpNumber(50),
+            &[0, 0, 1, 0, 0, 0, 0, 1, 9, 9, 9, 9],
+        )
+        .expect("build");
+    out
+}
+
+/// An ICMP error from `router` to `to` quoting the IP packet of `quoted`
+/// (a frame): destination unreachable (IPv4, fragmentation needed) or
+/// packet too big (IPv6).
+pub fn icmp_error(router: &str, to: &str, quoted: &[u8]) -> Vec<u8> {
+    let ip = &quoted[ETH..];
+    let mut out = Vec::new();
+    let b = builder(router, to);
+    match ips(router, to).0 {
+        IpAddr::V4(_) => b
+            .icmpv4(etherparse::Icmpv4Type::Unknown {
+                type_u8: 3,
+                code_u8: 4,
+                bytes5to8: [0, 0, 5, 0xdc],
+            })
+            .write(&mut out, &ip[..ip.len().min(28)]),
+        IpAddr::V6(_) => b
+            .icmpv6(etherparse::Icmpv6Type::Unknown {
+                type_u8: 2,
+                code_u8: 0,
+                bytes5to8: [0, 0, 5, 0x00],
+            })
+            .write(&mut out, &ip[..ip.len().min(48)]),
+    }
+    .expect("build");
+    out
+}
+
+/// `frame` with its IP source replaced (checksums are not checked).
+pub fn with_source(frame: &[u8], src: &str) -> Vec<u8> {
+    let mut f = frame.to_vec();
+    match src.parse::<IpAddr>().expect("address") {
+        IpAddr::V4(a) => f[ETH + 12..ETH + 16].copy_from_slice(&a.octets()),
+        IpAddr::V6(a) => f[ETH + 8..ETH + 24].copy_from_slice(&a.octets()),
+    }
+    f
+}

@@ -1,0 +1,459 @@
+//! `cargo xtask conformance`: the scenarios of `../shared/conformance`
+//! (FORMAT.md) with real packets between network namespaces, filtered by
+//! the real programs, with policies fed to the real `netpol-agent run` as
+//! manifests.
+pub mod probe;
+pub mod scenario;
+pub mod services;
+pub mod topology;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fs::File,
+    io::{Read as _, Write as _},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex, mpsc},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail, ensure};
+use serde_yaml::Value;
+
+use scenario::{Family, ObjKey, PodSpec, Proto, Scenario, Via};
+use topology::{Kind, Topology};
+
+/// Parallel probes.
+const WORKERS: usize = 96;
+/// A cell that must fail waits this long; round trips here are
+/// microseconds, so an allowed cell answers well within it.
+const FAST: Duration = Duration::from_millis(300);
+/// An expected connection that failed the fast attempt gets one slow
+/// retry, so a loaded machine cannot turn an allowed cell into a failure.
+const SLOW: Duration = Duration::from_secs(3);
+/// How long the agent may take to enforce one step's manifests.
+const APPLY_DEADLINE: Duration = Duration::from_secs(30);
+const LISTEN: &str = "127.0.0.1:9101";
+
+/// Which probes to run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ViaSel {
+    Pod,
+    Service,
+    All,
+}
+
+/// What `cargo xtask conformance` was asked for.
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub scenarios: PathBuf,
+    pub model: PathBuf,
+    pub filter: Option<String>,
+    pub topology: Kind,
+    pub via: ViaSel,
+    /// Run only the first N matching scenarios.
+    pub limit: Option<usize>,
+    /// The agent binary.
+    pub agent: PathBuf,
+    /// The eBPF object.
+    pub object: PathBuf,
+}
+
+/// Cells passed and failed.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Tally {
+    pub passed: usize,
+    pub failed: usize,
+}
+
+/// Everything the run made outside its namespaces: the agent process, the
+/// bpffs mount, the scratch folder. Removed on drop, also on failure.
+struct Run {
+    dir: PathBuf,
+    bpffs: PathBuf,
+    agent: Option<Child>,
+}
+
+impl Drop for Run {
+    fn drop(&mut self) {
+        if let Some(mut a) = self.agent.take() {
+            let _ = Command::new("kill").arg(a.id().to_string()).status();
+            let deadline = Instant::now() + Duration::from_secs(3);
+            while Instant::now() < deadline && a.try_wait().ok().flatten().is_none() {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = a.kill();
+            let _ = a.wait();
+        }
+        let _ = nix::mount::umount2(&self.bpffs, nix::mount::MntFlags::MNT_DETACH);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The cluster model: objects by key, in file order.
+struct Model {
+    objects: BTreeMap<ObjKey, Value>,
+    node_v4: Ipv4Addr,
+    node_v6: Ipv6Addr,
+    node_name: String,
+}
+
+fn load_model(path: &Path) -> Result<Model> {
+    let text = std::fs::read_to_string(path).with_context(|| {
+        format!(
+            "reading the conformance model {} (the shared folder must sit beside the repository)",
+            path.display()
+        )
+    })?;
+    let docs = scenario::documents(&text)?;
+    let mut objects = BTreeMap::new();
+    let (mut v4, mut v6, mut name) = (None, None, None);
+    for d in docs {
+        let key = scenario::key_of(&d)?;
+        if key.0 == "Node" {
+            name = Some(key.2.clone());
+            for a in d["status"]["addresses"].as_sequence().into_iter().flatten() {
+                match a["address"].as_str().map(str::parse::<IpAddr>) {
+                    Some(Ok(IpAddr::V4(x))) => v4 = Some(x),
+                    Some(Ok(IpAddr::V6(x))) => v6 = Some(x),
+                    _ => {}
+                }
+            }
+        }
+        objects.insert(key, d);
+    }
+    Ok(Model {
+        objects,
+        node_v4: v4.context("the model's Node has no IPv4 address")?,
+        node_v6: v6.context("the model's Node has no IPv6 address")?,
+        node_name: name.context("the model has no Node")?,
+    })
+}
+
+fn write_manifests(dir: &Path, objects: &BTreeMap<ObjKey, Value>) -> Result<()> {
+    let mut text = String::new();
+    for v in objects.values() {
+        text.push_str("---\n");
+        text.push_str(&serde_yaml::to_string(v)?);
+    }
+    // Write then rename: the agent's watcher never reads half a file.
+    let tmp = dir.join(".cluster.yaml.tmp");
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, dir.join("cluster.yaml"))?;
+    Ok(())
+}
+
+/// The fingerprint the agent will report once it enforces `dir`.
+fn expected_fingerprint(agent: &Path, dir: &Path) -> Result<String> {
+    let out = Command::new(agent)
+        .args(["fingerprint", "--manifests"])
+        .arg(dir)
+        .output()
+        .context("running netpol-agent fingerprint")?;
+    ensure!(
+        out.status.success(),
+        "netpol-agent fingerprint failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+/// GET /status from inside the node netns.
+fn status(node_fd: &Arc<File>) -> Result<serde_json::Value> {
+    let fd = node_fd.clone();
+    std::thread::scope(|s| {
+        s.spawn(move || -> Result<serde_json::Value> {
+            probe::enter(&fd)?;
+            let addr: SocketAddr = LISTEN.parse()?;
+            let mut c = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(500))?;
+            c.set_read_timeout(Some(Duration::from_secs(2)))?;
+            c.write_all(b"GET /status HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+            let mut body = String::new();
+            c.read_to_string(&mut body)?;
+            let json = body.split("\r\n\r\n").nth(1).context("no HTTP body")?;
+            Ok(serde_json::from_str(json)?)
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("status thread panicked"))?
+    })
+}
+
+/// Waits until the agent enforces `fingerprint` with every pod interface
+/// bound and programmed.
+fn wait_applied(run: &mut Run, node_fd: &Arc<File>, fingerprint: &str, pods: usize) -> Result<()> {
+    let deadline = Instant::now() + APPLY_DEADLINE;
+    let mut last = serde_json::Value::Null;
+    while Instant::now() < deadline {
+        if let Some(a) = run.agent.as_mut()
+            && let Some(st) = a.try_wait()?
+        {
+            bail!(
+                "netpol-agent exited ({st}); its log: {}",
+                run.dir.join("agent.log").display()
+            );
+        }
+        if let Ok(s) = status(node_fd) {
+            let programmed = s["interfaces"]
+                .as_array()
+                .map_or(0, |i| i.iter().filter(|i| i["programmed"] == true).count());
+            if s["fingerprint"].as_str() == Some(fingerprint) && programmed >= pods {
+                return Ok(());
+            }
+            last = s;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    bail!(
+        "netpol-agent did not enforce fingerprint {fingerprint} within {APPLY_DEADLINE:?}; last status: {last}"
+    )
+}
+
+struct Job {
+    via: Via,
+    from: Arc<File>,
+    dst: SocketAddr,
+    proto: Proto,
+    want: bool,
+    label: String,
+}
+
+/// Runs probes on a pool of threads, each entering the client's netns.
+fn run_probes(jobs: Vec<Job>) -> Vec<(Job, bool)> {
+    let n = jobs.len();
+    let queue = Arc::new(Mutex::new(jobs));
+    let (tx, rx) = mpsc::channel();
+    std::thread::scope(|s| {
+        for _ in 0..WORKERS.min(n.max(1)) {
+            let queue = queue.clone();
+            let tx = tx.clone();
+            s.spawn(move || {
+                loop {
+                    let job = queue.lock().ok().and_then(|mut q| q.pop());
+                    let Some(job) = job else { break };
+                    let got = probe::enter(&job.from).is_ok() && {
+                        let first = probe::probe(job.proto, job.dst, FAST);
+                        first || (job.want && probe::probe(job.proto, job.dst, SLOW))
+                    };
+                    let _ = tx.send((job, got));
+                }
+            });
+        }
+    });
+    drop(tx);
+    rx.into_iter().collect()
+}
+
+/// The pods a Service selects (by namespace and labels).
+fn backends<'a>(
+    svc: &scenario::ServiceSpec,
+    objects: &'a BTreeMap<ObjKey, Value>,
+) -> Vec<&'a Value> {
+    objects
+        .iter()
+        .filter(|((kind, ns, _), v)| {
+            kind == "Pod" && *ns == svc.namespace && {
+                let l = scenario::labels(v);
+                svc.selector.iter().all(|(k, val)| l.get(k) == Some(val))
+            }
+        })
+        .map(|(_, v)| v)
+        .collect()
+}
+
+/// The conformance run. Prints every differing cell and the summaries;
+/// returns the tally over all cells.
+pub fn run(opts: &Options) -> Result<Tally> {
+    let model = load_model(&opts.model)?;
+    let mut scenarios: Vec<Scenario> = scenario::load_dir(&opts.scenarios)?
+        .into_iter()
+        .filter(|s| {
+            opts.filter
+                .as_ref()
+                .is_none_or(|f| s.name.contains(f.as_str()))
+        })
+        .collect();
+    if let Some(n) = opts.limit {
+        scenarios.truncate(n);
+    }
+    ensure!(!scenarios.is_empty(), "no scenario matches");
+
+    let dir = std::env::temp_dir().join(format!("netpol-conformance-{}", std::process::id()));
+    let manifests = dir.join("manifests");
+    let bpffs = dir.join("bpffs");
+    std::fs::create_dir_all(&manifests)?;
+    std::fs::create_dir_all(&bpffs)?;
+    let mut run = Run {
+        dir: dir.clone(),
+        bpffs: bpffs.clone(),
+        agent: None,
+    };
+    nix::mount::mount(
+        Some("bpffs"),
+        &bpffs,
+        Some("bpf"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .context("mounting a private bpffs")?;
+
+    let mut topo = Topology::new(opts.topology, model.node_v4, model.node_v6)?;
+    let base_pods: Vec<PodSpec> = model
+        .objects
+        .values()
+        .filter_map(|v| scenario::pod_spec(v).ok().flatten())
+        .collect();
+    for p in &base_pods {
+        topo.add_pod(p)?;
+        probe::start_servers(&topo.pods[&p.id].fd, p)?;
+    }
+    let services = services::Kube::new(&topo.node)?;
+
+    write_manifests(&manifests, &model.objects)?;
+    let log = File::create(dir.join("agent.log"))?;
+    let child = Command::new("ip")
+        .args(["netns", "exec", &topo.node])
+        .arg(&opts.agent)
+        .arg("--bpffs")
+        .arg(&bpffs)
+        .args(["run", "--manifests"])
+        .arg(&manifests)
+        .args(["--node", &model.node_name, "--listen", LISTEN])
+        .env("NETPOL_EBPF_OBJECT", &opts.object)
+        .stdout(Stdio::from(log.try_clone()?))
+        .stderr(Stdio::from(log))
+        .spawn()
+        .context("starting netpol-agent run")?;
+    run.agent = Some(child);
+
+    let mut total: BTreeMap<Via, Tally> = BTreeMap::new();
+    for sc in &scenarios {
+        let mut objects = model.objects.clone();
+        let mut extra_pods: BTreeSet<String> = BTreeSet::new();
+        let mut lines = Vec::new();
+        for (i, step) in sc.steps.iter().enumerate() {
+            for k in &step.delete {
+                objects.remove(k);
+            }
+            for v in &step.apply {
+                objects.insert(scenario::key_of(v)?, v.clone());
+            }
+            // Pods the step added get a netns; pods it deleted lose theirs.
+            for v in &step.apply {
+                if let Some(p) = scenario::pod_spec(v)?
+                    && topo.pods.get(&p.id).is_none_or(|have| have.spec != p)
+                {
+                    topo.remove_pod(&p.id);
+                    topo.add_pod(&p)?;
+                    probe::start_servers(&topo.pods[&p.id].fd, &p)?;
+                    extra_pods.insert(p.id.clone());
+                }
+            }
+            for (kind, ns, name) in &step.delete {
+                if kind == "Pod" {
+                    topo.remove_pod(&format!("{ns}/{name}"));
+                    extra_pods.insert(format!("{ns}/{name}"));
+                }
+            }
+            write_manifests(&manifests, &objects)?;
+            let fp = expected_fingerprint(&opts.agent, &manifests)?;
+            wait_applied(&mut run, &topo.node_fd, &fp, topo.pods.len())?;
+            if opts.via != ViaSel::Pod {
+                services.sync(&objects)?;
+            }
+
+            let mut jobs = Vec::new();
+            for probe in &step.probes {
+                let wanted = matches!(
+                    (opts.via, probe.via),
+                    (ViaSel::All, _) | (ViaSel::Pod, Via::Pod) | (ViaSel::Service, Via::Service)
+                );
+                if !wanted {
+                    continue;
+                }
+                for fam in &probe.families {
+                    for (from, to, want) in &probe.cells {
+                        let Some(client) = topo.pods.get(from) else {
+                            bail!("{}: step {}: unknown client pod {from}", sc.name, i + 1);
+                        };
+                        let dst = match probe.via {
+                            Via::Pod => {
+                                let server = topo.pods.get(to).with_context(|| {
+                                    format!("{}: unknown server pod {to}", sc.name)
+                                })?;
+                                match fam {
+                                    Family::V4 => server.spec.v4.map(IpAddr::V4),
+                                    Family::V6 => server.spec.v6.map(IpAddr::V6),
+                                }
+                                .map(|ip| SocketAddr::new(ip, probe.port))
+                            }
+                            Via::Service => services::cluster_ip(&objects, to, *fam)
+                                .map(|ip| SocketAddr::new(ip, probe.port)),
+                        };
+                        let Some(dst) = dst else { continue };
+                        let mark = |b: bool| if b { "X" } else { "." };
+                        jobs.push(Job {
+                            via: probe.via,
+                            from: client.fd.clone(),
+                            dst,
+                            proto: probe.proto,
+                            want: *want,
+                            label: format!(
+                                "step {} {}/{} {} {}: {} -> {} expected {} got {}",
+                                i + 1,
+                                probe.port,
+                                probe.proto,
+                                fam,
+                                probe.via,
+                                from,
+                                to,
+                                mark(*want),
+                                mark(!*want)
+                            ),
+                        });
+                    }
+                }
+            }
+            for (job, got) in run_probes(jobs) {
+                let t = total.entry(job.via).or_default();
+                if got == job.want {
+                    t.passed += 1;
+                } else {
+                    t.failed += 1;
+                    lines.push(job.label);
+                }
+            }
+        }
+        // Back to the model's pods for the next scenario.
+        for id in extra_pods {
+            topo.remove_pod(&id);
+            if let Some(p) = base_pods.iter().find(|p| p.id == id) {
+                topo.add_pod(p)?;
+                probe::start_servers(&topo.pods[&p.id].fd, p)?;
+            }
+        }
+        lines.sort();
+        if lines.is_empty() {
+            println!("conformance: {}: ok", sc.name);
+        } else {
+            println!("conformance: {}: {} cells differ", sc.name, lines.len());
+            for l in &lines {
+                println!("  {l}");
+            }
+        }
+    }
+    let mut all = Tally::default();
+    for (via, t) in &total {
+        println!(
+            "conformance via {via}: {} passed, {} failed",
+            t.passed, t.failed
+        );
+        all.passed += t.passed;
+        all.failed += t.failed;
+    }
+    drop(services);
+    drop(topo);
+    drop(run);
+    println!("conformance: {} passed, {} failed", all.passed, all.failed);
+    Ok(all)
+}
