@@ -12,6 +12,7 @@ use crate::{
     sources::{
         Source,
         files::{FilesError, FilesSource},
+        kube::{KubeError, KubeSource},
     },
     sync::{SyncConfig, SyncLoop},
     telemetry::{Families, Metrics, Status, StatusHandle},
@@ -50,7 +51,7 @@ impl NewPods {
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
     /// The builder was given no source.
-    #[error("no source: give the agent a manifests folder")]
+    #[error("no source: give the agent a manifests folder or the Kubernetes API")]
     NoSource,
     /// `--interfaces` is not a glob.
     #[error("interface pattern {pattern:?}: {source}")]
@@ -74,6 +75,9 @@ pub enum AgentError {
     /// The files source failed.
     #[error(transparent)]
     Files(#[from] FilesError),
+    /// The kube source could not start.
+    #[error(transparent)]
+    Kube(#[from] KubeError),
     /// Link watching failed.
     #[error("watching links: {0}")]
     Links(#[from] InterfaceError),
@@ -128,7 +132,7 @@ impl AgentBuilder {
     }
 
     /// The node whose pods are local (default: the only Node of the
-    /// source).
+    /// source; required with [`Source::Kube`]).
     #[must_use]
     pub fn node_name(mut self, node: impl Into<String>) -> Self {
         self.node = Some(node.into());
@@ -201,6 +205,9 @@ impl AgentBuilder {
     /// Without a source, or with an interface pattern that is no glob.
     pub fn build(self) -> Result<Agent, AgentError> {
         let source = self.source.clone().ok_or(AgentError::NoSource)?;
+        if matches!(source, Source::Kube(_)) && self.node.is_none() {
+            return Err(KubeError::NoNode.into());
+        }
         let interfaces = self
             .interfaces
             .as_deref()
@@ -345,10 +352,26 @@ impl Agent {
         });
 
         let (input_tx, input_rx) = watch::channel(None);
-        let mut source = match &self.source {
+        let mut source_health = None;
+        let (source_name, mut source) = match &self.source {
             Source::Files(dir) => {
                 tracing::info!(dir = %dir.display(), "files source");
-                tokio::spawn(FilesSource::new(dir.clone()).run(input_tx, stop_rx.clone()))
+                let run = FilesSource::new(dir.clone()).run(input_tx, stop_rx.clone());
+                (
+                    "files source",
+                    tokio::spawn(async move { run.await.map_err(AgentError::from) }),
+                )
+            }
+            Source::Kube(connection) => {
+                let node = s.node.clone().ok_or(KubeError::NoNode)?;
+                let client = connection.client().await?;
+                let kube = KubeSource::new(client, node).metrics(self.metrics.clone());
+                source_health = Some(kube.health());
+                let run = kube.run(input_tx, stop_rx.clone());
+                (
+                    "kube source",
+                    tokio::spawn(async move { run.await.map_err(AgentError::from) }),
+                )
             }
         };
         let (link_tx, link_rx) = mpsc::unbounded_channel();
@@ -359,6 +382,7 @@ impl Agent {
             debounce: s.debounce,
             interfaces: self.interfaces.clone(),
             new_pods: s.new_pods.as_str(),
+            source_health,
         };
         let sync = SyncLoop::new(dp, cfg, families, self.status.clone(), self.metrics.clone()).run(
             input_rx,
@@ -371,7 +395,7 @@ impl Agent {
         let outcome = tokio::select! {
             () = &mut shutdown => Ok(()),
             () = &mut sync => { sync_done = true; Ok(()) }
-            r = &mut source => joined("files source", r).and_then(|r| r.map_err(AgentError::from)),
+            r = &mut source => joined(source_name, r).and_then(|r| r),
             r = &mut links => joined("link watch", r).and_then(|r| r.map_err(AgentError::from)),
         };
         tracing::info!("stopping");

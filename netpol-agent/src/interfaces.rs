@@ -161,6 +161,15 @@ pub async fn watch_links(
             },
         };
         let ev = match msg.payload {
+            // A bridge reports its ports' state with AF_BRIDGE link
+            // messages: they carry no link kind (so they look like a
+            // non-veth) and a DelLink of that family only means "left the
+            // bridge". Neither says anything about the veth itself.
+            NetlinkPayload::InnerMessage(
+                RouteNetlinkMessage::NewLink(l) | RouteNetlinkMessage::DelLink(l),
+            ) if l.header.interface_family == netlink_packet_route::AddressFamily::Bridge => {
+                continue;
+            }
             NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(l)) => {
                 LinkEvent::Present(parse_link(&l))
             }

@@ -5,6 +5,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use netpol_agent::{
     Agent, AttachMode, Counters, Datapath, DatapathConfig, NewPods, Source, agent, datapath,
+    sources::KubeConnection,
     telemetry::{self, LogFormat},
 };
 use netpol_common::reason;
@@ -47,11 +48,13 @@ enum NewPodsArg {
 #[derive(Debug, clap::Args)]
 struct RunArgs {
     /// Folder of multi-document YAML/JSON manifests (Node, Namespaces,
-    /// Pods, NetworkPolicies, ...), watched for changes.
+    /// Pods, NetworkPolicies, ...), watched for changes. Without it the
+    /// Kubernetes API is watched (in-cluster config, else the kubeconfig).
     #[arg(long, env = "NETPOL_MANIFESTS")]
-    manifests: PathBuf,
-    /// This node's name (default: the only Node in the manifests).
-    #[arg(long, env = "NODE_NAME")]
+    manifests: Option<PathBuf>,
+    /// This node's name (required with the Kubernetes API; with
+    /// --manifests, default: the only Node in the manifests).
+    #[arg(long, env = "NODE_NAME", required_unless_present = "manifests")]
     node: Option<String>,
     /// Only veths whose name matches this glob are pod interfaces
     /// (default: every veth).
@@ -78,8 +81,9 @@ struct RunArgs {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Keep this node's kernel in step with the manifests: compile, apply,
-    /// attach to pod veths as they appear, until SIGINT/SIGTERM.
+    /// Keep this node's kernel in step with the cluster (the Kubernetes API,
+    /// or --manifests): compile, apply, attach to pod veths as they appear,
+    /// until SIGINT/SIGTERM.
     Run(RunArgs),
     /// Load the programs, attach them to an interface and hold them until
     /// SIGINT/SIGTERM.
@@ -188,7 +192,10 @@ impl From<Mode> for AttachMode {
 
 fn run_agent(bpffs: PathBuf, args: RunArgs) -> anyhow::Result<ExitCode> {
     let mut builder = Agent::builder()
-        .source(Source::Files(args.manifests))
+        .source(match args.manifests {
+            Some(dir) => Source::Files(dir),
+            None => Source::Kube(KubeConnection::Infer),
+        })
         .bpffs(bpffs)
         .attach_mode(args.attach_mode.into())
         .new_pods(match args.new_pods {

@@ -37,7 +37,7 @@ use crate::{
     },
     interfaces::{self, Link, LinkEvent},
     model::ObjectRef,
-    sources::{Input, ObjectCounts, fingerprint},
+    sources::{Input, ObjectCounts, SourceHealth, fingerprint},
     telemetry::{Families, InterfaceStatus, Metrics, Status},
 };
 
@@ -78,6 +78,9 @@ pub(crate) struct SyncConfig {
     pub debounce: Duration,
     pub interfaces: Option<glob::Pattern>,
     pub new_pods: &'static str,
+    /// The source's health (the `kube` source): the agent is not ready
+    /// while it cannot reach the API server.
+    pub source_health: Option<watch::Receiver<SourceHealth>>,
 }
 
 #[derive(Debug)]
@@ -170,6 +173,7 @@ impl SyncLoop {
             return;
         };
         self.publish();
+        let mut health = self.cfg.source_health.clone();
         loop {
             let retry = self.retry_at;
             let rebind = self.rebind_at;
@@ -188,6 +192,12 @@ impl SyncLoop {
                 }
                 Some(ev) = links.recv() => endpoints = self.on_link(ev),
                 Some(f) = found.recv() => endpoints = self.on_found(f),
+                Some(()) = async {
+                    match health.as_mut() {
+                        Some(h) => h.changed().await.ok(),
+                        None => std::future::pending().await,
+                    }
+                } => self.publish(),
                 () = async {
                     match retry {
                         Some(t) => tokio::time::sleep_until(t).await,
@@ -495,6 +505,7 @@ impl SyncLoop {
                 self.generation = generation;
                 self.fingerprint = Some(fingerprint(&input.snapshot));
                 self.ready = true;
+                self.metrics.applied();
                 self.last_error = None;
                 self.retry_at = None;
                 let elapsed = start.elapsed();
@@ -711,9 +722,18 @@ impl SyncLoop {
             })
             .collect();
         let input = self.input.as_deref();
+        let source = self
+            .cfg
+            .source_health
+            .as_ref()
+            .map(|h| h.borrow().clone())
+            .unwrap_or_default();
         let status = Status {
             listen: self.status.borrow().listen,
-            ready: self.ready,
+            // An unreachable API server: what is enforced stays, but this
+            // node no longer follows the cluster.
+            ready: self.ready && source.unreachable.is_none(),
+            source,
             generation: self.generation,
             fingerprint: self.fingerprint.clone(),
             node: self

@@ -2,7 +2,11 @@
 //! `/status`, watched by tests through a [`StatusHandle`]), Prometheus
 //! [`Metrics`] (`netpol_` prefix) and the `tracing` subscriber of the
 //! binary.
-use std::{net::IpAddr, time::Duration};
+use std::{
+    net::IpAddr,
+    sync::{Mutex, atomic::AtomicU64},
+    time::{Duration, Instant},
+};
 
 use prometheus_client::{
     encoding::text::encode,
@@ -17,7 +21,10 @@ use prometheus_client::{
 use serde::Serialize;
 use tokio::sync::watch;
 
-use crate::{datapath::writer::MapCounts, sources::ObjectCounts};
+use crate::{
+    datapath::writer::MapCounts,
+    sources::{ObjectCounts, SourceHealth},
+};
 
 /// One pod interface.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
@@ -97,6 +104,9 @@ pub struct Status {
     pub problems: Vec<String>,
     /// The last failed sync, if the one after it has not succeeded yet.
     pub last_error: Option<String>,
+    /// The source's stores and whether it reaches what it watches (the
+    /// `kube` source; the files source leaves it at its default).
+    pub source: SourceHealth,
 }
 
 /// Read side of the agent's status.
@@ -143,6 +153,16 @@ pub struct Metrics {
     pub errors: Family<Vec<(String, String)>, Counter>,
     /// Pod interfaces by state (`bound`, `unbound`).
     pub interfaces: Family<Vec<(String, String)>, Gauge>,
+    /// Watch events per kind (`kube` source).
+    pub watch_events: Family<Vec<(String, String)>, Counter>,
+    /// Watch errors per kind (`kube` source).
+    pub watch_errors: Family<Vec<(String, String)>, Counter>,
+    /// Objects per reflector store (`kube` source).
+    pub store_objects: Family<Vec<(String, String)>, Gauge>,
+    /// Seconds since the last successful apply (-1 before the first), set
+    /// when the metrics are encoded.
+    pub seconds_since_last_apply: Gauge<f64, AtomicU64>,
+    last_apply: Mutex<Option<Instant>>,
 }
 
 impl Default for Metrics {
@@ -180,6 +200,31 @@ impl Metrics {
         registry.register("map_entries", "Entries per policy map", map_entries.clone());
         registry.register("errors", "Errors per stage", errors.clone());
         registry.register("interfaces", "Pod interfaces per state", interfaces.clone());
+        let watch_events = Family::default();
+        let watch_errors = Family::default();
+        let store_objects = Family::default();
+        let seconds_since_last_apply = Gauge::<f64, AtomicU64>::default();
+        seconds_since_last_apply.set(-1.0);
+        registry.register(
+            "watch_events",
+            "Kubernetes watch events per kind",
+            watch_events.clone(),
+        );
+        registry.register(
+            "watch_errors",
+            "Kubernetes watch errors per kind",
+            watch_errors.clone(),
+        );
+        registry.register(
+            "store_objects",
+            "Objects per Kubernetes reflector store",
+            store_objects.clone(),
+        );
+        registry.register(
+            "seconds_since_last_apply",
+            "Seconds since the last successful apply (-1 before the first)",
+            seconds_since_last_apply.clone(),
+        );
         Self {
             registry,
             sync_duration,
@@ -188,6 +233,35 @@ impl Metrics {
             map_entries,
             errors,
             interfaces,
+            watch_events,
+            watch_errors,
+            store_objects,
+            seconds_since_last_apply,
+            last_apply: Mutex::new(None),
+        }
+    }
+
+    /// Counts one watch event of `kind`.
+    pub fn kube_watch_event(&self, kind: &str) {
+        self.watch_events.get_or_create(&label("kind", kind)).inc();
+    }
+
+    /// Counts one watch error of `kind`.
+    pub fn kube_watch_error(&self, kind: &str) {
+        self.watch_errors.get_or_create(&label("kind", kind)).inc();
+    }
+
+    /// Records the size of the store of `kind`.
+    pub fn kube_store_objects(&self, kind: &str, n: usize) {
+        self.store_objects
+            .get_or_create(&label("kind", kind))
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// Records a successful apply now.
+    pub fn applied(&self) {
+        if let Ok(mut t) = self.last_apply.lock() {
+            *t = Some(Instant::now());
         }
     }
 
@@ -229,6 +303,11 @@ impl Metrics {
     /// The Prometheus text exposition.
     #[must_use]
     pub fn encode(&self) -> String {
+        if let Ok(t) = self.last_apply.lock()
+            && let Some(t) = *t
+        {
+            self.seconds_since_last_apply.set(t.elapsed().as_secs_f64());
+        }
         let mut out = String::new();
         if encode(&mut out, &self.registry).is_err() {
             out.clear();

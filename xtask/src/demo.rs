@@ -1,67 +1,124 @@
-//! `cargo xtask demo`: netpol on a live pod, end to end.
+//! `cargo xtask demo`: netpol on an example app, end to end.
 //!
-//! Builds the object and the agent, makes a node netns and a pod netns
-//! joined by a veth (IPv4 and IPv6), runs the real `netpol-agent attach`
-//! inside the node netns with a private bpffs, sends traffic over both
-//! families, prints the counters (`netpol-agent stats`) and what bpftool
-//! sees, then compiles the built-in example manifests offline.
+//! Builds the object and the agent, brings up `deploy/examples` (a shop and
+//! its monitoring, dual-stack) in network namespaces behind a `cni0`-style
+//! bridge, runs the real `netpol-agent run` in the node netns, and prints
+//! which pod reaches which port, over IPv4 and IPv6, before and after the
+//! example's NetworkPolicies. Everything it made is removed at the end.
 use std::{
-    path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
-    time::{Duration, Instant},
+    collections::BTreeMap,
+    net::{IpAddr, SocketAddr},
 };
 
 use anyhow::{Context as _, Result, ensure};
 
-use crate::{bootstrap, build_ebpf, cargo, root, run};
+use crate::{
+    bootstrap, build_ebpf, cargo,
+    conformance::{
+        self, Job,
+        probe::start_servers,
+        scenario::{self, Family, PodSpec, Proto, Via},
+        topology::{Kind, Topology},
+    },
+    root, run,
+};
 
-const NODE_NS: &str = "netpol-demo-node";
-const POD_NS: &str = "netpol-demo-pod";
-const HOST_IF: &str = "npdemo0";
-
-/// Removes everything the demo made, also when it fails half way.
-struct Cleanup {
-    agent: Option<Child>,
-    bpffs: PathBuf,
+/// A server port as the matrix shows it: `pod:name`.
+struct Target {
+    label: String,
+    pod: String,
+    port: u16,
 }
 
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        if let Some(mut a) = self.agent.take() {
-            // SIGTERM lets the agent detach cleanly; kill if it lingers.
-            let _ = Command::new("kill").arg(a.id().to_string()).status();
-            let deadline = Instant::now() + Duration::from_secs(3);
-            while Instant::now() < deadline {
-                if a.try_wait().ok().flatten().is_some() {
-                    break;
+/// The named container ports of every pod, in manifest order.
+fn targets(model: &conformance::Model) -> Vec<Target> {
+    let mut out = Vec::new();
+    for v in model.objects.values() {
+        if v["kind"].as_str() != Some("Pod") {
+            continue;
+        }
+        let pod = format!(
+            "{}/{}",
+            v["metadata"]["namespace"].as_str().unwrap_or(""),
+            v["metadata"]["name"].as_str().unwrap_or("")
+        );
+        let short = v["metadata"]["name"].as_str().unwrap_or("").to_owned();
+        for c in v["spec"]["containers"].as_sequence().into_iter().flatten() {
+            for p in c["ports"].as_sequence().into_iter().flatten() {
+                let port = p["containerPort"]
+                    .as_u64()
+                    .and_then(|x| u16::try_from(x).ok());
+                let name = p["name"].as_str().unwrap_or("");
+                if let Some(port) = port {
+                    out.push(Target {
+                        label: format!("{short}:{name}"),
+                        pod: pod.clone(),
+                        port,
+                    });
                 }
-                std::thread::sleep(Duration::from_millis(50));
             }
-            let _ = a.kill();
-            let _ = a.wait();
         }
-        for ns in [NODE_NS, POD_NS] {
-            let _ = Command::new("ip")
-                .args(["netns", "del", ns])
-                .stderr(Stdio::null())
-                .status();
-        }
-        let _ = Command::new("umount")
-            .arg(&self.bpffs)
-            .stderr(Stdio::null())
-            .status();
-        let _ = std::fs::remove_dir(&self.bpffs);
     }
+    out
 }
 
-fn ip(args: &[&str]) -> Result<()> {
-    run(Command::new("ip").args(args))
+fn colour() -> bool {
+    // SAFETY: isatty only inspects the descriptor.
+    unsafe { libc::isatty(1) == 1 }
 }
 
-fn in_node(program: &str, args: &[&str]) -> Command {
-    let mut c = Command::new("ip");
-    c.args(["netns", "exec", NODE_NS, program]).args(args);
-    c
+/// Probes every client pod against every target and prints the matrix.
+fn matrix(topo: &Topology, pods: &[PodSpec], targets: &[Target], fam: Family) -> Result<()> {
+    let mut jobs = Vec::new();
+    for (ci, client) in pods.iter().enumerate() {
+        for (ti, t) in targets.iter().enumerate() {
+            let server = &topo.pods[&t.pod].spec;
+            let ip = match fam {
+                Family::V4 => server.v4.map(IpAddr::V4),
+                Family::V6 => server.v6.map(IpAddr::V6),
+            };
+            let Some(ip) = ip else { continue };
+            jobs.push(Job {
+                via: Via::Pod,
+                from: topo.pods[&client.id].fd.clone(),
+                dst: SocketAddr::new(ip, t.port),
+                proto: Proto::Tcp,
+                // Every cell gets its slow retry: the demo reports, it
+                // does not assert.
+                want: true,
+                label: format!("{ci} {ti}"),
+            });
+        }
+    }
+    let mut got = BTreeMap::new();
+    for (job, ok) in conformance::run_probes(jobs) {
+        got.insert(job.label, ok);
+    }
+    let width = targets.iter().map(|t| t.label.len()).max().unwrap_or(4) + 2;
+    let rows = pods.iter().map(|p| p.id.len()).max().unwrap_or(4) + 2;
+    print!("  {:rows$}", format!("{fam}"));
+    for t in targets {
+        print!("{:>width$}", t.label);
+    }
+    println!();
+    let (green, red, reset) = if colour() {
+        ("\x1b[32m", "\x1b[31m", "\x1b[0m")
+    } else {
+        ("", "", "")
+    };
+    for (ci, client) in pods.iter().enumerate() {
+        print!("  {:rows$}", client.id);
+        for ti in 0..targets.len() {
+            let cell = match got.get(&format!("{ci} {ti}")) {
+                Some(true) => format!("{green}{:>width$}{reset}", "X"),
+                Some(false) => format!("{red}{:>width$}{reset}", "."),
+                None => format!("{:>width$}", "-"),
+            };
+            print!("{cell}");
+        }
+        println!();
+    }
+    Ok(())
 }
 
 pub fn demo() -> Result<()> {
@@ -70,118 +127,68 @@ pub fn demo() -> Result<()> {
         "the demo creates network namespaces and loads BPF programs: run it as root"
     );
     bootstrap::all()?;
-    build_ebpf()?;
+    let object = build_ebpf()?;
     println!("demo: building netpol-agent");
     run(cargo("stable").args(["build", "-p", "netpol-agent"]))?;
     let agent = root().join("target/debug/netpol-agent");
-
-    let bpffs = std::env::temp_dir().join("netpol-demo-bpffs");
-    let mut cleanup = Cleanup {
-        agent: None,
-        bpffs: bpffs.clone(),
-    };
-    // A previous run that was killed may have left these behind.
-    drop(Cleanup {
-        agent: None,
-        bpffs: bpffs.clone(),
-    });
-
-    println!("demo: node netns {NODE_NS}, pod netns {POD_NS}, veth {HOST_IF} <-> eth0");
-    for ns in [NODE_NS, POD_NS] {
-        ip(&["netns", "add", ns])?;
-        ip(&["-n", ns, "link", "set", "lo", "up"])?;
-    }
-    ip(&[
-        "-n", NODE_NS, "link", "add", HOST_IF, "type", "veth", "peer", "name", "eth0", "netns",
-        POD_NS,
-    ])?;
-    for (ns, dev, v4, v6) in [
-        (NODE_NS, HOST_IF, "192.0.2.1/24", "2001:db8::1/64"),
-        (POD_NS, "eth0", "192.0.2.2/24", "2001:db8::2/64"),
-    ] {
-        ip(&["-n", ns, "addr", "add", v4, "dev", dev])?;
-        ip(&["-n", ns, "addr", "add", v6, "dev", dev, "nodad"])?;
-        ip(&["-n", ns, "link", "set", dev, "up"])?;
-    }
-
-    println!("demo: netpol-agent attach --interface {HOST_IF} (in the node netns)");
-    std::fs::create_dir_all(&bpffs)?;
-    // Mounted here rather than by the agent: `ip netns exec` runs it in a
-    // mount namespace of its own, whose new mounts this process cannot see,
-    // while a mount made before is shared with it.
-    run(Command::new("mount")
-        .args(["-t", "bpf", "bpffs"])
-        .arg(&bpffs))?;
-    let child = in_node(agent.to_str().context("agent path")?, &[])
-        .arg("--bpffs")
-        .arg(&bpffs)
-        .args(["attach", "--interface", HOST_IF])
-        .env("NETPOL_EBPF_OBJECT", crate::object_path())
-        .spawn()
-        .context("starting netpol-agent")?;
-    cleanup.agent = Some(child);
-    wait_for_pin(&bpffs.join("netpol/NETPOL_COUNTERS"), &mut cleanup)?;
-
-    for addr in ["192.0.2.2", "2001:db8::2"] {
-        println!("demo: ping {addr} from the node");
-        run(&mut in_node(
-            "ping",
-            &["-c", "3", "-i", "0.2", "-W", "2", addr],
-        ))?;
-    }
-
-    println!("demo: bpftool prog show (netpol's programs)");
-    let progs = Command::new("bpftool").args(["prog", "show"]).output()?;
-    for line in String::from_utf8_lossy(&progs.stdout).lines() {
-        if line.contains("from_pod") || line.contains("to_pod") {
-            println!("  {line}");
-        }
-    }
-    println!("demo: netpol-agent stats");
-    run(in_node(agent.to_str().context("agent path")?, &[])
-        .arg("--bpffs")
-        .arg(&bpffs)
-        .arg("stats"))?;
-
-    compile_examples(&agent)?;
-    drop(cleanup);
-    println!("demo: done (namespaces and bpffs removed)");
-    Ok(())
-}
-
-fn wait_for_pin(pin: &Path, cleanup: &mut Cleanup) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while Instant::now() < deadline {
-        if pin.exists() {
-            // The pin appears at load; give the attach a moment to finish.
-            std::thread::sleep(Duration::from_millis(300));
-            return Ok(());
-        }
-        if let Some(a) = cleanup.agent.as_mut()
-            && let Some(status) = a.try_wait()?
-        {
-            anyhow::bail!("netpol-agent exited early ({status})");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    anyhow::bail!(
-        "netpol-agent did not pin its maps at {} in time",
-        pin.display()
-    )
-}
-
-/// The offline compile of the example manifests, when the agent has it.
-fn compile_examples(agent: &Path) -> Result<()> {
     let examples = root().join("deploy/examples");
-    if !examples.is_dir() {
-        return Ok(());
+    let cluster = std::fs::read_to_string(examples.join("cluster.yaml"))
+        .context("reading deploy/examples/cluster.yaml")?;
+    let policies = std::fs::read_to_string(examples.join("policies.yaml"))
+        .context("reading deploy/examples/policies.yaml")?;
+    let model = conformance::model_from_text(&cluster)?;
+
+    let pods: Vec<PodSpec> = model
+        .objects
+        .values()
+        .filter_map(|v| scenario::pod_spec(v).ok().flatten())
+        .collect();
+    println!(
+        "demo: {} pods in network namespaces behind a bridge, node {} ({}, {})",
+        pods.len(),
+        model.node_name,
+        model.node_v4,
+        model.node_v6
+    );
+    let mut topo = Topology::new(Kind::Bridge, model.node_v4, model.node_v6)?;
+    for p in &pods {
+        topo.add_pod(p)?;
+        start_servers(&topo.pods[&p.id].fd, p)?;
+    }
+    println!("demo: netpol-agent run --manifests <cluster> (in the node netns)");
+    let (mut agent_run, manifests) = conformance::start_agent(&topo, &model, &agent, &object)?;
+    conformance::enforce(&mut agent_run, &topo, &manifests, &agent, &model.objects)?;
+    let targets = targets(&model);
+
+    println!(
+        "\nBefore any NetworkPolicy: every pod reaches every port (X = connects, . = blocked)\n"
+    );
+    for fam in [Family::V4, Family::V6] {
+        matrix(&topo, &pods, &targets, fam)?;
+        println!();
+    }
+
+    let mut objects = model.objects.clone();
+    for v in scenario::documents(&policies)? {
+        objects.insert(scenario::key_of(&v)?, v);
     }
     println!(
-        "demo: netpol-agent compile --manifests {} -o table",
-        examples.display()
+        "demo: applying deploy/examples/policies.yaml (default deny in shop; frontend -> api:http; \
+         api -> db:5432; monitoring -> every shop pod's metrics)"
     );
-    run(Command::new(agent)
+    conformance::enforce(&mut agent_run, &topo, &manifests, &agent, &objects)?;
+    println!("\nAfter the policies, enforced by netpol's TC programs on each pod's veth\n");
+    for fam in [Family::V4, Family::V6] {
+        matrix(&topo, &pods, &targets, fam)?;
+        println!();
+    }
+    println!("demo: what the node's maps hold (netpol-agent compile -o table):\n");
+    run(std::process::Command::new(&agent)
         .args(["compile", "--manifests"])
         .arg(&examples)
-        .args(["-o", "table"]))
+        .args(["-o", "table"]))?;
+    drop(agent_run);
+    drop(topo);
+    println!("\ndemo: done (namespaces, agent and bpffs removed)");
+    Ok(())
 }

@@ -2,6 +2,7 @@
 //! [`model`](crate::model) once, at the edge, and publish whole
 //! [`Input`]s. The sync loop is their only reader.
 pub mod files;
+pub mod kube;
 
 use std::{path::PathBuf, sync::Arc};
 
@@ -9,12 +10,16 @@ use serde::Serialize;
 
 use crate::model::Snapshot;
 
+pub use self::kube::{KubeConnection, SourceHealth, StoreHealth};
+
 /// Where the agent reads the cluster's objects from.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 #[non_exhaustive]
 pub enum Source {
     /// A folder of multi-document YAML/JSON manifests, watched for changes.
     Files(PathBuf),
+    /// The Kubernetes API (needs the node name).
+    Kube(KubeConnection),
 }
 
 /// One consistent view of a source: the model, and what could not be read.

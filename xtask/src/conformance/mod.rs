@@ -25,10 +25,10 @@ use scenario::{Family, ObjKey, PodSpec, Proto, Scenario, Via};
 use topology::{Kind, Topology};
 
 /// Parallel probes.
-const WORKERS: usize = 96;
+const WORKERS: usize = 256;
 /// A cell that must fail waits this long; round trips here are
 /// microseconds, so an allowed cell answers well within it.
-const FAST: Duration = Duration::from_millis(300);
+const FAST: Duration = Duration::from_millis(150);
 /// An expected connection that failed the fast attempt gets one slow
 /// retry, so a loaded machine cannot turn an allowed cell into a failure.
 const SLOW: Duration = Duration::from_secs(3);
@@ -52,7 +52,7 @@ pub struct Options {
     pub filter: Option<String>,
     pub topology: Kind,
     pub via: ViaSel,
-    /// Run only the first N matching scenarios.
+    /// Run only N matching scenarios, spread over the set.
     pub limit: Option<usize>,
     /// The agent binary.
     pub agent: PathBuf,
@@ -69,7 +69,7 @@ pub struct Tally {
 
 /// Everything the run made outside its namespaces: the agent process, the
 /// bpffs mount, the scratch folder. Removed on drop, also on failure.
-struct Run {
+pub struct Run {
     dir: PathBuf,
     bpffs: PathBuf,
     agent: Option<Child>,
@@ -87,16 +87,21 @@ impl Drop for Run {
             let _ = a.wait();
         }
         let _ = nix::mount::umount2(&self.bpffs, nix::mount::MntFlags::MNT_DETACH);
+        // The agent's log outlives the run, for post-mortems.
+        let _ = std::fs::copy(
+            self.dir.join("agent.log"),
+            crate::root().join("target/conformance-agent.log"),
+        );
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
 /// The cluster model: objects by key, in file order.
-struct Model {
-    objects: BTreeMap<ObjKey, Value>,
-    node_v4: Ipv4Addr,
-    node_v6: Ipv6Addr,
-    node_name: String,
+pub struct Model {
+    pub objects: BTreeMap<ObjKey, Value>,
+    pub node_v4: Ipv4Addr,
+    pub node_v6: Ipv6Addr,
+    pub node_name: String,
 }
 
 fn load_model(path: &Path) -> Result<Model> {
@@ -106,7 +111,12 @@ fn load_model(path: &Path) -> Result<Model> {
             path.display()
         )
     })?;
-    let docs = scenario::documents(&text)?;
+    model_from_text(&text)
+}
+
+/// A model from multi-document YAML: a Node, Namespaces, Pods, Services.
+pub fn model_from_text(text: &str) -> Result<Model> {
+    let docs = scenario::documents(text)?;
     let mut objects = BTreeMap::new();
     let (mut v4, mut v6, mut name) = (None, None, None);
     for d in docs {
@@ -131,7 +141,7 @@ fn load_model(path: &Path) -> Result<Model> {
     })
 }
 
-fn write_manifests(dir: &Path, objects: &BTreeMap<ObjKey, Value>) -> Result<()> {
+pub fn write_manifests(dir: &Path, objects: &BTreeMap<ObjKey, Value>) -> Result<()> {
     let mut text = String::new();
     for v in objects.values() {
         text.push_str("---\n");
@@ -145,7 +155,7 @@ fn write_manifests(dir: &Path, objects: &BTreeMap<ObjKey, Value>) -> Result<()> 
 }
 
 /// The fingerprint the agent will report once it enforces `dir`.
-fn expected_fingerprint(agent: &Path, dir: &Path) -> Result<String> {
+pub fn expected_fingerprint(agent: &Path, dir: &Path) -> Result<String> {
     let out = Command::new(agent)
         .args(["fingerprint", "--manifests"])
         .arg(dir)
@@ -181,7 +191,12 @@ fn status(node_fd: &Arc<File>) -> Result<serde_json::Value> {
 
 /// Waits until the agent enforces `fingerprint` with every pod interface
 /// bound and programmed.
-fn wait_applied(run: &mut Run, node_fd: &Arc<File>, fingerprint: &str, pods: usize) -> Result<()> {
+pub fn wait_applied(
+    run: &mut Run,
+    node_fd: &Arc<File>,
+    fingerprint: &str,
+    pods: usize,
+) -> Result<()> {
     let deadline = Instant::now() + APPLY_DEADLINE;
     let mut last = serde_json::Value::Null;
     while Instant::now() < deadline {
@@ -209,17 +224,17 @@ fn wait_applied(run: &mut Run, node_fd: &Arc<File>, fingerprint: &str, pods: usi
     )
 }
 
-struct Job {
-    via: Via,
-    from: Arc<File>,
-    dst: SocketAddr,
-    proto: Proto,
-    want: bool,
-    label: String,
+pub struct Job {
+    pub via: Via,
+    pub from: Arc<File>,
+    pub dst: SocketAddr,
+    pub proto: Proto,
+    pub want: bool,
+    pub label: String,
 }
 
 /// Runs probes on a pool of threads, each entering the client's netns.
-fn run_probes(jobs: Vec<Job>) -> Vec<(Job, bool)> {
+pub fn run_probes(jobs: Vec<Job>) -> Vec<(Job, bool)> {
     let n = jobs.len();
     let queue = Arc::new(Mutex::new(jobs));
     let (tx, rx) = mpsc::channel();
@@ -261,6 +276,67 @@ fn backends<'a>(
         .collect()
 }
 
+/// Mounts a private bpffs, writes the model's manifests and starts the
+/// real `netpol-agent run` inside the node netns. The returned [`Run`]
+/// stops the agent and removes the mount and files when dropped.
+pub fn start_agent(
+    topo: &Topology,
+    model: &Model,
+    agent: &Path,
+    object: &Path,
+) -> Result<(Run, PathBuf)> {
+    let dir = std::env::temp_dir().join(format!("netpol-conformance-{}", std::process::id()));
+    let manifests = dir.join("manifests");
+    let bpffs = dir.join("bpffs");
+    std::fs::create_dir_all(&manifests)?;
+    std::fs::create_dir_all(&bpffs)?;
+    let mut run = Run {
+        dir: dir.clone(),
+        bpffs: bpffs.clone(),
+        agent: None,
+    };
+    // Mounted here, not by the agent: `ip netns exec` gives it a mount
+    // namespace of its own, whose new mounts the harness could not see.
+    nix::mount::mount(
+        Some("bpffs"),
+        &bpffs,
+        Some("bpf"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .context("mounting a private bpffs")?;
+    write_manifests(&manifests, &model.objects)?;
+    let log = File::create(dir.join("agent.log"))?;
+    let child = Command::new("ip")
+        .args(["netns", "exec", &topo.node])
+        .arg(agent)
+        .arg("--bpffs")
+        .arg(&bpffs)
+        .args(["run", "--manifests"])
+        .arg(&manifests)
+        .args(["--node", &model.node_name, "--listen", LISTEN])
+        .env("NETPOL_EBPF_OBJECT", object)
+        .stdout(Stdio::from(log.try_clone()?))
+        .stderr(Stdio::from(log))
+        .spawn()
+        .context("starting netpol-agent run")?;
+    run.agent = Some(child);
+    Ok((run, manifests))
+}
+
+/// Writes `objects` and waits until the agent enforces them.
+pub fn enforce(
+    run: &mut Run,
+    topo: &Topology,
+    manifests: &Path,
+    agent: &Path,
+    objects: &BTreeMap<ObjKey, Value>,
+) -> Result<()> {
+    write_manifests(manifests, objects)?;
+    let fp = expected_fingerprint(agent, manifests)?;
+    wait_applied(run, &topo.node_fd, &fp, topo.pods.len())
+}
+
 /// The conformance run. Prints every differing cell and the summaries;
 /// returns the tally over all cells.
 pub fn run(opts: &Options) -> Result<Tally> {
@@ -273,29 +349,15 @@ pub fn run(opts: &Options) -> Result<Tally> {
                 .is_none_or(|f| s.name.contains(f.as_str()))
         })
         .collect();
-    if let Some(n) = opts.limit {
-        scenarios.truncate(n);
+    if let Some(n) = opts.limit
+        && n > 0
+        && n < scenarios.len()
+    {
+        // Spread over the set rather than its alphabetical head.
+        let step = scenarios.len() / n;
+        scenarios = scenarios.into_iter().step_by(step).take(n).collect();
     }
     ensure!(!scenarios.is_empty(), "no scenario matches");
-
-    let dir = std::env::temp_dir().join(format!("netpol-conformance-{}", std::process::id()));
-    let manifests = dir.join("manifests");
-    let bpffs = dir.join("bpffs");
-    std::fs::create_dir_all(&manifests)?;
-    std::fs::create_dir_all(&bpffs)?;
-    let mut run = Run {
-        dir: dir.clone(),
-        bpffs: bpffs.clone(),
-        agent: None,
-    };
-    nix::mount::mount(
-        Some("bpffs"),
-        &bpffs,
-        Some("bpf"),
-        nix::mount::MsFlags::empty(),
-        None::<&str>,
-    )
-    .context("mounting a private bpffs")?;
 
     let mut topo = Topology::new(opts.topology, model.node_v4, model.node_v6)?;
     let base_pods: Vec<PodSpec> = model
@@ -309,25 +371,12 @@ pub fn run(opts: &Options) -> Result<Tally> {
     }
     let services = services::Kube::new(&topo.node)?;
 
-    write_manifests(&manifests, &model.objects)?;
-    let log = File::create(dir.join("agent.log"))?;
-    let child = Command::new("ip")
-        .args(["netns", "exec", &topo.node])
-        .arg(&opts.agent)
-        .arg("--bpffs")
-        .arg(&bpffs)
-        .args(["run", "--manifests"])
-        .arg(&manifests)
-        .args(["--node", &model.node_name, "--listen", LISTEN])
-        .env("NETPOL_EBPF_OBJECT", &opts.object)
-        .stdout(Stdio::from(log.try_clone()?))
-        .stderr(Stdio::from(log))
-        .spawn()
-        .context("starting netpol-agent run")?;
-    run.agent = Some(child);
+    let (mut run, manifests) = start_agent(&topo, &model, &opts.agent, &opts.object)?;
 
     let mut total: BTreeMap<Via, Tally> = BTreeMap::new();
     for sc in &scenarios {
+        let started = Instant::now();
+        let mut waited = Duration::ZERO;
         let mut objects = model.objects.clone();
         let mut extra_pods: BTreeSet<String> = BTreeSet::new();
         let mut lines = Vec::new();
@@ -355,9 +404,9 @@ pub fn run(opts: &Options) -> Result<Tally> {
                     extra_pods.insert(format!("{ns}/{name}"));
                 }
             }
-            write_manifests(&manifests, &objects)?;
-            let fp = expected_fingerprint(&opts.agent, &manifests)?;
-            wait_applied(&mut run, &topo.node_fd, &fp, topo.pods.len())?;
+            let t0 = Instant::now();
+            enforce(&mut run, &topo, &manifests, &opts.agent, &objects)?;
+            waited += t0.elapsed();
             if opts.via != ViaSel::Pod {
                 services.sync(&objects)?;
             }
@@ -433,10 +482,19 @@ pub fn run(opts: &Options) -> Result<Tally> {
             }
         }
         lines.sort();
+        let took = format!(
+            "{:.1}s, {:.1}s waiting for the agent",
+            started.elapsed().as_secs_f64(),
+            waited.as_secs_f64()
+        );
         if lines.is_empty() {
-            println!("conformance: {}: ok", sc.name);
+            println!("conformance: {}: ok ({took})", sc.name);
         } else {
-            println!("conformance: {}: {} cells differ", sc.name, lines.len());
+            println!(
+                "conformance: {}: {} cells differ ({took})",
+                sc.name,
+                lines.len()
+            );
             for l in &lines {
                 println!("  {l}");
             }

@@ -1,0 +1,943 @@
+//! The `kube` source: the Kubernetes API, watched with kube-rs.
+//!
+//! One watcher and reflector store per kind (Pods and Services and
+//! EndpointSlices of every namespace, Namespaces, NetworkPolicies, and this
+//! node's Node), each trimmed with `.modify()` to the fields the compiler
+//! reads, so memory grows slowly with the cluster, and each retried with
+//! kube-rs' default backoff.
+//!
+//! Objects are converted once, in their watcher's task, with the model's
+//! `TryFrom` conversions; one assembler task owns the [`Snapshot`] and
+//! publishes whole [`Input`]s:
+//! - nothing is published until every store has listed once (a half-listed
+//!   cluster would drop the policies of the kinds not listed yet);
+//! - a relist (a watch too old, `410 Gone`) is buffered and swapped in when
+//!   complete, as the reflector does with its store;
+//! - an invalid new version of an object keeps its last valid one, and its
+//!   errors are problems of the input;
+//! - while the API server is unreachable nothing is published, so what is
+//!   enforced stays; [`SourceHealth::unreachable`] says why, and the agent
+//!   reports itself not ready until a watch or a probe of `/version`
+//!   succeeds again.
+use std::{collections::BTreeMap, fmt::Debug, hash::Hash, sync::Arc, time::Duration};
+
+use futures::StreamExt as _;
+use k8s_openapi::{
+    api::{core::v1 as core, discovery::v1 as discovery, networking::v1 as networking},
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
+use kube::{
+    Api, Client, ResourceExt as _,
+    runtime::{WatchStreamExt as _, reflector, watcher},
+};
+use serde::{Serialize, de::DeserializeOwned};
+use tokio::sync::{mpsc, watch};
+
+use super::{Input, InputSender};
+use crate::{
+    model::{
+        ALLOW_ANY_SOURCE_ANNOTATION, Kind, ModelError, Namespace, NetworkPolicy, Node, ObjectRef,
+        Pod, Snapshot,
+    },
+    telemetry::Metrics,
+};
+
+/// First delay between probes of an unreachable API server; doubled per
+/// failure up to [`PROBE_MAX`].
+const PROBE_FIRST: Duration = Duration::from_secs(1);
+/// Longest delay between probes of an unreachable API server.
+const PROBE_MAX: Duration = Duration::from_secs(30);
+/// How long a probe of `/version` may take.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How the agent reaches the API server.
+#[derive(Clone, Default)]
+pub enum KubeConnection {
+    /// In-cluster configuration, else the kubeconfig (`KUBECONFIG`,
+    /// `~/.kube/config`), as `kube::Client::try_default` finds them.
+    #[default]
+    Infer,
+    /// A client built by the caller (tests point one at a fake API server).
+    Client(Client),
+}
+
+impl Debug for KubeConnection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Infer => f.write_str("Infer"),
+            Self::Client(c) => write!(f, "Client({})", c.default_namespace()),
+        }
+    }
+}
+
+impl KubeConnection {
+    /// The client.
+    ///
+    /// # Errors
+    /// When no configuration is found or it is not usable.
+    pub async fn client(&self) -> Result<Client, KubeError> {
+        match self {
+            Self::Infer => Client::try_default().await.map_err(KubeError::Config),
+            Self::Client(c) => Ok(c.clone()),
+        }
+    }
+}
+
+/// The `kube` source could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum KubeError {
+    /// No usable in-cluster configuration or kubeconfig.
+    #[error("configuring the Kubernetes client (in-cluster or kubeconfig): {0}")]
+    Config(#[source] kube::Error),
+    /// The node name is needed to watch this node's Node.
+    #[error("the kube source needs this node's name (--node or NODE_NAME)")]
+    NoNode,
+}
+
+/// The stores the source keeps, one per watched kind.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum StoreKind {
+    /// v1 Pods, all namespaces.
+    Pod,
+    /// v1 Namespaces.
+    Namespace,
+    /// This node's v1 Node.
+    Node,
+    /// networking.k8s.io/v1 NetworkPolicies, all namespaces.
+    NetworkPolicy,
+    /// v1 Services, all namespaces.
+    Service,
+    /// discovery.k8s.io/v1 EndpointSlices, all namespaces.
+    EndpointSlice,
+}
+
+impl StoreKind {
+    /// Every store, in the order of [`SourceHealth::stores`].
+    pub const ALL: [Self; 6] = [
+        Self::Pod,
+        Self::Namespace,
+        Self::Node,
+        Self::NetworkPolicy,
+        Self::Service,
+        Self::EndpointSlice,
+    ];
+
+    /// The kind's name (the `kind` label of the metrics).
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Pod => "Pod",
+            Self::Namespace => "Namespace",
+            Self::Node => "Node",
+            Self::NetworkPolicy => "NetworkPolicy",
+            Self::Service => "Service",
+            Self::EndpointSlice => "EndpointSlice",
+        }
+    }
+
+    const fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// One store, as [`SourceHealth`] shows it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct StoreHealth {
+    /// The kind.
+    pub kind: String,
+    /// It has listed once.
+    pub ready: bool,
+    /// Objects it holds.
+    pub objects: usize,
+    /// Its last watch error, until a watch or a probe succeeds again.
+    pub error: Option<String>,
+}
+
+/// How a source is doing, apart from its objects.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct SourceHealth {
+    /// Every store has listed once: the source has published an input.
+    pub synced: bool,
+    /// Why the source cannot reach the API server now; `None` when it can.
+    pub unreachable: Option<String>,
+    /// Its stores.
+    pub stores: Vec<StoreHealth>,
+}
+
+/// The Kubernetes API as a source of [`Input`]s.
+pub struct KubeSource {
+    client: Client,
+    node: String,
+    metrics: Option<Arc<Metrics>>,
+    health: watch::Sender<SourceHealth>,
+}
+
+impl Debug for KubeSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KubeSource")
+            .field("node", &self.node)
+            .field("health", &*self.health.borrow())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A converted object.
+#[derive(Debug)]
+enum Obj {
+    Pod(ObjectRef, Result<Pod, Vec<ModelError>>),
+    Namespace(String, Result<Namespace, Vec<ModelError>>),
+    Node(String, Result<Node, Vec<ModelError>>),
+    Policy(Result<NetworkPolicy, (ObjectRef, Vec<ModelError>)>),
+    /// A kind the model does not hold.
+    Other,
+}
+
+#[derive(Debug)]
+enum Change {
+    Init,
+    InitApply(Obj),
+    InitDone,
+    Apply(Obj),
+    Delete(ObjectRef),
+    /// The watch is too old (`410 Gone`): the watcher lists again. Not an
+    /// outage.
+    Expired,
+    Error(String),
+}
+
+#[derive(Debug)]
+enum Msg {
+    Store {
+        store: StoreKind,
+        size: usize,
+        change: Change,
+    },
+    Probe(Result<(), String>),
+}
+
+impl KubeSource {
+    /// A source reading the cluster through `client`, with `node` as the
+    /// local node.
+    #[must_use]
+    pub fn new(client: Client, node: impl Into<String>) -> Self {
+        let (health, _) = watch::channel(SourceHealth {
+            stores: StoreKind::ALL
+                .iter()
+                .map(|k| StoreHealth {
+                    kind: k.as_str().to_owned(),
+                    ..StoreHealth::default()
+                })
+                .collect(),
+            ..SourceHealth::default()
+        });
+        Self {
+            client,
+            node: node.into(),
+            metrics: None,
+            health,
+        }
+    }
+
+    /// Counts watch events and errors and store sizes in `metrics`.
+    #[must_use]
+    pub fn metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// The source's health, live.
+    #[must_use]
+    pub fn health(&self) -> watch::Receiver<SourceHealth> {
+        self.health.subscribe()
+    }
+
+    /// Watches the cluster and publishes on `tx` once every store has
+    /// listed, then after every change, until `stop` turns true. Watch
+    /// errors are retried with backoff, never returned.
+    ///
+    /// # Errors
+    /// None today; the signature leaves room for start-up checks.
+    pub async fn run(
+        self,
+        tx: InputSender,
+        mut stop: watch::Receiver<bool>,
+    ) -> Result<(), KubeError> {
+        let (msg_tx, mut msg_rx) = mpsc::unbounded_channel();
+        let mut tasks = tokio::task::JoinSet::new();
+        let c = &self.client;
+        let all = watcher::Config::default();
+        spawn_store::<core::Pod>(
+            &mut tasks,
+            Api::all(c.clone()),
+            all.clone(),
+            StoreKind::Pod,
+            trim_pod,
+            convert_pod,
+            msg_tx.clone(),
+        );
+        spawn_store::<core::Namespace>(
+            &mut tasks,
+            Api::all(c.clone()),
+            all.clone(),
+            StoreKind::Namespace,
+            trim_namespace,
+            convert_namespace,
+            msg_tx.clone(),
+        );
+        spawn_store::<core::Node>(
+            &mut tasks,
+            Api::all(c.clone()),
+            watcher::Config::default().fields(&format!("metadata.name={}", self.node)),
+            StoreKind::Node,
+            trim_node,
+            convert_node,
+            msg_tx.clone(),
+        );
+        spawn_store::<networking::NetworkPolicy>(
+            &mut tasks,
+            Api::all(c.clone()),
+            all.clone(),
+            StoreKind::NetworkPolicy,
+            trim_policy,
+            convert_policy,
+            msg_tx.clone(),
+        );
+        spawn_store::<core::Service>(
+            &mut tasks,
+            Api::all(c.clone()),
+            all.clone(),
+            StoreKind::Service,
+            trim_service,
+            |_| Obj::Other,
+            msg_tx.clone(),
+        );
+        spawn_store::<discovery::EndpointSlice>(
+            &mut tasks,
+            Api::all(c.clone()),
+            all,
+            StoreKind::EndpointSlice,
+            trim_endpoint_slice,
+            |_| Obj::Other,
+            msg_tx.clone(),
+        );
+        tracing::info!(
+            node = %self.node,
+            "kube source: watching Pods, Namespaces, this Node, NetworkPolicies, Services and \
+             EndpointSlices; nothing is enforced until every store has listed"
+        );
+        let mut asm = Assembler::new(self.node.clone());
+        let mut probe_at: Option<tokio::time::Instant> = None;
+        let mut probe_delay = PROBE_FIRST;
+        let mut probing = false;
+        loop {
+            let next_probe = probe_at;
+            tokio::select! {
+                () = crate::sync::stopped(&mut stop) => return Ok(()),
+                m = msg_rx.recv() => {
+                    let Some(m) = m else { return Ok(()) };
+                    asm.handle(m, self.metrics.as_deref());
+                    while let Ok(m) = msg_rx.try_recv() {
+                        asm.handle(m, self.metrics.as_deref());
+                    }
+                }
+                () = async {
+                    match next_probe {
+                        Some(t) => tokio::time::sleep_until(t).await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    probe_at = None;
+                    probing = true;
+                    let client = self.client.clone();
+                    let tx = msg_tx.clone();
+                    tasks.spawn(async move {
+                        let r = match tokio::time::timeout(PROBE_TIMEOUT, client.apiserver_version()).await {
+                            Ok(Ok(_)) => Ok(()),
+                            Ok(Err(e)) => Err(e.to_string()),
+                            Err(_) => Err(format!("no answer within {PROBE_TIMEOUT:?}")),
+                        };
+                        let _ = tx.send(Msg::Probe(r));
+                    });
+                }
+            }
+            if let Some(probe) = asm.probe_result.take() {
+                probing = false;
+                if probe {
+                    probe_delay = PROBE_FIRST;
+                } else {
+                    probe_delay = (probe_delay * 2).min(PROBE_MAX);
+                }
+            }
+            if asm.any_error() {
+                if probe_at.is_none() && !probing {
+                    probe_at = Some(tokio::time::Instant::now() + probe_delay);
+                }
+            } else {
+                probe_at = None;
+                probe_delay = PROBE_FIRST;
+            }
+            if let Some(input) = asm.take_input() {
+                tx.send_replace(Some(Arc::new(input)));
+            }
+            let health = asm.health();
+            self.health.send_if_modified(|h| {
+                let changed = *h != health;
+                *h = health;
+                changed
+            });
+        }
+    }
+}
+
+/// Spawns one kind's watcher, reflector store and conversion.
+fn spawn_store<K>(
+    tasks: &mut tokio::task::JoinSet<()>,
+    api: Api<K>,
+    config: watcher::Config,
+    store: StoreKind,
+    trim: fn(&mut K),
+    convert: fn(&K) -> Obj,
+    tx: mpsc::UnboundedSender<Msg>,
+) where
+    K: kube::Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K::DynamicType: Default + Eq + Hash + Clone + Send + Sync,
+{
+    let (reader, writer) = reflector::store::<K>();
+    tasks.spawn(async move {
+        let stream = watcher(api, config)
+            .default_backoff()
+            .modify(trim)
+            .reflect(writer);
+        let mut stream = std::pin::pin!(stream);
+        while let Some(item) = stream.next().await {
+            let change = match item {
+                Ok(watcher::Event::Init) => Change::Init,
+                Ok(watcher::Event::InitApply(o)) => Change::InitApply(convert(&o)),
+                Ok(watcher::Event::InitDone) => Change::InitDone,
+                Ok(watcher::Event::Apply(o)) => Change::Apply(convert(&o)),
+                Ok(watcher::Event::Delete(o)) => Change::Delete(ObjectRef::new(
+                    o.namespace().unwrap_or_default(),
+                    o.name_any(),
+                )),
+                Err(watcher::Error::WatchError(s)) if s.code == 410 => Change::Expired,
+                Err(e) => Change::Error(error_chain(&e)),
+            };
+            let msg = Msg::Store {
+                store,
+                size: reader.len(),
+                change,
+            };
+            if tx.send(msg).is_err() {
+                return;
+            }
+        }
+    });
+}
+
+/// `error: cause: cause`, as `{err:#}` prints an anyhow chain.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let t = c.to_string();
+        if !s.contains(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+        cur = c.source();
+    }
+    s
+}
+
+#[derive(Debug, Default)]
+struct StoreState {
+    ready: bool,
+    size: usize,
+    error: Option<String>,
+    /// A relist in progress: the objects listed so far.
+    relist: Option<Snapshot>,
+}
+
+/// Owns the model and decides what is published.
+#[derive(Debug)]
+struct Assembler {
+    snapshot: Snapshot,
+    stores: [StoreState; 6],
+    dirty: bool,
+    synced: bool,
+    probe_result: Option<bool>,
+}
+
+impl Assembler {
+    fn new(node: String) -> Self {
+        Self {
+            snapshot: Snapshot {
+                local_node: Some(node),
+                ..Snapshot::default()
+            },
+            stores: Default::default(),
+            dirty: true,
+            synced: false,
+            probe_result: None,
+        }
+    }
+
+    fn any_error(&self) -> bool {
+        self.stores.iter().any(|s| s.error.is_some())
+    }
+
+    fn handle(&mut self, msg: Msg, metrics: Option<&Metrics>) {
+        let (store, size, change) = match msg {
+            Msg::Store {
+                store,
+                size,
+                change,
+            } => (store, size, change),
+            Msg::Probe(r) => {
+                self.probe_result = Some(r.is_ok());
+                match r {
+                    Ok(()) => {
+                        for (kind, s) in StoreKind::ALL.iter().zip(&mut self.stores) {
+                            if s.error.take().is_some() {
+                                tracing::info!(
+                                    kind = kind.as_str(),
+                                    "Kubernetes API server reachable again"
+                                );
+                            }
+                        }
+                    }
+                    Err(e) => tracing::debug!(error = %e, "Kubernetes API server probe failed"),
+                }
+                return;
+            }
+        };
+        let kind = store.as_str();
+        let state = &mut self.stores[store.index()];
+        state.size = size;
+        if let Some(m) = metrics {
+            m.kube_store_objects(kind, size);
+        }
+        if matches!(change, Change::Expired) {
+            if let Some(m) = metrics {
+                m.kube_watch_error(kind);
+            }
+            tracing::info!(kind, "watch expired (410 Gone): listing again");
+            return;
+        }
+        if let Change::Error(e) = change {
+            if let Some(m) = metrics {
+                m.kube_watch_error(kind);
+            }
+            if state.error.is_none() {
+                tracing::warn!(
+                    kind,
+                    error = %e,
+                    "watching the Kubernetes API failed; retrying with backoff, the enforced \
+                     state stays in force"
+                );
+            } else {
+                tracing::debug!(kind, error = %e, "watch retry failed");
+            }
+            state.error = Some(e);
+            return;
+        }
+        if let Some(m) = metrics {
+            m.kube_watch_event(kind);
+        }
+        if state.error.take().is_some() {
+            tracing::info!(kind, "watching the Kubernetes API again");
+        }
+        match change {
+            Change::Init => state.relist = Some(Snapshot::default()),
+            Change::InitApply(obj) => {
+                if let Some(buf) = state.relist.as_mut() {
+                    upsert(buf, Some(&self.snapshot), obj);
+                }
+            }
+            Change::InitDone => {
+                let buf = state.relist.take().unwrap_or_default();
+                let first = !state.ready;
+                state.ready = true;
+                self.swap_in(store, buf);
+                if first {
+                    tracing::info!(kind, objects = size, "store listed");
+                } else {
+                    tracing::info!(kind, objects = size, "store relisted");
+                }
+            }
+            Change::Apply(obj) => {
+                if upsert(&mut self.snapshot, None, obj) {
+                    self.dirty = true;
+                }
+            }
+            Change::Delete(id) => {
+                if remove(&mut self.snapshot, store, &id) {
+                    self.dirty = true;
+                }
+            }
+            Change::Expired | Change::Error(_) => {}
+        }
+    }
+
+    /// Replaces the objects of `store` by a complete list of them.
+    fn swap_in(&mut self, store: StoreKind, buf: Snapshot) {
+        let s = &mut self.snapshot;
+        let Snapshot {
+            nodes,
+            namespaces,
+            pods,
+            policies,
+            invalid,
+            ..
+        } = buf;
+        let kind = match store {
+            StoreKind::Pod => {
+                s.pods = pods;
+                "Pod"
+            }
+            StoreKind::Namespace => {
+                s.namespaces = namespaces;
+                "Namespace"
+            }
+            StoreKind::Node => {
+                s.nodes = nodes;
+                "Node"
+            }
+            StoreKind::NetworkPolicy => {
+                s.policies = policies;
+                return;
+            }
+            StoreKind::Service | StoreKind::EndpointSlice => return,
+        };
+        s.invalid.retain(|(k, _), _| k != kind);
+        s.invalid.extend(invalid);
+        self.dirty = true;
+    }
+
+    /// The input to publish, once every store is listed and when something
+    /// changed since the last one.
+    fn take_input(&mut self) -> Option<Input> {
+        if !self.stores.iter().all(|s| s.ready) || !self.dirty {
+            return None;
+        }
+        if !self.synced {
+            self.synced = true;
+            tracing::info!(
+                pods = self.snapshot.pods.len(),
+                namespaces = self.snapshot.namespaces.len(),
+                nodes = self.snapshot.nodes.len(),
+                policies = self.snapshot.policies.len(),
+                "every Kubernetes store listed: publishing the first state"
+            );
+        }
+        self.dirty = false;
+        let problems = self
+            .snapshot
+            .errors()
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        Some(Input {
+            snapshot: self.snapshot.clone(),
+            problems,
+        })
+    }
+
+    fn health(&self) -> SourceHealth {
+        let unreachable = StoreKind::ALL
+            .iter()
+            .zip(&self.stores)
+            .find_map(|(k, s)| s.error.as_ref().map(|e| format!("{}: {e}", k.as_str())));
+        SourceHealth {
+            synced: self.synced,
+            unreachable,
+            stores: StoreKind::ALL
+                .iter()
+                .zip(&self.stores)
+                .map(|(k, s)| StoreHealth {
+                    kind: k.as_str().to_owned(),
+                    ready: s.ready,
+                    objects: s.size,
+                    error: s.error.clone(),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// Adds or replaces one object of `target`. An invalid version keeps the
+/// valid one in force: `target`'s own, or during a relist the one of
+/// `previous`. Returns whether `target` changed.
+fn upsert(target: &mut Snapshot, previous: Option<&Snapshot>, obj: Obj) -> bool {
+    match obj {
+        Obj::Pod(id, Ok(pod)) => {
+            let key = ("Pod".to_owned(), id.to_string());
+            let changed = target.pods.get(&id) != Some(&pod) || target.invalid.contains_key(&key);
+            target.upsert_pod(pod);
+            changed
+        }
+        Obj::Pod(id, Err(errors)) => {
+            if let Some(old) = previous.and_then(|p| p.pods.get(&id)) {
+                target.pods.insert(id.clone(), old.clone());
+            }
+            invalid(target, "Pod", id.to_string(), errors)
+        }
+        Obj::Namespace(name, Ok(ns)) => {
+            let key = ("Namespace".to_owned(), name.clone());
+            let changed =
+                target.namespaces.get(&name) != Some(&ns) || target.invalid.contains_key(&key);
+            target.upsert_namespace(ns);
+            changed
+        }
+        Obj::Namespace(name, Err(errors)) => {
+            if let Some(old) = previous.and_then(|p| p.namespaces.get(&name)) {
+                target.namespaces.insert(name.clone(), old.clone());
+            }
+            invalid(target, "Namespace", name, errors)
+        }
+        Obj::Node(name, Ok(node)) => {
+            let key = ("Node".to_owned(), name.clone());
+            let changed =
+                target.nodes.get(&name) != Some(&node) || target.invalid.remove(&key).is_some();
+            target.upsert_node(node);
+            changed
+        }
+        Obj::Node(name, Err(errors)) => {
+            if let Some(old) = previous.and_then(|p| p.nodes.get(&name)) {
+                target.nodes.insert(name.clone(), old.clone());
+            }
+            invalid(target, "Node", name, errors)
+        }
+        Obj::Policy(Ok(p)) => {
+            let changed = target
+                .policies
+                .get(&p.id)
+                .is_none_or(|s| s.in_force.as_ref() != Some(&p) || !s.errors.is_empty());
+            target.upsert_policy(Ok(p));
+            changed
+        }
+        Obj::Policy(Err((id, errors))) => {
+            if !target.policies.contains_key(&id)
+                && let Some(old) = previous.and_then(|p| p.policies.get(&id))
+            {
+                target.policies.insert(id.clone(), old.clone());
+            }
+            let changed = target.policies.get(&id).is_none_or(|s| s.errors != errors);
+            target.upsert_policy(Err((id, errors)));
+            changed
+        }
+        Obj::Other => false,
+    }
+}
+
+fn invalid(target: &mut Snapshot, kind: &str, name: String, errors: Vec<ModelError>) -> bool {
+    let key = (kind.to_owned(), name);
+    if target.invalid.get(&key) == Some(&errors) {
+        return false;
+    }
+    target.invalid.insert(key, errors);
+    true
+}
+
+/// Removes a deleted object (and the errors of its versions).
+fn remove(target: &mut Snapshot, store: StoreKind, id: &ObjectRef) -> bool {
+    let (kind, model_kind, key) = match store {
+        StoreKind::Pod => ("Pod", Kind::Pod, id.to_string()),
+        StoreKind::Namespace => ("Namespace", Kind::Namespace, id.name.clone()),
+        StoreKind::Node => ("Node", Kind::Node, id.name.clone()),
+        StoreKind::NetworkPolicy => ("NetworkPolicy", Kind::NetworkPolicy, id.to_string()),
+        StoreKind::Service | StoreKind::EndpointSlice => return false,
+    };
+    let had_errors = target.invalid.remove(&(kind.to_owned(), key)).is_some();
+    let had = match model_kind {
+        Kind::Pod => target.pods.contains_key(id),
+        Kind::Namespace => target.namespaces.contains_key(&id.name),
+        Kind::Node => target.nodes.contains_key(&id.name),
+        Kind::NetworkPolicy => target.policies.contains_key(id),
+    };
+    target.remove(model_kind, &id.namespace, &id.name);
+    had || had_errors
+}
+
+fn pod_ref(meta: &ObjectMeta) -> ObjectRef {
+    ObjectRef::new(
+        meta.namespace
+            .clone()
+            .unwrap_or_else(|| "default".to_owned()),
+        meta.name.clone().unwrap_or_default(),
+    )
+}
+
+fn convert_pod(p: &core::Pod) -> Obj {
+    Obj::Pod(pod_ref(&p.metadata), Pod::try_from(p))
+}
+
+fn convert_namespace(n: &core::Namespace) -> Obj {
+    Obj::Namespace(n.name_any(), Namespace::try_from(n))
+}
+
+fn convert_node(n: &core::Node) -> Obj {
+    Obj::Node(n.name_any(), Node::try_from(n))
+}
+
+fn convert_policy(p: &networking::NetworkPolicy) -> Obj {
+    Obj::Policy(NetworkPolicy::try_from(p))
+}
+
+/// The metadata the stores keep: identity, labels, and the one annotation
+/// the model reads.
+fn trim_meta(meta: &mut ObjectMeta, keep_labels: bool) {
+    let annotations = meta.annotations.take().and_then(|mut a| {
+        let v = a.remove(ALLOW_ANY_SOURCE_ANNOTATION)?;
+        Some(BTreeMap::from([(
+            ALLOW_ANY_SOURCE_ANNOTATION.to_owned(),
+            v,
+        )]))
+    });
+    *meta = ObjectMeta {
+        name: meta.name.take(),
+        namespace: meta.namespace.take(),
+        uid: meta.uid.take(),
+        resource_version: meta.resource_version.take(),
+        labels: if keep_labels {
+            meta.labels.take()
+        } else {
+            None
+        },
+        annotations,
+        ..ObjectMeta::default()
+    };
+}
+
+fn trim_pod(p: &mut core::Pod) {
+    trim_meta(&mut p.metadata, true);
+    p.spec = p.spec.take().map(|s| core::PodSpec {
+        node_name: s.node_name,
+        host_network: s.host_network,
+        containers: s
+            .containers
+            .into_iter()
+            .map(|c| core::Container {
+                name: c.name,
+                ports: c.ports,
+                ..core::Container::default()
+            })
+            .collect(),
+        ..core::PodSpec::default()
+    });
+    p.status = p.status.take().map(|s| core::PodStatus {
+        phase: s.phase,
+        pod_ip: s.pod_ip,
+        pod_ips: s.pod_ips,
+        ..core::PodStatus::default()
+    });
+}
+
+fn trim_namespace(n: &mut core::Namespace) {
+    trim_meta(&mut n.metadata, true);
+    n.spec = None;
+    n.status = None;
+}
+
+fn trim_node(n: &mut core::Node) {
+    trim_meta(&mut n.metadata, true);
+    n.spec = None;
+    n.status = n.status.take().map(|s| core::NodeStatus {
+        addresses: s.addresses,
+        ..core::NodeStatus::default()
+    });
+}
+
+fn trim_policy(p: &mut networking::NetworkPolicy) {
+    trim_meta(&mut p.metadata, false);
+}
+
+fn trim_service(s: &mut core::Service) {
+    trim_meta(&mut s.metadata, false);
+    s.spec = None;
+    s.status = None;
+}
+
+fn trim_endpoint_slice(e: &mut discovery::EndpointSlice) {
+    trim_meta(&mut e.metadata, false);
+    e.endpoints = Vec::new();
+    e.ports = None;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod_json(name: &str, ip: &str, port: serde_json::Value) -> core::Pod {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": "x", "labels": {"app": name},
+                         "annotations": {"big": "x".repeat(1000), ALLOW_ANY_SOURCE_ANNOTATION: "true"},
+                         "managedFields": [{"manager": "kubectl"}]},
+            "spec": {"nodeName": "n1", "containers": [{"name": "c", "image": "busybox",
+                     "ports": [{"containerPort": port}]}]},
+            "status": {"phase": "Running", "podIP": ip, "conditions": [{"type": "Ready", "status": "True"}]}
+        }))
+        .expect("a pod")
+    }
+
+    #[test]
+    fn trimmed_pod_converts_as_the_full_one() {
+        let full = pod_json("a", "10.0.0.1", serde_json::json!(80));
+        let mut trimmed = full.clone();
+        trim_pod(&mut trimmed);
+        assert_eq!(Pod::try_from(&trimmed), Pod::try_from(&full));
+        assert!(trimmed.metadata.managed_fields.is_none());
+        let annotations = trimmed.metadata.annotations.expect("annotation kept");
+        assert_eq!(annotations.len(), 1);
+        assert!(trimmed.status.expect("status").conditions.is_none());
+    }
+
+    #[test]
+    fn invalid_pod_update_keeps_the_valid_version_and_a_relist_too() {
+        let mut asm = Assembler::new("n1".into());
+        let msg = |change| Msg::Store {
+            store: StoreKind::Pod,
+            size: 1,
+            change,
+        };
+        let good = pod_json("a", "10.0.0.1", serde_json::json!(80));
+        let bad = pod_json("a", "10.0.0.1", serde_json::json!(0));
+        asm.handle(msg(Change::Init), None);
+        asm.handle(msg(Change::InitApply(convert_pod(&good))), None);
+        asm.handle(msg(Change::InitDone), None);
+        let id = ObjectRef::new("x", "a");
+        let valid = asm.snapshot.pods[&id].clone();
+        asm.handle(msg(Change::Apply(convert_pod(&bad))), None);
+        assert_eq!(asm.snapshot.pods[&id], valid);
+        assert_eq!(asm.snapshot.errors().len(), 1);
+        asm.handle(msg(Change::Init), None);
+        asm.handle(msg(Change::InitApply(convert_pod(&bad))), None);
+        asm.handle(msg(Change::InitDone), None);
+        assert_eq!(asm.snapshot.pods[&id], valid);
+        assert_eq!(asm.snapshot.errors().len(), 1);
+    }
+
+    #[test]
+    fn nothing_is_published_until_every_store_listed() {
+        let mut asm = Assembler::new("n1".into());
+        for store in StoreKind::ALL {
+            assert!(
+                asm.take_input().is_none(),
+                "published before {store:?} listed"
+            );
+            for change in [Change::Init, Change::InitDone] {
+                asm.handle(
+                    Msg::Store {
+                        store,
+                        size: 0,
+                        change,
+                    },
+                    None,
+                );
+            }
+        }
+        assert!(asm.take_input().is_some());
+        assert!(asm.take_input().is_none(), "nothing changed");
+    }
+}
