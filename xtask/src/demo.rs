@@ -94,11 +94,12 @@ fn matrix(topo: &Topology, pods: &[PodSpec], targets: &[Target], fam: Family) ->
     for (job, ok) in conformance::run_probes(jobs) {
         got.insert(job.label, ok);
     }
-    let width = targets.iter().map(|t| t.label.len()).max().unwrap_or(4) + 2;
+    // Each column as wide as its label.
+    let widths: Vec<usize> = targets.iter().map(|t| t.label.len() + 2).collect();
     let rows = pods.iter().map(|p| p.id.len()).max().unwrap_or(4) + 2;
     print!("  {:rows$}", format!("{fam}"));
-    for t in targets {
-        print!("{:>width$}", t.label);
+    for (t, w) in targets.iter().zip(&widths) {
+        print!("{:>w$}", t.label);
     }
     println!();
     let (green, red, reset) = if colour() {
@@ -108,11 +109,11 @@ fn matrix(topo: &Topology, pods: &[PodSpec], targets: &[Target], fam: Family) ->
     };
     for (ci, client) in pods.iter().enumerate() {
         print!("  {:rows$}", client.id);
-        for ti in 0..targets.len() {
+        for (ti, w) in widths.iter().enumerate() {
             let cell = match got.get(&format!("{ci} {ti}")) {
-                Some(true) => format!("{green}{:>width$}{reset}", "X"),
-                Some(false) => format!("{red}{:>width$}{reset}", "."),
-                None => format!("{:>width$}", "-"),
+                Some(true) => format!("{green}{:>w$}{reset}", "X"),
+                Some(false) => format!("{red}{:>w$}{reset}", "."),
+                None => format!("{:>w$}", "-"),
             };
             print!("{cell}");
         }

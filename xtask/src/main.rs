@@ -65,7 +65,8 @@ enum Cmd {
     },
     /// Run benchmarks and record them in docs/PERFORMANCE.md.
     Bench {
-        /// Which: `datapath` (per packet, root), `compiler`, or `all`.
+        /// Which: `datapath` (per packet, root), `compiler`, `agent` (new
+        /// pod to enforced, root), or `all`.
         #[arg(default_value = "all")]
         which: String,
     },
@@ -121,8 +122,11 @@ fn main() -> Result<()> {
         Cmd::Bench { which } => match which.as_str() {
             "datapath" => bench::datapath(),
             "compiler" => bench::compiler(),
-            "all" => bench::compiler().and_then(|()| bench::datapath()),
-            other => bail!("unknown bench {other:?}: datapath, compiler or all"),
+            "agent" => bench::agent(),
+            "all" => bench::compiler()
+                .and_then(|()| bench::datapath())
+                .and_then(|()| bench::agent()),
+            other => bail!("unknown bench {other:?}: datapath, compiler, agent or all"),
         },
     }
 }

@@ -202,10 +202,20 @@ enum Change {
     /// The watch is too old (`410 Gone`): the watcher lists again. Not an
     /// outage.
     Expired,
-    Error(String),
+    Error {
+        message: String,
+        /// A list failed: its retry shows success by listing. Otherwise a
+        /// watch failed to start or broke, and a retry that succeeds
+        /// shows nothing until the next change (the probe tells).
+        list: bool,
+    },
 }
 
 #[derive(Debug)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "nearly every message is a store change; boxing it would allocate per event"
+)]
 enum Msg {
     Store {
         store: StoreKind,
@@ -350,7 +360,8 @@ impl KubeSource {
                     probing = true;
                     let client = self.client.clone();
                     let tx = msg_tx.clone();
-                    tasks.spawn(async move {
+                    // Detached: it ends within its timeout.
+                    tokio::spawn(async move {
                         let r = match tokio::time::timeout(PROBE_TIMEOUT, client.apiserver_version()).await {
                             Ok(Ok(_)) => Ok(()),
                             Ok(Err(e)) => Err(e.to_string()),
@@ -420,7 +431,10 @@ fn spawn_store<K>(
                     o.name_any(),
                 )),
                 Err(watcher::Error::WatchError(s)) if s.code == 410 => Change::Expired,
-                Err(e) => Change::Error(error_chain(&e)),
+                Err(e) => Change::Error {
+                    list: matches!(e, watcher::Error::InitialListFailed(_)),
+                    message: error_chain(&e),
+                },
             };
             let msg = Msg::Store {
                 store,
@@ -454,6 +468,8 @@ struct StoreState {
     ready: bool,
     size: usize,
     error: Option<String>,
+    /// The error is a failed list (see [`Change::Error`]).
+    list_error: bool,
     /// A relist in progress: the objects listed so far.
     relist: Option<Snapshot>,
 }
@@ -498,7 +514,7 @@ impl Assembler {
                 match r {
                     Ok(()) => {
                         for (kind, s) in StoreKind::ALL.iter().zip(&mut self.stores) {
-                            if s.error.take().is_some() {
+                            if !s.list_error && s.error.take().is_some() {
                                 tracing::info!(
                                     kind = kind.as_str(),
                                     "Kubernetes API server reachable again"
@@ -524,7 +540,7 @@ impl Assembler {
             tracing::info!(kind, "watch expired (410 Gone): listing again");
             return;
         }
-        if let Change::Error(e) = change {
+        if let Change::Error { message: e, list } = change {
             if let Some(m) = metrics {
                 m.kube_watch_error(kind);
             }
@@ -539,12 +555,15 @@ impl Assembler {
                 tracing::debug!(kind, error = %e, "watch retry failed");
             }
             state.error = Some(e);
+            state.list_error = list;
             return;
         }
         if let Some(m) = metrics {
             m.kube_watch_event(kind);
         }
-        if state.error.take().is_some() {
+        // The watcher announces every list attempt with `Init`: only what
+        // follows it shows the list succeeded.
+        if !matches!(change, Change::Init) && state.error.take().is_some() {
             tracing::info!(kind, "watching the Kubernetes API again");
         }
         match change {
@@ -575,7 +594,7 @@ impl Assembler {
                     self.dirty = true;
                 }
             }
-            Change::Expired | Change::Error(_) => {}
+            Change::Expired | Change::Error { .. } => {}
         }
     }
 

@@ -64,7 +64,7 @@ struct Collection {
     min_rv: u64,
     lists: usize,
     watches: usize,
-    /// Lists answer `503` (the kind's store never becomes ready).
+    /// Lists answer `403 Forbidden` (the kind's store never becomes ready).
     fail_lists: bool,
 }
 
@@ -262,8 +262,8 @@ impl FakeApiServer {
         }
     }
 
-    /// Makes the lists of a kind fail with `503 Service Unavailable`, or
-    /// succeed again.
+    /// Makes the lists of a kind fail with `403 Forbidden` (missing RBAC;
+    /// kube-rs retries a `503` internally for minutes), or succeed again.
     pub fn fail_lists(&self, kind: &str, fail: bool) {
         let mut inner = self.shared.inner.lock().expect("fake state");
         inner.collections[resource_of_kind(kind)].fail_lists = fail;
@@ -392,10 +392,7 @@ fn handle<B>(s: &Arc<Shared>, req: &Request<B>) -> Result<Response<Body>, Refuse
         ));
     };
     let filter = name_filter(&query);
-    let watching = matches!(
-        query.get("watch").map(String::as_str),
-        Some("true" | "1")
-    );
+    let watching = matches!(query.get("watch").map(String::as_str), Some("true" | "1"));
     if !watching {
         let mut inner = s.inner.lock().expect("fake state");
         let rv = inner.rv;
@@ -403,8 +400,8 @@ fn handle<B>(s: &Arc<Shared>, req: &Request<B>) -> Result<Response<Body>, Refuse
         c.lists += 1;
         if c.fail_lists {
             return Ok(json_response(
-                StatusCode::SERVICE_UNAVAILABLE,
-                &status(503, "ServiceUnavailable", "lists of this kind fail"),
+                StatusCode::FORBIDDEN,
+                &status(403, "Forbidden", "lists of this kind are forbidden (RBAC)"),
             ));
         }
         let items: Vec<&Value> = c
@@ -457,7 +454,7 @@ fn handle<B>(s: &Arc<Shared>, req: &Request<B>) -> Result<Response<Body>, Refuse
         done,
     };
     let body = StreamBody::new(stream::unfold(state, next_frame));
-    let mut resp = Response::new(BodyExt::boxed(body));
+    let mut resp = Response::new(body.boxed());
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
         header::HeaderValue::from_static("application/json"),
