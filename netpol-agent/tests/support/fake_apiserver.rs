@@ -57,9 +57,11 @@ const RESOURCES: [(&str, &str, &str, &str); 6] = [
 
 #[derive(Debug, Default)]
 struct Collection {
-    objects: BTreeMap<(String, String), Value>,
+    /// Serialized objects (far smaller than `Value`s, so a big fake
+    /// cluster does not blur the memory of the code under test).
+    objects: BTreeMap<(String, String), Arc<str>>,
     /// `(resourceVersion, type, object)` of every change since `min_rv`.
-    log: Vec<(u64, &'static str, Value)>,
+    log: Vec<(u64, &'static str, String, Arc<str>)>,
     /// Watches from an older version get `410 Gone`.
     min_rv: u64,
     lists: usize,
@@ -201,12 +203,15 @@ impl FakeApiServer {
                     obj["metadata"]["uid"] = json!(format!("uid-{rv}"));
                 }
                 let c = &mut inner.collections[r];
-                let ty = if c.objects.insert(key(&obj), obj.clone()).is_some() {
+                let k = key(&obj);
+                let text: Arc<str> = obj.to_string().into();
+                let name = k.1.clone();
+                let ty = if c.objects.insert(k, text.clone()).is_some() {
                     "MODIFIED"
                 } else {
                     "ADDED"
                 };
-                c.log.push((rv, ty, obj));
+                c.log.push((rv, ty, name, text));
             }
             inner.rv
         };
@@ -221,11 +226,13 @@ impl FakeApiServer {
             inner.rv += 1;
             let rv = inner.rv;
             let c = &mut inner.collections[r];
-            let Some(mut obj) = c.objects.remove(&(namespace.to_owned(), name.to_owned())) else {
+            let Some(text) = c.objects.remove(&(namespace.to_owned(), name.to_owned())) else {
                 return false;
             };
+            let mut obj: Value = serde_json::from_str(&text).expect("stored JSON");
             obj["metadata"]["resourceVersion"] = json!(rv.to_string());
-            c.log.push((rv, "DELETED", obj));
+            c.log
+                .push((rv, "DELETED", name.to_owned(), obj.to_string().into()));
             rv
         };
         self.shared.changed.send_replace(rv);
@@ -276,7 +283,8 @@ impl FakeApiServer {
         inner
             .collections
             .iter()
-            .flat_map(|c| c.objects.values().cloned())
+            .flat_map(|c| c.objects.values())
+            .map(|t| serde_json::from_str(t).expect("stored JSON"))
             .collect()
     }
 
@@ -404,18 +412,47 @@ fn handle<B>(s: &Arc<Shared>, req: &Request<B>) -> Result<Response<Body>, Refuse
                 &status(403, "Forbidden", "lists of this kind are forbidden (RBAC)"),
             ));
         }
-        let items: Vec<&Value> = c
+        // Pages of `limit` objects, the continue token being the offset
+        // (as the API server pages; kube-rs asks for 500).
+        let limit: usize = query
+            .get("limit")
+            .and_then(|v| v.parse().ok())
+            .filter(|&l| l > 0)
+            .unwrap_or(usize::MAX);
+        let offset: usize = query
+            .get("continue")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let matching: Vec<&Arc<str>> = c
             .objects
-            .values()
-            .filter(|o| filter.as_deref().is_none_or(|n| key(o).1 == n))
+            .iter()
+            .filter(|(k, _)| filter.as_deref().is_none_or(|n| k.1 == n))
+            .map(|(_, v)| v)
             .collect();
-        let list = json!({
-            "apiVersion": RESOURCES[r].2,
-            "kind": format!("{}List", RESOURCES[r].3),
-            "metadata": {"resourceVersion": rv.to_string()},
-            "items": items,
-        });
-        return Ok(json_response(StatusCode::OK, &list));
+        let page = matching.iter().skip(offset).take(limit);
+        let next = offset.saturating_add(limit);
+        let cont = if next < matching.len() {
+            format!(",\"continue\":\"{next}\"")
+        } else {
+            String::new()
+        };
+        let mut body = format!(
+            "{{\"apiVersion\":\"{}\",\"kind\":\"{}List\",\"metadata\":{{\"resourceVersion\":\"{rv}\"{cont}}},\"items\":[",
+            RESOURCES[r].2, RESOURCES[r].3
+        );
+        for (i, item) in page.enumerate() {
+            if i > 0 {
+                body.push(',');
+            }
+            body.push_str(item);
+        }
+        body.push_str("]}");
+        let mut resp = Response::new(Full::new(Bytes::from(body)).boxed());
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            header::HeaderValue::from_static("application/json"),
+        );
+        return Ok(resp);
     }
     let from: u64 = query
         .get("resourceVersion")
@@ -513,10 +550,11 @@ async fn next_frame(mut st: WatchState) -> Option<(Item, WatchState)> {
             let inner = st.shared.inner.lock().expect("fake state");
             let c = &inner.collections[st.resource];
             let from = st.cursor;
-            for (rv, ty, obj) in c.log.iter().filter(|(rv, _, _)| *rv > from) {
-                if st.filter.as_deref().is_none_or(|n| key(obj).1 == n) {
-                    st.pending
-                        .push_back(line(&json!({"type": ty, "object": obj})));
+            for (rv, ty, name, obj) in c.log.iter().filter(|e| e.0 > from) {
+                if st.filter.as_deref().is_none_or(|n| name == n) {
+                    st.pending.push_back(Bytes::from(format!(
+                        "{{\"type\":\"{ty}\",\"object\":{obj}}}\n"
+                    )));
                 }
                 st.cursor = *rv;
             }

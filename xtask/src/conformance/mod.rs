@@ -75,6 +75,64 @@ pub struct Run {
     agent: Option<Child>,
 }
 
+/// What an interrupted run must remove: Ctrl-C (SIGINT/SIGTERM) ends the
+/// process without running destructors, so the handler removes these.
+#[derive(Default)]
+struct Leftovers {
+    /// Prefix of every netns of the run.
+    netns_prefix: Option<String>,
+    agent_pid: Option<u32>,
+    bpffs: Option<PathBuf>,
+    dir: Option<PathBuf>,
+}
+
+static LEFTOVERS: Mutex<Leftovers> = Mutex::new(Leftovers {
+    netns_prefix: None,
+    agent_pid: None,
+    bpffs: None,
+    dir: None,
+});
+
+/// Installs the interrupt handler (once per process).
+pub fn cleanup_on_interrupt() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let _ = ctrlc::set_handler(|| {
+            if let Ok(l) = LEFTOVERS.lock() {
+                if let Some(pid) = l.agent_pid {
+                    let _ = Command::new("kill").arg("-9").arg(pid.to_string()).status();
+                }
+                if let Some(prefix) = &l.netns_prefix
+                    && let Ok(entries) = std::fs::read_dir("/var/run/netns")
+                {
+                    for e in entries.flatten() {
+                        let name = e.file_name().to_string_lossy().into_owned();
+                        if name.starts_with(prefix.as_str()) {
+                            let _ = Command::new("ip").args(["netns", "del", &name]).status();
+                        }
+                    }
+                }
+                if let Some(b) = &l.bpffs {
+                    let _ = nix::mount::umount2(b, nix::mount::MntFlags::MNT_DETACH);
+                }
+                if let Some(d) = &l.dir {
+                    let _ = std::fs::remove_dir_all(d);
+                }
+            }
+            eprintln!("interrupted: namespaces, agent, bpffs and files removed");
+            std::process::exit(130);
+        });
+    });
+}
+
+/// Records what the interrupt handler must remove.
+pub fn register_netns_prefix(prefix: &str) {
+    cleanup_on_interrupt();
+    if let Ok(mut l) = LEFTOVERS.lock() {
+        l.netns_prefix = Some(prefix.to_owned());
+    }
+}
+
 impl Drop for Run {
     fn drop(&mut self) {
         if let Some(mut a) = self.agent.take() {
@@ -320,6 +378,11 @@ pub fn start_agent(
         .stderr(Stdio::from(log))
         .spawn()
         .context("starting netpol-agent run")?;
+    if let Ok(mut l) = LEFTOVERS.lock() {
+        l.agent_pid = Some(child.id());
+        l.bpffs = Some(bpffs.clone());
+        l.dir = Some(dir.clone());
+    }
     run.agent = Some(child);
     Ok((run, manifests))
 }

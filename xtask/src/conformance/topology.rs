@@ -77,6 +77,7 @@ impl Topology {
     /// InternalIPs, also the pods' gateway on the bridge).
     pub fn new(kind: Kind, node_v4: Ipv4Addr, node_v6: Ipv6Addr) -> Result<Self> {
         let prefix = format!("npc{}", std::process::id() % 100_000);
+        super::register_netns_prefix(&prefix);
         let node = format!("{prefix}-node");
         // A run killed half way may have left its namespaces behind.
         let _ = Command::new("ip").args(["netns", "del", &node]).output();
