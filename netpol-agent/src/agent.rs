@@ -92,6 +92,46 @@ pub enum AgentError {
 }
 
 /// Builds an [`Agent`].
+/// Idle timeouts of tracked connections, per state and protocol.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConnectionTimeouts {
+    /// TCP before its handshake completes.
+    pub tcp_syn: Duration,
+    /// Established TCP, and SCTP.
+    pub tcp_established: Duration,
+    /// TCP after a FIN or RST.
+    pub tcp_closing: Duration,
+    /// UDP.
+    pub udp: Duration,
+    /// ICMP echo and other protocols.
+    pub other: Duration,
+}
+
+impl Default for ConnectionTimeouts {
+    fn default() -> Self {
+        use netpol_common::ct_defaults as d;
+        Self {
+            tcp_syn: Duration::from_nanos(d::TCP_SYN_NS),
+            tcp_established: Duration::from_nanos(d::TCP_ESTABLISHED_NS),
+            tcp_closing: Duration::from_nanos(d::TCP_CLOSING_NS),
+            udp: Duration::from_nanos(d::UDP_NS),
+            other: Duration::from_nanos(d::OTHER_NS),
+        }
+    }
+}
+
+impl ConnectionTimeouts {
+    fn apply(&self, global: &mut GlobalConfig) {
+        // A zero in the map means "the default": keep at least 1 ns.
+        let ns = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX).max(1);
+        global.ct_tcp_syn_ns = ns(self.tcp_syn);
+        global.ct_tcp_established_ns = ns(self.tcp_established);
+        global.ct_tcp_closing_ns = ns(self.tcp_closing);
+        global.ct_udp_ns = ns(self.udp);
+        global.ct_other_ns = ns(self.other);
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct AgentBuilder {
     source: Option<Source>,
@@ -100,6 +140,7 @@ pub struct AgentBuilder {
     object: Option<PathBuf>,
     attach_mode: AttachMode,
     map_sizes: MapSizes,
+    timeouts: ConnectionTimeouts,
     interfaces: Option<String>,
     new_pods: NewPods,
     listen: Option<SocketAddr>,
@@ -115,6 +156,7 @@ impl Default for AgentBuilder {
             object: None,
             attach_mode: AttachMode::Auto,
             map_sizes: MapSizes::default(),
+            timeouts: ConnectionTimeouts::default(),
             interfaces: None,
             new_pods: NewPods::FailClosed,
             listen: None,
@@ -165,6 +207,13 @@ impl AgentBuilder {
     #[must_use]
     pub fn map_sizes(mut self, sizes: MapSizes) -> Self {
         self.map_sizes = sizes;
+        self
+    }
+
+    /// Idle timeouts of tracked connections.
+    #[must_use]
+    pub fn connection_timeouts(mut self, timeouts: ConnectionTimeouts) -> Self {
+        self.timeouts = timeouts;
         self
     }
 
@@ -318,6 +367,7 @@ impl Agent {
         if s.new_pods == NewPods::FailOpen {
             global.flags |= config_flags::NEW_PODS_FAIL_OPEN;
         }
+        s.timeouts.apply(&mut global);
         let dp = Datapath::load(&DatapathConfig {
             bpffs: s.bpffs.clone(),
             object: s.object.clone(),
@@ -415,4 +465,37 @@ fn joined<T>(task: &'static str, r: Result<T, tokio::task::JoinError>) -> Result
         task,
         message: e.to_string(),
     })
+}
+
+#[cfg(test)]
+mod timeout_tests {
+    use super::*;
+
+    #[test]
+    fn connection_timeouts_reach_the_datapath_config() {
+        let mut g = GlobalConfig::default();
+        ConnectionTimeouts {
+            tcp_syn: Duration::from_secs(5),
+            udp: Duration::from_millis(1500),
+            ..ConnectionTimeouts::default()
+        }
+        .apply(&mut g);
+        assert_eq!(g.ct_tcp_syn_ns, 5_000_000_000);
+        assert_eq!(g.ct_udp_ns, 1_500_000_000);
+        assert_eq!(
+            g.ct_tcp_established_ns,
+            netpol_common::ct_defaults::TCP_ESTABLISHED_NS
+        );
+    }
+
+    #[test]
+    fn a_zero_timeout_is_not_mistaken_for_the_default() {
+        let mut g = GlobalConfig::default();
+        ConnectionTimeouts {
+            other: Duration::ZERO,
+            ..ConnectionTimeouts::default()
+        }
+        .apply(&mut g);
+        assert_ne!(g.ct_other_ns, 0);
+    }
 }

@@ -56,14 +56,20 @@ fn respond<B>(req: &Request<B>, status: &StatusHandle, metrics: &Metrics) -> Res
     match req.uri().path() {
         "/healthz" => text(StatusCode::OK, "ok\n".into(), PLAIN),
         "/readyz" => {
-            if status.get().ready {
+            let st = status.get();
+            if st.ready {
                 text(StatusCode::OK, "ready\n".into(), PLAIN)
             } else {
-                text(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "not ready: no state applied yet\n".into(),
-                    PLAIN,
-                )
+                // Say why: an outage keeps the last state enforced, which an
+                // operator must be able to tell from a first start.
+                let why = match (&st.source.unreachable, st.generation) {
+                    (Some(e), 0) => format!("not ready: API server unreachable ({e}); no state applied yet\n"),
+                    (Some(e), _) => format!(
+                        "not ready: API server unreachable ({e}); the last applied state stays enforced\n"
+                    ),
+                    (None, _) => "not ready: no state applied yet\n".to_owned(),
+                };
+                text(StatusCode::SERVICE_UNAVAILABLE, why, PLAIN)
             }
         }
         "/status" => match serde_json::to_string_pretty(&status.get()) {

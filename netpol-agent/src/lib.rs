@@ -27,7 +27,7 @@ pub mod sources;
 pub mod sync;
 pub mod telemetry;
 
-pub use agent::{Agent, AgentBuilder, AgentError, NewPods};
+pub use agent::{Agent, AgentBuilder, AgentError, ConnectionTimeouts, NewPods};
 pub use sources::{Source, fingerprint};
 pub use telemetry::{Status, StatusHandle};
 

@@ -77,6 +77,44 @@ struct RunArgs {
     /// Attach path.
     #[arg(long, value_enum, default_value_t = Mode::Auto)]
     attach_mode: Mode,
+    #[command(flatten)]
+    limits: Limits,
+}
+
+/// Connection timeouts and map sizes (defaults suit a node of a few
+/// hundred pods and large policy sets).
+#[derive(Debug, clap::Args)]
+struct Limits {
+    /// Seconds a half-open TCP connection stays tracked.
+    #[arg(long, default_value_t = netpol_common::ct_defaults::TCP_SYN_NS / 1_000_000_000)]
+    ct_tcp_syn_secs: u64,
+    /// Seconds an idle established TCP (or SCTP) connection stays tracked.
+    #[arg(long, default_value_t = netpol_common::ct_defaults::TCP_ESTABLISHED_NS / 1_000_000_000)]
+    ct_tcp_established_secs: u64,
+    /// Seconds a closing TCP connection stays tracked.
+    #[arg(long, default_value_t = netpol_common::ct_defaults::TCP_CLOSING_NS / 1_000_000_000)]
+    ct_tcp_closing_secs: u64,
+    /// Seconds an idle UDP flow stays tracked.
+    #[arg(long, default_value_t = netpol_common::ct_defaults::UDP_NS / 1_000_000_000)]
+    ct_udp_secs: u64,
+    /// Seconds an idle ICMP echo (or other protocol) flow stays tracked.
+    #[arg(long, default_value_t = netpol_common::ct_defaults::OTHER_NS / 1_000_000_000)]
+    ct_other_secs: u64,
+    /// Pod interfaces the endpoint map holds.
+    #[arg(long, default_value_t = netpol_agent::MapSizes::default().endpoints)]
+    max_endpoints: u32,
+    /// IPv4 policy prefixes, all pods and directions together.
+    #[arg(long, default_value_t = netpol_agent::MapSizes::default().policy_v4)]
+    max_policy_v4: u32,
+    /// IPv6 policy prefixes.
+    #[arg(long, default_value_t = netpol_agent::MapSizes::default().policy_v6)]
+    max_policy_v6: u32,
+    /// Port-trie entries of all rule sets.
+    #[arg(long, default_value_t = netpol_agent::MapSizes::default().ports)]
+    max_ports: u32,
+    /// Tracked connections (least recently used ones are evicted).
+    #[arg(long, default_value_t = netpol_agent::MapSizes::default().conntrack)]
+    max_connections: u32,
 }
 
 #[derive(Debug, Subcommand)]
@@ -203,7 +241,22 @@ fn run_agent(bpffs: PathBuf, args: RunArgs) -> anyhow::Result<ExitCode> {
             NewPodsArg::Open => NewPods::FailOpen,
         })
         .listen(Some(args.listen))
-        .debounce(std::time::Duration::from_millis(args.debounce_ms));
+        .debounce(std::time::Duration::from_millis(args.debounce_ms))
+        .connection_timeouts(netpol_agent::ConnectionTimeouts {
+            tcp_syn: std::time::Duration::from_secs(args.limits.ct_tcp_syn_secs),
+            tcp_established: std::time::Duration::from_secs(args.limits.ct_tcp_established_secs),
+            tcp_closing: std::time::Duration::from_secs(args.limits.ct_tcp_closing_secs),
+            udp: std::time::Duration::from_secs(args.limits.ct_udp_secs),
+            other: std::time::Duration::from_secs(args.limits.ct_other_secs),
+        })
+        .map_sizes(netpol_agent::MapSizes {
+            endpoints: args.limits.max_endpoints,
+            policy_v4: args.limits.max_policy_v4,
+            policy_v6: args.limits.max_policy_v6,
+            ports: args.limits.max_ports,
+            conntrack: args.limits.max_connections,
+            ..netpol_agent::MapSizes::default()
+        });
     if let Some(n) = args.node {
         builder = builder.node_name(n);
     }

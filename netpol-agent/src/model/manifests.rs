@@ -50,9 +50,10 @@ fn doc_error(origin: &str, kind: &str, message: String) -> ModelError {
 /// Only when the folder or a file cannot be read; bad documents and objects
 /// are reported in the [`LoadReport`].
 pub fn load_dir(dir: &Path, snapshot: &mut Snapshot) -> Result<LoadReport, LoadError> {
-    let mut files = Vec::new();
-    collect_files(dir, &mut files)?;
-    files.sort();
+    let files = manifest_files(dir).map_err(|source| LoadError::Io {
+        path: dir.to_owned(),
+        source,
+    })?;
     let mut report = LoadReport::default();
     for f in files {
         let text = std::fs::read_to_string(&f).map_err(|source| LoadError::Io {
@@ -64,15 +65,31 @@ pub fn load_dir(dir: &Path, snapshot: &mut Snapshot) -> Result<LoadReport, LoadE
     Ok(report)
 }
 
-fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), LoadError> {
-    let io = |source| LoadError::Io {
-        path: dir.to_owned(),
-        source,
-    };
-    for entry in std::fs::read_dir(dir).map_err(io)? {
-        let path = entry.map_err(io)?.path();
+/// The manifest files of `dir`: `.yaml`, `.yml` and `.json`, subfolders
+/// included, sorted by path; hidden files (editors' and atomic writers'
+/// temporaries) left out. The files source watches the same set.
+///
+/// # Errors
+/// When a folder cannot be read.
+pub fn manifest_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    walk(dir, &mut out)?;
+    out.sort();
+    Ok(out)
+}
+
+fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        let hidden = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with('.'));
+        if hidden {
+            continue;
+        }
         if path.is_dir() {
-            collect_files(&path, out)?;
+            walk(&path, out)?;
         } else if path
             .extension()
             .and_then(|e| e.to_str())

@@ -87,10 +87,11 @@ impl FilesSource {
     /// When the folder itself cannot be listed; unreadable or broken files
     /// are problems of the returned [`Input`].
     pub fn rescan(&mut self) -> Result<Input, FilesError> {
-        let mut paths = Vec::new();
-        list(&self.dir, &mut paths).map_err(|source| FilesError::Read {
-            path: self.dir.clone(),
-            source,
+        let paths = crate::model::manifests::manifest_files(&self.dir).map_err(|source| {
+            FilesError::Read {
+                path: self.dir.clone(),
+                source,
+            }
         })?;
         let present: BTreeSet<PathBuf> = paths.iter().cloned().collect();
         self.files.retain(|p, _| present.contains(p));
@@ -211,32 +212,6 @@ fn publish(tx: &InputSender, input: &Input, dir: &Path) {
     tx.send_replace(Some(Arc::new(input.clone())));
 }
 
-fn list(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
-    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .collect();
-    entries.sort();
-    for path in entries {
-        let hidden = path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .is_some_and(|n| n.starts_with('.'));
-        if hidden {
-            // Editors' and atomic writers' temporary files.
-            continue;
-        }
-        if path.is_dir() {
-            list(&path, out)?;
-        } else if path
-            .extension()
-            .and_then(|e| e.to_str())
-            .is_some_and(|e| matches!(e, "yaml" | "yml" | "json"))
-        {
-            out.push(path);
-        }
-    }
-    Ok(())
-}
 
 /// Converts one file's new text into its fragment, starting from the
 /// previous fragment so that rejected versions keep the last valid one.
