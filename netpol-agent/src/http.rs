@@ -63,7 +63,9 @@ fn respond<B>(req: &Request<B>, status: &StatusHandle, metrics: &Metrics) -> Res
                 // Say why: an outage keeps the last state enforced, which an
                 // operator must be able to tell from a first start.
                 let why = match (&st.source.unreachable, st.generation) {
-                    (Some(e), 0) => format!("not ready: API server unreachable ({e}); no state applied yet\n"),
+                    (Some(e), 0) => {
+                        format!("not ready: API server unreachable ({e}); no state applied yet\n")
+                    }
                     (Some(e), _) => format!(
                         "not ready: API server unreachable ({e}); the last applied state stays enforced\n"
                     ),

@@ -212,7 +212,6 @@ fn publish(tx: &InputSender, input: &Input, dir: &Path) {
     tx.send_replace(Some(Arc::new(input.clone())));
 }
 
-
 /// Converts one file's new text into its fragment, starting from the
 /// previous fragment so that rejected versions keep the last valid one.
 fn convert_file(path: &Path, text: &str, state: &mut FileState) {
