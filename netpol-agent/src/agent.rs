@@ -337,8 +337,9 @@ impl Agent {
     }
 
     /// Loads the datapath and keeps the kernel in step with the source
-    /// until `shutdown` completes; the programs are detached on return
-    /// (the pinned maps stay).
+    /// until `shutdown` completes. The programs stay attached and the maps
+    /// pinned on return (and if the process dies): the next agent adopts
+    /// them; `netpol-agent cleanup` removes them.
     ///
     /// # Errors
     /// When the datapath, the HTTP port, the source or link watching
@@ -374,6 +375,9 @@ impl Agent {
             attach_mode: s.attach_mode,
             map_sizes: s.map_sizes,
             global,
+            // A restart (rolling update, crash) must not leave the pods
+            // unenforced: the next agent adopts what this one attached.
+            persistent: true,
         })?;
         // A datapath adopted from a previous run keeps its config map.
         let mut dp = dp;

@@ -139,6 +139,10 @@ enum Command {
     },
     /// Print the packet counters from the pinned maps.
     Stats,
+    /// Remove everything netpol attached or pinned on this node (pinned
+    /// TCX links, its netlink filters, the clsact qdiscs it added, its pins
+    /// in `<bpffs>/netpol`) and nothing else. Stop the agent first.
+    Cleanup,
     /// Compile manifests offline and print what this node's maps would hold.
     Compile(cmd::compile::CompileArgs),
     /// Print the input fingerprint `run` will report on /status once it
@@ -205,6 +209,26 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let counters = Counters::read_pinned(&pin_dir)
                 .with_context(|| format!("reading counters pinned in {}", pin_dir.display()))?;
             print_counters(&counters);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Cleanup => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("starting the runtime")?;
+            let cleaned = rt
+                .block_on(datapath::cleanup(&cli.bpffs))
+                .context("cleaning up")?;
+            println!(
+                "removed {} pinned links ({}), {} netlink filters ({}), {} clsact qdiscs ({}); pins {}",
+                cleaned.links.len(),
+                cleaned.links.join(", "),
+                cleaned.filters.len(),
+                cleaned.filters.join(", "),
+                cleaned.qdiscs.len(),
+                cleaned.qdiscs.join(", "),
+                if cleaned.pins { "removed" } else { "absent" },
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Compile(args) => cmd::compile::run(&args),

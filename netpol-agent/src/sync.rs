@@ -51,6 +51,11 @@ const RETRY: Duration = Duration::from_secs(1);
 /// interface are both unbound (a bridge learns a pod's MAC only once the
 /// pod speaks, e.g. answers the kubelet's first probe).
 const REBIND: Duration = Duration::from_secs(1);
+/// How long the first apply after a restart waits for the interfaces a
+/// previous agent programmed to be found and bound again.
+const ADOPT_WAIT: Duration = Duration::from_secs(3);
+/// How often it looks while it waits.
+const ADOPT_POLL: Duration = Duration::from_millis(10);
 
 /// Completes once `stop` turns true (or its sender is gone). Returns no
 /// borrow of the channel, so the futures awaiting it stay `Send`.
@@ -121,6 +126,8 @@ pub(crate) struct SyncLoop {
     routes_pending: bool,
     routes_again: bool,
     retry_at: Option<tokio::time::Instant>,
+    /// Until when the first apply waits for adopted interfaces.
+    adopt_until: Option<tokio::time::Instant>,
     rebind_at: Option<tokio::time::Instant>,
     status: watch::Sender<Status>,
     metrics: Arc<Metrics>,
@@ -153,6 +160,7 @@ impl SyncLoop {
             routes_pending: false,
             routes_again: false,
             retry_at: None,
+            adopt_until: None,
             rebind_at: None,
             status,
             metrics,
@@ -161,8 +169,8 @@ impl SyncLoop {
         }
     }
 
-    /// Runs until `stop`; the datapath (and its attachments) is dropped on
-    /// return.
+    /// Runs until `stop`; the datapath is dropped on return, its
+    /// (persistent) attachments left in place for the next agent.
     pub(crate) async fn run(
         mut self,
         mut inputs: watch::Receiver<Option<Arc<Input>>>,
@@ -476,6 +484,10 @@ impl SyncLoop {
         let Some(input) = self.input.clone() else {
             return;
         };
+        if self.compiled.is_none() && !self.adoption_settled() {
+            self.retry_at = Some(tokio::time::Instant::now() + ADOPT_POLL);
+            return;
+        }
         let generation = self.generation + 1;
         let span = tracing::info_span!("sync", generation);
         let _enter = span.enter();
@@ -645,9 +657,15 @@ impl SyncLoop {
             .filter(|(i, v)| have.get(i) != Some(v))
             .map(|(&i, &v)| KernelOp::EndpointUpsert(i, v))
             .collect();
+        // Before the first compile, an index not reported yet may be a pod
+        // interface a previous agent programmed whose link event is still
+        // on its way: its entry stays while the interface exists.
         ops.extend(
             have.keys()
-                .filter(|i| !want.contains_key(i))
+                .filter(|&&i| {
+                    let kept = adopt && nix::net::if_::if_indextoname(i).is_ok();
+                    !want.contains_key(&i) && !kept
+                })
                 .map(|&i| KernelOp::EndpointDelete(i)),
         );
         ops
@@ -695,7 +713,55 @@ impl SyncLoop {
         self.last_error = Some(message);
     }
 
+    /// Whether the first apply may run: every interface a previous agent
+    /// left programmed (and that still exists) is known and looked up, so
+    /// that the apply rewrites its entry with the same pod's rather than
+    /// deleting it (fail-open) or marking it unprogrammed (fail-closed).
+    /// Waits [`ADOPT_WAIT`] at most.
+    fn adoption_settled(&mut self) -> bool {
+        let now = tokio::time::Instant::now();
+        let until = *self.adopt_until.get_or_insert(now + ADOPT_WAIT);
+        if now >= until || self.routes_pending {
+            return now >= until;
+        }
+        self.dp
+            .writer()
+            .mirror()
+            .endpoints
+            .iter()
+            .filter(|(_, e)| e.flags & endpoint_flags::NOT_PROGRAMMED == 0)
+            .all(|(&i, _)| match self.ifaces.get(&i) {
+                Some(f) => {
+                    let found = !f.peer.is_empty() || !f.routed.is_empty();
+                    !f.lookup_pending && found
+                }
+                // Gone: its entry goes.
+                None => nix::net::if_::if_indextoname(i).is_err(),
+            })
+    }
+
+    /// Pinned maps of another layout are being replaced: once the new
+    /// ones hold the whole state (every pod interface programmed), the
+    /// datapath swaps its programs in and drops the old maps.
+    fn commit_layout_when_filled(&mut self) {
+        if self.dp.replacing_layout().is_none() || !self.ready {
+            return;
+        }
+        let awaiting = self.dp.awaiting_interfaces();
+        let endpoints = &self.dp.writer().mirror().endpoints;
+        let filled = !awaiting
+            && self.ifaces.keys().all(|i| {
+                endpoints
+                    .get(i)
+                    .is_some_and(|e| e.flags & endpoint_flags::NOT_PROGRAMMED == 0)
+            });
+        if filled && let Err(e) = self.dp.commit_layout() {
+            self.fail("layout", format!("{e}"));
+        }
+    }
+
     fn publish(&mut self) {
+        self.commit_layout_when_filled();
         let endpoints = self.dp.writer().mirror().endpoints.clone();
         let counts = self.dp.writer().counts();
         let interfaces = self

@@ -4,6 +4,7 @@
 //! Which TC hook is which policy direction: `from_pod` goes on the host-side
 //! veth's TC *ingress* (what the pod sends: its egress), `to_pod` on its TC
 //! *egress* (what is delivered to the pod: its ingress).
+pub mod lifecycle;
 pub mod writer;
 
 use std::{
@@ -14,10 +15,7 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Map, MapData, PerCpuArray},
-    programs::{
-        LinkOrder, SchedClassifier, TcAttachType,
-        tc::{self, NlOptions, SchedClassifierLinkId, TcAttachOptions, TcError},
-    },
+    programs::{SchedClassifier, TcAttachType, tc::TcError},
     util::KernelVersion,
 };
 use netpol_common::{
@@ -25,7 +23,10 @@ use netpol_common::{
 };
 
 use crate::{bpffs, object};
+use lifecycle::{Held, Hook};
 use writer::{KernelBackend, KernelMapWriter, MapWriter};
+
+pub use lifecycle::{Cleaned, cleanup};
 
 /// Default bpffs mount point.
 pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf";
@@ -58,6 +59,11 @@ pub struct DatapathConfig {
     pub map_sizes: MapSizes,
     /// New-pods mode and connection timeouts, written at load.
     pub global: GlobalConfig,
+    /// Attachments outlive the datapath and its process (the agent): TCX
+    /// links are pinned, netlink filters left in place, and a later load
+    /// adopts them, swapping its programs in atomically. Off (the default),
+    /// dropping the datapath detaches what it attached.
+    pub persistent: bool,
 }
 
 /// Maximum entries of the maps whose size depends on the cluster.
@@ -98,6 +104,7 @@ impl Default for DatapathConfig {
             attach_mode: AttachMode::Auto,
             map_sizes: MapSizes::default(),
             global: GlobalConfig::default(),
+            persistent: false,
         }
     }
 }
@@ -156,22 +163,47 @@ pub enum DatapathError {
     },
     #[error("TCX attach needs kernel 6.6 or later (this is {0})")]
     TcxUnsupported(String),
+    #[error("link of {program} on {interface}: {source}")]
+    Link {
+        program: &'static str,
+        interface: String,
+        source: Box<aya::programs::links::LinkError>,
+    },
+    #[error("pinning a link at {path}: {source}")]
+    PinLink {
+        path: PathBuf,
+        source: Box<aya::pin::PinError>,
+    },
+    #[error("removing {path}: {source}")]
+    Unpin {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("listing interfaces: {source}")]
+    Interfaces { source: std::io::Error },
+    #[error("deleting the clsact qdisc of {interface}: {message}")]
+    QdiscDelete { interface: String, message: String },
 }
 
 /// One interface's two attachments.
 #[derive(Debug)]
 struct Attachment {
-    from_pod: SchedClassifierLinkId,
-    to_pod: SchedClassifierLinkId,
+    from_pod: Held,
+    to_pod: Held,
 }
 
-/// The loaded object. Dropping it detaches the programs it attached; the
-/// pinned maps stay in bpffs.
+/// The loaded object. Dropping it detaches the programs it attached unless
+/// it is [persistent](DatapathConfig::persistent); the pinned maps stay in
+/// bpffs.
 pub struct Datapath {
     ebpf: Ebpf,
     writer: KernelMapWriter,
     pin_dir: PathBuf,
     attach_mode: AttachMode,
+    persistent: bool,
+    /// The layout of the pinned maps this load replaces, until
+    /// [`Datapath::commit_layout`].
+    replacing: Option<u32>,
     attached: BTreeMap<String, Attachment>,
 }
 
@@ -180,6 +212,7 @@ impl std::fmt::Debug for Datapath {
         f.debug_struct("Datapath")
             .field("pin_dir", &self.pin_dir)
             .field("attach_mode", &self.attach_mode)
+            .field("persistent", &self.persistent)
             .field("attached", &self.attached)
             .finish_non_exhaustive()
     }
@@ -199,10 +232,16 @@ impl Datapath {
         };
         bpffs::ensure_mounted(&config.bpffs)?;
         let pin_dir = config.pin_dir();
-        std::fs::create_dir_all(&pin_dir).map_err(|source| DatapathError::PinDir {
-            path: pin_dir.clone(),
-            source,
-        })?;
+        for dir in [pin_dir.clone(), pin_dir.join(lifecycle::LINKS_DIR)] {
+            std::fs::create_dir_all(&dir).map_err(|source| DatapathError::PinDir {
+                path: dir.clone(),
+                source,
+            })?;
+        }
+        if config.persistent {
+            lifecycle::sweep_stale_links(&pin_dir);
+        }
+        let replacing = lifecycle::prepare_layout(&pin_dir)?;
 
         let mut loader = EbpfLoader::new();
         for name in maps::ALL {
@@ -253,6 +292,8 @@ impl Datapath {
             writer,
             pin_dir,
             attach_mode: config.attach_mode,
+            persistent: config.persistent,
+            replacing,
             attached: BTreeMap::new(),
         })
     }
@@ -307,52 +348,84 @@ impl Datapath {
     }
 
     /// Attaches `from_pod` to `interface`'s TC ingress and `to_pod` to its TC
-    /// egress. On the netlink path a clsact qdisc is added when missing;
-    /// netpol never deletes a qdisc (an empty clsact is harmless, and one it
-    /// did not create may carry other programs).
+    /// egress. On the netlink path a clsact qdisc is added when missing (and
+    /// recorded, for `cleanup`). An attachment a previous persistent
+    /// datapath left on the interface (a pinned TCX link, a netlink filter at
+    /// netpol's priority and handle) is adopted: its program is replaced
+    /// atomically, so the hook is never empty.
     ///
     /// # Errors
     /// When the interface does not exist or the kernel refuses the attach;
-    /// nothing stays attached on error.
+    /// nothing this call attached stays attached on error.
     #[tracing::instrument(skip(self), fields(pin_dir = %self.pin_dir.display()))]
     pub fn attach(&mut self, interface: &str) -> Result<(), DatapathError> {
         if self.attached.contains_key(interface) {
             return Ok(());
         }
-        let options = self.attach_options()?;
-        if matches!(options, TcAttachOptions::Netlink(_)) {
-            ensure_clsact(interface)?;
+        let tcx = self.use_tcx()?;
+        if !tcx {
+            lifecycle::ensure_clsact(interface, &self.pin_dir)?;
         }
-        let from_pod = attach_one(
-            &mut self.ebpf,
-            programs::FROM_POD,
-            interface,
-            TcAttachType::Ingress,
-            &options,
-        )?;
-        let to_pod = match attach_one(
-            &mut self.ebpf,
-            programs::TO_POD,
-            interface,
-            TcAttachType::Egress,
-            &options,
-        ) {
-            Ok(id) => id,
-            Err(e) => {
-                // Leave no half-attached interface behind.
-                if let Ok(p) = classifier(&mut self.ebpf, programs::FROM_POD) {
-                    let _ = p.detach(from_pod);
+        let (from_pod, adopted_from) =
+            self.attach_hook(programs::FROM_POD, interface, TcAttachType::Ingress, tcx)?;
+        let (to_pod, adopted_to) =
+            match self.attach_hook(programs::TO_POD, interface, TcAttachType::Egress, tcx) {
+                Ok(r) => r,
+                Err(e) => {
+                    // Leave no half-attached interface behind (an adopted
+                    // attachment stays: it was there before).
+                    if !adopted_from && let Ok(p) = classifier(&mut self.ebpf, programs::FROM_POD) {
+                        let _ = lifecycle::detach(from_pod, p, programs::FROM_POD);
+                    }
+                    return Err(e);
                 }
-                return Err(e);
-            }
-        };
-        tracing::info!(interface, "attached");
+            };
+        if matches!(from_pod, Held::Deferred) || matches!(to_pod, Held::Deferred) {
+            tracing::info!(
+                interface,
+                "keeping the previous agent's programs until the maps of the new layout are filled"
+            );
+        } else if adopted_from || adopted_to {
+            tracing::info!(
+                interface,
+                "adopted the attachments left by a previous agent"
+            );
+        } else {
+            tracing::info!(interface, "attached");
+        }
         self.attached
             .insert(interface.to_owned(), Attachment { from_pod, to_pod });
         Ok(())
     }
 
-    /// Detaches both programs from `interface`.
+    fn attach_hook(
+        &mut self,
+        program: &'static str,
+        interface: &str,
+        hook: TcAttachType,
+        tcx: bool,
+    ) -> Result<(Held, bool), DatapathError> {
+        let h = Hook {
+            program,
+            interface,
+            hook,
+            persistent: self.persistent,
+            pin_dir: &self.pin_dir,
+        };
+        if self.replacing.is_some() && lifecycle::previously_attached(&h, tcx) {
+            // Its program and maps of the old layout keep enforcing until
+            // the new maps are filled (`commit_layout`).
+            return Ok((Held::Deferred, true));
+        }
+        let prog = classifier(&mut self.ebpf, program)?;
+        if tcx {
+            lifecycle::attach_tcx(prog, &h)
+        } else {
+            lifecycle::attach_netlink(prog, &h)
+        }
+    }
+
+    /// Detaches both programs from `interface` (and removes its link pins).
     ///
     /// # Errors
     /// When the interface was not attached by this datapath, or the kernel
@@ -364,19 +437,99 @@ impl Datapath {
             .ok_or_else(|| DatapathError::NotAttached {
                 interface: interface.to_owned(),
             })?;
-        for (name, id) in [
+        let mut result = Ok(());
+        for (name, held) in [
             (programs::FROM_POD, a.from_pod),
             (programs::TO_POD, a.to_pod),
         ] {
-            classifier(&mut self.ebpf, name)?
-                .detach(id)
-                .map_err(|source| DatapathError::Program {
-                    name,
-                    source: Box::new(source),
-                })?;
+            let r = classifier(&mut self.ebpf, name).and_then(|p| lifecycle::detach(held, p, name));
+            if result.is_ok() {
+                result = r;
+            }
         }
+        result?;
         tracing::info!(interface, "detached");
         Ok(())
+    }
+
+    /// The layout of the pinned maps this load is replacing: fresh maps of
+    /// the current layout were created, and interfaces a previous agent
+    /// attached keep its programs (and maps) until [`Self::commit_layout`].
+    #[must_use]
+    pub fn replacing_layout(&self) -> Option<u32> {
+        self.replacing
+    }
+
+    /// Whether an interface a previous agent attached to (a TCX link pin,
+    /// a netlink filter record) still exists and is not attached by this
+    /// datapath yet.
+    #[must_use]
+    pub fn awaiting_interfaces(&self) -> bool {
+        lifecycle::previous_interfaces(&self.pin_dir)
+            .iter()
+            .any(|i| !self.attached.contains_key(i))
+    }
+
+    /// Once the new maps hold the whole state: swaps this datapath's
+    /// programs in on every interface that kept a previous agent's
+    /// (atomically, per hook), then removes the maps of the old layout.
+    /// Returns the layout replaced, if any.
+    ///
+    /// # Errors
+    /// When a swap or the removal of the old pins fails; what was swapped
+    /// stays swapped, and a later call resumes.
+    pub fn commit_layout(&mut self) -> Result<Option<u32>, DatapathError> {
+        let Some(old) = self.replacing else {
+            return Ok(None);
+        };
+        let tcx = self.use_tcx()?;
+        self.replacing = None;
+        let names: Vec<String> = self.attached.keys().cloned().collect();
+        for name in names {
+            for (program, hook) in [
+                (programs::FROM_POD, TcAttachType::Ingress),
+                (programs::TO_POD, TcAttachType::Egress),
+            ] {
+                let deferred = self.attached.get(&name).is_some_and(|a| {
+                    matches!(
+                        if hook == TcAttachType::Ingress {
+                            &a.from_pod
+                        } else {
+                            &a.to_pod
+                        },
+                        Held::Deferred
+                    )
+                });
+                if !deferred {
+                    continue;
+                }
+                let (held, _) = match self.attach_hook(program, &name, hook, tcx) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        self.replacing = Some(old);
+                        return Err(e);
+                    }
+                };
+                if let Some(a) = self.attached.get_mut(&name) {
+                    if hook == TcAttachType::Ingress {
+                        a.from_pod = held;
+                    } else {
+                        a.to_pod = held;
+                    }
+                }
+            }
+        }
+        if let Err(e) = lifecycle::finish_layout(&self.pin_dir, old) {
+            self.replacing = Some(old);
+            return Err(e);
+        }
+        tracing::info!(
+            from = old,
+            to = netpol_common::LAYOUT_VERSION,
+            "replaced the pinned maps of layout {old} with layout {}",
+            netpol_common::LAYOUT_VERSION
+        );
+        Ok(Some(old))
     }
 
     /// Current counters, summed over CPUs.
@@ -394,14 +547,12 @@ impl Datapath {
         Counters::read(&array)
     }
 
-    fn attach_options(&self) -> Result<TcAttachOptions, DatapathError> {
+    /// Whether this datapath attaches through TCX (else netlink).
+    fn use_tcx(&self) -> Result<bool, DatapathError> {
         let tcx_ok = KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0));
         Ok(match self.attach_mode {
-            AttachMode::Auto if tcx_ok => TcAttachOptions::TcxOrder(LinkOrder::default()),
-            AttachMode::Auto | AttachMode::Netlink => {
-                TcAttachOptions::Netlink(NlOptions::default())
-            }
-            AttachMode::Tcx if tcx_ok => TcAttachOptions::TcxOrder(LinkOrder::default()),
+            AttachMode::Auto | AttachMode::Tcx if tcx_ok => true,
+            AttachMode::Auto | AttachMode::Netlink => false,
             AttachMode::Tcx => {
                 return Err(DatapathError::TcxUnsupported(
                     KernelVersion::current()
@@ -463,41 +614,6 @@ fn classifier<'a>(
         name,
         source: Box::new(source),
     })
-}
-
-fn attach_one(
-    ebpf: &mut Ebpf,
-    name: &'static str,
-    interface: &str,
-    hook: TcAttachType,
-    options: &TcAttachOptions,
-) -> Result<SchedClassifierLinkId, DatapathError> {
-    let options = match options {
-        TcAttachOptions::Netlink(_) => TcAttachOptions::Netlink(NlOptions::default()),
-        TcAttachOptions::TcxOrder(_) => TcAttachOptions::TcxOrder(LinkOrder::default()),
-    };
-    classifier(ebpf, name)?
-        .attach_with_options(interface, hook, options)
-        .map_err(|source| DatapathError::Attach {
-            program: name,
-            interface: interface.to_owned(),
-            source: Box::new(source),
-        })
-}
-
-fn ensure_clsact(interface: &str) -> Result<(), DatapathError> {
-    match tc::qdisc_add_clsact(interface) {
-        Ok(()) => {
-            tracing::info!(interface, "added clsact qdisc");
-            Ok(())
-        }
-        Err(TcError::AlreadyAttached) => Ok(()),
-        Err(TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => Ok(()),
-        Err(source) => Err(DatapathError::Clsact {
-            interface: interface.to_owned(),
-            source: Box::new(source),
-        }),
-    }
 }
 
 /// One counter slot, summed over CPUs.

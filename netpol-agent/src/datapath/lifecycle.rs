@@ -1,0 +1,545 @@
+//! Attachments that outlive the agent, their adoption by the next one, and
+//! `netpol-agent cleanup`.
+//!
+//! Dropping an aya link detaches it, so a persistent datapath keeps its
+//! attachments out of aya's hands:
+//! - TCX: each link is pinned at `<pin_dir>/links/<ifname>-<program>`; it
+//!   stays attached while the pin exists. The next agent opens the pin and
+//!   swaps its own program in with `BPF_LINK_UPDATE` (atomic: no packet
+//!   sees the hook empty).
+//! - netlink: each filter sits on the clsact qdisc at netpol's own priority
+//!   and handle ([`NL_PRIORITY`], [`NL_HANDLE`]); it is left in place when
+//!   the datapath is dropped, and the next agent replaces its program in
+//!   place (a `RTM_NEWTFILTER` without `NLM_F_CREATE` on the same priority
+//!   and handle: cls_bpf swaps the program under RCU).
+//!
+//! The clsact qdiscs netpol added are recorded as symlinks
+//! `<pin_dir>/qdiscs/<ifname>` → ifindex, so that cleanup removes those and
+//! no other.
+use std::{
+    mem::ManuallyDrop,
+    path::{Path, PathBuf},
+};
+
+use aya::programs::{
+    Link as _, LinkOrder, SchedClassifier, TcAttachType,
+    links::{FdLink, PinnedLink},
+    tc::{self, NlOptions, SchedClassifierLink, SchedClassifierLinkId, TcAttachOptions, TcHandle},
+};
+use netpol_common::{maps, programs};
+
+use super::DatapathError;
+
+/// Priority of netpol's netlink filters on both clsact hooks ("NP").
+pub const NL_PRIORITY: u16 = 0x4e50;
+/// Handle of netpol's netlink filters at [`NL_PRIORITY`].
+pub const NL_HANDLE: TcHandle = TcHandle::new(0, 0x4e50);
+/// Folder under the pin dir holding the pinned TCX links.
+pub const LINKS_DIR: &str = "links";
+/// Folder under the pin dir recording netpol's persistent netlink filters.
+pub const FILTERS_DIR: &str = "filters";
+/// Folder under the pin dir recording the clsact qdiscs netpol added.
+pub const QDISCS_DIR: &str = "qdiscs";
+
+/// One program's attachment to one hook.
+#[derive(Debug)]
+pub(super) enum Held {
+    /// Owned by the program: detached when the datapath is dropped.
+    Owned(SchedClassifierLinkId),
+    /// A TCX link pinned at `path`: attached while the pin exists.
+    Pinned { link: FdLink, path: PathBuf },
+    /// A netlink filter, left in place when dropped, and its record.
+    Filter { link: KeptFilter, record: PathBuf },
+    /// A previous agent's attachment, left as it is (its program and maps
+    /// of another layout) until the new maps are filled.
+    Deferred,
+}
+
+/// A netlink filter that is not detached on drop.
+#[derive(Debug)]
+pub(super) struct KeptFilter(ManuallyDrop<SchedClassifierLink>);
+
+/// How one hook was attached.
+pub(super) struct Hook<'a> {
+    pub program: &'static str,
+    pub interface: &'a str,
+    pub hook: TcAttachType,
+    /// Keep the attachment past the datapath's life.
+    pub persistent: bool,
+    pub pin_dir: &'a Path,
+}
+
+/// Attaches `program` to one hook, adopting (and atomically updating) an
+/// attachment a previous agent left there. Returns whether it adopted.
+pub(super) fn attach_tcx(
+    prog: &mut SchedClassifier,
+    h: &Hook<'_>,
+) -> Result<(Held, bool), DatapathError> {
+    let attach_err = |source: aya::programs::ProgramError| DatapathError::Attach {
+        program: h.program,
+        interface: h.interface.to_owned(),
+        source: Box::new(source),
+    };
+    if !h.persistent {
+        let id = prog
+            .attach_with_options(
+                h.interface,
+                h.hook,
+                TcAttachOptions::TcxOrder(LinkOrder::default()),
+            )
+            .map_err(attach_err)?;
+        return Ok((Held::Owned(id), false));
+    }
+    let path = link_pin(h.pin_dir, h.interface, h.program);
+    if path.exists() {
+        match adopt_tcx(prog, &path) {
+            Ok(link) => return Ok((Held::Pinned { link, path }, true)),
+            Err(e) => {
+                // The interface it was attached to is gone (a defunct link
+                // refuses updates): start over.
+                tracing::info!(pin = %path.display(), error = %e, "stale link pin replaced");
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+    }
+    let id = prog
+        .attach_with_options(
+            h.interface,
+            h.hook,
+            TcAttachOptions::TcxOrder(LinkOrder::default()),
+        )
+        .map_err(attach_err)?;
+    let link = prog.take_link(id).map_err(attach_err)?;
+    let fd = FdLink::try_from(link).map_err(|source| DatapathError::Link {
+        program: h.program,
+        interface: h.interface.to_owned(),
+        source: Box::new(source),
+    })?;
+    let pinned = fd.pin(&path).map_err(|source| DatapathError::PinLink {
+        path: path.clone(),
+        source: Box::new(source),
+    })?;
+    Ok((
+        Held::Pinned {
+            link: FdLink::from(pinned),
+            path,
+        },
+        false,
+    ))
+}
+
+fn adopt_tcx(
+    prog: &mut SchedClassifier,
+    path: &Path,
+) -> Result<FdLink, Box<dyn std::error::Error + Send + Sync>> {
+    let pinned = PinnedLink::from_pin(path)?;
+    let link = SchedClassifierLink::try_from(FdLink::from(pinned))?;
+    let id = prog.attach_to_link(link)?;
+    let link = prog.take_link(id)?;
+    Ok(FdLink::try_from(link)?)
+}
+
+/// Netlink: replaces the program of the filter at netpol's priority and
+/// handle when there is one, adds the filter otherwise.
+pub(super) fn attach_netlink(
+    prog: &mut SchedClassifier,
+    h: &Hook<'_>,
+) -> Result<(Held, bool), DatapathError> {
+    let attach_err = |source: aya::programs::ProgramError| DatapathError::Attach {
+        program: h.program,
+        interface: h.interface.to_owned(),
+        source: Box::new(source),
+    };
+    let adopted = SchedClassifierLink::attached(h.interface, h.hook, NL_PRIORITY, NL_HANDLE, None)
+        .ok()
+        .and_then(|link| prog.attach_to_link(link).ok());
+    let (id, adopted) = match adopted {
+        Some(id) => (id, true),
+        None => (
+            prog.attach_with_options(
+                h.interface,
+                h.hook,
+                TcAttachOptions::Netlink(NlOptions {
+                    priority: NL_PRIORITY,
+                    handle: NL_HANDLE,
+                    classid: None,
+                }),
+            )
+            .map_err(attach_err)?,
+            false,
+        ),
+    };
+    if !h.persistent {
+        return Ok((Held::Owned(id), adopted));
+    }
+    let link = KeptFilter(ManuallyDrop::new(prog.take_link(id).map_err(attach_err)?));
+    let record = filter_record(h.pin_dir, h.interface, h.program);
+    let ifindex = nix::net::if_::if_nametoindex(h.interface).unwrap_or(0);
+    if let Err(e) = write_record(&record, &ifindex.to_string()) {
+        tracing::warn!(record = %record.display(), error = %e, "recording a netlink filter");
+    }
+    Ok((Held::Filter { link, record }, adopted))
+}
+
+/// Detaches one hook: unpins a TCX link, deletes a netlink filter.
+pub(super) fn detach(
+    held: Held,
+    prog: &mut SchedClassifier,
+    name: &'static str,
+) -> Result<(), DatapathError> {
+    let program_err = |source| DatapathError::Program {
+        name,
+        source: Box::new(source),
+    };
+    match held {
+        Held::Owned(id) => prog.detach(id).map_err(program_err),
+        Held::Pinned { link, path } => {
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(source) => return Err(DatapathError::Unpin { path, source }),
+            }
+            // Closing the last fd of an unpinned link detaches it.
+            drop(link);
+            Ok(())
+        }
+        // What a previous agent attached is removed with the interface,
+        // or by cleanup.
+        Held::Deferred => Ok(()),
+        Held::Filter {
+            link: KeptFilter(link),
+            record,
+        } => {
+            let _ = std::fs::remove_file(record);
+            ManuallyDrop::into_inner(link).detach().map_err(program_err)
+        }
+    }
+}
+
+/// Whether a previous agent left an attachment of `program` on `interface`.
+pub(super) fn previously_attached(h: &Hook<'_>, tcx: bool) -> bool {
+    if tcx {
+        return link_pin(h.pin_dir, h.interface, h.program).exists();
+    }
+    // aya cannot look a netlink filter up: netpol records its own.
+    let record = filter_record(h.pin_dir, h.interface, h.program);
+    let recorded = std::fs::read_link(record)
+        .ok()
+        .and_then(|t| t.to_string_lossy().parse::<u32>().ok());
+    recorded.is_some() && recorded == nix::net::if_::if_nametoindex(h.interface).ok()
+}
+
+/// `<pin_dir>/layout` → the layout version of the maps pinned there.
+pub const LAYOUT_RECORD: &str = "layout";
+
+/// Where the maps of a layout being replaced wait until the new ones are
+/// filled: `<pin_dir>/layout-v<N>`.
+pub(super) fn old_layout_dir(pin_dir: &Path, version: u32) -> PathBuf {
+    pin_dir.join(format!("layout-v{version}"))
+}
+
+/// Reads the layout of the maps pinned in `pin_dir`. Maps of another
+/// layout are moved to [`old_layout_dir`] (the programs attached keep
+/// them, and keep enforcing), so that the load creates fresh ones; returns
+/// that layout. Pins from before layouts were recorded are layout 1.
+pub(super) fn prepare_layout(pin_dir: &Path) -> Result<Option<u32>, DatapathError> {
+    let current = netpol_common::LAYOUT_VERSION;
+    let record = pin_dir.join(LAYOUT_RECORD);
+    let io_err = |path: &Path| {
+        let path = path.to_owned();
+        move |source| DatapathError::PinDir { path, source }
+    };
+    let has_maps = maps::ALL.iter().any(|m| pin_dir.join(m).exists());
+    let recorded = std::fs::read_link(&record)
+        .ok()
+        .and_then(|t| t.to_string_lossy().parse::<u32>().ok())
+        .or(has_maps.then_some(1));
+    match recorded {
+        None => {
+            write_record(&record, &current.to_string()).map_err(io_err(&record))?;
+            Ok(None)
+        }
+        Some(v) if v == current => {
+            write_record(&record, &current.to_string()).map_err(io_err(&record))?;
+            Ok(None)
+        }
+        Some(v) => {
+            let old = old_layout_dir(pin_dir, v);
+            if old.exists() {
+                // A replacement was interrupted: the maps at the top are
+                // new ones, maybe partly filled; start them over.
+                for m in maps::ALL {
+                    let _ = std::fs::remove_file(pin_dir.join(m));
+                }
+            } else {
+                std::fs::create_dir_all(&old).map_err(io_err(&old))?;
+                for m in maps::ALL {
+                    let from = pin_dir.join(m);
+                    if from.exists() {
+                        std::fs::rename(&from, old.join(m)).map_err(io_err(&from))?;
+                    }
+                }
+            }
+            tracing::info!(
+                found = v,
+                current,
+                "pinned maps of another layout: replacing them; the programs attached keep the old ones until the new ones are filled"
+            );
+            Ok(Some(v))
+        }
+    }
+}
+
+/// Records that the maps in `pin_dir` are of the current layout and
+/// removes those of layout `old`.
+pub(super) fn finish_layout(pin_dir: &Path, old: u32) -> Result<(), DatapathError> {
+    let record = pin_dir.join(LAYOUT_RECORD);
+    write_record(&record, &netpol_common::LAYOUT_VERSION.to_string()).map_err(|source| {
+        DatapathError::PinDir {
+            path: record.clone(),
+            source,
+        }
+    })?;
+    let dir = old_layout_dir(pin_dir, old);
+    std::fs::remove_dir_all(&dir).map_err(|source| DatapathError::Unpin { path: dir, source })
+}
+
+/// `<pin_dir>/filters/<ifname>-<program>` → ifindex: a persistent netlink
+/// filter netpol attached.
+fn filter_record(pin_dir: &Path, interface: &str, program: &str) -> PathBuf {
+    pin_dir
+        .join(FILTERS_DIR)
+        .join(format!("{interface}-{program}"))
+}
+
+/// Points `link` at `target`, replacing what it pointed at.
+fn write_record(link: &Path, target: &str) -> std::io::Result<()> {
+    if let Some(dir) = link.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    match std::fs::remove_file(link) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    std::os::unix::fs::symlink(target, link)
+}
+
+/// `<pin_dir>/links/<ifname>-<program>`.
+pub(super) fn link_pin(pin_dir: &Path, interface: &str, program: &str) -> PathBuf {
+    pin_dir
+        .join(LINKS_DIR)
+        .join(format!("{interface}-{program}"))
+}
+
+/// Interfaces (still present) that a previous agent attached to: link
+/// pins and netlink filter records.
+pub(super) fn previous_interfaces(pin_dir: &Path) -> std::collections::BTreeSet<String> {
+    let mut out = std::collections::BTreeSet::new();
+    for dir in [LINKS_DIR, FILTERS_DIR] {
+        let Ok(entries) = std::fs::read_dir(pin_dir.join(dir)) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let interface = [programs::FROM_POD, programs::TO_POD]
+                .iter()
+                .find_map(|p| name.strip_suffix(&format!("-{p}")));
+            if let Some(interface) = interface
+                && nix::net::if_::if_nametoindex(interface).is_ok()
+            {
+                out.insert(interface.to_owned());
+            }
+        }
+    }
+    out
+}
+
+/// Removes link pins whose interface no longer exists (a pod deleted while
+/// no agent ran): the kernel already detached them.
+pub(super) fn sweep_stale_links(pin_dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(pin_dir.join(LINKS_DIR)) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let interface = [programs::FROM_POD, programs::TO_POD]
+            .iter()
+            .find_map(|p| name.strip_suffix(&format!("-{p}")));
+        if let Some(interface) = interface
+            && nix::net::if_::if_nametoindex(interface).is_err()
+        {
+            tracing::info!(interface, pin = %entry.path().display(), "removing the link pin of a gone interface");
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
+/// Adds a clsact qdisc to `interface` when it has none, recording that
+/// netpol added it.
+pub(super) fn ensure_clsact(interface: &str, pin_dir: &Path) -> Result<(), DatapathError> {
+    match tc::qdisc_add_clsact(interface) {
+        Ok(()) => {
+            tracing::info!(interface, "added clsact qdisc");
+            if let Err(e) = record_clsact(interface, pin_dir) {
+                tracing::warn!(interface, error = %e, "recording the clsact qdisc netpol added; cleanup will leave it");
+            }
+            Ok(())
+        }
+        Err(tc::TcError::AlreadyAttached) => Ok(()),
+        Err(tc::TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => Ok(()),
+        Err(source) => Err(DatapathError::Clsact {
+            interface: interface.to_owned(),
+            source: Box::new(source),
+        }),
+    }
+}
+
+fn record_clsact(interface: &str, pin_dir: &Path) -> std::io::Result<()> {
+    let dir = pin_dir.join(QDISCS_DIR);
+    std::fs::create_dir_all(&dir)?;
+    let ifindex = nix::net::if_::if_nametoindex(interface).map_err(std::io::Error::from)?;
+    write_record(&dir.join(interface), &ifindex.to_string())
+}
+
+/// What [`cleanup`] removed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Cleaned {
+    /// Pinned TCX links removed (and so detached).
+    pub links: Vec<String>,
+    /// Netlink filters deleted, as `<ifname> <ingress|egress>`.
+    pub filters: Vec<String>,
+    /// Interfaces whose clsact qdisc (added by netpol) was deleted.
+    pub qdiscs: Vec<String>,
+    /// Whether the pin folder (maps, records) was removed.
+    pub pins: bool,
+}
+
+/// Removes everything netpol attached or pinned on this node (the
+/// calling thread's network namespace and `<bpffs>/netpol`): pinned TCX
+/// links, netlink filters at netpol's priority and handle, the clsact
+/// qdiscs netpol added, and the pin folder. Run it with no agent running:
+/// a running agent keeps its links until it exits.
+///
+/// # Errors
+/// When a filter, qdisc or pin cannot be removed; what was removed before
+/// stays removed.
+pub async fn cleanup(bpffs: &Path) -> Result<Cleaned, DatapathError> {
+    let pin_dir = bpffs.join(super::PIN_SUBDIR);
+    let mut cleaned = Cleaned::default();
+
+    // TCX: removing the pin detaches the link (no agent holds its fd).
+    if let Ok(entries) = std::fs::read_dir(pin_dir.join(LINKS_DIR)) {
+        for entry in entries.flatten() {
+            let path = entry.path();
+            std::fs::remove_file(&path).map_err(|source| DatapathError::Unpin {
+                path: path.clone(),
+                source,
+            })?;
+            cleaned
+                .links
+                .push(entry.file_name().to_string_lossy().into_owned());
+        }
+    }
+
+    // Netlink: netpol's filters sit at its own priority and handle.
+    let interfaces = nix::net::if_::if_nameindex().map_err(|e| DatapathError::Interfaces {
+        source: std::io::Error::from(e),
+    })?;
+    for i in &interfaces {
+        let name = i.name().to_string_lossy().into_owned();
+        for (hook, label) in [
+            (TcAttachType::Ingress, "ingress"),
+            (TcAttachType::Egress, "egress"),
+        ] {
+            let Ok(link) = SchedClassifierLink::attached(&name, hook, NL_PRIORITY, NL_HANDLE, None)
+            else {
+                continue;
+            };
+            match link.detach() {
+                Ok(()) => cleaned.filters.push(format!("{name} {label}")),
+                // No clsact, or no filter of netpol's there.
+                Err(aya::programs::ProgramError::NetlinkError(e))
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::ENOENT | libc::EINVAL | libc::ENODEV)
+                    ) => {}
+                Err(source) => {
+                    return Err(DatapathError::Program {
+                        name: if hook == TcAttachType::Ingress {
+                            programs::FROM_POD
+                        } else {
+                            programs::TO_POD
+                        },
+                        source: Box::new(source),
+                    });
+                }
+            }
+        }
+    }
+
+    // The clsact qdiscs netpol added, where the interface is still the one
+    // it added it to.
+    if let Ok(entries) = std::fs::read_dir(pin_dir.join(QDISCS_DIR)) {
+        let mut handle = None;
+        for entry in entries.flatten() {
+            let interface = entry.file_name().to_string_lossy().into_owned();
+            let recorded = std::fs::read_link(entry.path())
+                .ok()
+                .and_then(|t| t.to_string_lossy().parse::<u32>().ok());
+            let current = nix::net::if_::if_nametoindex(interface.as_str()).ok();
+            if let (Some(recorded), Some(current)) = (recorded, current)
+                && recorded == current
+            {
+                if handle.is_none() {
+                    let (conn, h, _) = rtnetlink::new_connection()
+                        .map_err(|source| DatapathError::Interfaces { source })?;
+                    tokio::spawn(conn);
+                    handle = Some(h);
+                }
+                if let Some(h) = &handle {
+                    delete_clsact(h, &interface, current).await?;
+                    cleaned.qdiscs.push(interface);
+                }
+            }
+        }
+    }
+
+    if pin_dir.exists() {
+        std::fs::remove_dir_all(&pin_dir).map_err(|source| DatapathError::Unpin {
+            path: pin_dir.clone(),
+            source,
+        })?;
+        cleaned.pins = true;
+    }
+    Ok(cleaned)
+}
+
+async fn delete_clsact(
+    handle: &rtnetlink::Handle,
+    interface: &str,
+    ifindex: u32,
+) -> Result<(), DatapathError> {
+    use netlink_packet_route::tc::TcHandle as NlHandle;
+    let index = i32::try_from(ifindex).unwrap_or(i32::MAX);
+    let mut req = handle.qdisc().del(index);
+    req.message_mut().header.parent = NlHandle::CLSACT;
+    req.message_mut().header.handle = NlHandle {
+        major: 0xffff,
+        minor: 0,
+    };
+    match req.execute().await {
+        Ok(()) => Ok(()),
+        // Already gone.
+        Err(rtnetlink::Error::NetlinkError(e))
+            if e.code
+                .is_some_and(|c| matches!(-c.get(), libc::ENOENT | libc::EINVAL)) =>
+        {
+            Ok(())
+        }
+        Err(e) => Err(DatapathError::QdiscDelete {
+            interface: interface.to_owned(),
+            message: e.to_string(),
+        }),
+    }
+}

@@ -1,0 +1,642 @@
+//! Restart without disruption (issue 7), on both attach paths: the
+//! `netpol-agent` binary runs in a node namespace; a TCP stream between two
+//! pods and a pair the policy denies are kept under test across SIGTERM +
+//! restart and `kill -9` + restart. The stream is never reset, the denied
+//! pair never gets through. Then `netpol-agent cleanup` leaves no trace.
+//!
+//! Every wait polls the agent's `/status` (or the probes' counters) with a
+//! deadline, never a sleep.
+mod support;
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use aya::programs::{SchedClassifier, TcAttachType};
+use netpol_agent::Counters;
+use netpol_common::{family, reason};
+use support::{
+    Netns, TempBpffs,
+    agent::{BASE, Manifests, PodNet, Topology, node, pod, pod_manifest},
+    privileged, sh,
+};
+
+const DEADLINE: Duration = Duration::from_secs(15);
+const LISTEN: &str = "127.0.0.1:9101";
+const PORT: u16 = 8080;
+
+/// `a` admits only `b`.
+const ONLY_B_TO_A: &str = r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: a-only-from-b, namespace: x}
+spec:
+  podSelector: {matchLabels: {app: a}}
+  ingress: [{from: [{podSelector: {matchLabels: {app: b}}}]}]
+"#;
+
+/// The agent binary, running in the node namespace.
+struct AgentProcess {
+    child: Child,
+    log: PathBuf,
+}
+
+impl AgentProcess {
+    fn start(node: &Netns, bpffs: &Path, m: &Manifests, mode: &str, log: &Path) -> Self {
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .expect("agent log");
+        let child = Command::new("ip")
+            .args(["netns", "exec", &node.name])
+            .arg(env!("CARGO_BIN_EXE_netpol-agent"))
+            .arg("--bpffs")
+            .arg(bpffs)
+            .args(["run", "--manifests"])
+            .arg(&m.0)
+            .args([
+                "--interfaces",
+                "nph*",
+                "--listen",
+                LISTEN,
+                "--attach-mode",
+                mode,
+            ])
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(out)
+            .spawn()
+            .expect("starting netpol-agent");
+        Self {
+            child,
+            log: log.to_owned(),
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until `/status` reports the folder's fingerprint and every
+    /// interface bound and programmed.
+    fn wait_enforced(&mut self, node: &Netns, m: &Manifests, pods: &[&PodNet]) {
+        let fp = m.fingerprint();
+        let deadline = Instant::now() + DEADLINE;
+        let mut last = String::new();
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("agent exited ({status}); log:\n{}", self.log());
+            }
+            if let Some(body) = status(node) {
+                let json: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+                let programmed = |name: &str| {
+                    json["interfaces"].as_array().is_some_and(|a| {
+                        a.iter().any(|i| {
+                            i["name"] == name && i["programmed"] == true && !i["pod"].is_null()
+                        })
+                    })
+                };
+                if json["fingerprint"] == fp.as_str()
+                    && json["last_error"].is_null()
+                    && pods.iter().all(|p| programmed(&p.host_if))
+                {
+                    return;
+                }
+                last = body;
+            }
+            std::thread::yield_now();
+        }
+        panic!(
+            "agent not enforcing {fp} in time; status: {last}\nlog:\n{}",
+            self.log()
+        );
+    }
+
+    /// Sends `sig` (`TERM`, `KILL`) and waits for the exit.
+    fn signal(&mut self, sig: &str) {
+        sh("kill", &[&format!("-{sig}"), &self.child.id().to_string()]);
+        let deadline = Instant::now() + DEADLINE;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::yield_now();
+        }
+        panic!("agent did not exit on {sig}; log:\n{}", self.log());
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// `GET /status` on the agent, `None` while it does not answer.
+fn status(node: &Netns) -> Option<String> {
+    node.run(|| {
+        let addr: SocketAddr = LISTEN.parse().ok()?;
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(200)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+        write!(
+            s,
+            "GET /status HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n"
+        )
+        .ok()?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).ok()?;
+        out.split("\r\n\r\n").nth(1).map(str::to_owned)
+    })
+}
+
+/// Runs `f` on a thread inside `ns` until it returns.
+fn spawn_in<T: Send + 'static>(
+    ns: &Netns,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> JoinHandle<T> {
+    let path = PathBuf::from("/var/run/netns").join(&ns.name);
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&path).expect("namespace file");
+        nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).expect("entering namespace");
+        f()
+    })
+}
+
+/// Traffic kept under test: one TCP stream b → a exchanging a message
+/// every few milliseconds, and probes c → a that must never connect.
+struct Probes {
+    stop: Arc<AtomicBool>,
+    round_trips: Arc<AtomicU64>,
+    /// The slowest round trip, in microseconds: a drop (a window in which
+    /// the pair is not admitted) shows as a TCP retransmission, ≥ 200 ms.
+    slowest: Arc<AtomicU64>,
+    pin_dir: PathBuf,
+    /// IPv4 drops when the probes started.
+    ipv4_drops: u64,
+    stream_error: Arc<Mutex<Option<String>>>,
+    breaches: Arc<AtomicU64>,
+    attempts: Arc<AtomicU64>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Probes {
+    fn start(a: &PodNet, b: &PodNet, c: &PodNet, pin_dir: &Path) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let round_trips = Arc::new(AtomicU64::new(0));
+        let slowest = Arc::new(AtomicU64::new(0));
+        let stream_error = Arc::new(Mutex::new(None));
+        let breaches = Arc::new(AtomicU64::new(0));
+        let attempts = Arc::new(AtomicU64::new(0));
+        let server: SocketAddr = format!("{}:{PORT}", a.v4).parse().expect("address");
+        // The denied pair over IPv6, so that the stream's (IPv4) drop
+        // counters say whether netpol dropped any of its segments.
+        let denied: SocketAddr = format!("[{}]:{PORT}", a.v6).parse().expect("address");
+        let mut threads = Vec::new();
+
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        threads.push(spawn_in(&a.ns, move || {
+            let l = TcpListener::bind(("::", PORT)).expect("listening in a");
+            ready_tx.send(()).expect("ready");
+            // The stream's connection; a denied probe that got through
+            // would be accepted after it and is never served.
+            let Ok((mut s, _)) = l.accept() else { return };
+            let mut buf = [0u8; 8];
+            while s.read_exact(&mut buf).is_ok() {
+                if s.write_all(&buf).is_err() {
+                    return;
+                }
+            }
+        }));
+        ready_rx.recv().expect("server ready");
+
+        {
+            let (stop, round_trips, stream_error, slowest) = (
+                stop.clone(),
+                round_trips.clone(),
+                stream_error.clone(),
+                slowest.clone(),
+            );
+            threads.push(spawn_in(&b.ns, move || {
+                let fail = |e: String| {
+                    *stream_error.lock().expect("lock") = Some(e);
+                };
+                let mut s = match TcpStream::connect_timeout(&server, Duration::from_secs(2)) {
+                    Ok(s) => s,
+                    Err(e) => return fail(format!("connect: {e}")),
+                };
+                let _ = s.set_read_timeout(Some(Duration::from_secs(3)));
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    n += 1;
+                    let msg = n.to_be_bytes();
+                    let mut back = [0u8; 8];
+                    let sent = Instant::now();
+                    if let Err(e) = s.write_all(&msg).and_then(|()| s.read_exact(&mut back)) {
+                        return fail(format!("round trip {n}: {e}"));
+                    }
+                    if back != msg {
+                        return fail(format!("round trip {n}: echoed {back:?}"));
+                    }
+                    let micros = u64::try_from(sent.elapsed().as_micros()).unwrap_or(u64::MAX);
+                    slowest.fetch_max(micros, Ordering::Relaxed);
+                    round_trips.fetch_add(1, Ordering::Relaxed);
+                    // Pace the stream; not a wait for state.
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+            }));
+        }
+
+        // Many short probes, so that a short window is likely to be hit.
+        for _ in 0..8 {
+            let (stop, breaches, attempts) = (stop.clone(), breaches.clone(), attempts.clone());
+            threads.push(spawn_in(&c.ns, move || {
+                while !stop.load(Ordering::Relaxed) {
+                    attempts.fetch_add(1, Ordering::Relaxed);
+                    if TcpStream::connect_timeout(&denied, Duration::from_millis(20)).is_ok() {
+                        breaches.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }));
+        }
+        Self {
+            stop,
+            round_trips,
+            slowest,
+            ipv4_drops: ipv4_drops(pin_dir),
+            pin_dir: pin_dir.to_owned(),
+            stream_error,
+            breaches,
+            attempts,
+            threads,
+        }
+    }
+
+    /// Waits until the stream made `n` more round trips and the probes `n`
+    /// more attempts, failing on the first violation.
+    fn progress(&self, n: u64, what: &str) {
+        let (rt, at) = (
+            self.round_trips.load(Ordering::Relaxed),
+            self.attempts.load(Ordering::Relaxed),
+        );
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            self.check(what);
+            if self.round_trips.load(Ordering::Relaxed) >= rt + n
+                && self.attempts.load(Ordering::Relaxed) >= at + n / 10
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what}: no progress (round trips {}, attempts {})",
+                self.round_trips.load(Ordering::Relaxed),
+                self.attempts.load(Ordering::Relaxed)
+            );
+            std::thread::yield_now();
+        }
+    }
+
+    /// The counters map is being replaced by a fresh one.
+    fn fresh_counters(&mut self) {
+        self.ipv4_drops = 0;
+    }
+
+    fn check(&self, what: &str) {
+        if let Some(e) = self.stream_error.lock().expect("lock").clone() {
+            panic!("{what}: the stream broke: {e}");
+        }
+        assert_eq!(
+            self.breaches.load(Ordering::Relaxed),
+            0,
+            "{what}: the denied pair got through"
+        );
+        // Whether netpol dropped a segment of the stream: its family's
+        // drop counters (a retransmission may also come from scheduling on
+        // a busy node, so the stall alone says nothing).
+        let drops = ipv4_drops(&self.pin_dir);
+        assert_eq!(
+            drops,
+            self.ipv4_drops,
+            "{what}: netpol dropped IPv4 packets (the stream's): {:?}",
+            Counters::read_pinned(&self.pin_dir).map(|c| c.entries)
+        );
+    }
+
+    fn stop(mut self, what: &str) {
+        self.check(what);
+        eprintln!(
+            "slowest round trip: {:?}",
+            Duration::from_micros(self.slowest.load(Ordering::Relaxed))
+        );
+        self.stop.store(true, Ordering::Relaxed);
+        // The server thread ends when the stream's client closes.
+        for t in self.threads.drain(..) {
+            t.join().expect("probe thread");
+        }
+    }
+}
+
+/// Packets netpol dropped in IPv4, both directions, all reasons.
+fn ipv4_drops(pin_dir: &Path) -> u64 {
+    Counters::read_pinned(pin_dir)
+        .map(|c| {
+            c.entries
+                .iter()
+                .filter(|e| e.family == family::IPV4 && e.reason >= reason::FIRST_DROP)
+                .map(|e| e.value.packets)
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// netpol's programs on `dev`: TCX programs (queried through the kernel:
+/// this bpftool predates TCX) and the clsact filters `bpftool net show`
+/// lists.
+fn netpol_attachments(node: &Netns, dev: &str) -> Vec<String> {
+    let mut found: Vec<String> = node.run(|| {
+        [TcAttachType::Ingress, TcAttachType::Egress]
+            .into_iter()
+            .flat_map(|hook| {
+                SchedClassifier::query_tcx(dev, hook)
+                    .map(|(_, progs)| progs)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(move |p| format!("tcx {hook:?} {}", p.name_as_str().unwrap_or("?")))
+            })
+            .collect()
+    });
+    found.extend(
+        node.exec("bpftool", &["net", "show", "dev", dev])
+            .lines()
+            .map(str::to_owned),
+    );
+    found.retain(|l| l.contains("from_pod") || l.contains("to_pod"));
+    found
+}
+
+/// `tc filter show dev` on both clsact hooks.
+fn tc_filters(node: &Netns, dev: &str) -> String {
+    ["ingress", "egress"]
+        .iter()
+        .map(|hook| node.exec("tc", &["filter", "show", "dev", dev, hook]))
+        .collect()
+}
+
+/// A routed node with pods a (server), b (admitted) and c (denied), and
+/// the manifests saying so.
+struct Scene {
+    node: Netns,
+    bpffs: TempBpffs,
+    m: Manifests,
+    a: PodNet,
+    b: PodNet,
+    c: PodNet,
+    log: PathBuf,
+}
+
+impl Scene {
+    fn new(mode: &str) -> Self {
+        let node = node(Topology::Routed, true);
+        let bpffs = TempBpffs::new();
+        let m = Manifests::new();
+        m.write("00-base.yaml", BASE);
+        let a = pod(&node, Topology::Routed, 2, true);
+        let b = pod(&node, Topology::Routed, 3, true);
+        let c = pod(&node, Topology::Routed, 4, true);
+        // A clsact netpol did not add: cleanup must leave it.
+        if mode == "netlink" {
+            node.exec("tc", &["qdisc", "add", "dev", &a.host_if, "clsact"]);
+        }
+        for (name, p) in [("a", &a), ("b", &b), ("c", &c)] {
+            m.write(&format!("{name}.yaml"), &pod_manifest(name, p));
+        }
+        m.write("policy.yaml", ONLY_B_TO_A);
+        let log = std::env::temp_dir().join(format!("{}.log", support::unique("netpol-restart-")));
+        Self {
+            node,
+            bpffs,
+            m,
+            a,
+            b,
+            c,
+            log,
+        }
+    }
+}
+
+impl Drop for Scene {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+fn restart_keeps_enforcing(mode: &str) {
+    let scene = Scene::new(mode);
+    let Scene {
+        node,
+        bpffs,
+        m,
+        a,
+        b,
+        c,
+        log,
+    } = &scene;
+    let pods = [a, b, c];
+
+    let mut agent = AgentProcess::start(node, bpffs.path(), m, mode, log);
+    agent.wait_enforced(node, m, &pods);
+    let probes = Probes::start(a, b, c, &bpffs.path().join("netpol"));
+    probes.progress(50, "first agent");
+
+    for (sig, what) in [("TERM", "SIGTERM"), ("KILL", "kill -9")] {
+        agent.signal(sig);
+        probes.progress(50, &format!("no agent after {what}"));
+        for p in pods {
+            assert_eq!(
+                netpol_attachments(node, &p.host_if).len(),
+                2,
+                "after {what}, {} keeps both programs",
+                p.host_if
+            );
+        }
+        drop(agent);
+        agent = AgentProcess::start(node, bpffs.path(), m, mode, log);
+        agent.wait_enforced(node, m, &pods);
+        probes.progress(50, &format!("agent restarted after {what}"));
+        for p in pods {
+            let found = netpol_attachments(node, &p.host_if);
+            assert_eq!(
+                found.len(),
+                2,
+                "restarted after {what}, {} carries each program once: {found:#?}",
+                p.host_if
+            );
+        }
+    }
+    let text = agent.log();
+    assert_eq!(
+        text.matches("adopted the attachments").count(),
+        2 * pods.len(),
+        "each restart adopts every interface; log:\n{text}"
+    );
+
+    agent.signal("TERM");
+    probes.progress(20, "before cleanup");
+    probes.stop("before cleanup");
+
+    let out = sh(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            &node.name,
+            env!("CARGO_BIN_EXE_netpol-agent"),
+            "--bpffs",
+            &bpffs.path().to_string_lossy(),
+            "cleanup",
+        ],
+    );
+    eprintln!("cleanup: {out}");
+    for p in pods {
+        assert_eq!(
+            netpol_attachments(node, &p.host_if),
+            Vec::<String>::new(),
+            "{} after cleanup",
+            p.host_if
+        );
+        let filters = tc_filters(node, &p.host_if);
+        assert!(
+            filters.trim().is_empty(),
+            "{} after cleanup: {filters}",
+            p.host_if
+        );
+        let qdiscs = node.exec("tc", &["qdisc", "show", "dev", &p.host_if]);
+        // Only the clsact netpol did not add stays.
+        assert_eq!(
+            qdiscs.contains("clsact"),
+            mode == "netlink" && p.host_if == a.host_if,
+            "{}: {qdiscs}",
+            p.host_if
+        );
+    }
+    assert!(
+        !bpffs.path().join("netpol").exists(),
+        "cleanup removes the pins"
+    );
+    // Nothing enforces any more: the denied pair connects.
+    let server: SocketAddr = format!("{}:{PORT}", a.v4).parse().expect("address");
+    let server_up = spawn_in(&a.ns, || {
+        TcpListener::bind(("0.0.0.0", PORT)).map(|l| l.accept())
+    });
+    let connected = c.ns.run(|| {
+        let deadline = Instant::now() + DEADLINE;
+        while Instant::now() < deadline {
+            if TcpStream::connect_timeout(&server, Duration::from_millis(200)).is_ok() {
+                return true;
+            }
+        }
+        false
+    });
+    assert!(connected, "after cleanup nothing drops c → a");
+    let _ = server_up.join();
+}
+
+#[test]
+fn tcx_restart_after_sigterm_and_kill_keeps_stream_and_denial_then_cleanup_leaves_no_trace() {
+    if !privileged() {
+        return;
+    }
+    restart_keeps_enforcing("tcx");
+}
+
+#[test]
+fn netlink_restart_after_sigterm_and_kill_keeps_stream_and_denial_then_cleanup_leaves_no_trace() {
+    if !privileged() {
+        return;
+    }
+    restart_keeps_enforcing("netlink");
+}
+
+/// Pinned maps of another layout (the record rewritten to 0 while no agent
+/// runs): the new agent fills fresh maps while the old programs keep
+/// enforcing, swaps its programs in, removes the old maps and says so.
+fn another_layout_is_replaced_without_a_window(mode: &str) {
+    let scene = Scene::new(mode);
+    let (node, bpffs, m) = (&scene.node, &scene.bpffs, &scene.m);
+    let pods = [&scene.a, &scene.b, &scene.c];
+    let mut agent = AgentProcess::start(node, bpffs.path(), m, mode, &scene.log);
+    agent.wait_enforced(node, m, &pods);
+    let mut probes = Probes::start(&scene.a, &scene.b, &scene.c, &bpffs.path().join("netpol"));
+    probes.progress(50, "first agent");
+    agent.signal("TERM");
+
+    let pin_dir = bpffs.path().join("netpol");
+    let record = pin_dir.join("layout");
+    assert_eq!(
+        std::fs::read_link(&record).expect("layout record"),
+        PathBuf::from(netpol_common::LAYOUT_VERSION.to_string())
+    );
+    std::fs::remove_file(&record).expect("removing the record");
+    std::os::unix::fs::symlink("0", &record).expect("recording layout 0");
+    probes.progress(20, "no agent");
+
+    drop(agent);
+    probes.fresh_counters();
+    let mut agent = AgentProcess::start(node, bpffs.path(), m, mode, &scene.log);
+    agent.wait_enforced(node, m, &pods);
+    let said = format!(
+        "replaced the pinned maps of layout 0 with layout {}",
+        netpol_common::LAYOUT_VERSION
+    );
+    let deadline = Instant::now() + DEADLINE;
+    while !agent.log().contains(&said) {
+        probes.check("replacing");
+        assert!(
+            Instant::now() < deadline,
+            "no replacement; log:\n{}",
+            agent.log()
+        );
+        std::thread::yield_now();
+    }
+    probes.progress(50, "after the replacement");
+    assert_eq!(
+        std::fs::read_link(&record).expect("layout record"),
+        PathBuf::from(netpol_common::LAYOUT_VERSION.to_string())
+    );
+    assert!(!pin_dir.join("layout-v0").exists(), "old maps removed");
+    for p in pods {
+        let found = netpol_attachments(node, &p.host_if);
+        assert_eq!(found.len(), 2, "{}: {found:#?}", p.host_if);
+    }
+    agent.signal("TERM");
+    probes.stop("after the replacement");
+}
+
+#[test]
+fn tcx_agent_replaces_maps_of_another_layout_without_a_window() {
+    if !privileged() {
+        return;
+    }
+    another_layout_is_replaced_without_a_window("tcx");
+}
+
+#[test]
+fn netlink_agent_replaces_maps_of_another_layout_without_a_window() {
+    if !privileged() {
+        return;
+    }
+    another_layout_is_replaced_without_a_window("netlink");
+}
