@@ -176,6 +176,11 @@ pub fn agent() -> Result<()> {
     write_section(&root().join("docs/PERFORMANCE.md"), "agent", &section)
 }
 
+pub fn kube() -> Result<()> {
+    println!("xtask: cargo bench -p netpol-agent --bench kube_source");
+    run(cargo("stable").args(["bench", "-p", "netpol-agent", "--bench", "kube_source"]))
+}
+
 pub fn compiler() -> Result<()> {
     println!("xtask: cargo bench -p netpol-agent --bench compiler");
     run(cargo("stable").args(["bench", "-p", "netpol-agent", "--bench", "compiler"]))

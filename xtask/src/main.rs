@@ -66,7 +66,8 @@ enum Cmd {
     /// Run benchmarks and record them in docs/PERFORMANCE.md.
     Bench {
         /// Which: `datapath` (per packet, root), `compiler`, `agent` (new
-        /// pod to enforced, root), or `all`.
+        /// pod to enforced, root), `kube` (initial sync and memory against
+        /// a fake API server), or `all`.
         #[arg(default_value = "all")]
         which: String,
     },
@@ -123,10 +124,12 @@ fn main() -> Result<()> {
             "datapath" => bench::datapath(),
             "compiler" => bench::compiler(),
             "agent" => bench::agent(),
+            "kube" => bench::kube(),
             "all" => bench::compiler()
                 .and_then(|()| bench::datapath())
-                .and_then(|()| bench::agent()),
-            other => bail!("unknown bench {other:?}: datapath, compiler, agent or all"),
+                .and_then(|()| bench::agent())
+                .and_then(|()| bench::kube()),
+            other => bail!("unknown bench {other:?}: datapath, compiler, agent, kube or all"),
         },
     }
 }
