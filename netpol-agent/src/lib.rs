@@ -22,6 +22,7 @@ mod http;
 pub mod interfaces;
 pub mod model;
 pub mod object;
+pub mod preflight;
 pub mod privileges;
 pub mod sources;
 pub mod sync;

@@ -77,6 +77,9 @@ struct RunArgs {
     /// Attach path.
     #[arg(long, value_enum, default_value_t = Mode::Auto)]
     attach_mode: Mode,
+    /// Skip the start-up checks (kernel, BTF, bpffs, clsact, capabilities).
+    #[arg(long, env = "NETPOL_SKIP_PREFLIGHT")]
+    skip_preflight: bool,
     #[command(flatten)]
     limits: Limits,
 }
@@ -253,6 +256,9 @@ impl From<Mode> for AttachMode {
 }
 
 fn run_agent(bpffs: PathBuf, args: RunArgs) -> anyhow::Result<ExitCode> {
+    if !args.skip_preflight {
+        netpol_agent::preflight::require(&bpffs)?;
+    }
     let mut builder = Agent::builder()
         .source(match args.manifests {
             Some(dir) => Source::Files(dir),

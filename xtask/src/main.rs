@@ -15,6 +15,7 @@ mod bench;
 mod bootstrap;
 mod conformance;
 mod demo;
+mod deploy_check;
 
 /// The eBPF target.
 const BPF_TARGET: &str = "bpfel-unknown-none";
@@ -71,6 +72,9 @@ enum Cmd {
         #[arg(default_value = "all")]
         which: String,
     },
+    /// Build the object and the release agent as deploy/Containerfile does
+    /// and check that every path it copies exists.
+    DeployCheck,
     /// Show netpol on a live pod: netns, veth, both families, counters, and
     /// the offline compile of the built-in example manifests.
     Demo,
@@ -100,6 +104,7 @@ fn main() -> Result<()> {
             lint()
         }
         Cmd::Demo => demo::demo(),
+        Cmd::DeployCheck => deploy_check::check(),
         Cmd::Conformance {
             scenarios,
             filter,
@@ -251,6 +256,8 @@ fn test(no_lint: bool, args: &[String]) -> Result<()> {
         // A filtered run, or one without the privileges the harness needs.
         return Ok(());
     }
+    println!("xtask: deploy check (the paths deploy/Containerfile copies)");
+    deploy_check::check()?;
     // Services are judged by their backend only once the Services issue
     // lands; until then the harness runs the pod probes.
     println!("xtask: conformance, bridge topology, every scenario (via pod)");
@@ -275,6 +282,7 @@ fn test(no_lint: bool, args: &[String]) -> Result<()> {
         bridge.passed + routed.passed,
         failed
     );
+    // The summary stays the last line: it is the run's closing line.
     ensure!(failed == 0, "{failed} conformance cells failed");
     Ok(())
 }

@@ -42,6 +42,53 @@ use crate::{
     telemetry::Metrics,
 };
 
+/// The verbs every watcher needs: `list` and `watch` (the reflector's
+/// list-then-watch), and `get`, which the deploy's ClusterRole grants with
+/// them (read-only, and what `kubectl auth can-i` users expect).
+pub const WATCH_VERBS: &[&str] = &["get", "list", "watch"];
+
+/// `(apiGroup, resource)` of a k8s-openapi type, as RBAC names it.
+const fn api_of<K: k8s_openapi::Resource>() -> (&'static str, &'static str) {
+    (K::GROUP, K::URL_PATH_SEGMENT)
+}
+
+/// Every `(apiGroup, resource, verbs)` the kube source reads, in the order
+/// of [`StoreKind::ALL`]: the deploy's ClusterRole must grant exactly these
+/// (a test compares). Taken from the same k8s-openapi types the watchers are
+/// built over; [`spawn_store`] asserts each watcher matches its entry.
+pub const WATCHED: &[(&str, &str, &[&str])] = &[
+    (
+        api_of::<core::Pod>().0,
+        api_of::<core::Pod>().1,
+        WATCH_VERBS,
+    ),
+    (
+        api_of::<core::Namespace>().0,
+        api_of::<core::Namespace>().1,
+        WATCH_VERBS,
+    ),
+    (
+        api_of::<core::Node>().0,
+        api_of::<core::Node>().1,
+        WATCH_VERBS,
+    ),
+    (
+        api_of::<networking::NetworkPolicy>().0,
+        api_of::<networking::NetworkPolicy>().1,
+        WATCH_VERBS,
+    ),
+    (
+        api_of::<core::Service>().0,
+        api_of::<core::Service>().1,
+        WATCH_VERBS,
+    ),
+    (
+        api_of::<discovery::EndpointSlice>().0,
+        api_of::<discovery::EndpointSlice>().1,
+        WATCH_VERBS,
+    ),
+];
+
 /// First delay between probes of an unreachable API server; doubled per
 /// failure up to [`PROBE_MAX`].
 const PROBE_FIRST: Duration = Duration::from_secs(1);
@@ -410,9 +457,23 @@ fn spawn_store<K>(
     convert: fn(&K) -> Obj,
     tx: mpsc::UnboundedSender<Msg>,
 ) where
-    K: kube::Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
-    K::DynamicType: Default + Eq + Hash + Clone + Send + Sync,
+    K: kube::Resource
+        + k8s_openapi::Resource
+        + Clone
+        + DeserializeOwned
+        + Debug
+        + Send
+        + Sync
+        + 'static,
+    <K as kube::Resource>::DynamicType: Default + Eq + Hash + Clone + Send + Sync,
 {
+    let (group, resource, _) = WATCHED[store.index()];
+    assert_eq!(
+        (group, resource),
+        api_of::<K>(),
+        "WATCHED disagrees with the {} watcher",
+        store.as_str()
+    );
     let (reader, writer) = reflector::store::<K>();
     tasks.spawn(async move {
         let stream = watcher(api, config)
@@ -898,6 +959,22 @@ mod tests {
             "status": {"phase": "Running", "podIP": ip, "conditions": [{"type": "Ready", "status": "True"}]}
         }))
         .expect("a pod")
+    }
+
+    #[test]
+    fn watched_lists_every_store_once() {
+        assert_eq!(WATCHED.len(), StoreKind::ALL.len());
+        let expect = [
+            ("", "pods"),
+            ("", "namespaces"),
+            ("", "nodes"),
+            ("networking.k8s.io", "networkpolicies"),
+            ("", "services"),
+            ("discovery.k8s.io", "endpointslices"),
+        ];
+        for (w, e) in WATCHED.iter().zip(expect) {
+            assert_eq!((w.0, w.1), e);
+        }
     }
 
     #[test]

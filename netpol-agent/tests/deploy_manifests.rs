@@ -1,0 +1,438 @@
+//! deploy/: every manifest parses into k8s-openapi types (and loses no field
+//! doing so), the ClusterRole grants exactly what the kube source watches,
+//! and the DaemonSet agrees with the agent's defaults.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::SocketAddr,
+    path::{Path, PathBuf},
+};
+
+use k8s_openapi::api::{
+    apps::v1::DaemonSet,
+    core::v1::{Container, Namespace, Node, Pod, Service, ServiceAccount},
+    discovery::v1::EndpointSlice,
+    networking::v1::NetworkPolicy,
+    rbac::v1::{ClusterRole, ClusterRoleBinding},
+};
+use netpol_agent::{agent::DEFAULT_LISTEN, datapath::DEFAULT_BPFFS, sources::kube::WATCHED};
+use serde::{Deserialize as _, Serialize, de::DeserializeOwned};
+use serde_yaml::Value;
+
+fn deploy() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy")
+}
+
+fn yaml_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            yaml_files(&p, out);
+        } else if p.extension().is_some_and(|x| x == "yaml" || x == "yml") {
+            out.push(p);
+        }
+    }
+    out.sort();
+}
+
+fn docs(path: &Path) -> Vec<Value> {
+    let text = std::fs::read_to_string(path).unwrap();
+    serde_yaml::Deserializer::from_str(&text)
+        .map(|d| Value::deserialize(d).unwrap_or_else(|e| panic!("{}: {e}", path.display())))
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+/// `v` as a `T`, checking that nothing was dropped on the way (a misspelt
+/// field would be).
+fn typed<T: DeserializeOwned + Serialize>(v: &Value, what: &str) -> T {
+    let t: T = serde_yaml::from_value(v.clone()).unwrap_or_else(|e| panic!("{what}: {e}"));
+    let back = serde_yaml::to_value(&t).unwrap();
+    let mut orig = v.clone();
+    if let Value::Mapping(m) = &mut orig {
+        // The type knows its apiVersion and kind and writes them back.
+        m.remove("apiVersion");
+        m.remove("kind");
+    }
+    let mut back = back;
+    if let Value::Mapping(m) = &mut back {
+        m.remove("apiVersion");
+        m.remove("kind");
+    }
+    assert_eq!(
+        normalize(orig),
+        normalize(back),
+        "{what}: fields lost or changed parsing into k8s-openapi types"
+    );
+    t
+}
+
+/// Drops null values, which the types do not write back.
+fn normalize(v: Value) -> Value {
+    match v {
+        Value::Mapping(m) => Value::Mapping(
+            m.into_iter()
+                .map(|(k, v)| (k, normalize(v)))
+                .filter(|(_, v)| !v.is_null())
+                .collect(),
+        ),
+        Value::Sequence(s) => Value::Sequence(s.into_iter().map(normalize).collect()),
+        v => v,
+    }
+}
+
+fn is_kustomization(v: &Value) -> bool {
+    v.get("apiVersion")
+        .and_then(Value::as_str)
+        .is_some_and(|a| a.starts_with("kustomize.config.k8s.io/"))
+}
+
+#[derive(Default)]
+struct Manifests {
+    namespaces: Vec<(PathBuf, Namespace)>,
+    service_accounts: Vec<ServiceAccount>,
+    cluster_roles: Vec<ClusterRole>,
+    bindings: Vec<ClusterRoleBinding>,
+    daemonsets: Vec<(PathBuf, DaemonSet)>,
+    kustomizations: Vec<(PathBuf, Value)>,
+}
+
+fn load() -> Manifests {
+    let mut files = Vec::new();
+    yaml_files(&deploy(), &mut files);
+    assert!(!files.is_empty());
+    let mut m = Manifests::default();
+    for f in files {
+        for (i, v) in docs(&f).into_iter().enumerate() {
+            let what = format!("{} document {i}", f.display());
+            if is_kustomization(&v) {
+                m.kustomizations.push((f.clone(), v));
+                continue;
+            }
+            let kind = v.get("kind").and_then(Value::as_str).unwrap_or_default();
+            match kind {
+                "Namespace" => m.namespaces.push((f.clone(), typed(&v, &what))),
+                "ServiceAccount" => m.service_accounts.push(typed(&v, &what)),
+                "ClusterRole" => m.cluster_roles.push(typed(&v, &what)),
+                "ClusterRoleBinding" => m.bindings.push(typed(&v, &what)),
+                "DaemonSet" => m.daemonsets.push((f.clone(), typed(&v, &what))),
+                // The demo's cluster (deploy/examples).
+                "Node" => drop(typed::<Node>(&v, &what)),
+                "Pod" => drop(typed::<Pod>(&v, &what)),
+                "Service" => drop(typed::<Service>(&v, &what)),
+                "EndpointSlice" => drop(typed::<EndpointSlice>(&v, &what)),
+                "NetworkPolicy" => drop(typed::<NetworkPolicy>(&v, &what)),
+                other => panic!("{what}: unexpected kind {other:?}"),
+            }
+        }
+    }
+    m
+}
+
+/// The base DaemonSet (the privileged variant is a patch over it).
+fn daemonset(m: &Manifests) -> &DaemonSet {
+    let base: Vec<_> = m
+        .daemonsets
+        .iter()
+        .filter(|(p, _)| p.parent() == Some(deploy().as_path()))
+        .collect();
+    assert_eq!(base.len(), 1, "one DaemonSet in deploy/");
+    &base[0].1
+}
+
+fn container<'a>(ds: &'a DaemonSet, name: &str, init: bool) -> &'a Container {
+    let spec = ds.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+    let list = if init {
+        spec.init_containers.as_deref().unwrap_or_default()
+    } else {
+        &spec.containers
+    };
+    list.iter()
+        .find(|c| c.name == name)
+        .unwrap_or_else(|| panic!("no container {name}"))
+}
+
+#[test]
+fn kustomizations_list_every_manifest_and_only_existing_ones() {
+    let m = load();
+    assert!(!m.kustomizations.is_empty());
+    for (path, k) in &m.kustomizations {
+        let dir = path.parent().unwrap();
+        let listed: Vec<&str> = k
+            .get("resources")
+            .and_then(Value::as_sequence)
+            .map(|s| s.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        for r in &listed {
+            assert!(dir.join(r).exists(), "{}: {r} is missing", path.display());
+        }
+        for p in k
+            .get("patches")
+            .and_then(Value::as_sequence)
+            .into_iter()
+            .flatten()
+        {
+            let f = p.get("path").and_then(Value::as_str).unwrap();
+            assert!(dir.join(f).is_file(), "{}: {f} is missing", path.display());
+        }
+    }
+    // The base lists every manifest next to it.
+    let (_, base) = m
+        .kustomizations
+        .iter()
+        .find(|(p, _)| p.parent() == Some(deploy().as_path()))
+        .expect("deploy/kustomization.yaml");
+    let listed: BTreeSet<&str> = base["resources"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    for e in std::fs::read_dir(deploy()).unwrap() {
+        let p = e.unwrap().path();
+        let name = p.file_name().unwrap().to_str().unwrap();
+        if p.extension().is_some_and(|x| x == "yaml") && name != "kustomization.yaml" {
+            assert!(listed.contains(name), "kustomization.yaml misses {name}");
+        }
+    }
+    let ns = base["namespace"].as_str().unwrap();
+    let own: Vec<_> = m
+        .namespaces
+        .iter()
+        .filter(|(p, _)| p.parent() == Some(deploy().as_path()))
+        .collect();
+    assert_eq!(own.len(), 1);
+    assert_eq!(own[0].1.metadata.name.as_deref(), Some(ns));
+}
+
+#[test]
+fn cluster_role_grants_exactly_what_the_watchers_use() {
+    let m = load();
+    assert_eq!(m.cluster_roles.len(), 1);
+    let role = &m.cluster_roles[0];
+    let mut granted: BTreeMap<(String, String), BTreeSet<String>> = BTreeMap::new();
+    for rule in role.rules.as_deref().unwrap_or_default() {
+        assert!(rule.resource_names.is_none() && rule.non_resource_urls.is_none());
+        for g in rule.api_groups.as_deref().unwrap_or_default() {
+            for r in rule.resources.as_deref().unwrap_or_default() {
+                granted
+                    .entry((g.clone(), r.clone()))
+                    .or_default()
+                    .extend(rule.verbs.iter().cloned());
+            }
+        }
+    }
+    let watched: BTreeMap<(String, String), BTreeSet<String>> = WATCHED
+        .iter()
+        .map(|(g, r, verbs)| {
+            (
+                ((*g).to_owned(), (*r).to_owned()),
+                verbs.iter().map(|v| (*v).to_owned()).collect(),
+            )
+        })
+        .collect();
+    assert_eq!(granted, watched);
+
+    // Bound to the DaemonSet's service account.
+    let ds = daemonset(&m);
+    let sa = ds.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+    let sa_name = sa.service_account_name.as_deref().unwrap();
+    assert_eq!(m.service_accounts.len(), 1);
+    assert_eq!(
+        m.service_accounts[0].metadata.name.as_deref(),
+        Some(sa_name)
+    );
+    assert_eq!(m.bindings.len(), 1);
+    let b = &m.bindings[0];
+    assert_eq!(b.role_ref.kind, "ClusterRole");
+    assert_eq!(Some(&b.role_ref.name), role.metadata.name.as_ref());
+    let subjects = b.subjects.as_deref().unwrap();
+    assert!(subjects.iter().any(|s| s.kind == "ServiceAccount"
+        && s.name == sa_name
+        && s.namespace == m.service_accounts[0].metadata.namespace));
+}
+
+#[test]
+fn daemonset_matches_the_agents_defaults() {
+    let m = load();
+    let ds = daemonset(&m);
+    let spec = ds.spec.as_ref().unwrap();
+    let pod = spec.template.spec.as_ref().unwrap();
+    assert_eq!(pod.host_network, Some(true));
+    assert_eq!(
+        pod.priority_class_name.as_deref(),
+        Some("system-node-critical")
+    );
+    let tolerations = pod.tolerations.as_deref().unwrap();
+    assert!(
+        tolerations.iter().any(|t| t.key.is_none()
+            && t.effect.is_none()
+            && t.operator.as_deref() == Some("Exists")),
+        "tolerates every taint"
+    );
+
+    // Rolling update: one node at a time, never two agents on a node.
+    let ru = spec
+        .update_strategy
+        .as_ref()
+        .and_then(|u| u.rolling_update.as_ref())
+        .unwrap();
+    assert_eq!(
+        spec.update_strategy.as_ref().unwrap().type_.as_deref(),
+        Some("RollingUpdate")
+    );
+    assert_eq!(
+        ru.max_surge,
+        Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(0))
+    );
+
+    // bpffs: the host's, at the agent's default path, mounted on the host by
+    // a privileged init container and seen by the agent through propagation.
+    let bpffs_volume = pod
+        .volumes
+        .as_deref()
+        .unwrap()
+        .iter()
+        .find(|v| {
+            v.host_path
+                .as_ref()
+                .is_some_and(|h| h.path == DEFAULT_BPFFS)
+        })
+        .expect("a hostPath volume of the default bpffs");
+    let init = container(ds, "mount-bpffs", true);
+    let init_mount = init
+        .volume_mounts
+        .as_deref()
+        .unwrap()
+        .iter()
+        .find(|v| v.name == bpffs_volume.name)
+        .unwrap();
+    assert_eq!(init_mount.mount_path, DEFAULT_BPFFS);
+    assert_eq!(
+        init_mount.mount_propagation.as_deref(),
+        Some("Bidirectional")
+    );
+    assert_eq!(
+        init.security_context.as_ref().unwrap().privileged,
+        Some(true)
+    );
+
+    let agent = container(ds, "agent", false);
+    let mount = agent
+        .volume_mounts
+        .as_deref()
+        .unwrap()
+        .iter()
+        .find(|v| v.name == bpffs_volume.name)
+        .unwrap();
+    assert_eq!(mount.mount_path, DEFAULT_BPFFS);
+    assert_eq!(mount.mount_propagation.as_deref(), Some("HostToContainer"));
+
+    // Least capabilities, not privileged.
+    let sc = agent.security_context.as_ref().unwrap();
+    assert_ne!(sc.privileged, Some(true));
+    let caps = sc.capabilities.as_ref().unwrap();
+    assert_eq!(caps.drop.as_deref(), Some(&["ALL".to_owned()][..]));
+    let added: BTreeSet<&str> = caps
+        .add
+        .as_deref()
+        .unwrap()
+        .iter()
+        .map(String::as_str)
+        .collect();
+    assert_eq!(
+        added,
+        BTreeSet::from(["BPF", "NET_ADMIN", "PERFMON", "SYS_RESOURCE"])
+    );
+
+    // Env: NODE_NAME from the downward API; nothing overriding the bpffs.
+    let env = agent.env.as_deref().unwrap();
+    let node = env.iter().find(|e| e.name == "NODE_NAME").unwrap();
+    assert_eq!(
+        node.value_from
+            .as_ref()
+            .and_then(|v| v.field_ref.as_ref())
+            .map(|f| f.field_path.as_str()),
+        Some("spec.nodeName")
+    );
+    for e in env {
+        assert!(
+            ["NODE_NAME", "RUST_LOG"].contains(&e.name.as_str()),
+            "unexpected env {}: the DaemonSet runs the agent's defaults",
+            e.name
+        );
+    }
+    let args = agent.args.as_deref().unwrap();
+    assert_eq!(args, ["run"], "the agent's defaults: --listen, --bpffs");
+
+    // Ports and probes: the default --listen, probed in the host netns.
+    let listen: SocketAddr = DEFAULT_LISTEN.parse().unwrap();
+    let ports = agent.ports.as_deref().unwrap();
+    assert!(
+        ports
+            .iter()
+            .any(|p| p.container_port == i32::from(listen.port()))
+    );
+    for (probe, path) in [
+        (agent.liveness_probe.as_ref(), "/healthz"),
+        (agent.readiness_probe.as_ref(), "/readyz"),
+    ] {
+        let get = probe.unwrap().http_get.as_ref().unwrap();
+        assert_eq!(get.path.as_deref(), Some(path));
+        assert_eq!(
+            get.port,
+            k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(i32::from(
+                listen.port()
+            ))
+        );
+        assert_eq!(get.host.as_deref(), Some(listen.ip().to_string().as_str()));
+    }
+
+    let requests = agent
+        .resources
+        .as_ref()
+        .and_then(|r| r.requests.as_ref())
+        .unwrap();
+    assert!(requests.contains_key("cpu") && requests.contains_key("memory"));
+}
+
+#[test]
+fn privileged_variant_patches_the_agent_container() {
+    let m = load();
+    let variant: Vec<_> = m
+        .daemonsets
+        .iter()
+        .filter(|(p, _)| p.parent() != Some(deploy().as_path()))
+        .collect();
+    assert_eq!(variant.len(), 1);
+    let (_, ds) = variant[0];
+    assert_eq!(ds.metadata.name, daemonset(&m).metadata.name);
+    let agent = container(ds, "agent", false);
+    assert_eq!(
+        agent.security_context.as_ref().unwrap().privileged,
+        Some(true)
+    );
+}
+
+#[test]
+fn containerfile_installs_the_object_where_the_agent_looks() {
+    let text = std::fs::read_to_string(deploy().join("Containerfile")).unwrap();
+    let copies: Vec<(&str, &str)> = text
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("COPY --from="))
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f[1], f[2])
+        })
+        .collect();
+    assert!(
+        copies
+            .iter()
+            .any(|(_, dest)| *dest == netpol_agent::object::INSTALL_PATH),
+        "{copies:?}"
+    );
+    assert!(
+        copies
+            .iter()
+            .any(|(src, _)| src.ends_with("/target/release/netpol-agent"))
+    );
+}
