@@ -217,34 +217,11 @@ fn policy_is_enforced_on_real_connections_over_both_families() {
         assert!(connects(from, to, 81), "no policy yet: {to}:81 unreachable");
     }
 
-    let mut snap = Snapshot::default();
-    let mut report = model::manifests::LoadReport::default();
-    model::manifests::apply_str(&mut snap, MANIFESTS, "test", &mut report);
-    assert!(report.errors.is_empty(), "{:?}", report.errors);
-    let compiled = compiler::compile(&snap, &IdAllocation::default());
-    let ops: Vec<_> = compiler::diff(&Compiled::default(), &compiled)
-        .raw()
-        .collect();
+    let compiled = compile(MANIFESTS, &IdAllocation::default());
 
     let bpffs = TempBpffs::new();
     node.run(|| {
-        let mut dp = Datapath::load(&DatapathConfig {
-            bpffs: bpffs.path().to_owned(),
-            ..DatapathConfig::default()
-        })
-        .expect("load");
-        let index = |name: &str| {
-            nix::net::if_::if_nametoindex(name).unwrap_or_else(|e| panic!("{name}: {e}"))
-        };
-        let ifaces: BTreeMap<ObjectRef, u32> = [
-            (ObjectRef::new("x", "a"), index(&a.host_if)),
-            (ObjectRef::new("x", "b"), index(&b.host_if)),
-        ]
-        .into_iter()
-        .collect();
-        dp.writer().apply(&ops, &ifaces).expect("apply");
-        dp.attach(&a.host_if).expect("attach a");
-        dp.attach(&b.host_if).expect("attach b");
+        let (dp, _) = enforce(&bpffs, &a, &b, &compiled);
         // Forget every neighbour so that IPv6 must resolve them again
         // through the programs, under deny-all.
         for p in [&a, &b] {
@@ -326,6 +303,36 @@ fn exchange(s: &TcpStream, line: &str, timeout: Duration) -> bool {
     BufReader::new(s).read_line(&mut back).is_ok() && back == line
 }
 
+/// Loads a datapath (in the calling thread's netns), writes `compiled` for
+/// pods a and b through the map writer and attaches to both host veths.
+fn enforce(
+    bpffs: &TempBpffs,
+    a: &Pod,
+    b: &Pod,
+    compiled: &Compiled,
+) -> (Datapath, BTreeMap<ObjectRef, u32>) {
+    let mut dp = Datapath::load(&DatapathConfig {
+        bpffs: bpffs.path().to_owned(),
+        ..DatapathConfig::default()
+    })
+    .expect("load");
+    let index =
+        |name: &str| nix::net::if_::if_nametoindex(name).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let ifaces: BTreeMap<ObjectRef, u32> = [
+        (ObjectRef::new("x", "a"), index(&a.host_if)),
+        (ObjectRef::new("x", "b"), index(&b.host_if)),
+    ]
+    .into_iter()
+    .collect();
+    let ops: Vec<_> = compiler::diff(&Compiled::default(), compiled)
+        .raw()
+        .collect();
+    dp.writer().apply(&ops, &ifaces).expect("apply");
+    dp.attach(&a.host_if).expect("attach a");
+    dp.attach(&b.host_if).expect("attach b");
+    (dp, ifaces)
+}
+
 fn compile(manifests: &str, ids: &IdAllocation) -> Compiled {
     let mut snap = Snapshot::default();
     let mut report = model::manifests::LoadReport::default();
@@ -364,26 +371,7 @@ fn removing_the_allowing_policy_cuts_established_connections_within_a_second() {
 
     let bpffs = TempBpffs::new();
     node.run(|| {
-        let mut dp = Datapath::load(&DatapathConfig {
-            bpffs: bpffs.path().to_owned(),
-            ..DatapathConfig::default()
-        })
-        .expect("load");
-        let index = |name: &str| {
-            nix::net::if_::if_nametoindex(name).unwrap_or_else(|e| panic!("{name}: {e}"))
-        };
-        let ifaces: BTreeMap<ObjectRef, u32> = [
-            (ObjectRef::new("x", "a"), index(&a.host_if)),
-            (ObjectRef::new("x", "b"), index(&b.host_if)),
-        ]
-        .into_iter()
-        .collect();
-        let ops: Vec<_> = compiler::diff(&Compiled::default(), &before)
-            .raw()
-            .collect();
-        dp.writer().apply(&ops, &ifaces).expect("apply");
-        dp.attach(&a.host_if).expect("attach a");
-        dp.attach(&b.host_if).expect("attach b");
+        let (mut dp, ifaces) = enforce(&bpffs, &a, &b, &before);
 
         let conns: Vec<TcpStream> = [a.v4, a.v6]
             .iter()
