@@ -332,6 +332,14 @@ pub(super) fn link_pin(pin_dir: &Path, interface: &str, program: &str) -> PathBu
         .join(format!("{interface}-{program}"))
 }
 
+/// The interface of a link pin or filter record named
+/// `<interface>-<program>`.
+fn pinned_interface(name: &str) -> Option<&str> {
+    [programs::FROM_POD, programs::TO_POD]
+        .iter()
+        .find_map(|p| name.strip_suffix(p)?.strip_suffix('-'))
+}
+
 /// Interfaces (still present) that a previous agent attached to: link
 /// pins and netlink filter records.
 pub(super) fn previous_interfaces(pin_dir: &Path) -> std::collections::BTreeSet<String> {
@@ -342,10 +350,7 @@ pub(super) fn previous_interfaces(pin_dir: &Path) -> std::collections::BTreeSet<
         };
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            let interface = [programs::FROM_POD, programs::TO_POD]
-                .iter()
-                .find_map(|p| name.strip_suffix(&format!("-{p}")));
-            if let Some(interface) = interface
+            if let Some(interface) = pinned_interface(&name)
                 && nix::net::if_::if_nametoindex(interface).is_ok()
             {
                 out.insert(interface.to_owned());
@@ -363,10 +368,7 @@ pub(super) fn sweep_stale_links(pin_dir: &Path) {
     };
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        let interface = [programs::FROM_POD, programs::TO_POD]
-            .iter()
-            .find_map(|p| name.strip_suffix(&format!("-{p}")));
-        if let Some(interface) = interface
+        if let Some(interface) = pinned_interface(&name)
             && nix::net::if_::if_nametoindex(interface).is_err()
         {
             tracing::info!(interface, pin = %entry.path().display(), "removing the link pin of a gone interface");
