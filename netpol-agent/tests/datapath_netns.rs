@@ -154,6 +154,17 @@ fn pod(node: &Netns, subnet: u8, v4: &'static str, v6: &'static str) -> Pod {
     }
 }
 
+/// A forwarding node netns with pods a (10.1.1.2, fd01::2) and b
+/// (10.1.2.2, fd02::2) routed through it.
+fn routed_pair() -> (Netns, Pod, Pod) {
+    let node = Netns::new("npn");
+    node.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"]);
+    node.exec("sysctl", &["-qw", "net.ipv6.conf.all.forwarding=1"]);
+    let a = pod(&node, 1, "10.1.1.2", "fd01::2");
+    let b = pod(&node, 2, "10.1.2.2", "fd02::2");
+    (node, a, b)
+}
+
 /// Listens on `port` in the pod and echoes every line of every
 /// connection, for as long as the test runs.
 fn serve(p: &Pod, port: u16) {
@@ -203,11 +214,7 @@ fn policy_is_enforced_on_real_connections_over_both_families() {
     if !privileged() {
         return;
     }
-    let node = Netns::new("npn");
-    node.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"]);
-    node.exec("sysctl", &["-qw", "net.ipv6.conf.all.forwarding=1"]);
-    let a = pod(&node, 1, "10.1.1.2", "fd01::2");
-    let b = pod(&node, 2, "10.1.2.2", "fd02::2");
+    let (node, a, b) = routed_pair();
     for p in [&a, &b] {
         serve(p, 80);
         serve(p, 81);
@@ -346,11 +353,7 @@ fn removing_the_allowing_policy_cuts_established_connections_within_a_second() {
     if !privileged() {
         return;
     }
-    let node = Netns::new("npn");
-    node.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"]);
-    node.exec("sysctl", &["-qw", "net.ipv6.conf.all.forwarding=1"]);
-    let a = pod(&node, 1, "10.1.1.2", "fd01::2");
-    let b = pod(&node, 2, "10.1.2.2", "fd02::2");
+    let (node, a, b) = routed_pair();
     serve(&a, 80);
     let before = compile(MANIFESTS, &IdAllocation::default());
     // a's rule now admits b on port 81 only.
