@@ -194,14 +194,13 @@ pub(super) fn detach(
     match held {
         Held::Owned(id) => prog.detach(id).map_err(program_err),
         Held::Pinned { link, path } => {
-            match std::fs::remove_file(&path) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(source) => return Err(DatapathError::Unpin { path, source }),
-            }
-            // Closing the last fd of an unpinned link detaches it.
+            let detached = detach_pinned_link(&path);
             drop(link);
-            Ok(())
+            match detached {
+                Ok(()) => Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                Err(source) => Err(DatapathError::Unpin { path, source }),
+            }
         }
         // What a previous agent attached is removed with the interface,
         // or by cleanup.
@@ -214,6 +213,86 @@ pub(super) fn detach(
             ManuallyDrop::into_inner(link).detach().map_err(program_err)
         }
     }
+}
+
+/// Detaches the TCX link pinned at `path` now, then removes the pin.
+///
+/// Removing the pin alone is not enough: the kernel drops a pin's
+/// reference from a deferred work item, so the program would stay on the
+/// hook for a moment after the pin is gone (and for as long as any other
+/// process holds the link's fd). `BPF_LINK_DETACH` takes it off the hook
+/// before this returns.
+pub(super) fn detach_pinned_link(path: &Path) -> std::io::Result<()> {
+    let fd = bpf_obj_get(path)?;
+    bpf_link_detach(&fd)?;
+    drop(fd);
+    std::fs::remove_file(path)
+}
+
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_LINK_DETACH: libc::c_long = 34;
+
+fn bpf_obj_get(path: &Path) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::{fd::FromRawFd as _, unix::ffi::OsStrExt as _};
+    #[repr(C)]
+    struct ObjGet {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+        path_fd: i32,
+        // Explicit so the kernel's zero check past `path_fd` never sees
+        // uninitialised padding.
+        _pad: u32,
+    }
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    let attr = ObjGet {
+        pathname: c_path.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+        path_fd: 0,
+        _pad: 0,
+    };
+    // SAFETY: `attr` is a valid prefix of `union bpf_attr` for BPF_OBJ_GET
+    // and outlives the call; `c_path` is NUL-terminated and outlives it.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET,
+            &attr as *const ObjGet,
+            std::mem::size_of::<ObjGet>(),
+        )
+    };
+    if ret < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: BPF_OBJ_GET returned a new fd that nothing else owns.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(ret as i32) })
+}
+
+fn bpf_link_detach(fd: &std::os::fd::OwnedFd) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    #[repr(C)]
+    struct LinkDetach {
+        link_fd: u32,
+    }
+    let attr = LinkDetach {
+        link_fd: fd.as_raw_fd() as u32,
+    };
+    // SAFETY: `attr` is a valid prefix of `union bpf_attr` for
+    // BPF_LINK_DETACH and outlives the call.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_DETACH,
+            &attr as *const LinkDetach,
+            std::mem::size_of::<LinkDetach>(),
+        )
+    };
+    if ret < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Whether a previous agent left an attachment of `program` on `interface`.
@@ -430,11 +509,10 @@ pub async fn cleanup(bpffs: &Path) -> Result<Cleaned, DatapathError> {
     let pin_dir = bpffs.join(super::PIN_SUBDIR);
     let mut cleaned = Cleaned::default();
 
-    // TCX: removing the pin detaches the link (no agent holds its fd).
     if let Ok(entries) = std::fs::read_dir(pin_dir.join(LINKS_DIR)) {
         for entry in entries.flatten() {
             let path = entry.path();
-            std::fs::remove_file(&path).map_err(|source| DatapathError::Unpin {
+            detach_pinned_link(&path).map_err(|source| DatapathError::Unpin {
                 path: path.clone(),
                 source,
             })?;
