@@ -73,6 +73,7 @@ pub const fn unbound_entry(ifindex: u32) -> EndpointInfo {
         egress_gen: 0,
         ipv4: [0; 4],
         ipv6: [0; 16],
+        slot: 0,
     }
 }
 

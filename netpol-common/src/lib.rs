@@ -27,10 +27,28 @@ pub mod maps {
     pub const CONFIG: &str = "NETPOL_CONFIG";
     /// LRU hash [`crate::FragKey`] → [`crate::FragValue`].
     pub const FRAGMENTS: &str = "NETPOL_FRAGMENTS";
+    /// Hash [`crate::FrontendKeyV4`] → [`crate::FrontendValue`]: the IPv4
+    /// Service frontends kube-proxy translates.
+    pub const FRONTENDS_V4: &str = "NETPOL_FRONTENDS_V4";
+    /// Hash [`crate::FrontendKeyV6`] → [`crate::FrontendValue`].
+    pub const FRONTENDS_V6: &str = "NETPOL_FRONTENDS_V6";
+    /// Array `mark slot` → `u32` host ifindex of the pod interface that
+    /// owns the slot (0: free). See [`crate::mark`].
+    pub const MARK_SOURCES: &str = "NETPOL_MARK_SOURCES";
 
     /// Every map, in the order the agent pins them.
-    pub const ALL: [&str; 8] = [
-        COUNTERS, ENDPOINTS, POLICY_V4, POLICY_V6, PORTS, CONNTRACK, CONFIG, FRAGMENTS,
+    pub const ALL: [&str; 11] = [
+        COUNTERS,
+        ENDPOINTS,
+        POLICY_V4,
+        POLICY_V6,
+        PORTS,
+        CONNTRACK,
+        CONFIG,
+        FRAGMENTS,
+        FRONTENDS_V4,
+        FRONTENDS_V6,
+        MARK_SOURCES,
     ];
 }
 
@@ -40,12 +58,15 @@ pub mod programs {
     pub const FROM_POD: &str = "from_pod";
     /// Host-side veth TC egress: packets entering the pod, i.e. the pod's ingress.
     pub const TO_POD: &str = "to_pod";
+    /// TC egress of the node's other devices (uplink, tunnels): judges the
+    /// pods' Service traffic whose backend is on another node.
+    pub const LEAVE_NODE: &str = "leave_node";
 }
 
 /// Version of the layout of every pinned map. Bumped whenever a key or value
 /// type, a map's type or the counter index scheme changes, so that an agent
 /// finding maps of another layout knows it cannot reuse them as they are.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// Policy direction, seen from the pod.
 pub mod direction {
@@ -94,6 +115,13 @@ pub mod reason {
     pub const PASS_RELATED: u32 = 8;
     /// Passed: a later fragment of an allowed first fragment.
     pub const PASS_FRAGMENT: u32 = 9;
+    /// Passed, marked: a packet of an egress-isolated pod to a Service
+    /// frontend, judged once kube-proxy has chosen the backend (at the
+    /// backend's `to_pod` or at `leave_node`).
+    pub const PASS_SERVICE: u32 = 10;
+    /// Passed: a pod reaching itself through one of its Services (hairpin);
+    /// a pod's traffic to itself is not subject to its policies.
+    pub const PASS_HAIRPIN: u32 = 11;
 
     /// First drop reason; everything at or above it is a drop.
     pub const FIRST_DROP: u32 = 64;
@@ -117,6 +145,10 @@ pub mod reason {
     /// Dropped: a tracked connection the endpoint's new policy no longer
     /// allows.
     pub const DROP_REVOKED: u32 = 72;
+    /// Dropped: a packet marked for judgement after Service translation
+    /// whose mark names no current pod interface (the pod is gone, or the
+    /// mark is not netpol's).
+    pub const DROP_MARK_STALE: u32 = 73;
 
     /// Slots per (direction, family) in the counter array.
     pub const SLOTS: u32 = 128;
@@ -141,6 +173,8 @@ pub mod reason {
             PASS_NEW_POD_OPEN => "pass_new_pod_open",
             PASS_RELATED => "pass_related",
             PASS_FRAGMENT => "pass_fragment",
+            PASS_SERVICE => "pass_service",
+            PASS_HAIRPIN => "pass_hairpin",
             DROP_POLICY => "drop_policy",
             DROP_PARSE => "drop_parse",
             DROP_NOT_PROGRAMMED => "drop_not_programmed",
@@ -150,6 +184,7 @@ pub mod reason {
             DROP_FRAGMENT_OVERLAP => "drop_fragment_overlap",
             DROP_SPOOFED => "drop_spoofed",
             DROP_REVOKED => "drop_revoked",
+            DROP_MARK_STALE => "drop_mark_stale",
             _ => "unknown",
         }
     }
@@ -232,6 +267,10 @@ pub struct EndpointInfo {
     pub ipv4: [u8; 4],
     /// The pod's IPv6 address, valid when `HAS_IPV6` is set.
     pub ipv6: [u8; 16],
+    /// The interface's mark slot (see [`mark`]), written by the map writer
+    /// (the compiler leaves it 0); 0: none, so the pod's Service traffic
+    /// cannot be marked and is judged at the frontend address.
+    pub slot: u32,
 }
 
 /// The 32-bit selector that starts every policy key: an endpoint and a
@@ -386,6 +425,114 @@ pub struct GlobalConfig {
     pub ct_udp_ns: u64,
     /// Anything else; 0: [`ct_defaults::OTHER_NS`].
     pub ct_other_ns: u64,
+    /// Bits of `skb->mark` netpol owns (see [`mark`]); 0: Service traffic
+    /// is not marked, frontends are judged as plain destinations.
+    pub mark_mask: u32,
+    /// Position of the lowest bit of `mark_mask`.
+    pub mark_shift: u32,
+}
+
+/// The `skb->mark` bits that carry a pod's Service traffic from its
+/// `from_pod`, where the destination is still the Service's frontend, to
+/// the hook that sees the backend kube-proxy chose.
+///
+/// The field `(mark & mask) >> shift` holds the source interface's slot
+/// (1..=[`mark::slots`]); 0 means "not marked". The slot, not the packet's
+/// source address, names the source pod, because kube-proxy masquerades a
+/// pod reaching its own Service. The default mask keeps clear of
+/// kube-proxy's 0x4000/0x8000, kube-router's 0x10000/0x20000, flannel's and
+/// Weave's bits and Tailscale's 0xff0000.
+pub mod mark {
+    /// Default mask: bits 24–31, 255 slots.
+    pub const DEFAULT_MASK: u32 = 0xff00_0000;
+    /// Slots the `MARK_SOURCES` array holds (slot 0 unused).
+    pub const MAX_SLOTS: u32 = 4095;
+
+    /// Shift of a mask: the position of its lowest set bit (0 for 0).
+    #[must_use]
+    pub const fn shift(mask: u32) -> u32 {
+        if mask == 0 { 0 } else { mask.trailing_zeros() }
+    }
+
+    /// Slots a mask can carry, at most [`MAX_SLOTS`].
+    #[must_use]
+    pub const fn slots(mask: u32) -> u32 {
+        let n = mask >> shift(mask);
+        if n > MAX_SLOTS { MAX_SLOTS } else { n }
+    }
+
+    /// Whether `mask` is usable: non-empty, one run of contiguous bits.
+    #[must_use]
+    pub const fn valid(mask: u32) -> bool {
+        if mask == 0 {
+            return false;
+        }
+        let n = mask >> shift(mask);
+        n & (n.wrapping_add(1)) == 0
+    }
+
+    /// The slot a mark carries (0: none).
+    #[inline(always)]
+    #[must_use]
+    pub const fn slot_of(mark: u32, mask: u32, shift: u32) -> u32 {
+        (mark & mask) >> (shift & 31)
+    }
+
+    /// `mark` with its netpol bits set to `slot`.
+    #[inline(always)]
+    #[must_use]
+    pub const fn with_slot(mark: u32, mask: u32, shift: u32, slot: u32) -> u32 {
+        (mark & !mask) | ((slot << (shift & 31)) & mask)
+    }
+}
+
+/// Kinds of [`FrontendValue::kind`].
+pub mod frontend_kind {
+    /// A `spec.clusterIPs` address.
+    pub const CLUSTER_IP: u32 = 1;
+    /// A `spec.externalIPs` address.
+    pub const EXTERNAL_IP: u32 = 2;
+    /// One of this node's addresses with a `nodePort`.
+    pub const NODE_PORT: u32 = 3;
+    /// A `status.loadBalancer.ingress[].ip`.
+    pub const LOAD_BALANCER: u32 = 4;
+}
+
+/// Key of [`maps::FRONTENDS_V4`]: an address, port and protocol kube-proxy
+/// translates.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FrontendKeyV4 {
+    /// Frontend address, network byte order.
+    pub addr: [u8; 4],
+    /// Frontend port, network byte order.
+    pub port: [u8; 2],
+    /// IP protocol number.
+    pub protocol: u8,
+    /// Always 0.
+    pub _pad: u8,
+}
+
+/// Key of [`maps::FRONTENDS_V6`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FrontendKeyV6 {
+    /// Frontend address, network byte order.
+    pub addr: [u8; 16],
+    /// Frontend port, network byte order.
+    pub port: [u8; 2],
+    /// IP protocol number.
+    pub protocol: u8,
+    /// Always 0.
+    pub _pad: u8,
+}
+
+/// Value of both frontend maps.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FrontendValue {
+    /// [`frontend_kind`].
+    pub kind: u32,
 }
 
 /// Key of [`maps::CONNTRACK`]: one entry per endpoint and connection,
@@ -472,8 +619,9 @@ pub struct FragValue {
 #[cfg(feature = "user")]
 mod user {
     use super::{
-        CtKey, CtValue, EndpointInfo, FragKey, FragValue, GlobalConfig, PolicyKeyV4, PolicyKeyV6,
-        PolicyValue, PortKey, PortValue, TrafficCounter,
+        CtKey, CtValue, EndpointInfo, FragKey, FragValue, FrontendKeyV4, FrontendKeyV6,
+        FrontendValue, GlobalConfig, PolicyKeyV4, PolicyKeyV6, PolicyValue, PortKey, PortValue,
+        TrafficCounter,
     };
 
     // SAFETY: each type is #[repr(C)], Copy, has only integer fields and no
@@ -502,6 +650,12 @@ mod user {
     unsafe impl aya::Pod for FragKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for FragValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for FrontendKeyV4 {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for FrontendKeyV6 {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for FrontendValue {}
 }
 
 #[cfg(test)]
@@ -518,7 +672,8 @@ mod tests {
 
     #[test]
     fn endpoint_info_layout_is_id_flags_generations_then_addresses() {
-        assert_eq!(size_of::<EndpointInfo>(), 36);
+        assert_eq!(size_of::<EndpointInfo>(), 40);
+        assert_eq!(offset_of!(EndpointInfo, slot), 36);
         assert_eq!(offset_of!(EndpointInfo, id), 0);
         assert_eq!(offset_of!(EndpointInfo, flags), 4);
         assert_eq!(offset_of!(EndpointInfo, ingress_gen), 8);
@@ -610,8 +765,7 @@ mod tests {
     }
 
     #[test]
-    fn global_config_layout_is_flags_then_timeouts() {
-        assert_eq!(size_of::<GlobalConfig>(), 48);
+    fn global_config_layout_is_flags_timeouts_then_mark() {
         assert_eq!(offset_of!(GlobalConfig, flags), 0);
         assert_eq!(offset_of!(GlobalConfig, _pad), 4);
         assert_eq!(offset_of!(GlobalConfig, ct_tcp_syn_ns), 8);
@@ -619,6 +773,46 @@ mod tests {
         assert_eq!(offset_of!(GlobalConfig, ct_tcp_closing_ns), 24);
         assert_eq!(offset_of!(GlobalConfig, ct_udp_ns), 32);
         assert_eq!(offset_of!(GlobalConfig, ct_other_ns), 40);
+        assert_eq!(offset_of!(GlobalConfig, mark_mask), 48);
+        assert_eq!(offset_of!(GlobalConfig, mark_shift), 52);
+        assert_eq!(size_of::<GlobalConfig>(), 56);
+    }
+
+    #[test]
+    fn frontend_keys_layout_is_address_port_protocol() {
+        assert_eq!(size_of::<FrontendKeyV4>(), 8);
+        assert_eq!(offset_of!(FrontendKeyV4, addr), 0);
+        assert_eq!(offset_of!(FrontendKeyV4, port), 4);
+        assert_eq!(offset_of!(FrontendKeyV4, protocol), 6);
+        assert_eq!(offset_of!(FrontendKeyV4, _pad), 7);
+        assert_eq!(size_of::<FrontendKeyV6>(), 20);
+        assert_eq!(offset_of!(FrontendKeyV6, addr), 0);
+        assert_eq!(offset_of!(FrontendKeyV6, port), 16);
+        assert_eq!(offset_of!(FrontendKeyV6, protocol), 18);
+        assert_eq!(offset_of!(FrontendKeyV6, _pad), 19);
+        assert_eq!(size_of::<FrontendValue>(), 4);
+        assert_eq!(offset_of!(FrontendValue, kind), 0);
+    }
+
+    #[test]
+    fn default_mark_mask_is_clear_of_kube_proxy_kube_router_and_tailscale() {
+        for taken in [0x4000, 0x8000, 0x1_0000, 0x2_0000, 0xff_0000] {
+            assert_eq!(mark::DEFAULT_MASK & taken, 0, "{taken:#x}");
+        }
+        assert!(mark::valid(mark::DEFAULT_MASK));
+        assert_eq!(mark::shift(mark::DEFAULT_MASK), 24);
+        assert_eq!(mark::slots(mark::DEFAULT_MASK), 255);
+    }
+
+    #[test]
+    fn mark_slot_round_trips_and_keeps_other_bits() {
+        let m = mark::with_slot(0x4000 | 0xff00_0000, 0x0ff0_0000, 20, 7);
+        assert_eq!(m, 0xf070_4000);
+        assert_eq!(mark::slot_of(m, 0x0ff0_0000, 20), 7);
+        assert_eq!(mark::with_slot(m, 0x0ff0_0000, 20, 0), 0xf000_4000);
+        assert!(!mark::valid(0x0f0f_0000));
+        assert!(!mark::valid(0));
+        assert_eq!(mark::slots(0xffff_0000), mark::MAX_SLOTS);
     }
 
     #[test]

@@ -6,8 +6,9 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use netpol_common::{
-    COUNTER_ENTRIES, CtKey, CtValue, EndpointInfo, FragKey, FragValue, GlobalConfig, PolicyKeyV4,
-    PolicyKeyV6, PolicyValue, PortKey, PortValue, TrafficCounter,
+    COUNTER_ENTRIES, CtKey, CtValue, EndpointInfo, FragKey, FragValue, FrontendKeyV4,
+    FrontendKeyV6, FrontendValue, GlobalConfig, PolicyKeyV4, PolicyKeyV6, PolicyValue, PortKey,
+    PortValue, TrafficCounter, mark,
 };
 
 /// Packets and bytes by direction, family and reason (`counter_index`).
@@ -53,3 +54,15 @@ pub static NETPOL_CONFIG: Array<GlobalConfig, 1> = Array::new();
 /// First-fragment verdicts that later fragments follow.
 #[btf_map]
 pub static NETPOL_FRAGMENTS: LruHashMap<FragKey, FragValue, 8192> = LruHashMap::new();
+
+/// IPv4 Service frontends (address, port, protocol) kube-proxy translates.
+#[btf_map]
+pub static NETPOL_FRONTENDS_V4: HashMap<FrontendKeyV4, FrontendValue, 65_536> = HashMap::new();
+
+/// IPv6 Service frontends.
+#[btf_map]
+pub static NETPOL_FRONTENDS_V6: HashMap<FrontendKeyV6, FrontendValue, 65_536> = HashMap::new();
+
+/// Mark slot → host ifindex of the pod interface owning it (0: free).
+#[btf_map]
+pub static NETPOL_MARK_SOURCES: Array<u32, { mark::MAX_SLOTS as usize + 1 }> = Array::new();
