@@ -343,7 +343,14 @@ fn percentiles_with<T, R>(name: &str, mut setup: impl FnMut() -> T, mut f: impl 
 fn bench(c: &mut Criterion) {
     let s = cluster();
     let base = compile(&s, &IdAllocation::default());
-    let (endpoints, v4, v6, ports, bytes) = base.sizes();
+    let sizes = base.sizes();
+    let (endpoints, v4, v6, ports, bytes) = (
+        sizes.endpoints,
+        sizes.policy_v4,
+        sizes.policy_v6,
+        sizes.ports,
+        sizes.bytes,
+    );
     eprintln!(
         "cluster: {} pods, {} namespaces, {} policies; node maps: {endpoints} endpoints, \
          {v4} IPv4 + {v6} IPv6 policy entries, {ports} port entries ({} rule sets), {bytes} bytes",

@@ -3,7 +3,7 @@
 //! the same way.
 use std::{future::Future, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
-use netpol_common::{GlobalConfig, config_flags};
+use netpol_common::{GlobalConfig, config_flags, mark};
 use tokio::sync::{mpsc, watch};
 
 use crate::{
@@ -60,6 +60,14 @@ pub enum AgentError {
         pattern: String,
         /// Why.
         source: glob::PatternError,
+    },
+    /// `--mark-mask` is no number, or no usable mask.
+    #[error("mark mask {text:?}: {reason}")]
+    MarkMask {
+        /// The text given.
+        text: String,
+        /// Why it is refused.
+        reason: String,
     },
     /// The datapath could not be loaded.
     #[error("loading the datapath: {0}")]
@@ -142,6 +150,9 @@ pub struct AgentBuilder {
     map_sizes: MapSizes,
     timeouts: ConnectionTimeouts,
     interfaces: Option<String>,
+    uplinks: Option<glob::Pattern>,
+    mark_mask: u32,
+    cgroup_root: PathBuf,
     new_pods: NewPods,
     listen: Option<SocketAddr>,
     debounce: Duration,
@@ -158,6 +169,9 @@ impl Default for AgentBuilder {
             map_sizes: MapSizes::default(),
             timeouts: ConnectionTimeouts::default(),
             interfaces: None,
+            uplinks: None,
+            mark_mask: mark::DEFAULT_MASK,
+            cgroup_root: PathBuf::from(DEFAULT_CGROUP_ROOT),
             new_pods: NewPods::FailClosed,
             listen: None,
             debounce: DEFAULT_DEBOUNCE,
@@ -225,6 +239,37 @@ impl AgentBuilder {
         self
     }
 
+    /// Links whose name matches this glob are uplinks even when they look
+    /// like pod interfaces or bridges. Every other link that is not `lo`,
+    /// a bridge or a pod interface is an uplink anyway: uplinks get
+    /// `leave_node` on their TC egress, which judges a pod's Service
+    /// traffic whose backend is on another node, and no device may let
+    /// such a packet leave unjudged.
+    #[must_use]
+    pub fn uplinks(mut self, glob: Option<glob::Pattern>) -> Self {
+        self.uplinks = glob;
+        self
+    }
+
+    /// Bits of `skb->mark` netpol uses to carry a pod's Service traffic to
+    /// the hook that judges it after kube-proxy's DNAT (default
+    /// [`netpol_common::mark::DEFAULT_MASK`]; see [`parse_mark_mask`]).
+    #[must_use]
+    pub fn mark_mask(mut self, mask: u32) -> Self {
+        self.mark_mask = mask;
+        self
+    }
+
+    /// Where the cgroup v2 hierarchy is (default `/sys/fs/cgroup`; its
+    /// `unified` folder on hybrid hosts; netpol mounts one when there is
+    /// none). `to_host` is attached to its root to judge pods' Service
+    /// traffic whose backend is a node address.
+    #[must_use]
+    pub fn cgroup_root(mut self, path: impl Into<PathBuf>) -> Self {
+        self.cgroup_root = path.into();
+        self
+    }
+
     /// What unprogrammed pod interfaces do (default fail-closed).
     #[must_use]
     pub fn new_pods(mut self, mode: NewPods) -> Self {
@@ -251,9 +296,16 @@ impl AgentBuilder {
     /// Checks the settings.
     ///
     /// # Errors
-    /// Without a source, or with an interface pattern that is no glob.
+    /// Without a source, with an interface pattern that is no glob, or a
+    /// mark mask that is not one run of contiguous bits.
     pub fn build(self) -> Result<Agent, AgentError> {
         let source = self.source.clone().ok_or(AgentError::NoSource)?;
+        if !mark::valid(self.mark_mask) {
+            return Err(AgentError::MarkMask {
+                text: format!("{:#010x}", self.mark_mask),
+                reason: MARK_MASK_RULE.to_owned(),
+            });
+        }
         if matches!(source, Source::Kube(_)) && self.node.is_none() {
             return Err(KubeError::NoNode.into());
         }
@@ -375,6 +427,7 @@ impl Agent {
             attach_mode: s.attach_mode,
             map_sizes: s.map_sizes,
             global,
+            mark_mask: s.mark_mask,
             // A restart (rolling update, crash) must not leave the pods
             // unenforced: the next agent adopts what this one attached.
             persistent: true,
@@ -382,6 +435,16 @@ impl Agent {
         // A datapath adopted from a previous run keeps its config map.
         let mut dp = dp;
         dp.set_global(global)?;
+        // Without it a Service backend on a node address is not judged;
+        // everything else is, so the agent runs and says so.
+        let host = match dp.attach_host(&s.cgroup_root) {
+            Ok(dir) => dir.display().to_string(),
+            Err(e) => {
+                tracing::warn!(error = %e, "to_host not attached");
+                format!("not attached: {e}")
+            }
+        };
+        self.status.send_modify(|st| st.to_host = Some(host));
 
         let (stop_tx, stop_rx) = watch::channel(false);
         let listener = match s.listen {
@@ -435,6 +498,7 @@ impl Agent {
             node: s.node.clone(),
             debounce: s.debounce,
             interfaces: self.interfaces.clone(),
+            uplinks: s.uplinks.clone(),
             new_pods: s.new_pods.as_str(),
             source_health,
         };
@@ -463,6 +527,35 @@ impl Agent {
         outcome
     }
 }
+
+/// Default [`AgentBuilder::cgroup_root`].
+pub const DEFAULT_CGROUP_ROOT: &str = "/sys/fs/cgroup";
+
+/// Reads a `--mark-mask`: hexadecimal with `0x` (`0xff000000`) or
+/// decimal, one run of contiguous bits ([`netpol_common::mark::valid`]).
+///
+/// # Errors
+/// [`AgentError::MarkMask`], naming the text and why.
+pub fn parse_mark_mask(text: &str) -> Result<u32, AgentError> {
+    let err = |reason: String| AgentError::MarkMask {
+        text: text.to_owned(),
+        reason,
+    };
+    let t = text.trim().replace('_', "");
+    let parsed = match t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => t.parse::<u32>(),
+    };
+    let mask = parsed.map_err(|e| err(format!("not a 32-bit number ({e})")))?;
+    if mark::valid(mask) {
+        Ok(mask)
+    } else {
+        Err(err(MARK_MASK_RULE.to_owned()))
+    }
+}
+
+const MARK_MASK_RULE: &str =
+    "must be one run of contiguous bits, not 0 (the default is 0xff000000)";
 
 fn joined<T>(task: &'static str, r: Result<T, tokio::task::JoinError>) -> Result<T, AgentError> {
     r.map_err(|e| AgentError::Task {
@@ -501,5 +594,51 @@ mod timeout_tests {
         }
         .apply(&mut g);
         assert_ne!(g.ct_other_ns, 0);
+    }
+}
+
+#[cfg(test)]
+mod mark_mask_tests {
+    use super::*;
+
+    #[test]
+    fn mark_masks_are_read_in_hex_or_decimal() {
+        assert_eq!(parse_mark_mask("0xff000000").ok(), Some(0xff00_0000));
+        assert_eq!(parse_mark_mask("0XFF000000").ok(), Some(0xff00_0000));
+        assert_eq!(parse_mark_mask("0x0ff0_0000").ok(), Some(0x0ff0_0000));
+        assert_eq!(parse_mark_mask("16711680").ok(), Some(0x00ff_0000));
+        assert_eq!(parse_mark_mask(" 0x1 ").ok(), Some(1));
+    }
+
+    #[test]
+    fn unusable_mark_masks_are_refused_by_name() {
+        for (text, why) in [
+            ("0x0f0f0000", "contiguous"),
+            ("0", "contiguous"),
+            ("0x", "number"),
+            ("ff000000", "number"),
+            ("0x1ffffffff", "number"),
+            ("-1", "number"),
+        ] {
+            let e = parse_mark_mask(text).expect_err(text).to_string();
+            assert!(e.contains(text.trim()), "{e}");
+            assert!(e.contains(why), "{text}: {e}");
+        }
+    }
+
+    #[test]
+    fn the_builder_refuses_an_unusable_mark_mask() {
+        let e = Agent::builder()
+            .source(Source::Files("/nonexistent".into()))
+            .mark_mask(0x0f0f_0000)
+            .build()
+            .expect_err("a broken mask");
+        assert!(e.to_string().contains("0x0f0f0000"), "{e}");
+    }
+
+    #[test]
+    fn the_default_mark_mask_is_the_common_one() {
+        assert_eq!(AgentBuilder::default().mark_mask, mark::DEFAULT_MASK);
+        assert!(MARK_MASK_RULE.contains(&format!("{:#010x}", mark::DEFAULT_MASK)));
     }
 }

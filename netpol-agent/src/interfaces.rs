@@ -39,6 +39,9 @@ pub struct Link {
     pub name: String,
     /// Whether it is a veth (only veths are pod interfaces).
     pub veth: bool,
+    /// Its `IFLA_INFO_KIND` (`veth`, `bridge`, `vxlan`, ...); `None` for a
+    /// physical device (and `lo`).
+    pub kind: Option<String>,
     /// The peer's namespace, relative to the agent's (`IFLA_LINK_NETNSID`).
     pub peer_netnsid: Option<i32>,
     /// The peer's interface index in its namespace (`IFLA_LINK`).
@@ -95,6 +98,7 @@ pub fn parse_link(msg: &LinkMessage) -> Link {
         ifindex: msg.header.index,
         name: String::new(),
         veth: false,
+        kind: None,
         peer_netnsid: None,
         peer_ifindex: None,
     };
@@ -104,14 +108,79 @@ pub fn parse_link(msg: &LinkMessage) -> Link {
             LinkAttribute::NetnsId(id) if *id >= 0 => link.peer_netnsid = Some(*id),
             LinkAttribute::Link(i) => link.peer_ifindex = Some(*i),
             LinkAttribute::LinkInfo(infos) => {
-                link.veth |= infos
-                    .iter()
-                    .any(|i| matches!(i, LinkInfo::Kind(InfoKind::Veth)));
+                for i in infos {
+                    if let LinkInfo::Kind(k) = i {
+                        link.veth |= matches!(k, InfoKind::Veth);
+                        link.kind = Some(k.to_string());
+                    }
+                }
             }
             _ => {}
         }
     }
     link
+}
+
+/// What the agent does with a link.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LinkClass {
+    /// A pod's host-side veth: `from_pod` and `to_pod`.
+    Pod,
+    /// Another device a packet may leave the node by (uplink, tunnel,
+    /// bond, VLAN): `leave_node` on its TC egress.
+    Uplink,
+    /// Not netpol's: `lo`, and bridges (their ports are pod veths, which
+    /// judge what the bridge forwards to them at `to_pod`).
+    Ignore,
+}
+
+/// Classifies a link by its `IFLA_INFO_KIND` and name.
+///
+/// - `lo` is ignored;
+/// - a link whose name matches `uplinks` is an uplink, whatever its kind
+///   (a veth to another node, a bridge enslaving the node's NIC);
+/// - a veth whose name matches `pods` (every veth without it) is a pod
+///   interface;
+/// - other bridges are ignored (their ports are pod veths, which judge
+///   what the bridge forwards to them at `to_pod`);
+/// - anything else (a device, a tunnel, a bond, a VLAN, a veth `pods`
+///   does not match) is an uplink. There is no way to leave a device
+///   without `leave_node`: a marked packet must never leave unjudged.
+#[must_use]
+pub fn classify(
+    kind: Option<&str>,
+    name: &str,
+    pods: Option<&glob::Pattern>,
+    uplinks: Option<&glob::Pattern>,
+) -> LinkClass {
+    if name == "lo" {
+        return LinkClass::Ignore;
+    }
+    if uplinks.is_some_and(|g| g.matches(name)) {
+        return LinkClass::Uplink;
+    }
+    match kind {
+        Some("veth") if pods.is_none_or(|g| g.matches(name)) => LinkClass::Pod,
+        Some("bridge") => LinkClass::Ignore,
+        _ => LinkClass::Uplink,
+    }
+}
+
+impl Link {
+    /// [`classify`] of this link.
+    #[must_use]
+    pub fn class(
+        &self,
+        pods: Option<&glob::Pattern>,
+        uplinks: Option<&glob::Pattern>,
+    ) -> LinkClass {
+        let kind = if self.veth {
+            Some("veth")
+        } else {
+            self.kind.as_deref()
+        };
+        classify(kind, &self.name, pods, uplinks)
+    }
 }
 
 fn connect() -> Result<Handle, InterfaceError> {
@@ -448,4 +517,133 @@ pub async fn node_families() -> Result<(bool, bool), InterfaceError> {
         }
     }
     Ok((v4, v6))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn glob(p: &str) -> glob::Pattern {
+        glob::Pattern::new(p).expect("a glob")
+    }
+
+    #[test]
+    fn every_veth_is_a_pod_interface_by_default() {
+        assert_eq!(
+            classify(Some("veth"), "veth1234", None, None),
+            LinkClass::Pod
+        );
+        assert_eq!(classify(Some("veth"), "eth0", None, None), LinkClass::Pod);
+    }
+
+    #[test]
+    fn veths_the_pod_glob_leaves_out_are_uplinks() {
+        let pods = glob("cali*");
+        assert_eq!(
+            classify(Some("veth"), "cali12ab", Some(&pods), None),
+            LinkClass::Pod
+        );
+        // A kind node's eth0 is a veth.
+        assert_eq!(
+            classify(Some("veth"), "eth0", Some(&pods), None),
+            LinkClass::Uplink
+        );
+    }
+
+    #[test]
+    fn devices_tunnels_bonds_and_vlans_are_uplinks() {
+        for (kind, name) in [
+            (None, "eth0"),
+            (None, "ens5"),
+            (Some("vxlan"), "flannel.1"),
+            (Some("vxlan"), "flannel-v6.1"),
+            (Some("geneve"), "genev_sys_6081"),
+            (Some("wireguard"), "wg0"),
+            (Some("ipip"), "tunl0"),
+            (Some("bond"), "bond0"),
+            (Some("vlan"), "eth0.100"),
+        ] {
+            assert_eq!(
+                classify(kind, name, None, None),
+                LinkClass::Uplink,
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn loopback_and_unnamed_bridges_are_ignored() {
+        assert_eq!(classify(None, "lo", None, None), LinkClass::Ignore);
+        assert_eq!(
+            classify(Some("bridge"), "cni0", None, None),
+            LinkClass::Ignore
+        );
+        assert_eq!(
+            classify(Some("bridge"), "cni0", None, Some(&glob("eth*"))),
+            LinkClass::Ignore
+        );
+        assert_eq!(
+            classify(None, "lo", None, Some(&glob("*"))),
+            LinkClass::Ignore
+        );
+    }
+
+    #[test]
+    fn the_uplink_glob_names_uplinks_and_never_leaves_a_device_unjudged() {
+        let uplinks = glob("ul*");
+        // A veth to another node is an uplink when named so.
+        assert_eq!(
+            classify(Some("veth"), "ul0", None, Some(&uplinks)),
+            LinkClass::Uplink
+        );
+        // So is a bridge enslaving the node's NIC.
+        assert_eq!(
+            classify(Some("bridge"), "ulbr", None, Some(&uplinks)),
+            LinkClass::Uplink
+        );
+        // Devices it does not name stay uplinks: a Service packet must not
+        // leave unjudged.
+        assert_eq!(
+            classify(Some("vxlan"), "flannel.1", None, Some(&uplinks)),
+            LinkClass::Uplink
+        );
+        assert_eq!(
+            classify(None, "eth0", None, Some(&uplinks)),
+            LinkClass::Uplink
+        );
+        // Pods are not narrowed by it.
+        assert_eq!(
+            classify(Some("veth"), "veth1", None, Some(&uplinks)),
+            LinkClass::Pod
+        );
+        // A veth --interfaces leaves out is an uplink too.
+        assert_eq!(
+            classify(Some("veth"), "veth1", Some(&glob("cali*")), Some(&uplinks)),
+            LinkClass::Uplink
+        );
+    }
+
+    #[test]
+    fn a_links_class_uses_its_kind() {
+        let link = |name: &str, veth: bool, kind: Option<&str>| Link {
+            ifindex: 2,
+            name: name.to_owned(),
+            veth,
+            kind: kind.map(str::to_owned),
+            peer_netnsid: None,
+            peer_ifindex: None,
+        };
+        assert_eq!(
+            link("veth9", true, Some("veth")).class(None, None),
+            LinkClass::Pod
+        );
+        assert_eq!(
+            link("cni0", false, Some("bridge")).class(None, None),
+            LinkClass::Ignore
+        );
+        assert_eq!(
+            link("eth0", false, None).class(None, None),
+            LinkClass::Uplink
+        );
+    }
 }

@@ -27,6 +27,7 @@ pub mod privileges;
 pub mod sources;
 pub mod sync;
 pub mod telemetry;
+pub mod uplinks;
 
 pub use agent::{Agent, AgentBuilder, AgentError, ConnectionTimeouts, NewPods};
 pub use sources::{Source, fingerprint};

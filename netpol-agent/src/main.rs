@@ -60,6 +60,34 @@ struct RunArgs {
     /// (default: every veth).
     #[arg(long, value_name = "GLOB")]
     interfaces: Option<String>,
+    /// Links whose name matches this glob are uplinks even when they look
+    /// like pod interfaces or bridges (a veth to another node, a bridge
+    /// holding the NIC). Every other link that is not lo, a bridge or a
+    /// pod interface is an uplink anyway (the NIC, VXLAN, Geneve,
+    /// WireGuard and IPIP tunnels such as flannel.1, bonds, VLAN devices,
+    /// veths --interfaces leaves out): uplinks get leave_node on their TC
+    /// egress, which judges a pod's Service traffic whose backend is on
+    /// another node, and no device may let such a packet leave unjudged.
+    #[arg(long, value_name = "GLOB", value_parser = parse_glob)]
+    uplinks: Option<glob::Pattern>,
+    /// Bits of the packet mark (skb->mark) netpol uses to carry a pod's
+    /// Service traffic from the pod's veth to the hook that judges it once
+    /// kube-proxy has chosen the backend. Hex (0x...) or decimal; one run
+    /// of contiguous bits, whose values are the pod interfaces' slots
+    /// (0xff000000: 255; at most 4095 are used): the Service traffic of pod
+    /// interfaces beyond that is judged at the Service's address. The
+    /// default is clear of kube-proxy's 0x4000/0x8000, kube-router's
+    /// 0x10000/0x20000 and Tailscale's 0xff0000; pick other free bits if
+    /// something else on the node uses these (Calico's default mask is
+    /// 0xffff0000).
+    #[arg(long, value_name = "MASK", default_value = "0xff000000", value_parser = parse_mark_mask)]
+    mark_mask: u32,
+    /// Where the cgroup v2 hierarchy is mounted (its `unified` folder on
+    /// hybrid hosts is found too; netpol mounts one at /run/netpol/cgroupv2
+    /// when there is none). The to_host program on its root judges a pod's
+    /// Service traffic whose backend is one of the node's addresses.
+    #[arg(long, value_name = "PATH", default_value = netpol_agent::agent::DEFAULT_CGROUP_ROOT)]
+    cgroup_root: PathBuf,
     /// What pod interfaces do until their pod's policy is written.
     #[arg(long, value_enum, default_value_t = NewPodsArg::FailClosed)]
     new_pods: NewPodsArg,
@@ -125,7 +153,7 @@ enum Command {
     /// Keep this node's kernel in step with the cluster (the Kubernetes API,
     /// or --manifests): compile, apply, attach to pod veths as they appear,
     /// until SIGINT/SIGTERM.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Load the programs, attach them to an interface and hold them until
     /// SIGINT/SIGTERM.
     Attach {
@@ -181,7 +209,7 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Run(args) => run_agent(cli.bpffs, args),
+        Command::Run(args) => run_agent(cli.bpffs, *args),
         Command::Attach {
             interface,
             object,
@@ -266,6 +294,9 @@ fn run_agent(bpffs: PathBuf, args: RunArgs) -> anyhow::Result<ExitCode> {
         })
         .bpffs(bpffs)
         .attach_mode(args.attach_mode.into())
+        .uplinks(args.uplinks)
+        .mark_mask(args.mark_mask)
+        .cgroup_root(args.cgroup_root)
         .new_pods(match args.new_pods {
             NewPodsArg::FailClosed => NewPods::FailClosed,
             NewPodsArg::Open => NewPods::FailOpen,
@@ -310,6 +341,14 @@ fn run_agent(bpffs: PathBuf, args: RunArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+fn parse_glob(text: &str) -> Result<glob::Pattern, String> {
+    glob::Pattern::new(text).map_err(|e| format!("not a glob: {e}"))
+}
+
+fn parse_mark_mask(text: &str) -> Result<u32, String> {
+    agent::parse_mark_mask(text).map_err(|e| e.to_string())
+}
+
 async fn signal() -> std::io::Result<()> {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
@@ -340,5 +379,43 @@ fn print_counters(c: &Counters) {
             e.value.packets,
             e.value.bytes
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run_args(extra: &[&str]) -> Result<RunArgs, clap::Error> {
+        let mut argv = vec!["netpol-agent", "run", "--manifests", "/m"];
+        argv.extend_from_slice(extra);
+        match Cli::try_parse_from(argv)?.command {
+            Command::Run(a) => Ok(*a),
+            other => panic!("not run: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn mark_mask_defaults_to_the_common_mask() {
+        let a = run_args(&[]).expect("defaults");
+        assert_eq!(a.mark_mask, netpol_common::mark::DEFAULT_MASK);
+        assert!(a.uplinks.is_none());
+    }
+
+    #[test]
+    fn mark_mask_and_uplinks_are_read() {
+        let a = run_args(&["--mark-mask", "0x00f00000", "--uplinks", "eth*"]).expect("flags");
+        assert_eq!(a.mark_mask, 0x00f0_0000);
+        assert!(
+            a.uplinks
+                .is_some_and(|g| g.matches("eth0") && !g.matches("wg0"))
+        );
+    }
+
+    #[test]
+    fn a_broken_mark_mask_is_refused_by_name() {
+        let e = run_args(&["--mark-mask", "0x0f0f0000"]).expect_err("not contiguous");
+        assert!(e.to_string().contains("0x0f0f0000"), "{e}");
+        assert!(e.to_string().contains("contiguous"), "{e}");
     }
 }

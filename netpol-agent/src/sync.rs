@@ -83,6 +83,8 @@ pub(crate) struct SyncConfig {
     pub node: Option<String>,
     pub debounce: Duration,
     pub interfaces: Option<glob::Pattern>,
+    /// `--uplinks`: which other links get `leave_node` (see `uplinks`).
+    pub uplinks: Option<glob::Pattern>,
     pub new_pods: &'static str,
     /// The source's health (the `kube` source): the agent is not ready
     /// while it cannot reach the API server.
@@ -113,6 +115,7 @@ enum Found {
 
 pub(crate) struct SyncLoop {
     dp: Datapath,
+    uplinks: crate::uplinks::Uplinks,
     cfg: SyncConfig,
     compiled: Option<Compiled>,
     ids: IdAllocation,
@@ -147,6 +150,7 @@ impl SyncLoop {
         let (found_tx, found_rx) = mpsc::unbounded_channel();
         Self {
             dp,
+            uplinks: crate::uplinks::Uplinks::new(cfg.interfaces.clone(), cfg.uplinks.clone()),
             cfg,
             compiled: None,
             ids: IdAllocation::default(),
@@ -236,15 +240,19 @@ impl SyncLoop {
         tracing::info!("sync loop stopped");
     }
 
+    /// Pod interfaces first, uplinks second: a link changing class is
+    /// detached from its old role before it takes the new one.
     fn on_link(&mut self, ev: LinkEvent) -> bool {
+        let pods = self.on_pod_link(ev.clone());
+        let uplinks = self.uplinks.on_link(&mut self.dp, &ev);
+        pods || uplinks
+    }
+
+    fn on_pod_link(&mut self, ev: LinkEvent) -> bool {
         match ev {
             LinkEvent::Present(link) => {
-                let wanted = link.veth
-                    && self
-                        .cfg
-                        .interfaces
-                        .as_ref()
-                        .is_none_or(|p| p.matches(&link.name));
+                let wanted = link.class(self.cfg.interfaces.as_ref(), self.cfg.uplinks.as_ref())
+                    == interfaces::LinkClass::Pod;
                 if let Some(known) = self.ifaces.get_mut(&link.ifindex) {
                     if known.link.name != link.name || !wanted {
                         // Renamed or no longer wanted: start over.
@@ -577,8 +585,8 @@ impl SyncLoop {
     }
 
     /// The first apply after start: the pinned maps may hold a previous
-    /// agent's state, whose ids mean nothing to this one, so the policy
-    /// and port maps converge on the new contents entry by entry (new
+    /// agent's state, whose ids mean nothing to this one, so the policy,
+    /// port and frontend maps converge on the new contents entry by entry (new
     /// entries before endpoints change, stale ones after).
     fn first_apply(
         &mut self,
@@ -589,6 +597,16 @@ impl SyncLoop {
         let have = self.dp.writer().mirror().clone();
         let mut upserts = Vec::new();
         let mut deletes = Vec::new();
+        for (k, v) in &want.frontends_v4 {
+            if have.frontends_v4.get(k) != Some(v) {
+                upserts.push(KernelOp::FrontendV4Upsert(*k, *v));
+            }
+        }
+        for (k, v) in &want.frontends_v6 {
+            if have.frontends_v6.get(k) != Some(v) {
+                upserts.push(KernelOp::FrontendV6Upsert(*k, *v));
+            }
+        }
         for (&(l, k), v) in &want.ports {
             if have.ports.get(&(l, k)) != Some(v) {
                 upserts.push(KernelOp::PortUpsert(l, k, *v));
@@ -617,6 +635,16 @@ impl SyncLoop {
         for &(l, k) in have.ports.keys() {
             if !want.ports.contains_key(&(l, k)) {
                 deletes.push(KernelOp::PortDelete(l, k));
+            }
+        }
+        for k in have.frontends_v4.keys() {
+            if !want.frontends_v4.contains_key(k) {
+                deletes.push(KernelOp::FrontendV4Delete(*k));
+            }
+        }
+        for k in have.frontends_v6.keys() {
+            if !want.frontends_v6.contains_key(k) {
+                deletes.push(KernelOp::FrontendV6Delete(*k));
             }
         }
         self.dp.writer().apply_kernel(&upserts)?;
@@ -653,9 +681,11 @@ impl SyncLoop {
                 *slot = ep.info();
             }
         }
+        // The mark slot is the map writer's: compare the rest.
+        let unslotted = |e: &EndpointInfo| EndpointInfo { slot: 0, ..*e };
         let mut ops: Vec<KernelOp> = want
             .iter()
-            .filter(|(i, v)| have.get(i) != Some(v))
+            .filter(|(i, v)| have.get(i).map(unslotted) != Some(unslotted(v)))
             .map(|(&i, &v)| KernelOp::EndpointUpsert(i, v))
             .collect();
         // Before the first compile, an index not reported yet may be a pod
@@ -797,6 +827,7 @@ impl SyncLoop {
             .unwrap_or_default();
         let status = Status {
             listen: self.status.borrow().listen,
+            to_host: self.status.borrow().to_host.clone(),
             // An unreachable API server: what is enforced stays, but this
             // node no longer follows the cluster.
             ready: self.ready && source.unreachable.is_none(),
@@ -815,6 +846,7 @@ impl SyncLoop {
                 .unwrap_or_default(),
             maps: counts.into(),
             interfaces,
+            uplinks: self.uplinks.status(),
             problems: input.map(|i| i.problems.clone()).unwrap_or_default(),
             last_error: self.last_error.clone(),
         };

@@ -53,6 +53,12 @@ pub struct MapEntries {
     pub policy_v6: usize,
     /// `NETPOL_PORTS`.
     pub ports: usize,
+    /// `NETPOL_FRONTENDS_V4`.
+    pub frontends_v4: usize,
+    /// `NETPOL_FRONTENDS_V6`.
+    pub frontends_v6: usize,
+    /// `NETPOL_MARK_SOURCES`: mark slots in use.
+    pub mark_sources: usize,
 }
 
 impl From<MapCounts> for MapEntries {
@@ -62,6 +68,9 @@ impl From<MapCounts> for MapEntries {
             policy_v4: c.policy_v4,
             policy_v6: c.policy_v6,
             ports: c.ports,
+            frontends_v4: c.frontends_v4,
+            frontends_v6: c.frontends_v6,
+            mark_sources: c.mark_sources,
         }
     }
 }
@@ -100,6 +109,11 @@ pub struct Status {
     pub maps: MapEntries,
     /// Pod interfaces, by index.
     pub interfaces: Vec<InterfaceStatus>,
+    /// Uplinks (the node's other devices) with `leave_node` on their TC
+    /// egress, by index, with their state.
+    pub uplinks: Vec<crate::uplinks::UplinkStatus>,
+    /// The cgroup v2 root `to_host` is attached to, or why it is not.
+    pub to_host: Option<String>,
     /// Skipped files and documents, rejected objects.
     pub problems: Vec<String>,
     /// The last failed sync, if the one after it has not succeeded yet.
@@ -280,6 +294,7 @@ impl Metrics {
             ("Namespace", s.objects.namespaces),
             ("Pod", s.objects.pods),
             ("NetworkPolicy", s.objects.policies),
+            ("Service", s.objects.services),
         ] {
             self.objects.get_or_create(&label("kind", kind)).set(g(n));
         }
@@ -288,6 +303,9 @@ impl Metrics {
             (netpol_common::maps::POLICY_V4, s.maps.policy_v4),
             (netpol_common::maps::POLICY_V6, s.maps.policy_v6),
             (netpol_common::maps::PORTS, s.maps.ports),
+            (netpol_common::maps::FRONTENDS_V4, s.maps.frontends_v4),
+            (netpol_common::maps::FRONTENDS_V6, s.maps.frontends_v6),
+            (netpol_common::maps::MARK_SOURCES, s.maps.mark_sources),
         ] {
             self.map_entries.get_or_create(&label("map", map)).set(g(n));
         }

@@ -362,7 +362,33 @@ fn daemonset_matches_the_agents_defaults() {
         );
     }
     let args = agent.args.as_deref().unwrap();
-    assert_eq!(args, ["run"], "the agent's defaults: --listen, --bpffs");
+    assert_eq!(
+        args,
+        ["run", "--cgroup-root=/run/netpol/cgroup"],
+        "the agent's defaults (--listen, --bpffs) and the host's cgroup hierarchy"
+    );
+    // --cgroup-root is the host's /sys/fs/cgroup: the container's own
+    // shows only its cgroup namespace, where to_host would see nothing.
+    let cgroup = pod
+        .volumes
+        .as_deref()
+        .unwrap_or_default()
+        .iter()
+        .find(|v| {
+            v.host_path
+                .as_ref()
+                .is_some_and(|h| h.path == "/sys/fs/cgroup")
+        })
+        .expect("a hostPath volume of /sys/fs/cgroup");
+    assert!(
+        agent
+            .volume_mounts
+            .as_deref()
+            .unwrap_or_default()
+            .iter()
+            .any(|m| m.name == cgroup.name && m.mount_path == "/run/netpol/cgroup"),
+        "the host's cgroup hierarchy at --cgroup-root"
+    );
 
     // Ports and probes: the default --listen, probed in the host netns.
     let listen: SocketAddr = DEFAULT_LISTEN.parse().unwrap();

@@ -21,6 +21,34 @@ pub fn lookup(ctx: &TcContext) -> Option<EndpointInfo> {
     })
 }
 
+/// The index of the interface the program runs on.
+#[inline(always)]
+pub fn ifindex(ctx: &TcContext) -> u32 {
+    // SAFETY: as in `lookup`, a plain context field read.
+    unsafe { (*ctx.skb.skb).ifindex }
+}
+
+/// The interface the packet entered the node by (0: sent by the node).
+#[inline(always)]
+pub fn ingress_ifindex(ctx: &TcContext) -> u32 {
+    // SAFETY: as in `lookup`, a plain context field read.
+    unsafe { (*ctx.skb.skb).ingress_ifindex }
+}
+
+/// Whether `pkt`'s source is the endpoint's own address.
+#[inline(always)]
+pub fn sent_by(ep: &EndpointInfo, pkt: &Packet) -> bool {
+    if pkt.family == family::IPV4 {
+        ep.flags & endpoint_flags::HAS_IPV4 != 0
+            && pkt.src[0] == ep.ipv4[0]
+            && pkt.src[1] == ep.ipv4[1]
+            && pkt.src[2] == ep.ipv4[2]
+            && pkt.src[3] == ep.ipv4[3]
+    } else {
+        ep.flags & endpoint_flags::HAS_IPV6 != 0 && pkt.src == ep.ipv6
+    }
+}
+
 /// Whether the endpoint is isolated in `dir`.
 #[inline(always)]
 pub const fn isolated(ep: &EndpointInfo, dir: u32) -> bool {

@@ -15,9 +15,13 @@ mod fragment;
 mod maps;
 mod parse;
 mod policy;
+mod service;
 mod verdict;
 
-use aya_ebpf::{macros::classifier, programs::TcContext};
+use aya_ebpf::{
+    macros::{cgroup_skb, classifier},
+    programs::{SkBuffContext, TcContext},
+};
 use netpol_common::{EndpointInfo, config_flags, direction, family, protocol, reason};
 
 use crate::{
@@ -29,14 +33,86 @@ use crate::{
 #[classifier]
 pub fn from_pod(ctx: TcContext) -> i32 {
     let v = decide(&ctx, direction::EGRESS);
-    verdict::to_tc_action(&ctx, direction::EGRESS, &v)
+    verdict::to_tc_action(&ctx, &v)
 }
 
-/// The pod's ingress.
+/// The pod's ingress (and the egress of a Service packet's source, when
+/// this pod is the backend kube-proxy chose).
 #[classifier]
 pub fn to_pod(ctx: TcContext) -> i32 {
     let v = decide(&ctx, direction::INGRESS);
-    verdict::to_tc_action(&ctx, direction::INGRESS, &v)
+    verdict::to_tc_action(&ctx, &v)
+}
+
+/// TC egress of the node's other devices: a Service packet leaving for a
+/// backend on another node is judged here against its source pod's
+/// egress. Everything else passes uncounted (not netpol's traffic).
+#[classifier]
+pub fn leave_node(ctx: TcContext) -> i32 {
+    leave(&ctx, false)
+}
+
+/// `leave_node` for devices without a link-layer header (WireGuard, IPIP,
+/// other `none`-type tunnels).
+#[classifier]
+pub fn leave_node_l3(ctx: TcContext) -> i32 {
+    leave(&ctx, true)
+}
+
+/// Ingress of the node's own sockets (a cgroup hook on the root cgroup): a
+/// Service packet whose backend is a node address (a hostNetwork pod, the
+/// API server behind `kubernetes.default`) is judged here, the one place
+/// it is seen after translation.
+#[cgroup_skb(ingress)]
+pub fn to_host(ctx: SkBuffContext) -> i32 {
+    // The same `__sk_buff`; only the helpers both program types have are
+    // used through it.
+    let tc = TcContext::new(ctx.skb.skb);
+    let cfg = endpoint::config();
+    let slot = service::marked_slot(&tc, &cfg);
+    if slot == 0 {
+        return 1;
+    }
+    let mut pkt = Packet::default();
+    let parsed = parse::packet_l3(&tc, &mut pkt);
+    // Programs of every agent on the host run at the root cgroup: judge
+    // only packets that one of this agent's pods sent from its interface.
+    let Some((ifindex, src)) = service::source(slot) else {
+        return 1;
+    };
+    if endpoint::ingress_ifindex(&tc) != ifindex || !endpoint::sent_by(&src, &pkt) {
+        return 1;
+    }
+    let r = match parsed {
+        Parsed::NonIp => reason::DROP_PARSE,
+        _ => steps(&tc, &src, direction::EGRESS, parsed, &pkt),
+    };
+    let v = Verdict::new(direction::EGRESS, pkt.family, r);
+    i32::from(verdict::to_tc_action(&tc, &v) == aya_ebpf::bindings::TC_ACT_OK)
+}
+
+#[inline(always)]
+fn leave(ctx: &TcContext, l3: bool) -> i32 {
+    let cfg = endpoint::config();
+    let slot = service::marked_slot(ctx, &cfg);
+    if slot == 0 {
+        return aya_ebpf::bindings::TC_ACT_OK;
+    }
+    service::clear(ctx, &cfg);
+    let mut pkt = Packet::default();
+    let parsed = if l3 {
+        parse::packet_l3(ctx, &mut pkt)
+    } else {
+        parse::packet(ctx, &mut pkt)
+    };
+    let r = match (parsed, service::source(slot)) {
+        // A marked packet is always IP; one that does not parse as such
+        // is not passed unjudged.
+        (Parsed::NonIp, _) => reason::DROP_PARSE,
+        (_, None) => reason::DROP_MARK_STALE,
+        (_, Some((_, src))) => steps(ctx, &src, direction::EGRESS, parsed, &pkt),
+    };
+    verdict::to_tc_action(ctx, &Verdict::new(direction::EGRESS, pkt.family, r))
 }
 
 /// Neighbour discovery, router messages and MLD: a pod without them loses
@@ -57,41 +133,88 @@ fn decide(ctx: &TcContext, dir: u32) -> Verdict {
     let mut pkt = Packet::default();
     let parsed = parse::packet(ctx, &mut pkt);
     if let Parsed::NonIp = parsed {
-        return Verdict::new(family::OTHER, reason::PASS_NON_IP);
+        return Verdict::new(dir, family::OTHER, reason::PASS_NON_IP);
     }
     let Some(ep) = endpoint::lookup(ctx) else {
-        return Verdict::new(pkt.family, reason::PASS_UNMANAGED);
+        return Verdict::new(dir, pkt.family, reason::PASS_UNMANAGED);
     };
     let fam = pkt.family;
-    if let Parsed::Bad(e) = parsed {
-        // Every parse failure fails closed where policy applies.
-        let r = if !enforced(&ep, dir) {
-            reason::PASS_NOT_ISOLATED
-        } else {
-            match e {
-                ParseError::FragmentShort => reason::DROP_FRAGMENT_SHORT,
-                ParseError::Truncated | ParseError::Malformed => reason::DROP_PARSE,
+    if dir == direction::INGRESS {
+        // A Service packet: its source's egress first, with the backend
+        // kube-proxy chose as the peer.
+        let cfg = endpoint::config();
+        let slot = service::marked_slot(ctx, &cfg);
+        if slot != 0 {
+            service::clear(ctx, &cfg);
+            match service::source(slot) {
+                None => return Verdict::new(direction::EGRESS, fam, reason::DROP_MARK_STALE),
+                Some((ifindex, _)) if ifindex == endpoint::ifindex(ctx) => {
+                    return Verdict::new(dir, fam, hairpin(&ep, &pkt));
+                }
+                Some((_, src)) => {
+                    let r = steps(ctx, &src, direction::EGRESS, parsed, &pkt);
+                    if reason::is_drop(r) {
+                        return Verdict::new(direction::EGRESS, fam, r);
+                    }
+                }
             }
-        };
-        return Verdict::new(fam, r);
-    }
-    if dir == direction::EGRESS && endpoint::programmed(&ep) && endpoint::spoofed(&ep, &pkt) {
-        return Verdict::new(fam, reason::DROP_SPOOFED);
-    }
-    if icmpv6_control(&pkt) {
-        return Verdict::new(fam, reason::PASS_ICMPV6_CONTROL);
-    }
-    if pkt.frag == FRAG_LATER {
-        return Verdict::new(fam, later_fragment(ctx, &ep, dir, &pkt));
-    }
-    let r = judge(ctx, &ep, dir, &pkt);
-    if pkt.frag == FRAG_FIRST && enforced(&ep, dir) {
-        let key = fragment::key(ep.id, dir, &pkt);
-        if !fragment::record(&key, &pkt, !reason::is_drop(r)) {
-            return Verdict::new(fam, reason::DROP_FRAGMENT_OVERLAP);
         }
     }
-    Verdict::new(fam, r)
+    if dir == direction::EGRESS
+        && endpoint::programmed(&ep)
+        && !matches!(parsed, Parsed::Bad(_))
+        && endpoint::spoofed(&ep, &pkt)
+    {
+        return Verdict::new(dir, fam, reason::DROP_SPOOFED);
+    }
+    Verdict::new(dir, fam, steps(ctx, &ep, dir, parsed, &pkt))
+}
+
+/// The endpoint's verdict on an IP packet in `dir`: parse failures,
+/// neighbour discovery, fragments, then conntrack and policy.
+#[inline(always)]
+fn steps(ctx: &TcContext, ep: &EndpointInfo, dir: u32, parsed: Parsed, pkt: &Packet) -> u32 {
+    if let Parsed::Bad(e) = parsed {
+        // Every parse failure fails closed where policy applies.
+        if !enforced(ep, dir) {
+            return reason::PASS_NOT_ISOLATED;
+        }
+        return match e {
+            ParseError::FragmentShort => reason::DROP_FRAGMENT_SHORT,
+            ParseError::Truncated | ParseError::Malformed => reason::DROP_PARSE,
+        };
+    }
+    if icmpv6_control(pkt) {
+        return reason::PASS_ICMPV6_CONTROL;
+    }
+    if pkt.frag == FRAG_LATER {
+        return later_fragment(ctx, ep, dir, pkt);
+    }
+    let r = judge(ctx, ep, dir, pkt);
+    if pkt.frag == FRAG_FIRST && enforced(ep, dir) {
+        let key = fragment::key(ep.id, dir, pkt);
+        if !fragment::record(&key, pkt, !reason::is_drop(r)) {
+            return reason::DROP_FRAGMENT_OVERLAP;
+        }
+    }
+    r
+}
+
+/// A pod reaching itself through its own Service (kube-proxy masquerades
+/// the source to a node address): not subject to its policies, and
+/// tracked so that its replies to the masqueraded address pass its
+/// `from_pod`.
+#[inline(always)]
+fn hairpin(ep: &EndpointInfo, pkt: &Packet) -> u32 {
+    let key = conntrack::key(ep.id, direction::INGRESS, pkt);
+    conntrack::track(
+        &key,
+        direction::INGRESS,
+        reason::PASS_HAIRPIN,
+        ep.ingress_gen,
+        pkt.tcp_flags,
+    );
+    reason::PASS_HAIRPIN
 }
 
 /// A fragment without a transport header follows its first fragment.
@@ -124,6 +247,21 @@ fn judge(ctx: &TcContext, ep: &EndpointInfo, dir: u32, pkt: &Packet) -> u32 {
         return reason::PASS_NODE_ORIGIN;
     }
     let cfg = endpoint::config();
+    // Service traffic is judged after translation (see `service`), every
+    // packet: the frontend says nothing about the backend it will reach.
+    // The entry recorded here is the one the replies, translated back to
+    // the frontend, find at this pod's `to_pod`.
+    if dir == direction::EGRESS && service::wanted(ep, &cfg) && service::is_frontend(pkt) {
+        service::mark(ctx, &cfg, ep.slot);
+        conntrack::track(
+            &key,
+            dir,
+            reason::PASS_SERVICE,
+            endpoint::generation(ep, dir),
+            pkt.tcp_flags,
+        );
+        return reason::PASS_SERVICE;
+    }
     if let Some(ct) = conntrack::lookup(&key, &cfg, pkt.tcp_flags) {
         return revalidate(ep, &key, ct.origin, ct.admitted_by, ct.generation);
     }
@@ -170,7 +308,15 @@ fn revalidate(
     generation: u32,
 ) -> u32 {
     let current = endpoint::generation(ep, origin);
-    if generation == current || admitted_by == reason::PASS_NODE_ORIGIN {
+    // Node traffic, Service frontends (whose forward packets are judged
+    // after translation, every one) and a pod's own traffic are not
+    // re-judged here.
+    if generation == current
+        || matches!(
+            admitted_by,
+            reason::PASS_NODE_ORIGIN | reason::PASS_SERVICE | reason::PASS_HAIRPIN
+        )
+    {
         return reason::PASS_TRACKED;
     }
     let allowed = !endpoint::isolated(ep, origin) || {

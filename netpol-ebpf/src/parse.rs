@@ -119,10 +119,25 @@ fn be16(b: [u8; 2]) -> u16 {
 /// run, which keeps the combined stack under the verifier's 512 bytes.
 #[inline(never)]
 pub fn packet(ctx: &TcContext, p: &mut Packet) -> Parsed {
-    let (ethertype, l3) = match ethernet(ctx) {
-        Ok(v) => v,
-        Err(_) => return Parsed::NonIp,
-    };
+    match ethernet(ctx) {
+        Ok((ethertype, l3)) => network(ctx, ethertype, l3, p),
+        Err(_) => Parsed::NonIp,
+    }
+}
+
+/// The same for a packet without a link-layer header (a device of type
+/// `none`, e.g. WireGuard or IPIP, and sockets' cgroup hooks), whose
+/// network header starts the data; `skb->protocol` names it.
+#[inline(never)]
+pub fn packet_l3(ctx: &TcContext, p: &mut Packet) -> Parsed {
+    // SAFETY: a plain read of the context's protocol field (network byte
+    // order in the low 16 bits).
+    let proto = unsafe { (*ctx.skb.skb).protocol };
+    network(ctx, u16::from_be(proto as u16), 0, p)
+}
+
+#[inline(always)]
+fn network(ctx: &TcContext, ethertype: u16, l3: usize, p: &mut Packet) -> Parsed {
     let r = match ethertype {
         ETH_P_IP => {
             p.family = family::IPV4;

@@ -10,22 +10,29 @@ use crate::maps::NETPOL_COUNTERS;
 /// What to do with a packet, and why: drops are exactly the reasons at or
 /// above `reason::FIRST_DROP`.
 pub struct Verdict {
+    /// The policy direction the reason belongs to (a Service packet's
+    /// egress is judged at the backend's `to_pod`).
+    pub direction: u32,
     pub family: u32,
     pub reason: u32,
 }
 
 impl Verdict {
     #[inline(always)]
-    pub const fn new(family: u32, reason: u32) -> Self {
-        Self { family, reason }
+    pub const fn new(direction: u32, family: u32, reason: u32) -> Self {
+        Self {
+            direction,
+            family,
+            reason,
+        }
     }
 }
 
 /// Counts the packet under its direction, family and reason, and maps the
 /// verdict to a TC action.
 #[inline(always)]
-pub fn to_tc_action(ctx: &TcContext, direction: u32, v: &Verdict) -> i32 {
-    let index = counter_index(direction, v.family, v.reason);
+pub fn to_tc_action(ctx: &TcContext, v: &Verdict) -> i32 {
+    let index = counter_index(v.direction, v.family, v.reason);
     if let Some(c) = NETPOL_COUNTERS.get_ptr_mut(index) {
         // SAFETY: the pointer comes from a successful per-CPU array lookup,
         // is valid for the program's run and only this CPU writes its slot.

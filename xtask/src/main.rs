@@ -258,23 +258,21 @@ fn test(no_lint: bool, args: &[String]) -> Result<()> {
     }
     println!("xtask: deploy check (the paths deploy/Containerfile copies)");
     deploy_check::check()?;
-    // Services are judged by their backend only once the Services issue
-    // lands; until then the harness runs the pod probes.
-    println!("xtask: conformance, bridge topology, every scenario (via pod)");
+    println!("xtask: conformance, bridge topology, every scenario (via pod and service)");
     let bridge = conformance_run(
         None,
         None,
         conformance::topology::Kind::Bridge,
-        conformance::ViaSel::Pod,
+        conformance::ViaSel::All,
         None,
     )?;
-    println!("xtask: conformance, routed topology, 10 scenarios (via pod)");
+    println!("xtask: conformance, routed topology, every scenario (via pod and service)");
     let routed = conformance_run(
         None,
         None,
         conformance::topology::Kind::Routed,
-        conformance::ViaSel::Pod,
-        Some(10),
+        conformance::ViaSel::All,
+        None,
     )?;
     let failed = bridge.failed + routed.failed;
     println!(

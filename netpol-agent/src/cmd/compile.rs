@@ -106,6 +106,8 @@ struct Summary {
     policy_v6_entries: usize,
     port_entries: usize,
     rulesets: usize,
+    frontend_v4_entries: usize,
+    frontend_v6_entries: usize,
     bytes: usize,
 }
 
@@ -161,7 +163,7 @@ fn document(c: &Compiled) -> Document {
         .collect();
     let mut rulesets = vec![ruleset_doc(EMPTY_RULESET, &RuleSet::default())];
     rulesets.extend(c.rulesets.iter().map(|(&id, rs)| ruleset_doc(id, rs)));
-    let (endpoints_n, v4, v6, ports, bytes) = c.sizes();
+    let sizes = c.sizes();
     Document {
         version: JSON_VERSION,
         node: c.node.clone(),
@@ -171,12 +173,14 @@ fn document(c: &Compiled) -> Document {
         errors: c.errors.iter().map(error_doc).collect(),
         notes: c.notes.clone(),
         summary: Summary {
-            endpoints: endpoints_n,
-            policy_v4_entries: v4,
-            policy_v6_entries: v6,
-            port_entries: ports,
+            endpoints: sizes.endpoints,
+            policy_v4_entries: sizes.policy_v4,
+            policy_v6_entries: sizes.policy_v6,
+            port_entries: sizes.ports,
             rulesets: c.rulesets.len(),
-            bytes,
+            frontend_v4_entries: sizes.frontends_v4,
+            frontend_v6_entries: sizes.frontends_v6,
+            bytes: sizes.bytes,
         },
     }
 }
@@ -263,8 +267,16 @@ fn table(doc: &Document) -> String {
     let m = &doc.summary;
     let _ = writeln!(
         s,
-        "\n{} endpoints, {} IPv4 + {} IPv6 policy entries, {} port entries ({} rule sets), {} bytes",
-        m.endpoints, m.policy_v4_entries, m.policy_v6_entries, m.port_entries, m.rulesets, m.bytes
+        "\n{} endpoints, {} IPv4 + {} IPv6 policy entries, {} port entries ({} rule sets), \
+         {} IPv4 + {} IPv6 Service frontends, {} bytes",
+        m.endpoints,
+        m.policy_v4_entries,
+        m.policy_v6_entries,
+        m.port_entries,
+        m.rulesets,
+        m.frontend_v4_entries,
+        m.frontend_v6_entries,
+        m.bytes
     );
     for n in &doc.notes {
         let _ = writeln!(s, "note: {n}");

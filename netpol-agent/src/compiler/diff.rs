@@ -8,6 +8,10 @@
 //! state allows (per endpoint and direction; the two ends of a connection
 //! are updated independently).
 //!
+//! 0. **Frontend upserts**: new Service frontends, and changed kinds. A
+//!    frontend only says where a pod's Service traffic is judged (after
+//!    kube-proxy's translation, against the same policies), so it allows
+//!    nothing by itself.
 //! 1. **Port inserts**: entries of new rule sets. Nothing points at them
 //!    yet. Rule-set ids never change meaning ([`super::IdAllocation`]).
 //! 2. **Policy inserts, then updates** (both families). For an endpoint
@@ -30,11 +34,15 @@
 //!    would inherit (step 2) or belongs to an endpoint direction no longer
 //!    enforced, so removing it changes no verdict.
 //! 5. **Port deletes**: rule sets nothing points at any more.
+//! 6. **Frontend deletes**: Services (or ports, addresses) gone.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use ipnet::IpNet;
-use netpol_common::{EndpointInfo, PolicyKeyV4, PolicyKeyV6, PolicyValue, PortKey, PortValue};
+use netpol_common::{
+    EndpointInfo, FrontendKeyV4, FrontendKeyV6, FrontendValue, PolicyKeyV4, PolicyKeyV6,
+    PolicyValue, PortKey, PortValue,
+};
 
 use super::{Compiled, Direction, EMPTY_RULESET, Endpoint, PolicyEntry, PolicyTarget, PortPrefix};
 use crate::model::ObjectRef;
@@ -96,6 +104,30 @@ pub enum Op {
         /// Old value.
         info: EndpointInfo,
     },
+    /// Add an IPv4 Service frontend or change its kind.
+    FrontendV4Upsert {
+        /// Address, port and protocol.
+        key: FrontendKeyV4,
+        /// Kind.
+        value: FrontendValue,
+    },
+    /// Remove an IPv4 Service frontend.
+    FrontendV4Delete {
+        /// Address, port and protocol.
+        key: FrontendKeyV4,
+    },
+    /// Add an IPv6 Service frontend or change its kind.
+    FrontendV6Upsert {
+        /// Address, port and protocol.
+        key: FrontendKeyV6,
+        /// Kind.
+        value: FrontendValue,
+    },
+    /// Remove an IPv6 Service frontend.
+    FrontendV6Delete {
+        /// Address, port and protocol.
+        key: FrontendKeyV6,
+    },
 }
 
 /// One map update with the exact `netpol-common` keys and values;
@@ -118,6 +150,14 @@ pub enum RawOp {
     EndpointUpsert(ObjectRef, EndpointInfo),
     /// Delete the endpoint of a pod.
     EndpointDelete(ObjectRef, EndpointInfo),
+    /// Insert or update an IPv4 Service frontend.
+    FrontendV4Upsert(FrontendKeyV4, FrontendValue),
+    /// Delete an IPv4 Service frontend.
+    FrontendV4Delete(FrontendKeyV4),
+    /// Insert or update an IPv6 Service frontend.
+    FrontendV6Upsert(FrontendKeyV6, FrontendValue),
+    /// Delete an IPv6 Service frontend.
+    FrontendV6Delete(FrontendKeyV6),
 }
 
 impl Op {
@@ -159,6 +199,10 @@ impl Op {
                 RawOp::EndpointUpsert(pod.clone(), *info)
             }
             Op::EndpointDelete { pod, info } => RawOp::EndpointDelete(pod.clone(), *info),
+            Op::FrontendV4Upsert { key, value } => RawOp::FrontendV4Upsert(*key, *value),
+            Op::FrontendV4Delete { key } => RawOp::FrontendV4Delete(*key),
+            Op::FrontendV6Upsert { key, value } => RawOp::FrontendV6Upsert(*key, *value),
+            Op::FrontendV6Delete { key } => RawOp::FrontendV6Delete(*key),
         }
     }
 }
@@ -195,6 +239,10 @@ pub struct MapState {
     pub policy_v6: BTreeMap<(u32, PolicyKeyV6), PolicyValue>,
     /// Port trie.
     pub ports: BTreeMap<(u32, PortKey), PortValue>,
+    /// IPv4 Service frontends.
+    pub frontends_v4: BTreeMap<FrontendKeyV4, FrontendValue>,
+    /// IPv6 Service frontends.
+    pub frontends_v6: BTreeMap<FrontendKeyV6, FrontendValue>,
 }
 
 impl MapState {
@@ -224,6 +272,18 @@ impl MapState {
             }
             RawOp::EndpointDelete(p, _) => {
                 self.endpoints.remove(&p);
+            }
+            RawOp::FrontendV4Upsert(k, v) => {
+                self.frontends_v4.insert(k, v);
+            }
+            RawOp::FrontendV4Delete(k) => {
+                self.frontends_v4.remove(&k);
+            }
+            RawOp::FrontendV6Upsert(k, v) => {
+                self.frontends_v6.insert(k, v);
+            }
+            RawOp::FrontendV6Delete(k) => {
+                self.frontends_v6.remove(&k);
             }
         }
     }
@@ -278,6 +338,34 @@ fn port_diff(
     }
 }
 
+/// The frontend updates from `old` to `new`: `(upserts, deletes)`, the
+/// first to go before every other update, the second after.
+pub(super) fn frontend_diff(old: &Compiled, new: &Compiled) -> (Vec<Op>, Vec<Op>) {
+    let mut upserts = Vec::new();
+    let mut deletes = Vec::new();
+    for (k, v) in &new.frontends_v4 {
+        if old.frontends_v4.get(k) != Some(v) {
+            upserts.push(Op::FrontendV4Upsert { key: *k, value: *v });
+        }
+    }
+    for (k, v) in &new.frontends_v6 {
+        if old.frontends_v6.get(k) != Some(v) {
+            upserts.push(Op::FrontendV6Upsert { key: *k, value: *v });
+        }
+    }
+    for k in old.frontends_v4.keys() {
+        if !new.frontends_v4.contains_key(k) {
+            deletes.push(Op::FrontendV4Delete { key: *k });
+        }
+    }
+    for k in old.frontends_v6.keys() {
+        if !new.frontends_v6.contains_key(k) {
+            deletes.push(Op::FrontendV6Delete { key: *k });
+        }
+    }
+    (upserts, deletes)
+}
+
 /// The ordered map updates turning `old`'s maps into `new`'s.
 ///
 /// `new` must have been compiled with `old.ids` as the previous allocation
@@ -297,7 +385,8 @@ pub fn diff(old: &Compiled, new: &Compiled) -> Diff {
             .collect()
     };
     let (old_enf, new_enf) = (enforced(old), enforced(new));
-    let mut ops = Vec::new();
+    let (frontend_upserts, frontend_deletes) = frontend_diff(old, new);
+    let mut ops = frontend_upserts;
     port_diff(&new.rulesets, &old.rulesets, true, &mut ops);
 
     let mut inserts = Vec::new();
@@ -379,5 +468,6 @@ pub fn diff(old: &Compiled, new: &Compiled) -> Diff {
 
     ops.extend(deletes);
     port_diff(&old.rulesets, &new.rulesets, false, &mut ops);
+    ops.extend(frontend_deletes);
     Diff { ops }
 }

@@ -27,6 +27,8 @@
 //!   named ports resolve on pods reached through an ipBlock or "every
 //!   peer".
 //! - A policy: the local pods it selected before or selects now.
+//! - A Service: no pod; the frontends are recomputed whole (cheap: no
+//!   selector is evaluated) and diffed.
 //! - A namespace, the local node or which node is local: everything (a
 //!   full compile), as for a batch of more than 512 pods and policies.
 //!
@@ -41,7 +43,7 @@ use ipnet::{IpNet, Ipv4Net};
 
 use super::{
     Compiled, Core, Direction, EMPTY_RULESET, EndpointId, HashMap, PolicyEntry, PolicyTarget, core,
-    endpoint_ids, full, insert_entry, ruleset_ids,
+    diff::frontend_diff, endpoint_ids, frontends::frontends, full, insert_entry, ruleset_ids,
 };
 use crate::compiler::{Diff, IdAllocation, diff};
 use crate::model::{ObjectRef, Peer, Pod, Snapshot};
@@ -64,6 +66,8 @@ pub struct Changes {
     pub namespaces: BTreeSet<String>,
     /// Nodes: a full compile if the local one is among them.
     pub nodes: BTreeSet<String>,
+    /// Services: their frontends.
+    pub services: BTreeSet<ObjectRef>,
     /// Anything else (the local node setting, a resync): a full compile.
     pub everything: bool,
 }
@@ -77,6 +81,7 @@ impl Changes {
             && self.policies.is_empty()
             && self.namespaces.is_empty()
             && self.nodes.is_empty()
+            && self.services.is_empty()
     }
 
     /// The objects that differ between two snapshots (compares every
@@ -100,6 +105,7 @@ impl Changes {
             policies: keys(&old.policies, &new.policies),
             namespaces: keys(&old.namespaces, &new.namespaces),
             nodes: keys(&old.nodes, &new.nodes),
+            services: keys(&old.services, &new.services),
             everything: old.local_node != new.local_node,
         }
     }
@@ -245,12 +251,32 @@ impl Compiler {
         }
         let node = node.unwrap_or_default().to_owned();
         self.out.errors = snap.errors();
+        let (frontend_upserts, frontend_deletes) = if changes.services.is_empty() {
+            (Vec::new(), Vec::new())
+        } else {
+            let f = frontends(snap, &self.out.node_addresses);
+            let old = Compiled {
+                frontends_v4: std::mem::replace(&mut self.out.frontends_v4, f.v4),
+                frontends_v6: std::mem::replace(&mut self.out.frontends_v6, f.v6),
+                ..Compiled::default()
+            };
+            frontend_diff(&old, &self.out)
+        };
         let affected = self.affected(snap, &node, changes);
-        if affected.is_empty() {
-            return Diff::default();
+        let mut d = if affected.is_empty() {
+            Diff::default()
+        } else {
+            let core = core(snap, &node, Some(&affected), true);
+            self.splice(&affected, core)
+        };
+        if !frontend_upserts.is_empty() || !frontend_deletes.is_empty() {
+            // The order of a full diff: frontend upserts first, deletes last.
+            let rest = std::mem::take(&mut d.ops);
+            d.ops = frontend_upserts;
+            d.ops.extend(rest);
+            d.ops.extend(frontend_deletes);
         }
-        let core = core(snap, &node, Some(&affected), true);
-        self.splice(&affected, core)
+        d
     }
 
     /// The local pods (before or after) a change can reach.

@@ -22,6 +22,12 @@
 //!   but shadows a shorter one gets [`EMPTY_RULESET`].
 //! - Rule sets, deduplicated by content and shared: each a set of
 //!   `(protocol, port range)`s, written to the port trie.
+//! - Service frontends ([`frontends`]): every cluster, external and
+//!   load-balancer IP of every Service with each of its ports, and this
+//!   node's addresses with each node port, keyed by (address, port,
+//!   protocol) and valued with their kind. They do not depend on pods or
+//!   policies, and are compiled with or without a local node (node ports
+//!   need its addresses).
 //!
 //! # Ids
 //! Endpoint and rule-set ids come from the previous [`IdAllocation`] and
@@ -32,6 +38,7 @@
 //! not depend on how it was computed (full or incremental).
 
 mod diff;
+mod frontends;
 mod incremental;
 mod ruleset;
 
@@ -48,8 +55,8 @@ use std::sync::Arc;
 
 use ipnet::IpNet;
 use netpol_common::{
-    EndpointInfo, PolicyKeyV4, PolicyKeyV6, PolicyValue, PortKey, PortValue, SELECTOR_BITS,
-    direction, endpoint_flags, policy_selector,
+    EndpointInfo, FrontendKeyV4, FrontendKeyV6, FrontendValue, PolicyKeyV4, PolicyKeyV6,
+    PolicyValue, PortKey, PortValue, SELECTOR_BITS, direction, endpoint_flags, policy_selector,
 };
 use serde::Serialize;
 
@@ -349,7 +356,7 @@ pub struct IdAllocation {
 pub struct Compiled {
     /// The node compiled for.
     pub node: Option<String>,
-    /// Its addresses (for the inspection tools; the datapath recognises
+    /// Its addresses (the frontends of node ports; the datapath recognises
     /// node traffic by origin).
     pub node_addresses: Vec<IpAddr>,
     /// Ids to pass to the next compile.
@@ -362,6 +369,11 @@ pub struct Compiled {
     pub policy_v6: BTreeMap<PolicyTarget, PolicyEntry>,
     /// Rule sets in use, by id ([`EMPTY_RULESET`] not included).
     pub rulesets: BTreeMap<u32, RuleSet>,
+    /// IPv4 Service frontends: exact keys and values of
+    /// `NETPOL_FRONTENDS_V4`.
+    pub frontends_v4: BTreeMap<FrontendKeyV4, FrontendValue>,
+    /// IPv6 Service frontends.
+    pub frontends_v6: BTreeMap<FrontendKeyV6, FrontendValue>,
     /// Errors of the snapshot's latest objects (the rest compiled).
     pub errors: Vec<ModelError>,
     /// Remarks (no local node, ...).
@@ -416,27 +428,52 @@ impl Compiled {
                 .map(|(l, k, v)| ((l, k), v))
                 .collect(),
             ports: self.port_entries().map(|(l, k, v)| ((l, k), v)).collect(),
+            frontends_v4: self.frontends_v4.clone(),
+            frontends_v6: self.frontends_v6.clone(),
         }
     }
 
-    /// The map entry counts and their key+value bytes:
-    /// `(endpoints, policy_v4, policy_v6, ports, bytes)`.
+    /// The map entry counts and their key+value bytes.
     #[must_use]
-    pub fn sizes(&self) -> (usize, usize, usize, usize, usize) {
+    pub fn sizes(&self) -> Sizes {
+        use std::mem::size_of;
         let ports = self.port_entries().count();
         // LPM keys carry a u32 prefix length before the data.
-        let bytes = self.endpoints.len() * (4 + std::mem::size_of::<EndpointInfo>())
+        let bytes = self.endpoints.len() * (4 + size_of::<EndpointInfo>())
             + self.policy_v4.len() * (4 + 8 + 4)
             + self.policy_v6.len() * (4 + 20 + 4)
-            + ports * (4 + 8 + 4);
-        (
-            self.endpoints.len(),
-            self.policy_v4.len(),
-            self.policy_v6.len(),
+            + ports * (4 + 8 + 4)
+            + self.frontends_v4.len() * (size_of::<FrontendKeyV4>() + size_of::<FrontendValue>())
+            + self.frontends_v6.len() * (size_of::<FrontendKeyV6>() + size_of::<FrontendValue>());
+        Sizes {
+            endpoints: self.endpoints.len(),
+            policy_v4: self.policy_v4.len(),
+            policy_v6: self.policy_v6.len(),
             ports,
+            frontends_v4: self.frontends_v4.len(),
+            frontends_v6: self.frontends_v6.len(),
             bytes,
-        )
+        }
     }
+}
+
+/// Entries per map of a [`Compiled`] and their key+value bytes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Sizes {
+    /// `NETPOL_ENDPOINTS` (one per local pod, once bound).
+    pub endpoints: usize,
+    /// `NETPOL_POLICY_V4`.
+    pub policy_v4: usize,
+    /// `NETPOL_POLICY_V6`.
+    pub policy_v6: usize,
+    /// `NETPOL_PORTS`.
+    pub ports: usize,
+    /// `NETPOL_FRONTENDS_V4`.
+    pub frontends_v4: usize,
+    /// `NETPOL_FRONTENDS_V6`.
+    pub frontends_v6: usize,
+    /// Key and value bytes of all of them.
+    pub bytes: usize,
 }
 
 /// A rule, its peers resolved to pods, ready to contribute prefixes.
@@ -1230,6 +1267,10 @@ fn full<'a>(
     if let Some(node) = out.node.as_ref().and_then(|n| snap.nodes.get(n)) {
         out.node_addresses.clone_from(&node.addresses);
     }
+    // Frontends need no local pod, nor a local node (only its node ports).
+    let f = frontends::frontends(snap, &out.node_addresses);
+    out.frontends_v4 = f.v4;
+    out.frontends_v6 = f.v6;
     out.ids = IdAllocation {
         next_endpoint: prev.next_endpoint,
         next_ruleset: prev.next_ruleset,

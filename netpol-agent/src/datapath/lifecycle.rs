@@ -28,7 +28,7 @@ use aya::programs::{
 };
 use netpol_common::{maps, programs};
 
-use super::DatapathError;
+use super::{DatapathError, LEAVE_NODE_L3};
 
 /// Priority of netpol's netlink filters on both clsact hooks ("NP").
 pub const NL_PRIORITY: u16 = 0x4e50;
@@ -222,14 +222,52 @@ pub(super) fn detach(
 /// hook for a moment after the pin is gone (and for as long as any other
 /// process holds the link's fd). `BPF_LINK_DETACH` takes it off the hook
 /// before this returns.
-pub(super) fn detach_pinned_link(path: &Path) -> std::io::Result<()> {
+pub(crate) fn detach_pinned_link(path: &Path) -> std::io::Result<()> {
     let fd = bpf_obj_get(path)?;
     bpf_link_detach(&fd)?;
     drop(fd);
     std::fs::remove_file(path)
 }
 
+/// Swaps `program` into the link pinned at `path` (`BPF_LINK_UPDATE`),
+/// atomically: the hook never runs without a program.
+pub(super) fn update_pinned_link(
+    path: &Path,
+    program: std::os::fd::BorrowedFd<'_>,
+) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    #[repr(C)]
+    struct LinkUpdate {
+        link_fd: u32,
+        new_prog_fd: u32,
+        flags: u32,
+        old_prog_fd: u32,
+    }
+    let link = bpf_obj_get(path)?;
+    let attr = LinkUpdate {
+        link_fd: link.as_raw_fd() as u32,
+        new_prog_fd: program.as_raw_fd() as u32,
+        flags: 0,
+        old_prog_fd: 0,
+    };
+    // SAFETY: `attr` is a valid prefix of `union bpf_attr` for
+    // BPF_LINK_UPDATE (no padding) and outlives the call.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_UPDATE,
+            &attr as *const LinkUpdate,
+            std::mem::size_of::<LinkUpdate>(),
+        )
+    };
+    if ret < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_LINK_UPDATE: libc::c_long = 29;
 const BPF_LINK_DETACH: libc::c_long = 34;
 
 fn bpf_obj_get(path: &Path) -> std::io::Result<std::os::fd::OwnedFd> {
@@ -293,6 +331,41 @@ fn bpf_link_detach(fd: &std::os::fd::OwnedFd) -> std::io::Result<()> {
         return Err(std::io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// The link type (`ARPHRD_*`) of `interface` in the calling thread's
+/// namespace (`SIOCGIFHWADDR`: a socket speaks to the namespace it was
+/// opened in, where `/sys/class/net` shows the one sysfs was mounted in).
+pub(super) fn link_type(interface: &str) -> std::io::Result<u16> {
+    use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+    let name = interface.as_bytes();
+    if name.is_empty() || name.len() >= libc::IFNAMSIZ || name.contains(&0) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not an interface name",
+        ));
+    }
+    // SAFETY: plain socket(2); the result is checked before use.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: socket(2) returned a new fd that nothing else owns.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: `ifreq` is plain data; all zeroes is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(name) {
+        *dst = *src as libc::c_char;
+    }
+    // SAFETY: `req` is a valid `ifreq` with a NUL-terminated name (checked
+    // shorter than IFNAMSIZ, the rest zeroed) and outlives the call.
+    let ret = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFHWADDR, &mut req) };
+    if ret < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: SIOCGIFHWADDR filled `ifru_hwaddr`, whose `sa_family` is the
+    // device's type.
+    Ok(unsafe { req.ifr_ifru.ifru_hwaddr.sa_family })
 }
 
 /// Whether a previous agent left an attachment of `program` on `interface`.
@@ -411,16 +484,24 @@ pub(super) fn link_pin(pin_dir: &Path, interface: &str, program: &str) -> PathBu
         .join(format!("{interface}-{program}"))
 }
 
-/// The interface of a link pin or filter record named
-/// `<interface>-<program>`.
-fn pinned_interface(name: &str) -> Option<&str> {
-    [programs::FROM_POD, programs::TO_POD]
-        .iter()
-        .find_map(|p| name.strip_suffix(p)?.strip_suffix('-'))
+/// The interface and program of a link pin or filter record named
+/// `<interface>-<program>`. Program names hold underscores, never a `-`;
+/// interface names may hold both, so the program is matched as a suffix.
+fn pinned_interface(name: &str) -> Option<(&str, &'static str)> {
+    [
+        programs::FROM_POD,
+        programs::TO_POD,
+        programs::LEAVE_NODE,
+        LEAVE_NODE_L3,
+    ]
+    .into_iter()
+    .find_map(|p| Some((name.strip_suffix(p)?.strip_suffix('-')?, p)))
+    .filter(|(interface, _)| !interface.is_empty())
 }
 
-/// Interfaces (still present) that a previous agent attached to: link
-/// pins and netlink filter records.
+/// Pod interfaces (still present) that a previous agent attached to: link
+/// pins and netlink filter records of `from_pod` and `to_pod` (uplinks'
+/// `leave_node`s are not waited for, see `Datapath::awaiting_interfaces`).
 pub(super) fn previous_interfaces(pin_dir: &Path) -> std::collections::BTreeSet<String> {
     let mut out = std::collections::BTreeSet::new();
     for dir in [LINKS_DIR, FILTERS_DIR] {
@@ -429,7 +510,8 @@ pub(super) fn previous_interfaces(pin_dir: &Path) -> std::collections::BTreeSet<
         };
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            if let Some(interface) = pinned_interface(&name)
+            if let Some((interface, program)) = pinned_interface(&name)
+                && [programs::FROM_POD, programs::TO_POD].contains(&program)
                 && nix::net::if_::if_nametoindex(interface).is_ok()
             {
                 out.insert(interface.to_owned());
@@ -447,7 +529,7 @@ pub(super) fn sweep_stale_links(pin_dir: &Path) {
     };
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        if let Some(interface) = pinned_interface(&name)
+        if let Some((interface, _)) = pinned_interface(&name)
             && nix::net::if_::if_nametoindex(interface).is_err()
         {
             tracing::info!(interface, pin = %entry.path().display(), "removing the link pin of a gone interface");
@@ -621,5 +703,75 @@ async fn delete_clsact(
             interface: interface.to_owned(),
             message: e.to_string(),
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pin_names_give_back_interface_and_program() {
+        assert_eq!(
+            pinned_interface("eth0-from_pod"),
+            Some(("eth0", programs::FROM_POD))
+        );
+        assert_eq!(
+            pinned_interface("veth1-to_pod"),
+            Some(("veth1", programs::TO_POD))
+        );
+        assert_eq!(
+            pinned_interface("eth0-leave_node"),
+            Some(("eth0", programs::LEAVE_NODE))
+        );
+        // Interface names may hold dashes and underscores themselves.
+        assert_eq!(
+            pinned_interface("flannel-v6.1-leave_node"),
+            Some(("flannel-v6.1", programs::LEAVE_NODE))
+        );
+        assert_eq!(
+            pinned_interface("my_if-to-to_pod"),
+            Some(("my_if-to", programs::TO_POD))
+        );
+        assert_eq!(
+            pinned_interface("wg0-leave_node_l3"),
+            Some(("wg0", LEAVE_NODE_L3))
+        );
+    }
+
+    #[test]
+    fn other_names_are_not_pins_of_netpol() {
+        for name in [
+            "eth0",
+            "leave_node",
+            "-leave_node",
+            "eth0leave_node",
+            "eth0-other",
+            "wg0-leave_node_l4",
+        ] {
+            assert_eq!(pinned_interface(name), None, "{name}");
+        }
+    }
+
+    #[test]
+    fn link_pins_are_named_interface_dash_program() {
+        let p = link_pin(Path::new("/b/netpol"), "eth0", programs::LEAVE_NODE);
+        assert_eq!(p, Path::new("/b/netpol/links/eth0-leave_node"));
+        let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        assert_eq!(pinned_interface(name), Some(("eth0", programs::LEAVE_NODE)));
+    }
+}
+
+#[cfg(test)]
+mod link_type_tests {
+    use super::*;
+
+    #[test]
+    fn loopback_has_its_link_type_and_bad_names_are_refused() {
+        // `lo` exists in every namespace, unprivileged.
+        assert_eq!(link_type("lo").ok(), Some(libc::ARPHRD_LOOPBACK));
+        assert!(link_type("").is_err());
+        assert!(link_type("a-name-far-too-long").is_err());
+        assert!(link_type("nosuchif0").is_err());
     }
 }

@@ -1,9 +1,14 @@
-//! The loaded eBPF object: its pinned maps, its two TC programs and where
+//! The loaded eBPF object: its pinned maps, its three TC programs and where
 //! they are attached.
 //!
 //! Which TC hook is which policy direction: `from_pod` goes on the host-side
 //! veth's TC *ingress* (what the pod sends: its egress), `to_pod` on its TC
-//! *egress* (what is delivered to the pod: its ingress).
+//! *egress* (what is delivered to the pod: its ingress). `leave_node` goes
+//! on the TC *egress* of the node's other devices (uplinks, tunnels): a
+//! pod's Service packet, marked at `from_pod`, whose backend kube-proxy put
+//! on another node is judged there against the pod's egress
+//! ([`LEAVE_NODE_L3`] on devices without an Ethernet header).
+pub mod host;
 pub mod lifecycle;
 pub mod writer;
 
@@ -19,14 +24,29 @@ use aya::{
     util::KernelVersion,
 };
 use netpol_common::{
-    COUNTER_ENTRIES, GlobalConfig, TrafficCounter, direction, family, maps, programs, reason,
+    COUNTER_ENTRIES, GlobalConfig, TrafficCounter, direction, family, maps, mark, programs, reason,
 };
 
 use crate::{bpffs, object};
 use lifecycle::{Held, Hook};
-use writer::{KernelBackend, KernelMapWriter, MapWriter};
+use writer::{KernelBackend, KernelMapWriter, MapWriter, ServiceMaps};
 
 pub use lifecycle::{Cleaned, cleanup};
+
+/// `leave_node` for devices whose packets carry no Ethernet header at TC
+/// (WireGuard, IPIP/SIT/GRE, `tun`: any link type but `ARPHRD_ETHER`): the
+/// program parses from the IP header.
+pub const LEAVE_NODE_L3: &str = netpol_common::programs::LEAVE_NODE_L3;
+
+/// The program an uplink of link type `arphrd` (`ARPHRD_*`) gets.
+#[must_use]
+pub const fn uplink_program(arphrd: u16) -> &'static str {
+    if arphrd == libc::ARPHRD_ETHER {
+        programs::LEAVE_NODE
+    } else {
+        LEAVE_NODE_L3
+    }
+}
 
 /// Default bpffs mount point.
 pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf";
@@ -57,8 +77,17 @@ pub struct DatapathConfig {
     /// Map sizes for maps created by this load (pinned maps that already
     /// exist keep theirs).
     pub map_sizes: MapSizes,
-    /// New-pods mode and connection timeouts, written at load.
+    /// New-pods mode and connection timeouts, written at load. Its mark
+    /// fields are ignored: [`Self::mark_mask`] sets them.
     pub global: GlobalConfig,
+    /// Bits of `skb->mark` that carry a pod's Service traffic from
+    /// `from_pod` to the hook that judges it after kube-proxy's DNAT
+    /// (`to_pod`, `leave_node`): one run of contiguous bits
+    /// ([`netpol_common::mark::valid`]). Default
+    /// [`netpol_common::mark::DEFAULT_MASK`], clear of kube-proxy's
+    /// 0x4000/0x8000, kube-router's 0x10000/0x20000 and Tailscale's
+    /// 0xff0000.
+    pub mark_mask: u32,
     /// Attachments outlive the datapath and its process (the agent): TCX
     /// links are pinned, netlink filters left in place, and a later load
     /// adopts them, swapping its programs in atomically. Off (the default),
@@ -104,6 +133,7 @@ impl Default for DatapathConfig {
             attach_mode: AttachMode::Auto,
             map_sizes: MapSizes::default(),
             global: GlobalConfig::default(),
+            mark_mask: mark::DEFAULT_MASK,
             persistent: false,
         }
     }
@@ -183,6 +213,38 @@ pub enum DatapathError {
     Interfaces { source: std::io::Error },
     #[error("deleting the clsact qdisc of {interface}: {message}")]
     QdiscDelete { interface: String, message: String },
+    #[error(
+        "mark mask {mask:#010x} is not usable: it must be one run of contiguous bits (e.g. {:#010x}), not 0",
+        mark::DEFAULT_MASK
+    )]
+    MarkMask { mask: u32 },
+    #[error(
+        "no cgroup v2 hierarchy at or under {path} ({source}): Service backends on node \
+         addresses cannot be judged"
+    )]
+    Cgroup {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{interface} is attached as a pod interface, not as an uplink")]
+    PodInterface { interface: String },
+    #[error("reading the link type of {interface}: {source}")]
+    LinkType {
+        interface: String,
+        source: std::io::Error,
+    },
+}
+
+/// `mask` when it is a usable mark mask ([`netpol_common::mark::valid`]).
+///
+/// # Errors
+/// [`DatapathError::MarkMask`], naming the value, otherwise.
+pub const fn check_mark_mask(mask: u32) -> Result<u32, DatapathError> {
+    if mark::valid(mask) {
+        Ok(mask)
+    } else {
+        Err(DatapathError::MarkMask { mask })
+    }
 }
 
 /// One interface's two attachments.
@@ -190,6 +252,13 @@ pub enum DatapathError {
 struct Attachment {
     from_pod: Held,
     to_pod: Held,
+}
+
+/// An uplink's attachment: `leave_node` or [`LEAVE_NODE_L3`].
+#[derive(Debug)]
+struct UplinkAttachment {
+    program: &'static str,
+    held: Held,
 }
 
 /// The loaded object. Dropping it detaches the programs it attached unless
@@ -205,6 +274,13 @@ pub struct Datapath {
     /// [`Datapath::commit_layout`].
     replacing: Option<u32>,
     attached: BTreeMap<String, Attachment>,
+    /// `leave_node` on the TC egress of the node's other devices.
+    uplinks: BTreeMap<String, UplinkAttachment>,
+    /// The cgroup v2 root `to_host` is attached to.
+    host: Option<PathBuf>,
+    /// [`DatapathConfig::mark_mask`], kept in the config map whatever
+    /// [`Datapath::set_global`] is given.
+    mark_mask: u32,
 }
 
 impl std::fmt::Debug for Datapath {
@@ -214,18 +290,21 @@ impl std::fmt::Debug for Datapath {
             .field("attach_mode", &self.attach_mode)
             .field("persistent", &self.persistent)
             .field("attached", &self.attached)
+            .field("uplinks", &self.uplinks)
+            .field("mark_mask", &format_args!("{:#010x}", self.mark_mask))
             .finish_non_exhaustive()
     }
 }
 
 impl Datapath {
     /// Loads the object, pinning (or reusing) its maps under
-    /// `<bpffs>/netpol`, and loads both programs into the kernel.
+    /// `<bpffs>/netpol`, and loads its three programs into the kernel.
     ///
     /// # Errors
-    /// When the object is missing or invalid, bpffs cannot be prepared, or
-    /// the kernel refuses a map or program.
+    /// When the mark mask is not usable, the object is missing or invalid,
+    /// bpffs cannot be prepared, or the kernel refuses a map or program.
     pub fn load(config: &DatapathConfig) -> Result<Self, DatapathError> {
+        let mark_mask = check_mark_mask(config.mark_mask)?;
         let path = match &config.object {
             Some(p) => p.clone(),
             None => object::locate()?,
@@ -261,7 +340,12 @@ impl Datapath {
                 path: path.clone(),
                 source: Box::new(source),
             })?;
-        for name in [programs::FROM_POD, programs::TO_POD] {
+        for name in [
+            programs::FROM_POD,
+            programs::TO_POD,
+            programs::LEAVE_NODE,
+            LEAVE_NODE_L3,
+        ] {
             classifier(&mut ebpf, name)?
                 .load()
                 .map_err(|source| DatapathError::Program {
@@ -269,12 +353,17 @@ impl Datapath {
                     source: Box::new(source),
                 })?;
         }
-        write_global(&mut ebpf, config.global)?;
+        write_global(&mut ebpf, with_mark(config.global, mark_mask))?;
         let backend = KernelBackend::new(
             take_map(&mut ebpf, maps::ENDPOINTS)?,
             take_map(&mut ebpf, maps::POLICY_V4)?,
             take_map(&mut ebpf, maps::POLICY_V6)?,
             take_map(&mut ebpf, maps::PORTS)?,
+            ServiceMaps {
+                frontends_v4: take_map(&mut ebpf, maps::FRONTENDS_V4)?,
+                frontends_v6: take_map(&mut ebpf, maps::FRONTENDS_V6)?,
+                mark_sources: take_map(&mut ebpf, maps::MARK_SOURCES)?,
+            },
         )
         .with_conntrack(take_map(&mut ebpf, maps::CONNTRACK)?);
         // Pinned maps may hold a previous agent's state: start from it.
@@ -285,7 +374,8 @@ impl Datapath {
                 io_error: e.errno,
             })),
         })?;
-        let writer = MapWriter::new(backend, mirror);
+        let mut writer = MapWriter::new(backend, mirror);
+        writer.set_mark_slots(mark::slots(mark_mask));
         tracing::debug!(object = %path.display(), pin_dir = %pin_dir.display(), "datapath loaded");
         Ok(Self {
             ebpf,
@@ -295,6 +385,9 @@ impl Datapath {
             persistent: config.persistent,
             replacing,
             attached: BTreeMap::new(),
+            uplinks: BTreeMap::new(),
+            host: None,
+            mark_mask,
         })
     }
 
@@ -303,15 +396,29 @@ impl Datapath {
         &mut self.writer
     }
 
-    /// Replaces the new-pods mode and timeouts.
+    /// Replaces the new-pods mode and timeouts. The mark fields stay the
+    /// datapath's ([`DatapathConfig::mark_mask`]), whatever `global` holds.
     ///
     /// # Errors
     /// When the config map cannot be written.
     pub fn set_global(&mut self, global: GlobalConfig) -> Result<(), DatapathError> {
-        write_global(&mut self.ebpf, global)
+        write_global(&mut self.ebpf, with_mark(global, self.mark_mask))
     }
 
-    /// One of the two programs, e.g. for `BPF_PROG_TEST_RUN`.
+    /// The mark mask in force ([`DatapathConfig::mark_mask`]).
+    #[must_use]
+    pub const fn mark_mask(&self) -> u32 {
+        self.mark_mask
+    }
+
+    /// How many pod interfaces can have a mark slot at once:
+    /// [`netpol_common::mark::slots`] of the mask.
+    #[must_use]
+    pub const fn mark_slots(&self) -> u32 {
+        mark::slots(self.mark_mask)
+    }
+
+    /// One of the three programs, e.g. for `BPF_PROG_TEST_RUN`.
     ///
     /// # Errors
     /// When the object lacks it.
@@ -342,9 +449,21 @@ impl Datapath {
         &self.pin_dir
     }
 
-    /// Interfaces this datapath has attached to.
+    /// Pod interfaces this datapath has attached to.
     pub fn attached(&self) -> impl Iterator<Item = &str> {
         self.attached.keys().map(String::as_str)
+    }
+
+    /// Uplinks this datapath has attached `leave_node` (or
+    /// [`LEAVE_NODE_L3`]) to.
+    pub fn uplinks(&self) -> impl Iterator<Item = &str> {
+        self.uplinks.keys().map(String::as_str)
+    }
+
+    /// The program on an uplink's egress, if it is one of this datapath's.
+    #[must_use]
+    pub fn uplink_program(&self, interface: &str) -> Option<&'static str> {
+        self.uplinks.get(interface).map(|u| u.program)
     }
 
     /// Attaches `from_pod` to `interface`'s TC ingress and `to_pod` to its TC
@@ -358,9 +477,20 @@ impl Datapath {
     /// When the interface does not exist or the kernel refuses the attach;
     /// nothing this call attached stays attached on error.
     #[tracing::instrument(skip(self), fields(pin_dir = %self.pin_dir.display()))]
+    ///
+    /// An interface attached as an uplink becomes a pod interface: its
+    /// `leave_node` is detached first (both use netpol's egress filter on
+    /// the netlink path).
     pub fn attach(&mut self, interface: &str) -> Result<(), DatapathError> {
         if self.attached.contains_key(interface) {
             return Ok(());
+        }
+        if self.uplinks.contains_key(interface) {
+            tracing::info!(
+                interface,
+                "uplink became a pod interface: detaching leave_node"
+            );
+            self.detach_uplink(interface)?;
         }
         let tcx = self.use_tcx()?;
         if !tcx {
@@ -452,6 +582,77 @@ impl Datapath {
         Ok(())
     }
 
+    /// Attaches `leave_node` to `interface`'s TC egress only: an uplink,
+    /// tunnel, bond or VLAN device, where a pod's Service packet leaves for
+    /// a backend on another node; [`LEAVE_NODE_L3`] when the device has no
+    /// Ethernet header ([`uplink_program`] of its link type). The same
+    /// machinery as [`Self::attach`]: TCX links pinned as
+    /// `<pin_dir>/links/<ifname>-<program>` when persistent, netpol's
+    /// netlink filter (and a recorded clsact qdisc) below 6.6, adoption of
+    /// what a previous persistent datapath left.
+    ///
+    /// # Errors
+    /// When the interface is attached as a pod interface
+    /// ([`DatapathError::PodInterface`]), does not exist, or the kernel
+    /// refuses the attach.
+    #[tracing::instrument(skip(self), fields(pin_dir = %self.pin_dir.display()))]
+    pub fn attach_uplink(&mut self, interface: &str) -> Result<(), DatapathError> {
+        if self.uplinks.contains_key(interface) {
+            return Ok(());
+        }
+        if self.attached.contains_key(interface) {
+            return Err(DatapathError::PodInterface {
+                interface: interface.to_owned(),
+            });
+        }
+        let program = lifecycle::link_type(interface)
+            .map(uplink_program)
+            .map_err(|source| DatapathError::LinkType {
+                interface: interface.to_owned(),
+                source,
+            })?;
+        let tcx = self.use_tcx()?;
+        if !tcx {
+            lifecycle::ensure_clsact(interface, &self.pin_dir)?;
+        }
+        let (held, adopted) = self.attach_hook(program, interface, TcAttachType::Egress, tcx)?;
+        if matches!(held, Held::Deferred) {
+            tracing::info!(
+                interface,
+                program,
+                "uplink: keeping the previous agent's program until the maps of the new layout are filled"
+            );
+        } else if adopted {
+            tracing::info!(
+                interface,
+                program,
+                "uplink: adopted the attachment a previous agent left"
+            );
+        } else {
+            tracing::info!(interface, program, "uplink attached");
+        }
+        self.uplinks
+            .insert(interface.to_owned(), UplinkAttachment { program, held });
+        Ok(())
+    }
+
+    /// Detaches `leave_node` from `interface` (and removes its link pin).
+    ///
+    /// # Errors
+    /// When the interface is not an uplink of this datapath, or the kernel
+    /// refuses the detach.
+    pub fn detach_uplink(&mut self, interface: &str) -> Result<(), DatapathError> {
+        let UplinkAttachment { program, held } =
+            self.uplinks
+                .remove(interface)
+                .ok_or_else(|| DatapathError::NotAttached {
+                    interface: interface.to_owned(),
+                })?;
+        classifier(&mut self.ebpf, program).and_then(|p| lifecycle::detach(held, p, program))?;
+        tracing::info!(interface, program, "uplink detached");
+        Ok(())
+    }
+
     /// The layout of the pinned maps this load is replacing: fresh maps of
     /// the current layout were created, and interfaces a previous agent
     /// attached keep its programs (and maps) until [`Self::commit_layout`].
@@ -460,9 +661,13 @@ impl Datapath {
         self.replacing
     }
 
-    /// Whether an interface a previous agent attached to (a TCX link pin,
-    /// a netlink filter record) still exists and is not attached by this
-    /// datapath yet.
+    /// Whether a pod interface a previous agent attached to (a TCX link
+    /// pin, a netlink filter record of `from_pod` or `to_pod`) still exists
+    /// and is not attached by this datapath yet.
+    ///
+    /// Uplinks are not waited for: one this agent does not attach (other
+    /// `--uplinks`) must not hold the pods on the maps of the old layout;
+    /// one attached later adopts the previous agent's link then.
     #[must_use]
     pub fn awaiting_interfaces(&self) -> bool {
         lifecycle::previous_interfaces(&self.pin_dir)
@@ -518,6 +723,23 @@ impl Datapath {
                     }
                 }
             }
+        }
+        let uplinks: Vec<(String, &'static str)> = self
+            .uplinks
+            .iter()
+            .filter(|(_, u)| matches!(u.held, Held::Deferred))
+            .map(|(n, u)| (n.clone(), u.program))
+            .collect();
+        for (name, program) in uplinks {
+            let held = match self.attach_hook(program, &name, TcAttachType::Egress, tcx) {
+                Ok((held, _)) => held,
+                Err(e) => {
+                    self.replacing = Some(old);
+                    return Err(e);
+                }
+            };
+            self.uplinks
+                .insert(name, UplinkAttachment { program, held });
         }
         if let Err(e) = lifecycle::finish_layout(&self.pin_dir, old) {
             self.replacing = Some(old);
@@ -575,6 +797,15 @@ where
         name,
         source: Box::new(source),
     })
+}
+
+/// `global` with the mark fields of `mask` (already checked).
+const fn with_mark(global: GlobalConfig, mask: u32) -> GlobalConfig {
+    GlobalConfig {
+        mark_mask: mask,
+        mark_shift: mark::shift(mask),
+        ..global
+    }
 }
 
 fn write_global(ebpf: &mut Ebpf, global: GlobalConfig) -> Result<(), DatapathError> {
@@ -710,5 +941,36 @@ pub const fn family_name(f: u32) -> &'static str {
         family::IPV6 => "ipv6",
         family::OTHER => "other",
         _ => "unknown",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ethernet_devices_get_leave_node_others_its_l3_variant() {
+        assert_eq!(uplink_program(libc::ARPHRD_ETHER), programs::LEAVE_NODE);
+        // WireGuard and tun (none), IPIP (tunnel), SIT, GRE.
+        for t in [
+            libc::ARPHRD_NONE,
+            libc::ARPHRD_TUNNEL,
+            libc::ARPHRD_TUNNEL6,
+            libc::ARPHRD_SIT,
+            libc::ARPHRD_IPGRE,
+        ] {
+            assert_eq!(uplink_program(t), LEAVE_NODE_L3, "{t}");
+        }
+    }
+
+    #[test]
+    fn an_unusable_mark_mask_is_refused_by_value() {
+        let e = check_mark_mask(0x0f0f_0000).expect_err("two runs");
+        assert!(e.to_string().contains("0x0f0f0000"), "{e}");
+        assert!(check_mark_mask(0).is_err());
+        assert_eq!(
+            check_mark_mask(mark::DEFAULT_MASK).ok(),
+            Some(mark::DEFAULT_MASK)
+        );
     }
 }

@@ -13,7 +13,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use super::{
     ContainerPort, LabelSelector, Labels, ModelError, NAMESPACE_NAME_LABEL, Namespace,
     NetworkPolicy, Node, ObjectRef, Operator, Peer, Pod, PodPhase, PolicyPort, PortSpec, Protocol,
-    Requirement, Rule,
+    Requirement, Rule, Service, ServicePort,
 };
 
 /// Collects the errors of one object.
@@ -197,6 +197,142 @@ impl TryFrom<&core::Node> for Node {
             }
         }
         Ok(Node { name, addresses })
+    }
+}
+
+/// Parses `s` into `list` unless it is there already.
+fn push_ip(list: &mut Vec<IpAddr>, s: &str, field: String, errs: &mut Errors) {
+    match s.parse::<IpAddr>() {
+        Ok(ip) if !list.contains(&ip) => list.push(ip),
+        Ok(_) => {}
+        Err(_) => errs.push(field, format!("invalid IP address {s:?}")),
+    }
+}
+
+impl TryFrom<&core::Service> for Service {
+    type Error = Vec<ModelError>;
+
+    fn try_from(svc: &core::Service) -> Result<Self, Self::Error> {
+        let id = object_ref(&svc.metadata);
+        let mut errs = Errors::new("Service", id.to_string());
+        if id.name.is_empty() {
+            errs.push("metadata.name", "required");
+        }
+        let default_spec = core::ServiceSpec::default();
+        let spec = svc.spec.as_ref().unwrap_or(&default_spec);
+        let mut ports = Vec::new();
+        for (i, p) in spec.ports.as_deref().unwrap_or_default().iter().enumerate() {
+            let field = format!("spec.ports[{i}]");
+            let protocol = protocol(
+                p.protocol.as_deref(),
+                &format!("{field}.protocol"),
+                &mut errs,
+            );
+            let Some(port) = u16::try_from(p.port).ok().filter(|&n| n > 0) else {
+                errs.push(format!("{field}.port"), "must be 1-65535");
+                continue;
+            };
+            let node_port = match p.node_port {
+                None | Some(0) => None,
+                Some(n) => match u16::try_from(n) {
+                    Ok(n) => Some(n),
+                    Err(_) => {
+                        errs.push(format!("{field}.nodePort"), "must be 1-65535");
+                        continue;
+                    }
+                },
+            };
+            ports.push(ServicePort {
+                port,
+                protocol,
+                node_port,
+            });
+        }
+        let mut cluster_ips = Vec::new();
+        match (spec.cluster_ips.as_deref(), spec.cluster_ip.as_deref()) {
+            (Some(list), _) if !list.is_empty() => {
+                for (i, ip) in list.iter().enumerate() {
+                    if ip != "None" && !ip.is_empty() {
+                        push_ip(
+                            &mut cluster_ips,
+                            ip,
+                            format!("spec.clusterIPs[{i}]"),
+                            &mut errs,
+                        );
+                    }
+                }
+            }
+            (_, Some(ip)) if ip != "None" && !ip.is_empty() => {
+                push_ip(&mut cluster_ips, ip, "spec.clusterIP".to_owned(), &mut errs);
+            }
+            _ => {}
+        }
+        let mut external_ips = Vec::new();
+        for (i, ip) in spec
+            .external_ips
+            .as_deref()
+            .unwrap_or_default()
+            .iter()
+            .enumerate()
+        {
+            push_ip(
+                &mut external_ips,
+                ip,
+                format!("spec.externalIPs[{i}]"),
+                &mut errs,
+            );
+        }
+        let mut load_balancer_ips = Vec::new();
+        let ingress = svc
+            .status
+            .as_ref()
+            .and_then(|s| s.load_balancer.as_ref())
+            .and_then(|lb| lb.ingress.as_deref())
+            .unwrap_or_default();
+        for (i, ing) in ingress.iter().enumerate() {
+            // A `Proxy` ingress point is reached through the load balancer,
+            // which kube-proxy does not short-circuit.
+            let vip = ing.ip_mode.as_deref().is_none_or(|m| m == "VIP");
+            if let Some(ip) = ing.ip.as_deref().filter(|ip| !ip.is_empty() && vip) {
+                push_ip(
+                    &mut load_balancer_ips,
+                    ip,
+                    format!("status.loadBalancer.ingress[{i}].ip"),
+                    &mut errs,
+                );
+            }
+        }
+        if !errs.list.is_empty() {
+            return Err(errs.list);
+        }
+        let headless = spec.cluster_ip.as_deref() == Some("None")
+            || spec
+                .cluster_ips
+                .as_deref()
+                .is_some_and(|l| l.first().is_some_and(|ip| ip == "None"));
+        if headless || spec.type_.as_deref() == Some("ExternalName") {
+            // kube-proxy skips the Service: nothing to translate.
+            return Ok(Service {
+                id,
+                cluster_ips: Vec::new(),
+                external_ips: Vec::new(),
+                load_balancer_ips: Vec::new(),
+                ports: ports
+                    .into_iter()
+                    .map(|p| ServicePort {
+                        node_port: None,
+                        ..p
+                    })
+                    .collect(),
+            });
+        }
+        Ok(Service {
+            id,
+            cluster_ips,
+            external_ips,
+            load_balancer_ips,
+            ports,
+        })
     }
 }
 
@@ -464,5 +600,114 @@ impl TryFrom<&net::NetworkPolicy> for NetworkPolicy {
             ingress: has_ingress.then_some(ingress_rules),
             egress: has_egress.then_some(egress_rules),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::IpAddr;
+
+    use super::*;
+
+    fn svc(json: serde_json::Value) -> core::Service {
+        let mut v = serde_json::json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "s", "namespace": "x"},
+        });
+        if let (Some(o), Some(extra)) = (v.as_object_mut(), json.as_object()) {
+            o.extend(extra.clone());
+        }
+        serde_json::from_value(v).expect("a Service")
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().expect("an address")
+    }
+
+    #[test]
+    fn service_keeps_every_frontend_with_tcp_by_default() {
+        let s = Service::try_from(&svc(serde_json::json!({
+            "spec": {"type": "LoadBalancer", "clusterIP": "10.43.0.1",
+                     "clusterIPs": ["10.43.0.1", "fd00::1"], "externalIPs": ["192.0.2.1"],
+                     "ports": [{"port": 80, "nodePort": 30080}, {"port": 53, "protocol": "UDP"}]},
+            "status": {"loadBalancer": {"ingress": [{"ip": "198.51.100.1"}, {"hostname": "lb"},
+                                                     {"ip": "198.51.100.2", "ipMode": "Proxy"}]}}
+        })))
+        .expect("valid");
+        assert_eq!(s.id, ObjectRef::new("x", "s"));
+        assert_eq!(s.cluster_ips, vec![ip("10.43.0.1"), ip("fd00::1")]);
+        assert_eq!(s.external_ips, vec![ip("192.0.2.1")]);
+        assert_eq!(s.load_balancer_ips, vec![ip("198.51.100.1")]);
+        assert_eq!(
+            s.ports,
+            vec![
+                ServicePort {
+                    port: 80,
+                    protocol: Protocol::Tcp,
+                    node_port: Some(30080)
+                },
+                ServicePort {
+                    port: 53,
+                    protocol: Protocol::Udp,
+                    node_port: None
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn service_falls_back_to_the_single_cluster_ip() {
+        let s = Service::try_from(&svc(serde_json::json!({
+            "spec": {"clusterIP": "10.43.0.7", "ports": [{"port": 80}]}
+        })))
+        .expect("valid");
+        assert_eq!(s.cluster_ips, vec![ip("10.43.0.7")]);
+    }
+
+    #[test]
+    fn headless_and_external_name_services_have_no_frontends() {
+        for spec in [
+            serde_json::json!({"clusterIP": "None", "externalIPs": ["192.0.2.1"],
+                               "ports": [{"port": 80, "nodePort": 30080}]}),
+            serde_json::json!({"clusterIPs": ["None"], "ports": [{"port": 80}]}),
+            serde_json::json!({"type": "ExternalName", "externalName": "example.com",
+                               "clusterIP": "10.43.0.9", "ports": [{"port": 80, "nodePort": 30080}]}),
+        ] {
+            let s = Service::try_from(&svc(serde_json::json!({ "spec": spec }))).expect("valid");
+            assert!(s.cluster_ips.is_empty(), "{s:?}");
+            assert!(s.external_ips.is_empty(), "{s:?}");
+            assert!(s.ports.iter().all(|p| p.node_port.is_none()), "{s:?}");
+        }
+    }
+
+    #[test]
+    fn invalid_service_fields_are_named() {
+        let errs = Service::try_from(&svc(serde_json::json!({
+            "spec": {"clusterIPs": ["10.43.0.300"], "externalIPs": ["nope"],
+                     "ports": [{"port": 0}, {"port": 80, "protocol": "ICMP"},
+                               {"port": 81, "nodePort": 70000}]},
+            "status": {"loadBalancer": {"ingress": [{"ip": "x"}]}}
+        })))
+        .expect_err("invalid");
+        let fields: Vec<String> = errs.iter().map(|e| e.field.clone()).collect();
+        assert_eq!(
+            fields,
+            [
+                "spec.ports[0].port",
+                "spec.ports[1].protocol",
+                "spec.ports[2].nodePort",
+                "spec.clusterIPs[0]",
+                "spec.externalIPs[0]",
+                "status.loadBalancer.ingress[0].ip",
+            ]
+        );
+        assert!(
+            errs.iter()
+                .all(|e| e.kind == "Service" && e.object == "x/s")
+        );
+        assert_eq!(
+            errs[3].to_string(),
+            "x/s: spec.clusterIPs[0]: invalid IP address \"10.43.0.300\""
+        );
     }
 }

@@ -6,7 +6,7 @@ use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::api::networking::v1 as net;
 use serde::Deserialize as _;
 
-use super::{ModelError, Namespace, NetworkPolicy, Node, Pod, Snapshot};
+use super::{ModelError, Namespace, NetworkPolicy, Node, Pod, Service, Snapshot};
 
 /// What loading found besides the objects it applied.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -155,7 +155,11 @@ pub fn apply_value(
     }
     report.objects += 1;
     match (api.as_str(), kind.as_str()) {
-        (_, "List") | (_, "PodList") | (_, "NetworkPolicyList") | (_, "NamespaceList") => {
+        (_, "List")
+        | (_, "PodList")
+        | (_, "NetworkPolicyList")
+        | (_, "NamespaceList")
+        | (_, "ServiceList") => {
             report.objects -= 1;
             let items = value
                 .get("items")
@@ -217,9 +221,26 @@ pub fn apply_value(
             }
             snapshot.upsert_policy(converted);
         }
-        ("v1", "Service") | ("v1", "Endpoints") | ("discovery.k8s.io/v1", "EndpointSlice") => {
-            // Policies apply to pod addresses after Service translation, so
-            // Services do not change the maps.
+        ("v1", "Service") => {
+            let raw = parse!(core::Service);
+            match Service::try_from(&raw) {
+                Ok(s) => {
+                    report.valid += 1;
+                    snapshot.upsert_service(s);
+                }
+                Err(errors) => {
+                    // The last valid version stays: its frontends are still
+                    // translated by kube-proxy.
+                    let name = errors.first().map(|e| e.object.clone()).unwrap_or_default();
+                    snapshot
+                        .invalid
+                        .insert(("Service".to_owned(), name), errors);
+                }
+            }
+        }
+        ("v1", "Endpoints") | ("discovery.k8s.io/v1", "EndpointSlice") => {
+            // Policies apply to pod addresses after Service translation:
+            // which backends a Service has does not change the maps.
             report.objects -= 1;
         }
         _ => {

@@ -215,6 +215,41 @@ pub struct Node {
     pub addresses: Vec<IpAddr>,
 }
 
+/// One port of a Service.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct ServicePort {
+    /// `port`: the port of the cluster, external and load-balancer IPs.
+    pub port: u16,
+    /// `protocol` (default TCP).
+    pub protocol: Protocol,
+    /// `nodePort` (absent or 0: none): the port on every node address.
+    pub node_port: Option<u16>,
+}
+
+/// A Service, reduced to its frontends: the addresses and ports kube-proxy
+/// translates to a backend.
+///
+/// kube-proxy skips a Service without a cluster IP to translate: headless
+/// (`clusterIP: None`) and `ExternalName` Services have no frontend at all
+/// (no address, no node port). A manifest of the files source that leaves
+/// `clusterIP` out (not allocated, as the API server would) keeps its other
+/// frontends.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Service {
+    /// Namespace and name.
+    pub id: ObjectRef,
+    /// `spec.clusterIPs` (or `spec.clusterIP`), deduplicated, in order.
+    pub cluster_ips: Vec<IpAddr>,
+    /// `spec.externalIPs`, deduplicated, in order.
+    pub external_ips: Vec<IpAddr>,
+    /// `status.loadBalancer.ingress[].ip` of the ingress points kube-proxy
+    /// translates (`ipMode` `VIP`, the default; `Proxy` ones are reached
+    /// through the load balancer), deduplicated, in order.
+    pub load_balancer_ips: Vec<IpAddr>,
+    /// `spec.ports`.
+    pub ports: Vec<ServicePort>,
+}
+
 /// Operator of a label selector requirement.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 pub enum Operator {
@@ -368,8 +403,11 @@ pub struct Snapshot {
     pub pods: BTreeMap<ObjectRef, Pod>,
     /// NetworkPolicies with their last valid version.
     pub policies: BTreeMap<ObjectRef, PolicySlot>,
-    /// Errors of rejected pods, namespaces and nodes, by kind and name. A
-    /// rejected update leaves the last valid version in the snapshot.
+    /// Services (their frontends).
+    pub services: BTreeMap<ObjectRef, Service>,
+    /// Errors of rejected pods, namespaces, nodes and Services, by kind and
+    /// name. A rejected update leaves the last valid version in the
+    /// snapshot.
     pub invalid: BTreeMap<(String, String), Vec<ModelError>>,
 }
 
@@ -384,6 +422,8 @@ pub enum Kind {
     Pod,
     /// networking.k8s.io/v1 NetworkPolicy.
     NetworkPolicy,
+    /// v1 Service.
+    Service,
 }
 
 impl Snapshot {
@@ -434,13 +474,20 @@ impl Snapshot {
         self.namespaces.insert(ns.name.clone(), ns);
     }
 
+    /// Adds or replaces a Service.
+    pub fn upsert_service(&mut self, service: Service) {
+        self.invalid
+            .remove(&("Service".to_owned(), service.id.to_string()));
+        self.services.insert(service.id.clone(), service);
+    }
+
     /// Adds or replaces a node.
     pub fn upsert_node(&mut self, node: Node) {
         self.nodes.insert(node.name.clone(), node);
     }
 
-    /// Removes an object. Removing a namespace removes its pods and
-    /// policies, as the API server's namespace deletion does.
+    /// Removes an object. Removing a namespace removes its pods, policies
+    /// and Services, as the API server's namespace deletion does.
     pub fn remove(&mut self, kind: Kind, namespace: &str, name: &str) {
         let id = ObjectRef::new(namespace, name);
         match kind {
@@ -451,12 +498,16 @@ impl Snapshot {
                 self.namespaces.remove(name);
                 self.pods.retain(|k, _| k.namespace != name);
                 self.policies.retain(|k, _| k.namespace != name);
+                self.services.retain(|k, _| k.namespace != name);
             }
             Kind::Pod => {
                 self.pods.remove(&id);
             }
             Kind::NetworkPolicy => {
                 self.policies.remove(&id);
+            }
+            Kind::Service => {
+                self.services.remove(&id);
             }
         }
     }
@@ -471,8 +522,8 @@ impl Snapshot {
         }
     }
 
-    /// Every error of the latest objects: rejected pods, namespaces, nodes
-    /// and policies.
+    /// Every error of the latest objects: rejected pods, namespaces, nodes,
+    /// Services and policies.
     #[must_use]
     pub fn errors(&self) -> Vec<ModelError> {
         let mut out: Vec<ModelError> = self.invalid.values().flatten().cloned().collect();

@@ -138,6 +138,9 @@ impl FilesSource {
                 .policies
                 .extend(f.policies.iter().map(|(k, v)| (k.clone(), v.clone())));
             snapshot
+                .services
+                .extend(f.services.iter().map(|(k, v)| (k.clone(), v.clone())));
+            snapshot
                 .invalid
                 .extend(f.invalid.iter().map(|(k, v)| (k.clone(), v.clone())));
             problems.extend(state.problems.iter().cloned());
@@ -207,6 +210,7 @@ fn publish(tx: &InputSender, input: &Input, dir: &Path) {
         dir = %dir.display(),
         pods = input.snapshot.pods.len(),
         policies = input.snapshot.policies.len(),
+        services = input.snapshot.services.len(),
         "manifests read"
     );
     tx.send_replace(Some(Arc::new(input.clone())));
@@ -254,6 +258,9 @@ fn convert_file(path: &Path, text: &str, state: &mut FileState) {
     fragment
         .policies
         .retain(|id, _| has("NetworkPolicy", &id.namespace, &id.name));
+    fragment
+        .services
+        .retain(|id, _| has("Service", &id.namespace, &id.name));
     let mut problems: Vec<String> = report
         .errors
         .iter()
@@ -363,6 +370,41 @@ spec: {podSelector: {}, ingress: [{ports: [{port: 80}]}]}
                 .policies
                 .contains_key(&ObjectRef::new("x", "p"))
         );
+    }
+
+    const SERVICE: &str = "apiVersion: v1
+kind: Service
+metadata: {name: s, namespace: x}
+spec: {clusterIP: 10.43.0.1, ports: [{port: 80}]}
+";
+
+    #[test]
+    fn services_load_keep_their_last_valid_version_and_leave_with_their_file() {
+        let d = Dir::new("service");
+        d.write("s.yaml", SERVICE);
+        let mut src = FilesSource::new(&d.0);
+        let id = ObjectRef::new("x", "s");
+        let input = src.rescan().expect("rescan");
+        let valid = input.snapshot.services[&id].clone();
+        assert_eq!(
+            valid.cluster_ips,
+            vec!["10.43.0.1".parse::<std::net::IpAddr>().expect("ip")]
+        );
+        d.write("s.yaml", &SERVICE.replace("port: 80", "port: 0"));
+        let input = src.rescan().expect("rescan");
+        assert_eq!(input.snapshot.services[&id], valid);
+        assert!(
+            input
+                .problems
+                .iter()
+                .any(|p| p.contains("s.yaml") && p.contains("spec.ports[0].port")),
+            "{:?}",
+            input.problems
+        );
+        std::fs::remove_file(d.0.join("s.yaml")).expect("rm");
+        let input = src.rescan().expect("rescan");
+        assert!(input.snapshot.services.is_empty());
+        assert!(input.problems.is_empty(), "{:?}", input.problems);
     }
 
     #[test]

@@ -37,7 +37,7 @@ use super::{Input, InputSender};
 use crate::{
     model::{
         ALLOW_ANY_SOURCE_ANNOTATION, Kind, ModelError, Namespace, NetworkPolicy, Node, ObjectRef,
-        Pod, Snapshot,
+        Pod, Service, Snapshot,
     },
     telemetry::Metrics,
 };
@@ -235,6 +235,7 @@ enum Obj {
     Namespace(String, Result<Namespace, Vec<ModelError>>),
     Node(String, Result<Node, Vec<ModelError>>),
     Policy(Result<NetworkPolicy, (ObjectRef, Vec<ModelError>)>),
+    Service(ObjectRef, Result<Service, Vec<ModelError>>),
     /// A kind the model does not hold.
     Other,
 }
@@ -365,7 +366,7 @@ impl KubeSource {
             all.clone(),
             StoreKind::Service,
             trim_service,
-            |_| Obj::Other,
+            convert_service,
             msg_tx.clone(),
         );
         spawn_store::<discovery::EndpointSlice>(
@@ -667,6 +668,7 @@ impl Assembler {
             namespaces,
             pods,
             policies,
+            services,
             invalid,
             ..
         } = buf;
@@ -687,7 +689,11 @@ impl Assembler {
                 s.policies = policies;
                 return;
             }
-            StoreKind::Service | StoreKind::EndpointSlice => return,
+            StoreKind::Service => {
+                s.services = services;
+                "Service"
+            }
+            StoreKind::EndpointSlice => return,
         };
         s.invalid.retain(|(k, _), _| k != kind);
         s.invalid.extend(invalid);
@@ -788,6 +794,19 @@ fn upsert(target: &mut Snapshot, previous: Option<&Snapshot>, obj: Obj) -> bool 
             }
             invalid(target, "Node", name, errors)
         }
+        Obj::Service(id, Ok(svc)) => {
+            let key = ("Service".to_owned(), id.to_string());
+            let changed =
+                target.services.get(&id) != Some(&svc) || target.invalid.contains_key(&key);
+            target.upsert_service(svc);
+            changed
+        }
+        Obj::Service(id, Err(errors)) => {
+            if let Some(old) = previous.and_then(|p| p.services.get(&id)) {
+                target.services.insert(id.clone(), old.clone());
+            }
+            invalid(target, "Service", id.to_string(), errors)
+        }
         Obj::Policy(Ok(p)) => {
             let changed = target
                 .policies
@@ -826,7 +845,8 @@ fn remove(target: &mut Snapshot, store: StoreKind, id: &ObjectRef) -> bool {
         StoreKind::Namespace => ("Namespace", Kind::Namespace, id.name.clone()),
         StoreKind::Node => ("Node", Kind::Node, id.name.clone()),
         StoreKind::NetworkPolicy => ("NetworkPolicy", Kind::NetworkPolicy, id.to_string()),
-        StoreKind::Service | StoreKind::EndpointSlice => return false,
+        StoreKind::Service => ("Service", Kind::Service, id.to_string()),
+        StoreKind::EndpointSlice => return false,
     };
     let had_errors = target.invalid.remove(&(kind.to_owned(), key)).is_some();
     let had = match model_kind {
@@ -834,6 +854,7 @@ fn remove(target: &mut Snapshot, store: StoreKind, id: &ObjectRef) -> bool {
         Kind::Namespace => target.namespaces.contains_key(&id.name),
         Kind::Node => target.nodes.contains_key(&id.name),
         Kind::NetworkPolicy => target.policies.contains_key(id),
+        Kind::Service => target.services.contains_key(id),
     };
     target.remove(model_kind, &id.namespace, &id.name);
     had || had_errors
@@ -862,6 +883,10 @@ fn convert_node(n: &core::Node) -> Obj {
 
 fn convert_policy(p: &networking::NetworkPolicy) -> Obj {
     Obj::Policy(NetworkPolicy::try_from(p))
+}
+
+fn convert_service(s: &core::Service) -> Obj {
+    Obj::Service(pod_ref(&s.metadata), Service::try_from(s))
 }
 
 /// The metadata the stores keep: identity, labels, and the one annotation
@@ -932,10 +957,42 @@ fn trim_policy(p: &mut networking::NetworkPolicy) {
     trim_meta(&mut p.metadata, false);
 }
 
+/// A Service keeps its frontends: cluster, external and load-balancer IPs,
+/// its type (`ExternalName` has none) and its ports.
 fn trim_service(s: &mut core::Service) {
     trim_meta(&mut s.metadata, false);
-    s.spec = None;
-    s.status = None;
+    s.spec = s.spec.take().map(|spec| core::ServiceSpec {
+        type_: spec.type_,
+        cluster_ip: spec.cluster_ip,
+        cluster_ips: spec.cluster_ips,
+        external_ips: spec.external_ips,
+        ports: spec.ports.map(|ports| {
+            ports
+                .into_iter()
+                .map(|p| core::ServicePort {
+                    port: p.port,
+                    protocol: p.protocol,
+                    node_port: p.node_port,
+                    ..core::ServicePort::default()
+                })
+                .collect()
+        }),
+        ..core::ServiceSpec::default()
+    });
+    s.status = s.status.take().map(|status| core::ServiceStatus {
+        load_balancer: status.load_balancer.map(|lb| core::LoadBalancerStatus {
+            ingress: lb.ingress.map(|list| {
+                list.into_iter()
+                    .map(|i| core::LoadBalancerIngress {
+                        ip: i.ip,
+                        ip_mode: i.ip_mode,
+                        ..core::LoadBalancerIngress::default()
+                    })
+                    .collect()
+            }),
+        }),
+        ..core::ServiceStatus::default()
+    });
 }
 
 fn trim_endpoint_slice(e: &mut discovery::EndpointSlice) {
@@ -1012,6 +1069,73 @@ mod tests {
         asm.handle(msg(Change::InitDone), None);
         assert_eq!(asm.snapshot.pods[&id], valid);
         assert_eq!(asm.snapshot.errors().len(), 1);
+    }
+
+    fn service_json(port: i32) -> core::Service {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "s", "namespace": "x", "labels": {"app": "s"},
+                         "annotations": {"big": "x".repeat(1000)},
+                         "managedFields": [{"manager": "kubectl"}]},
+            "spec": {"type": "LoadBalancer", "clusterIP": "10.43.0.1",
+                     "clusterIPs": ["10.43.0.1", "fd00::1"], "externalIPs": ["192.0.2.1"],
+                     "selector": {"app": "a"}, "sessionAffinity": "None",
+                     "ports": [{"name": "http", "port": port, "targetPort": 8080,
+                                "nodePort": 30080, "protocol": "TCP"}]},
+            "status": {"loadBalancer": {"ingress": [{"ip": "198.51.100.1", "hostname": "lb",
+                                                      "ports": [{"port": 80, "protocol": "TCP"}]}]}}
+        }))
+        .expect("a Service")
+    }
+
+    #[test]
+    fn trimmed_service_converts_as_the_full_one() {
+        let full = service_json(80);
+        let mut trimmed = full.clone();
+        trim_service(&mut trimmed);
+        let converted = Service::try_from(&trimmed).expect("valid");
+        assert_eq!(Ok(converted.clone()), Service::try_from(&full));
+        assert_eq!(converted.cluster_ips.len(), 2);
+        assert_eq!(converted.load_balancer_ips.len(), 1);
+        assert!(trimmed.metadata.managed_fields.is_none());
+        assert!(trimmed.metadata.annotations.is_none());
+        let spec = trimmed.spec.expect("spec");
+        assert!(spec.selector.is_none());
+        assert!(spec.ports.expect("ports")[0].target_port.is_none());
+    }
+
+    #[test]
+    fn services_reach_the_snapshot_and_an_invalid_update_keeps_the_valid_one() {
+        let mut asm = Assembler::new("n1".into());
+        let msg = |change| Msg::Store {
+            store: StoreKind::Service,
+            size: 1,
+            change,
+        };
+        asm.handle(msg(Change::Init), None);
+        asm.handle(
+            msg(Change::InitApply(convert_service(&service_json(80)))),
+            None,
+        );
+        asm.handle(msg(Change::InitDone), None);
+        let id = ObjectRef::new("x", "s");
+        let valid = asm.snapshot.services[&id].clone();
+        asm.handle(msg(Change::Apply(convert_service(&service_json(0)))), None);
+        assert_eq!(asm.snapshot.services[&id], valid);
+        assert_eq!(asm.snapshot.errors().len(), 1);
+        asm.handle(msg(Change::Init), None);
+        asm.handle(
+            msg(Change::InitApply(convert_service(&service_json(0)))),
+            None,
+        );
+        asm.handle(msg(Change::InitDone), None);
+        assert_eq!(asm.snapshot.services[&id], valid, "kept across a relist");
+        assert_eq!(asm.snapshot.errors().len(), 1);
+        asm.dirty = false;
+        asm.handle(msg(Change::Delete(id.clone())), None);
+        assert!(asm.snapshot.services.is_empty());
+        assert!(asm.snapshot.errors().is_empty());
+        assert!(asm.dirty);
     }
 
     #[test]

@@ -46,6 +46,8 @@ pub struct ObjectCounts {
     pub pods: usize,
     /// NetworkPolicies (valid or with a version in force).
     pub policies: usize,
+    /// Services.
+    pub services: usize,
 }
 
 impl ObjectCounts {
@@ -57,6 +59,7 @@ impl ObjectCounts {
             namespaces: snapshot.namespaces.len(),
             pods: snapshot.pods.len(),
             policies: snapshot.policies.len(),
+            services: snapshot.services.len(),
         }
     }
 }
@@ -66,9 +69,11 @@ impl ObjectCounts {
 /// manifests computes it over its own [`Snapshot`] and waits for the agent
 /// to report it on `/status`.
 ///
-/// Covers Nodes, Namespaces, Pods and the policy versions in force. Errors
-/// of rejected versions do not change what is compiled, and the local node
-/// name is configuration, not an object: both are left out.
+/// Covers Nodes, Namespaces, Pods, the policy versions in force and the
+/// Services (the frontends written to the maps). Errors of rejected versions
+/// do not change what is compiled, and the local node name is
+/// configuration, not an object: both are left out. An input without
+/// Services has the fingerprint it had before Services were covered.
 #[must_use]
 pub fn fingerprint(snapshot: &Snapshot) -> String {
     #[derive(Serialize)]
@@ -77,6 +82,8 @@ pub fn fingerprint(snapshot: &Snapshot) -> String {
         namespaces: Vec<&'a crate::model::Namespace>,
         pods: Vec<&'a crate::model::Pod>,
         policies: Vec<&'a crate::model::NetworkPolicy>,
+        #[serde(skip_serializing_if = "Vec::is_empty")]
+        services: Vec<&'a crate::model::Service>,
     }
     let canonical = Canonical {
         nodes: snapshot.nodes.values().collect(),
@@ -87,6 +94,7 @@ pub fn fingerprint(snapshot: &Snapshot) -> String {
             .values()
             .filter_map(|s| s.in_force.as_ref())
             .collect(),
+        services: snapshot.services.values().collect(),
     };
     // BTreeMaps give a stable order, so the JSON text is canonical.
     let bytes = serde_json::to_vec(&canonical).unwrap_or_default();
@@ -124,5 +132,30 @@ mod tests {
         assert_eq!(ab, ba);
         assert_ne!(ab, fingerprint(&snap(a)));
         assert_eq!(ab.len(), 16);
+    }
+
+    #[test]
+    fn fingerprint_follows_service_frontends() {
+        let ns = "{apiVersion: v1, kind: Namespace, metadata: {name: a}}";
+        let svc = |ip: &str| {
+            format!(
+                "{ns}\n---\n{{apiVersion: v1, kind: Service, metadata: {{name: s, namespace: a}}, \
+                 spec: {{clusterIP: {ip}, ports: [{{port: 80}}]}}}}"
+            )
+        };
+        let base = fingerprint(&snap(ns));
+        let one = fingerprint(&snap(&svc("10.43.0.1")));
+        assert_ne!(base, one);
+        assert_ne!(one, fingerprint(&snap(&svc("10.43.0.2"))));
+        assert_eq!(one, fingerprint(&snap(&svc("10.43.0.1"))));
+    }
+
+    #[test]
+    fn fingerprint_without_services_is_unchanged_by_their_support() {
+        // FNV-1a of the canonical JSON as it was before Services were
+        // covered: harnesses that pinned a fingerprint keep it.
+        let s = snap("{apiVersion: v1, kind: Namespace, metadata: {name: a}}");
+        let bytes = br#"{"nodes":[],"namespaces":[{"name":"a","labels":{"kubernetes.io/metadata.name":"a"}}],"pods":[],"policies":[]}"#;
+        assert_eq!(fingerprint(&s), format!("{:016x}", fnv1a(bytes)));
     }
 }

@@ -106,6 +106,8 @@ pub enum Hook<'a> {
     IngressFromNode(&'a str),
     /// An interface with no endpoint entry.
     Unmanaged,
+    /// `leave_node` on the node's uplink (the "other" interface).
+    Leave,
 }
 
 pub struct Fixture {
@@ -119,30 +121,46 @@ pub struct Fixture {
 impl Fixture {
     /// Runs one frame through a hook and returns the verdict.
     pub fn run(&mut self, hook: Hook<'_>, frame: &[u8]) -> V {
+        self.run_marked(hook, frame, 0).0
+    }
+
+    /// Runs one frame carrying `skb->mark` = `mark` through a hook; returns
+    /// the verdict and the mark the program left.
+    pub fn run_marked(&mut self, hook: Hook<'_>, frame: &[u8], mark: u32) -> (V, u32) {
         let (prog, iface, iif) = match hook {
             Hook::Egress(p) => (programs::FROM_POD, self.ifindex[p], self.ifindex["fwd"]),
             Hook::Ingress(p) => (programs::TO_POD, self.ifindex[p], self.ifindex["fwd"]),
             Hook::IngressFromNode(p) => (programs::TO_POD, self.ifindex[p], 0),
             Hook::Unmanaged => (programs::TO_POD, self.ifindex["other"], self.ifindex["fwd"]),
+            Hook::Leave => (
+                programs::LEAVE_NODE,
+                self.ifindex["other"],
+                self.ifindex["fwd"],
+            ),
         };
-        // struct __sk_buff: ingress_ifindex at 36, ifindex at 40; the kernel
-        // wants every field it does not accept to be zero.
+        // struct __sk_buff: mark at 8, ingress_ifindex at 36, ifindex at 40;
+        // the kernel wants every field it does not accept to be zero.
         let mut ctx = [0u8; 192];
+        ctx[8..12].copy_from_slice(&mark.to_ne_bytes());
         ctx[36..40].copy_from_slice(&iif.to_ne_bytes());
         ctx[40..44].copy_from_slice(&iface.to_ne_bytes());
+        let mut ctx_out = [0u8; 192];
         let program = self.dp.program(prog).expect("program");
         let out = program
             .test_run(TestRunOptions {
                 data_in: Some(frame),
                 ctx_in: Some(&ctx),
+                ctx_out: Some(&mut ctx_out),
                 ..TestRunOptions::default()
             })
             .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN of a {}-byte frame: {e}", frame.len()));
-        match out.return_value {
+        let mark_out = u32::from_ne_bytes(ctx_out[8..12].try_into().expect("4 bytes"));
+        let v = match out.return_value {
             TC_ACT_OK => V::Pass,
             TC_ACT_SHOT => V::Drop,
             other => panic!("unexpected TC action {other}"),
-        }
+        };
+        (v, mark_out)
     }
 
     pub fn counter(&self, dir: u32, fam: u32, why: u32) -> u64 {

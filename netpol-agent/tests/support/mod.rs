@@ -488,3 +488,586 @@ metadata: {name: x, labels: {kubernetes.io/metadata.name: x}}
         )
     }
 }
+
+// ---------------------------------------------------------------------
+// Service helpers (tests/service_*.rs): the real `netpol-agent run` binary
+// in a node namespace, calico-style routed pods with chosen addresses,
+// kube-proxy's DNAT, echo servers and the probes that test them.
+// ---------------------------------------------------------------------
+pub mod services {
+    use std::{
+        io::{BufRead as _, BufReader, Read as _, Write as _},
+        net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+        path::{Path, PathBuf},
+        process::{Child, Command, Stdio},
+        time::{Duration, Instant},
+    };
+
+    use super::{Netns, sh, unique};
+
+    /// The agent binary cargo built for these tests.
+    pub const AGENT: &str = env!("CARGO_BIN_EXE_netpol-agent");
+    /// Where the agent listens, inside its node namespace.
+    pub const LISTEN: &str = "127.0.0.1:9101";
+    /// How long the agent may take to start and enforce a folder.
+    pub const DEADLINE: Duration = Duration::from_secs(30);
+    /// A probe that must fail waits this long.
+    pub const FAST: Duration = Duration::from_millis(1500);
+    /// A probe that must succeed gets a retry this long (neighbour
+    /// discovery on fresh links, a loaded machine).
+    pub const SLOW: Duration = Duration::from_secs(3);
+
+    /// A manifests folder, removed on drop.
+    pub struct Folder(pub PathBuf);
+
+    impl Folder {
+        pub fn new() -> Self {
+            let p = std::env::temp_dir().join(unique("netpol-svc-manifests-"));
+            std::fs::create_dir_all(&p).expect("manifests folder");
+            Self(p)
+        }
+
+        /// Writes a file atomically (the agent never reads half of it).
+        pub fn write(&self, name: &str, text: &str) {
+            let tmp = self.0.join(format!(".{name}.tmp"));
+            std::fs::write(&tmp, text).expect("writing a manifest");
+            std::fs::rename(&tmp, self.0.join(name)).expect("renaming a manifest");
+        }
+
+        pub fn remove(&self, name: &str) {
+            let _ = std::fs::remove_file(self.0.join(name));
+        }
+
+        /// `netpol-agent fingerprint --manifests <folder>`: what `/status`
+        /// reports once the agent enforces the folder.
+        pub fn fingerprint(&self) -> String {
+            let out = Command::new(AGENT)
+                .args(["fingerprint", "--manifests"])
+                .arg(&self.0)
+                .output()
+                .expect("running netpol-agent fingerprint");
+            assert!(
+                out.status.success(),
+                "netpol-agent fingerprint: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8_lossy(&out.stdout).trim().to_owned()
+        }
+    }
+
+    impl Drop for Folder {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// `netpol-agent run --manifests` inside a node namespace; SIGTERM on
+    /// drop (SIGKILL if it does not stop within five seconds).
+    pub struct AgentProcess {
+        child: Child,
+        node: String,
+        pub bpffs: PathBuf,
+        pub log: PathBuf,
+    }
+
+    impl AgentProcess {
+        /// Starts the agent for `node_name` with pod interfaces `nph*`;
+        /// `extra` goes after `run`'s own arguments.
+        pub fn start(
+            node: &Netns,
+            bpffs: &Path,
+            manifests: &Folder,
+            node_name: &str,
+            extra: &[&str],
+        ) -> Self {
+            let log = std::env::temp_dir().join(unique("netpol-svc-agent-"));
+            let file = std::fs::File::create(&log).expect("agent log");
+            // `ip netns exec` gives the agent a mount namespace of its own,
+            // a copy of ours: the bpffs is mounted before.
+            let child = Command::new("ip")
+                .args(["netns", "exec", &node.name, AGENT, "--bpffs"])
+                .arg(bpffs)
+                .args(["run", "--manifests"])
+                .arg(&manifests.0)
+                .args(["--node", node_name, "--interfaces", "nph*"])
+                .args(["--listen", LISTEN])
+                .args(extra)
+                .env("RUST_LOG", "info")
+                .stdout(Stdio::from(file.try_clone().expect("log")))
+                .stderr(Stdio::from(file))
+                .spawn()
+                .expect("starting netpol-agent run");
+            Self {
+                child,
+                node: node.name.clone(),
+                bpffs: bpffs.to_owned(),
+                log,
+            }
+        }
+
+        /// The agent's log so far.
+        pub fn log(&self) -> String {
+            std::fs::read_to_string(&self.log).unwrap_or_default()
+        }
+
+        /// One HTTP GET on the agent's port; `None` while it does not
+        /// answer.
+        pub fn get(&self, path: &str) -> Option<String> {
+            let ns = PathBuf::from("/var/run/netns").join(&self.node);
+            let path = path.to_owned();
+            std::thread::spawn(move || {
+                let f = std::fs::File::open(&ns).ok()?;
+                nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).ok()?;
+                let addr: SocketAddr = LISTEN.parse().ok()?;
+                let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
+                s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+                write!(
+                    s,
+                    "GET {path} HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n"
+                )
+                .ok()?;
+                let mut out = String::new();
+                s.read_to_string(&mut out).ok()?;
+                Some(out.split_once("\r\n\r\n")?.1.to_owned())
+            })
+            .join()
+            .ok()
+            .flatten()
+        }
+
+        pub fn status(&self) -> Option<serde_json::Value> {
+            serde_json::from_str(&self.get("/status")?).ok()
+        }
+
+        /// Waits until the agent enforces exactly what `manifests` holds,
+        /// with each of `interfaces` bound and programmed.
+        pub fn wait_enforced(
+            &mut self,
+            manifests: &Folder,
+            interfaces: &[&str],
+        ) -> serde_json::Value {
+            let fp = manifests.fingerprint();
+            let deadline = Instant::now() + DEADLINE;
+            let mut last = serde_json::Value::Null;
+            while Instant::now() < deadline {
+                if let Ok(Some(st)) = self.child.try_wait() {
+                    panic!("netpol-agent exited ({st}); its log:\n{}", self.log());
+                }
+                if let Some(s) = self.status() {
+                    let programmed = |name: &str| {
+                        s["interfaces"].as_array().is_some_and(|l| {
+                            l.iter()
+                                .any(|i| i["name"] == name && i["programmed"] == true)
+                        })
+                    };
+                    if s["fingerprint"].as_str() == Some(fp.as_str())
+                        && s["last_error"].is_null()
+                        && interfaces.iter().all(|i| programmed(i))
+                    {
+                        return s;
+                    }
+                    last = s;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            panic!(
+                "netpol-agent did not enforce fingerprint {fp} with {interfaces:?} programmed \
+                 within {DEADLINE:?}; last status: {last:#}\nlog:\n{}",
+                self.log()
+            );
+        }
+
+        /// Waits until `/status` reports `leave_node` attached to `dev`
+        /// (TC egress of an uplink).
+        pub fn wait_leave_node(&mut self, dev: &str) {
+            let deadline = Instant::now() + DEADLINE;
+            let mut last = serde_json::Value::Null;
+            while Instant::now() < deadline {
+                if let Ok(Some(st)) = self.child.try_wait() {
+                    panic!("netpol-agent exited ({st}); its log:\n{}", self.log());
+                }
+                if let Some(s) = self.status() {
+                    let attached = s["uplinks"].as_array().is_some_and(|l| {
+                        l.iter()
+                            .any(|u| u["name"] == dev && u["state"] == "attached")
+                    });
+                    if attached {
+                        return;
+                    }
+                    last = s;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            panic!(
+                "leave_node not attached to {dev} within {DEADLINE:?}; last status: {last:#}\n\
+                 log:\n{}",
+                self.log()
+            );
+        }
+
+        /// `netpol-agent stats` on the agent's bpffs.
+        pub fn stats(&self) -> String {
+            let out = Command::new(AGENT)
+                .arg("--bpffs")
+                .arg(&self.bpffs)
+                .arg("stats")
+                .output()
+                .expect("running netpol-agent stats");
+            assert!(
+                out.status.success(),
+                "netpol-agent stats: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        }
+
+        /// Packets counted with `reason` in `direction` (both families).
+        pub fn count(&self, direction: u32, reason: u32) -> u64 {
+            let c =
+                netpol_agent::Counters::read_pinned(&self.bpffs.join("netpol")).expect("counters");
+            c.entries
+                .iter()
+                .filter(|e| e.reason == reason && e.direction == direction)
+                .map(|e| e.value.packets)
+                .sum()
+        }
+    }
+
+    impl Drop for AgentProcess {
+        fn drop(&mut self) {
+            if std::thread::panicking() {
+                eprintln!("netpol-agent log:\n{}", self.log());
+            }
+            if let Ok(pid) = i32::try_from(self.child.id()) {
+                // SAFETY: kill(2) on the pid of our own child, which has not
+                // been reaped yet (so the pid cannot have been reused).
+                unsafe {
+                    libc::kill(pid, libc::SIGTERM);
+                }
+            }
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = self.child.try_wait() {
+                    let _ = std::fs::remove_file(&self.log);
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+            let _ = std::fs::remove_file(&self.log);
+        }
+    }
+
+    /// A node namespace forwarding both families.
+    pub fn node() -> Netns {
+        let node = Netns::new("npn");
+        node.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"]);
+        node.exec("sysctl", &["-qw", "net.ipv6.conf.all.forwarding=1"]);
+        node
+    }
+
+    /// `ip -n <ns> <args>`, the arguments split on spaces.
+    pub fn ip(ns: &str, args: &str) {
+        let mut full = vec!["-n", ns];
+        full.extend(args.split_whitespace());
+        sh("ip", &full);
+    }
+
+    /// A pod namespace and its host veth (`nph…`).
+    pub struct Pod {
+        pub ns: Netns,
+        pub host_if: String,
+        pub v4: IpAddr,
+        pub v6: IpAddr,
+    }
+
+    impl Pod {
+        pub fn addresses(&self) -> [IpAddr; 2] {
+            [self.v4, self.v6]
+        }
+
+        /// `{ip: …}` entries of its `status.podIPs`.
+        pub fn pod_ips(&self) -> String {
+            format!("[{{ip: \"{}\"}}, {{ip: \"{}\"}}]", self.v4, self.v6)
+        }
+    }
+
+    /// A pod as Calico routes it: /32 and /128 addresses, a link-local
+    /// gateway owned by the host veth, a route per pod address on the node.
+    pub fn pod(node: &Netns, v4: &str, v6: &str) -> Pod {
+        let ns = Netns::new("npp");
+        let host_if = unique("nph");
+        let (nn, pn) = (&node.name, &ns.name);
+        ip(
+            nn,
+            &format!("link add {host_if} type veth peer name eth0 netns {pn}"),
+        );
+        ip(nn, &format!("addr add 169.254.1.1/32 dev {host_if}"));
+        ip(nn, &format!("addr add fe80::1/64 dev {host_if} nodad"));
+        ip(nn, &format!("link set {host_if} up"));
+        ip(pn, &format!("addr add {v4}/32 dev eth0"));
+        ip(pn, &format!("addr add {v6}/128 dev eth0 nodad"));
+        ip(pn, "link set eth0 up");
+        ip(pn, "route add 169.254.1.1 dev eth0 scope link");
+        ip(pn, "route add default via 169.254.1.1 dev eth0");
+        ip(pn, "-6 route add default via fe80::1 dev eth0");
+        ip(nn, &format!("route add {v4}/32 dev {host_if}"));
+        ip(nn, &format!("-6 route add {v6}/128 dev {host_if}"));
+        Pod {
+            ns,
+            host_if,
+            v4: v4.parse().expect("pod IPv4 address"),
+            v6: v6.parse().expect("pod IPv6 address"),
+        }
+    }
+
+    /// One kube-proxy (iptables mode) Service rule: `frontend:port` of
+    /// `proto` ("tcp", "udp") translated to `backend:target`.
+    #[derive(Clone, Debug)]
+    pub struct Dnat {
+        pub frontend: IpAddr,
+        pub port: u16,
+        pub proto: &'static str,
+        pub backend: IpAddr,
+        pub target: u16,
+    }
+
+    /// Writes the node's nat tables as kube-proxy does: a services chain
+    /// jumped to from PREROUTING (pods) and OUTPUT (the node), one DNAT
+    /// per frontend, and the hairpin masquerade of each backend.
+    pub fn kube_proxy(node: &Netns, rules: &[Dnat]) {
+        for (tool, v4) in [("iptables-restore", true), ("ip6tables-restore", false)] {
+            let mut r = String::from(
+                "*nat\n:PREROUTING ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n\
+                 :POSTROUTING ACCEPT [0:0]\n:KUBE-SERVICES - [0:0]\n\
+                 -A PREROUTING -j KUBE-SERVICES\n-A OUTPUT -j KUBE-SERVICES\n",
+            );
+            let mut backends = Vec::new();
+            for d in rules.iter().filter(|d| d.frontend.is_ipv4() == v4) {
+                let to = SocketAddr::new(d.backend, d.target);
+                r.push_str(&format!(
+                    "-A KUBE-SERVICES -d {f} -p {p} -m {p} --dport {port} -j DNAT \
+                     --to-destination {to}\n",
+                    f = d.frontend,
+                    p = d.proto,
+                    port = d.port,
+                ));
+                if !backends.contains(&d.backend) {
+                    backends.push(d.backend);
+                }
+            }
+            let len = if v4 { 32 } else { 128 };
+            for b in backends {
+                r.push_str(&format!(
+                    "-A POSTROUTING -s {b}/{len} -d {b}/{len} -j MASQUERADE\n"
+                ));
+            }
+            r.push_str("COMMIT\n");
+            let mut child = Command::new("ip")
+                .args(["netns", "exec", &node.name, tool, "-w"])
+                .stdin(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap_or_else(|e| panic!("running {tool}: {e}"));
+            child
+                .stdin
+                .take()
+                .expect("stdin")
+                .write_all(r.as_bytes())
+                .expect("writing rules");
+            let out = child.wait_with_output().expect("waiting for the rules");
+            assert!(
+                out.status.success(),
+                "{tool} failed: {}\n{r}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+
+    /// Runs `f` on a thread inside `ns` (which the caller may keep using).
+    fn inside<T: Send + 'static>(ns: &Netns, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = PathBuf::from("/var/run/netns").join(&ns.name);
+        std::thread::spawn(move || {
+            let file = std::fs::File::open(&path)
+                .unwrap_or_else(|e| panic!("opening {}: {e}", path.display()));
+            nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET)
+                .unwrap_or_else(|e| panic!("entering {}: {e}", path.display()));
+            f()
+        })
+        .join()
+        .unwrap_or_else(|p| std::panic::resume_unwind(p))
+    }
+
+    /// TCP (every line of a connection) and UDP echo servers on `port` of
+    /// every address of the pod, for as long as the test runs.
+    pub fn echo(pod: &Pod, port: u16) {
+        echo_at(&pod.ns, &pod.addresses(), port);
+    }
+
+    /// [`echo`] on chosen addresses of a namespace (a node's own sockets).
+    pub fn echo_at(ns: &Netns, addresses: &[IpAddr], port: u16) {
+        for &ip in addresses {
+            let (tcp, udp) = inside(ns, move || {
+                let at = SocketAddr::new(ip, port);
+                (
+                    TcpListener::bind(at).expect("tcp bind"),
+                    UdpSocket::bind(at).expect("udp bind"),
+                )
+            });
+            std::thread::spawn(move || {
+                for s in tcp.incoming().flatten() {
+                    std::thread::spawn(move || {
+                        let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
+                        let mut reader = BufReader::new(&s);
+                        let mut line = String::new();
+                        while reader.read_line(&mut line).is_ok_and(|n| n > 0) {
+                            if (&s).write_all(line.as_bytes()).is_err() {
+                                break;
+                            }
+                            line.clear();
+                        }
+                    });
+                }
+            });
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 1500];
+                while let Ok((n, from)) = udp.recv_from(&mut buf) {
+                    let _ = udp.send_to(&buf[..n], from);
+                }
+            });
+        }
+    }
+
+    /// Transport of a probe.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum Proto {
+        Tcp,
+        Udp,
+    }
+
+    /// One exchange with an echo server from the calling thread's netns.
+    pub fn echoes(proto: Proto, dst: SocketAddr, timeout: Duration) -> bool {
+        const LINE: &[u8] = b"netpol-probe\n";
+        match proto {
+            Proto::Tcp => {
+                let Ok(s) = TcpStream::connect_timeout(&dst, timeout) else {
+                    return false;
+                };
+                let _ = s.set_read_timeout(Some(timeout));
+                if (&s).write_all(LINE).is_err() {
+                    return false;
+                }
+                let mut line = String::new();
+                BufReader::new(&s).read_line(&mut line).is_ok() && line.as_bytes() == LINE
+            }
+            Proto::Udp => {
+                let any: SocketAddr = if dst.is_ipv4() {
+                    "0.0.0.0:0".parse().expect("literal")
+                } else {
+                    "[::]:0".parse().expect("literal")
+                };
+                let Ok(s) = UdpSocket::bind(any) else {
+                    return false;
+                };
+                if s.connect(dst).is_err()
+                    || s.set_read_timeout(Some(timeout)).is_err()
+                    || s.send(LINE).is_err()
+                {
+                    return false;
+                }
+                let mut buf = [0u8; 64];
+                matches!(s.recv(&mut buf), Ok(n) if &buf[..n] == LINE)
+            }
+        }
+    }
+
+    /// A probe: what it tries (from the thread's netns, with a timeout),
+    /// whether it must succeed, and how to name it.
+    pub struct Case {
+        pub what: String,
+        pub from: String,
+        pub want: bool,
+        pub run: Box<dyn Fn(Duration) -> bool + Send + Sync>,
+    }
+
+    impl Case {
+        pub fn new(
+            what: impl Into<String>,
+            from: &Netns,
+            want: bool,
+            run: impl Fn(Duration) -> bool + Send + Sync + 'static,
+        ) -> Self {
+            Self {
+                what: what.into(),
+                from: from.name.clone(),
+                want,
+                run: Box::new(run),
+            }
+        }
+
+        /// An echo exchange from `from` with `dst`.
+        pub fn echo(from: &Netns, proto: Proto, dst: SocketAddr, want: bool) -> Self {
+            Self::new(format!("{proto:?} {dst}"), from, want, move |t| {
+                echoes(proto, dst, t)
+            })
+        }
+    }
+
+    /// Runs every case in parallel, each inside its client's netns; a case
+    /// that must fail gets [`FAST`], one that must succeed a retry of
+    /// [`SLOW`]. Returns one line per case that differs.
+    pub fn differing(cases: Vec<Case>) -> Vec<String> {
+        let handles: Vec<_> = cases
+            .into_iter()
+            .map(|c| {
+                std::thread::spawn(move || {
+                    let path = PathBuf::from("/var/run/netns").join(&c.from);
+                    let entered = std::fs::File::open(&path).is_ok_and(|f| {
+                        nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).is_ok()
+                    });
+                    let got = entered && ((c.run)(FAST) || (c.want && (c.run)(SLOW)));
+                    (got != c.want).then(|| {
+                        format!(
+                            "{}: expected {}, got {}",
+                            c.what,
+                            if c.want { "success" } else { "failure" },
+                            if got { "success" } else { "failure" }
+                        )
+                    })
+                })
+            })
+            .collect();
+        let mut out: Vec<String> = handles
+            .into_iter()
+            .filter_map(|h| h.join().expect("probe thread"))
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// Asserts that every case behaves as wanted, naming those that do not.
+    pub fn expect(step: &str, cases: Vec<Case>) {
+        let bad = differing(cases);
+        assert!(bad.is_empty(), "{step}:\n  {}", bad.join("\n  "));
+    }
+
+    /// A TCP connection opened from inside `from`.
+    pub fn connect(from: &Netns, dst: SocketAddr) -> TcpStream {
+        inside(from, move || {
+            TcpStream::connect_timeout(&dst, SLOW)
+                .unwrap_or_else(|e| panic!("connecting to {dst}: {e}"))
+        })
+    }
+
+    /// One line out and the same line back on an open connection, within
+    /// `timeout`.
+    pub fn exchange(s: &TcpStream, line: &str, timeout: Duration) -> bool {
+        let _ = s.set_read_timeout(Some(timeout));
+        if (&*s).write_all(line.as_bytes()).is_err() {
+            return false;
+        }
+        let mut back = String::new();
+        BufReader::new(s).read_line(&mut back).is_ok() && back == line
+    }
+}
