@@ -12,6 +12,7 @@ use support::{
     services::{
         AgentProcess, Case, Dnat, Folder, Pod, Proto, echo_at, expect, ip, kube_proxy, node, pod,
     },
+    sh,
 };
 
 const CLUSTER_V4: &str = "10.96.0.1";
@@ -19,6 +20,9 @@ const CLUSTER_V6: &str = "fd00:96::1";
 const NODE_V4: &str = "192.168.100.1";
 const NODE_V6: &str = "fd00:100::1";
 const PORT: u16 = 443;
+/// ClusterIPs of a Service without endpoints.
+const EMPTY_V4: &str = "10.96.0.99";
+const EMPTY_V6: &str = "fd00:96::99";
 const TARGET: u16 = 6443;
 
 /// `to_host` sits on the root cgroup, where every agent's copy sees every
@@ -66,6 +70,42 @@ impl World {
             }
         }
         kube_proxy(&node, &rules);
+        // A Service without endpoints: kube-proxy rejects its frontend in
+        // the filter table once routing has found a way on (a real node has
+        // a default route); the node answers the pod itself (a TCP reset
+        // here).
+        ip(
+            &node.name,
+            &format!("route add {EMPTY_V4}/32 dev {}", client.host_if),
+        );
+        ip(
+            &node.name,
+            &format!("-6 route add {EMPTY_V6}/128 dev {}", client.host_if),
+        );
+        for (tool, vip) in [("iptables", EMPTY_V4), ("ip6tables", EMPTY_V6)] {
+            sh(
+                "ip",
+                &[
+                    "netns",
+                    "exec",
+                    &node.name,
+                    tool,
+                    "-w",
+                    "-A",
+                    "FORWARD",
+                    "-d",
+                    vip,
+                    "-p",
+                    "tcp",
+                    "--dport",
+                    "80",
+                    "-j",
+                    "REJECT",
+                    "--reject-with",
+                    "tcp-reset",
+                ],
+            );
+        }
         let manifests = Folder::new();
         manifests.write(
             "00-cluster.yaml",
@@ -102,6 +142,13 @@ spec:
   ports:
     - {{name: https, protocol: TCP, port: {PORT}, targetPort: {TARGET}}}
     - {{name: udp, protocol: UDP, port: {PORT}, targetPort: {TARGET}}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: empty, namespace: x}}
+spec:
+  clusterIPs: [{EMPTY_V4}, "{EMPTY_V6}"]
+  ports: [{{name: http, protocol: TCP, port: 80}}]
 "#,
                 client_ips = client.pod_ips()
             ),
@@ -184,4 +231,51 @@ fn clusterip_translated_to_a_node_address_is_judged_against_the_node_not_the_clu
         "egress allows only the ClusterIP ranges",
         w.via_service(false),
     );
+}
+
+/// What a TCP connect from the client to `dst` gets: refused at once, or
+/// nothing within two seconds.
+fn connect_outcome(client: &Netns, dst: SocketAddr) -> std::io::ErrorKind {
+    let path = std::path::PathBuf::from("/var/run/netns").join(&client.name);
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&path).expect("client netns");
+        nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        match std::net::TcpStream::connect_timeout(&dst, std::time::Duration::from_secs(2)) {
+            Ok(_) => panic!("{dst} has no endpoints, yet a connection opened"),
+            Err(e) => e.kind(),
+        }
+    })
+    .join()
+    .expect("connect thread")
+}
+
+#[test]
+fn service_without_endpoints_is_refused_as_by_kube_proxy_alone() {
+    if !privileged() {
+        return;
+    }
+    let mut w = World::new();
+    let targets: Vec<SocketAddr> = [EMPTY_V4, EMPTY_V6]
+        .iter()
+        .map(|a| SocketAddr::new(a.parse().expect("ClusterIP"), 80))
+        .collect();
+    for dst in &targets {
+        assert_eq!(
+            connect_outcome(&w.client.ns, *dst),
+            std::io::ErrorKind::ConnectionRefused,
+            "{dst} without policy"
+        );
+    }
+    // Egress isolated: the frontend is marked, never judged, and the
+    // node's rejection still reaches the pod.
+    w.policy(&format!(
+        r#"[{{ipBlock: {{cidr: {NODE_V4}/32}}}}, {{ipBlock: {{cidr: "{NODE_V6}/128"}}}}]"#
+    ));
+    for dst in &targets {
+        assert_eq!(
+            connect_outcome(&w.client.ns, *dst),
+            std::io::ErrorKind::ConnectionRefused,
+            "{dst} with the client's egress isolated"
+        );
+    }
 }
