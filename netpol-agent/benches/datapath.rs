@@ -262,7 +262,12 @@ fn main() {
                     }
                 }
                 if family == Family::V4 && n == SIZES[0] {
-                    for name in [programs::FROM_POD, programs::TO_POD] {
+                    for name in [
+                        programs::FROM_POD,
+                        programs::TO_POD,
+                        programs::LEAVE_NODE,
+                        programs::LEAVE_NODE_L3,
+                    ] {
                         let count = dp
                             .program(name)
                             .expect("program")
