@@ -18,6 +18,7 @@ use netpol_agent::model::{
     ObjectRef, Operator, Peer, Pod, PodPhase, PolicyPort, PolicySlot, PortSpec, Protocol,
     Requirement, Rule, Snapshot,
 };
+use netpol_agent::provenance::{Inputs, State};
 
 const PODS: usize = 10_000;
 const NAMESPACES: usize = 200;
@@ -389,6 +390,29 @@ fn bench(c: &mut Criterion) {
     percentiles("full compile", || {
         black_box(compile(&s, &base.ids));
     });
+    // What the sync loop adds to every apply: a copy of the compiled state
+    // for the state file's writer thread, which builds and writes it.
+    percentiles("state file: Compiled clone (on the sync loop)", || {
+        black_box(base.clone());
+    });
+    let dir = std::env::temp_dir().join(format!("netpol-bench-state-{}", std::process::id()));
+    let bound = std::collections::BTreeMap::new();
+    percentiles("state file (provenance::State::build + write)", || {
+        let state = State::build(&Inputs {
+            compiled: &base,
+            snapshot: &s,
+            interfaces: &bound,
+            generation: 1,
+            fingerprint: None,
+            pin_dir: std::path::Path::new("/sys/fs/bpf/netpol"),
+        });
+        black_box(state.write(&dir).expect("writing the state file"));
+    });
+    eprintln!(
+        "state file: {} bytes",
+        std::fs::metadata(dir.join(netpol_agent::provenance::STATE_FILE)).map_or(0, |m| m.len())
+    );
+    let _ = std::fs::remove_dir_all(&dir);
     percentiles("Compiler::new (full compile + index)", || {
         black_box(Compiler::new(&s, &base.ids));
     });

@@ -3,11 +3,12 @@
 //! the same way.
 use std::{future::Future, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
-use netpol_common::{GlobalConfig, config_flags, mark};
-use tokio::sync::{mpsc, watch};
+use netpol_common::{GlobalConfig, config_flags, events as limits, mark};
+use tokio::sync::{broadcast, mpsc, watch};
 
 use crate::{
     datapath::{AttachMode, Datapath, DatapathConfig, DatapathError, MapSizes},
+    events::{Denial, Directory},
     interfaces::{self, InterfaceError},
     sources::{
         Source,
@@ -68,6 +69,16 @@ pub enum AgentError {
         text: String,
         /// Why it is refused.
         reason: String,
+    },
+    /// `--event-rate` or `--event-burst` out of range.
+    #[error("{what} {value}: must be 1 to {max}")]
+    EventLimit {
+        /// `event rate` or `event burst`.
+        what: &'static str,
+        /// The value given.
+        value: u32,
+        /// The largest honoured.
+        max: u32,
     },
     /// The datapath could not be loaded.
     #[error("loading the datapath: {0}")]
@@ -156,6 +167,10 @@ pub struct AgentBuilder {
     new_pods: NewPods,
     listen: Option<SocketAddr>,
     debounce: Duration,
+    state_dir: Option<PathBuf>,
+    log_denied: bool,
+    event_rate: u32,
+    event_burst: u32,
 }
 
 impl Default for AgentBuilder {
@@ -175,6 +190,10 @@ impl Default for AgentBuilder {
             new_pods: NewPods::FailClosed,
             listen: None,
             debounce: DEFAULT_DEBOUNCE,
+            state_dir: Some(PathBuf::from(crate::provenance::DEFAULT_STATE_DIR)),
+            log_denied: false,
+            event_rate: limits::DEFAULT_RATE,
+            event_burst: limits::DEFAULT_BURST,
         }
     }
 }
@@ -293,13 +312,60 @@ impl AgentBuilder {
         self
     }
 
+    /// Where the state file (`state.json`: which pod each endpoint id is,
+    /// which rules produced each map entry; see [`crate::provenance`]) is
+    /// written after every apply, for `netpol-agent inspect` and
+    /// `explain` (default `/run/netpol`; `None`: no state file).
+    #[must_use]
+    pub fn state_dir(mut self, dir: Option<PathBuf>) -> Self {
+        self.state_dir = dir;
+        self
+    }
+
+    /// Log every deny event with its pods (`--log-denied`; default off:
+    /// events are counted in `netpol_denied_total` and handed to
+    /// [`Agent::denials`] either way).
+    #[must_use]
+    pub fn log_denied(mut self, on: bool) -> Self {
+        self.log_denied = on;
+        self
+    }
+
+    /// Deny events each endpoint may report per second, once its burst is
+    /// spent (default [`netpol_common::events::DEFAULT_RATE`]; 1 to
+    /// [`netpol_common::events::MAX_RATE`]). Drops beyond it are still
+    /// counted, in `netpol_events_lost_total{cause="rate_limit"}`.
+    #[must_use]
+    pub fn event_rate(mut self, per_second: u32) -> Self {
+        self.event_rate = per_second;
+        self
+    }
+
+    /// Deny events an endpoint may report at once after a quiet spell
+    /// (default [`netpol_common::events::DEFAULT_BURST`]; 1 to
+    /// [`netpol_common::events::MAX_BURST`]).
+    #[must_use]
+    pub fn event_burst(mut self, burst: u32) -> Self {
+        self.event_burst = burst;
+        self
+    }
+
     /// Checks the settings.
     ///
     /// # Errors
-    /// Without a source, with an interface pattern that is no glob, or a
-    /// mark mask that is not one run of contiguous bits.
+    /// Without a source, with an interface pattern that is no glob, a
+    /// mark mask that is not one run of contiguous bits, or an event rate
+    /// or burst out of range.
     pub fn build(self) -> Result<Agent, AgentError> {
         let source = self.source.clone().ok_or(AgentError::NoSource)?;
+        for (what, value, max) in [
+            ("event rate", self.event_rate, limits::MAX_RATE),
+            ("event burst", self.event_burst, limits::MAX_BURST),
+        ] {
+            if value == 0 || value > max {
+                return Err(AgentError::EventLimit { what, value, max });
+            }
+        }
         if !mark::valid(self.mark_mask) {
             return Err(AgentError::MarkMask {
                 text: format!("{:#010x}", self.mark_mask),
@@ -330,6 +396,7 @@ impl AgentBuilder {
             settings: self,
             status: status_tx,
             metrics: Arc::new(Metrics::new()),
+            denials: broadcast::channel(DENIALS_QUEUE).0,
         })
     }
 }
@@ -367,7 +434,12 @@ pub struct Agent {
     settings: AgentBuilder,
     status: watch::Sender<Status>,
     metrics: Arc<Metrics>,
+    denials: broadcast::Sender<Denial>,
 }
+
+/// Deny events a slow [`Agent::denials`] subscriber may fall behind by
+/// before it misses some (it is told how many).
+const DENIALS_QUEUE: usize = 4096;
 
 impl Agent {
     /// A builder with the defaults.
@@ -386,6 +458,14 @@ impl Agent {
     #[must_use]
     pub fn metrics(&self) -> Arc<Metrics> {
         self.metrics.clone()
+    }
+
+    /// The deny events read from the datapath from now on, resolved to
+    /// pods (within each endpoint's rate limit: see
+    /// [`AgentBuilder::event_rate`]).
+    #[must_use]
+    pub fn denials(&self) -> broadcast::Receiver<Denial> {
+        self.denials.subscribe()
     }
 
     /// Loads the datapath and keeps the kernel in step with the source
@@ -421,6 +501,8 @@ impl Agent {
             global.flags |= config_flags::NEW_PODS_FAIL_OPEN;
         }
         s.timeouts.apply(&mut global);
+        global.event_rate = s.event_rate;
+        global.event_burst = s.event_burst;
         let dp = Datapath::load(&DatapathConfig {
             bpffs: s.bpffs.clone(),
             object: s.object.clone(),
@@ -435,6 +517,11 @@ impl Agent {
         // A datapath adopted from a previous run keeps its config map.
         let mut dp = dp;
         dp.set_global(global)?;
+        let ring = dp.take_events()?;
+        match dp.kernel_counters() {
+            Ok(k) => self.metrics.attach_counters(k),
+            Err(e) => tracing::warn!(error = %e, "packet counters not in the metrics"),
+        }
         // Without it a Service backend on a node address is not judged;
         // everything else is, so the agent runs and says so.
         let host = match dp.attach_host(&s.cgroup_root) {
@@ -501,12 +588,22 @@ impl Agent {
             uplinks: s.uplinks.clone(),
             new_pods: s.new_pods.as_str(),
             source_health,
+            state_dir: s.state_dir.clone(),
         };
-        let sync = SyncLoop::new(dp, cfg, families, self.status.clone(), self.metrics.clone()).run(
-            input_rx,
-            link_rx,
-            stop_rx.clone(),
+        let (directory_tx, directory_rx) = watch::channel(Arc::new(Directory::default()));
+        let events = tokio::spawn(
+            crate::events::Reader {
+                ring,
+                directory: directory_rx,
+                metrics: self.metrics.clone(),
+                log_denied: s.log_denied,
+                denials: self.denials.clone(),
+            }
+            .run(stop_rx.clone()),
         );
+        let sync = SyncLoop::new(dp, cfg, families, self.status.clone(), self.metrics.clone())
+            .with_directory(directory_tx)
+            .run(input_rx, link_rx, stop_rx.clone());
         tokio::pin!(sync);
         tokio::pin!(shutdown);
         let mut sync_done = false;
@@ -521,6 +618,7 @@ impl Agent {
         if !sync_done {
             sync.await;
         }
+        let _ = events.await;
         if let Some(h) = http {
             let _ = h.await;
         }
@@ -634,6 +732,22 @@ mod mark_mask_tests {
             .build()
             .expect_err("a broken mask");
         assert!(e.to_string().contains("0x0f0f0000"), "{e}");
+    }
+
+    #[test]
+    fn the_builder_refuses_event_limits_out_of_range_by_name() {
+        let builder = || Agent::builder().source(Source::Files("/nonexistent".into()));
+        for (b, what) in [
+            (builder().event_rate(0), "event rate 0"),
+            (builder().event_burst(0), "event burst 0"),
+            (builder().event_rate(limits::MAX_RATE + 1), "event rate"),
+            (builder().event_burst(limits::MAX_BURST + 1), "event burst"),
+        ] {
+            let e = b.build().expect_err(what).to_string();
+            assert!(e.starts_with(what), "{e}");
+        }
+        let ok = builder().event_rate(1).event_burst(limits::MAX_BURST);
+        assert!(ok.log_denied(true).build().is_ok());
     }
 
     #[test]

@@ -8,7 +8,6 @@ use netpol_agent::{
     sources::KubeConnection,
     telemetry::{self, LogFormat},
 };
-use netpol_common::reason;
 
 mod cmd;
 
@@ -108,6 +107,25 @@ struct RunArgs {
     /// Skip the start-up checks (kernel, BTF, bpffs, clsact, capabilities).
     #[arg(long, env = "NETPOL_SKIP_PREFLIGHT")]
     skip_preflight: bool,
+    /// Log every deny event the rate limit lets through, with the pods on
+    /// both ends and the reason (they are counted in netpol_denied_total
+    /// either way).
+    #[arg(long)]
+    log_denied: bool,
+    /// Deny events each pod may report per second once its burst is
+    /// spent; drops beyond it are counted in netpol_events_lost_total.
+    #[arg(long, value_name = "N", default_value_t = netpol_common::events::DEFAULT_RATE,
+          value_parser = clap::value_parser!(u32).range(1..=i64::from(netpol_common::events::MAX_RATE)))]
+    event_rate: u32,
+    /// Deny events each pod may report at once after a quiet spell.
+    #[arg(long, value_name = "M", default_value_t = netpol_common::events::DEFAULT_BURST,
+          value_parser = clap::value_parser!(u32).range(1..=i64::from(netpol_common::events::MAX_BURST)))]
+    event_burst: u32,
+    /// Folder of the state file (state.json) written after every apply:
+    /// which pod each endpoint id is and which policy rules produced each
+    /// map entry, for `inspect` and `explain` (also after the agent died).
+    #[arg(long, env = "NETPOL_STATE_DIR", value_name = "DIR", default_value = netpol_agent::provenance::DEFAULT_STATE_DIR)]
+    state_dir: PathBuf,
     #[command(flatten)]
     limits: Limits,
 }
@@ -176,6 +194,15 @@ enum Command {
     Cleanup,
     /// Compile manifests offline and print what this node's maps would hold.
     Compile(cmd::compile::CompileArgs),
+    /// Read the live pinned maps back, decoded and named with the state
+    /// file: endpoints, a pod's policy entries, tracked connections,
+    /// counters. Works while the agent runs and after it died.
+    Inspect(cmd::inspect::InspectArgs),
+    /// The verdict this node's kernel gives a connection, and the policy
+    /// rule that allows it or the policies that isolate the pod, from the
+    /// live maps. Exit code 0 allowed, 1 denied, 2 depends on a Service's
+    /// backend (or could not be answered).
+    Explain(cmd::explain::ExplainArgs),
     /// Print the input fingerprint `run` will report on /status once it
     /// enforces this folder of manifests (tests wait on it).
     Fingerprint {
@@ -239,7 +266,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let pin_dir = cli.bpffs.join(datapath::PIN_SUBDIR);
             let counters = Counters::read_pinned(&pin_dir)
                 .with_context(|| format!("reading counters pinned in {}", pin_dir.display()))?;
-            print_counters(&counters);
+            print!("{}", cmd::inspect::counters_table(&counters));
             Ok(ExitCode::SUCCESS)
         }
         Command::Cleanup => {
@@ -263,6 +290,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Compile(args) => cmd::compile::run(&args),
+        Command::Inspect(args) => cmd::inspect::run(&cli.bpffs, &args),
+        Command::Explain(args) => Ok(cmd::explain::run(&cli.bpffs, &args)),
         Command::Fingerprint { manifests } => {
             let mut snap = netpol_agent::model::Snapshot::default();
             netpol_agent::model::manifests::load_dir(&manifests, &mut snap)
@@ -302,7 +331,11 @@ fn run_agent(bpffs: PathBuf, args: RunArgs) -> anyhow::Result<ExitCode> {
             NewPodsArg::Open => NewPods::FailOpen,
         })
         .listen(Some(args.listen))
+        .state_dir(Some(args.state_dir))
         .debounce(std::time::Duration::from_millis(args.debounce_ms))
+        .log_denied(args.log_denied)
+        .event_rate(args.event_rate)
+        .event_burst(args.event_burst)
         .connection_timeouts(netpol_agent::ConnectionTimeouts {
             tcp_syn: std::time::Duration::from_secs(args.limits.ct_tcp_syn_secs),
             tcp_established: std::time::Duration::from_secs(args.limits.ct_tcp_established_secs),
@@ -365,23 +398,6 @@ fn wait_for_shutdown() -> anyhow::Result<()> {
     rt.block_on(signal()).context("waiting for a signal")
 }
 
-fn print_counters(c: &Counters) {
-    println!(
-        "{:<8} {:<6} {:<22} {:>12} {:>14}",
-        "DIR", "FAMILY", "REASON", "PACKETS", "BYTES"
-    );
-    for e in &c.entries {
-        println!(
-            "{:<8} {:<6} {:<22} {:>12} {:>14}",
-            datapath::direction_name(e.direction),
-            datapath::family_name(e.family),
-            reason::name(e.reason),
-            e.value.packets,
-            e.value.bytes
-        );
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -417,5 +433,78 @@ mod tests {
         let e = run_args(&["--mark-mask", "0x0f0f0000"]).expect_err("not contiguous");
         assert!(e.to_string().contains("0x0f0f0000"), "{e}");
         assert!(e.to_string().contains("contiguous"), "{e}");
+    }
+
+    #[test]
+    fn deny_events_are_counted_not_logged_by_default_and_limits_are_bounded() {
+        let a = run_args(&[]).expect("defaults");
+        assert!(!a.log_denied);
+        assert_eq!(
+            (a.event_rate, a.event_burst),
+            (
+                netpol_common::events::DEFAULT_RATE,
+                netpol_common::events::DEFAULT_BURST
+            )
+        );
+        let a = run_args(&["--log-denied", "--event-rate", "100", "--event-burst", "7"])
+            .expect("flags");
+        assert!(a.log_denied);
+        assert_eq!((a.event_rate, a.event_burst), (100, 7));
+        for bad in [["--event-rate", "0"], ["--event-burst", "10001"]] {
+            assert!(run_args(&bad).is_err(), "{bad:?}");
+        }
+    }
+    #[test]
+    fn state_dir_defaults_next_to_the_pinned_state_and_is_read_by_inspect_and_explain() {
+        let a = run_args(&[]).expect("defaults");
+        assert_eq!(a.state_dir, PathBuf::from("/run/netpol"));
+        let cli = Cli::try_parse_from([
+            "netpol-agent",
+            "explain",
+            "x/a",
+            "x/b",
+            "tcp/80",
+            "--family",
+            "6",
+            "-o",
+            "json",
+            "--state-dir",
+            "/tmp/s",
+        ])
+        .expect("explain");
+        let Command::Explain(e) = cli.command else {
+            panic!("not explain")
+        };
+        assert_eq!(
+            (e.family, e.common.state_dir),
+            (Some(6), PathBuf::from("/tmp/s"))
+        );
+        let cli = Cli::try_parse_from([
+            "netpol-agent",
+            "--bpffs",
+            "/b",
+            "inspect",
+            "policy",
+            "x/b",
+            "--ingress",
+            "--family",
+            "4",
+        ])
+        .expect("inspect policy");
+        assert_eq!(cli.bpffs, PathBuf::from("/b"));
+        assert!(matches!(
+            cli.command,
+            Command::Inspect(cmd::inspect::InspectArgs {
+                what: cmd::inspect::What::Policy(cmd::inspect::PolicyArgs {
+                    ingress: true,
+                    family: Some(4),
+                    ..
+                })
+            })
+        ));
+        assert!(
+            Cli::try_parse_from(["netpol-agent", "explain", "--batch", "-", "x/a"]).is_err(),
+            "--batch takes no query on the command line"
+        );
     }
 }

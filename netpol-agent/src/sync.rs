@@ -21,6 +21,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::IpAddr,
+    path::PathBuf,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -37,6 +38,7 @@ use crate::{
     },
     interfaces::{self, Link, LinkEvent},
     model::ObjectRef,
+    provenance::{self, Bound, Inputs, State},
     sources::{Input, ObjectCounts, SourceHealth, fingerprint},
     telemetry::{Families, InterfaceStatus, Metrics, Status},
 };
@@ -89,6 +91,9 @@ pub(crate) struct SyncConfig {
     /// The source's health (the `kube` source): the agent is not ready
     /// while it cannot reach the API server.
     pub source_health: Option<watch::Receiver<SourceHealth>>,
+    /// Where the state file (`crate::provenance`) is written after every
+    /// apply; `None`: nowhere.
+    pub state_dir: Option<PathBuf>,
 }
 
 #[derive(Debug)]
@@ -126,6 +131,8 @@ pub(crate) struct SyncLoop {
     fingerprint: Option<String>,
     ready: bool,
     last_error: Option<String>,
+    /// Writes the state file (`cfg.state_dir`) off the loop.
+    state: Option<provenance::Writer>,
     families: Families,
     routes_pending: bool,
     routes_again: bool,
@@ -137,6 +144,9 @@ pub(crate) struct SyncLoop {
     metrics: Arc<Metrics>,
     found_tx: mpsc::UnboundedSender<Found>,
     found_rx: Option<mpsc::UnboundedReceiver<Found>>,
+    /// Who is behind each endpoint id and address, for the deny-event
+    /// reader; sent after every applied compile.
+    directory: Option<watch::Sender<Arc<crate::events::Directory>>>,
 }
 
 impl SyncLoop {
@@ -161,6 +171,7 @@ impl SyncLoop {
             fingerprint: None,
             ready: false,
             last_error: None,
+            state: None,
             families,
             routes_pending: false,
             routes_again: false,
@@ -171,7 +182,18 @@ impl SyncLoop {
             metrics,
             found_tx,
             found_rx: Some(found_rx),
+            directory: None,
         }
+    }
+
+    /// Publishes a [`crate::events::Directory`] on `tx` after every
+    /// applied compile.
+    pub(crate) fn with_directory(
+        mut self,
+        tx: watch::Sender<Arc<crate::events::Directory>>,
+    ) -> Self {
+        self.directory = Some(tx);
+        self
     }
 
     /// Runs until `stop`; the datapath is dropped on return, its
@@ -527,10 +549,14 @@ impl SyncLoop {
                 self.fingerprint = Some(fingerprint(&input.snapshot));
                 self.ready = true;
                 self.metrics.applied();
+                if let (Some(tx), Some(c)) = (&self.directory, &self.compiled) {
+                    tx.send_replace(Arc::new(crate::events::Directory::new(c, &input.snapshot)));
+                }
                 self.last_error = None;
                 self.retry_at = None;
                 let elapsed = start.elapsed();
                 self.metrics.sync_duration.observe(elapsed.as_secs_f64());
+                self.write_state();
                 tracing::info!(
                     generation,
                     fingerprint = self.fingerprint.as_deref().unwrap_or_default(),
@@ -731,11 +757,85 @@ impl SyncLoop {
             Ok(true) => {
                 self.generation += 1;
                 tracing::debug!(generation = self.generation, "interfaces applied");
+                self.write_state();
             }
             Ok(false) => {}
             Err(e) => self.fail("apply", format!("{e}")),
         }
         self.publish();
+    }
+
+    /// Hands the state file (the provenance of what the maps now hold:
+    /// pods of the endpoint ids, rules of the entries) to its writer
+    /// thread. A failure is logged (once until it changes) and counted,
+    /// never fatal: enforcement does not depend on it.
+    fn write_state(&mut self) {
+        let (Some(dir), Some(compiled), Some(input)) = (
+            self.cfg.state_dir.as_ref(),
+            self.compiled.as_ref(),
+            self.input.as_ref(),
+        ) else {
+            return;
+        };
+        if self.state.is_none() {
+            let metrics = self.metrics.clone();
+            let mut last_error: Option<String> = None;
+            let report =
+                move |dir: &std::path::Path, r: Result<_, provenance::ProvenanceError>| match r {
+                    Ok(_) => {
+                        if last_error.take().is_some() {
+                            tracing::info!(dir = %dir.display(), "state file written again");
+                        }
+                    }
+                    Err(e) => {
+                        metrics.error("state");
+                        let e = e.to_string();
+                        if last_error.as_ref() != Some(&e) {
+                            tracing::warn!(
+                                error = %e,
+                                "writing the state file (inspect and explain cannot name pods \
+                                 and rules)"
+                            );
+                            last_error = Some(e);
+                        }
+                    }
+                };
+            match provenance::Writer::start(dir.clone(), Box::new(report)) {
+                Ok(w) => self.state = Some(w),
+                Err(e) => {
+                    self.metrics.error("state");
+                    tracing::warn!(error = %e, "starting the state file writer");
+                    return;
+                }
+            }
+        }
+        let interfaces: BTreeMap<ObjectRef, Bound> = self
+            .bindings
+            .iter()
+            .filter_map(|(pod, &ifindex)| {
+                let name = self.ifaces.get(&ifindex)?.link.name.clone();
+                Some((pod.clone(), Bound { ifindex, name }))
+            })
+            .collect();
+        // Cheap next to building and serializing the state: entries share
+        // their rule lists, the snapshot is shared.
+        let compiled = compiled.clone();
+        let input = input.clone();
+        let generation = self.generation;
+        let fingerprint = self.fingerprint.clone();
+        let pin_dir = self.dp.pin_dir().to_owned();
+        if let Some(w) = &self.state {
+            w.submit(move || {
+                State::build(&Inputs {
+                    compiled: &compiled,
+                    snapshot: &input.snapshot,
+                    interfaces: &interfaces,
+                    generation,
+                    fingerprint: fingerprint.as_deref(),
+                    pin_dir: &pin_dir,
+                })
+            });
+        }
     }
 
     fn fail(&mut self, stage: &str, message: String) {

@@ -3,15 +3,19 @@
 //! [`Metrics`] (`netpol_` prefix) and the `tracing` subscriber of the
 //! binary.
 use std::{
+    collections::BTreeMap,
     net::IpAddr,
-    sync::{Mutex, atomic::AtomicU64},
+    sync::{Arc, Mutex, atomic::AtomicU64},
     time::{Duration, Instant},
 };
 
+use netpol_common::{direction, family, reason};
 use prometheus_client::{
-    encoding::text::encode,
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric as _, text::encode},
     metrics::{
-        counter::Counter,
+        MetricType,
+        counter::{ConstCounter, Counter},
         family::Family,
         gauge::Gauge,
         histogram::{Histogram, exponential_buckets},
@@ -22,7 +26,8 @@ use serde::Serialize;
 use tokio::sync::watch;
 
 use crate::{
-    datapath::writer::MapCounts,
+    datapath::{self, events::KernelCounters, writer::MapCounts},
+    model::ObjectRef,
     sources::{ObjectCounts, SourceHealth},
 };
 
@@ -177,6 +182,8 @@ pub struct Metrics {
     /// when the metrics are encoded.
     pub seconds_since_last_apply: Gauge<f64, AtomicU64>,
     last_apply: Mutex<Option<Instant>>,
+    /// What the `/metrics` scrape reads from the kernel, and deny counts.
+    datapath: Arc<DatapathMetrics>,
 }
 
 impl Default for Metrics {
@@ -239,6 +246,8 @@ impl Metrics {
             "Seconds since the last successful apply (-1 before the first)",
             seconds_since_last_apply.clone(),
         );
+        let datapath = Arc::new(DatapathMetrics::default());
+        registry.register_collector(Box::new(DatapathCollector(datapath.clone())));
         Self {
             registry,
             sync_duration,
@@ -252,6 +261,48 @@ impl Metrics {
             store_objects,
             seconds_since_last_apply,
             last_apply: Mutex::new(None),
+            datapath,
+        }
+    }
+
+    /// The kernel's counters, read at each scrape from now on:
+    /// `packets_total`, `drops_total`, `events_lost_total`.
+    pub fn attach_counters(&self, counters: KernelCounters) {
+        if let Ok(mut c) = self.datapath.counters.lock() {
+            *c = Some(counters);
+        }
+    }
+
+    /// Counts one deny event of `pod` (a local pod; `None`: none known) in
+    /// `direction` (`netpol_common::direction`).
+    pub fn denied(&self, pod: Option<&ObjectRef>, direction: u32) {
+        let key = (
+            pod.map(|p| p.namespace.clone()).unwrap_or_default(),
+            pod.map(|p| p.name.clone()).unwrap_or_default(),
+            datapath::direction_name(direction),
+        );
+        if let Ok(mut d) = self.datapath.denied.lock() {
+            *d.entry(key).or_default() += 1;
+        }
+    }
+
+    /// Keeps `denied_total` series only for pods `keep` says are local;
+    /// the counts of the others move to the unnamed (`pod=""`) series, so
+    /// that the label set stays bounded and every sum stays monotonic.
+    pub fn retain_denied(&self, keep: impl Fn(&ObjectRef) -> bool) {
+        let Ok(mut d) = self.datapath.denied.lock() else {
+            return;
+        };
+        let gone: Vec<_> = d
+            .keys()
+            .filter(|(ns, name, _)| {
+                !name.is_empty() && !keep(&ObjectRef::new(ns.clone(), name.clone()))
+            })
+            .cloned()
+            .collect();
+        for key in gone {
+            let n = d.remove(&key).unwrap_or_default();
+            *d.entry((String::new(), String::new(), key.2)).or_default() += n;
         }
     }
 
@@ -358,4 +409,141 @@ pub fn init_logging(format: LogFormat) {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),
     };
+}
+
+/// Deny counts by (namespace, pod, direction); `("", "")`: pods that are
+/// not (or no longer) local, and drops no endpoint is known for.
+type DeniedCounts = BTreeMap<(String, String, &'static str), u64>;
+
+/// The metrics read from the kernel at scrape time, and the deny counts
+/// the event reader keeps.
+#[derive(Debug, Default)]
+struct DatapathMetrics {
+    counters: Mutex<Option<KernelCounters>>,
+    denied: Mutex<DeniedCounts>,
+}
+
+/// Encodes [`DatapathMetrics`] at each scrape.
+#[derive(Debug)]
+struct DatapathCollector(Arc<DatapathMetrics>);
+
+const DIRECTIONS: [u32; 2] = [direction::EGRESS, direction::INGRESS];
+const FAMILIES: [u32; 3] = [family::IPV4, family::IPV6, family::OTHER];
+
+impl Collector for DatapathCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let kernel = self.0.counters.lock().ok().and_then(|k| {
+            let k = k.as_ref()?;
+            let counters = k
+                .counters()
+                .map_err(|e| tracing::warn!(error = %e, "reading the packet counters"))
+                .ok()?;
+            let lost = k
+                .lost()
+                .map_err(|e| tracing::warn!(error = %e, "reading the lost-event counters"))
+                .ok()?;
+            Some((counters, lost))
+        });
+        if let Some((counters, lost)) = kernel {
+            let mut m = encoder.encode_descriptor(
+                "packets",
+                "Packets judged by the programs, per policy direction, family and verdict",
+                None,
+                MetricType::Counter,
+            )?;
+            for d in DIRECTIONS {
+                for f in FAMILIES {
+                    for (verdict, drop) in [("pass", false), ("drop", true)] {
+                        let n: u64 = counters
+                            .entries
+                            .iter()
+                            .filter(|e| e.direction == d && e.family == f)
+                            .filter(|e| reason::is_drop(e.reason) == drop)
+                            .map(|e| e.value.packets)
+                            .sum();
+                        let labels = [
+                            ("direction", datapath::direction_name(d)),
+                            ("family", datapath::family_name(f)),
+                            ("verdict", verdict),
+                        ];
+                        ConstCounter::new(n).encode(m.encode_family(&labels)?)?;
+                    }
+                }
+            }
+            let mut m = encoder.encode_descriptor(
+                "drops",
+                "Packets dropped, per policy direction, family and reason",
+                None,
+                MetricType::Counter,
+            )?;
+            for e in counters
+                .entries
+                .iter()
+                .filter(|e| reason::is_drop(e.reason))
+            {
+                let labels = [
+                    ("direction", datapath::direction_name(e.direction)),
+                    ("family", datapath::family_name(e.family)),
+                    ("reason", reason::name(e.reason)),
+                ];
+                ConstCounter::new(e.value.packets).encode(m.encode_family(&labels)?)?;
+            }
+            let mut m = encoder.encode_descriptor(
+                "events_lost",
+                "Deny events not emitted: refused by the per-endpoint rate limit, or the ring buffer was full",
+                None,
+                MetricType::Counter,
+            )?;
+            for (cause, n) in [
+                ("rate_limit", lost.rate_limited),
+                ("ring_full", lost.ring_full),
+            ] {
+                ConstCounter::new(n).encode(m.encode_family(&[("cause", cause)])?)?;
+            }
+        }
+        let denied = self.0.denied.lock().map(|d| d.clone()).unwrap_or_default();
+        let mut m = encoder.encode_descriptor(
+            "denied",
+            "Deny events, per local pod whose policy dropped the packet (pod=\"\": other pods) and direction",
+            None,
+            MetricType::Counter,
+        )?;
+        for ((ns, pod, dir), n) in &denied {
+            let labels = [
+                ("namespace", ns.as_str()),
+                ("pod", pod.as_str()),
+                ("direction", dir),
+            ];
+            ConstCounter::new(*n).encode(m.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn denied_series_of_pods_gone_fold_into_the_unnamed_one() {
+        let m = Metrics::new();
+        let (a, b) = (ObjectRef::new("x", "a"), ObjectRef::new("x", "b"));
+        m.denied(Some(&a), direction::INGRESS);
+        m.denied(Some(&b), direction::INGRESS);
+        m.denied(Some(&b), direction::EGRESS);
+        m.denied(None, direction::INGRESS);
+        m.retain_denied(|p| p == &a);
+        let text = m.encode();
+        for line in [
+            "netpol_denied_total{namespace=\"x\",pod=\"a\",direction=\"ingress\"} 1",
+            "netpol_denied_total{namespace=\"\",pod=\"\",direction=\"ingress\"} 2",
+            "netpol_denied_total{namespace=\"\",pod=\"\",direction=\"egress\"} 1",
+            "# TYPE netpol_denied counter",
+        ] {
+            assert!(text.contains(line), "{line} missing from\n{text}");
+        }
+        assert!(!text.contains("pod=\"b\""), "{text}");
+        // No datapath attached: no kernel counters to show.
+        assert!(!text.contains("netpol_packets_total"), "{text}");
+    }
 }

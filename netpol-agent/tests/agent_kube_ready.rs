@@ -59,6 +59,7 @@ fn agent_is_ready_only_while_it_follows_the_api_server() {
         let url = fake.url().parse().expect("the fake's URL");
         let client = kube::Client::try_from(kube::Config::new(url)).expect("a client");
         let agent = Agent::builder()
+            .state_dir(None)
             .source(Source::Kube(KubeConnection::Client(client)))
             .node_name("n1")
             .bpffs(bpffs.path())

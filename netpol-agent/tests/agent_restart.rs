@@ -71,7 +71,9 @@ impl AgentProcess {
                 LISTEN,
                 "--attach-mode",
                 mode,
+                "--state-dir",
             ])
+            .arg(bpffs.with_extension("state"))
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(out)

@@ -11,6 +11,7 @@
 mod bench;
 mod conntrack;
 mod endpoint;
+mod events;
 mod fragment;
 mod maps;
 mod parse;
@@ -32,16 +33,18 @@ use crate::{
 /// The pod's egress.
 #[classifier]
 pub fn from_pod(ctx: TcContext) -> i32 {
-    let v = decide(&ctx, direction::EGRESS);
-    verdict::to_tc_action(&ctx, &v)
+    let mut pkt = Packet::default();
+    let v = decide(&ctx, direction::EGRESS, &mut pkt);
+    verdict::to_tc_action(&ctx, &v, &pkt)
 }
 
 /// The pod's ingress (and the egress of a Service packet's source, when
 /// this pod is the backend kube-proxy chose).
 #[classifier]
 pub fn to_pod(ctx: TcContext) -> i32 {
-    let v = decide(&ctx, direction::INGRESS);
-    verdict::to_tc_action(&ctx, &v)
+    let mut pkt = Packet::default();
+    let v = decide(&ctx, direction::INGRESS, &mut pkt);
+    verdict::to_tc_action(&ctx, &v, &pkt)
 }
 
 /// TC egress of the node's other devices: a Service packet leaving for a
@@ -87,8 +90,8 @@ pub fn to_host(ctx: SkBuffContext) -> i32 {
         Parsed::NonIp => reason::DROP_PARSE,
         _ => steps(&tc, &src, direction::EGRESS, parsed, &pkt),
     };
-    let v = Verdict::new(direction::EGRESS, pkt.family, r);
-    i32::from(verdict::to_tc_action(&tc, &v) == aya_ebpf::bindings::TC_ACT_OK)
+    let v = Verdict::new(direction::EGRESS, pkt.family, r, src.id);
+    i32::from(verdict::to_tc_action(&tc, &v, &pkt) == aya_ebpf::bindings::TC_ACT_OK)
 }
 
 #[inline(always)]
@@ -105,14 +108,20 @@ fn leave(ctx: &TcContext, l3: bool) -> i32 {
     } else {
         parse::packet(ctx, &mut pkt)
     };
-    let r = match (parsed, service::source(slot)) {
+    let source = service::source(slot);
+    let id = match &source {
+        Some((_, src)) => src.id,
+        None => 0,
+    };
+    let r = match (parsed, &source) {
         // A marked packet is always IP; one that does not parse as such
         // is not passed unjudged.
         (Parsed::NonIp, _) => reason::DROP_PARSE,
         (_, None) => reason::DROP_MARK_STALE,
-        (_, Some((_, src))) => steps(ctx, &src, direction::EGRESS, parsed, &pkt),
+        (_, Some((_, src))) => steps(ctx, src, direction::EGRESS, parsed, &pkt),
     };
-    verdict::to_tc_action(ctx, &Verdict::new(direction::EGRESS, pkt.family, r))
+    let v = Verdict::new(direction::EGRESS, pkt.family, r, id);
+    verdict::to_tc_action(ctx, &v, &pkt)
 }
 
 /// Neighbour discovery, router messages and MLD: a pod without them loses
@@ -128,15 +137,17 @@ const fn enforced(ep: &EndpointInfo, dir: u32) -> bool {
     !endpoint::programmed(ep) || endpoint::isolated(ep, dir)
 }
 
+/// The verdict on the packet in `pkt` (parsed here; the caller keeps it
+/// for the verdict's event).
 #[inline(always)]
-fn decide(ctx: &TcContext, dir: u32) -> Verdict {
-    let mut pkt = Packet::default();
-    let parsed = parse::packet(ctx, &mut pkt);
+fn decide(ctx: &TcContext, dir: u32, pkt: &mut Packet) -> Verdict {
+    let parsed = parse::packet(ctx, pkt);
+    let pkt = &*pkt;
     if let Parsed::NonIp = parsed {
-        return Verdict::new(dir, family::OTHER, reason::PASS_NON_IP);
+        return Verdict::new(dir, family::OTHER, reason::PASS_NON_IP, 0);
     }
     let Some(ep) = endpoint::lookup(ctx) else {
-        return Verdict::new(dir, pkt.family, reason::PASS_UNMANAGED);
+        return Verdict::new(dir, pkt.family, reason::PASS_UNMANAGED, 0);
     };
     let fam = pkt.family;
     if dir == direction::INGRESS {
@@ -147,14 +158,16 @@ fn decide(ctx: &TcContext, dir: u32) -> Verdict {
         if slot != 0 {
             service::clear(ctx, &cfg);
             match service::source(slot) {
-                None => return Verdict::new(direction::EGRESS, fam, reason::DROP_MARK_STALE),
+                None => {
+                    return Verdict::new(direction::EGRESS, fam, reason::DROP_MARK_STALE, 0);
+                }
                 Some((ifindex, _)) if ifindex == endpoint::ifindex(ctx) => {
-                    return Verdict::new(dir, fam, hairpin(&ep, &pkt));
+                    return Verdict::new(dir, fam, hairpin(&ep, pkt), ep.id);
                 }
                 Some((_, src)) => {
-                    let r = steps(ctx, &src, direction::EGRESS, parsed, &pkt);
+                    let r = steps(ctx, &src, direction::EGRESS, parsed, pkt);
                     if reason::is_drop(r) {
-                        return Verdict::new(direction::EGRESS, fam, r);
+                        return Verdict::new(direction::EGRESS, fam, r, src.id);
                     }
                 }
             }
@@ -163,11 +176,11 @@ fn decide(ctx: &TcContext, dir: u32) -> Verdict {
     if dir == direction::EGRESS
         && endpoint::programmed(&ep)
         && !matches!(parsed, Parsed::Bad(_))
-        && endpoint::spoofed(&ep, &pkt)
+        && endpoint::spoofed(&ep, pkt)
     {
-        return Verdict::new(dir, fam, reason::DROP_SPOOFED);
+        return Verdict::new(dir, fam, reason::DROP_SPOOFED, ep.id);
     }
-    Verdict::new(dir, fam, steps(ctx, &ep, dir, parsed, &pkt))
+    Verdict::new(dir, fam, steps(ctx, &ep, dir, parsed, pkt), ep.id)
 }
 
 /// The endpoint's verdict on an IP packet in `dir`: parse failures,

@@ -2,13 +2,13 @@
 //! sizes here are defaults the agent may override at load time.
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
-    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
     macros::btf_map,
 };
 use netpol_common::{
-    COUNTER_ENTRIES, CtKey, CtValue, EndpointInfo, FragKey, FragValue, FrontendKeyV4,
-    FrontendKeyV6, FrontendValue, GlobalConfig, PolicyKeyV4, PolicyKeyV6, PolicyValue, PortKey,
-    PortValue, TrafficCounter, mark,
+    COUNTER_ENTRIES, CtKey, CtValue, DenyEvent, EndpointInfo, EventBucket, FragKey, FragValue,
+    FrontendKeyV4, FrontendKeyV6, FrontendValue, GlobalConfig, PolicyKeyV4, PolicyKeyV6,
+    PolicyValue, PortKey, PortValue, TrafficCounter, events, mark,
 };
 
 /// Packets and bytes by direction, family and reason (`counter_index`).
@@ -66,3 +66,16 @@ pub static NETPOL_FRONTENDS_V6: HashMap<FrontendKeyV6, FrontendValue, 65_536> = 
 /// Mark slot → host ifindex of the pod interface owning it (0: free).
 #[btf_map]
 pub static NETPOL_MARK_SOURCES: Array<u32, { mark::MAX_SLOTS as usize + 1 }> = Array::new();
+
+/// Deny events for the agent (`netpol_common::events`).
+#[btf_map]
+pub static NETPOL_EVENTS: RingBuf<DenyEvent, { events::RING_BYTES as usize }> = RingBuf::new();
+
+/// Endpoint id → its deny-event token bucket.
+#[btf_map]
+pub static NETPOL_EVENT_LIMITS: LruHashMap<u32, EventBucket, 4096> = LruHashMap::new();
+
+/// Deny events not emitted, by cause (`events::LOST_*`).
+#[btf_map]
+pub static NETPOL_EVENTS_LOST: PerCpuArray<u64, { events::LOST_ENTRIES as usize }> =
+    PerCpuArray::new();

@@ -70,6 +70,10 @@ pub struct Packet {
     /// Where the fragment starts and ends in the datagram's payload.
     pub frag_offset: u32,
     pub frag_end: u32,
+    /// What a deny event needs of the packet besides its addresses, packed
+    /// once parsed (see `events::deny`): protocol, ICMP type, network
+    /// header offset, source and destination port.
+    pub event: u64,
     pub src: [u8; 16],
     pub dst: [u8; 16],
     /// For ICMP errors: the flow they are about.
@@ -149,6 +153,7 @@ fn network(ctx: &TcContext, ethertype: u16, l3: usize, p: &mut Packet) -> Parsed
         }
         _ => return Parsed::NonIp,
     };
+    p.event = crate::events::packet_word(p, l3);
     match r {
         Ok(()) => Parsed::Ip,
         // A first fragment that cannot hold the ports is the tiny-fragment

@@ -1,11 +1,12 @@
-//! The one place a decision becomes a TC action, and is counted.
+//! The one place a decision becomes a TC action, and is counted (and, for
+//! a drop, reported: [`crate::events`]).
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
     programs::TcContext,
 };
 use netpol_common::{counter_index, reason};
 
-use crate::maps::NETPOL_COUNTERS;
+use crate::{events, maps::NETPOL_COUNTERS, parse::Packet};
 
 /// What to do with a packet, and why: drops are exactly the reasons at or
 /// above `reason::FIRST_DROP`.
@@ -15,23 +16,28 @@ pub struct Verdict {
     pub direction: u32,
     pub family: u32,
     pub reason: u32,
+    /// The endpoint whose policy (in `direction`) gave the verdict: the
+    /// Service packet's source when its egress is judged downstream; 0
+    /// when none is known.
+    pub endpoint: u32,
 }
 
 impl Verdict {
     #[inline(always)]
-    pub const fn new(direction: u32, family: u32, reason: u32) -> Self {
+    pub const fn new(direction: u32, family: u32, reason: u32, endpoint: u32) -> Self {
         Self {
             direction,
             family,
             reason,
+            endpoint,
         }
     }
 }
 
-/// Counts the packet under its direction, family and reason, and maps the
-/// verdict to a TC action.
+/// Counts the packet under its direction, family and reason, reports it
+/// when dropped, and maps the verdict to a TC action.
 #[inline(always)]
-pub fn to_tc_action(ctx: &TcContext, v: &Verdict) -> i32 {
+pub fn to_tc_action(ctx: &TcContext, v: &Verdict, pkt: &Packet) -> i32 {
     let index = counter_index(v.direction, v.family, v.reason);
     if let Some(c) = NETPOL_COUNTERS.get_ptr_mut(index) {
         // SAFETY: the pointer comes from a successful per-CPU array lookup,
@@ -42,6 +48,7 @@ pub fn to_tc_action(ctx: &TcContext, v: &Verdict) -> i32 {
         }
     }
     if reason::is_drop(v.reason) {
+        events::deny(ctx, v, pkt);
         TC_ACT_SHOT
     } else {
         TC_ACT_OK

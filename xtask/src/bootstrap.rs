@@ -5,7 +5,9 @@
 //! - `bpf-linker` 0.13, built against the nightly's own libLLVM through a
 //!   prefix folder that must outlive the build (its RUNPATH points there);
 //! - Debian tools the privileged tests and demo drive (bpftool, iproute2,
-//!   ping).
+//!   ping);
+//! - for `vm-test`: qemu, a static busybox, and the decompressors of
+//!   Debian's kernel images and modules.
 use std::{
     path::{Path, PathBuf},
     process::Command,
@@ -23,6 +25,16 @@ const DEBIAN_TOOLS: &[(&str, &str)] = &[
     ("ip", "iproute2"),
     ("ping", "iputils-ping"),
     ("iptables-restore", "iptables"),
+];
+
+/// What `vm-test` needs beyond [`DEBIAN_TOOLS`], each with a binary that
+/// shows it is installed. busybox is checked apart: it must be the static
+/// build.
+const VM_TOOLS: &[(&str, &str)] = &[
+    ("qemu-system-x86_64", "qemu-system-x86"),
+    ("xz", "xz-utils"),
+    ("zstd", "zstd"),
+    ("dpkg-deb", "dpkg"),
 ];
 
 /// Everything.
@@ -223,17 +235,52 @@ pub fn debian_tools() -> Result<()> {
         return Ok(());
     }
     println!("bootstrap: Debian tools: installing {}", missing.join(" "));
+    apt_install(&missing)
+}
+
+/// The Debian tools, and what `vm-test` needs besides.
+pub fn vm_tools() -> Result<()> {
+    debian_tools()?;
+    let mut missing: Vec<&str> = VM_TOOLS
+        .iter()
+        .filter(|(bin, _)| !have(bin))
+        .map(|(_, pkg)| *pkg)
+        .collect();
+    if !static_busybox() {
+        missing.push("busybox-static");
+    }
+    if missing.is_empty() {
+        println!("bootstrap: vm-test tools (qemu, busybox-static, xz, zstd): present");
+        return Ok(());
+    }
+    println!("bootstrap: vm-test tools: installing {}", missing.join(" "));
+    apt_install(&missing)
+}
+
+/// Whether `busybox` is the static build (`busybox-static`), which runs in
+/// an initramfs without a libc.
+fn static_busybox() -> bool {
+    Command::new("sh")
+        .args([
+            "-c",
+            "command -v busybox >/dev/null && ldd \"$(command -v busybox)\" 2>&1",
+        ])
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("not a dynamic"))
+}
+
+fn apt_install(packages: &[&str]) -> Result<()> {
     ensure!(
         crate::netpol_is_root(),
         "installing {} needs root (apt-get)",
-        missing.join(" ")
+        packages.join(" ")
     );
     run(Command::new("apt-get")
         .args(["update", "-qq"])
         .env("DEBIAN_FRONTEND", "noninteractive"))?;
     run(Command::new("apt-get")
         .args(["install", "-y", "-qq", "--no-install-recommends"])
-        .args(&missing)
+        .args(packages)
         .env("DEBIAN_FRONTEND", "noninteractive"))?;
     Ok(())
 }

@@ -82,8 +82,14 @@ fn colour() -> bool {
     unsafe { libc::isatty(1) == 1 }
 }
 
-/// Probes every client pod against every target and prints the matrix.
-fn matrix(topo: &Topology, pods: &[PodSpec], targets: &[Target], fam: Family) -> Result<()> {
+/// Probes every client pod against every target and prints the matrix;
+/// returns the cells that connected, as (client, target) indices.
+fn matrix(
+    topo: &Topology,
+    pods: &[PodSpec],
+    targets: &[Target],
+    fam: Family,
+) -> Result<Vec<(usize, usize)>> {
     let mut jobs = Vec::new();
     for (ci, client) in pods.iter().enumerate() {
         for (ti, t) in targets.iter().enumerate() {
@@ -134,12 +140,92 @@ fn matrix(topo: &Topology, pods: &[PodSpec], targets: &[Target], fam: Family) ->
         }
         println!();
     }
+    let mut allowed = Vec::new();
+    for ci in 0..pods.len() {
+        for ti in 0..targets.len() {
+            if got.get(&format!("{ci} {ti}")) == Some(&true) {
+                allowed.push((ci, ti));
+            }
+        }
+    }
+    Ok(allowed)
+}
+
+/// For each connecting cell, the policy rules behind it, from
+/// `netpol-agent explain --batch` (the live maps and the agent's state
+/// file).
+fn why_allowed(
+    run: &conformance::Run,
+    topo: &Topology,
+    agent: &std::path::Path,
+    pods: &[PodSpec],
+    targets: &[Target],
+    cells: &[(usize, usize)],
+) -> Result<()> {
+    let queries: Vec<String> = cells
+        .iter()
+        .map(|&(ci, ti)| {
+            let t = &targets[ti];
+            format!(
+                "{} {} {}/{} 4",
+                pods[ci].id,
+                t.pod,
+                t.proto.to_string().to_lowercase(),
+                t.port
+            )
+        })
+        .collect();
+    let answers = run.explain(topo, agent, &queries)?;
+    let rows: Vec<(String, String)> = cells
+        .iter()
+        .zip(&answers)
+        .map(|(&(ci, ti), a)| {
+            let cell = format!("{} -> {}", pods[ci].id, targets[ti].label);
+            let side = |j: &serde_json::Value| -> Option<String> {
+                let of = j["of"].as_str().unwrap_or("?");
+                let dir = j["direction"].as_str().unwrap_or("?");
+                match j["reason"].as_str() {
+                    Some("pass_policy") => {
+                        let rules: Vec<&str> = j["entry"]["rules"]
+                            .as_array()
+                            .into_iter()
+                            .flatten()
+                            .filter_map(|r| r.as_str())
+                            .collect();
+                        Some(format!("{dir} of {of} by {}", rules.join(", ")))
+                    }
+                    Some("pass_not_isolated") => Some(format!("{dir} of {of} not isolated")),
+                    _ => None,
+                }
+            };
+            let why = if a["verdict"] != "allowed" {
+                format!(
+                    "explain says {}: {}",
+                    a["verdict"].as_str().unwrap_or("?"),
+                    conformance::why(a)
+                )
+            } else if a["src"]["address"] == a["dst"]["address"] {
+                "a pod reaching itself (never subject to its policies)".to_owned()
+            } else {
+                [side(&a["egress"]), side(&a["ingress"])]
+                    .into_iter()
+                    .flatten()
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            };
+            (cell, why)
+        })
+        .collect();
+    let w = rows.iter().map(|(c, _)| c.len()).max().unwrap_or(0);
+    for (cell, why) in rows {
+        println!("  {cell:w$}  {why}");
+    }
     Ok(())
 }
 
 /// Where cargo puts the agent it builds (`$CARGO_TARGET_DIR`, relative to
 /// the workspace, or its `target/`).
-fn target_dir() -> PathBuf {
+pub fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root().join("target"), |d| root().join(d))
 }
 
@@ -263,7 +349,7 @@ fn print_lookups(lookup: &Lookup, topo: &Topology, pods: &[PodSpec]) {
     println!();
 }
 
-pub fn demo() -> Result<()> {
+pub fn demo(hold: bool) -> Result<()> {
     ensure!(
         crate::netpol_is_root(),
         "the demo creates network namespaces and loads BPF programs: run it as root"
@@ -352,16 +438,43 @@ pub fn demo() -> Result<()> {
     );
     conformance::enforce(&mut agent_run, &topo, &manifests, &agent, &objects)?;
     println!("\nAfter the policies, enforced by netpol's TC programs on each pod's veth\n");
+    let mut allowed_v4 = Vec::new();
     for fam in [Family::V4, Family::V6] {
-        matrix(&topo, &pods, &targets, fam)?;
+        let allowed = matrix(&topo, &pods, &targets, fam)?;
+        if fam == Family::V4 {
+            allowed_v4 = allowed;
+        }
         println!();
     }
+    println!(
+        "Why each IPv4 cell connects: the rules behind it, from the live maps \
+         (netpol-agent explain --batch)\n"
+    );
+    why_allowed(&agent_run, &topo, &agent, &pods, &targets, &allowed_v4)?;
+    println!();
     print_lookups(&lookup, &topo, &pods);
     println!("demo: what the node's maps hold (netpol-agent compile -o table):\n");
     run(std::process::Command::new(&agent)
         .args(["compile", "--manifests"])
         .arg(&examples)
         .args(["-o", "table"]))?;
+    if hold {
+        let bpffs = agent_run.bpffs().display().to_string();
+        let state = agent_run.state_dir().display().to_string();
+        let cli = format!("{} --bpffs {bpffs}", agent.display());
+        println!(
+            "\ndemo: holding. The agent runs in the netns {node}; its maps are pinned in \
+             {bpffs}/netpol, its state file is {state}/state.json. Try:\n\n  \
+             {cli} inspect endpoints --state-dir {state}\n  \
+             {cli} inspect policy shop/api --state-dir {state}\n  \
+             {cli} explain shop/frontend shop/api tcp/8000 --state-dir {state}\n  \
+             bpftool map dump pinned {bpffs}/netpol/NETPOL_POLICY_V4\n\n\
+             Press Enter to tear everything down.",
+            node = topo.node
+        );
+        let mut line = String::new();
+        let _ = std::io::stdin().read_line(&mut line);
+    }
     drop(agent_run);
     drop(kube);
     drop(topo);

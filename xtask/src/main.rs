@@ -16,6 +16,7 @@ mod bootstrap;
 mod conformance;
 mod demo;
 mod deploy_check;
+mod vm;
 
 /// The eBPF target.
 const BPF_TARGET: &str = "bpfel-unknown-none";
@@ -75,9 +76,22 @@ enum Cmd {
     /// Build the object and the release agent as deploy/Containerfile does
     /// and check that every path it copies exists.
     DeployCheck,
+    /// Run the datapath tests on Debian kernels 5.10, 6.1 and 6.12, each
+    /// booted in qemu (as root; kernels cached under target/vm).
+    VmTest {
+        /// Which kernel: 5.10, 6.1, 6.12 or all.
+        #[arg(long, default_value = "all")]
+        kernel: String,
+    },
     /// Show netpol on a live pod: netns, veth, both families, counters, and
     /// the offline compile of the built-in example manifests.
-    Demo,
+    Demo {
+        /// Keep the demo's namespaces and agent up at the end, print how to
+        /// run `netpol-agent inspect`/`explain` on them, and tear down on
+        /// Enter (or Ctrl-C).
+        #[arg(long)]
+        hold: bool,
+    },
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -103,8 +117,9 @@ fn main() -> Result<()> {
             bootstrap::ebpf_toolchain()?;
             lint()
         }
-        Cmd::Demo => demo::demo(),
+        Cmd::Demo { hold } => demo::demo(hold),
         Cmd::DeployCheck => deploy_check::check(),
+        Cmd::VmTest { kernel } => vm::test(&vm::select(&kernel)?),
         Cmd::Conformance {
             scenarios,
             filter,
@@ -321,7 +336,7 @@ fn conformance_run(
         topology,
         via,
         limit,
-        agent: root().join("target/debug/netpol-agent"),
+        agent: demo::target_dir().join("debug/netpol-agent"),
         object,
     })
 }

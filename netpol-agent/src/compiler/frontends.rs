@@ -57,23 +57,57 @@ impl Frontends {
     }
 
     fn add_service(&mut self, svc: &Service, node_addresses: &[IpAddr]) {
-        for p in &svc.ports {
-            for (ips, kind) in [
-                (&svc.cluster_ips, frontend_kind::CLUSTER_IP),
-                (&svc.external_ips, frontend_kind::EXTERNAL_IP),
-                (&svc.load_balancer_ips, frontend_kind::LOAD_BALANCER),
-            ] {
-                for &ip in ips {
-                    self.add(ip, p.port, p.protocol, kind);
-                }
-            }
-            if let Some(node_port) = p.node_port {
-                for &ip in node_addresses {
-                    self.add(ip, node_port, p.protocol, frontend_kind::NODE_PORT);
-                }
-            }
+        for f in service_frontends(svc, node_addresses) {
+            self.add(f.address, f.port, f.protocol, f.kind);
         }
     }
+}
+
+/// One frontend of one Service.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ServiceFrontend {
+    /// The address kube-proxy translates.
+    pub address: IpAddr,
+    /// Its port.
+    pub port: u16,
+    /// Its protocol.
+    pub protocol: Protocol,
+    /// `netpol_common::frontend_kind`.
+    pub kind: u32,
+}
+
+/// Every frontend of `svc` on a node with `node_addresses` (the same
+/// tuple may come twice, under two kinds); the provenance of
+/// `NETPOL_FRONTENDS_V4/_V6` entries.
+pub fn service_frontends<'a>(
+    svc: &'a Service,
+    node_addresses: &'a [IpAddr],
+) -> impl Iterator<Item = ServiceFrontend> + 'a {
+    svc.ports.iter().flat_map(move |p| {
+        let translated = [
+            (&svc.cluster_ips, frontend_kind::CLUSTER_IP),
+            (&svc.external_ips, frontend_kind::EXTERNAL_IP),
+            (&svc.load_balancer_ips, frontend_kind::LOAD_BALANCER),
+        ]
+        .into_iter()
+        .flat_map(move |(ips, kind)| {
+            ips.iter().map(move |&address| ServiceFrontend {
+                address,
+                port: p.port,
+                protocol: p.protocol,
+                kind,
+            })
+        });
+        let node_ports = p.node_port.into_iter().flat_map(move |node_port| {
+            node_addresses.iter().map(move |&address| ServiceFrontend {
+                address,
+                port: node_port,
+                protocol: p.protocol,
+                kind: frontend_kind::NODE_PORT,
+            })
+        });
+        translated.chain(node_ports)
+    })
 }
 
 /// Every frontend of `snap`'s Services on a node with `node_addresses`.

@@ -43,6 +43,7 @@ mod incremental;
 mod ruleset;
 
 pub use diff::{Diff, MapState, Op, RawOp, diff};
+pub use frontends::{ServiceFrontend, service_frontends};
 pub use incremental::{Changes, Compiler};
 pub use ruleset::{PortPrefix, PortRange, RuleSet};
 
@@ -58,7 +59,7 @@ use netpol_common::{
     EndpointInfo, FrontendKeyV4, FrontendKeyV6, FrontendValue, PolicyKeyV4, PolicyKeyV6,
     PolicyValue, PortKey, PortValue, SELECTOR_BITS, direction, endpoint_flags, policy_selector,
 };
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::model::{
     LabelSelector, ModelError, NetworkPolicy, ObjectRef, Peer, Pod, PolicyPort, PortSpec, Protocol,
@@ -125,7 +126,7 @@ pub const EMPTY_RULESET: u32 = 1;
 pub const MAX_ENDPOINT_ID: u32 = (1 << 31) - 1;
 
 /// Direction of a policy, seen from the local pod.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Direction {
     /// Traffic leaving the pod.

@@ -8,6 +8,7 @@
 //! pod's Service packet, marked at `from_pod`, whose backend kube-proxy put
 //! on another node is judged there against the pod's egress
 //! ([`LEAVE_NODE_L3`] on devices without an Ethernet header).
+pub mod events;
 pub mod host;
 pub mod lifecycle;
 pub mod writer;
@@ -880,7 +881,7 @@ impl Counters {
         Self::read(&array)
     }
 
-    fn read<T: std::borrow::Borrow<MapData>>(
+    pub(crate) fn read<T: std::borrow::Borrow<MapData>>(
         array: &PerCpuArray<T, TrafficCounter>,
     ) -> Result<Self, DatapathError> {
         let mut entries = Vec::new();

@@ -204,7 +204,9 @@ pub mod agent {
     };
 
     use netpol_agent::{
-        Agent, AgentError, Counters, Source, Status, StatusHandle, fingerprint,
+        Agent, AgentBuilder, AgentError, Counters, Source, Status, StatusHandle,
+        events::Denial,
+        fingerprint,
         model::{Snapshot, manifests::load_dir},
     };
 
@@ -245,6 +247,8 @@ pub mod agent {
     /// An agent running on its own thread inside the node namespace.
     pub struct Running {
         pub status: StatusHandle,
+        /// Its deny events, from its start.
+        pub denials: tokio::sync::broadcast::Receiver<Denial>,
         stop: Option<tokio::sync::oneshot::Sender<()>>,
         thread: Option<std::thread::JoinHandle<Result<(), AgentError>>>,
         rt: tokio::runtime::Runtime,
@@ -252,15 +256,30 @@ pub mod agent {
 
     impl Running {
         pub fn start(node: &Netns, bpffs: &Path, manifests: &Manifests) -> Self {
-            let agent = Agent::builder()
-                .source(Source::Files(manifests.0.clone()))
-                .node_name("n1")
-                .bpffs(bpffs)
-                .interfaces("nph*")
-                .listen(Some("127.0.0.1:0".parse().expect("address")))
-                .build()
-                .expect("agent settings");
+            Self::start_with(node, bpffs, manifests, |b| b)
+        }
+
+        /// [`Self::start`] with more settings.
+        pub fn start_with(
+            node: &Netns,
+            bpffs: &Path,
+            manifests: &Manifests,
+            configure: impl FnOnce(AgentBuilder) -> AgentBuilder,
+        ) -> Self {
+            let agent = configure(
+                Agent::builder()
+                    .source(Source::Files(manifests.0.clone()))
+                    .node_name("n1")
+                    .bpffs(bpffs)
+                    .interfaces("nph*")
+                    // Tests that read the state file give their own folder.
+                    .state_dir(None)
+                    .listen(Some("127.0.0.1:0".parse().expect("address"))),
+            )
+            .build()
+            .expect("agent settings");
             let status = agent.status();
+            let denials = agent.denials();
             let (tx, rx) = tokio::sync::oneshot::channel::<()>();
             let ns = PathBuf::from("/var/run/netns").join(&node.name);
             let thread = std::thread::spawn(move || {
@@ -283,10 +302,29 @@ pub mod agent {
                 .expect("test runtime");
             Self {
                 status,
+                denials,
                 stop: Some(tx),
                 thread: Some(thread),
                 rt,
             }
+        }
+
+        /// The next deny event within `timeout`.
+        pub fn next_denial(&mut self, timeout: Duration) -> Option<Denial> {
+            use tokio::sync::broadcast::error::RecvError;
+            let denials = &mut self.denials;
+            self.rt.block_on(async {
+                tokio::time::timeout(timeout, async {
+                    match denials.recv().await {
+                        Ok(d) => Some(d),
+                        Err(RecvError::Lagged(n)) => panic!("missed {n} deny events"),
+                        Err(RecvError::Closed) => None,
+                    }
+                })
+                .await
+                .ok()
+                .flatten()
+            })
         }
 
         pub fn wait(&mut self, what: &str, pred: impl FnMut(&Status) -> bool) -> Status {
@@ -591,6 +629,18 @@ pub mod services {
                 .arg(&manifests.0)
                 .args(["--node", node_name, "--interfaces", "nph*"])
                 .args(["--listen", LISTEN])
+                // Each agent its own state file, not the node's /run/netpol.
+                .args(if extra.contains(&"--state-dir") {
+                    Vec::new()
+                } else {
+                    vec![
+                        "--state-dir".to_owned(),
+                        std::env::temp_dir()
+                            .join(unique("netpol-state-"))
+                            .display()
+                            .to_string(),
+                    ]
+                })
                 .args(extra)
                 .env("RUST_LOG", "info")
                 .stdout(Stdio::from(file.try_clone().expect("log")))
@@ -721,6 +771,13 @@ pub mod services {
             String::from_utf8_lossy(&out.stdout).into_owned()
         }
 
+        /// Kills the agent (SIGKILL, as a crash or the OOM killer would)
+        /// and reaps it: its attachments and pinned maps stay.
+        pub fn kill(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+
         /// Packets counted with `reason` in `direction` (both families).
         pub fn count(&self, direction: u32, reason: u32) -> u64 {
             let c =
@@ -738,7 +795,8 @@ pub mod services {
             if std::thread::panicking() {
                 eprintln!("netpol-agent log:\n{}", self.log());
             }
-            if let Ok(pid) = i32::try_from(self.child.id()) {
+            let running = matches!(self.child.try_wait(), Ok(None));
+            if running && let Ok(pid) = i32::try_from(self.child.id()) {
                 // SAFETY: kill(2) on the pid of our own child, which has not
                 // been reaped yet (so the pid cannot have been reused).
                 unsafe {

@@ -75,6 +75,92 @@ pub struct Run {
     agent: Option<Child>,
 }
 
+impl Run {
+    /// The agent's state file folder (`run --state-dir`).
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.join("state")
+    }
+
+    /// The run's private bpffs (the agent pins in its `netpol` folder).
+    pub fn bpffs(&self) -> &Path {
+        &self.bpffs
+    }
+
+    /// `netpol-agent explain --batch - -o json` in the node netns, against
+    /// the live maps and the agent's state file: one answer per query, in
+    /// order (each a JSON object with `query` and `verdict`, or `error`).
+    pub fn explain(
+        &self,
+        topo: &Topology,
+        agent: &Path,
+        queries: &[String],
+    ) -> Result<Vec<serde_json::Value>> {
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &topo.node])
+            .arg(agent)
+            .arg("--bpffs")
+            .arg(&self.bpffs)
+            .args(["explain", "--batch", "-", "-o", "json", "--state-dir"])
+            .arg(self.state_dir())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("running netpol-agent explain --batch")?;
+        let input = queries.join("\n");
+        let mut stdin = child.stdin.take().context("explain's stdin")?;
+        // Written from a thread: explain answers while it reads, and a full
+        // pipe either way would block both processes.
+        let writer = std::thread::spawn(move || stdin.write_all(input.as_bytes()));
+        let out = child
+            .wait_with_output()
+            .context("waiting for netpol-agent explain")?;
+        writer
+            .join()
+            .map_err(|_| anyhow::anyhow!("explain's writer panicked"))?
+            .context("writing the queries")?;
+        ensure!(
+            out.status.success(),
+            "netpol-agent explain --batch failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let answers: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(serde_json::from_str)
+            .collect::<Result<_, _>>()
+            .context("explain's JSON lines")?;
+        ensure!(
+            answers.len() == queries.len(),
+            "netpol-agent explain answered {} of {} queries",
+            answers.len(),
+            queries.len()
+        );
+        Ok(answers)
+    }
+}
+
+/// One sentence of an explain answer: the side that decided, or the error.
+pub fn why(answer: &serde_json::Value) -> String {
+    if let Some(e) = answer["error"].as_str() {
+        return format!("error: {e}");
+    }
+    let side = |j: &serde_json::Value| {
+        format!(
+            "{} of {}: {} ({})",
+            j["direction"].as_str().unwrap_or("?"),
+            j["of"].as_str().unwrap_or("?"),
+            j["text"].as_str().unwrap_or("?"),
+            j["reason"].as_str().unwrap_or("?")
+        )
+    };
+    let (e, i) = (&answer["egress"], &answer["ingress"]);
+    match (e["allowed"].as_bool(), i["allowed"].as_bool()) {
+        (Some(false), _) => side(e),
+        (_, Some(false)) => side(i),
+        _ => format!("{}; {}", side(e), side(i)),
+    }
+}
+
 /// What an interrupted run must remove: Ctrl-C (SIGINT/SIGTERM) ends the
 /// process without running destructors, so the handler removes these.
 #[derive(Default)]
@@ -247,8 +333,24 @@ fn status(node_fd: &Arc<File>) -> Result<serde_json::Value> {
     })
 }
 
+/// Whether the agent's state file (written off its sync loop, just after
+/// the apply) describes `fingerprint` with `pods` interfaces bound: what
+/// `explain` names rules with.
+fn state_written(dir: &Path, fingerprint: &str, pods: usize) -> bool {
+    let Ok(text) = std::fs::read(dir.join("state.json")) else {
+        return false;
+    };
+    let Ok(state) = serde_json::from_slice::<serde_json::Value>(&text) else {
+        return false;
+    };
+    let bound = state["endpoints"]
+        .as_array()
+        .map_or(0, |e| e.iter().filter(|e| e["ifindex"].is_u64()).count());
+    state["fingerprint"].as_str() == Some(fingerprint) && bound >= pods
+}
+
 /// Waits until the agent enforces `fingerprint` with every pod interface
-/// bound and programmed.
+/// bound and programmed, and has written its state file.
 pub fn wait_applied(
     run: &mut Run,
     node_fd: &Arc<File>,
@@ -270,7 +372,10 @@ pub fn wait_applied(
             let programmed = s["interfaces"]
                 .as_array()
                 .map_or(0, |i| i.iter().filter(|i| i["programmed"] == true).count());
-            if s["fingerprint"].as_str() == Some(fingerprint) && programmed >= pods {
+            if s["fingerprint"].as_str() == Some(fingerprint)
+                && programmed >= pods
+                && state_written(&run.state_dir(), fingerprint, pods)
+            {
                 return Ok(());
             }
             last = s;
@@ -365,6 +470,7 @@ pub fn start_agent(
     .context("mounting a private bpffs")?;
     write_manifests(&manifests, &model.objects)?;
     let log = File::create(dir.join("agent.log"))?;
+    let state = run.state_dir();
     let child = Command::new("ip")
         .args(["netns", "exec", &topo.node])
         .arg(agent)
@@ -373,6 +479,8 @@ pub fn start_agent(
         .args(["run", "--manifests"])
         .arg(&manifests)
         .args(["--node", &model.node_name, "--listen", LISTEN])
+        .arg("--state-dir")
+        .arg(&state)
         .env("NETPOL_EBPF_OBJECT", object)
         .stdout(Stdio::from(log.try_clone()?))
         .stderr(Stdio::from(log))
@@ -437,6 +545,8 @@ pub fn run(opts: &Options) -> Result<Tally> {
     let (mut run, manifests) = start_agent(&topo, &model, &opts.agent, &opts.object)?;
 
     let mut total: BTreeMap<Via, Tally> = BTreeMap::new();
+    // `explain` against every cell's expected result.
+    let mut explained = Tally::default();
     for sc in &scenarios {
         let started = Instant::now();
         let mut waited = Duration::ZERO;
@@ -475,6 +585,8 @@ pub fn run(opts: &Options) -> Result<Tally> {
             }
 
             let mut jobs = Vec::new();
+            // (query, expected, whether the server listens, label)
+            let mut checks: Vec<(String, bool, bool, String)> = Vec::new();
             for probe in &step.probes {
                 let wanted = matches!(
                     (opts.via, probe.via),
@@ -504,6 +616,34 @@ pub fn run(opts: &Options) -> Result<Tally> {
                         };
                         let Some(dst) = dst else { continue };
                         let mark = |b: bool| if b { "X" } else { "." };
+                        // A Service cell is judged against the backend
+                        // kube-proxy picks: the Service's one pod.
+                        if let Some(server) = topo.pods.get(to) {
+                            let fam_n = match fam {
+                                Family::V4 => 4,
+                                Family::V6 => 6,
+                            };
+                            checks.push((
+                                format!(
+                                    "{from} {to} {}/{} {fam_n}",
+                                    probe.proto.to_string().to_lowercase(),
+                                    probe.port
+                                ),
+                                *want,
+                                server.spec.ports.contains(&(probe.proto, probe.port)),
+                                format!(
+                                    "step {} {}/{} {} {} explain: {} -> {} expected {}",
+                                    i + 1,
+                                    probe.port,
+                                    probe.proto,
+                                    fam,
+                                    probe.via,
+                                    from,
+                                    to,
+                                    mark(*want),
+                                ),
+                            ));
+                        }
                         jobs.push(Job {
                             via: probe.via,
                             from: client.fd.clone(),
@@ -533,6 +673,24 @@ pub fn run(opts: &Options) -> Result<Tally> {
                 } else {
                     t.failed += 1;
                     lines.push(job.label);
+                }
+            }
+            if !checks.is_empty() {
+                let queries: Vec<String> = checks.iter().map(|c| c.0.clone()).collect();
+                let answers = run.explain(&topo, &opts.agent, &queries)?;
+                for ((_, want, listens, label), a) in checks.into_iter().zip(answers) {
+                    // The kernel's verdict, and a server to answer.
+                    let allowed = a["verdict"] == "allowed";
+                    if a["error"].is_null() && (allowed && listens) == want {
+                        explained.passed += 1;
+                    } else {
+                        explained.failed += 1;
+                        lines.push(format!(
+                            "{label}, explain says {}: {}",
+                            a["verdict"].as_str().unwrap_or("nothing"),
+                            why(&a)
+                        ));
+                    }
                 }
             }
         }
@@ -571,6 +729,16 @@ pub fn run(opts: &Options) -> Result<Tally> {
         );
         all.passed += t.passed;
         all.failed += t.failed;
+    }
+    if explained.passed + explained.failed > 0 {
+        // Its agreements are the same cells again; its disagreements fail
+        // the run.
+        println!(
+            "conformance explain (every cell; a Service's against its backend): {} cells agree \
+             with the expected result, {} disagree",
+            explained.passed, explained.failed
+        );
+        all.failed += explained.failed;
     }
     drop(services);
     drop(topo);

@@ -1,0 +1,367 @@
+//! Deny events: the one reader of the programs' ring buffer.
+//!
+//! The programs report each dropped packet their endpoint's rate limit
+//! lets through (`netpol_common::events`). The reader resolves the event's
+//! endpoint id and addresses to pods through the [`Directory`] the sync
+//! loop publishes after every applied compile, counts it in
+//! `netpol_denied_total`, logs it when asked (`--log-denied`) and hands it
+//! to [`crate::Agent::denials`] subscribers.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    sync::Arc,
+};
+
+use aya::maps::{MapData, RingBuf};
+use netpol_common::{DenyEvent, family, reason};
+use serde::Serialize;
+use tokio::{
+    io::unix::AsyncFd,
+    sync::{broadcast, watch},
+};
+
+use crate::{
+    compiler::Compiled,
+    datapath::{self, events::decode},
+    model::{ObjectRef, Snapshot},
+    telemetry::Metrics,
+};
+
+/// Who is behind an endpoint id or an address, as of the compile in force.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Directory {
+    /// Endpoint id → local pod.
+    endpoints: BTreeMap<u32, ObjectRef>,
+    /// The local pods.
+    local: BTreeSet<ObjectRef>,
+    /// Address → pod, every networked pod of the cluster (peers live
+    /// anywhere).
+    addresses: BTreeMap<IpAddr, ObjectRef>,
+}
+
+impl Directory {
+    /// The directory of a compiled state and the snapshot it came from.
+    #[must_use]
+    pub fn new(compiled: &Compiled, snapshot: &Snapshot) -> Self {
+        let endpoints: BTreeMap<u32, ObjectRef> = compiled
+            .endpoints
+            .iter()
+            .map(|(pod, ep)| (ep.id, pod.clone()))
+            .collect();
+        let local = endpoints.values().cloned().collect();
+        let mut addresses = BTreeMap::new();
+        for pod in snapshot.pods.values().filter(|p| p.is_networked()) {
+            for ip in &pod.ips {
+                addresses.entry(*ip).or_insert_with(|| pod.id.clone());
+            }
+        }
+        Self {
+            endpoints,
+            local,
+            addresses,
+        }
+    }
+
+    /// The local pod of an endpoint id.
+    #[must_use]
+    pub fn endpoint(&self, id: u32) -> Option<&ObjectRef> {
+        self.endpoints.get(&id)
+    }
+
+    /// The pod owning an address.
+    #[must_use]
+    pub fn address(&self, ip: IpAddr) -> Option<&ObjectRef> {
+        self.addresses.get(&ip)
+    }
+
+    /// Whether `pod` is one of this node's endpoints.
+    #[must_use]
+    pub fn is_local(&self, pod: &ObjectRef) -> bool {
+        self.local.contains(pod)
+    }
+}
+
+/// One dropped packet, resolved to pods.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Denial {
+    /// When the program dropped it (`CLOCK_MONOTONIC`, ns).
+    pub timestamp_ns: u64,
+    /// `netpol_common::direction` of the policy that dropped it.
+    pub direction: u32,
+    /// `netpol_common::reason` (a drop).
+    pub reason: u32,
+    /// IP protocol number.
+    pub protocol: u8,
+    /// ICMP/ICMPv6 type, 0 otherwise.
+    pub icmp_type: u8,
+    /// Source address and port (ICMP echo: the id).
+    pub src: SocketAddr,
+    /// Destination address and port.
+    pub dst: SocketAddr,
+    /// Endpoint id whose policy dropped it (0: none known).
+    pub endpoint: u32,
+    /// The interface the program ran on.
+    pub ifindex: u32,
+    /// The local pod of `endpoint`: the destination for ingress, the
+    /// source for egress.
+    pub pod: Option<ObjectRef>,
+    /// The pod that sent it (the endpoint's pod for egress, else found by
+    /// address).
+    pub source: Option<ObjectRef>,
+    /// The pod it was for (the endpoint's pod for ingress, else found by
+    /// address; a Service packet carries its backend's).
+    pub destination: Option<ObjectRef>,
+}
+
+impl Denial {
+    /// Resolves an event against `dir`.
+    #[must_use]
+    pub fn resolve(e: &DenyEvent, dir: &Directory) -> Self {
+        let addr = |a: [u8; 16]| -> IpAddr {
+            if u32::from(e.family) == family::IPV6 {
+                Ipv6Addr::from(a).into()
+            } else {
+                Ipv4Addr::new(a[0], a[1], a[2], a[3]).into()
+            }
+        };
+        let (src, dst) = (addr(e.src), addr(e.dst));
+        let pod = dir.endpoint(e.endpoint).cloned();
+        let egress = u32::from(e.direction) == netpol_common::direction::EGRESS;
+        let by_addr = |ip| dir.address(ip).cloned();
+        let (source, destination) = if egress {
+            (pod.clone().or_else(|| by_addr(src)), by_addr(dst))
+        } else {
+            (by_addr(src), pod.clone().or_else(|| by_addr(dst)))
+        };
+        Self {
+            timestamp_ns: e.timestamp_ns,
+            direction: u32::from(e.direction),
+            reason: e.reason,
+            protocol: e.protocol,
+            icmp_type: e.icmp_type,
+            src: SocketAddr::new(src, e.sport),
+            dst: SocketAddr::new(dst, e.dport),
+            endpoint: e.endpoint,
+            ifindex: e.ifindex,
+            pod,
+            source,
+            destination,
+        }
+    }
+
+    /// `ingress` or `egress`.
+    #[must_use]
+    pub const fn direction_name(&self) -> &'static str {
+        datapath::direction_name(self.direction)
+    }
+
+    /// The reason's stable name (`drop_policy`, ...).
+    #[must_use]
+    pub const fn reason_name(&self) -> &'static str {
+        reason::name(self.reason)
+    }
+}
+
+/// A pod for a log line: `ns/name`, or `-`.
+fn shown(p: Option<&ObjectRef>) -> String {
+    p.map_or_else(|| "-".to_owned(), ToString::to_string)
+}
+
+/// The protocol's name in a log line.
+fn protocol_name(p: u8) -> String {
+    match p {
+        netpol_common::protocol::TCP => "tcp".into(),
+        netpol_common::protocol::UDP => "udp".into(),
+        netpol_common::protocol::SCTP => "sctp".into(),
+        netpol_common::protocol::ICMP => "icmp".into(),
+        netpol_common::protocol::ICMPV6 => "icmpv6".into(),
+        other => other.to_string(),
+    }
+}
+
+/// The ring buffer's reader and what it feeds.
+pub(crate) struct Reader {
+    pub ring: RingBuf<MapData>,
+    pub directory: watch::Receiver<Arc<Directory>>,
+    pub metrics: Arc<Metrics>,
+    pub log_denied: bool,
+    pub denials: broadcast::Sender<Denial>,
+}
+
+impl Reader {
+    /// Reads events until `stop`. Events are not essential to enforcement:
+    /// a failure is logged and ends the reader, not the agent.
+    pub(crate) async fn run(self, mut stop: watch::Receiver<bool>) {
+        let Self {
+            ring,
+            mut directory,
+            metrics,
+            log_denied,
+            denials,
+        } = self;
+        // SAFETY: the RingBuf owns its map's descriptor, open until the
+        // RingBuf is dropped (with the AsyncFd owning it), and always
+        // returns that same descriptor.
+        let registered =
+            unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) };
+        let mut ring = match registered {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, "polling the deny-event ring buffer; no deny events");
+                return;
+            }
+        };
+        let mut dir = directory.borrow_and_update().clone();
+        loop {
+            tokio::select! {
+                () = crate::sync::stopped(&mut stop) => break,
+                r = directory.changed() => {
+                    if r.is_err() {
+                        break;
+                    }
+                    dir = directory.borrow_and_update().clone();
+                    // Bounded label sets: pods that left this node fold
+                    // into the unnamed series.
+                    metrics.retain_denied(|p| dir.is_local(p));
+                }
+                r = ring.readable_mut() => {
+                    let mut guard = match r {
+                        Ok(g) => g,
+                        Err(e) => {
+                            tracing::error!(error = %e, "reading the deny-event ring buffer; no more deny events");
+                            break;
+                        }
+                    };
+                    let ring = guard.get_inner_mut();
+                    while let Some(item) = ring.next() {
+                        let event = decode(&item);
+                        drop(item);
+                        let Some(event) = event else {
+                            tracing::debug!("skipped a short deny-event record");
+                            continue;
+                        };
+                        let d = Denial::resolve(&event, &dir);
+                        metrics.denied(d.pod.as_ref(), d.direction);
+                        if log_denied {
+                            log(&d);
+                        }
+                        // No subscriber is no error.
+                        let _ = denials.send(d);
+                    }
+                    guard.clear_ready();
+                }
+            }
+        }
+        tracing::debug!("deny-event reader stopped");
+    }
+}
+
+fn log(d: &Denial) {
+    tracing::info!(
+        target: "netpol::denied",
+        direction = d.direction_name(),
+        reason = d.reason_name(),
+        protocol = %protocol_name(d.protocol),
+        src = %d.src,
+        dst = %d.dst,
+        source = %shown(d.source.as_ref()),
+        destination = %shown(d.destination.as_ref()),
+        endpoint = d.endpoint,
+        ifindex = d.ifindex,
+        "denied {} {} {} -> {} ({})",
+        d.direction_name(),
+        protocol_name(d.protocol),
+        shown(d.source.as_ref()),
+        shown(d.destination.as_ref()),
+        d.reason_name(),
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use netpol_common::direction;
+
+    use super::*;
+
+    fn dir() -> Directory {
+        let a = ObjectRef::new("x", "a");
+        let b = ObjectRef::new("y", "b");
+        Directory {
+            endpoints: BTreeMap::from([(5, a.clone())]),
+            local: BTreeSet::from([a.clone()]),
+            addresses: BTreeMap::from([
+                ("10.0.0.5".parse().expect("ip"), a),
+                ("10.0.0.9".parse().expect("ip"), b.clone()),
+                ("fd00::9".parse().expect("ip"), b),
+            ]),
+        }
+    }
+
+    fn event(dir: u32, fam: u32, src: [u8; 16], dst: [u8; 16]) -> DenyEvent {
+        DenyEvent {
+            endpoint: 5,
+            reason: reason::DROP_POLICY,
+            direction: dir as u8,
+            family: fam as u8,
+            protocol: netpol_common::protocol::UDP,
+            sport: 4000,
+            dport: 53,
+            src,
+            dst,
+            ..DenyEvent::default()
+        }
+    }
+
+    fn v4(a: [u8; 4]) -> [u8; 16] {
+        let mut out = [0; 16];
+        out[..4].copy_from_slice(&a);
+        out
+    }
+
+    #[test]
+    fn an_ingress_denial_names_the_endpoint_as_destination_and_the_peer_by_address() {
+        let e = event(
+            direction::INGRESS,
+            family::IPV4,
+            v4([10, 0, 0, 9]),
+            v4([10, 0, 0, 5]),
+        );
+        let d = Denial::resolve(&e, &dir());
+        assert_eq!(d.pod, Some(ObjectRef::new("x", "a")));
+        assert_eq!(d.destination, Some(ObjectRef::new("x", "a")));
+        assert_eq!(d.source, Some(ObjectRef::new("y", "b")));
+        assert_eq!(d.src, "10.0.0.9:4000".parse().expect("addr"));
+        assert_eq!(
+            (d.direction_name(), d.reason_name()),
+            ("ingress", "drop_policy")
+        );
+    }
+
+    #[test]
+    fn an_egress_denial_names_the_endpoint_as_source_even_from_another_address() {
+        let dst: Ipv6Addr = "fd00::9".parse().expect("ip");
+        let e = event(
+            direction::EGRESS,
+            family::IPV6,
+            "fd00::77".parse::<Ipv6Addr>().expect("ip").octets(),
+            dst.octets(),
+        );
+        let d = Denial::resolve(&e, &dir());
+        assert_eq!(d.source, Some(ObjectRef::new("x", "a")));
+        assert_eq!(d.destination, Some(ObjectRef::new("y", "b")));
+        assert_eq!(d.dst, SocketAddr::new(dst.into(), 53));
+    }
+
+    #[test]
+    fn unknown_endpoints_and_addresses_stay_unnamed() {
+        let mut e = event(
+            direction::INGRESS,
+            family::IPV4,
+            v4([192, 0, 2, 1]),
+            v4([192, 0, 2, 2]),
+        );
+        e.endpoint = 77;
+        let d = Denial::resolve(&e, &dir());
+        assert_eq!((d.pod, d.source, d.destination), (None, None, None));
+    }
+}

@@ -1,0 +1,137 @@
+//! Deny events: a dropped packet reported to the agent on the ring buffer,
+//! within its endpoint's rate limit (`netpol_common::events`). Neither the
+//! limit nor a full ring changes the packet's verdict; both are counted.
+//!
+//! The work is one *global* BPF function, [`netpol_deny_event`], which the
+//! verifier checks once, on its own: a static function (or inlined code)
+//! is checked again on every path that reaches a drop, which cost each
+//! program some hundred thousand verified instructions. Kernels before
+//! 5.12 allow global functions the context and scalars only, so the
+//! caller packs the verdict and the packet's identity into two words and
+//! the function reads the addresses from the packet again.
+use aya_ebpf::{bindings::__sk_buff, helpers::bpf_ktime_get_ns, programs::TcContext};
+use netpol_common::{DenyEvent, events, family};
+
+use crate::{
+    endpoint,
+    maps::{NETPOL_CONFIG, NETPOL_EVENT_LIMITS, NETPOL_EVENTS, NETPOL_EVENTS_LOST},
+    parse::Packet,
+    verdict::Verdict,
+};
+
+/// Reports a drop (see the module docs).
+#[inline(always)]
+pub fn deny(ctx: &TcContext, v: &Verdict, pkt: &Packet) {
+    let verdict = u64::from(v.reason as u8)
+        | u64::from(v.direction as u8) << 8
+        | u64::from(v.family as u8) << 16;
+    netpol_deny_event(ctx.skb.skb, v.endpoint, verdict, pkt.event);
+}
+
+/// [`Packet::event`]: protocol, ICMP type (a byte each from the lowest),
+/// the network header's offset, source port, destination port (16 bits
+/// each). Computed once per packet, where parsing ends, so that a drop
+/// path only loads it.
+#[inline(always)]
+pub fn packet_word(pkt: &Packet, l3: usize) -> u64 {
+    u64::from(pkt.protocol)
+        | u64::from(pkt.icmp_type) << 8
+        | (l3 as u64 & 0xffff) << 16
+        | u64::from(pkt.sport) << 32
+        | u64::from(pkt.dport) << 48
+}
+
+/// Emits one deny event if the endpoint's rate limit admits it. `verdict`:
+/// reason, direction, family (a byte each from the lowest); `packet`:
+/// [`packet_word`]. Returns whether an event was emitted. `no_mangle`
+/// and `extern "C"`: rustc exports it to bpf-linker, so it keeps global
+/// linkage in the object and its BTF.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn netpol_deny_event(
+    skb: *mut __sk_buff,
+    endpoint: u32,
+    verdict: u64,
+    packet: u64,
+) -> i32 {
+    let ctx = TcContext::new(skb);
+    // SAFETY: bpf_ktime_get_ns has no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if !within_limit(endpoint, now) {
+        lost(events::LOST_RATE_LIMITED);
+        return 0;
+    }
+    let fam = (verdict >> 16) as u8;
+    let l3 = (packet >> 16) as u16 as usize;
+    let mut src = [0u8; 16];
+    let mut dst = [0u8; 16];
+    // Read again from the packet (unchanged since it was parsed); a read
+    // that fails leaves zeros, the event is still worth sending.
+    if u32::from(fam) == family::IPV4 {
+        if let Ok(a) = ctx.load::<[u8; 8]>(l3 + 12) {
+            src[..4].copy_from_slice(&a[..4]);
+            dst[..4].copy_from_slice(&a[4..]);
+        }
+    } else if u32::from(fam) == family::IPV6 {
+        if let Ok(a) = ctx.load::<[u8; 16]>(l3 + 8) {
+            src = a;
+        }
+        if let Ok(a) = ctx.load::<[u8; 16]>(l3 + 24) {
+            dst = a;
+        }
+    }
+    let Some(mut entry) = NETPOL_EVENTS.reserve(0) else {
+        lost(events::LOST_RING_FULL);
+        return 0;
+    };
+    entry.write(DenyEvent {
+        timestamp_ns: now,
+        endpoint,
+        ifindex: endpoint::ifindex(&ctx),
+        reason: u32::from(verdict as u8),
+        direction: (verdict >> 8) as u8,
+        family: fam,
+        protocol: packet as u8,
+        icmp_type: (packet >> 8) as u8,
+        sport: (packet >> 32) as u16,
+        dport: (packet >> 48) as u16,
+        src,
+        dst,
+        _pad: 0,
+    });
+    entry.submit(0);
+    1
+}
+
+/// Takes one event from the endpoint's token bucket (a new endpoint starts
+/// with a full burst).
+#[inline(always)]
+fn within_limit(endpoint: u32, now: u64) -> bool {
+    let (rate, burst) = match NETPOL_CONFIG.get(0) {
+        Some(c) => (c.event_rate, c.event_burst),
+        None => (0, 0),
+    };
+    match NETPOL_EVENT_LIMITS.get_ptr_mut(endpoint) {
+        // SAFETY: the pointer comes from a successful lookup and is valid
+        // for this run; another CPU may update the same bucket meanwhile,
+        // which at worst lets an extra event through (see EventBucket).
+        Some(b) => events::take(unsafe { &mut *b }, now, rate, burst),
+        None => {
+            // A full LRU evicts the least recent bucket; a failed insert
+            // only means the next event starts a fresh burst.
+            let _ = NETPOL_EVENT_LIMITS.insert(endpoint, events::first(now, burst), 0);
+            true
+        }
+    }
+}
+
+#[inline(always)]
+fn lost(cause: u32) {
+    if let Some(c) = NETPOL_EVENTS_LOST.get_ptr_mut(cause) {
+        // SAFETY: the pointer comes from a successful per-CPU array lookup,
+        // is valid for the program's run and only this CPU writes its slot.
+        unsafe {
+            *c += 1;
+        }
+    }
+}

@@ -1,0 +1,397 @@
+//! `cargo xtask vm-test`: the datapath tests on the kernels netpol
+//! supports, each booted in qemu.
+//!
+//! The host kernel proves one version; the verifier, BTF map support, the
+//! attach path (netlink clsact before 6.6, TCX from 6.6) and
+//! `BPF_PROG_TEST_RUN` differ by kernel. So, as aya's own CI does, Debian
+//! kernels are booted in qemu (TCG: this machine kind's `/dev/kvm` runs
+//! only paravirtualised guests) from their ELF `vmlinux` (PVH entry), with
+//! a busybox initramfs that runs the datapath test binaries, built static
+//! so the guest needs no libc:
+//! - `datapath_packets`, `datapath_hardening`, `datapath_services`: the
+//!   verdict tables through `BPF_PROG_TEST_RUN`;
+//! - `datapath_smoke`: real traffic through this kernel's attach path and
+//!   adoption after a simulated agent restart;
+//! - `datapath_netns`, `datapath_attach`: real connections under policy,
+//!   and both attach paths where the kernel has them.
+//!
+//! One line per kernel says PASS or FAIL, naming the failed tests and
+//! showing the tail of any verifier log; the full guest output stays in
+//! `target/vm/logs/<series>/`.
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail, ensure};
+
+mod initramfs;
+mod kernel;
+mod report;
+
+use kernel::{Kernel, SERIES, Series};
+
+/// The test binaries the guest runs, in order.
+const SUITES: &[&str] = &[
+    "datapath_smoke",
+    "datapath_packets",
+    "datapath_hardening",
+    "datapath_services",
+    "datapath_netns",
+    "datapath_attach",
+];
+
+/// The guest's (and this machine's) target; naming it keeps the static
+/// flag off build scripts and proc macros.
+const GUEST_TARGET: &str = "x86_64-unknown-linux-gnu";
+
+/// Kernel from which the agent attaches through TCX.
+const TCX_KERNEL: (u32, u32) = (6, 6);
+
+/// Suites that run frames through `BPF_PROG_TEST_RUN` with a
+/// `struct __sk_buff` context whose `ingress_ifindex` tells forwarded
+/// packets from the node's own.
+const VERDICT_SUITES: &[&str] = &[
+    "datapath_packets",
+    "datapath_hardening",
+    "datapath_services",
+];
+
+/// `BPF_PROG_TEST_RUN` takes a non-zero `__sk_buff.ingress_ifindex` from
+/// 5.15 on (kernel commit "bpf: Permit ingress_ifindex in
+/// bpf_prog_test_run_xattr"); before, every run of those frames fails with
+/// `EINVAL`. There [`VERDICT_SUITES`] are skipped: they could only show
+/// that the object loads, which `datapath_smoke` shows too (the same
+/// programs, verified by the same kernel).
+const TEST_RUN_INGRESS_IFINDEX: (u32, u32) = (5, 15);
+
+/// The suites `k` runs.
+fn suites_for(k: &Kernel) -> Vec<&'static str> {
+    SUITES
+        .iter()
+        .copied()
+        .filter(|s| k.version() >= TEST_RUN_INGRESS_IFINDEX || !VERDICT_SUITES.contains(s))
+        .collect()
+}
+
+/// How long one guest may run (TCG is slow, and the guests share the
+/// machine's cores).
+const GUEST_TIMEOUT: Duration = Duration::from_secs(40 * 60);
+
+/// `target/vm`: kernels, apt state, the static build, logs.
+fn vm_dir() -> PathBuf {
+    crate::root().join("target").join("vm")
+}
+
+/// The series `--kernel` names: one, or `all`.
+pub fn select(name: &str) -> Result<Vec<Series>> {
+    if name == "all" {
+        return Ok(SERIES.to_vec());
+    }
+    SERIES
+        .iter()
+        .find(|s| s.name == name)
+        .map(|s| vec![*s])
+        .with_context(|| {
+            format!(
+                "unknown kernel {name:?}: {} or all",
+                SERIES.iter().map(|s| s.name).collect::<Vec<_>>().join(", ")
+            )
+        })
+}
+
+/// Builds, boots and reports; fails when any kernel fails.
+pub fn test(series: &[Series]) -> Result<()> {
+    ensure!(
+        crate::netpol_is_root(),
+        "vm-test fetches kernels with apt-get (private state, but apt wants root): run it as root"
+    );
+    crate::bootstrap::vm_tools()?;
+    let started = Instant::now();
+    let dir = vm_dir();
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let object = crate::build_ebpf()?;
+    let suites = build_suites(&dir)?;
+    let kernels = kernel::get(&dir, series)?;
+    let busybox = static_busybox()?;
+    let cpio = dir.join("initramfs.cpio");
+    initramfs::build(&cpio, &busybox, &object, &suites, &kernels)?;
+    println!(
+        "vm-test: booting {} (qemu TCG, in parallel)",
+        kernels
+            .iter()
+            .map(|k| k.release.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let results: Vec<Result<(report::Outcome, Duration)>> = std::thread::scope(|s| {
+        let runs: Vec<_> = kernels
+            .iter()
+            .map(|k| {
+                let cpio = &cpio;
+                s.spawn(move || boot(k, cpio, &suites_for(k)))
+            })
+            .collect();
+        runs.into_iter()
+            .map(|r| {
+                r.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("guest thread panicked")))
+            })
+            .collect()
+    });
+
+    let mut failed = Vec::new();
+    for (k, result) in kernels.iter().zip(results) {
+        let path = if k.version() >= TCX_KERNEL {
+            "TCX"
+        } else {
+            "netlink"
+        };
+        let head = format!("vm-test {} ({}, {path})", k.series.name, k.release);
+        let skipped = if k.version() < TEST_RUN_INGRESS_IFINDEX {
+            format!(
+                "; skipped {} (BPF_PROG_TEST_RUN takes __sk_buff.ingress_ifindex from {}.{})",
+                VERDICT_SUITES.join(", "),
+                TEST_RUN_INGRESS_IFINDEX.0,
+                TEST_RUN_INGRESS_IFINDEX.1
+            )
+        } else {
+            String::new()
+        };
+        match result {
+            Ok((o, took)) if o.ok() => {
+                println!(
+                    "{head}: PASS, {} tests in {} s{skipped}",
+                    o.passed,
+                    took.as_secs()
+                );
+            }
+            Ok((o, took)) => {
+                let mut names: Vec<String> = o.failed.iter().map(|f| f.name.clone()).collect();
+                names.extend(
+                    o.broken
+                        .iter()
+                        .map(|b| b.lines().next().unwrap_or_default().to_owned()),
+                );
+                if !o.finished {
+                    names.push("(the guest stopped before the end)".into());
+                }
+                println!(
+                    "{head}: FAIL after {} s ({} passed{skipped}): {}",
+                    took.as_secs(),
+                    o.passed,
+                    names.join(", ")
+                );
+                for f in &o.failed {
+                    print!("{}", report::describe(f));
+                }
+                for b in o.broken.iter().filter(|b| b.contains('\n')) {
+                    println!("    {b}");
+                }
+                println!("    logs: {}", log_dir(k).display());
+                failed.push(k.series.name);
+            }
+            Err(e) => {
+                println!("{head}: FAIL: {e:#}");
+                println!("    logs: {}", log_dir(k).display());
+                failed.push(k.series.name);
+            }
+        }
+    }
+    println!("vm-test: {} s in all", started.elapsed().as_secs());
+    if !failed.is_empty() {
+        bail!("vm-test failed on {}", failed.join(", "));
+    }
+    Ok(())
+}
+
+/// Builds the suites static (glibc static-pie) and returns (name, binary).
+fn build_suites(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
+    println!(
+        "vm-test: building {} static ({GUEST_TARGET})",
+        SUITES.join(", ")
+    );
+    let mut c = crate::cargo("stable");
+    c.args(["test", "-p", "netpol-agent", "--no-run"])
+        .args(["--message-format", "json-render-diagnostics"])
+        .args(["--target", GUEST_TARGET, "--target-dir"])
+        .arg(dir.join("cargo"));
+    for s in SUITES {
+        c.args(["--test", s]);
+    }
+    let triple = GUEST_TARGET.to_uppercase().replace('-', "_");
+    c.env(
+        format!("CARGO_TARGET_{triple}_RUSTFLAGS"),
+        "-C target-feature=+crt-static",
+    )
+    // No debug info: the binaries go into the guest's memory.
+    .env("CARGO_PROFILE_DEV_DEBUG", "0")
+    .env_remove("RUSTFLAGS")
+    .env_remove("CARGO_ENCODED_RUSTFLAGS")
+    .stdout(Stdio::piped())
+    .stderr(Stdio::inherit());
+    let out = c.output().context("starting cargo")?;
+    ensure!(
+        out.status.success(),
+        "building the static test binaries failed"
+    );
+    let mut found = Vec::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        let name = msg["target"]["name"].as_str().unwrap_or_default();
+        if msg["reason"] == "compiler-artifact"
+            && msg["profile"]["test"] == true
+            && let Some(exe) = msg["executable"].as_str()
+            && SUITES.contains(&name)
+        {
+            found.push((name.to_owned(), PathBuf::from(exe)));
+        }
+    }
+    let mut ordered = Vec::new();
+    for s in SUITES {
+        let (_, exe) = found
+            .iter()
+            .find(|(n, _)| n == s)
+            .with_context(|| format!("cargo built no test binary {s}"))?;
+        ensure!(
+            elf_interpreter(exe)?.is_none(),
+            "{} is dynamically linked (the static build flags were not applied)",
+            exe.display()
+        );
+        ordered.push(((*s).to_owned(), exe.clone()));
+    }
+    Ok(ordered)
+}
+
+/// The host's busybox, which must be the static one (busybox-static).
+fn static_busybox() -> Result<PathBuf> {
+    let path = ["/bin/busybox", "/usr/bin/busybox"]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|p| p.is_file())
+        .context("no busybox: install busybox-static")?;
+    if let Some(interp) = elf_interpreter(&path)? {
+        bail!(
+            "{} is dynamically linked ({interp}); the guest needs busybox-static",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// The `PT_INTERP` of an ELF64 executable: `None` for a static one.
+fn elf_interpreter(path: &Path) -> Result<Option<String>> {
+    let b = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    ensure!(
+        b.starts_with(b"\x7fELF") && b.get(4) == Some(&2),
+        "{} is not an ELF64 file",
+        path.display()
+    );
+    let u = |at: usize, n: usize| -> Result<u64> {
+        let s = b.get(at..at + n).context("ELF header cut short")?;
+        Ok(s.iter()
+            .rev()
+            .fold(0u64, |acc, x| (acc << 8) | u64::from(*x)))
+    };
+    let phoff = usize::try_from(u(0x20, 8)?)?;
+    let phentsize = usize::try_from(u(0x36, 2)?)?;
+    let phnum = usize::try_from(u(0x38, 2)?)?;
+    for i in 0..phnum {
+        let ph = phoff + i * phentsize;
+        if u(ph, 4)? == 3 {
+            let off = usize::try_from(u(ph + 8, 8)?)?;
+            let len = usize::try_from(u(ph + 32, 8)?)?;
+            let s = b.get(off..off + len).context("PT_INTERP out of bounds")?;
+            return Ok(Some(
+                String::from_utf8_lossy(s).trim_end_matches('\0').to_owned(),
+            ));
+        }
+    }
+    Ok(None)
+}
+
+fn log_dir(k: &Kernel) -> PathBuf {
+    vm_dir().join("logs").join(k.series.name)
+}
+
+/// Boots `k` with the initramfs and reads what its `/init` reported.
+fn boot(k: &Kernel, cpio: &Path, suites: &[&str]) -> Result<(report::Outcome, Duration)> {
+    let logs = log_dir(k);
+    std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
+    let console = logs.join("console.log");
+    let results = logs.join("results.log");
+    for f in [&console, &results] {
+        let _ = std::fs::remove_file(f);
+    }
+    let started = Instant::now();
+    let mut child = Command::new("qemu-system-x86_64")
+        .args([
+            "-machine",
+            "pc",
+            "-accel",
+            "tcg,thread=multi",
+            "-cpu",
+            "max",
+        ])
+        .args(["-smp", "2", "-m", "2048", "-nodefaults", "-display", "none"])
+        .arg("-no-reboot")
+        .arg("-kernel")
+        .arg(&k.vmlinux)
+        .arg("-initrd")
+        .arg(cpio)
+        // Kernel messages of warning level and above stay on ttyS0; a
+        // panic powers the guest off at once.
+        .arg("-append")
+        .arg(format!(
+            "console=ttyS0 quiet panic=-1 {}={}",
+            initramfs::SUITES_PARAM,
+            suites.join(",")
+        ))
+        .arg("-serial")
+        .arg(format!("file:{}", console.display()))
+        .arg("-serial")
+        .arg(format!("file:{}", results.display()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting qemu-system-x86_64")?;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break Some(status);
+        }
+        if started.elapsed() > GUEST_TIMEOUT {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let took = started.elapsed();
+    let text = std::fs::read_to_string(&results).unwrap_or_default();
+    let outcome = report::parse(&text, suites);
+    if !outcome.finished {
+        let mut why = match status {
+            None => format!("timed out after {} s", GUEST_TIMEOUT.as_secs()),
+            Some(s) => {
+                let mut err = String::new();
+                if let Some(mut e) = child.stderr.take() {
+                    use std::io::Read as _;
+                    let _ = e.read_to_string(&mut err);
+                }
+                format!("qemu exited ({s}) {}", err.trim())
+            }
+        };
+        let con = std::fs::read_to_string(&console).unwrap_or_default();
+        let tail: Vec<&str> = con.lines().rev().take(15).collect();
+        why.push_str("; console tail:\n      ");
+        why.push_str(&tail.into_iter().rev().collect::<Vec<_>>().join("\n      "));
+        let mut o = outcome;
+        o.broken.push(format!("guest: {why}"));
+        return Ok((o, took));
+    }
+    Ok((outcome, took))
+}
