@@ -15,6 +15,7 @@
 //! ```
 
 pub mod agent;
+pub mod baseline;
 pub mod bpffs;
 pub mod compiler;
 pub mod datapath;
