@@ -217,21 +217,28 @@ fn dropping_the_datapath_detaches_but_keeps_pinned_maps() {
     });
 }
 
+/// On the netlink path (where the clsact qdisc comes first) and on this
+/// kernel's own path (TCX from 6.6), the error names the interface, the
+/// program and the reason.
 #[test]
-fn attaching_to_a_missing_interface_names_it() {
+fn attaching_to_a_missing_interface_names_it_the_program_and_why() {
     if !privileged() {
         return;
     }
     let link = PodLink::new();
-    let bpffs = TempBpffs::new();
-    link.node.run(|| {
-        let mut dp = Datapath::load(&config(&bpffs, AttachMode::Auto)).expect("load");
-        let err = dp.attach("nosuchif0").expect_err("must fail");
-        let msg = err.to_string();
-        assert!(
-            msg.contains("nosuchif0") && msg.contains("from_pod"),
-            "{msg}"
-        );
-        assert_eq!(dp.attached().count(), 0);
-    });
+    for mode in [AttachMode::Netlink, AttachMode::Auto] {
+        let bpffs = TempBpffs::new();
+        link.node.run(|| {
+            let mut dp = Datapath::load(&config(&bpffs, mode)).expect("load");
+            let err = dp.attach("nosuchif0").expect_err("must fail");
+            let msg = err.to_string();
+            assert!(
+                msg.contains("nosuchif0")
+                    && msg.contains("from_pod")
+                    && msg.contains("No such device"),
+                "{mode:?}: {msg}"
+            );
+            assert_eq!(dp.attached().count(), 0, "{mode:?}");
+        });
+    }
 }

@@ -539,8 +539,12 @@ pub(super) fn sweep_stale_links(pin_dir: &Path) {
 }
 
 /// Adds a clsact qdisc to `interface` when it has none, recording that
-/// netpol added it.
-pub(super) fn ensure_clsact(interface: &str, pin_dir: &Path) -> Result<(), DatapathError> {
+/// netpol added it; an error names the `programs` about to be attached.
+pub(super) fn ensure_clsact(
+    interface: &str,
+    programs: &[&str],
+    pin_dir: &Path,
+) -> Result<(), DatapathError> {
     match tc::qdisc_add_clsact(interface) {
         Ok(()) => {
             tracing::info!(interface, "added clsact qdisc");
@@ -552,6 +556,7 @@ pub(super) fn ensure_clsact(interface: &str, pin_dir: &Path) -> Result<(), Datap
         Err(tc::TcError::AlreadyAttached) => Ok(()),
         Err(tc::TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => Ok(()),
         Err(source) => Err(DatapathError::Clsact {
+            programs: programs.join(" and "),
             interface: interface.to_owned(),
             source: Box::new(source),
         }),

@@ -174,8 +174,12 @@ pub enum DatapathError {
         name: &'static str,
         source: Box<aya::programs::ProgramError>,
     },
-    #[error("adding clsact qdisc on {interface}: {source}")]
+    /// The netlink path's clsact qdisc, which the programs need before
+    /// they can attach (a missing interface fails here).
+    #[error("attaching {programs} to {interface}: adding its clsact qdisc: {source}")]
     Clsact {
+        /// The programs, joined with "and".
+        programs: String,
         interface: String,
         source: Box<TcError>,
     },
@@ -495,7 +499,11 @@ impl Datapath {
         }
         let tcx = self.use_tcx()?;
         if !tcx {
-            lifecycle::ensure_clsact(interface, &self.pin_dir)?;
+            lifecycle::ensure_clsact(
+                interface,
+                &[programs::FROM_POD, programs::TO_POD],
+                &self.pin_dir,
+            )?;
         }
         let (from_pod, adopted_from) =
             self.attach_hook(programs::FROM_POD, interface, TcAttachType::Ingress, tcx)?;
@@ -614,7 +622,7 @@ impl Datapath {
             })?;
         let tcx = self.use_tcx()?;
         if !tcx {
-            lifecycle::ensure_clsact(interface, &self.pin_dir)?;
+            lifecycle::ensure_clsact(interface, &[program], &self.pin_dir)?;
         }
         let (held, adopted) = self.attach_hook(program, interface, TcAttachType::Egress, tcx)?;
         if matches!(held, Held::Deferred) {
