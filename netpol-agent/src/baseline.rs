@@ -176,6 +176,11 @@ struct IpSet {
 struct Render<'a> {
     snap: &'a Snapshot,
     fam: Family,
+    /// Networked pods by namespace, and each namespace's labels: looked up
+    /// once rather than per selector (kube-router's listers index them
+    /// alike).
+    by_ns: BTreeMap<&'a str, Vec<&'a Pod>>,
+    ns_labels: BTreeMap<&'a str, crate::model::Labels>,
     sets: Vec<IpSet>,
     /// Policy chains in order, each with its rules.
     policy_chains: Vec<(String, Vec<String>)>,
@@ -195,10 +200,14 @@ impl<'a> Render<'a> {
         self.snap.pods.values().filter(|p| p.is_networked())
     }
 
+    fn in_ns(&self, ns: &str) -> impl Iterator<Item = &'a Pod> + 'a {
+        self.by_ns.get(ns).cloned().unwrap_or_default().into_iter()
+    }
+
     /// Pods a policy's podSelector selects (its own namespace).
     fn targets(&self, p: &NetworkPolicy) -> Vec<&'a Pod> {
-        self.networked()
-            .filter(|pod| pod.id.namespace == p.id.namespace && p.pod_selector.matches(&pod.labels))
+        self.in_ns(&p.id.namespace)
+            .filter(|pod| p.pod_selector.matches(&pod.labels))
             .collect()
     }
 
@@ -213,14 +222,20 @@ impl<'a> Render<'a> {
             else {
                 continue;
             };
-            for pod in self.networked() {
-                let ns_ok = match namespace_selector {
-                    None => pod.id.namespace == policy_ns,
-                    Some(sel) => sel.matches(&self.snap.namespace_labels(&pod.id.namespace)),
-                };
-                let pod_ok = pod_selector.as_ref().is_none_or(|s| s.matches(&pod.labels));
-                if ns_ok && pod_ok {
-                    out.insert(&pod.id, pod);
+            let namespaces: Vec<&str> = match namespace_selector {
+                None => vec![policy_ns],
+                Some(sel) => self
+                    .ns_labels
+                    .iter()
+                    .filter(|(_, l)| sel.matches(l))
+                    .map(|(n, _)| *n)
+                    .collect(),
+            };
+            for ns in namespaces {
+                for pod in self.in_ns(ns) {
+                    if pod_selector.as_ref().is_none_or(|s| s.matches(&pod.labels)) {
+                        out.insert(&pod.id, pod);
+                    }
                 }
             }
         }
@@ -492,9 +507,26 @@ fn push_marked(
 }
 
 fn family(snap: &Snapshot, node: &str, fam: Family) -> FamilyRules {
+    let mut by_ns: BTreeMap<&str, Vec<&Pod>> = BTreeMap::new();
+    for pod in snap.pods.values().filter(|p| p.is_networked()) {
+        by_ns
+            .entry(pod.id.namespace.as_str())
+            .or_default()
+            .push(pod);
+    }
+    // Namespaces with pods, known or not (a pod's namespace object may lag).
+    let ns_labels = snap
+        .namespaces
+        .keys()
+        .map(String::as_str)
+        .chain(by_ns.keys().copied())
+        .map(|n| (n, snap.namespace_labels(n)))
+        .collect();
     let mut r = Render {
         snap,
         fam,
+        by_ns,
+        ns_labels,
         sets: Vec::new(),
         policy_chains: Vec::new(),
     };
@@ -525,6 +557,7 @@ fn family(snap: &Snapshot, node: &str, fam: Family) -> FamilyRules {
             .copied()
             .filter(|p| p.id.namespace == pod.id.namespace && p.pod_selector.matches(&pod.labels))
             .collect();
+        // (110 local pods × the policies: cheap next to the sets.)
         let ingress = selecting.iter().any(|p| p.ingress.is_some());
         let egress = selecting.iter().any(|p| p.egress.is_some());
         if !ingress && !egress {

@@ -186,3 +186,284 @@ pub fn compiler() -> Result<()> {
     println!("xtask: cargo bench -p netpol-agent --bench compiler");
     run(cargo("stable").args(["bench", "-p", "netpol-agent", "--bench", "compiler"]))
 }
+
+/// Kernel, CPU, CPU count and date, for the recorded sections.
+fn machine() -> Result<(String, String)> {
+    let kernel = String::from_utf8_lossy(&Command::new("uname").arg("-r").output()?.stdout)
+        .trim()
+        .to_owned();
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|s| s.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown".into());
+    let date = String::from_utf8_lossy(
+        &Command::new("date")
+            .arg("-u")
+            .arg("+%F %H:%M UTC")
+            .output()?
+            .stdout,
+    )
+    .trim()
+    .to_owned();
+    let cpus = std::thread::available_parallelism().map_or(0, std::num::NonZero::get);
+    Ok((
+        date,
+        format!("kernel {kernel}, {cpu}, {cpus} CPUs (shared with other work)"),
+    ))
+}
+
+/// Runs one of the privileged comparison benches and reads its JSON.
+fn run_comparison(bench: &str) -> Result<serde_json::Value> {
+    ensure!(
+        crate::netpol_is_root(),
+        "the {bench} bench loads BPF programs and runs iptables in private network namespaces: \
+         run it as root"
+    );
+    bootstrap::debian_tools()?;
+    let object = crate::build_ebpf()?;
+    println!("xtask: cargo bench -p netpol-agent --bench {bench}");
+    run(cargo("stable")
+        .args(["bench", "-p", "netpol-agent", "--bench", bench])
+        .env("NETPOL_EBPF_OBJECT", &object))?;
+    let path = root().join(format!("target/netpol-bench/{bench}.json"));
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(serde_json::from_str(&text)?)
+}
+
+fn met(ok: bool) -> &'static str {
+    if ok { "met" } else { "MISSED" }
+}
+
+fn f(v: &serde_json::Value) -> f64 {
+    v.as_f64().unwrap_or(f64::NAN)
+}
+
+pub fn control() -> Result<()> {
+    let j = run_comparison("control")?;
+    let (date, machine) = machine()?;
+    let (n, b) = (&j["netpol"], &j["baseline"]);
+    let mut s = String::new();
+    writeln!(
+        s,
+        "## Control plane: netpol against kube-router's iptables + ipset\n"
+    )?;
+    writeln!(
+        s,
+        "`cargo xtask bench control` (as root), {date}, {machine}. The compiler bench's seeded \
+         cluster ({} pods, {} on this node, {} policies, {} namespaces), from a changed \
+         snapshot to enforced state. netpol: compile + diff + writes into real BPF maps ({} \
+         map operations; {} IPv4 + {} IPv6 policy entries). Baseline \
+         (`netpol_agent::baseline`, kube-router's shapes): render the texts, then one \
+         kube-router sync — `iptables-save`, `ipset restore` per family (fill a temporary set, \
+         swap), `iptables-restore` + `ip6tables-restore` of the filter table — in the bench's \
+         own network namespace; IPv4 {} sets / {} entries / {} chains / {} rules, IPv6 {} / {} \
+         / {} / {}. Contenders interleaved in every round; p50 / p99 in ms.\n",
+        j["cluster"]["pods"],
+        j["cluster"]["local_pods"],
+        j["cluster"]["policies"],
+        j["cluster"]["namespaces"],
+        n["full_ops"],
+        n["policy_v4"],
+        n["policy_v6"],
+        b["ipv4"]["sets"],
+        b["ipv4"]["set_entries"],
+        b["ipv4"]["chains"],
+        b["ipv4"]["rules"],
+        b["ipv6"]["sets"],
+        b["ipv6"]["set_entries"],
+        b["ipv6"]["chains"],
+        b["ipv6"]["rules"],
+    )?;
+    writeln!(
+        s,
+        "| | netpol | baseline, iptables-legacy | baseline, iptables-nft |"
+    )?;
+    writeln!(s, "| --- | ---: | ---: | ---: |")?;
+    let pair = |v: &serde_json::Value| format!("{:.1} / {:.1}", f(&v["p50"]), f(&v["p99"]));
+    writeln!(
+        s,
+        "| full apply (baseline: render + sync) | {} | {} | {} |",
+        pair(&n["full"]),
+        pair(&b["legacy"]["full"]),
+        pair(&b["nft"]["full"])
+    )?;
+    writeln!(
+        s,
+        "| — baseline render (pure, this crate's generator) | | {} | {} |",
+        pair(&b["legacy"]["render"]),
+        pair(&b["nft"]["render"])
+    )?;
+    writeln!(
+        s,
+        "| — baseline restore (save + ipset + iptables) | | {} | {} |",
+        pair(&b["legacy"]["restore"]),
+        pair(&b["nft"]["restore"])
+    )?;
+    let nf = f(&n["full"]["p50"]);
+    let (rl, rn) = (
+        f(&b["legacy"]["restore"]["p50"]) / nf,
+        f(&b["nft"]["restore"]["p50"]) / nf,
+    );
+    writeln!(
+        s,
+        "| — baseline restore ÷ netpol full apply (p50; goal ≥ 10×) | | {rl:.0}× ({}) | {rn:.0}× ({}) |",
+        met(rl >= 10.0),
+        met(rn >= 10.0)
+    )?;
+    for (what, key) in [
+        ("save", "save"),
+        ("ipset restore", "ipset"),
+        ("iptables-restore", "iptables"),
+    ] {
+        writeln!(
+            s,
+            "| — of which {what} (p50) | | {:.1} | {:.1} |",
+            f(&b["legacy"]["steps"][key]),
+            f(&b["nft"]["steps"][key])
+        )?;
+    }
+    let (l50, l99) = (f(&n["label"]["p50"]), f(&n["label"]["p99"]));
+    writeln!(
+        s,
+        "| one pod's labels (netpol: update + {} map operations; baseline: full sync over the \
+         previous one) | **{l50:.2} / {l99:.2}** | {} | {} |",
+        n["label_ops"],
+        pair(&b["legacy"]["label"]),
+        pair(&b["nft"]["label"])
+    )?;
+    writeln!(
+        s,
+        "\nGoals: full apply ≥ 10× faster than the baseline's restore: legacy {rl:.0}×, nft \
+         {rn:.0}× ({}); one pod's label change p50 ≤ 2 ms ({l50:.2} ms, {}), p99 ≤ 10 ms \
+         ({l99:.2} ms, {}). Samples: {} netpol full applies, {} per baseline; {} netpol label \
+         changes, {} baseline syncs per backend.",
+        met(rl >= 10.0 && rn >= 10.0),
+        met(l50 <= 2.0),
+        met(l99 <= 10.0),
+        n["full"]["n"],
+        b["legacy"]["full"]["n"],
+        n["label"]["n"],
+        b["legacy"]["label"]["n"],
+    )?;
+    println!("\n{s}");
+    write_section(&root().join("docs/PERFORMANCE.md"), "control", &s)
+}
+
+pub fn throughput() -> Result<()> {
+    let j = run_comparison("throughput")?;
+    let (date, machine) = machine()?;
+    let results = j["results"].as_array().context("no results")?;
+    let get = |size: u64, fam: &str, test: &str, config: &str| -> Option<serde_json::Value> {
+        results
+            .iter()
+            .find(|r| {
+                r["size"] == size
+                    && r["family"] == fam
+                    && r["test"] == test
+                    && r["config"] == config
+            })
+            .cloned()
+    };
+    let ratio = |size: u64, fam: &str, test: &str, config: &str| -> f64 {
+        get(size, fam, test, config).map_or(f64::NAN, |r| f(&r["ratio"]))
+    };
+    let mut s = String::new();
+    writeln!(
+        s,
+        "## Throughput: netpol against kube-router's iptables + ipset\n"
+    )?;
+    writeln!(
+        s,
+        "`cargo xtask bench throughput` (as root), {date}, {machine}. Two pod namespaces routed \
+         through a node namespace; the server's ingress and the client's egress each carry N \
+         entries per family (N/10 policies of ten /32 or /128 ipBlocks, none matching) before \
+         the policy allowing the pair; in-process load generators in netperf's shapes (TCP_RR: \
+         one byte each way on one connection; TCP_CRR: a connection per transaction; \
+         TCP_STREAM: 64 KiB writes), {} ms per run, {} rounds. In every round each \
+         configuration runs every test at a size, in rotating order; figures are medians over \
+         rounds of the ratio to the same round's no-filter run (absolute no-filter medians \
+         beside them).\n",
+        j["ms_per_run"], j["rounds"]
+    )?;
+    writeln!(
+        s,
+        "| N | family | test | no filter | netpol | iptables-nft | iptables-legacy |"
+    )?;
+    writeln!(s, "| ---: | --- | --- | ---: | ---: | ---: | ---: |")?;
+    for size in [10u64, 1000, 10000] {
+        for fam in ["ipv4", "ipv6"] {
+            for test in ["tcp_rr", "tcp_crr", "tcp_stream"] {
+                let none = get(size, fam, test, "none").map_or(f64::NAN, |r| f(&r["median"]));
+                let abs = if test == "tcp_stream" {
+                    format!("{:.2} Gbit/s", none * 8.0 / 1e9)
+                } else {
+                    format!("{none:.0}/s")
+                };
+                writeln!(
+                    s,
+                    "| {size} | {fam} | {} | {abs} | {:.3} | {:.3} | {:.3} |",
+                    test.to_uppercase(),
+                    ratio(size, fam, test, "netpol"),
+                    ratio(size, fam, test, "iptables-nft"),
+                    ratio(size, fam, test, "iptables-legacy")
+                )?;
+            }
+        }
+    }
+    writeln!(s, "\nGoals at N = 10,000 (per family):\n")?;
+    writeln!(s, "| goal | ipv4 | ipv6 |")?;
+    writeln!(s, "| --- | --- | --- |")?;
+    let row = |s: &mut String, goal: &str, v: &dyn Fn(&str) -> (f64, bool)| -> Result<()> {
+        let (a, b) = (v("ipv4"), v("ipv6"));
+        writeln!(
+            s,
+            "| {goal} | {:.3} ({}) | {:.3} ({}) |",
+            a.0,
+            met(a.1),
+            b.0,
+            met(b.1)
+        )?;
+        Ok(())
+    };
+    row(&mut s, "TCP_RR netpol ÷ no filter ≥ 0.95", &|fam| {
+        let r = ratio(10000, fam, "tcp_rr", "netpol");
+        (r, r >= 0.95)
+    })?;
+    row(&mut s, "TCP_STREAM netpol ÷ no filter ≥ 0.95", &|fam| {
+        let r = ratio(10000, fam, "tcp_stream", "netpol");
+        (r, r >= 0.95)
+    })?;
+    row(&mut s, "TCP_CRR netpol ÷ no filter ≥ 0.90", &|fam| {
+        let r = ratio(10000, fam, "tcp_crr", "netpol");
+        (r, r >= 0.90)
+    })?;
+    for backend in ["iptables-nft", "iptables-legacy"] {
+        row(
+            &mut s,
+            &format!("TCP_CRR netpol ÷ {backend} baseline ≥ 1.3"),
+            &|fam| {
+                let r =
+                    ratio(10000, fam, "tcp_crr", "netpol") / ratio(10000, fam, "tcp_crr", backend);
+                (r, r >= 1.3)
+            },
+        )?;
+    }
+    for test in ["tcp_rr", "tcp_crr", "tcp_stream"] {
+        row(
+            &mut s,
+            &format!("{} netpol at 10,000 ÷ at 10 ≥ 0.97", test.to_uppercase()),
+            &|fam| {
+                let r = ratio(10000, fam, test, "netpol") / ratio(10, fam, test, "netpol");
+                (r, r >= 0.97)
+            },
+        )?;
+    }
+    println!("\n{s}");
+    write_section(&root().join("docs/PERFORMANCE.md"), "throughput", &s)
+}

@@ -25,6 +25,8 @@ const DEBIAN_TOOLS: &[(&str, &str)] = &[
     ("ip", "iproute2"),
     ("ping", "iputils-ping"),
     ("iptables-restore", "iptables"),
+    // The kube-router-style baseline of `bench control` and `throughput`.
+    ("ipset", "ipset"),
 ];
 
 /// What `vm-test` needs beyond [`DEBIAN_TOOLS`], each with a binary that
@@ -231,7 +233,7 @@ pub fn debian_tools() -> Result<()> {
         .map(|(_, pkg)| *pkg)
         .collect();
     if missing.is_empty() {
-        println!("bootstrap: Debian tools (bpftool, iproute2, ping, iptables): present");
+        println!("bootstrap: Debian tools (bpftool, iproute2, ping, iptables, ipset): present");
         return Ok(());
     }
     println!("bootstrap: Debian tools: installing {}", missing.join(" "));

@@ -69,7 +69,8 @@ enum Cmd {
     Bench {
         /// Which: `datapath` (per packet, root), `compiler`, `agent` (new
         /// pod to enforced, root), `kube` (initial sync and memory against
-        /// a fake API server), or `all`.
+        /// a fake API server), `control` and `throughput` (netpol against
+        /// a kube-router-style iptables + ipset baseline, root), or `all`.
         #[arg(default_value = "all")]
         which: String,
     },
@@ -145,11 +146,18 @@ fn main() -> Result<()> {
             "compiler" => bench::compiler(),
             "agent" => bench::agent(),
             "kube" => bench::kube(),
+            "control" => bench::control(),
+            "throughput" => bench::throughput(),
             "all" => bench::compiler()
                 .and_then(|()| bench::datapath())
                 .and_then(|()| bench::agent())
-                .and_then(|()| bench::kube()),
-            other => bail!("unknown bench {other:?}: datapath, compiler, agent, kube or all"),
+                .and_then(|()| bench::kube())
+                .and_then(|()| bench::control())
+                .and_then(|()| bench::throughput()),
+            other => bail!(
+                "unknown bench {other:?}: datapath, compiler, agent, kube, control, throughput \
+                 or all"
+            ),
         },
     }
 }
