@@ -9,14 +9,19 @@
 //! a busybox initramfs that runs the datapath test binaries, built static
 //! so the guest needs no libc:
 //! - `datapath_packets`, `datapath_hardening`, `datapath_services`: the
-//!   verdict tables through `BPF_PROG_TEST_RUN`;
+//!   verdict tables through `BPF_PROG_TEST_RUN`. Before 5.15 it refuses a
+//!   non-zero `__sk_buff.ingress_ifindex`: `from_pod` and `leave_node`
+//!   (which never read it) run with 0, and a test stops at its first
+//!   forwarded packet through `to_pod` (which reads it) and is reported
+//!   skipped, by name;
 //! - `datapath_smoke`: real traffic through this kernel's attach path and
 //!   adoption after a simulated agent restart;
 //! - `datapath_netns`, `datapath_attach`: real connections under policy,
 //!   and both attach paths where the kernel has them.
 //!
 //! One line per kernel says PASS or FAIL, naming the failed tests and
-//! showing the tail of any verifier log; the full guest output stays in
+//! showing the tail of any verifier log, and how many tests were skipped
+//! and why (their names on the next line); the full guest output stays in
 //! `target/vm/logs/<series>/`.
 use std::{
     path::{Path, PathBuf},
@@ -48,32 +53,6 @@ const GUEST_TARGET: &str = "x86_64-unknown-linux-gnu";
 
 /// Kernel from which the agent attaches through TCX.
 const TCX_KERNEL: (u32, u32) = (6, 6);
-
-/// Suites that run frames through `BPF_PROG_TEST_RUN` with a
-/// `struct __sk_buff` context whose `ingress_ifindex` tells forwarded
-/// packets from the node's own.
-const VERDICT_SUITES: &[&str] = &[
-    "datapath_packets",
-    "datapath_hardening",
-    "datapath_services",
-];
-
-/// `BPF_PROG_TEST_RUN` takes a non-zero `__sk_buff.ingress_ifindex` from
-/// 5.15 on (kernel commit "bpf: Permit ingress_ifindex in
-/// bpf_prog_test_run_xattr"); before, every run of those frames fails with
-/// `EINVAL`. There [`VERDICT_SUITES`] are skipped: they could only show
-/// that the object loads, which `datapath_smoke` shows too (the same
-/// programs, verified by the same kernel).
-const TEST_RUN_INGRESS_IFINDEX: (u32, u32) = (5, 15);
-
-/// The suites `k` runs.
-fn suites_for(k: &Kernel) -> Vec<&'static str> {
-    SUITES
-        .iter()
-        .copied()
-        .filter(|s| k.version() >= TEST_RUN_INGRESS_IFINDEX || !VERDICT_SUITES.contains(s))
-        .collect()
-}
 
 /// How long one guest may run (TCG is slow, and the guests share the
 /// machine's cores).
@@ -130,7 +109,7 @@ pub fn test(series: &[Series]) -> Result<()> {
             .iter()
             .map(|k| {
                 let cpio = &cpio;
-                s.spawn(move || boot(k, cpio, &suites_for(k)))
+                s.spawn(move || boot(k, cpio, SUITES))
             })
             .collect();
         runs.into_iter()
@@ -149,25 +128,18 @@ pub fn test(series: &[Series]) -> Result<()> {
             "netlink"
         };
         let head = format!("vm-test {} ({}, {path})", k.series.name, k.release);
-        let skipped = if k.version() < TEST_RUN_INGRESS_IFINDEX {
-            format!(
-                "; skipped {} (BPF_PROG_TEST_RUN takes __sk_buff.ingress_ifindex from {}.{})",
-                VERDICT_SUITES.join(", "),
-                TEST_RUN_INGRESS_IFINDEX.0,
-                TEST_RUN_INGRESS_IFINDEX.1
-            )
-        } else {
-            String::new()
-        };
         match result {
             Ok((o, took)) if o.ok() => {
+                let (skipped, names) = skips(&o);
                 println!(
                     "{head}: PASS, {} tests in {} s{skipped}",
                     o.passed,
                     took.as_secs()
                 );
+                print!("{names}");
             }
             Ok((o, took)) => {
+                let (skipped, _) = skips(&o);
                 let mut names: Vec<String> = o.failed.iter().map(|f| f.name.clone()).collect();
                 names.extend(
                     o.broken
@@ -183,9 +155,7 @@ pub fn test(series: &[Series]) -> Result<()> {
                     o.passed,
                     names.join(", ")
                 );
-                for f in &o.failed {
-                    print!("{}", report::describe(f));
-                }
+                print!("{}", report::describe_all(&o.failed));
                 for b in o.broken.iter().filter(|b| b.contains('\n')) {
                     println!("    {b}");
                 }
@@ -204,6 +174,25 @@ pub fn test(series: &[Series]) -> Result<()> {
         bail!("vm-test failed on {}", failed.join(", "));
     }
     Ok(())
+}
+
+/// What a kernel's result line says about skipped tests (`; N skipped
+/// (why)`, one clause per reason), and the lines naming them.
+fn skips(o: &report::Outcome) -> (String, String) {
+    let mut reasons: Vec<(&str, Vec<&str>)> = Vec::new();
+    for s in &o.skipped {
+        match reasons.iter_mut().find(|(why, _)| *why == s.why) {
+            Some((_, names)) => names.push(&s.name),
+            None => reasons.push((&s.why, vec![&s.name])),
+        }
+    }
+    let mut head = String::new();
+    let mut lines = String::new();
+    for (why, names) in reasons {
+        head.push_str(&format!("; {} skipped ({why})", names.len()));
+        lines.push_str(&format!("    skipped: {}\n", names.join(", ")));
+    }
+    (head, lines)
 }
 
 /// Builds the suites static (glibc static-pie) and returns (name, binary).

@@ -14,11 +14,23 @@ pub struct Failure {
     pub output: String,
 }
 
+/// A test that stopped early and said why (`@@netpol-vm skip <test>:
+/// <why>`, written by the verdict tests' fixture on a kernel that cannot
+/// run part of them).
+#[derive(Debug, PartialEq, Eq)]
+pub struct Skip {
+    /// `suite::test`.
+    pub name: String,
+    pub why: String,
+}
+
 /// What one guest run showed.
 #[derive(Debug, Default)]
 pub struct Outcome {
+    /// Tests that passed, skipped ones not included.
     pub passed: usize,
     pub failed: Vec<Failure>,
+    pub skipped: Vec<Skip>,
     /// Suites that never reported, or exited without a failed test.
     pub broken: Vec<String>,
     /// Whether `/init` got to the end.
@@ -37,18 +49,27 @@ impl Outcome {
 pub fn parse(text: &str, suites: &[&str]) -> Outcome {
     let mut out = Outcome::default();
     let mut seen = Vec::new();
-    let mut current: Option<(String, Vec<&str>)> = None;
+    // The suite running: its name, output lines and skipped tests.
+    let mut current: Option<(String, Vec<&str>, Vec<Skip>)> = None;
     for line in text.lines() {
         let line = line.trim_end_matches('\r');
         let Some(rest) = line.strip_prefix(MARK) else {
-            if let Some((_, lines)) = current.as_mut() {
+            if let Some((_, lines, _)) = current.as_mut() {
                 lines.push(line);
             }
             continue;
         };
         let rest = rest.trim();
         if let Some(name) = rest.strip_prefix("begin ") {
-            current = Some((name.to_owned(), Vec::new()));
+            current = Some((name.to_owned(), Vec::new(), Vec::new()));
+        } else if let Some(skip) = rest.strip_prefix("skip ") {
+            if let Some((suite, _, skips)) = current.as_mut() {
+                let (test, why) = skip.split_once(": ").unwrap_or((skip, ""));
+                skips.push(Skip {
+                    name: format!("{suite}::{test}"),
+                    why: why.to_owned(),
+                });
+            }
         } else if let Some(end) = rest.strip_prefix("end ") {
             let mut words = end.split_whitespace();
             let name = words.next().unwrap_or_default().to_owned();
@@ -62,8 +83,8 @@ pub fn parse(text: &str, suites: &[&str]) -> Outcome {
             if let (Ok(a), Ok(b)) = (field("start=").parse::<f64>(), field("end=").parse::<f64>()) {
                 out.durations.push((name.clone(), b - a));
             }
-            let lines = current.take().map(|(_, l)| l).unwrap_or_default();
-            suite(&mut out, &name, &lines, &rc);
+            let (lines, skips) = current.take().map(|(_, l, s)| (l, s)).unwrap_or_default();
+            suite(&mut out, &name, &lines, &rc, skips);
             seen.push(name);
         } else if rest == "done" {
             out.finished = true;
@@ -71,7 +92,7 @@ pub fn parse(text: &str, suites: &[&str]) -> Outcome {
             out.broken.push(format!("insmod {m}"));
         }
     }
-    if let Some((name, _)) = current {
+    if let Some((name, _, _)) = current {
         out.broken.push(format!("{name} (did not finish)"));
         seen.push(name);
     }
@@ -83,14 +104,17 @@ pub fn parse(text: &str, suites: &[&str]) -> Outcome {
     out
 }
 
-fn suite(out: &mut Outcome, name: &str, lines: &[&str], rc: &str) {
+fn suite(out: &mut Outcome, name: &str, lines: &[&str], rc: &str, skips: Vec<Skip>) {
     let mut failed_here = Vec::new();
     for line in lines {
         let Some(t) = line.strip_prefix("test ") else {
             continue;
         };
-        if t.ends_with(" ... ok") {
-            out.passed += 1;
+        if let Some(test) = t.strip_suffix(" ... ok") {
+            let full = format!("{name}::{test}");
+            if !skips.iter().any(|s| s.name == full) {
+                out.passed += 1;
+            }
         } else if let Some(test) = t.strip_suffix(" ... FAILED") {
             failed_here.push(test.to_owned());
         }
@@ -101,6 +125,7 @@ fn suite(out: &mut Outcome, name: &str, lines: &[&str], rc: &str) {
             output: section(lines, test),
         });
     }
+    out.skipped.extend(skips);
     if failed_here.is_empty() && rc != "0" {
         let tail: Vec<&str> = lines.iter().rev().take(20).rev().copied().collect();
         out.broken.push(format!(
@@ -131,35 +156,58 @@ fn section(lines: &[&str], test: &str) -> String {
     out
 }
 
-/// How a failure reads in the summary: the panic's first line, and the
-/// tail of the verifier log when there is one.
-pub fn describe(f: &Failure) -> String {
+/// How the failures read in the summary: each one's panic line, and the
+/// tail of its verifier log, shown once per distinct log (a rejected
+/// program fails every test that loads the object; later ones name the
+/// first).
+pub fn describe_all(failed: &[Failure]) -> String {
     let mut s = String::new();
-    let panic = f
-        .output
-        .lines()
-        .skip_while(|l| !l.contains("panicked at"))
-        .nth(1)
-        .or_else(|| f.output.lines().find(|l| !l.trim().is_empty()))
-        .unwrap_or("(no output)");
-    let _ = writeln!(s, "    {}: {}", f.name, clip(panic, 300));
-    // aya prints the log after `Verifier output:` (Display) or
-    // `verifier_log:` (Debug, what `expect` shows).
-    let start = ["Verifier output:", "verifier_log:"]
-        .iter()
-        .filter_map(|m| f.output.find(m))
-        .min();
-    if let Some(at) = start {
-        let log: Vec<&str> = f.output[at..]
+    let mut shown: Vec<(Vec<&str>, &str)> = Vec::new();
+    for f in failed {
+        let panic = f
+            .output
             .lines()
-            .filter(|l| !l.trim().is_empty() && !l.starts_with("note: run with"))
+            .skip_while(|l| !l.contains("panicked at"))
+            .nth(1)
+            .or_else(|| f.output.lines().find(|l| !l.trim().is_empty()))
+            .unwrap_or("(no output)");
+        let _ = writeln!(s, "    {}: {}", f.name, clip(panic, 300));
+        let Some(tail) = verifier_tail(f) else {
+            continue;
+        };
+        // The same log but for the time the verifier took.
+        let same: Vec<&str> = tail
+            .iter()
+            .copied()
+            .filter(|l| !l.trim_start().starts_with("verification time"))
             .collect();
+        if let Some((_, first)) = shown.iter().find(|(k, _)| *k == same) {
+            let _ = writeln!(s, "      verifier log: as for {first}");
+            continue;
+        }
         let _ = writeln!(s, "      verifier log (last {VERIFIER_TAIL} lines):");
-        for l in log.iter().skip(log.len().saturating_sub(VERIFIER_TAIL)) {
+        for l in &tail {
             let _ = writeln!(s, "        {}", clip(l, 300));
         }
+        shown.push((same, &f.name));
     }
     s
+}
+
+/// The last [`VERIFIER_TAIL`] lines of the verifier log in a failure's
+/// output, if it has one.
+fn verifier_tail(f: &Failure) -> Option<Vec<&str>> {
+    // aya prints the log after `Verifier output:` (Display) or
+    // `verifier_log:` (Debug, what `expect` shows).
+    let at = ["Verifier output:", "verifier_log:"]
+        .iter()
+        .filter_map(|m| f.output.find(m))
+        .min()?;
+    let log: Vec<&str> = f.output[at..]
+        .lines()
+        .filter(|l| !l.trim().is_empty() && !l.starts_with("note: run with"))
+        .collect();
+    Some(log[log.len().saturating_sub(VERIFIER_TAIL)..].to_vec())
 }
 
 fn clip(s: &str, n: usize) -> &str {
@@ -218,6 +266,21 @@ failures:
 @@netpol-vm done
 ";
 
+    const SKIPPING: &str = "@@netpol-vm kernel 5.10.0-46-amd64
+@@netpol-vm begin datapath_packets
+
+running 3 tests
+@@netpol-vm skip fwd: a forwarded packet through to_pod needs ingress_ifindex
+test egress_only ... ok
+test fwd ... ok
+test from_node ... ok
+
+test result: ok. 3 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 1s
+
+@@netpol-vm end datapath_packets rc=0 start=2.0 end=9.5
+@@netpol-vm done
+";
+
     const SUITES: &[&str] = &["datapath_packets", "datapath_smoke"];
 
     #[test]
@@ -234,10 +297,55 @@ failures:
     #[test]
     fn a_failure_shows_its_panic_and_the_verifier_log_tail() {
         let o = parse(RUN, SUITES);
-        let d = describe(&o.failed[1]);
+        let d = describe_all(&o.failed[1..]);
         assert!(d.contains("datapath_smoke::s: load: Program"), "{d}");
         assert!(d.contains("verifier log"), "{d}");
         assert!(d.contains("processed 1000001 insns"), "{d}");
+    }
+
+    #[test]
+    fn a_verifier_log_repeated_by_later_failures_is_shown_once() {
+        let o = parse(RUN, SUITES);
+        let first = &o.failed[1];
+        let again = Failure {
+            name: "datapath_packets::t".into(),
+            output: first
+                .output
+                .replace("1: (b7)", "verification time 9 usec\n1: (b7)"),
+        };
+        let other = Failure {
+            name: "datapath_packets::u".into(),
+            output: first.output.replace("insns", "instructions"),
+        };
+        let d = describe_all(&[
+            Failure {
+                name: first.name.clone(),
+                output: first.output.clone(),
+            },
+            again,
+            other,
+        ]);
+        assert_eq!(d.matches("verifier log (last").count(), 2, "{d}");
+        assert!(
+            d.contains("datapath_packets::t: load: Program")
+                && d.contains("verifier log: as for datapath_smoke::s"),
+            "{d}"
+        );
+        assert!(d.contains("processed 1000001 instructions"), "{d}");
+    }
+
+    #[test]
+    fn a_test_that_reports_a_skip_counts_as_skipped_not_passed() {
+        let o = parse(SKIPPING, &["datapath_packets"]);
+        assert!(o.ok());
+        assert_eq!(o.passed, 2);
+        assert_eq!(
+            o.skipped,
+            [Skip {
+                name: "datapath_packets::fwd".into(),
+                why: "a forwarded packet through to_pod needs ingress_ifindex".into(),
+            }]
+        );
     }
 
     #[test]
