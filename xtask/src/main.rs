@@ -31,11 +31,14 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Install what building and testing need (nightly rust-src, bpf-linker,
-    /// Debian tools), skipping what is already there.
+    /// Debian tools, vm-test's qemu and busybox-static), skipping what is
+    /// already there.
     Bootstrap,
     /// Build the eBPF object (release) to target/netpol-ebpf.o.
     BuildEbpf,
-    /// Build the object, run the lints and every test of the workspace.
+    /// Build the object, run the lints and every test of the workspace,
+    /// then (unfiltered, as root) the deploy check, `vm-test --kernel all`
+    /// and the conformance run.
     Test {
         /// Skip fmt and clippy.
         #[arg(long)]
@@ -281,6 +284,8 @@ fn test(no_lint: bool, args: &[String]) -> Result<()> {
     }
     println!("xtask: deploy check (the paths deploy/Containerfile copies)");
     deploy_check::check()?;
+    println!("xtask: vm-test, the datapath suites on every kernel of the matrix (qemu)");
+    vm::test(&vm::select("all")?)?;
     println!("xtask: conformance, bridge topology, every scenario (via pod and service)");
     let bridge = conformance_run(
         None,
