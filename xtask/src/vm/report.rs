@@ -158,8 +158,8 @@ fn section(lines: &[&str], test: &str) -> String {
 
 /// How the failures read in the summary: each one's panic line, and the
 /// tail of its verifier log, shown once per distinct log (a rejected
-/// program fails every test that loads the object; later ones name the
-/// first).
+/// program fails every test that loads the object; later failures with
+/// the same log name the first instead).
 pub fn describe_all(failed: &[Failure]) -> String {
     let mut s = String::new();
     let mut shown: Vec<(Vec<&str>, &str)> = Vec::new();
@@ -171,8 +171,8 @@ pub fn describe_all(failed: &[Failure]) -> String {
             .nth(1)
             .or_else(|| f.output.lines().find(|l| !l.trim().is_empty()))
             .unwrap_or("(no output)");
-        let _ = writeln!(s, "    {}: {}", f.name, clip(panic, 300));
         let Some(tail) = verifier_tail(f) else {
+            let _ = writeln!(s, "    {}: {}", f.name, clip(panic, 300));
             continue;
         };
         // The same log but for the time the verifier took.
@@ -182,9 +182,10 @@ pub fn describe_all(failed: &[Failure]) -> String {
             .filter(|l| !l.trim_start().starts_with("verification time"))
             .collect();
         if let Some((_, first)) = shown.iter().find(|(k, _)| *k == same) {
-            let _ = writeln!(s, "      verifier log: as for {first}");
+            let _ = writeln!(s, "    {}: the verifier log of {first}", f.name);
             continue;
         }
+        let _ = writeln!(s, "    {}: {}", f.name, clip(panic, 300));
         let _ = writeln!(s, "      verifier log (last {VERIFIER_TAIL} lines):");
         for l in &tail {
             let _ = writeln!(s, "        {}", clip(l, 300));
@@ -327,10 +328,10 @@ test result: ok. 3 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; fini
         ]);
         assert_eq!(d.matches("verifier log (last").count(), 2, "{d}");
         assert!(
-            d.contains("datapath_packets::t: load: Program")
-                && d.contains("verifier log: as for datapath_smoke::s"),
+            d.contains("datapath_packets::t: the verifier log of datapath_smoke::s\n"),
             "{d}"
         );
+        assert!(d.contains("datapath_packets::u: load: Program"), "{d}");
         assert!(d.contains("processed 1000001 instructions"), "{d}");
     }
 
