@@ -45,6 +45,26 @@ const FULL_ROUNDS: usize = 5;
 const LABEL_ROUNDS: usize = 7;
 /// netpol updates per baseline sync (they are thousands of times shorter).
 const NETPOL_PER_ROUND: usize = 30;
+/// netpol label changes with no baseline running in between.
+const NETPOL_ALONE: usize = 400;
+
+/// CPU time of the calling thread (user + system, map writes included).
+fn thread_cpu() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec for the duration of the
+    // call; CLOCK_THREAD_CPUTIME_ID needs nothing else.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    if rc != 0 {
+        return Duration::ZERO;
+    }
+    Duration::new(
+        u64::try_from(ts.tv_sec).unwrap_or(0),
+        u32::try_from(ts.tv_nsec).unwrap_or(0),
+    )
+}
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
@@ -154,14 +174,32 @@ fn main() {
     }
 
     // One pod's labels, back and forth; netpol keeps its maps, each
-    // baseline its previous sync.
+    // baseline its previous sync. First netpol alone, as on a node; its
+    // thread's CPU time beside the wall time tells the work from the
+    // preemption a shared machine adds.
     let mut inc = Compiler::new(&s, &IdAllocation::default());
     let ops: Vec<_> = diff(&Compiled::default(), inc.compiled()).raw().collect();
     dp.writer().apply(&ops, &ifaces).expect("full apply");
+    let mut flip = false;
+    let (mut alone, mut alone_cpu) = (Vec::new(), Vec::new());
+    for _ in 0..NETPOL_ALONE {
+        flip = !flip;
+        let (snap, ch) = if flip {
+            (&s_pod, &ch_pod)
+        } else {
+            (&s, &ch_back)
+        };
+        let (t, c) = (Instant::now(), thread_cpu());
+        let d = inc.update(snap, ch);
+        let ops: Vec<_> = d.raw().collect();
+        dp.writer().apply(&ops, &ifaces).expect("label change");
+        alone.push(t.elapsed());
+        alone_cpu.push(thread_cpu().saturating_sub(c));
+    }
+    // Then interleaved with the baseline's syncs.
     let mut netpol_label = Vec::new();
     let mut label_ops = 0;
     let mut base_label: BTreeMap<&str, Vec<Duration>> = BTreeMap::new();
-    let mut flip = false;
     for backend in Backend::ALL {
         common_baseline::clear().expect("clear");
         common_baseline::sync(&baseline::generate(&s).expect("baseline"), backend)
@@ -212,7 +250,8 @@ fn main() {
         "cluster": {"pods": s.pods.len(), "local_pods": ifaces.len(), "policies": s.policies.len(),
                     "namespaces": s.namespaces.len()},
         "netpol": {"full": summary(&netpol_full), "full_ops": netpol_ops,
-                   "label": summary(&netpol_label), "label_ops": label_ops,
+                   "label": summary(&alone), "label_cpu": summary(&alone_cpu),
+                   "label_interleaved": summary(&netpol_label), "label_ops": label_ops,
                    "policy_v4": sizes.policy_v4, "policy_v6": sizes.policy_v6},
         "baseline": {
             "ipv4": stats(&texts.v4), "ipv6": stats(&texts.v6),

@@ -58,7 +58,7 @@ fn rounds() -> usize {
     std::env::var("NETPOL_BENCH_ROUNDS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(5)
+        .unwrap_or(7)
 }
 
 fn duration() -> Duration {
@@ -67,6 +67,19 @@ fn duration() -> Duration {
         .and_then(|v| v.parse().ok())
         .unwrap_or(400);
     Duration::from_millis(ms)
+}
+
+/// Pins the calling thread to the machine's last CPU. Client, servers and
+/// (following them) the softirq work of the veths share one CPU, as
+/// netperf runs are pinned: left free, the scheduler puts them on one CPU
+/// in some runs and on two in others, and request/response rates jump
+/// between two modes 3-4x apart.
+fn pin() {
+    let last = std::thread::available_parallelism().map_or(1, std::num::NonZero::get) - 1;
+    let mut set = nix::sched::CpuSet::new();
+    if set.set(last).is_ok() {
+        let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set);
+    }
 }
 
 fn selector(app: &str) -> LabelSelector {
@@ -187,8 +200,10 @@ fn serve(p: &PodNet) {
         };
         let rr = listen(PORT_RR);
         std::thread::spawn(move || {
+            pin();
             for s in rr.incoming().flatten() {
                 std::thread::spawn(move || {
+                    pin();
                     let _ = s.set_nodelay(true);
                     let mut b = [0u8; 1];
                     while (&s).read_exact(&mut b).is_ok() {
@@ -203,6 +218,7 @@ fn serve(p: &PodNet) {
         // (the server closes first, so TIME_WAIT stays on its side).
         let crr = listen(PORT_CRR);
         std::thread::spawn(move || {
+            pin();
             for s in crr.incoming().flatten() {
                 let _ = s.set_nodelay(true);
                 let mut b = [0u8; 1];
@@ -213,8 +229,10 @@ fn serve(p: &PodNet) {
         });
         let stream = listen(PORT_STREAM);
         std::thread::spawn(move || {
+            pin();
             for s in stream.incoming().flatten() {
                 std::thread::spawn(move || {
+                    pin();
                     let mut buf = vec![0u8; 1 << 16];
                     let mut total: u64 = 0;
                     while let Ok(n) = (&s).read(&mut buf) {
@@ -234,6 +252,7 @@ fn serve(p: &PodNet) {
 /// (rr, crr) or bytes per second (stream). 0 when nothing got through.
 fn measure(client: &PodNet, server: IpAddr, test: &str, d: Duration) -> f64 {
     client.ns.run(|| {
+        pin();
         let connect = |port| {
             let s =
                 TcpStream::connect_timeout(&SocketAddr::new(server, port), Duration::from_secs(2))

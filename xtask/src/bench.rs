@@ -331,24 +331,36 @@ pub fn control() -> Result<()> {
     let (l50, l99) = (f(&n["label"]["p50"]), f(&n["label"]["p99"]));
     writeln!(
         s,
-        "| one pod's labels (netpol: update + {} map operations; baseline: full sync over the \
-         previous one) | **{l50:.2} / {l99:.2}** | {} | {} |",
+        "| one pod's labels (netpol: update + {} map operations, alone; baseline: full sync \
+         over the previous one) | **{l50:.2} / {l99:.2}** | {} | {} |",
         n["label_ops"],
         pair(&b["legacy"]["label"]),
         pair(&b["nft"]["label"])
     )?;
     writeln!(
         s,
+        "| — netpol's thread CPU time of the same updates (work without preemption) | {} | | |",
+        pair(&n["label_cpu"])
+    )?;
+    writeln!(
+        s,
+        "| — netpol interleaved with the baseline's syncs (each sync's aftermath disturbs \
+         the machine) | {} | | |",
+        pair(&n["label_interleaved"])
+    )?;
+    writeln!(
+        s,
         "\nGoals: full apply ≥ 10× faster than the baseline's restore: legacy {rl:.0}×, nft \
          {rn:.0}× ({}); one pod's label change p50 ≤ 2 ms ({l50:.2} ms, {}), p99 ≤ 10 ms \
          ({l99:.2} ms, {}). Samples: {} netpol full applies, {} per baseline; {} netpol label \
-         changes, {} baseline syncs per backend.",
+         changes alone and {} interleaved, {} baseline syncs per backend.",
         met(rl >= 10.0 && rn >= 10.0),
         met(l50 <= 2.0),
         met(l99 <= 10.0),
         n["full"]["n"],
         b["legacy"]["full"]["n"],
         n["label"]["n"],
+        n["label_interleaved"]["n"],
         b["legacy"]["label"]["n"],
     )?;
     println!("\n{s}");
@@ -385,7 +397,9 @@ pub fn throughput() -> Result<()> {
          entries per family (N/10 policies of ten /32 or /128 ipBlocks, none matching) before \
          the policy allowing the pair; in-process load generators in netperf's shapes (TCP_RR: \
          one byte each way on one connection; TCP_CRR: a connection per transaction; \
-         TCP_STREAM: 64 KiB writes), {} ms per run, {} rounds. In every round each \
+         TCP_STREAM: 64 KiB writes; client and servers pinned to one CPU, as netperf runs are, \
+         since the scheduler otherwise flips them between one and two CPUs and the rates \
+         between two modes), {} ms per run, {} rounds. In every round each \
          configuration runs every test at a size, in rotating order; figures are medians over \
          rounds of the ratio to the same round's no-filter run (absolute no-filter medians \
          beside them).\n",
