@@ -53,10 +53,18 @@ pub fn parse(text: &str, suites: &[&str]) -> Outcome {
     let mut current: Option<(String, Vec<&str>, Vec<Skip>)> = None;
     for line in text.lines() {
         let line = line.trim_end_matches('\r');
-        let Some(rest) = line.strip_prefix(MARK) else {
-            if let Some((_, lines, _)) = current.as_mut() {
-                lines.push(line);
-            }
+        // A test's mark may land after what libtest began on the line
+        // (`test x ... ` when it runs one test at a time).
+        let (before, mark) = match line.find(MARK) {
+            Some(at) => (&line[..at], Some(&line[at + MARK.len()..])),
+            None => (line, None),
+        };
+        if (mark.is_none() || !before.is_empty())
+            && let Some((_, lines, _)) = current.as_mut()
+        {
+            lines.push(before);
+        }
+        let Some(rest) = mark else {
             continue;
         };
         let rest = rest.trim();
@@ -270,11 +278,13 @@ failures:
     const SKIPPING: &str = "@@netpol-vm kernel 5.10.0-46-amd64
 @@netpol-vm begin datapath_packets
 
-running 3 tests
+running 4 tests
 @@netpol-vm skip fwd: a forwarded packet through to_pod needs ingress_ifindex
 test egress_only ... ok
 test fwd ... ok
 test from_node ... ok
+test fwd_alone ... @@netpol-vm skip fwd_alone: the same
+ok
 
 test result: ok. 3 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 1s
 
@@ -342,10 +352,16 @@ test result: ok. 3 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; fini
         assert_eq!(o.passed, 2);
         assert_eq!(
             o.skipped,
-            [Skip {
-                name: "datapath_packets::fwd".into(),
-                why: "a forwarded packet through to_pod needs ingress_ifindex".into(),
-            }]
+            [
+                Skip {
+                    name: "datapath_packets::fwd".into(),
+                    why: "a forwarded packet through to_pod needs ingress_ifindex".into(),
+                },
+                Skip {
+                    name: "datapath_packets::fwd_alone".into(),
+                    why: "the same".into(),
+                }
+            ]
         );
     }
 
