@@ -58,7 +58,7 @@ fn rounds() -> usize {
     std::env::var("NETPOL_BENCH_ROUNDS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(7)
+        .unwrap_or(9)
 }
 
 fn duration() -> Duration {
@@ -258,7 +258,7 @@ fn measure(client: &PodNet, server: IpAddr, test: &str, d: Duration) -> f64 {
                 TcpStream::connect_timeout(&SocketAddr::new(server, port), Duration::from_secs(2))
                     .ok()?;
             let _ = s.set_nodelay(true);
-            let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+            let _ = s.set_read_timeout(Some(Duration::from_secs(3)));
             Some(s)
         };
         match test {
@@ -408,7 +408,13 @@ fn main() {
                     }
                     for (fi, family) in FAMILIES.iter().enumerate() {
                         for test in TESTS {
-                            let v = measure(&client, addrs[fi], test, d);
+                            // A run this shared machine stalls past the
+                            // timeouts gets two more tries; a policy that
+                            // denies the pair fails all three.
+                            let v = (0..3)
+                                .map(|_| measure(&client, addrs[fi], test, d))
+                                .find(|v| *v > 0.0)
+                                .unwrap_or(0.0);
                             assert!(
                                 v > 0.0,
                                 "{config}, {size} entries, {family} {test}: no traffic got \
