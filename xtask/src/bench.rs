@@ -93,18 +93,7 @@ pub fn datapath() -> Result<()> {
     }
     let insns = std::fs::read_to_string(root().join("target/netpol-bench/verified_insns.json"))
         .context("reading verified_insns.json")?;
-    let kernel = String::from_utf8_lossy(&Command::new("uname").arg("-r").output()?.stdout)
-        .trim()
-        .to_owned();
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| {
-            c.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|s| s.trim().to_owned())
-        })
-        .unwrap_or_else(|| "unknown".into());
+    let (kernel, cpu) = kernel_and_cpu()?;
     let date = String::from_utf8_lossy(&Command::new("date").arg("-u").arg("+%F").output()?.stdout)
         .trim()
         .to_owned();
@@ -187,8 +176,8 @@ pub fn compiler() -> Result<()> {
     run(cargo("stable").args(["bench", "-p", "netpol-agent", "--bench", "compiler"]))
 }
 
-/// Kernel, CPU, CPU count and date, for the recorded sections.
-fn machine() -> Result<(String, String)> {
+/// The running kernel's release and the CPU's model name.
+fn kernel_and_cpu() -> Result<(String, String)> {
     let kernel = String::from_utf8_lossy(&Command::new("uname").arg("-r").output()?.stdout)
         .trim()
         .to_owned();
@@ -201,6 +190,12 @@ fn machine() -> Result<(String, String)> {
                 .map(|s| s.trim().to_owned())
         })
         .unwrap_or_else(|| "unknown".into());
+    Ok((kernel, cpu))
+}
+
+/// Kernel, CPU, CPU count and date, for the recorded sections.
+fn machine() -> Result<(String, String)> {
+    let (kernel, cpu) = kernel_and_cpu()?;
     let date = String::from_utf8_lossy(
         &Command::new("date")
             .arg("-u")
