@@ -13,7 +13,10 @@
 //! - `KUBE-ROUTER-{INPUT,FORWARD,OUTPUT}` jumped to from the built-in
 //!   chains, jumping per local pod (`-d` its address for ingress, `-s` for
 //!   egress) to the pod's `KUBE-POD-FW-<hash>` chain;
-//! - the pod chain accepts `RELATED,ESTABLISHED` first, then (ingress)
+//! - the pod chain runs kube-router 2.x's common rules first (`INVALID`
+//!   dropped, `RELATED,ESTABLISHED` accepted, the ICMP types every pod
+//!   needs accepted: echo, unreachable, time exceeded, IPv6 neighbour
+//!   discovery), then (ingress)
 //!   traffic from the node itself, then jumps to the `KUBE-NWPLCY-<hash>`
 //!   chain of every policy selecting the pod, then drops what no policy
 //!   marked (kube-router rejects and logs with NFLOG; both cost only denied
@@ -41,6 +44,31 @@ const MARK: &str = "0x10000/0x10000";
 const FORWARD: &str = "KUBE-ROUTER-FORWARD";
 const INPUT: &str = "KUBE-ROUTER-INPUT";
 const OUTPUT: &str = "KUBE-ROUTER-OUTPUT";
+/// Rules every pod chain runs first (kube-router 2.x).
+const COMMON: &str = "KUBE-NWPLCY-COMMON";
+
+/// The ICMP types kube-router 2.x always accepts for a pod
+/// (`utils.CommonICMPRules`): echo request, destination unreachable (path
+/// MTU discovery), time exceeded, and on IPv6 neighbour discovery and echo
+/// reply too, without which a pod with an isolated egress cannot resolve
+/// its gateway.
+fn common_icmp(fam: Family) -> &'static [&'static str] {
+    match fam {
+        Family::V4 => &[
+            "-p icmp -m icmp --icmp-type 8",
+            "-p icmp -m icmp --icmp-type 3",
+            "-p icmp -m icmp --icmp-type 11",
+        ],
+        Family::V6 => &[
+            "-p ipv6-icmp -m icmp6 --icmpv6-type 128",
+            "-p ipv6-icmp -m icmp6 --icmpv6-type 1",
+            "-p ipv6-icmp -m icmp6 --icmpv6-type 3",
+            "-p ipv6-icmp -m icmp6 --icmpv6-type 135",
+            "-p ipv6-icmp -m icmp6 --icmpv6-type 136",
+            "-p ipv6-icmp -m icmp6 --icmpv6-type 129",
+        ],
+    }
+}
 
 /// Why a snapshot cannot be rendered.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -566,8 +594,8 @@ fn family(snap: &Snapshot, node: &str, fam: Family) -> FamilyRules {
         let (ns, name) = (pod.id.namespace.as_str(), pod.id.name.as_str());
         let chain = format!("KUBE-POD-FW-{}", hash(&[ns, name]));
         let mut rules = vec![format!(
-            "-m comment --comment {} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
-            quote("rule for stateful firewall for pod")
+            "-m comment --comment {} -j {COMMON}",
+            quote("rule to run the common rules for pods")
         )];
         if ingress {
             rules.push(format!(
@@ -620,7 +648,7 @@ fn family(snap: &Snapshot, node: &str, fam: Family) -> FamilyRules {
     let mut stats = Stats::default();
     let mut ipt =
         String::from("*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n");
-    let chains = [INPUT, FORWARD, OUTPUT]
+    let chains = [INPUT, FORWARD, OUTPUT, COMMON]
         .into_iter()
         .map(str::to_owned)
         .chain(pod_chains.iter().map(|(c, _)| c.clone()))
@@ -647,6 +675,34 @@ fn family(snap: &Snapshot, node: &str, fam: Family) -> FamilyRules {
         for t in rules {
             rule(&mut ipt, chain, t);
         }
+    }
+    // Invalid packets dropped, replies accepted, then the ICMP every pod
+    // needs: the order of kube-router's common chain.
+    rule(
+        &mut ipt,
+        COMMON,
+        &format!(
+            "-m comment --comment {} -m conntrack --ctstate INVALID -j DROP",
+            quote("rule to drop invalid state for pod")
+        ),
+    );
+    rule(
+        &mut ipt,
+        COMMON,
+        &format!(
+            "-m comment --comment {} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
+            quote("rule for stateful firewall for pod")
+        ),
+    );
+    for icmp in common_icmp(fam) {
+        rule(
+            &mut ipt,
+            COMMON,
+            &format!(
+                "-m comment --comment {} {icmp} -j ACCEPT",
+                quote("allow icmp messages pods need")
+            ),
+        );
     }
     for (chain, rules) in pod_chains.iter().chain(r.policy_chains.iter()) {
         for t in rules {
@@ -805,18 +861,15 @@ spec:
         assert!(t.lines().any(|l| l.starts_with("-A KUBE-ROUTER-FORWARD ")
             && l.contains(" -s 10.1.2.2 -j KUBE-POD-FW-")));
         assert!(!t.contains("10.9.0.2 -j"), "the remote pod has no chain");
-        // In each pod chain: established first, drop of the unmarked last
-        // but the mark reset.
+        // In each pod chain: the common rules (established, ICMP) first,
+        // drop of the unmarked last but the mark reset.
         for c in &pod_chains {
             let name = format!("KUBE-POD-FW-{}", c.trim_end_matches(" - [0:0]"));
             let rules: Vec<&str> = t
                 .lines()
                 .filter(|l| l.starts_with(&format!("-A {name} ")))
                 .collect();
-            assert!(
-                rules[0].contains("--ctstate RELATED,ESTABLISHED -j ACCEPT"),
-                "{rules:?}"
-            );
+            assert!(rules[0].ends_with("-j KUBE-NWPLCY-COMMON"), "{rules:?}");
             assert!(
                 rules.iter().any(|r| r.contains("-j KUBE-NWPLCY-")),
                 "{rules:?}"
@@ -853,7 +906,24 @@ spec:
                 );
             }
         }
-        assert_eq!(b.v4.stats.chains, 3 + 2 + 2);
+        let common: Vec<&str> = t
+            .lines()
+            .filter(|l| l.starts_with("-A KUBE-NWPLCY-COMMON "))
+            .collect();
+        assert!(
+            common[0].ends_with("--ctstate INVALID -j DROP"),
+            "{common:?}"
+        );
+        assert!(
+            common[1].ends_with("--ctstate RELATED,ESTABLISHED -j ACCEPT"),
+            "{common:?}"
+        );
+        assert!(
+            b.v6.iptables
+                .contains("-p ipv6-icmp -m icmp6 --icmpv6-type 135 -j ACCEPT"),
+            "IPv6 neighbour solicitations pass"
+        );
+        assert_eq!(b.v4.stats.chains, 4 + 2 + 2);
     }
 
     #[test]
