@@ -13,13 +13,19 @@
 //!   way, close);
 //! - `tcp_stream`: one connection, 64 KiB writes, bytes per second.
 //!
-//! Configurations: no filtering, netpol (programs on both host veths),
-//! and the baseline restored by `iptables-nft-restore` and by
-//! `iptables-legacy-restore`. Within a round every configuration runs
-//! every test at a size, one after the other (their order rotating between
-//! rounds); ratios are to the same round's no-filter figure, and the
-//! results are medians over rounds. Results go to
-//! `target/netpol-bench/throughput.json`.
+//! Configurations: no filtering (twice: the second, `none-b`, is the A/A
+//! control that shows how finely the bench resolves), netpol (programs on
+//! both host veths), and the baseline restored by `iptables-nft-restore`
+//! and by `iptables-legacy-restore`. Each configuration has a topology of
+//! its own (a lane: node namespace, server, client), all built alike, so
+//! none is ever switched on or off: the bench alternates between lanes in
+//! short runs (a cycle runs each configuration once, the order rotating
+//! between cycles), and every ratio is to the same cycle's no-filter run.
+//! This machine's speed drifts by tens of percent over seconds; within a
+//! cycle of about a second it mostly does not. Results are medians (and
+//! quartiles) over all cycles of all rounds, in
+//! `target/netpol-bench/throughput.json`, with the kernel's own run time
+//! of netpol's programs during one extra run per test.
 #[path = "../tests/common_baseline/mod.rs"]
 mod common_baseline;
 #[path = "../tests/support/mod.rs"]
@@ -42,7 +48,7 @@ use netpol_agent::{
 };
 use serde_json::json;
 use support::{
-    TempBpffs,
+    Netns, TempBpffs,
     agent::{PodNet, Topology, node, pod, pod_manifest},
 };
 
@@ -51,21 +57,37 @@ const PORT_RR: u16 = 5001;
 const PORT_CRR: u16 = 5002;
 const PORT_STREAM: u16 = 5003;
 const TESTS: [&str; 3] = ["tcp_rr", "tcp_crr", "tcp_stream"];
-const CONFIGS: [&str; 4] = ["none", "netpol", "iptables-nft", "iptables-legacy"];
+/// `none` first: ratios are to it. `none-b` is a second unfiltered lane,
+/// the A/A control: its ratio to `none` is the bench's own resolution.
+const CONFIGS: [&str; 5] = [
+    "none",
+    "none-b",
+    "netpol",
+    "iptables-nft",
+    "iptables-legacy",
+];
 const FAMILIES: [&str; 2] = ["ipv4", "ipv6"];
 
 fn rounds() -> usize {
     std::env::var("NETPOL_BENCH_ROUNDS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(9)
+        .unwrap_or(5)
+}
+
+/// Runs of every configuration per test, round and size, interleaved.
+fn slices() -> usize {
+    std::env::var("NETPOL_BENCH_SLICES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(4)
 }
 
 fn duration() -> Duration {
     let ms = std::env::var("NETPOL_BENCH_MS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(400);
+        .unwrap_or(200);
     Duration::from_millis(ms)
 }
 
@@ -248,82 +270,180 @@ fn serve(p: &PodNet) {
     }
 }
 
-/// One measurement from the client's namespace: transactions per second
-/// (rr, crr) or bytes per second (stream). 0 when nothing got through.
-fn measure(client: &PodNet, server: IpAddr, test: &str, d: Duration) -> f64 {
-    client.ns.run(|| {
-        pin();
-        let connect = |port| {
-            let s =
-                TcpStream::connect_timeout(&SocketAddr::new(server, port), Duration::from_secs(2))
-                    .ok()?;
-            let _ = s.set_nodelay(true);
-            let _ = s.set_read_timeout(Some(Duration::from_secs(3)));
-            Some(s)
-        };
-        match test {
-            "tcp_rr" => {
-                let Some(s) = connect(PORT_RR) else {
-                    return 0.0;
-                };
-                let mut b = [1u8; 1];
-                let start = Instant::now();
-                let mut n: u64 = 0;
-                while !n.is_multiple_of(64) || start.elapsed() < d {
-                    if (&s).write_all(&b).is_err() || (&s).read_exact(&mut b).is_err() {
-                        return 0.0;
-                    }
-                    n += 1;
-                }
-                n as f64 / start.elapsed().as_secs_f64()
-            }
-            "tcp_crr" => {
-                let start = Instant::now();
-                let mut n: u64 = 0;
-                while start.elapsed() < d {
-                    let Some(s) = connect(PORT_CRR) else {
-                        return 0.0;
-                    };
+/// What one run moved: transactions (rr, crr) or bytes (stream), and the
+/// seconds it took. `None` when nothing got through.
+struct Run {
+    count: f64,
+    secs: f64,
+}
+
+impl Run {
+    fn rate(&self) -> f64 {
+        self.count / self.secs
+    }
+}
+
+/// One run from the client's namespace.
+fn measure(client: &PodNet, server: IpAddr, test: &str, d: Duration) -> Option<Run> {
+    client
+        .ns
+        .run(|| {
+            pin();
+            let connect = |port| {
+                let s = TcpStream::connect_timeout(
+                    &SocketAddr::new(server, port),
+                    Duration::from_secs(2),
+                )
+                .ok()?;
+                let _ = s.set_nodelay(true);
+                let _ = s.set_read_timeout(Some(Duration::from_secs(3)));
+                Some(s)
+            };
+            let (count, start) = match test {
+                "tcp_rr" => {
+                    let s = connect(PORT_RR)?;
                     let mut b = [1u8; 1];
-                    if (&s).write_all(&b).is_err() || (&s).read_exact(&mut b).is_err() {
-                        return 0.0;
+                    let start = Instant::now();
+                    let mut n: u64 = 0;
+                    while !n.is_multiple_of(64) || start.elapsed() < d {
+                        (&s).write_all(&b).ok()?;
+                        (&s).read_exact(&mut b).ok()?;
+                        n += 1;
                     }
-                    // Until the server's FIN: it closes first.
-                    let _ = (&s).read(&mut b);
-                    n += 1;
+                    (n, start)
                 }
-                n as f64 / start.elapsed().as_secs_f64()
-            }
-            _ => {
-                let Some(s) = connect(PORT_STREAM) else {
-                    return 0.0;
-                };
-                let buf = vec![7u8; 1 << 16];
-                let start = Instant::now();
-                while start.elapsed() < d {
-                    if (&s).write_all(&buf).is_err() {
-                        return 0.0;
+                "tcp_crr" => {
+                    let start = Instant::now();
+                    let mut n: u64 = 0;
+                    while start.elapsed() < d {
+                        let s = connect(PORT_CRR)?;
+                        let mut b = [1u8; 1];
+                        (&s).write_all(&b).ok()?;
+                        (&s).read_exact(&mut b).ok()?;
+                        // Until the server's FIN: it closes first.
+                        let _ = (&s).read(&mut b);
+                        n += 1;
                     }
+                    (n, start)
                 }
-                let _ = s.shutdown(std::net::Shutdown::Write);
-                let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
-                let mut total = [0u8; 8];
-                if (&s).read_exact(&mut total).is_err() {
-                    return 0.0;
+                _ => {
+                    let s = connect(PORT_STREAM)?;
+                    let buf = vec![7u8; 1 << 16];
+                    let start = Instant::now();
+                    while start.elapsed() < d {
+                        (&s).write_all(&buf).ok()?;
+                    }
+                    let _ = s.shutdown(std::net::Shutdown::Write);
+                    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+                    let mut total = [0u8; 8];
+                    (&s).read_exact(&mut total).ok()?;
+                    (u64::from_le_bytes(total), start)
                 }
-                u64::from_le_bytes(total) as f64 / start.elapsed().as_secs_f64()
-            }
-        }
-    })
+            };
+            Some(Run {
+                count: count as f64,
+                secs: start.elapsed().as_secs_f64(),
+            })
+        })
+        .filter(|r| r.count > 0.0)
+}
+
+/// A run this shared machine stalls past the timeouts gets two more
+/// tries; a policy that denies the pair fails all three.
+fn measure_retrying(lane: &Lane, family: usize, test: &str, d: Duration, what: &str) -> Run {
+    (0..3)
+        .find_map(|_| measure(&lane.client, lane.addrs[family], test, d))
+        .unwrap_or_else(|| {
+            panic!(
+                "{what}, {} {test}: no traffic got through (the allowing policy must admit the \
+                 pair)",
+                FAMILIES[family]
+            )
+        })
 }
 
 fn median(v: &mut [f64]) -> f64 {
+    quantile(v, 0.5)
+}
+
+/// The `q` quantile, interpolated between the samples around it.
+fn quantile(v: &mut [f64], q: f64) -> f64 {
     v.sort_by(f64::total_cmp);
-    match v.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => v[n / 2],
-        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    if v.is_empty() {
+        return f64::NAN;
     }
+    let pos = q * (v.len() - 1) as f64;
+    let (lo, hi) = (pos.floor() as usize, pos.ceil() as usize);
+    v[lo] + (v[hi] - v[lo]) * (pos - lo as f64)
+}
+
+/// One configuration's own topology: a node namespace with a server pod
+/// and a client pod, routed. Every lane has the same addresses, so one
+/// snapshot (and one baseline rendering) describes them all.
+struct Lane {
+    config: &'static str,
+    node: Netns,
+    server: PodNet,
+    client: PodNet,
+    addrs: Vec<IpAddr>,
+}
+
+impl Lane {
+    fn new(config: &'static str) -> Self {
+        let node = node(Topology::Routed, true);
+        let server = pod(&node, Topology::Routed, 1, true);
+        let client = pod(&node, Topology::Routed, 2, true);
+        serve(&server);
+        // TIME_WAIT entries of the crr runs would fill the node's
+        // conntrack table under the baseline; netpol tracks in its own map.
+        node.run(|| {
+            let _ = std::fs::write(
+                "/proc/sys/net/netfilter/nf_conntrack_tcp_timeout_time_wait",
+                "1",
+            );
+        });
+        let addrs = server
+            .addresses()
+            .iter()
+            .map(|a| a.parse().expect("address"))
+            .collect();
+        Self {
+            config,
+            node,
+            server,
+            client,
+            addrs,
+        }
+    }
+}
+
+/// Entries, family, test.
+type Case = (usize, &'static str, &'static str);
+
+/// netpol's programs during the stats runs of a case, summed over rounds.
+#[derive(Default)]
+struct Attribution {
+    /// Kernel-measured run time of `from_pod` and `to_pod`.
+    program_secs: f64,
+    program_runs: f64,
+    /// Transactions (rr, crr) or bytes (stream) those runs moved, and the
+    /// wall time they took.
+    count: f64,
+    secs: f64,
+}
+
+/// Run time and count of netpol's two pod programs.
+fn program_stats(dp: &mut Datapath) -> (Duration, u64) {
+    ["from_pod", "to_pod"]
+        .iter()
+        .fold((Duration::ZERO, 0), |(time, count), name| {
+            let info = dp
+                .program(name)
+                .expect("program")
+                .info()
+                .expect("program info");
+            (time + info.run_time(), count + info.run_count())
+        })
 }
 
 fn main() {
@@ -335,31 +455,26 @@ fn main() {
         "the throughput bench builds network namespaces, loads BPF programs and runs iptables: \
          run it as root (cargo xtask bench throughput)"
     );
-    let (rounds, d) = (rounds(), duration());
-    let node = node(Topology::Routed, true);
-    let server = pod(&node, Topology::Routed, 1, true);
-    let client = pod(&node, Topology::Routed, 2, true);
-    serve(&server);
-    let addrs: Vec<IpAddr> = server
-        .addresses()
-        .iter()
-        .map(|a| a.parse().expect("address"))
-        .collect();
+    let (rounds, slices, d) = (rounds(), slices(), duration());
+    let lanes: Vec<Lane> = CONFIGS.iter().map(|&c| Lane::new(c)).collect();
+    let lane = |config: &str| {
+        lanes
+            .iter()
+            .find(|l| l.config == config)
+            .expect("a lane per configuration")
+    };
+    let netpol = lane("netpol");
     let bpffs = TempBpffs::new();
     let snaps: Vec<Snapshot> = SIZES
         .iter()
-        .map(|&n| snapshot(&server, &client, n))
+        .map(|&n| snapshot(&netpol.server, &netpol.client, n))
         .collect();
 
-    // samples[(size, family, test, config)] = one value per round.
-    let mut samples: BTreeMap<(usize, &str, &str, &str), Vec<f64>> = BTreeMap::new();
-    node.run(|| {
-        // TIME_WAIT entries of the crr runs would fill the node's
-        // conntrack table under the baseline; netpol tracks in its own map.
-        let _ = std::fs::write(
-            "/proc/sys/net/netfilter/nf_conntrack_tcp_timeout_time_wait",
-            "1",
-        );
+    // samples[(size, family, test, config)]: one (rate, ratio to the same
+    // cycle's no-filter run) per cycle.
+    let mut samples: BTreeMap<(Case, &str), Vec<(f64, f64)>> = BTreeMap::new();
+    let mut attribution: BTreeMap<Case, Attribution> = BTreeMap::new();
+    netpol.node.run(|| {
         let mut dp = Datapath::load(&DatapathConfig {
             bpffs: bpffs.path().to_owned(),
             ..DatapathConfig::default()
@@ -367,13 +482,16 @@ fn main() {
         .expect("loading the datapath (NETPOL_EBPF_OBJECT)");
         let index = |n: &str| nix::net::if_::if_nametoindex(n).expect("ifindex");
         let ifaces: BTreeMap<ObjectRef, u32> = [
-            (ObjectRef::new("x", "srv"), index(&server.host_if)),
-            (ObjectRef::new("x", "cli"), index(&client.host_if)),
+            (ObjectRef::new("x", "srv"), index(&netpol.server.host_if)),
+            (ObjectRef::new("x", "cli"), index(&netpol.client.host_if)),
         ]
         .into_iter()
         .collect();
+        for h in [&netpol.server.host_if, &netpol.client.host_if] {
+            dp.attach(h).expect("attach");
+        }
         let mut written = Compiled::default();
-        let mut attached = false;
+        let mut cycle = 0usize;
         for round in 0..rounds {
             for (si, &size) in SIZES.iter().enumerate() {
                 let snap = &snaps[si];
@@ -382,76 +500,84 @@ fn main() {
                 dp.writer().apply(&ops, &ifaces).expect("map writes");
                 written = compiled;
                 let rules = baseline::generate(snap).expect("baseline");
-                // Rotate the order: no configuration always runs first.
-                for c in 0..CONFIGS.len() {
-                    let config = CONFIGS[(c + round) % CONFIGS.len()];
-                    common_baseline::clear().expect("clearing the baseline");
-                    let want_attached = config == "netpol";
-                    if want_attached != attached {
-                        for h in [&server.host_if, &client.host_if] {
-                            if want_attached {
-                                dp.attach(h).expect("attach");
-                            } else {
-                                dp.detach(h).expect("detach");
+                for (config, backend) in [
+                    ("iptables-nft", Backend::Nft),
+                    ("iptables-legacy", Backend::Legacy),
+                ] {
+                    lane(config)
+                        .node
+                        .run(|| common_baseline::sync(&rules, backend))
+                        .unwrap_or_else(|e| panic!("{config} sync: {e}"));
+                }
+                for (fi, family) in FAMILIES.iter().enumerate() {
+                    for test in TESTS {
+                        for _ in 0..slices {
+                            // Rotate the order: no configuration always
+                            // runs first, or right after another.
+                            let mut rates = [0.0; CONFIGS.len()];
+                            for c in 0..CONFIGS.len() {
+                                let ci = (c + cycle) % CONFIGS.len();
+                                let what = format!("{}, {size} entries", CONFIGS[ci]);
+                                rates[ci] = measure_retrying(&lanes[ci], fi, test, d, &what).rate();
+                            }
+                            cycle += 1;
+                            for (ci, config) in CONFIGS.iter().enumerate() {
+                                samples
+                                    .entry(((size, family, test), config))
+                                    .or_default()
+                                    .push((rates[ci], rates[ci] / rates[0]));
                             }
                         }
-                        attached = want_attached;
-                    }
-                    match config {
-                        "iptables-nft" => {
-                            common_baseline::sync(&rules, Backend::Nft).expect("nft sync");
-                        }
-                        "iptables-legacy" => {
-                            common_baseline::sync(&rules, Backend::Legacy).expect("legacy sync");
-                        }
-                        _ => {}
-                    }
-                    for (fi, family) in FAMILIES.iter().enumerate() {
-                        for test in TESTS {
-                            // A run this shared machine stalls past the
-                            // timeouts gets two more tries; a policy that
-                            // denies the pair fails all three.
-                            let v = (0..3)
-                                .map(|_| measure(&client, addrs[fi], test, d))
-                                .find(|v| *v > 0.0)
-                                .unwrap_or(0.0);
-                            assert!(
-                                v > 0.0,
-                                "{config}, {size} entries, {family} {test}: no traffic got \
-                                 through (the allowing policy must admit the pair)"
-                            );
-                            samples
-                                .entry((size, family, test, config))
-                                .or_default()
-                                .push(v);
-                        }
+                        // Where netpol's time goes: the kernel's run time of
+                        // its programs (BPF_ENABLE_STATS, on for this run
+                        // only, as it costs two clock reads per run).
+                        let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)
+                            .expect("BPF_ENABLE_STATS (kernel 5.8 and later)");
+                        let before = program_stats(&mut dp);
+                        let run = measure_retrying(netpol, fi, test, d, "netpol (stats)");
+                        let after = program_stats(&mut dp);
+                        drop(stats);
+                        let a = attribution.entry((size, family, test)).or_default();
+                        a.program_secs += (after.0 - before.0).as_secs_f64();
+                        a.program_runs += (after.1 - before.1) as f64;
+                        a.count += run.count;
+                        a.secs += run.secs;
                     }
                 }
                 eprintln!("round {round}, {size} entries: done");
             }
         }
-        common_baseline::clear().expect("clearing the baseline");
     });
 
     let mut results = Vec::new();
     for &size in &SIZES {
         for family in FAMILIES {
             for test in TESTS {
-                let none = &samples[&(size, family, test, "none")];
                 for config in CONFIGS {
-                    let v = &samples[&(size, family, test, config)];
-                    let mut ratios: Vec<f64> = v.iter().zip(none).map(|(x, n)| x / n).collect();
-                    let mut abs = v.clone();
+                    let v = &samples[&((size, family, test), config)];
+                    let mut abs: Vec<f64> = v.iter().map(|s| s.0).collect();
+                    let mut ratios: Vec<f64> = v.iter().map(|s| s.1).collect();
                     results.push(json!({
                         "size": size, "family": family, "test": test, "config": config,
                         "median": median(&mut abs), "ratio": median(&mut ratios),
-                        "samples": v,
+                        "ratio_q1": quantile(&mut ratios, 0.25),
+                        "ratio_q3": quantile(&mut ratios, 0.75),
+                        "samples": abs,
                     }));
                 }
+                let a = &attribution[&(size, family, test)];
+                results.push(json!({
+                    "size": size, "family": family, "test": test, "config": "netpol-programs",
+                    "program_secs": a.program_secs, "program_runs": a.program_runs,
+                    "count": a.count, "secs": a.secs,
+                }));
             }
         }
     }
-    let out = json!({"rounds": rounds, "ms_per_run": d.as_millis() as u64, "results": results});
+    let out = json!({
+        "rounds": rounds, "slices": slices, "ms_per_run": d.as_millis() as u64,
+        "results": results,
+    });
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/netpol-bench");
     std::fs::create_dir_all(&dir).expect("creating target/netpol-bench");
     std::fs::write(dir.join("throughput.json"), out.to_string()).expect("writing throughput.json");
