@@ -760,7 +760,6 @@ pub fn empty_filter_table() -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::manifests::{LoadReport, apply_str};
 
     const CASE: &str = r#"
 apiVersion: v1
@@ -810,11 +809,7 @@ spec:
 "#;
 
     fn snap() -> Snapshot {
-        let mut s = Snapshot::default();
-        let mut report = LoadReport::default();
-        apply_str(&mut s, CASE, "test", &mut report);
-        assert!(report.errors.is_empty(), "{:?}", report.errors);
-        s
+        crate::test_support::snapshot(CASE)
     }
 
     fn set_of<'a>(ipset: &'a str, name: &str) -> Vec<&'a str> {

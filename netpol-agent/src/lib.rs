@@ -31,6 +31,8 @@ pub mod provenance;
 pub mod sources;
 pub mod sync;
 pub mod telemetry;
+#[cfg(test)]
+mod test_support;
 pub mod uplinks;
 
 pub use agent::{Agent, AgentBuilder, AgentError, ConnectionTimeouts, NewPods};

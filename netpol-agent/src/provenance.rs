@@ -654,7 +654,7 @@ impl Drop for Writer {
 mod tests {
     use super::*;
     use crate::compiler::{IdAllocation, compile};
-    use crate::model::manifests::{LoadReport, apply_str};
+    use crate::test_support;
 
     const CLUSTER: &str = r#"
 apiVersion: v1
@@ -692,10 +692,7 @@ spec:
 "#;
 
     fn state() -> State {
-        let mut snap = Snapshot::default();
-        let mut report = LoadReport::default();
-        apply_str(&mut snap, CLUSTER, "test", &mut report);
-        assert!(report.errors.is_empty(), "{:?}", report.errors);
+        let snap = test_support::snapshot(CLUSTER);
         let c = compile(&snap, &IdAllocation::default());
         let mut ifaces = BTreeMap::new();
         ifaces.insert(

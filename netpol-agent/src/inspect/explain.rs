@@ -932,11 +932,9 @@ mod tests {
     use super::*;
     use crate::compiler::{Compiled, IdAllocation, compile};
     use crate::inspect::{PortBlock, decode_policy_v4, decode_policy_v6, decode_port};
-    use crate::model::{
-        ObjectRef, Snapshot,
-        manifests::{LoadReport, apply_str},
-    };
+    use crate::model::ObjectRef;
     use crate::provenance::{Bound, Inputs};
+    use crate::test_support;
 
     /// The maps as the map writer fills them, in memory: lookups are the
     /// longest prefix match over the entries.
@@ -1078,10 +1076,7 @@ spec:
 "#;
 
     fn setup() -> (Fake, State) {
-        let mut snap = Snapshot::default();
-        let mut report = LoadReport::default();
-        apply_str(&mut snap, CLUSTER, "test", &mut report);
-        assert!(report.errors.is_empty(), "{:?}", report.errors);
+        let snap = test_support::snapshot(CLUSTER);
         let c = compile(&snap, &IdAllocation::default());
         let mut ifindex = BTreeMap::new();
         let mut bound = BTreeMap::new();
