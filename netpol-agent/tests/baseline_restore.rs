@@ -5,21 +5,16 @@
 mod common_baseline;
 mod support;
 
-use std::{
-    collections::BTreeMap,
-    io::{BufRead as _, BufReader, Write as _},
-    net::{IpAddr, SocketAddr, TcpListener, TcpStream},
-    time::Duration,
-};
+use std::{collections::BTreeMap, time::Duration};
 
 use common_baseline::Backend;
 use netpol_agent::{
-    Datapath, DatapathConfig, baseline,
-    compiler::{self, Compiled, IdAllocation},
-    model::{self, ObjectRef, Snapshot},
+    baseline,
+    compiler::{self, IdAllocation},
+    model::{ObjectRef, Snapshot},
 };
 use support::agent::{PodNet, Topology, node, pod, pod_manifest};
-use support::{Netns, TempBpffs, privileged, sh};
+use support::{Netns, TempBpffs, echo, enforce, privileged, sh};
 
 const POLICIES: &str = r#"
 apiVersion: networking.k8s.io/v1
@@ -57,54 +52,11 @@ fn snapshot(a: &PodNet, b: &PodNet) -> Snapshot {
         pod_manifest("a", a),
         pod_manifest("b", b)
     );
-    let mut snap = Snapshot::default();
-    let mut report = model::manifests::LoadReport::default();
-    model::manifests::apply_str(&mut snap, &text, "test", &mut report);
-    assert!(report.errors.is_empty(), "{:?}", report.errors);
-    snap
+    support::snapshot(&text)
 }
 
-/// Echoes every line of every connection on `port`, for the whole test.
-fn serve(p: &PodNet, port: u16) {
-    for addr in p.addresses() {
-        let ip: IpAddr = addr.parse().expect("address");
-        let l =
-            p.ns.run(|| TcpListener::bind(SocketAddr::new(ip, port)).expect("bind"));
-        std::thread::spawn(move || {
-            for s in l.incoming().flatten() {
-                std::thread::spawn(move || {
-                    let mut reader = BufReader::new(&s);
-                    let mut line = String::new();
-                    while reader.read_line(&mut line).is_ok_and(|n| n > 0) {
-                        if (&s).write_all(line.as_bytes()).is_err() {
-                            break;
-                        }
-                        line.clear();
-                    }
-                });
-            }
-        });
-    }
-}
-
-/// Whether a connection exchanges a line. Denied SYNs are dropped, so a
-/// denial is a timeout.
-fn connects(from: &Netns, to: &str, port: u16) -> bool {
-    let ip: IpAddr = to.parse().expect("address");
-    from.run(|| {
-        let Ok(s) =
-            TcpStream::connect_timeout(&SocketAddr::new(ip, port), Duration::from_millis(1500))
-        else {
-            return false;
-        };
-        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-        if (&s).write_all(b"hi\n").is_err() {
-            return false;
-        }
-        let mut line = String::new();
-        BufReader::new(&s).read_line(&mut line).is_ok() && line == "hi\n"
-    })
-}
+/// A denied probe waits this long before it counts as a denial.
+const CONNECT: Duration = Duration::from_millis(1500);
 
 /// Every case, probed in parallel: (label, verdict).
 fn verdicts(node: &Netns, a: &PodNet, b: &PodNet) -> BTreeMap<String, bool> {
@@ -121,7 +73,7 @@ fn verdicts(node: &Netns, a: &PodNet, b: &PodNet) -> BTreeMap<String, bool> {
         let handles: Vec<_> = cases
             .iter()
             .map(|(label, from, to, port)| {
-                s.spawn(move || (label.clone(), connects(from, to, *port)))
+                s.spawn(move || (label.clone(), echo::connects(from, to, *port, CONNECT)))
             })
             .collect();
         handles
@@ -141,7 +93,7 @@ fn baseline_restores_on_both_backends_and_agrees_with_netpol() {
     let b = pod(&node, Topology::Routed, 2, true);
     for p in [&a, &b] {
         for port in [80, 81, 82] {
-            serve(p, port);
+            echo::serve(&p.ns, &p.addresses(), port);
         }
     }
     let snap = snapshot(&a, &b);
@@ -152,24 +104,14 @@ fn baseline_restores_on_both_backends_and_agrees_with_netpol() {
     let compiled = compiler::compile(&snap, &IdAllocation::default());
     let bpffs = TempBpffs::new();
     let with_netpol = node.run(|| {
-        let mut dp = Datapath::load(&DatapathConfig {
-            bpffs: bpffs.path().to_owned(),
-            ..DatapathConfig::default()
-        })
-        .expect("load");
-        let index = |n: &str| nix::net::if_::if_nametoindex(n).expect("ifindex");
-        let ifaces: BTreeMap<ObjectRef, u32> = [
-            (ObjectRef::new("x", "a"), index(&a.host_if)),
-            (ObjectRef::new("x", "b"), index(&b.host_if)),
-        ]
-        .into_iter()
-        .collect();
-        let ops: Vec<_> = compiler::diff(&Compiled::default(), &compiled)
-            .raw()
-            .collect();
-        dp.writer().apply(&ops, &ifaces).expect("apply");
-        dp.attach(&a.host_if).expect("attach a");
-        dp.attach(&b.host_if).expect("attach b");
+        let (dp, _) = enforce(
+            &bpffs,
+            &compiled,
+            &[
+                (ObjectRef::new("x", "a"), &a.host_if),
+                (ObjectRef::new("x", "b"), &b.host_if),
+            ],
+        );
         let v = verdicts(&node, &a, &b);
         // Dropping the datapath detaches its programs.
         drop(dp);

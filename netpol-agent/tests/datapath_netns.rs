@@ -5,16 +5,16 @@ mod support;
 
 use std::{
     collections::BTreeMap,
-    io::{BufRead as _, BufReader, Write as _},
-    net::{IpAddr, SocketAddr, TcpListener, TcpStream},
+    net::{IpAddr, SocketAddr, TcpStream},
     time::Duration,
 };
 
 use netpol_agent::{
-    Datapath, DatapathConfig,
+    Datapath,
     compiler::{self, Compiled, IdAllocation},
-    model::{self, ObjectRef, Snapshot},
+    model::ObjectRef,
 };
+use support::echo::{self, exchange};
 use support::{Netns, TempBpffs, privileged, sh, unique};
 
 const MANIFESTS: &str = r#"
@@ -165,48 +165,14 @@ fn routed_pair() -> (Netns, Pod, Pod) {
     (node, a, b)
 }
 
-/// Listens on `port` in the pod and echoes every line of every
-/// connection, for as long as the test runs.
-fn serve(p: &Pod, port: u16) {
-    for addr in [p.v4, p.v6] {
-        let ip: IpAddr = addr.parse().expect("address");
-        let l =
-            p.ns.run(|| TcpListener::bind(SocketAddr::new(ip, port)).expect("bind"));
-        std::thread::spawn(move || {
-            for s in l.incoming().flatten() {
-                std::thread::spawn(move || {
-                    let mut reader = BufReader::new(&s);
-                    let mut line = String::new();
-                    while reader.read_line(&mut line).is_ok_and(|n| n > 0) {
-                        if (&s).write_all(line.as_bytes()).is_err() {
-                            break;
-                        }
-                        line.clear();
-                    }
-                });
-            }
-        });
-    }
-}
+/// How long a probe waits for its handshake. A blocked SYN is dropped, so
+/// a failure is this timeout; an allowed one may first wait for neighbour
+/// discovery (about a second on a fresh link).
+const CONNECT: Duration = Duration::from_millis(2500);
 
-/// Whether a TCP connection from `from` to `to:port` exchanges a line. A
-/// blocked SYN is dropped, so a failure is a timeout; an allowed one may
-/// first wait for neighbour discovery (about a second on a fresh link).
+/// Whether a TCP connection from `from` to `to:port` exchanges a line.
 fn connects(from: &Netns, to: &str, port: u16) -> bool {
-    let ip: IpAddr = to.parse().expect("address");
-    from.run(|| {
-        let Ok(s) =
-            TcpStream::connect_timeout(&SocketAddr::new(ip, port), Duration::from_millis(2500))
-        else {
-            return false;
-        };
-        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-        if (&s).write_all(b"hi\n").is_err() {
-            return false;
-        }
-        let mut line = String::new();
-        BufReader::new(&s).read_line(&mut line).is_ok() && line == "hi\n"
-    })
+    echo::connects(from, to, port, CONNECT)
 }
 
 #[test]
@@ -216,8 +182,8 @@ fn policy_is_enforced_on_real_connections_over_both_families() {
     }
     let (node, a, b) = routed_pair();
     for p in [&a, &b] {
-        serve(p, 80);
-        serve(p, 81);
+        echo::serve(&p.ns, &[p.v4, p.v6], 80);
+        echo::serve(&p.ns, &[p.v4, p.v6], 81);
     }
     // Before any policy, everything connects (the topology works).
     for (from, to) in [(&b.ns, a.v4), (&b.ns, a.v6), (&a.ns, b.v4), (&a.ns, b.v6)] {
@@ -299,53 +265,25 @@ fn policy_is_enforced_on_real_connections_over_both_families() {
     });
 }
 
-/// One line out, the same line back, on an open connection, within
-/// `timeout`.
-fn exchange(s: &TcpStream, line: &str, timeout: Duration) -> bool {
-    let _ = s.set_read_timeout(Some(timeout));
-    if (&*s).write_all(line.as_bytes()).is_err() {
-        return false;
-    }
-    let mut back = String::new();
-    BufReader::new(s).read_line(&mut back).is_ok() && back == line
-}
-
-/// Loads a datapath (in the calling thread's netns), writes `compiled` for
-/// pods a and b through the map writer and attaches to both host veths.
+/// [`support::enforce`] for pods a and b, bound to their host veths.
 fn enforce(
     bpffs: &TempBpffs,
     a: &Pod,
     b: &Pod,
     compiled: &Compiled,
 ) -> (Datapath, BTreeMap<ObjectRef, u32>) {
-    let mut dp = Datapath::load(&DatapathConfig {
-        bpffs: bpffs.path().to_owned(),
-        ..DatapathConfig::default()
-    })
-    .expect("load");
-    let index =
-        |name: &str| nix::net::if_::if_nametoindex(name).unwrap_or_else(|e| panic!("{name}: {e}"));
-    let ifaces: BTreeMap<ObjectRef, u32> = [
-        (ObjectRef::new("x", "a"), index(&a.host_if)),
-        (ObjectRef::new("x", "b"), index(&b.host_if)),
-    ]
-    .into_iter()
-    .collect();
-    let ops: Vec<_> = compiler::diff(&Compiled::default(), compiled)
-        .raw()
-        .collect();
-    dp.writer().apply(&ops, &ifaces).expect("apply");
-    dp.attach(&a.host_if).expect("attach a");
-    dp.attach(&b.host_if).expect("attach b");
-    (dp, ifaces)
+    support::enforce(
+        bpffs,
+        compiled,
+        &[
+            (ObjectRef::new("x", "a"), &a.host_if),
+            (ObjectRef::new("x", "b"), &b.host_if),
+        ],
+    )
 }
 
 fn compile(manifests: &str, ids: &IdAllocation) -> Compiled {
-    let mut snap = Snapshot::default();
-    let mut report = model::manifests::LoadReport::default();
-    model::manifests::apply_str(&mut snap, manifests, "test", &mut report);
-    assert!(report.errors.is_empty(), "{:?}", report.errors);
-    compiler::compile(&snap, ids)
+    compiler::compile(&support::snapshot(manifests), ids)
 }
 
 #[test]
@@ -354,7 +292,7 @@ fn removing_the_allowing_policy_cuts_established_connections_within_a_second() {
         return;
     }
     let (node, a, b) = routed_pair();
-    serve(&a, 80);
+    echo::serve(&a.ns, &[a.v4, a.v6], 80);
     let before = compile(MANIFESTS, &IdAllocation::default());
     // a's rule now admits b on port 81 only.
     let ingress_80 =

@@ -8,8 +8,7 @@ mod support;
 
 use std::{
     collections::BTreeMap,
-    io::{BufRead as _, BufReader, Write as _},
-    net::{IpAddr, SocketAddr, TcpListener, TcpStream},
+    net::{IpAddr, SocketAddr, TcpStream},
     time::Duration,
 };
 
@@ -21,9 +20,10 @@ use netpol_agent::{
     AttachMode, Datapath, DatapathConfig,
     compiler::{self, Compiled, IdAllocation},
     datapath::lifecycle,
-    model::{self, ObjectRef, Snapshot},
+    model::ObjectRef,
 };
 use netpol_common::{programs, reason};
+use support::echo::{self, exchange};
 use support::{NODE_V4, NODE_V6, PodLink, TempBpffs, privileged, sh};
 
 /// Pod x/a behind the veth of [`PodLink`]; its egress admits TCP port 80
@@ -61,17 +61,17 @@ spec:
 const ALLOWED: u16 = 80;
 const DENIED: u16 = 81;
 
+/// How long a handshake or an echoed line may take. The first connection
+/// may wait for neighbour discovery, and a VM without KVM is slow.
+const PATIENCE: Duration = Duration::from_secs(5);
+
 /// Whether this kernel attaches through TCX (what `AttachMode::Auto` picks).
 fn tcx_kernel() -> bool {
     KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0))
 }
 
 fn compile() -> Compiled {
-    let mut snap = Snapshot::default();
-    let mut report = model::manifests::LoadReport::default();
-    model::manifests::apply_str(&mut snap, MANIFESTS, "smoke", &mut report);
-    assert!(report.errors.is_empty(), "{:?}", report.errors);
-    compiler::compile(&snap, &IdAllocation::default())
+    compiler::compile(&support::snapshot(MANIFESTS), &IdAllocation::default())
 }
 
 fn load(bpffs: &TempBpffs) -> Datapath {
@@ -84,50 +84,12 @@ fn load(bpffs: &TempBpffs) -> Datapath {
     .expect("load")
 }
 
-/// Echo servers on both ports and both families of the node, for as long as
-/// the test runs.
-fn serve(link: &PodLink) {
-    for addr in [NODE_V4, NODE_V6] {
-        let ip: IpAddr = addr.parse().expect("address");
-        for port in [ALLOWED, DENIED] {
-            let l = link
-                .node
-                .run(|| TcpListener::bind(SocketAddr::new(ip, port)).expect("bind on the node"));
-            std::thread::spawn(move || {
-                for s in l.incoming().flatten() {
-                    std::thread::spawn(move || {
-                        let mut reader = BufReader::new(&s);
-                        let mut line = String::new();
-                        while reader.read_line(&mut line).is_ok_and(|n| n > 0) {
-                            if (&s).write_all(line.as_bytes()).is_err() {
-                                break;
-                            }
-                            line.clear();
-                        }
-                    });
-                }
-            });
-        }
-    }
-}
-
-/// A connection from the pod to the node, if the handshake completes. A
-/// dropped SYN is a timeout; the first one may wait for neighbour
-/// discovery, and a VM without KVM is slow: the timeout is generous.
+/// A connection from the pod to the node, if the handshake completes (a
+/// dropped SYN is a timeout).
 fn connect(link: &PodLink, to: &str, port: u16) -> Option<TcpStream> {
     let ip: IpAddr = to.parse().expect("address");
     link.pod
-        .run(|| TcpStream::connect_timeout(&SocketAddr::new(ip, port), Duration::from_secs(5)).ok())
-}
-
-/// One line out, the same line back.
-fn exchange(s: &TcpStream, line: &str) -> bool {
-    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-    if (&*s).write_all(line.as_bytes()).is_err() {
-        return false;
-    }
-    let mut back = String::new();
-    BufReader::new(s).read_line(&mut back).is_ok() && back == line
+        .run(|| TcpStream::connect_timeout(&SocketAddr::new(ip, port), PATIENCE).ok())
 }
 
 /// Pod → node on both families: the allowed port carries a line, the
@@ -144,7 +106,8 @@ fn check_enforced(link: &PodLink, when: &str) {
             .iter()
             .map(|&(to, port, want)| {
                 s.spawn(move || {
-                    let got = connect(link, to, port).is_some_and(|c| exchange(&c, "probe\n"));
+                    let got =
+                        connect(link, to, port).is_some_and(|c| exchange(&c, "probe\n", PATIENCE));
                     (got != want).then(|| format!("{when}: pod -> {to}:{port}: expected {want}"))
                 })
             })
@@ -210,7 +173,9 @@ fn this_kernels_attach_path_enforces_and_a_restart_adopts_it() {
     }
     let tcx = tcx_kernel();
     let link = PodLink::new();
-    serve(&link);
+    for port in [ALLOWED, DENIED] {
+        echo::serve(&link.node, &[NODE_V4, NODE_V6], port);
+    }
     let compiled = compile();
     let bpffs = TempBpffs::new();
     link.node.run(|| {
@@ -240,7 +205,7 @@ fn this_kernels_attach_path_enforces_and_a_restart_adopts_it() {
         let drops = policy_drops(&dp);
         assert!(drops >= 2, "policy drops counted: {drops}");
         let held = connect(&link, NODE_V4, ALLOWED).expect("a connection held across the restart");
-        assert!(exchange(&held, "before\n"));
+        assert!(exchange(&held, "before\n", PATIENCE));
 
         // The agent goes away (SIGTERM or kill -9): nothing is detached and
         // the programs go on enforcing with nobody there.
@@ -248,7 +213,7 @@ fn this_kernels_attach_path_enforces_and_a_restart_adopts_it() {
         drop(dp);
         assert_eq!(attached_ids(&link, tcx), old, "attachments left in place");
         check_enforced(&link, "no agent");
-        assert!(exchange(&held, "between\n"));
+        assert!(exchange(&held, "between\n", PATIENCE));
 
         // The next agent adopts them: its programs take the same hooks (no
         // second filter or link), the maps are read back, enforcement and
@@ -264,7 +229,10 @@ fn this_kernels_attach_path_enforces_and_a_restart_adopts_it() {
         assert_ne!(adopted, old, "the programs were swapped");
         let drops = policy_drops(&dp);
         check_enforced(&link, "adopted");
-        assert!(exchange(&held, "after\n"), "the held connection survived");
+        assert!(
+            exchange(&held, "after\n", PATIENCE),
+            "the held connection survived"
+        );
         assert!(policy_drops(&dp) >= drops + 2, "the pinned counters go on");
 
         dp.detach(&link.host_if).expect("detach");

@@ -14,10 +14,10 @@ use std::{
 
 use serde_json::Value;
 use support::{
-    Netns, TempBpffs, privileged,
-    services::{
-        AGENT, AgentProcess, Case, Folder, Pod, Proto, connect, echo, exchange, expect, node, pod,
-    },
+    Netns, TempBpffs,
+    echo::exchange,
+    privileged,
+    services::{AGENT, AgentProcess, Case, Folder, Pod, Proto, connect, echo, expect, node, pod},
     unique,
 };
 

@@ -15,10 +15,12 @@ use std::{
 
 use netpol_common::{direction, reason};
 use support::{
-    Netns, TempBpffs, privileged,
+    Netns, TempBpffs,
+    echo::exchange,
+    privileged,
     services::{
-        AgentProcess, Case, Dnat, Folder, Pod, Proto, SLOW, connect, echo, exchange, expect, ip,
-        kube_proxy, node, pod,
+        AgentProcess, Case, Dnat, Folder, Pod, Proto, SLOW, connect, echo, expect, ip, kube_proxy,
+        node, pod,
     },
     unique,
 };

@@ -1,11 +1,22 @@
 //! Helpers for the privileged tests: root check, RAII network namespaces and
-//! bpffs mounts, running code inside a namespace.
+//! bpffs mounts, running code inside a namespace, loading fixtures and
+//! enforcing them, echo servers and the probes that talk to them.
 #![allow(dead_code, reason = "each test binary uses a subset")]
 
 use std::{
+    collections::BTreeMap,
     path::{Path, PathBuf},
     process::Command,
     sync::atomic::{AtomicU32, Ordering},
+};
+
+use netpol_agent::{
+    Datapath, DatapathConfig,
+    compiler::{self, Compiled},
+    model::{
+        ObjectRef, Snapshot,
+        manifests::{LoadReport, apply_str},
+    },
 };
 
 /// Whether privileged tests may run. Without root they fail loudly, unless
@@ -130,6 +141,49 @@ impl Drop for TempBpffs {
     }
 }
 
+/// The snapshot of `manifests`, every one of which must be valid: an
+/// invalid fixture would otherwise test less than it claims.
+pub fn snapshot(manifests: &str) -> Snapshot {
+    let mut snap = Snapshot::default();
+    let mut report = LoadReport::default();
+    apply_str(&mut snap, manifests, "test", &mut report);
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    snap
+}
+
+/// Loads a datapath (in the calling thread's netns), writes `compiled`
+/// through the map writer with each pod bound to its host veth, and
+/// attaches to every one of those veths. Returns the bindings for later
+/// writes.
+pub fn enforce(
+    bpffs: &TempBpffs,
+    compiled: &Compiled,
+    pods: &[(ObjectRef, &str)],
+) -> (Datapath, BTreeMap<ObjectRef, u32>) {
+    let mut dp = Datapath::load(&DatapathConfig {
+        bpffs: bpffs.path().to_owned(),
+        ..DatapathConfig::default()
+    })
+    .expect("load");
+    let ifaces: BTreeMap<ObjectRef, u32> = pods
+        .iter()
+        .map(|(pod, host_if)| {
+            let index = nix::net::if_::if_nametoindex(*host_if)
+                .unwrap_or_else(|e| panic!("{host_if}: {e}"));
+            (pod.clone(), index)
+        })
+        .collect();
+    let ops: Vec<_> = compiler::diff(&Compiled::default(), compiled)
+        .raw()
+        .collect();
+    dp.writer().apply(&ops, &ifaces).expect("apply");
+    for (pod, host_if) in pods {
+        dp.attach(host_if)
+            .unwrap_or_else(|e| panic!("attach {pod}: {e}"));
+    }
+    (dp, ifaces)
+}
+
 /// A node netns and a pod netns joined by a veth pair, with IPv4 and IPv6
 /// (nodad) addresses on both ends.
 pub struct PodLink {
@@ -188,6 +242,67 @@ impl PodLink {
             sh("ip", &["-n", &ns.name, "link", "set", dev, "up"]);
         }
         Self { node, pod, host_if }
+    }
+}
+
+/// Line-echo TCP servers and the probes that talk to them. A policy that
+/// denies drops the SYN, so a denial shows as a timeout, never a refusal.
+pub mod echo {
+    use std::{
+        io::{BufRead as _, BufReader, Write as _},
+        net::{IpAddr, SocketAddr, TcpListener, TcpStream},
+        time::Duration,
+    };
+
+    use super::Netns;
+
+    /// Echoes every line of every connection to `port` of each of
+    /// `addresses` in `ns`, for as long as the test runs.
+    pub fn serve(ns: &Netns, addresses: &[&str], port: u16) {
+        for addr in addresses {
+            let ip: IpAddr = addr.parse().expect("address");
+            let l = ns.run(|| TcpListener::bind(SocketAddr::new(ip, port)).expect("bind"));
+            std::thread::spawn(move || {
+                for s in l.incoming().flatten() {
+                    std::thread::spawn(move || lines(&s));
+                }
+            });
+        }
+    }
+
+    /// Sends back each line read from `s` until the peer closes it, a read
+    /// times out or a write fails.
+    pub fn lines(s: &TcpStream) {
+        let mut reader = BufReader::new(s);
+        let mut line = String::new();
+        while reader.read_line(&mut line).is_ok_and(|n| n > 0) {
+            if (&*s).write_all(line.as_bytes()).is_err() {
+                break;
+            }
+            line.clear();
+        }
+    }
+
+    /// Whether a connection from `from` to `to:port` exchanges a line. A
+    /// denied connection waits out `connect_timeout`: the caller picks it
+    /// long enough for an allowed one to resolve its neighbour first.
+    pub fn connects(from: &Netns, to: &str, port: u16, connect_timeout: Duration) -> bool {
+        let ip: IpAddr = to.parse().expect("address");
+        from.run(|| {
+            TcpStream::connect_timeout(&SocketAddr::new(ip, port), connect_timeout)
+                .is_ok_and(|s| exchange(&s, "hi\n", Duration::from_secs(2)))
+        })
+    }
+
+    /// One line out and the same line back on an open connection, within
+    /// `timeout`.
+    pub fn exchange(s: &TcpStream, line: &str, timeout: Duration) -> bool {
+        let _ = s.set_read_timeout(Some(timeout));
+        if (&*s).write_all(line.as_bytes()).is_err() {
+            return false;
+        }
+        let mut back = String::new();
+        BufReader::new(s).read_line(&mut back).is_ok() && back == line
     }
 }
 
@@ -977,14 +1092,7 @@ pub mod services {
                 for s in tcp.incoming().flatten() {
                     std::thread::spawn(move || {
                         let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
-                        let mut reader = BufReader::new(&s);
-                        let mut line = String::new();
-                        while reader.read_line(&mut line).is_ok_and(|n| n > 0) {
-                            if (&s).write_all(line.as_bytes()).is_err() {
-                                break;
-                            }
-                            line.clear();
-                        }
+                        super::echo::lines(&s);
                     });
                 }
             });
@@ -1116,16 +1224,5 @@ pub mod services {
             TcpStream::connect_timeout(&dst, SLOW)
                 .unwrap_or_else(|e| panic!("connecting to {dst}: {e}"))
         })
-    }
-
-    /// One line out and the same line back on an open connection, within
-    /// `timeout`.
-    pub fn exchange(s: &TcpStream, line: &str, timeout: Duration) -> bool {
-        let _ = s.set_read_timeout(Some(timeout));
-        if (&*s).write_all(line.as_bytes()).is_err() {
-            return false;
-        }
-        let mut back = String::new();
-        BufReader::new(s).read_line(&mut back).is_ok() && back == line
     }
 }
