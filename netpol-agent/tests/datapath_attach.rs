@@ -201,9 +201,19 @@ fn dropping_the_datapath_detaches_but_keeps_pinned_maps() {
 
         let pin_dir = bpffs.path().join("netpol");
         let after = Counters::read_pinned(&pin_dir).expect("pinned map outlives the agent");
-        assert_eq!(after, counted);
+        // The pings' counts outlive the agent. Only IPv4 is compared: the
+        // link's own IPv6 neighbour and MLD packets may land between the
+        // two reads (they did on a slow VM).
+        for d in [direction::INGRESS, direction::EGRESS] {
+            assert_eq!(
+                after.total(d, family::IPV4),
+                counted.total(d, family::IPV4),
+                "direction {d}"
+            );
+        }
+        // Detached: nothing counts any more.
         ping(&link, POD_V4, 2);
-        assert_eq!(Counters::read_pinned(&pin_dir).expect("pinned"), counted);
+        assert_eq!(Counters::read_pinned(&pin_dir).expect("pinned"), after);
 
         // A new datapath reuses the pinned map: counting resumes from there.
         let mut dp = Datapath::load(&config(&bpffs, AttachMode::Auto)).expect("reload");
