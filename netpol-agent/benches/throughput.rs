@@ -455,6 +455,15 @@ fn main() {
         "the throughput bench builds network namespaces, loads BPF programs and runs iptables: \
          run it as root (cargo xtask bench throughput)"
     );
+    // Stats left on for every program would charge their clock reads to
+    // the netpol lane's ratios, not only to the stats runs.
+    if std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").is_ok_and(|v| v.trim() != "0")
+    {
+        eprintln!(
+            "warning: kernel.bpf_stats_enabled is on: netpol's ratios include its cost \
+             (sysctl -w kernel.bpf_stats_enabled=0)"
+        );
+    }
     let (rounds, slices, d) = (rounds(), slices(), duration());
     let lanes: Vec<Lane> = CONFIGS.iter().map(|&c| Lane::new(c)).collect();
     let lane = |config: &str| {
