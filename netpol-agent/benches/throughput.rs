@@ -271,7 +271,7 @@ fn serve(p: &PodNet) {
 }
 
 /// What one run moved: transactions (rr, crr) or bytes (stream), and the
-/// seconds it took. `None` when nothing got through.
+/// seconds it took.
 struct Run {
     count: f64,
     secs: f64,
@@ -283,7 +283,7 @@ impl Run {
     }
 }
 
-/// One run from the client's namespace.
+/// One run from the client's namespace; `None` when nothing got through.
 fn measure(client: &PodNet, server: IpAddr, test: &str, d: Duration) -> Option<Run> {
     client
         .ns
