@@ -42,9 +42,9 @@ use std::{
 use common_baseline::Backend;
 use ipnet::IpNet;
 use netpol_agent::{
-    Datapath, DatapathConfig, baseline,
+    Datapath, baseline,
     compiler::{self, Compiled},
-    model::{self, LabelSelector, NetworkPolicy, ObjectRef, Peer, PolicySlot, Rule, Snapshot},
+    model::{LabelSelector, NetworkPolicy, ObjectRef, Peer, PolicySlot, Rule, Snapshot},
 };
 use serde_json::json;
 use support::{
@@ -152,10 +152,7 @@ fn snapshot(server: &PodNet, client: &PodNet, n: usize) -> Snapshot {
         pod_manifest("srv", server),
         pod_manifest("cli", client)
     );
-    let mut s = Snapshot::default();
-    let mut report = model::manifests::LoadReport::default();
-    model::manifests::apply_str(&mut s, &text, "bench", &mut report);
-    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    let mut s = support::snapshot(&text);
     for k in 0..n.div_ceil(10) {
         insert(
             &mut s,
@@ -484,21 +481,15 @@ fn main() {
     let mut samples: BTreeMap<(Case, &str), Vec<(f64, f64)>> = BTreeMap::new();
     let mut attribution: BTreeMap<Case, Attribution> = BTreeMap::new();
     netpol.node.run(|| {
-        let mut dp = Datapath::load(&DatapathConfig {
-            bpffs: bpffs.path().to_owned(),
-            ..DatapathConfig::default()
-        })
-        .expect("loading the datapath (NETPOL_EBPF_OBJECT)");
-        let index = |n: &str| nix::net::if_::if_nametoindex(n).expect("ifindex");
-        let ifaces: BTreeMap<ObjectRef, u32> = [
-            (ObjectRef::new("x", "srv"), index(&netpol.server.host_if)),
-            (ObjectRef::new("x", "cli"), index(&netpol.client.host_if)),
-        ]
-        .into_iter()
-        .collect();
-        for h in [&netpol.server.host_if, &netpol.client.host_if] {
-            dp.attach(h).expect("attach");
-        }
+        // Attached from the start, policies written per size below.
+        let (mut dp, ifaces) = support::enforce(
+            &bpffs,
+            &Compiled::default(),
+            &[
+                (ObjectRef::new("x", "srv"), netpol.server.host_if.as_str()),
+                (ObjectRef::new("x", "cli"), netpol.client.host_if.as_str()),
+            ],
+        );
         let mut written = Compiled::default();
         let mut cycle = 0usize;
         for round in 0..rounds {
