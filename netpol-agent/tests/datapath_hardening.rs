@@ -529,6 +529,44 @@ spec:
 }
 
 #[test]
+fn conntrack_stamps_entries_from_jiffies_on_the_monotonic_clock() {
+    with_fixture(DENY_INGRESS, |fx| {
+        let clock = netpol_agent::datapath::clock::jiffy_clock();
+        assert_ne!(
+            clock.jiffy_ns, 0,
+            "/proc/timer_list is readable here: the jiffy clock must be measured"
+        );
+        let before = netpol_agent::inspect::monotonic_ns();
+        assert_eq!(
+            fx.run(Hook::Egress("x/a"), &tcp_syn(A4, C4, 47001, 443)),
+            V::Pass
+        );
+        let after = netpol_agent::inspect::monotonic_ns();
+        let (_, entry) = fx
+            .tracked()
+            .into_iter()
+            .find(|(k, _)| k.local_port == 47001)
+            .expect("the SYN is tracked");
+        let jiffy = u64::from(clock.jiffy_ns);
+        // From jiffies: a whole number of jiffies past the clock's origin
+        // (a clock-source read lands there one time in millions).
+        assert_eq!(
+            entry.last_seen_ns.wrapping_sub(clock.offset_ns) % jiffy,
+            0,
+            "stamped from bpf_jiffies64"
+        );
+        // On CLOCK_MONOTONIC: within the jiffy the packet ran in, give or
+        // take how precisely the clock's origin was measured.
+        let slack = jiffy + clock.error_ns;
+        assert!(
+            entry.last_seen_ns + jiffy + slack >= before && entry.last_seen_ns <= after + slack,
+            "{} not within [{before}, {after}] give or take {slack} ns",
+            entry.last_seen_ns
+        );
+    });
+}
+
+#[test]
 fn tcp_connections_expire_by_state_with_configured_timeouts() {
     with_fixture(DENY_INGRESS, |fx| {
         let ms = 1_000_000;

@@ -145,6 +145,24 @@ fn service_packet_leaving_the_node_is_judged_by_leave_node() {
 }
 
 #[test]
+fn every_packet_of_a_service_connection_is_marked_not_only_the_first() {
+    with_fixture(SERVICES_AND_POLICY, |fx| {
+        for f in [V4, V6] {
+            send_to_frontend(fx, &tcp_syn(f.a, f.vip_b, 40050, 80));
+            // Conntrack knows the connection now, as Service traffic: each
+            // packet may reach another backend, so each is marked again
+            // for the backend's hook to judge.
+            send_to_frontend(fx, &tcp_ack(f.a, f.vip_b, 40050, 80));
+            send_to_frontend(fx, &tcp_ack(f.a, f.vip_b, 40050, 80));
+            assert_eq!(
+                fx.counter(direction::EGRESS, f.fam, reason::PASS_SERVICE),
+                3
+            );
+        }
+    });
+}
+
+#[test]
 fn frontend_match_needs_address_port_and_protocol() {
     with_fixture(SERVICES_AND_POLICY, |fx| {
         for f in [V4, V6] {
@@ -188,9 +206,10 @@ fn pod_reaching_its_own_service_is_not_subject_to_its_policies() {
                 fx.counter(direction::INGRESS, f.fam, reason::PASS_HAIRPIN),
                 1
             );
-            // Its answer to the masqueraded address is the same connection.
-            let v = fx.run(Hook::Egress("x/a"), &tcp_ack(f.a, f.node, 8080, 40040));
-            assert_eq!(v, V::Pass, "hairpin reply");
+            // Its answer to the masqueraded address is the same connection,
+            // a reply: never Service traffic, so not marked.
+            let (v, m) = fx.run_marked(Hook::Egress("x/a"), &tcp_ack(f.a, f.node, 8080, 40040), 0);
+            assert_eq!((v, slot(m)), (V::Pass, 0), "hairpin reply");
         }
     });
 }

@@ -84,7 +84,7 @@ pub mod programs {
 /// Version of the layout of every pinned map. Bumped whenever a key or value
 /// type, a map's type or the counter index scheme changes, so that an agent
 /// finding maps of another layout knows it cannot reuse them as they are.
-pub const LAYOUT_VERSION: u32 = 3;
+pub const LAYOUT_VERSION: u32 = 4;
 
 /// Policy direction, seen from the pod.
 pub mod direction {
@@ -431,8 +431,12 @@ pub mod tcp_state {
 pub struct GlobalConfig {
     /// [`config_flags`].
     pub flags: u32,
-    /// Always 0.
-    pub _pad: u32,
+    /// Nanoseconds per jiffy (10⁹ / the kernel's `HZ`), measured by the
+    /// agent: the programs' clock is then `bpf_jiffies64` scaled to
+    /// `CLOCK_MONOTONIC` with [`GlobalConfig::clock_offset_ns`], a read of
+    /// a variable where `bpf_ktime_get_ns` reads the clock source (a tenth
+    /// of a connection's run time on a VM). 0: `bpf_ktime_get_ns`.
+    pub clock_jiffy_ns: u32,
     /// Half-open TCP; 0: [`ct_defaults::TCP_SYN_NS`].
     pub ct_tcp_syn_ns: u64,
     /// Established TCP and SCTP; 0: [`ct_defaults::TCP_ESTABLISHED_NS`].
@@ -454,6 +458,9 @@ pub struct GlobalConfig {
     /// Deny events an endpoint may emit at once after a quiet spell; 0:
     /// [`events::DEFAULT_BURST`], above [`events::MAX_BURST`]: that.
     pub event_burst: u32,
+    /// `CLOCK_MONOTONIC` ns at jiffy 0 (wrapping): the programs' clock is
+    /// `jiffies × clock_jiffy_ns + clock_offset_ns`, mod 2⁶⁴.
+    pub clock_offset_ns: u64,
 }
 
 /// Deny events: the programs report dropped packets on the
@@ -947,7 +954,7 @@ mod tests {
     #[test]
     fn global_config_layout_is_flags_timeouts_then_mark() {
         assert_eq!(offset_of!(GlobalConfig, flags), 0);
-        assert_eq!(offset_of!(GlobalConfig, _pad), 4);
+        assert_eq!(offset_of!(GlobalConfig, clock_jiffy_ns), 4);
         assert_eq!(offset_of!(GlobalConfig, ct_tcp_syn_ns), 8);
         assert_eq!(offset_of!(GlobalConfig, ct_tcp_established_ns), 16);
         assert_eq!(offset_of!(GlobalConfig, ct_tcp_closing_ns), 24);
@@ -957,7 +964,8 @@ mod tests {
         assert_eq!(offset_of!(GlobalConfig, mark_shift), 52);
         assert_eq!(offset_of!(GlobalConfig, event_rate), 56);
         assert_eq!(offset_of!(GlobalConfig, event_burst), 60);
-        assert_eq!(size_of::<GlobalConfig>(), 64);
+        assert_eq!(offset_of!(GlobalConfig, clock_offset_ns), 64);
+        assert_eq!(size_of::<GlobalConfig>(), 72);
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! connection), oriented from the endpoint to its peer: a packet in either
 //! direction of an admitted connection finds it, which is what lets replies
 //! through an isolated direction.
-use aya_ebpf::helpers::bpf_ktime_get_ns;
+use aya_ebpf::helpers::{bpf_jiffies64, bpf_ktime_get_ns};
 use netpol_common::{CtKey, CtValue, GlobalConfig, ct_defaults, direction, protocol, tcp_state};
 
 use crate::{
@@ -49,6 +49,25 @@ pub fn inner_key(endpoint: u32, dir: u32, family: u32, inner: &Inner) -> CtKey {
     }
 }
 
+/// Now on `CLOCK_MONOTONIC`, in ns: from jiffies when the agent measured
+/// their length (a variable read; `bpf_ktime_get_ns` reads the clock
+/// source, a tenth of the programs' time per connection on a VM), else
+/// from the clock source. Jiffies are 1-10 ms: fine for timeouts of
+/// seconds.
+#[inline(always)]
+fn now(cfg: Option<&GlobalConfig>) -> u64 {
+    match cfg {
+        Some(c) if c.clock_jiffy_ns != 0 => {
+            // SAFETY: bpf_jiffies64 has no preconditions.
+            let j = unsafe { bpf_jiffies64() };
+            j.wrapping_mul(u64::from(c.clock_jiffy_ns))
+                .wrapping_add(c.clock_offset_ns)
+        }
+        // SAFETY: bpf_ktime_get_ns has no preconditions.
+        _ => unsafe { bpf_ktime_get_ns() },
+    }
+}
+
 #[inline(always)]
 fn pick(set: u64, default: u64) -> u64 {
     if set == 0 { default } else { set }
@@ -81,25 +100,75 @@ fn next_state(state: u32, flags: u8) -> u32 {
     }
 }
 
-/// A fresh tracked entry (copied out), or `None` when there is none or it
-/// timed out. Refreshes the entry and its TCP state.
+/// What a packet's lookup found, in one word: only the fields the
+/// verdict needs, and whether there was an entry at all. (An
+/// `Option<CtValue>` is copied with its unset payload, which the verifier
+/// rejects, and a wider value takes stack the deepest call chain lacks.)
+#[derive(Clone, Copy)]
+pub struct Hit(u64);
+
+// Reasons and directions are kept in a byte each.
+const _: () = assert!(netpol_common::reason::SLOTS <= 256 && direction::COUNT <= 256);
+
+impl Hit {
+    const MISS: Self = Self(0);
+    const FOUND: u64 = 1 << 48;
+
+    #[inline(always)]
+    const fn new(origin: u32, admitted_by: u32, generation: u32) -> Self {
+        Self(
+            Self::FOUND
+                | (origin as u64 & 0xff) << 40
+                | (admitted_by as u64 & 0xff) << 32
+                | generation as u64,
+        )
+    }
+
+    #[inline(always)]
+    pub const fn found(self) -> bool {
+        self.0 & Self::FOUND != 0
+    }
+
+    /// [`CtValue::origin`].
+    #[inline(always)]
+    pub const fn origin(self) -> u32 {
+        (self.0 >> 40) as u32 & 0xff
+    }
+
+    /// [`CtValue::admitted_by`].
+    #[inline(always)]
+    pub const fn admitted_by(self) -> u32 {
+        (self.0 >> 32) as u32 & 0xff
+    }
+
+    /// [`CtValue::generation`].
+    #[inline(always)]
+    pub const fn generation(self) -> u32 {
+        self.0 as u32
+    }
+}
+
+/// A fresh tracked entry (not `found` when there is none or it timed
+/// out). Refreshes the entry and its TCP state.
 #[inline(always)]
-pub fn lookup(key: &CtKey, cfg: &GlobalConfig, tcp_flags: u8) -> Option<CtValue> {
-    let v = NETPOL_CONNTRACK.get_ptr_mut(key)?;
-    // SAFETY: bpf_ktime_get_ns has no preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
+pub fn lookup(key: &CtKey, cfg: &GlobalConfig, tcp_flags: u8) -> Hit {
+    let miss = Hit::MISS;
+    let Some(v) = NETPOL_CONNTRACK.get_ptr_mut(key) else {
+        return miss;
+    };
+    let now = now(Some(cfg));
     // SAFETY: the pointer comes from a successful lookup and is valid for
     // this run; concurrent updates of these words are benign races (the
     // worst outcome is one extra policy check).
     unsafe {
         if now.saturating_sub((*v).last_seen_ns) > timeout(cfg, key.protocol, (*v).tcp_state) {
-            return None;
+            return miss;
         }
         (*v).last_seen_ns = now;
         if key.protocol == protocol::TCP {
             (*v).tcp_state = next_state((*v).tcp_state, tcp_flags);
         }
-        Some(*v)
+        Hit::new((*v).origin, (*v).admitted_by, (*v).generation)
     }
 }
 
@@ -110,8 +179,7 @@ pub fn exists(key: &CtKey, cfg: &GlobalConfig) -> bool {
     let Some(v) = NETPOL_CONNTRACK.get_ptr(key) else {
         return false;
     };
-    // SAFETY: bpf_ktime_get_ns has no preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = now(Some(cfg));
     // SAFETY: pointer from a successful lookup, read once.
     let v = unsafe { *v };
     now.saturating_sub(v.last_seen_ns) <= timeout(cfg, key.protocol, v.tcp_state)
@@ -138,7 +206,9 @@ pub fn remove(key: &CtKey) {
 #[inline(always)]
 pub fn track(key: &CtKey, origin: u32, admitted_by: u32, generation: u32, tcp_flags: u8) {
     #[cfg(feature = "bench")]
-    if crate::endpoint::config().flags & netpol_common::config_flags::BENCH_NO_TRACK != 0 {
+    if crate::endpoint::config()
+        .is_some_and(|c| c.flags & netpol_common::config_flags::BENCH_NO_TRACK != 0)
+    {
         return;
     }
     let state = if key.protocol != protocol::TCP {
@@ -152,8 +222,7 @@ pub fn track(key: &CtKey, origin: u32, admitted_by: u32, generation: u32, tcp_fl
         tcp_state::ESTABLISHED
     };
     let v = CtValue {
-        // SAFETY: bpf_ktime_get_ns has no preconditions.
-        last_seen_ns: unsafe { bpf_ktime_get_ns() },
+        last_seen_ns: now(crate::endpoint::config()),
         origin,
         admitted_by,
         generation,

@@ -67,13 +67,12 @@ pub const fn programmed(ep: &EndpointInfo) -> bool {
     ep.flags & endpoint_flags::NOT_PROGRAMMED == 0
 }
 
-/// The agent's settings; all-zero (the defaults) until it writes them.
+/// The agent's settings, in place; all-zero (the defaults) until it
+/// writes them. Always `Some` (an array's entries always exist); the
+/// verifier wants the check.
 #[inline(always)]
-pub fn config() -> GlobalConfig {
-    match NETPOL_CONFIG.get(0) {
-        Some(c) => *c,
-        None => GlobalConfig::default(),
-    }
+pub fn config() -> Option<&'static GlobalConfig> {
+    NETPOL_CONFIG.get(0)
 }
 
 /// Whether the packet was sent by the node itself (at `to_pod`): locally

@@ -23,10 +23,13 @@ use aya_ebpf::{
     macros::{cgroup_skb, classifier},
     programs::{SkBuffContext, TcContext},
 };
-use netpol_common::{EndpointInfo, config_flags, direction, family, protocol, reason};
+use netpol_common::{
+    EndpointInfo, GlobalConfig, config_flags, direction, family, protocol, reason,
+};
 
 use crate::{
     parse::{FRAG_FIRST, FRAG_LATER, Packet, ParseError, Parsed},
+    service::MarkBits,
     verdict::Verdict,
 };
 
@@ -71,8 +74,8 @@ pub fn to_host(ctx: SkBuffContext) -> i32 {
     // The same `__sk_buff`; only the helpers both program types have are
     // used through it.
     let tc = TcContext::new(ctx.skb.skb);
-    let cfg = endpoint::config();
-    let slot = service::marked_slot(&tc, &cfg);
+    let bits = MarkBits::current();
+    let slot = service::marked_slot(&tc, bits);
     if slot == 0 {
         return 1;
     }
@@ -96,12 +99,12 @@ pub fn to_host(ctx: SkBuffContext) -> i32 {
 
 #[inline(always)]
 fn leave(ctx: &TcContext, l3: bool) -> i32 {
-    let cfg = endpoint::config();
-    let slot = service::marked_slot(ctx, &cfg);
+    let bits = MarkBits::current();
+    let slot = service::marked_slot(ctx, bits);
     if slot == 0 {
         return aya_ebpf::bindings::TC_ACT_OK;
     }
-    service::clear(ctx, &cfg);
+    service::clear(ctx, bits);
     let mut pkt = Packet::default();
     let parsed = if l3 {
         parse::packet_l3(ctx, &mut pkt)
@@ -153,10 +156,10 @@ fn decide(ctx: &TcContext, dir: u32, pkt: &mut Packet) -> Verdict {
     if dir == direction::INGRESS {
         // A Service packet: its source's egress first, with the backend
         // kube-proxy chose as the peer.
-        let cfg = endpoint::config();
-        let slot = service::marked_slot(ctx, &cfg);
+        let bits = MarkBits::current();
+        let slot = service::marked_slot(ctx, bits);
         if slot != 0 {
-            service::clear(ctx, &cfg);
+            service::clear(ctx, bits);
             match service::source(slot) {
                 None => {
                     return Verdict::new(direction::EGRESS, fam, reason::DROP_MARK_STALE, 0);
@@ -259,52 +262,87 @@ fn judge(ctx: &TcContext, ep: &EndpointInfo, dir: u32, pkt: &Packet) -> u32 {
         );
         return reason::PASS_NODE_ORIGIN;
     }
-    let cfg = endpoint::config();
+    // Read in place: a copy takes stack `to_pod`'s deepest chain lacks.
+    let Some(cfg) = endpoint::config() else {
+        return fallback(ep, dir);
+    };
+    let ct = conntrack::lookup(&key, cfg, pkt.tcp_flags);
     // Service traffic is judged after translation (see `service`), every
     // packet: the frontend says nothing about the backend it will reach.
     // The entry recorded here is the one the replies, translated back to
-    // the frontend, find at this pod's `to_pod`.
-    if dir == direction::EGRESS && service::wanted(ep, &cfg) && service::is_frontend(pkt) {
-        service::mark(ctx, &cfg, ep.slot);
-        conntrack::track(
-            &key,
-            dir,
-            reason::PASS_SERVICE,
-            endpoint::generation(ep, dir),
-            pkt.tcp_flags,
-        );
-        return reason::PASS_SERVICE;
+    // the frontend, find at this pod's `to_pod`. A reply to a connection
+    // the peer opened goes back to the peer's own address, never through
+    // a frontend, so it skips the frontend map (a cache miss per
+    // connection, on the destination's random port).
+    let service_flow = ct.found() && ct.admitted_by() == reason::PASS_SERVICE;
+    let service = dir == direction::EGRESS
+        && service::wanted(ep, cfg)
+        && !(ct.found() && ct.origin() == direction::INGRESS)
+        && (service_flow || service::is_frontend(pkt));
+    let r = if service {
+        service::mark(ctx, MarkBits::of(cfg), ep.slot);
+        // The lookup refreshed the entry of a known Service flow; a new
+        // one (or a flow first seen before its address was a frontend) is
+        // recorded below, as Service traffic.
+        if service_flow {
+            return reason::PASS_SERVICE;
+        }
+        reason::PASS_SERVICE
+    } else {
+        if ct.found() {
+            return revalidate(ep, &key, ct.origin(), ct.admitted_by(), ct.generation());
+        }
+        if let Some(r) = untracked(ep, dir, pkt, cfg) {
+            return r;
+        }
+        if !endpoint::isolated(ep, dir) {
+            reason::PASS_NOT_ISOLATED
+        } else {
+            let peer = if dir == direction::EGRESS {
+                &pkt.dst
+            } else {
+                &pkt.src
+            };
+            if !policy::allows(ep.id, dir, pkt.family, pkt.protocol, pkt.dport, peer) {
+                return reason::DROP_POLICY;
+            }
+            reason::PASS_POLICY
+        }
+    };
+    conntrack::track(&key, dir, r, endpoint::generation(ep, dir), pkt.tcp_flags);
+    r
+}
+
+/// An array's entries always exist, so the settings are always found; the
+/// verifier still wants a path for their absence. Policy applies as
+/// without settings (fail closed where the endpoint is isolated).
+#[inline(always)]
+const fn fallback(ep: &EndpointInfo, dir: u32) -> u32 {
+    if endpoint::isolated(ep, dir) {
+        reason::DROP_NOT_PROGRAMMED
+    } else {
+        reason::PASS_NOT_ISOLATED
     }
-    if let Some(ct) = conntrack::lookup(&key, &cfg, pkt.tcp_flags) {
-        return revalidate(ep, &key, ct.origin, ct.admitted_by, ct.generation);
-    }
+}
+
+/// The verdict on a packet conntrack does not know that comes before
+/// policy: an ICMP error about a tracked connection, and a pod the agent
+/// has not programmed yet.
+#[inline(always)]
+fn untracked(ep: &EndpointInfo, dir: u32, pkt: &Packet, cfg: &GlobalConfig) -> Option<u32> {
     if pkt.inner.valid != 0 {
         let related = conntrack::inner_key(ep.id, dir, pkt.family, &pkt.inner);
-        if conntrack::exists(&related, &cfg) {
-            return reason::PASS_RELATED;
+        if conntrack::exists(&related, cfg) {
+            return Some(reason::PASS_RELATED);
         }
     }
     if !endpoint::programmed(ep) {
         if cfg.flags & config_flags::NEW_PODS_FAIL_OPEN != 0 {
-            return reason::PASS_NEW_POD_OPEN;
+            return Some(reason::PASS_NEW_POD_OPEN);
         }
-        return reason::DROP_NOT_PROGRAMMED;
+        return Some(reason::DROP_NOT_PROGRAMMED);
     }
-    let r = if !endpoint::isolated(ep, dir) {
-        reason::PASS_NOT_ISOLATED
-    } else {
-        let peer = if dir == direction::EGRESS {
-            &pkt.dst
-        } else {
-            &pkt.src
-        };
-        if !policy::allows(ep.id, dir, pkt.family, pkt.protocol, pkt.dport, peer) {
-            return reason::DROP_POLICY;
-        }
-        reason::PASS_POLICY
-    };
-    conntrack::track(&key, dir, r, endpoint::generation(ep, dir), pkt.tcp_flags);
-    r
+    None
 }
 
 /// A tracked connection passes while the policy that admitted it is

@@ -123,10 +123,79 @@ fn be16(b: [u8; 2]) -> u16 {
 /// run, which keeps the combined stack under the verifier's 512 bytes.
 #[inline(never)]
 pub fn packet(ctx: &TcContext, p: &mut Packet) -> Parsed {
+    if let Some(r) = common(ctx, p) {
+        return r;
+    }
     match ethernet(ctx) {
         Ok((ethertype, l3)) => network(ctx, ethertype, l3, p),
         Err(_) => Parsed::NonIp,
     }
+}
+
+/// The common case read in place, without a helper call per header:
+/// untagged Ethernet, IPv4 without options or fragmentation or IPv6
+/// without extension headers, then TCP, UDP or SCTP, all in the linear
+/// packet data (as the stack builds them). `None` for anything else,
+/// which the general parser takes from the start; `p` is written only
+/// once the packet is known to be such.
+#[inline(always)]
+fn common(ctx: &TcContext, p: &mut Packet) -> Option<Parsed> {
+    let eth = ptr_at::<[u8; 2]>(ctx, ETH_HLEN - 2).ok()?;
+    // SAFETY: ptr_at checked that the bytes lie in the packet.
+    let (fam, l4) = match be16(unsafe { *eth }) {
+        ETH_P_IP => (family::IPV4, ETH_HLEN + 20),
+        ETH_P_IPV6 => (family::IPV6, ETH_HLEN + IPV6_HLEN),
+        _ => return None,
+    };
+    let (protocol, src, dst) = if fam == family::IPV4 {
+        let h = ptr_at::<[u8; 20]>(ctx, ETH_HLEN).ok()?;
+        // SAFETY: as above, for the 20-byte IPv4 header.
+        let h = unsafe { core::ptr::read_unaligned(h) };
+        // Version 4, no options; neither more fragments nor an offset.
+        if h[0] != 0x45 || h[6] & 0x3f != 0 || h[7] != 0 {
+            return None;
+        }
+        let mut src = [0u8; 16];
+        let mut dst = [0u8; 16];
+        src[..4].copy_from_slice(&h[12..16]);
+        dst[..4].copy_from_slice(&h[16..20]);
+        (h[9], src, dst)
+    } else {
+        let h = ptr_at::<[u8; IPV6_HLEN]>(ctx, ETH_HLEN).ok()?;
+        // SAFETY: as above, for the fixed IPv6 header.
+        let h = unsafe { core::ptr::read_unaligned(h) };
+        if h[0] >> 4 != 6 {
+            return None;
+        }
+        let mut src = [0u8; 16];
+        let mut dst = [0u8; 16];
+        src.copy_from_slice(&h[8..24]);
+        dst.copy_from_slice(&h[24..40]);
+        (h[6], src, dst)
+    };
+    let (ports, flags) = match protocol {
+        protocol::TCP => {
+            let t = ptr_at::<[u8; 14]>(ctx, l4).ok()?;
+            // SAFETY: as above, for the TCP ports and flags.
+            let t = unsafe { core::ptr::read_unaligned(t) };
+            ([t[0], t[1], t[2], t[3]], t[13])
+        }
+        protocol::UDP | protocol::SCTP => {
+            let u = ptr_at::<[u8; 4]>(ctx, l4).ok()?;
+            // SAFETY: as above, for the ports.
+            (unsafe { core::ptr::read_unaligned(u) }, 0)
+        }
+        _ => return None,
+    };
+    p.family = fam;
+    p.protocol = protocol;
+    p.src = src;
+    p.dst = dst;
+    p.sport = be16([ports[0], ports[1]]);
+    p.dport = be16([ports[2], ports[3]]);
+    p.tcp_flags = flags;
+    p.event = crate::events::packet_word(p, ETH_HLEN);
+    Some(Parsed::Ip)
 }
 
 /// The same for a packet without a link-layer header (a device of type

@@ -50,6 +50,34 @@ pub fn is_frontend(pkt: &Packet) -> bool {
     }
 }
 
+/// The bits of `skb->mark` netpol owns, read alone where the rest of the
+/// settings is not needed: a copy of all of them would take stack that
+/// `to_pod`'s deepest call chain does not have.
+#[derive(Clone, Copy)]
+pub struct MarkBits {
+    pub mask: u32,
+    pub shift: u32,
+}
+
+impl MarkBits {
+    #[inline(always)]
+    pub const fn of(cfg: &GlobalConfig) -> Self {
+        Self {
+            mask: cfg.mark_mask,
+            shift: cfg.mark_shift,
+        }
+    }
+
+    /// The agent's; none (0) until it writes its settings.
+    #[inline(always)]
+    pub fn current() -> Self {
+        match crate::endpoint::config() {
+            Some(c) => Self::of(c),
+            None => Self { mask: 0, shift: 0 },
+        }
+    }
+}
+
 #[inline(always)]
 fn current(ctx: &TcContext) -> u32 {
     // SAFETY: a plain read of the context's mark field, which the verifier
@@ -59,26 +87,26 @@ fn current(ctx: &TcContext) -> u32 {
 
 /// Marks the packet with the source interface's slot.
 #[inline(always)]
-pub fn mark(ctx: &TcContext, cfg: &GlobalConfig, slot: u32) {
-    let m = mark::with_slot(current(ctx), cfg.mark_mask, cfg.mark_shift, slot);
+pub fn mark(ctx: &TcContext, bits: MarkBits, slot: u32) {
+    let m = mark::with_slot(current(ctx), bits.mask, bits.shift, slot);
     ctx.set_mark(m);
 }
 
 /// The slot a packet was marked with (0: not marked).
 #[inline(always)]
-pub fn marked_slot(ctx: &TcContext, cfg: &GlobalConfig) -> u32 {
-    if cfg.mark_mask == 0 {
+pub fn marked_slot(ctx: &TcContext, bits: MarkBits) -> u32 {
+    if bits.mask == 0 {
         return 0;
     }
-    mark::slot_of(current(ctx), cfg.mark_mask, cfg.mark_shift)
+    mark::slot_of(current(ctx), bits.mask, bits.shift)
 }
 
 /// Clears netpol's bits once the packet is judged, so no later hook judges
 /// it again.
 #[inline(always)]
-pub fn clear(ctx: &TcContext, cfg: &GlobalConfig) {
+pub fn clear(ctx: &TcContext, bits: MarkBits) {
     let m = current(ctx);
-    ctx.set_mark(m & !cfg.mark_mask);
+    ctx.set_mark(m & !bits.mask);
 }
 
 /// The pod interface owning `slot` and its endpoint, if the slot is still

@@ -8,6 +8,7 @@
 //! pod's Service packet, marked at `from_pod`, whose backend kube-proxy put
 //! on another node is judged there against the pod's egress
 //! ([`LEAVE_NODE_L3`] on devices without an Ethernet header).
+pub mod clock;
 pub mod events;
 pub mod host;
 pub mod lifecycle;
@@ -401,8 +402,9 @@ impl Datapath {
         &mut self.writer
     }
 
-    /// Replaces the new-pods mode and timeouts. The mark fields stay the
-    /// datapath's ([`DatapathConfig::mark_mask`]), whatever `global` holds.
+    /// Replaces the new-pods mode and timeouts. The mark and clock fields
+    /// stay the datapath's ([`DatapathConfig::mark_mask`],
+    /// [`clock::jiffy_clock`]), whatever `global` holds.
     ///
     /// # Errors
     /// When the config map cannot be written.
@@ -808,11 +810,15 @@ where
     })
 }
 
-/// `global` with the mark fields of `mask` (already checked).
-const fn with_mark(global: GlobalConfig, mask: u32) -> GlobalConfig {
+/// `global` with the fields the datapath owns: the mark fields of `mask`
+/// (already checked) and this machine's jiffy clock.
+fn with_mark(global: GlobalConfig, mask: u32) -> GlobalConfig {
+    let clock = clock::jiffy_clock();
     GlobalConfig {
         mark_mask: mask,
         mark_shift: mark::shift(mask),
+        clock_jiffy_ns: clock.jiffy_ns,
+        clock_offset_ns: clock.offset_ns,
         ..global
     }
 }

@@ -236,13 +236,18 @@ impl Fixture {
 
     /// Tracked connections, read back from the pinned map.
     pub fn connections(&self) -> Vec<netpol_common::CtKey> {
+        self.tracked().into_iter().map(|(k, _)| k).collect()
+    }
+
+    /// Tracked connections and their entries.
+    pub fn tracked(&self) -> Vec<(netpol_common::CtKey, netpol_common::CtValue)> {
         let pin = self.dp.pin_dir().join(netpol_common::maps::CONNTRACK);
         let data = aya::maps::MapData::from_pin(&pin).expect("pinned conntrack");
         let map = aya::maps::Map::from_map_data(data).expect("map");
         let ct =
             aya::maps::HashMap::<_, netpol_common::CtKey, netpol_common::CtValue>::try_from(map)
                 .expect("conntrack map");
-        ct.keys().filter_map(Result::ok).collect()
+        ct.iter().filter_map(Result::ok).collect()
     }
 
     pub fn endpoint_id(&self, pod: &str) -> u32 {
