@@ -532,10 +532,6 @@ spec:
 fn conntrack_stamps_entries_from_jiffies_on_the_monotonic_clock() {
     with_fixture(DENY_INGRESS, |fx| {
         let clock = netpol_agent::datapath::clock::jiffy_clock();
-        assert_ne!(
-            clock.jiffy_ns, 0,
-            "/proc/timer_list is readable here: the jiffy clock must be measured"
-        );
         let before = netpol_agent::inspect::monotonic_ns();
         assert_eq!(
             fx.run(Hook::Egress("x/a"), &tcp_syn(A4, C4, 47001, 443)),
@@ -547,6 +543,22 @@ fn conntrack_stamps_entries_from_jiffies_on_the_monotonic_clock() {
             .into_iter()
             .find(|(k, _)| k.local_port == 47001)
             .expect("the SYN is tracked");
+        if clock.jiffy_ns == 0 {
+            // Under `cargo xtask vm-test` an emulated guest sharing the
+            // host's CPUs may read /proc too slowly to time jiffies within
+            // the limit: the programs then read the clock source, checked
+            // here instead. Anywhere else the clock must be measured.
+            assert!(
+                std::env::var_os("NETPOL_VM_GUEST").is_some(),
+                "/proc/timer_list is readable here: the jiffy clock must be measured"
+            );
+            assert!(
+                (before..=after).contains(&entry.last_seen_ns),
+                "stamped by bpf_ktime_get_ns within [{before}, {after}]: {}",
+                entry.last_seen_ns
+            );
+            return;
+        }
         let jiffy = u64::from(clock.jiffy_ns);
         // From jiffies: a whole number of jiffies past the clock's origin
         // (a clock-source read lands there one time in millions).

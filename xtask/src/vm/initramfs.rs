@@ -89,13 +89,15 @@ pub const SUITES_PARAM: &str = "NETPOL_SUITES";
 /// `/init`: mounts, loads the modules of the running kernel, runs each
 /// suite of [`SUITES_PARAM`] with its output on [`RESULTS_TTY`] between
 /// marker lines, powers off. The kernel's own console (ttyS0) stays apart.
+/// `NETPOL_VM_GUEST=1` tells a test it runs in the emulated guest, where
+/// the host's load can starve it.
 fn init_script() -> String {
     let modules = MODULES.join(" ");
     format!(
         r#"#!/bin/busybox sh
 /bin/busybox --install -s /bin
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root TMPDIR=/tmp
-export NETPOL_EBPF_OBJECT={OBJECT} RUST_BACKTRACE=0
+export NETPOL_EBPF_OBJECT={OBJECT} NETPOL_VM_GUEST=1 RUST_BACKTRACE=0
 out={RESULTS_TTY}
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
