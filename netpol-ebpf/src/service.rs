@@ -50,9 +50,9 @@ pub fn is_frontend(pkt: &Packet) -> bool {
     }
 }
 
-/// The bits of `skb->mark` netpol owns, read alone where the rest of the
-/// settings is not needed: a copy of all of them would take stack that
-/// `to_pod`'s deepest call chain does not have.
+/// The bits of `skb->mark` netpol owns and their position: all the hooks
+/// that only read or clear a mark need of the settings, with no mask (0)
+/// when the settings are absent.
 #[derive(Clone, Copy)]
 pub struct MarkBits {
     pub mask: u32,

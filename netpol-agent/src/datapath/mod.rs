@@ -359,7 +359,7 @@ impl Datapath {
                     source: Box::new(source),
                 })?;
         }
-        write_global(&mut ebpf, with_mark(config.global, mark_mask))?;
+        write_global(&mut ebpf, with_owned(config.global, mark_mask))?;
         let backend = KernelBackend::new(
             take_map(&mut ebpf, maps::ENDPOINTS)?,
             take_map(&mut ebpf, maps::POLICY_V4)?,
@@ -409,7 +409,7 @@ impl Datapath {
     /// # Errors
     /// When the config map cannot be written.
     pub fn set_global(&mut self, global: GlobalConfig) -> Result<(), DatapathError> {
-        write_global(&mut self.ebpf, with_mark(global, self.mark_mask))
+        write_global(&mut self.ebpf, with_owned(global, self.mark_mask))
     }
 
     /// The mark mask in force ([`DatapathConfig::mark_mask`]).
@@ -812,7 +812,7 @@ where
 
 /// `global` with the fields the datapath owns: the mark fields of `mask`
 /// (already checked) and this machine's jiffy clock.
-fn with_mark(global: GlobalConfig, mask: u32) -> GlobalConfig {
+fn with_owned(global: GlobalConfig, mask: u32) -> GlobalConfig {
     let clock = clock::jiffy_clock();
     GlobalConfig {
         mark_mask: mask,
