@@ -728,3 +728,126 @@ spec:
         );
     });
 }
+
+const EGRESS_DENY_ALL: &str = r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: deny-egress, namespace: x}
+spec:
+  podSelector: {}
+  policyTypes: [Egress]
+"#;
+
+/// The pinned endpoint table, written behind the map writer's back.
+fn endpoint_table(fx: &Fixture) -> aya::maps::HashMap<aya::maps::MapData, u32, EndpointInfo> {
+    let pin = fx.dp.pin_dir().join(netpol_common::maps::ENDPOINTS);
+    let data = aya::maps::MapData::from_pin(&pin).expect("pinned endpoint table");
+    aya::maps::Map::from_map_data(data)
+        .expect("map")
+        .try_into()
+        .expect("endpoint table")
+}
+
+fn endpoint_epoch(fx: &Fixture) -> u64 {
+    let pin = fx.dp.pin_dir().join(netpol_common::maps::ENDPOINT_EPOCH);
+    let data = aya::maps::MapData::from_pin(&pin).expect("pinned endpoint epoch");
+    let epoch: aya::maps::Array<_, u64> = aya::maps::Map::from_map_data(data)
+        .expect("map")
+        .try_into()
+        .expect("endpoint epoch");
+    epoch.get(&0, 0).expect("epoch")
+}
+
+#[test]
+fn a_cached_endpoint_is_read_again_once_the_writer_moves_the_epoch() {
+    with_fixture(EGRESS_DENY_ALL, |fx| {
+        // One CPU, so that every run below meets the same per-CPU cache.
+        let cpu = nix::sched::sched_getcpu().expect("current CPU");
+        let mut set = nix::sched::CpuSet::new();
+        set.set(cpu).expect("cpu set");
+        nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set).expect("pin");
+
+        let (ia, ib) = (fx.ifindex["x/a"], fx.ifindex["x/b"]);
+        let mut table = endpoint_table(fx);
+        let isolated_a = table.get(&ia, 0).expect("x/a's entry");
+        let isolated_b = table.get(&ib, 0).expect("x/b's entry");
+        let open = |e: EndpointInfo| EndpointInfo {
+            flags: e.flags & !endpoint_flags::EGRESS_ISOLATED,
+            ..e
+        };
+        for (src, dst) in [(A4, B4), (A6, B6)] {
+            assert_eq!(
+                fx.run(Hook::Egress("x/a"), &udp(src, dst, 5000, 53)),
+                V::Drop
+            );
+        }
+        for (src, dst) in [(B4, A4), (B6, A6)] {
+            assert_eq!(
+                fx.run(Hook::Egress("x/b"), &udp(src, dst, 5000, 53)),
+                V::Drop
+            );
+        }
+
+        // Behind the writer's back the epoch stays: x/a's packets keep the
+        // copy taken above; x/b, past the cache, reads the table each time.
+        table.insert(ia, open(isolated_a), 0).expect("write x/a");
+        table.insert(ib, open(isolated_b), 0).expect("write x/b");
+        for (src, dst) in [(A4, B4), (A6, B6)] {
+            assert_eq!(
+                fx.run(Hook::Egress("x/a"), &udp(src, dst, 5001, 53)),
+                V::Drop,
+                "x/a's cached copy, {src}"
+            );
+        }
+        for (src, dst) in [(B4, A4), (B6, A6)] {
+            assert_eq!(
+                fx.run(Hook::Egress("x/b"), &udp(src, dst, 5001, 53)),
+                V::Pass,
+                "x/b from the table, {src}"
+            );
+        }
+
+        // Through the writer: the epoch moves by one bit and the next
+        // packet reads the new entry.
+        let before = endpoint_epoch(fx);
+        fx.dp
+            .writer()
+            .apply_kernel(&[KernelOp::EndpointUpsert(ia, open(isolated_a))])
+            .expect("upsert x/a");
+        let after = endpoint_epoch(fx);
+        assert_eq!(
+            (before ^ after).count_ones(),
+            1,
+            "{before:#x} -> {after:#x}"
+        );
+        for (src, dst) in [(A4, B4), (A6, B6)] {
+            assert_eq!(
+                fx.run(Hook::Egress("x/a"), &udp(src, dst, 5002, 53)),
+                V::Pass,
+                "x/a after the writer, {src}"
+            );
+        }
+        // And back, as a policy change would.
+        fx.dp
+            .writer()
+            .apply_kernel(&[KernelOp::EndpointUpsert(ia, isolated_a)])
+            .expect("upsert x/a");
+        for (src, dst) in [(A4, B4), (A6, B6)] {
+            assert_eq!(
+                fx.run(Hook::Egress("x/a"), &udp(src, dst, 5003, 53)),
+                V::Drop,
+                "x/a isolated again, {src}"
+            );
+        }
+        // A deleted endpoint is unmanaged from the next packet on.
+        fx.dp
+            .writer()
+            .apply_kernel(&[KernelOp::EndpointDelete(ia)])
+            .expect("delete x/a");
+        assert_eq!(fx.run(Hook::Egress("x/a"), &udp(A4, B4, 5004, 53)), V::Pass);
+        assert_eq!(
+            fx.counter(direction::EGRESS, family::IPV4, reason::PASS_UNMANAGED),
+            1
+        );
+    });
+}

@@ -14,6 +14,13 @@ pub mod maps {
     pub const COUNTERS: &str = "NETPOL_COUNTERS";
     /// Hash `u32 ifindex` → [`crate::EndpointInfo`].
     pub const ENDPOINTS: &str = "NETPOL_ENDPOINTS";
+    /// Array of one `u64`: the [`crate::endpoint_epoch`], moved by the
+    /// agent after every write to [`ENDPOINTS`].
+    pub const ENDPOINT_EPOCH: &str = "NETPOL_EP_EPOCH";
+    /// Per-CPU array `u32 ifindex` → [`crate::EndpointCacheEntry`]: each
+    /// CPU's copies of [`ENDPOINTS`] entries, written by the programs only.
+    /// Not pinned: every load starts with an empty one.
+    pub const ENDPOINT_CACHE: &str = "NETPOL_EP_CACHE";
     /// LPM trie `Key<`[`crate::PolicyKeyV4`]`>` → [`crate::PolicyValue`].
     pub const POLICY_V4: &str = "NETPOL_POLICY_V4";
     /// LPM trie `Key<`[`crate::PolicyKeyV6`]`>` → [`crate::PolicyValue`].
@@ -46,9 +53,10 @@ pub mod maps {
     pub const EVENTS_LOST: &str = "NETPOL_EVENTS_LOST";
 
     /// Every map, in the order the agent pins them.
-    pub const ALL: [&str; 14] = [
+    pub const ALL: [&str; 15] = [
         COUNTERS,
         ENDPOINTS,
+        ENDPOINT_EPOCH,
         POLICY_V4,
         POLICY_V6,
         PORTS,
@@ -289,6 +297,52 @@ pub struct EndpointInfo {
     /// (the compiler leaves it 0); 0: none, so the pod's Service traffic
     /// cannot be marked and is judged at the frontend address.
     pub slot: u32,
+}
+
+/// Interfaces with an index below this have a slot in
+/// [`maps::ENDPOINT_CACHE`]; the others are always looked up in
+/// [`maps::ENDPOINTS`].
+pub const ENDPOINT_CACHE_SLOTS: u32 = 4096;
+
+/// Value of [`maps::ENDPOINT_CACHE`]: a copy of an [`EndpointInfo`] taken
+/// while [`maps::ENDPOINT_EPOCH`] held `epoch`. Valid only while it still
+/// does, and only with a non-zero `info.id` (an empty slot is all zeros).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EndpointCacheEntry {
+    pub epoch: u64,
+    pub info: EndpointInfo,
+}
+
+/// The values of [`maps::ENDPOINT_EPOCH`]: the reflected Gray code of a
+/// count of endpoint writes. Consecutive values differ in one bit, so a
+/// program reading the word while the agent's (byte-wise, not atomic)
+/// map update replaces it sees the old value or the new one, never a mix
+/// that could equal an older epoch and revive a stale cached copy.
+pub mod endpoint_epoch {
+    /// The epoch after `epoch`.
+    #[must_use]
+    pub const fn next(epoch: u64) -> u64 {
+        gray(count(epoch).wrapping_add(1))
+    }
+
+    /// The `n`th epoch.
+    #[must_use]
+    pub const fn gray(n: u64) -> u64 {
+        n ^ (n >> 1)
+    }
+
+    /// How many steps from 0 `epoch` is (the inverse of [`gray`]).
+    #[must_use]
+    pub const fn count(epoch: u64) -> u64 {
+        let mut n = epoch;
+        let mut shift = 1;
+        while shift < 64 {
+            n ^= n >> shift;
+            shift <<= 1;
+        }
+        n
+    }
 }
 
 /// The 32-bit selector that starts every policy key: an endpoint and a
@@ -802,9 +856,9 @@ pub struct FragValue {
 #[cfg(feature = "user")]
 mod user {
     use super::{
-        CtKey, CtValue, DenyEvent, EndpointInfo, EventBucket, FragKey, FragValue, FrontendKeyV4,
-        FrontendKeyV6, FrontendValue, GlobalConfig, PolicyKeyV4, PolicyKeyV6, PolicyValue, PortKey,
-        PortValue, TrafficCounter,
+        CtKey, CtValue, DenyEvent, EndpointCacheEntry, EndpointInfo, EventBucket, FragKey,
+        FragValue, FrontendKeyV4, FrontendKeyV6, FrontendValue, GlobalConfig, PolicyKeyV4,
+        PolicyKeyV6, PolicyValue, PortKey, PortValue, TrafficCounter,
     };
 
     // SAFETY: each type is #[repr(C)], Copy, has only integer fields and no
@@ -813,6 +867,8 @@ mod user {
     unsafe impl aya::Pod for TrafficCounter {}
     // SAFETY: as above.
     unsafe impl aya::Pod for EndpointInfo {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for EndpointCacheEntry {}
     // SAFETY: as above.
     unsafe impl aya::Pod for PolicyKeyV4 {}
     // SAFETY: as above.
@@ -867,6 +923,30 @@ mod tests {
         assert_eq!(offset_of!(EndpointInfo, egress_gen), 12);
         assert_eq!(offset_of!(EndpointInfo, ipv4), 16);
         assert_eq!(offset_of!(EndpointInfo, ipv6), 20);
+    }
+
+    #[test]
+    fn endpoint_cache_entry_layout_is_epoch_then_info() {
+        assert_eq!(size_of::<EndpointCacheEntry>(), 48);
+        assert_eq!(offset_of!(EndpointCacheEntry, epoch), 0);
+        assert_eq!(offset_of!(EndpointCacheEntry, info), 8);
+    }
+
+    #[test]
+    fn consecutive_endpoint_epochs_differ_in_exactly_one_bit() {
+        let mut e = 0;
+        for n in 0..5000u64 {
+            assert_eq!(endpoint_epoch::count(e), n);
+            let next = endpoint_epoch::next(e);
+            assert_eq!((e ^ next).count_ones(), 1, "{e:#x} -> {next:#x}");
+            e = next;
+        }
+        // Also far along the sequence, and across the top bit.
+        for n in [u64::MAX / 3, (1 << 63) - 1, u64::MAX - 1] {
+            let e = endpoint_epoch::gray(n);
+            assert_eq!(endpoint_epoch::count(e), n);
+            assert_eq!((e ^ endpoint_epoch::next(e)).count_ones(), 1);
+        }
     }
 
     #[test]

@@ -3,17 +3,56 @@ use aya_ebpf::programs::TcContext;
 use netpol_common::{EndpointInfo, GlobalConfig, direction, endpoint_flags, family};
 
 use crate::{
-    maps::{NETPOL_CONFIG, NETPOL_ENDPOINTS},
+    maps::{NETPOL_CONFIG, NETPOL_ENDPOINTS, NETPOL_EP_CACHE, NETPOL_EP_EPOCH},
     parse::Packet,
 };
 
 /// The endpoint behind the interface the packet is on. Identity comes from
 /// the interface, never from the packet's own addresses.
+///
+/// Read from this CPU's copy while the agent has not written the table
+/// since it was taken: a hash lookup is a tenth of a packet's cost, an
+/// array slot a few instructions. (The table itself cannot be an array:
+/// an update copies a value in place, and a packet could read half an
+/// old entry and half a new one.)
 #[inline(always)]
 pub fn lookup(ctx: &TcContext) -> Option<EndpointInfo> {
-    // SAFETY: the context pointer is the kernel's __sk_buff for this run;
-    // reading a field of it is what the verifier allows for TC programs.
-    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let ifindex = ifindex(ctx);
+    let (Some(epoch), Some(slot)) = (NETPOL_EP_EPOCH.get(0), NETPOL_EP_CACHE.get_ptr_mut(ifindex))
+    else {
+        // Beyond the cached interfaces.
+        return from_table(ifindex);
+    };
+    // Read before the table: a copy is only as new as the epoch it is
+    // filed under. The map lookup below is a call the compiler cannot
+    // move this load past.
+    // SAFETY: a pointer from a successful array lookup, valid for this run.
+    let epoch = unsafe { core::ptr::read_volatile(epoch) };
+    // SAFETY: this CPU's slot, from a successful per-CPU array lookup,
+    // valid for this run; only programs on this CPU touch it.
+    unsafe {
+        if (*slot).epoch == epoch && (*slot).info.id != 0 {
+            return Some((*slot).info);
+        }
+    }
+    let info = from_table(ifindex);
+    if let Some(info) = info {
+        // The epoch last (volatile writes keep their order), so that a run
+        // reading the slot between the two writes, possible only where
+        // programs are preemptible (PREEMPT_RT), finds an epoch that does
+        // not match.
+        // SAFETY: as above.
+        unsafe {
+            core::ptr::write_volatile(&raw mut (*slot).info, info);
+            core::ptr::write_volatile(&raw mut (*slot).epoch, epoch);
+        }
+    }
+    info
+}
+
+/// The entry in the table, by interface index.
+#[inline(always)]
+pub fn from_table(ifindex: u32) -> Option<EndpointInfo> {
     NETPOL_ENDPOINTS.get_ptr(ifindex).map(|p| {
         // SAFETY: a successful lookup returns a pointer to a value the size
         // of EndpointInfo, valid for this run; it is copied out at once.
@@ -24,14 +63,15 @@ pub fn lookup(ctx: &TcContext) -> Option<EndpointInfo> {
 /// The index of the interface the program runs on.
 #[inline(always)]
 pub fn ifindex(ctx: &TcContext) -> u32 {
-    // SAFETY: as in `lookup`, a plain context field read.
+    // SAFETY: the context pointer is the kernel's __sk_buff for this run;
+    // reading a field of it is what the verifier allows for TC programs.
     unsafe { (*ctx.skb.skb).ifindex }
 }
 
 /// The interface the packet entered the node by (0: sent by the node).
 #[inline(always)]
 pub fn ingress_ifindex(ctx: &TcContext) -> u32 {
-    // SAFETY: as in `lookup`, a plain context field read.
+    // SAFETY: as in `ifindex`, a plain context field read.
     unsafe { (*ctx.skb.skb).ingress_ifindex }
 }
 
@@ -80,7 +120,7 @@ pub fn config() -> Option<&'static GlobalConfig> {
 /// when masqueraded to a node address.
 #[inline(always)]
 pub fn from_node(ctx: &TcContext) -> bool {
-    // SAFETY: as in `lookup`, a plain context field read.
+    // SAFETY: as in `ifindex`, a plain context field read.
     unsafe { (*ctx.skb.skb).ingress_ifindex == 0 }
 }
 

@@ -6,9 +6,10 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use netpol_common::{
-    COUNTER_ENTRIES, CtKey, CtValue, DenyEvent, EndpointInfo, EventBucket, FragKey, FragValue,
-    FrontendKeyV4, FrontendKeyV6, FrontendValue, GlobalConfig, PolicyKeyV4, PolicyKeyV6,
-    PolicyValue, PortKey, PortValue, TrafficCounter, events, mark,
+    COUNTER_ENTRIES, CtKey, CtValue, DenyEvent, ENDPOINT_CACHE_SLOTS, EndpointCacheEntry,
+    EndpointInfo, EventBucket, FragKey, FragValue, FrontendKeyV4, FrontendKeyV6, FrontendValue,
+    GlobalConfig, PolicyKeyV4, PolicyKeyV6, PolicyValue, PortKey, PortValue, TrafficCounter,
+    events, mark,
 };
 
 /// Packets and bytes by direction, family and reason (`counter_index`).
@@ -19,6 +20,16 @@ pub static NETPOL_COUNTERS: PerCpuArray<TrafficCounter, { COUNTER_ENTRIES as usi
 /// Host-side interface index → the pod endpoint behind it.
 #[btf_map]
 pub static NETPOL_ENDPOINTS: HashMap<u32, EndpointInfo, 4096> = HashMap::new();
+
+/// Moves after every agent write to `NETPOL_ENDPOINTS`
+/// (`netpol_common::endpoint_epoch`).
+#[btf_map]
+pub static NETPOL_EP_EPOCH: Array<u64, 1> = Array::new();
+
+/// Each CPU's copies of `NETPOL_ENDPOINTS` entries, by interface index.
+#[btf_map]
+pub static NETPOL_EP_CACHE: PerCpuArray<EndpointCacheEntry, { ENDPOINT_CACHE_SLOTS as usize }> =
+    PerCpuArray::new();
 
 /// (endpoint·direction, IPv4 peer prefix) → rule set.
 #[btf_map]

@@ -362,6 +362,7 @@ impl Datapath {
         write_global(&mut ebpf, with_owned(config.global, mark_mask))?;
         let backend = KernelBackend::new(
             take_map(&mut ebpf, maps::ENDPOINTS)?,
+            take_map(&mut ebpf, maps::ENDPOINT_EPOCH)?,
             take_map(&mut ebpf, maps::POLICY_V4)?,
             take_map(&mut ebpf, maps::POLICY_V6)?,
             take_map(&mut ebpf, maps::PORTS)?,

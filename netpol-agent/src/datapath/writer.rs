@@ -709,6 +709,7 @@ impl Backend for FakeBackend {
 /// The kernel's maps.
 pub struct KernelBackend {
     endpoints: BpfHashMap<MapData, u32, EndpointInfo>,
+    endpoint_epoch: Array<MapData, u64>,
     policy_v4: LpmTrie<MapData, PolicyKeyV4, PolicyValue>,
     policy_v6: LpmTrie<MapData, PolicyKeyV6, PolicyValue>,
     ports: LpmTrie<MapData, PortKey, PortValue>,
@@ -733,9 +734,12 @@ impl fmt::Debug for KernelBackend {
 }
 
 impl KernelBackend {
-    /// Wraps the four policy maps and the Service maps.
+    /// Wraps the four policy maps and the Service maps. Every endpoint
+    /// write moves `endpoint_epoch` (`NETPOL_EP_EPOCH`), which retires the
+    /// programs' cached copies of the endpoint table.
     pub fn new(
         endpoints: BpfHashMap<MapData, u32, EndpointInfo>,
+        endpoint_epoch: Array<MapData, u64>,
         policy_v4: LpmTrie<MapData, PolicyKeyV4, PolicyValue>,
         policy_v6: LpmTrie<MapData, PolicyKeyV6, PolicyValue>,
         ports: LpmTrie<MapData, PortKey, PortValue>,
@@ -743,12 +747,24 @@ impl KernelBackend {
     ) -> Self {
         Self {
             endpoints,
+            endpoint_epoch,
             policy_v4,
             policy_v6,
             ports,
             services,
             conntrack: None,
         }
+    }
+
+    /// Retires the programs' cached endpoint entries: the next packet on
+    /// each interface reads the table. One bit flips (see
+    /// `netpol_common::endpoint_epoch`), so a packet reading the word
+    /// mid-update sees the old or the new epoch.
+    fn advance_endpoint_epoch(&mut self) -> Result<(), BackendError> {
+        let now = self.endpoint_epoch.get(&0, 0).map_err(errno)?;
+        self.endpoint_epoch
+            .set(0, netpol_common::endpoint_epoch::next(now), 0)
+            .map_err(errno)
     }
 
     /// Adds the connection map, so that gone endpoints' connections are
@@ -829,8 +845,16 @@ fn tolerate_absent(r: Result<(), aya::maps::MapError>) -> Result<(), BackendErro
 impl Backend for KernelBackend {
     fn exec(&mut self, op: &KernelOp) -> Result<(), BackendError> {
         match *op {
-            KernelOp::EndpointUpsert(i, v) => self.endpoints.insert(i, v, 0).map_err(errno),
-            KernelOp::EndpointDelete(i) => tolerate_absent(self.endpoints.remove(&i)),
+            // A failed write changed nothing; a failed advance fails the
+            // write, which the writer then rolls back.
+            KernelOp::EndpointUpsert(i, v) => {
+                self.endpoints.insert(i, v, 0).map_err(errno)?;
+                self.advance_endpoint_epoch()
+            }
+            KernelOp::EndpointDelete(i) => {
+                tolerate_absent(self.endpoints.remove(&i))?;
+                self.advance_endpoint_epoch()
+            }
             KernelOp::PolicyV4Upsert(l, k, v) => {
                 self.policy_v4.insert(&Key::new(l, k), v, 0).map_err(errno)
             }

@@ -276,12 +276,15 @@ pub fn with_fixture(policies: &str, f: impl FnOnce(&mut Fixture) + Send) {
         let dev = format!("d{i}");
         // This kernel has no dummy driver; a veth pair serves as well.
         let peer = format!("{dev}p");
-        sh(
-            "ip",
-            &[
-                "-n", &ns.name, "link", "add", &dev, "type", "veth", "peer", "name", &peer,
-            ],
-        );
+        // x/b's index is past the programs' endpoint cache, so every test
+        // runs both lookups: cached (x/a) and straight from the table.
+        let index = (netpol_common::ENDPOINT_CACHE_SLOTS + 1000).to_string();
+        let mut add = vec!["-n", &ns.name, "link", "add", &dev];
+        if *n == "x/b" {
+            add.extend(["index", &index]);
+        }
+        add.extend(["type", "veth", "peer", "name", &peer]);
+        sh("ip", &add);
         sh("ip", &["-n", &ns.name, "link", "set", &dev, "up"]);
         let out = sh("ip", &["-n", &ns.name, "-o", "link", "show", "dev", &dev]);
         let idx: u32 = out
@@ -291,6 +294,8 @@ pub fn with_fixture(policies: &str, f: impl FnOnce(&mut Fixture) + Send) {
             .expect("ifindex");
         ifindex.insert((*n).to_owned(), idx);
     }
+    assert!(ifindex["x/a"] < netpol_common::ENDPOINT_CACHE_SLOTS);
+    assert!(ifindex["x/b"] >= netpol_common::ENDPOINT_CACHE_SLOTS);
 
     let compiled = compile_with(policies, &IdAllocation::default());
     let ops: Vec<_> = compiler::diff(&Compiled::default(), &compiled)
