@@ -15,7 +15,9 @@
 //!
 //! Configurations: no filtering (twice: the second, `none-b`, is the A/A
 //! control that shows how finely the bench resolves), netpol (programs on
-//! both host veths), and the baseline restored by `iptables-nft-restore`
+//! both host veths; a second netpol lane, `netpol-10`, keeps 10 entries
+//! throughout, so that N entries are compared with 10 inside each cycle),
+//! and the baseline restored by `iptables-nft-restore`
 //! and by `iptables-legacy-restore`. Each configuration has a topology of
 //! its own (a lane: node namespace, server, client), all built alike, so
 //! none is ever switched on or off: the bench alternates between lanes in
@@ -43,7 +45,7 @@ use common_baseline::Backend;
 use ipnet::IpNet;
 use netpol_agent::{
     Datapath, baseline,
-    compiler::{self, Compiled},
+    compiler::{self, Compiled, IdAllocation},
     model::{LabelSelector, NetworkPolicy, ObjectRef, Peer, PolicySlot, Rule, Snapshot},
 };
 use serde_json::json;
@@ -59,14 +61,20 @@ const PORT_STREAM: u16 = 5003;
 const TESTS: [&str; 3] = ["tcp_rr", "tcp_crr", "tcp_stream"];
 /// `none` first: ratios are to it. `none-b` is a second unfiltered lane,
 /// the A/A control: its ratio to `none` is the bench's own resolution.
-const CONFIGS: [&str; 5] = [
+/// `netpol-10` holds 10 entries throughout: `netpol` at N entries is
+/// compared with it inside each cycle ([`OVER_10`]), not across the
+/// minutes between the sizes' runs.
+const CONFIGS: [&str; 6] = [
     "none",
     "none-b",
     "netpol",
+    "netpol-10",
     "iptables-nft",
     "iptables-legacy",
 ];
 const FAMILIES: [&str; 2] = ["ipv4", "ipv6"];
+/// The samples of `netpol` ÷ `netpol-10`, each from one cycle.
+const OVER_10: &str = "netpol-over-10";
 
 fn rounds() -> usize {
     std::env::var("NETPOL_BENCH_ROUNDS")
@@ -470,7 +478,9 @@ fn main() {
             .expect("a lane per configuration")
     };
     let netpol = lane("netpol");
+    let reference = lane("netpol-10");
     let bpffs = TempBpffs::new();
+    let bpffs_10 = TempBpffs::new();
     let snaps: Vec<Snapshot> = SIZES
         .iter()
         .map(|&n| snapshot(&netpol.server, &netpol.client, n))
@@ -480,6 +490,26 @@ fn main() {
     // cycle's no-filter run) per cycle.
     let mut samples: BTreeMap<(Case, &str), Vec<(f64, f64)>> = BTreeMap::new();
     let mut attribution: BTreeMap<Case, Attribution> = BTreeMap::new();
+    let _reference = reference.node.run(|| {
+        let compiled = compiler::compile(
+            &snapshot(&reference.server, &reference.client, SIZES[0]),
+            &IdAllocation::default(),
+        );
+        support::enforce(
+            &bpffs_10,
+            &compiled,
+            &[
+                (
+                    ObjectRef::new("x", "srv"),
+                    reference.server.host_if.as_str(),
+                ),
+                (
+                    ObjectRef::new("x", "cli"),
+                    reference.client.host_if.as_str(),
+                ),
+            ],
+        )
+    });
     netpol.node.run(|| {
         // Attached from the start, policies written per size below.
         let (mut dp, ifaces) = support::enforce(
@@ -527,6 +557,16 @@ fn main() {
                                     .or_default()
                                     .push((rates[ci], rates[ci] / rates[0]));
                             }
+                            let at = |name| CONFIGS.iter().position(|c| *c == name);
+                            let (n, r) = (
+                                at("netpol").expect("netpol"),
+                                at("netpol-10").expect("netpol-10"),
+                            );
+                            let over = rates[n] / rates[r];
+                            samples
+                                .entry(((size, family, test), OVER_10))
+                                .or_default()
+                                .push((over, over));
                         }
                         // Where netpol's time goes: the kernel's run time of
                         // its programs (BPF_ENABLE_STATS, on for this run
@@ -553,8 +593,8 @@ fn main() {
     for &size in &SIZES {
         for family in FAMILIES {
             for test in TESTS {
-                for config in CONFIGS {
-                    let v = &samples[&((size, family, test), config)];
+                for config in CONFIGS.iter().chain([&OVER_10]) {
+                    let v = &samples[&((size, family, test), *config)];
                     let mut abs: Vec<f64> = v.iter().map(|s| s.0).collect();
                     let mut ratios: Vec<f64> = v.iter().map(|s| s.1).collect();
                     results.push(json!({
