@@ -88,14 +88,14 @@ fn slices() -> usize {
     std::env::var("NETPOL_BENCH_SLICES")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(4)
+        .unwrap_or(8)
 }
 
 fn duration() -> Duration {
     let ms = std::env::var("NETPOL_BENCH_MS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(200);
+        .unwrap_or(100);
     Duration::from_millis(ms)
 }
 
