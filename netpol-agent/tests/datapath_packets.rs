@@ -738,23 +738,8 @@ spec:
   policyTypes: [Egress]
 "#;
 
-/// The pinned endpoint table, written behind the map writer's back.
-fn endpoint_table(fx: &Fixture) -> aya::maps::HashMap<aya::maps::MapData, u32, EndpointInfo> {
-    let pin = fx.dp.pin_dir().join(netpol_common::maps::ENDPOINTS);
-    let data = aya::maps::MapData::from_pin(&pin).expect("pinned endpoint table");
-    aya::maps::Map::from_map_data(data)
-        .expect("map")
-        .try_into()
-        .expect("endpoint table")
-}
-
 fn endpoint_epoch(fx: &Fixture) -> u64 {
-    let pin = fx.dp.pin_dir().join(netpol_common::maps::ENDPOINT_EPOCH);
-    let data = aya::maps::MapData::from_pin(&pin).expect("pinned endpoint epoch");
-    let epoch: aya::maps::Array<_, u64> = aya::maps::Map::from_map_data(data)
-        .expect("map")
-        .try_into()
-        .expect("endpoint epoch");
+    let epoch: aya::maps::Array<_, u64> = fx.pinned(netpol_common::maps::ENDPOINT_EPOCH);
     epoch.get(&0, 0).expect("epoch")
 }
 
@@ -768,7 +753,9 @@ fn a_cached_endpoint_is_read_again_once_the_writer_moves_the_epoch() {
         nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set).expect("pin");
 
         let (ia, ib) = (fx.ifindex["x/a"], fx.ifindex["x/b"]);
-        let mut table = endpoint_table(fx);
+        // Written behind the map writer's back below.
+        let mut table: aya::maps::HashMap<_, u32, EndpointInfo> =
+            fx.pinned(netpol_common::maps::ENDPOINTS);
         let isolated_a = table.get(&ia, 0).expect("x/a's entry");
         let isolated_b = table.get(&ib, 0).expect("x/b's entry");
         let open = |e: EndpointInfo| EndpointInfo {

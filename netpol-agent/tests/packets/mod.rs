@@ -241,13 +241,19 @@ impl Fixture {
 
     /// Tracked connections and their entries.
     pub fn tracked(&self) -> Vec<(netpol_common::CtKey, netpol_common::CtValue)> {
-        let pin = self.dp.pin_dir().join(netpol_common::maps::CONNTRACK);
-        let data = aya::maps::MapData::from_pin(&pin).expect("pinned conntrack");
-        let map = aya::maps::Map::from_map_data(data).expect("map");
-        let ct =
-            aya::maps::HashMap::<_, netpol_common::CtKey, netpol_common::CtValue>::try_from(map)
-                .expect("conntrack map");
+        let ct: aya::maps::HashMap<_, netpol_common::CtKey, netpol_common::CtValue> =
+            self.pinned(netpol_common::maps::CONNTRACK);
         ct.iter().filter_map(Result::ok).collect()
+    }
+
+    /// One of the pinned maps, opened apart from the datapath's handles
+    /// (what an operator's tool sees).
+    pub fn pinned<T: TryFrom<aya::maps::Map>>(&self, name: &str) -> T {
+        let pin = self.dp.pin_dir().join(name);
+        let data =
+            aya::maps::MapData::from_pin(&pin).unwrap_or_else(|e| panic!("pinned {name}: {e}"));
+        let map = aya::maps::Map::from_map_data(data).expect("map");
+        T::try_from(map).unwrap_or_else(|_| panic!("{name}: another map type"))
     }
 
     pub fn endpoint_id(&self, pod: &str) -> u32 {
