@@ -394,6 +394,25 @@ struct Lane {
 }
 
 impl Lane {
+    /// Loads netpol in the lane's node namespace, enforcing `compiled` on
+    /// its two pods' host interfaces.
+    fn enforce(
+        &self,
+        bpffs: &TempBpffs,
+        compiled: &Compiled,
+    ) -> (Datapath, BTreeMap<ObjectRef, u32>) {
+        self.node.run(|| {
+            support::enforce(
+                bpffs,
+                compiled,
+                &[
+                    (ObjectRef::new("x", "srv"), self.server.host_if.as_str()),
+                    (ObjectRef::new("x", "cli"), self.client.host_if.as_str()),
+                ],
+            )
+        })
+    }
+
     fn new(config: &'static str) -> Self {
         let node = node(Topology::Routed, true);
         let server = pod(&node, Topology::Routed, 1, true);
@@ -490,36 +509,24 @@ fn main() {
     // cycle's no-filter run) per cycle.
     let mut samples: BTreeMap<(Case, &str), Vec<(f64, f64)>> = BTreeMap::new();
     let mut attribution: BTreeMap<Case, Attribution> = BTreeMap::new();
-    let _reference = reference.node.run(|| {
-        let compiled = compiler::compile(
+    let _reference = reference.enforce(
+        &bpffs_10,
+        &compiler::compile(
             &snapshot(&reference.server, &reference.client, SIZES[0]),
             &IdAllocation::default(),
-        );
-        support::enforce(
-            &bpffs_10,
-            &compiled,
-            &[
-                (
-                    ObjectRef::new("x", "srv"),
-                    reference.server.host_if.as_str(),
-                ),
-                (
-                    ObjectRef::new("x", "cli"),
-                    reference.client.host_if.as_str(),
-                ),
-            ],
-        )
-    });
+        ),
+    );
+    // Where the per-cycle ratio netpol ÷ netpol-10 reads its rates.
+    let at = |name| {
+        CONFIGS
+            .iter()
+            .position(|c| *c == name)
+            .expect("a configuration")
+    };
+    let (at_netpol, at_reference) = (at("netpol"), at("netpol-10"));
     netpol.node.run(|| {
         // Attached from the start, policies written per size below.
-        let (mut dp, ifaces) = support::enforce(
-            &bpffs,
-            &Compiled::default(),
-            &[
-                (ObjectRef::new("x", "srv"), netpol.server.host_if.as_str()),
-                (ObjectRef::new("x", "cli"), netpol.client.host_if.as_str()),
-            ],
-        );
+        let (mut dp, ifaces) = netpol.enforce(&bpffs, &Compiled::default());
         let mut written = Compiled::default();
         let mut cycle = 0usize;
         for round in 0..rounds {
@@ -557,12 +564,7 @@ fn main() {
                                     .or_default()
                                     .push((rates[ci], rates[ci] / rates[0]));
                             }
-                            let at = |name| CONFIGS.iter().position(|c| *c == name);
-                            let (n, r) = (
-                                at("netpol").expect("netpol"),
-                                at("netpol-10").expect("netpol-10"),
-                            );
-                            let over = rates[n] / rates[r];
+                            let over = rates[at_netpol] / rates[at_reference];
                             samples
                                 .entry(((size, family, test), OVER_10))
                                 .or_default()
