@@ -34,6 +34,7 @@ use crate::{
     compiler::{self, Compiled, IdAllocation, RawOp},
     datapath::{
         Datapath,
+        clock::{JiffyClock, Skew},
         writer::{KernelOp, MapWriteError},
     },
     interfaces::{self, Link, LinkEvent},
@@ -116,6 +117,11 @@ enum Found {
         result: Result<Vec<IpAddr>, String>,
     },
     Routes(Result<Vec<(IpNet, u32)>, String>),
+    /// The programs' clock, measured again after drifting by `skew`.
+    Clock {
+        clock: JiffyClock,
+        skew: Skew,
+    },
 }
 
 pub(crate) struct SyncLoop {
@@ -208,6 +214,11 @@ impl SyncLoop {
             return;
         };
         self.publish();
+        let clock_tx = self.found_tx.clone();
+        let clock_watch = tokio::spawn(crate::datapath::clock::watch(
+            self.dp.clock(),
+            move |clock, skew| clock_tx.send(Found::Clock { clock, skew }).is_ok(),
+        ));
         let mut health = self.cfg.source_health.clone();
         loop {
             let retry = self.retry_at;
@@ -259,6 +270,7 @@ impl SyncLoop {
                 self.sync_endpoints_and_publish();
             }
         }
+        clock_watch.abort();
         tracing::info!("sync loop stopped");
     }
 
@@ -435,6 +447,35 @@ impl SyncLoop {
                         false
                     }
                 }
+            }
+            Found::Clock { clock, skew } => {
+                self.set_clock(clock, skew);
+                false
+            }
+        }
+    }
+
+    /// Puts the programs on a clock measured again. Entries keep their
+    /// stamps: their idle times shift by the correction, a few ms.
+    fn set_clock(&mut self, clock: JiffyClock, skew: Skew) {
+        self.metrics.clock_remeasured.inc();
+        let fallback = clock.jiffy_ns == 0;
+        match self.dp.set_clock(clock) {
+            Ok(()) if fallback => tracing::warn!(
+                ahead_ns = skew.ahead_ns,
+                behind_ns = skew.behind_ns,
+                "conntrack clock: jiffies out of step with CLOCK_MONOTONIC and not measurable \
+                 again; the programs read the clock source"
+            ),
+            Ok(()) => tracing::warn!(
+                ahead_ns = skew.ahead_ns,
+                behind_ns = skew.behind_ns,
+                error_ns = clock.error_ns,
+                "conntrack clock: jiffies out of step with CLOCK_MONOTONIC; measured again"
+            ),
+            Err(e) => {
+                self.metrics.error("clock");
+                tracing::warn!(error = %e, "conntrack clock: writing the config map");
             }
         }
     }

@@ -182,6 +182,9 @@ pub struct Metrics {
     /// when the metrics are encoded.
     pub seconds_since_last_apply: Gauge<f64, AtomicU64>,
     last_apply: Mutex<Option<Instant>>,
+    /// Times the programs' clock was measured again, having drifted from
+    /// `CLOCK_MONOTONIC` (`datapath::clock::Watch`).
+    pub clock_remeasured: Counter,
     /// What the `/metrics` scrape reads from the kernel, and deny counts.
     datapath: Arc<DatapathMetrics>,
 }
@@ -246,6 +249,13 @@ impl Metrics {
             "Seconds since the last successful apply (-1 before the first)",
             seconds_since_last_apply.clone(),
         );
+        let clock_remeasured = Counter::default();
+        registry.register(
+            "conntrack_clock_remeasured",
+            "Times the conntrack clock (jiffies) was measured again, out of step with \
+             CLOCK_MONOTONIC",
+            clock_remeasured.clone(),
+        );
         let datapath = Arc::new(DatapathMetrics::default());
         registry.register_collector(Box::new(DatapathCollector(datapath.clone())));
         Self {
@@ -261,6 +271,7 @@ impl Metrics {
             store_objects,
             seconds_since_last_apply,
             last_apply: Mutex::new(None),
+            clock_remeasured,
             datapath,
         }
     }

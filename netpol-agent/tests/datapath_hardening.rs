@@ -5,6 +5,7 @@
 mod packets;
 mod support;
 
+use netpol_agent::datapath::clock::{self, JiffyClock};
 use netpol_common::{direction, family, reason};
 use packets::*;
 
@@ -528,52 +529,125 @@ spec:
     });
 }
 
+/// The config map's clock fields, as the programs read them.
+fn config_clock(fx: &Fixture) -> JiffyClock {
+    let config: aya::maps::Array<_, netpol_common::GlobalConfig> =
+        fx.pinned(netpol_common::maps::CONFIG);
+    let c = config.get(&0, 0).expect("the config entry");
+    JiffyClock {
+        jiffy_ns: c.clock_jiffy_ns,
+        offset_ns: c.clock_offset_ns,
+        error_ns: 0,
+    }
+}
+
+/// Sends a SYN from x/a on `port` and returns the stamp of its entry,
+/// with the jiffies read just before and just after.
+fn stamp(fx: &mut Fixture, port: u16) -> (u64, u64, u64) {
+    let j0 = clock::read_jiffies().expect("/proc/timer_list (root)");
+    assert_eq!(
+        fx.run(Hook::Egress("x/a"), &tcp_syn(A4, C4, port, 443)),
+        V::Pass
+    );
+    let j1 = clock::read_jiffies().expect("/proc/timer_list (root)");
+    let (_, entry) = fx
+        .tracked()
+        .into_iter()
+        .find(|(k, _)| k.local_port == port)
+        .expect("the SYN is tracked");
+    (j0, entry.last_seen_ns, j1)
+}
+
+/// Whether `stamp` is the start of one of the jiffies `j0..=j1` on `c`:
+/// exact, whatever the machine's load, as the programs and this test read
+/// the same counter.
+fn on_lattice(c: &JiffyClock, stamp: u64, j0: u64, j1: u64) -> bool {
+    (j0..=j1).any(|j| c.at(j) == stamp)
+}
+
 #[test]
-fn conntrack_stamps_entries_from_jiffies_on_the_monotonic_clock() {
+fn conntrack_stamps_entries_on_the_clock_in_the_config_map_and_inspect_reads_it() {
     with_fixture(DENY_INGRESS, |fx| {
-        let clock = netpol_agent::datapath::clock::jiffy_clock();
-        let before = netpol_agent::inspect::monotonic_ns();
+        let measured = fx.dp.clock();
+        let c = config_clock(fx);
         assert_eq!(
-            fx.run(Hook::Egress("x/a"), &tcp_syn(A4, C4, 47001, 443)),
-            V::Pass
+            (c.jiffy_ns, c.offset_ns),
+            (measured.jiffy_ns, measured.offset_ns),
+            "the config map holds the clock the agent measured"
         );
-        let after = netpol_agent::inspect::monotonic_ns();
-        let (_, entry) = fx
-            .tracked()
-            .into_iter()
-            .find(|(k, _)| k.local_port == 47001)
-            .expect("the SYN is tracked");
-        if clock.jiffy_ns == 0 {
+        if c.jiffy_ns == 0 {
             // Under `cargo xtask vm-test` an emulated guest sharing the
             // host's CPUs may read /proc too slowly to time jiffies within
             // the limit: the programs then read the clock source, checked
-            // here instead. Anywhere else the clock must be measured.
+            // by the next test. Anywhere else the clock must be measured.
             assert!(
                 std::env::var_os("NETPOL_VM_GUEST").is_some(),
                 "/proc/timer_list is readable here: the jiffy clock must be measured"
             );
-            assert!(
-                (before..=after).contains(&entry.last_seen_ns),
-                "stamped by bpf_ktime_get_ns within [{before}, {after}]: {}",
-                entry.last_seen_ns
-            );
             return;
         }
-        let jiffy = u64::from(clock.jiffy_ns);
-        // From jiffies: a whole number of jiffies past the clock's origin
-        // (a clock-source read lands there one time in millions).
-        assert_eq!(
-            entry.last_seen_ns.wrapping_sub(clock.offset_ns) % jiffy,
-            0,
-            "stamped from bpf_jiffies64"
-        );
-        // On CLOCK_MONOTONIC: within the jiffy the packet ran in, give or
-        // take how precisely the clock's origin was measured.
-        let slack = jiffy + clock.error_ns;
+        let (j0, stamped, j1) = stamp(fx, 47001);
         assert!(
-            entry.last_seen_ns + jiffy + slack >= before && entry.last_seen_ns <= after + slack,
-            "{} not within [{before}, {after}] give or take {slack} ns",
-            entry.last_seen_ns
+            on_lattice(&c, stamped, j0, j1),
+            "{stamped} is not the start of a jiffy in {j0}..={j1} on {c:?}"
+        );
+        // inspect's now is the programs' now: between the starts of the
+        // jiffies read around it, and never before the stamp.
+        let cfg = fx.pinned::<aya::maps::Array<_, netpol_common::GlobalConfig>>(
+            netpol_common::maps::CONFIG,
+        );
+        let cfg = cfg.get(&0, 0).expect("the config entry");
+        let n0 = clock::read_jiffies().expect("jiffies");
+        let now = netpol_agent::inspect::programs_now_ns(&cfg);
+        let n1 = clock::read_jiffies().expect("jiffies");
+        assert!(
+            on_lattice(&c, now, n0, n1) && now >= stamped,
+            "inspect's now {now} is not the start of a jiffy in {n0}..={n1} after {stamped}"
+        );
+    });
+}
+
+#[test]
+fn a_clock_measured_again_or_the_clock_source_takes_over_at_once() {
+    with_fixture(DENY_INGRESS, |fx| {
+        let measured = fx.dp.clock();
+        if measured.jiffy_ns != 0 {
+            // A clock 1000 s ahead of CLOCK_MONOTONIC, as an origin timed
+            // in a stalled moment could be (far more, so that no load
+            // blurs it): the watch says measure again at its first sample,
+            // and the programs stamp on the clock the datapath is given.
+            let ahead = JiffyClock {
+                offset_ns: measured.offset_ns.wrapping_add(1_000_000_000_000),
+                ..measured
+            };
+            fx.dp.set_clock(ahead).expect("set clock");
+            assert_eq!(config_clock(fx).offset_ns, ahead.offset_ns);
+            let (j0, stamped, j1) = stamp(fx, 47002);
+            assert!(
+                on_lattice(&ahead, stamped, j0, j1),
+                "stamped on the clock set"
+            );
+            let sample = clock::Sample::take().expect("sample");
+            let verdict = clock::Watch::new(ahead).observe(&sample);
+            assert!(
+                matches!(verdict, clock::Verdict::Remeasure(s) if s.ahead_ns > 900_000_000_000),
+                "{verdict:?}"
+            );
+            // Measured again, the clock is back within seconds.
+            if let Some(again) = clock::measure() {
+                let skew = again.skew(&clock::Sample::take().expect("sample"));
+                assert!(skew.is_some_and(|s| s.ahead_ns < 1_000_000_000), "{skew:?}");
+            }
+        }
+        // The fallback: the clock source, stamped within the packet's run.
+        fx.dp.set_clock(JiffyClock::NONE).expect("set clock");
+        assert_eq!(config_clock(fx).jiffy_ns, 0);
+        let before = netpol_agent::inspect::monotonic_ns();
+        let (_, stamped, _) = stamp(fx, 47003);
+        let after = netpol_agent::inspect::monotonic_ns();
+        assert!(
+            (before..=after).contains(&stamped),
+            "stamped by bpf_ktime_get_ns within [{before}, {after}]: {stamped}"
         );
     });
 }

@@ -15,7 +15,7 @@ use netpol_agent::{
     compiler::Direction,
     datapath,
     inspect::{
-        Connection, LiveEndpoint, LiveEntry, LiveMaps, Maps as _, monotonic_ns, ports_text,
+        Connection, LiveEndpoint, LiveEntry, LiveMaps, Maps as _, ports_text, programs_now_ns,
         protocol_name, rulesets, tcp_state_name,
     },
     provenance::{self, State},
@@ -667,7 +667,7 @@ fn conntrack(
         None => None,
     };
     let cfg = maps.config()?;
-    let now = monotonic_ns();
+    let now = programs_now_ns(&cfg);
     let secs = |ns: u64| {
         // Seconds with millisecond precision.
         f64::from(u32::try_from(ns / 1_000_000).unwrap_or(u32::MAX)) / 1000.0

@@ -287,6 +287,11 @@ pub struct Datapath {
     /// [`DatapathConfig::mark_mask`], kept in the config map whatever
     /// [`Datapath::set_global`] is given.
     mark_mask: u32,
+    /// The programs' clock in the config map: [`clock::jiffy_clock`] at
+    /// load, then what [`Datapath::set_clock`] gives.
+    clock: clock::JiffyClock,
+    /// The config map's entry but for the fields the datapath owns.
+    global: GlobalConfig,
 }
 
 impl std::fmt::Debug for Datapath {
@@ -359,7 +364,8 @@ impl Datapath {
                     source: Box::new(source),
                 })?;
         }
-        write_global(&mut ebpf, with_owned(config.global, mark_mask))?;
+        let clock = clock::jiffy_clock();
+        write_global(&mut ebpf, with_owned(config.global, mark_mask, clock))?;
         let backend = KernelBackend::new(
             take_map(&mut ebpf, maps::ENDPOINTS)?,
             take_map(&mut ebpf, maps::ENDPOINT_EPOCH)?,
@@ -395,6 +401,8 @@ impl Datapath {
             uplinks: BTreeMap::new(),
             host: None,
             mark_mask,
+            clock,
+            global: config.global,
         })
     }
 
@@ -405,12 +413,38 @@ impl Datapath {
 
     /// Replaces the new-pods mode and timeouts. The mark and clock fields
     /// stay the datapath's ([`DatapathConfig::mark_mask`],
-    /// [`clock::jiffy_clock`]), whatever `global` holds.
+    /// [`Datapath::clock`]), whatever `global` holds.
     ///
     /// # Errors
     /// When the config map cannot be written.
     pub fn set_global(&mut self, global: GlobalConfig) -> Result<(), DatapathError> {
-        write_global(&mut self.ebpf, with_owned(global, self.mark_mask))
+        write_global(
+            &mut self.ebpf,
+            with_owned(global, self.mark_mask, self.clock),
+        )?;
+        self.global = global;
+        Ok(())
+    }
+
+    /// The programs' clock in force.
+    #[must_use]
+    pub const fn clock(&self) -> clock::JiffyClock {
+        self.clock
+    }
+
+    /// Puts the programs on `clock` (measured again, or
+    /// [`clock::JiffyClock::NONE`] for the clock source), keeping the
+    /// rest of the config map.
+    ///
+    /// # Errors
+    /// When the config map cannot be written; the old clock stays.
+    pub fn set_clock(&mut self, clock: clock::JiffyClock) -> Result<(), DatapathError> {
+        write_global(
+            &mut self.ebpf,
+            with_owned(self.global, self.mark_mask, clock),
+        )?;
+        self.clock = clock;
+        Ok(())
     }
 
     /// The mark mask in force ([`DatapathConfig::mark_mask`]).
@@ -812,9 +846,8 @@ where
 }
 
 /// `global` with the fields the datapath owns: the mark fields of `mask`
-/// (already checked) and this machine's jiffy clock.
-fn with_owned(global: GlobalConfig, mask: u32) -> GlobalConfig {
-    let clock = clock::jiffy_clock();
+/// (already checked) and the programs' clock.
+fn with_owned(global: GlobalConfig, mask: u32, clock: clock::JiffyClock) -> GlobalConfig {
     GlobalConfig {
         mark_mask: mask,
         mark_shift: mark::shift(mask),

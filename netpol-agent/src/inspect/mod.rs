@@ -379,6 +379,25 @@ pub fn monotonic_ns() -> u64 {
     u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
 }
 
+/// Now on the programs' clock (`cfg`'s clock fields, see
+/// `datapath::clock`): what a packet arriving now would stamp, so an
+/// entry's idle time is what the programs' own timeout compares, however
+/// far jiffies lag `CLOCK_MONOTONIC` at the moment. `CLOCK_MONOTONIC`
+/// when the programs read the clock source, or the jiffies cannot be
+/// read.
+#[must_use]
+pub fn programs_now_ns(cfg: &GlobalConfig) -> u64 {
+    if cfg.clock_jiffy_ns == 0 {
+        return monotonic_ns();
+    }
+    let clock = crate::datapath::clock::JiffyClock {
+        jiffy_ns: cfg.clock_jiffy_ns,
+        offset_ns: cfg.clock_offset_ns,
+        error_ns: 0,
+    };
+    crate::datapath::clock::read_jiffies().map_or_else(monotonic_ns, |j| clock.at(j))
+}
+
 /// What explain reads from the kernel: the live maps, or a fake in tests.
 pub trait Maps {
     /// Every endpoint-map entry.
