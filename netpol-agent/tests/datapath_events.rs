@@ -51,7 +51,7 @@ fn raw(ip: &str) -> [u8; 16] {
 
 #[test]
 fn a_drop_reports_its_tuple_reason_endpoint_and_interface_and_a_pass_nothing() {
-    with_fixture(A_FROM_B_ON_80, |fx| {
+    with_own_fixture(A_FROM_B_ON_80, |fx| {
         let mut ring = fx.dp.take_events().expect("the ring buffer");
         let (ai, be) = (Hook::Ingress("x/a"), Hook::Egress("x/b"));
         assert_eq!(fx.run(ai, &tcp_syn(B4, A4, 40000, 80)), V::Pass);
@@ -135,7 +135,7 @@ fn a_drop_reports_its_tuple_reason_endpoint_and_interface_and_a_pass_nothing() {
 
 #[test]
 fn the_rate_limit_lets_each_endpoint_its_burst_and_counts_the_rest_as_lost() {
-    with_fixture(A_FROM_B_ON_80, |fx| {
+    with_own_fixture(A_FROM_B_ON_80, |fx| {
         let mut ring = fx.dp.take_events().expect("the ring buffer");
         fx.dp
             .set_global(GlobalConfig {
@@ -181,7 +181,7 @@ fn the_rate_limit_lets_each_endpoint_its_burst_and_counts_the_rest_as_lost() {
 
 #[test]
 fn a_full_ring_counts_the_events_it_could_not_hold() {
-    with_fixture(A_FROM_B_ON_80, |fx| {
+    with_own_fixture(A_FROM_B_ON_80, |fx| {
         let mut ring = fx.dp.take_events().expect("the ring buffer");
         fx.dp
             .set_global(GlobalConfig {
@@ -225,7 +225,7 @@ spec:
 
 #[test]
 fn a_service_packet_judged_downstream_reports_its_source_endpoint_and_backend() {
-    with_fixture(A_EGRESS_LOCKED_AND_A_SERVICE, |fx| {
+    with_own_fixture(A_EGRESS_LOCKED_AND_A_SERVICE, |fx| {
         let mut ring = fx.dp.take_events().expect("the ring buffer");
         let (v, marked) =
             fx.run_marked(Hook::Egress("x/a"), &tcp_syn(A4, "10.96.0.2", 40000, 80), 0);

@@ -5,7 +5,8 @@
 //! attach path (netlink clsact before 6.6, TCX from 6.6) and
 //! `BPF_PROG_TEST_RUN` differ by kernel. So, as aya's own CI does, Debian
 //! kernels are booted in qemu (TCG: this machine kind's `/dev/kvm` runs
-//! only paravirtualised guests) from their ELF `vmlinux` (PVH entry), with
+//! only paravirtualised guests; one vCPU each, as many guests at once as
+//! the host has cores to spare) from their ELF `vmlinux` (PVH entry), with
 //! a busybox initramfs that runs the datapath test binaries, built static
 //! so the guest needs no libc:
 //! - `datapath_packets`, `datapath_hardening`, `datapath_services`: the
@@ -54,9 +55,52 @@ const GUEST_TARGET: &str = "x86_64-unknown-linux-gnu";
 /// Kernel from which the agent attaches through TCX.
 const TCX_KERNEL: (u32, u32) = (6, 6);
 
-/// How long one guest may run (TCG is slow, and the guests share the
-/// machine's cores).
+/// How long one guest may run: far beyond a run on a loaded machine (TCG
+/// is slow), so that only a hung guest meets it.
 const GUEST_TIMEOUT: Duration = Duration::from_secs(40 * 60);
+
+/// vCPUs per guest. Each is a host thread that runs flat out under TCG:
+/// guests with more vCPUs than the host has cores to spare only take
+/// turns, and their tests' timing with them.
+const GUEST_CPUS: usize = 1;
+
+/// How many guests run at once: one per core the host has to spare (one
+/// stays for the host: qemu's I/O, the xtask, whatever else runs), at
+/// least one.
+fn guests_at_once(kernels: usize) -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    (cores.saturating_sub(1) / GUEST_CPUS).clamp(1, kernels.max(1))
+}
+
+/// `f` over `items` on at most `n` threads at once, results in order
+/// (`None` where `f` panicked).
+fn run_at_most<T: Sync, R: Send>(
+    n: usize,
+    items: &[T],
+    f: impl Fn(&T) -> R + Sync,
+) -> Vec<Option<R>> {
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let results: Vec<std::sync::Mutex<Option<R>>> =
+        items.iter().map(|_| std::sync::Mutex::new(None)).collect();
+    std::thread::scope(|s| {
+        for _ in 0..n.max(1) {
+            s.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some(item) = items.get(i) else { break };
+                    let r = f(item);
+                    if let Ok(mut slot) = results[i].lock() {
+                        *slot = Some(r);
+                    }
+                }
+            });
+        }
+    });
+    results
+        .into_iter()
+        .map(|m| m.into_inner().ok().flatten())
+        .collect()
+}
 
 /// `target/vm`: kernels, apt state, the static build, logs.
 fn vm_dir() -> PathBuf {
@@ -96,29 +140,18 @@ pub fn test(series: &[Series]) -> Result<()> {
     let busybox = static_busybox()?;
     let cpio = dir.join("initramfs.cpio");
     initramfs::build(&cpio, &busybox, &object, &suites, &kernels)?;
+    let at_once = guests_at_once(kernels.len());
     println!(
-        "vm-test: booting {} (qemu TCG, in parallel)",
+        "vm-test: booting {} (qemu TCG, {GUEST_CPUS} vCPU each, {at_once} at a time)",
         kernels
             .iter()
             .map(|k| k.release.as_str())
             .collect::<Vec<_>>()
             .join(", ")
     );
-    let results: Vec<Result<(report::Outcome, Duration)>> = std::thread::scope(|s| {
-        let runs: Vec<_> = kernels
-            .iter()
-            .map(|k| {
-                let cpio = &cpio;
-                s.spawn(move || boot(k, cpio, SUITES))
-            })
-            .collect();
-        runs.into_iter()
-            .map(|r| {
-                r.join()
-                    .unwrap_or_else(|_| Err(anyhow::anyhow!("guest thread panicked")))
-            })
-            .collect()
-    });
+    let results = run_at_most(at_once, &kernels, |k| boot(k, &cpio, SUITES))
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|| Err(anyhow::anyhow!("guest thread panicked"))));
 
     let mut failed = Vec::new();
     for (k, result) in kernels.iter().zip(results) {
@@ -325,7 +358,8 @@ fn boot(k: &Kernel, cpio: &Path, suites: &[&str]) -> Result<(report::Outcome, Du
             "-cpu",
             "max",
         ])
-        .args(["-smp", "2", "-m", "2048", "-nodefaults", "-display", "none"])
+        .args(["-smp", &GUEST_CPUS.to_string()])
+        .args(["-m", "2048", "-nodefaults", "-display", "none"])
         .arg("-no-reboot")
         .arg("-kernel")
         .arg(&k.vmlinux)
@@ -335,9 +369,10 @@ fn boot(k: &Kernel, cpio: &Path, suites: &[&str]) -> Result<(report::Outcome, Du
         // panic powers the guest off at once.
         .arg("-append")
         .arg(format!(
-            "console=ttyS0 quiet panic=-1 {}={}",
+            "console=ttyS0 quiet panic=-1 {}={} {}={GUEST_CPUS}",
             initramfs::SUITES_PARAM,
-            suites.join(",")
+            suites.join(","),
+            initramfs::THREADS_PARAM,
         ))
         .arg("-serial")
         .arg(format!("file:{}", console.display()))

@@ -9,7 +9,7 @@ use std::{
     fmt,
     net::IpAddr,
     panic::{AssertUnwindSafe, catch_unwind, panic_any, resume_unwind},
-    sync::OnceLock,
+    sync::{Mutex, OnceLock, PoisonError},
 };
 
 use crate::support::{Netns, TempBpffs, privileged, sh};
@@ -256,24 +256,126 @@ impl Fixture {
         T::try_from(map).unwrap_or_else(|_| panic!("{name}: another map type"))
     }
 
+    /// Back to a freshly loaded datapath's state holding `CLUSTER` plus
+    /// `policies`: every policy entry of the last test removed and the
+    /// new ones written through the map writer (ids as a first compile
+    /// gives them), connections, fragments, counters and event limits
+    /// cleared, the config map's defaults and measured clock restored.
+    pub fn reset(&mut self, policies: &str) {
+        let empty = Compiled::default();
+        let ops: Vec<_> = compiler::diff(&self.compiled, &empty).raw().collect();
+        self.dp
+            .writer()
+            .apply(&ops, &self.ifaces)
+            .expect("clear policy");
+        self.compiled = empty;
+        // Entries a test wrote behind the writer's back.
+        clear::<u32, netpol_common::EndpointInfo>(self, netpol_common::maps::ENDPOINTS);
+        clear::<netpol_common::CtKey, netpol_common::CtValue>(self, netpol_common::maps::CONNTRACK);
+        clear::<netpol_common::FragKey, netpol_common::FragValue>(
+            self,
+            netpol_common::maps::FRAGMENTS,
+        );
+        clear::<u32, netpol_common::EventBucket>(self, netpol_common::maps::EVENT_LIMITS);
+        zero::<netpol_common::TrafficCounter>(self, netpol_common::maps::COUNTERS);
+        zero::<u64>(self, netpol_common::maps::EVENTS_LOST);
+        self.dp
+            .set_global(DatapathConfig::default().global)
+            .expect("config defaults");
+        self.dp
+            .set_clock(netpol_agent::datapath::clock::jiffy_clock())
+            .expect("measured clock");
+        let compiled = compile_with(policies, &IdAllocation::default());
+        let ops: Vec<_> = compiler::diff(&self.compiled, &compiled).raw().collect();
+        let report = self.dp.writer().apply(&ops, &self.ifaces).expect("apply");
+        assert!(report.skipped.is_empty(), "{:?}", report.skipped);
+        self.compiled = compiled;
+    }
+
     pub fn endpoint_id(&self, pod: &str) -> u32 {
         let (ns, name) = pod.split_once('/').expect("ns/name");
         self.compiled.endpoints[&ObjectRef::new(ns, name)].id
     }
 }
 
-/// Loads a fresh datapath in a private netns with interfaces for the
-/// local pods, compiles `CLUSTER` plus `policies`, writes the result through
-/// the map writer and hands the fixture to `f`.
+/// A loaded datapath in its netns, kept for the next test of the binary.
+struct Shared {
+    fx: Fixture,
+    ns: Netns,
+    bpffs: TempBpffs,
+}
+
+/// The datapath every [`with_fixture`] test of this binary runs on, one
+/// test at a time. Loading is the verifier's work on every program, most
+/// of a packet test's time (seconds each in an emulated guest), and
+/// nothing a test leaves behind survives [`Fixture::reset`].
+static SHARED: Mutex<Option<Shared>> = Mutex::new(None);
+
+/// Drops the shared datapath at exit (statics are never dropped): its
+/// netns and bpffs mount go with it.
+extern "C" fn drop_shared() {
+    let shared = SHARED.lock().unwrap_or_else(PoisonError::into_inner).take();
+    drop(shared);
+}
+
+/// Compiles `CLUSTER` plus `policies`, writes the result through the map
+/// writer to a datapath whose runtime state is as a fresh load's, in a
+/// private netns with interfaces for the local pods, and hands the
+/// fixture to `f`. The datapath is loaded once per test binary and shared
+/// by its tests, one at a time.
 pub fn with_fixture(policies: &str, f: impl FnOnce(&mut Fixture) + Send) {
     if !privileged() {
         return;
     }
+    let mut shared = SHARED.lock().unwrap_or_else(PoisonError::into_inner);
+    let shared = match &mut *shared {
+        Some(s) => s,
+        empty => {
+            // SAFETY: registers a function of no arguments that takes the
+            // lock itself; it runs at exit, after every test.
+            unsafe { libc::atexit(drop_shared) };
+            empty.insert(load_shared())
+        }
+    };
+    let Shared { fx, ns, .. } = shared;
+    fx.reset(policies);
+    in_netns(ns, fx, f);
+}
+
+/// [`with_fixture`] on a datapath of its own, loaded for this test alone
+/// (for tests that take the event ring, which a datapath hands out once).
+pub fn with_own_fixture(policies: &str, f: impl FnOnce(&mut Fixture) + Send) {
+    if !privileged() {
+        return;
+    }
+    let Shared { mut fx, ns, bpffs } = load_shared();
+    fx.reset(policies);
+    in_netns(&ns, &mut fx, f);
+    drop((fx, bpffs));
+}
+
+/// Runs `f` in `ns`, reporting a test that needs `ingress_ifindex` on a
+/// kernel without it as skipped.
+fn in_netns(ns: &Netns, fx: &mut Fixture, f: impl FnOnce(&mut Fixture) + Send) {
     // libtest names each test's thread after the test.
     let test = std::thread::current()
         .name()
         .unwrap_or("(unnamed test)")
         .to_owned();
+    ns.run(|| match catch_unwind(AssertUnwindSafe(|| f(fx))) {
+        Ok(()) => {}
+        Err(p) if p.is::<NeedsIngressIfindex>() => {
+            let line = format!("{SKIP_MARK} {test}: {NO_INGRESS_IFINDEX}\n");
+            // One write(2), apart from libtest's buffered lines.
+            let _ = nix::unistd::write(std::io::stdout(), line.as_bytes());
+        }
+        Err(p) => resume_unwind(p),
+    });
+}
+
+/// A datapath loaded in a new netns with interfaces for the local pods,
+/// holding no policy.
+fn load_shared() -> Shared {
     let ns = Netns::new("npk");
     let bpffs = TempBpffs::new();
     let names = ["x/a", "x/b", "fwd", "other"];
@@ -302,11 +404,6 @@ pub fn with_fixture(policies: &str, f: impl FnOnce(&mut Fixture) + Send) {
     }
     assert!(ifindex["x/a"] < netpol_common::ENDPOINT_CACHE_SLOTS);
     assert!(ifindex["x/b"] >= netpol_common::ENDPOINT_CACHE_SLOTS);
-
-    let compiled = compile_with(policies, &IdAllocation::default());
-    let ops: Vec<_> = compiler::diff(&Compiled::default(), &compiled)
-        .raw()
-        .collect();
     let ifaces: BTreeMap<ObjectRef, u32> = ["x/a", "x/b"]
         .iter()
         .map(|p| {
@@ -314,9 +411,8 @@ pub fn with_fixture(policies: &str, f: impl FnOnce(&mut Fixture) + Send) {
             (ObjectRef::new(n, name), ifindex[*p])
         })
         .collect();
-
-    ns.run(|| {
-        let config = DatapathConfig {
+    let dp = ns.run(|| {
+        Datapath::load(&DatapathConfig {
             bpffs: bpffs.path().to_owned(),
             map_sizes: MapSizes {
                 endpoints: 64,
@@ -327,26 +423,39 @@ pub fn with_fixture(policies: &str, f: impl FnOnce(&mut Fixture) + Send) {
                 fragments: 64,
             },
             ..DatapathConfig::default()
-        };
-        let mut dp = Datapath::load(&config).expect("load");
-        let report = dp.writer().apply(&ops, &ifaces).expect("apply");
-        assert!(report.skipped.is_empty(), "{:?}", report.skipped);
-        let mut fx = Fixture {
+        })
+        .expect("load")
+    });
+    Shared {
+        fx: Fixture {
             dp,
             ifindex,
-            compiled,
+            compiled: Compiled::default(),
             ifaces,
-        };
-        match catch_unwind(AssertUnwindSafe(|| f(&mut fx))) {
-            Ok(()) => {}
-            Err(p) if p.is::<NeedsIngressIfindex>() => {
-                let line = format!("{SKIP_MARK} {test}: {NO_INGRESS_IFINDEX}\n");
-                // One write(2), apart from libtest's buffered lines.
-                let _ = nix::unistd::write(std::io::stdout(), line.as_bytes());
-            }
-            Err(p) => resume_unwind(p),
-        }
-    });
+        },
+        ns,
+        bpffs,
+    }
+}
+
+/// Removes every entry of a pinned hash map.
+fn clear<K: aya::Pod, V: aya::Pod>(fx: &Fixture, name: &str) {
+    let mut map: aya::maps::HashMap<_, K, V> = fx.pinned(name);
+    let keys: Vec<K> = map.keys().filter_map(Result::ok).collect();
+    for k in keys {
+        let _ = map.remove(&k);
+    }
+}
+
+/// Zeroes every slot of a pinned per-CPU array on every CPU.
+fn zero<V: aya::Pod + Default>(fx: &Fixture, name: &str) {
+    let mut map: aya::maps::PerCpuArray<_, V> = fx.pinned(name);
+    let cpus = aya::util::nr_cpus().expect("possible CPUs");
+    for i in 0..map.len() {
+        let values =
+            aya::maps::PerCpuValues::try_from(vec![V::default(); cpus]).expect("one value per CPU");
+        map.set(i, values, 0).expect("zero a per-CPU slot");
+    }
 }
 
 /// `CLUSTER` plus `manifests` (later documents replace earlier objects of

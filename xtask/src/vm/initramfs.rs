@@ -85,6 +85,10 @@ pub fn build(
 /// (the kernel hands `NAME=value` words it does not know to `/init` as
 /// environment variables).
 pub const SUITES_PARAM: &str = "NETPOL_SUITES";
+/// The kernel command-line word giving the suites' `--test-threads`: the
+/// guest's vCPUs, so that tests run side by side only on CPUs of their
+/// own.
+pub const THREADS_PARAM: &str = "NETPOL_TEST_THREADS";
 
 /// `/init`: mounts, loads the modules of the running kernel, runs each
 /// suite of [`SUITES_PARAM`] with its output on [`RESULTS_TTY`] between
@@ -108,7 +112,7 @@ mkdir -p /run/netns /sys/fs/bpf /sys/fs/cgroup
 mount -t bpf bpf /sys/fs/bpf
 mount -t cgroup2 cgroup2 /sys/fs/cgroup
 release=$(uname -r)
-echo "{MARK} kernel $release" > $out
+echo "{MARK} kernel $release clocksource $(cat /sys/devices/system/clocksource/clocksource0/current_clocksource)" > $out
 for m in {modules}; do
   insmod /modules/$release/$m.ko > $out 2>&1 || echo "{MARK} insmod $m failed" > $out
 done
@@ -116,7 +120,7 @@ ip link set lo up
 for t in $(echo "${SUITES_PARAM}" | tr , ' '); do
   echo "{MARK} begin $t" > $out
   start=$(cut -d' ' -f1 /proc/uptime)
-  /tests/$t --test-threads=2 > $out 2>&1
+  /tests/$t --test-threads=${THREADS_PARAM} > $out 2>&1
   rc=$?
   echo "{MARK} end $t rc=$rc start=$start end=$(cut -d' ' -f1 /proc/uptime)" > $out
 done
