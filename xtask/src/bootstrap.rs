@@ -4,10 +4,11 @@
 //!   rustup cannot fetch it, from `../shared/toolchain`;
 //! - `bpf-linker` 0.13, built against the nightly's own libLLVM through a
 //!   prefix folder that must outlive the build (its RUNPATH points there);
-//! - Debian tools the privileged tests and demo drive (bpftool, iproute2,
-//!   ping);
+//! - Debian tools: for the demo (and the conformance harness) iproute2 and
+//!   iptables only ([`demo_tools`]); for the privileged tests and benches
+//!   bpftool, ping and ipset besides ([`debian_tools`]);
 //! - for `vm-test`: qemu, a static busybox, and the decompressors of
-//!   Debian's kernel images and modules.
+//!   Debian's kernel images and modules ([`vm_tools`]).
 use std::{
     path::{Path, PathBuf},
     process::Command,
@@ -19,12 +20,14 @@ use crate::run;
 
 /// The bpf-linker release that builds against LLVM 22 on rustc 1.95.
 const BPF_LINKER_VERSION: &str = "0.13.0";
-/// Debian packages, each with a binary that shows it is installed.
-const DEBIAN_TOOLS: &[(&str, &str)] = &[
+/// What the demo and the conformance harness run: network namespaces
+/// and kube-proxy-style DNAT. Debian packages, each with a binary that
+/// shows it is installed.
+const DEMO_TOOLS: &[(&str, &str)] = &[("ip", "iproute2"), ("iptables-restore", "iptables")];
+/// What the privileged tests and the benches run besides.
+const TEST_TOOLS: &[(&str, &str)] = &[
     ("bpftool", "bpftool"),
-    ("ip", "iproute2"),
     ("ping", "iputils-ping"),
-    ("iptables-restore", "iptables"),
     // The kube-router-style baseline of `bench control` and `throughput`.
     ("ipset", "ipset"),
 ];
@@ -225,38 +228,52 @@ fn have(binary: &str) -> bool {
         .is_ok_and(|o| o.status.success())
 }
 
-/// Debian tools, installed with apt-get when any is missing.
+/// The demo's Debian tools (and the conformance harness's), installed
+/// with apt-get when any is missing: nothing the demo does not run.
+pub fn demo_tools() -> Result<()> {
+    install_missing("demo tools (iproute2, iptables)", DEMO_TOOLS, &[])
+}
+
+/// Every Debian tool the privileged tests and benches run, installed with
+/// apt-get when any is missing.
 pub fn debian_tools() -> Result<()> {
-    let missing: Vec<&str> = DEBIAN_TOOLS
+    install_missing(
+        "Debian tools (bpftool, iproute2, ping, iptables, ipset)",
+        &[DEMO_TOOLS, TEST_TOOLS].concat(),
+        &[],
+    )
+}
+
+/// Installs the packages of `tools` whose binary is missing, and `extra`
+/// packages that are; one line either way.
+fn install_missing(what: &str, tools: &[(&str, &str)], extra: &[&str]) -> Result<()> {
+    let mut missing: Vec<&str> = tools
         .iter()
         .filter(|(bin, _)| !have(bin))
         .map(|(_, pkg)| *pkg)
         .collect();
+    missing.extend(extra);
     if missing.is_empty() {
-        println!("bootstrap: Debian tools (bpftool, iproute2, ping, iptables, ipset): present");
+        println!("bootstrap: {what}: present");
         return Ok(());
     }
-    println!("bootstrap: Debian tools: installing {}", missing.join(" "));
+    println!("bootstrap: {what}: installing {}", missing.join(" "));
     apt_install(&missing)
 }
 
 /// The Debian tools, and what `vm-test` needs besides.
 pub fn vm_tools() -> Result<()> {
     debian_tools()?;
-    let mut missing: Vec<&str> = VM_TOOLS
-        .iter()
-        .filter(|(bin, _)| !have(bin))
-        .map(|(_, pkg)| *pkg)
-        .collect();
-    if !static_busybox() {
-        missing.push("busybox-static");
-    }
-    if missing.is_empty() {
-        println!("bootstrap: vm-test tools (qemu, busybox-static, xz, zstd): present");
-        return Ok(());
-    }
-    println!("bootstrap: vm-test tools: installing {}", missing.join(" "));
-    apt_install(&missing)
+    let busybox: &[&str] = if static_busybox() {
+        &[]
+    } else {
+        &["busybox-static"]
+    };
+    install_missing(
+        "vm-test tools (qemu, busybox-static, xz, zstd)",
+        VM_TOOLS,
+        busybox,
+    )
 }
 
 /// Whether `busybox` is the static build (`busybox-static`), which runs in

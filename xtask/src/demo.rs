@@ -354,7 +354,7 @@ pub fn demo(hold: bool) -> Result<()> {
         crate::netpol_is_root(),
         "the demo creates network namespaces and loads BPF programs: run it as root"
     );
-    bootstrap::all()?;
+    bootstrap::demo_tools()?;
     let object = build_ebpf()?;
     println!("demo: building netpol-agent");
     run(cargo("stable").args(["build", "-p", "netpol-agent"]))?;

@@ -343,7 +343,7 @@ fn conformance_run(
         netpol_is_root(),
         "the conformance harness creates network namespaces and loads BPF programs: run it as root"
     );
-    bootstrap::debian_tools()?;
+    bootstrap::demo_tools()?;
     let object = build_ebpf()?;
     println!("xtask: building netpol-agent");
     run(cargo("stable").args(["build", "-p", "netpol-agent"]))?;
