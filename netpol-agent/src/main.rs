@@ -293,10 +293,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Inspect(args) => cmd::inspect::run(&cli.bpffs, &args),
         Command::Explain(args) => Ok(cmd::explain::run(&cli.bpffs, &args)),
         Command::Fingerprint { manifests } => {
-            let mut snap = netpol_agent::model::Snapshot::default();
-            netpol_agent::model::manifests::load_dir(&manifests, &mut snap)
+            let loaded = netpol_agent::model::folder::Folder::load(&manifests)
                 .with_context(|| format!("reading {}", manifests.display()))?;
-            println!("{}", netpol_agent::fingerprint(&snap));
+            println!("{}", netpol_agent::fingerprint(&loaded.snapshot));
             Ok(ExitCode::SUCCESS)
         }
     }

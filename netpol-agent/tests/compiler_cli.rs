@@ -78,9 +78,13 @@ spec: {podSelector: {}, ingress: [{}, {ports: [{port: 90, endPort: 85}]}]}
         .unwrap();
     assert_eq!(set["ports"][0]["protocol"], "TCP");
     assert_eq!(set["ports"][0]["first"], 80);
+    // Named by its file, as `run` names it.
     assert_eq!(
         v["errors"][0]["text"],
-        "x/deny-all: spec.ingress[1].ports[0].endPort: less than port"
+        format!(
+            "{}: x/deny-all: spec.ingress[1].ports[0].endPort: less than port",
+            d.join("policies.yaml").display()
+        )
     );
     assert!(v["summary"]["bytes"].as_u64().unwrap() > 0);
     let (code, table) = run(&d, &[]);

@@ -8,7 +8,7 @@ use std::{path::PathBuf, process::ExitCode};
 use anyhow::Context as _;
 use ipnet::IpNet;
 use netpol_agent::compiler::{Compiled, Direction, EMPTY_RULESET, IdAllocation, RuleSet, compile};
-use netpol_agent::model::manifests::load_dir;
+use netpol_agent::model::folder::Folder;
 use netpol_agent::model::{ModelError, Snapshot};
 use serde::Serialize;
 
@@ -295,14 +295,17 @@ fn table(doc: &Document) -> String {
 /// # Errors
 /// When the manifests folder cannot be read.
 pub fn run(args: &CompileArgs) -> anyhow::Result<ExitCode> {
-    let mut snap = Snapshot {
-        local_node: args.node.clone(),
-        ..Snapshot::default()
-    };
-    let report = load_dir(&args.manifests, &mut snap)
+    // The same reading as `run --manifests`: they agree.
+    let report = Folder::load(&args.manifests)
         .with_context(|| format!("reading manifests from {}", args.manifests.display()))?;
+    let snap = Snapshot {
+        local_node: args.node.clone(),
+        ..report.snapshot.clone()
+    };
     let mut compiled = compile(&snap, &IdAllocation::default());
-    compiled.errors.extend(report.errors.iter().cloned());
+    // The folder's problems are the model's errors, each naming its file,
+    // plus the files, documents and duplicates it could not take.
+    compiled.errors.clone_from(&report.problems);
     compiled.notes.extend(report.notes.iter().cloned());
     if let Some(n) = &args.node
         && !snap.nodes.contains_key(n)

@@ -76,6 +76,128 @@ fn is_port_name(s: &str) -> bool {
         && !s.contains("--")
 }
 
+/// The API server's rules for names and labels (apimachinery's
+/// `validation` package), each giving what is wrong, if anything.
+mod rules {
+    fn alnum(b: u8) -> bool {
+        b.is_ascii_lowercase() || b.is_ascii_digit()
+    }
+
+    /// RFC 1123 label: namespaces, metadata.namespace.
+    pub(super) fn dns_label(s: &str) -> Option<String> {
+        let ok = !s.is_empty()
+            && s.len() <= 63
+            && s.bytes().all(|b| alnum(b) || b == b'-')
+            && s.bytes().next().is_some_and(alnum)
+            && s.bytes().last().is_some_and(alnum);
+        (!ok).then(|| {
+            "must be a lowercase RFC 1123 label (at most 63 of a-z, 0-9 and '-', starting and \
+             ending with a-z or 0-9)"
+                .to_owned()
+        })
+    }
+
+    /// RFC 1035 label: Services (a letter first).
+    pub(super) fn dns1035_label(s: &str) -> Option<String> {
+        dns_label(s).or_else(|| {
+            (!s.bytes().next().is_some_and(|b| b.is_ascii_lowercase()))
+                .then(|| "must be an RFC 1035 label (starting with a-z)".to_owned())
+        })
+    }
+
+    /// RFC 1123 subdomain: pods, policies, nodes, label key prefixes.
+    pub(super) fn dns_subdomain(s: &str) -> Option<String> {
+        let ok =
+            !s.is_empty() && s.len() <= 253 && s.split('.').all(|part| dns_label(part).is_none());
+        (!ok).then(|| {
+            "must be a lowercase RFC 1123 subdomain (dot-separated labels of a-z, 0-9 and '-', \
+             at most 253 characters)"
+                .to_owned()
+        })
+    }
+
+    /// At most 63 of A-Z, a-z, 0-9, '-', '_', '.', starting and ending
+    /// with an alphanumeric (empty allowed where `empty_ok`).
+    fn name_part(s: &str, empty_ok: bool) -> bool {
+        if s.is_empty() {
+            return empty_ok;
+        }
+        s.len() <= 63
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+            && s.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
+            && s.bytes().last().is_some_and(|b| b.is_ascii_alphanumeric())
+    }
+
+    /// A label key: `[prefix/]name`.
+    pub(super) fn qualified_name(s: &str) -> Option<String> {
+        let (prefix, name) = match s.split_once('/') {
+            Some((p, n)) => (Some(p), n),
+            None => (None, s),
+        };
+        if let Some(p) = prefix
+            && let Some(why) = dns_subdomain(p)
+        {
+            return Some(format!("invalid label key {s:?}: its prefix {why}"));
+        }
+        (!name_part(name, false)).then(|| {
+            format!(
+                "invalid label key {s:?}: the name must be at most 63 of A-Z, a-z, 0-9, '-', \
+                 '_' and '.', starting and ending with an alphanumeric, after an optional \
+                 DNS subdomain prefix and '/'"
+            )
+        })
+    }
+
+    /// A label value (also a selector's value).
+    pub(super) fn label_value(s: &str) -> Option<String> {
+        (!name_part(s, true)).then(|| {
+            format!(
+                "invalid label value {s:?}: at most 63 of A-Z, a-z, 0-9, '-', '_' and '.', \
+                 starting and ending with an alphanumeric, or empty"
+            )
+        })
+    }
+}
+
+/// Labels as the API server validates them: keys qualified names, values
+/// label values.
+fn labels(map: Option<&Labels>, field: &str, errs: &mut Errors) {
+    for (k, v) in map.into_iter().flatten() {
+        if let Some(why) = rules::qualified_name(k) {
+            errs.push(field, why);
+        }
+        if let Some(why) = rules::label_value(v) {
+            errs.push(format!("{field}[{k}]"), why);
+        }
+    }
+}
+
+/// metadata.name (by `rule`), metadata.namespace where `namespaced`, and
+/// metadata.labels.
+fn object_meta(
+    m: &meta::ObjectMeta,
+    rule: fn(&str) -> Option<String>,
+    namespaced: bool,
+    errs: &mut Errors,
+) {
+    match m.name.as_deref() {
+        None | Some("") => errs.push("metadata.name", "required"),
+        Some(n) => {
+            if let Some(why) = rule(n) {
+                errs.push("metadata.name", why);
+            }
+        }
+    }
+    if namespaced
+        && let Some(ns) = m.namespace.as_deref()
+        && let Some(why) = rules::dns_label(ns)
+    {
+        errs.push("metadata.namespace", why);
+    }
+    labels(m.labels.as_ref(), "metadata.labels", errs);
+}
+
 impl TryFrom<&core::Pod> for Pod {
     type Error = Vec<ModelError>;
 
@@ -129,9 +251,7 @@ impl TryFrom<&core::Pod> for Pod {
             Some("Unknown") => PodPhase::Unknown,
             _ => PodPhase::Pending,
         };
-        if id.name.is_empty() {
-            errs.push("metadata.name", "required");
-        }
+        object_meta(&pod.metadata, rules::dns_subdomain, true, &mut errs);
         if !errs.list.is_empty() {
             return Err(errs.list);
         }
@@ -159,9 +279,9 @@ impl TryFrom<&core::Namespace> for Namespace {
 
     fn try_from(ns: &core::Namespace) -> Result<Self, Self::Error> {
         let name = ns.metadata.name.clone().unwrap_or_default();
-        if name.is_empty() {
-            let mut errs = Errors::new("Namespace", String::new());
-            errs.push("metadata.name", "required");
+        let mut errs = Errors::new("Namespace", name.clone());
+        object_meta(&ns.metadata, rules::dns_label, false, &mut errs);
+        if !errs.list.is_empty() {
             return Err(errs.list);
         }
         let mut labels: Labels = ns.metadata.labels.clone().unwrap_or_default();
@@ -177,9 +297,9 @@ impl TryFrom<&core::Node> for Node {
 
     fn try_from(node: &core::Node) -> Result<Self, Self::Error> {
         let name = node.metadata.name.clone().unwrap_or_default();
-        if name.is_empty() {
-            let mut errs = Errors::new("Node", String::new());
-            errs.push("metadata.name", "required");
+        let mut errs = Errors::new("Node", name.clone());
+        object_meta(&node.metadata, rules::dns_subdomain, false, &mut errs);
+        if !errs.list.is_empty() {
             return Err(errs.list);
         }
         let mut addresses = Vec::new();
@@ -215,9 +335,7 @@ impl TryFrom<&core::Service> for Service {
     fn try_from(svc: &core::Service) -> Result<Self, Self::Error> {
         let id = object_ref(&svc.metadata);
         let mut errs = Errors::new("Service", id.to_string());
-        if id.name.is_empty() {
-            errs.push("metadata.name", "required");
-        }
+        object_meta(&svc.metadata, rules::dns1035_label, true, &mut errs);
         let default_spec = core::ServiceSpec::default();
         let spec = svc.spec.as_ref().unwrap_or(&default_spec);
         let mut ports = Vec::new();
@@ -337,6 +455,11 @@ impl TryFrom<&core::Service> for Service {
 }
 
 fn selector(sel: &meta::LabelSelector, field: &str, errs: &mut Errors) -> LabelSelector {
+    labels(
+        sel.match_labels.as_ref(),
+        &format!("{field}.matchLabels"),
+        errs,
+    );
     let mut out = LabelSelector {
         match_labels: sel.match_labels.clone().unwrap_or_default(),
         match_expressions: Vec::new(),
@@ -377,6 +500,14 @@ fn selector(sel: &meta::LabelSelector, field: &str, errs: &mut Errors) -> LabelS
         if req.key.is_empty() {
             errs.push(format!("{f}.key"), "required");
             continue;
+        }
+        if let Some(why) = rules::qualified_name(&req.key) {
+            errs.push(format!("{f}.key"), why);
+        }
+        for (j, v) in req.values.as_deref().unwrap_or_default().iter().enumerate() {
+            if let Some(why) = rules::label_value(v) {
+                errs.push(format!("{f}.values[{j}]"), why);
+            }
         }
         out.match_expressions.push(Requirement {
             key: req.key.clone(),
@@ -540,9 +671,7 @@ impl TryFrom<&net::NetworkPolicy> for NetworkPolicy {
     fn try_from(np: &net::NetworkPolicy) -> Result<Self, Self::Error> {
         let id = object_ref(&np.metadata);
         let mut errs = Errors::new("NetworkPolicy", id.to_string());
-        if id.name.is_empty() {
-            errs.push("metadata.name", "required");
-        }
+        object_meta(&np.metadata, rules::dns_subdomain, true, &mut errs);
         let default_spec = net::NetworkPolicySpec::default();
         let spec = np.spec.as_ref().unwrap_or(&default_spec);
         let pod_selector = spec
@@ -579,6 +708,12 @@ impl TryFrom<&net::NetworkPolicy> for NetworkPolicy {
                 has_egress = !egress_rules.is_empty();
             }
             Some(types) => {
+                if types.len() > 2 {
+                    errs.push(
+                        "spec.policyTypes",
+                        "may not specify more than two policyTypes",
+                    );
+                }
                 for (i, t) in types.iter().enumerate() {
                     match t.as_str() {
                         "Ingress" => has_ingress = true,

@@ -1,12 +1,25 @@
 //! Loads manifests (multi-document YAML or JSON) into a [`Snapshot`].
 
-use std::path::{Path, PathBuf};
-
 use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::api::networking::v1 as net;
-use serde::Deserialize as _;
 
-use super::{ModelError, Namespace, NetworkPolicy, Node, Pod, Service, Snapshot};
+use super::{ModelError, Namespace, NetworkPolicy, Node, Pod, Service, Snapshot, strict};
+
+/// `value` as a `T`, refusing fields `T` does not have
+/// ([`strict::unknown_fields`]), as the API server's strict field
+/// validation does.
+fn decode<T: serde::de::DeserializeOwned + serde::Serialize>(
+    value: serde_json::Value,
+) -> Result<T, String> {
+    let typed: T = serde_json::from_value(value.clone()).map_err(|e| e.to_string())?;
+    let back = serde_json::to_value(&typed).map_err(|e| e.to_string())?;
+    let unknown = strict::unknown_fields(&value, &back);
+    if unknown.is_empty() {
+        return Ok(typed);
+    }
+    let fields: Vec<String> = unknown.iter().map(|f| format!("{f:?}")).collect();
+    Err(format!("unknown field {}", fields.join(", ")))
+}
 
 /// What loading found besides the objects it applied.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -21,19 +34,6 @@ pub struct LoadReport {
     pub errors: Vec<ModelError>,
 }
 
-/// A manifests folder that cannot be read at all.
-#[derive(Debug, thiserror::Error)]
-pub enum LoadError {
-    /// Reading the folder or a file failed.
-    #[error("{path}: {source}")]
-    Io {
-        /// The folder or file.
-        path: PathBuf,
-        /// Why.
-        source: std::io::Error,
-    },
-}
-
 fn doc_error(origin: &str, kind: &str, message: String) -> ModelError {
     ModelError {
         kind: kind.to_owned(),
@@ -43,81 +43,80 @@ fn doc_error(origin: &str, kind: &str, message: String) -> ModelError {
     }
 }
 
-/// Applies every `.yaml`, `.yml` and `.json` file of `dir` (sorted by name,
-/// subfolders included) to `snapshot`.
+/// `origin` naming the object a document claims to be: `file#0
+/// (NetworkPolicy x/p)`.
+fn named(origin: &str, kind: &str, value: &serde_json::Value) -> String {
+    let meta = value.get("metadata");
+    let s = |k: &str| meta.and_then(|m| m.get(k)).and_then(|v| v.as_str());
+    match (s("namespace"), s("name")) {
+        (_, None) => format!("{origin} ({kind})"),
+        (Some(ns), Some(name)) => format!("{origin} ({kind} {ns}/{name})"),
+        (None, Some(name)) => format!("{origin} ({kind} {name})"),
+    }
+}
+
+/// The kinds netpol reads, by apiVersion (and their lists); a manifests
+/// folder's other objects are skipped with a note.
+pub const KINDS: &[(&str, &str)] = &[
+    ("v1", "Pod"),
+    ("v1", "Namespace"),
+    ("v1", "Node"),
+    ("v1", "Service"),
+    ("networking.k8s.io/v1", "NetworkPolicy"),
+    ("v1", "Endpoints"),
+    ("discovery.k8s.io/v1", "EndpointSlice"),
+];
+
+/// The documents of a YAML (or JSON, a subset) text, each an object,
+/// decoded strictly ([`strict::document`]: no repeated key, nested at
+/// most [`strict::MAX_DEPTH`] deep); empty documents left out, a UTF-8
+/// byte order mark accepted (kubectl accepts it). Indexed as in the text.
 ///
 /// # Errors
-/// Only when the folder or a file cannot be read; bad documents and objects
-/// are reported in the [`LoadReport`].
-pub fn load_dir(dir: &Path, snapshot: &mut Snapshot) -> Result<LoadReport, LoadError> {
-    let files = manifest_files(dir).map_err(|source| LoadError::Io {
-        path: dir.to_owned(),
-        source,
-    })?;
-    let mut report = LoadReport::default();
-    for f in files {
-        let text = std::fs::read_to_string(&f).map_err(|source| LoadError::Io {
-            path: f.clone(),
-            source,
-        })?;
-        apply_str(snapshot, &text, &f.display().to_string(), &mut report);
+/// The first document that cannot be read, and why: nothing after it can
+/// be (the YAML parser stops at a syntax error), so a caller takes the
+/// text whole or not at all.
+pub fn documents(text: &str) -> Result<Vec<(usize, serde_json::Value)>, (usize, String)> {
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    let depth = strict::flow_depth(text);
+    if depth > strict::MAX_DEPTH {
+        return Err((
+            0,
+            format!("nested {depth} deep, more than {}", strict::MAX_DEPTH),
+        ));
     }
-    Ok(report)
-}
-
-/// The manifest files of `dir`: `.yaml`, `.yml` and `.json`, subfolders
-/// included, sorted by path; hidden files (editors' and atomic writers'
-/// temporaries) left out. The files source watches the same set.
-///
-/// # Errors
-/// When a folder cannot be read.
-pub fn manifest_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
-    let mut out = Vec::new();
-    walk(dir, &mut out)?;
-    out.sort();
-    Ok(out)
-}
-
-fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
-    for entry in std::fs::read_dir(dir)? {
-        let path = entry?.path();
-        let hidden = path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .is_some_and(|n| n.starts_with('.'));
-        if hidden {
-            continue;
-        }
-        if path.is_dir() {
-            walk(&path, out)?;
-        } else if path
-            .extension()
-            .and_then(|e| e.to_str())
-            .is_some_and(|e| matches!(e, "yaml" | "yml" | "json"))
-        {
-            out.push(path);
-        }
-    }
-    Ok(())
-}
-
-/// Applies every document of a YAML (or JSON, a subset) text.
-pub fn apply_str(snapshot: &mut Snapshot, text: &str, origin: &str, report: &mut LoadReport) {
+    let mut docs = Vec::new();
     for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
-        let origin = format!("{origin}#{i}");
-        match serde_json::Value::deserialize(doc) {
+        match strict::document(doc) {
             Ok(serde_json::Value::Null) => {}
-            Ok(value) => apply_value(snapshot, value, &origin, report),
-            Err(e) => {
-                report.errors.push(doc_error(
-                    &origin,
-                    "document",
-                    format!("not a YAML document: {e}"),
+            Ok(v @ serde_json::Value::Object(_)) => docs.push((i, v)),
+            Ok(serde_json::Value::Array(_)) => {
+                return Err((
+                    i,
+                    "a list, not an object (write `kind: List` with the objects under `items`)"
+                        .to_owned(),
                 ));
-                // serde_yaml's document iterator repeats a syntax error
-                // forever: nothing after it can be read.
-                break;
             }
+            Ok(other) => return Err((i, format!("not an object: {other}"))),
+            Err(e) => return Err((i, format!("not a YAML document: {e}"))),
+        }
+    }
+    Ok(docs)
+}
+
+/// Applies every document of a YAML (or JSON, a subset) text; a text with
+/// a document that cannot be read applies nothing.
+pub fn apply_str(snapshot: &mut Snapshot, text: &str, origin: &str, report: &mut LoadReport) {
+    match documents(text) {
+        Ok(docs) => {
+            for (i, value) in docs {
+                apply_value(snapshot, value, &format!("{origin}#{i}"), report);
+            }
+        }
+        Err((i, why)) => {
+            report
+                .errors
+                .push(doc_error(&format!("{origin}#{i}"), "document", why));
         }
     }
 }
@@ -141,17 +140,18 @@ pub fn apply_value(
         .unwrap_or_default()
         .to_owned();
     macro_rules! parse {
-        ($ty:ty) => {
-            match serde_json::from_value::<$ty>(value) {
+        ($ty:ty) => {{
+            let object = named(origin, &kind, &value);
+            match decode::<$ty>(value) {
                 Ok(o) => o,
                 Err(e) => {
                     report
                         .errors
-                        .push(doc_error(origin, &kind, format!("invalid {kind}: {e}")));
+                        .push(doc_error(&object, &kind, format!("invalid {kind}: {e}")));
                     return;
                 }
             }
-        };
+        }};
     }
     report.objects += 1;
     match (api.as_str(), kind.as_str()) {

@@ -7,7 +7,9 @@
 //! [`Snapshot`].
 
 pub mod convert;
+pub mod folder;
 pub mod manifests;
+pub mod strict;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -58,7 +60,7 @@ impl fmt::Display for ObjectRef {
 
 /// An invalid field of an object, as `x/deny-all: spec.ingress[1].ports[0].endPort: less than port`.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error, Serialize)]
-#[error("{object}: {field}: {message}")]
+#[error("{object}: {}{message}", if field.is_empty() { String::new() } else { format!("{field}: ") })]
 pub struct ModelError {
     /// Kind of the object (`NetworkPolicy`, `Pod`, ...).
     pub kind: String,

@@ -1,42 +1,25 @@
-//! The `files` source: a folder of multi-document YAML/JSON manifests,
-//! watched with `notify`.
-//!
-//! Each file is converted on its own into a fragment of the model; the
-//! [`Input`] is the union of the fragments in file-name order (a later file
-//! wins on a name clash). A file is re-read only when its text changed, and
-//! its new fragment starts from its previous one, so that:
-//! - an object whose new version is invalid keeps its last valid version
-//!   (the model's own retention), while its errors are reported;
-//! - an object removed from the file is removed from the model;
-//! - a file that is not YAML at all is reported by name and skipped: its
-//!   previous fragment stays in force until it reads again.
+//! The `files` source: a folder of multi-document YAML/JSON manifests
+//! ([`Folder`]: per-file fragments, per-object retention, consistent
+//! reads), watched with `notify`. Each rescan runs off the async
+//! runtime's threads, so a slow or huge folder never stalls the agent's
+//! HTTP endpoints or its reconcile loop.
 use std::{
-    collections::{BTreeMap, BTreeSet},
     path::{Path, PathBuf},
     sync::Arc,
     time::Duration,
 };
 
 use notify::Watcher as _;
-use serde::Deserialize as _;
 
 use super::{Input, InputSender};
-use crate::model::{
-    Snapshot,
-    manifests::{LoadReport, apply_value},
-};
+pub use crate::model::folder::{Folder, FolderError};
 
-/// The manifests folder cannot be read or watched.
+/// The manifests folder cannot be watched.
 #[derive(Debug, thiserror::Error)]
 pub enum FilesError {
     /// Listing the folder failed.
-    #[error("reading manifests folder {path}: {source}")]
-    Read {
-        /// The folder.
-        path: PathBuf,
-        /// Why.
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Read(#[from] FolderError),
     /// The watch could not be set up.
     #[error("watching manifests folder {path}: {source}")]
     Watch {
@@ -47,159 +30,168 @@ pub enum FilesError {
     },
 }
 
-#[derive(Debug, Default)]
-struct FileState {
-    text: String,
-    fragment: Snapshot,
-    problems: Vec<String>,
-}
+/// How soon a folder with a file still being written is read again.
+const UNSETTLED_RETRY: Duration = Duration::from_secs(1);
 
-/// The folder's files and their converted fragments.
+/// The folder, watched.
 #[derive(Debug)]
 pub struct FilesSource {
-    dir: PathBuf,
-    files: BTreeMap<PathBuf, FileState>,
+    folder: Folder,
 }
-
-/// `(kind, namespace, name)` of an object a file names.
-type Key = (String, String, String);
 
 impl FilesSource {
     /// A source over `dir`; nothing is read until [`Self::rescan`].
     #[must_use]
     pub fn new(dir: impl Into<PathBuf>) -> Self {
         Self {
-            dir: dir.into(),
-            files: BTreeMap::new(),
+            folder: Folder::new(dir),
         }
     }
 
     /// The folder.
     #[must_use]
     pub fn dir(&self) -> &Path {
-        &self.dir
+        self.folder.dir()
     }
 
-    /// Reads the folder again, re-converting the files whose text changed,
-    /// and returns the union.
+    /// Reads the folder again (see [`Folder::rescan`]) and returns the
+    /// union, and whether a file was still being written.
     ///
     /// # Errors
     /// When the folder itself cannot be listed; unreadable or broken files
     /// are problems of the returned [`Input`].
     pub fn rescan(&mut self) -> Result<Input, FilesError> {
-        let paths = crate::model::manifests::manifest_files(&self.dir).map_err(|source| {
-            FilesError::Read {
-                path: self.dir.clone(),
-                source,
-            }
-        })?;
-        let present: BTreeSet<PathBuf> = paths.iter().cloned().collect();
-        self.files.retain(|p, _| present.contains(p));
-        for path in paths {
-            let text = match std::fs::read_to_string(&path) {
-                Ok(t) => t,
-                // Deleted between listing and reading: the next event
-                // rescans.
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    self.files.remove(&path);
-                    continue;
-                }
-                Err(e) => {
-                    let state = self.files.entry(path.clone()).or_default();
-                    state.problems = vec![format!("{}: unreadable, skipped: {e}", path.display())];
-                    continue;
-                }
-            };
-            let state = self.files.entry(path.clone()).or_default();
-            if state.text == text && !state.text.is_empty() {
-                continue;
-            }
-            convert_file(&path, &text, state);
-            state.text = text;
-        }
-        Ok(self.merged())
+        Ok(self.rescan_settled()?.0)
     }
 
-    fn merged(&self) -> Input {
-        let mut snapshot = Snapshot::default();
-        let mut problems = Vec::new();
-        for state in self.files.values() {
-            let f = &state.fragment;
-            snapshot
-                .nodes
-                .extend(f.nodes.iter().map(|(k, v)| (k.clone(), v.clone())));
-            snapshot
-                .namespaces
-                .extend(f.namespaces.iter().map(|(k, v)| (k.clone(), v.clone())));
-            snapshot
-                .pods
-                .extend(f.pods.iter().map(|(k, v)| (k.clone(), v.clone())));
-            snapshot
-                .policies
-                .extend(f.policies.iter().map(|(k, v)| (k.clone(), v.clone())));
-            snapshot
-                .services
-                .extend(f.services.iter().map(|(k, v)| (k.clone(), v.clone())));
-            snapshot
-                .invalid
-                .extend(f.invalid.iter().map(|(k, v)| (k.clone(), v.clone())));
-            problems.extend(state.problems.iter().cloned());
+    fn rescan_settled(&mut self) -> Result<(Input, bool), FilesError> {
+        let loaded = self.folder.rescan()?;
+        let input = Input {
+            snapshot: loaded.snapshot,
+            problems: loaded.problems.iter().map(ToString::to_string).collect(),
+        };
+        Ok((input, loaded.unsettled))
+    }
+
+    /// [`Self::rescan`] on a blocking thread; the source comes back with
+    /// the result.
+    async fn rescan_off_runtime(mut self) -> (Self, Result<(Input, bool), FilesError>) {
+        let dir = self.dir().to_owned();
+        match tokio::task::spawn_blocking(move || {
+            let r = self.rescan_settled();
+            (self, r)
+        })
+        .await
+        {
+            Ok(done) => done,
+            // The rescan panicked: nothing of it survives; start over.
+            Err(e) => {
+                tracing::error!(dir = %dir.display(), error = %e, "manifests rescan failed");
+                let fresh = Self::new(dir);
+                (fresh, Ok((Input::default(), true)))
+            }
         }
-        Input { snapshot, problems }
     }
 
     /// Publishes the folder's [`Input`] on `tx` now and after every change
     /// until `stop` turns true. Bursts of file events are coalesced: each
-    /// wake-up rescans once.
+    /// wake-up rescans once. A folder deleted and created again is
+    /// watched again.
     ///
     /// # Errors
     /// When the folder cannot be read or watched at the start; later read
-    /// errors are logged and retried on the next event.
+    /// errors are logged, the last state kept, and retried on the next
+    /// event.
     pub async fn run(
-        mut self,
+        self,
         tx: InputSender,
         mut stop: tokio::sync::watch::Receiver<bool>,
     ) -> Result<(), FilesError> {
+        let dir = self.dir().to_owned();
         let (ev_tx, mut ev_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+        let within = dir.clone();
         let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-            if let Err(e) = &res {
-                tracing::warn!(error = %e, "manifest watch error");
+            match &res {
+                Err(e) => tracing::warn!(error = %e, "manifest watch error"),
+                // The parent folder is watched for the folder itself only.
+                Ok(ev)
+                    if !ev.paths.is_empty() && !ev.paths.iter().any(|p| p.starts_with(&within)) =>
+                {
+                    return;
+                }
+                Ok(_) => {}
             }
             let _ = ev_tx.send(());
         })
         .map_err(|source| FilesError::Watch {
-            path: self.dir.clone(),
+            path: dir.clone(),
             source,
         })?;
+        let watch_err = |source| FilesError::Watch {
+            path: dir.clone(),
+            source,
+        };
         watcher
-            .watch(&self.dir, notify::RecursiveMode::Recursive)
-            .map_err(|source| FilesError::Watch {
-                path: self.dir.clone(),
-                source,
-            })?;
-        let mut last = self.rescan()?;
-        publish(&tx, &last, &self.dir);
+            .watch(&dir, notify::RecursiveMode::Recursive)
+            .map_err(watch_err)?;
+        // Its parent tells when the folder is deleted and created again.
+        if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+            let _ = watcher.watch(parent, notify::RecursiveMode::NonRecursive);
+        }
+        let mut watched = folder_id(&dir);
+        let (mut src, first) = self.rescan_off_runtime().await;
+        let (mut last, mut unsettled) = first?;
+        publish(&tx, &last, &dir);
         loop {
             tokio::select! {
                 () = crate::sync::stopped(&mut stop) => return Ok(()),
                 ev = ev_rx.recv() => if ev.is_none() { return Ok(()) },
+                () = async {
+                    if unsettled {
+                        tokio::time::sleep(UNSETTLED_RETRY).await;
+                    } else {
+                        std::future::pending::<()>().await;
+                    }
+                } => {}
             }
             // An editor's save is several events; one rescan covers them.
             tokio::time::sleep(Duration::from_millis(1)).await;
             while ev_rx.try_recv().is_ok() {}
-            match self.rescan() {
-                Ok(input) => {
+            let now = folder_id(&dir);
+            if now != watched && now.is_some() {
+                let _ = watcher.unwatch(&dir);
+                match watcher.watch(&dir, notify::RecursiveMode::Recursive) {
+                    Ok(()) => {
+                        tracing::info!(dir = %dir.display(), "manifests folder created again: watched");
+                        watched = now;
+                    }
+                    Err(e) => {
+                        tracing::warn!(dir = %dir.display(), error = %e, "watching the manifests folder again")
+                    }
+                }
+            }
+            let (back, result) = src.rescan_off_runtime().await;
+            src = back;
+            match result {
+                Ok((input, again)) => {
+                    unsettled = again;
                     if input.snapshot != last.snapshot || input.problems != last.problems {
-                        publish(&tx, &input, &self.dir);
+                        publish(&tx, &input, &dir);
                         last = input;
                     }
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "manifests folder unreadable, keeping the last state")
+                    tracing::warn!(error = %e, "manifests folder unreadable, keeping the last state");
                 }
             }
         }
     }
+}
+
+/// The folder's identity (device, inode), to tell when it was replaced.
+fn folder_id(dir: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::metadata(dir).ok().map(|m| (m.dev(), m.ino()))
 }
 
 fn publish(tx: &InputSender, input: &Input, dir: &Path) {
@@ -214,91 +206,6 @@ fn publish(tx: &InputSender, input: &Input, dir: &Path) {
         "manifests read"
     );
     tx.send_replace(Some(Arc::new(input.clone())));
-}
-
-/// Converts one file's new text into its fragment, starting from the
-/// previous fragment so that rejected versions keep the last valid one.
-fn convert_file(path: &Path, text: &str, state: &mut FileState) {
-    let origin = path.display().to_string();
-    let mut docs = Vec::new();
-    for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
-        match serde_json::Value::deserialize(doc) {
-            Ok(serde_json::Value::Null) => {}
-            Ok(v) => docs.push((i, v)),
-            Err(e) => {
-                tracing::warn!(file = %origin, document = i, error = %e, "broken manifest file skipped");
-                state.problems = vec![format!(
-                    "{origin}: document {i} is not YAML ({e}); file skipped, its previous \
-                     contents stay in force"
-                )];
-                return;
-            }
-        }
-    }
-    let mut fragment = std::mem::take(&mut state.fragment);
-    // Errors are those of this version only.
-    fragment.invalid.clear();
-    for slot in fragment.policies.values_mut() {
-        slot.errors.clear();
-    }
-    let mut seen = BTreeSet::new();
-    let mut report = LoadReport::default();
-    for (i, value) in docs {
-        keys(&value, &mut seen);
-        apply_value(&mut fragment, value, &format!("{origin}#{i}"), &mut report);
-    }
-    let has = |kind: &str, ns: &str, name: &str| {
-        seen.contains(&(kind.to_owned(), ns.to_owned(), name.to_owned()))
-    };
-    fragment.nodes.retain(|n, _| has("Node", "", n));
-    fragment.namespaces.retain(|n, _| has("Namespace", "", n));
-    fragment
-        .pods
-        .retain(|id, _| has("Pod", &id.namespace, &id.name));
-    fragment
-        .policies
-        .retain(|id, _| has("NetworkPolicy", &id.namespace, &id.name));
-    fragment
-        .services
-        .retain(|id, _| has("Service", &id.namespace, &id.name));
-    let mut problems: Vec<String> = report
-        .errors
-        .iter()
-        .map(|e| format!("{origin}: {e}"))
-        .collect();
-    problems.extend(fragment.errors().iter().map(|e| format!("{origin}: {e}")));
-    for note in &report.notes {
-        tracing::debug!(file = %origin, note, "manifest note");
-    }
-    state.fragment = fragment;
-    state.problems = problems;
-}
-
-/// Records the objects a document names, valid or not: an object that is
-/// still named keeps its last valid version, one that is not is gone.
-fn keys(value: &serde_json::Value, out: &mut BTreeSet<Key>) {
-    let s =
-        |v: Option<&serde_json::Value>| v.and_then(|v| v.as_str()).unwrap_or_default().to_owned();
-    let kind = s(value.get("kind"));
-    if let Some(items) = value.get("items").and_then(|v| v.as_array())
-        && kind.ends_with("List")
-    {
-        for item in items {
-            keys(item, out);
-        }
-        return;
-    }
-    let meta = value.get("metadata");
-    let name = s(meta.and_then(|m| m.get("name")));
-    let namespace = match kind.as_str() {
-        "Node" | "Namespace" => String::new(),
-        _ => meta
-            .and_then(|m| m.get("namespace"))
-            .and_then(|v| v.as_str())
-            .unwrap_or("default")
-            .to_owned(),
-    };
-    out.insert((kind, namespace, name));
 }
 
 #[cfg(test)]
@@ -431,5 +338,203 @@ spec: {clusterIP: 10.43.0.1, ports: [{port: 80}]}
             "{:?}",
             input.problems
         );
+    }
+
+    fn policy_ports(input: &Input, name: &str) -> Option<String> {
+        input
+            .snapshot
+            .policies
+            .get(&ObjectRef::new("x", name))
+            .and_then(|slot| slot.in_force.as_ref())
+            .map(|p| format!("{:?}", p.ingress))
+    }
+
+    fn has_problem(input: &Input, parts: &[&str]) -> bool {
+        input
+            .problems
+            .iter()
+            .any(|p| parts.iter().all(|part| p.contains(part)))
+    }
+
+    #[test]
+    fn an_edit_read_while_the_file_is_empty_waits_for_the_new_text() {
+        let d = Dir::new("inplace");
+        d.write("p.yaml", POLICY_80);
+        let mut src = FilesSource::new(&d.0);
+        let before = policy_ports(&src.rescan().expect("rescan"), "p");
+        assert!(before.is_some());
+        // An editor truncates, then writes a moment later.
+        let file = d.0.join("p.yaml");
+        std::fs::write(&file, "").expect("truncate");
+        let writer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(200));
+            std::fs::write(&file, POLICY_80.replace("port: 80", "port: 81")).expect("write");
+        });
+        let input = src.rescan().expect("rescan");
+        writer.join().expect("writer");
+        let after = policy_ports(&input, "p").expect("never read as gone");
+        assert!(after.contains("81"), "{after}");
+        // An emptied file left alone does remove its objects.
+        std::fs::write(d.0.join("p.yaml"), "").expect("truncate");
+        let input = src.rescan().expect("rescan");
+        assert_eq!(policy_ports(&input, "p"), None);
+    }
+
+    #[test]
+    fn typos_that_would_widen_a_rule_are_refused_and_the_last_valid_version_stays() {
+        let d = Dir::new("typos");
+        d.write("p.yaml", POLICY_80);
+        let mut src = FilesSource::new(&d.0);
+        let valid = policy_ports(&src.rescan().expect("rescan"), "p");
+        let typos: &[(&str, &str, &str)] = &[
+            (
+                "ingress: [{ports",
+                "ingress: [{form: [{podSelector: {}}], ports",
+                "spec.ingress[0].form",
+            ),
+            (
+                "ports: [{port: 80}]",
+                "port: [{port: 80}]",
+                "spec.ingress[0].port",
+            ),
+            (
+                "podSelector: {}",
+                "podSelector: {matchLabel: {app: a}}",
+                "spec.podSelector.matchLabel",
+            ),
+            (
+                "spec: {",
+                "spec: {podSelector: {}, ",
+                "duplicate key \"podSelector\"",
+            ),
+            (
+                "kind: NetworkPolicy",
+                "kind: NetworkPolicy\nkind: NetworkPolicy",
+                "duplicate key \"kind\"",
+            ),
+            (
+                "kind: NetworkPolicy",
+                "kind: NetworkPolic",
+                "NetworkPolic, not a kind netpol reads",
+            ),
+            (
+                "networking.k8s.io/v1",
+                "networking.k8s.io/v2",
+                "networking.k8s.io/v2",
+            ),
+        ];
+        for (from, to, why) in typos {
+            d.write("p.yaml", &POLICY_80.replace(from, to));
+            let input = src.rescan().expect("rescan");
+            assert_eq!(policy_ports(&input, "p"), valid, "{to}");
+            assert!(
+                has_problem(&input, &["p.yaml", why]),
+                "{to}: {:?}",
+                input.problems
+            );
+            // A first version with the typo is no policy at all.
+            let fresh = Folder::load(&d.0).expect("load");
+            assert!(
+                fresh
+                    .snapshot
+                    .policies
+                    .get(&ObjectRef::new("x", "p"))
+                    .and_then(|s| s.in_force.as_ref())
+                    .is_none(),
+                "{to}"
+            );
+        }
+        // A JSON array of objects: the file is refused whole.
+        d.write(
+            "p.yaml",
+            "[{\"apiVersion\": \"v1\", \"kind\": \"Namespace\"}]",
+        );
+        let input = src.rescan().expect("rescan");
+        assert_eq!(policy_ports(&input, "p"), valid);
+        assert!(
+            has_problem(&input, &["p.yaml", "a list, not an object"]),
+            "{:?}",
+            input.problems
+        );
+        // Fixed: the problems clear.
+        d.write("p.yaml", POLICY_80);
+        assert!(src.rescan().expect("rescan").problems.is_empty());
+    }
+
+    #[test]
+    fn a_duplicate_across_files_names_both_and_compile_agrees_with_run() {
+        let d = Dir::new("dup");
+        d.write("a.yaml", POLICY_80);
+        d.write("b.yaml", &POLICY_80.replace("port: 80", "port: 0"));
+        let mut src = FilesSource::new(&d.0);
+        let input = src.rescan().expect("rescan");
+        let kept = policy_ports(&input, "p").expect("the first file's version");
+        assert!(kept.contains("80"), "{kept}");
+        assert!(
+            has_problem(&input, &["x/p", "a.yaml", "b.yaml", "the first is used"]),
+            "{:?}",
+            input.problems
+        );
+        let loaded = Folder::load(&d.0).expect("load");
+        assert_eq!(loaded.snapshot, input.snapshot);
+    }
+
+    #[test]
+    fn non_regular_files_links_in_a_loop_and_a_byte_order_mark() {
+        let d = Dir::new("special");
+        let fifo = d.0.join("fifo.yaml");
+        let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).expect("path");
+        // SAFETY: mkfifo reads a NUL-terminated path we own.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+        std::os::unix::fs::symlink(&d.0, d.0.join("loop")).expect("symlink");
+        d.write("p.yaml", &format!("\u{feff}{POLICY_80}"));
+        let mut src = FilesSource::new(&d.0);
+        let input = src.rescan().expect("rescan");
+        assert!(policy_ports(&input, "p").is_some(), "{:?}", input.problems);
+        assert!(
+            has_problem(&input, &["fifo.yaml", "a FIFO"]),
+            "{:?}",
+            input.problems
+        );
+        // The FIFO replaced by a file: its problem clears.
+        std::fs::remove_file(&fifo).expect("rm");
+        d.write("fifo.yaml", "");
+        std::thread::sleep(EMPTY_QUIET_FOR_TESTS);
+        let input = src.rescan().expect("rescan");
+        assert!(input.problems.is_empty(), "{:?}", input.problems);
+    }
+
+    const EMPTY_QUIET_FOR_TESTS: Duration = crate::model::folder::EMPTY_QUIET;
+
+    #[tokio::test]
+    async fn a_folder_deleted_and_created_again_is_watched_again() {
+        let d = Dir::new("recreate");
+        d.write("p.yaml", POLICY_80);
+        let (tx, mut rx) = tokio::sync::watch::channel(None);
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let run = tokio::spawn(FilesSource::new(&d.0).run(tx, stop_rx));
+        let until = |rx: &mut tokio::sync::watch::Receiver<Option<Arc<Input>>>,
+                     want: fn(&Input) -> bool| {
+            let mut rx = rx.clone();
+            async move {
+                tokio::time::timeout(Duration::from_secs(20), async {
+                    loop {
+                        if rx.borrow_and_update().as_deref().is_some_and(want) {
+                            return;
+                        }
+                        rx.changed().await.expect("source alive");
+                    }
+                })
+                .await
+                .expect("in time");
+            }
+        };
+        until(&mut rx, |i| policy_ports(i, "p").is_some()).await;
+        std::fs::remove_dir_all(&d.0).expect("rm folder");
+        std::fs::create_dir_all(&d.0).expect("mkdir");
+        d.write("q.yaml", &POLICY_80.replace("name: p", "name: q"));
+        until(&mut rx, |i| policy_ports(i, "q").is_some()).await;
+        stop_tx.send_replace(true);
+        run.await.expect("join").expect("ran");
     }
 }

@@ -319,10 +319,8 @@ pub mod agent {
     };
 
     use netpol_agent::{
-        Agent, AgentBuilder, AgentError, Counters, Source, Status, StatusHandle,
-        events::Denial,
-        fingerprint,
-        model::{Snapshot, manifests::load_dir},
+        Agent, AgentBuilder, AgentError, Counters, Source, Status, StatusHandle, events::Denial,
+        fingerprint, model::folder::Folder,
     };
 
     use super::{Netns, sh, unique};
@@ -347,9 +345,8 @@ pub mod agent {
 
         /// What the agent must report once it enforces this folder.
         pub fn fingerprint(&self) -> String {
-            let mut s = Snapshot::default();
-            load_dir(&self.0, &mut s).expect("loading the manifests");
-            fingerprint(&s)
+            let loaded = Folder::load(&self.0).expect("loading the manifests");
+            fingerprint(&loaded.snapshot)
         }
     }
 
