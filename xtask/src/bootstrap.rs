@@ -40,6 +40,8 @@ const VM_TOOLS: &[(&str, &str)] = &[
     ("xz", "xz-utils"),
     ("zstd", "zstd"),
     ("dpkg-deb", "dpkg"),
+    // Strips the test binaries the guest runs.
+    ("strip", "binutils"),
 ];
 
 /// Everything, `vm-test`'s tools included (`cargo xtask test` runs it).

@@ -267,11 +267,40 @@ fn lint() -> Result<()> {
     Ok(())
 }
 
+/// Prints how long each phase of `cargo xtask test` took.
+struct Phases {
+    started: std::time::Instant,
+    last: std::time::Instant,
+}
+
+impl Phases {
+    fn new() -> Self {
+        let now = std::time::Instant::now();
+        Self {
+            started: now,
+            last: now,
+        }
+    }
+
+    fn done(&mut self, phase: &str) {
+        let now = std::time::Instant::now();
+        println!(
+            "xtask: {phase}: {} s ({} s since the start)",
+            (now - self.last).as_secs(),
+            (now - self.started).as_secs()
+        );
+        self.last = now;
+    }
+}
+
 fn test(no_lint: bool, args: &[String]) -> Result<()> {
+    let mut phases = Phases::new();
     bootstrap::all()?;
     let object = build_ebpf()?;
+    phases.done("bootstrap and eBPF object");
     if !no_lint {
         lint()?;
+        phases.done("lint");
     }
     if !netpol_is_root() && std::env::var_os("NETPOL_SKIP_PRIVILEGED").is_none() {
         bail!(
@@ -284,39 +313,56 @@ fn test(no_lint: bool, args: &[String]) -> Result<()> {
         .arg("test")
         .args(args)
         .env("NETPOL_EBPF_OBJECT", &object))?;
+    phases.done("cargo test");
     if !args.is_empty() || !netpol_is_root() {
         // A filtered run, or one without the privileges the harness needs.
         return Ok(());
     }
     println!("xtask: deploy check (the paths deploy/Containerfile copies)");
     deploy_check::check()?;
-    println!("xtask: vm-test, the datapath suites on every kernel of the matrix (qemu)");
-    vm::test(&vm::select("all")?)?;
-    println!("xtask: conformance, bridge topology, every scenario (via pod and service)");
-    let bridge = conformance_run(
-        None,
-        None,
-        conformance::topology::Kind::Bridge,
-        conformance::ViaSel::All,
-        None,
-    )?;
-    println!("xtask: conformance, routed topology, every scenario (via pod and service)");
-    let routed = conformance_run(
-        None,
-        None,
-        conformance::topology::Kind::Routed,
-        conformance::ViaSel::All,
-        None,
-    )?;
-    let failed = bridge.failed + routed.failed;
+    // vm-test's guests take the cores the host has to spare (one on a
+    // 2-core machine); the conformance run takes the rest meanwhile.
+    // Everything both run is built first, so neither builds beside the
+    // other.
+    let suites = vm::suites(&object)?;
+    conformance_build()?;
+    phases.done("deploy check and builds for vm-test and conformance");
     println!(
-        "conformance: {} passed, {} failed",
-        bridge.passed + routed.passed,
-        failed
+        "xtask: vm-test (the datapath suites on every kernel of the matrix, qemu) beside the \
+         conformance run"
     );
+    let series = vm::select("all")?;
+    let (vm_result, conformance) = std::thread::scope(|s| {
+        let vm = s.spawn(|| vm::boot_all(&series, &object, &suites));
+        let conformance = conformance_both(&object);
+        let vm_result = vm
+            .join()
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("vm-test panicked")));
+        (vm_result, conformance)
+    });
+    phases.done("vm-test beside conformance");
+    vm_result?;
+    let (passed, failed) = conformance?;
+    println!("conformance: {passed} passed, {failed} failed");
     // The summary stays the last line: it is the run's closing line.
     ensure!(failed == 0, "{failed} conformance cells failed");
     Ok(())
+}
+
+/// Every scenario on the bridge and the routed topology, via pod and
+/// service: (passed, failed) cells. The caller built what it runs.
+fn conformance_both(object: &Path) -> Result<(usize, usize)> {
+    let mut tally = (0, 0);
+    for (name, topology) in [
+        ("bridge", conformance::topology::Kind::Bridge),
+        ("routed", conformance::topology::Kind::Routed),
+    ] {
+        println!("xtask: conformance, {name} topology, every scenario (via pod and service)");
+        let t = conformance_with(None, None, topology, conformance::ViaSel::All, None, object)?;
+        tally.0 += t.passed;
+        tally.1 += t.failed;
+    }
+    Ok(tally)
 }
 
 /// The shared conformance folder beside the repository.
@@ -331,14 +377,8 @@ fn shared_conformance() -> Result<PathBuf> {
     Ok(dir)
 }
 
-/// Builds what a conformance run needs and runs it.
-fn conformance_run(
-    scenarios: Option<PathBuf>,
-    filter: Option<String>,
-    topology: conformance::topology::Kind,
-    via: conformance::ViaSel,
-    limit: Option<usize>,
-) -> Result<conformance::Tally> {
+/// What a conformance run needs: its tools and the agent (debug).
+fn conformance_build() -> Result<PathBuf> {
     ensure!(
         netpol_is_root(),
         "the conformance harness creates network namespaces and loads BPF programs: run it as root"
@@ -347,6 +387,30 @@ fn conformance_run(
     let object = build_ebpf()?;
     println!("xtask: building netpol-agent");
     run(cargo("stable").args(["build", "-p", "netpol-agent"]))?;
+    Ok(object)
+}
+
+/// Builds what a conformance run needs and runs it.
+fn conformance_run(
+    scenarios: Option<PathBuf>,
+    filter: Option<String>,
+    topology: conformance::topology::Kind,
+    via: conformance::ViaSel,
+    limit: Option<usize>,
+) -> Result<conformance::Tally> {
+    let object = conformance_build()?;
+    conformance_with(scenarios, filter, topology, via, limit, &object)
+}
+
+/// Runs the conformance scenarios with what [`conformance_build`] built.
+fn conformance_with(
+    scenarios: Option<PathBuf>,
+    filter: Option<String>,
+    topology: conformance::topology::Kind,
+    via: conformance::ViaSel,
+    limit: Option<usize>,
+    object: &Path,
+) -> Result<conformance::Tally> {
     let shared = shared_conformance()?;
     conformance::run(&conformance::Options {
         scenarios: scenarios.unwrap_or_else(|| shared.join("scenarios")),
@@ -356,7 +420,7 @@ fn conformance_run(
         via,
         limit,
         agent: demo::target_dir().join("debug/netpol-agent"),
-        object,
+        object: object.to_owned(),
     })
 }
 

@@ -7,8 +7,8 @@
 //! kernels are booted in qemu (TCG: this machine kind's `/dev/kvm` runs
 //! only paravirtualised guests; one vCPU each, as many guests at once as
 //! the host has cores to spare) from their ELF `vmlinux` (PVH entry), with
-//! a busybox initramfs that runs the datapath test binaries, built static
-//! so the guest needs no libc:
+//! a busybox initramfs that runs the datapath test binaries (the
+//! host's test build, stripped, with their libraries):
 //! - `datapath_packets`, `datapath_hardening`, `datapath_services`: the
 //!   verdict tables through `BPF_PROG_TEST_RUN`. Before 5.15 it refuses a
 //!   non-zero `__sk_buff.ingress_ifindex`: `from_pod` and `leave_node`
@@ -47,10 +47,6 @@ const SUITES: &[&str] = &[
     "datapath_netns",
     "datapath_attach",
 ];
-
-/// The guest's (and this machine's) target; naming it keeps the static
-/// flag off build scripts and proc macros.
-const GUEST_TARGET: &str = "x86_64-unknown-linux-gnu";
 
 /// Kernel from which the agent attaches through TCX.
 const TCX_KERNEL: (u32, u32) = (6, 6);
@@ -102,7 +98,7 @@ fn run_at_most<T: Sync, R: Send>(
         .collect()
 }
 
-/// `target/vm`: kernels, apt state, the static build, logs.
+/// `target/vm`: kernels, apt state, the stripped suites, logs.
 fn vm_dir() -> PathBuf {
     crate::root().join("target").join("vm")
 }
@@ -131,15 +127,27 @@ pub fn test(series: &[Series]) -> Result<()> {
         "vm-test fetches kernels with apt-get (private state, but apt wants root): run it as root"
     );
     crate::bootstrap::vm_tools()?;
+    let object = crate::build_ebpf()?;
+    let suites = build_suites(&vm_dir(), &object)?;
+    boot_all(series, &object, &suites)
+}
+
+/// The suites as built now, for [`boot_all`]; the caller built the object
+/// and has the tools.
+pub fn suites(object: &Path) -> Result<Vec<(String, PathBuf)>> {
+    build_suites(&vm_dir(), object)
+}
+
+/// Fetches the kernels, boots each with `suites` and reports; fails when
+/// any kernel fails. Builds nothing: it can run beside other work.
+pub fn boot_all(series: &[Series], object: &Path, suites: &[(String, PathBuf)]) -> Result<()> {
     let started = Instant::now();
     let dir = vm_dir();
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let object = crate::build_ebpf()?;
-    let suites = build_suites(&dir)?;
     let kernels = kernel::get(&dir, series)?;
     let busybox = static_busybox()?;
     let cpio = dir.join("initramfs.cpio");
-    initramfs::build(&cpio, &busybox, &object, &suites, &kernels)?;
+    initramfs::build(&cpio, &busybox, object, suites, &kernels)?;
     let at_once = guests_at_once(kernels.len());
     println!(
         "vm-test: booting {} (qemu TCG, {GUEST_CPUS} vCPU each, {at_once} at a time)",
@@ -228,36 +236,24 @@ fn skips(o: &report::Outcome) -> (String, String) {
     (head, lines)
 }
 
-/// Builds the suites static (glibc static-pie) and returns (name, binary).
-fn build_suites(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
-    println!(
-        "vm-test: building {} static ({GUEST_TARGET})",
-        SUITES.join(", ")
-    );
+/// The suites as `cargo test` builds them (the same command and
+/// environment, so after `cargo xtask test`'s own test run nothing is
+/// built again), stripped of debug information into `dir/suites` to keep
+/// the guest's memory for the tests; returns (name, binary). They are
+/// dynamically linked: the initramfs carries their libraries.
+fn build_suites(dir: &Path, object: &Path) -> Result<Vec<(String, PathBuf)>> {
+    println!("vm-test: the test build of {}, stripped", SUITES.join(", "));
     let mut c = crate::cargo("stable");
-    c.args(["test", "-p", "netpol-agent", "--no-run"])
-        .args(["--message-format", "json-render-diagnostics"])
-        .args(["--target", GUEST_TARGET, "--target-dir"])
-        .arg(dir.join("cargo"));
+    c.args(["test", "--no-run"])
+        .args(["--message-format", "json-render-diagnostics"]);
     for s in SUITES {
         c.args(["--test", s]);
     }
-    let triple = GUEST_TARGET.to_uppercase().replace('-', "_");
-    c.env(
-        format!("CARGO_TARGET_{triple}_RUSTFLAGS"),
-        "-C target-feature=+crt-static",
-    )
-    // No debug info: the binaries go into the guest's memory.
-    .env("CARGO_PROFILE_DEV_DEBUG", "0")
-    .env_remove("RUSTFLAGS")
-    .env_remove("CARGO_ENCODED_RUSTFLAGS")
-    .stdout(Stdio::piped())
-    .stderr(Stdio::inherit());
+    c.env("NETPOL_EBPF_OBJECT", object)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
     let out = c.output().context("starting cargo")?;
-    ensure!(
-        out.status.success(),
-        "building the static test binaries failed"
-    );
+    ensure!(out.status.success(), "building the test binaries failed");
     let mut found = Vec::new();
     for line in String::from_utf8_lossy(&out.stdout).lines() {
         let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else {
@@ -272,18 +268,23 @@ fn build_suites(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
             found.push((name.to_owned(), PathBuf::from(exe)));
         }
     }
+    let stripped = dir.join("suites");
+    std::fs::create_dir_all(&stripped)
+        .with_context(|| format!("creating {}", stripped.display()))?;
     let mut ordered = Vec::new();
     for s in SUITES {
         let (_, exe) = found
             .iter()
             .find(|(n, _)| n == s)
             .with_context(|| format!("cargo built no test binary {s}"))?;
-        ensure!(
-            elf_interpreter(exe)?.is_none(),
-            "{} is dynamically linked (the static build flags were not applied)",
-            exe.display()
-        );
-        ordered.push(((*s).to_owned(), exe.clone()));
+        let dest = stripped.join(s);
+        crate::run(
+            Command::new("strip")
+                .args(["--strip-debug", "-o"])
+                .arg(&dest)
+                .arg(exe),
+        )?;
+        ordered.push(((*s).to_owned(), dest));
     }
     Ok(ordered)
 }

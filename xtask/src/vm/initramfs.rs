@@ -1,6 +1,7 @@
 //! The guest's root: a newc cpio archive (what the kernel unpacks into its
 //! rootfs) with a static busybox, the host's iproute2, bpftool and ping
-//! with their shared libraries, the eBPF object, the static test binaries,
+//! with their shared libraries, the eBPF object, the test binaries (and
+//! theirs),
 //! each kernel's modules and `/init`, which runs the suites and reports on
 //! the second serial port.
 use std::{
@@ -71,6 +72,10 @@ pub fn build(
     cpio.file(OBJECT, object, 0o644)?;
     for (name, binary) in suites {
         cpio.file(&format!("/tests/{name}"), binary, 0o755)?;
+        for lib in shared_libraries(binary)? {
+            let at = lib.to_string_lossy().into_owned();
+            cpio.file(&at, &lib, 0o755)?;
+        }
     }
     for k in kernels {
         for (name, path) in MODULES.iter().zip(&k.modules) {
@@ -152,11 +157,13 @@ fn shared_libraries(binary: &Path) -> Result<Vec<PathBuf>> {
         .collect())
 }
 
-/// A newc ("070701") cpio writer: parent folders first, each once.
+/// A newc ("070701") cpio writer: parent folders first, each once; a
+/// file copied from the host once (libraries the tools share).
 struct Cpio<W: Write> {
     out: W,
     ino: u32,
     dirs: BTreeSet<String>,
+    copied: BTreeSet<String>,
     written: u64,
 }
 
@@ -166,6 +173,7 @@ impl<W: Write> Cpio<W> {
             out,
             ino: 1,
             dirs: BTreeSet::new(),
+            copied: BTreeSet::new(),
             written: 0,
         }
     }
@@ -196,6 +204,9 @@ impl<W: Write> Cpio<W> {
     }
 
     fn file(&mut self, path: &str, source: &Path, mode: u32) -> Result<()> {
+        if !self.copied.insert(path.to_owned()) {
+            return Ok(());
+        }
         let data =
             std::fs::read(source).with_context(|| format!("reading {}", source.display()))?;
         self.data(path, &data, mode)
