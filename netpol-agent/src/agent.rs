@@ -560,7 +560,9 @@ impl Agent {
         let (source_name, mut source) = match &self.source {
             Source::Files(dir) => {
                 tracing::info!(dir = %dir.display(), "files source");
-                let run = FilesSource::new(dir.clone()).run(input_tx, stop_rx.clone());
+                let run = FilesSource::new(dir.clone())
+                    .metrics(self.metrics.clone())
+                    .run(input_tx, stop_rx.clone());
                 (
                     "files source",
                     tokio::spawn(async move { run.await.map_err(AgentError::from) }),

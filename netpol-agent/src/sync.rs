@@ -220,13 +220,17 @@ impl SyncLoop {
             move |clock, skew| clock_tx.send(Found::Clock { clock, skew }).is_ok(),
         ));
         let mut health = self.cfg.source_health.clone();
+        let mut alive = tokio::time::interval(crate::telemetry::ALIVE_EVERY);
         loop {
+            // Every turn of the loop, each apply included, ends here.
+            self.metrics.alive(crate::telemetry::Task::Loop);
             let retry = self.retry_at;
             let rebind = self.rebind_at;
             let mut compile = false;
             let mut endpoints = false;
             tokio::select! {
                 () = crate::sync::stopped(&mut stop) => break,
+                _ = alive.tick() => {}
                 r = inputs.changed() => {
                     if r.is_err() {
                         break;
@@ -960,6 +964,12 @@ impl SyncLoop {
             })
             .collect();
         let input = self.input.as_deref();
+        self.metrics.manifest_problems.set(
+            input
+                .map_or(0, |i| i.problems.len())
+                .try_into()
+                .unwrap_or(i64::MAX),
+        );
         let source = self
             .cfg
             .source_health

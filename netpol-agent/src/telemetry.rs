@@ -185,6 +185,12 @@ pub struct Metrics {
     /// Times the programs' clock was measured again, having drifted from
     /// `CLOCK_MONOTONIC` (`datapath::clock::Watch`).
     pub clock_remeasured: Counter,
+    /// Problems of the input in force (files, documents, objects).
+    pub manifest_problems: Gauge,
+    /// Seconds since each watched task (`loop`, `source`) last showed it
+    /// was alive, set when the metrics are encoded.
+    pub seconds_since_alive: Family<Vec<(String, String)>, Gauge<f64, AtomicU64>>,
+    liveness: Liveness,
     /// What the `/metrics` scrape reads from the kernel, and deny counts.
     datapath: Arc<DatapathMetrics>,
 }
@@ -256,6 +262,20 @@ impl Metrics {
              CLOCK_MONOTONIC",
             clock_remeasured.clone(),
         );
+        let manifest_problems = Gauge::default();
+        registry.register(
+            "manifest_problems",
+            "Problems of the input in force: unreadable files and documents, rejected objects \
+             (each keeps its last valid version)",
+            manifest_problems.clone(),
+        );
+        let seconds_since_alive = Family::default();
+        registry.register(
+            "seconds_since_alive",
+            "Seconds since the reconcile loop (task=\"loop\") or the source (task=\"source\") \
+             last showed it was alive; /healthz fails past 30",
+            seconds_since_alive.clone(),
+        );
         let datapath = Arc::new(DatapathMetrics::default());
         registry.register_collector(Box::new(DatapathCollector(datapath.clone())));
         Self {
@@ -272,6 +292,9 @@ impl Metrics {
             seconds_since_last_apply,
             last_apply: Mutex::new(None),
             clock_remeasured,
+            manifest_problems,
+            seconds_since_alive,
+            liveness: Liveness::default(),
             datapath,
         }
     }
@@ -388,11 +411,116 @@ impl Metrics {
         {
             self.seconds_since_last_apply.set(t.elapsed().as_secs_f64());
         }
+        for task in [Task::Loop, Task::Source] {
+            if let Some(age) = self.liveness.age(task) {
+                self.seconds_since_alive
+                    .get_or_create(&label("task", task.name()))
+                    .set(age.as_secs_f64());
+            }
+        }
         let mut out = String::new();
         if encode(&mut out, &self.registry).is_err() {
             out.clear();
         }
         out
+    }
+}
+
+/// A task whose progress `/healthz` watches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Task {
+    /// The reconcile loop.
+    Loop,
+    /// The source (the files source; the kube source reports its API
+    /// connection apart, as `/readyz`).
+    Source,
+}
+
+impl Task {
+    /// Its `task` label.
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Loop => "loop",
+            Self::Source => "source",
+        }
+    }
+}
+
+/// How long a watched task may go without showing it is alive before
+/// `/healthz` fails: far beyond any apply or rescan, each of which beats
+/// when it ends, and the idle ticks of [`ALIVE_EVERY`].
+pub const STUCK_AFTER: std::time::Duration = std::time::Duration::from_secs(30);
+/// How often an idle watched task beats.
+pub const ALIVE_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// When each watched task last beat (ms since `origin`, 0: never, so not
+/// watched).
+#[derive(Debug)]
+struct Liveness {
+    origin: Instant,
+    beats: [AtomicU64; 2],
+}
+
+impl Default for Liveness {
+    fn default() -> Self {
+        Self {
+            origin: Instant::now(),
+            beats: [AtomicU64::new(0), AtomicU64::new(0)],
+        }
+    }
+}
+
+impl Liveness {
+    fn slot(&self, task: Task) -> &AtomicU64 {
+        &self.beats[match task {
+            Task::Loop => 0,
+            Task::Source => 1,
+        }]
+    }
+
+    fn beat(&self, task: Task) {
+        let ms = u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.slot(task)
+            .store(ms.max(1), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn age(&self, task: Task) -> Option<std::time::Duration> {
+        match self.slot(task).load(std::sync::atomic::Ordering::Relaxed) {
+            0 => None,
+            ms => Some(
+                self.origin
+                    .elapsed()
+                    .saturating_sub(std::time::Duration::from_millis(ms)),
+            ),
+        }
+    }
+}
+
+impl Metrics {
+    /// `task` is alive (it beats after each piece of work and every
+    /// [`ALIVE_EVERY`] while idle).
+    pub fn alive(&self, task: Task) {
+        self.liveness.beat(task);
+    }
+
+    /// What `/healthz` says is wrong: a watched task silent for longer than
+    /// `after`.
+    #[must_use]
+    pub fn stuck(&self, after: std::time::Duration) -> Option<String> {
+        [Task::Loop, Task::Source].into_iter().find_map(|task| {
+            let age = self.liveness.age(task)?;
+            (age > after).then(|| {
+                format!(
+                    "the {} has shown no progress for {} s",
+                    match task {
+                        Task::Loop => "reconcile loop",
+                        Task::Source => "source",
+                    },
+                    age.as_secs()
+                )
+            })
+        })
     }
 }
 

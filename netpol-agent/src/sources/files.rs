@@ -20,6 +20,9 @@ pub enum FilesError {
     /// Listing the folder failed.
     #[error(transparent)]
     Read(#[from] FolderError),
+    /// A rescan panicked; the next event starts over.
+    #[error("rescanning the manifests folder panicked: {0}")]
+    Panicked(String),
     /// The watch could not be set up.
     #[error("watching manifests folder {path}: {source}")]
     Watch {
@@ -37,6 +40,7 @@ const UNSETTLED_RETRY: Duration = Duration::from_secs(1);
 #[derive(Debug)]
 pub struct FilesSource {
     folder: Folder,
+    metrics: Option<Arc<crate::telemetry::Metrics>>,
 }
 
 impl FilesSource {
@@ -45,6 +49,21 @@ impl FilesSource {
     pub fn new(dir: impl Into<PathBuf>) -> Self {
         Self {
             folder: Folder::new(dir),
+            metrics: None,
+        }
+    }
+
+    /// Shows `metrics` (and so `/healthz`) that it is alive after every
+    /// rescan and while idle.
+    #[must_use]
+    pub fn metrics(mut self, metrics: Arc<crate::telemetry::Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    fn alive(&self) {
+        if let Some(m) = &self.metrics {
+            m.alive(crate::telemetry::Task::Source);
         }
     }
 
@@ -88,7 +107,7 @@ impl FilesSource {
             Err(e) => {
                 tracing::error!(dir = %dir.display(), error = %e, "manifests rescan failed");
                 let fresh = Self::new(dir);
-                (fresh, Ok((Input::default(), true)))
+                (fresh, Err(FilesError::Panicked(e.to_string())))
             }
         }
     }
@@ -139,12 +158,20 @@ impl FilesSource {
             let _ = watcher.watch(parent, notify::RecursiveMode::NonRecursive);
         }
         let mut watched = folder_id(&dir);
+        let metrics = self.metrics.clone();
         let (mut src, first) = self.rescan_off_runtime().await;
+        src.metrics = metrics;
+        src.alive();
         let (mut last, mut unsettled) = first?;
         publish(&tx, &last, &dir);
+        let mut alive = tokio::time::interval(crate::telemetry::ALIVE_EVERY);
         loop {
             tokio::select! {
                 () = crate::sync::stopped(&mut stop) => return Ok(()),
+                _ = alive.tick() => {
+                    src.alive();
+                    continue;
+                }
                 ev = ev_rx.recv() => if ev.is_none() { return Ok(()) },
                 () = async {
                     if unsettled {
@@ -170,8 +197,11 @@ impl FilesSource {
                     }
                 }
             }
+            let metrics = src.metrics.clone();
             let (back, result) = src.rescan_off_runtime().await;
             src = back;
+            src.metrics = metrics;
+            src.alive();
             match result {
                 Ok((input, again)) => {
                     unsettled = again;
