@@ -83,6 +83,12 @@ pub enum AgentError {
     /// The datapath could not be loaded.
     #[error("loading the datapath: {0}")]
     Datapath(#[from] DatapathError),
+    /// The pins are another agent's.
+    #[error(transparent)]
+    Lock(#[from] crate::bpffs::LockError),
+    /// The bpffs could not be prepared.
+    #[error(transparent)]
+    Bpffs(#[from] crate::bpffs::BpffsError),
     /// The HTTP port could not be bound.
     #[error("listening on {addr}: {source}")]
     Listen {
@@ -171,7 +177,12 @@ pub struct AgentBuilder {
     log_denied: bool,
     event_rate: u32,
     event_burst: u32,
+    handover_wait: Duration,
 }
+
+/// How long a starting agent waits for the one holding the pins to exit
+/// (a rolling update's handover) before it refuses to start.
+pub const DEFAULT_HANDOVER_WAIT: Duration = Duration::from_secs(30);
 
 impl Default for AgentBuilder {
     fn default() -> Self {
@@ -194,6 +205,7 @@ impl Default for AgentBuilder {
             log_denied: false,
             event_rate: limits::DEFAULT_RATE,
             event_burst: limits::DEFAULT_BURST,
+            handover_wait: DEFAULT_HANDOVER_WAIT,
         }
     }
 }
@@ -301,6 +313,14 @@ impl AgentBuilder {
     #[must_use]
     pub fn listen(mut self, addr: Option<SocketAddr>) -> Self {
         self.listen = addr;
+        self
+    }
+
+    /// How long to wait for another agent holding the pins to exit before
+    /// refusing to start (default [`DEFAULT_HANDOVER_WAIT`]).
+    #[must_use]
+    pub fn handover_wait(mut self, wait: Duration) -> Self {
+        self.handover_wait = wait;
         self
     }
 
@@ -503,6 +523,18 @@ impl Agent {
         s.timeouts.apply(&mut global);
         global.event_rate = s.event_rate;
         global.event_burst = s.event_burst;
+        // One agent per set of pins, before anything is loaded or written:
+        // a second one would adopt the first one's attachments and write
+        // its own state under it.
+        crate::bpffs::ensure_mounted(&s.bpffs)?;
+        let pins = s.bpffs.join(crate::datapath::PIN_SUBDIR);
+        let wait = s.handover_wait;
+        let _pin_lock = tokio::task::spawn_blocking(move || crate::bpffs::lock(&pins, wait))
+            .await
+            .map_err(|e| crate::bpffs::LockError::Io {
+                path: s.bpffs.clone(),
+                source: std::io::Error::other(e.to_string()),
+            })??;
         let dp = Datapath::load(&DatapathConfig {
             bpffs: s.bpffs.clone(),
             object: s.object.clone(),

@@ -66,3 +66,136 @@ pub fn ensure_mounted(root: &Path) -> Result<bool, BpffsError> {
     })?;
     Ok(true)
 }
+
+/// One agent per set of pins: an exclusive `flock` on the pin folder,
+/// held for the agent's life and released by the kernel when it exits,
+/// however it exits. bpffs holds no regular files, so the folder itself
+/// is the lock; every mount of the same bpffs (the host's, a container's)
+/// shares it.
+#[derive(Debug)]
+pub struct PinLock {
+    _dir: std::fs::File,
+}
+
+/// How often a waiting agent tries the lock again.
+const LOCK_POLL: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Why the pins could not be locked.
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    /// The folder could not be created or opened, or `flock` failed.
+    #[error("locking {path}: {source}")]
+    Io {
+        /// The pin folder.
+        path: PathBuf,
+        /// Why.
+        source: io::Error,
+    },
+    /// Another agent kept it past the handover wait.
+    #[error(
+        "another netpol agent holds {path} ({holder}) and did not exit within {} s: refusing to \
+         run a second agent on the same pins",
+        waited.as_secs()
+    )]
+    Held {
+        /// The pin folder.
+        path: PathBuf,
+        /// Who holds it, from /proc/locks.
+        holder: String,
+        /// How long this agent waited.
+        waited: std::time::Duration,
+    },
+}
+
+/// Takes the lock of `pin_dir` (created if missing), waiting up to `wait`
+/// for a holder to exit: the handover of a rolling update, where the
+/// next agent starts while the last one still stops.
+///
+/// # Errors
+/// [`LockError::Held`] naming the holder when it is still there after
+/// `wait`; [`LockError::Io`] when the folder cannot be locked at all.
+pub fn lock(pin_dir: &Path, wait: std::time::Duration) -> Result<PinLock, LockError> {
+    use std::os::fd::AsRawFd as _;
+    let io_err = |source| LockError::Io {
+        path: pin_dir.to_owned(),
+        source,
+    };
+    std::fs::create_dir_all(pin_dir).map_err(io_err)?;
+    let dir = std::fs::File::open(pin_dir).map_err(io_err)?;
+    let started = std::time::Instant::now();
+    let mut told = false;
+    loop {
+        // SAFETY: flock on a descriptor this function owns; no memory is
+        // passed.
+        let rc = unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if rc == 0 {
+            return Ok(PinLock { _dir: dir });
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::WouldBlock {
+            return Err(io_err(e));
+        }
+        let holder = holder(&dir);
+        if started.elapsed() >= wait {
+            return Err(LockError::Held {
+                path: pin_dir.to_owned(),
+                holder,
+                waited: started.elapsed(),
+            });
+        }
+        if !told {
+            tracing::info!(
+                pins = %pin_dir.display(),
+                %holder,
+                wait_secs = wait.as_secs(),
+                "another agent holds the pins: waiting for it to exit (handover)"
+            );
+            told = true;
+        }
+        std::thread::sleep(LOCK_POLL);
+    }
+}
+
+/// Who holds the `flock` on `dir`: `pid N (command line)` from
+/// /proc/locks, as this process's PID namespace sees it.
+fn holder(dir: &std::fs::File) -> String {
+    use std::os::unix::fs::MetadataExt as _;
+    let Ok(meta) = dir.metadata() else {
+        return "holder unknown".to_owned();
+    };
+    let dev = meta.dev();
+    // /proc/locks: `1: FLOCK  ADVISORY  WRITE 4242 00:2a:1234 0 EOF`,
+    // the device as major:minor in hex.
+    let id = format!(
+        "{:02x}:{:02x}:{}",
+        libc::major(dev),
+        libc::minor(dev),
+        meta.ino()
+    );
+    let locks = std::fs::read_to_string("/proc/locks").unwrap_or_default();
+    let pid = locks.lines().find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        (f.get(1) == Some(&"FLOCK") && f.get(5) == Some(&id.as_str()))
+            .then(|| f.get(4).map(|p| (*p).to_owned()))
+            .flatten()
+    });
+    match pid {
+        Some(pid) => {
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|b| {
+                    String::from_utf8_lossy(&b)
+                        .split('\0')
+                        .filter(|s| !s.is_empty())
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                })
+                .unwrap_or_default();
+            if cmd.is_empty() {
+                format!("pid {pid}")
+            } else {
+                format!("pid {pid}: {cmd}")
+            }
+        }
+        None => "holder not in /proc/locks (another PID namespace?)".to_owned(),
+    }
+}

@@ -97,6 +97,10 @@ struct RunArgs {
     /// compiling.
     #[arg(long, default_value_t = 10)]
     debounce_ms: u64,
+    /// Seconds to wait for another agent holding the pins (the one a
+    /// rolling update replaces) to exit before refusing to start.
+    #[arg(long, default_value_t = agent::DEFAULT_HANDOVER_WAIT.as_secs())]
+    handover_wait_secs: u64,
     /// The eBPF object (default: found next to the binary, in
     /// /usr/lib/netpol or in the workspace's target/).
     #[arg(long, env = "NETPOL_EBPF_OBJECT")]
@@ -332,6 +336,7 @@ fn run_agent(bpffs: PathBuf, args: RunArgs) -> anyhow::Result<ExitCode> {
         .listen(Some(args.listen))
         .state_dir(Some(args.state_dir))
         .debounce(std::time::Duration::from_millis(args.debounce_ms))
+        .handover_wait(std::time::Duration::from_secs(args.handover_wait_secs))
         .log_denied(args.log_denied)
         .event_rate(args.event_rate)
         .event_burst(args.event_burst)

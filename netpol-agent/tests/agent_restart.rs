@@ -52,6 +52,18 @@ struct AgentProcess {
 
 impl AgentProcess {
     fn start(node: &Netns, bpffs: &Path, m: &Manifests, mode: &str, log: &Path) -> Self {
+        Self::start_with(node, bpffs, m, mode, log, &[])
+    }
+
+    /// [`Self::start`] with more `run` arguments.
+    fn start_with(
+        node: &Netns,
+        bpffs: &Path,
+        m: &Manifests,
+        mode: &str,
+        log: &Path,
+        extra: &[&str],
+    ) -> Self {
         let out = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -74,6 +86,7 @@ impl AgentProcess {
                 "--state-dir",
             ])
             .arg(bpffs.with_extension("state"))
+            .args(extra)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(out)
@@ -641,4 +654,83 @@ fn netlink_agent_replaces_maps_of_another_layout_without_a_window() {
         return;
     }
     another_layout_is_replaced_without_a_window("netlink");
+}
+
+/// One agent per set of pins (issue 20): a second agent on the same bpffs
+/// refuses to start, naming the first, and the first keeps enforcing; a
+/// second agent given time takes over once the first exits (a rolling
+/// update's handover), with the stream kept and the denied pair denied
+/// throughout.
+#[test]
+fn a_second_agent_refuses_the_pins_of_a_running_one_and_takes_over_once_it_exits() {
+    if !privileged() {
+        return;
+    }
+    let scene = Scene::new("netlink");
+    let Scene {
+        node,
+        bpffs,
+        m,
+        a,
+        b,
+        c,
+        log,
+    } = &scene;
+    let pods = [a, b, c];
+    let mut first = AgentProcess::start(node, bpffs.path(), m, "netlink", log);
+    first.wait_enforced(node, m, &pods);
+    let probes = Probes::start(a, b, c, &bpffs.path().join("netpol"));
+    probes.progress(30, "first agent");
+
+    // Bounded: an agent that ran instead of refusing is stopped.
+    let refused = Command::new("timeout")
+        .args(["30", "ip", "netns", "exec", &node.name])
+        .arg(env!("CARGO_BIN_EXE_netpol-agent"))
+        .arg("--bpffs")
+        .arg(bpffs.path())
+        .args(["run", "--manifests"])
+        .arg(&m.0)
+        .args(["--interfaces", "nph*", "--listen", "127.0.0.1:9102"])
+        .args(["--attach-mode", "netlink", "--handover-wait-secs", "1"])
+        .arg("--state-dir")
+        .arg(bpffs.path().with_extension("second"))
+        .output()
+        .expect("second agent");
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "the second agent ran: {err}");
+    let first_pid = format!("pid {}", first.child.id());
+    assert!(
+        err.contains("another netpol agent holds") && err.contains(&first_pid),
+        "names the holder ({first_pid}): {err}"
+    );
+    assert!(
+        !err.contains("adopted"),
+        "the second agent touched the datapath: {err}"
+    );
+    probes.progress(30, "after the refused second agent");
+    assert!(
+        matches!(first.child.try_wait(), Ok(None)),
+        "the first agent still runs"
+    );
+    first.wait_enforced(node, m, &pods);
+
+    // Handover: the next agent starts while this one still runs.
+    let mut next = AgentProcess::start_with(
+        node,
+        bpffs.path(),
+        m,
+        "netlink",
+        log,
+        &["--handover-wait-secs", "60"],
+    );
+    probes.progress(30, "both agents up, the second waiting");
+    first.signal("TERM");
+    next.wait_enforced(node, m, &pods);
+    probes.progress(50, "after the handover");
+    probes.stop("after the handover");
+    let text = next.log();
+    assert!(
+        text.contains("waiting for it to exit (handover)"),
+        "the next agent waited: {text}"
+    );
 }
