@@ -157,6 +157,57 @@ fn http_reports_readiness_status_and_metrics() {
     assert!(http_get(&node, addr, "/nope").starts_with("HTTP/1.1 404"));
 }
 
+/// Bad files do not stall the agent (issue 20): a FIFO named `*.yaml` and a
+/// deeply nested file are named as problems while `/healthz` answers at
+/// once throughout, a policy change beside them is enforced, and the
+/// problems clear with their files.
+#[test]
+fn a_fifo_and_a_deeply_nested_file_neither_stall_health_nor_later_changes() {
+    if !privileged() {
+        return;
+    }
+    let node = node(Topology::Routed, true);
+    let bpffs = TempBpffs::new();
+    let m = Manifests::new();
+    m.write("00-base.yaml", BASE);
+    let mut agent = Running::start(&node, bpffs.path(), &m);
+    let addr = agent.wait_enforced(&m).listen.expect("listening");
+    let fifo = m.0.join("fifo.yaml");
+    let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).expect("path");
+    // SAFETY: mkfifo reads a NUL-terminated path we own.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+    // 120 KB of nesting: what stalled the agent for 22 s.
+    let depth = 60_000;
+    m.write(
+        "nested.yaml",
+        &format!("a: {}{}\n", "[".repeat(depth), "]".repeat(depth)),
+    );
+    m.write(
+        "policy.yaml",
+        "{apiVersion: networking.k8s.io/v1, kind: NetworkPolicy, \
+         metadata: {name: p, namespace: x}, spec: {podSelector: {}}}\n",
+    );
+    let s = agent.wait("both problems", |s| {
+        s.problems
+            .iter()
+            .any(|p| p.contains("fifo.yaml") && p.contains("a FIFO"))
+            && s.problems
+                .iter()
+                .any(|p| p.contains("nested.yaml") && p.contains("nested 60000 deep"))
+    });
+    assert_eq!(s.objects.policies, 1, "the policy beside them is in force");
+    for _ in 0..20 {
+        let started = Instant::now();
+        assert!(http_get(&node, addr, "/healthz").starts_with("HTTP/1.1 200"));
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    }
+    std::fs::remove_file(&fifo).expect("rm fifo");
+    std::fs::remove_file(m.0.join("nested.yaml")).expect("rm nested");
+    agent.wait("the problems cleared", |s| s.problems.is_empty());
+    let metrics = http_get(&node, addr, "/metrics");
+    assert!(metrics.contains("netpol_manifest_problems 0"), "{metrics}");
+}
+
 /// A pod namespace no longer reachable by a namespace file the agent
 /// scans: bind-mounted to a private path, its `/var/run/netns` name gone.
 struct Hidden(PathBuf);

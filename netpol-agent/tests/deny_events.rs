@@ -205,8 +205,11 @@ fn denied_probe_names_both_pods_and_the_reason_and_an_allowed_one_reports_nothin
     // Allowed first (b is not isolated; the replies belong to a
     // connection a opened), then denied. Events arrive in order: one the
     // allowed probes had caused would come before the denials.
+    // An allowed echo may be retried: a fresh namespace can lose its
+    // first one to neighbour resolution. Had netpol dropped one, its deny
+    // event would come first and fail the checks below.
     for dst in s.b.addresses() {
-        assert!(pings(&s.a.ns, dst), "a → {dst} is allowed");
+        assert!((0..3).any(|_| pings(&s.a.ns, dst)), "a → {dst} is allowed");
     }
     for dst in s.a.addresses() {
         assert!(!pings(&s.b.ns, dst), "b → {dst} is denied");

@@ -367,10 +367,11 @@ fn convert_file(path: &Path, text: &str, state: &mut FileState) {
         Ok(docs) => docs,
         Err((i, e)) => {
             tracing::warn!(file = %origin, document = i, error = %e, "broken manifest file skipped");
-            state.read_problem = Some(file_problem(
+            // A problem of this text: it stays while the text does.
+            state.problems = vec![file_problem(
                 path,
                 format!("document {i}: {e}; file skipped, its previous contents stay in force"),
-            ));
+            )];
             return;
         }
     };

@@ -486,6 +486,9 @@ spec: {clusterIP: 10.43.0.1, ports: [{port: 80}]}
             "{:?}",
             input.problems
         );
+        // Read again unchanged, the file's problem stays.
+        let again = src.rescan().expect("rescan");
+        assert_eq!(again.problems, input.problems);
         // Fixed: the problems clear.
         d.write("p.yaml", POLICY_80);
         assert!(src.rescan().expect("rescan").problems.is_empty());
