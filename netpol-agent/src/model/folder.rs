@@ -232,18 +232,21 @@ impl Folder {
                 Read::Gone => {
                     self.files.remove(path);
                 }
-                Read::Problem(why) => {
-                    self.files.entry(path.clone()).or_default().read_problem = Some(file_problem(
-                        path,
-                        format!("{why}; its previous contents stay"),
-                    ));
-                }
+                Read::Problem(why) => self.unreadable(path, &why),
             }
         }
         let unsettled = self.settle(waiting);
         let mut loaded = self.merged();
         loaded.unsettled = unsettled;
         Ok(loaded)
+    }
+
+    /// Records why `path` could not be read; its last fragment stays.
+    fn unreadable(&mut self, path: &Path, why: &str) {
+        self.files.entry(path.to_owned()).or_default().read_problem = Some(file_problem(
+            path,
+            format!("{why}; its previous contents stay"),
+        ));
     }
 
     /// Reads the changed files that were not quiet again until they are,
@@ -268,11 +271,7 @@ impl Folder {
                     Read::Gone => {
                         self.files.remove(&path);
                     }
-                    Read::Problem(why) => {
-                        self.files.entry(path.clone()).or_default().read_problem = Some(
-                            file_problem(&path, format!("{why}; its previous contents stay")),
-                        );
-                    }
+                    Read::Problem(why) => self.unreadable(&path, &why),
                 }
             }
             waiting = still;

@@ -96,6 +96,7 @@ impl FilesSource {
     /// the result.
     async fn rescan_off_runtime(mut self) -> (Self, Result<(Input, bool), FilesError>) {
         let dir = self.dir().to_owned();
+        let metrics = self.metrics.clone();
         match tokio::task::spawn_blocking(move || {
             let r = self.rescan_settled();
             (self, r)
@@ -106,7 +107,10 @@ impl FilesSource {
             // The rescan panicked: nothing of it survives; start over.
             Err(e) => {
                 tracing::error!(dir = %dir.display(), error = %e, "manifests rescan failed");
-                let fresh = Self::new(dir);
+                let fresh = Self {
+                    folder: Folder::new(dir),
+                    metrics,
+                };
                 (fresh, Err(FilesError::Panicked(e.to_string())))
             }
         }
@@ -158,9 +162,7 @@ impl FilesSource {
             let _ = watcher.watch(parent, notify::RecursiveMode::NonRecursive);
         }
         let mut watched = folder_id(&dir);
-        let metrics = self.metrics.clone();
         let (mut src, first) = self.rescan_off_runtime().await;
-        src.metrics = metrics;
         src.alive();
         let (mut last, mut unsettled) = first?;
         publish(&tx, &last, &dir);
@@ -197,10 +199,8 @@ impl FilesSource {
                     }
                 }
             }
-            let metrics = src.metrics.clone();
             let (back, result) = src.rescan_off_runtime().await;
             src = back;
-            src.metrics = metrics;
             src.alive();
             match result {
                 Ok((input, again)) => {
