@@ -28,6 +28,7 @@ pub mod object;
 pub mod preflight;
 pub mod privileges;
 pub mod provenance;
+pub mod resume;
 pub mod sources;
 pub mod sync;
 pub mod telemetry;

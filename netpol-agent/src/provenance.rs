@@ -130,6 +130,10 @@ pub struct EndpointState {
     pub pod: String,
     /// Endpoint id (the `NETPOL_ENDPOINTS` value's `id`).
     pub id: u32,
+    /// The pod's uid: a restarted agent keeps the id only for the same
+    /// pod ([`crate::resume`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<String>,
     /// Host-side interface index (the `NETPOL_ENDPOINTS` key), once bound.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ifindex: Option<u32>,
@@ -356,6 +360,7 @@ impl State {
                 EndpointState {
                     pod: pod.to_string(),
                     id: e.id,
+                    uid: c.ids.endpoints.get(pod).and_then(|i| i.uid.clone()),
                     ifindex: bound.map(|b| b.ifindex),
                     interface: bound.map(|b| b.name.clone()),
                     addresses: e.ips.clone(),

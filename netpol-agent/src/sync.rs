@@ -40,6 +40,7 @@ use crate::{
     interfaces::{self, Link, LinkEvent},
     model::ObjectRef,
     provenance::{self, Bound, Inputs, State},
+    resume,
     sources::{Input, ObjectCounts, SourceHealth, fingerprint},
     telemetry::{Families, InterfaceStatus, Metrics, Status},
 };
@@ -129,7 +130,6 @@ pub(crate) struct SyncLoop {
     uplinks: crate::uplinks::Uplinks,
     cfg: SyncConfig,
     compiled: Option<Compiled>,
-    ids: IdAllocation,
     input: Option<Arc<Input>>,
     ifaces: BTreeMap<u32, Iface>,
     bindings: BTreeMap<ObjectRef, u32>,
@@ -169,7 +169,6 @@ impl SyncLoop {
             uplinks: crate::uplinks::Uplinks::new(cfg.interfaces.clone(), cfg.uplinks.clone()),
             cfg,
             compiled: None,
-            ids: IdAllocation::default(),
             input: None,
             ifaces: BTreeMap::new(),
             bindings: BTreeMap::new(),
@@ -572,23 +571,37 @@ impl SyncLoop {
         if self.cfg.node.is_some() {
             snapshot.local_node.clone_from(&self.cfg.node);
         }
-        let new = compiler::compile(&snapshot, &self.ids);
-        let bindings = self.bind(&new);
-        let result = match &self.compiled {
-            Some(old) => {
-                let ops: Vec<RawOp> = compiler::diff(old, &new).raw().collect();
-                self.dp.writer().apply(&ops, &bindings).map(|r| r.applied)
-            }
-            None => self.first_apply(&new, &bindings),
+        // The first apply diffs from what the pinned maps hold (a previous
+        // agent's state, or nothing), read back with the ids to keep.
+        let resuming = self.compiled.is_none();
+        let old = match self.compiled.take() {
+            Some(c) => c,
+            None => self.resume(&snapshot),
         };
+        let new = compiler::compile(&snapshot, &old.ids);
+        let bindings = self.bind(&new);
+        let ops: Vec<RawOp> = compiler::diff(&old, &new).raw().collect();
+        let result = self.dp.writer().apply(&ops, &bindings).map(|r| r.applied);
+        if result.is_err() && !resuming {
+            self.compiled = Some(old);
+        }
         match result {
-            Ok(applied) => {
-                self.ids = new.ids.clone();
+            Ok(mut applied) => {
                 self.compiled = Some(new);
                 if let Err(e) = self.sync_endpoints() {
                     self.fail("apply", format!("{e}"));
                     self.publish();
                     return;
+                }
+                if resuming && let Some(c) = &self.compiled {
+                    let sweep = resume::leftovers(self.dp.writer().mirror(), c);
+                    if let Err(e) = self.dp.writer().apply_kernel(&sweep) {
+                        // Entries nothing points at: they cost room, not
+                        // enforcement.
+                        tracing::warn!(error = %e, "removing entries the previous agent left");
+                    } else {
+                        applied += sweep.len();
+                    }
                 }
                 self.generation = generation;
                 self.fingerprint = Some(fingerprint(&input.snapshot));
@@ -655,74 +668,31 @@ impl SyncLoop {
         self.lookup_routes();
     }
 
-    /// The first apply after start: the pinned maps may hold a previous
-    /// agent's state, whose ids mean nothing to this one, so the policy,
-    /// port and frontend maps converge on the new contents entry by entry (new
-    /// entries before endpoints change, stale ones after).
-    fn first_apply(
-        &mut self,
-        new: &Compiled,
-        bindings: &BTreeMap<ObjectRef, u32>,
-    ) -> Result<usize, MapWriteError> {
-        let want = new.map_state();
-        let have = self.dp.writer().mirror().clone();
-        let mut upserts = Vec::new();
-        let mut deletes = Vec::new();
-        for (k, v) in &want.frontends_v4 {
-            if have.frontends_v4.get(k) != Some(v) {
-                upserts.push(KernelOp::FrontendV4Upsert(*k, *v));
-            }
-        }
-        for (k, v) in &want.frontends_v6 {
-            if have.frontends_v6.get(k) != Some(v) {
-                upserts.push(KernelOp::FrontendV6Upsert(*k, *v));
-            }
-        }
-        for (&(l, k), v) in &want.ports {
-            if have.ports.get(&(l, k)) != Some(v) {
-                upserts.push(KernelOp::PortUpsert(l, k, *v));
-            }
-        }
-        for (&(l, k), v) in &want.policy_v4 {
-            if have.policy_v4.get(&(l, k)) != Some(v) {
-                upserts.push(KernelOp::PolicyV4Upsert(l, k, *v));
-            }
-        }
-        for (&(l, k), v) in &want.policy_v6 {
-            if have.policy_v6.get(&(l, k)) != Some(v) {
-                upserts.push(KernelOp::PolicyV6Upsert(l, k, *v));
-            }
-        }
-        for &(l, k) in have.policy_v4.keys() {
-            if !want.policy_v4.contains_key(&(l, k)) {
-                deletes.push(KernelOp::PolicyV4Delete(l, k));
-            }
-        }
-        for &(l, k) in have.policy_v6.keys() {
-            if !want.policy_v6.contains_key(&(l, k)) {
-                deletes.push(KernelOp::PolicyV6Delete(l, k));
-            }
-        }
-        for &(l, k) in have.ports.keys() {
-            if !want.ports.contains_key(&(l, k)) {
-                deletes.push(KernelOp::PortDelete(l, k));
-            }
-        }
-        for k in have.frontends_v4.keys() {
-            if !want.frontends_v4.contains_key(k) {
-                deletes.push(KernelOp::FrontendV4Delete(*k));
-            }
-        }
-        for k in have.frontends_v6.keys() {
-            if !want.frontends_v6.contains_key(k) {
-                deletes.push(KernelOp::FrontendV6Delete(*k));
-            }
-        }
-        self.dp.writer().apply_kernel(&upserts)?;
-        let endpoints = self.endpoint_ops(new, bindings, false);
-        self.dp.writer().apply_kernel(&endpoints)?;
-        self.dp.writer().apply_kernel(&deletes)?;
-        Ok(upserts.len() + endpoints.len() + deletes.len())
+    /// The pinned maps as the old state of the first diff
+    /// ([`resume::resume`]), with the previous agent's state file naming
+    /// the pods behind their ids.
+    fn resume(&mut self, snapshot: &crate::model::Snapshot) -> Compiled {
+        let probe = compiler::compile(snapshot, &IdAllocation::default());
+        let bindings = self.bind(&probe);
+        let known = self.cfg.state_dir.as_deref().and_then(|dir| {
+            provenance::State::read(dir)
+                .inspect_err(|e| {
+                    tracing::warn!(error = %e, "reading the previous state file; pods keep their ids by address");
+                })
+                .ok()
+                .flatten()
+        });
+        let r = resume::resume(self.dp.writer().mirror(), known.as_ref(), &probe, &bindings);
+        tracing::info!(
+            endpoints = r.old.endpoints.len(),
+            kept_endpoint_ids = r.kept_endpoints,
+            kept_ruleset_ids = r.kept_rulesets,
+            reserved_endpoint_ids = r.old.ids.reserved_endpoints.len(),
+            reserved_ruleset_ids = r.old.ids.reserved_rulesets.len(),
+            state_file = known.is_some(),
+            "resuming from the pinned maps"
+        );
+        r.old
     }
 
     /// Endpoint entries the interfaces should have, against what the map

@@ -17,11 +17,15 @@ use ipnet::IpNet;
 use netpol_agent::compiler::{
     Changes, Compiled, Compiler, Direction, IdAllocation, MapState, RuleSet, compile, diff,
 };
+use netpol_agent::datapath::writer::{FakeBackend, KernelOp, MapWriter, Mirror};
 use netpol_agent::model::{
     ContainerPort, LabelSelector, Labels, NAMESPACE_NAME_LABEL, Namespace, NetworkPolicy, Node,
     ObjectRef, Operator, Peer, Pod, PodPhase, PolicyPort, PolicySlot, PortSpec, Protocol,
     Requirement, Rule, Snapshot,
 };
+use netpol_agent::provenance::{Bound, Inputs, State};
+use netpol_agent::resume::{leftovers, resume};
+use netpol_agent::sync::unbound_entry;
 use proptest::prelude::*;
 
 /// splitmix64: the cluster is a function of one seed, so a failing case
@@ -619,6 +623,229 @@ proptest! {
             check_generations(&full, &next)?;
             full = next;
             s = next_snap;
+        }
+    }
+}
+
+/// The interfaces of a cluster's local pods: the same pod (name and uid)
+/// keeps its interface across `history`, a new one gets the next index.
+fn interfaces(
+    c: &Compiled,
+    history: &mut BTreeMap<(ObjectRef, Option<String>), u32>,
+) -> BTreeMap<ObjectRef, u32> {
+    c.endpoints
+        .keys()
+        .map(|pod| {
+            let uid = c.ids.endpoints[pod].uid.clone();
+            let next = 10 + u32::try_from(history.len()).unwrap();
+            (
+                pod.clone(),
+                *history.entry((pod.clone(), uid)).or_insert(next),
+            )
+        })
+        .collect()
+}
+
+/// The pinned maps a previous agent leaves: `c` with its pods' entries
+/// at their interfaces.
+fn pinned(c: &Compiled, at: &BTreeMap<ObjectRef, u32>) -> Mirror {
+    let s = c.map_state();
+    Mirror {
+        endpoints: s.endpoints.iter().map(|(p, &e)| (at[p], e)).collect(),
+        policy_v4: s.policy_v4,
+        policy_v6: s.policy_v6,
+        ports: s.ports,
+        frontends_v4: s.frontends_v4,
+        frontends_v6: s.frontends_v6,
+        slots: BTreeMap::new(),
+    }
+}
+
+/// The datapath's verdicts at interfaces from the exact maps: no entry
+/// is no judgement (open), an unprogrammed one is dropped (new pods fail
+/// closed).
+struct Judge {
+    state: MapState,
+}
+
+impl Judge {
+    fn new(m: &Mirror) -> Self {
+        Self {
+            state: MapState {
+                endpoints: m
+                    .endpoints
+                    .iter()
+                    .map(|(i, e)| (ObjectRef::new("if", i.to_string()), *e))
+                    .collect(),
+                policy_v4: m.policy_v4.clone(),
+                policy_v6: m.policy_v6.clone(),
+                ports: m.ports.clone(),
+                ..MapState::default()
+            },
+        }
+    }
+
+    fn allows(&self, ifindex: u32, d: Direction, peer: IpAddr, proto: u8, port: u16) -> bool {
+        let pod = ObjectRef::new("if", ifindex.to_string());
+        let Some(info) = self.state.endpoints.get(&pod) else {
+            return true;
+        };
+        if info.flags & netpol_common::endpoint_flags::NOT_PROGRAMMED != 0 {
+            return false;
+        }
+        simulate(&self.state, &pod, d, peer, proto, port)
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    /// A restart: a previous agent compiled `a` after a history of pods
+    /// that came and went (its ids are not a fresh compile's), left its
+    /// maps and (fresh, stale or no) state file; a new agent starts on
+    /// `b`. Its first apply runs as `SyncLoop::sync` runs it (resume,
+    /// compile, diff through the writer, interface entries, leftovers), and
+    /// after every single kernel operation, whatever an interface allows
+    /// its pod's old or new state allows.
+    #[test]
+    fn a_restart_is_safe_at_every_kernel_operation(
+        seed in any::<u64>(),
+        history in any::<u64>(),
+        change in any::<u64>(),
+        state_file in 0u8..3,
+    ) {
+        let a = random_cluster(seed);
+        let earlier = mutate(&a, history);
+        // While the agent was down, pods came and went: one local pod
+        // gone (its veth may linger) and one new, whose id may be the
+        // gone one's.
+        let mut b = mutate(&a, change);
+        let mut churn = Rng(change.rotate_left(17));
+        let locals: Vec<ObjectRef> = local_pods(&b).iter().map(|p| p.id.clone()).collect();
+        if !locals.is_empty() {
+            b.pods.remove(&locals[churn.below(locals.len())]);
+        }
+        let n = 30 + churn.below(6);
+        let mut pod = random_pod(&mut churn, n);
+        pod.node_name = Some("node-1".into());
+        b.upsert_pod(pod);
+        let c0 = compile(&earlier, &IdAllocation::default());
+        let ca = compile(&a, &c0.ids);
+        let mut ifaces = BTreeMap::new();
+        let at0 = interfaces(&c0, &mut ifaces);
+        let at_a = interfaces(&ca, &mut ifaces);
+        let probe = compile(&b, &IdAllocation::default());
+        let at_b = interfaces(&probe, &mut ifaces);
+
+        // New pods' interfaces exist before the first apply, unprogrammed.
+        let mut maps = pinned(&ca, &at_a);
+        for &i in at_b.values() {
+            maps.endpoints.entry(i).or_insert_with(|| unbound_entry(i));
+        }
+        let bound = |c: &Compiled, at: &BTreeMap<ObjectRef, u32>| -> BTreeMap<ObjectRef, Bound> {
+            at.iter()
+                .filter(|(p, _)| c.endpoints.contains_key(*p))
+                .map(|(p, &i)| (p.clone(), Bound { ifindex: i, name: format!("veth{i}") }))
+                .collect()
+        };
+        let state = |c: &Compiled, s: &Snapshot, at| State::build(&Inputs {
+            compiled: c,
+            snapshot: s,
+            interfaces: &bound(c, at),
+            generation: 1,
+            fingerprint: None,
+            pin_dir: std::path::Path::new("/sys/fs/bpf/netpol"),
+        });
+        let known = match state_file {
+            0 => None,
+            1 => Some(state(&ca, &a, &at_a)),
+            _ => Some(state(&c0, &earlier, &at0)),
+        };
+
+        let mut writer = MapWriter::new(
+            FakeBackend { state: maps.clone(), ..FakeBackend::default() },
+            maps.clone(),
+        );
+        let resumed = resume(writer.mirror(), known.as_ref(), &probe, &at_b);
+        let new = compile(&b, &resumed.old.ids);
+        let ops: Vec<_> = diff(&resumed.old, &new).raw().collect();
+        writer.apply(&ops, &at_b).map_err(|e| TestCaseError::fail(e.to_string()))?;
+        // Interfaces of pods gone while the agent was down: some linger
+        // (their entry turns unprogrammed), the rest are gone (no packet
+        // crosses them; their entry is deleted).
+        let mut r = Rng(change ^ history);
+        let lingering: BTreeSet<u32> = maps
+            .endpoints
+            .keys()
+            .filter(|i| !at_b.values().any(|j| j == *i) && r.chance(50))
+            .copied()
+            .collect();
+        let mut endpoints = Vec::new();
+        for (&i, e) in &writer.mirror().endpoints.clone() {
+            match at_b.iter().find(|&(_, &j)| j == i) {
+                Some((pod, _)) if *e != new.endpoints[pod].info() => {
+                    endpoints.push(KernelOp::EndpointUpsert(i, new.endpoints[pod].info()));
+                }
+                Some(_) => {}
+                None if lingering.contains(&i) => {
+                    endpoints.push(KernelOp::EndpointUpsert(i, unbound_entry(i)));
+                }
+                None => endpoints.push(KernelOp::EndpointDelete(i)),
+            }
+        }
+        writer.apply_kernel(&endpoints).map_err(|e| TestCaseError::fail(e.to_string()))?;
+        let sweep = leftovers(writer.mirror(), &new);
+        writer.apply_kernel(&sweep).map_err(|e| TestCaseError::fail(e.to_string()))?;
+
+        let end = writer.mirror().clone();
+        let want = new.map_state();
+        prop_assert_eq!(&end.policy_v4, &want.policy_v4);
+        prop_assert_eq!(&end.policy_v6, &want.policy_v6);
+        prop_assert_eq!(&end.ports, &want.ports);
+        prop_assert_eq!(&end.frontends_v4, &want.frontends_v4);
+        for (pod, &i) in &at_b {
+            prop_assert_eq!(end.endpoints.get(&i).copied(), Some(new.endpoints[pod].info()));
+        }
+
+        let mut addrs = probe_addresses(&b, &mut r);
+        addrs.extend(probe_addresses(&a, &mut r));
+        let ports: Vec<(u8, u16)> = probe_ports(&mut r).into_iter().step_by(5).collect();
+        let judged: Vec<u32> = maps.endpoints.keys().copied().collect();
+        let pod_gone = |i: u32| !at_b.values().any(|&j| j == i);
+        let verdicts = |m: &Mirror, after: bool| {
+            let judge = Judge::new(m);
+            let mut v = BTreeMap::new();
+            for &i in &judged {
+                // A deleted interface carries nothing.
+                if !m.endpoints.contains_key(&i) && pod_gone(i) && !lingering.contains(&i) {
+                    continue;
+                }
+                for d in [Direction::Egress, Direction::Ingress] {
+                    for &peer in &addrs {
+                        for &(proto, port) in &ports {
+                            // A gone pod allows nothing new.
+                            let allowed =
+                                !(after && pod_gone(i)) && judge.allows(i, d, peer, proto, port);
+                            v.insert((i, d, peer, proto, port), allowed);
+                        }
+                    }
+                }
+            }
+            v
+        };
+        let (before, after) = (verdicts(&maps, false), verdicts(&end, true));
+        let mut now = maps.clone();
+        let log = &writer.backend().log;
+        for (n, op) in log.iter().enumerate() {
+            now.record(op);
+            for (k, allowed) in verdicts(&now, false) {
+                prop_assert!(
+                    !allowed || before[&k] || after.get(&k) == Some(&true),
+                    "after operation {} of {} ({:?}): interface {} allows {:?} \
+                     which neither its old nor its new pod allows",
+                    n + 1, log.len(), op, k.0, k
+                );
+            }
         }
     }
 }

@@ -384,11 +384,13 @@ impl Compiler {
         let ids = endpoint_ids(
             &core.pods,
             &self.out.ids.endpoints,
+            &self.out.ids.reserved_endpoints,
             &mut self.out.ids.next_endpoint,
         );
         let (set_ids, added) = ruleset_ids(
             &core,
             &self.out.ids.rulesets,
+            &self.out.ids.reserved_rulesets,
             &mut self.out.ids.next_ruleset,
         );
         for (id, set) in added {

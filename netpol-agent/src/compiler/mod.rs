@@ -350,6 +350,12 @@ pub struct IdAllocation {
     pub next_endpoint: u32,
     /// Where to look for the next free rule-set id.
     pub next_ruleset: u32,
+    /// Endpoint ids no pod here owns that entries in the maps still carry
+    /// (a previous agent's, [`crate::resume`]): never handed out by the
+    /// next compile, and not carried past it.
+    pub reserved_endpoints: BTreeSet<u32>,
+    /// Rule-set ids the same way.
+    pub reserved_rulesets: BTreeSet<u32>,
 }
 
 /// The compiled contents of one node's maps.
@@ -1163,10 +1169,12 @@ impl PodOut {
 }
 
 /// Endpoint ids of `pods` (in order): kept from `prev` for the same pod
-/// and uid, otherwise the next id neither `prev` nor this call used.
+/// and uid, otherwise the next id neither `prev`, `reserved` nor this call
+/// used.
 fn endpoint_ids(
     pods: &[PodOut],
     prev: &BTreeMap<ObjectRef, EndpointId>,
+    reserved: &BTreeSet<u32>,
     next: &mut u32,
 ) -> Vec<u32> {
     let mut ids = vec![0; pods.len()];
@@ -1182,7 +1190,7 @@ fn endpoint_ids(
         let mut assigned: BTreeSet<u32> = BTreeSet::new();
         for k in fresh {
             let id = next_free(next, 1, MAX_ENDPOINT_ID, |id| {
-                prev_ids.contains(&id) || assigned.contains(&id)
+                prev_ids.contains(&id) || reserved.contains(&id) || assigned.contains(&id)
             });
             assigned.insert(id);
             ids[k] = id;
@@ -1193,11 +1201,12 @@ fn endpoint_ids(
 
 /// Rule-set ids of the interned sets `core` uses (indexed by interner
 /// index; [`EMPTY_RULESET`] for the empty set): the id `prev` gives the
-/// same content, else (in content order) the next id `prev` never used.
-/// Returns the ids and the new `(id, set)`s.
+/// same content, else (in content order) the next id neither `prev` nor
+/// `reserved` holds. Returns the ids and the new `(id, set)`s.
 fn ruleset_ids(
     core: &Core<'_>,
     prev: &BTreeMap<RuleSet, u32>,
+    reserved: &BTreeSet<u32>,
     next: &mut u32,
 ) -> (Vec<u32>, Vec<(u32, RuleSet)>) {
     let mut ids = vec![0; core.sets.len()];
@@ -1225,7 +1234,7 @@ fn ruleset_ids(
         let mut taken: BTreeSet<u32> = BTreeSet::new();
         for s in new_sets {
             let id = next_free(next, EMPTY_RULESET + 1, u32::MAX, |id| {
-                prev_ids.contains(&id) || taken.contains(&id)
+                prev_ids.contains(&id) || reserved.contains(&id) || taken.contains(&id)
             });
             taken.insert(id);
             ids[s] = id;
@@ -1284,8 +1293,18 @@ fn full<'a>(
         return (out, None);
     };
     let mut core = core(snap, &node, None, members);
-    let endpoint_ids = endpoint_ids(&core.pods, &prev.endpoints, &mut out.ids.next_endpoint);
-    let (set_ids, added) = ruleset_ids(&core, &prev.rulesets, &mut out.ids.next_ruleset);
+    let endpoint_ids = endpoint_ids(
+        &core.pods,
+        &prev.endpoints,
+        &prev.reserved_endpoints,
+        &mut out.ids.next_endpoint,
+    );
+    let (set_ids, added) = ruleset_ids(
+        &core,
+        &prev.rulesets,
+        &prev.reserved_rulesets,
+        &mut out.ids.next_ruleset,
+    );
     for (s, &id) in set_ids.iter().enumerate() {
         if id > EMPTY_RULESET {
             out.ids.rulesets.insert(core.sets[s].clone(), id);

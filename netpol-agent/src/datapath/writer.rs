@@ -250,7 +250,9 @@ impl Mirror {
         }
     }
 
-    fn record(&mut self, op: &KernelOp) {
+    /// Applies one operation to the copy, as the kernel does to the maps
+    /// (tests replay a backend's log with it).
+    pub fn record(&mut self, op: &KernelOp) {
         use KernelOp as K;
         match *op {
             K::EndpointUpsert(i, v) => {
