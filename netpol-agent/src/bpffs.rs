@@ -20,6 +20,13 @@ pub enum BpffsError {
     Statfs { path: PathBuf, source: nix::Error },
     #[error("mounting bpffs at {path} (needs CAP_SYS_ADMIN): {source}")]
     Mount { path: PathBuf, source: nix::Error },
+    #[error(
+        "{path} is not a bpffs, and one mounted there would be visible only in this agent's own \
+         mount namespace ({why}): its pins would die with the agent and the next one would \
+         attach a second set of programs. Mount bpffs on the host (mount -t bpf bpffs {path}) \
+         and give it to the agent (hostPath with mountPropagation: HostToContainer)"
+    )]
+    Private { path: PathBuf, why: String },
 }
 
 /// Whether `path` lies on a bpffs.
@@ -40,18 +47,40 @@ pub fn is_bpffs(path: &Path) -> Result<bool, BpffsError> {
     Ok(magic == BPF_FS_MAGIC)
 }
 
-/// Makes sure `root` exists and is a bpffs, mounting one there when it is not.
-/// Returns whether this call mounted it.
+/// Makes sure `root` exists and is a bpffs, mounting one there when it is
+/// not, but only where others see it: in the host's mount namespace, or
+/// on a mount that propagates to its peers. Returns whether this call
+/// mounted it.
+///
+/// # Errors
+/// When the folder cannot be created, bpffs cannot be mounted, or a bpffs
+/// mounted there would be private to this mount namespace
+/// ([`BpffsError::Private`]).
+pub fn ensure_mounted(root: &Path) -> Result<bool, BpffsError> {
+    ensure(root, true)
+}
+
+/// [`ensure_mounted`] whoever sees the mount: a test's own bpffs.
 ///
 /// # Errors
 /// When the folder cannot be created or bpffs cannot be mounted.
-pub fn ensure_mounted(root: &Path) -> Result<bool, BpffsError> {
+pub fn ensure_mounted_anywhere(root: &Path) -> Result<bool, BpffsError> {
+    ensure(root, false)
+}
+
+fn ensure(root: &Path, shared_only: bool) -> Result<bool, BpffsError> {
     std::fs::create_dir_all(root).map_err(|source| BpffsError::CreateDir {
         path: root.to_owned(),
         source,
     })?;
     if is_bpffs(root)? {
         return Ok(false);
+    }
+    if shared_only && let Some(why) = private_here(root) {
+        return Err(BpffsError::Private {
+            path: root.to_owned(),
+            why,
+        });
     }
     nix::mount::mount(
         Some("bpffs"),
@@ -65,6 +94,47 @@ pub fn ensure_mounted(root: &Path) -> Result<bool, BpffsError> {
         source,
     })?;
     Ok(true)
+}
+
+/// Why a mount at `root` would be seen by this mount namespace only, or
+/// `None` when others see it: this is the host's mount namespace (the
+/// initial PID namespace, where `kthreadd` is pid 2, and pid 1's mount
+/// namespace), or the mount `root` lies on is shared (propagates to its
+/// peers, as a hostPath with `Bidirectional` does).
+fn private_here(root: &Path) -> Option<String> {
+    let ns = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/mnt")).ok();
+    let initial_pids =
+        std::fs::read_to_string("/proc/2/comm").is_ok_and(|c| c.trim() == "kthreadd");
+    if initial_pids && ns("self").is_some() && ns("self") == ns("1") {
+        return None;
+    }
+    let root = std::fs::canonicalize(root).unwrap_or_else(|_| root.to_owned());
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    // The last mount of the longest mount point containing `root` is the
+    // one a new mount would sit on.
+    let mut best: Option<(usize, bool)> = None;
+    for line in mountinfo.lines() {
+        let fields: Vec<&str> = line.split(' ').collect();
+        let (Some(point), Some(dash)) = (fields.get(4), fields.iter().position(|f| *f == "-"))
+        else {
+            continue;
+        };
+        let point = Path::new(point);
+        if !root.starts_with(point) {
+            continue;
+        }
+        let depth = point.components().count();
+        let shared = fields[6..dash].iter().any(|f| f.starts_with("shared:"));
+        if best.is_none_or(|(d, _)| depth >= d) {
+            best = Some((depth, shared));
+        }
+    }
+    match best {
+        Some((_, true)) => None,
+        _ => Some(
+            "not the host's mount namespace, and the mount it would sit on is not shared".into(),
+        ),
+    }
 }
 
 /// One agent per set of pins: an exclusive `flock` on the pin folder,

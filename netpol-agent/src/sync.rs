@@ -143,6 +143,8 @@ pub(crate) struct SyncLoop {
     routes_pending: bool,
     routes_again: bool,
     retry_at: Option<tokio::time::Instant>,
+    /// The last failure to restore the pins, logged once.
+    pins_error: Option<String>,
     /// Until when the first apply waits for adopted interfaces.
     adopt_until: Option<tokio::time::Instant>,
     rebind_at: Option<tokio::time::Instant>,
@@ -181,6 +183,7 @@ impl SyncLoop {
             routes_pending: false,
             routes_again: false,
             retry_at: None,
+            pins_error: None,
             adopt_until: None,
             rebind_at: None,
             status,
@@ -220,6 +223,8 @@ impl SyncLoop {
         ));
         let mut health = self.cfg.source_health.clone();
         let mut alive = tokio::time::interval(crate::telemetry::ALIVE_EVERY);
+        let mut pins = tokio::time::interval(crate::datapath::pins::CHECK_EVERY);
+        pins.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             // Every turn of the loop, each apply included, ends here.
             self.metrics.alive(crate::telemetry::Task::Loop);
@@ -230,6 +235,7 @@ impl SyncLoop {
             tokio::select! {
                 () = crate::sync::stopped(&mut stop) => break,
                 _ = alive.tick() => {}
+                _ = pins.tick() => self.restore_pins(),
                 r = inputs.changed() => {
                     if r.is_err() {
                         break;
@@ -275,6 +281,36 @@ impl SyncLoop {
         }
         clock_watch.abort();
         tracing::info!("sync loop stopped");
+    }
+
+    /// Puts back the pins that went missing (see `datapath::pins`),
+    /// saying so; a failure is logged once until it changes.
+    fn restore_pins(&mut self) {
+        match self.dp.restore_pins() {
+            Ok(restored) if restored.is_empty() => {
+                if self.pins_error.take().is_some() {
+                    tracing::info!("pins restored");
+                }
+            }
+            Ok(restored) => {
+                self.metrics.pins_restored.inc_by(restored.len() as u64);
+                tracing::warn!(
+                    count = restored.len(),
+                    first = %restored[0].display(),
+                    "pins were missing: pinned them again from the descriptors this agent holds \
+                     (something removed them; without them the programs would be detached when \
+                     the agent exits)"
+                );
+            }
+            Err(e) => {
+                self.metrics.error("pins");
+                let e = e.to_string();
+                if self.pins_error.as_ref() != Some(&e) {
+                    tracing::error!(error = %e, "restoring pins");
+                    self.pins_error = Some(e);
+                }
+            }
+        }
     }
 
     /// Pod interfaces first, uplinks second: a link changing class is

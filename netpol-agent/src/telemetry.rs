@@ -185,6 +185,9 @@ pub struct Metrics {
     /// Times the programs' clock was measured again, having drifted from
     /// `CLOCK_MONOTONIC` (`datapath::clock::Watch`).
     pub clock_remeasured: Counter,
+    /// Pins put back from the descriptors the agent holds
+    /// (`datapath::pins`).
+    pub pins_restored: Counter,
     /// Problems of the input in force (files, documents, objects).
     pub manifest_problems: Gauge,
     /// Seconds since each watched task (`loop`, `source`) last showed it
@@ -262,6 +265,13 @@ impl Metrics {
              CLOCK_MONOTONIC",
             clock_remeasured.clone(),
         );
+        let pins_restored = Counter::default();
+        registry.register(
+            "pins_restored",
+            "Pins (maps, links) found missing and pinned again from the descriptors the agent \
+             holds",
+            pins_restored.clone(),
+        );
         let manifest_problems = Gauge::default();
         registry.register(
             "manifest_problems",
@@ -292,6 +302,7 @@ impl Metrics {
             seconds_since_last_apply,
             last_apply: Mutex::new(None),
             clock_remeasured,
+            pins_restored,
             manifest_problems,
             seconds_since_alive,
             liveness: Liveness::default(),

@@ -859,3 +859,211 @@ fn a_restart_whose_ids_would_shift_opens_nothing() {
     agent.signal("TERM");
     probes.stop("after the restart");
 }
+
+/// Issue 20, item 3: every pin removed under a running agent (maps, links,
+/// records: `rm -r <bpffs>/netpol`). The agent pins them again from the
+/// descriptors it holds and says so; a `kill -9` then leaves the programs
+/// attached and enforcing, and the next agent adopts them with the maps.
+/// (Before, the agent said nothing and the kill detached every TCX link.)
+fn lost_pins_are_put_back(mode: &str) {
+    let scene = Scene::new(mode);
+    let Scene {
+        node,
+        bpffs,
+        m,
+        a,
+        b,
+        c,
+        log,
+    } = &scene;
+    let pods = [a, b, c];
+    let pin_dir = bpffs.path().join("netpol");
+    let mut agent = AgentProcess::start(node, bpffs.path(), m, mode, log);
+    agent.wait_enforced(node, m, &pods);
+    let probes = Probes::start(a, b, c, &pin_dir);
+    probes.progress(30, "first agent");
+    let pins = |dir: &Path| -> Vec<String> {
+        let mut out: Vec<String> = walk(dir)
+            .into_iter()
+            .filter_map(|p| p.strip_prefix(dir).ok().map(|r| r.display().to_string()))
+            .filter(|p| !p.starts_with("qdiscs") && !p.starts_with("filters"))
+            .collect();
+        out.sort();
+        out
+    };
+    let before = pins(&pin_dir);
+    assert!(
+        before.iter().any(|p| p == "NETPOL_POLICY_V4"),
+        "pinned: {before:?}"
+    );
+    if mode == "tcx" {
+        assert!(
+            before.iter().any(|p| p.starts_with("links/")),
+            "pinned: {before:?}"
+        );
+    }
+    std::fs::remove_dir_all(&pin_dir).expect("removing the pins");
+    let deadline = Instant::now() + DEADLINE;
+    while pins(&pin_dir) != before {
+        assert!(
+            Instant::now() < deadline,
+            "pins not restored: {:?}, were {before:?}; log:\n{}",
+            pins(&pin_dir),
+            agent.log()
+        );
+        std::thread::yield_now();
+    }
+    let text = agent.log();
+    assert!(
+        text.contains("pins were missing"),
+        "the agent says so; log:\n{text}"
+    );
+    probes.progress(30, "pins restored");
+
+    agent.signal("KILL");
+    probes.progress(50, "no agent after kill -9");
+    for p in pods {
+        assert_eq!(
+            netpol_attachments(node, &p.host_if).len(),
+            2,
+            "after kill -9, {} keeps both programs",
+            p.host_if
+        );
+    }
+    drop(agent);
+    let mut agent = AgentProcess::start(node, bpffs.path(), m, mode, log);
+    agent.wait_enforced(node, m, &pods);
+    probes.progress(50, "next agent");
+    let text = agent.log();
+    assert!(
+        !text.contains("pinned maps of another layout"),
+        "the layout record came back; log:\n{text}"
+    );
+    agent.signal("TERM");
+    probes.stop("after the restart");
+}
+
+/// Every file and folder under `dir`.
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    for e in entries.flatten() {
+        let p = e.path();
+        if e.file_type().is_ok_and(|t| t.is_dir()) {
+            out.extend(walk(&p));
+        }
+        out.push(p);
+    }
+    out
+}
+
+#[test]
+fn tcx_lost_pins_are_put_back_and_a_kill_keeps_enforcing() {
+    if !privileged() {
+        return;
+    }
+    lost_pins_are_put_back("tcx");
+}
+
+#[test]
+fn netlink_lost_pins_are_put_back_and_a_kill_keeps_enforcing() {
+    if !privileged() {
+        return;
+    }
+    lost_pins_are_put_back("netlink");
+}
+
+/// Issue 20, item 3: netpol's programs attached on the pod interfaces
+/// while the agent's bpffs holds no pins of them (the previous agent
+/// pinned them on a bpffs since unmounted, here another one). The agent
+/// finds them through the kernel (TCX query) and adopts them: each
+/// interface carries each program once, and the denied pair never
+/// connects. (Before, it attached a second set beside the first.)
+#[test]
+fn tcx_programs_attached_without_pins_are_adopted_not_doubled() {
+    if !privileged() {
+        return;
+    }
+    let scene = Scene::new("tcx");
+    let Scene {
+        node,
+        bpffs,
+        m,
+        a,
+        b,
+        c,
+        log,
+    } = &scene;
+    let pods = [a, b, c];
+    let mut first = AgentProcess::start(node, bpffs.path(), m, "tcx", log);
+    first.wait_enforced(node, m, &pods);
+    let probes = Probes::start(a, b, c, &bpffs.path().join("netpol"));
+    probes.progress(30, "first agent");
+    first.signal("KILL");
+    drop(first);
+
+    let other = TempBpffs::new();
+    let mut next = AgentProcess::start(node, other.path(), m, "tcx", log);
+    next.wait_enforced(node, m, &pods);
+    probes.progress(50, "agent on another bpffs");
+    for p in pods {
+        let found = netpol_attachments(node, &p.host_if);
+        assert_eq!(
+            found.len(),
+            2,
+            "{} carries each program once: {found:#?}\nlog:\n{}",
+            p.host_if,
+            next.log()
+        );
+    }
+    let text = next.log();
+    assert_eq!(
+        text.matches("attached without its pin: adopting it")
+            .count(),
+        2 * pods.len(),
+        "each hook adopted; log:\n{text}"
+    );
+    next.signal("TERM");
+    probes.stop("after the agent on another bpffs");
+}
+
+/// Issue 20, item 3: `--bpffs` names a folder that is no bpffs, and the
+/// agent runs in a mount namespace of its own (`ip netns exec`), whose
+/// mounts nobody else sees. It refuses to mount one there, naming why,
+/// instead of pinning where its pins would die with it.
+#[test]
+fn a_bpffs_only_this_agent_would_see_is_refused() {
+    if !privileged() {
+        return;
+    }
+    let scene = Scene::new("netlink");
+    let plain = std::env::temp_dir().join(support::unique("netpol-not-bpffs-"));
+    std::fs::create_dir_all(&plain).expect("folder");
+    let out = Command::new("timeout")
+        .args(["30", "ip", "netns", "exec", &scene.node.name])
+        .arg(env!("CARGO_BIN_EXE_netpol-agent"))
+        .arg("--bpffs")
+        .arg(&plain)
+        .args(["run", "--manifests"])
+        .arg(&scene.m.0)
+        .args(["--interfaces", "nph*", "--listen", "127.0.0.1:9103"])
+        .arg("--state-dir")
+        .arg(plain.with_extension("state"))
+        .output()
+        .expect("agent");
+    let err = String::from_utf8_lossy(&out.stderr);
+    let mounted = std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .contains(&plain.display().to_string());
+    let _ = std::fs::remove_dir_all(&plain);
+    let _ = std::fs::remove_dir_all(plain.with_extension("state"));
+    assert!(!out.status.success(), "the agent ran: {err}");
+    assert!(
+        err.contains("visible only in this agent's own mount namespace")
+            && err.contains(&plain.display().to_string()),
+        "says why, naming the folder: {err}"
+    );
+    assert!(!mounted, "nothing mounted");
+}

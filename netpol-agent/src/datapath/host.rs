@@ -87,6 +87,7 @@ impl Datapath {
             let fd = prog.fd().map_err(program_err)?;
             match lifecycle::update_pinned_link(&pin, fd.as_fd()) {
                 Ok(()) => {
+                    self.hold_host_pin(&pin);
                     self.host = Some(dir.clone());
                     return Ok(dir);
                 }
@@ -123,10 +124,17 @@ impl Datapath {
             })?;
             // The pin holds the link; this fd is not needed.
             drop(pinned);
+            self.hold_host_pin(&pin);
         }
         self.host = Some(dir.clone());
         tracing::info!(cgroup = %dir.display(), "to_host attached: Service backends on node addresses are judged");
         Ok(dir)
+    }
+
+    fn hold_host_pin(&mut self, pin: &Path) {
+        if let Err(e) = self.pins.hold(pin) {
+            tracing::warn!(pin = %pin.display(), error = %e, "holding the to_host link pin (it cannot be restored if lost)");
+        }
     }
 
     /// The cgroup v2 root `to_host` is attached to, if it is.

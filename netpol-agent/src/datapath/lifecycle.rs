@@ -91,6 +91,9 @@ pub(super) fn attach_tcx(
         return Ok((Held::Owned(id), false));
     }
     let path = link_pin(h.pin_dir, h.interface, h.program);
+    if !path.exists() {
+        pin_unpinned_link(h, &path);
+    }
     if path.exists() {
         match adopt_tcx(prog, &path) {
             Ok(link) => return Ok((Held::Pinned { link, path }, true)),
@@ -126,6 +129,150 @@ pub(super) fn attach_tcx(
         },
         false,
     ))
+}
+
+/// A link of `h.program` on the hook whose pin is gone (a previous
+/// agent's pins were removed, or it pinned on a bpffs since unmounted) is
+/// pinned at `path`, so that it is adopted like any other; further links
+/// of the program (a second set attached beside it) are detached. Best
+/// effort: without them, a new link is attached as before.
+fn pin_unpinned_link(h: &Hook<'_>, path: &Path) {
+    let links = match tcx_links(h.interface, h.hook, h.program) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::debug!(interface = h.interface, error = %e, "querying TCX links");
+            return;
+        }
+    };
+    let mut links = links.into_iter();
+    let Some(first) = links.next() else {
+        return;
+    };
+    match bpf_obj_pin(std::os::fd::AsFd::as_fd(&first), path) {
+        Ok(()) => tracing::warn!(
+            interface = h.interface,
+            program = h.program,
+            "found netpol's program attached without its pin: adopting it"
+        ),
+        Err(e) => {
+            tracing::warn!(pin = %path.display(), error = %e, "pinning an unpinned netpol link");
+            return;
+        }
+    }
+    for extra in links {
+        match bpf_link_detach(&extra) {
+            Ok(()) => tracing::warn!(
+                interface = h.interface,
+                program = h.program,
+                "detached a second netpol link on the same hook"
+            ),
+            Err(e) => {
+                tracing::warn!(interface = h.interface, error = %e, "detaching a second netpol link")
+            }
+        }
+    }
+}
+
+/// Descriptors of the TCX links on `interface`'s `hook` whose program is
+/// named `program`, in hook order (`BPF_PROG_QUERY` with link ids,
+/// `BPF_LINK_GET_FD_BY_ID`).
+fn tcx_links(
+    interface: &str,
+    hook: TcAttachType,
+    program: &str,
+) -> std::io::Result<Vec<std::os::fd::OwnedFd>> {
+    use std::os::fd::FromRawFd as _;
+    const MAX: usize = 64;
+    #[repr(C)]
+    struct Query {
+        target_ifindex: u32,
+        attach_type: u32,
+        query_flags: u32,
+        attach_flags: u32,
+        prog_ids: u64,
+        count: u32,
+        _pad: u32,
+        prog_attach_flags: u64,
+        link_ids: u64,
+        link_attach_flags: u64,
+        revision: u64,
+    }
+    #[repr(C)]
+    struct GetFdById {
+        id: u32,
+        next_id: u32,
+        open_flags: u32,
+    }
+    let names: std::collections::BTreeMap<u32, String> =
+        SchedClassifier::query_tcx(interface, hook)
+            .map_err(std::io::Error::other)?
+            .1
+            .into_iter()
+            .map(|p| (p.id(), p.name_as_str().unwrap_or_default().to_owned()))
+            .collect();
+    if !names.values().any(|n| n == program) {
+        return Ok(Vec::new());
+    }
+    let ifindex = nix::net::if_::if_nametoindex(interface).map_err(std::io::Error::from)?;
+    let mut prog_ids = [0u32; MAX];
+    let mut link_ids = [0u32; MAX];
+    let mut q = Query {
+        target_ifindex: ifindex,
+        attach_type: match hook {
+            TcAttachType::Ingress => BPF_TCX_INGRESS,
+            _ => BPF_TCX_EGRESS,
+        },
+        query_flags: 0,
+        attach_flags: 0,
+        prog_ids: prog_ids.as_mut_ptr() as u64,
+        count: MAX as u32,
+        _pad: 0,
+        prog_attach_flags: 0,
+        link_ids: link_ids.as_mut_ptr() as u64,
+        link_attach_flags: 0,
+        revision: 0,
+    };
+    // SAFETY: `q` is a valid prefix of `union bpf_attr` for BPF_PROG_QUERY;
+    // the two id buffers hold `count` entries and outlive the call.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_QUERY,
+            &mut q as *mut Query,
+            std::mem::size_of::<Query>(),
+        )
+    };
+    if ret < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let n = (q.count as usize).min(MAX);
+    let mut out = Vec::new();
+    for (prog, link) in prog_ids[..n].iter().zip(&link_ids[..n]) {
+        if *link == 0 || names.get(prog).map(String::as_str) != Some(program) {
+            continue;
+        }
+        let attr = GetFdById {
+            id: *link,
+            next_id: 0,
+            open_flags: 0,
+        };
+        // SAFETY: `attr` is a valid prefix of `union bpf_attr` for
+        // BPF_LINK_GET_FD_BY_ID and outlives the call.
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_LINK_GET_FD_BY_ID,
+                &attr as *const GetFdById,
+                std::mem::size_of::<GetFdById>(),
+            )
+        };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: the kernel returned a new fd that nothing else owns.
+        out.push(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) });
+    }
+    Ok(out)
 }
 
 fn adopt_tcx(
@@ -266,11 +413,16 @@ pub(super) fn update_pinned_link(
     Ok(())
 }
 
+const BPF_OBJ_PIN: libc::c_long = 6;
+const BPF_PROG_QUERY: libc::c_long = 16;
+const BPF_LINK_GET_FD_BY_ID: libc::c_long = 30;
+const BPF_TCX_INGRESS: u32 = 46;
+const BPF_TCX_EGRESS: u32 = 47;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_LINK_UPDATE: libc::c_long = 29;
 const BPF_LINK_DETACH: libc::c_long = 34;
 
-fn bpf_obj_get(path: &Path) -> std::io::Result<std::os::fd::OwnedFd> {
+pub(super) fn bpf_obj_get(path: &Path) -> std::io::Result<std::os::fd::OwnedFd> {
     use std::os::{fd::FromRawFd as _, unix::ffi::OsStrExt as _};
     #[repr(C)]
     struct ObjGet {
@@ -306,6 +458,42 @@ fn bpf_obj_get(path: &Path) -> std::io::Result<std::os::fd::OwnedFd> {
     }
     // SAFETY: BPF_OBJ_GET returned a new fd that nothing else owns.
     Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(ret as i32) })
+}
+
+/// Pins the object `fd` refers to at `path` (`BPF_OBJ_PIN`).
+pub(super) fn bpf_obj_pin(fd: std::os::fd::BorrowedFd<'_>, path: &Path) -> std::io::Result<()> {
+    use std::os::{fd::AsRawFd as _, unix::ffi::OsStrExt as _};
+    #[repr(C)]
+    struct ObjPin {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+        path_fd: i32,
+        _pad: u32,
+    }
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    let attr = ObjPin {
+        pathname: c_path.as_ptr() as u64,
+        bpf_fd: fd.as_raw_fd() as u32,
+        file_flags: 0,
+        path_fd: 0,
+        _pad: 0,
+    };
+    // SAFETY: `attr` is a valid prefix of `union bpf_attr` for BPF_OBJ_PIN
+    // and outlives the call; `c_path` is NUL-terminated and outlives it.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_PIN,
+            &attr as *const ObjPin,
+            std::mem::size_of::<ObjPin>(),
+        )
+    };
+    if ret < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 fn bpf_link_detach(fd: &std::os::fd::OwnedFd) -> std::io::Result<()> {
@@ -465,7 +653,7 @@ fn filter_record(pin_dir: &Path, interface: &str, program: &str) -> PathBuf {
 }
 
 /// Points `link` at `target`, replacing what it pointed at.
-fn write_record(link: &Path, target: &str) -> std::io::Result<()> {
+pub(super) fn write_record(link: &Path, target: &str) -> std::io::Result<()> {
     if let Some(dir) = link.parent() {
         std::fs::create_dir_all(dir)?;
     }

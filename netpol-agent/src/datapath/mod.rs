@@ -12,6 +12,7 @@ pub mod clock;
 pub mod events;
 pub mod host;
 pub mod lifecycle;
+pub mod pins;
 pub mod writer;
 
 use std::{
@@ -284,6 +285,13 @@ pub struct Datapath {
     uplinks: BTreeMap<String, UplinkAttachment>,
     /// The cgroup v2 root `to_host` is attached to.
     host: Option<PathBuf>,
+    /// The bpffs root ([`DatapathConfig::bpffs`]).
+    bpffs: PathBuf,
+    /// A descriptor of each pinned map and link, to pin again
+    /// ([`Datapath::restore_pins`]).
+    pins: pins::Pins,
+    /// The lock of a pin folder [`Datapath::restore_pins`] created again.
+    relock: Option<crate::bpffs::PinLock>,
     /// [`DatapathConfig::mark_mask`], kept in the config map whatever
     /// [`Datapath::set_global`] is given.
     mark_mask: u32,
@@ -389,6 +397,13 @@ impl Datapath {
         })?;
         let mut writer = MapWriter::new(backend, mirror);
         writer.set_mark_slots(mark::slots(mark_mask));
+        let mut pins = pins::Pins::default();
+        for name in maps::ALL {
+            let path = pin_dir.join(name);
+            if let Err(e) = pins.hold(&path) {
+                tracing::warn!(pin = %path.display(), error = %e, "holding a map pin (it cannot be restored if lost)");
+            }
+        }
         tracing::debug!(object = %path.display(), pin_dir = %pin_dir.display(), "datapath loaded");
         Ok(Self {
             ebpf,
@@ -400,6 +415,9 @@ impl Datapath {
             attached: BTreeMap::new(),
             uplinks: BTreeMap::new(),
             host: None,
+            bpffs: config.bpffs.clone(),
+            pins,
+            relock: None,
             mark_mask,
             clock,
             global: config.global,
@@ -550,8 +568,8 @@ impl Datapath {
                 Err(e) => {
                     // Leave no half-attached interface behind (an adopted
                     // attachment stays: it was there before).
-                    if !adopted_from && let Ok(p) = classifier(&mut self.ebpf, programs::FROM_POD) {
-                        let _ = lifecycle::detach(from_pod, p, programs::FROM_POD);
+                    if !adopted_from {
+                        let _ = self.release(from_pod, programs::FROM_POD);
                     }
                     return Err(e);
                 }
@@ -594,11 +612,65 @@ impl Datapath {
             return Ok((Held::Deferred, true));
         }
         let prog = classifier(&mut self.ebpf, program)?;
-        if tcx {
+        let r = if tcx {
             lifecycle::attach_tcx(prog, &h)
         } else {
             lifecycle::attach_netlink(prog, &h)
+        };
+        if let Ok((Held::Pinned { path, .. }, _)) = &r
+            && let Err(e) = self.pins.hold(path)
+        {
+            tracing::warn!(pin = %path.display(), error = %e, "holding a link pin (it cannot be restored if lost)");
         }
+        r
+    }
+
+    /// Detaches one hook, forgetting its pin first.
+    fn release(&mut self, held: Held, name: &'static str) -> Result<(), DatapathError> {
+        if let Held::Pinned { path, .. } = &held {
+            self.pins.forget(path);
+        }
+        classifier(&mut self.ebpf, name).and_then(|p| lifecycle::detach(held, p, name))
+    }
+
+    /// Pins again every map and link pin of this datapath that is missing,
+    /// from the descriptors it holds, mounting the bpffs again when it is
+    /// gone; returns what was missing. Also writes the layout record back.
+    ///
+    /// # Errors
+    /// [`pins::RestoreError`] when the bpffs is gone and cannot be mounted
+    /// again, or a pin cannot be created.
+    pub fn restore_pins(&mut self) -> Result<Vec<PathBuf>, pins::RestoreError> {
+        if self.pins.len() == 0 {
+            return Ok(Vec::new());
+        }
+        if !bpffs::is_bpffs(&self.bpffs).unwrap_or(false) {
+            bpffs::ensure_mounted(&self.bpffs).map_err(|e| pins::RestoreError::NoBpffs {
+                root: self.bpffs.clone(),
+                reason: e.to_string(),
+            })?;
+            tracing::warn!(bpffs = %self.bpffs.display(), "the bpffs was gone: mounted it again");
+        }
+        let recreated = !self.pin_dir.exists();
+        let mut restored = self.pins.restore()?;
+        if recreated {
+            // A pin folder made anew is this agent's to lock, as at start.
+            match bpffs::lock(&self.pin_dir, std::time::Duration::ZERO) {
+                Ok(l) => self.relock = Some(l),
+                Err(e) => tracing::error!(error = %e, "locking the restored pin folder"),
+            }
+        }
+        let record = self.pin_dir.join(lifecycle::LAYOUT_RECORD);
+        if self.replacing.is_none() && std::fs::symlink_metadata(&record).is_err() {
+            lifecycle::write_record(&record, &netpol_common::LAYOUT_VERSION.to_string()).map_err(
+                |source| pins::RestoreError::Pin {
+                    path: record.clone(),
+                    source,
+                },
+            )?;
+            restored.push(record);
+        }
+        Ok(restored)
     }
 
     /// Detaches both programs from `interface` (and removes its link pins).
@@ -618,7 +690,7 @@ impl Datapath {
             (programs::FROM_POD, a.from_pod),
             (programs::TO_POD, a.to_pod),
         ] {
-            let r = classifier(&mut self.ebpf, name).and_then(|p| lifecycle::detach(held, p, name));
+            let r = self.release(held, name);
             if result.is_ok() {
                 result = r;
             }
@@ -694,7 +766,7 @@ impl Datapath {
                 .ok_or_else(|| DatapathError::NotAttached {
                     interface: interface.to_owned(),
                 })?;
-        classifier(&mut self.ebpf, program).and_then(|p| lifecycle::detach(held, p, program))?;
+        self.release(held, program)?;
         tracing::info!(interface, program, "uplink detached");
         Ok(())
     }

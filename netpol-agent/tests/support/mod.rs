@@ -125,7 +125,7 @@ impl TempBpffs {
     pub fn new() -> Self {
         let root = std::env::temp_dir().join(unique("netpol-bpffs-"));
         std::fs::create_dir_all(&root).expect("creating bpffs folder");
-        netpol_agent::bpffs::ensure_mounted(&root).expect("mounting bpffs");
+        netpol_agent::bpffs::ensure_mounted_anywhere(&root).expect("mounting bpffs");
         Self { root }
     }
 
