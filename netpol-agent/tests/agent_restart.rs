@@ -8,6 +8,9 @@
 //! deadline, never a sleep.
 mod support;
 
+#[path = "support/fake_apiserver.rs"]
+mod fake_apiserver;
+
 use std::{
     io::{Read as _, Write as _},
     net::{SocketAddr, TcpListener, TcpStream},
@@ -44,6 +47,160 @@ spec:
   ingress: [{from: [{podSelector: {matchLabels: {app: b}}}]}]
 "#;
 
+/// Where an agent reads the cluster from: the manifests folder, or the
+/// same objects served by a fake API server in the node's namespace
+/// ([`KubeFeed`], brought up to date by [`Feed::sync`]).
+#[derive(Clone, Copy)]
+enum Feed<'a> {
+    Files(&'a Manifests),
+    Kube(&'a Manifests, &'a KubeFeed),
+}
+
+impl<'a> From<&'a Manifests> for Feed<'a> {
+    fn from(m: &'a Manifests) -> Self {
+        Feed::Files(m)
+    }
+}
+
+impl Feed<'_> {
+    /// `run`'s arguments for the source.
+    fn args(&self) -> Vec<std::ffi::OsString> {
+        match self {
+            Feed::Files(m) => vec!["--manifests".into(), m.0.clone().into()],
+            Feed::Kube(..) => vec!["--node".into(), "n1".into()],
+        }
+    }
+
+    fn env(&self) -> Vec<(&'static str, std::ffi::OsString)> {
+        match self {
+            Feed::Files(_) => Vec::new(),
+            Feed::Kube(_, k) => vec![("KUBECONFIG", k.kubeconfig.clone().into())],
+        }
+    }
+
+    /// Serves the folder's objects (the API server's view of it).
+    fn sync(&self) {
+        if let Feed::Kube(m, k) = self {
+            k.sync(m);
+        }
+    }
+
+    /// What the agent reports once it enforces the folder.
+    fn fingerprint(&self) -> String {
+        match self {
+            Feed::Files(m) => m.fingerprint(),
+            Feed::Kube(_, k) => {
+                let mut snap = netpol_agent::model::Snapshot::default();
+                let mut report = netpol_agent::model::manifests::LoadReport::default();
+                for obj in k.fake.objects() {
+                    netpol_agent::model::manifests::apply_value(
+                        &mut snap,
+                        obj,
+                        "fake",
+                        &mut report,
+                    );
+                }
+                netpol_agent::sources::fingerprint(&snap)
+            }
+        }
+    }
+}
+
+/// A fake API server listening in a node's namespace, and a kubeconfig
+/// naming it.
+struct KubeFeed {
+    fake: fake_apiserver::FakeApiServer,
+    kubeconfig: PathBuf,
+    /// What it serves: `(kind, namespace, name)` → the object's JSON.
+    served: Mutex<std::collections::BTreeMap<(String, String, String), String>>,
+    _rt: tokio::runtime::Runtime,
+}
+
+impl KubeFeed {
+    fn start(node: &Netns) -> Self {
+        let (rt, fake) = spawn_in(node, || {
+            let rt = tokio::runtime::Runtime::new().expect("runtime");
+            let fake = rt.block_on(fake_apiserver::FakeApiServer::start());
+            (rt, fake)
+        })
+        .join()
+        .expect("starting the fake API server");
+        let kubeconfig = std::env::temp_dir().join(support::unique("netpol-kubeconfig-"));
+        std::fs::write(
+            &kubeconfig,
+            format!(
+                "apiVersion: v1\nkind: Config\n\
+                 clusters: [{{name: fake, cluster: {{server: \"{}\"}}}}]\n\
+                 users: [{{name: u, user: {{}}}}]\n\
+                 contexts: [{{name: c, context: {{cluster: fake, user: u}}}}]\n\
+                 current-context: c\n",
+                fake.url()
+            ),
+        )
+        .expect("kubeconfig");
+        Self {
+            fake,
+            kubeconfig,
+            served: Mutex::default(),
+            _rt: rt,
+        }
+    }
+
+    /// Serves every document of the folder's files: changed objects are
+    /// applied (pods with a uid of their name, so that re-serving one does
+    /// not make it another pod), removed ones deleted.
+    fn sync(&self, m: &Manifests) {
+        use serde::Deserialize as _;
+        let mut now = std::collections::BTreeMap::new();
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&m.0)
+            .expect("manifests")
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+            .collect();
+        files.sort();
+        for f in files {
+            let text = std::fs::read_to_string(&f).expect("manifest");
+            for doc in serde_yaml::Deserializer::from_str(&text) {
+                let mut v = serde_json::Value::deserialize(doc).expect("a YAML document");
+                if v.is_null() {
+                    continue;
+                }
+                let s = |p: &str| {
+                    v.pointer(p)
+                        .and_then(|x| x.as_str())
+                        .unwrap_or_default()
+                        .to_owned()
+                };
+                let key = (s("/kind"), s("/metadata/namespace"), s("/metadata/name"));
+                if key.0 == "Pod" && v.pointer("/metadata/uid").is_none() {
+                    v["metadata"]["uid"] = serde_json::json!(format!("uid-{}-{}", key.1, key.2));
+                }
+                now.insert(key, v);
+            }
+        }
+        let mut served = self.served.lock().expect("served");
+        let changed: Vec<serde_json::Value> = now
+            .iter()
+            .filter(|(k, v)| served.get(*k) != Some(&v.to_string()))
+            .map(|(_, v)| v.clone())
+            .collect();
+        self.fake.apply_all(changed);
+        for (kind, ns, name) in served.keys() {
+            if !now.contains_key(&(kind.clone(), ns.clone(), name.clone())) {
+                self.fake.delete(kind, ns, name);
+            }
+        }
+        *served = now.into_iter().map(|(k, v)| (k, v.to_string())).collect();
+    }
+}
+
+impl Drop for KubeFeed {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.kubeconfig);
+    }
+}
+
 /// The agent binary, running in the node namespace.
 struct AgentProcess {
     child: Child,
@@ -51,19 +208,26 @@ struct AgentProcess {
 }
 
 impl AgentProcess {
-    fn start(node: &Netns, bpffs: &Path, m: &Manifests, mode: &str, log: &Path) -> Self {
-        Self::start_with(node, bpffs, m, mode, log, &[])
+    fn start<'a>(
+        node: &Netns,
+        bpffs: &Path,
+        feed: impl Into<Feed<'a>>,
+        mode: &str,
+        log: &Path,
+    ) -> Self {
+        Self::start_with(node, bpffs, feed, mode, log, &[])
     }
 
     /// [`Self::start`] with more `run` arguments.
-    fn start_with(
+    fn start_with<'a>(
         node: &Netns,
         bpffs: &Path,
-        m: &Manifests,
+        feed: impl Into<Feed<'a>>,
         mode: &str,
         log: &Path,
         extra: &[&str],
     ) -> Self {
+        let feed = feed.into();
         let out = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -74,8 +238,9 @@ impl AgentProcess {
             .arg(env!("CARGO_BIN_EXE_netpol-agent"))
             .arg("--bpffs")
             .arg(bpffs)
-            .args(["run", "--manifests"])
-            .arg(&m.0)
+            .arg("run")
+            .args(feed.args())
+            .envs(feed.env())
             .args([
                 "--interfaces",
                 "nph*",
@@ -104,8 +269,8 @@ impl AgentProcess {
 
     /// Waits until `/status` reports the folder's fingerprint and every
     /// interface bound and programmed.
-    fn wait_enforced(&mut self, node: &Netns, m: &Manifests, pods: &[&PodNet]) {
-        let fp = m.fingerprint();
+    fn wait_enforced<'a>(&mut self, node: &Netns, feed: impl Into<Feed<'a>>, pods: &[&PodNet]) {
+        let fp = feed.into().fingerprint();
         let deadline = Instant::now() + DEADLINE;
         let mut last = String::new();
         while Instant::now() < deadline {
@@ -666,6 +831,18 @@ fn a_second_agent_refuses_the_pins_of_a_running_one_and_takes_over_once_it_exits
     if !privileged() {
         return;
     }
+    second_agent(false);
+}
+
+#[test]
+fn kube_a_second_agent_refuses_the_pins_of_a_running_one_and_takes_over_once_it_exits() {
+    if !privileged() {
+        return;
+    }
+    second_agent(true);
+}
+
+fn second_agent(kube: bool) {
     let scene = Scene::new("netlink");
     let Scene {
         node,
@@ -677,8 +854,14 @@ fn a_second_agent_refuses_the_pins_of_a_running_one_and_takes_over_once_it_exits
         log,
     } = &scene;
     let pods = [a, b, c];
-    let mut first = AgentProcess::start(node, bpffs.path(), m, "netlink", log);
-    first.wait_enforced(node, m, &pods);
+    let kube = kube.then(|| KubeFeed::start(node));
+    let feed = match &kube {
+        Some(k) => Feed::Kube(m, k),
+        None => Feed::Files(m),
+    };
+    feed.sync();
+    let mut first = AgentProcess::start(node, bpffs.path(), feed, "netlink", log);
+    first.wait_enforced(node, feed, &pods);
     let probes = Probes::start(a, b, c, &bpffs.path().join("netpol"));
     probes.progress(30, "first agent");
 
@@ -688,8 +871,9 @@ fn a_second_agent_refuses_the_pins_of_a_running_one_and_takes_over_once_it_exits
         .arg(env!("CARGO_BIN_EXE_netpol-agent"))
         .arg("--bpffs")
         .arg(bpffs.path())
-        .args(["run", "--manifests"])
-        .arg(&m.0)
+        .arg("run")
+        .args(feed.args())
+        .envs(feed.env())
         .args(["--interfaces", "nph*", "--listen", "127.0.0.1:9102"])
         .args(["--attach-mode", "netlink", "--handover-wait-secs", "1"])
         .arg("--state-dir")
@@ -712,20 +896,20 @@ fn a_second_agent_refuses_the_pins_of_a_running_one_and_takes_over_once_it_exits
         matches!(first.child.try_wait(), Ok(None)),
         "the first agent still runs"
     );
-    first.wait_enforced(node, m, &pods);
+    first.wait_enforced(node, feed, &pods);
 
     // Handover: the next agent starts while this one still runs.
     let mut next = AgentProcess::start_with(
         node,
         bpffs.path(),
-        m,
+        feed,
         "netlink",
         log,
         &["--handover-wait-secs", "60"],
     );
     probes.progress(30, "both agents up, the second waiting");
     first.signal("TERM");
-    next.wait_enforced(node, m, &pods);
+    next.wait_enforced(node, feed, &pods);
     probes.progress(50, "after the handover");
     probes.stop("after the handover");
     let text = next.log();
@@ -785,6 +969,18 @@ fn a_restart_whose_ids_would_shift_opens_nothing() {
     if !privileged() {
         return;
     }
+    restart_with_shifting_ids(false);
+}
+
+#[test]
+fn kube_a_restart_whose_ids_would_shift_opens_nothing() {
+    if !privileged() {
+        return;
+    }
+    restart_with_shifting_ids(true);
+}
+
+fn restart_with_shifting_ids(kube: bool) {
     let scene = Scene::new("netlink");
     let Scene {
         node,
@@ -796,6 +992,11 @@ fn a_restart_whose_ids_would_shift_opens_nothing() {
         log,
     } = &scene;
     let pods = [a, b, c];
+    let kube = kube.then(|| KubeFeed::start(node));
+    let feed = match &kube {
+        Some(k) => Feed::Kube(m, k),
+        None => Feed::Files(m),
+    };
     // History: b, bulk, c and two short-lived pods get ids 1..5; then a
     // and the open pods arrive (a: 6), and the short-lived pods go. From
     // scratch, id 6 is o2's, open to everyone.
@@ -804,8 +1005,9 @@ fn a_restart_whose_ids_would_shift_opens_nothing() {
     m.write("bulk-policy.yaml", &bulk_policy(1, 20_000));
     m.write("g1.yaml", &ghost_pod("g1", "ghost", 2));
     m.write("g2.yaml", &ghost_pod("g2", "ghost", 3));
-    let mut agent = AgentProcess::start(node, bpffs.path(), m, "netlink", log);
-    agent.wait_enforced(node, m, &[b, c]);
+    feed.sync();
+    let mut agent = AgentProcess::start(node, bpffs.path(), feed, "netlink", log);
+    agent.wait_enforced(node, feed, &[b, c]);
     m.write("a.yaml", &pod_manifest("a", a));
     m.write("open.yaml", OPEN);
     for i in 1..=8 {
@@ -814,11 +1016,13 @@ fn a_restart_whose_ids_would_shift_opens_nothing() {
             &ghost_pod(&format!("o{i}"), "open", 10 + i),
         );
     }
-    agent.wait_enforced(node, m, &pods);
+    feed.sync();
+    agent.wait_enforced(node, feed, &pods);
     for g in ["g1.yaml", "g2.yaml"] {
         std::fs::remove_file(m.0.join(g)).expect("ghost");
     }
-    agent.wait_enforced(node, m, &pods);
+    feed.sync();
+    agent.wait_enforced(node, feed, &pods);
     // The state file is written after the apply, off the loop.
     let state = bpffs.path().with_extension("state").join("state.json");
     let id_of = |pod: &str| -> Option<u64> {
@@ -846,10 +1050,11 @@ fn a_restart_whose_ids_would_shift_opens_nothing() {
     m.write("bulk-policy.yaml", &bulk_policy(2, 20_000));
     std::fs::remove_file(m.0.join("o1.yaml")).expect("o1");
     m.write("o9.yaml", &ghost_pod("o9", "open", 19));
+    feed.sync();
     probes.progress(20, "no agent");
     drop(agent);
-    let mut agent = AgentProcess::start(node, bpffs.path(), m, "netlink", log);
-    agent.wait_enforced(node, m, &pods);
+    let mut agent = AgentProcess::start(node, bpffs.path(), feed, "netlink", log);
+    agent.wait_enforced(node, feed, &pods);
     probes.progress(50, "second agent");
     let text = agent.log();
     assert!(
@@ -865,7 +1070,7 @@ fn a_restart_whose_ids_would_shift_opens_nothing() {
 /// descriptors it holds and says so; a `kill -9` then leaves the programs
 /// attached and enforcing, and the next agent adopts them with the maps.
 /// (Before, the agent said nothing and the kill detached every TCX link.)
-fn lost_pins_are_put_back(mode: &str) {
+fn lost_pins_are_put_back(mode: &str, kube: bool) {
     let scene = Scene::new(mode);
     let Scene {
         node,
@@ -877,9 +1082,15 @@ fn lost_pins_are_put_back(mode: &str) {
         log,
     } = &scene;
     let pods = [a, b, c];
+    let kube = kube.then(|| KubeFeed::start(node));
+    let feed = match &kube {
+        Some(k) => Feed::Kube(m, k),
+        None => Feed::Files(m),
+    };
+    feed.sync();
     let pin_dir = bpffs.path().join("netpol");
-    let mut agent = AgentProcess::start(node, bpffs.path(), m, mode, log);
-    agent.wait_enforced(node, m, &pods);
+    let mut agent = AgentProcess::start(node, bpffs.path(), feed, mode, log);
+    agent.wait_enforced(node, feed, &pods);
     let probes = Probes::start(a, b, c, &pin_dir);
     probes.progress(30, "first agent");
     let pins = |dir: &Path| -> Vec<String> {
@@ -931,8 +1142,8 @@ fn lost_pins_are_put_back(mode: &str) {
         );
     }
     drop(agent);
-    let mut agent = AgentProcess::start(node, bpffs.path(), m, mode, log);
-    agent.wait_enforced(node, m, &pods);
+    let mut agent = AgentProcess::start(node, bpffs.path(), feed, mode, log);
+    agent.wait_enforced(node, feed, &pods);
     probes.progress(50, "next agent");
     let text = agent.log();
     assert!(
@@ -964,7 +1175,15 @@ fn tcx_lost_pins_are_put_back_and_a_kill_keeps_enforcing() {
     if !privileged() {
         return;
     }
-    lost_pins_are_put_back("tcx");
+    lost_pins_are_put_back("tcx", false);
+}
+
+#[test]
+fn kube_tcx_lost_pins_are_put_back_and_a_kill_keeps_enforcing() {
+    if !privileged() {
+        return;
+    }
+    lost_pins_are_put_back("tcx", true);
 }
 
 #[test]
@@ -972,7 +1191,7 @@ fn netlink_lost_pins_are_put_back_and_a_kill_keeps_enforcing() {
     if !privileged() {
         return;
     }
-    lost_pins_are_put_back("netlink");
+    lost_pins_are_put_back("netlink", false);
 }
 
 /// Issue 20, item 3: netpol's programs attached on the pod interfaces
