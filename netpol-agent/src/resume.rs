@@ -27,10 +27,10 @@
 //! from scratch did exactly that (a pod's new id was a live pod's old one).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::IpAddr;
 use std::sync::Arc;
 
-use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+use ipnet::IpNet;
 use netpol_common::{EndpointInfo, PORT_KEY_PROTOCOL_BITS, SELECTOR_BITS, endpoint_flags};
 
 use crate::compiler::{
@@ -102,26 +102,24 @@ pub fn resume(
         old.endpoints.insert(key, endpoint);
     }
 
-    for (&(len, k), v) in &maps.policy_v4 {
+    let v4 = maps
+        .policy_v4
+        .iter()
+        .map(|(&(len, k), v)| (len, k.selector, IpAddr::from(k.addr), v.ruleset));
+    let v6 = maps
+        .policy_v6
+        .iter()
+        .map(|(&(len, k), v)| (len, k.selector, IpAddr::from(k.addr), v.ruleset));
+    for (len, selector, addr, ruleset) in v4.chain(v6) {
         let prefix = len
             .checked_sub(SELECTOR_BITS)
-            .and_then(|l| Ipv4Net::new(Ipv4Addr::from(k.addr), u8::try_from(l).ok()?).ok());
+            .and_then(|l| IpNet::new(addr, u8::try_from(l).ok()?).ok());
         // A key with bits past its prefix is no compile's: a leftover.
         if let Some(p) = prefix.filter(|p| p.trunc() == *p) {
-            insert(old, k.selector, IpNet::V4(p), v.ruleset);
+            insert(old, selector, p, ruleset);
         }
-        live_endpoints.insert(k.selector >> 1);
-        live_rulesets.insert(v.ruleset);
-    }
-    for (&(len, k), v) in &maps.policy_v6 {
-        let prefix = len
-            .checked_sub(SELECTOR_BITS)
-            .and_then(|l| Ipv6Net::new(Ipv6Addr::from(k.addr), u8::try_from(l).ok()?).ok());
-        if let Some(p) = prefix.filter(|p| p.trunc() == *p) {
-            insert(old, k.selector, IpNet::V6(p), v.ruleset);
-        }
-        live_endpoints.insert(k.selector >> 1);
-        live_rulesets.insert(v.ruleset);
+        live_endpoints.insert(selector >> 1);
+        live_rulesets.insert(ruleset);
     }
 
     let mut blocks: BTreeMap<u32, BTreeSet<PortPrefix>> = BTreeMap::new();

@@ -578,6 +578,9 @@ fn tc_filters(node: &Netns, dev: &str) -> String {
 /// A routed node with pods a (server), b (admitted) and c (denied), and
 /// the manifests saying so.
 struct Scene {
+    /// The folder served by a fake API server, for agents on the kube
+    /// source ([`Scene::feed`]).
+    kube: Option<KubeFeed>,
     node: Netns,
     bpffs: TempBpffs,
     m: Manifests,
@@ -589,6 +592,11 @@ struct Scene {
 
 impl Scene {
     fn new(mode: &str) -> Self {
+        Self::with_feed(mode, false)
+    }
+
+    /// With `kube`, the folder is also served by a fake API server.
+    fn with_feed(mode: &str, kube: bool) -> Self {
         let node = node(Topology::Routed, true);
         let bpffs = TempBpffs::new();
         let m = Manifests::new();
@@ -605,7 +613,9 @@ impl Scene {
         }
         m.write("policy.yaml", ONLY_B_TO_A);
         let log = std::env::temp_dir().join(format!("{}.log", support::unique("netpol-restart-")));
-        Self {
+        let kube = kube.then(|| KubeFeed::start(&node));
+        let scene = Self {
+            kube,
             node,
             bpffs,
             m,
@@ -613,6 +623,16 @@ impl Scene {
             b,
             c,
             log,
+        };
+        scene.feed().sync();
+        scene
+    }
+
+    /// Where its agents read the cluster from.
+    fn feed(&self) -> Feed<'_> {
+        match &self.kube {
+            Some(k) => Feed::Kube(&self.m, k),
+            None => Feed::Files(&self.m),
         }
     }
 }
@@ -633,6 +653,7 @@ fn restart_keeps_enforcing(mode: &str) {
         b,
         c,
         log,
+        ..
     } = &scene;
     let pods = [a, b, c];
 
@@ -843,23 +864,18 @@ fn kube_a_second_agent_refuses_the_pins_of_a_running_one_and_takes_over_once_it_
 }
 
 fn second_agent(kube: bool) {
-    let scene = Scene::new("netlink");
+    let scene = Scene::with_feed("netlink", kube);
     let Scene {
         node,
         bpffs,
-        m,
         a,
         b,
         c,
         log,
+        ..
     } = &scene;
     let pods = [a, b, c];
-    let kube = kube.then(|| KubeFeed::start(node));
-    let feed = match &kube {
-        Some(k) => Feed::Kube(m, k),
-        None => Feed::Files(m),
-    };
-    feed.sync();
+    let feed = scene.feed();
     let mut first = AgentProcess::start(node, bpffs.path(), feed, "netlink", log);
     first.wait_enforced(node, feed, &pods);
     let probes = Probes::start(a, b, c, &bpffs.path().join("netpol"));
@@ -981,7 +997,7 @@ fn kube_a_restart_whose_ids_would_shift_opens_nothing() {
 }
 
 fn restart_with_shifting_ids(kube: bool) {
-    let scene = Scene::new("netlink");
+    let scene = Scene::with_feed("netlink", kube);
     let Scene {
         node,
         bpffs,
@@ -990,13 +1006,10 @@ fn restart_with_shifting_ids(kube: bool) {
         b,
         c,
         log,
+        ..
     } = &scene;
     let pods = [a, b, c];
-    let kube = kube.then(|| KubeFeed::start(node));
-    let feed = match &kube {
-        Some(k) => Feed::Kube(m, k),
-        None => Feed::Files(m),
-    };
+    let feed = scene.feed();
     // History: b, bulk, c and two short-lived pods get ids 1..5; then a
     // and the open pods arrive (a: 6), and the short-lived pods go. From
     // scratch, id 6 is o2's, open to everyone.
@@ -1071,23 +1084,18 @@ fn restart_with_shifting_ids(kube: bool) {
 /// attached and enforcing, and the next agent adopts them with the maps.
 /// (Before, the agent said nothing and the kill detached every TCX link.)
 fn lost_pins_are_put_back(mode: &str, kube: bool) {
-    let scene = Scene::new(mode);
+    let scene = Scene::with_feed(mode, kube);
     let Scene {
         node,
         bpffs,
-        m,
         a,
         b,
         c,
         log,
+        ..
     } = &scene;
     let pods = [a, b, c];
-    let kube = kube.then(|| KubeFeed::start(node));
-    let feed = match &kube {
-        Some(k) => Feed::Kube(m, k),
-        None => Feed::Files(m),
-    };
-    feed.sync();
+    let feed = scene.feed();
     let pin_dir = bpffs.path().join("netpol");
     let mut agent = AgentProcess::start(node, bpffs.path(), feed, mode, log);
     agent.wait_enforced(node, feed, &pods);
@@ -1210,6 +1218,7 @@ fn tcx_programs_attached_without_pins_are_adopted_not_doubled() {
         b,
         c,
         log,
+        ..
     } = &scene;
     let pods = [a, b, c];
     let mut first = AgentProcess::start(node, bpffs.path(), m, "tcx", log);
@@ -1314,6 +1323,7 @@ fn out_of_descriptors_the_agent_backs_off_and_recovers() {
         b,
         c,
         log,
+        ..
     } = &scene;
     let pods = [a, b, c];
     let mut agent = AgentProcess::start(node, bpffs.path(), m, "netlink", log);

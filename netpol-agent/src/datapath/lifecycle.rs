@@ -234,41 +234,21 @@ fn tcx_links(
     };
     // SAFETY: `q` is a valid prefix of `union bpf_attr` for BPF_PROG_QUERY;
     // the two id buffers hold `count` entries and outlive the call.
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_PROG_QUERY,
-            &mut q as *mut Query,
-            std::mem::size_of::<Query>(),
-        )
-    };
-    if ret < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    unsafe { sys_bpf(BPF_PROG_QUERY, &mut q) }?;
     let n = (q.count as usize).min(MAX);
     let mut out = Vec::new();
     for (prog, link) in prog_ids[..n].iter().zip(&link_ids[..n]) {
         if *link == 0 || names.get(prog).map(String::as_str) != Some(program) {
             continue;
         }
-        let attr = GetFdById {
+        let mut attr = GetFdById {
             id: *link,
             next_id: 0,
             open_flags: 0,
         };
         // SAFETY: `attr` is a valid prefix of `union bpf_attr` for
         // BPF_LINK_GET_FD_BY_ID and outlives the call.
-        let fd = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_LINK_GET_FD_BY_ID,
-                &attr as *const GetFdById,
-                std::mem::size_of::<GetFdById>(),
-            )
-        };
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
+        let fd = unsafe { sys_bpf(BPF_LINK_GET_FD_BY_ID, &mut attr) }?;
         // SAFETY: the kernel returned a new fd that nothing else owns.
         out.push(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) });
     }
@@ -391,7 +371,7 @@ pub(super) fn update_pinned_link(
         old_prog_fd: u32,
     }
     let link = bpf_obj_get(path)?;
-    let attr = LinkUpdate {
+    let mut attr = LinkUpdate {
         link_fd: link.as_raw_fd() as u32,
         new_prog_fd: program.as_raw_fd() as u32,
         flags: 0,
@@ -399,18 +379,31 @@ pub(super) fn update_pinned_link(
     };
     // SAFETY: `attr` is a valid prefix of `union bpf_attr` for
     // BPF_LINK_UPDATE (no padding) and outlives the call.
+    unsafe { sys_bpf(BPF_LINK_UPDATE, &mut attr) }?;
+    Ok(())
+}
+
+/// `bpf(cmd, attr, sizeof attr)`: the kernel's return value, or the
+/// error it set.
+///
+/// # Safety
+/// `attr` is a valid prefix of `union bpf_attr` for `cmd` (no
+/// uninitialised padding), and every pointer in it is valid for what the
+/// kernel reads or writes through it during the call.
+unsafe fn sys_bpf<T>(cmd: libc::c_long, attr: &mut T) -> std::io::Result<libc::c_long> {
+    // SAFETY: the caller's contract; `attr` outlives the call.
     let ret = unsafe {
         libc::syscall(
             libc::SYS_bpf,
-            BPF_LINK_UPDATE,
-            &attr as *const LinkUpdate,
-            std::mem::size_of::<LinkUpdate>(),
+            cmd,
+            std::ptr::from_mut(attr),
+            std::mem::size_of::<T>(),
         )
     };
     if ret < 0 {
         return Err(std::io::Error::last_os_error());
     }
-    Ok(())
+    Ok(ret)
 }
 
 const BPF_OBJ_PIN: libc::c_long = 6;
@@ -423,9 +416,23 @@ const BPF_LINK_UPDATE: libc::c_long = 29;
 const BPF_LINK_DETACH: libc::c_long = 34;
 
 pub(super) fn bpf_obj_get(path: &Path) -> std::io::Result<std::os::fd::OwnedFd> {
-    use std::os::{fd::FromRawFd as _, unix::ffi::OsStrExt as _};
+    use std::os::fd::FromRawFd as _;
+    let fd = bpf_obj(BPF_OBJ_GET, path, 0)?;
+    // SAFETY: BPF_OBJ_GET returned a new fd that nothing else owns.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Pins the object `fd` refers to at `path` (`BPF_OBJ_PIN`).
+pub(super) fn bpf_obj_pin(fd: std::os::fd::BorrowedFd<'_>, path: &Path) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    bpf_obj(BPF_OBJ_PIN, path, fd.as_raw_fd() as u32).map(drop)
+}
+
+/// `BPF_OBJ_GET` or `BPF_OBJ_PIN` of `path` (with `fd` for a pin).
+fn bpf_obj(cmd: libc::c_long, path: &Path, fd: u32) -> std::io::Result<libc::c_long> {
+    use std::os::unix::ffi::OsStrExt as _;
     #[repr(C)]
-    struct ObjGet {
+    struct ObjAttr {
         pathname: u64,
         bpf_fd: u32,
         file_flags: u32,
@@ -436,64 +443,16 @@ pub(super) fn bpf_obj_get(path: &Path) -> std::io::Result<std::os::fd::OwnedFd> 
     }
     let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-    let attr = ObjGet {
+    let mut attr = ObjAttr {
         pathname: c_path.as_ptr() as u64,
-        bpf_fd: 0,
+        bpf_fd: fd,
         file_flags: 0,
         path_fd: 0,
         _pad: 0,
     };
-    // SAFETY: `attr` is a valid prefix of `union bpf_attr` for BPF_OBJ_GET
-    // and outlives the call; `c_path` is NUL-terminated and outlives it.
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET,
-            &attr as *const ObjGet,
-            std::mem::size_of::<ObjGet>(),
-        )
-    };
-    if ret < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: BPF_OBJ_GET returned a new fd that nothing else owns.
-    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(ret as i32) })
-}
-
-/// Pins the object `fd` refers to at `path` (`BPF_OBJ_PIN`).
-pub(super) fn bpf_obj_pin(fd: std::os::fd::BorrowedFd<'_>, path: &Path) -> std::io::Result<()> {
-    use std::os::{fd::AsRawFd as _, unix::ffi::OsStrExt as _};
-    #[repr(C)]
-    struct ObjPin {
-        pathname: u64,
-        bpf_fd: u32,
-        file_flags: u32,
-        path_fd: i32,
-        _pad: u32,
-    }
-    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-    let attr = ObjPin {
-        pathname: c_path.as_ptr() as u64,
-        bpf_fd: fd.as_raw_fd() as u32,
-        file_flags: 0,
-        path_fd: 0,
-        _pad: 0,
-    };
-    // SAFETY: `attr` is a valid prefix of `union bpf_attr` for BPF_OBJ_PIN
-    // and outlives the call; `c_path` is NUL-terminated and outlives it.
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_PIN,
-            &attr as *const ObjPin,
-            std::mem::size_of::<ObjPin>(),
-        )
-    };
-    if ret < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
+    // SAFETY: `attr` is a valid prefix of `union bpf_attr` for both
+    // commands; `c_path` is NUL-terminated and outlives the call.
+    unsafe { sys_bpf(cmd, &mut attr) }
 }
 
 fn bpf_link_detach(fd: &std::os::fd::OwnedFd) -> std::io::Result<()> {
@@ -502,22 +461,12 @@ fn bpf_link_detach(fd: &std::os::fd::OwnedFd) -> std::io::Result<()> {
     struct LinkDetach {
         link_fd: u32,
     }
-    let attr = LinkDetach {
+    let mut attr = LinkDetach {
         link_fd: fd.as_raw_fd() as u32,
     };
     // SAFETY: `attr` is a valid prefix of `union bpf_attr` for
     // BPF_LINK_DETACH and outlives the call.
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_LINK_DETACH,
-            &attr as *const LinkDetach,
-            std::mem::size_of::<LinkDetach>(),
-        )
-    };
-    if ret < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    unsafe { sys_bpf(BPF_LINK_DETACH, &mut attr) }?;
     Ok(())
 }
 
