@@ -1,7 +1,10 @@
 //! The one reconcile loop: the only code that drives the kernel.
 //!
-//! Triggers: a new [`Input`] from the source (debounced, then compiled,
-//! diffed against the state in force and applied through the map writer),
+//! Triggers: a new [`Input`] from the source (the first of a burst at
+//! once, the rest coalesced over the debounce; the objects that changed
+//! since the applied input go through [`Compiler::update`], which gives
+//! the diff, applied through the map writer; the first apply diffs from
+//! the pinned maps, [`crate::resume`]),
 //! and link changes (a new veth is marked "pod interface, not programmed"
 //! and attached; a gone one is detached and its entry deleted). Binding a
 //! veth to its pod needs no traffic: its peer's addresses are read in the
@@ -19,6 +22,7 @@
 //! conntrack entries of the node's own traffic (probes), which therefore
 //! cannot be confused with a programmed pod's connections.
 use std::{
+    borrow::Cow,
     collections::{BTreeMap, BTreeSet},
     net::IpAddr,
     path::PathBuf,
@@ -31,14 +35,14 @@ use netpol_common::{EndpointInfo, endpoint_flags};
 use tokio::sync::{mpsc, watch};
 
 use crate::{
-    compiler::{self, Compiled, IdAllocation, RawOp},
+    compiler::{self, Changes, Compiled, Compiler, IdAllocation, RawOp},
     datapath::{
         Datapath,
         clock::{JiffyClock, Skew},
         writer::{KernelOp, MapWriteError},
     },
     interfaces::{self, Link, LinkEvent},
-    model::ObjectRef,
+    model::{ObjectRef, Snapshot},
     provenance::{self, Bound, Inputs, State},
     resume,
     sources::{Input, ObjectCounts, SourceHealth, fingerprint},
@@ -129,7 +133,16 @@ pub(crate) struct SyncLoop {
     dp: Datapath,
     uplinks: crate::uplinks::Uplinks,
     cfg: SyncConfig,
-    compiled: Option<Compiled>,
+    /// The compile in force and what it depends on; `None` until the
+    /// first apply (and after a failed one: the next diffs from the maps).
+    compiler: Option<Compiler>,
+    /// The input it was compiled from.
+    applied: Option<Arc<Input>>,
+    /// When the last compile ran: a change within `cfg.debounce` of it
+    /// waits for the rest of its burst.
+    last_compile: Option<tokio::time::Instant>,
+    /// When a coalesced change is compiled.
+    compile_at: Option<tokio::time::Instant>,
     input: Option<Arc<Input>>,
     ifaces: BTreeMap<u32, Iface>,
     bindings: BTreeMap<ObjectRef, u32>,
@@ -170,7 +183,10 @@ impl SyncLoop {
             dp,
             uplinks: crate::uplinks::Uplinks::new(cfg.interfaces.clone(), cfg.uplinks.clone()),
             cfg,
-            compiled: None,
+            compiler: None,
+            applied: None,
+            last_compile: None,
+            compile_at: None,
             input: None,
             ifaces: BTreeMap::new(),
             bindings: BTreeMap::new(),
@@ -230,6 +246,7 @@ impl SyncLoop {
             self.metrics.alive(crate::telemetry::Task::Loop);
             let retry = self.retry_at;
             let rebind = self.rebind_at;
+            let compile_at = self.compile_at;
             let mut compile = false;
             let mut endpoints = false;
             tokio::select! {
@@ -240,11 +257,23 @@ impl SyncLoop {
                     if r.is_err() {
                         break;
                     }
-                    // Bursts (a folder written file by file) become one
-                    // compile of the latest input.
-                    tokio::time::sleep(self.cfg.debounce).await;
-                    compile = true;
+                    // The first change of a burst is compiled at once; the
+                    // rest of it (a folder written file by file) waits
+                    // out the debounce and becomes one compile.
+                    let now = tokio::time::Instant::now();
+                    match self.last_compile {
+                        Some(t) if now < t + self.cfg.debounce => {
+                            self.compile_at.get_or_insert(t + self.cfg.debounce);
+                        }
+                        _ => compile = true,
+                    }
                 }
+                () = async {
+                    match compile_at {
+                        Some(t) => tokio::time::sleep_until(t).await,
+                        None => std::future::pending().await,
+                    }
+                } => compile = true,
                 Some(ev) = links.recv() => endpoints = self.on_link(ev),
                 Some(f) = found.recv() => endpoints = self.on_found(f),
                 Some(()) = async {
@@ -270,6 +299,8 @@ impl SyncLoop {
                 }
             }
             if compile {
+                self.compile_at = None;
+                self.last_compile = Some(tokio::time::Instant::now());
                 let latest = inputs.borrow_and_update().clone();
                 if let Some(input) = latest {
                     self.input = Some(input);
@@ -360,7 +391,7 @@ impl SyncLoop {
     fn add(&mut self, link: Link) -> bool {
         let ifindex = link.ifindex;
         let name = link.name.clone();
-        let adopted = self.compiled.is_none()
+        let adopted = self.compiler.is_none()
             && self
                 .dp
                 .writer()
@@ -524,7 +555,7 @@ impl SyncLoop {
     /// their interface until it goes or another interface takes them: a
     /// neighbour entry that ages out must not unbind a pod.
     fn apply_routes(&mut self, routes: &[(IpNet, u32)]) -> bool {
-        let Some(compiled) = &self.compiled else {
+        let Some(compiled) = self.compiler.as_ref().map(Compiler::compiled) else {
             return false;
         };
         let mut found: Vec<(IpAddr, u32)> = Vec::new();
@@ -595,7 +626,7 @@ impl SyncLoop {
         let Some(input) = self.input.clone() else {
             return;
         };
-        if self.compiled.is_none() && !self.adoption_settled() {
+        if self.compiler.is_none() && !self.adoption_settled() {
             self.retry_at = Some(tokio::time::Instant::now() + ADOPT_POLL);
             return;
         }
@@ -603,34 +634,47 @@ impl SyncLoop {
         let span = tracing::info_span!("sync", generation);
         let _enter = span.enter();
         let start = Instant::now();
-        let mut snapshot = input.snapshot.clone();
-        if self.cfg.node.is_some() {
-            snapshot.local_node.clone_from(&self.cfg.node);
-        }
-        // The first apply diffs from what the pinned maps hold (a previous
-        // agent's state, or nothing), read back with the ids to keep.
-        let resuming = self.compiled.is_none();
-        let old = match self.compiled.take() {
-            Some(c) => c,
-            None => self.resume(&snapshot),
+        let snapshot: Cow<'_, Snapshot> = match &self.cfg.node {
+            Some(n) if input.snapshot.local_node.as_ref() != Some(n) => {
+                let mut s = input.snapshot.clone();
+                s.local_node = Some(n.clone());
+                Cow::Owned(s)
+            }
+            _ => Cow::Borrowed(&input.snapshot),
         };
-        let new = compiler::compile(&snapshot, &old.ids);
-        let bindings = self.bind(&new);
-        let ops: Vec<RawOp> = compiler::diff(&old, &new).raw().collect();
+        // An update follows the objects that changed since the applied
+        // input. The first apply (and the one after a failed apply, which
+        // the writer rolled back) diffs from what the pinned maps hold: a
+        // previous agent's state, or nothing, read back with the ids to
+        // keep.
+        let resuming = self.compiler.is_none();
+        let (compiler, diff) = match (self.compiler.take(), self.applied.take()) {
+            (Some(mut c), Some(prev)) => {
+                let changes = Changes::between(&prev.snapshot, &input.snapshot);
+                let d = c.update(&snapshot, &changes);
+                (c, d)
+            }
+            _ => {
+                let old = self.resume(&snapshot);
+                let c = Compiler::new(&snapshot, &old.ids);
+                let d = compiler::diff(&old, c.compiled());
+                (c, d)
+            }
+        };
+        let bindings = self.bind(compiler.compiled());
+        let ops: Vec<RawOp> = diff.raw().collect();
         let result = self.dp.writer().apply(&ops, &bindings).map(|r| r.applied);
-        if result.is_err() && !resuming {
-            self.compiled = Some(old);
-        }
         match result {
             Ok(mut applied) => {
-                self.compiled = Some(new);
+                self.compiler = Some(compiler);
+                self.applied = Some(input.clone());
                 if let Err(e) = self.sync_endpoints() {
                     self.fail("apply", format!("{e}"));
                     self.publish();
                     return;
                 }
-                if resuming && let Some(c) = &self.compiled {
-                    let sweep = resume::leftovers(self.dp.writer().mirror(), c);
+                if resuming && let Some(c) = &self.compiler {
+                    let sweep = resume::leftovers(self.dp.writer().mirror(), c.compiled());
                     if let Err(e) = self.dp.writer().apply_kernel(&sweep) {
                         // Entries nothing points at: they cost room, not
                         // enforcement.
@@ -643,8 +687,11 @@ impl SyncLoop {
                 self.fingerprint = Some(fingerprint(&input.snapshot));
                 self.ready = true;
                 self.metrics.applied();
-                if let (Some(tx), Some(c)) = (&self.directory, &self.compiled) {
-                    tx.send_replace(Arc::new(crate::events::Directory::new(c, &input.snapshot)));
+                if let (Some(tx), Some(c)) = (&self.directory, &self.compiler) {
+                    tx.send_replace(Arc::new(crate::events::Directory::new(
+                        c.compiled(),
+                        &input.snapshot,
+                    )));
                 }
                 self.last_error = None;
                 self.retry_at = None;
@@ -677,7 +724,7 @@ impl SyncLoop {
     /// are both unbound.
     fn unbound_pods_lookup(&mut self) {
         self.rebind_at = None;
-        let Some(compiled) = &self.compiled else {
+        let Some(compiled) = self.compiler.as_ref().map(Compiler::compiled) else {
             return;
         };
         if compiled
@@ -707,7 +754,7 @@ impl SyncLoop {
     /// The pinned maps as the old state of the first diff
     /// ([`resume::resume`]), with the previous agent's state file naming
     /// the pods behind their ids.
-    fn resume(&mut self, snapshot: &crate::model::Snapshot) -> Compiled {
+    fn resume(&mut self, snapshot: &Snapshot) -> Compiled {
         let probe = compiler::compile(snapshot, &IdAllocation::default());
         let bindings = self.bind(&probe);
         let known = self.cfg.state_dir.as_deref().and_then(|dir| {
@@ -783,8 +830,8 @@ impl SyncLoop {
     /// compiled state in force; returns whether anything was written.
     fn sync_endpoints(&mut self) -> Result<bool, MapWriteError> {
         let empty = Compiled::default();
-        let compiled = self.compiled.take();
-        let c = compiled.as_ref().unwrap_or(&empty);
+        let compiler = self.compiler.take();
+        let c = compiler.as_ref().map_or(&empty, Compiler::compiled);
         let bindings = self.bind(c);
         for (pod, i) in &bindings {
             if self.bindings.get(pod) != Some(i) {
@@ -796,8 +843,8 @@ impl SyncLoop {
                 tracing::info!(%pod, interface = %name, "pod bound to its interface");
             }
         }
-        let ops = self.endpoint_ops(c, &bindings, compiled.is_none());
-        self.compiled = compiled;
+        let ops = self.endpoint_ops(c, &bindings, compiler.is_none());
+        self.compiler = compiler;
         self.bindings = bindings;
         self.dp.writer().apply_kernel(&ops)?;
         Ok(!ops.is_empty())
@@ -823,7 +870,7 @@ impl SyncLoop {
     fn write_state(&mut self) {
         let (Some(dir), Some(compiled), Some(input)) = (
             self.cfg.state_dir.as_ref(),
-            self.compiled.as_ref(),
+            self.compiler.as_ref().map(Compiler::compiled),
             self.input.as_ref(),
         ) else {
             return;
@@ -991,11 +1038,11 @@ impl SyncLoop {
             source,
             generation: self.generation,
             fingerprint: self.fingerprint.clone(),
-            node: self
-                .cfg
-                .node
-                .clone()
-                .or_else(|| self.compiled.as_ref().and_then(|c| c.node.clone())),
+            node: self.cfg.node.clone().or_else(|| {
+                self.compiler
+                    .as_ref()
+                    .and_then(|c| c.compiled().node.clone())
+            }),
             families: self.families,
             new_pods: self.cfg.new_pods.to_owned(),
             objects: input

@@ -435,15 +435,18 @@ impl KubeSource {
                 probe_at = None;
                 probe_delay = PROBE_FIRST;
             }
-            if let Some(input) = asm.take_input() {
-                tx.send_replace(Some(Arc::new(input)));
-            }
+            // Health first: a loop that applies the input at once reports
+            // the source synced with it.
+            let input = asm.take_input();
             let health = asm.health();
             self.health.send_if_modified(|h| {
                 let changed = *h != health;
                 *h = health;
                 changed
             });
+            if let Some(input) = input {
+                tx.send_replace(Some(Arc::new(input)));
+            }
         }
     }
 }
