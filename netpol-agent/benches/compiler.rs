@@ -167,6 +167,14 @@ fn bench(c: &mut Criterion) {
             i
         },
     );
+    // What the reconcile loop adds before `update`: the objects that
+    // changed between the applied input and the new one.
+    percentiles(
+        "one pod's labels: Changes::between (the loop's change set)",
+        || {
+            black_box(Changes::between(&s, &s_pod));
+        },
+    );
     percentiles("one pod's labels: recompile + diff", || {
         let c2 = compile(&s_pod, &base.ids);
         black_box(diff(&base, &c2));

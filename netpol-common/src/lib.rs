@@ -517,6 +517,33 @@ pub struct GlobalConfig {
     pub clock_offset_ns: u64,
 }
 
+impl GlobalConfig {
+    /// The idle timeout of a tracked connection of `protocol` in
+    /// `tcp_state` (a [`tcp_state`] value): the set field, else its
+    /// [`ct_defaults`] value. The programs expire entries by it and
+    /// `inspect` shows it.
+    #[inline(always)]
+    #[must_use]
+    pub const fn ct_timeout_ns(&self, protocol: u8, tcp_state: u32) -> u64 {
+        const fn pick(set: u64, default: u64) -> u64 {
+            if set == 0 { default } else { set }
+        }
+        match (protocol, tcp_state) {
+            (protocol::TCP, tcp_state::SYN_SENT) => {
+                pick(self.ct_tcp_syn_ns, ct_defaults::TCP_SYN_NS)
+            }
+            (protocol::TCP, tcp_state::CLOSING) => {
+                pick(self.ct_tcp_closing_ns, ct_defaults::TCP_CLOSING_NS)
+            }
+            (protocol::TCP | protocol::SCTP, _) => {
+                pick(self.ct_tcp_established_ns, ct_defaults::TCP_ESTABLISHED_NS)
+            }
+            (protocol::UDP, _) => pick(self.ct_udp_ns, ct_defaults::UDP_NS),
+            _ => pick(self.ct_other_ns, ct_defaults::OTHER_NS),
+        }
+    }
+}
+
 /// Deny events: the programs report dropped packets on the
 /// [`maps::EVENTS`] ring buffer, at most [`GlobalConfig::event_rate`] per
 /// second and endpoint after a burst of [`GlobalConfig::event_burst`] (a

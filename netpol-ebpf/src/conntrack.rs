@@ -3,7 +3,7 @@
 //! direction of an admitted connection finds it, which is what lets replies
 //! through an isolated direction.
 use aya_ebpf::helpers::{bpf_jiffies64, bpf_ktime_get_ns};
-use netpol_common::{CtKey, CtValue, GlobalConfig, ct_defaults, direction, protocol, tcp_state};
+use netpol_common::{CtKey, CtValue, GlobalConfig, direction, protocol, tcp_state};
 
 use crate::{
     maps::NETPOL_CONNTRACK,
@@ -65,26 +65,6 @@ fn now(cfg: Option<&GlobalConfig>) -> u64 {
         }
         // SAFETY: bpf_ktime_get_ns has no preconditions.
         _ => unsafe { bpf_ktime_get_ns() },
-    }
-}
-
-#[inline(always)]
-fn pick(set: u64, default: u64) -> u64 {
-    if set == 0 { default } else { set }
-}
-
-#[inline(always)]
-fn timeout(cfg: &GlobalConfig, proto: u8, state: u32) -> u64 {
-    match (proto, state) {
-        (protocol::TCP, tcp_state::SYN_SENT) => pick(cfg.ct_tcp_syn_ns, ct_defaults::TCP_SYN_NS),
-        (protocol::TCP, tcp_state::CLOSING) => {
-            pick(cfg.ct_tcp_closing_ns, ct_defaults::TCP_CLOSING_NS)
-        }
-        (protocol::TCP | protocol::SCTP, _) => {
-            pick(cfg.ct_tcp_established_ns, ct_defaults::TCP_ESTABLISHED_NS)
-        }
-        (protocol::UDP, _) => pick(cfg.ct_udp_ns, ct_defaults::UDP_NS),
-        _ => pick(cfg.ct_other_ns, ct_defaults::OTHER_NS),
     }
 }
 
@@ -161,7 +141,7 @@ pub fn lookup(key: &CtKey, cfg: &GlobalConfig, tcp_flags: u8) -> Hit {
     // this run; concurrent updates of these words are benign races (the
     // worst outcome is one extra policy check).
     unsafe {
-        if now.saturating_sub((*v).last_seen_ns) > timeout(cfg, key.protocol, (*v).tcp_state) {
+        if now.saturating_sub((*v).last_seen_ns) > cfg.ct_timeout_ns(key.protocol, (*v).tcp_state) {
             return miss;
         }
         (*v).last_seen_ns = now;
@@ -182,7 +162,7 @@ pub fn exists(key: &CtKey, cfg: &GlobalConfig) -> bool {
     let now = now(Some(cfg));
     // SAFETY: pointer from a successful lookup, read once.
     let v = unsafe { *v };
-    now.saturating_sub(v.last_seen_ns) <= timeout(cfg, key.protocol, v.tcp_state)
+    now.saturating_sub(v.last_seen_ns) <= cfg.ct_timeout_ns(key.protocol, v.tcp_state)
 }
 
 /// Records that the connection was judged again under `generation`.

@@ -21,7 +21,7 @@ use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use netpol_common::{
     CtKey, CtValue, EndpointInfo, FrontendKeyV4, FrontendKeyV6, FrontendValue, GlobalConfig,
     PORT_KEY_PROTOCOL_BITS, PolicyKeyV4, PolicyKeyV6, PolicyValue, PortKey, PortValue,
-    SELECTOR_BITS, ct_defaults, direction, endpoint_flags, family, maps, protocol, tcp_state,
+    SELECTOR_BITS, direction, endpoint_flags, family, maps, protocol, tcp_state,
 };
 use serde::Serialize;
 
@@ -332,22 +332,7 @@ impl Connection {
     /// The idle timeout the datapath applies to it.
     #[must_use]
     pub const fn timeout_ns(&self, cfg: &GlobalConfig) -> u64 {
-        const fn pick(v: u64, d: u64) -> u64 {
-            if v == 0 { d } else { v }
-        }
-        match (self.key.protocol, self.value.tcp_state) {
-            (protocol::TCP, tcp_state::SYN_SENT) => {
-                pick(cfg.ct_tcp_syn_ns, ct_defaults::TCP_SYN_NS)
-            }
-            (protocol::TCP, tcp_state::CLOSING) => {
-                pick(cfg.ct_tcp_closing_ns, ct_defaults::TCP_CLOSING_NS)
-            }
-            (protocol::TCP | protocol::SCTP, _) => {
-                pick(cfg.ct_tcp_established_ns, ct_defaults::TCP_ESTABLISHED_NS)
-            }
-            (protocol::UDP, _) => pick(cfg.ct_udp_ns, ct_defaults::UDP_NS),
-            _ => pick(cfg.ct_other_ns, ct_defaults::OTHER_NS),
-        }
+        cfg.ct_timeout_ns(self.key.protocol, self.value.tcp_state)
     }
 }
 
@@ -746,7 +731,10 @@ mod tests {
         };
         assert_eq!(c.timeout_ns(&cfg), 5);
         c.value.tcp_state = tcp_state::ESTABLISHED;
-        assert_eq!(c.timeout_ns(&cfg), ct_defaults::TCP_ESTABLISHED_NS);
+        assert_eq!(
+            c.timeout_ns(&cfg),
+            netpol_common::ct_defaults::TCP_ESTABLISHED_NS
+        );
         assert_eq!(c.addresses().0, "10.0.0.1".parse::<IpAddr>().unwrap());
     }
 }
