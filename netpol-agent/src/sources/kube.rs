@@ -1,8 +1,8 @@
 //! The `kube` source: the Kubernetes API, watched with kube-rs.
 //!
-//! One watcher and reflector store per kind (Pods and Services and
-//! EndpointSlices of every namespace, Namespaces, NetworkPolicies, and this
-//! node's Node), each trimmed with `.modify()` to the fields the compiler
+//! One watcher and reflector store per kind (Pods and Services of every
+//! namespace, Namespaces, NetworkPolicies, and this node's Node: nothing
+//! netpol does not use), each trimmed with `.modify()` to the fields the compiler
 //! reads, so memory grows slowly with the cluster, and each retried with
 //! kube-rs' default backoff.
 //!
@@ -23,7 +23,7 @@ use std::{collections::BTreeMap, fmt::Debug, hash::Hash, sync::Arc, time::Durati
 
 use futures::StreamExt as _;
 use k8s_openapi::{
-    api::{core::v1 as core, discovery::v1 as discovery, networking::v1 as networking},
+    api::{core::v1 as core, networking::v1 as networking},
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 use kube::{
@@ -80,11 +80,6 @@ pub const WATCHED: &[(&str, &str, &[&str])] = &[
     (
         api_of::<core::Service>().0,
         api_of::<core::Service>().1,
-        WATCH_VERBS,
-    ),
-    (
-        api_of::<discovery::EndpointSlice>().0,
-        api_of::<discovery::EndpointSlice>().1,
         WATCH_VERBS,
     ),
 ];
@@ -154,19 +149,16 @@ pub enum StoreKind {
     NetworkPolicy,
     /// v1 Services, all namespaces.
     Service,
-    /// discovery.k8s.io/v1 EndpointSlices, all namespaces.
-    EndpointSlice,
 }
 
 impl StoreKind {
     /// Every store, in the order of [`SourceHealth::stores`].
-    pub const ALL: [Self; 6] = [
+    pub const ALL: [Self; 5] = [
         Self::Pod,
         Self::Namespace,
         Self::Node,
         Self::NetworkPolicy,
         Self::Service,
-        Self::EndpointSlice,
     ];
 
     /// The kind's name (the `kind` label of the metrics).
@@ -178,7 +170,6 @@ impl StoreKind {
             Self::Node => "Node",
             Self::NetworkPolicy => "NetworkPolicy",
             Self::Service => "Service",
-            Self::EndpointSlice => "EndpointSlice",
         }
     }
 
@@ -236,8 +227,6 @@ enum Obj {
     Node(String, Result<Node, Vec<ModelError>>),
     Policy(Result<NetworkPolicy, (ObjectRef, Vec<ModelError>)>),
     Service(ObjectRef, Result<Service, Vec<ModelError>>),
-    /// A kind the model does not hold.
-    Other,
 }
 
 #[derive(Debug)]
@@ -369,19 +358,10 @@ impl KubeSource {
             convert_service,
             msg_tx.clone(),
         );
-        spawn_store::<discovery::EndpointSlice>(
-            &mut tasks,
-            Api::all(c.clone()),
-            all,
-            StoreKind::EndpointSlice,
-            trim_endpoint_slice,
-            |_| Obj::Other,
-            msg_tx.clone(),
-        );
         tracing::info!(
             node = %self.node,
-            "kube source: watching Pods, Namespaces, this Node, NetworkPolicies, Services and \
-             EndpointSlices; nothing is enforced until every store has listed"
+            "kube source: watching Pods, Namespaces, this Node, NetworkPolicies and Services; \
+             nothing is enforced until every store has listed"
         );
         let mut asm = Assembler::new(self.node.clone());
         let mut probe_at: Option<tokio::time::Instant> = None;
@@ -543,7 +523,7 @@ struct StoreState {
 #[derive(Debug)]
 struct Assembler {
     snapshot: Snapshot,
-    stores: [StoreState; 6],
+    stores: [StoreState; StoreKind::ALL.len()],
     dirty: bool,
     synced: bool,
     probe_result: Option<bool>,
@@ -689,14 +669,15 @@ impl Assembler {
                 "Node"
             }
             StoreKind::NetworkPolicy => {
+                // Policies keep their invalid versions in their slots.
                 s.policies = policies;
+                self.dirty = true;
                 return;
             }
             StoreKind::Service => {
                 s.services = services;
                 "Service"
             }
-            StoreKind::EndpointSlice => return,
         };
         s.invalid.retain(|(k, _), _| k != kind);
         s.invalid.extend(invalid);
@@ -828,7 +809,6 @@ fn upsert(target: &mut Snapshot, previous: Option<&Snapshot>, obj: Obj) -> bool 
             target.upsert_policy(Err((id, errors)));
             changed
         }
-        Obj::Other => false,
     }
 }
 
@@ -849,7 +829,6 @@ fn remove(target: &mut Snapshot, store: StoreKind, id: &ObjectRef) -> bool {
         StoreKind::Node => ("Node", Kind::Node, id.name.clone()),
         StoreKind::NetworkPolicy => ("NetworkPolicy", Kind::NetworkPolicy, id.to_string()),
         StoreKind::Service => ("Service", Kind::Service, id.to_string()),
-        StoreKind::EndpointSlice => return false,
     };
     let had_errors = target.invalid.remove(&(kind.to_owned(), key)).is_some();
     let had = match model_kind {
@@ -996,12 +975,6 @@ fn trim_service(s: &mut core::Service) {
         }),
         ..core::ServiceStatus::default()
     });
-}
-
-fn trim_endpoint_slice(e: &mut discovery::EndpointSlice) {
-    trim_meta(&mut e.metadata, false);
-    e.endpoints = Vec::new();
-    e.ports = None;
 }
 
 #[cfg(test)]
@@ -1162,5 +1135,31 @@ mod tests {
         }
         assert!(asm.take_input().is_some());
         assert!(asm.take_input().is_none(), "nothing changed");
+    }
+
+    /// A relist (after a 410 Gone or an outage) may carry what the watch
+    /// missed: every kind's is published, NetworkPolicies' included (they
+    /// were not).
+    #[test]
+    fn a_relist_of_any_store_is_published() {
+        let mut asm = Assembler::new("n1".into());
+        let list = |asm: &mut Assembler, store| {
+            for change in [Change::Init, Change::InitDone] {
+                let msg = Msg::Store {
+                    store,
+                    size: 0,
+                    change,
+                };
+                asm.handle(msg, None);
+            }
+        };
+        for store in StoreKind::ALL {
+            list(&mut asm, store);
+        }
+        assert!(asm.take_input().is_some());
+        for store in StoreKind::ALL {
+            list(&mut asm, store);
+            assert!(asm.take_input().is_some(), "{store:?} relisted");
+        }
     }
 }
