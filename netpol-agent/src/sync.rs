@@ -37,9 +37,10 @@ use tokio::sync::{mpsc, watch};
 use crate::{
     compiler::{self, Changes, Compiled, Compiler, IdAllocation, RawOp},
     datapath::{
-        Datapath,
+        Datapath, DatapathError,
         clock::{JiffyClock, Skew},
-        writer::{KernelOp, MapWriteError},
+        pins::RestoreError,
+        writer::{Backend, KernelOp, MapWriteError, MapWriter},
     },
     interfaces::{self, Link, LinkEvent},
     model::{ObjectRef, Snapshot},
@@ -129,8 +130,68 @@ enum Found {
     },
 }
 
-pub(crate) struct SyncLoop {
-    dp: Datapath,
+/// What the loop drives: the kernel's [`Datapath`], or a fake in tests.
+pub(crate) trait Dataplane: crate::uplinks::UplinkHooks {
+    /// Where the map writer writes.
+    type Backend: Backend;
+    /// The policy-map writer.
+    fn writer(&mut self) -> &mut MapWriter<Self::Backend>;
+    /// Attaches both programs to a pod interface.
+    fn attach(&mut self, interface: &str) -> Result<(), DatapathError>;
+    /// Detaches them.
+    fn detach(&mut self, interface: &str) -> Result<(), DatapathError>;
+    /// The programs' clock in force.
+    fn clock(&self) -> JiffyClock;
+    /// Puts the programs on `clock`.
+    fn set_clock(&mut self, clock: JiffyClock) -> Result<(), DatapathError>;
+    /// Pins again what went missing.
+    fn restore_pins(&mut self) -> Result<Vec<std::path::PathBuf>, RestoreError>;
+    /// Where the maps are pinned.
+    fn pin_dir(&self) -> &std::path::Path;
+    /// The layout of the maps being replaced, if any.
+    fn replacing_layout(&self) -> Option<u32>;
+    /// Whether interfaces still wait for the new layout's programs.
+    fn awaiting_interfaces(&self) -> bool;
+    /// Swaps in the programs of the new layout.
+    fn commit_layout(&mut self) -> Result<Option<u32>, DatapathError>;
+}
+
+impl Dataplane for Datapath {
+    type Backend = crate::datapath::writer::KernelBackend;
+    fn writer(&mut self) -> &mut MapWriter<Self::Backend> {
+        Datapath::writer(self)
+    }
+    fn attach(&mut self, interface: &str) -> Result<(), DatapathError> {
+        Datapath::attach(self, interface)
+    }
+    fn detach(&mut self, interface: &str) -> Result<(), DatapathError> {
+        Datapath::detach(self, interface)
+    }
+    fn clock(&self) -> JiffyClock {
+        Datapath::clock(self)
+    }
+    fn set_clock(&mut self, clock: JiffyClock) -> Result<(), DatapathError> {
+        Datapath::set_clock(self, clock)
+    }
+    fn restore_pins(&mut self) -> Result<Vec<std::path::PathBuf>, RestoreError> {
+        Datapath::restore_pins(self)
+    }
+    fn pin_dir(&self) -> &std::path::Path {
+        Datapath::pin_dir(self)
+    }
+    fn replacing_layout(&self) -> Option<u32> {
+        Datapath::replacing_layout(self)
+    }
+    fn awaiting_interfaces(&self) -> bool {
+        Datapath::awaiting_interfaces(self)
+    }
+    fn commit_layout(&mut self) -> Result<Option<u32>, DatapathError> {
+        Datapath::commit_layout(self)
+    }
+}
+
+pub(crate) struct SyncLoop<D: Dataplane = Datapath> {
+    dp: D,
     uplinks: crate::uplinks::Uplinks,
     cfg: SyncConfig,
     /// The compile in force and what it depends on; `None` until the
@@ -170,9 +231,9 @@ pub(crate) struct SyncLoop {
     directory: Option<watch::Sender<Arc<crate::events::Directory>>>,
 }
 
-impl SyncLoop {
+impl<D: Dataplane> SyncLoop<D> {
     pub(crate) fn new(
-        dp: Datapath,
+        dp: D,
         cfg: SyncConfig,
         families: Families,
         status: watch::Sender<Status>,
@@ -1056,5 +1117,328 @@ impl SyncLoop {
         };
         self.metrics.observe(&status);
         self.status.send_replace(status);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The loop against the fake map writer: the order of its writes, the
+    //! rollback of a failed one, adoption of a previous agent's entries,
+    //! and a pod whose interface shows up after its compile.
+    use netpol_common::{PolicyKeyV4, maps, programs};
+    use serde_json::json;
+
+    use super::*;
+    use crate::datapath::writer::{FakeBackend, Mirror};
+    use crate::model::manifests::{LoadReport, apply_value};
+
+    struct Fake {
+        writer: MapWriter<FakeBackend>,
+        attached: BTreeSet<String>,
+    }
+
+    impl crate::uplinks::UplinkHooks for Fake {
+        fn attach_uplink(&mut self, _: &str) -> Result<&'static str, DatapathError> {
+            Ok(programs::LEAVE_NODE)
+        }
+        fn detach_uplink(&mut self, _: &str) -> Result<(), DatapathError> {
+            Ok(())
+        }
+    }
+
+    impl Dataplane for Fake {
+        type Backend = FakeBackend;
+        fn writer(&mut self) -> &mut MapWriter<FakeBackend> {
+            &mut self.writer
+        }
+        fn attach(&mut self, interface: &str) -> Result<(), DatapathError> {
+            self.attached.insert(interface.to_owned());
+            Ok(())
+        }
+        fn detach(&mut self, interface: &str) -> Result<(), DatapathError> {
+            self.attached.remove(interface);
+            Ok(())
+        }
+        fn clock(&self) -> JiffyClock {
+            JiffyClock::NONE
+        }
+        fn set_clock(&mut self, _: JiffyClock) -> Result<(), DatapathError> {
+            Ok(())
+        }
+        fn restore_pins(&mut self) -> Result<Vec<PathBuf>, RestoreError> {
+            Ok(Vec::new())
+        }
+        fn pin_dir(&self) -> &std::path::Path {
+            std::path::Path::new("/nonexistent/netpol")
+        }
+        fn replacing_layout(&self) -> Option<u32> {
+            None
+        }
+        fn awaiting_interfaces(&self) -> bool {
+            false
+        }
+        fn commit_layout(&mut self) -> Result<Option<u32>, DatapathError> {
+            Ok(None)
+        }
+    }
+
+    fn sync_loop(maps: Mirror) -> SyncLoop<Fake> {
+        let fake = Fake {
+            writer: MapWriter::new(
+                FakeBackend {
+                    state: maps.clone(),
+                    ..FakeBackend::default()
+                },
+                maps,
+            ),
+            attached: BTreeSet::new(),
+        };
+        let cfg = SyncConfig {
+            node: Some("n1".into()),
+            debounce: Duration::from_millis(10),
+            interfaces: None,
+            uplinks: None,
+            new_pods: "fail-closed",
+            source_health: None,
+            state_dir: None,
+        };
+        let (status, _) = watch::channel(Status::default());
+        SyncLoop::new(
+            fake,
+            cfg,
+            Families {
+                ipv4: true,
+                ipv6: false,
+            },
+            status,
+            Arc::new(Metrics::new()),
+        )
+    }
+
+    /// Pods `a` (10.0.0.2) and `b` (10.0.0.3) on n1; `a` admits `from`.
+    fn cluster(from: &str) -> Arc<Input> {
+        let mut snap = Snapshot::default();
+        let mut report = LoadReport::default();
+        let mut objs = vec![
+            json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "n1"}}),
+            json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "x"}}),
+            json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+                   "metadata": {"name": "a", "namespace": "x"},
+                   "spec": {"podSelector": {"matchLabels": {"app": "a"}},
+                            "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": from}}}]}]}}),
+        ];
+        for (name, ip) in [("a", "10.0.0.2"), ("b", "10.0.0.3")] {
+            objs.push(json!({"apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": name, "namespace": "x", "uid": format!("uid-{name}"),
+                             "labels": {"app": name}},
+                "spec": {"nodeName": "n1", "containers": [{"name": "c"}]},
+                "status": {"phase": "Running", "podIPs": [{"ip": ip}]}}));
+        }
+        for o in objs {
+            apply_value(&mut snap, o, "test", &mut report);
+        }
+        Arc::new(Input {
+            snapshot: snap,
+            problems: Vec::new(),
+        })
+    }
+
+    fn veth(l: &mut SyncLoop<Fake>, ifindex: u32, ip: &str) {
+        l.on_link(LinkEvent::Present(Link {
+            ifindex,
+            name: format!("veth{ifindex}"),
+            veth: true,
+            kind: Some("veth".into()),
+            peer_netnsid: None,
+            peer_ifindex: None,
+        }));
+        let result = Ok(vec![ip.parse().expect("address")]);
+        if l.on_found(Found::Peer { ifindex, result }) {
+            l.sync_endpoints_and_publish();
+        }
+    }
+
+    fn apply(l: &mut SyncLoop<Fake>, input: Arc<Input>) {
+        l.input = Some(input);
+        l.sync();
+    }
+
+    fn log(l: &mut SyncLoop<Fake>) -> Vec<KernelOp> {
+        l.dp.writer().backend().log.clone()
+    }
+
+    fn endpoint(l: &mut SyncLoop<Fake>, ifindex: u32) -> EndpointInfo {
+        l.dp.writer().mirror().endpoints[&ifindex]
+    }
+
+    /// No endpoint entry names an id, isolated, before the policy entries
+    /// of that id written in the same batch: isolation turns on only once
+    /// its entries are there.
+    fn isolation_after_entries(ops: &[KernelOp]) {
+        for (k, op) in ops.iter().enumerate() {
+            let KernelOp::EndpointUpsert(i, e) = op else {
+                continue;
+            };
+            if e.flags & endpoint_flags::INGRESS_ISOLATED == 0 {
+                continue;
+            }
+            let selector = netpol_common::policy_selector(e.id, netpol_common::direction::INGRESS);
+            let late = ops[k..].iter().any(|o| {
+                matches!(o, KernelOp::PolicyV4Upsert(_, PolicyKeyV4 { selector: s, .. }, _) if *s == selector)
+            });
+            assert!(!late, "interface {i} isolated before its entries: {ops:#?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn entries_before_isolation_and_every_change_through_the_compiler() {
+        let mut l = sync_loop(Mirror::default());
+        veth(&mut l, 10, "10.0.0.2");
+        veth(&mut l, 11, "10.0.0.3");
+        apply(&mut l, cluster("b"));
+        assert!(l.last_error.is_none(), "{:?}", l.last_error);
+        let first = log(&mut l);
+        isolation_after_entries(&first);
+        let a = endpoint(&mut l, 10);
+        assert_ne!(a.flags & endpoint_flags::INGRESS_ISOLATED, 0);
+        assert_eq!(a.flags & endpoint_flags::NOT_PROGRAMMED, 0);
+        // An edit goes through `Compiler::update`: the maps equal a full
+        // compile's.
+        apply(&mut l, cluster("nobody"));
+        assert!(l.last_error.is_none(), "{:?}", l.last_error);
+        isolation_after_entries(&log(&mut l)[first.len()..]);
+        let want = compiler::compile(
+            &cluster("nobody").snapshot,
+            &l.compiler.as_ref().expect("compiled").compiled().ids,
+        )
+        .map_state();
+        let have = l.dp.writer().mirror().clone();
+        assert_eq!(have.policy_v4, want.policy_v4);
+        assert_eq!(have.ports, want.ports);
+    }
+
+    #[tokio::test]
+    async fn a_failed_write_is_rolled_back_and_the_next_sync_diffs_from_the_maps() {
+        let mut l = sync_loop(Mirror::default());
+        veth(&mut l, 10, "10.0.0.2");
+        veth(&mut l, 11, "10.0.0.3");
+        apply(&mut l, cluster("b"));
+        let before = l.dp.writer().mirror().clone();
+        // No room for one more policy entry.
+        let full = before.policy_v4.len();
+        l.dp.writer()
+            .backend_mut()
+            .capacity
+            .insert(maps::POLICY_V4, full);
+        let mut wider = (*cluster("b")).clone();
+        let mut report = LoadReport::default();
+        apply_value(
+            &mut wider.snapshot,
+            json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+                   "metadata": {"name": "a2", "namespace": "x"},
+                   "spec": {"podSelector": {"matchLabels": {"app": "a"}},
+                            "ingress": [{"from": [{"ipBlock": {"cidr": "192.168.0.0/16"}}]}]}}),
+            "test",
+            &mut report,
+        );
+        let wider = Arc::new(wider);
+        apply(&mut l, wider.clone());
+        assert!(
+            l.last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("NETPOL_POLICY_V4")),
+            "{:?}",
+            l.last_error
+        );
+        assert_eq!(l.dp.writer().mirror(), &before, "rolled back");
+        assert_eq!(l.dp.writer().backend().state, before, "the kernel too");
+        // Room again: the retry applies what the maps lack.
+        l.dp.writer().backend_mut().capacity.clear();
+        apply(&mut l, wider.clone());
+        assert!(l.last_error.is_none(), "{:?}", l.last_error);
+        let ids = &l.compiler.as_ref().expect("compiled").compiled().ids;
+        let want = compiler::compile(&wider.snapshot, ids).map_state();
+        assert_eq!(l.dp.writer().mirror().policy_v4, want.policy_v4);
+    }
+
+    #[tokio::test]
+    async fn a_previous_agents_entries_are_kept_and_its_ids_too() {
+        // A previous agent's maps: a on interface 10, admitting b; ids 1..6
+        // went to pods that came and went.
+        let ids = IdAllocation {
+            next_endpoint: 7,
+            next_ruleset: 5,
+            ..IdAllocation::default()
+        };
+        let old = compiler::compile(&cluster("b").snapshot, &ids);
+        let a_id = old.endpoints[&ObjectRef::new("x", "a")].id;
+        assert!(a_id >= 7);
+        let mut maps = old.map_state();
+        let mut pinned = Mirror {
+            policy_v4: std::mem::take(&mut maps.policy_v4),
+            ports: std::mem::take(&mut maps.ports),
+            ..Mirror::default()
+        };
+        pinned
+            .endpoints
+            .insert(10, maps.endpoints[&ObjectRef::new("x", "a")]);
+        pinned
+            .endpoints
+            .insert(11, maps.endpoints[&ObjectRef::new("x", "b")]);
+
+        let mut l = sync_loop(pinned.clone());
+        veth(&mut l, 10, "10.0.0.2");
+        assert_eq!(
+            endpoint(&mut l, 10),
+            pinned.endpoints[&10],
+            "kept before the first compile"
+        );
+        veth(&mut l, 11, "10.0.0.3");
+        apply(&mut l, cluster("b"));
+        assert!(l.last_error.is_none(), "{:?}", l.last_error);
+        assert_eq!(endpoint(&mut l, 10).id, a_id, "a keeps its id");
+        let writes_to_a: Vec<KernelOp> = log(&mut l)
+            .into_iter()
+            .filter(|op| matches!(op, KernelOp::EndpointUpsert(10, e) if e.id != a_id))
+            .collect();
+        assert!(writes_to_a.is_empty(), "{writes_to_a:?}");
+        assert_eq!(l.dp.writer().mirror().policy_v4, pinned.policy_v4);
+    }
+
+    #[tokio::test]
+    async fn a_pod_whose_interface_comes_after_its_compile_is_bound_then() {
+        let mut l = sync_loop(Mirror::default());
+        veth(&mut l, 11, "10.0.0.3");
+        apply(&mut l, cluster("b"));
+        assert!(l.last_error.is_none(), "{:?}", l.last_error);
+        l.on_link(LinkEvent::Present(Link {
+            ifindex: 10,
+            name: "veth10".into(),
+            veth: true,
+            kind: Some("veth".into()),
+            peer_netnsid: None,
+            peer_ifindex: None,
+        }));
+        l.sync_endpoints_and_publish();
+        assert_ne!(
+            endpoint(&mut l, 10).flags & endpoint_flags::NOT_PROGRAMMED,
+            0,
+            "unprogrammed until its pod is known"
+        );
+        assert!(l.dp.attached.contains("veth10"));
+        let result = Ok(vec!["10.0.0.2".parse().expect("address")]);
+        assert!(l.on_found(Found::Peer {
+            ifindex: 10,
+            result
+        }));
+        l.sync_endpoints_and_publish();
+        let want = l.compiler.as_ref().expect("compiled").compiled().endpoints
+            [&ObjectRef::new("x", "a")]
+            .info();
+        let have = endpoint(&mut l, 10);
+        assert_eq!(
+            EndpointInfo { slot: 0, ..have },
+            EndpointInfo { slot: 0, ..want }
+        );
     }
 }

@@ -564,6 +564,11 @@ impl<B: Backend> MapWriter<B> {
         &self.backend
     }
 
+    /// The backend, to change (tests resize the fake's maps).
+    pub fn backend_mut(&mut self) -> &mut B {
+        &mut self.backend
+    }
+
     /// Applies the compiler's updates in order. On any failure the
     /// operations already applied are undone in reverse order (each
     /// intermediate state of the compiler's order is safe, so the undo
