@@ -214,7 +214,7 @@ impl Reader {
         let mut dir = directory.borrow_and_update().clone();
         loop {
             tokio::select! {
-                () = crate::sync::stopped(&mut stop) => break,
+                () = crate::shutdown::stopped(&mut stop) => break,
                 r = directory.changed() => {
                     if r.is_err() {
                         break;

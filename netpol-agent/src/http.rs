@@ -44,7 +44,7 @@ pub(crate) async fn serve(
     let mut logged: Option<Instant> = None;
     loop {
         let (stream, _) = tokio::select! {
-            () = crate::sync::stopped(&mut stop) => return,
+            () = crate::shutdown::stopped(&mut stop) => return,
             r = listener.accept() => match r {
                 Ok(c) => {
                     backoff = ACCEPT_BACKOFF;
@@ -58,7 +58,7 @@ pub(crate) async fn serve(
                         failed = 0;
                     }
                     tokio::select! {
-                        () = crate::sync::stopped(&mut stop) => return,
+                        () = crate::shutdown::stopped(&mut stop) => return,
                         () = tokio::time::sleep(backoff) => {}
                     }
                     backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);

@@ -223,7 +223,7 @@ pub async fn watch_links(
     }
     loop {
         let msg = tokio::select! {
-            () = crate::sync::stopped(&mut stop) => return Ok(()),
+            () = crate::shutdown::stopped(&mut stop) => return Ok(()),
             m = messages.next() => match m {
                 Some((m, _)) => m,
                 None => return Ok(()),

@@ -29,6 +29,7 @@ pub mod preflight;
 pub mod privileges;
 pub mod provenance;
 pub mod resume;
+mod shutdown;
 pub mod sources;
 pub mod sync;
 pub mod telemetry;

@@ -66,12 +66,6 @@ const ADOPT_WAIT: Duration = Duration::from_secs(3);
 /// How often it looks while it waits.
 const ADOPT_POLL: Duration = Duration::from_millis(10);
 
-/// Completes once `stop` turns true (or its sender is gone). Returns no
-/// borrow of the channel, so the futures awaiting it stay `Send`.
-pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
-    let _ = stop.wait_for(|s| *s).await;
-}
-
 /// The endpoint entry of a pod interface with no pod yet.
 #[must_use]
 pub const fn unbound_entry(ifindex: u32) -> EndpointInfo {
@@ -311,7 +305,7 @@ impl<D: Dataplane> SyncLoop<D> {
             let mut compile = false;
             let mut endpoints = false;
             tokio::select! {
-                () = crate::sync::stopped(&mut stop) => break,
+                () = crate::shutdown::stopped(&mut stop) => break,
                 _ = alive.tick() => {}
                 _ = pins.tick() => self.restore_pins(),
                 r = inputs.changed() => {

@@ -169,7 +169,7 @@ impl FilesSource {
         let mut alive = tokio::time::interval(crate::telemetry::ALIVE_EVERY);
         loop {
             tokio::select! {
-                () = crate::sync::stopped(&mut stop) => return Ok(()),
+                () = crate::shutdown::stopped(&mut stop) => return Ok(()),
                 _ = alive.tick() => {
                     src.alive();
                     continue;

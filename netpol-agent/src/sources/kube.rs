@@ -370,7 +370,7 @@ impl KubeSource {
         loop {
             let next_probe = probe_at;
             tokio::select! {
-                () = crate::sync::stopped(&mut stop) => return Ok(()),
+                () = crate::shutdown::stopped(&mut stop) => return Ok(()),
                 m = msg_rx.recv() => {
                     let Some(m) = m else { return Ok(()) };
                     asm.handle(m, self.metrics.as_deref());
