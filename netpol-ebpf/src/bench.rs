@@ -15,7 +15,7 @@ pub fn bench_ok(_ctx: TcContext) -> i32 {
 /// Parses like the real programs and does one hash-map lookup.
 #[classifier]
 pub fn bench_lookup(ctx: TcContext) -> i32 {
-    let mut pkt = parse::Packet::default();
+    let mut pkt = crate::packet::Packet::default();
     let parsed = parse::packet(&ctx, &mut pkt);
     // The table itself: `endpoint::lookup` would read the per-CPU copy.
     let found = endpoint::from_table(endpoint::ifindex(&ctx)).is_some();

@@ -7,7 +7,7 @@ use netpol_common::{CtKey, CtValue, GlobalConfig, direction, protocol, tcp_state
 
 use crate::{
     maps::NETPOL_CONNTRACK,
-    parse::{Inner, Packet},
+    packet::{Inner, Packet},
 };
 
 const TCP_FIN: u8 = 0x01;

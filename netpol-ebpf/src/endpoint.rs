@@ -4,7 +4,7 @@ use netpol_common::{EndpointInfo, GlobalConfig, direction, endpoint_flags, famil
 
 use crate::{
     maps::{NETPOL_CONFIG, NETPOL_ENDPOINTS, NETPOL_EP_CACHE, NETPOL_EP_EPOCH},
-    parse::Packet,
+    packet::Packet,
 };
 
 /// The endpoint behind the interface the packet is on. Identity comes from

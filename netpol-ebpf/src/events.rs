@@ -15,35 +15,11 @@ use netpol_common::{DenyEvent, events, family};
 use crate::{
     endpoint,
     maps::{NETPOL_CONFIG, NETPOL_EVENT_LIMITS, NETPOL_EVENTS, NETPOL_EVENTS_LOST},
-    parse::Packet,
-    verdict::Verdict,
 };
-
-/// Reports a drop (see the module docs).
-#[inline(always)]
-pub fn deny(ctx: &TcContext, v: &Verdict, pkt: &Packet) {
-    let verdict = u64::from(v.reason as u8)
-        | u64::from(v.direction as u8) << 8
-        | u64::from(v.family as u8) << 16;
-    netpol_deny_event(ctx.skb.skb, v.endpoint, verdict, pkt.event);
-}
-
-/// [`Packet::event`]: protocol, ICMP type (a byte each from the lowest),
-/// the network header's offset, source port, destination port (16 bits
-/// each). Computed once per packet, where parsing ends, so that a drop
-/// path only loads it.
-#[inline(always)]
-pub fn packet_word(pkt: &Packet, l3: usize) -> u64 {
-    u64::from(pkt.protocol)
-        | u64::from(pkt.icmp_type) << 8
-        | (l3 as u64 & 0xffff) << 16
-        | u64::from(pkt.sport) << 32
-        | u64::from(pkt.dport) << 48
-}
 
 /// Emits one deny event if the endpoint's rate limit admits it. `verdict`:
 /// reason, direction, family (a byte each from the lowest); `packet`:
-/// [`packet_word`]. Returns whether an event was emitted. `no_mangle`
+/// [`Packet::event_word`](crate::packet::Packet::event_word). Returns whether an event was emitted. `no_mangle`
 /// and `extern "C"`: rustc exports it to bpf-linker, so it keeps global
 /// linkage in the object and its BTF.
 #[unsafe(no_mangle)]

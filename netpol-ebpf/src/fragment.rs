@@ -4,7 +4,7 @@
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use netpol_common::{FragKey, FragValue, ct_defaults, policy_selector, reason};
 
-use crate::{maps::NETPOL_FRAGMENTS, parse::Packet};
+use crate::{maps::NETPOL_FRAGMENTS, packet::Packet};
 
 #[inline(always)]
 pub fn key(endpoint: u32, dir: u32, pkt: &Packet) -> FragKey {

@@ -3,7 +3,8 @@
 //! `from_pod` runs at the host veth's TC ingress (packets the pod sends: the
 //! pod's egress); `to_pod` runs at its TC egress (packets delivered to the
 //! pod: the pod's ingress). Both read like the packet: parse → endpoint →
-//! conntrack → policy → verdict.
+//! conntrack → policy → verdict ([`pipeline`]). This file holds only the
+//! entry points.
 #![no_std]
 #![no_main]
 
@@ -14,7 +15,9 @@ mod endpoint;
 mod events;
 mod fragment;
 mod maps;
+mod packet;
 mod parse;
+mod pipeline;
 mod policy;
 mod service;
 mod verdict;
@@ -23,12 +26,12 @@ use aya_ebpf::{
     macros::{cgroup_skb, classifier},
     programs::{SkBuffContext, TcContext},
 };
-use netpol_common::{
-    EndpointInfo, GlobalConfig, config_flags, direction, family, protocol, reason,
-};
+use netpol_common::{direction, reason};
 
 use crate::{
-    parse::{FRAG_FIRST, FRAG_LATER, Packet, ParseError, Parsed},
+    packet::Packet,
+    parse::Parsed,
+    pipeline::{decide, leave, steps},
     service::MarkBits,
     verdict::Verdict,
 };
@@ -95,303 +98,6 @@ pub fn to_host(ctx: SkBuffContext) -> i32 {
     };
     let v = Verdict::new(direction::EGRESS, pkt.family, r, src.id);
     i32::from(verdict::to_tc_action(&tc, &v, &pkt) == aya_ebpf::bindings::TC_ACT_OK)
-}
-
-#[inline(always)]
-fn leave(ctx: &TcContext, l3: bool) -> i32 {
-    let bits = MarkBits::current();
-    let slot = service::marked_slot(ctx, bits);
-    if slot == 0 {
-        return aya_ebpf::bindings::TC_ACT_OK;
-    }
-    service::clear(ctx, bits);
-    let mut pkt = Packet::default();
-    let parsed = if l3 {
-        parse::packet_l3(ctx, &mut pkt)
-    } else {
-        parse::packet(ctx, &mut pkt)
-    };
-    let source = service::source(slot);
-    let id = match &source {
-        Some((_, src)) => src.id,
-        None => 0,
-    };
-    let r = match (parsed, &source) {
-        // A marked packet is always IP; one that does not parse as such
-        // is not passed unjudged.
-        (Parsed::NonIp, _) => reason::DROP_PARSE,
-        (_, None) => reason::DROP_MARK_STALE,
-        (_, Some((_, src))) => steps(ctx, src, direction::EGRESS, parsed, &pkt),
-    };
-    let v = Verdict::new(direction::EGRESS, pkt.family, r, id);
-    verdict::to_tc_action(ctx, &v, &pkt)
-}
-
-/// Neighbour discovery, router messages and MLD: a pod without them loses
-/// its neighbours, so no policy applies to them.
-#[inline(always)]
-const fn icmpv6_control(pkt: &Packet) -> bool {
-    pkt.protocol == protocol::ICMPV6 && matches!(pkt.icmp_type, 130..=137 | 143)
-}
-
-/// Whether policy (or the new-pods mode) applies to this direction.
-#[inline(always)]
-const fn enforced(ep: &EndpointInfo, dir: u32) -> bool {
-    !endpoint::programmed(ep) || endpoint::isolated(ep, dir)
-}
-
-/// The verdict on the packet in `pkt` (parsed here; the caller keeps it
-/// for the verdict's event).
-#[inline(always)]
-fn decide(ctx: &TcContext, dir: u32, pkt: &mut Packet) -> Verdict {
-    let parsed = parse::packet(ctx, pkt);
-    let pkt = &*pkt;
-    if let Parsed::NonIp = parsed {
-        return Verdict::new(dir, family::OTHER, reason::PASS_NON_IP, 0);
-    }
-    let Some(ep) = endpoint::lookup(ctx) else {
-        return Verdict::new(dir, pkt.family, reason::PASS_UNMANAGED, 0);
-    };
-    let fam = pkt.family;
-    if dir == direction::INGRESS {
-        // A Service packet: its source's egress first, with the backend
-        // kube-proxy chose as the peer.
-        let bits = MarkBits::current();
-        let slot = service::marked_slot(ctx, bits);
-        if slot != 0 {
-            service::clear(ctx, bits);
-            match service::source(slot) {
-                None => {
-                    return Verdict::new(direction::EGRESS, fam, reason::DROP_MARK_STALE, 0);
-                }
-                Some((ifindex, _)) if ifindex == endpoint::ifindex(ctx) => {
-                    return Verdict::new(dir, fam, hairpin(&ep, pkt), ep.id);
-                }
-                Some((_, src)) => {
-                    let r = steps(ctx, &src, direction::EGRESS, parsed, pkt);
-                    if reason::is_drop(r) {
-                        return Verdict::new(direction::EGRESS, fam, r, src.id);
-                    }
-                }
-            }
-        }
-    }
-    if dir == direction::EGRESS
-        && endpoint::programmed(&ep)
-        && !matches!(parsed, Parsed::Bad(_))
-        && endpoint::spoofed(&ep, pkt)
-    {
-        return Verdict::new(dir, fam, reason::DROP_SPOOFED, ep.id);
-    }
-    Verdict::new(dir, fam, steps(ctx, &ep, dir, parsed, pkt), ep.id)
-}
-
-/// The endpoint's verdict on an IP packet in `dir`: parse failures,
-/// neighbour discovery, fragments, then conntrack and policy.
-#[inline(always)]
-fn steps(ctx: &TcContext, ep: &EndpointInfo, dir: u32, parsed: Parsed, pkt: &Packet) -> u32 {
-    if let Parsed::Bad(e) = parsed {
-        // Every parse failure fails closed where policy applies.
-        if !enforced(ep, dir) {
-            return reason::PASS_NOT_ISOLATED;
-        }
-        return match e {
-            ParseError::FragmentShort => reason::DROP_FRAGMENT_SHORT,
-            ParseError::Truncated | ParseError::Malformed => reason::DROP_PARSE,
-        };
-    }
-    if icmpv6_control(pkt) {
-        return reason::PASS_ICMPV6_CONTROL;
-    }
-    if pkt.frag == FRAG_LATER {
-        return later_fragment(ctx, ep, dir, pkt);
-    }
-    let r = judge(ctx, ep, dir, pkt);
-    if pkt.frag == FRAG_FIRST && enforced(ep, dir) {
-        let key = fragment::key(ep.id, dir, pkt);
-        if !fragment::record(&key, pkt, !reason::is_drop(r)) {
-            return reason::DROP_FRAGMENT_OVERLAP;
-        }
-    }
-    r
-}
-
-/// A pod reaching itself through its own Service (kube-proxy masquerades
-/// the source to a node address): not subject to its policies, and
-/// tracked so that its replies to the masqueraded address pass its
-/// `from_pod`.
-#[inline(always)]
-fn hairpin(ep: &EndpointInfo, pkt: &Packet) -> u32 {
-    let key = conntrack::key(ep.id, direction::INGRESS, pkt);
-    conntrack::track(
-        &key,
-        direction::INGRESS,
-        reason::PASS_HAIRPIN,
-        ep.ingress_gen,
-        pkt.tcp_flags,
-    );
-    reason::PASS_HAIRPIN
-}
-
-/// A fragment without a transport header follows its first fragment.
-#[inline(always)]
-fn later_fragment(ctx: &TcContext, ep: &EndpointInfo, dir: u32, pkt: &Packet) -> u32 {
-    if !enforced(ep, dir) {
-        return reason::PASS_NOT_ISOLATED;
-    }
-    if dir == direction::INGRESS && endpoint::from_node(ctx) {
-        return reason::PASS_NODE_ORIGIN;
-    }
-    fragment::follow(&fragment::key(ep.id, dir, pkt), pkt)
-}
-
-/// Conntrack, then policy, for a packet with a transport header (or none
-/// to have). Not inlined, for the same stack reason as `parse::packet`.
-#[inline(never)]
-fn judge(ctx: &TcContext, ep: &EndpointInfo, dir: u32, pkt: &Packet) -> u32 {
-    let key = conntrack::key(ep.id, dir, pkt);
-    // Tracked so that the pod's replies pass an isolated egress.
-    if dir == direction::INGRESS && endpoint::from_node(ctx) {
-        let generation = endpoint::generation(ep, dir);
-        conntrack::track(
-            &key,
-            dir,
-            reason::PASS_NODE_ORIGIN,
-            generation,
-            pkt.tcp_flags,
-        );
-        return reason::PASS_NODE_ORIGIN;
-    }
-    // Read in place: a copy takes stack `to_pod`'s deepest chain lacks.
-    let Some(cfg) = endpoint::config() else {
-        return fallback(ep, dir);
-    };
-    let ct = conntrack::lookup(&key, cfg, pkt.tcp_flags);
-    // Service traffic is judged after translation (see `service`), every
-    // packet: the frontend says nothing about the backend it will reach.
-    // The entry recorded here is the one the replies, translated back to
-    // the frontend, find at this pod's `to_pod`. A reply to a connection
-    // the peer opened goes back to the peer's own address, never through
-    // a frontend, so it skips the frontend map (a cache miss per
-    // connection, on the destination's random port).
-    let service_flow = ct.found() && ct.admitted_by() == reason::PASS_SERVICE;
-    let service = dir == direction::EGRESS
-        && service::wanted(ep, cfg)
-        && !(ct.found() && ct.origin() == direction::INGRESS)
-        && (service_flow || service::is_frontend(pkt));
-    let r = if service {
-        service::mark(ctx, MarkBits::of(cfg), ep.slot);
-        // The lookup refreshed the entry of a known Service flow; a new
-        // one (or a flow first seen before its address was a frontend) is
-        // recorded below, as Service traffic.
-        if service_flow {
-            return reason::PASS_SERVICE;
-        }
-        reason::PASS_SERVICE
-    } else {
-        if ct.found() {
-            return revalidate(ep, &key, ct.origin(), ct.admitted_by(), ct.generation());
-        }
-        if let Some(r) = untracked(ep, dir, pkt, cfg) {
-            return r;
-        }
-        if !endpoint::isolated(ep, dir) {
-            reason::PASS_NOT_ISOLATED
-        } else {
-            let peer = if dir == direction::EGRESS {
-                &pkt.dst
-            } else {
-                &pkt.src
-            };
-            if !policy::allows(ep.id, dir, pkt.family, pkt.protocol, pkt.dport, peer) {
-                return reason::DROP_POLICY;
-            }
-            reason::PASS_POLICY
-        }
-    };
-    conntrack::track(&key, dir, r, endpoint::generation(ep, dir), pkt.tcp_flags);
-    r
-}
-
-/// An array's entries always exist, so the settings are always found; the
-/// verifier still wants a path for their absence. Policy applies as
-/// without settings (fail closed where the endpoint is isolated).
-#[inline(always)]
-const fn fallback(ep: &EndpointInfo, dir: u32) -> u32 {
-    if endpoint::isolated(ep, dir) {
-        reason::DROP_NOT_PROGRAMMED
-    } else {
-        reason::PASS_NOT_ISOLATED
-    }
-}
-
-/// The verdict on a packet conntrack does not know that comes before
-/// policy: an ICMP error about a tracked connection, and a pod the agent
-/// has not programmed yet.
-#[inline(always)]
-fn untracked(ep: &EndpointInfo, dir: u32, pkt: &Packet, cfg: &GlobalConfig) -> Option<u32> {
-    if pkt.inner.valid != 0 {
-        let related = conntrack::inner_key(ep.id, dir, pkt.family, &pkt.inner);
-        if conntrack::exists(&related, cfg) {
-            return Some(reason::PASS_RELATED);
-        }
-    }
-    if !endpoint::programmed(ep) {
-        if cfg.flags & config_flags::NEW_PODS_FAIL_OPEN != 0 {
-            return Some(reason::PASS_NEW_POD_OPEN);
-        }
-        return Some(reason::DROP_NOT_PROGRAMMED);
-    }
-    None
-}
-
-/// A tracked connection passes while the policy that admitted it is
-/// unchanged. When the endpoint's generation for the connection's
-/// original direction has moved, the connection is judged again as it was
-/// opened (a reply is judged as the connection it belongs to), and cut if
-/// the new policy no longer allows it.
-#[inline(always)]
-fn revalidate(
-    ep: &EndpointInfo,
-    key: &netpol_common::CtKey,
-    origin: u32,
-    admitted_by: u32,
-    generation: u32,
-) -> u32 {
-    let current = endpoint::generation(ep, origin);
-    // Node traffic, Service frontends (whose forward packets are judged
-    // after translation, every one) and a pod's own traffic are not
-    // re-judged here.
-    if generation == current
-        || matches!(
-            admitted_by,
-            reason::PASS_NODE_ORIGIN | reason::PASS_SERVICE | reason::PASS_HAIRPIN
-        )
-    {
-        return reason::PASS_TRACKED;
-    }
-    let allowed = !endpoint::isolated(ep, origin) || {
-        let dport = if origin == direction::EGRESS {
-            key.peer_port
-        } else {
-            key.local_port
-        };
-        policy::allows(
-            ep.id,
-            origin,
-            u32::from(key.family),
-            key.protocol,
-            dport,
-            &key.peer_addr,
-        )
-    };
-    if allowed {
-        conntrack::set_generation(key, current);
-        reason::PASS_TRACKED
-    } else {
-        conntrack::remove(key);
-        reason::DROP_REVOKED
-    }
 }
 
 #[cfg(not(test))]

@@ -5,6 +5,8 @@
 use aya_ebpf::programs::TcContext;
 use netpol_common::{family, protocol};
 
+use crate::packet::{FRAG_FIRST, FRAG_LATER, Inner, Packet};
+
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86DD;
@@ -21,11 +23,6 @@ pub const MAX_EXT_HDRS: usize = 8;
 /// named by a rule, so only rules without ports match it.
 pub const PROTO_OPAQUE: u8 = 255;
 
-/// The first fragment (offset 0, more to come): carries the ports.
-pub const FRAG_FIRST: u8 = 1;
-/// A later fragment: no transport header.
-pub const FRAG_LATER: u8 = 2;
-
 /// Why a packet could not be parsed.
 #[derive(Clone, Copy)]
 pub enum ParseError {
@@ -35,49 +32,6 @@ pub enum ParseError {
     Malformed,
     /// A first fragment too short to hold the transport ports and flags.
     FragmentShort,
-}
-
-/// The flow an ICMP error is about (its embedded header), as sent.
-#[derive(Default)]
-pub struct Inner {
-    /// Non-zero when the embedded header was read.
-    pub valid: u8,
-    pub protocol: u8,
-    pub sport: u16,
-    pub dport: u16,
-    pub src: [u8; 16],
-    pub dst: [u8; 16],
-}
-
-/// An IP packet's addresses and transport identity. IPv4 addresses fill
-/// the first 4 bytes of the 16. Always fully initialised before parsing:
-/// the verifier rejects reads of stack slots no path wrote.
-#[derive(Default)]
-pub struct Packet {
-    pub family: u32,
-    pub protocol: u8,
-    /// TCP flags byte, 0 otherwise.
-    pub tcp_flags: u8,
-    /// ICMP/ICMPv6 type, 0 otherwise.
-    pub icmp_type: u8,
-    /// [`FRAG_NONE`], [`FRAG_FIRST`] or [`FRAG_LATER`].
-    pub frag: u8,
-    /// Host byte order; ICMP echo: the id; other ICMP: 0.
-    pub sport: u16,
-    pub dport: u16,
-    /// IP identification of a fragment.
-    pub frag_id: u32,
-    /// Where the fragment starts and ends in the datagram's payload.
-    pub frag_offset: u32,
-    pub frag_end: u32,
-    /// What a deny event needs of the packet besides its addresses, packed
-    /// once parsed (see `events::deny`): protocol, ICMP type, network
-    /// header offset, source and destination port.
-    pub event: u64,
-    pub src: [u8; 16],
-    pub dst: [u8; 16],
-    /// For ICMP errors: the flow they are about.
-    pub inner: Inner,
 }
 
 /// The outcome of parsing a frame; the packet's fields are in the
@@ -194,7 +148,7 @@ fn common(ctx: &TcContext, p: &mut Packet) -> Option<Parsed> {
     p.sport = be16([ports[0], ports[1]]);
     p.dport = be16([ports[2], ports[3]]);
     p.tcp_flags = flags;
-    p.event = crate::events::packet_word(p, ETH_HLEN);
+    p.event = p.event_word(ETH_HLEN);
     Some(Parsed::Ip)
 }
 
@@ -222,7 +176,7 @@ fn network(ctx: &TcContext, ethertype: u16, l3: usize, p: &mut Packet) -> Parsed
         }
         _ => return Parsed::NonIp,
     };
-    p.event = crate::events::packet_word(p, l3);
+    p.event = p.event_word(l3);
     match r {
         Ok(()) => Parsed::Ip,
         // A first fragment that cannot hold the ports is the tiny-fragment

@@ -11,7 +11,7 @@ use netpol_common::{
 
 use crate::{
     maps::{NETPOL_ENDPOINTS, NETPOL_FRONTENDS_V4, NETPOL_FRONTENDS_V6, NETPOL_MARK_SOURCES},
-    parse::Packet,
+    packet::Packet,
 };
 
 /// Whether the endpoint's Service traffic is marked: it has a slot and is

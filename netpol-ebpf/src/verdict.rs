@@ -6,7 +6,7 @@ use aya_ebpf::{
 };
 use netpol_common::{counter_index, reason};
 
-use crate::{events, maps::NETPOL_COUNTERS, parse::Packet};
+use crate::{events, maps::NETPOL_COUNTERS, packet::Packet};
 
 /// What to do with a packet, and why: drops are exactly the reasons at or
 /// above `reason::FIRST_DROP`.
@@ -48,9 +48,19 @@ pub fn to_tc_action(ctx: &TcContext, v: &Verdict, pkt: &Packet) -> i32 {
         }
     }
     if reason::is_drop(v.reason) {
-        events::deny(ctx, v, pkt);
+        deny(ctx, v, pkt);
         TC_ACT_SHOT
     } else {
         TC_ACT_OK
     }
+}
+
+/// Reports a drop: the verdict and the packet's identity packed into two
+/// words for the global function ([`events::netpol_deny_event`]).
+#[inline(always)]
+fn deny(ctx: &TcContext, v: &Verdict, pkt: &Packet) {
+    let verdict = u64::from(v.reason as u8)
+        | u64::from(v.direction as u8) << 8
+        | u64::from(v.family as u8) << 16;
+    events::netpol_deny_event(ctx.skb.skb, v.endpoint, verdict, pkt.event);
 }

@@ -1,0 +1,66 @@
+//! The packet as the programs know it once parsed: addresses, transport
+//! identity, fragment position, and the flow an ICMP error is about.
+//! Parsing fills it ([`crate::parse`]); every later step reads it.
+
+/// The first fragment (offset 0, more to come): carries the ports.
+pub const FRAG_FIRST: u8 = 1;
+/// A later fragment: no transport header.
+pub const FRAG_LATER: u8 = 2;
+
+/// The flow an ICMP error is about (its embedded header), as sent.
+#[derive(Default)]
+pub struct Inner {
+    /// Non-zero when the embedded header was read.
+    pub valid: u8,
+    pub protocol: u8,
+    pub sport: u16,
+    pub dport: u16,
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+}
+
+/// An IP packet's addresses and transport identity. IPv4 addresses fill
+/// the first 4 bytes of the 16. Always fully initialised before parsing:
+/// the verifier rejects reads of stack slots no path wrote.
+#[derive(Default)]
+pub struct Packet {
+    pub family: u32,
+    pub protocol: u8,
+    /// TCP flags byte, 0 otherwise.
+    pub tcp_flags: u8,
+    /// ICMP/ICMPv6 type, 0 otherwise.
+    pub icmp_type: u8,
+    /// [`FRAG_NONE`], [`FRAG_FIRST`] or [`FRAG_LATER`].
+    pub frag: u8,
+    /// Host byte order; ICMP echo: the id; other ICMP: 0.
+    pub sport: u16,
+    pub dport: u16,
+    /// IP identification of a fragment.
+    pub frag_id: u32,
+    /// Where the fragment starts and ends in the datagram's payload.
+    pub frag_offset: u32,
+    pub frag_end: u32,
+    /// What a deny event needs of the packet besides its addresses, packed
+    /// once parsed (see `events::deny`): protocol, ICMP type, network
+    /// header offset, source and destination port.
+    pub event: u64,
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    /// For ICMP errors: the flow they are about.
+    pub inner: Inner,
+}
+
+impl Packet {
+    /// [`Packet::event`]: protocol, ICMP type (a byte each from the
+    /// lowest), the network header's offset, source port, destination port
+    /// (16 bits each). Computed once per packet, where parsing ends, so
+    /// that a drop path only loads it.
+    #[inline(always)]
+    pub fn event_word(&self, l3: usize) -> u64 {
+        u64::from(self.protocol)
+            | u64::from(self.icmp_type) << 8
+            | (l3 as u64 & 0xffff) << 16
+            | u64::from(self.sport) << 32
+            | u64::from(self.dport) << 48
+    }
+}
