@@ -71,7 +71,7 @@ pub fn resume(
     let programmed = || {
         maps.endpoints
             .iter()
-            .filter(|(_, e)| e.flags & endpoint_flags::NOT_PROGRAMMED == 0 && e.id != 0)
+            .filter(|(_, e)| e.programmed() && e.id != 0)
     };
     let mut carriers: BTreeMap<u32, usize> = BTreeMap::new();
     for (_, e) in programmed() {

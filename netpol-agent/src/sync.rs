@@ -453,7 +453,7 @@ impl<D: Dataplane> SyncLoop<D> {
                 .mirror()
                 .endpoints
                 .get(&ifindex)
-                .is_some_and(|e| e.flags & endpoint_flags::NOT_PROGRAMMED == 0);
+                .is_some_and(|e| e.programmed());
         let entry: &[KernelOp] = if adopted {
             &[]
         } else {
@@ -851,7 +851,7 @@ impl<D: Dataplane> SyncLoop<D> {
             .ifaces
             .keys()
             .map(|&i| match have.get(&i) {
-                Some(e) if adopt && e.flags & endpoint_flags::NOT_PROGRAMMED == 0 => (i, *e),
+                Some(e) if adopt && e.programmed() => (i, *e),
                 _ => (i, unbound_entry(i)),
             })
             .collect();
@@ -1013,7 +1013,7 @@ impl<D: Dataplane> SyncLoop<D> {
             .mirror()
             .endpoints
             .iter()
-            .filter(|(_, e)| e.flags & endpoint_flags::NOT_PROGRAMMED == 0)
+            .filter(|(_, e)| e.programmed())
             .all(|(&i, _)| match self.ifaces.get(&i) {
                 Some(f) => {
                     let found = !f.peer.is_empty() || !f.routed.is_empty();
@@ -1034,11 +1034,10 @@ impl<D: Dataplane> SyncLoop<D> {
         let awaiting = self.dp.awaiting_interfaces();
         let endpoints = &self.dp.writer().mirror().endpoints;
         let filled = !awaiting
-            && self.ifaces.keys().all(|i| {
-                endpoints
-                    .get(i)
-                    .is_some_and(|e| e.flags & endpoint_flags::NOT_PROGRAMMED == 0)
-            });
+            && self
+                .ifaces
+                .keys()
+                .all(|i| endpoints.get(i).is_some_and(|e| e.programmed()));
         if filled && let Err(e) = self.dp.commit_layout() {
             self.fail("layout", format!("{e}"));
         }
@@ -1059,9 +1058,7 @@ impl<D: Dataplane> SyncLoop<D> {
                     .map(|(p, _)| p.to_string());
                 let mut addresses = f.peer.clone();
                 addresses.extend(f.routed.iter().filter(|a| !f.peer.contains(a)));
-                let programmed = endpoints
-                    .get(&ifindex)
-                    .is_some_and(|e| e.flags & endpoint_flags::NOT_PROGRAMMED == 0);
+                let programmed = endpoints.get(&ifindex).is_some_and(|e| e.programmed());
                 InterfaceStatus {
                     name: f.link.name.clone(),
                     ifindex,

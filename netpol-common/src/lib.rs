@@ -299,6 +299,28 @@ pub struct EndpointInfo {
     pub slot: u32,
 }
 
+impl EndpointInfo {
+    /// Whether the agent has compiled the pod's policy into the entry (not
+    /// an interface waiting for its pod: [`endpoint_flags::NOT_PROGRAMMED`]).
+    #[inline(always)]
+    #[must_use]
+    pub const fn programmed(&self) -> bool {
+        self.flags & endpoint_flags::NOT_PROGRAMMED == 0
+    }
+
+    /// Whether some policy selects the pod for `dir` ([`direction`]).
+    #[inline(always)]
+    #[must_use]
+    pub const fn isolated(&self, dir: u32) -> bool {
+        let bit = if dir == direction::INGRESS {
+            endpoint_flags::INGRESS_ISOLATED
+        } else {
+            endpoint_flags::EGRESS_ISOLATED
+        };
+        self.flags & bit != 0
+    }
+}
+
 /// Interfaces with an index below this have a slot in
 /// [`maps::ENDPOINT_CACHE`]; the others are always looked up in
 /// [`maps::ENDPOINTS`].

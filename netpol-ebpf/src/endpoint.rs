@@ -89,24 +89,6 @@ pub fn sent_by(ep: &EndpointInfo, pkt: &Packet) -> bool {
     }
 }
 
-/// Whether the endpoint is isolated in `dir`.
-#[inline(always)]
-pub const fn isolated(ep: &EndpointInfo, dir: u32) -> bool {
-    let bit = if dir == direction::INGRESS {
-        endpoint_flags::INGRESS_ISOLATED
-    } else {
-        endpoint_flags::EGRESS_ISOLATED
-    };
-    ep.flags & bit != 0
-}
-
-/// Whether the agent has marked the interface as a pod's but not compiled
-/// its policy yet.
-#[inline(always)]
-pub const fn programmed(ep: &EndpointInfo) -> bool {
-    ep.flags & endpoint_flags::NOT_PROGRAMMED == 0
-}
-
 /// The agent's settings, in place; all-zero (the defaults) until it
 /// writes them. Always `Some` (an array's entries always exist); the
 /// verifier wants the check.

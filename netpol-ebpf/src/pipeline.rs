@@ -55,7 +55,7 @@ const fn icmpv6_control(pkt: &Packet) -> bool {
 /// Whether policy (or the new-pods mode) applies to this direction.
 #[inline(always)]
 const fn enforced(ep: &EndpointInfo, dir: u32) -> bool {
-    !endpoint::programmed(ep) || endpoint::isolated(ep, dir)
+    !ep.programmed() || ep.isolated(dir)
 }
 
 /// The verdict on the packet in `pkt` (parsed here; the caller keeps it
@@ -95,7 +95,7 @@ pub fn decide(ctx: &TcContext, dir: u32, pkt: &mut Packet) -> Verdict {
         }
     }
     if dir == direction::EGRESS
-        && endpoint::programmed(&ep)
+        && ep.programmed()
         && !matches!(parsed, Parsed::Bad(_))
         && endpoint::spoofed(&ep, pkt)
     {
@@ -213,7 +213,7 @@ fn judge(ctx: &TcContext, ep: &EndpointInfo, dir: u32, pkt: &Packet) -> u32 {
         if let Some(r) = untracked(ep, dir, pkt, cfg) {
             return r;
         }
-        if !endpoint::isolated(ep, dir) {
+        if !ep.isolated(dir) {
             reason::PASS_NOT_ISOLATED
         } else {
             let peer = if dir == direction::EGRESS {
@@ -236,7 +236,7 @@ fn judge(ctx: &TcContext, ep: &EndpointInfo, dir: u32, pkt: &Packet) -> u32 {
 /// without settings (fail closed where the endpoint is isolated).
 #[inline(always)]
 const fn fallback(ep: &EndpointInfo, dir: u32) -> u32 {
-    if endpoint::isolated(ep, dir) {
+    if ep.isolated(dir) {
         reason::DROP_NOT_PROGRAMMED
     } else {
         reason::PASS_NOT_ISOLATED
@@ -254,7 +254,7 @@ fn untracked(ep: &EndpointInfo, dir: u32, pkt: &Packet, cfg: &GlobalConfig) -> O
             return Some(reason::PASS_RELATED);
         }
     }
-    if !endpoint::programmed(ep) {
+    if !ep.programmed() {
         if cfg.flags & config_flags::NEW_PODS_FAIL_OPEN != 0 {
             return Some(reason::PASS_NEW_POD_OPEN);
         }
@@ -288,7 +288,7 @@ fn revalidate(
     {
         return reason::PASS_TRACKED;
     }
-    let allowed = !endpoint::isolated(ep, origin) || {
+    let allowed = !ep.isolated(origin) || {
         let dport = if origin == direction::EGRESS {
             key.peer_port
         } else {

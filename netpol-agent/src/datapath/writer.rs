@@ -26,7 +26,7 @@ use std::{
 use aya::maps::{Array, HashMap as BpfHashMap, MapData, lpm_trie::Key, lpm_trie::LpmTrie};
 use netpol_common::{
     CtKey, CtValue, EndpointInfo, FrontendKeyV4, FrontendKeyV6, FrontendValue, PolicyKeyV4,
-    PolicyKeyV6, PolicyValue, PortKey, PortValue, endpoint_flags, maps,
+    PolicyKeyV6, PolicyValue, PortKey, PortValue, maps,
 };
 
 use crate::{compiler::RawOp, model::ObjectRef};
@@ -302,10 +302,6 @@ impl Mirror {
     }
 }
 
-fn programmed(info: &EndpointInfo) -> bool {
-    info.flags & endpoint_flags::NOT_PROGRAMMED == 0
-}
-
 /// Hands out mark slots over one batch of operations (see the module
 /// documentation), starting from what the maps hold.
 struct SlotPlan<'m> {
@@ -404,7 +400,7 @@ impl<'m> SlotPlan<'m> {
 
     fn push(&mut self, op: &KernelOp) {
         match *op {
-            KernelOp::EndpointUpsert(i, info) if programmed(&info) => {
+            KernelOp::EndpointUpsert(i, info) if info.programmed() => {
                 self.programmed_upsert(i, info, false);
             }
             KernelOp::EndpointUpsert(i, mut info) => {
@@ -436,7 +432,7 @@ impl<'m> SlotPlan<'m> {
             })
             .collect();
         for (&i, info) in &mirror.endpoints {
-            if !programmed(info) || touched.contains(&i) {
+            if !info.programmed() || touched.contains(&i) {
                 continue;
             }
             let recorded = info.slot != 0 && mirror.slots.get(&info.slot) == Some(&i);
@@ -457,7 +453,7 @@ impl<'m> SlotPlan<'m> {
             .iter()
             .filter(|&(&s, &i)| {
                 p.endpoint(i)
-                    .is_none_or(|e| !programmed(&e) || e.slot != s || s > capacity)
+                    .is_none_or(|e| !e.programmed() || e.slot != s || s > capacity)
             })
             .map(|(&s, _)| s)
             .collect();
@@ -1020,7 +1016,7 @@ mod tests {
     fn programmed(id: u32) -> EndpointInfo {
         EndpointInfo {
             id,
-            flags: endpoint_flags::HAS_IPV4,
+            flags: netpol_common::endpoint_flags::HAS_IPV4,
             ..EndpointInfo::default()
         }
     }
@@ -1028,7 +1024,7 @@ mod tests {
     fn unprogrammed(id: u32) -> EndpointInfo {
         EndpointInfo {
             id,
-            flags: endpoint_flags::NOT_PROGRAMMED,
+            flags: netpol_common::endpoint_flags::NOT_PROGRAMMED,
             ..EndpointInfo::default()
         }
     }

@@ -262,17 +262,13 @@ impl LiveEndpoint {
     /// mode).
     #[must_use]
     pub const fn programmed(&self) -> bool {
-        self.info.flags & endpoint_flags::NOT_PROGRAMMED == 0
+        self.info.programmed()
     }
 
     /// Whether the direction is isolated.
     #[must_use]
     pub const fn isolated(&self, d: Direction) -> bool {
-        let bit = match d {
-            Direction::Ingress => endpoint_flags::INGRESS_ISOLATED,
-            Direction::Egress => endpoint_flags::EGRESS_ISOLATED,
-        };
-        self.info.flags & bit != 0
+        self.info.isolated(d.raw())
     }
 
     /// The pod's own addresses.
