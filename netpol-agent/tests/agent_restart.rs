@@ -201,6 +201,26 @@ impl Drop for KubeFeed {
     }
 }
 
+/// Two tests of one scenario: `$files` with the agent on the manifests
+/// folder, `$kube` on the same objects served by a fake API server.
+macro_rules! on_both_sources {
+    ($files:ident, $kube:ident, $scenario:ident) => {
+        #[test]
+        fn $files() {
+            if privileged() {
+                $scenario(false);
+            }
+        }
+
+        #[test]
+        fn $kube() {
+            if privileged() {
+                $scenario(true);
+            }
+        }
+    };
+}
+
 /// The agent binary, running in the node namespace.
 struct AgentProcess {
     child: Child,
@@ -842,27 +862,17 @@ fn netlink_agent_replaces_maps_of_another_layout_without_a_window() {
     another_layout_is_replaced_without_a_window("netlink");
 }
 
+on_both_sources!(
+    a_second_agent_refuses_the_pins_of_a_running_one_and_takes_over_once_it_exits,
+    kube_a_second_agent_refuses_the_pins_of_a_running_one_and_takes_over_once_it_exits,
+    second_agent
+);
+
 /// One agent per set of pins (issue 20): a second agent on the same bpffs
 /// refuses to start, naming the first, and the first keeps enforcing; a
 /// second agent given time takes over once the first exits (a rolling
 /// update's handover), with the stream kept and the denied pair denied
 /// throughout.
-#[test]
-fn a_second_agent_refuses_the_pins_of_a_running_one_and_takes_over_once_it_exits() {
-    if !privileged() {
-        return;
-    }
-    second_agent(false);
-}
-
-#[test]
-fn kube_a_second_agent_refuses_the_pins_of_a_running_one_and_takes_over_once_it_exits() {
-    if !privileged() {
-        return;
-    }
-    second_agent(true);
-}
-
 fn second_agent(kube: bool) {
     let scene = Scene::with_feed("netlink", kube);
     let Scene {
@@ -972,6 +982,12 @@ spec:
   ingress: [{}]
 "#;
 
+on_both_sources!(
+    a_restart_whose_ids_would_shift_opens_nothing,
+    kube_a_restart_whose_ids_would_shift_opens_nothing,
+    restart_with_shifting_ids
+);
+
 /// Issue 20, item 1: a restart in which ids handed out from scratch would
 /// differ from the running ones. The first agent gives `a` (admits only
 /// `b`) an id that, counted from scratch, belongs to a pod open to
@@ -980,22 +996,6 @@ spec:
 /// second agent applies: it keeps a's id and gives new pods ids no live
 /// entry carries. (Handing ids out from scratch let c through for the
 /// length of the first apply.)
-#[test]
-fn a_restart_whose_ids_would_shift_opens_nothing() {
-    if !privileged() {
-        return;
-    }
-    restart_with_shifting_ids(false);
-}
-
-#[test]
-fn kube_a_restart_whose_ids_would_shift_opens_nothing() {
-    if !privileged() {
-        return;
-    }
-    restart_with_shifting_ids(true);
-}
-
 fn restart_with_shifting_ids(kube: bool) {
     let scene = Scene::with_feed("netlink", kube);
     let Scene {
