@@ -169,14 +169,7 @@ fn shown(p: Option<&ObjectRef>) -> String {
 
 /// The protocol's name in a log line.
 fn protocol_name(p: u8) -> String {
-    match p {
-        netpol_common::protocol::TCP => "tcp".into(),
-        netpol_common::protocol::UDP => "udp".into(),
-        netpol_common::protocol::SCTP => "sctp".into(),
-        netpol_common::protocol::ICMP => "icmp".into(),
-        netpol_common::protocol::ICMPV6 => "icmpv6".into(),
-        other => other.to_string(),
-    }
+    netpol_common::protocol::name(p).map_or_else(|| p.to_string(), str::to_ascii_lowercase)
 }
 
 /// The ring buffer's reader and what it feeds.

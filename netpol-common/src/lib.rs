@@ -102,6 +102,16 @@ pub mod direction {
     pub const INGRESS: u32 = 1;
     /// Number of directions.
     pub const COUNT: u32 = 2;
+
+    /// The direction's name, as a policy's field (`egress`, `ingress`).
+    #[must_use]
+    pub const fn name(d: u32) -> &'static str {
+        match d {
+            EGRESS => "egress",
+            INGRESS => "ingress",
+            _ => "unknown",
+        }
+    }
 }
 
 /// Address family of a packet, as counted.
@@ -114,6 +124,17 @@ pub mod family {
     pub const IPV6: u32 = 2;
     /// Number of families.
     pub const COUNT: u32 = 3;
+
+    /// The family's name in logs, metrics and `stats`.
+    #[must_use]
+    pub const fn name(f: u32) -> &'static str {
+        match f {
+            IPV4 => "ipv4",
+            IPV6 => "ipv6",
+            OTHER => "other",
+            _ => "unknown",
+        }
+    }
 }
 
 /// Why a packet got its verdict. One table for passes and drops: it is the
@@ -458,6 +479,20 @@ pub mod protocol {
     pub const ICMPV6: u8 = 58;
     /// SCTP.
     pub const SCTP: u8 = 132;
+
+    /// The protocol's name as policies spell it (`TCP`, `ICMPv6`); `None`
+    /// for a number netpol gives no name.
+    #[must_use]
+    pub const fn name(p: u8) -> Option<&'static str> {
+        match p {
+            TCP => Some("TCP"),
+            UDP => Some("UDP"),
+            SCTP => Some("SCTP"),
+            ICMP => Some("ICMP"),
+            ICMPV6 => Some("ICMPv6"),
+            _ => None,
+        }
+    }
 }
 
 /// Flags of [`GlobalConfig::flags`].

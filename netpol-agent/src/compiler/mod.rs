@@ -148,10 +148,7 @@ impl Direction {
     /// Field name in a policy spec.
     #[must_use]
     pub const fn field(self) -> &'static str {
-        match self {
-            Direction::Egress => "egress",
-            Direction::Ingress => "ingress",
-        }
+        direction::name(self.raw())
     }
 }
 

@@ -1047,22 +1047,13 @@ impl Counters {
 /// Human name of a direction.
 #[must_use]
 pub const fn direction_name(d: u32) -> &'static str {
-    match d {
-        direction::EGRESS => "egress",
-        direction::INGRESS => "ingress",
-        _ => "unknown",
-    }
+    direction::name(d)
 }
 
 /// Human name of a family.
 #[must_use]
 pub const fn family_name(f: u32) -> &'static str {
-    match f {
-        family::IPV4 => "ipv4",
-        family::IPV6 => "ipv6",
-        family::OTHER => "other",
-        _ => "unknown",
-    }
+    family::name(f)
 }
 
 #[cfg(test)]

@@ -731,10 +731,7 @@ impl<'a> Explainer<'a> {
         notes: &mut Vec<String>,
     ) -> Result<Judgement, ExplainError> {
         let of = p.name();
-        let whose = match d {
-            Direction::Egress => "egress",
-            Direction::Ingress => "ingress",
-        };
+        let whose = d.field();
         match r.location {
             Location::Remote => {
                 return Ok(Judgement::not_judged(

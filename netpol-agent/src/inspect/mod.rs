@@ -68,14 +68,7 @@ pub const fn decode_selector(selector: u32) -> (u32, Direction) {
 /// Name of an IP protocol number, as policies spell it.
 #[must_use]
 pub fn protocol_name(p: u8) -> String {
-    match p {
-        protocol::TCP => "TCP".into(),
-        protocol::UDP => "UDP".into(),
-        protocol::SCTP => "SCTP".into(),
-        protocol::ICMP => "ICMP".into(),
-        protocol::ICMPV6 => "ICMPv6".into(),
-        other => format!("proto-{other}"),
-    }
+    protocol::name(p).map_or_else(|| format!("proto-{p}"), str::to_owned)
 }
 
 /// Parses `tcp`, `udp`, `sctp`, `icmp`, `icmpv6` (any case) or a number.
