@@ -176,7 +176,7 @@ pub struct Metrics {
     pub watch_events: Family<Vec<(String, String)>, Counter>,
     /// Watch errors per kind (`kube` source).
     pub watch_errors: Family<Vec<(String, String)>, Counter>,
-    /// Objects per reflector store (`kube` source).
+    /// Objects per watched kind (`kube` source).
     pub store_objects: Family<Vec<(String, String)>, Gauge>,
     /// Seconds since the last successful apply (-1 before the first), set
     /// when the metrics are encoded.
@@ -250,7 +250,7 @@ impl Metrics {
         );
         registry.register(
             "store_objects",
-            "Objects per Kubernetes reflector store",
+            "Objects per watched Kubernetes kind",
             store_objects.clone(),
         );
         registry.register(

@@ -1,6 +1,6 @@
 //! The `kube` source: the Kubernetes API, watched with kube-rs.
 //!
-//! One watcher and reflector store per kind (Pods and Services of every
+//! One watcher per kind (Pods and Services of every
 //! namespace, Namespaces, NetworkPolicies, and this node's Node: nothing
 //! netpol does not use), each trimmed with `.modify()` to the fields the compiler
 //! reads, so memory grows slowly with the cluster, and each retried with
@@ -19,7 +19,13 @@
 //!   enforced stays; [`SourceHealth::unreachable`] says why, and the agent
 //!   reports itself not ready until a watch or a probe of `/version`
 //!   succeeds again.
-use std::{collections::BTreeMap, fmt::Debug, hash::Hash, sync::Arc, time::Duration};
+use std::{
+    collections::{BTreeMap, HashSet},
+    fmt::Debug,
+    hash::Hash,
+    sync::Arc,
+    time::Duration,
+};
 
 use futures::StreamExt as _;
 use k8s_openapi::{
@@ -28,7 +34,7 @@ use k8s_openapi::{
 };
 use kube::{
     Api, Client, ResourceExt as _,
-    runtime::{WatchStreamExt as _, reflector, watcher},
+    runtime::{WatchStreamExt as _, watcher},
 };
 use serde::{Serialize, de::DeserializeOwned};
 use tokio::sync::{mpsc, watch};
@@ -431,7 +437,7 @@ impl KubeSource {
     }
 }
 
-/// Spawns one kind's watcher, reflector store and conversion.
+/// Spawns one kind's watcher and conversion.
 fn spawn_store<K>(
     tasks: &mut tokio::task::JoinSet<()>,
     api: Api<K>,
@@ -458,23 +464,37 @@ fn spawn_store<K>(
         "WATCHED disagrees with the {} watcher",
         store.as_str()
     );
-    let (reader, writer) = reflector::store::<K>();
+    // The assembler keeps the one copy of each object (converted); the
+    // watcher task keeps only the names, for the store's size.
     tasks.spawn(async move {
-        let stream = watcher(api, config)
-            .default_backoff()
-            .modify(trim)
-            .reflect(writer);
+        let stream = watcher(api, config).default_backoff().modify(trim);
         let mut stream = std::pin::pin!(stream);
+        let mut names: HashSet<ObjectRef> = HashSet::new();
+        let mut relist: Option<HashSet<ObjectRef>> = None;
+        let id = |o: &K| ObjectRef::new(o.namespace().unwrap_or_default(), o.name_any());
         while let Some(item) = stream.next().await {
             let change = match item {
-                Ok(watcher::Event::Init) => Change::Init,
-                Ok(watcher::Event::InitApply(o)) => Change::InitApply(convert(&o)),
-                Ok(watcher::Event::InitDone) => Change::InitDone,
-                Ok(watcher::Event::Apply(o)) => Change::Apply(convert(&o)),
-                Ok(watcher::Event::Delete(o)) => Change::Delete(ObjectRef::new(
-                    o.namespace().unwrap_or_default(),
-                    o.name_any(),
-                )),
+                Ok(watcher::Event::Init) => {
+                    relist = Some(HashSet::new());
+                    Change::Init
+                }
+                Ok(watcher::Event::InitApply(o)) => {
+                    relist.get_or_insert_default().insert(id(&o));
+                    Change::InitApply(convert(&o))
+                }
+                Ok(watcher::Event::InitDone) => {
+                    names = relist.take().unwrap_or_default();
+                    Change::InitDone
+                }
+                Ok(watcher::Event::Apply(o)) => {
+                    names.insert(id(&o));
+                    Change::Apply(convert(&o))
+                }
+                Ok(watcher::Event::Delete(o)) => {
+                    let o = id(&o);
+                    names.remove(&o);
+                    Change::Delete(o)
+                }
                 Err(watcher::Error::WatchError(s)) if s.code == 410 => Change::Expired,
                 Err(e) => Change::Error {
                     list: matches!(e, watcher::Error::InitialListFailed(_)),
@@ -483,7 +503,7 @@ fn spawn_store<K>(
             };
             let msg = Msg::Store {
                 store,
-                size: reader.len(),
+                size: names.len(),
                 change,
             };
             if tx.send(msg).is_err() {
