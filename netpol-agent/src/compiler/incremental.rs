@@ -2,7 +2,7 @@
 //! depends on, and after a change recompiles only the local pods the change
 //! can reach.
 //!
-//! # Usage (the agent's reconcile loop)
+//! # Usage (not yet the agent's: it needs each change set; see docs/PERFORMANCE.md)
 //! ```no_run
 //! use netpol_agent::compiler::{Changes, Compiler};
 //! use netpol_agent::compiler::IdAllocation;

@@ -3,7 +3,9 @@
 //! one output to the next ([`diff`]). [`Compiler`] does the same
 //! incrementally: told what changed ([`Changes`]), it recompiles only the
 //! local pods a change reaches and diffs only those, with the same result
-//! as `compile` + `diff` (this is what the agent calls on every change).
+//! as `compile` + `diff`. The agent calls `compile` + `diff` on every
+//! change: `Compiler` needs the change set, which the sources do not hand
+//! over yet (docs/PERFORMANCE.md).
 //!
 //! # What is compiled
 //! - Per local endpoint (networked pod on the node): an id (stable while
