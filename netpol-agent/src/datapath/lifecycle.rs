@@ -46,8 +46,9 @@ pub const QDISCS_DIR: &str = "qdiscs";
 pub(super) enum Held {
     /// Owned by the program: detached when the datapath is dropped.
     Owned(SchedClassifierLinkId),
-    /// A TCX link pinned at `path`: attached while the pin exists.
-    Pinned { link: FdLink, path: PathBuf },
+    /// A TCX link pinned at `path`: attached while the pin exists (the
+    /// datapath's descriptor of it is in its `pins::Pins`).
+    Pinned { path: PathBuf },
     /// A netlink filter, left in place when dropped, and its record.
     Filter { link: KeptFilter, record: PathBuf },
     /// A previous agent's attachment, left as it is (its program and maps
@@ -96,7 +97,7 @@ pub(super) fn attach_tcx(
     }
     if path.exists() {
         match adopt_tcx(prog, &path) {
-            Ok(link) => return Ok((Held::Pinned { link, path }, true)),
+            Ok(()) => return Ok((Held::Pinned { path }, true)),
             Err(e) => {
                 // The interface it was attached to is gone (a defunct link
                 // refuses updates): start over.
@@ -118,17 +119,12 @@ pub(super) fn attach_tcx(
         interface: h.interface.to_owned(),
         source: Box::new(source),
     })?;
-    let pinned = fd.pin(&path).map_err(|source| DatapathError::PinLink {
+    // The pin holds the link; the datapath keeps a descriptor of it.
+    drop(fd.pin(&path).map_err(|source| DatapathError::PinLink {
         path: path.clone(),
         source: Box::new(source),
-    })?;
-    Ok((
-        Held::Pinned {
-            link: FdLink::from(pinned),
-            path,
-        },
-        false,
-    ))
+    })?);
+    Ok((Held::Pinned { path }, false))
 }
 
 /// A link of `h.program` on the hook whose pin is gone (a previous
@@ -255,15 +251,18 @@ fn tcx_links(
     Ok(out)
 }
 
+/// Swaps `prog` into the link pinned at `path`.
 fn adopt_tcx(
     prog: &mut SchedClassifier,
     path: &Path,
-) -> Result<FdLink, Box<dyn std::error::Error + Send + Sync>> {
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let pinned = PinnedLink::from_pin(path)?;
     let link = SchedClassifierLink::try_from(FdLink::from(pinned))?;
     let id = prog.attach_to_link(link)?;
-    let link = prog.take_link(id)?;
-    Ok(FdLink::try_from(link)?)
+    // Taken so that dropping the program does not detach it; the pin holds
+    // the link.
+    drop(FdLink::try_from(prog.take_link(id)?)?);
+    Ok(())
 }
 
 /// Netlink: replaces the program of the filter at netpol's priority and
@@ -320,15 +319,11 @@ pub(super) fn detach(
     };
     match held {
         Held::Owned(id) => prog.detach(id).map_err(program_err),
-        Held::Pinned { link, path } => {
-            let detached = detach_pinned_link(&path);
-            drop(link);
-            match detached {
-                Ok(()) => Ok(()),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-                Err(source) => Err(DatapathError::Unpin { path, source }),
-            }
-        }
+        Held::Pinned { path } => match detach_pinned_link(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(DatapathError::Unpin { path, source }),
+        },
         // What a previous agent attached is removed with the interface,
         // or by cleanup.
         Held::Deferred => Ok(()),
