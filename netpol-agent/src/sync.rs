@@ -188,7 +188,7 @@ pub(crate) struct SyncLoop<D: Dataplane = Datapath> {
     uplinks: crate::uplinks::Uplinks,
     cfg: SyncConfig,
     /// The compile in force; `None` until the first apply (and after a
-    /// failed one: the next diffs from the maps).
+    /// write whose rollback failed: the next diffs from the maps).
     compiled: Option<Compiled>,
     /// When the last compile ran: a change within `cfg.debounce` of it
     /// waits for the rest of its burst.
@@ -693,10 +693,9 @@ impl<D: Dataplane> SyncLoop<D> {
             }
             _ => Cow::Borrowed(&input.snapshot),
         };
-        // The first apply (and the one after a failed apply, which the
-        // writer rolled back) diffs from what the pinned maps hold: a
-        // previous agent's state, or nothing, read back with the ids to
-        // keep. A full compile and diff (5.6 ms at 10,000 pods) costs less
+        // The first apply (and the one after a write whose rollback failed
+        // too) diffs from what the pinned maps hold: a previous agent's
+        // state, or nothing, read back with the ids to keep. A full compile and diff (5.6 ms at 10,000 pods) costs less
         // than finding what changed by comparing the inputs (9 ms) for
         // `Compiler::update` (0.3 ms): that waits for the sources to hand
         // over their change sets (docs/PERFORMANCE.md).
@@ -750,6 +749,13 @@ impl<D: Dataplane> SyncLoop<D> {
                 self.unbound_pods_lookup();
             }
             Err(e) => {
+                // Rolled back, the maps hold `old` again (a resume would
+                // compile twice for the same answer on every retry); when
+                // the rollback failed too, only the maps say what they hold,
+                // and a first apply starts from them again anyway.
+                if !resuming && !matches!(e, MapWriteError::RollbackFailed { .. }) {
+                    self.compiled = Some(old);
+                }
                 self.fail("apply", format!("{e}"));
                 self.retry_at = Some(tokio::time::Instant::now() + RETRY);
             }
@@ -1294,7 +1300,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_failed_write_is_rolled_back_and_the_next_sync_diffs_from_the_maps() {
+    async fn a_failed_write_is_rolled_back_and_the_retry_applies_it() {
         let mut l = sync_loop(Mirror::default());
         veth(&mut l, 10, "10.0.0.2");
         veth(&mut l, 11, "10.0.0.3");
