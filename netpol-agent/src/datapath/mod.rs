@@ -641,7 +641,7 @@ impl Datapath {
     /// [`pins::RestoreError`] when the bpffs is gone and cannot be mounted
     /// again, or a pin cannot be created.
     pub fn restore_pins(&mut self) -> Result<Vec<PathBuf>, pins::RestoreError> {
-        if self.pins.len() == 0 {
+        if self.pins.is_empty() {
             return Ok(Vec::new());
         }
         if !bpffs::is_bpffs(&self.bpffs).unwrap_or(false) {

@@ -89,8 +89,8 @@ impl Pins {
         Ok(restored)
     }
 
-    /// How many pins are held.
-    pub(super) fn len(&self) -> usize {
-        self.held.len()
+    /// Whether no pin is held (a datapath that pins nothing).
+    pub(super) fn is_empty(&self) -> bool {
+        self.held.is_empty()
     }
 }
