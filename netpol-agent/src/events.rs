@@ -9,7 +9,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    sync::Arc,
+    sync::{Arc, OnceLock},
 };
 
 use aya::maps::{MapData, RingBuf};
@@ -23,20 +23,23 @@ use tokio::{
 use crate::{
     compiler::Compiled,
     datapath::{self, events::decode},
-    model::{ObjectRef, Snapshot},
+    model::{Map, ObjectRef, Pod, Snapshot},
     telemetry::Metrics,
 };
 
 /// Who is behind an endpoint id or an address, as of the compile in force.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default)]
 pub struct Directory {
     /// Endpoint id → local pod.
     endpoints: BTreeMap<u32, ObjectRef>,
     /// The local pods.
     local: BTreeSet<ObjectRef>,
-    /// Address → pod, every networked pod of the cluster (peers live
-    /// anywhere).
-    addresses: BTreeMap<IpAddr, ObjectRef>,
+    /// Every pod of the cluster (peers live anywhere): the snapshot's map,
+    /// shared with it, so a directory costs the loop O(local pods).
+    pods: Map<ObjectRef, Pod>,
+    /// Address → pod, of every networked pod: built by the reader on the
+    /// first lookup, not by the loop on every apply.
+    addresses: OnceLock<BTreeMap<IpAddr, ObjectRef>>,
 }
 
 impl Directory {
@@ -49,16 +52,11 @@ impl Directory {
             .map(|(pod, ep)| (ep.id, pod.clone()))
             .collect();
         let local = endpoints.values().cloned().collect();
-        let mut addresses = BTreeMap::new();
-        for pod in snapshot.pods.values().filter(|p| p.is_networked()) {
-            for ip in &pod.ips {
-                addresses.entry(*ip).or_insert_with(|| pod.id.clone());
-            }
-        }
         Self {
             endpoints,
             local,
-            addresses,
+            pods: snapshot.pods.clone(),
+            addresses: OnceLock::new(),
         }
     }
 
@@ -71,7 +69,17 @@ impl Directory {
     /// The pod owning an address.
     #[must_use]
     pub fn address(&self, ip: IpAddr) -> Option<&ObjectRef> {
-        self.addresses.get(&ip)
+        self.addresses
+            .get_or_init(|| {
+                let mut addresses = BTreeMap::new();
+                for pod in self.pods.values().filter(|p| p.is_networked()) {
+                    for ip in &pod.ips {
+                        addresses.entry(*ip).or_insert_with(|| pod.id.clone());
+                    }
+                }
+                addresses
+            })
+            .get(&ip)
     }
 
     /// Whether `pod` is one of this node's endpoints.
@@ -276,17 +284,54 @@ mod tests {
 
     use super::*;
 
+    #[test]
+    fn a_directory_names_local_pods_by_id_and_every_pod_by_address() {
+        let snap = crate::test_support::snapshot(
+            r#"
+apiVersion: v1
+kind: Node
+metadata: {name: n1}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: x}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: a, namespace: x}
+spec: {nodeName: n1, containers: [{name: c}]}
+status: {phase: Running, podIPs: [{ip: 10.1.0.2}, {ip: "fd01::2"}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: b, namespace: x}
+spec: {nodeName: n2, containers: [{name: c}]}
+status: {phase: Running, podIPs: [{ip: 10.2.0.2}]}
+"#,
+        );
+        let compiled = crate::compiler::compile(&snap, &crate::compiler::IdAllocation::default());
+        let d = Directory::new(&compiled, &snap);
+        let (a, b) = (ObjectRef::new("x", "a"), ObjectRef::new("x", "b"));
+        let id = compiled.endpoints[&a].id;
+        assert_eq!(d.endpoint(id), Some(&a));
+        assert!(d.is_local(&a) && !d.is_local(&b));
+        assert_eq!(d.address("fd01::2".parse().expect("ip")), Some(&a));
+        assert_eq!(d.address("10.2.0.2".parse().expect("ip")), Some(&b));
+        assert_eq!(d.address("10.2.0.3".parse().expect("ip")), None);
+    }
+
     fn dir() -> Directory {
         let a = ObjectRef::new("x", "a");
         let b = ObjectRef::new("y", "b");
         Directory {
             endpoints: BTreeMap::from([(5, a.clone())]),
             local: BTreeSet::from([a.clone()]),
-            addresses: BTreeMap::from([
+            pods: Map::new(),
+            addresses: OnceLock::from(BTreeMap::from([
                 ("10.0.0.5".parse().expect("ip"), a),
                 ("10.0.0.9".parse().expect("ip"), b.clone()),
                 ("fd00::9".parse().expect("ip"), b),
-            ]),
+            ])),
         }
     }
 

@@ -21,7 +21,6 @@
 //! conntrack entries of the node's own traffic (probes), which therefore
 //! cannot be confused with a programmed pod's connections.
 use std::{
-    borrow::Cow,
     collections::{BTreeMap, BTreeSet},
     net::IpAddr,
     path::PathBuf,
@@ -34,7 +33,7 @@ use netpol_common::{EndpointInfo, endpoint_flags};
 use tokio::sync::{mpsc, watch};
 
 use crate::{
-    compiler::{self, Compiled, IdAllocation, RawOp},
+    compiler::{self, Changes, Compiled, Compiler, IdAllocation, RawOp},
     datapath::{
         Datapath, DatapathError,
         clock::{JiffyClock, Skew},
@@ -45,7 +44,7 @@ use crate::{
     model::{ObjectRef, Snapshot},
     provenance::{self, Bound, Inputs, State},
     resume,
-    sources::{Input, ObjectCounts, SourceHealth, fingerprint},
+    sources::{Fingerprint, Input, ObjectCounts, SourceHealth},
     telemetry::{Families, InterfaceStatus, Metrics, Status},
 };
 
@@ -183,13 +182,23 @@ impl Dataplane for Datapath {
     }
 }
 
+/// The compile the maps hold and the snapshot it was compiled from: the
+/// next input's change set is what differs from that snapshot.
+struct InForce {
+    compiler: Compiler,
+    snapshot: Snapshot,
+    /// The fingerprint of `snapshot`.
+    fingerprint: Fingerprint,
+}
+
 pub(crate) struct SyncLoop<D: Dataplane = Datapath> {
     dp: D,
     uplinks: crate::uplinks::Uplinks,
     cfg: SyncConfig,
-    /// The compile in force; `None` until the first apply (and after a
-    /// write whose rollback failed: the next diffs from the maps).
-    compiled: Option<Compiled>,
+    /// The compile in force and its snapshot; `None` until the first
+    /// apply (and after a write whose rollback failed: the next diffs from
+    /// the maps).
+    in_force: Option<InForce>,
     /// When the last compile ran: a change within `cfg.debounce` of it
     /// waits for the rest of its burst.
     last_compile: Option<tokio::time::Instant>,
@@ -235,7 +244,7 @@ impl<D: Dataplane> SyncLoop<D> {
             dp,
             uplinks: crate::uplinks::Uplinks::new(cfg.interfaces.clone(), cfg.uplinks.clone()),
             cfg,
-            compiled: None,
+            in_force: None,
             last_compile: None,
             compile_at: None,
             input: None,
@@ -259,6 +268,11 @@ impl<D: Dataplane> SyncLoop<D> {
             found_rx: Some(found_rx),
             directory: None,
         }
+    }
+
+    /// The compile in force.
+    fn compiled(&self) -> Option<&Compiled> {
+        self.in_force.as_ref().map(|f| f.compiler.compiled())
     }
 
     /// Publishes a [`crate::events::Directory`] on `tx` after every
@@ -442,7 +456,7 @@ impl<D: Dataplane> SyncLoop<D> {
     fn add(&mut self, link: Link) -> bool {
         let ifindex = link.ifindex;
         let name = link.name.clone();
-        let adopted = self.compiled.is_none()
+        let adopted = self.in_force.is_none()
             && self
                 .dp
                 .writer()
@@ -606,7 +620,7 @@ impl<D: Dataplane> SyncLoop<D> {
     /// their interface until it goes or another interface takes them: a
     /// neighbour entry that ages out must not unbind a pod.
     fn apply_routes(&mut self, routes: &[(IpNet, u32)]) -> bool {
-        let Some(compiled) = self.compiled.as_ref() else {
+        let Some(compiled) = self.compiled() else {
             return false;
         };
         let mut found: Vec<(IpAddr, u32)> = Vec::new();
@@ -673,11 +687,16 @@ impl<D: Dataplane> SyncLoop<D> {
     }
 
     /// Compiles the latest input and applies the difference.
+    ///
+    /// The change set is what differs between the snapshot in force and
+    /// the input's: the snapshot's maps share structure between versions,
+    /// so finding it costs in the number of changes (µs), and
+    /// [`Compiler::update`] recompiles only the local pods they reach.
     fn sync(&mut self) {
         let Some(input) = self.input.clone() else {
             return;
         };
-        if self.compiled.is_none() && !self.adoption_settled() {
+        if self.in_force.is_none() && !self.adoption_settled() {
             self.retry_at = Some(tokio::time::Instant::now() + ADOPT_POLL);
             return;
         }
@@ -685,39 +704,55 @@ impl<D: Dataplane> SyncLoop<D> {
         let span = tracing::info_span!("sync", generation);
         let _enter = span.enter();
         let start = Instant::now();
-        let snapshot: Cow<'_, Snapshot> = match &self.cfg.node {
-            Some(n) if input.snapshot.local_node.as_ref() != Some(n) => {
-                let mut s = input.snapshot.clone();
-                s.local_node = Some(n.clone());
-                Cow::Owned(s)
-            }
-            _ => Cow::Borrowed(&input.snapshot),
-        };
+        // A clone of a snapshot shares its maps: O(1).
+        let mut snapshot = input.snapshot.clone();
+        if let Some(n) = &self.cfg.node {
+            snapshot.local_node = Some(n.clone());
+        }
         // The first apply (and the one after a write whose rollback failed
         // too) diffs from what the pinned maps hold: a previous agent's
-        // state, or nothing, read back with the ids to keep. A full compile and diff (5.6 ms at 10,000 pods) costs less
-        // than finding what changed by comparing the inputs (9 ms) for
-        // `Compiler::update` (0.3 ms): that waits for the sources to hand
-        // over their change sets (docs/PERFORMANCE.md).
-        let resuming = self.compiled.is_none();
-        let old = match self.compiled.take() {
-            Some(c) => c,
-            None => self.resume(&snapshot),
+        // state, or nothing, read back with the ids to keep.
+        let (compiler, ops, before) = match self.in_force.take() {
+            Some(InForce {
+                mut compiler,
+                snapshot: old,
+                fingerprint,
+            }) => {
+                let ids = compiler.compiled().ids.clone();
+                let changes = Changes::between(&old, &snapshot);
+                let ops: Vec<RawOp> = compiler.update(&snapshot, &changes).raw().collect();
+                let mut fp = fingerprint;
+                fp.update(&old, &snapshot, &changes);
+                (compiler, ops, Some((old, ids, fingerprint, fp)))
+            }
+            None => {
+                let old = self.resume(&snapshot);
+                let compiler = Compiler::new(&snapshot, &old.ids);
+                let ops: Vec<RawOp> = compiler::diff(&old, compiler.compiled()).raw().collect();
+                (compiler, ops, None)
+            }
         };
-        let new = compiler::compile(&snapshot, &old.ids);
-        let bindings = self.bind(&new);
-        let ops: Vec<RawOp> = compiler::diff(&old, &new).raw().collect();
+        let resuming = before.is_none();
+        let bindings = self.bind(compiler.compiled());
         let result = self.dp.writer().apply(&ops, &bindings).map(|r| r.applied);
         match result {
             Ok(mut applied) => {
-                self.compiled = Some(new);
+                let fingerprint = match &before {
+                    Some((_, _, _, fp)) => *fp,
+                    None => Fingerprint::of(&snapshot),
+                };
+                self.in_force = Some(InForce {
+                    compiler,
+                    snapshot,
+                    fingerprint,
+                });
                 if let Err(e) = self.sync_endpoints() {
                     self.fail("apply", format!("{e}"));
                     self.publish();
                     return;
                 }
-                if resuming && let Some(c) = &self.compiled {
-                    let sweep = resume::leftovers(self.dp.writer().mirror(), c);
+                if resuming && let Some(f) = &self.in_force {
+                    let sweep = resume::leftovers(self.dp.writer().mirror(), f.compiler.compiled());
                     if let Err(e) = self.dp.writer().apply_kernel(&sweep) {
                         // Entries nothing points at: they cost room, not
                         // enforcement.
@@ -727,11 +762,14 @@ impl<D: Dataplane> SyncLoop<D> {
                     }
                 }
                 self.generation = generation;
-                self.fingerprint = Some(fingerprint(&input.snapshot));
+                self.fingerprint = Some(fingerprint.to_string());
                 self.ready = true;
                 self.metrics.applied();
-                if let (Some(tx), Some(c)) = (&self.directory, &self.compiled) {
-                    tx.send_replace(Arc::new(crate::events::Directory::new(c, &input.snapshot)));
+                if let (Some(tx), Some(f)) = (&self.directory, &self.in_force) {
+                    tx.send_replace(Arc::new(crate::events::Directory::new(
+                        f.compiler.compiled(),
+                        &f.snapshot,
+                    )));
                 }
                 self.last_error = None;
                 self.retry_at = None;
@@ -749,12 +787,20 @@ impl<D: Dataplane> SyncLoop<D> {
                 self.unbound_pods_lookup();
             }
             Err(e) => {
-                // Rolled back, the maps hold `old` again (a resume would
-                // compile twice for the same answer on every retry); when
-                // the rollback failed too, only the maps say what they hold,
-                // and a first apply starts from them again anyway.
-                if !resuming && !matches!(e, MapWriteError::RollbackFailed { .. }) {
-                    self.compiled = Some(old);
+                // Rolled back, the maps hold the compile of the old
+                // snapshot again: compiled anew from it with the ids it
+                // gave, the same entries (rare: a full compile, instead
+                // of a copy of the compiler on every change). When the
+                // rollback failed too, only the maps say what they hold,
+                // and a first apply starts from them anyway.
+                if let Some((old, ids, fingerprint, _)) = before
+                    && !matches!(e, MapWriteError::RollbackFailed { .. })
+                {
+                    self.in_force = Some(InForce {
+                        compiler: Compiler::new(&old, &ids),
+                        snapshot: old,
+                        fingerprint,
+                    });
                 }
                 self.fail("apply", format!("{e}"));
                 self.retry_at = Some(tokio::time::Instant::now() + RETRY);
@@ -771,7 +817,7 @@ impl<D: Dataplane> SyncLoop<D> {
     /// are both unbound.
     fn unbound_pods_lookup(&mut self) {
         self.rebind_at = None;
-        let Some(compiled) = self.compiled.as_ref() else {
+        let Some(compiled) = self.compiled() else {
             return;
         };
         if compiled
@@ -877,8 +923,8 @@ impl<D: Dataplane> SyncLoop<D> {
     /// compiled state in force; returns whether anything was written.
     fn sync_endpoints(&mut self) -> Result<bool, MapWriteError> {
         let empty = Compiled::default();
-        let compiled = self.compiled.take();
-        let c = compiled.as_ref().unwrap_or(&empty);
+        let in_force = self.in_force.take();
+        let c = in_force.as_ref().map_or(&empty, |f| f.compiler.compiled());
         let bindings = self.bind(c);
         for (pod, i) in &bindings {
             if self.bindings.get(pod) != Some(i) {
@@ -890,8 +936,8 @@ impl<D: Dataplane> SyncLoop<D> {
                 tracing::info!(%pod, interface = %name, "pod bound to its interface");
             }
         }
-        let ops = self.endpoint_ops(c, &bindings, compiled.is_none());
-        self.compiled = compiled;
+        let ops = self.endpoint_ops(c, &bindings, in_force.is_none());
+        self.in_force = in_force;
         self.bindings = bindings;
         self.dp.writer().apply_kernel(&ops)?;
         Ok(!ops.is_empty())
@@ -915,11 +961,8 @@ impl<D: Dataplane> SyncLoop<D> {
     /// thread. A failure is logged (once until it changes) and counted,
     /// never fatal: enforcement does not depend on it.
     fn write_state(&mut self) {
-        let (Some(dir), Some(compiled), Some(input)) = (
-            self.cfg.state_dir.as_ref(),
-            self.compiled.as_ref(),
-            self.input.as_ref(),
-        ) else {
+        let (Some(dir), Some(in_force)) = (self.cfg.state_dir.as_ref(), self.in_force.as_ref())
+        else {
             return;
         };
         if self.state.is_none() {
@@ -963,9 +1006,9 @@ impl<D: Dataplane> SyncLoop<D> {
             })
             .collect();
         // Cheap next to building and serializing the state: entries share
-        // their rule lists, the snapshot is shared.
-        let compiled = compiled.clone();
-        let input = input.clone();
+        // their rule lists, a snapshot clone shares its maps.
+        let compiled = in_force.compiler.compiled().clone();
+        let snapshot = in_force.snapshot.clone();
         let generation = self.generation;
         let fingerprint = self.fingerprint.clone();
         let pin_dir = self.dp.pin_dir().to_owned();
@@ -973,7 +1016,7 @@ impl<D: Dataplane> SyncLoop<D> {
             w.submit(move || {
                 State::build(&Inputs {
                     compiled: &compiled,
-                    snapshot: &input.snapshot,
+                    snapshot: &snapshot,
                     interfaces: &interfaces,
                     generation,
                     fingerprint: fingerprint.as_deref(),
@@ -1086,7 +1129,7 @@ impl<D: Dataplane> SyncLoop<D> {
                 .cfg
                 .node
                 .clone()
-                .or_else(|| self.compiled.as_ref().and_then(|c| c.node.clone())),
+                .or_else(|| self.compiled().and_then(|c| c.node.clone())),
             families: self.families,
             new_pods: self.cfg.new_pods.to_owned(),
             objects: input
@@ -1291,12 +1334,42 @@ mod tests {
         isolation_after_entries(&log(&mut l)[first.len()..]);
         let want = compiler::compile(
             &cluster("nobody").snapshot,
-            &l.compiled.as_ref().expect("compiled").ids,
+            &l.compiled().expect("compiled").ids,
         )
         .map_state();
         let have = l.dp.writer().mirror().clone();
         assert_eq!(have.policy_v4, want.policy_v4);
         assert_eq!(have.ports, want.ports);
+    }
+
+    #[tokio::test]
+    async fn a_pod_edit_reaches_the_policies_that_name_it() {
+        let mut l = sync_loop(Mirror::default());
+        veth(&mut l, 10, "10.0.0.2");
+        veth(&mut l, 11, "10.0.0.3");
+        let first = cluster("b");
+        apply(&mut l, first.clone());
+        let before = l.dp.writer().mirror().policy_v4.clone();
+        // The next version, as a source makes it: b no longer matches a's
+        // peer selector, and only b changed.
+        let mut next = (*first).clone();
+        let b = ObjectRef::new("x", "b");
+        if let Some(pod) = next.snapshot.pods.get_mut(&b) {
+            pod.labels.insert("app".into(), "c".into());
+        }
+        assert_eq!(
+            Changes::between(&first.snapshot, &next.snapshot).pods,
+            BTreeSet::from([b])
+        );
+        let next = Arc::new(next);
+        apply(&mut l, next.clone());
+        assert!(l.last_error.is_none(), "{:?}", l.last_error);
+        let want =
+            compiler::compile(&next.snapshot, &l.compiled().expect("compiled").ids).map_state();
+        let have = l.dp.writer().mirror().clone();
+        assert_ne!(have.policy_v4, before, "the edit changed a's entries");
+        assert_eq!(have.policy_v4, want.policy_v4);
+        assert_eq!(have.endpoints.len(), 2);
     }
 
     #[tokio::test]
@@ -1338,7 +1411,7 @@ mod tests {
         l.dp.writer().backend_mut().capacity.clear();
         apply(&mut l, wider.clone());
         assert!(l.last_error.is_none(), "{:?}", l.last_error);
-        let ids = &l.compiled.as_ref().expect("compiled").ids;
+        let ids = &l.compiled().expect("compiled").ids;
         let want = compiler::compile(&wider.snapshot, ids).map_state();
         assert_eq!(l.dp.writer().mirror().policy_v4, want.policy_v4);
     }
@@ -1414,8 +1487,7 @@ mod tests {
             result
         }));
         l.sync_endpoints_and_publish();
-        let want =
-            l.compiled.as_ref().expect("compiled").endpoints[&ObjectRef::new("x", "a")].info();
+        let want = l.compiled().expect("compiled").endpoints[&ObjectRef::new("x", "a")].info();
         let have = endpoint(&mut l, 10);
         assert_eq!(
             EndpointInfo { slot: 0, ..have },

@@ -221,7 +221,7 @@ async fn model_converges_to_the_servers_objects_through_watch_end_and_410() {
     assert!(
         input.snapshot.namespaces.contains_key("y"),
         "{:?}",
-        input.snapshot.namespaces.keys()
+        input.snapshot.namespaces.keys().collect::<Vec<_>>()
     );
     let health = src
         .health_until("listed again", |h| fake.lists("Pod") > lists && h.synced)
@@ -301,7 +301,7 @@ async fn api_outage_keeps_the_last_state_and_reports_unreachable_until_it_return
     assert!(
         input.snapshot.pods.keys().any(|p| p.name == "late"),
         "{:?}",
-        input.snapshot.pods.keys()
+        input.snapshot.pods.keys().collect::<Vec<_>>()
     );
     src.health_until("reachable again", |h| h.unreachable.is_none())
         .await;

@@ -258,11 +258,12 @@ pub fn cluster() -> Snapshot {
 pub fn relabelled(s: &Snapshot) -> (Snapshot, Changes) {
     let mut s2 = s.clone();
     let mut changes = Changes::default();
-    if let Some(pod) = s2
+    let first_local = s2
         .pods
-        .values_mut()
+        .values()
         .find(|p| p.node_name.as_deref() == Some("node-0"))
-    {
+        .map(|p| p.id.clone());
+    if let Some(pod) = first_local.and_then(|id| s2.pods.get_mut(&id)) {
         let next = if pod.labels.get("app").map(String::as_str) == Some("app-3") {
             "app-4"
         } else {

@@ -33,6 +33,7 @@ use std::{
 use super::{
     ModelError, ObjectRef, Snapshot,
     manifests::{KINDS, LoadReport, apply_value, documents},
+    retain,
 };
 
 /// How long a changed file must have been left alone before it is read.
@@ -377,8 +378,16 @@ fn convert_file(path: &Path, text: &str, state: &mut FileState) {
     let mut fragment = std::mem::take(&mut state.fragment);
     // Errors are those of this version only.
     fragment.invalid.clear();
-    for slot in fragment.policies.values_mut() {
-        slot.errors.clear();
+    let with_errors: Vec<ObjectRef> = fragment
+        .policies
+        .iter()
+        .filter(|(_, slot)| !slot.errors.is_empty())
+        .map(|(id, _)| id.clone())
+        .collect();
+    for id in with_errors {
+        if let Some(slot) = fragment.policies.get_mut(&id) {
+            slot.errors.clear();
+        }
     }
     let mut named = Named::default();
     let mut report = LoadReport::default();
@@ -404,17 +413,17 @@ fn convert_file(path: &Path, text: &str, state: &mut FileState) {
         });
         true
     };
-    fragment.nodes.retain(|n, _| keep("Node", "", n));
-    fragment.namespaces.retain(|n, _| keep("Namespace", "", n));
-    fragment
-        .pods
-        .retain(|id, _| keep("Pod", &id.namespace, &id.name));
-    fragment
-        .policies
-        .retain(|id, _| keep("NetworkPolicy", &id.namespace, &id.name));
-    fragment
-        .services
-        .retain(|id, _| keep("Service", &id.namespace, &id.name));
+    retain(&mut fragment.nodes, |n, _| keep("Node", "", n));
+    retain(&mut fragment.namespaces, |n, _| keep("Namespace", "", n));
+    retain(&mut fragment.pods, |id, _| {
+        keep("Pod", &id.namespace, &id.name)
+    });
+    retain(&mut fragment.policies, |id, _| {
+        keep("NetworkPolicy", &id.namespace, &id.name)
+    });
+    retain(&mut fragment.services, |id, _| {
+        keep("Service", &id.namespace, &id.name)
+    });
     let mut problems = report.errors;
     problems.extend(fragment.errors().into_iter().map(|e| ModelError {
         object: format!("{origin}: {}", e.object),

@@ -391,6 +391,44 @@ pub struct PolicySlot {
     pub errors: Vec<ModelError>,
 }
 
+/// The snapshot's ordered maps: persistent (a clone shares every node with
+/// the original and costs O(1); a change copies one path), so the source,
+/// the loop and the state writer each hold a version without a copy of the
+/// objects.
+pub type Map<K, V> = imbl::OrdMap<K, V>;
+
+/// Keeps the entries of `map` for which `keep` holds ([`Map`] has no
+/// `retain`); entries kept are not copied.
+pub fn retain<K: Ord + Clone, V: Clone>(map: &mut Map<K, V>, mut keep: impl FnMut(&K, &V) -> bool) {
+    let gone: Vec<K> = map
+        .iter()
+        .filter(|(k, v)| !keep(k, v))
+        .map(|(k, _)| k.clone())
+        .collect();
+    for k in gone {
+        map.remove(&k);
+    }
+}
+
+/// `new`'s entries on `old`'s structure: an entry equal to `old`'s is
+/// `old`'s, so the two versions share it and comparing them
+/// ([`Map::diff`]) skips it.
+#[must_use]
+pub fn rebase<K: Ord + Clone, V: Clone + PartialEq>(old: &Map<K, V>, new: Map<K, V>) -> Map<K, V> {
+    let mut out = old.clone();
+    for k in old.keys() {
+        if !new.contains_key(k) {
+            out.remove(k);
+        }
+    }
+    for (k, v) in new {
+        if old.get(&k) != Some(&v) {
+            out.insert(k, v);
+        }
+    }
+    out
+}
+
 /// Everything the compiler reads. A plain value: sources build it, the
 /// compiler reads it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -398,15 +436,15 @@ pub struct Snapshot {
     /// Name of the node whose maps are compiled (`None`: the only Node).
     pub local_node: Option<String>,
     /// Nodes by name.
-    pub nodes: BTreeMap<String, Node>,
+    pub nodes: Map<String, Node>,
     /// Namespaces by name.
-    pub namespaces: BTreeMap<String, Namespace>,
+    pub namespaces: Map<String, Namespace>,
     /// Pods.
-    pub pods: BTreeMap<ObjectRef, Pod>,
+    pub pods: Map<ObjectRef, Pod>,
     /// NetworkPolicies with their last valid version.
-    pub policies: BTreeMap<ObjectRef, PolicySlot>,
+    pub policies: Map<ObjectRef, PolicySlot>,
     /// Services (their frontends).
-    pub services: BTreeMap<ObjectRef, Service>,
+    pub services: Map<ObjectRef, Service>,
     /// Errors of rejected pods, namespaces, nodes and Services, by kind and
     /// name. A rejected update leaves the last valid version in the
     /// snapshot.
@@ -429,6 +467,21 @@ pub enum Kind {
 }
 
 impl Snapshot {
+    /// This snapshot sharing with `old` every object they have in common
+    /// (see [`rebase`]): for a source that builds a version from scratch.
+    #[must_use]
+    pub fn rebased_on(self, old: &Snapshot) -> Snapshot {
+        Snapshot {
+            local_node: self.local_node,
+            nodes: rebase(&old.nodes, self.nodes),
+            namespaces: rebase(&old.namespaces, self.namespaces),
+            pods: rebase(&old.pods, self.pods),
+            policies: rebase(&old.policies, self.policies),
+            services: rebase(&old.services, self.services),
+            invalid: self.invalid,
+        }
+    }
+
     /// The node whose pods are local: [`Snapshot::local_node`], or the only
     /// Node.
     #[must_use]
@@ -498,9 +551,9 @@ impl Snapshot {
             }
             Kind::Namespace => {
                 self.namespaces.remove(name);
-                self.pods.retain(|k, _| k.namespace != name);
-                self.policies.retain(|k, _| k.namespace != name);
-                self.services.retain(|k, _| k.namespace != name);
+                retain(&mut self.pods, |k, _| k.namespace != name);
+                retain(&mut self.policies, |k, _| k.namespace != name);
+                retain(&mut self.services, |k, _| k.namespace != name);
             }
             Kind::Pod => {
                 self.pods.remove(&id);
@@ -558,6 +611,24 @@ mod tests {
                 operator,
             }],
         }
+    }
+
+    #[test]
+    fn a_rebased_map_equals_the_new_one() {
+        let old: Map<u32, &str> = (0u32..200).map(|i| (i, "a")).collect();
+        let mut new: Map<u32, &str> = (1u32..201).map(|i| (i, "a")).collect();
+        new.insert(7, "b");
+        let rebased = rebase(&old, new.clone());
+        assert_eq!(rebased, new);
+        let changed: Vec<u32> = old
+            .diff(&rebased)
+            .map(|d| match d {
+                imbl::ordmap::DiffItem::Add(k, _)
+                | imbl::ordmap::DiffItem::Remove(k, _)
+                | imbl::ordmap::DiffItem::Update { old: (k, _), .. } => *k,
+            })
+            .collect();
+        assert_eq!(changed, vec![0, 7, 200]);
     }
 
     #[test]

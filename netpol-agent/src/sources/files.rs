@@ -203,8 +203,12 @@ impl FilesSource {
             src = back;
             src.alive();
             match result {
-                Ok((input, again)) => {
+                Ok((mut input, again)) => {
                     unsettled = again;
+                    // A rescan builds every map anew: what did not change
+                    // is taken from the last version, so the loop's
+                    // change set costs the changes, not the folder.
+                    input.snapshot = std::mem::take(&mut input.snapshot).rebased_on(&last.snapshot);
                     if input.snapshot != last.snapshot || input.problems != last.problems {
                         publish(&tx, &input, &dir);
                         last = input;

@@ -43,7 +43,7 @@ use super::{Input, InputSender};
 use crate::{
     model::{
         ALLOW_ANY_SOURCE_ANNOTATION, Kind, ModelError, Namespace, NetworkPolicy, Node, ObjectRef,
-        Pod, Service, Snapshot,
+        Pod, Service, Snapshot, rebase,
     },
     telemetry::Metrics,
 };
@@ -675,27 +675,29 @@ impl Assembler {
             invalid,
             ..
         } = buf;
+        // What the relist did not change stays the published version's,
+        // so the loop's change set is what changed (see `model::rebase`).
         let kind = match store {
             StoreKind::Pod => {
-                s.pods = pods;
+                s.pods = rebase(&s.pods, pods);
                 "Pod"
             }
             StoreKind::Namespace => {
-                s.namespaces = namespaces;
+                s.namespaces = rebase(&s.namespaces, namespaces);
                 "Namespace"
             }
             StoreKind::Node => {
-                s.nodes = nodes;
+                s.nodes = rebase(&s.nodes, nodes);
                 "Node"
             }
             StoreKind::NetworkPolicy => {
                 // Policies keep their invalid versions in their slots.
-                s.policies = policies;
+                s.policies = rebase(&s.policies, policies);
                 self.dirty = true;
                 return;
             }
             StoreKind::Service => {
-                s.services = services;
+                s.services = rebase(&s.services, services);
                 "Service"
             }
         };

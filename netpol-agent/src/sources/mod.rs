@@ -8,7 +8,7 @@ use std::{path::PathBuf, sync::Arc};
 
 use serde::Serialize;
 
-use crate::model::Snapshot;
+use crate::{compiler::Changes, model::Snapshot};
 
 pub use self::kube::{KubeConnection, SourceHealth, StoreHealth};
 
@@ -72,33 +72,97 @@ impl ObjectCounts {
 /// Covers Nodes, Namespaces, Pods, the policy versions in force and the
 /// Services (the frontends written to the maps). Errors of rejected versions
 /// do not change what is compiled, and the local node name is
-/// configuration, not an object: both are left out. An input without
-/// Services has the fingerprint it had before Services were covered.
+/// configuration, not an object: both are left out.
 #[must_use]
 pub fn fingerprint(snapshot: &Snapshot) -> String {
-    #[derive(Serialize)]
-    struct Canonical<'a> {
-        nodes: Vec<&'a crate::model::Node>,
-        namespaces: Vec<&'a crate::model::Namespace>,
-        pods: Vec<&'a crate::model::Pod>,
-        policies: Vec<&'a crate::model::NetworkPolicy>,
-        #[serde(skip_serializing_if = "Vec::is_empty")]
-        services: Vec<&'a crate::model::Service>,
+    Fingerprint::of(snapshot).to_string()
+}
+
+/// [`fingerprint`] as a value the sync loop keeps up to date: the sum of
+/// one hash per object, so a change costs the hashes of the objects it
+/// touched, not of all.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Fingerprint(u64);
+
+impl Fingerprint {
+    /// The fingerprint of every object of `snapshot`.
+    #[must_use]
+    pub fn of(snapshot: &Snapshot) -> Self {
+        let mut sum = 0u64;
+        let mut add = |h: Option<u64>| sum = sum.wrapping_add(h.unwrap_or(0));
+        for n in snapshot.nodes.values() {
+            add(object_hash(b'N', Some(n)));
+        }
+        for n in snapshot.namespaces.values() {
+            add(object_hash(b'S', Some(n)));
+        }
+        for p in snapshot.pods.values() {
+            add(object_hash(b'P', Some(p)));
+        }
+        for slot in snapshot.policies.values() {
+            add(object_hash(b'Q', slot.in_force.as_ref()));
+        }
+        for s in snapshot.services.values() {
+            add(object_hash(b'V', Some(s)));
+        }
+        Self(sum)
     }
-    let canonical = Canonical {
-        nodes: snapshot.nodes.values().collect(),
-        namespaces: snapshot.namespaces.values().collect(),
-        pods: snapshot.pods.values().collect(),
-        policies: snapshot
-            .policies
-            .values()
-            .filter_map(|s| s.in_force.as_ref())
-            .collect(),
-        services: snapshot.services.values().collect(),
-    };
-    // BTreeMaps give a stable order, so the JSON text is canonical.
-    let bytes = serde_json::to_vec(&canonical).unwrap_or_default();
-    format!("{:016x}", fnv1a(&bytes))
+
+    /// From the fingerprint of `old` to that of `new`, which differs from
+    /// it by (at most) `changes`.
+    pub fn update(&mut self, old: &Snapshot, new: &Snapshot, changes: &Changes) {
+        let mut sum = self.0;
+        let mut swap = |before: Option<u64>, after: Option<u64>| {
+            sum = sum
+                .wrapping_sub(before.unwrap_or(0))
+                .wrapping_add(after.unwrap_or(0));
+        };
+        for k in &changes.nodes {
+            swap(
+                object_hash(b'N', old.nodes.get(k)),
+                object_hash(b'N', new.nodes.get(k)),
+            );
+        }
+        for k in &changes.namespaces {
+            swap(
+                object_hash(b'S', old.namespaces.get(k)),
+                object_hash(b'S', new.namespaces.get(k)),
+            );
+        }
+        for k in &changes.pods {
+            swap(
+                object_hash(b'P', old.pods.get(k)),
+                object_hash(b'P', new.pods.get(k)),
+            );
+        }
+        for k in &changes.policies {
+            swap(
+                object_hash(b'Q', old.policies.get(k).and_then(|s| s.in_force.as_ref())),
+                object_hash(b'Q', new.policies.get(k).and_then(|s| s.in_force.as_ref())),
+            );
+        }
+        for k in &changes.services {
+            swap(
+                object_hash(b'V', old.services.get(k)),
+                object_hash(b'V', new.services.get(k)),
+            );
+        }
+        self.0 = sum;
+    }
+}
+
+impl std::fmt::Display for Fingerprint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
+
+/// One object's share of a [`Fingerprint`]: its kind and its canonical
+/// JSON (the model's maps are ordered, so the text is canonical).
+fn object_hash<T: Serialize>(kind: u8, object: Option<&T>) -> Option<u64> {
+    let mut bytes = vec![kind];
+    serde_json::to_writer(&mut bytes, object?).ok()?;
+    Some(fnv1a(&bytes))
 }
 
 /// FNV-1a, 64 bits: stable across builds and platforms (std's hashers are
@@ -151,11 +215,34 @@ mod tests {
     }
 
     #[test]
-    fn fingerprint_without_services_is_unchanged_by_their_support() {
-        // FNV-1a of the canonical JSON as it was before Services were
-        // covered: harnesses that pinned a fingerprint keep it.
-        let s = snap("{apiVersion: v1, kind: Namespace, metadata: {name: a}}");
-        let bytes = br#"{"nodes":[],"namespaces":[{"name":"a","labels":{"kubernetes.io/metadata.name":"a"}}],"pods":[],"policies":[]}"#;
-        assert_eq!(fingerprint(&s), format!("{:016x}", fnv1a(bytes)));
+    fn fingerprint_updated_by_a_change_set_equals_the_full_one() {
+        let ns = |n: &str, l: &str| {
+            format!(
+                "{{apiVersion: v1, kind: Namespace, metadata: {{name: {n}, labels: {{x: {l}}}}}}}"
+            )
+        };
+        let pol = |n: &str| {
+            format!(
+                "{{apiVersion: networking.k8s.io/v1, kind: NetworkPolicy, metadata: {{name: {n}, \
+                 namespace: a}}, spec: {{podSelector: {{}}}}}}"
+            )
+        };
+        let old = snap(&[ns("a", "1"), ns("b", "1"), pol("p"), pol("q")].join("\n---\n"));
+        // Derived from `old` (as a source's next version is): one namespace
+        // relabelled, one gone, one new; one policy gone, one new.
+        let mut new = old.clone();
+        apply_str(
+            &mut new,
+            &[ns("a", "2"), ns("c", "1"), pol("r")].join("\n---\n"),
+            "t",
+            &mut LoadReport::default(),
+        );
+        new.namespaces.remove("b");
+        new.policies.remove(&crate::model::ObjectRef::new("a", "q"));
+        let changes = Changes::between(&old, &new);
+        let mut fp = Fingerprint::of(&old);
+        fp.update(&old, &new, &changes);
+        assert_eq!(fp, Fingerprint::of(&new));
+        assert_ne!(fp, Fingerprint::of(&old));
     }
 }
