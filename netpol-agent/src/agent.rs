@@ -9,14 +9,14 @@ use tokio::sync::{broadcast, mpsc, watch};
 use crate::{
     datapath::{AttachMode, Datapath, DatapathConfig, DatapathError, MapSizes},
     events::{Denial, Directory},
-    interfaces::{self, InterfaceError},
+    node::links::{self, InterfaceError},
     sources::{
         Source,
         files::{FilesError, FilesSource},
         kube::{KubeError, KubeSource},
     },
+    status::{Families, Metrics, Status, StatusHandle},
     sync::{SyncConfig, SyncLoop},
-    telemetry::{Families, Metrics, Status, StatusHandle},
 };
 
 /// Default debounce of source bursts.
@@ -498,7 +498,7 @@ impl Agent {
     /// cannot start, or one of them fails later.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), AgentError> {
         let s = &self.settings;
-        let families = match interfaces::node_families().await {
+        let families = match links::node_families().await {
             Ok((ipv4, ipv6)) => Families { ipv4, ipv6 },
             Err(e) => {
                 tracing::warn!(error = %e, "reading the node's addresses; assuming both families");
@@ -579,7 +579,7 @@ impl Agent {
             None => None,
         };
         let http = listener.map(|l| {
-            tokio::spawn(crate::http::serve(
+            tokio::spawn(crate::status::http::serve(
                 l,
                 self.status(),
                 self.metrics.clone(),
@@ -613,7 +613,7 @@ impl Agent {
             }
         };
         let (link_tx, link_rx) = mpsc::unbounded_channel();
-        let mut links = tokio::spawn(interfaces::watch_links(link_tx, stop_rx.clone()));
+        let mut links = tokio::spawn(links::watch_links(link_tx, stop_rx.clone()));
 
         let cfg = SyncConfig {
             node: s.node.clone(),

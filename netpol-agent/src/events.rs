@@ -24,7 +24,7 @@ use crate::{
     compiler::Compiled,
     datapath::{self, events::decode},
     model::{Map, ObjectRef, Pod, Snapshot},
-    telemetry::Metrics,
+    status::Metrics,
 };
 
 /// Who is behind an endpoint id or an address, as of the compile in force.

@@ -20,10 +20,9 @@ pub mod bpffs;
 pub mod compiler;
 pub mod datapath;
 pub mod events;
-mod http;
 pub mod inspect;
-pub mod interfaces;
 pub mod model;
+pub mod node;
 pub mod object;
 pub mod preflight;
 pub mod privileges;
@@ -31,15 +30,14 @@ pub mod provenance;
 pub mod resume;
 mod shutdown;
 pub mod sources;
+pub mod status;
 pub mod sync;
-pub mod telemetry;
 #[cfg(test)]
 mod test_support;
-pub mod uplinks;
 
 pub use agent::{Agent, AgentBuilder, AgentError, ConnectionTimeouts, NewPods};
 pub use sources::{Source, fingerprint};
-pub use telemetry::{Status, StatusHandle};
+pub use status::{Status, StatusHandle};
 
 pub use datapath::{
     AttachMode, Counters, Datapath, DatapathConfig, DatapathError, MapSizes,

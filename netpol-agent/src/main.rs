@@ -6,7 +6,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use netpol_agent::{
     Agent, AttachMode, Counters, Datapath, DatapathConfig, NewPods, Source, agent, datapath,
     sources::KubeConnection,
-    telemetry::{self, LogFormat},
+    status::{self, LogFormat},
 };
 
 mod cmd;
@@ -225,7 +225,7 @@ enum Mode {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    telemetry::init_logging(match cli.log_format {
+    status::init_logging(match cli.log_format {
         LogFormatArg::Text => LogFormat::Text,
         LogFormatArg::Json => LogFormat::Json,
     });

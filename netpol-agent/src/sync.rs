@@ -40,12 +40,12 @@ use crate::{
         pins::RestoreError,
         writer::{Backend, KernelOp, MapWriteError, MapWriter},
     },
-    interfaces::{self, Link, LinkEvent},
     model::{ObjectRef, Snapshot},
+    node::links::{self, Link, LinkEvent},
     provenance::{self, Bound, Inputs, State},
     resume,
     sources::{Fingerprint, Input, ObjectCounts, SourceHealth},
-    telemetry::{Families, InterfaceStatus, Metrics, Status},
+    status::{Families, InterfaceStatus, Metrics, Status},
 };
 
 /// High bit of the ids of unbound pod interfaces (see the module docs).
@@ -123,7 +123,7 @@ enum Found {
 }
 
 /// What the loop drives: the kernel's [`Datapath`], or a fake in tests.
-pub(crate) trait Dataplane: crate::uplinks::UplinkHooks {
+pub(crate) trait Dataplane: crate::node::uplinks::UplinkHooks {
     /// Where the map writer writes.
     type Backend: Backend;
     /// The policy-map writer.
@@ -193,7 +193,7 @@ struct InForce {
 
 pub(crate) struct SyncLoop<D: Dataplane = Datapath> {
     dp: D,
-    uplinks: crate::uplinks::Uplinks,
+    uplinks: crate::node::uplinks::Uplinks,
     cfg: SyncConfig,
     /// The compile in force and its snapshot; `None` until the first
     /// apply (and after a write whose rollback failed: the next diffs from
@@ -242,7 +242,10 @@ impl<D: Dataplane> SyncLoop<D> {
         let (found_tx, found_rx) = mpsc::unbounded_channel();
         Self {
             dp,
-            uplinks: crate::uplinks::Uplinks::new(cfg.interfaces.clone(), cfg.uplinks.clone()),
+            uplinks: crate::node::uplinks::Uplinks::new(
+                cfg.interfaces.clone(),
+                cfg.uplinks.clone(),
+            ),
             cfg,
             in_force: None,
             last_compile: None,
@@ -303,12 +306,12 @@ impl<D: Dataplane> SyncLoop<D> {
             move |clock, skew| clock_tx.send(Found::Clock { clock, skew }).is_ok(),
         ));
         let mut health = self.cfg.source_health.clone();
-        let mut alive = tokio::time::interval(crate::telemetry::ALIVE_EVERY);
+        let mut alive = tokio::time::interval(crate::status::ALIVE_EVERY);
         let mut pins = tokio::time::interval(crate::datapath::pins::CHECK_EVERY);
         pins.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             // Every turn of the loop, each apply included, ends here.
-            self.metrics.alive(crate::telemetry::Task::Loop);
+            self.metrics.alive(crate::status::Task::Loop);
             let retry = self.retry_at;
             let rebind = self.rebind_at;
             let compile_at = self.compile_at;
@@ -421,7 +424,7 @@ impl<D: Dataplane> SyncLoop<D> {
         match ev {
             LinkEvent::Present(link) => {
                 let wanted = link.class(self.cfg.interfaces.as_ref(), self.cfg.uplinks.as_ref())
-                    == interfaces::LinkClass::Pod;
+                    == links::LinkClass::Pod;
                 if let Some(known) = self.ifaces.get_mut(&link.ifindex) {
                     if known.link.name != link.name || !wanted {
                         // Renamed or no longer wanted: start over.
@@ -521,7 +524,7 @@ impl<D: Dataplane> SyncLoop<D> {
         iface.lookup_pending = true;
         let tx = self.found_tx.clone();
         tokio::task::spawn_blocking(move || {
-            let result = interfaces::peer_addresses(nsid, peer).map_err(|e| e.to_string());
+            let result = links::peer_addresses(nsid, peer).map_err(|e| e.to_string());
             let _ = tx.send(Found::Peer { ifindex, result });
         });
     }
@@ -534,7 +537,7 @@ impl<D: Dataplane> SyncLoop<D> {
         self.routes_pending = true;
         let tx = self.found_tx.clone();
         tokio::spawn(async move {
-            let result = interfaces::routes().await.map_err(|e| e.to_string());
+            let result = links::routes().await.map_err(|e| e.to_string());
             let _ = tx.send(Found::Routes(result));
         });
     }
@@ -1163,7 +1166,7 @@ mod tests {
         attached: BTreeSet<String>,
     }
 
-    impl crate::uplinks::UplinkHooks for Fake {
+    impl crate::node::uplinks::UplinkHooks for Fake {
         fn attach_uplink(&mut self, _: &str) -> Result<&'static str, DatapathError> {
             Ok(programs::LEAVE_NODE)
         }

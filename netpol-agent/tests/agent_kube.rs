@@ -13,7 +13,7 @@ use netpol_agent::{
         Input, SourceHealth, fingerprint,
         kube::{KubeError, KubeSource},
     },
-    telemetry::Metrics,
+    status::Metrics,
 };
 use serde_json::{Value, json};
 use tokio::sync::watch;

@@ -2,7 +2,7 @@
 //! depends on, and after a change recompiles only the local pods the change
 //! can reach.
 //!
-//! # Usage (not yet the agent's: it needs each change set; see docs/PERFORMANCE.md)
+//! # Usage (the sync loop's)
 //! ```no_run
 //! use netpol_agent::compiler::{Changes, Compiler};
 //! use netpol_agent::compiler::IdAllocation;
@@ -12,11 +12,12 @@
 //! // Startup: a full compile (from the allocation of a previous run, if any).
 //! let mut compiler = Compiler::new(&snap, &IdAllocation::default());
 //! // write compiler.compiled().map_state() to the maps ...
-//! // On each batch of watch events: apply them to the snapshot and record
-//! // what they touched.
-//! let mut changes = Changes::default();
-//! changes.pods.insert(ObjectRef::new("ns", "pod"));
-//! let diff = compiler.update(&snap, &changes);
+//! // On each new version of the snapshot: what differs from the last one
+//! // (the maps share structure between versions, so this costs the number
+//! // of changes), then only what those changes reach.
+//! let old = snap.clone();
+//! snap.namespaces.remove("gone");
+//! let diff = compiler.update(&snap, &Changes::between(&old, &snap));
 //! // apply diff.raw() in order ...
 //! ```
 //!

@@ -3,9 +3,9 @@
 //! one output to the next ([`diff`]). [`Compiler`] does the same
 //! incrementally: told what changed ([`Changes`]), it recompiles only the
 //! local pods a change reaches and diffs only those, with the same result
-//! as `compile` + `diff`. The agent calls `compile` + `diff` on every
-//! change: `Compiler` needs the change set, which the sources do not hand
-//! over yet (docs/PERFORMANCE.md).
+//! as `compile` + `diff`. The agent's loop runs `Compiler::new` at start
+//! and [`Compiler::update`] on every change, with the change set
+//! [`Changes::between`] finds by comparing two versions of the snapshot.
 //!
 //! # What is compiled
 //! - Per local endpoint (networked pod on the node): an id (stable while

@@ -40,7 +40,7 @@ const UNSETTLED_RETRY: Duration = Duration::from_secs(1);
 #[derive(Debug)]
 pub struct FilesSource {
     folder: Folder,
-    metrics: Option<Arc<crate::telemetry::Metrics>>,
+    metrics: Option<Arc<crate::status::Metrics>>,
 }
 
 impl FilesSource {
@@ -56,14 +56,14 @@ impl FilesSource {
     /// Shows `metrics` (and so `/healthz`) that it is alive after every
     /// rescan and while idle.
     #[must_use]
-    pub fn metrics(mut self, metrics: Arc<crate::telemetry::Metrics>) -> Self {
+    pub fn metrics(mut self, metrics: Arc<crate::status::Metrics>) -> Self {
         self.metrics = Some(metrics);
         self
     }
 
     fn alive(&self) {
         if let Some(m) = &self.metrics {
-            m.alive(crate::telemetry::Task::Source);
+            m.alive(crate::status::Task::Source);
         }
     }
 
@@ -166,7 +166,7 @@ impl FilesSource {
         src.alive();
         let (mut last, mut unsettled) = first?;
         publish(&tx, &last, &dir);
-        let mut alive = tokio::time::interval(crate::telemetry::ALIVE_EVERY);
+        let mut alive = tokio::time::interval(crate::status::ALIVE_EVERY);
         loop {
             tokio::select! {
                 () = crate::shutdown::stopped(&mut stop) => return Ok(()),

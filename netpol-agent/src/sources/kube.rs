@@ -45,7 +45,7 @@ use crate::{
         ALLOW_ANY_SOURCE_ANNOTATION, Kind, ModelError, Namespace, NetworkPolicy, Node, ObjectRef,
         Pod, Service, Snapshot, rebase,
     },
-    telemetry::Metrics,
+    status::Metrics,
 };
 
 /// The verbs every watcher needs: `list` and `watch` (the reflector's

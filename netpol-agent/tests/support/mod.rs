@@ -477,7 +477,7 @@ pub mod agent {
     pub fn interface<'a>(
         s: &'a Status,
         name: &str,
-    ) -> Option<&'a netpol_agent::telemetry::InterfaceStatus> {
+    ) -> Option<&'a netpol_agent::status::InterfaceStatus> {
         s.interfaces.iter().find(|i| i.name == name)
     }
 

@@ -14,7 +14,7 @@ use tokio::{
     sync::{Semaphore, watch},
 };
 
-use crate::telemetry::{Metrics, StatusHandle};
+use crate::status::{Metrics, StatusHandle};
 
 /// Connections served at once; more are closed as they come. A kubelet
 /// probe and a scrape need a few.
@@ -103,7 +103,7 @@ fn respond<B>(req: &Request<B>, status: &StatusHandle, metrics: &Metrics) -> Res
     };
     const PLAIN: &str = "text/plain; charset=utf-8";
     match req.uri().path() {
-        "/healthz" => match metrics.stuck(crate::telemetry::STUCK_AFTER) {
+        "/healthz" => match metrics.stuck(crate::status::STUCK_AFTER) {
             None => text(StatusCode::OK, "ok\n".into(), PLAIN),
             Some(why) => text(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -151,7 +151,7 @@ mod tests {
     };
 
     use super::*;
-    use crate::telemetry::{Status, Task};
+    use crate::status::{Status, Task};
 
     fn handle() -> StatusHandle {
         let (tx, rx) = watch::channel(Status::default());

@@ -1,12 +1,10 @@
-//! Everything the agent tells the outside: its [`Status`] (served on
-//! `/status`, watched by tests through a [`StatusHandle`]), Prometheus
-//! [`Metrics`] (`netpol_` prefix) and the `tracing` subscriber of the
-//! binary.
+//! Prometheus metrics (`netpol_` prefix): the agent's own counters and
+//! histograms, the liveness of its tasks, and the kernel's counters read
+//! at scrape time.
 use std::{
     collections::BTreeMap,
-    net::IpAddr,
     sync::{Arc, Mutex, atomic::AtomicU64},
-    time::{Duration, Instant},
+    time::Instant,
 };
 
 use netpol_common::{direction, family, reason};
@@ -22,139 +20,12 @@ use prometheus_client::{
     },
     registry::Registry,
 };
-use serde::Serialize;
-use tokio::sync::watch;
 
 use crate::{
-    datapath::{self, events::KernelCounters, writer::MapCounts},
+    datapath::{self, events::KernelCounters},
     model::ObjectRef,
-    sources::{ObjectCounts, SourceHealth},
+    status::Status,
 };
-
-/// One pod interface.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
-pub struct InterfaceStatus {
-    /// Host-side name.
-    pub name: String,
-    /// Host-side index.
-    pub ifindex: u32,
-    /// The pod it is bound to (`namespace/name`), if any.
-    pub pod: Option<String>,
-    /// The addresses found for it (the peer's, or routed to it).
-    pub addresses: Vec<IpAddr>,
-    /// Its endpoint entry holds the pod's compiled state (otherwise the
-    /// new-pods mode applies to it).
-    pub programmed: bool,
-}
-
-/// Entries per policy map.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
-pub struct MapEntries {
-    /// `NETPOL_ENDPOINTS`.
-    pub endpoints: usize,
-    /// `NETPOL_POLICY_V4`.
-    pub policy_v4: usize,
-    /// `NETPOL_POLICY_V6`.
-    pub policy_v6: usize,
-    /// `NETPOL_PORTS`.
-    pub ports: usize,
-    /// `NETPOL_FRONTENDS_V4`.
-    pub frontends_v4: usize,
-    /// `NETPOL_FRONTENDS_V6`.
-    pub frontends_v6: usize,
-    /// `NETPOL_MARK_SOURCES`: mark slots in use.
-    pub mark_sources: usize,
-}
-
-impl From<MapCounts> for MapEntries {
-    fn from(c: MapCounts) -> Self {
-        Self {
-            endpoints: c.endpoints,
-            policy_v4: c.policy_v4,
-            policy_v6: c.policy_v6,
-            ports: c.ports,
-            frontends_v4: c.frontends_v4,
-            frontends_v6: c.frontends_v6,
-            mark_sources: c.mark_sources,
-        }
-    }
-}
-
-/// Families the node's own stack has.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
-pub struct Families {
-    /// IPv4.
-    pub ipv4: bool,
-    /// IPv6.
-    pub ipv6: bool,
-}
-
-/// What the agent has enforced, as `/status` shows it.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
-pub struct Status {
-    /// The first apply succeeded.
-    pub ready: bool,
-    /// Bumped by every change written to the kernel (a compiled state, or
-    /// interfaces bound, added or gone); 0 before the first.
-    pub generation: u64,
-    /// [`crate::sources::fingerprint`] of the input of the compiled state
-    /// in force.
-    pub fingerprint: Option<String>,
-    /// The node whose pods are local.
-    pub node: Option<String>,
-    /// The HTTP address, once bound.
-    pub listen: Option<std::net::SocketAddr>,
-    /// The node's families; the agent runs for those it has.
-    pub families: Families,
-    /// `fail-closed` or `fail-open`.
-    pub new_pods: String,
-    /// Objects of the input in force.
-    pub objects: ObjectCounts,
-    /// Entries per map.
-    pub maps: MapEntries,
-    /// Pod interfaces, by index.
-    pub interfaces: Vec<InterfaceStatus>,
-    /// Uplinks (the node's other devices) with `leave_node` on their TC
-    /// egress, by index, with their state.
-    pub uplinks: Vec<crate::uplinks::UplinkStatus>,
-    /// The cgroup v2 root `to_host` is attached to, or why it is not.
-    pub to_host: Option<String>,
-    /// Skipped files and documents, rejected objects.
-    pub problems: Vec<String>,
-    /// The last failed sync, if the one after it has not succeeded yet.
-    pub last_error: Option<String>,
-    /// The source's stores and whether it reaches what it watches (the
-    /// `kube` source; the files source leaves it at its default).
-    pub source: SourceHealth,
-}
-
-/// Read side of the agent's status.
-#[derive(Clone, Debug)]
-pub struct StatusHandle(pub(crate) watch::Receiver<Status>);
-
-impl StatusHandle {
-    /// The status now.
-    #[must_use]
-    pub fn get(&self) -> Status {
-        self.0.borrow().clone()
-    }
-
-    /// Waits until `pred` holds, at most `timeout`.
-    ///
-    /// # Errors
-    /// The last status seen, when the deadline passed or the agent stopped.
-    pub async fn wait_for(
-        &mut self,
-        timeout: Duration,
-        pred: impl FnMut(&Status) -> bool,
-    ) -> Result<Status, Box<Status>> {
-        let found = match tokio::time::timeout(timeout, self.0.wait_for(pred)).await {
-            Ok(Ok(s)) => Some(s.clone()),
-            _ => None,
-        };
-        found.ok_or_else(|| Box::new(self.get()))
-    }
-}
 
 /// The agent's Prometheus metrics.
 #[derive(Debug)]
@@ -533,32 +404,6 @@ impl Metrics {
             })
         })
     }
-}
-
-/// Log output of the binary.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum LogFormat {
-    /// Human-readable lines.
-    #[default]
-    Text,
-    /// One JSON object per event.
-    Json,
-}
-
-/// Installs the global `tracing` subscriber (stderr, `RUST_LOG` or
-/// `info`). Does nothing when one is installed already.
-pub fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        // netlink-packet-route warns about every kernel attribute newer
-        // than itself, on every link message.
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,netlink_packet_route=error"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
-    };
 }
 
 /// Deny counts by (namespace, pod, direction); `("", "")`: pods that are

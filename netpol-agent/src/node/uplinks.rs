@@ -4,7 +4,7 @@
 //! packet whose backend kube-proxy put on another node leaves by one of
 //! them, and is judged there against its source pod's egress (issue 9).
 //!
-//! Which links are uplinks is [`crate::interfaces::classify`]; this module keeps
+//! Which links are uplinks is [`crate::node::links::classify`]; this module keeps
 //! the set attached in step with the link events the sync loop receives:
 //! attached when one appears (or at start, from the initial dump), detached
 //! when it goes, renamed or is no longer an uplink. A failed attach is
@@ -15,7 +15,7 @@ use serde::Serialize;
 
 use crate::{
     datapath::{Datapath, DatapathError},
-    interfaces::{LinkClass, LinkEvent},
+    node::links::{LinkClass, LinkEvent},
 };
 
 /// One uplink, as `/status` shows it.
@@ -178,7 +178,7 @@ impl Uplinks {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::interfaces::Link;
+    use crate::node::links::Link;
 
     /// Records attachments like the datapath does: by name.
     #[derive(Default)]

@@ -1,0 +1,733 @@
+//! Through the agent, with the Kubernetes source (`cargo xtask bench agent`,
+//! as root). The `netpol-agent run` binary runs in a node namespace and
+//! watches a fake API server over TCP; the fake runs in this bench's
+//! process, not the agent's.
+//!
+//! **Change latency**, on a cluster of 10,000 pods (110 on this node), 1,000
+//! policies and 100 namespaces: from the API write (the fake bumps its
+//! resource version and wakes its watches) to the first packet judged under
+//! the new verdict, seen on the wire. A sender pod sends a UDP datagram to a
+//! receiver pod every ~100 µs on one flow (so after a grant the flow is
+//! established in conntrack, and a revocation must cut it); the receiver
+//! timestamps each one. A grant is timed to the first datagram received,
+//! a revocation to the last one received (the next one was dropped); each
+//! change comes 15 ms or more after the last (a change within the 10 ms
+//! debounce of the previous compile waits out the rest of it). Three
+//! changes, each granted then revoked, 100 times:
+//! - one pod's labels (the sender moves in and out of the peer selector of
+//!   the receiver's policy),
+//! - one policy edit (the receiver's policy names the sender's label, then
+//!   another),
+//! - a new pod (its veth exists, unbound and so fail-closed; the Pod object
+//!   with its addresses is created, then deleted).
+//!
+//! **Cold start**, at 10,000 pods / 1,000 policies / 100 namespaces and at
+//! 100,000 / 10,000 / 1,000, 110 local pods each time, every one a real
+//! veth: from the agent's first Pod list (and from its start, program
+//! load included) until `/status` reports every local pod's interface
+//! bound and programmed; the agent's resident memory then, and its CPU
+//! over 10 idle seconds, 5 s after. The growth per
+//! remote pod is the difference of the two resident sizes over the
+//! difference in remote pods (policies and namespaces grow too, and are
+//! charged to the pods).
+//!
+//! Writes `target/netpol-bench/agent_api.json`.
+#[path = "../tests/support/fake_apiserver.rs"]
+mod fake_apiserver;
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{IpAddr, SocketAddr, TcpStream, UdpSocket},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use fake_apiserver::FakeApiServer;
+use serde_json::{Value, json};
+use support::{
+    Netns, TempBpffs,
+    services::{Pod, node, pod},
+    unique,
+};
+
+const AGENT: &str = env!("CARGO_BIN_EXE_netpol-agent");
+const LISTEN: &str = "127.0.0.1:9101";
+const LOCAL: &str = "node-0";
+/// Receiver port.
+const PORT: u16 = 9000;
+/// Grants and revocations per change.
+const ROUNDS: usize = 100;
+
+/// A generated cluster: `pods` spread over `nodes` nodes (node-0 is this
+/// one), `policies` and `namespaces`.
+struct Size {
+    pods: usize,
+    policies: usize,
+    namespaces: usize,
+    nodes: usize,
+}
+
+impl Size {
+    /// Pods of node-0 among the generated ones.
+    fn local(&self) -> usize {
+        self.pods.div_ceil(self.nodes)
+    }
+}
+
+const SMALL: Size = Size {
+    pods: 10_000,
+    policies: 1_000,
+    namespaces: 100,
+    nodes: 91,
+};
+const LARGE: Size = Size {
+    pods: 100_000,
+    policies: 10_000,
+    namespaces: 1_000,
+    nodes: 910,
+};
+
+/// A pod as the API server returns it (managed fields and the like, which
+/// the source trims away). Pods of node-0 get the addresses of `real` pods
+/// when given, in order.
+fn api_pod(size: &Size, i: usize, real: Option<&Pod>) -> Value {
+    let ns = format!("ns-{}", i % size.namespaces);
+    let app = format!("app-{}", i % 500);
+    let ips: Vec<Value> = match real {
+        Some(p) => vec![
+            json!({"ip": p.v4.to_string()}),
+            json!({"ip": p.v6.to_string()}),
+        ],
+        None => {
+            vec![json!({"ip": format!("10.{}.{}.{}", i / 65_536 + 1, (i / 256) % 256, i % 256)})]
+        }
+    };
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {
+            "name": format!("{app}-{i:06}"), "namespace": ns, "uid": format!("uid-{i}"),
+            "labels": {"app": app, "pod-template-hash": "5d8f7c9b4"},
+            "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet",
+                                 "name": format!("{app}-5d8f7c9b4"), "uid": "rs-uid",
+                                 "controller": true}],
+            "managedFields": [{"manager": "kube-controller-manager", "operation": "Update",
+                               "apiVersion": "v1", "time": "2025-01-01T00:00:00Z",
+                               "fieldsType": "FieldsV1",
+                               "fieldsV1": {"f:metadata": {"f:labels": {".": {}, "f:app": {}}}}}]
+        },
+        "spec": {
+            "nodeName": format!("node-{}", i % size.nodes),
+            "containers": [{"name": "main", "image": "registry.example.com/app:1.2.3",
+                            "ports": [{"name": "http", "containerPort": 8080}]}]
+        },
+        "status": {"phase": "Running", "podIP": ips[0]["ip"], "podIPs": ips}
+    })
+}
+
+/// A policy of the shapes the compiler bench uses: peers in the same
+/// namespace by app, monitoring from one team's namespaces, DNS to one
+/// namespace, the outside minus the cluster range.
+fn api_policy(size: &Size, i: usize) -> Value {
+    json!({
+        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": {"name": format!("policy-{i}"), "namespace": format!("ns-{}", i % size.namespaces)},
+        "spec": {
+            "podSelector": {"matchLabels": {"app": format!("app-{}", i % 500)}},
+            "policyTypes": ["Ingress", "Egress"],
+            "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": format!("app-{}", (i + 1) % 500)}}},
+                                  {"namespaceSelector": {"matchLabels": {"team": format!("team-{}", i % 20)}},
+                                   "podSelector": {"matchLabels": {"app": "app-0"}}}],
+                         "ports": [{"port": 8080}, {"port": "http"}]}],
+            "egress": [{"to": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ns-0"}},
+                                "podSelector": {"matchLabels": {"app": "app-1"}}}],
+                        "ports": [{"port": 53, "protocol": "UDP"}, {"port": 53, "protocol": "TCP"}]},
+                       {"to": [{"ipBlock": {"cidr": "0.0.0.0/0", "except": ["10.0.0.0/8"]}}],
+                        "ports": [{"port": 443}]}]
+        }
+    })
+}
+
+/// Every generated object; node-0's pods take the addresses of `real`.
+fn cluster(size: &Size, real: &[Pod]) -> Vec<Value> {
+    let mut out = Vec::new();
+    for n in 0..size.namespaces {
+        out.push(json!({"apiVersion": "v1", "kind": "Namespace",
+                        "metadata": {"name": format!("ns-{n}"),
+                                     "labels": {"team": format!("team-{}", n % 20)}}}));
+    }
+    for n in 0..size.nodes {
+        out.push(json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": format!("node-{n}")},
+                        "status": {"addresses": [{"type": "InternalIP",
+                                                  "address": format!("192.168.{}.{}", n / 250, n % 250 + 1)}]}}));
+    }
+    let mut local = real.iter();
+    for i in 0..size.pods {
+        let real = if i % size.nodes == 0 {
+            local.next()
+        } else {
+            None
+        };
+        out.push(api_pod(size, i, real));
+    }
+    out.extend((0..size.policies).map(|i| api_policy(size, i)));
+    out
+}
+
+/// The bench's own pods, in namespace `bench`.
+fn bench_pod(name: &str, app: &str, p: &Pod) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": "bench", "uid": format!("uid-{name}"),
+                     "labels": {"app": app}},
+        "spec": {"nodeName": LOCAL, "containers": [{"name": "c"}]},
+        "status": {"phase": "Running", "podIP": p.v4.to_string(),
+                   "podIPs": [{"ip": p.v4.to_string()}, {"ip": p.v6.to_string()}]}
+    })
+}
+
+/// The receiver's policy: UDP `PORT` from pods labelled `from`.
+fn receiver_policy(from: &str) -> Value {
+    json!({
+        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": {"name": "r-ingress", "namespace": "bench"},
+        "spec": {"podSelector": {"matchLabels": {"app": "r"}}, "policyTypes": ["Ingress"],
+                 "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": from}}}],
+                              "ports": [{"port": PORT, "protocol": "UDP"}]}]}
+    })
+}
+
+/// The fake API server on a runtime of its own, in the node's namespace.
+struct Api {
+    fake: FakeApiServer,
+    kubeconfig: PathBuf,
+    _rt: tokio::runtime::Runtime,
+}
+
+impl Api {
+    fn start(node: &Netns) -> Self {
+        let (rt, fake) = inside(node, || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .expect("runtime");
+            let fake = rt.block_on(FakeApiServer::start());
+            (rt, fake)
+        });
+        let kubeconfig = std::env::temp_dir().join(unique("netpol-bench-kubeconfig-"));
+        std::fs::write(
+            &kubeconfig,
+            format!(
+                "apiVersion: v1\nkind: Config\n\
+                 clusters: [{{name: fake, cluster: {{server: \"{}\"}}}}]\n\
+                 users: [{{name: u, user: {{}}}}]\n\
+                 contexts: [{{name: c, context: {{cluster: fake, user: u}}}}]\n\
+                 current-context: c\n",
+                fake.url()
+            ),
+        )
+        .expect("kubeconfig");
+        Self {
+            fake,
+            kubeconfig,
+            _rt: rt,
+        }
+    }
+}
+
+impl Drop for Api {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.kubeconfig);
+    }
+}
+
+/// Runs `f` on a thread inside `ns` and waits for it.
+fn inside<T: Send + 'static>(ns: &Netns, f: impl FnOnce() -> T + Send + 'static) -> T {
+    spawn_in(ns, f).join().expect("thread in a namespace")
+}
+
+fn spawn_in<T: Send + 'static>(
+    ns: &Netns,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::thread::JoinHandle<T> {
+    let path = PathBuf::from("/var/run/netns").join(&ns.name);
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&path).expect("namespace file");
+        nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).expect("entering namespace");
+        f()
+    })
+}
+
+/// `netpol-agent run` on the Kubernetes source, in the node's namespace.
+struct Agent {
+    child: Child,
+    node: String,
+    log: PathBuf,
+    state: PathBuf,
+}
+
+impl Agent {
+    fn start(node: &Netns, bpffs: &Path, api: &Api) -> Self {
+        let log = std::env::temp_dir().join(unique("netpol-bench-agent-"));
+        let state = std::env::temp_dir().join(unique("netpol-bench-state-"));
+        let file = std::fs::File::create(&log).expect("agent log");
+        let child = Command::new("ip")
+            .args(["netns", "exec", &node.name, AGENT, "--bpffs"])
+            .arg(bpffs)
+            .args([
+                "run",
+                "--node",
+                LOCAL,
+                "--interfaces",
+                "nph*",
+                "--listen",
+                LISTEN,
+            ])
+            .arg("--state-dir")
+            .arg(&state)
+            .env("KUBECONFIG", &api.kubeconfig)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::from(file.try_clone().expect("log")))
+            .stderr(Stdio::from(file))
+            .spawn()
+            .expect("starting netpol-agent run");
+        Self {
+            child,
+            node: node.name.clone(),
+            log,
+            state,
+        }
+    }
+
+    fn status(&self) -> Option<Value> {
+        let ns = PathBuf::from("/var/run/netns").join(&self.node);
+        std::thread::spawn(move || {
+            let f = std::fs::File::open(&ns).ok()?;
+            nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).ok()?;
+            let addr: SocketAddr = LISTEN.parse().ok()?;
+            let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
+            s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+            write!(
+                s,
+                "GET /status HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n"
+            )
+            .ok()?;
+            let mut out = String::new();
+            s.read_to_string(&mut out).ok()?;
+            serde_json::from_str(out.split_once("\r\n\r\n")?.1).ok()
+        })
+        .join()
+        .ok()
+        .flatten()
+    }
+
+    /// Waits until every interface in `names` is programmed; returns when.
+    fn wait_programmed(&mut self, names: &[&str], within: Duration) -> Instant {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                panic!("netpol-agent exited ({st}); log:\n{}", self.log());
+            }
+            if let Some(s) = self.status() {
+                let programmed = |name: &str| {
+                    s["interfaces"].as_array().is_some_and(|l| {
+                        l.iter()
+                            .any(|i| i["name"] == name && i["programmed"] == true)
+                    })
+                };
+                if s["ready"] == true && names.iter().all(|n| programmed(n)) {
+                    return Instant::now();
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "interfaces not programmed within {within:?}; log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// `(resident bytes, CPU seconds)` of the agent.
+    fn usage(&self) -> (u64, f64) {
+        // `ip netns exec` execs the agent: the child's pid is the agent's.
+        let pid = self.child.id();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let rss_kib: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let after = stat.rsplit_once(") ").map(|(_, s)| s).unwrap_or_default();
+        let fields: Vec<&str> = after.split_whitespace().collect();
+        let ticks = |i: usize| {
+            fields
+                .get(i)
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        // SAFETY: sysconf has no memory effects.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1);
+        #[expect(clippy::cast_precision_loss, reason = "tick counts are small")]
+        let cpu = (ticks(11) + ticks(12)) as f64 / hz as f64;
+        (rss_kib * 1024, cpu)
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        // SAFETY: kill has no memory effects.
+        #[expect(clippy::cast_possible_wrap, reason = "pids fit i32")]
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.log);
+        let _ = std::fs::remove_dir_all(&self.state);
+    }
+}
+
+/// Arrival times of datagrams at the receiver, by sender address.
+#[derive(Default)]
+struct Arrivals {
+    last: Mutex<Vec<(IpAddr, Instant)>>,
+}
+
+impl Arrivals {
+    /// The first arrival from `from` after `t`.
+    fn first_after(&self, from: IpAddr, t: Instant) -> Option<Instant> {
+        let l = self.last.lock().expect("arrivals");
+        l.iter()
+            .filter(|(a, at)| *a == from && *at >= t)
+            .map(|(_, at)| *at)
+            .min()
+    }
+
+    /// The last arrival from `from`.
+    fn last_from(&self, from: IpAddr) -> Option<Instant> {
+        let l = self.last.lock().expect("arrivals");
+        l.iter()
+            .filter(|(a, _)| *a == from)
+            .map(|(_, at)| *at)
+            .max()
+    }
+
+    fn clear(&self) {
+        self.last.lock().expect("arrivals").clear();
+    }
+}
+
+/// A receiver on `PORT` of the pod's IPv4 address, recording arrivals.
+fn receive(p: &Pod, arrivals: Arc<Arrivals>, stop: Arc<AtomicBool>) {
+    let addr = SocketAddr::new(p.v4, PORT);
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    spawn_in(&p.ns, move || {
+        let s = UdpSocket::bind(addr).expect("binding the receiver");
+        s.set_read_timeout(Some(Duration::from_millis(50)))
+            .expect("timeout");
+        let _ = ready_tx.send(());
+        let mut buf = [0u8; 64];
+        while !stop.load(Ordering::Relaxed) {
+            if let Ok((_, from)) = s.recv_from(&mut buf) {
+                let now = Instant::now();
+                arrivals
+                    .last
+                    .lock()
+                    .expect("arrivals")
+                    .push((from.ip(), now));
+            }
+        }
+    });
+    ready_rx.recv().expect("receiver ready");
+}
+
+/// A sender of one datagram every ~100 µs to `to`, from one source port
+/// (one flow).
+fn send(p: &Pod, to: IpAddr, stop: Arc<AtomicBool>) {
+    let dst = SocketAddr::new(to, PORT);
+    spawn_in(&p.ns, move || {
+        let s = UdpSocket::bind("0.0.0.0:0").expect("binding the sender");
+        while !stop.load(Ordering::Relaxed) {
+            // Dropped datagrams come back as errors on a connected
+            // socket; an unconnected one just sends.
+            let _ = s.send_to(b"x", dst);
+            std::thread::sleep(Duration::from_micros(100));
+        }
+    });
+}
+
+/// p50 and p99 in milliseconds.
+fn percentiles(mut v: Vec<Duration>) -> (f64, f64) {
+    v.sort();
+    let at = |q: f64| {
+        #[expect(
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss,
+            clippy::cast_precision_loss,
+            reason = "small sample counts"
+        )]
+        let i = ((v.len() as f64 - 1.0) * q).round() as usize;
+        v[i].as_secs_f64() * 1e3
+    };
+    (at(0.5), at(0.99))
+}
+
+/// Waits up to 2 s for a datagram from `from` after `t`.
+fn granted(arrivals: &Arrivals, from: IpAddr, t: Instant) -> Duration {
+    let deadline = t + Duration::from_secs(2);
+    loop {
+        if let Some(at) = arrivals.first_after(from, t) {
+            return at - t;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no datagram from {from} 2 s after a grant"
+        );
+        std::thread::sleep(Duration::from_micros(200));
+    }
+}
+
+/// Waits until no datagram from `from` came for 100 ms; the last one
+/// before the gap marks the revocation.
+fn revoked(arrivals: &Arrivals, from: IpAddr, t: Instant) -> Duration {
+    let deadline = t + Duration::from_secs(2);
+    loop {
+        std::thread::sleep(Duration::from_millis(20));
+        let last = arrivals.last_from(from).unwrap_or(t);
+        if last.elapsed() >= Duration::from_millis(100) {
+            arrivals.clear();
+            return last.saturating_duration_since(t);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "datagrams from {from} 2 s after a revocation"
+        );
+    }
+}
+
+struct Change {
+    name: &'static str,
+    grant: Vec<Duration>,
+    revoke: Vec<Duration>,
+}
+
+fn changes() -> (Vec<Change>, Value) {
+    let size = &SMALL;
+    let node = node();
+    let bpffs = TempBpffs::new();
+    let r = pod(&node, "10.200.0.2", "fd00:200::2");
+    let s = pod(&node, "10.200.0.3", "fd00:200::3");
+    let n = pod(&node, "10.200.0.4", "fd00:200::4");
+    let api = Api::start(&node);
+    let mut objects = cluster(size, &[]);
+    objects.push(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "bench"}}));
+    objects.push(bench_pod("r", "r", &r));
+    objects.push(bench_pod("s", "s-denied", &s));
+    objects.push(receiver_policy("s-allowed"));
+    api.fake.apply_all(objects);
+    let mut agent = Agent::start(&node, bpffs.path(), &api);
+    agent.wait_programmed(&[&r.host_if, &s.host_if], Duration::from_secs(60));
+    let (rss, _) = agent.usage();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let arrivals = Arc::new(Arrivals::default());
+    receive(&r, arrivals.clone(), stop.clone());
+    send(&s, r.v4, stop.clone());
+    send(&n, r.v4, stop.clone());
+    // Nothing allowed yet.
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        arrivals.last_from(s.v4).is_none() && arrivals.last_from(n.v4).is_none(),
+        "datagrams got through before any grant"
+    );
+
+    let mut out = Vec::new();
+    let mut run = |name: &'static str, from: IpAddr, grant: &dyn Fn(), revoke: &dyn Fn()| {
+        let mut c = Change {
+            name,
+            grant: Vec::new(),
+            revoke: Vec::new(),
+        };
+        for _ in 0..ROUNDS {
+            arrivals.clear();
+            let t = Instant::now();
+            grant();
+            c.grant.push(granted(&arrivals, from, t));
+            // Established: more datagrams on the flow. Past the debounce
+            // too: a change within 10 ms of the last compile waits for
+            // the rest of its burst, which this does not measure.
+            std::thread::sleep(Duration::from_millis(15));
+            let t = Instant::now();
+            revoke();
+            c.revoke.push(revoked(&arrivals, from, t));
+        }
+        out.push(c);
+    };
+    run(
+        "one pod's labels",
+        s.v4,
+        &|| api.fake.apply(bench_pod("s", "s-allowed", &s)),
+        &|| api.fake.apply(bench_pod("s", "s-denied", &s)),
+    );
+    run(
+        "one policy edit",
+        s.v4,
+        &|| api.fake.apply(receiver_policy("s-denied")),
+        &|| api.fake.apply(receiver_policy("s-allowed")),
+    );
+    run(
+        "a new pod",
+        n.v4,
+        &|| api.fake.apply(bench_pod("n", "s-allowed", &n)),
+        &|| {
+            api.fake.delete("Pod", "bench", "n");
+        },
+    );
+    stop.store(true, Ordering::Relaxed);
+    let summary = json!({"pods": size.pods, "policies": size.policies,
+                         "namespaces": size.namespaces, "local_pods": size.local(),
+                         "resident_bytes": rss});
+    (out, summary)
+}
+
+/// A cold start at `size`: seconds to every local pod enforced, resident
+/// bytes, CPU share over 5 idle seconds.
+fn cold_start(size: &Size) -> Value {
+    let node = node();
+    let bpffs = TempBpffs::new();
+    let local = size.local();
+    eprintln!("cold start: {local} local pods…");
+    let pods: Vec<Pod> = (0..local)
+        .map(|i| {
+            pod(
+                &node,
+                &format!("10.210.{}.{}", i / 250, i % 250 + 1),
+                &format!("fd00:210::{:x}", i + 1),
+            )
+        })
+        .collect();
+    let api = Api::start(&node);
+    eprintln!("cold start: serving {} pods…", size.pods);
+    api.fake.apply_all(cluster(size, &pods));
+    let names: Vec<&str> = pods.iter().map(|p| p.host_if.as_str()).collect();
+    let started = Instant::now();
+    let mut agent = Agent::start(&node, bpffs.path(), &api);
+    // When the agent first asks for the Pods: the list starts.
+    let listed = Mutex::new(None);
+    let done = AtomicBool::new(false);
+    let enforced = std::thread::scope(|scope| {
+        scope.spawn(|| {
+            while !done.load(Ordering::Relaxed) {
+                if api.fake.lists("Pod") > 0 {
+                    *listed.lock().expect("list time") = Some(Instant::now());
+                    return;
+                }
+                std::thread::sleep(Duration::from_micros(500));
+            }
+        });
+        let at = agent.wait_programmed(&names, Duration::from_secs(300));
+        done.store(true, Ordering::Relaxed);
+        at
+    });
+    let listed = listed.into_inner().expect("list time").unwrap_or(started);
+    let from_start = enforced - started;
+    let from_list = enforced - listed;
+    let (rss, _) = agent.usage();
+    // Idle: after the trailing work of the start (the state file) is done.
+    std::thread::sleep(Duration::from_secs(5));
+    let (_, cpu0) = agent.usage();
+    std::thread::sleep(Duration::from_secs(10));
+    let (_, cpu1) = agent.usage();
+    let idle = (cpu1 - cpu0) / 10.0;
+    #[expect(clippy::cast_precision_loss, reason = "byte counts")]
+    let mib = rss as f64 / 1_048_576.0;
+    eprintln!(
+        "cold start at {} pods: enforced {:.2} s after the start, {:.2} s after the first \
+         Pod list; resident {mib:.1} MiB, idle CPU {idle:.4}",
+        size.pods,
+        from_start.as_secs_f64(),
+        from_list.as_secs_f64(),
+    );
+    json!({"pods": size.pods, "policies": size.policies, "namespaces": size.namespaces,
+           "local_pods": local, "enforced_after_start_s": from_start.as_secs_f64(),
+           "enforced_after_list_s": from_list.as_secs_f64(),
+           "resident_bytes": rss, "idle_cpu": idle})
+}
+
+fn main() {
+    if !netpol_agent::privileges::is_root() {
+        eprintln!(
+            "the agent API bench runs the agent on veths in network namespaces: run it as root"
+        );
+        return;
+    }
+    // `cargo bench` passes `--bench`; a filter picks the parts.
+    let filter: Option<String> = std::env::args().skip(1).find(|a| !a.starts_with('-'));
+    let wants = |part: &str| filter.as_deref().is_none_or(|f| part.contains(f));
+    let mut report = serde_json::Map::new();
+    if wants("changes") {
+        let (changes, cluster) = changes();
+        let mut rows = Vec::new();
+        for c in changes {
+            let (g50, g99) = percentiles(c.grant);
+            let (r50, r99) = percentiles(c.revoke);
+            println!(
+                "{}: grant p50 {g50:.2} ms, p99 {g99:.2} ms; revoke p50 {r50:.2} ms, p99 {r99:.2} ms",
+                c.name
+            );
+            rows.push(
+                json!({"change": c.name, "grant_p50_ms": g50, "grant_p99_ms": g99,
+                             "revoke_p50_ms": r50, "revoke_p99_ms": r99}),
+            );
+        }
+        report.insert("cluster".into(), cluster);
+        report.insert("changes".into(), Value::Array(rows));
+    }
+    if wants("cold") {
+        let small = cold_start(&SMALL);
+        let large = cold_start(&LARGE);
+        let remote =
+            |v: &Value| v["pods"].as_f64().unwrap_or(0.0) - v["local_pods"].as_f64().unwrap_or(0.0);
+        let per_pod = (large["resident_bytes"].as_f64().unwrap_or(0.0)
+            - small["resident_bytes"].as_f64().unwrap_or(0.0))
+            / (remote(&large) - remote(&small));
+        println!(
+            "resident growth per remote pod: {:.2} KiB",
+            per_pod / 1024.0
+        );
+        report.insert(
+            "cold_start".into(),
+            json!({"small": small, "large": large, "per_remote_pod_bytes": per_pod}),
+        );
+    }
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/netpol-bench");
+    std::fs::create_dir_all(&dir).expect("bench output folder");
+    let path = dir.join("agent_api.json");
+    std::fs::write(
+        &path,
+        serde_json::to_string_pretty(&Value::Object(report)).expect("json"),
+    )
+    .expect("writing the bench result");
+    println!("written {}", path.display());
+}
