@@ -1,0 +1,345 @@
+//! The loop against the fake map writer: the order of its writes, the
+//! rollback of a failed one, adoption of a previous agent's entries,
+//! and a pod whose interface shows up after its compile.
+use netpol_common::{PolicyKeyV4, maps, programs};
+use serde_json::json;
+
+use super::*;
+use crate::datapath::writer::{FakeBackend, Mirror};
+use crate::model::manifests::{LoadReport, apply_value};
+
+struct Fake {
+    writer: MapWriter<FakeBackend>,
+    attached: BTreeSet<String>,
+}
+
+impl crate::node::uplinks::UplinkHooks for Fake {
+    fn attach_uplink(&mut self, _: &str) -> Result<&'static str, DatapathError> {
+        Ok(programs::LEAVE_NODE)
+    }
+    fn detach_uplink(&mut self, _: &str) -> Result<(), DatapathError> {
+        Ok(())
+    }
+}
+
+impl Dataplane for Fake {
+    type Backend = FakeBackend;
+    fn writer(&mut self) -> &mut MapWriter<FakeBackend> {
+        &mut self.writer
+    }
+    fn attach(&mut self, interface: &str) -> Result<(), DatapathError> {
+        self.attached.insert(interface.to_owned());
+        Ok(())
+    }
+    fn detach(&mut self, interface: &str) -> Result<(), DatapathError> {
+        self.attached.remove(interface);
+        Ok(())
+    }
+    fn clock(&self) -> JiffyClock {
+        JiffyClock::NONE
+    }
+    fn set_clock(&mut self, _: JiffyClock) -> Result<(), DatapathError> {
+        Ok(())
+    }
+    fn restore_pins(&mut self) -> Result<Vec<PathBuf>, RestoreError> {
+        Ok(Vec::new())
+    }
+    fn pin_dir(&self) -> &std::path::Path {
+        std::path::Path::new("/nonexistent/netpol")
+    }
+    fn replacing_layout(&self) -> Option<u32> {
+        None
+    }
+    fn awaiting_interfaces(&self) -> bool {
+        false
+    }
+    fn commit_layout(&mut self) -> Result<Option<u32>, DatapathError> {
+        Ok(None)
+    }
+}
+
+fn sync_loop(maps: Mirror) -> SyncLoop<Fake> {
+    let fake = Fake {
+        writer: MapWriter::new(
+            FakeBackend {
+                state: maps.clone(),
+                ..FakeBackend::default()
+            },
+            maps,
+        ),
+        attached: BTreeSet::new(),
+    };
+    let cfg = SyncConfig {
+        node: Some("n1".into()),
+        debounce: Duration::from_millis(10),
+        interfaces: None,
+        uplinks: None,
+        new_pods: "fail-closed",
+        source_health: None,
+        state_dir: None,
+    };
+    let (status, _) = watch::channel(Status::default());
+    SyncLoop::new(
+        fake,
+        cfg,
+        Families {
+            ipv4: true,
+            ipv6: false,
+        },
+        status,
+        Arc::new(Metrics::new()),
+    )
+}
+
+/// Pods `a` (10.0.0.2) and `b` (10.0.0.3) on n1; `a` admits `from`.
+fn cluster(from: &str) -> Arc<Input> {
+    let mut snap = Snapshot::default();
+    let mut report = LoadReport::default();
+    let mut objs = vec![
+        json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "n1"}}),
+        json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "x"}}),
+        json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+               "metadata": {"name": "a", "namespace": "x"},
+               "spec": {"podSelector": {"matchLabels": {"app": "a"}},
+                        "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": from}}}]}]}}),
+    ];
+    for (name, ip) in [("a", "10.0.0.2"), ("b", "10.0.0.3")] {
+        objs.push(json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": "x", "uid": format!("uid-{name}"),
+                         "labels": {"app": name}},
+            "spec": {"nodeName": "n1", "containers": [{"name": "c"}]},
+            "status": {"phase": "Running", "podIPs": [{"ip": ip}]}}));
+    }
+    for o in objs {
+        apply_value(&mut snap, o, "test", &mut report);
+    }
+    Arc::new(Input {
+        snapshot: snap,
+        problems: Vec::new(),
+    })
+}
+
+fn veth(l: &mut SyncLoop<Fake>, ifindex: u32, ip: &str) {
+    l.on_link(LinkEvent::Present(Link {
+        ifindex,
+        name: format!("veth{ifindex}"),
+        veth: true,
+        kind: Some("veth".into()),
+        peer_netnsid: None,
+        peer_ifindex: None,
+    }));
+    let result = Ok(vec![ip.parse().expect("address")]);
+    if l.on_found(Found::Peer { ifindex, result }) {
+        l.sync_endpoints_and_publish();
+    }
+}
+
+fn apply(l: &mut SyncLoop<Fake>, input: Arc<Input>) {
+    l.input = Some(input);
+    l.sync();
+}
+
+fn log(l: &mut SyncLoop<Fake>) -> Vec<KernelOp> {
+    l.dp.writer().backend().log.clone()
+}
+
+fn endpoint(l: &mut SyncLoop<Fake>, ifindex: u32) -> EndpointInfo {
+    l.dp.writer().mirror().endpoints[&ifindex]
+}
+
+/// No endpoint entry names an id, isolated, before the policy entries
+/// of that id written in the same batch: isolation turns on only once
+/// its entries are there.
+fn isolation_after_entries(ops: &[KernelOp]) {
+    for (k, op) in ops.iter().enumerate() {
+        let KernelOp::EndpointUpsert(i, e) = op else {
+            continue;
+        };
+        if e.flags & endpoint_flags::INGRESS_ISOLATED == 0 {
+            continue;
+        }
+        let selector = netpol_common::policy_selector(e.id, netpol_common::direction::INGRESS);
+        let late = ops[k..].iter().any(|o| {
+            matches!(o, KernelOp::PolicyV4Upsert(_, PolicyKeyV4 { selector: s, .. }, _) if *s == selector)
+        });
+        assert!(!late, "interface {i} isolated before its entries: {ops:#?}");
+    }
+}
+
+#[tokio::test]
+async fn entries_before_isolation_and_an_edit_ends_as_a_full_compile() {
+    let mut l = sync_loop(Mirror::default());
+    veth(&mut l, 10, "10.0.0.2");
+    veth(&mut l, 11, "10.0.0.3");
+    apply(&mut l, cluster("b"));
+    assert!(l.last_error.is_none(), "{:?}", l.last_error);
+    let first = log(&mut l);
+    isolation_after_entries(&first);
+    let a = endpoint(&mut l, 10);
+    assert_ne!(a.flags & endpoint_flags::INGRESS_ISOLATED, 0);
+    assert_eq!(a.flags & endpoint_flags::NOT_PROGRAMMED, 0);
+    // An edit: the maps equal a full compile's.
+    apply(&mut l, cluster("nobody"));
+    assert!(l.last_error.is_none(), "{:?}", l.last_error);
+    isolation_after_entries(&log(&mut l)[first.len()..]);
+    let want = compiler::compile(
+        &cluster("nobody").snapshot,
+        &l.compiled().expect("compiled").ids,
+    )
+    .map_state();
+    let have = l.dp.writer().mirror().clone();
+    assert_eq!(have.policy_v4, want.policy_v4);
+    assert_eq!(have.ports, want.ports);
+}
+
+#[tokio::test]
+async fn a_pod_edit_reaches_the_policies_that_name_it() {
+    let mut l = sync_loop(Mirror::default());
+    veth(&mut l, 10, "10.0.0.2");
+    veth(&mut l, 11, "10.0.0.3");
+    let first = cluster("b");
+    apply(&mut l, first.clone());
+    let before = l.dp.writer().mirror().policy_v4.clone();
+    // The next version, as a source makes it: b no longer matches a's
+    // peer selector, and only b changed.
+    let mut next = (*first).clone();
+    let b = ObjectRef::new("x", "b");
+    if let Some(pod) = next.snapshot.pods.get_mut(&b) {
+        pod.labels.insert("app".into(), "c".into());
+    }
+    assert_eq!(
+        Changes::between(&first.snapshot, &next.snapshot).pods,
+        BTreeSet::from([b])
+    );
+    let next = Arc::new(next);
+    apply(&mut l, next.clone());
+    assert!(l.last_error.is_none(), "{:?}", l.last_error);
+    let want = compiler::compile(&next.snapshot, &l.compiled().expect("compiled").ids).map_state();
+    let have = l.dp.writer().mirror().clone();
+    assert_ne!(have.policy_v4, before, "the edit changed a's entries");
+    assert_eq!(have.policy_v4, want.policy_v4);
+    assert_eq!(have.endpoints.len(), 2);
+}
+
+#[tokio::test]
+async fn a_failed_write_is_rolled_back_and_the_retry_applies_it() {
+    let mut l = sync_loop(Mirror::default());
+    veth(&mut l, 10, "10.0.0.2");
+    veth(&mut l, 11, "10.0.0.3");
+    apply(&mut l, cluster("b"));
+    let before = l.dp.writer().mirror().clone();
+    // No room for one more policy entry.
+    let full = before.policy_v4.len();
+    l.dp.writer()
+        .backend_mut()
+        .capacity
+        .insert(maps::POLICY_V4, full);
+    let mut wider = (*cluster("b")).clone();
+    let mut report = LoadReport::default();
+    apply_value(
+        &mut wider.snapshot,
+        json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+               "metadata": {"name": "a2", "namespace": "x"},
+               "spec": {"podSelector": {"matchLabels": {"app": "a"}},
+                        "ingress": [{"from": [{"ipBlock": {"cidr": "192.168.0.0/16"}}]}]}}),
+        "test",
+        &mut report,
+    );
+    let wider = Arc::new(wider);
+    apply(&mut l, wider.clone());
+    assert!(
+        l.last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("NETPOL_POLICY_V4")),
+        "{:?}",
+        l.last_error
+    );
+    assert_eq!(l.dp.writer().mirror(), &before, "rolled back");
+    assert_eq!(l.dp.writer().backend().state, before, "the kernel too");
+    // Room again: the retry applies what the maps lack.
+    l.dp.writer().backend_mut().capacity.clear();
+    apply(&mut l, wider.clone());
+    assert!(l.last_error.is_none(), "{:?}", l.last_error);
+    let ids = &l.compiled().expect("compiled").ids;
+    let want = compiler::compile(&wider.snapshot, ids).map_state();
+    assert_eq!(l.dp.writer().mirror().policy_v4, want.policy_v4);
+}
+
+#[tokio::test]
+async fn a_previous_agents_entries_are_kept_and_its_ids_too() {
+    // A previous agent's maps: a on interface 10, admitting b; ids 1..6
+    // went to pods that came and went.
+    let ids = IdAllocation {
+        next_endpoint: 7,
+        next_ruleset: 5,
+        ..IdAllocation::default()
+    };
+    let old = compiler::compile(&cluster("b").snapshot, &ids);
+    let a_id = old.endpoints[&ObjectRef::new("x", "a")].id;
+    assert!(a_id >= 7);
+    let mut maps = old.map_state();
+    let mut pinned = Mirror {
+        policy_v4: std::mem::take(&mut maps.policy_v4),
+        ports: std::mem::take(&mut maps.ports),
+        ..Mirror::default()
+    };
+    pinned
+        .endpoints
+        .insert(10, maps.endpoints[&ObjectRef::new("x", "a")]);
+    pinned
+        .endpoints
+        .insert(11, maps.endpoints[&ObjectRef::new("x", "b")]);
+
+    let mut l = sync_loop(pinned.clone());
+    veth(&mut l, 10, "10.0.0.2");
+    assert_eq!(
+        endpoint(&mut l, 10),
+        pinned.endpoints[&10],
+        "kept before the first compile"
+    );
+    veth(&mut l, 11, "10.0.0.3");
+    apply(&mut l, cluster("b"));
+    assert!(l.last_error.is_none(), "{:?}", l.last_error);
+    assert_eq!(endpoint(&mut l, 10).id, a_id, "a keeps its id");
+    let writes_to_a: Vec<KernelOp> = log(&mut l)
+        .into_iter()
+        .filter(|op| matches!(op, KernelOp::EndpointUpsert(10, e) if e.id != a_id))
+        .collect();
+    assert!(writes_to_a.is_empty(), "{writes_to_a:?}");
+    assert_eq!(l.dp.writer().mirror().policy_v4, pinned.policy_v4);
+}
+
+#[tokio::test]
+async fn a_pod_whose_interface_comes_after_its_compile_is_bound_then() {
+    let mut l = sync_loop(Mirror::default());
+    veth(&mut l, 11, "10.0.0.3");
+    apply(&mut l, cluster("b"));
+    assert!(l.last_error.is_none(), "{:?}", l.last_error);
+    l.on_link(LinkEvent::Present(Link {
+        ifindex: 10,
+        name: "veth10".into(),
+        veth: true,
+        kind: Some("veth".into()),
+        peer_netnsid: None,
+        peer_ifindex: None,
+    }));
+    l.sync_endpoints_and_publish();
+    assert_ne!(
+        endpoint(&mut l, 10).flags & endpoint_flags::NOT_PROGRAMMED,
+        0,
+        "unprogrammed until its pod is known"
+    );
+    assert!(l.dp.attached.contains("veth10"));
+    let result = Ok(vec!["10.0.0.2".parse().expect("address")]);
+    assert!(l.on_found(Found::Peer {
+        ifindex: 10,
+        result
+    }));
+    l.sync_endpoints_and_publish();
+    let want = l.compiled().expect("compiled").endpoints[&ObjectRef::new("x", "a")].info();
+    let have = endpoint(&mut l, 10);
+    assert_eq!(
+        EndpointInfo { slot: 0, ..have },
+        EndpointInfo { slot: 0, ..want }
+    );
+}
