@@ -13,7 +13,7 @@ use aya_ebpf::{bindings::__sk_buff, helpers::bpf_ktime_get_ns, programs::TcConte
 use netpol_common::{DenyEvent, events, family};
 
 use crate::{
-    endpoint,
+    ctx,
     maps::{NETPOL_CONFIG, NETPOL_EVENT_LIMITS, NETPOL_EVENTS, NETPOL_EVENTS_LOST},
 };
 
@@ -63,7 +63,7 @@ pub extern "C" fn netpol_deny_event(
     entry.write(DenyEvent {
         timestamp_ns: now,
         endpoint,
-        ifindex: endpoint::ifindex(&ctx),
+        ifindex: ctx::ifindex(&ctx),
         reason: u32::from(verdict as u8),
         direction: (verdict >> 8) as u8,
         family: fam,

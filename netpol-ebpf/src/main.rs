@@ -11,6 +11,7 @@
 #[cfg(feature = "bench")]
 mod bench;
 mod conntrack;
+mod ctx;
 mod endpoint;
 mod events;
 mod fragment;
@@ -89,7 +90,7 @@ pub fn to_host(ctx: SkBuffContext) -> i32 {
     let Some((ifindex, src)) = service::source(slot) else {
         return 1;
     };
-    if endpoint::ingress_ifindex(&tc) != ifindex || !endpoint::sent_by(&src, &pkt) {
+    if ctx::ingress_ifindex(&tc) != ifindex || !endpoint::sent_by(&src, &pkt) {
         return 1;
     }
     let r = match parsed {

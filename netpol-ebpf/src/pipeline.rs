@@ -7,9 +7,9 @@ use netpol_common::{
 };
 
 use crate::{
-    conntrack, endpoint, fragment,
-    packet::{FRAG_FIRST, FRAG_LATER, Packet},
-    parse::{self, ParseError, Parsed},
+    conntrack, ctx, endpoint, fragment,
+    packet::{FRAG_FIRST, FRAG_LATER, Packet, ParseError},
+    parse::{self, Parsed},
     policy, service,
     service::MarkBits,
     verdict::{self, Verdict},
@@ -82,7 +82,7 @@ pub fn decide(ctx: &TcContext, dir: u32, pkt: &mut Packet) -> Verdict {
                 None => {
                     return Verdict::new(direction::EGRESS, fam, reason::DROP_MARK_STALE, 0);
                 }
-                Some((ifindex, _)) if ifindex == endpoint::ifindex(ctx) => {
+                Some((ifindex, _)) if ifindex == ctx::ifindex(ctx) => {
                     return Verdict::new(dir, fam, hairpin(&ep, pkt), ep.id);
                 }
                 Some((_, src)) => {
