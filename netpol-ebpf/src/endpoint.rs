@@ -1,10 +1,10 @@
-//! Which pod this interface belongs to, and the agent's settings.
+//! Which pod this interface belongs to.
 use aya_ebpf::programs::TcContext;
-use netpol_common::{EndpointInfo, GlobalConfig, direction, endpoint_flags, family};
+use netpol_common::{EndpointInfo, direction, endpoint_flags, family};
 
 use crate::{
     ctx,
-    maps::{NETPOL_CONFIG, NETPOL_ENDPOINTS, NETPOL_EP_CACHE, NETPOL_EP_EPOCH},
+    maps::{NETPOL_ENDPOINTS, NETPOL_EP_CACHE, NETPOL_EP_EPOCH},
     packet::Packet,
 };
 
@@ -73,14 +73,6 @@ pub fn sent_by(ep: &EndpointInfo, pkt: &Packet) -> bool {
     } else {
         ep.flags & endpoint_flags::HAS_IPV6 != 0 && pkt.src == ep.ipv6
     }
-}
-
-/// The agent's settings, in place; all-zero (the defaults) until it
-/// writes them. Always `Some` (an array's entries always exist); the
-/// verifier wants the check.
-#[inline(always)]
-pub fn config() -> Option<&'static GlobalConfig> {
-    NETPOL_CONFIG.get(0)
 }
 
 /// Whether the packet was sent by the node itself (at `to_pod`): locally

@@ -10,6 +10,7 @@
 
 #[cfg(feature = "bench")]
 mod bench;
+mod config;
 mod conntrack;
 mod ctx;
 mod endpoint;

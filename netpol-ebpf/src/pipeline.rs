@@ -2,12 +2,10 @@
 //! endpoint → conntrack → policy → verdict. `main.rs` holds the entry
 //! points; each step's logic lives in its own module.
 use aya_ebpf::programs::TcContext;
-use netpol_common::{
-    EndpointInfo, GlobalConfig, config_flags, direction, family, protocol, reason,
-};
+use netpol_common::{EndpointInfo, GlobalConfig, direction, family, protocol, reason};
 
 use crate::{
-    conntrack, ctx, endpoint, fragment,
+    config, conntrack, ctx, endpoint, fragment,
     packet::{FRAG_FIRST, FRAG_LATER, Packet, ParseError},
     parse::{self, Parsed},
     policy, service,
@@ -181,7 +179,7 @@ fn judge(ctx: &TcContext, ep: &EndpointInfo, dir: u32, pkt: &Packet) -> u32 {
         return reason::PASS_NODE_ORIGIN;
     }
     // Read in place: a copy takes stack `to_pod`'s deepest chain lacks.
-    let Some(cfg) = endpoint::config() else {
+    let Some(cfg) = config::get() else {
         return fallback(ep, dir);
     };
     let ct = conntrack::lookup(&key, cfg, pkt.tcp_flags);
@@ -255,7 +253,7 @@ fn untracked(ep: &EndpointInfo, dir: u32, pkt: &Packet, cfg: &GlobalConfig) -> O
         }
     }
     if !ep.programmed() {
-        if cfg.flags & config_flags::NEW_PODS_FAIL_OPEN != 0 {
+        if config::new_pods_fail_open(cfg) {
             return Some(reason::PASS_NEW_POD_OPEN);
         }
         return Some(reason::DROP_NOT_PROGRAMMED);

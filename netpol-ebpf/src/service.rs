@@ -10,7 +10,7 @@ use netpol_common::{
 };
 
 use crate::{
-    ctx,
+    config, ctx,
     maps::{NETPOL_ENDPOINTS, NETPOL_FRONTENDS_V4, NETPOL_FRONTENDS_V6, NETPOL_MARK_SOURCES},
     packet::Packet,
 };
@@ -72,7 +72,7 @@ impl MarkBits {
     /// The agent's; none (0) until it writes its settings.
     #[inline(always)]
     pub fn current() -> Self {
-        match crate::endpoint::config() {
+        match config::get() {
             Some(c) => Self::of(c),
             None => Self { mask: 0, shift: 0 },
         }
