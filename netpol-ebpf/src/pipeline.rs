@@ -43,6 +43,33 @@ pub fn leave(ctx: &TcContext, l3: bool) -> i32 {
     verdict::to_tc_action(ctx, &v, &pkt)
 }
 
+/// The verdict at the node's own sockets (`to_host`, a cgroup-skb hook:
+/// 1 passes, 0 drops) on a Service packet whose backend is a node address.
+#[inline(always)]
+pub fn host(ctx: &TcContext) -> i32 {
+    let bits = MarkBits::current();
+    let slot = service::marked_slot(ctx, bits);
+    if slot == 0 {
+        return 1;
+    }
+    let mut pkt = Packet::default();
+    let parsed = parse::packet_l3(ctx, &mut pkt);
+    // Programs of every agent on the host run at the root cgroup: judge
+    // only packets that one of this agent's pods sent from its interface.
+    let Some((ifindex, src)) = service::source(slot) else {
+        return 1;
+    };
+    if ctx::ingress_ifindex(ctx) != ifindex || !endpoint::sent_by(&src, &pkt) {
+        return 1;
+    }
+    let r = match parsed {
+        Parsed::NonIp => reason::DROP_PARSE,
+        _ => steps(ctx, &src, direction::EGRESS, parsed, &pkt),
+    };
+    let v = Verdict::new(direction::EGRESS, pkt.family, r, src.id);
+    i32::from(verdict::to_tc_action(ctx, &v, &pkt) == aya_ebpf::bindings::TC_ACT_OK)
+}
+
 /// Neighbour discovery, router messages and MLD: a pod without them loses
 /// its neighbours, so no policy applies to them.
 #[inline(always)]
