@@ -4,7 +4,7 @@
 //! measured.
 use aya_ebpf::{bindings::TC_ACT_OK, macros::classifier, programs::TcContext};
 
-use crate::{endpoint, parse};
+use crate::{ctx, endpoint, parse};
 
 /// Returns at once.
 #[classifier]
@@ -18,7 +18,7 @@ pub fn bench_lookup(ctx: TcContext) -> i32 {
     let mut pkt = crate::packet::Packet::default();
     let parsed = parse::packet(&ctx, &mut pkt);
     // The table itself: `endpoint::lookup` would read the per-CPU copy.
-    let found = endpoint::from_table(endpoint::ifindex(&ctx)).is_some();
+    let found = endpoint::from_table(ctx::ifindex(&ctx)).is_some();
     // Use both results so that neither is optimised away.
     if matches!(parsed, parse::Parsed::Ip) && found && pkt.dport == 0 {
         return TC_ACT_OK + 1;

@@ -6,6 +6,7 @@ use aya_ebpf::helpers::{bpf_jiffies64, bpf_ktime_get_ns};
 use netpol_common::{CtKey, CtValue, GlobalConfig, direction, protocol, tcp_state};
 
 use crate::{
+    config,
     maps::NETPOL_CONNTRACK,
     packet::{Inner, Packet},
 };
@@ -186,9 +187,7 @@ pub fn remove(key: &CtKey) {
 #[inline(always)]
 pub fn track(key: &CtKey, origin: u32, admitted_by: u32, generation: u32, tcp_flags: u8) {
     #[cfg(feature = "bench")]
-    if crate::endpoint::config()
-        .is_some_and(|c| c.flags & netpol_common::config_flags::BENCH_NO_TRACK != 0)
-    {
+    if config::bench_no_track() {
         return;
     }
     let state = if key.protocol != protocol::TCP {
@@ -202,7 +201,7 @@ pub fn track(key: &CtKey, origin: u32, admitted_by: u32, generation: u32, tcp_fl
         tcp_state::ESTABLISHED
     };
     let v = CtValue {
-        last_seen_ns: now(crate::endpoint::config()),
+        last_seen_ns: now(config::get()),
         origin,
         admitted_by,
         generation,

@@ -1,9 +1,10 @@
-//! Which pod this interface belongs to, and the agent's settings.
+//! Which pod this interface belongs to.
 use aya_ebpf::programs::TcContext;
-use netpol_common::{EndpointInfo, GlobalConfig, direction, endpoint_flags, family};
+use netpol_common::{EndpointInfo, direction, endpoint_flags, family};
 
 use crate::{
-    maps::{NETPOL_CONFIG, NETPOL_ENDPOINTS, NETPOL_EP_CACHE, NETPOL_EP_EPOCH},
+    ctx,
+    maps::{NETPOL_ENDPOINTS, NETPOL_EP_CACHE, NETPOL_EP_EPOCH},
     packet::Packet,
 };
 
@@ -17,7 +18,7 @@ use crate::{
 /// old entry and half a new one.)
 #[inline(always)]
 pub fn lookup(ctx: &TcContext) -> Option<EndpointInfo> {
-    let ifindex = ifindex(ctx);
+    let ifindex = ctx::ifindex(ctx);
     let (Some(epoch), Some(slot)) = (NETPOL_EP_EPOCH.get(0), NETPOL_EP_CACHE.get_ptr_mut(ifindex))
     else {
         // Beyond the cached interfaces.
@@ -60,21 +61,6 @@ pub fn from_table(ifindex: u32) -> Option<EndpointInfo> {
     })
 }
 
-/// The index of the interface the program runs on.
-#[inline(always)]
-pub fn ifindex(ctx: &TcContext) -> u32 {
-    // SAFETY: the context pointer is the kernel's __sk_buff for this run;
-    // reading a field of it is what the verifier allows for TC programs.
-    unsafe { (*ctx.skb.skb).ifindex }
-}
-
-/// The interface the packet entered the node by (0: sent by the node).
-#[inline(always)]
-pub fn ingress_ifindex(ctx: &TcContext) -> u32 {
-    // SAFETY: as in `ifindex`, a plain context field read.
-    unsafe { (*ctx.skb.skb).ingress_ifindex }
-}
-
 /// Whether `pkt`'s source is the endpoint's own address.
 #[inline(always)]
 pub fn sent_by(ep: &EndpointInfo, pkt: &Packet) -> bool {
@@ -89,21 +75,12 @@ pub fn sent_by(ep: &EndpointInfo, pkt: &Packet) -> bool {
     }
 }
 
-/// The agent's settings, in place; all-zero (the defaults) until it
-/// writes them. Always `Some` (an array's entries always exist); the
-/// verifier wants the check.
-#[inline(always)]
-pub fn config() -> Option<&'static GlobalConfig> {
-    NETPOL_CONFIG.get(0)
-}
-
 /// Whether the packet was sent by the node itself (at `to_pod`): locally
 /// generated packets have no ingress interface, forwarded ones do, also
 /// when masqueraded to a node address.
 #[inline(always)]
 pub fn from_node(ctx: &TcContext) -> bool {
-    // SAFETY: as in `ifindex`, a plain context field read.
-    unsafe { (*ctx.skb.skb).ingress_ifindex == 0 }
+    ctx::ingress_ifindex(ctx) == 0
 }
 
 /// The endpoint's policy generation for `dir`.

@@ -13,8 +13,8 @@ use aya_ebpf::{bindings::__sk_buff, helpers::bpf_ktime_get_ns, programs::TcConte
 use netpol_common::{DenyEvent, events, family};
 
 use crate::{
-    endpoint,
-    maps::{NETPOL_CONFIG, NETPOL_EVENT_LIMITS, NETPOL_EVENTS, NETPOL_EVENTS_LOST},
+    config, ctx,
+    maps::{NETPOL_EVENT_LIMITS, NETPOL_EVENTS, NETPOL_EVENTS_LOST},
 };
 
 /// Emits one deny event if the endpoint's rate limit admits it. `verdict`:
@@ -63,7 +63,7 @@ pub extern "C" fn netpol_deny_event(
     entry.write(DenyEvent {
         timestamp_ns: now,
         endpoint,
-        ifindex: endpoint::ifindex(&ctx),
+        ifindex: ctx::ifindex(&ctx),
         reason: u32::from(verdict as u8),
         direction: (verdict >> 8) as u8,
         family: fam,
@@ -83,7 +83,7 @@ pub extern "C" fn netpol_deny_event(
 /// with a full burst).
 #[inline(always)]
 fn within_limit(endpoint: u32, now: u64) -> bool {
-    let (rate, burst) = match NETPOL_CONFIG.get(0) {
+    let (rate, burst) = match config::get() {
         Some(c) => (c.event_rate, c.event_burst),
         None => (0, 0),
     };

@@ -10,7 +10,9 @@
 
 #[cfg(feature = "bench")]
 mod bench;
+mod config;
 mod conntrack;
+mod ctx;
 mod endpoint;
 mod events;
 mod fragment;
@@ -26,14 +28,11 @@ use aya_ebpf::{
     macros::{cgroup_skb, classifier},
     programs::{SkBuffContext, TcContext},
 };
-use netpol_common::{direction, reason};
+use netpol_common::direction;
 
 use crate::{
     packet::Packet,
-    parse::Parsed,
-    pipeline::{decide, leave, steps},
-    service::MarkBits,
-    verdict::Verdict,
+    pipeline::{decide, host, leave},
 };
 
 /// The pod's egress.
@@ -76,28 +75,7 @@ pub fn leave_node_l3(ctx: TcContext) -> i32 {
 pub fn to_host(ctx: SkBuffContext) -> i32 {
     // The same `__sk_buff`; only the helpers both program types have are
     // used through it.
-    let tc = TcContext::new(ctx.skb.skb);
-    let bits = MarkBits::current();
-    let slot = service::marked_slot(&tc, bits);
-    if slot == 0 {
-        return 1;
-    }
-    let mut pkt = Packet::default();
-    let parsed = parse::packet_l3(&tc, &mut pkt);
-    // Programs of every agent on the host run at the root cgroup: judge
-    // only packets that one of this agent's pods sent from its interface.
-    let Some((ifindex, src)) = service::source(slot) else {
-        return 1;
-    };
-    if endpoint::ingress_ifindex(&tc) != ifindex || !endpoint::sent_by(&src, &pkt) {
-        return 1;
-    }
-    let r = match parsed {
-        Parsed::NonIp => reason::DROP_PARSE,
-        _ => steps(&tc, &src, direction::EGRESS, parsed, &pkt),
-    };
-    let v = Verdict::new(direction::EGRESS, pkt.family, r, src.id);
-    i32::from(verdict::to_tc_action(&tc, &v, &pkt) == aya_ebpf::bindings::TC_ACT_OK)
+    host(&TcContext::new(ctx.skb.skb))
 }
 
 #[cfg(not(test))]

@@ -1,11 +1,24 @@
 //! The packet as the programs know it once parsed: addresses, transport
 //! identity, fragment position, and the flow an ICMP error is about.
 //! Parsing fills it ([`crate::parse`]); every later step reads it.
+//! Also why a packet could not be parsed ([`ParseError`]), which reading
+//! past its end ([`crate::ctx`]) already tells.
 
 /// The first fragment (offset 0, more to come): carries the ports.
 pub const FRAG_FIRST: u8 = 1;
 /// A later fragment: no transport header.
 pub const FRAG_LATER: u8 = 2;
+
+/// Why a packet could not be parsed.
+#[derive(Clone, Copy)]
+pub enum ParseError {
+    /// Shorter than its headers claim.
+    Truncated,
+    /// Malformed header (bad IHL, version).
+    Malformed,
+    /// A first fragment too short to hold the transport ports and flags.
+    FragmentShort,
+}
 
 /// The flow an ICMP error is about (its embedded header), as sent.
 #[derive(Default)]

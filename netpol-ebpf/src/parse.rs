@@ -1,11 +1,14 @@
 //! Header parsing, one layer per function. Fixed offsets go through the
 //! bounds-checked [`ptr_at`]; offsets that depend on the packet (VLAN tag,
-//! IPv4 options, IPv6 extension headers) through `ctx.load`, which the
-//! kernel bounds-checks at run time.
+//! IPv4 options, IPv6 extension headers) through [`load`], which the
+//! kernel bounds-checks at run time (both in [`crate::ctx`]).
 use aya_ebpf::programs::TcContext;
 use netpol_common::{family, protocol};
 
-use crate::packet::{FRAG_FIRST, FRAG_LATER, Inner, Packet};
+use crate::{
+    ctx::{self, load, ptr_at},
+    packet::{FRAG_FIRST, FRAG_LATER, Inner, Packet, ParseError},
+};
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -23,17 +26,6 @@ pub const MAX_EXT_HDRS: usize = 8;
 /// named by a rule, so only rules without ports match it.
 pub const PROTO_OPAQUE: u8 = 255;
 
-/// Why a packet could not be parsed.
-#[derive(Clone, Copy)]
-pub enum ParseError {
-    /// Shorter than its headers claim.
-    Truncated,
-    /// Malformed header (bad IHL, version).
-    Malformed,
-    /// A first fragment too short to hold the transport ports and flags.
-    FragmentShort,
-}
-
 /// The outcome of parsing a frame; the packet's fields are in the
 /// [`Packet`] passed to [`packet`] (its `family` is set for `Bad` too).
 #[derive(Clone, Copy)]
@@ -45,24 +37,6 @@ pub enum Parsed {
     Ip,
     /// An IP packet that could not be parsed.
     Bad(ParseError),
-}
-
-/// A pointer to a `T` at `offset` in the linear packet data, or `Err` when
-/// the packet is shorter: the only way the parsers touch packet memory
-/// directly.
-#[inline(always)]
-pub fn ptr_at<T>(ctx: &TcContext, offset: usize) -> Result<*const T, ParseError> {
-    let start = ctx.data();
-    let end = ctx.data_end();
-    if start + offset + core::mem::size_of::<T>() > end {
-        return Err(ParseError::Truncated);
-    }
-    Ok((start + offset) as *const T)
-}
-
-#[inline(always)]
-fn load<T>(ctx: &TcContext, offset: usize) -> Result<T, ParseError> {
-    ctx.load::<T>(offset).map_err(|_| ParseError::Truncated)
 }
 
 #[inline(always)]
@@ -157,10 +131,7 @@ fn common(ctx: &TcContext, p: &mut Packet) -> Option<Parsed> {
 /// network header starts the data; `skb->protocol` names it.
 #[inline(never)]
 pub fn packet_l3(ctx: &TcContext, p: &mut Packet) -> Parsed {
-    // SAFETY: a plain read of the context's protocol field (network byte
-    // order in the low 16 bits).
-    let proto = unsafe { (*ctx.skb.skb).protocol };
-    network(ctx, u16::from_be(proto as u16), 0, p)
+    network(ctx, ctx::protocol(ctx), 0, p)
 }
 
 #[inline(always)]

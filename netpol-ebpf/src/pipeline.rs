@@ -2,14 +2,12 @@
 //! endpoint → conntrack → policy → verdict. `main.rs` holds the entry
 //! points; each step's logic lives in its own module.
 use aya_ebpf::programs::TcContext;
-use netpol_common::{
-    EndpointInfo, GlobalConfig, config_flags, direction, family, protocol, reason,
-};
+use netpol_common::{EndpointInfo, GlobalConfig, direction, family, protocol, reason};
 
 use crate::{
-    conntrack, endpoint, fragment,
-    packet::{FRAG_FIRST, FRAG_LATER, Packet},
-    parse::{self, ParseError, Parsed},
+    config, conntrack, ctx, endpoint, fragment,
+    packet::{FRAG_FIRST, FRAG_LATER, Packet, ParseError},
+    parse::{self, Parsed},
     policy, service,
     service::MarkBits,
     verdict::{self, Verdict},
@@ -43,6 +41,33 @@ pub fn leave(ctx: &TcContext, l3: bool) -> i32 {
     };
     let v = Verdict::new(direction::EGRESS, pkt.family, r, id);
     verdict::to_tc_action(ctx, &v, &pkt)
+}
+
+/// The verdict at the node's own sockets (`to_host`, a cgroup-skb hook:
+/// 1 passes, 0 drops) on a Service packet whose backend is a node address.
+#[inline(always)]
+pub fn host(ctx: &TcContext) -> i32 {
+    let bits = MarkBits::current();
+    let slot = service::marked_slot(ctx, bits);
+    if slot == 0 {
+        return 1;
+    }
+    let mut pkt = Packet::default();
+    let parsed = parse::packet_l3(ctx, &mut pkt);
+    // Programs of every agent on the host run at the root cgroup: judge
+    // only packets that one of this agent's pods sent from its interface.
+    let Some((ifindex, src)) = service::source(slot) else {
+        return 1;
+    };
+    if ctx::ingress_ifindex(ctx) != ifindex || !endpoint::sent_by(&src, &pkt) {
+        return 1;
+    }
+    let r = match parsed {
+        Parsed::NonIp => reason::DROP_PARSE,
+        _ => steps(ctx, &src, direction::EGRESS, parsed, &pkt),
+    };
+    let v = Verdict::new(direction::EGRESS, pkt.family, r, src.id);
+    i32::from(verdict::to_tc_action(ctx, &v, &pkt) == aya_ebpf::bindings::TC_ACT_OK)
 }
 
 /// Neighbour discovery, router messages and MLD: a pod without them loses
@@ -82,7 +107,7 @@ pub fn decide(ctx: &TcContext, dir: u32, pkt: &mut Packet) -> Verdict {
                 None => {
                     return Verdict::new(direction::EGRESS, fam, reason::DROP_MARK_STALE, 0);
                 }
-                Some((ifindex, _)) if ifindex == endpoint::ifindex(ctx) => {
+                Some((ifindex, _)) if ifindex == ctx::ifindex(ctx) => {
                     return Verdict::new(dir, fam, hairpin(&ep, pkt), ep.id);
                 }
                 Some((_, src)) => {
@@ -181,7 +206,7 @@ fn judge(ctx: &TcContext, ep: &EndpointInfo, dir: u32, pkt: &Packet) -> u32 {
         return reason::PASS_NODE_ORIGIN;
     }
     // Read in place: a copy takes stack `to_pod`'s deepest chain lacks.
-    let Some(cfg) = endpoint::config() else {
+    let Some(cfg) = config::get() else {
         return fallback(ep, dir);
     };
     let ct = conntrack::lookup(&key, cfg, pkt.tcp_flags);
@@ -255,7 +280,7 @@ fn untracked(ep: &EndpointInfo, dir: u32, pkt: &Packet, cfg: &GlobalConfig) -> O
         }
     }
     if !ep.programmed() {
-        if cfg.flags & config_flags::NEW_PODS_FAIL_OPEN != 0 {
+        if config::new_pods_fail_open(cfg) {
             return Some(reason::PASS_NEW_POD_OPEN);
         }
         return Some(reason::DROP_NOT_PROGRAMMED);

@@ -10,6 +10,7 @@ use netpol_common::{
 };
 
 use crate::{
+    config, ctx,
     maps::{NETPOL_ENDPOINTS, NETPOL_FRONTENDS_V4, NETPOL_FRONTENDS_V6, NETPOL_MARK_SOURCES},
     packet::Packet,
 };
@@ -71,24 +72,17 @@ impl MarkBits {
     /// The agent's; none (0) until it writes its settings.
     #[inline(always)]
     pub fn current() -> Self {
-        match crate::endpoint::config() {
+        match config::get() {
             Some(c) => Self::of(c),
             None => Self { mask: 0, shift: 0 },
         }
     }
 }
 
-#[inline(always)]
-fn current(ctx: &TcContext) -> u32 {
-    // SAFETY: a plain read of the context's mark field, which the verifier
-    // allows for TC programs.
-    unsafe { (*ctx.skb.skb).mark }
-}
-
 /// Marks the packet with the source interface's slot.
 #[inline(always)]
 pub fn mark(ctx: &TcContext, bits: MarkBits, slot: u32) {
-    let m = mark::with_slot(current(ctx), bits.mask, bits.shift, slot);
+    let m = mark::with_slot(ctx::mark(ctx), bits.mask, bits.shift, slot);
     ctx.set_mark(m);
 }
 
@@ -98,14 +92,14 @@ pub fn marked_slot(ctx: &TcContext, bits: MarkBits) -> u32 {
     if bits.mask == 0 {
         return 0;
     }
-    mark::slot_of(current(ctx), bits.mask, bits.shift)
+    mark::slot_of(ctx::mark(ctx), bits.mask, bits.shift)
 }
 
 /// Clears netpol's bits once the packet is judged, so no later hook judges
 /// it again.
 #[inline(always)]
 pub fn clear(ctx: &TcContext, bits: MarkBits) {
-    let m = current(ctx);
+    let m = ctx::mark(ctx);
     ctx.set_mark(m & !bits.mask);
 }
 
