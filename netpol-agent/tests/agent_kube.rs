@@ -18,10 +18,7 @@ use netpol_agent::{
 use serde_json::{Value, json};
 use tokio::sync::watch;
 
-#[path = "support/fake_apiserver.rs"]
-mod fake_apiserver;
-
-use fake_apiserver::FakeApiServer;
+use netpol_testkit::fake_apiserver::FakeApiServer;
 
 /// Long enough for kube-rs' default backoff (0.8 s, doubling) to retry
 /// a few times.

@@ -2,11 +2,6 @@
 //! once every store listed and the state is applied, not ready while the
 //! API server is unreachable (the enforced state stays), ready again when
 //! it returns.
-mod support;
-
-#[path = "support/fake_apiserver.rs"]
-mod fake_apiserver;
-
 use std::time::Duration;
 
 use netpol_agent::{
@@ -17,8 +12,8 @@ use netpol_agent::{
     },
     sources::{KubeConnection, Source, fingerprint},
 };
+use netpol_testkit::{datapath::TempBpffs, fake_apiserver, privileged};
 use serde_json::json;
-use support::{TempBpffs, privileged};
 
 const DEADLINE: Duration = Duration::from_secs(30);
 

@@ -5,18 +5,18 @@
 //!
 //! Each test waits on the agent's status (generation, fingerprint,
 //! interface state), never on a sleep.
-mod support;
-
 use std::{path::PathBuf, time::Instant};
 
 use netpol_common::reason;
-use support::{
-    Netns, TempBpffs,
-    agent::{
-        BASE, Manifests, PodNet, Running, Topology, count, http_get, interface, ip, node, pings,
-        pod, pod_manifest,
-    },
-    privileged, sh, unique,
+use netpol_testkit::{
+    Netns,
+    agent::{Running, count, http_get, interface},
+    datapath::TempBpffs,
+    echo::pings,
+    manifests::{BASE, Manifests, pod_manifest},
+    privileged, sh,
+    topology::{Pod, Topology, ip, node, pod},
+    unique,
 };
 
 /// Ingress of `a` only from pods labelled `app: nobody`: nothing the test
@@ -233,7 +233,7 @@ impl Drop for Hidden {
 /// A pod whose namespace is hidden before its veth exists, set up from
 /// inside as a CNI plugin does (veth created in the pod, host side moved
 /// to the node).
-fn hidden_pod(node: &Netns, topo: Topology, n: u8) -> (PodNet, Hidden) {
+fn hidden_pod(node: &Netns, topo: Topology, n: u8) -> (Pod, Hidden) {
     let ns = Netns::new("npp");
     let hidden = Hidden::new(&ns);
     let host_if = unique("nph");
@@ -280,11 +280,11 @@ fn hidden_pod(node: &Netns, topo: Topology, n: u8) -> (PodNet, Hidden) {
     }
     ip(nn, &format!("link set {host_if} up"));
     (
-        PodNet {
+        Pod {
             ns,
             host_if,
-            v4,
-            v6,
+            v4: v4.parse().expect("IPv4 address"),
+            v6: Some(v6.parse().expect("IPv6 address")),
         },
         hidden,
     )
@@ -319,8 +319,9 @@ fn binds_without_its_namespace(topo: Topology) {
         .map(|i| i.addresses.iter().map(ToString::to_string).collect())
         .unwrap_or_default();
     // The peer's own list would hold its link-local address too.
+    let addresses: Vec<String> = a.addresses().iter().map(ToString::to_string).collect();
     assert!(
-        found.iter().all(|f| a.addresses().contains(&f.as_str())),
+        found.iter().all(|f| addresses.contains(f)),
         "bound by the fallback, not the namespace: {found:?}"
     );
 }

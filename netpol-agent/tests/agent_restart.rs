@@ -6,11 +6,6 @@
 //!
 //! Every wait polls the agent's `/status` (or the probes' counters) with a
 //! deadline, never a sleep.
-mod support;
-
-#[path = "support/fake_apiserver.rs"]
-mod fake_apiserver;
-
 use std::{
     io::{Read as _, Write as _},
     net::{SocketAddr, TcpListener, TcpStream},
@@ -27,10 +22,14 @@ use std::{
 use aya::programs::{SchedClassifier, TcAttachType};
 use netpol_agent::Counters;
 use netpol_common::{family, reason};
-use support::{
-    Netns, TempBpffs,
-    agent::{BASE, Manifests, PodNet, Topology, node, pod, pod_manifest},
+use netpol_testkit::{
+    Netns,
+    datapath::TempBpffs,
+    fake_apiserver,
+    manifests::{BASE, Manifests, pod_manifest},
     privileged, sh,
+    topology::{Pod, Topology, node, pod},
+    unique,
 };
 
 const DEADLINE: Duration = Duration::from_secs(15);
@@ -125,7 +124,7 @@ impl KubeFeed {
         })
         .join()
         .expect("starting the fake API server");
-        let kubeconfig = std::env::temp_dir().join(support::unique("netpol-kubeconfig-"));
+        let kubeconfig = std::env::temp_dir().join(unique("netpol-kubeconfig-"));
         std::fs::write(
             &kubeconfig,
             format!(
@@ -289,7 +288,7 @@ impl AgentProcess {
 
     /// Waits until `/status` reports the folder's fingerprint and every
     /// interface bound and programmed.
-    fn wait_enforced<'a>(&mut self, node: &Netns, feed: impl Into<Feed<'a>>, pods: &[&PodNet]) {
+    fn wait_enforced<'a>(&mut self, node: &Netns, feed: impl Into<Feed<'a>>, pods: &[&Pod]) {
         let fp = feed.into().fingerprint();
         let deadline = Instant::now() + DEADLINE;
         let mut last = String::new();
@@ -393,17 +392,17 @@ struct Probes {
 }
 
 impl Probes {
-    fn start(a: &PodNet, b: &PodNet, c: &PodNet, pin_dir: &Path) -> Self {
+    fn start(a: &Pod, b: &Pod, c: &Pod, pin_dir: &Path) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let round_trips = Arc::new(AtomicU64::new(0));
         let slowest = Arc::new(AtomicU64::new(0));
         let stream_error = Arc::new(Mutex::new(None));
         let breaches = Arc::new(AtomicU64::new(0));
         let attempts = Arc::new(AtomicU64::new(0));
-        let server: SocketAddr = format!("{}:{PORT}", a.v4).parse().expect("address");
+        let server = SocketAddr::new(a.v4, PORT);
         // The denied pair over IPv6, so that the stream's (IPv4) drop
         // counters say whether netpol dropped any of its segments.
-        let denied: SocketAddr = format!("[{}]:{PORT}", a.v6).parse().expect("address");
+        let denied = SocketAddr::new(a.v6.expect("IPv6"), PORT);
         let mut threads = Vec::new();
 
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
@@ -604,9 +603,9 @@ struct Scene {
     node: Netns,
     bpffs: TempBpffs,
     m: Manifests,
-    a: PodNet,
-    b: PodNet,
-    c: PodNet,
+    a: Pod,
+    b: Pod,
+    c: Pod,
     log: PathBuf,
 }
 
@@ -632,7 +631,7 @@ impl Scene {
             m.write(&format!("{name}.yaml"), &pod_manifest(name, p));
         }
         m.write("policy.yaml", ONLY_B_TO_A);
-        let log = std::env::temp_dir().join(format!("{}.log", support::unique("netpol-restart-")));
+        let log = std::env::temp_dir().join(format!("{}.log", unique("netpol-restart-")));
         let kube = kube.then(|| KubeFeed::start(&node));
         let scene = Self {
             kube,
@@ -758,7 +757,7 @@ fn restart_keeps_enforcing(mode: &str) {
         "cleanup removes the pins"
     );
     // Nothing enforces any more: the denied pair connects.
-    let server: SocketAddr = format!("{}:{PORT}", a.v4).parse().expect("address");
+    let server = SocketAddr::new(a.v4, PORT);
     let server_up = spawn_in(&a.ns, || {
         TcpListener::bind(("0.0.0.0", PORT)).map(|l| l.accept())
     });
@@ -1263,7 +1262,7 @@ fn a_bpffs_only_this_agent_would_see_is_refused() {
         return;
     }
     let scene = Scene::new("netlink");
-    let plain = std::env::temp_dir().join(support::unique("netpol-not-bpffs-"));
+    let plain = std::env::temp_dir().join(unique("netpol-not-bpffs-"));
     std::fs::create_dir_all(&plain).expect("folder");
     let out = Command::new("timeout")
         .args(["30", "ip", "netns", "exec", &scene.node.name])

@@ -2,19 +2,24 @@
 //! restore with the real tools (legacy and nft iptables, ipset) and give
 //! the same verdicts as netpol on real connections between two routed pod
 //! namespaces, both families.
-mod common_baseline;
-mod support;
+use std::{collections::BTreeMap, net::IpAddr, time::Duration};
 
-use std::{collections::BTreeMap, time::Duration};
-
-use common_baseline::Backend;
 use netpol_agent::{
-    baseline,
     compiler::{self, IdAllocation},
     model::{ObjectRef, Snapshot},
 };
-use support::agent::{PodNet, Topology, node, pod, pod_manifest};
-use support::{Netns, TempBpffs, echo, enforce, privileged, sh};
+use netpol_testkit::{
+    Netns,
+    baseline::{
+        self,
+        restore::{self, Backend},
+    },
+    datapath::{TempBpffs, enforce},
+    echo,
+    manifests::{BASE, pod_manifest},
+    privileged, sh,
+    topology::{Pod, Topology, node, pod},
+};
 
 const POLICIES: &str = r#"
 apiVersion: networking.k8s.io/v1
@@ -45,28 +50,28 @@ spec:
   ingress: [{from: [{ipBlock: {cidr: 0.0.0.0/0, except: [10.1.2.0/24]}}, {ipBlock: {cidr: "::/0"}}], ports: [{port: 82}]}]
 "#;
 
-fn snapshot(a: &PodNet, b: &PodNet) -> Snapshot {
+fn snapshot(a: &Pod, b: &Pod) -> Snapshot {
     let text = format!(
         "{}---\n{}---\n{}---\n{POLICIES}",
-        support::agent::BASE,
+        BASE,
         pod_manifest("a", a),
         pod_manifest("b", b)
     );
-    support::snapshot(&text)
+    netpol_testkit::manifests::snapshot(&text)
 }
 
 /// A denied probe waits this long before it counts as a denial.
 const CONNECT: Duration = Duration::from_millis(1500);
 
 /// Every case, probed in parallel: (label, verdict).
-fn verdicts(node: &Netns, a: &PodNet, b: &PodNet) -> BTreeMap<String, bool> {
-    let mut cases: Vec<(String, &Netns, String, u16)> = Vec::new();
+fn verdicts(node: &Netns, a: &Pod, b: &Pod) -> BTreeMap<String, bool> {
+    let mut cases: Vec<(String, &Netns, IpAddr, u16)> = Vec::new();
     for fam in 0..2 {
-        let (av, bv) = (a.addresses()[fam].to_owned(), b.addresses()[fam].to_owned());
+        let (av, bv) = (a.addresses()[fam], b.addresses()[fam]);
         for port in [80, 81, 82] {
-            cases.push((format!("b->a:{port} {av}"), &b.ns, av.clone(), port));
-            cases.push((format!("a->b:{port} {bv}"), &a.ns, bv.clone(), port));
-            cases.push((format!("node->a:{port} {av}"), node, av.clone(), port));
+            cases.push((format!("b->a:{port} {av}"), &b.ns, av, port));
+            cases.push((format!("a->b:{port} {bv}"), &a.ns, bv, port));
+            cases.push((format!("node->a:{port} {av}"), node, av, port));
         }
     }
     std::thread::scope(|s| {
@@ -128,10 +133,10 @@ fn baseline_restores_on_both_backends_and_agrees_with_netpol() {
 
     let rules = baseline::generate(&snap).expect("generate");
     for backend in Backend::ALL {
-        node.run(|| common_baseline::sync(&rules, backend))
+        node.run(|| restore::sync(&rules, backend))
             .unwrap_or_else(|e| panic!("{}: {e}", backend.name()));
         // A second sync over the first, as every later kube-router sync.
-        node.run(|| common_baseline::sync(&rules, backend))
+        node.run(|| restore::sync(&rules, backend))
             .unwrap_or_else(|e| panic!("{} resync: {e}", backend.name()));
         let listed = node.exec("ipset", &["list", "-n"]);
         assert!(
@@ -151,7 +156,7 @@ fn baseline_restores_on_both_backends_and_agrees_with_netpol() {
             "{} baseline differs from netpol",
             backend.name()
         );
-        node.run(common_baseline::clear).expect("clear");
+        node.run(restore::clear).expect("clear");
         let saved = node.exec(&format!("iptables-{}-save", backend.name()), &[]);
         assert!(!saved.contains("KUBE-"), "{saved}");
         assert_eq!(

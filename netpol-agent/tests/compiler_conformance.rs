@@ -4,14 +4,12 @@
 //! full compile with the same diff, and generations must move exactly for
 //! the endpoint directions whose contents changed.
 
-mod common_compiler;
-
 use std::path::{Path, PathBuf};
 
-use common_compiler::{generation_violation, reference_connection, simulate_connection};
 use netpol_agent::compiler::{Changes, Compiler, IdAllocation, compile, diff};
 use netpol_agent::model::manifests::{LoadReport, apply_str, apply_value};
 use netpol_agent::model::{Kind, ObjectRef, Protocol, Snapshot};
+use netpol_testkit::compiler::{generation_violation, reference_connection, simulate_connection};
 use serde::Deserialize;
 
 #[derive(Deserialize)]

@@ -7,12 +7,9 @@
 //! each new snapshot, and so do its diffs; generations move exactly when
 //! an endpoint direction's contents do.
 
-mod common_compiler;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use common_compiler::{ICMP, reference_allows, simulate};
 use ipnet::IpNet;
 use netpol_agent::compiler::{
     Changes, Compiled, Compiler, Direction, IdAllocation, MapState, RuleSet, compile, diff,
@@ -26,6 +23,7 @@ use netpol_agent::model::{
 use netpol_agent::provenance::{Bound, Inputs, State};
 use netpol_agent::resume::{leftovers, resume};
 use netpol_agent::sync::unbound_entry;
+use netpol_testkit::compiler::{ICMP, reference_allows, simulate};
 use proptest::prelude::*;
 
 /// splitmix64: the cluster is a function of one seed, so a failing case

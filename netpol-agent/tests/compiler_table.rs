@@ -1,8 +1,5 @@
 //! Table tests: one per behaviour of the compiler's specification.
 
-mod common_compiler;
-
-use common_compiler::{ICMP, simulate, simulate_connection};
 use netpol_agent::compiler::{
     Changes, Compiled, Compiler, Direction, EMPTY_RULESET, IdAllocation, MapState, Op, compile,
     diff,
@@ -10,6 +7,7 @@ use netpol_agent::compiler::{
 use netpol_agent::model::manifests::{LoadReport, apply_str};
 use netpol_agent::model::{Kind, ObjectRef, Snapshot};
 use netpol_common::endpoint_flags;
+use netpol_testkit::compiler::{ICMP, simulate, simulate_connection};
 
 const TCP: u8 = 6;
 const UDP: u8 = 17;

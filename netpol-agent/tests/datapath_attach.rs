@@ -1,7 +1,5 @@
 //! The two programs on a real veth: attach, count, detach, over both
 //! families and both attach paths.
-mod support;
-
 use std::{
     io::{BufRead as _, BufReader, Write as _},
     net::{IpAddr, SocketAddr, TcpListener, TcpStream},
@@ -10,7 +8,11 @@ use std::{
 
 use netpol_agent::{AttachMode, Counters, Datapath, DatapathConfig};
 use netpol_common::{TrafficCounter, direction, family, maps};
-use support::{NODE_V4, POD_V4, POD_V6, PodLink, TempBpffs, privileged, sh};
+use netpol_testkit::{
+    datapath::TempBpffs,
+    privileged, sh,
+    topology::{NODE_V4, POD_V4, POD_V6, PodLink},
+};
 
 fn config(bpffs: &TempBpffs, mode: AttachMode) -> DatapathConfig {
     DatapathConfig {

@@ -2,13 +2,10 @@
 //! reports on the ring buffer, that a pass reports nothing, and how the
 //! per-endpoint rate limit and a full ring count their losses. Maps are
 //! filled by the production map writer; a fresh object per test.
-mod packets;
-mod support;
-
 use aya::maps::{MapData, RingBuf};
 use netpol_agent::datapath::events::{EventsLost, decode};
 use netpol_common::{DenyEvent, GlobalConfig, direction, events, family, protocol, reason};
-use packets::*;
+use netpol_testkit::packets::*;
 
 /// `x/a` admits TCP 80 from `x/b` only.
 const A_FROM_B_ON_80: &str = r#"

@@ -2,12 +2,9 @@
 //! fragments, extension headers, ICMP errors, spoofed sources, stray TCP
 //! segments, reused addresses and revoked rules. Each table asserts that
 //! nothing a policy forbids gets through and that legitimate traffic does.
-mod packets;
-mod support;
-
 use netpol_agent::datapath::clock::{self, JiffyClock};
 use netpol_common::{direction, family, reason};
-use packets::*;
+use netpol_testkit::packets::*;
 
 /// a takes TCP 80, UDP 53, SCTP 9000 and its named port from b, anything
 /// from link-local peers.

@@ -1,8 +1,6 @@
 //! Enforcement with real sockets: two pod netns routed through a node netns,
 //! programs on both host veths, policies compiled and written by the
 //! production path. Both families.
-mod support;
-
 use std::{
     collections::BTreeMap,
     net::{IpAddr, SocketAddr, TcpStream},
@@ -14,8 +12,13 @@ use netpol_agent::{
     compiler::{self, Compiled, IdAllocation},
     model::ObjectRef,
 };
-use support::echo::{self, exchange};
-use support::{Netns, TempBpffs, privileged, sh, unique};
+use netpol_testkit::{
+    Netns,
+    datapath::TempBpffs,
+    echo::{self, exchange},
+    privileged, sh,
+    topology::{self, Topology},
+};
 
 const MANIFESTS: &str = r#"
 apiVersion: v1
@@ -73,82 +76,14 @@ struct Pod {
 /// A pod netns behind its own veth, routed by the node: the node side gets
 /// `.1` / `::1` of the pod's subnet, the pod a default route through it.
 fn pod(node: &Netns, subnet: u8, v4: &'static str, v6: &'static str) -> Pod {
-    let ns = Netns::new("npp");
-    let host_if = unique("nph");
-    sh(
-        "ip",
-        &[
-            "-n", &node.name, "link", "add", &host_if, "type", "veth", "peer", "name", "eth0",
-            "netns", &ns.name,
-        ],
-    );
-    let node_v4 = format!("10.1.{subnet}.1/24");
-    let node_v6 = format!("fd0{subnet}::1/64");
-    sh(
-        "ip",
-        &["-n", &node.name, "addr", "add", &node_v4, "dev", &host_if],
-    );
-    sh(
-        "ip",
-        &[
-            "-n", &node.name, "addr", "add", &node_v6, "dev", &host_if, "nodad",
-        ],
-    );
-    sh("ip", &["-n", &node.name, "link", "set", &host_if, "up"]);
-    sh(
-        "ip",
-        &[
-            "-n",
-            &ns.name,
-            "addr",
-            "add",
-            &format!("{v4}/24"),
-            "dev",
-            "eth0",
-        ],
-    );
-    sh(
-        "ip",
-        &[
-            "-n",
-            &ns.name,
-            "addr",
-            "add",
-            &format!("{v6}/64"),
-            "dev",
-            "eth0",
-            "nodad",
-        ],
-    );
-    sh("ip", &["-n", &ns.name, "link", "set", "eth0", "up"]);
-    sh(
-        "ip",
-        &[
-            "-n",
-            &ns.name,
-            "route",
-            "add",
-            "default",
-            "via",
-            &format!("10.1.{subnet}.1"),
-        ],
-    );
-    sh(
-        "ip",
-        &[
-            "-n",
-            &ns.name,
-            "-6",
-            "route",
-            "add",
-            "default",
-            "via",
-            &format!("fd0{subnet}::1"),
-        ],
+    let p = topology::subnet_pod(
+        node,
+        (&format!("10.1.{subnet}.1"), v4),
+        Some((&format!("fd0{subnet}::1"), v6)),
     );
     Pod {
-        ns,
-        host_if,
+        ns: p.ns,
+        host_if: p.host_if,
         v4,
         v6,
     }
@@ -157,9 +92,7 @@ fn pod(node: &Netns, subnet: u8, v4: &'static str, v6: &'static str) -> Pod {
 /// A forwarding node netns with pods a (10.1.1.2, fd01::2) and b
 /// (10.1.2.2, fd02::2) routed through it.
 fn routed_pair() -> (Netns, Pod, Pod) {
-    let node = Netns::new("npn");
-    node.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"]);
-    node.exec("sysctl", &["-qw", "net.ipv6.conf.all.forwarding=1"]);
+    let node = topology::node(Topology::Routed, true);
     let a = pod(&node, 1, "10.1.1.2", "fd01::2");
     let b = pod(&node, 2, "10.1.2.2", "fd02::2");
     (node, a, b)
@@ -265,14 +198,14 @@ fn policy_is_enforced_on_real_connections_over_both_families() {
     });
 }
 
-/// [`support::enforce`] for pods a and b, bound to their host veths.
+/// [`netpol_testkit::datapath::enforce`] for pods a and b, bound to their host veths.
 fn enforce(
     bpffs: &TempBpffs,
     a: &Pod,
     b: &Pod,
     compiled: &Compiled,
 ) -> (Datapath, BTreeMap<ObjectRef, u32>) {
-    support::enforce(
+    netpol_testkit::datapath::enforce(
         bpffs,
         compiled,
         &[
@@ -283,7 +216,7 @@ fn enforce(
 }
 
 fn compile(manifests: &str, ids: &IdAllocation) -> Compiled {
-    compiler::compile(&support::snapshot(manifests), ids)
+    compiler::compile(&netpol_testkit::manifests::snapshot(manifests), ids)
 }
 
 #[test]

@@ -1,9 +1,6 @@
 //! Packet-by-packet verdicts of the real programs (BPF_PROG_TEST_RUN), with
 //! maps filled by the production map writer from policies compiled by the
 //! compiler. Each test loads a fresh object into its own netns and bpffs.
-mod packets;
-mod support;
-
 use std::collections::BTreeMap;
 
 use netpol_agent::{
@@ -15,8 +12,7 @@ use netpol_agent::{
 use netpol_common::{
     EndpointInfo, GlobalConfig, config_flags, direction, endpoint_flags, family, reason,
 };
-use packets::*;
-use support::{Netns, TempBpffs, privileged, sh};
+use netpol_testkit::{Netns, datapath::TempBpffs, packets::*, privileged, sh};
 
 const INGRESS_POLICY: &str = r#"
 apiVersion: networking.k8s.io/v1

@@ -2,11 +2,8 @@
 //! marks a packet to a frontend instead of judging it, and the hook that
 //! sees the backend kube-proxy chose (`to_pod`, `leave_node`) judges the
 //! source pod's egress there, for both families.
-mod packets;
-mod support;
-
 use netpol_common::{direction, family, mark, reason};
-use packets::*;
+use netpol_testkit::packets::*;
 
 /// Frontends: s-a, s-b (local backends) and s-c (remote backend), port 80
 /// → 8080; x/a may reach pods b and c on 8080 only, and nothing may reach

@@ -4,8 +4,6 @@
 //! filters before 6.6, TCX links from 6.6), then a simulated agent restart:
 //! the persistent datapath goes away without detaching, its attachments
 //! keep enforcing on their own, and the next load adopts them in place.
-mod support;
-
 use std::{
     collections::BTreeMap,
     net::{IpAddr, SocketAddr, TcpStream},
@@ -23,8 +21,12 @@ use netpol_agent::{
     model::ObjectRef,
 };
 use netpol_common::{programs, reason};
-use support::echo::{self, exchange};
-use support::{NODE_V4, NODE_V6, PodLink, TempBpffs, privileged, sh};
+use netpol_testkit::{
+    datapath::TempBpffs,
+    echo::{self, exchange},
+    privileged, sh,
+    topology::{NODE_V4, NODE_V6, PodLink},
+};
 
 /// Pod x/a behind the veth of [`PodLink`]; its egress admits TCP port 80
 /// of the node's subnet only.
@@ -71,7 +73,10 @@ fn tcx_kernel() -> bool {
 }
 
 fn compile() -> Compiled {
-    compiler::compile(&support::snapshot(MANIFESTS), &IdAllocation::default())
+    compiler::compile(
+        &netpol_testkit::manifests::snapshot(MANIFESTS),
+        &IdAllocation::default(),
+    )
 }
 
 fn load(bpffs: &TempBpffs) -> Datapath {

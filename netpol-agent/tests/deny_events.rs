@@ -2,11 +2,9 @@
 //! reads the programs' ring buffer, names the pods on both ends of each
 //! dropped packet, counts it on `/metrics` (scraped over HTTP and parsed),
 //! and each pod's rate limit holds under a flood, its losses counted.
-mod support;
-
 use std::{
     collections::BTreeMap,
-    net::{IpAddr, SocketAddr, UdpSocket},
+    net::{SocketAddr, UdpSocket},
     time::{Duration, Instant},
 };
 
@@ -14,14 +12,18 @@ use netpol_agent::{
     AgentBuilder, datapath::events::KernelCounters, events::Denial, model::ObjectRef,
 };
 use netpol_common::{direction, protocol, reason};
-use support::{
-    Netns, TempBpffs,
-    agent::{
-        BASE, DEADLINE, Manifests, PodNet, Running, Topology, count, http_get, interface, node,
-        pings, pod, pod_manifest,
-    },
+use netpol_testkit::{
+    Netns,
+    agent::{DEADLINE, Running, count, http_get, interface},
+    datapath::TempBpffs,
+    echo::pings,
+    manifests::{BASE, Manifests, pod_manifest},
     privileged,
+    topology::{Pod, Topology, node, pod},
 };
+
+/// The agent binary cargo built for these tests.
+const AGENT: &str = env!("CARGO_BIN_EXE_netpol-agent");
 
 /// Ingress of `a` only from pods labelled `app: nobody`: `b` is denied.
 const DENY_A: &str = r#"
@@ -40,8 +42,8 @@ struct Scene {
     agent: Running,
     _m: Manifests,
     bpffs: TempBpffs,
-    a: PodNet,
-    b: PodNet,
+    a: Pod,
+    b: Pod,
     node: Netns,
 }
 
@@ -175,10 +177,6 @@ fn pod_ref(name: &str) -> Option<ObjectRef> {
     Some(ObjectRef::new("x", name))
 }
 
-fn ip(text: &str) -> IpAddr {
-    text.parse().expect("an address")
-}
-
 #[test]
 fn metrics_text_is_parsed_with_escaped_label_values() {
     let m = Metrics::parse(
@@ -235,10 +233,10 @@ fn denied_probe_names_both_pods_and_the_reason_and_an_allowed_one_reports_nothin
         seen.push(d);
     }
     for (d, (src, dst)) in seen.iter().zip([
-        (s.b.v4.as_str(), s.a.v4.as_str()),
-        (s.b.v6.as_str(), s.a.v6.as_str()),
+        (s.b.v4, s.a.v4),
+        (s.b.v6.expect("IPv6"), s.a.v6.expect("IPv6")),
     ]) {
-        assert_eq!((d.src.ip(), d.dst.ip()), (ip(src), ip(dst)), "{d:#?}");
+        assert_eq!((d.src.ip(), d.dst.ip()), (src, dst), "{d:#?}");
         let (proto, echo) = if d.src.is_ipv4() {
             (protocol::ICMP, 8)
         } else {
@@ -313,7 +311,7 @@ fn a_flood_of_denied_packets_gets_the_burst_then_the_rate_and_the_rest_is_counte
     let before = s.metrics();
     let drops0 = count(s.bpffs.path(), reason::DROP_POLICY);
     let (limited0, full0) = s.lost();
-    let dst = SocketAddr::new(ip(&s.a.v4), 9);
+    let dst = SocketAddr::new(s.a.v4, 9);
     let took = flood(&s.b.ns, dst);
 
     // Every drop is either an event or a lost one; wait until all are
@@ -396,16 +394,20 @@ fn a_flood_of_denied_packets_gets_the_burst_then_the_rate_and_the_rest_is_counte
 /// pods and the reason.
 #[test]
 fn log_denied_writes_each_denial_with_both_pods_to_the_agents_log() {
-    use support::services::{AgentProcess, Folder, node as services_node, pod as routed_pod};
+    use netpol_testkit::{
+        process::{AgentProcess, Turn},
+        topology::calico_pod,
+    };
     if !privileged() {
         return;
     }
-    let node = services_node();
+    let _turn = Turn::take("deny_events");
+    let node = node(Topology::Routed, true);
     let bpffs = TempBpffs::new();
-    let a = routed_pod(&node, "10.244.1.2", "fd00:1::2");
-    let b = routed_pod(&node, "10.244.1.3", "fd00:1::3");
-    let m = Folder::new();
-    let pod_yaml = |name: &str, p: &support::services::Pod| {
+    let a = calico_pod(&node, "10.244.1.2", "fd00:1::2");
+    let b = calico_pod(&node, "10.244.1.3", "fd00:1::3");
+    let m = Manifests::new();
+    let pod_yaml = |name: &str, p: &Pod| {
         format!(
             "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: x, labels: {{app: {name}}}}}\n\
              spec: {{nodeName: n1, containers: [{{name: c}}]}}\n\
@@ -418,6 +420,7 @@ fn log_denied_writes_each_denial_with_both_pods_to_the_agents_log() {
     m.write("b.yaml", &pod_yaml("b", &b));
     m.write("deny-a.yaml", DENY_A);
     let mut agent = AgentProcess::start(
+        AGENT.as_ref(),
         &node,
         bpffs.path(),
         &m,
@@ -433,7 +436,7 @@ fn log_denied_writes_each_denial_with_both_pods_to_the_agents_log() {
         ],
     );
     agent.wait_enforced(&m, &[&a.host_if, &b.host_if]);
-    assert!(!pings(&b.ns, &a.v4.to_string()), "b → a is denied");
+    assert!(!pings(&b.ns, a.v4), "b → a is denied");
     // One JSON object per line: the deny line's fields.
     let denial = || {
         agent

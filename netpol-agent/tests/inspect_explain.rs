@@ -4,22 +4,26 @@
 //! JSON read back and checked against the policies and against real
 //! connections, both families; and again once the agent is killed, since
 //! the maps and the state file outlive it.
-mod support;
-
 use std::{
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     process::Command,
 };
 
-use serde_json::Value;
-use support::{
-    Netns, TempBpffs,
-    echo::exchange,
+use netpol_testkit::{
+    Netns,
+    datapath::TempBpffs,
+    echo::{Case, Proto, connect, echo, exchange, expect},
+    manifests::Manifests,
     privileged,
-    services::{AGENT, AgentProcess, Case, Folder, Pod, Proto, connect, echo, expect, node, pod},
+    process::{self, AgentProcess, Turn},
+    topology::{Pod, Topology, calico_pod, node},
     unique,
 };
+use serde_json::Value;
+
+/// The agent binary cargo built for these tests.
+const AGENT: &str = env!("CARGO_BIN_EXE_netpol-agent");
 
 /// Ingress of b: TCP 80 from a only. Egress of c: TCP 80 to b only (which
 /// b's ingress does not let in).
@@ -121,11 +125,12 @@ struct World {
     agent: AgentProcess,
     state: StateDir,
     bpffs: TempBpffs,
-    _manifests: Folder,
+    _manifests: Manifests,
     a: Pod,
     b: Pod,
     c: Pod,
     _node: Netns,
+    _turn: Turn,
 }
 
 /// A state folder, removed on drop.
@@ -139,14 +144,15 @@ impl Drop for StateDir {
 
 impl World {
     fn new() -> Self {
-        let node = node();
-        let a = pod(&node, "10.244.1.2", "fd00:1::2");
-        let b = pod(&node, "10.244.1.3", "fd00:1::3");
-        let c = pod(&node, "10.244.1.4", "fd00:1::4");
+        let turn = Turn::take("inspect_explain");
+        let node = node(Topology::Routed, true);
+        let a = calico_pod(&node, "10.244.1.2", "fd00:1::2");
+        let b = calico_pod(&node, "10.244.1.3", "fd00:1::3");
+        let c = calico_pod(&node, "10.244.1.4", "fd00:1::4");
         for (p, port) in [(&a, 80), (&b, 80), (&b, 81)] {
             echo(p, port);
         }
-        let manifests = Folder::new();
+        let manifests = Manifests::new();
         manifests.write(
             "00-cluster.yaml",
             &cluster(&[("a", &a), ("b", &b), ("c", &c)]),
@@ -156,6 +162,7 @@ impl World {
         let state = StateDir(std::env::temp_dir().join(unique("netpol-state-")));
         let dir = state.0.display().to_string();
         let mut agent = AgentProcess::start(
+            AGENT.as_ref(),
             &node,
             bpffs.path(),
             &manifests,
@@ -163,7 +170,7 @@ impl World {
             &["--state-dir", &dir],
         );
         agent.wait_enforced(&manifests, &[&a.host_if, &b.host_if, &c.host_if]);
-        wait_state(&state.0, &manifests.fingerprint(), 3);
+        wait_state(&state.0, &agent.fingerprint(&manifests), 3);
         Self {
             agent,
             state,
@@ -173,6 +180,7 @@ impl World {
             b,
             c,
             _node: node,
+            _turn: turn,
         }
     }
 
@@ -188,7 +196,7 @@ impl World {
 /// Waits until the state file (written off the agent's sync loop) holds
 /// `fingerprint` with `pods` pods bound to their interfaces.
 fn wait_state(dir: &Path, fingerprint: &str, pods: usize) {
-    let deadline = std::time::Instant::now() + support::services::DEADLINE;
+    let deadline = std::time::Instant::now() + process::DEADLINE;
     let mut last = Value::Null;
     while std::time::Instant::now() < deadline {
         if let Some(v) = std::fs::read(dir.join("state.json"))

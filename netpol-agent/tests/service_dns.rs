@@ -6,20 +6,25 @@
 //! One node namespace with the real `netpol-agent run`, kube-proxy's DNAT,
 //! a small DNS responder (both transports, both families) in the coredns
 //! pod and in a decoy pod.
-mod support;
-
 use std::{
     io::{Read as _, Write as _},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
     time::Duration,
 };
 
-use support::{
-    Netns, TempBpffs, privileged,
-    services::{
-        AgentProcess, Case, Dnat, Folder, Pod, Proto, echo, expect, ip, kube_proxy, node, pod,
-    },
+use netpol_testkit::{
+    Netns,
+    datapath::TempBpffs,
+    echo::{Case, Proto, echo, expect},
+    kube_proxy::{Dnat, kube_proxy},
+    manifests::Manifests,
+    privileged,
+    process::{AgentProcess, Turn},
+    topology::{Pod, Topology, calico_pod, ip, node},
 };
+
+/// The agent binary cargo built for these tests.
+const AGENT: &str = env!("CARGO_BIN_EXE_netpol-agent");
 
 const DNS_V4: &str = "10.96.0.10";
 const DNS_V6: &str = "fd00:96::a";
@@ -233,12 +238,13 @@ fn the_dns_wire_format_round_trips() {
 /// Fields drop in order: the agent before its bpffs and namespaces.
 struct World {
     agent: AgentProcess,
-    manifests: Folder,
+    manifests: Manifests,
     _bpffs: TempBpffs,
     coredns: Pod,
     client: Pod,
     other: Pod,
     _node: Netns,
+    _turn: Turn,
 }
 
 fn cluster(coredns: &Pod, client: &Pod, other: &Pod) -> String {
@@ -330,19 +336,20 @@ spec:
 
 impl World {
     fn new() -> Self {
-        let node = node();
+        let turn = Turn::take("service_dns");
+        let node = node(Topology::Routed, true);
         // The node's own addresses (its families), as a routed CNI's node.
         ip(&node.name, "addr add 192.168.100.1/32 dev lo");
         ip(&node.name, "addr add fd00:100::1/128 dev lo");
-        let coredns = pod(&node, "10.244.1.10", "fd00:1::10");
-        let client = pod(&node, "10.244.1.2", "fd00:1::2");
-        let other = pod(&node, "10.244.1.3", "fd00:1::3");
+        let coredns = calico_pod(&node, "10.244.1.10", "fd00:1::10");
+        let client = calico_pod(&node, "10.244.1.2", "fd00:1::2");
+        let other = calico_pod(&node, "10.244.1.3", "fd00:1::3");
         serve_dns(&coredns);
         echo(&coredns, METRICS);
         serve_dns(&other);
         echo(&other, 80);
         let mut rules = Vec::new();
-        for (frontend, backend) in [(DNS_V4, coredns.v4), (DNS_V6, coredns.v6)] {
+        for (frontend, backend) in [(DNS_V4, coredns.v4), (DNS_V6, coredns.v6.expect("IPv6"))] {
             for (proto, port) in [("udp", 53), ("tcp", 53), ("tcp", METRICS)] {
                 rules.push(Dnat {
                     frontend: frontend.parse().expect("ClusterIP"),
@@ -354,10 +361,17 @@ impl World {
             }
         }
         kube_proxy(&node, &rules);
-        let manifests = Folder::new();
+        let manifests = Manifests::new();
         manifests.write("00-cluster.yaml", &cluster(&coredns, &client, &other));
         let bpffs = TempBpffs::new();
-        let mut agent = AgentProcess::start(&node, bpffs.path(), &manifests, "node1", &[]);
+        let mut agent = AgentProcess::start(
+            AGENT.as_ref(),
+            &node,
+            bpffs.path(),
+            &manifests,
+            "node1",
+            &[],
+        );
         agent.wait_enforced(
             &manifests,
             &[&coredns.host_if, &client.host_if, &other.host_if],
@@ -370,6 +384,7 @@ impl World {
             client,
             other,
             _node: node,
+            _turn: turn,
         };
         // Before any policy: DNS through the Service and everything else
         // works, so a later failure is netpol's doing.

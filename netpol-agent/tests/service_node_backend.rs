@@ -3,17 +3,22 @@
 //! ClusterIP to a node address, so the packet never reaches a pod's veth
 //! nor leaves the node. The client's egress is still judged against the
 //! node address, never against the ClusterIP, and never skipped.
-mod support;
-
 use std::net::{IpAddr, SocketAddr};
 
-use support::{
-    Netns, TempBpffs, privileged,
-    services::{
-        AgentProcess, Case, Dnat, Folder, Pod, Proto, echo_at, expect, ip, kube_proxy, node, pod,
-    },
+use netpol_testkit::{
+    Netns,
+    datapath::TempBpffs,
+    echo::{Case, Proto, expect, serve},
+    kube_proxy::{Dnat, kube_proxy},
+    manifests::Manifests,
+    privileged,
+    process::{AgentProcess, Turn},
     sh,
+    topology::{Pod, Topology, calico_pod, ip, node},
 };
+
+/// The agent binary cargo built for these tests.
+const AGENT: &str = env!("CARGO_BIN_EXE_netpol-agent");
 
 const CLUSTER_V4: &str = "10.96.0.1";
 const CLUSTER_V6: &str = "fd00:96::1";
@@ -32,31 +37,33 @@ const TARGET: u16 = 6443;
 static ONE_AGENT: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// Fields drop in order: the agent before its bpffs and namespaces, and
-/// the turn last.
+/// the turns last.
 struct World {
     agent: AgentProcess,
-    manifests: Folder,
+    manifests: Manifests,
     _bpffs: TempBpffs,
     client: Pod,
     _node: Netns,
-    _turn: std::sync::MutexGuard<'static, ()>,
+    _alone: std::sync::MutexGuard<'static, ()>,
+    _turn: Turn,
 }
 
 impl World {
     fn new() -> Self {
-        let turn = ONE_AGENT
+        let turn = Turn::take("service_node_backend");
+        let alone = ONE_AGENT
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let node = node();
+        let node = node(Topology::Routed, true);
         ip(&node.name, &format!("addr add {NODE_V4}/32 dev lo"));
         ip(&node.name, &format!("addr add {NODE_V6}/128 dev lo"));
-        let client = pod(&node, "10.244.1.2", "fd00:1::2");
+        let client = calico_pod(&node, "10.244.1.2", "fd00:1::2");
         // The "API server": the node's own sockets, on its addresses.
         let host: Vec<IpAddr> = [NODE_V4, NODE_V6]
             .iter()
             .map(|a| a.parse().expect("node address"))
             .collect();
-        echo_at(&node, &host, TARGET);
+        serve(&node, &host, TARGET);
         let mut rules = Vec::new();
         for (frontend, backend) in [(CLUSTER_V4, NODE_V4), (CLUSTER_V6, NODE_V6)] {
             for proto in ["tcp", "udp"] {
@@ -106,7 +113,7 @@ impl World {
                 ],
             );
         }
-        let manifests = Folder::new();
+        let manifests = Manifests::new();
         manifests.write(
             "00-cluster.yaml",
             &format!(
@@ -154,7 +161,14 @@ spec:
             ),
         );
         let bpffs = TempBpffs::new();
-        let mut agent = AgentProcess::start(&node, bpffs.path(), &manifests, "node1", &[]);
+        let mut agent = AgentProcess::start(
+            AGENT.as_ref(),
+            &node,
+            bpffs.path(),
+            &manifests,
+            "node1",
+            &[],
+        );
         agent.wait_enforced(&manifests, &[&client.host_if]);
         let w = Self {
             agent,
@@ -162,6 +176,7 @@ spec:
             _bpffs: bpffs,
             client,
             _node: node,
+            _alone: alone,
             _turn: turn,
         };
         expect("no policy yet", w.via_service(true));

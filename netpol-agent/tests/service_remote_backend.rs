@@ -6,24 +6,26 @@
 //! Two node namespaces joined by an uplink veth, each with its own pod
 //! CIDR; the real `netpol-agent run` on node1 only (the client's node,
 //! where kube-proxy translates). Both families, TCP and UDP.
-mod support;
-
 use std::{
     net::{IpAddr, SocketAddr},
     time::Duration,
 };
 
 use netpol_common::{direction, reason};
-use support::{
-    Netns, TempBpffs,
-    echo::exchange,
+use netpol_testkit::{
+    Netns,
+    datapath::TempBpffs,
+    echo::{Case, Proto, SLOW, connect, echo, exchange, expect},
+    kube_proxy::{Dnat, kube_proxy},
+    manifests::Manifests,
     privileged,
-    services::{
-        AgentProcess, Case, Dnat, Folder, Pod, Proto, SLOW, connect, echo, expect, ip, kube_proxy,
-        node, pod,
-    },
+    process::{AgentProcess, Turn},
+    topology::{Pod, Topology, calico_pod, ip, node},
     unique,
 };
+
+/// The agent binary cargo built for these tests.
+const AGENT: &str = env!("CARGO_BIN_EXE_netpol-agent");
 
 const CLUSTER_V4: &str = "10.96.0.10";
 const CLUSTER_V6: &str = "fd00:96::10";
@@ -39,7 +41,7 @@ const OTHER: u16 = 9090;
 /// Fields drop in order: the agent before its bpffs and namespaces.
 struct World {
     agent: Option<AgentProcess>,
-    manifests: Folder,
+    manifests: Manifests,
     bpffs: TempBpffs,
     client: Pod,
     server: Pod,
@@ -47,6 +49,7 @@ struct World {
     node1: Netns,
     /// Holds the server; nothing reads it but its drop.
     _node2: Netns,
+    _turn: Turn,
 }
 
 impl World {
@@ -57,8 +60,9 @@ impl World {
     /// The world with `extra` arguments for `netpol-agent run`; waits for
     /// `leave_node` on the uplink.
     fn with_args(extra: &[&str]) -> Self {
-        let node1 = node();
-        let node2 = node();
+        let turn = Turn::take("service_remote_backend");
+        let node1 = node(Topology::Routed, true);
+        let node2 = node(Topology::Routed, true);
         let (up1, up2) = (unique("npu"), unique("npu"));
         ip(
             &node1.name,
@@ -84,12 +88,15 @@ impl World {
                 &format!("-6 route add fd00:{other_pods}::/64 via {peer6} dev {dev}"),
             );
         }
-        let client = pod(&node1, "10.244.1.2", "fd00:1::2");
-        let server = pod(&node2, "10.244.2.2", "fd00:2::2");
+        let client = calico_pod(&node1, "10.244.1.2", "fd00:1::2");
+        let server = calico_pod(&node2, "10.244.2.2", "fd00:2::2");
         echo(&server, TARGET);
         echo(&server, OTHER);
         let mut rules = Vec::new();
-        for (frontend, backend) in [(CLUSTER_V4, server.v4), (CLUSTER_V6, server.v6)] {
+        for (frontend, backend) in [
+            (CLUSTER_V4, server.v4),
+            (CLUSTER_V6, server.v6.expect("IPv6")),
+        ] {
             for proto in ["tcp", "udp"] {
                 rules.push(Dnat {
                     frontend: frontend.parse().expect("ClusterIP"),
@@ -101,7 +108,7 @@ impl World {
             }
         }
         kube_proxy(&node1, &rules);
-        let manifests = Folder::new();
+        let manifests = Manifests::new();
         manifests.write("00-cluster.yaml", &cluster(&client, &server));
         let bpffs = TempBpffs::new();
         let mut w = Self {
@@ -113,8 +120,16 @@ impl World {
             uplink: up1,
             node1,
             _node2: node2,
+            _turn: turn,
         };
-        let mut agent = AgentProcess::start(&w.node1, w.bpffs.path(), &w.manifests, "node1", extra);
+        let mut agent = AgentProcess::start(
+            AGENT.as_ref(),
+            &w.node1,
+            w.bpffs.path(),
+            &w.manifests,
+            "node1",
+            extra,
+        );
         agent.wait_enforced(&w.manifests, &[&w.client.host_if]);
         agent.wait_leave_node(&w.uplink);
         w.agent = Some(agent);
@@ -259,7 +274,7 @@ ports: [{{name: http, protocol: TCP, port: {TARGET}}}, {{name: http-udp, protoco
         client_ips = client.pod_ips(),
         server_ips = server.pod_ips(),
         server_v4 = server.v4,
-        server_v6 = server.v6,
+        server_v6 = server.v6.expect("IPv6"),
     )
 }
 

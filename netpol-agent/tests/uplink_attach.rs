@@ -3,17 +3,19 @@
 //! and of nothing else; a restarted agent adopts it; `netpol-agent
 //! cleanup` removes it. The `Datapath` API does the same on the netlink
 //! path.
-mod support;
-
 use std::collections::BTreeSet;
 
 use aya::programs::{SchedClassifier, TcAttachType};
 use netpol_agent::{AttachMode, Datapath, DatapathConfig, DatapathError, datapath};
 use netpol_common::{GlobalConfig, maps, programs};
-use support::{
-    Netns, TempBpffs,
-    agent::{BASE, Manifests, Running, Topology, ip, node, pod, pod_manifest},
-    privileged, unique,
+use netpol_testkit::{
+    Netns,
+    agent::Running,
+    datapath::TempBpffs,
+    manifests::{BASE, Manifests, pod_manifest},
+    privileged,
+    topology::{PodLink, Topology, ip, node, pod},
+    unique,
 };
 
 /// Names of the TCX programs on one hook of `dev`, in the calling thread's
@@ -309,7 +311,7 @@ fn a_pod_interface_is_never_an_uplink_and_takes_over_one() {
     if !privileged() {
         return;
     }
-    let link = support::PodLink::new();
+    let link = PodLink::new();
     let bpffs = TempBpffs::new();
     link.node.run(|| {
         let mut dp = Datapath::load(&config(&bpffs, AttachMode::Auto, false)).expect("load");

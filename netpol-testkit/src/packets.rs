@@ -2,7 +2,6 @@
 //! filled by the production map writer from policies compiled by the
 //! compiler: the fixture, frame builders and verdict tables shared by the
 //! packet test suites.
-#![allow(dead_code, reason = "each test binary uses a subset")]
 
 use std::{
     collections::BTreeMap,
@@ -12,7 +11,6 @@ use std::{
     sync::{Mutex, OnceLock, PoisonError},
 };
 
-use crate::support::{Netns, TempBpffs, privileged, sh};
 use aya::programs::{TestRun as _, TestRunOptions};
 use etherparse::{IpNumber, PacketBuilder};
 use netpol_agent::{
@@ -21,6 +19,11 @@ use netpol_agent::{
     model::{self, ObjectRef, Snapshot},
 };
 use netpol_common::programs;
+
+use crate::{
+    datapath::TempBpffs,
+    netns::{Netns, privileged, sh},
+};
 
 /// The cluster every test starts from: pods x/a and x/b on this node, y/c
 /// on another; dual-stack.

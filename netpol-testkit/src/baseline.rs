@@ -1,6 +1,6 @@
 //! A kube-router-style iptables + ipset rendering of a [`Snapshot`], the
 //! baseline netpol is benchmarked against (`cargo xtask bench control` and
-//! `throughput`). The agent never uses it.
+//! `throughput`) and checked beside (`tests/agent/baseline_restore.rs`).
 //!
 //! The shapes follow kube-router's network policy controller (`pod.go`,
 //! `policy.go`), which k3s embeds:
@@ -29,7 +29,10 @@
 //! `ipset restore` (fill a temporary set, swap it in) per family, then
 //! `iptables-restore` / `ip6tables-restore` of the whole filter table.
 //!
-//! The rendering is pure: snapshot in, texts out.
+//! The rendering is pure: snapshot in, texts out. [`restore`] loads the
+//! texts into a network namespace as kube-router does.
+
+pub mod restore;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
@@ -37,7 +40,9 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 
-use crate::model::{NetworkPolicy, ObjectRef, Peer, Pod, PolicyPort, PortSpec, Protocol, Snapshot};
+use netpol_agent::model::{
+    NetworkPolicy, ObjectRef, Peer, Pod, PolicyPort, PortSpec, Protocol, Snapshot,
+};
 
 /// kube-router's "allowed by a policy" mark.
 const MARK: &str = "0x10000/0x10000";
@@ -208,7 +213,7 @@ struct Render<'a> {
     /// once rather than per selector (kube-router's listers index them
     /// alike).
     by_ns: BTreeMap<&'a str, Vec<&'a Pod>>,
-    ns_labels: BTreeMap<&'a str, crate::model::Labels>,
+    ns_labels: BTreeMap<&'a str, netpol_agent::model::Labels>,
     sets: Vec<IpSet>,
     /// Policy chains in order, each with its rules.
     policy_chains: Vec<(String, Vec<String>)>,
@@ -809,7 +814,7 @@ spec:
 "#;
 
     fn snap() -> Snapshot {
-        crate::test_support::snapshot(CASE)
+        crate::manifests::snapshot(CASE)
     }
 
     fn set_of<'a>(ipset: &'a str, name: &str) -> Vec<&'a str> {
@@ -971,7 +976,7 @@ spec:
         s.local_node = None;
         s.nodes.insert(
             "n2".into(),
-            crate::model::Node {
+            netpol_agent::model::Node {
                 name: "n2".into(),
                 addresses: Vec::new(),
             },

@@ -10,7 +10,6 @@
 //! compact the history (open watches get `410 Gone`, and so does a watch
 //! from an older version, forcing a relist) and take the server down (every
 //! connection is dropped unanswered) and up again.
-#![allow(dead_code, reason = "each test binary uses a subset")]
 
 use std::{
     collections::{BTreeMap, VecDeque},

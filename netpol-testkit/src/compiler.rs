@@ -1,7 +1,6 @@
 //! Shared helpers of the compiler tests: the reference evaluator (the spec
 //! written as plainly as possible), the userspace LPM simulator that answers
 //! the same question from compiled map entries, and cluster builders.
-#![allow(dead_code)]
 
 use std::net::IpAddr;
 

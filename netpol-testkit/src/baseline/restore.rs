@@ -1,10 +1,9 @@
-//! Loading the kube-router-style baseline ([`netpol_agent::baseline`]) into
+//! Loading the kube-router-style baseline ([`super::generate`]'s texts) into
 //! the calling thread's network namespace, as kube-router does on every
 //! sync: `iptables-save`, `ipset restore` per family, then
 //! `iptables-restore` and `ip6tables-restore` of the filter table, each fed
 //! on stdin. Shared by the baseline test and the control and throughput
 //! benches. Refuses to touch the host's namespace.
-#![allow(dead_code, reason = "each user takes a subset")]
 
 use std::{
     io::Write as _,
@@ -12,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use netpol_agent::baseline::{Baseline, empty_filter_table};
+use super::{Baseline, empty_filter_table};
 
 /// Which iptables the rules go through.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
