@@ -22,8 +22,7 @@ use netpol_testkit::{
 };
 use serde_json::Value;
 
-/// The agent binary cargo built for these tests.
-const AGENT: &str = env!("CARGO_BIN_EXE_netpol-agent");
+use crate::AGENT;
 
 /// Ingress of b: TCP 80 from a only. Egress of c: TCP 80 to b only (which
 /// b's ingress does not let in).

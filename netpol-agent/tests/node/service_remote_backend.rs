@@ -24,8 +24,7 @@ use netpol_testkit::{
     unique,
 };
 
-/// The agent binary cargo built for these tests.
-const AGENT: &str = env!("CARGO_BIN_EXE_netpol-agent");
+use crate::AGENT;
 
 const CLUSTER_V4: &str = "10.96.0.10";
 const CLUSTER_V6: &str = "fd00:96::10";

@@ -24,7 +24,7 @@ use netpol_agent::provenance::{Bound, Inputs, State};
 use netpol_agent::resume::{leftovers, resume};
 use netpol_agent::sync::unbound_entry;
 use netpol_testkit::compiler::{ICMP, reference_allows, simulate};
-use proptest::prelude::*;
+use proptest::{prelude::*, test_runner::FileFailurePersistence};
 
 /// splitmix64: the cluster is a function of one seed, so a failing case
 /// prints a seed that reproduces it.
@@ -480,8 +480,21 @@ fn check_agrees(s: &Snapshot, c: &Compiled, r: &mut Rng) -> Result<(), TestCaseE
     Ok(())
 }
 
+/// `cases` cases; failures are kept in `props.proptest-regressions` beside
+/// this file (the default place would be `tests/proptest-regressions/`,
+/// beside this binary's folder, as it holds a `main.rs`).
+fn config(cases: u32) -> ProptestConfig {
+    ProptestConfig {
+        cases,
+        failure_persistence: Some(Box::new(FileFailurePersistence::WithSource(
+            "proptest-regressions",
+        ))),
+        ..ProptestConfig::default()
+    }
+}
+
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
+    #![proptest_config(config(128))]
 
     #[test]
     fn simulator_on_compiled_entries_agrees_with_reference(seed in any::<u64>()) {
@@ -502,7 +515,7 @@ proptest! {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+    #![proptest_config(config(64))]
 
     #[test]
     fn diff_applied_to_old_maps_gives_new_maps_and_every_step_is_safe(
@@ -600,7 +613,7 @@ fn check_generations(a: &Compiled, b: &Compiled) -> Result<(), TestCaseError> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
+    #![proptest_config(config(96))]
 
     #[test]
     fn compiler_updates_equal_full_compiles_and_their_diffs(
@@ -696,7 +709,7 @@ impl Judge {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+    #![proptest_config(config(64))]
 
     /// A restart: a previous agent compiled `a` after a history of pods
     /// that came and went (its ids are not a fresh compile's), left its

@@ -22,8 +22,7 @@ use netpol_testkit::{
     topology::{Pod, Topology, node, pod},
 };
 
-/// The agent binary cargo built for these tests.
-const AGENT: &str = env!("CARGO_BIN_EXE_netpol-agent");
+use crate::AGENT;
 
 /// Ingress of `a` only from pods labelled `app: nobody`: `b` is denied.
 const DENY_A: &str = r#"
