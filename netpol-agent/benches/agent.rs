@@ -7,15 +7,14 @@
 //! The time measured runs from that write until the agent reports the
 //! pod's interface bound and programmed: the files source, the 10 ms
 //! debounce, compile, diff, apply and the binding together.
-#[path = "../tests/support/mod.rs"]
-mod support;
-
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, SamplingMode};
-use support::{
-    TempBpffs,
-    agent::{BASE, Manifests, Running, Topology, interface, node, pod, pod_manifest},
+use netpol_testkit::{
+    agent::{Running, interface},
+    datapath::TempBpffs,
+    manifests::{BASE, Manifests, pod_manifest},
+    topology::{Topology, node, pod},
 };
 
 fn main() {

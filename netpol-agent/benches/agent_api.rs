@@ -32,11 +32,6 @@
 //! charged to the pods).
 //!
 //! Writes `target/netpol-bench/agent_api.json`.
-#[path = "../tests/support/fake_apiserver.rs"]
-mod fake_apiserver;
-#[path = "../tests/support/mod.rs"]
-mod support;
-
 use std::{
     io::{Read as _, Write as _},
     net::{IpAddr, SocketAddr, TcpStream, UdpSocket},
@@ -49,13 +44,29 @@ use std::{
     time::{Duration, Instant},
 };
 
-use fake_apiserver::FakeApiServer;
-use serde_json::{Value, json};
-use support::{
-    Netns, TempBpffs,
-    services::{Pod, node, pod},
+use netpol_testkit::{
+    Netns,
+    datapath::TempBpffs,
+    fake_apiserver::FakeApiServer,
+    topology::{Pod, Topology, calico_pod},
     unique,
 };
+use serde_json::{Value, json};
+
+/// A node namespace forwarding both families, its pods routed as Calico
+/// routes them.
+fn node() -> Netns {
+    netpol_testkit::topology::node(Topology::Routed, true)
+}
+
+fn pod(node: &Netns, v4: &str, v6: &str) -> Pod {
+    calico_pod(node, v4, v6)
+}
+
+/// A dual-stack pod's IPv6 address.
+fn v6(p: &Pod) -> String {
+    p.v6.map(|a| a.to_string()).unwrap_or_default()
+}
 
 const AGENT: &str = env!("CARGO_BIN_EXE_netpol-agent");
 const LISTEN: &str = "127.0.0.1:9101";
@@ -101,10 +112,7 @@ fn api_pod(size: &Size, i: usize, real: Option<&Pod>) -> Value {
     let ns = format!("ns-{}", i % size.namespaces);
     let app = format!("app-{}", i % 500);
     let ips: Vec<Value> = match real {
-        Some(p) => vec![
-            json!({"ip": p.v4.to_string()}),
-            json!({"ip": p.v6.to_string()}),
-        ],
+        Some(p) => vec![json!({"ip": p.v4.to_string()}), json!({"ip": v6(p)})],
         None => {
             vec![json!({"ip": format!("10.{}.{}.{}", i / 65_536 + 1, (i / 256) % 256, i % 256)})]
         }
@@ -188,7 +196,7 @@ fn bench_pod(name: &str, app: &str, p: &Pod) -> Value {
                      "labels": {"app": app}},
         "spec": {"nodeName": LOCAL, "containers": [{"name": "c"}]},
         "status": {"phase": "Running", "podIP": p.v4.to_string(),
-                   "podIPs": [{"ip": p.v4.to_string()}, {"ip": p.v6.to_string()}]}
+                   "podIPs": [{"ip": p.v4.to_string()}, {"ip": v6(p)}]}
     })
 }
 

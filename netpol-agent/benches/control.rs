@@ -18,10 +18,6 @@
 //! first: the host's iptables and ipsets are never touched. Results go to
 //! `target/netpol-bench/control.json` for xtask's table.
 mod common;
-#[path = "../tests/common_baseline/mod.rs"]
-mod common_baseline;
-#[path = "../tests/support/mod.rs"]
-mod support;
 
 use std::{
     collections::BTreeMap,
@@ -30,14 +26,19 @@ use std::{
 };
 
 use common::{cluster, relabelled};
-use common_baseline::Backend;
 use netpol_agent::{
-    Datapath, DatapathConfig, baseline,
+    Datapath, DatapathConfig,
     compiler::{Compiled, Compiler, IdAllocation, diff},
     model::{ObjectRef, Snapshot},
 };
+use netpol_testkit::{
+    baseline::{
+        self,
+        restore::{self, Backend},
+    },
+    datapath::TempBpffs,
+};
 use serde_json::json;
-use support::TempBpffs;
 
 /// Full applies of each contender.
 const FULL_ROUNDS: usize = 5;
@@ -132,7 +133,7 @@ fn main() {
     let mut netpol_full = Vec::new();
     let mut netpol_ops = 0;
     let mut base_full: BTreeMap<&str, Vec<Duration>> = BTreeMap::new();
-    let mut base_steps: BTreeMap<&str, Vec<common_baseline::SyncTimes>> = BTreeMap::new();
+    let mut base_steps: BTreeMap<&str, Vec<restore::SyncTimes>> = BTreeMap::new();
     let mut base_render: BTreeMap<&str, Vec<Duration>> = BTreeMap::new();
     let mut base_restore: BTreeMap<&str, Vec<Duration>> = BTreeMap::new();
     for round in 0..FULL_ROUNDS {
@@ -149,11 +150,11 @@ fn main() {
             .expect("emptying the maps");
 
         for backend in Backend::ALL {
-            common_baseline::clear().expect("clear");
+            restore::clear().expect("clear");
             let t = Instant::now();
             let b = baseline::generate(&s).expect("baseline");
             let render = t.elapsed();
-            let steps = common_baseline::sync(&b, backend).expect("baseline sync");
+            let steps = restore::sync(&b, backend).expect("baseline sync");
             base_full
                 .entry(backend.name())
                 .or_default()
@@ -201,9 +202,8 @@ fn main() {
     let mut label_ops = 0;
     let mut base_label: BTreeMap<&str, Vec<Duration>> = BTreeMap::new();
     for backend in Backend::ALL {
-        common_baseline::clear().expect("clear");
-        common_baseline::sync(&baseline::generate(&s).expect("baseline"), backend)
-            .expect("baseline sync");
+        restore::clear().expect("clear");
+        restore::sync(&baseline::generate(&s).expect("baseline"), backend).expect("baseline sync");
         for _ in 0..LABEL_ROUNDS {
             for _ in 0..NETPOL_PER_ROUND {
                 flip = !flip;
@@ -223,17 +223,17 @@ fn main() {
             let snap = if flip { &s_pod } else { &s };
             let t = Instant::now();
             let b = baseline::generate(snap).expect("baseline");
-            common_baseline::sync(&b, backend).expect("baseline sync");
+            restore::sync(&b, backend).expect("baseline sync");
             base_label
                 .entry(backend.name())
                 .or_default()
                 .push(t.elapsed());
         }
     }
-    common_baseline::clear().expect("clear");
+    restore::clear().expect("clear");
 
-    let steps = |v: &[common_baseline::SyncTimes]| {
-        let f = |g: fn(&common_baseline::SyncTimes) -> Duration| {
+    let steps = |v: &[restore::SyncTimes]| {
+        let f = |g: fn(&restore::SyncTimes) -> Duration| {
             summary(&v.iter().map(g).collect::<Vec<_>>())["p50"].clone()
         };
         json!({"save": f(|t| t.save), "ipset": f(|t| t.ipset), "iptables": f(|t| t.iptables)})

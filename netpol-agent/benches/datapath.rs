@@ -9,9 +9,6 @@
 //! into the bench object: `bench_ok` (returns at once) and `bench_lookup`
 //! (parses the same headers, one hash lookup). The kernel times `repeat`
 //! runs itself, so criterion gets the program's own time.
-#[path = "../tests/support/mod.rs"]
-mod support;
-
 use std::{net::Ipv6Addr, path::PathBuf, time::Duration};
 
 use aya::programs::{SchedClassifier, TestRun as _, TestRunOptions};
@@ -22,7 +19,7 @@ use netpol_common::{
     EndpointInfo, GlobalConfig, PolicyKeyV4, PolicyKeyV6, PolicyValue, PortKey, PortValue,
     SELECTOR_BITS, config_flags, direction, endpoint_flags, policy_selector, programs,
 };
-use support::{Netns, TempBpffs, sh};
+use netpol_testkit::{Netns, datapath::TempBpffs, sh};
 
 const ENDPOINT: u32 = 1;
 const RULESET: u32 = 2;

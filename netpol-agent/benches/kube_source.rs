@@ -12,11 +12,9 @@ use std::{
 };
 
 use netpol_agent::sources::{Input, kube::KubeSource};
+use netpol_testkit::fake_apiserver;
 use serde_json::{Value, json};
 use tokio::sync::watch;
-
-#[path = "../tests/support/fake_apiserver.rs"]
-mod fake_apiserver;
 
 const PODS: usize = 10_000;
 const POLICIES: usize = 1_000;

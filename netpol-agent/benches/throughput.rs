@@ -28,11 +28,6 @@
 //! quartiles) over all cycles of all rounds, in
 //! `target/netpol-bench/throughput.json`, with the kernel's own run time
 //! of netpol's programs during one extra run per test.
-#[path = "../tests/common_baseline/mod.rs"]
-mod common_baseline;
-#[path = "../tests/support/mod.rs"]
-mod support;
-
 use std::{
     collections::BTreeMap,
     io::{Read as _, Write as _},
@@ -41,18 +36,23 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common_baseline::Backend;
 use ipnet::IpNet;
 use netpol_agent::{
-    Datapath, baseline,
+    Datapath,
     compiler::{self, Compiled, IdAllocation},
     model::{LabelSelector, NetworkPolicy, ObjectRef, Peer, PolicySlot, Rule, Snapshot},
 };
-use serde_json::json;
-use support::{
-    Netns, TempBpffs,
-    agent::{PodNet, Topology, node, pod, pod_manifest},
+use netpol_testkit::{
+    Netns,
+    baseline::{
+        self,
+        restore::{self, Backend},
+    },
+    datapath::{TempBpffs, enforce},
+    manifests::{BASE, pod_manifest, snapshot as of_manifests},
+    topology::{Pod, Topology, node, pod},
 };
+use serde_json::json;
 
 const SIZES: [usize; 3] = [10, 1_000, 10_000];
 const PORT_RR: u16 = 5001;
@@ -153,14 +153,14 @@ fn insert(s: &mut Snapshot, p: NetworkPolicy) {
 /// The pair with `n` entries per family on the server's ingress and on the
 /// client's egress, then the policies allowing the pair (named to sort
 /// last, so the baseline's chains see them last).
-fn snapshot(server: &PodNet, client: &PodNet, n: usize) -> Snapshot {
+fn snapshot(server: &Pod, client: &Pod, n: usize) -> Snapshot {
     let text = format!(
         "{}---\n{}---\n{}",
-        support::agent::BASE,
+        BASE,
         pod_manifest("srv", server),
         pod_manifest("cli", client)
     );
-    let mut s = support::snapshot(&text);
+    let mut s = of_manifests(&text);
     for k in 0..n.div_ceil(10) {
         insert(
             &mut s,
@@ -219,9 +219,8 @@ fn snapshot(server: &PodNet, client: &PodNet, n: usize) -> Snapshot {
 }
 
 /// The servers, on both of the pod's addresses, for the whole run.
-fn serve(p: &PodNet) {
-    for addr in p.addresses() {
-        let ip: IpAddr = addr.parse().expect("address");
+fn serve(p: &Pod) {
+    for ip in p.addresses() {
         let listen = |port| {
             p.ns.run(|| TcpListener::bind(SocketAddr::new(ip, port)).expect("bind"))
         };
@@ -289,7 +288,7 @@ impl Run {
 }
 
 /// One run from the client's namespace; `None` when nothing got through.
-fn measure(client: &PodNet, server: IpAddr, test: &str, d: Duration) -> Option<Run> {
+fn measure(client: &Pod, server: IpAddr, test: &str, d: Duration) -> Option<Run> {
     client
         .ns
         .run(|| {
@@ -388,8 +387,8 @@ fn quantile(v: &mut [f64], q: f64) -> f64 {
 struct Lane {
     config: &'static str,
     node: Netns,
-    server: PodNet,
-    client: PodNet,
+    server: Pod,
+    client: Pod,
     addrs: Vec<IpAddr>,
 }
 
@@ -402,7 +401,7 @@ impl Lane {
         compiled: &Compiled,
     ) -> (Datapath, BTreeMap<ObjectRef, u32>) {
         self.node.run(|| {
-            support::enforce(
+            enforce(
                 bpffs,
                 compiled,
                 &[
@@ -426,11 +425,7 @@ impl Lane {
                 "1",
             );
         });
-        let addrs = server
-            .addresses()
-            .iter()
-            .map(|a| a.parse().expect("address"))
-            .collect();
+        let addrs = server.addresses();
         Self {
             config,
             node,
@@ -543,7 +538,7 @@ fn main() {
                 ] {
                     lane(config)
                         .node
-                        .run(|| common_baseline::sync(&rules, backend))
+                        .run(|| restore::sync(&rules, backend))
                         .unwrap_or_else(|e| panic!("{config} sync: {e}"));
                 }
                 for (fi, family) in FAMILIES.iter().enumerate() {

@@ -15,7 +15,6 @@
 //! ```
 
 pub mod agent;
-pub mod baseline;
 pub mod bpffs;
 pub mod compiler;
 pub mod datapath;

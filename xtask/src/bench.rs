@@ -338,7 +338,7 @@ pub fn control() -> Result<()> {
          cluster ({} pods, {} on this node, {} policies, {} namespaces), from a changed \
          snapshot to enforced state. netpol: compile + diff + writes into real BPF maps ({} \
          map operations; {} IPv4 + {} IPv6 policy entries). Baseline \
-         (`netpol_agent::baseline`, kube-router's shapes): render the texts, then one \
+         (`netpol_testkit::baseline`, kube-router's shapes): render the texts, then one \
          kube-router sync — `iptables-save`, `ipset restore` per family (fill a temporary set, \
          swap), `iptables-restore` + `ip6tables-restore` of the filter table — in the bench's \
          own network namespace; IPv4 {} sets / {} entries / {} chains / {} rules, IPv6 {} / {} \

@@ -394,7 +394,7 @@ pub fn demo(hold: bool) -> Result<()> {
         }
     }
     println!("demo: kube-proxy-style DNAT of the Services' ClusterIPs (iptables, ip6tables)");
-    let kube = services::Kube::new(&topo.node)?;
+    let kube = services::Kube::new(&topo.node.name)?;
     kube.sync(&model.objects)?;
     let lookup = Lookup::new(&model.objects, &records)?;
     println!("demo: netpol-agent run --manifests <cluster> (in the node netns)");
@@ -470,7 +470,7 @@ pub fn demo(hold: bool) -> Result<()> {
              {cli} explain shop/frontend shop/api tcp/8000 --state-dir {state}\n  \
              bpftool map dump pinned {bpffs}/netpol/NETPOL_POLICY_V4\n\n\
              Press Enter to tear everything down.",
-            node = topo.node
+            node = topo.node.name
         );
         let mut line = String::new();
         let _ = std::io::stdin().read_line(&mut line);

@@ -96,7 +96,7 @@ impl Run {
         queries: &[String],
     ) -> Result<Vec<serde_json::Value>> {
         let mut child = Command::new("ip")
-            .args(["netns", "exec", &topo.node])
+            .args(["netns", "exec", &topo.node.name])
             .arg(agent)
             .arg("--bpffs")
             .arg(&self.bpffs)
@@ -472,7 +472,7 @@ pub fn start_agent(
     let log = File::create(dir.join("agent.log"))?;
     let state = run.state_dir();
     let child = Command::new("ip")
-        .args(["netns", "exec", &topo.node])
+        .args(["netns", "exec", &topo.node.name])
         .arg(agent)
         .arg("--bpffs")
         .arg(&bpffs)
@@ -540,7 +540,7 @@ pub fn run(opts: &Options) -> Result<Tally> {
         topo.add_pod(p)?;
         probe::start_servers(&topo.pods[&p.id].fd, p)?;
     }
-    let services = services::Kube::new(&topo.node)?;
+    let services = services::Kube::new(&topo.node.name)?;
 
     let (mut run, manifests) = start_agent(&topo, &model, &opts.agent, &opts.object)?;
 

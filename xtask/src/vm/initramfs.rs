@@ -33,12 +33,14 @@ const HOST_TOOLS: &[&str] = &[
     "/usr/bin/ping",
 ];
 
-/// Writes the archive for `kernels` running `suites` (name, binary).
+/// Writes the archive for `kernels` running `suites` (name, binary)
+/// without the tests `skip` names (libtest `--skip` filters).
 pub fn build(
     dest: &Path,
     busybox: &Path,
     object: &Path,
     suites: &[(String, PathBuf)],
+    skip: &[&str],
     kernels: &[Kernel],
 ) -> Result<()> {
     let file = File::create(dest).with_context(|| format!("creating {}", dest.display()))?;
@@ -82,7 +84,7 @@ pub fn build(
             cpio.file(&format!("/modules/{}/{name}.ko", k.release), path, 0o644)?;
         }
     }
-    cpio.data("/init", init_script().as_bytes(), 0o755)?;
+    cpio.data("/init", init_script(skip).as_bytes(), 0o755)?;
     cpio.finish()
 }
 
@@ -99,9 +101,11 @@ pub const THREADS_PARAM: &str = "NETPOL_TEST_THREADS";
 /// suite of [`SUITES_PARAM`] with its output on [`RESULTS_TTY`] between
 /// marker lines, powers off. The kernel's own console (ttyS0) stays apart.
 /// `NETPOL_VM_GUEST=1` tells a test it runs in the emulated guest, where
-/// the host's load can starve it.
-fn init_script() -> String {
+/// the host's load can starve it. `skip` are libtest `--skip` filters
+/// for every suite.
+fn init_script(skip: &[&str]) -> String {
     let modules = MODULES.join(" ");
+    let skip: String = skip.iter().map(|s| format!(" --skip {s}")).collect();
     format!(
         r#"#!/bin/busybox sh
 /bin/busybox --install -s /bin
@@ -125,7 +129,7 @@ ip link set lo up
 for t in $(echo "${SUITES_PARAM}" | tr , ' '); do
   echo "{MARK} begin $t" > $out
   start=$(cut -d' ' -f1 /proc/uptime)
-  /tests/$t --test-threads=${THREADS_PARAM} > $out 2>&1
+  /tests/$t --test-threads=${THREADS_PARAM}{skip} > $out 2>&1
   rc=$?
   echo "{MARK} end $t rc=$rc start=$start end=$(cut -d' ' -f1 /proc/uptime)" > $out
 done
