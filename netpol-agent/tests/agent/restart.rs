@@ -932,16 +932,26 @@ fn second_agent(kube: bool) {
         log,
         &["--handover-wait-secs", "60"],
     );
+    // It waits for the first (a loaded machine may take seconds to get
+    // it that far; stopping the first before would test no handover).
+    let deadline = Instant::now() + DEADLINE;
+    while !next.log().contains("waiting for it to exit (handover)") {
+        assert!(
+            Instant::now() < deadline,
+            "the next agent did not wait for the first: {}",
+            next.log()
+        );
+        probes.progress(1, "both agents up, the second starting");
+    }
     probes.progress(30, "both agents up, the second waiting");
+    assert!(
+        matches!(first.child.try_wait(), Ok(None)),
+        "the first agent still runs while the next waits"
+    );
     first.signal("TERM");
     next.wait_enforced(node, feed, &pods);
     probes.progress(50, "after the handover");
     probes.stop("after the handover");
-    let text = next.log();
-    assert!(
-        text.contains("waiting for it to exit (handover)"),
-        "the next agent waited: {text}"
-    );
 }
 
 /// A pod without an interface (its entries are compiled all the same).
