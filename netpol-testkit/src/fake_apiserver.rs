@@ -411,30 +411,33 @@ fn handle<B>(s: &Arc<Shared>, req: &Request<B>) -> Result<Response<Body>, Refuse
                 &status(403, "Forbidden", "lists of this kind are forbidden (RBAC)"),
             ));
         }
-        // Pages of `limit` objects, the continue token being the offset
-        // (as the API server pages; kube-rs asks for 500).
+        // Pages of `limit` objects, as the API server pages (kube-rs asks
+        // for 500); the continue token is the last key served, so a page
+        // costs its own objects, not the collection's (a 100,000-pod list
+        // would otherwise be quadratic).
         let limit: usize = query
             .get("limit")
             .and_then(|v| v.parse().ok())
             .filter(|&l| l > 0)
             .unwrap_or(usize::MAX);
-        let offset: usize = query
+        let after: Option<(String, String)> = query
             .get("continue")
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0);
-        let matching: Vec<&Arc<str>> = c
-            .objects
-            .iter()
-            .filter(|(k, _)| filter.as_deref().is_none_or(|n| k.1 == n))
-            .map(|(_, v)| v)
-            .collect();
-        let page = matching.iter().skip(offset).take(limit);
-        let next = offset.saturating_add(limit);
-        let cont = if next < matching.len() {
-            format!(",\"continue\":\"{next}\"")
-        } else {
-            String::new()
+            .and_then(|v| v.split_once('/'))
+            .map(|(ns, name)| (ns.to_owned(), name.to_owned()));
+        let from = match &after {
+            Some(k) => std::ops::Bound::Excluded(k.clone()),
+            None => std::ops::Bound::Unbounded,
         };
+        let mut matching = c
+            .objects
+            .range((from, std::ops::Bound::Unbounded))
+            .filter(|(k, _)| filter.as_deref().is_none_or(|n| k.1 == n));
+        let page: Vec<(&(String, String), &Arc<str>)> = matching.by_ref().take(limit).collect();
+        let cont = match (page.last(), matching.next()) {
+            (Some(((ns, name), _)), Some(_)) => format!(",\"continue\":\"{ns}/{name}\""),
+            _ => String::new(),
+        };
+        let page = page.into_iter().map(|(_, v)| v);
         let mut body = format!(
             "{{\"apiVersion\":\"{}\",\"kind\":\"{}List\",\"metadata\":{{\"resourceVersion\":\"{rv}\"{cont}}},\"items\":[",
             RESOURCES[r].2, RESOURCES[r].3
