@@ -13,6 +13,9 @@
 //! let counters = dp.counters()?;
 //! # Ok::<(), netpol_agent::DatapathError>(())
 //! ```
+// Library code returns its errors; a panic would be a bug (tests may
+// unwrap what they set up).
+#![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod agent;
 pub mod bpffs;

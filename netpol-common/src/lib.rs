@@ -12,6 +12,9 @@
 //! (`netpol_common::EndpointInfo`, `netpol_common::reason::DROP_POLICY`):
 //! the code tables and name lists are public modules, the files holding map
 //! types are private and re-exported here.
+// Library code returns its errors; a panic would be a bug (tests may
+// unwrap what they set up).
+#![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 #![no_std]
 
 // Names and code tables.
