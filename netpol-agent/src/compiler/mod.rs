@@ -45,15 +45,17 @@ mod hash;
 mod ids;
 mod incremental;
 mod local;
+mod maps;
 mod output;
 mod peers;
 mod prefixes;
 mod ruleset;
 
-pub use diff::{Diff, MapState, Op, RawOp, diff};
+pub use diff::{Diff, Op, diff};
 pub use frontends::{ServiceFrontend, service_frontends};
 pub use incremental::{Changes, Compiler};
 pub use local::compile;
+pub use maps::{MapContents, MapCounts, MapOp, MapState, RawOp};
 pub use output::{
     Compiled, Direction, Endpoint, EndpointId, IdAllocation, PolicyEntry, PolicyTarget, RuleRef,
     Sizes,

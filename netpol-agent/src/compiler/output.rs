@@ -325,6 +325,7 @@ impl Compiled {
             ports: self.port_entries().map(|(l, k, v)| ((l, k), v)).collect(),
             frontends_v4: self.frontends_v4.clone(),
             frontends_v6: self.frontends_v6.clone(),
+            slots: BTreeMap::new(),
         }
     }
 

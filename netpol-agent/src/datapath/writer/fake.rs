@@ -50,7 +50,7 @@ impl Backend for FakeBackend {
             });
         }
         self.log.push(*op);
-        self.state.record(op);
+        self.state.apply_op(op);
         Ok(())
     }
 

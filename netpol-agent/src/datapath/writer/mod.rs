@@ -6,6 +6,10 @@
 //! kernel's maps ([`KernelBackend`]) or memory ([`FakeBackend`], for unit
 //! tests, with capacities to simulate full maps).
 //!
+//! The writer speaks the compiler's exact vocabulary
+//! ([`MapOp`](crate::compiler::MapOp), [`MapContents`]), keyed by host
+//! interface index rather than by pod: [`KernelOp`], [`Mirror`].
+//!
 //! # Mark slots
 //! The writer also hands out the mark slots (`netpol_common::mark`) of the
 //! pod interfaces: with [`MapWriter::set_mark_slots`]`(n)`, every
@@ -20,27 +24,21 @@
 //! rolls them back with the rest.
 mod fake;
 mod kernel;
-mod mirror;
 mod slots;
 #[cfg(test)]
 mod tests;
 
-use std::{
-    collections::{BTreeMap, BTreeSet},
-    fmt,
-};
-
-use netpol_common::{
-    EndpointInfo, FrontendKeyV4, FrontendKeyV6, FrontendValue, PolicyKeyV4, PolicyKeyV6,
-    PolicyValue, PortKey, PortValue, maps,
-};
+use std::collections::{BTreeMap, BTreeSet};
 
 pub use fake::FakeBackend;
 pub use kernel::{KernelBackend, ServiceMaps};
-pub use mirror::Mirror;
 use slots::SlotPlan;
 
-use crate::{compiler::RawOp, model::ObjectRef};
+pub use crate::compiler::MapCounts;
+use crate::{
+    compiler::{MapContents, MapOp, RawOp},
+    model::ObjectRef,
+};
 
 /// Maps pods to the host-side interface their endpoint entry is keyed by.
 pub trait InterfaceResolver {
@@ -54,42 +52,13 @@ impl InterfaceResolver for BTreeMap<ObjectRef, u32> {
     }
 }
 
-/// One operation on one map, with the kernel's keys.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum KernelOp {
-    EndpointUpsert(u32, EndpointInfo),
-    EndpointDelete(u32),
-    PolicyV4Upsert(u32, PolicyKeyV4, PolicyValue),
-    PolicyV4Delete(u32, PolicyKeyV4),
-    PolicyV6Upsert(u32, PolicyKeyV6, PolicyValue),
-    PolicyV6Delete(u32, PolicyKeyV6),
-    PortUpsert(u32, PortKey, PortValue),
-    PortDelete(u32, PortKey),
-    FrontendV4Upsert(FrontendKeyV4, FrontendValue),
-    FrontendV4Delete(FrontendKeyV4),
-    FrontendV6Upsert(FrontendKeyV6, FrontendValue),
-    FrontendV6Delete(FrontendKeyV6),
-    /// `MARK_SOURCES[slot] = ifindex`.
-    SlotSet(u32, u32),
-    /// `MARK_SOURCES[slot] = 0`.
-    SlotClear(u32),
-}
+/// One operation on one map, with the kernel's keys: endpoint entries
+/// keyed by host interface index.
+pub type KernelOp = MapOp<u32>;
 
-impl KernelOp {
-    /// The map this operation writes.
-    #[must_use]
-    pub const fn map(&self) -> &'static str {
-        match self {
-            Self::EndpointUpsert(..) | Self::EndpointDelete(..) => maps::ENDPOINTS,
-            Self::PolicyV4Upsert(..) | Self::PolicyV4Delete(..) => maps::POLICY_V4,
-            Self::PolicyV6Upsert(..) | Self::PolicyV6Delete(..) => maps::POLICY_V6,
-            Self::PortUpsert(..) | Self::PortDelete(..) => maps::PORTS,
-            Self::FrontendV4Upsert(..) | Self::FrontendV4Delete(..) => maps::FRONTENDS_V4,
-            Self::FrontendV6Upsert(..) | Self::FrontendV6Delete(..) => maps::FRONTENDS_V6,
-            Self::SlotSet(..) | Self::SlotClear(..) => maps::MARK_SOURCES,
-        }
-    }
-}
+/// What the writer believes the maps hold, endpoint entries keyed by host
+/// interface index.
+pub type Mirror = MapContents<u32>;
 
 /// A single map operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -114,36 +83,6 @@ pub trait Backend {
     /// # Errors
     /// When the connection map cannot be read or written.
     fn purge_connections(&mut self, endpoint: u32) -> Result<usize, BackendError>;
-}
-
-/// Entries per map, as the writer knows them.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct MapCounts {
-    pub endpoints: usize,
-    pub policy_v4: usize,
-    pub policy_v6: usize,
-    pub ports: usize,
-    pub frontends_v4: usize,
-    pub frontends_v6: usize,
-    /// Mark slots in use (non-zero `MARK_SOURCES` entries).
-    pub mark_sources: usize,
-}
-
-impl fmt::Display for MapCounts {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "endpoints={} policy_v4={} policy_v6={} ports={} frontends_v4={} frontends_v6={} \
-             mark_sources={}",
-            self.endpoints,
-            self.policy_v4,
-            self.policy_v6,
-            self.ports,
-            self.frontends_v4,
-            self.frontends_v6,
-            self.mark_sources
-        )
-    }
 }
 
 /// What one apply did.
@@ -192,32 +131,10 @@ pub fn kernel_ops(
 ) -> Vec<KernelOp> {
     let mut out = Vec::with_capacity(ops.len());
     for op in ops {
-        out.push(match op {
-            RawOp::PortUpsert(l, k, v) => KernelOp::PortUpsert(*l, *k, *v),
-            RawOp::PortDelete(l, k) => KernelOp::PortDelete(*l, *k),
-            RawOp::PolicyV4Upsert(l, k, v) => KernelOp::PolicyV4Upsert(*l, *k, *v),
-            RawOp::PolicyV4Delete(l, k) => KernelOp::PolicyV4Delete(*l, *k),
-            RawOp::PolicyV6Upsert(l, k, v) => KernelOp::PolicyV6Upsert(*l, *k, *v),
-            RawOp::PolicyV6Delete(l, k) => KernelOp::PolicyV6Delete(*l, *k),
-            RawOp::FrontendV4Upsert(k, v) => KernelOp::FrontendV4Upsert(*k, *v),
-            RawOp::FrontendV4Delete(k) => KernelOp::FrontendV4Delete(*k),
-            RawOp::FrontendV6Upsert(k, v) => KernelOp::FrontendV6Upsert(*k, *v),
-            RawOp::FrontendV6Delete(k) => KernelOp::FrontendV6Delete(*k),
-            RawOp::EndpointUpsert(pod, info) => match ifaces.ifindex(pod) {
-                Some(i) => KernelOp::EndpointUpsert(i, *info),
-                None => {
-                    skipped.push(pod.clone());
-                    continue;
-                }
-            },
-            RawOp::EndpointDelete(pod, _) => match ifaces.ifindex(pod) {
-                Some(i) => KernelOp::EndpointDelete(i),
-                None => {
-                    skipped.push(pod.clone());
-                    continue;
-                }
-            },
-        });
+        match op.rekeyed(|pod| ifaces.ifindex(pod)) {
+            Some(k) => out.push(k),
+            None => skipped.extend(op.endpoint().cloned()),
+        }
     }
     out
 }
@@ -343,7 +260,7 @@ impl<B: Backend> MapWriter<B> {
                             rollback,
                         });
                     }
-                    self.mirror.record(u);
+                    self.mirror.apply_op(u);
                 }
                 let full = matches!(
                     source.errno.raw_os_error(),
@@ -364,7 +281,7 @@ impl<B: Backend> MapWriter<B> {
                     }
                 });
             }
-            self.mirror.record(op);
+            self.mirror.apply_op(op);
             undo.push(inverse);
         }
         Ok(())

@@ -1,3 +1,5 @@
+use netpol_common::{EndpointInfo, FrontendKeyV4, FrontendValue, PortKey, PortValue, maps};
+
 use super::*;
 
 fn pod(name: &str) -> ObjectRef {
@@ -68,7 +70,7 @@ fn connections_of_a_deleted_endpoint_are_purged() {
     w.apply(
         &[
             RawOp::EndpointUpsert(pod("b"), info(5)),
-            RawOp::EndpointDelete(pod("a"), info(3)),
+            RawOp::EndpointDelete(pod("a")),
         ],
         &ifaces,
     )
@@ -290,7 +292,7 @@ fn rollback_after_a_full_map_restores_slots_and_frontends() {
                     FrontendValue { kind: 1 },
                 ),
                 RawOp::EndpointUpsert(pod("b"), programmed(4)),
-                RawOp::EndpointDelete(pod("a"), programmed(3)),
+                RawOp::EndpointDelete(pod("a")),
                 port(2, 80),
             ],
             &BTreeMap::from([(pod("a"), 7), (pod("b"), 8)]),
