@@ -23,6 +23,8 @@ use netpol_common::{
     PolicyValue, PortKey, PortValue, maps,
 };
 
+use serde::Serialize;
+
 use super::Diff;
 use crate::model::ObjectRef;
 
@@ -275,8 +277,9 @@ impl MapState {
     }
 }
 
-/// Entries per map.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// Entries per map: of a [`MapContents`], of a compile ([`Sizes`](super::Sizes)),
+/// of the maps as the writer holds them (and `/status` shows them).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct MapCounts {
     /// `NETPOL_ENDPOINTS`.
     pub endpoints: usize,

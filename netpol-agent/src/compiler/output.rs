@@ -13,7 +13,7 @@ use netpol_common::{
 };
 use serde::{Deserialize, Serialize};
 
-use super::{MapState, RuleSet};
+use super::{MapCounts, MapState, RuleSet};
 use crate::model::{ModelError, ObjectRef};
 
 /// Direction of a policy, seen from the local pod.
@@ -342,12 +342,15 @@ impl Compiled {
             + self.frontends_v4.len() * (size_of::<FrontendKeyV4>() + size_of::<FrontendValue>())
             + self.frontends_v6.len() * (size_of::<FrontendKeyV6>() + size_of::<FrontendValue>());
         Sizes {
-            endpoints: self.endpoints.len(),
-            policy_v4: self.policy_v4.len(),
-            policy_v6: self.policy_v6.len(),
-            ports,
-            frontends_v4: self.frontends_v4.len(),
-            frontends_v6: self.frontends_v6.len(),
+            entries: MapCounts {
+                endpoints: self.endpoints.len(),
+                policy_v4: self.policy_v4.len(),
+                policy_v6: self.policy_v6.len(),
+                ports,
+                frontends_v4: self.frontends_v4.len(),
+                frontends_v6: self.frontends_v6.len(),
+                mark_sources: 0,
+            },
             bytes,
         }
     }
@@ -356,18 +359,10 @@ impl Compiled {
 /// Entries per map of a [`Compiled`] and their key+value bytes.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Sizes {
-    /// `NETPOL_ENDPOINTS` (one per local pod, once bound).
-    pub endpoints: usize,
-    /// `NETPOL_POLICY_V4`.
-    pub policy_v4: usize,
-    /// `NETPOL_POLICY_V6`.
-    pub policy_v6: usize,
-    /// `NETPOL_PORTS`.
-    pub ports: usize,
-    /// `NETPOL_FRONTENDS_V4`.
-    pub frontends_v4: usize,
-    /// `NETPOL_FRONTENDS_V6`.
-    pub frontends_v6: usize,
+    /// Entries per map (`endpoints`: one per local pod, once bound; no
+    /// mark slots, which only the writer hands out).
+    #[serde(flatten)]
+    pub entries: MapCounts,
     /// Key and value bytes of all of them.
     pub bytes: usize,
 }
