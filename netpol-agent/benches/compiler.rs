@@ -81,10 +81,10 @@ fn bench(c: &mut Criterion) {
     let base = compile(&s, &IdAllocation::default());
     let sizes = base.sizes();
     let (endpoints, v4, v6, ports, bytes) = (
-        sizes.endpoints,
-        sizes.policy_v4,
-        sizes.policy_v6,
-        sizes.ports,
+        sizes.entries.endpoints,
+        sizes.entries.policy_v4,
+        sizes.entries.policy_v6,
+        sizes.entries.ports,
         sizes.bytes,
     );
     eprintln!(

@@ -252,7 +252,7 @@ fn main() {
         "netpol": {"full": summary(&netpol_full), "full_ops": netpol_ops,
                    "label": summary(&alone), "label_cpu": summary(&alone_cpu),
                    "label_interleaved": summary(&netpol_label), "label_ops": label_ops,
-                   "policy_v4": sizes.policy_v4, "policy_v6": sizes.policy_v6},
+                   "policy_v4": sizes.entries.policy_v4, "policy_v6": sizes.entries.policy_v6},
         "baseline": {
             "ipv4": stats(&texts.v4), "ipv6": stats(&texts.v6),
             "legacy": {"full": summary(&base_full["legacy"]), "steps": steps(&base_steps["legacy"]),

@@ -35,19 +35,24 @@
 //!    enforced, so removing it changes no verdict.
 //! 5. **Port deletes**: rule sets nothing points at any more.
 //! 6. **Frontend deletes**: Services (or ports, addresses) gone.
+//!
+//! The order is stated, and [`Diff::ops`] holds it, at the model level
+//! ([`Op`]: an insert told apart from an update); [`Diff::raw`] gives the
+//! same updates, in the same order, as exact map writes
+//! ([`MapOp`](super::MapOp), see [`super::maps`]).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use ipnet::IpNet;
-use netpol_common::{
-    EndpointInfo, FrontendKeyV4, FrontendKeyV6, FrontendValue, PolicyKeyV4, PolicyKeyV6,
-    PolicyValue, PortKey, PortValue,
-};
+use netpol_common::{EndpointInfo, FrontendKeyV4, FrontendKeyV6, FrontendValue, PolicyValue};
 
-use super::{Compiled, Direction, EMPTY_RULESET, Endpoint, PolicyEntry, PolicyTarget, PortPrefix};
+use super::{
+    Compiled, Direction, EMPTY_RULESET, Endpoint, PolicyEntry, PolicyTarget, PortPrefix, RawOp,
+};
 use crate::model::ObjectRef;
 
-/// One typed map update.
+/// One typed map update, at the model level (see [`super::maps`] for its
+/// exact form).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Op {
     /// Add a port-trie entry of a rule set.
@@ -130,36 +135,6 @@ pub enum Op {
     },
 }
 
-/// One map update with the exact `netpol-common` keys and values;
-/// `u32`s before keys are LPM prefix lengths.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum RawOp {
-    /// Insert or update in the port trie.
-    PortUpsert(u32, PortKey, PortValue),
-    /// Delete from the port trie.
-    PortDelete(u32, PortKey),
-    /// Insert or update in the IPv4 policy trie.
-    PolicyV4Upsert(u32, PolicyKeyV4, PolicyValue),
-    /// Delete from the IPv4 policy trie.
-    PolicyV4Delete(u32, PolicyKeyV4),
-    /// Insert or update in the IPv6 policy trie.
-    PolicyV6Upsert(u32, PolicyKeyV6, PolicyValue),
-    /// Delete from the IPv6 policy trie.
-    PolicyV6Delete(u32, PolicyKeyV6),
-    /// Insert or update the endpoint of a pod (keyed by its ifindex).
-    EndpointUpsert(ObjectRef, EndpointInfo),
-    /// Delete the endpoint of a pod.
-    EndpointDelete(ObjectRef, EndpointInfo),
-    /// Insert or update an IPv4 Service frontend.
-    FrontendV4Upsert(FrontendKeyV4, FrontendValue),
-    /// Delete an IPv4 Service frontend.
-    FrontendV4Delete(FrontendKeyV4),
-    /// Insert or update an IPv6 Service frontend.
-    FrontendV6Upsert(FrontendKeyV6, FrontendValue),
-    /// Delete an IPv6 Service frontend.
-    FrontendV6Delete(FrontendKeyV6),
-}
-
 impl Op {
     /// The exact map update.
     #[must_use]
@@ -198,7 +173,7 @@ impl Op {
             Op::EndpointInsert { pod, info } | Op::EndpointUpdate { pod, info } => {
                 RawOp::EndpointUpsert(pod.clone(), *info)
             }
-            Op::EndpointDelete { pod, info } => RawOp::EndpointDelete(pod.clone(), *info),
+            Op::EndpointDelete { pod, .. } => RawOp::EndpointDelete(pod.clone()),
             Op::FrontendV4Upsert { key, value } => RawOp::FrontendV4Upsert(*key, *value),
             Op::FrontendV4Delete { key } => RawOp::FrontendV4Delete(*key),
             Op::FrontendV6Upsert { key, value } => RawOp::FrontendV6Upsert(*key, *value),
@@ -224,75 +199,6 @@ impl Diff {
     /// The exact updates, in order.
     pub fn raw(&self) -> impl Iterator<Item = RawOp> + '_ {
         self.ops.iter().map(Op::raw)
-    }
-}
-
-/// The exact contents of every map, as a userspace copy (for full
-/// resyncs, tests and the simulator).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct MapState {
-    /// Endpoint values by pod.
-    pub endpoints: BTreeMap<ObjectRef, EndpointInfo>,
-    /// IPv4 policy trie: `(prefix_len, key) → value`.
-    pub policy_v4: BTreeMap<(u32, PolicyKeyV4), PolicyValue>,
-    /// IPv6 policy trie.
-    pub policy_v6: BTreeMap<(u32, PolicyKeyV6), PolicyValue>,
-    /// Port trie.
-    pub ports: BTreeMap<(u32, PortKey), PortValue>,
-    /// IPv4 Service frontends.
-    pub frontends_v4: BTreeMap<FrontendKeyV4, FrontendValue>,
-    /// IPv6 Service frontends.
-    pub frontends_v6: BTreeMap<FrontendKeyV6, FrontendValue>,
-}
-
-impl MapState {
-    /// Applies one update.
-    pub fn apply_op(&mut self, op: RawOp) {
-        match op {
-            RawOp::PortUpsert(l, k, v) => {
-                self.ports.insert((l, k), v);
-            }
-            RawOp::PortDelete(l, k) => {
-                self.ports.remove(&(l, k));
-            }
-            RawOp::PolicyV4Upsert(l, k, v) => {
-                self.policy_v4.insert((l, k), v);
-            }
-            RawOp::PolicyV4Delete(l, k) => {
-                self.policy_v4.remove(&(l, k));
-            }
-            RawOp::PolicyV6Upsert(l, k, v) => {
-                self.policy_v6.insert((l, k), v);
-            }
-            RawOp::PolicyV6Delete(l, k) => {
-                self.policy_v6.remove(&(l, k));
-            }
-            RawOp::EndpointUpsert(p, i) => {
-                self.endpoints.insert(p, i);
-            }
-            RawOp::EndpointDelete(p, _) => {
-                self.endpoints.remove(&p);
-            }
-            RawOp::FrontendV4Upsert(k, v) => {
-                self.frontends_v4.insert(k, v);
-            }
-            RawOp::FrontendV4Delete(k) => {
-                self.frontends_v4.remove(&k);
-            }
-            RawOp::FrontendV6Upsert(k, v) => {
-                self.frontends_v6.insert(k, v);
-            }
-            RawOp::FrontendV6Delete(k) => {
-                self.frontends_v6.remove(&k);
-            }
-        }
-    }
-
-    /// Applies every update of a diff, in order.
-    pub fn apply(&mut self, diff: &Diff) {
-        for op in diff.raw() {
-            self.apply_op(op);
-        }
     }
 }
 

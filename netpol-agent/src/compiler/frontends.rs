@@ -265,7 +265,10 @@ mod tests {
         assert_eq!(c.frontends_v4.len(), 2);
         assert_eq!(c.map_state().frontends_v4, c.frontends_v4);
         let sizes = c.sizes();
-        assert_eq!((sizes.frontends_v4, sizes.frontends_v6), (2, 0));
+        assert_eq!(
+            (sizes.entries.frontends_v4, sizes.entries.frontends_v6),
+            (2, 0)
+        );
 
         // No local node: no node ports, the cluster IP all the same.
         s.local_node = Some("elsewhere".into());

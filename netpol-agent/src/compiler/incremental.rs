@@ -42,9 +42,12 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use ipnet::{IpNet, Ipv4Net};
 
+use super::hash::HashMap;
+use super::ids::{endpoint_ids, ruleset_ids};
+use super::local::{Core, core, full, insert_entry};
 use super::{
-    Compiled, Core, Direction, EMPTY_RULESET, EndpointId, HashMap, PolicyEntry, PolicyTarget, core,
-    diff::frontend_diff, endpoint_ids, frontends::frontends, full, insert_entry, ruleset_ids,
+    Compiled, Direction, EMPTY_RULESET, EndpointId, PolicyEntry, PolicyTarget, diff::frontend_diff,
+    frontends::frontends,
 };
 use crate::compiler::{Diff, IdAllocation, diff};
 use crate::model::{Map, ObjectRef, Peer, Pod, Snapshot};

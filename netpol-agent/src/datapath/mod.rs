@@ -8,7 +8,11 @@
 //! pod's Service packet, marked at `from_pod`, whose backend kube-proxy put
 //! on another node is judged there against the pod's egress
 //! ([`LEAVE_NODE_L3`] on devices without an Ethernet header).
+mod attach;
 pub mod clock;
+mod config;
+mod counters;
+mod error;
 pub mod events;
 pub mod host;
 pub mod lifecycle;
@@ -22,18 +26,20 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Map, MapData, PerCpuArray},
-    programs::{SchedClassifier, TcAttachType, tc::TcError},
+    maps::{Map, PerCpuArray},
+    programs::{SchedClassifier, TcAttachType},
     util::KernelVersion,
 };
-use netpol_common::{
-    COUNTER_ENTRIES, GlobalConfig, TrafficCounter, direction, family, maps, mark, programs, reason,
-};
+use netpol_common::{GlobalConfig, TrafficCounter, maps, mark, programs};
 
 use crate::{bpffs, object};
-use lifecycle::{Held, Hook};
+use lifecycle::Held;
 use writer::{KernelBackend, KernelMapWriter, MapWriter, ServiceMaps};
 
+use attach::{Attachment, UplinkAttachment};
+pub use config::{AttachMode, DatapathConfig, MapSizes, check_mark_mask};
+pub use counters::{CounterEntry, Counters, direction_name, family_name};
+pub use error::DatapathError;
 pub use lifecycle::{Cleaned, cleanup};
 
 /// `leave_node` for devices whose packets carry no Ethernet header at TC
@@ -55,218 +61,6 @@ pub const fn uplink_program(arphrd: u16) -> &'static str {
 pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf";
 /// Folder under the bpffs root holding netpol's pins.
 pub const PIN_SUBDIR: &str = "netpol";
-
-/// How the programs are attached to an interface.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum AttachMode {
-    /// TCX links on kernels ≥ 6.6, netlink clsact filters below.
-    #[default]
-    Auto,
-    /// Netlink clsact filters (the only path before 6.6).
-    Netlink,
-    /// TCX links (6.6 and later).
-    Tcx,
-}
-
-/// What to load and where to pin it.
-#[derive(Clone, Debug)]
-pub struct DatapathConfig {
-    /// bpffs mount point; mounted when it is not a bpffs yet.
-    pub bpffs: PathBuf,
-    /// The object; `None` finds it with [`object::locate`].
-    pub object: Option<PathBuf>,
-    /// How programs are attached.
-    pub attach_mode: AttachMode,
-    /// Map sizes for maps created by this load (pinned maps that already
-    /// exist keep theirs).
-    pub map_sizes: MapSizes,
-    /// New-pods mode and connection timeouts, written at load. Its mark
-    /// fields are ignored: [`Self::mark_mask`] sets them.
-    pub global: GlobalConfig,
-    /// Bits of `skb->mark` that carry a pod's Service traffic from
-    /// `from_pod` to the hook that judges it after kube-proxy's DNAT
-    /// (`to_pod`, `leave_node`): one run of contiguous bits
-    /// ([`netpol_common::mark::valid`]). Default
-    /// [`netpol_common::mark::DEFAULT_MASK`], clear of kube-proxy's
-    /// 0x4000/0x8000, kube-router's 0x10000/0x20000 and Tailscale's
-    /// 0xff0000.
-    pub mark_mask: u32,
-    /// Attachments outlive the datapath and its process (the agent): TCX
-    /// links are pinned, netlink filters left in place, and a later load
-    /// adopts them, swapping its programs in atomically. Off (the default),
-    /// dropping the datapath detaches what it attached.
-    pub persistent: bool,
-}
-
-/// Maximum entries of the maps whose size depends on the cluster.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct MapSizes {
-    /// Local pod interfaces.
-    pub endpoints: u32,
-    /// IPv4 policy prefixes, all endpoints and directions together.
-    pub policy_v4: u32,
-    /// IPv6 policy prefixes.
-    pub policy_v6: u32,
-    /// Port-trie entries of all rule sets.
-    pub ports: u32,
-    /// Tracked connections.
-    pub conntrack: u32,
-    /// Datagrams being reassembled (first-fragment verdicts).
-    pub fragments: u32,
-}
-
-impl Default for MapSizes {
-    fn default() -> Self {
-        Self {
-            endpoints: 4096,
-            policy_v4: 262_144,
-            policy_v6: 262_144,
-            ports: 65_536,
-            conntrack: 262_144,
-            fragments: 8192,
-        }
-    }
-}
-
-impl Default for DatapathConfig {
-    fn default() -> Self {
-        Self {
-            bpffs: PathBuf::from(DEFAULT_BPFFS),
-            object: None,
-            attach_mode: AttachMode::Auto,
-            map_sizes: MapSizes::default(),
-            global: GlobalConfig::default(),
-            mark_mask: mark::DEFAULT_MASK,
-            persistent: false,
-        }
-    }
-}
-
-impl DatapathConfig {
-    /// The folder the maps are pinned in: `<bpffs>/netpol`.
-    #[must_use]
-    pub fn pin_dir(&self) -> PathBuf {
-        self.bpffs.join(PIN_SUBDIR)
-    }
-}
-
-/// Errors of the datapath, each naming the operation and its object.
-#[derive(Debug, thiserror::Error)]
-pub enum DatapathError {
-    #[error(transparent)]
-    ObjectNotFound(#[from] object::ObjectNotFound),
-    #[error(transparent)]
-    Bpffs(#[from] bpffs::BpffsError),
-    #[error("creating pin folder {path}: {source}")]
-    PinDir {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("loading eBPF object {path}: {source}")]
-    Load {
-        path: PathBuf,
-        source: Box<aya::EbpfError>,
-    },
-    #[error("program {name} is missing from the object")]
-    MissingProgram { name: &'static str },
-    #[error("map {name} is missing from the object")]
-    MissingMap { name: &'static str },
-    #[error("program {name}: {source}")]
-    Program {
-        name: &'static str,
-        source: Box<aya::programs::ProgramError>,
-    },
-    /// The netlink path's clsact qdisc, which the programs need before
-    /// they can attach (a missing interface fails here).
-    #[error("attaching {programs} to {interface}: adding its clsact qdisc: {source}")]
-    Clsact {
-        /// The programs, joined with "and".
-        programs: String,
-        interface: String,
-        source: Box<TcError>,
-    },
-    #[error("attaching {program} to {interface}: {source}")]
-    Attach {
-        program: &'static str,
-        interface: String,
-        source: Box<aya::programs::ProgramError>,
-    },
-    #[error("{interface} is not attached by this agent")]
-    NotAttached { interface: String },
-    #[error("map {name}: {source}")]
-    Map {
-        name: &'static str,
-        source: Box<aya::maps::MapError>,
-    },
-    #[error("TCX attach needs kernel 6.6 or later (this is {0})")]
-    TcxUnsupported(String),
-    #[error("link of {program} on {interface}: {source}")]
-    Link {
-        program: &'static str,
-        interface: String,
-        source: Box<aya::programs::links::LinkError>,
-    },
-    #[error("pinning a link at {path}: {source}")]
-    PinLink {
-        path: PathBuf,
-        source: Box<aya::pin::PinError>,
-    },
-    #[error("removing {path}: {source}")]
-    Unpin {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("listing interfaces: {source}")]
-    Interfaces { source: std::io::Error },
-    #[error("deleting the clsact qdisc of {interface}: {message}")]
-    QdiscDelete { interface: String, message: String },
-    #[error(
-        "mark mask {mask:#010x} is not usable: it must be one run of contiguous bits (e.g. {:#010x}), not 0",
-        mark::DEFAULT_MASK
-    )]
-    MarkMask { mask: u32 },
-    #[error(
-        "no cgroup v2 hierarchy at or under {path} ({source}): Service backends on node \
-         addresses cannot be judged"
-    )]
-    Cgroup {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("{interface} is attached as a pod interface, not as an uplink")]
-    PodInterface { interface: String },
-    #[error("reading the link type of {interface}: {source}")]
-    LinkType {
-        interface: String,
-        source: std::io::Error,
-    },
-}
-
-/// `mask` when it is a usable mark mask ([`netpol_common::mark::valid`]).
-///
-/// # Errors
-/// [`DatapathError::MarkMask`], naming the value, otherwise.
-pub const fn check_mark_mask(mask: u32) -> Result<u32, DatapathError> {
-    if mark::valid(mask) {
-        Ok(mask)
-    } else {
-        Err(DatapathError::MarkMask { mask })
-    }
-}
-
-/// One interface's two attachments.
-#[derive(Debug)]
-struct Attachment {
-    from_pod: Held,
-    to_pod: Held,
-}
-
-/// An uplink's attachment: `leave_node` or [`LEAVE_NODE_L3`].
-#[derive(Debug)]
-struct UplinkAttachment {
-    program: &'static str,
-    held: Held,
-}
 
 /// The loaded object. Dropping it detaches the programs it attached unless
 /// it is [persistent](DatapathConfig::persistent); the pinned maps stay in
@@ -526,113 +320,6 @@ impl Datapath {
         self.uplinks.get(interface).map(|u| u.program)
     }
 
-    /// Attaches `from_pod` to `interface`'s TC ingress and `to_pod` to its TC
-    /// egress. On the netlink path a clsact qdisc is added when missing (and
-    /// recorded, for `cleanup`). An attachment a previous persistent
-    /// datapath left on the interface (a pinned TCX link, a netlink filter at
-    /// netpol's priority and handle) is adopted: its program is replaced
-    /// atomically, so the hook is never empty.
-    ///
-    /// # Errors
-    /// When the interface does not exist or the kernel refuses the attach;
-    /// nothing this call attached stays attached on error.
-    #[tracing::instrument(skip(self), fields(pin_dir = %self.pin_dir.display()))]
-    ///
-    /// An interface attached as an uplink becomes a pod interface: its
-    /// `leave_node` is detached first (both use netpol's egress filter on
-    /// the netlink path).
-    pub fn attach(&mut self, interface: &str) -> Result<(), DatapathError> {
-        if self.attached.contains_key(interface) {
-            return Ok(());
-        }
-        if self.uplinks.contains_key(interface) {
-            tracing::info!(
-                interface,
-                "uplink became a pod interface: detaching leave_node"
-            );
-            self.detach_uplink(interface)?;
-        }
-        let tcx = self.use_tcx()?;
-        if !tcx {
-            lifecycle::ensure_clsact(
-                interface,
-                &[programs::FROM_POD, programs::TO_POD],
-                &self.pin_dir,
-            )?;
-        }
-        let (from_pod, adopted_from) =
-            self.attach_hook(programs::FROM_POD, interface, TcAttachType::Ingress, tcx)?;
-        let (to_pod, adopted_to) =
-            match self.attach_hook(programs::TO_POD, interface, TcAttachType::Egress, tcx) {
-                Ok(r) => r,
-                Err(e) => {
-                    // Leave no half-attached interface behind (an adopted
-                    // attachment stays: it was there before).
-                    if !adopted_from {
-                        let _ = self.release(from_pod, programs::FROM_POD);
-                    }
-                    return Err(e);
-                }
-            };
-        if matches!(from_pod, Held::Deferred) || matches!(to_pod, Held::Deferred) {
-            tracing::info!(
-                interface,
-                "keeping the previous agent's programs until the maps of the new layout are filled"
-            );
-        } else if adopted_from || adopted_to {
-            tracing::info!(
-                interface,
-                "adopted the attachments left by a previous agent"
-            );
-        } else {
-            tracing::info!(interface, "attached");
-        }
-        self.attached
-            .insert(interface.to_owned(), Attachment { from_pod, to_pod });
-        Ok(())
-    }
-
-    fn attach_hook(
-        &mut self,
-        program: &'static str,
-        interface: &str,
-        hook: TcAttachType,
-        tcx: bool,
-    ) -> Result<(Held, bool), DatapathError> {
-        let h = Hook {
-            program,
-            interface,
-            hook,
-            persistent: self.persistent,
-            pin_dir: &self.pin_dir,
-        };
-        if self.replacing.is_some() && lifecycle::previously_attached(&h, tcx) {
-            // Its program and maps of the old layout keep enforcing until
-            // the new maps are filled (`commit_layout`).
-            return Ok((Held::Deferred, true));
-        }
-        let prog = classifier(&mut self.ebpf, program)?;
-        let r = if tcx {
-            lifecycle::attach_tcx(prog, &h)
-        } else {
-            lifecycle::attach_netlink(prog, &h)
-        };
-        if let Ok((Held::Pinned { path, .. }, _)) = &r
-            && let Err(e) = self.pins.hold(path)
-        {
-            tracing::warn!(pin = %path.display(), error = %e, "holding a link pin (it cannot be restored if lost)");
-        }
-        r
-    }
-
-    /// Detaches one hook, forgetting its pin first.
-    fn release(&mut self, held: Held, name: &'static str) -> Result<(), DatapathError> {
-        if let Held::Pinned { path, .. } = &held {
-            self.pins.forget(path);
-        }
-        classifier(&mut self.ebpf, name).and_then(|p| lifecycle::detach(held, p, name))
-    }
-
     /// Pins again every map and link pin of this datapath that is missing,
     /// from the descriptors it holds, mounting the bpffs again when it is
     /// gone; returns what was missing. Also writes the layout record back.
@@ -671,104 +358,6 @@ impl Datapath {
             restored.push(record);
         }
         Ok(restored)
-    }
-
-    /// Detaches both programs from `interface` (and removes its link pins).
-    ///
-    /// # Errors
-    /// When the interface was not attached by this datapath, or the kernel
-    /// refuses the detach.
-    pub fn detach(&mut self, interface: &str) -> Result<(), DatapathError> {
-        let a = self
-            .attached
-            .remove(interface)
-            .ok_or_else(|| DatapathError::NotAttached {
-                interface: interface.to_owned(),
-            })?;
-        let mut result = Ok(());
-        for (name, held) in [
-            (programs::FROM_POD, a.from_pod),
-            (programs::TO_POD, a.to_pod),
-        ] {
-            let r = self.release(held, name);
-            if result.is_ok() {
-                result = r;
-            }
-        }
-        result?;
-        tracing::info!(interface, "detached");
-        Ok(())
-    }
-
-    /// Attaches `leave_node` to `interface`'s TC egress only: an uplink,
-    /// tunnel, bond or VLAN device, where a pod's Service packet leaves for
-    /// a backend on another node; [`LEAVE_NODE_L3`] when the device has no
-    /// Ethernet header ([`uplink_program`] of its link type). The same
-    /// machinery as [`Self::attach`]: TCX links pinned as
-    /// `<pin_dir>/links/<ifname>-<program>` when persistent, netpol's
-    /// netlink filter (and a recorded clsact qdisc) below 6.6, adoption of
-    /// what a previous persistent datapath left.
-    ///
-    /// # Errors
-    /// When the interface is attached as a pod interface
-    /// ([`DatapathError::PodInterface`]), does not exist, or the kernel
-    /// refuses the attach.
-    #[tracing::instrument(skip(self), fields(pin_dir = %self.pin_dir.display()))]
-    pub fn attach_uplink(&mut self, interface: &str) -> Result<(), DatapathError> {
-        if self.uplinks.contains_key(interface) {
-            return Ok(());
-        }
-        if self.attached.contains_key(interface) {
-            return Err(DatapathError::PodInterface {
-                interface: interface.to_owned(),
-            });
-        }
-        let program = lifecycle::link_type(interface)
-            .map(uplink_program)
-            .map_err(|source| DatapathError::LinkType {
-                interface: interface.to_owned(),
-                source,
-            })?;
-        let tcx = self.use_tcx()?;
-        if !tcx {
-            lifecycle::ensure_clsact(interface, &[program], &self.pin_dir)?;
-        }
-        let (held, adopted) = self.attach_hook(program, interface, TcAttachType::Egress, tcx)?;
-        if matches!(held, Held::Deferred) {
-            tracing::info!(
-                interface,
-                program,
-                "uplink: keeping the previous agent's program until the maps of the new layout are filled"
-            );
-        } else if adopted {
-            tracing::info!(
-                interface,
-                program,
-                "uplink: adopted the attachment a previous agent left"
-            );
-        } else {
-            tracing::info!(interface, program, "uplink attached");
-        }
-        self.uplinks
-            .insert(interface.to_owned(), UplinkAttachment { program, held });
-        Ok(())
-    }
-
-    /// Detaches `leave_node` from `interface` (and removes its link pin).
-    ///
-    /// # Errors
-    /// When the interface is not an uplink of this datapath, or the kernel
-    /// refuses the detach.
-    pub fn detach_uplink(&mut self, interface: &str) -> Result<(), DatapathError> {
-        let UplinkAttachment { program, held } =
-            self.uplinks
-                .remove(interface)
-                .ok_or_else(|| DatapathError::NotAttached {
-                    interface: interface.to_owned(),
-                })?;
-        self.release(held, program)?;
-        tracing::info!(interface, program, "uplink detached");
-        Ok(())
     }
 
     /// The layout of the pinned maps this load is replacing: fresh maps of
@@ -966,94 +555,6 @@ fn classifier<'a>(
         name,
         source: Box::new(source),
     })
-}
-
-/// One counter slot, summed over CPUs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct CounterEntry {
-    /// `netpol_common::direction`.
-    pub direction: u32,
-    /// `netpol_common::family`.
-    pub family: u32,
-    /// `netpol_common::reason`.
-    pub reason: u32,
-    /// Packets and bytes.
-    pub value: TrafficCounter,
-}
-
-/// Every non-zero counter slot.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Counters {
-    /// Non-zero slots, ordered by direction, family, reason.
-    pub entries: Vec<CounterEntry>,
-}
-
-impl Counters {
-    /// Reads the counters from the map pinned in `pin_dir` (another agent's
-    /// or this one's), e.g. for `netpol-agent stats`.
-    ///
-    /// # Errors
-    /// When the pin is missing or not netpol's counter map.
-    pub fn read_pinned(pin_dir: &Path) -> Result<Self, DatapathError> {
-        let data = MapData::from_pin(pin_dir.join(maps::COUNTERS)).map_err(map_err)?;
-        let map = Map::from_map_data(data).map_err(map_err)?;
-        let array = PerCpuArray::<_, TrafficCounter>::try_from(map).map_err(map_err)?;
-        Self::read(&array)
-    }
-
-    pub(crate) fn read<T: std::borrow::Borrow<MapData>>(
-        array: &PerCpuArray<T, TrafficCounter>,
-    ) -> Result<Self, DatapathError> {
-        let mut entries = Vec::new();
-        for d in 0..direction::COUNT {
-            for f in 0..family::COUNT {
-                for r in 0..reason::SLOTS {
-                    let index = netpol_common::counter_index(d, f, r);
-                    debug_assert!(index < COUNTER_ENTRIES);
-                    let per_cpu = array.get(&index, 0).map_err(map_err)?;
-                    let mut sum = TrafficCounter::default();
-                    for v in per_cpu.iter() {
-                        sum.packets += v.packets;
-                        sum.bytes += v.bytes;
-                    }
-                    if sum != TrafficCounter::default() {
-                        entries.push(CounterEntry {
-                            direction: d,
-                            family: f,
-                            reason: r,
-                            value: sum,
-                        });
-                    }
-                }
-            }
-        }
-        Ok(Self { entries })
-    }
-
-    /// Sum over reasons of one direction and family.
-    #[must_use]
-    pub fn total(&self, direction: u32, family: u32) -> TrafficCounter {
-        self.entries
-            .iter()
-            .filter(|e| e.direction == direction && e.family == family)
-            .fold(TrafficCounter::default(), |mut acc, e| {
-                acc.packets += e.value.packets;
-                acc.bytes += e.value.bytes;
-                acc
-            })
-    }
-}
-
-/// Human name of a direction.
-#[must_use]
-pub const fn direction_name(d: u32) -> &'static str {
-    direction::name(d)
-}
-
-/// Human name of a family.
-#[must_use]
-pub const fn family_name(f: u32) -> &'static str {
-    family::name(f)
 }
 
 #[cfg(test)]

@@ -35,39 +35,6 @@ pub struct InterfaceStatus {
     pub programmed: bool,
 }
 
-/// Entries per policy map.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
-pub struct MapEntries {
-    /// `NETPOL_ENDPOINTS`.
-    pub endpoints: usize,
-    /// `NETPOL_POLICY_V4`.
-    pub policy_v4: usize,
-    /// `NETPOL_POLICY_V6`.
-    pub policy_v6: usize,
-    /// `NETPOL_PORTS`.
-    pub ports: usize,
-    /// `NETPOL_FRONTENDS_V4`.
-    pub frontends_v4: usize,
-    /// `NETPOL_FRONTENDS_V6`.
-    pub frontends_v6: usize,
-    /// `NETPOL_MARK_SOURCES`: mark slots in use.
-    pub mark_sources: usize,
-}
-
-impl From<MapCounts> for MapEntries {
-    fn from(c: MapCounts) -> Self {
-        Self {
-            endpoints: c.endpoints,
-            policy_v4: c.policy_v4,
-            policy_v6: c.policy_v6,
-            ports: c.ports,
-            frontends_v4: c.frontends_v4,
-            frontends_v6: c.frontends_v6,
-            mark_sources: c.mark_sources,
-        }
-    }
-}
-
 /// Families the node's own stack has.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Families {
@@ -99,7 +66,7 @@ pub struct Status {
     /// Objects of the input in force.
     pub objects: ObjectCounts,
     /// Entries per map.
-    pub maps: MapEntries,
+    pub maps: MapCounts,
     /// Pod interfaces, by index.
     pub interfaces: Vec<InterfaceStatus>,
     /// Uplinks (the node's other devices) with `leave_node` on their TC

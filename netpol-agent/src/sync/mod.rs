@@ -640,7 +640,7 @@ impl<D: Dataplane> SyncLoop<D> {
             objects: input
                 .map(|i| ObjectCounts::of(&i.snapshot))
                 .unwrap_or_default(),
-            maps: counts.into(),
+            maps: counts,
             interfaces,
             uplinks: self.uplinks.status(),
             problems: input.map(|i| i.problems.clone()).unwrap_or_default(),

@@ -556,7 +556,7 @@ proptest! {
         };
         let (before, after) = (verdicts(&old_state), verdicts(&new_state));
         for (i, op) in d.raw().enumerate() {
-            state.apply_op(op);
+            state.apply_op(&op);
             let now = verdicts(&state);
             for (k, v) in &now {
                 prop_assert!(
@@ -848,7 +848,7 @@ proptest! {
         let mut now = maps.clone();
         let log = &writer.backend().log;
         for (n, op) in log.iter().enumerate() {
-            now.record(op);
+            now.apply_op(op);
             for (k, allowed) in verdicts(&now, false) {
                 prop_assert!(
                     !allowed || before[&k] || after.get(&k) == Some(&true),

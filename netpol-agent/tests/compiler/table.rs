@@ -663,7 +663,7 @@ spec: {podSelector: {matchLabels: {app: web}}, egress: [{to: [{ipBlock: {cidr: 1
         let d = diff(from, to);
         let mut m = from.map_state();
         for op in d.raw() {
-            m.apply_op(op);
+            m.apply_op(&op);
             assert!(
                 !dir(&m, "x/a", Direction::Egress, "10.0.0.2", TCP, 80),
                 "an intermediate state allows an excepted address"

@@ -1,0 +1,344 @@
+//! The per-endpoint prefix computation: the contributions of the rules
+//! selecting an endpoint direction, turned into the minimal LPM entries
+//! whose longest match gives every address its exact rule set.
+
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+
+use super::peers::Prepared;
+use super::{Direction, PortRange, RuleSet, hash::HashMap};
+use crate::model::{NetworkPolicy, Pod, Rule};
+
+/// A prefix some rule allows a port set on.
+pub(super) struct Contribution<'a> {
+    prefix: IpNet,
+    except: &'a [IpNet],
+    rule: u32,
+    ports: u32,
+}
+
+/// Interned rule sets (port sets of contributions and unions alike).
+#[derive(Default)]
+pub(super) struct Interner {
+    pub(super) sets: Vec<RuleSet>,
+    index: HashMap<RuleSet, u32>,
+}
+
+impl Interner {
+    pub(super) fn intern(&mut self, s: RuleSet) -> u32 {
+        if let Some(&i) = self.index.get(&s) {
+            return i;
+        }
+        let i = u32::try_from(self.sets.len()).unwrap_or(u32::MAX);
+        self.sets.push(s.clone());
+        self.index.insert(s, i);
+        i
+    }
+}
+
+pub(super) struct Ctx<'a> {
+    pub(super) peers: Vec<&'a Pod>,
+    pub(super) policies: Vec<&'a NetworkPolicy>,
+    pub(super) prepared: HashMap<(usize, Direction, usize), Prepared<'a>>,
+    pub(super) sets: Interner,
+    /// Sorted `(rule, port set)` lists → (union port set, source set).
+    pub(super) values: HashMap<Vec<(u32, u32)>, (u32, u32)>,
+    pub(super) source_sets: Vec<Vec<u32>>,
+    pub(super) source_index: HashMap<Vec<u32>, u32>,
+    pub(super) empty: u32,
+}
+
+pub(super) fn rules_of(p: &NetworkPolicy, d: Direction) -> &[Rule] {
+    match d {
+        Direction::Egress => p.egress.as_deref().unwrap_or_default(),
+        Direction::Ingress => p.ingress.as_deref().unwrap_or_default(),
+    }
+}
+
+fn host(ip: IpAddr) -> IpNet {
+    IpNet::from(ip)
+}
+
+pub(super) fn same_family(a: &IpNet, b: &IpNet) -> bool {
+    matches!(
+        (a, b),
+        (IpNet::V4(_), IpNet::V4(_)) | (IpNet::V6(_), IpNet::V6(_))
+    )
+}
+
+fn supernet(p: &IpNet, len: u8) -> Option<IpNet> {
+    IpNet::new(p.addr(), len).ok().map(|n| n.trunc())
+}
+
+impl<'a> Ctx<'a> {
+    fn port_set(&mut self, prep: &Prepared<'a>, dst: Option<usize>) -> u32 {
+        if prep.all_ports {
+            return self.sets.intern(RuleSet::allow_all());
+        }
+        let mut ranges = prep.numeric.clone();
+        if let Some(pod) = dst.map(|i| self.peers[i]) {
+            for &(proto, name) in &prep.named {
+                if let Some(n) = pod.named_port(name, proto) {
+                    ranges.push(PortRange {
+                        protocol: proto,
+                        first: n,
+                        last: n,
+                    });
+                }
+            }
+        }
+        self.sets.intern(RuleSet::from_ranges(ranges))
+    }
+
+    pub(super) fn contributions(
+        &mut self,
+        endpoint: usize,
+        d: Direction,
+        policies: &[usize],
+    ) -> Vec<Contribution<'a>> {
+        let mut out = Vec::new();
+        let everything = [
+            IpNet::V4(ipnet::Ipv4Net::default()),
+            IpNet::V6(ipnet::Ipv6Net::default()),
+        ];
+        for &pi in policies {
+            let policy = self.policies[pi];
+            for ri in 0..rules_of(policy, d).len() {
+                let Some(prep) = self.prepared.remove(&(pi, d, ri)) else {
+                    continue;
+                };
+                let named = !prep.named.is_empty();
+                match d {
+                    Direction::Ingress => {
+                        // Named ports name the selected pod's own ports.
+                        let ports = self.port_set(&prep, Some(endpoint));
+                        self.peer_prefixes(&prep, ports, &everything, &mut out, |_| ports);
+                    }
+                    Direction::Egress => {
+                        let base = self.port_set(&prep, None);
+                        let mut per_pod = Vec::new();
+                        if named {
+                            // Named ports name each peer pod's own ports.
+                            for &p in &prep.pods {
+                                per_pod.push((p, self.port_set(&prep, Some(p))));
+                            }
+                        }
+                        let lookup: HashMap<usize, u32> = per_pod.into_iter().collect();
+                        self.peer_prefixes(&prep, base, &everything, &mut out, |p| {
+                            lookup.get(&p).copied().unwrap_or(base)
+                        });
+                        if named {
+                            // A named port also resolves on a pod reached
+                            // through an ipBlock or "every peer": pin such
+                            // pods with a host prefix of their own.
+                            let peers: Vec<usize> = if prep.all_peers {
+                                (0..self.peers.len()).collect()
+                            } else {
+                                let mut v = Vec::new();
+                                for (cidr, except) in &prep.blocks {
+                                    for (i, pod) in self.peers.iter().enumerate() {
+                                        if pod.ips.iter().any(|&ip| {
+                                            cidr.contains(&ip)
+                                                && !except.iter().any(|e| e.contains(&ip))
+                                        }) {
+                                            v.push(i);
+                                        }
+                                    }
+                                }
+                                v
+                            };
+                            for p in peers {
+                                let ports = self.port_set(&prep, Some(p));
+                                if ports == base {
+                                    continue;
+                                }
+                                for &ip in &self.peers[p].ips {
+                                    let prefix = host(ip);
+                                    let inside = prep.all_peers
+                                        || prep.blocks.iter().any(|(c, ex)| {
+                                            c.contains(&ip) && !ex.iter().any(|e| e.contains(&ip))
+                                        });
+                                    if inside {
+                                        out.push(Contribution {
+                                            prefix,
+                                            except: &[],
+                                            rule: prep.rule,
+                                            ports,
+                                        });
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+                self.prepared.insert((pi, d, ri), prep);
+            }
+        }
+        out
+    }
+
+    fn peer_prefixes(
+        &self,
+        prep: &Prepared<'a>,
+        base: u32,
+        everything: &[IpNet; 2],
+        out: &mut Vec<Contribution<'a>>,
+        pod_ports: impl Fn(usize) -> u32,
+    ) {
+        if prep.all_peers {
+            for prefix in everything {
+                out.push(Contribution {
+                    prefix: *prefix,
+                    except: &[],
+                    rule: prep.rule,
+                    ports: base,
+                });
+            }
+            return;
+        }
+        for &p in &prep.pods {
+            let ports = pod_ports(p);
+            for &ip in &self.peers[p].ips {
+                out.push(Contribution {
+                    prefix: host(ip),
+                    except: &[],
+                    rule: prep.rule,
+                    ports,
+                });
+            }
+        }
+        for &(cidr, except) in &prep.blocks {
+            out.push(Contribution {
+                prefix: cidr,
+                except,
+                rule: prep.rule,
+                ports: base,
+            });
+        }
+    }
+
+    /// The entries of one endpoint-direction from its contributions:
+    /// `(prefix, union port set, source set)`.
+    pub(super) fn entries(&mut self, contribs: &[Contribution<'a>]) -> Vec<(IpNet, u32, u32)> {
+        let mut at: HashMap<IpNet, Vec<usize>> = HashMap::default();
+        let mut present: BTreeSet<IpNet> = BTreeSet::new();
+        for (i, c) in contribs.iter().enumerate() {
+            at.entry(c.prefix).or_default().push(i);
+            present.insert(c.prefix);
+            present.extend(c.except.iter().copied());
+        }
+        let mut lens_v4: BTreeSet<u8> = BTreeSet::new();
+        let mut lens_v6: BTreeSet<u8> = BTreeSet::new();
+        for p in at.keys() {
+            match p {
+                IpNet::V4(_) => lens_v4.insert(p.prefix_len()),
+                IpNet::V6(_) => lens_v6.insert(p.prefix_len()),
+            };
+        }
+        let mut value_of: HashMap<IpNet, (u32, u32)> =
+            HashMap::with_capacity_and_hasher(present.len(), Default::default());
+        let mut key = Vec::new();
+        let mut shadowed_by = Vec::new();
+        for p in &present {
+            key.clear();
+            let lens = if p.addr().is_ipv4() {
+                &lens_v4
+            } else {
+                &lens_v6
+            };
+            for &len in lens.range(..=p.prefix_len()) {
+                let Some(q) = supernet(p, len) else { continue };
+                let Some(list) = at.get(&q) else { continue };
+                for &ci in list {
+                    let c = &contribs[ci];
+                    if !c.except.iter().any(|e| e.contains(p)) {
+                        key.push((c.rule, c.ports));
+                    } else {
+                        shadowed_by.push(c.rule);
+                    }
+                }
+            }
+            key.sort_unstable();
+            key.dedup();
+            let mut v = match self.values.get(&key) {
+                Some(&v) => v,
+                None => {
+                    let v = self.value(&key);
+                    self.values.insert(key.clone(), v);
+                    v
+                }
+            };
+            if key.is_empty() && !shadowed_by.is_empty() {
+                // Nothing allowed here: name the rules whose except it is.
+                shadowed_by.sort_unstable();
+                shadowed_by.dedup();
+                v.1 = self.source_set(std::mem::take(&mut shadowed_by));
+            }
+            shadowed_by.clear();
+            value_of.insert(*p, v);
+        }
+        // Leave out prefixes that would not change the lookup result.
+        let mut all_lens_v4: Vec<u8> = Vec::new();
+        let mut all_lens_v6: Vec<u8> = Vec::new();
+        for p in &present {
+            let v = if p.addr().is_ipv4() {
+                &mut all_lens_v4
+            } else {
+                &mut all_lens_v6
+            };
+            if !v.contains(&p.prefix_len()) {
+                v.push(p.prefix_len());
+            }
+        }
+        all_lens_v4.sort_unstable();
+        all_lens_v6.sort_unstable();
+        let mut out = Vec::with_capacity(present.len());
+        for p in &present {
+            let (set, sources) = value_of[p];
+            let lens = if p.addr().is_ipv4() {
+                &all_lens_v4
+            } else {
+                &all_lens_v6
+            };
+            let inherited = lens
+                .iter()
+                .rev()
+                .filter(|&&l| l < p.prefix_len())
+                .find_map(|&l| supernet(p, l).and_then(|q| value_of.get(&q)))
+                .map_or(self.empty, |&(s, _)| s);
+            if set != inherited {
+                out.push((*p, set, sources));
+            }
+        }
+        out
+    }
+
+    fn value(&mut self, key: &[(u32, u32)]) -> (u32, u32) {
+        let mut set = RuleSet::default();
+        let mut last = None;
+        for &(_, ports) in key {
+            if last != Some(ports) {
+                set = set.union(&self.sets.sets[ports as usize]);
+                last = Some(ports);
+            }
+        }
+        let set = self.sets.intern(set);
+        let mut rules: Vec<u32> = key.iter().map(|&(r, _)| r).collect();
+        rules.dedup();
+        (set, self.source_set(rules))
+    }
+
+    fn source_set(&mut self, rules: Vec<u32>) -> u32 {
+        match self.source_index.get(&rules) {
+            Some(&s) => s,
+            None => {
+                let s = u32::try_from(self.source_sets.len()).unwrap_or(u32::MAX);
+                self.source_sets.push(rules.clone());
+                self.source_index.insert(rules, s);
+                s
+            }
+        }
+    }
+}

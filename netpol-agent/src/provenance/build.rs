@@ -1,0 +1,145 @@
+//! Building a [`State`] from what the agent applied: the compiled state,
+//! the snapshot it came from and the bound interfaces.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+use super::{
+    DirectionState, EndpointState, FrontendState, Inputs, PolicyEntryState, PortRangeState,
+    RemotePod, RuleSetState, RuleState, STATE_VERSION, State, frontend_kind_name,
+};
+use crate::{
+    compiler::{Direction, EMPTY_RULESET, RuleSet, service_frontends},
+    model::{ObjectRef, Protocol, Snapshot},
+};
+
+fn ruleset_state(id: u32, rs: &RuleSet) -> RuleSetState {
+    RuleSetState {
+        id,
+        all: rs.all,
+        ports: rs
+            .ranges
+            .iter()
+            .map(|r| PortRangeState {
+                protocol: r.protocol.as_str().to_owned(),
+                first: r.first,
+                last: r.last,
+            })
+            .collect(),
+    }
+}
+
+/// `namespace/name` of the policies selecting `pod` for `d`.
+fn isolating(snap: &Snapshot, pod: &ObjectRef, d: Direction) -> Vec<String> {
+    let Some(p) = snap.pods.get(pod) else {
+        return Vec::new();
+    };
+    snap.policies
+        .values()
+        .filter_map(|slot| slot.in_force.as_ref())
+        .filter(|np| np.id.namespace == pod.namespace && np.pod_selector.matches(&p.labels))
+        .filter(|np| match d {
+            Direction::Ingress => np.ingress.is_some(),
+            Direction::Egress => np.egress.is_some(),
+        })
+        .map(|np| np.id.to_string())
+        .collect()
+}
+
+impl State {
+    /// The state of what `inputs` describe, written now.
+    #[must_use]
+    pub fn build(inputs: &Inputs<'_>) -> Self {
+        let c = inputs.compiled;
+        let snap = inputs.snapshot;
+        let endpoints = c
+            .endpoints
+            .iter()
+            .map(|(pod, e)| {
+                let bound = inputs.interfaces.get(pod);
+                let dir = |d: Direction| DirectionState {
+                    isolated: e.isolated(d),
+                    generation: e.generation(d),
+                    policies: isolating(snap, pod, d),
+                };
+                EndpointState {
+                    pod: pod.to_string(),
+                    id: e.id,
+                    uid: c.ids.endpoints.get(pod).and_then(|i| i.uid.clone()),
+                    ifindex: bound.map(|b| b.ifindex),
+                    interface: bound.map(|b| b.name.clone()),
+                    addresses: e.ips.clone(),
+                    ingress: dir(Direction::Ingress),
+                    egress: dir(Direction::Egress),
+                }
+            })
+            .collect();
+        let policy = c
+            .policy_v4
+            .iter()
+            .chain(&c.policy_v6)
+            .map(|(t, e)| PolicyEntryState {
+                endpoint: t.endpoint,
+                direction: t.direction,
+                selector: t.selector(),
+                prefix: t.prefix,
+                ruleset: e.ruleset,
+                rules: c.sources(e).map(RuleState::from).collect(),
+            })
+            .collect();
+        let mut rulesets = vec![ruleset_state(EMPTY_RULESET, &RuleSet::default())];
+        rulesets.extend(c.rulesets.iter().map(|(&id, rs)| ruleset_state(id, rs)));
+        // (address, port, protocol) → (lowest kind, services), as the
+        // compiler keys the frontend maps.
+        let mut fronts: BTreeMap<(IpAddr, u16, Protocol), (u32, BTreeSet<String>)> =
+            BTreeMap::new();
+        for svc in snap.services.values() {
+            for f in service_frontends(svc, &c.node_addresses) {
+                let e = fronts
+                    .entry((f.address, f.port, f.protocol))
+                    .or_insert((f.kind, BTreeSet::new()));
+                e.0 = e.0.min(f.kind);
+                e.1.insert(svc.id.to_string());
+            }
+        }
+        let frontends = fronts
+            .into_iter()
+            .map(
+                |((address, port, protocol), (kind, services))| FrontendState {
+                    address,
+                    port,
+                    protocol: protocol.as_str().to_owned(),
+                    kind: frontend_kind_name(kind).to_owned(),
+                    services: services.into_iter().collect(),
+                },
+            )
+            .collect();
+        let remote_pods = snap
+            .pods
+            .values()
+            .filter(|p| p.is_networked() && !c.endpoints.contains_key(&p.id))
+            .map(|p| RemotePod {
+                pod: p.id.to_string(),
+                node: p.node_name.clone(),
+                addresses: p.ips.clone(),
+            })
+            .collect();
+        Self {
+            version: STATE_VERSION,
+            layout: netpol_common::LAYOUT_VERSION,
+            pin_dir: inputs.pin_dir.to_owned(),
+            node: c.node.clone(),
+            node_addresses: c.node_addresses.clone(),
+            generation: inputs.generation,
+            fingerprint: inputs.fingerprint.map(str::to_owned),
+            written_unix_secs: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            endpoints,
+            policy,
+            rulesets,
+            frontends,
+            remote_pods,
+        }
+    }
+}
