@@ -33,8 +33,7 @@
 //!
 //! Writes `target/netpol-bench/agent_api.json`.
 use std::{
-    io::{Read as _, Write as _},
-    net::{IpAddr, SocketAddr, TcpStream, UdpSocket},
+    net::{IpAddr, SocketAddr, UdpSocket},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::{
@@ -229,19 +228,7 @@ impl Api {
             let fake = rt.block_on(FakeApiServer::start());
             (rt, fake)
         });
-        let kubeconfig = std::env::temp_dir().join(unique("netpol-bench-kubeconfig-"));
-        std::fs::write(
-            &kubeconfig,
-            format!(
-                "apiVersion: v1\nkind: Config\n\
-                 clusters: [{{name: fake, cluster: {{server: \"{}\"}}}}]\n\
-                 users: [{{name: u, user: {{}}}}]\n\
-                 contexts: [{{name: c, context: {{cluster: fake, user: u}}}}]\n\
-                 current-context: c\n",
-                fake.url()
-            ),
-        )
-        .expect("kubeconfig");
+        let kubeconfig = fake.kubeconfig();
         Self {
             fake,
             kubeconfig,
@@ -315,25 +302,10 @@ impl Agent {
     }
 
     fn status(&self) -> Option<Value> {
-        let ns = PathBuf::from("/var/run/netns").join(&self.node);
-        std::thread::spawn(move || {
-            let f = std::fs::File::open(&ns).ok()?;
-            nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).ok()?;
-            let addr: SocketAddr = LISTEN.parse().ok()?;
-            let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
-            s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-            write!(
-                s,
-                "GET /status HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n"
-            )
-            .ok()?;
-            let mut out = String::new();
-            s.read_to_string(&mut out).ok()?;
-            serde_json::from_str(out.split_once("\r\n\r\n")?.1).ok()
-        })
-        .join()
+        serde_json::from_str(&netpol_testkit::process::get_in(
+            &self.node, LISTEN, "/status",
+        )?)
         .ok()
-        .flatten()
     }
 
     /// Waits until every interface in `names` is programmed; returns when.
@@ -367,31 +339,10 @@ impl Agent {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// `(resident bytes, CPU seconds)` of the agent.
+    /// `(resident bytes, CPU seconds)` of the agent (`ip netns exec`
+    /// execs it: the child's pid is the agent's).
     fn usage(&self) -> (u64, f64) {
-        // `ip netns exec` execs the agent: the child's pid is the agent's.
-        let pid = self.child.id();
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-        let rss_kib: u64 = status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0);
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        let after = stat.rsplit_once(") ").map(|(_, s)| s).unwrap_or_default();
-        let fields: Vec<&str> = after.split_whitespace().collect();
-        let ticks = |i: usize| {
-            fields
-                .get(i)
-                .and_then(|v| v.parse::<u64>().ok())
-                .unwrap_or(0)
-        };
-        // SAFETY: sysconf has no memory effects.
-        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1);
-        #[expect(clippy::cast_precision_loss, reason = "tick counts are small")]
-        let cpu = (ticks(11) + ticks(12)) as f64 / hz as f64;
-        (rss_kib * 1024, cpu)
+        netpol_testkit::process::usage(self.child.id())
     }
 }
 

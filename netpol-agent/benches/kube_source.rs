@@ -102,29 +102,7 @@ fn objects() -> Vec<Value> {
 
 /// `(resident bytes, CPU seconds)` of this process.
 fn usage() -> (u64, f64) {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let rss_kib: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    // Fields after the command name (which may hold spaces): utime is the
-    // 14th field of the line, the 12th after `) `.
-    let after = stat.rsplit_once(") ").map(|(_, s)| s).unwrap_or_default();
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    // SAFETY: sysconf has no memory effects.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1);
-    #[expect(clippy::cast_precision_loss, reason = "tick counts are small")]
-    let cpu = (ticks(11) + ticks(12)) as f64 / hz as f64;
-    (rss_kib * 1024, cpu)
+    netpol_testkit::process::usage(std::process::id())
 }
 
 #[expect(clippy::cast_precision_loss, reason = "byte counts are small")]

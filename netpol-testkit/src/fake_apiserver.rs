@@ -171,6 +171,29 @@ impl FakeApiServer {
         Self { addr, shared, task }
     }
 
+    /// Writes a kubeconfig naming this server (no credentials) to a new
+    /// temporary file and returns its path; the caller removes it.
+    ///
+    /// # Panics
+    /// When the file cannot be written.
+    #[must_use]
+    pub fn kubeconfig(&self) -> std::path::PathBuf {
+        let path = std::env::temp_dir().join(crate::unique("netpol-kubeconfig-"));
+        std::fs::write(
+            &path,
+            format!(
+                "apiVersion: v1\nkind: Config\n\
+                 clusters: [{{name: fake, cluster: {{server: \"{}\"}}}}]\n\
+                 users: [{{name: u, user: {{}}}}]\n\
+                 contexts: [{{name: c, context: {{cluster: fake, user: u}}}}]\n\
+                 current-context: c\n",
+                self.url()
+            ),
+        )
+        .expect("kubeconfig");
+        path
+    }
+
     /// `http://127.0.0.1:PORT`.
     #[must_use]
     pub fn url(&self) -> String {

@@ -20,6 +20,58 @@ pub const LISTEN: &str = "127.0.0.1:9101";
 /// How long the agent may take to start and enforce a folder.
 pub const DEADLINE: Duration = Duration::from_secs(30);
 
+/// One HTTP GET of `path` on `listen` inside the namespace `node`;
+/// `None` while nothing answers.
+pub fn get_in(node: &str, listen: &str, path: &str) -> Option<String> {
+    let ns = Netns::path_of(node);
+    let (listen, path) = (listen.to_owned(), path.to_owned());
+    std::thread::spawn(move || {
+        setns(&ns).ok()?;
+        let addr: SocketAddr = listen.parse().ok()?;
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n"
+        )
+        .ok()?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).ok()?;
+        Some(out.split_once("\r\n\r\n")?.1.to_owned())
+    })
+    .join()
+    .ok()
+    .flatten()
+}
+
+/// `(resident bytes, CPU seconds)` of process `pid`, from `/proc`.
+#[must_use]
+pub fn usage(pid: u32) -> (u64, f64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let rss_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces): utime and
+    // stime are the 14th and 15th of the line, the 12th and 13th after `) `.
+    let after = stat.rsplit_once(") ").map(|(_, s)| s).unwrap_or_default();
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // SAFETY: sysconf has no memory effects.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1);
+    #[expect(clippy::cast_precision_loss, reason = "tick counts are small")]
+    let cpu = (ticks(11) + ticks(12)) as f64 / hz as f64;
+    (rss_kib * 1024, cpu)
+}
+
 /// `netpol-agent run --manifests` inside a node namespace; SIGTERM on
 /// drop (SIGKILL if it does not stop within five seconds).
 pub struct AgentProcess {
@@ -91,25 +143,7 @@ impl AgentProcess {
     /// One HTTP GET on the agent's port; `None` while it does not
     /// answer.
     pub fn get(&self, path: &str) -> Option<String> {
-        let ns = Netns::path_of(&self.node);
-        let path = path.to_owned();
-        std::thread::spawn(move || {
-            setns(&ns).ok()?;
-            let addr: SocketAddr = LISTEN.parse().ok()?;
-            let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
-            s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-            write!(
-                s,
-                "GET {path} HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n"
-            )
-            .ok()?;
-            let mut out = String::new();
-            s.read_to_string(&mut out).ok()?;
-            Some(out.split_once("\r\n\r\n")?.1.to_owned())
-        })
-        .join()
-        .ok()
-        .flatten()
+        get_in(&self.node, LISTEN, path)
     }
 
     /// `/status`, parsed; `None` while the agent does not answer.

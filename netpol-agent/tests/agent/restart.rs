@@ -124,19 +124,7 @@ impl KubeFeed {
         })
         .join()
         .expect("starting the fake API server");
-        let kubeconfig = std::env::temp_dir().join(unique("netpol-kubeconfig-"));
-        std::fs::write(
-            &kubeconfig,
-            format!(
-                "apiVersion: v1\nkind: Config\n\
-                 clusters: [{{name: fake, cluster: {{server: \"{}\"}}}}]\n\
-                 users: [{{name: u, user: {{}}}}]\n\
-                 contexts: [{{name: c, context: {{cluster: fake, user: u}}}}]\n\
-                 current-context: c\n",
-                fake.url()
-            ),
-        )
-        .expect("kubeconfig");
+        let kubeconfig = fake.kubeconfig();
         Self {
             fake,
             kubeconfig,
