@@ -339,8 +339,8 @@ status: {phase: Running, podIPs: [{ip: 10.2.0.2}]}
         DenyEvent {
             endpoint: 5,
             reason: reason::DROP_POLICY,
-            direction: dir as u8,
-            family: fam as u8,
+            direction: u8::try_from(dir).expect("a direction code"),
+            family: u8::try_from(fam).expect("a family code"),
             protocol: netpol_common::protocol::UDP,
             sport: 4000,
             dport: 53,

@@ -1,4 +1,4 @@
-//! netpol agent library: keeps one node's eBPF NetworkPolicy datapath in step
+//! netpol agent library: keeps one node's eBPF `NetworkPolicy` datapath in step
 //! with the cluster.
 //!
 //! Data flows one way: [`sources`] → [`model`] → [`compiler`] → map writer →
@@ -16,6 +16,20 @@
 // Library code returns its errors; a panic would be a bug (tests may
 // unwrap what they set up).
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
+#![warn(clippy::pedantic)]
+// Pedantic lints that do not help this code:
+#![allow(
+    // The long functions are flat sequences (setup, one arm per kind); splitting hides the order.
+    clippy::too_many_lines,
+    // Types keep full names (`datapath::DatapathError`): the crate root re-exports them.
+    clippy::module_name_repetitions,
+    // Related short bindings (`pods`/`pols`) read clearly in their few lines.
+    clippy::similar_names,
+    // The explainer names rule, party, direction and query by their initials.
+    clippy::many_single_char_names,
+    // Fields mirror kernel structs (`bpf_attr`'s `query_flags`) and the words of their owner.
+    clippy::struct_field_names,
+)]
 
 pub mod agent;
 pub mod bpffs;

@@ -1,4 +1,10 @@
 //! `netpol-agent`: a thin shell over the `netpol_agent` library.
+#![warn(clippy::pedantic)]
+// Pedantic lints that do not help this code:
+#![allow(
+    // Subcommand modules name their argument types in full (`compile::CompileArgs`).
+    clippy::module_name_repetitions,
+)]
 use std::{path::PathBuf, process::ExitCode};
 
 use anyhow::Context as _;
@@ -11,6 +17,10 @@ use netpol_agent::{
 
 mod cmd;
 
+#[expect(
+    clippy::doc_markdown,
+    reason = "clap prints these doc comments as --help text, backticks and all"
+)]
 #[derive(Debug, Parser)]
 #[command(
     name = "netpol-agent",
@@ -44,6 +54,10 @@ enum NewPodsArg {
 }
 
 /// Arguments of `netpol-agent run`.
+#[expect(
+    clippy::doc_markdown,
+    reason = "clap prints these doc comments as --help text, backticks and all"
+)]
 #[derive(Debug, clap::Args)]
 struct RunArgs {
     /// Folder of multi-document YAML/JSON manifests (Node, Namespaces,

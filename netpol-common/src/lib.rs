@@ -15,6 +15,16 @@
 // Library code returns its errors; a panic would be a bug (tests may
 // unwrap what they set up).
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
+#![warn(clippy::pedantic)]
+// Pedantic lints that do not help this code:
+#![allow(
+    // `mark` and `mask` are the kernel's own words for the bits the programs share.
+    clippy::similar_names,
+    // Small helpers the BPF programs call: inlined there like every small eBPF helper.
+    clippy::inline_always,
+    // The explicit `_pad` fields are public so both sides can build the ABI structs.
+    clippy::pub_underscore_fields,
+)]
 #![no_std]
 
 // Names and code tables.

@@ -13,6 +13,10 @@ use netpol_agent::model::{ModelError, Snapshot};
 use serde::Serialize;
 
 /// Output format.
+#[expect(
+    clippy::doc_markdown,
+    reason = "clap prints these doc comments as --help text, backticks and all"
+)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum Output {
     /// Human-readable tables.

@@ -85,7 +85,6 @@ fn explain(bpffs: &Path, args: &ExplainArgs) -> anyhow::Result<ExitCode> {
             }
             let answer = query
                 .parse::<Query>()
-                .map_err(|e| e.to_string())
                 .and_then(|q| explainer.explain(&q).map_err(|e| e.to_string()));
             if json {
                 let a = Answer {

@@ -41,7 +41,7 @@
 //! same updates, in the same order, as exact map writes
 //! ([`MapOp`](super::MapOp), see [`super::maps`]).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use ipnet::IpNet;
 use netpol_common::{EndpointInfo, FrontendKeyV4, FrontendKeyV6, FrontendValue, PolicyValue};
@@ -279,14 +279,14 @@ pub(super) fn frontend_diff(old: &Compiled, new: &Compiled) -> (Vec<Op>, Vec<Op>
 /// order.
 #[must_use]
 pub fn diff(old: &Compiled, new: &Compiled) -> Diff {
-    let enforced = |c: &Compiled| -> HashMap<(u32, Direction), ()> {
+    let enforced = |c: &Compiled| -> HashSet<(u32, Direction)> {
         c.endpoints
             .values()
             .flat_map(|e: &Endpoint| {
                 [Direction::Egress, Direction::Ingress]
                     .into_iter()
                     .filter(|&d| e.isolated(d))
-                    .map(|d| ((e.id, d), ()))
+                    .map(|d| (e.id, d))
             })
             .collect()
     };
@@ -310,7 +310,7 @@ pub fn diff(old: &Compiled, new: &Compiled) -> Diff {
                     target: *t,
                     ruleset: ne.ruleset,
                 }),
-                None if old_enf.contains_key(&g) => {
+                None if old_enf.contains(&g) => {
                     let placeholder = inherited(o, t);
                     inserts.push(Op::PolicyInsert {
                         target: *t,
@@ -334,7 +334,7 @@ pub fn diff(old: &Compiled, new: &Compiled) -> Diff {
                 continue;
             }
             let g = (t.endpoint, t.direction);
-            if old_enf.contains_key(&g) && new_enf.contains_key(&g) {
+            if old_enf.contains(&g) && new_enf.contains(&g) {
                 let placeholder = inherited(n, t);
                 if placeholder != oe.ruleset {
                     updates.push(Op::PolicyUpdate {

@@ -8,7 +8,7 @@ use ipnet::IpNet;
 use super::RuleSet;
 
 /// Multiply-rotate hashing for the compiler's internal tables: keys are
-/// small integers, prefixes and short label strings, and SipHash was a fifth
+/// small integers, prefixes and short label strings, and `SipHash` was a fifth
 /// of the compile time.
 #[derive(Clone, Copy, Default)]
 pub(super) struct FxHasher {
@@ -73,8 +73,14 @@ pub(super) fn generation<'s>(entries: impl Iterator<Item = (IpNet, &'s RuleSet)>
             IpNet::V6(n) => {
                 let a = u128::from(n.network());
                 h.add(6);
-                h.add((a >> 64) as u64);
-                h.add(a as u64);
+                #[expect(
+                    clippy::cast_possible_truncation,
+                    reason = "the address is hashed as its two 64-bit halves"
+                )]
+                {
+                    h.add((a >> 64) as u64);
+                    h.add(a as u64);
+                }
             }
         }
         h.add(u64::from(prefix.prefix_len()));
@@ -87,5 +93,10 @@ pub(super) fn generation<'s>(entries: impl Iterator<Item = (IpNet, &'s RuleSet)>
         }
     }
     let x = h.finish();
-    (x ^ (x >> 32)) as u32 | 1
+    #[expect(
+        clippy::cast_possible_truncation,
+        reason = "the high half is folded into the low half first"
+    )]
+    let folded = (x ^ (x >> 32)) as u32;
+    folded | 1
 }

@@ -65,7 +65,7 @@ const FULL_COMPILE_ABOVE: usize = 512;
 pub struct Changes {
     /// Pods.
     pub pods: BTreeSet<ObjectRef>,
-    /// NetworkPolicies (a new version in force, or removed).
+    /// `NetworkPolicies` (a new version in force, or removed).
     pub policies: BTreeSet<ObjectRef>,
     /// Namespaces (labels): a full compile.
     pub namespaces: BTreeSet<String>,

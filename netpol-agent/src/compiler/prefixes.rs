@@ -3,6 +3,7 @@
 //! whose longest match gives every address its exact rule set.
 
 use std::collections::BTreeSet;
+use std::hash::BuildHasherDefault;
 use std::net::IpAddr;
 
 use ipnet::IpNet;
@@ -238,7 +239,7 @@ impl<'a> Ctx<'a> {
             };
         }
         let mut value_of: HashMap<IpNet, (u32, u32)> =
-            HashMap::with_capacity_and_hasher(present.len(), Default::default());
+            HashMap::with_capacity_and_hasher(present.len(), BuildHasherDefault::default());
         let mut key = Vec::new();
         let mut shadowed_by = Vec::new();
         for p in &present {
@@ -253,22 +254,21 @@ impl<'a> Ctx<'a> {
                 let Some(list) = at.get(&q) else { continue };
                 for &ci in list {
                     let c = &contribs[ci];
-                    if !c.except.iter().any(|e| e.contains(p)) {
-                        key.push((c.rule, c.ports));
-                    } else {
+                    if c.except.iter().any(|e| e.contains(p)) {
                         shadowed_by.push(c.rule);
+                    } else {
+                        key.push((c.rule, c.ports));
                     }
                 }
             }
             key.sort_unstable();
             key.dedup();
-            let mut v = match self.values.get(&key) {
-                Some(&v) => v,
-                None => {
-                    let v = self.value(&key);
-                    self.values.insert(key.clone(), v);
-                    v
-                }
+            let mut v = if let Some(&v) = self.values.get(&key) {
+                v
+            } else {
+                let v = self.value(&key);
+                self.values.insert(key.clone(), v);
+                v
             };
             if key.is_empty() && !shadowed_by.is_empty() {
                 // Nothing allowed here: name the rules whose except it is.
@@ -331,14 +331,13 @@ impl<'a> Ctx<'a> {
     }
 
     fn source_set(&mut self, rules: Vec<u32>) -> u32 {
-        match self.source_index.get(&rules) {
-            Some(&s) => s,
-            None => {
-                let s = u32::try_from(self.source_sets.len()).unwrap_or(u32::MAX);
-                self.source_sets.push(rules.clone());
-                self.source_index.insert(rules, s);
-                s
-            }
+        if let Some(&s) = self.source_index.get(&rules) {
+            s
+        } else {
+            let s = u32::try_from(self.source_sets.len()).unwrap_or(u32::MAX);
+            self.source_sets.push(rules.clone());
+            self.source_index.insert(rules, s);
+            s
         }
     }
 }

@@ -89,6 +89,10 @@ impl JiffyClock {
 /// The `HZ` that `ticks` jiffies in `span_ns` come from, if it is one Linux
 /// is built with (within 10%).
 #[must_use]
+#[expect(
+    clippy::cast_precision_loss,
+    reason = "a rate within 10% of a HZ choice needs far fewer than 52 bits"
+)]
 pub fn hz_of(ticks: u64, span_ns: u64) -> Option<u64> {
     if ticks == 0 || span_ns == 0 {
         return None;
@@ -206,7 +210,12 @@ fn measure_from(mut next: impl FnMut() -> Option<Sample>) -> Option<JiffyClock> 
             s.jiffies.checked_sub(f.jiffies)?,
             s.after_ns.checked_sub(f.after_ns)?,
         );
-        if ticks >= TICKS && span >= (SPAN.as_nanos() as u64).max(40 * widest) {
+        if ticks >= TICKS
+            && span
+                >= u64::try_from(SPAN.as_nanos())
+                    .unwrap_or(u64::MAX)
+                    .max(40 * widest)
+        {
             // The kernel's start is the surer witness; the rate decides
             // only around 300 s of uptime.
             let hz = hz_since_boot(s.jiffies, s.after_ns).or_else(|| hz_of(ticks, span))?;
@@ -318,7 +327,8 @@ impl Watch {
         // The sample's own width and the origin's error are what the
         // clock cannot tell apart from skew.
         let slack = i64::try_from(
-            (TOLERANCE.as_nanos() as u64)
+            u64::try_from(TOLERANCE.as_nanos())
+                .unwrap_or(u64::MAX)
                 .saturating_add(self.clock.error_ns)
                 .saturating_add(s.after_ns.saturating_sub(s.before_ns)),
         )

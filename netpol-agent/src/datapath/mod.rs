@@ -43,7 +43,7 @@ pub use error::DatapathError;
 pub use lifecycle::{Cleaned, cleanup};
 
 /// `leave_node` for devices whose packets carry no Ethernet header at TC
-/// (WireGuard, IPIP/SIT/GRE, `tun`: any link type but `ARPHRD_ETHER`): the
+/// (`WireGuard`, IPIP/SIT/GRE, `tun`: any link type but `ARPHRD_ETHER`): the
 /// program parses from the IP header.
 pub const LEAVE_NODE_L3: &str = netpol_common::programs::LEAVE_NODE_L3;
 
@@ -484,9 +484,7 @@ impl Datapath {
             AttachMode::Auto | AttachMode::Netlink => false,
             AttachMode::Tcx => {
                 return Err(DatapathError::TcxUnsupported(
-                    KernelVersion::current()
-                        .map(|v| v.to_string())
-                        .unwrap_or_else(|_| "unknown".into()),
+                    KernelVersion::current().map_or_else(|_| "unknown".into(), |v| v.to_string()),
                 ));
             }
         })

@@ -499,7 +499,7 @@ impl LiveMaps {
     /// When the map cannot be read.
     pub fn connections(&self) -> Result<Vec<Connection>, InspectError> {
         let mut out = Vec::new();
-        for kv in self.conntrack.iter() {
+        for kv in &self.conntrack {
             match kv {
                 Ok((key, value)) => out.push(Connection { key, value }),
                 // An LRU entry evicted while we walk: skip it.
@@ -515,7 +515,7 @@ impl LiveMaps {
 impl Maps for LiveMaps {
     fn endpoints(&self) -> Result<Vec<LiveEndpoint>, InspectError> {
         let mut out = Vec::new();
-        for kv in self.endpoints.iter() {
+        for kv in &self.endpoints {
             let (ifindex, info) = kv.map_err(read_err(maps::ENDPOINTS))?;
             out.push(LiveEndpoint { ifindex, info });
         }
@@ -526,12 +526,12 @@ impl Maps for LiveMaps {
     fn policy_entries(&self, v6: bool) -> Result<Vec<LiveEntry>, InspectError> {
         let mut out = Vec::new();
         if v6 {
-            for kv in self.policy_v6.iter() {
+            for kv in &self.policy_v6 {
                 let (k, v) = kv.map_err(read_err(maps::POLICY_V6))?;
                 out.push(decode_policy_v6(k.prefix_len(), &k.data(), v));
             }
         } else {
-            for kv in self.policy_v4.iter() {
+            for kv in &self.policy_v4 {
                 let (k, v) = kv.map_err(read_err(maps::POLICY_V4))?;
                 out.push(decode_policy_v4(k.prefix_len(), &k.data(), v));
             }
@@ -567,7 +567,7 @@ impl Maps for LiveMaps {
 
     fn port_blocks(&self) -> Result<Vec<PortBlock>, InspectError> {
         let mut out = Vec::new();
-        for kv in self.ports.iter() {
+        for kv in &self.ports {
             let (k, v) = kv.map_err(read_err(maps::PORTS))?;
             out.push(decode_port(k.prefix_len(), &k.data(), v));
         }

@@ -294,24 +294,21 @@ impl Folder {
         for (path, state) in &self.files {
             let f = &state.fragment;
             let mut dup = |kind: &'static str, id: ObjectRef, out: &mut Loaded| -> bool {
-                match owner.get(&(kind, id.clone())) {
-                    Some(first) => {
-                        out.problems.push(ModelError {
-                            kind: kind.to_owned(),
-                            object: id.to_string(),
-                            field: String::new(),
-                            message: format!(
-                                "defined in both {} and {}: the first is used",
-                                first.display(),
-                                path.display()
-                            ),
-                        });
-                        true
-                    }
-                    None => {
-                        owner.insert((kind, id), path);
-                        false
-                    }
+                if let Some(first) = owner.get(&(kind, id.clone())) {
+                    out.problems.push(ModelError {
+                        kind: kind.to_owned(),
+                        object: id.to_string(),
+                        field: String::new(),
+                        message: format!(
+                            "defined in both {} and {}: the first is used",
+                            first.display(),
+                            path.display()
+                        ),
+                    });
+                    true
+                } else {
+                    owner.insert((kind, id), path);
+                    false
                 }
             };
             for (k, v) in &f.nodes {

@@ -9,11 +9,11 @@ use super::{ModelError, Namespace, NetworkPolicy, Node, Pod, Service, Snapshot, 
 /// ([`strict::unknown_fields`]), as the API server's strict field
 /// validation does.
 fn decode<T: serde::de::DeserializeOwned + serde::Serialize>(
-    value: serde_json::Value,
+    value: &serde_json::Value,
 ) -> Result<T, String> {
     let typed: T = serde_json::from_value(value.clone()).map_err(|e| e.to_string())?;
     let back = serde_json::to_value(&typed).map_err(|e| e.to_string())?;
-    let unknown = strict::unknown_fields(&value, &back);
+    let unknown = strict::unknown_fields(value, &back);
     if unknown.is_empty() {
         return Ok(typed);
     }
@@ -142,7 +142,7 @@ pub fn apply_value(
     macro_rules! parse {
         ($ty:ty) => {{
             let object = named(origin, &kind, &value);
-            match decode::<$ty>(value) {
+            match decode::<$ty>(&value) {
                 Ok(o) => o,
                 Err(e) => {
                     report
@@ -155,17 +155,16 @@ pub fn apply_value(
     }
     report.objects += 1;
     match (api.as_str(), kind.as_str()) {
-        (_, "List")
-        | (_, "PodList")
-        | (_, "NetworkPolicyList")
-        | (_, "NamespaceList")
-        | (_, "ServiceList") => {
+        (_, "List" | "PodList" | "NetworkPolicyList" | "NamespaceList" | "ServiceList") => {
             report.objects -= 1;
-            let items = value
-                .get("items")
-                .and_then(|v| v.as_array())
-                .cloned()
-                .unwrap_or_default();
+            let items = match value {
+                serde_json::Value::Object(mut object) => object.remove("items"),
+                _ => None,
+            };
+            let items = match items {
+                Some(serde_json::Value::Array(items)) => items,
+                _ => Vec::new(),
+            };
             for (i, item) in items.into_iter().enumerate() {
                 apply_value(snapshot, item, &format!("{origin}.items[{i}]"), report);
             }

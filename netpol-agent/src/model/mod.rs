@@ -367,7 +367,7 @@ pub struct Rule {
     pub ports: Vec<PolicyPort>,
 }
 
-/// A validated, defaulted NetworkPolicy.
+/// A validated, defaulted `NetworkPolicy`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct NetworkPolicy {
     /// Namespace and name.
@@ -441,7 +441,7 @@ pub struct Snapshot {
     pub namespaces: Map<String, Namespace>,
     /// Pods.
     pub pods: Map<ObjectRef, Pod>,
-    /// NetworkPolicies with their last valid version.
+    /// `NetworkPolicies` with their last valid version.
     pub policies: Map<ObjectRef, PolicySlot>,
     /// Services (their frontends).
     pub services: Map<ObjectRef, Service>,
@@ -460,7 +460,7 @@ pub enum Kind {
     Namespace,
     /// v1 Pod.
     Pod,
-    /// networking.k8s.io/v1 NetworkPolicy.
+    /// networking.k8s.io/v1 `NetworkPolicy`.
     NetworkPolicy,
     /// v1 Service.
     Service,

@@ -7,7 +7,7 @@
 //!
 //! Bounded too: a document nested deeper than [`MAX_DEPTH`] is refused
 //! before it is parsed, as the YAML parser's work grows with nesting.
-use std::fmt;
+use std::fmt::{self, Write as _};
 
 use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::{Map, Value};
@@ -50,7 +50,6 @@ pub fn flow_depth(text: &str) -> usize {
                 chars.next();
             }
             (Some(q), c) if c == q => quote = None,
-            (Some(_), _) => {}
             (None, '"' | '\'') => quote = Some(c),
             (None, '#') if prev.is_whitespace() => comment = true,
             (None, '{' | '[') => {
@@ -58,6 +57,7 @@ pub fn flow_depth(text: &str) -> usize {
                 deepest = deepest.max(depth);
             }
             (None, '}' | ']') => depth = depth.saturating_sub(1),
+            // The rest of a quote, and plain characters.
             _ => {}
         }
         prev = c;
@@ -97,7 +97,8 @@ fn walk(input: &Value, decoded: &Value, path: &mut String, out: &mut Vec<String>
         (Value::Array(i), Value::Array(d)) => {
             for (n, (v, dv)) in i.iter().zip(d).enumerate() {
                 let len = path.len();
-                path.push_str(&format!("[{n}]"));
+                // Writing to a `String` cannot fail.
+                let _ = write!(path, "[{n}]");
                 walk(v, dv, path, out);
                 path.truncate(len);
             }
@@ -185,7 +186,8 @@ impl<'de> Visitor<'de> for Seed<'_> {
         let mut out = Vec::new();
         let len = self.path.len();
         loop {
-            self.path.push_str(&format!("[{}]", out.len()));
+            // Writing to a `String` cannot fail.
+            let _ = write!(self.path, "[{}]", out.len());
             let next = seq.next_element_seed(self.deeper()?)?;
             self.path.truncate(len);
             match next {

@@ -28,7 +28,7 @@ pub struct UplinkStatus {
     /// Its `IFLA_INFO_KIND` (`vxlan`, `bond`, ...); `None` for a device.
     pub kind: Option<String>,
     /// `leave_node`, or `leave_node_l3` on a device without an Ethernet
-    /// header (WireGuard, IPIP, `tun`); `None` when the attach failed.
+    /// header (`WireGuard`, IPIP, `tun`); `None` when the attach failed.
     pub program: Option<String>,
     /// `attached` (`leave_node` on its TC egress) or `failed`.
     pub state: String,
@@ -223,6 +223,10 @@ mod tests {
         })
     }
 
+    #[expect(
+        clippy::unnecessary_wraps,
+        reason = "the shape of the `Uplinks::new` argument it fills"
+    )]
     fn glob(p: &str) -> Option<glob::Pattern> {
         Some(glob::Pattern::new(p).expect("a glob"))
     }

@@ -2,7 +2,7 @@
 //!
 //! The pinned maps say *what* the kernel enforces (endpoint ids, selector
 //! and prefix → rule set, rule set → ports); they cannot say *why*: which
-//! pod an endpoint id is, which NetworkPolicy rules produced an entry. After
+//! pod an endpoint id is, which `NetworkPolicy` rules produced an entry. After
 //! every successful apply the sync loop writes that here, atomically (a
 //! temporary file renamed over `state.json`), next to the pinned state:
 //! `/run/netpol/state.json` by default (`run --state-dir`,
@@ -189,7 +189,7 @@ pub struct PolicyEntryState {
     pub rules: Vec<RuleState>,
 }
 
-/// One rule of one NetworkPolicy.
+/// One rule of one `NetworkPolicy`.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct RuleState {
     /// `namespace/name` of the policy.

@@ -195,7 +195,7 @@ impl FilesSource {
                         watched = now;
                     }
                     Err(e) => {
-                        tracing::warn!(dir = %dir.display(), error = %e, "watching the manifests folder again")
+                        tracing::warn!(dir = %dir.display(), error = %e, "watching the manifests folder again");
                     }
                 }
             }

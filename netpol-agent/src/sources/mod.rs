@@ -44,7 +44,7 @@ pub struct ObjectCounts {
     pub namespaces: usize,
     /// Pods.
     pub pods: usize,
-    /// NetworkPolicies (valid or with a version in force).
+    /// `NetworkPolicies` (valid or with a version in force).
     pub policies: usize,
     /// Services.
     pub services: usize,

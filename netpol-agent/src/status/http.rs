@@ -22,7 +22,7 @@ const MAX_CONNECTIONS: usize = 64;
 /// A request's headers must arrive within this.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 /// A connection lives at most this long, keep-alive included.
-const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
+const CONNECTION_LIFETIME: Duration = Duration::from_mins(1);
 /// How long the accept loop rests after a failed accept, doubling to
 /// [`ACCEPT_BACKOFF_MAX`]: out of descriptors (`EMFILE`), accepting again
 /// at once fails again at once.
@@ -94,6 +94,7 @@ pub(crate) async fn serve(
 }
 
 fn respond<B>(req: &Request<B>, status: &StatusHandle, metrics: &Metrics) -> Response<Full<Bytes>> {
+    const PLAIN: &str = "text/plain; charset=utf-8";
     let text = |code: StatusCode, body: String, kind: &'static str| {
         let mut r = Response::new(Full::new(Bytes::from(body)));
         *r.status_mut() = code;
@@ -101,7 +102,6 @@ fn respond<B>(req: &Request<B>, status: &StatusHandle, metrics: &Metrics) -> Res
             .insert(header::CONTENT_TYPE, header::HeaderValue::from_static(kind));
         r
     };
-    const PLAIN: &str = "text/plain; charset=utf-8";
     match req.uri().path() {
         "/healthz" => match metrics.stuck(crate::status::STUCK_AFTER) {
             None => text(StatusCode::OK, "ok\n".into(), PLAIN),

@@ -1,6 +1,11 @@
 //! What the loop drives.
 
-use super::*;
+use crate::datapath::{
+    Datapath, DatapathError,
+    clock::JiffyClock,
+    pins::RestoreError,
+    writer::{Backend, MapWriter},
+};
 
 /// What the loop drives: the kernel's [`Datapath`], or a fake in tests.
 pub(crate) trait Dataplane: crate::node::uplinks::UplinkHooks {

@@ -2,7 +2,25 @@
 //! attached, its peer's addresses (or the node's routes) bind it to a
 //! compiled pod, and the endpoint entries follow the bindings.
 
-use super::*;
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+    time::Duration,
+};
+
+use ipnet::IpNet;
+use netpol_common::{EndpointInfo, endpoint_flags};
+
+use super::{Dataplane, SyncLoop};
+use crate::{
+    compiler::Compiled,
+    datapath::{
+        clock::{JiffyClock, Skew},
+        writer::{KernelOp, MapWriteError},
+    },
+    model::ObjectRef,
+    node::links::{self, Link, LinkEvent},
+};
 
 /// High bit of the ids of unbound pod interfaces (see [`super`]).
 pub const UNBOUND_ID_BASE: u32 = 1 << 31;
@@ -57,9 +75,9 @@ pub(super) enum Found {
 impl<D: Dataplane> SyncLoop<D> {
     /// Pod interfaces first, uplinks second: a link changing class is
     /// detached from its old role before it takes the new one.
-    pub(super) fn on_link(&mut self, ev: LinkEvent) -> bool {
+    pub(super) fn on_link(&mut self, ev: &LinkEvent) -> bool {
         let pods = self.on_pod_link(ev.clone());
-        let uplinks = self.uplinks.on_link(&mut self.dp, &ev);
+        let uplinks = self.uplinks.on_link(&mut self.dp, ev);
         pods || uplinks
     }
 
@@ -109,7 +127,7 @@ impl<D: Dataplane> SyncLoop<D> {
                 .mirror()
                 .endpoints
                 .get(&ifindex)
-                .is_some_and(|e| e.programmed());
+                .is_some_and(EndpointInfo::programmed);
         let entry: &[KernelOp] = if adopted {
             &[]
         } else {

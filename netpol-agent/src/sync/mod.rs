@@ -21,27 +21,20 @@
 //! conntrack entries of the node's own traffic (probes), which therefore
 //! cannot be confused with a programmed pod's connections.
 use std::{
-    collections::{BTreeMap, BTreeSet},
-    net::IpAddr,
+    collections::BTreeMap,
     path::PathBuf,
     sync::Arc,
     time::{Duration, Instant},
 };
 
-use ipnet::IpNet;
-use netpol_common::{EndpointInfo, endpoint_flags};
+use netpol_common::EndpointInfo;
 use tokio::sync::{mpsc, watch};
 
 use crate::{
     compiler::{self, Changes, Compiled, Compiler, IdAllocation, RawOp},
-    datapath::{
-        Datapath, DatapathError,
-        clock::{JiffyClock, Skew},
-        pins::RestoreError,
-        writer::{Backend, KernelOp, MapWriteError, MapWriter},
-    },
+    datapath::{Datapath, writer::MapWriteError},
     model::{ObjectRef, Snapshot},
-    node::links::{self, Link, LinkEvent},
+    node::links::LinkEvent,
     provenance::{self, Bound, Inputs, State},
     resume,
     sources::{Fingerprint, Input, ObjectCounts, SourceHealth},
@@ -241,7 +234,7 @@ impl<D: Dataplane> SyncLoop<D> {
                         None => std::future::pending().await,
                     }
                 } => compile = true,
-                Some(ev) = links.recv() => endpoints = self.on_link(ev),
+                Some(ev) = links.recv() => endpoints = self.on_link(&ev),
                 Some(f) = found.recv() => endpoints = self.on_found(f),
                 Some(()) = async {
                     match health.as_mut() {
@@ -337,25 +330,23 @@ impl<D: Dataplane> SyncLoop<D> {
         // The first apply (and the one after a write whose rollback failed
         // too) diffs from what the pinned maps hold: a previous agent's
         // state, or nothing, read back with the ids to keep.
-        let (compiler, ops, before) = match self.in_force.take() {
-            Some(InForce {
-                mut compiler,
-                snapshot: old,
-                fingerprint,
-            }) => {
-                let ids = compiler.compiled().ids.clone();
-                let changes = Changes::between(&old, &snapshot);
-                let ops: Vec<RawOp> = compiler.update(&snapshot, &changes).raw().collect();
-                let mut fp = fingerprint;
-                fp.update(&old, &snapshot, &changes);
-                (compiler, ops, Some((old, ids, fingerprint, fp)))
-            }
-            None => {
-                let old = self.resume(&snapshot);
-                let compiler = Compiler::new(&snapshot, &old.ids);
-                let ops: Vec<RawOp> = compiler::diff(&old, compiler.compiled()).raw().collect();
-                (compiler, ops, None)
-            }
+        let (compiler, ops, before) = if let Some(InForce {
+            mut compiler,
+            snapshot: old,
+            fingerprint,
+        }) = self.in_force.take()
+        {
+            let ids = compiler.compiled().ids.clone();
+            let changes = Changes::between(&old, &snapshot);
+            let ops: Vec<RawOp> = compiler.update(&snapshot, &changes).raw().collect();
+            let mut fp = fingerprint;
+            fp.update(&old, &snapshot, &changes);
+            (compiler, ops, Some((old, ids, fingerprint, fp)))
+        } else {
+            let old = self.resume(&snapshot);
+            let compiler = Compiler::new(&snapshot, &old.ids);
+            let ops: Vec<RawOp> = compiler::diff(&old, compiler.compiled()).raw().collect();
+            (compiler, ops, None)
         };
         let resuming = before.is_none();
         let bindings = self.bind(compiler.compiled());
@@ -577,7 +568,7 @@ impl<D: Dataplane> SyncLoop<D> {
             && self
                 .ifaces
                 .keys()
-                .all(|i| endpoints.get(i).is_some_and(|e| e.programmed()));
+                .all(|i| endpoints.get(i).is_some_and(EndpointInfo::programmed));
         if filled && let Err(e) = self.dp.commit_layout() {
             self.fail("layout", format!("{e}"));
         }
@@ -598,7 +589,9 @@ impl<D: Dataplane> SyncLoop<D> {
                     .map(|(p, _)| p.to_string());
                 let mut addresses = f.peer.clone();
                 addresses.extend(f.routed.iter().filter(|a| !f.peer.contains(a)));
-                let programmed = endpoints.get(&ifindex).is_some_and(|e| e.programmed());
+                let programmed = endpoints
+                    .get(&ifindex)
+                    .is_some_and(EndpointInfo::programmed);
                 InterfaceStatus {
                     name: f.link.name.clone(),
                     ifindex,

@@ -1,12 +1,20 @@
 //! The loop against the fake map writer: the order of its writes, the
 //! rollback of a failed one, adoption of a previous agent's entries,
 //! and a pod whose interface shows up after its compile.
-use netpol_common::{PolicyKeyV4, maps, programs};
+use std::collections::BTreeSet;
+
+use netpol_common::{PolicyKeyV4, endpoint_flags, maps, programs};
 use serde_json::json;
 
 use super::*;
-use crate::datapath::writer::{FakeBackend, Mirror};
+use crate::datapath::{
+    DatapathError,
+    clock::JiffyClock,
+    pins::RestoreError,
+    writer::{FakeBackend, KernelOp, MapWriter, Mirror},
+};
 use crate::model::manifests::{LoadReport, apply_value};
+use crate::node::links::Link;
 
 struct Fake {
     writer: MapWriter<FakeBackend>,
@@ -120,7 +128,7 @@ fn cluster(from: &str) -> Arc<Input> {
 }
 
 fn veth(l: &mut SyncLoop<Fake>, ifindex: u32, ip: &str) {
-    l.on_link(LinkEvent::Present(Link {
+    l.on_link(&LinkEvent::Present(Link {
         ifindex,
         name: format!("veth{ifindex}"),
         veth: true,
@@ -315,7 +323,7 @@ async fn a_pod_whose_interface_comes_after_its_compile_is_bound_then() {
     veth(&mut l, 11, "10.0.0.3");
     apply(&mut l, cluster("b"));
     assert!(l.last_error.is_none(), "{:?}", l.last_error);
-    l.on_link(LinkEvent::Present(Link {
+    l.on_link(&LinkEvent::Present(Link {
         ifindex: 10,
         name: "veth10".into(),
         veth: true,

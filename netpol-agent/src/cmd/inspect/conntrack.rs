@@ -34,7 +34,7 @@ struct ConnectionRow {
     peer_port: u16,
     peer_pod: Option<String>,
     /// The Services the peer address and port are a frontend of (a pod's
-    /// connection to a ClusterIP, as its replies come back).
+    /// connection to a `ClusterIP`, as its replies come back).
     peer_services: Vec<String>,
     /// Who opened it, seen from the endpoint: `egress` (the pod) or
     /// `ingress` (the peer).

@@ -59,6 +59,10 @@ pub struct InspectArgs {
 }
 
 /// What to inspect.
+#[expect(
+    clippy::doc_markdown,
+    reason = "clap prints these doc comments as --help text, backticks and all"
+)]
 #[derive(Debug, clap::Subcommand)]
 pub enum What {
     /// Every endpoint-map entry: pod, endpoint id, host interface,

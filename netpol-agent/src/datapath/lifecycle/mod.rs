@@ -11,7 +11,7 @@
 //!   and handle ([`NL_PRIORITY`], [`NL_HANDLE`]); it is left in place when
 //!   the datapath is dropped, and the next agent replaces its program in
 //!   place (a `RTM_NEWTFILTER` without `NLM_F_CREATE` on the same priority
-//!   and handle: cls_bpf swaps the program under RCU).
+//!   and handle: `cls_bpf` swaps the program under RCU).
 //!
 //! The clsact qdiscs netpol added are recorded as symlinks
 //! `<pin_dir>/qdiscs/<ifname>` → ifindex, so that cleanup removes those and
@@ -180,7 +180,7 @@ fn pin_unpinned_link(h: &Hook<'_>, path: &Path) {
                 "detached a second netpol link on the same hook"
             ),
             Err(e) => {
-                tracing::warn!(interface = h.interface, error = %e, "detaching a second netpol link")
+                tracing::warn!(interface = h.interface, error = %e, "detaching a second netpol link");
             }
         }
     }
@@ -238,7 +238,7 @@ fn tcx_links(
         query_flags: 0,
         attach_flags: 0,
         prog_ids: prog_ids.as_mut_ptr() as u64,
-        count: MAX as u32,
+        count: u32::try_from(MAX).unwrap_or(u32::MAX),
         _pad: 0,
         prog_attach_flags: 0,
         link_ids: link_ids.as_mut_ptr() as u64,
@@ -262,8 +262,13 @@ fn tcx_links(
         // SAFETY: `attr` is a valid prefix of `union bpf_attr` for
         // BPF_LINK_GET_FD_BY_ID and outlives the call.
         let fd = unsafe { sys_bpf(BPF_LINK_GET_FD_BY_ID, &mut attr) }?;
+        #[expect(
+            clippy::cast_possible_truncation,
+            reason = "sys_bpf returns a syscall's int result widened to c_long"
+        )]
+        let fd = fd as i32;
         // SAFETY: the kernel returned a new fd that nothing else owns.
-        out.push(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) });
+        out.push(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) });
     }
     Ok(out)
 }

@@ -33,8 +33,8 @@ pub(crate) fn update_pinned_link(
     }
     let link = bpf_obj_get(path)?;
     let mut attr = LinkUpdate {
-        link_fd: link.as_raw_fd() as u32,
-        new_prog_fd: program.as_raw_fd() as u32,
+        link_fd: link.as_raw_fd().cast_unsigned(),
+        new_prog_fd: program.as_raw_fd().cast_unsigned(),
         flags: 0,
         old_prog_fd: 0,
     };
@@ -79,14 +79,19 @@ const BPF_LINK_DETACH: libc::c_long = 34;
 pub(crate) fn bpf_obj_get(path: &Path) -> std::io::Result<std::os::fd::OwnedFd> {
     use std::os::fd::FromRawFd as _;
     let fd = bpf_obj(BPF_OBJ_GET, path, 0)?;
+    #[expect(
+        clippy::cast_possible_truncation,
+        reason = "sys_bpf returns a syscall's int result widened to c_long"
+    )]
+    let fd = fd as i32;
     // SAFETY: BPF_OBJ_GET returned a new fd that nothing else owns.
-    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
 }
 
 /// Pins the object `fd` refers to at `path` (`BPF_OBJ_PIN`).
 pub(crate) fn bpf_obj_pin(fd: std::os::fd::BorrowedFd<'_>, path: &Path) -> std::io::Result<()> {
     use std::os::fd::AsRawFd as _;
-    bpf_obj(BPF_OBJ_PIN, path, fd.as_raw_fd() as u32).map(drop)
+    bpf_obj(BPF_OBJ_PIN, path, fd.as_raw_fd().cast_unsigned()).map(drop)
 }
 
 /// `BPF_OBJ_GET` or `BPF_OBJ_PIN` of `path` (with `fd` for a pin).
@@ -123,7 +128,7 @@ pub(super) fn bpf_link_detach(fd: &std::os::fd::OwnedFd) -> std::io::Result<()> 
         link_fd: u32,
     }
     let mut attr = LinkDetach {
-        link_fd: fd.as_raw_fd() as u32,
+        link_fd: fd.as_raw_fd().cast_unsigned(),
     };
     // SAFETY: `attr` is a valid prefix of `union bpf_attr` for
     // BPF_LINK_DETACH and outlives the call.
@@ -153,7 +158,7 @@ pub(crate) fn link_type(interface: &str) -> std::io::Result<u16> {
     // SAFETY: `ifreq` is plain data; all zeroes is a valid value.
     let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
     for (dst, src) in req.ifr_name.iter_mut().zip(name) {
-        *dst = *src as libc::c_char;
+        *dst = libc::c_char::from_ne_bytes([*src]);
     }
     // SAFETY: `req` is a valid `ifreq` with a NUL-terminated name (checked
     // shorter than IFNAMSIZ, the rest zeroed) and outlives the call.

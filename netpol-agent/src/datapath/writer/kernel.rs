@@ -42,6 +42,7 @@ impl KernelBackend {
     /// Wraps the four policy maps and the Service maps. Every endpoint
     /// write moves `endpoint_epoch` (`NETPOL_EP_EPOCH`), which retires the
     /// programs' cached copies of the endpoint table.
+    #[must_use]
     pub fn new(
         endpoints: BpfHashMap<MapData, u32, EndpointInfo>,
         endpoint_epoch: Array<MapData, u64>,
@@ -86,27 +87,27 @@ impl KernelBackend {
     /// When a map cannot be iterated.
     pub fn read_back(&self) -> Result<Mirror, BackendError> {
         let mut m = Mirror::default();
-        for kv in self.endpoints.iter() {
+        for kv in &self.endpoints {
             let (k, v) = kv.map_err(errno)?;
             m.endpoints.insert(k, v);
         }
-        for kv in self.policy_v4.iter() {
+        for kv in &self.policy_v4 {
             let (k, v) = kv.map_err(errno)?;
             m.policy_v4.insert((k.prefix_len(), k.data()), v);
         }
-        for kv in self.policy_v6.iter() {
+        for kv in &self.policy_v6 {
             let (k, v) = kv.map_err(errno)?;
             m.policy_v6.insert((k.prefix_len(), k.data()), v);
         }
-        for kv in self.ports.iter() {
+        for kv in &self.ports {
             let (k, v) = kv.map_err(errno)?;
             m.ports.insert((k.prefix_len(), k.data()), v);
         }
-        for kv in self.services.frontends_v4.iter() {
+        for kv in &self.services.frontends_v4 {
             let (k, v) = kv.map_err(errno)?;
             m.frontends_v4.insert(k, v);
         }
-        for kv in self.services.frontends_v6.iter() {
+        for kv in &self.services.frontends_v6 {
             let (k, v) = kv.map_err(errno)?;
             m.frontends_v6.insert(k, v);
         }

@@ -115,7 +115,7 @@ pub struct Matched {
     pub ruleset: u32,
     /// The rule set's ports, read from the port trie.
     pub ports: String,
-    /// The NetworkPolicy rules that produced the entry (state file).
+    /// The `NetworkPolicy` rules that produced the entry (state file).
     pub rules: Vec<String>,
     /// The state file has no such entry, or another rule set for it (it
     /// is older or newer than the maps): `rules` may be missing.
@@ -215,7 +215,7 @@ impl Explanation {
         }
     }
 
-    /// The NetworkPolicy rules that allow it (empty unless a side was
+    /// The `NetworkPolicy` rules that allow it (empty unless a side was
     /// allowed by a rule).
     #[must_use]
     pub fn allowing_rules(&self) -> Vec<&str> {

@@ -99,8 +99,9 @@ impl FromStr for Query {
         let words: Vec<&str> = line.split_whitespace().collect();
         let (src, dst, port, family) = match words.as_slice() {
             [src, dst, port] => (src, dst, port, None),
-            [src, dst, port, fam] => (src, dst, port, Some(parse_family(fam)?)),
-            [src, dst, port, "--family", fam] => (src, dst, port, Some(parse_family(fam)?)),
+            [src, dst, port, fam] | [src, dst, port, "--family", fam] => {
+                (src, dst, port, Some(parse_family(fam)?))
+            }
             _ => return Err(format!("{line:?}: expected SRC DST PROTO/PORT [4|6]")),
         };
         let (protocol, port) = parse_port(port)?;

@@ -1,4 +1,4 @@
-//! NetworkPolicies: selectors, peers, ports and rules, validated as the
+//! `NetworkPolicies`: selectors, peers, ports and rules, validated as the
 //! API server validates them.
 
 use std::collections::BTreeSet;
@@ -78,12 +78,11 @@ fn selector(sel: &meta::LabelSelector, field: &str, errs: &mut Errors) -> LabelS
 }
 
 fn parse_cidr(s: &str, field: &str, errs: &mut Errors) -> Option<IpNet> {
-    match s.parse::<IpNet>() {
-        Ok(n) => Some(n.trunc()),
-        Err(_) => {
-            errs.push(field, format!("invalid CIDR {s:?}"));
-            None
-        }
+    if let Ok(n) = s.parse::<IpNet>() {
+        Some(n.trunc())
+    } else {
+        errs.push(field, format!("invalid CIDR {s:?}"));
+        None
     }
 }
 
@@ -175,13 +174,13 @@ fn port(p: &net::NetworkPolicyPort, field: &str, errs: &mut Errors) -> Option<Po
                     errs.push(format!("{field}.endPort"), "less than port");
                     return None;
                 }
-                Some(e) => match u16::try_from(e) {
-                    Ok(e) => e,
-                    Err(_) => {
+                Some(e) => {
+                    let Ok(e) = u16::try_from(e) else {
                         errs.push(format!("{field}.endPort"), "must be at most 65535");
                         return None;
-                    }
-                },
+                    };
+                    e
+                }
             };
             PortSpec::Range { first, last }
         }

@@ -40,13 +40,13 @@ impl TryFrom<&core::Service> for Service {
             };
             let node_port = match p.node_port {
                 None | Some(0) => None,
-                Some(n) => match u16::try_from(n) {
-                    Ok(n) => Some(n),
-                    Err(_) => {
+                Some(n) => {
+                    let Ok(n) = u16::try_from(n) else {
                         errs.push(format!("{field}.nodePort"), "must be 1-65535");
                         continue;
-                    }
-                },
+                    };
+                    Some(n)
+                }
             };
             ports.push(ServicePort {
                 port,

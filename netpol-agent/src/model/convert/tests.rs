@@ -3,6 +3,10 @@ use std::net::IpAddr;
 use super::*;
 use crate::model::{Service, ServicePort};
 
+#[expect(
+    clippy::needless_pass_by_value,
+    reason = "callers pass `json!` literals"
+)]
 fn svc(json: serde_json::Value) -> core::Service {
     let mut v = serde_json::json!({
         "apiVersion": "v1", "kind": "Service",

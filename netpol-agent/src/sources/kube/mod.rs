@@ -1,7 +1,7 @@
 //! The `kube` source: the Kubernetes API, watched with kube-rs.
 //!
 //! One watcher per kind (Pods and Services of every
-//! namespace, Namespaces, NetworkPolicies, and this node's Node: nothing
+//! namespace, Namespaces, `NetworkPolicies`, and this node's Node: nothing
 //! netpol does not use), each trimmed with `.modify()` to the fields the compiler
 //! reads, so memory grows slowly with the cluster, and each retried with
 //! kube-rs' default backoff.
@@ -49,7 +49,7 @@ use crate::{
 };
 
 /// The verbs every watcher needs: `list` and `watch` (the reflector's
-/// list-then-watch), and `get`, which the deploy's ClusterRole grants with
+/// list-then-watch), and `get`, which the deploy's `ClusterRole` grants with
 /// them (read-only, and what `kubectl auth can-i` users expect).
 pub const WATCH_VERBS: &[&str] = &["get", "list", "watch"];
 
@@ -59,7 +59,7 @@ const fn api_of<K: k8s_openapi::Resource>() -> (&'static str, &'static str) {
 }
 
 /// Every `(apiGroup, resource, verbs)` the kube source reads, in the order
-/// of [`StoreKind::ALL`]: the deploy's ClusterRole must grant exactly these
+/// of [`StoreKind::ALL`]: the deploy's `ClusterRole` must grant exactly these
 /// (a test compares). Taken from the same k8s-openapi types the watchers are
 /// built over; [`spawn_store`] asserts each watcher matches its entry.
 pub const WATCHED: &[(&str, &str, &[&str])] = &[
@@ -151,7 +151,7 @@ pub enum StoreKind {
     Namespace,
     /// This node's v1 Node.
     Node,
-    /// networking.k8s.io/v1 NetworkPolicies, all namespaces.
+    /// networking.k8s.io/v1 `NetworkPolicies`, all namespaces.
     NetworkPolicy,
     /// v1 Services, all namespaces.
     Service,
@@ -229,7 +229,10 @@ mod assembler;
 mod objects;
 
 use assembler::Assembler;
-use objects::*;
+use objects::{
+    Obj, convert_namespace, convert_node, convert_pod, convert_policy, convert_service,
+    trim_namespace, trim_node, trim_pod, trim_policy, trim_service,
+};
 
 #[derive(Debug)]
 enum Change {
@@ -528,6 +531,10 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 mod tests {
     use super::*;
 
+    #[expect(
+        clippy::needless_pass_by_value,
+        reason = "callers pass `json!` literals"
+    )]
     fn pod_json(name: &str, ip: &str, port: serde_json::Value) -> core::Pod {
         serde_json::from_value(serde_json::json!({
             "apiVersion": "v1", "kind": "Pod",
@@ -685,7 +692,7 @@ mod tests {
     }
 
     /// A relist (after a 410 Gone or an outage) may carry what the watch
-    /// missed: every kind's is published, NetworkPolicies' included (they
+    /// missed: every kind's is published, `NetworkPolicies`' included (they
     /// were not).
     #[test]
     fn a_relist_of_any_store_is_published() {
