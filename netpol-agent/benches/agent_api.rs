@@ -47,6 +47,7 @@ use netpol_testkit::{
     Netns,
     datapath::TempBpffs,
     fake_apiserver::FakeApiServer,
+    process::programmed,
     topology::{Pod, Topology, calico_pod},
     unique,
 };
@@ -315,16 +316,11 @@ impl Agent {
             if let Ok(Some(st)) = self.child.try_wait() {
                 panic!("netpol-agent exited ({st}); log:\n{}", self.log());
             }
-            if let Some(s) = self.status() {
-                let programmed = |name: &str| {
-                    s["interfaces"].as_array().is_some_and(|l| {
-                        l.iter()
-                            .any(|i| i["name"] == name && i["programmed"] == true)
-                    })
-                };
-                if s["ready"] == true && names.iter().all(|n| programmed(n)) {
-                    return Instant::now();
-                }
+            if let Some(s) = self.status()
+                && s["ready"] == true
+                && names.iter().all(|n| programmed(&s, n))
+            {
+                return Instant::now();
             }
             assert!(
                 Instant::now() < deadline,

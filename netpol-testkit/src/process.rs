@@ -44,6 +44,16 @@ pub fn get_in(node: &str, listen: &str, path: &str) -> Option<String> {
     .flatten()
 }
 
+/// Whether `/status` (`status`) reports the pod interface `name` bound
+/// and programmed.
+#[must_use]
+pub fn programmed(status: &serde_json::Value, name: &str) -> bool {
+    status["interfaces"].as_array().is_some_and(|l| {
+        l.iter()
+            .any(|i| i["name"] == name && i["programmed"] == true)
+    })
+}
+
 /// `(resident bytes, CPU seconds)` of process `pid`, from `/proc`.
 #[must_use]
 pub fn usage(pid: u32) -> (u64, f64) {
@@ -182,15 +192,9 @@ impl AgentProcess {
                 panic!("netpol-agent exited ({st}); its log:\n{}", self.log());
             }
             if let Some(s) = self.status() {
-                let programmed = |name: &str| {
-                    s["interfaces"].as_array().is_some_and(|l| {
-                        l.iter()
-                            .any(|i| i["name"] == name && i["programmed"] == true)
-                    })
-                };
                 if s["fingerprint"].as_str() == Some(fp.as_str())
                     && s["last_error"].is_null()
-                    && interfaces.iter().all(|i| programmed(i))
+                    && interfaces.iter().all(|i| programmed(&s, i))
                 {
                     return s;
                 }
