@@ -220,7 +220,7 @@ struct Api {
 
 impl Api {
     fn start(node: &Netns) -> Self {
-        let (rt, fake) = inside(node, || {
+        let (rt, fake) = node.run(|| {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(1)
                 .enable_all()
@@ -244,11 +244,7 @@ impl Drop for Api {
     }
 }
 
-/// Runs `f` on a thread inside `ns` and waits for it.
-fn inside<T: Send + 'static>(ns: &Netns, f: impl FnOnce() -> T + Send + 'static) -> T {
-    spawn_in(ns, f).join().expect("thread in a namespace")
-}
-
+/// Runs `f` on a thread inside `ns`, left running ([`Netns::run`] waits).
 fn spawn_in<T: Send + 'static>(
     ns: &Netns,
     f: impl FnOnce() -> T + Send + 'static,
