@@ -178,6 +178,7 @@ pub struct AgentBuilder {
     event_rate: u32,
     event_burst: u32,
     handover_wait: Duration,
+    stuck_after: Duration,
 }
 
 /// How long a starting agent waits for the one holding the pins to exit
@@ -206,6 +207,7 @@ impl Default for AgentBuilder {
             event_rate: limits::DEFAULT_RATE,
             event_burst: limits::DEFAULT_BURST,
             handover_wait: DEFAULT_HANDOVER_WAIT,
+            stuck_after: crate::status::STUCK_AFTER,
         }
     }
 }
@@ -324,6 +326,15 @@ impl AgentBuilder {
         self
     }
 
+    /// How long the reconcile loop or the source may show no progress
+    /// (for the kube source: every watch healthy) before `/healthz` fails
+    /// (default [`crate::status::STUCK_AFTER`]).
+    #[must_use]
+    pub fn stuck_after(mut self, after: Duration) -> Self {
+        self.stuck_after = after;
+        self
+    }
+
     /// How long a burst of source changes is waited out before compiling
     /// (default 10 ms).
     #[must_use]
@@ -410,12 +421,14 @@ impl AgentBuilder {
             node: self.node.clone(),
             ..Status::default()
         });
+        let metrics = Metrics::new();
+        metrics.set_stuck_after(self.stuck_after);
         Ok(Agent {
             source,
             interfaces,
             settings: self,
             status: status_tx,
-            metrics: Arc::new(Metrics::new()),
+            metrics: Arc::new(metrics),
             denials: broadcast::channel(DENIALS_QUEUE).0,
         })
     }

@@ -104,9 +104,17 @@ struct RunArgs {
     /// What pod interfaces do until their pod's policy is written.
     #[arg(long, value_enum, default_value_t = NewPodsArg::FailClosed)]
     new_pods: NewPodsArg,
-    /// HTTP address of /healthz, /readyz, /status and /metrics.
-    #[arg(long, default_value = agent::DEFAULT_LISTEN)]
+    /// HTTP address of /healthz, /readyz, /status and /metrics: ADDR:PORT,
+    /// or [ADDR]:PORT for either family (the DaemonSet passes
+    /// `[$(HOST_IP)]:9101`, whatever the node's primary family).
+    #[arg(long, default_value = agent::DEFAULT_LISTEN, value_parser = parse_listen)]
     listen: std::net::SocketAddr,
+    /// Seconds the reconcile loop or the source (for the kube source:
+    /// every watch healthy, so an unreachable API server counts) may show
+    /// no progress before /healthz fails.
+    #[arg(long, value_name = "SECS", default_value_t = netpol_agent::status::STUCK_AFTER.as_secs(),
+          value_parser = clap::value_parser!(u64).range(1..))]
+    stuck_after_secs: u64,
     /// Milliseconds a burst of manifest changes is waited out before
     /// compiling.
     #[arg(long, default_value_t = 10)]
@@ -204,12 +212,22 @@ enum Command {
         #[arg(long, value_enum, default_value_t = Mode::Auto)]
         attach_mode: Mode,
     },
+    /// Prepare the node for `run` (the DaemonSet's init container): mount
+    /// bpffs at --bpffs where the host sees it, so the pins outlive the
+    /// agent's pod and `run` needs no CAP_SYS_ADMIN. Does nothing when one
+    /// is mounted there already.
+    Init,
     /// Print the packet counters from the pinned maps.
     Stats,
     /// Remove everything netpol attached or pinned on this node (pinned
     /// TCX links, its netlink filters, the clsact qdiscs it added, its pins
-    /// in `<bpffs>/netpol`) and nothing else. Stop the agent first.
-    Cleanup,
+    /// in `<bpffs>/netpol`, its state file) and nothing else. Stop the
+    /// agent first.
+    Cleanup {
+        /// Folder of the state file to remove.
+        #[arg(long, env = "NETPOL_STATE_DIR", value_name = "DIR", default_value = netpol_agent::provenance::DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+    },
     /// Compile manifests offline and print what this node's maps would hold.
     Compile(cmd::compile::CompileArgs),
     /// Read the live pinned maps back, decoded and named with the state
@@ -280,6 +298,20 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             drop(dp);
             Ok(ExitCode::SUCCESS)
         }
+        Command::Init => {
+            let mounted = netpol_agent::bpffs::ensure_mounted(&cli.bpffs)
+                .with_context(|| format!("preparing {}", cli.bpffs.display()))?;
+            println!(
+                "{} bpffs at {}",
+                if mounted {
+                    "mounted"
+                } else {
+                    "already mounted:"
+                },
+                cli.bpffs.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Stats => {
             let pin_dir = cli.bpffs.join(datapath::PIN_SUBDIR);
             let counters = Counters::read_pinned(&pin_dir)
@@ -287,7 +319,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             print!("{}", cmd::inspect::counters_table(&counters));
             Ok(ExitCode::SUCCESS)
         }
-        Command::Cleanup => {
+        Command::Cleanup { state_dir } => {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
@@ -295,8 +327,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let cleaned = rt
                 .block_on(datapath::cleanup(&cli.bpffs))
                 .context("cleaning up")?;
+            let state = state_dir.join(netpol_agent::provenance::STATE_FILE);
+            let state_removed = match std::fs::remove_file(&state) {
+                Ok(()) => true,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+                Err(e) => {
+                    return Err(e).with_context(|| format!("removing {}", state.display()));
+                }
+            };
             println!(
-                "removed {} pinned links ({}), {} netlink filters ({}), {} clsact qdiscs ({}); pins {}",
+                "removed {} pinned links ({}), {} netlink filters ({}), {} clsact qdiscs ({}); pins {}; state file {}",
                 cleaned.links.len(),
                 cleaned.links.join(", "),
                 cleaned.filters.len(),
@@ -304,6 +344,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 cleaned.qdiscs.len(),
                 cleaned.qdiscs.join(", "),
                 if cleaned.pins { "removed" } else { "absent" },
+                if state_removed { "removed" } else { "absent" },
             );
             Ok(ExitCode::SUCCESS)
         }
@@ -350,6 +391,7 @@ fn run_agent(bpffs: PathBuf, args: RunArgs) -> anyhow::Result<ExitCode> {
         .listen(Some(args.listen))
         .state_dir(Some(args.state_dir))
         .debounce(std::time::Duration::from_millis(args.debounce_ms))
+        .stuck_after(std::time::Duration::from_secs(args.stuck_after_secs))
         .handover_wait(std::time::Duration::from_secs(args.handover_wait_secs))
         .log_denied(args.log_denied)
         .event_rate(args.event_rate)
@@ -396,6 +438,22 @@ fn parse_glob(text: &str) -> Result<glob::Pattern, String> {
     glob::Pattern::new(text).map_err(|e| format!("not a glob: {e}"))
 }
 
+/// `ADDR:PORT`, `[V6]:PORT` or `[V4]:PORT`: brackets let a manifest
+/// write one form for a node address of either family.
+fn parse_listen(text: &str) -> Result<std::net::SocketAddr, String> {
+    if let Ok(a) = text.parse() {
+        return Ok(a);
+    }
+    let bad = || format!("{text:?} is not ADDR:PORT or [ADDR]:PORT");
+    let (host, port) = text
+        .strip_prefix('[')
+        .and_then(|t| t.split_once("]:"))
+        .ok_or_else(bad)?;
+    let ip: std::net::IpAddr = host.parse().map_err(|_| bad())?;
+    let port: u16 = port.parse().map_err(|_| bad())?;
+    Ok(std::net::SocketAddr::new(ip, port))
+}
+
 fn parse_mark_mask(text: &str) -> Result<u32, String> {
     agent::parse_mark_mask(text).map_err(|e| e.to_string())
 }
@@ -427,6 +485,32 @@ mod tests {
             Command::Run(a) => Ok(*a),
             other => panic!("not run: {other:?}"),
         }
+    }
+
+    #[test]
+    fn listen_takes_either_family_in_brackets_and_names_a_bad_one() {
+        for (text, want) in [
+            ("127.0.0.1:9101", "127.0.0.1:9101"),
+            ("[10.0.0.7]:9101", "10.0.0.7:9101"),
+            ("[fd00::7]:9101", "[fd00::7]:9101"),
+        ] {
+            let a = run_args(&["--listen", text]).expect(text);
+            assert_eq!(a.listen.to_string(), want);
+        }
+        for bad in ["[]:9101", "10.0.0.7", "[10.0.0.7]", "[x]:1", "[::1]:99999"] {
+            let e = run_args(&["--listen", bad]).expect_err(bad);
+            assert!(e.to_string().contains(bad), "{e}");
+        }
+    }
+
+    #[test]
+    fn stuck_after_defaults_to_the_status_threshold_and_refuses_zero() {
+        let a = run_args(&[]).expect("defaults");
+        assert_eq!(
+            a.stuck_after_secs,
+            netpol_agent::status::STUCK_AFTER.as_secs()
+        );
+        assert!(run_args(&["--stuck-after-secs", "0"]).is_err());
     }
 
     #[test]

@@ -15,6 +15,7 @@ mod bench;
 mod bootstrap;
 mod conformance;
 mod demo;
+mod deploy;
 mod deploy_check;
 mod vm;
 
@@ -80,6 +81,9 @@ enum Cmd {
     /// Build the object and the release agent as deploy/Containerfile does
     /// and check that every path it copies exists.
     DeployCheck,
+    /// Write deploy/netpol.yaml (deploy/base in one file, for k3s's
+    /// auto-deploy folder) with `kubectl kustomize`.
+    RenderDeploy,
     /// Run the datapath tests on Debian kernels 5.10, 6.1 and 6.12, each
     /// booted in qemu (as root; kernels cached under target/vm).
     VmTest {
@@ -123,6 +127,7 @@ fn main() -> Result<()> {
         }
         Cmd::Demo { hold } => demo::demo(hold),
         Cmd::DeployCheck => deploy_check::check(),
+        Cmd::RenderDeploy => deploy::render(),
         Cmd::VmTest { kernel } => vm::test(&vm::select(&kernel)?),
         Cmd::Conformance {
             scenarios,

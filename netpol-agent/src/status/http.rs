@@ -103,7 +103,7 @@ fn respond<B>(req: &Request<B>, status: &StatusHandle, metrics: &Metrics) -> Res
         r
     };
     match req.uri().path() {
-        "/healthz" => match metrics.stuck(crate::status::STUCK_AFTER) {
+        "/healthz" => match metrics.unhealthy() {
             None => text(StatusCode::OK, "ok\n".into(), PLAIN),
             Some(why) => text(
                 StatusCode::SERVICE_UNAVAILABLE,

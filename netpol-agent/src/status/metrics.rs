@@ -342,6 +342,8 @@ pub const ALIVE_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 struct Liveness {
     origin: Instant,
     beats: [AtomicU64; 2],
+    /// How long a task may stay silent (ms), [`STUCK_AFTER`] unless set.
+    stuck_after_ms: AtomicU64,
 }
 
 impl Default for Liveness {
@@ -349,6 +351,9 @@ impl Default for Liveness {
         Self {
             origin: Instant::now(),
             beats: [AtomicU64::new(0), AtomicU64::new(0)],
+            stuck_after_ms: AtomicU64::new(
+                u64::try_from(STUCK_AFTER.as_millis()).unwrap_or(u64::MAX),
+            ),
         }
     }
 }
@@ -386,6 +391,26 @@ impl Metrics {
         self.liveness.beat(task);
     }
 
+    /// Sets how long a watched task may stay silent before `/healthz`
+    /// fails (`--stuck-after-secs`).
+    pub fn set_stuck_after(&self, after: std::time::Duration) {
+        self.liveness.stuck_after_ms.store(
+            u64::try_from(after.as_millis()).unwrap_or(u64::MAX),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+
+    /// What `/healthz` says is wrong: a watched task silent for longer
+    /// than its threshold ([`Metrics::set_stuck_after`]).
+    #[must_use]
+    pub fn unhealthy(&self) -> Option<String> {
+        let ms = self
+            .liveness
+            .stuck_after_ms
+            .load(std::sync::atomic::Ordering::Relaxed);
+        self.stuck(std::time::Duration::from_millis(ms))
+    }
+
     /// What `/healthz` says is wrong: a watched task silent for longer than
     /// `after`.
     #[must_use]
@@ -397,7 +422,10 @@ impl Metrics {
                     "the {} has shown no progress for {} s",
                     match task {
                         Task::Loop => "reconcile loop",
-                        Task::Source => "source",
+                        // The kube source beats only while every watch is
+                        // healthy, so silence is an API server it cannot
+                        // reach as well as a hung task.
+                        Task::Source => "source (API server or manifests)",
                     },
                     age.as_secs()
                 )

@@ -9,17 +9,26 @@ use std::{
 
 use k8s_openapi::api::{
     apps::v1::DaemonSet,
+    batch::v1::Job,
     core::v1::{Container, Namespace, Node, Pod, Service, ServiceAccount},
     discovery::v1::EndpointSlice,
     networking::v1::NetworkPolicy,
     rbac::v1::{ClusterRole, ClusterRoleBinding},
 };
-use netpol_agent::{agent::DEFAULT_LISTEN, datapath::DEFAULT_BPFFS, sources::kube::WATCHED};
+use netpol_agent::{
+    agent::DEFAULT_LISTEN, datapath::DEFAULT_BPFFS, provenance::DEFAULT_STATE_DIR,
+    sources::kube::WATCHED,
+};
 use serde::{Deserialize as _, Serialize, de::DeserializeOwned};
 use serde_yaml::Value;
 
 fn deploy() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy")
+}
+
+/// The base every variant builds on.
+fn base_dir() -> PathBuf {
+    deploy().join("base")
 }
 
 fn yaml_files(dir: &Path, out: &mut Vec<PathBuf>) {
@@ -93,39 +102,176 @@ struct Manifests {
     cluster_roles: Vec<ClusterRole>,
     bindings: Vec<ClusterRoleBinding>,
     daemonsets: Vec<(PathBuf, DaemonSet)>,
+    jobs: Vec<Job>,
     kustomizations: Vec<(PathBuf, Value)>,
+}
+
+/// The file `cargo xtask render-deploy` writes (checked against
+/// `kubectl kustomize`, not loaded with the sources).
+fn rendered() -> PathBuf {
+    deploy().join("netpol.yaml")
 }
 
 fn load() -> Manifests {
     let mut files = Vec::new();
     yaml_files(&deploy(), &mut files);
+    files.retain(|f| *f != rendered());
     assert!(!files.is_empty());
     let mut m = Manifests::default();
     for f in files {
         for (i, v) in docs(&f).into_iter().enumerate() {
             let what = format!("{} document {i}", f.display());
-            if is_kustomization(&v) {
-                m.kustomizations.push((f.clone(), v));
-                continue;
-            }
-            let kind = v.get("kind").and_then(Value::as_str).unwrap_or_default();
-            match kind {
-                "Namespace" => m.namespaces.push((f.clone(), typed(&v, &what))),
-                "ServiceAccount" => m.service_accounts.push(typed(&v, &what)),
-                "ClusterRole" => m.cluster_roles.push(typed(&v, &what)),
-                "ClusterRoleBinding" => m.bindings.push(typed(&v, &what)),
-                "DaemonSet" => m.daemonsets.push((f.clone(), typed(&v, &what))),
-                // The demo's cluster (deploy/examples).
-                "Node" => drop(typed::<Node>(&v, &what)),
-                "Pod" => drop(typed::<Pod>(&v, &what)),
-                "Service" => drop(typed::<Service>(&v, &what)),
-                "EndpointSlice" => drop(typed::<EndpointSlice>(&v, &what)),
-                "NetworkPolicy" => drop(typed::<NetworkPolicy>(&v, &what)),
-                other => panic!("{what}: unexpected kind {other:?}"),
-            }
+            m.add(&f, v, &what);
         }
     }
     m
+}
+
+impl Manifests {
+    /// Files `v` by kind, checked against the Kubernetes types.
+    fn add(&mut self, f: &Path, v: Value, what: &str) {
+        if is_kustomization(&v) {
+            self.kustomizations.push((f.to_owned(), v));
+            return;
+        }
+        let kind = v.get("kind").and_then(Value::as_str).unwrap_or_default();
+        match kind {
+            "Namespace" => self.namespaces.push((f.to_owned(), typed(&v, what))),
+            "ServiceAccount" => self.service_accounts.push(typed(&v, what)),
+            "ClusterRole" => self.cluster_roles.push(typed(&v, what)),
+            "ClusterRoleBinding" => self.bindings.push(typed(&v, what)),
+            "DaemonSet" => self.daemonsets.push((f.to_owned(), typed(&v, what))),
+            "Job" => self.jobs.push(typed(&v, what)),
+            // The demo's cluster (deploy/examples).
+            "Node" => drop(typed::<Node>(&v, what)),
+            "Pod" => drop(typed::<Pod>(&v, what)),
+            "Service" => drop(typed::<Service>(&v, what)),
+            "EndpointSlice" => drop(typed::<EndpointSlice>(&v, what)),
+            "NetworkPolicy" => drop(typed::<NetworkPolicy>(&v, what)),
+            other => panic!("{what}: unexpected kind {other:?}"),
+        }
+    }
+}
+
+/// `kubectl kustomize deploy/<variant>`.
+fn kustomize(variant: &str) -> String {
+    let out = std::process::Command::new("kubectl")
+        .arg("kustomize")
+        .arg(deploy().join(variant))
+        .output()
+        .expect("kubectl (installed on these machines) runs");
+    assert!(
+        out.status.success(),
+        "kubectl kustomize deploy/{variant}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// The objects `kubectl kustomize deploy/<variant>` builds, each checked
+/// against the Kubernetes types (the schemas of the API version k8s-openapi
+/// is built for, see the workspace Cargo.toml).
+fn built(variant: &str) -> Manifests {
+    let text = kustomize(variant);
+    let mut m = Manifests::default();
+    let path = deploy().join(variant);
+    for (i, d) in serde_yaml::Deserializer::from_str(&text).enumerate() {
+        let v = Value::deserialize(d).unwrap();
+        m.add(
+            &path,
+            v,
+            &format!("kubectl kustomize deploy/{variant}, object {i}"),
+        );
+    }
+    m
+}
+
+/// The image the release's manifests name.
+fn release_image() -> String {
+    format!("ghcr.io/netpol/netpol-agent:{}", env!("CARGO_PKG_VERSION"))
+}
+
+#[test]
+fn both_variants_build_with_kustomize_into_valid_objects() {
+    for (variant, privileged) in [("base", false), ("privileged", true)] {
+        let m = built(variant);
+        assert_eq!(
+            (
+                m.namespaces.len(),
+                m.service_accounts.len(),
+                m.cluster_roles.len()
+            ),
+            (1, 1, 1),
+            "{variant}"
+        );
+        assert_eq!((m.bindings.len(), m.daemonsets.len()), (1, 1), "{variant}");
+        let ds = &m.daemonsets[0].1;
+        assert_eq!(ds.metadata.namespace.as_deref(), Some("netpol-system"));
+        let pod = ds.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+        for c in pod
+            .containers
+            .iter()
+            .chain(pod.init_containers.iter().flatten())
+        {
+            assert_eq!(
+                c.image.as_deref(),
+                Some(release_image().as_str()),
+                "{variant}: {}",
+                c.name
+            );
+        }
+        let agent = container(ds, "agent", false);
+        assert_eq!(
+            agent.security_context.as_ref().unwrap().privileged == Some(true),
+            privileged,
+            "{variant}"
+        );
+    }
+}
+
+#[test]
+fn the_k3s_manifest_is_the_base_rendered_and_every_manifest_names_the_release() {
+    let text = std::fs::read_to_string(rendered()).expect("deploy/netpol.yaml");
+    let body: String = text
+        .lines()
+        .skip_while(|l| l.starts_with('#'))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert!(
+        body == kustomize("base"),
+        "deploy/netpol.yaml is not deploy/base rendered: run `cargo xtask render-deploy`"
+    );
+    let m = load();
+    assert_eq!(m.jobs.len(), 1, "the cleanup Job");
+    let job = m.jobs[0]
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .spec
+        .as_ref()
+        .unwrap();
+    let c = &job.containers[0];
+    assert_eq!(c.image.as_deref(), Some(release_image().as_str()));
+    assert_eq!(c.args.as_deref(), Some(&["cleanup".to_owned()][..]));
+    let bpffs = job
+        .volumes
+        .as_deref()
+        .unwrap()
+        .iter()
+        .find(|v| {
+            v.host_path
+                .as_ref()
+                .is_some_and(|h| h.path == DEFAULT_BPFFS)
+        })
+        .expect("the host's bpffs");
+    assert!(
+        c.volume_mounts
+            .as_deref()
+            .unwrap()
+            .iter()
+            .any(|v| v.name == bpffs.name && v.mount_path == DEFAULT_BPFFS)
+    );
 }
 
 /// The base DaemonSet (the privileged variant is a patch over it).
@@ -133,9 +279,9 @@ fn daemonset(m: &Manifests) -> &DaemonSet {
     let base: Vec<_> = m
         .daemonsets
         .iter()
-        .filter(|(p, _)| p.parent() == Some(deploy().as_path()))
+        .filter(|(p, _)| p.parent() == Some(base_dir().as_path()))
         .collect();
-    assert_eq!(base.len(), 1, "one DaemonSet in deploy/");
+    assert_eq!(base.len(), 1, "one DaemonSet in deploy/base/");
     &base[0].1
 }
 
@@ -179,15 +325,15 @@ fn kustomizations_list_every_manifest_and_only_existing_ones() {
     let (_, base) = m
         .kustomizations
         .iter()
-        .find(|(p, _)| p.parent() == Some(deploy().as_path()))
-        .expect("deploy/kustomization.yaml");
+        .find(|(p, _)| p.parent() == Some(base_dir().as_path()))
+        .expect("deploy/base/kustomization.yaml");
     let listed: BTreeSet<&str> = base["resources"]
         .as_sequence()
         .unwrap()
         .iter()
         .filter_map(Value::as_str)
         .collect();
-    for e in std::fs::read_dir(deploy()).unwrap() {
+    for e in std::fs::read_dir(base_dir()).unwrap() {
         let p = e.unwrap().path();
         let name = p.file_name().unwrap().to_str().unwrap();
         if p.extension().is_some_and(|x| x == "yaml") && name != "kustomization.yaml" {
@@ -198,7 +344,7 @@ fn kustomizations_list_every_manifest_and_only_existing_ones() {
     let own: Vec<_> = m
         .namespaces
         .iter()
-        .filter(|(p, _)| p.parent() == Some(deploy().as_path()))
+        .filter(|(p, _)| p.parent() == Some(base_dir().as_path()))
         .collect();
     assert_eq!(own.len(), 1);
     assert_eq!(own[0].1.metadata.name.as_deref(), Some(ns));
@@ -298,7 +444,12 @@ fn daemonset_matches_the_agents_defaults() {
                 .is_some_and(|h| h.path == DEFAULT_BPFFS)
         })
         .expect("a hostPath volume of the default bpffs");
-    let init = container(ds, "mount-bpffs", true);
+    let init = container(ds, "init", true);
+    assert_eq!(
+        init.args.as_deref(),
+        Some(&["init".to_owned()][..]),
+        "the agent binary mounts bpffs (the image has no shell)"
+    );
     let init_mount = init
         .volume_mounts
         .as_deref()
@@ -344,28 +495,37 @@ fn daemonset_matches_the_agents_defaults() {
         BTreeSet::from(["BPF", "NET_ADMIN", "PERFMON", "SYS_RESOURCE"])
     );
 
-    // Env: NODE_NAME from the downward API; nothing overriding the bpffs.
+    // Env: NODE_NAME and HOST_IP from the downward API; nothing overriding
+    // the bpffs or the state folder.
     let env = agent.env.as_deref().unwrap();
-    let node = env.iter().find(|e| e.name == "NODE_NAME").unwrap();
-    assert_eq!(
-        node.value_from
-            .as_ref()
-            .and_then(|v| v.field_ref.as_ref())
-            .map(|f| f.field_path.as_str()),
-        Some("spec.nodeName")
-    );
+    for (name, field) in [("NODE_NAME", "spec.nodeName"), ("HOST_IP", "status.hostIP")] {
+        let e = env.iter().find(|e| e.name == name).unwrap();
+        assert_eq!(
+            e.value_from
+                .as_ref()
+                .and_then(|v| v.field_ref.as_ref())
+                .map(|f| f.field_path.as_str()),
+            Some(field)
+        );
+    }
     for e in env {
         assert!(
-            ["NODE_NAME", "RUST_LOG"].contains(&e.name.as_str()),
+            ["NODE_NAME", "HOST_IP", "RUST_LOG"].contains(&e.name.as_str()),
             "unexpected env {}: the DaemonSet runs the agent's defaults",
             e.name
         );
     }
     let args = agent.args.as_deref().unwrap();
+    let listen: SocketAddr = DEFAULT_LISTEN.parse().unwrap();
     assert_eq!(
         args,
-        ["run", "--cgroup-root=/run/netpol/cgroup"],
-        "the agent's defaults (--listen, --bpffs) and the host's cgroup hierarchy"
+        [
+            "run".to_owned(),
+            "--cgroup-root=/host/sys/fs/cgroup".to_owned(),
+            format!("--listen=[$(HOST_IP)]:{}", listen.port()),
+        ],
+        "the agent's defaults (--bpffs, --state-dir), the host's cgroup hierarchy, and HTTP on \
+         the node's address at the default port"
     );
     // --cgroup-root is the host's /sys/fs/cgroup: the container's own
     // shows only its cgroup namespace, where to_host would see nothing.
@@ -386,12 +546,86 @@ fn daemonset_matches_the_agents_defaults() {
             .as_deref()
             .unwrap_or_default()
             .iter()
-            .any(|m| m.name == cgroup.name && m.mount_path == "/run/netpol/cgroup"),
+            .any(|m| m.name == cgroup.name && m.mount_path == "/host/sys/fs/cgroup"),
         "the host's cgroup hierarchy at --cgroup-root"
     );
 
-    // Ports and probes: the default --listen, probed in the host netns.
-    let listen: SocketAddr = DEFAULT_LISTEN.parse().unwrap();
+    // The state file on the host, where the agent writes it by default:
+    // it outlives the agent's pod, as the pins do.
+    let state = pod
+        .volumes
+        .as_deref()
+        .unwrap_or_default()
+        .iter()
+        .find(|v| {
+            v.host_path
+                .as_ref()
+                .is_some_and(|h| h.path == DEFAULT_STATE_DIR)
+        })
+        .expect("a hostPath volume of the state folder");
+    assert!(
+        agent
+            .volume_mounts
+            .as_deref()
+            .unwrap_or_default()
+            .iter()
+            .any(|m| m.name == state.name
+                && m.mount_path == DEFAULT_STATE_DIR
+                && m.read_only != Some(true)),
+        "the state folder mounted writable where the agent writes it"
+    );
+
+    // Unconfined by AppArmor and SELinux (they deny writes under
+    // /sys/fs/bpf), in the field and in the annotation older kubelets read.
+    let psc = pod.security_context.as_ref().unwrap();
+    assert_eq!(
+        psc.app_armor_profile.as_ref().map(|p| p.type_.as_str()),
+        Some("Unconfined")
+    );
+    assert_eq!(
+        psc.se_linux_options
+            .as_ref()
+            .and_then(|o| o.type_.as_deref()),
+        Some("spc_t")
+    );
+    let annotations = spec
+        .template
+        .metadata
+        .as_ref()
+        .unwrap()
+        .annotations
+        .as_ref()
+        .unwrap();
+    for c in ["init", "agent"] {
+        assert_eq!(
+            annotations
+                .get(&format!(
+                    "container.apparmor.security.beta.kubernetes.io/{c}"
+                ))
+                .map(String::as_str),
+            Some("unconfined"),
+            "{c}"
+        );
+    }
+    assert_eq!(
+        pod.node_selector
+            .as_ref()
+            .and_then(|s| s.get("kubernetes.io/os"))
+            .map(String::as_str),
+        Some("linux")
+    );
+    // Scraped on the port the agent listens on.
+    assert_eq!(
+        annotations.get("prometheus.io/port").map(String::as_str),
+        Some(listen.port().to_string().as_str())
+    );
+    assert_eq!(
+        annotations.get("prometheus.io/scrape").map(String::as_str),
+        Some("true")
+    );
+
+    // Ports and probes: the default port on the node's address (the probe's
+    // default host, the pod's IP, is the node's with hostNetwork).
     let ports = agent.ports.as_deref().unwrap();
     assert!(
         ports
@@ -410,7 +644,7 @@ fn daemonset_matches_the_agents_defaults() {
                 listen.port()
             ))
         );
-        assert_eq!(get.host.as_deref(), Some(listen.ip().to_string().as_str()));
+        assert_eq!(get.host, None, "the pod's IP: the node's");
     }
 
     let requests = agent
@@ -427,7 +661,7 @@ fn privileged_variant_patches_the_agent_container() {
     let variant: Vec<_> = m
         .daemonsets
         .iter()
-        .filter(|(p, _)| p.parent() != Some(deploy().as_path()))
+        .filter(|(p, _)| p.parent() == Some(deploy().join("privileged").as_path()))
         .collect();
     assert_eq!(variant.len(), 1);
     let (_, ds) = variant[0];
@@ -436,29 +670,5 @@ fn privileged_variant_patches_the_agent_container() {
     assert_eq!(
         agent.security_context.as_ref().unwrap().privileged,
         Some(true)
-    );
-}
-
-#[test]
-fn containerfile_installs_the_object_where_the_agent_looks() {
-    let text = std::fs::read_to_string(deploy().join("Containerfile")).unwrap();
-    let copies: Vec<(&str, &str)> = text
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix("COPY --from="))
-        .map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            (f[1], f[2])
-        })
-        .collect();
-    assert!(
-        copies
-            .iter()
-            .any(|(_, dest)| *dest == netpol_agent::object::INSTALL_PATH),
-        "{copies:?}"
-    );
-    assert!(
-        copies
-            .iter()
-            .any(|(src, _)| src.ends_with("/target/release/netpol-agent"))
     );
 }

@@ -1,7 +1,8 @@
 //! The agent on the kube source (privileged: it loads the datapath): ready
 //! once every store listed and the state is applied, not ready while the
 //! API server is unreachable (the enforced state stays), ready again when
-//! it returns.
+//! it returns; and not healthy once the outage outlasts the liveness
+//! threshold, healthy again after.
 use std::time::Duration;
 
 use netpol_agent::{
@@ -16,6 +17,28 @@ use netpol_testkit::{datapath::TempBpffs, fake_apiserver, privileged};
 use serde_json::json;
 
 const DEADLINE: Duration = Duration::from_secs(30);
+/// Above the idle beat (5 s), so a healthy idle source never trips it.
+const STUCK_AFTER: Duration = Duration::from_secs(8);
+
+/// Waits until `/healthz`'s verdict is `healthy`; returns its reason.
+async fn health_until(
+    metrics: &netpol_agent::status::Metrics,
+    healthy: bool,
+    within: Duration,
+) -> Option<String> {
+    let until = std::time::Instant::now() + within;
+    loop {
+        let why = metrics.unhealthy();
+        if why.is_none() == healthy {
+            return why;
+        }
+        assert!(
+            std::time::Instant::now() < until,
+            "healthz still {why:?} after {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
 
 fn expected(fake: &fake_apiserver::FakeApiServer) -> String {
     let mut snap = Snapshot::default();
@@ -58,6 +81,7 @@ fn agent_is_ready_only_while_it_follows_the_api_server() {
             .source(Source::Kube(KubeConnection::Client(client)))
             .node_name("n1")
             .bpffs(bpffs.path())
+            .stuck_after(STUCK_AFTER)
             // No interface of the test host is a pod's.
             .interfaces("npkz-none*")
             .build()
@@ -83,6 +107,9 @@ fn agent_is_ready_only_while_it_follows_the_api_server() {
         assert!(s.source.synced);
         assert_eq!(s.objects.pods, 1);
         let generation = s.generation;
+        // Idle past the threshold: the source's ticks keep it healthy.
+        tokio::time::sleep(STUCK_AFTER + Duration::from_secs(1)).await;
+        assert_eq!(metrics.unhealthy(), None, "an idle, healthy source");
 
         fake.set_reachable(false);
         let s = wait("not ready during the outage", &|s: &Status| {
@@ -91,6 +118,10 @@ fn agent_is_ready_only_while_it_follows_the_api_server() {
         .await;
         assert_eq!(s.fingerprint.as_deref(), Some(want.as_str()), "state kept");
         assert_eq!(s.generation, generation, "nothing rewritten");
+        let why = health_until(&metrics, false, STUCK_AFTER + DEADLINE)
+            .await
+            .expect("a reason");
+        assert!(why.contains("source"), "{why}");
 
         fake.apply(json!({"apiVersion": "v1", "kind": "Pod",
                "metadata": {"name": "b", "namespace": "x", "uid": "uid-b", "labels": {"app": "b"}},
@@ -102,6 +133,7 @@ fn agent_is_ready_only_while_it_follows_the_api_server() {
             s.ready && s.fingerprint.as_deref() == Some(want.as_str())
         })
         .await;
+        health_until(&metrics, true, DEADLINE).await;
         let text = metrics.encode();
         for needle in [
             "netpol_watch_errors_total{kind=",

@@ -369,6 +369,19 @@ impl KubeSource {
              nothing is enforced until every store has listed"
         );
         let mut asm = Assembler::new(self.node.clone());
+        // Alive while every watch is healthy: a liveness probe then fails
+        // when the API server stays out of reach (the pinned state stays
+        // enforced meanwhile), not only when this task hangs. It beats at
+        // once, so an API server unreachable from the start counts too.
+        let beat = |asm: &Assembler| {
+            if let Some(m) = &self.metrics
+                && !asm.any_error()
+            {
+                m.alive(crate::status::Task::Source);
+            }
+        };
+        beat(&asm);
+        let mut alive = tokio::time::interval(crate::status::ALIVE_EVERY);
         let mut probe_at: Option<tokio::time::Instant> = None;
         let mut probe_delay = PROBE_FIRST;
         let mut probing = false;
@@ -376,6 +389,7 @@ impl KubeSource {
             let next_probe = probe_at;
             tokio::select! {
                 () = crate::shutdown::stopped(&mut stop) => return Ok(()),
+                _ = alive.tick() => {}
                 m = msg_rx.recv() => {
                     let Some(m) = m else { return Ok(()) };
                     asm.handle(m, self.metrics.as_deref());
@@ -432,6 +446,7 @@ impl KubeSource {
             if let Some(input) = input {
                 tx.send_replace(Some(Arc::new(input)));
             }
+            beat(&asm);
         }
     }
 }
