@@ -212,10 +212,10 @@ enum Command {
         #[arg(long, value_enum, default_value_t = Mode::Auto)]
         attach_mode: Mode,
     },
-    /// Prepare the node for `run` (the DaemonSet's init container): mount
-    /// bpffs at --bpffs where the host sees it, so the pins outlive the
-    /// agent's pod and `run` needs no CAP_SYS_ADMIN. Does nothing when one
-    /// is mounted there already.
+    /// Prepare the node for `run` (the init container of the agent's pod):
+    /// mount bpffs at --bpffs where the host sees it, so the pins outlive
+    /// the agent's pod and `run` needs no `CAP_SYS_ADMIN`. Does nothing when
+    /// one is mounted there already.
     Init,
     /// Print the packet counters from the pinned maps.
     Stats,
