@@ -17,6 +17,7 @@ mod conformance;
 mod demo;
 mod deploy;
 mod deploy_check;
+mod deploy_test;
 mod vm;
 
 /// The eBPF target.

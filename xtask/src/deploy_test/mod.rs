@@ -1,0 +1,726 @@
+//! `cargo xtask deploy-test`: the image, run under podman (runc) exactly as
+//! the rendered manifests say ([`pod`]), on a node made of a network
+//! namespace with pods as the conformance harness builds them, against
+//! the project's test API server running as its own process over TLS.
+//!
+//! For each variant (deploy/base, deploy/privileged):
+//! 1. the init container, then the agent container, from the DaemonSet;
+//! 2. the readiness and liveness probes the DaemonSet names pass;
+//! 3. a policy created through the API server is enforced on real pod
+//!    traffic: an allowed and a denied probe per family;
+//! 4. `inspect endpoints`, `explain` and `bpftool` run inside the
+//!    container (`podman exec`) and name the pods, the rule, the programs;
+//! 5. a scraper on the node's address parses /metrics;
+//! 6. `/healthz` fails once the API server has been stopped past the
+//!    agent's threshold;
+//! 7. the agent exits 0 within the DaemonSet's termination grace;
+//! 8. the cleanup Job's container leaves nothing pinned, attached or
+//!    written.
+mod pod;
+
+use std::{
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::{IpAddr, SocketAddr, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail, ensure};
+use k8s_openapi::api::{
+    apps::v1::DaemonSet,
+    batch::v1::Job,
+    core::v1::{Container, PodSpec},
+};
+use netpol_testkit::{
+    Netns, echo,
+    topology::{self as kit, Subnet},
+};
+use serde::Deserialize as _;
+
+use crate::run;
+
+/// The node's own addresses (on its loopback: the node's uplink is not
+/// part of what is tested, and a veth would be taken for a pod's).
+const NODE_V4: &str = "192.168.250.2";
+const NODE_V6: &str = "fd00:250::2";
+/// The API server's port on the node (k3s' server listens on the node).
+const API_PORT: u16 = 6443;
+/// The pods' echo port.
+const PORT: u16 = 8080;
+/// How long the agent gets to do each step.
+const DEADLINE: Duration = Duration::from_secs(60);
+/// A denied probe waits this out; an allowed one answers at once.
+const CONNECT_TIMEOUT: Duration = Duration::from_millis(1500);
+
+/// The pods of the test: name, labels, IPv4 host part.
+const PODS: [(&str, &str, u8); 3] = [
+    ("server", "app: server", 10),
+    ("allowed", "app: client, access: \"true\"", 11),
+    ("denied", "app: client", 12),
+];
+
+const POLICY: &str = "apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: server-ingress, namespace: demo}
+spec:
+  podSelector: {matchLabels: {app: server}}
+  policyTypes: [Ingress]
+  ingress:
+    - from: [{podSelector: {matchLabels: {access: \"true\"}}}]
+";
+
+/// Runs both variants.
+pub fn run_all(image: &str, apiserver: &Path) -> Result<()> {
+    for variant in ["base", "privileged"] {
+        println!("deploy-test: deploy/{variant}");
+        let started = Instant::now();
+        Case::new(variant, image, apiserver)?
+            .run()
+            .with_context(|| format!("deploy/{variant}"))?;
+        println!(
+            "deploy-test: deploy/{variant} passed in {:.0} s",
+            started.elapsed().as_secs_f64()
+        );
+    }
+    Ok(())
+}
+
+/// One variant's node, pods, API server and containers; everything is
+/// removed on drop.
+struct Case {
+    variant: &'static str,
+    image: String,
+    daemonset: DaemonSet,
+    job: Job,
+    node: pod::Node,
+    node_ns: Netns,
+    pods: Vec<(String, Netns, String, IpAddr, IpAddr)>,
+    apiserver_bin: PathBuf,
+    apiserver: Option<Child>,
+    /// Containers to remove on drop.
+    containers: Vec<String>,
+}
+
+impl Case {
+    fn new(variant: &'static str, image: &str, apiserver: &Path) -> Result<Self> {
+        let rendered = crate::deploy::kustomize(variant)?;
+        let mut daemonset = None;
+        for d in serde_yaml::Deserializer::from_str(&rendered) {
+            let v = serde_yaml::Value::deserialize(d)?;
+            if v.get("kind").and_then(|k| k.as_str()) == Some("DaemonSet") {
+                daemonset = Some(serde_yaml::from_value::<DaemonSet>(v)?);
+            }
+        }
+        let daemonset = daemonset.context("no DaemonSet in the rendered manifest")?;
+        let tag = format!(":{}", env!("CARGO_PKG_VERSION"));
+        let job_text = std::fs::read_to_string(crate::root().join("deploy/cleanup/job.yaml"))?;
+
+        let name = format!("npdt-{variant}");
+        let _ = Command::new("ip").args(["netns", "del", &name]).output();
+        let node_ns = Netns::create(&name)?;
+        let root = PathBuf::from(format!("/run/netpol-deploy-test/{name}"));
+        node_root(&root)?;
+        let node = pod::Node {
+            name: name.clone(),
+            host_ip: NODE_V4.parse()?,
+            netns: node_ns.path(),
+            root,
+            api: SocketAddr::new(NODE_V4.parse()?, API_PORT),
+            service_account: PathBuf::new(),
+        };
+        let job: Job = serde_yaml::from_str(&job_text.replace("NODE", &node.name))?;
+        for (image_of, what) in daemonset_images(&daemonset)
+            .into_iter()
+            .chain(job_images(&job))
+        {
+            ensure!(
+                image_of.ends_with(&tag) && image.ends_with(&tag),
+                "{what} runs {image_of}, the image built is {image}"
+            );
+        }
+        let mut case = Self {
+            variant,
+            image: image.to_owned(),
+            daemonset,
+            job,
+            node,
+            node_ns,
+            pods: Vec::new(),
+            apiserver_bin: apiserver.to_owned(),
+            apiserver: None,
+            containers: Vec::new(),
+        };
+        case.wire()?;
+        Ok(case)
+    }
+
+    /// The node's addresses and bridge, and the pods (bridged, dual-stack,
+    /// as flannel's CNI makes them), each serving echo on [`PORT`].
+    fn wire(&mut self) -> Result<()> {
+        let n = self.node_ns.name.clone();
+        kit::ip_in(&n, &["addr", "add", &format!("{NODE_V4}/32"), "dev", "lo"])?;
+        kit::ip_in(&n, &["addr", "add", &format!("{NODE_V6}/128"), "dev", "lo"])?;
+        for s in ["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"] {
+            run(Command::new("ip").args(["netns", "exec", &n, "sysctl", "-qw", s]))?;
+        }
+        kit::add_bridge(&n, "10.42.0.1/24", Some("fd42::1/64"))?;
+        for (i, (pod, _, host)) in PODS.iter().enumerate() {
+            let ns = Netns::create(format!("{n}-{pod}"))?;
+            let host_if = format!("vethdt{}{i}", &self.variant[..1]);
+            let v4: IpAddr = format!("10.42.0.{host}").parse()?;
+            let v6: IpAddr = format!("fd42::{host}").parse()?;
+            kit::veth(&n, &host_if, &ns.name)?;
+            kit::link_bridged(
+                &n,
+                &ns.name,
+                &host_if,
+                true,
+                &[
+                    Subnet {
+                        addr: v4,
+                        len: 24,
+                        gateway: "10.42.0.1".parse()?,
+                    },
+                    Subnet {
+                        addr: v6,
+                        len: 64,
+                        gateway: "fd42::1".parse()?,
+                    },
+                ],
+            )?;
+            echo::serve(&ns, &[v4, v6], PORT);
+            self.pods.push(((*pod).to_owned(), ns, host_if, v4, v6));
+        }
+        Ok(())
+    }
+
+    fn run(mut self) -> Result<()> {
+        self.start_apiserver()?;
+        self.create_cluster()?;
+        let spec = pod_spec(&self.daemonset)?.clone();
+        for c in spec.init_containers.iter().flatten() {
+            let out = self.podman_run(&spec, c, false)?;
+            println!("deploy-test: init container {}: {}", c.name, out.trim());
+        }
+        ensure!(
+            is_bpffs(&self.node.host_file("/sys/fs/bpf"))?,
+            "the init containers left no bpffs at the node's /sys/fs/bpf"
+        );
+        let agent = spec
+            .containers
+            .iter()
+            .find(|c| c.name == "agent")
+            .context("no agent container")?
+            .clone();
+        let agent_name = self.podman_run(&spec, &agent, true)?;
+        self.containers.push(agent_name.clone());
+
+        let (ready, live) = (probe_path(&agent, true)?, probe_path(&agent, false)?);
+        let ready_body = self
+            .until("the readiness probe passes", |c| {
+                Ok(c.http(&ready)?.filter(|(code, _)| *code == 200))
+            })
+            .map_err(|e| e.context(self.logs(&agent_name)))?;
+        println!("deploy-test: {ready}: {}", ready_body.1.trim());
+        let (code, body) = self.http(&live)?.context("no answer from the liveness probe")?;
+        ensure!(code == 200, "{live}: {code} {body}");
+
+        self.enforced_before_and_after_policy()?;
+        self.inspect_and_explain(&agent_name)?;
+        self.scrape()?;
+
+        self.stop_apiserver()?;
+        let why = self.until("/healthz fails with the API server stopped", |c| {
+            Ok(c.http(&live)?.filter(|(code, _)| *code == 503))
+        })?;
+        ensure!(why.1.contains("source"), "{live}: {}", why.1);
+        println!("deploy-test: {live} with the API server stopped: {}", why.1.trim());
+
+        self.stop_within_grace(&agent_name)?;
+        self.cleanup_job()?;
+        Ok(())
+    }
+
+    /// `podman run` of container `c` of `spec`; `detach`: its name, else
+    /// its output (it must exit 0).
+    fn podman_run(&self, spec: &PodSpec, c: &Container, detach: bool) -> Result<String> {
+        let name = format!("npdt-{}-{}", self.variant, c.name);
+        let _ = podman().args(["rm", "-f", &name]).output();
+        let args = pod::run_args(spec, c, &self.node, &self.image, &name, detach)?;
+        let out = podman()
+            .arg("run")
+            .args(&args)
+            .output()
+            .context("running podman")?;
+        ensure!(
+            out.status.success(),
+            "podman run {}: {}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(if detach {
+            name
+        } else {
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        })
+    }
+
+    fn start_apiserver(&mut self) -> Result<()> {
+        let dir = self.node.root.join("serviceaccount");
+        std::fs::create_dir_all(&dir)?;
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &self.node_ns.name])
+            .arg(&self.apiserver_bin)
+            .arg("--listen")
+            .arg(self.node.api.to_string())
+            .arg("--tls-dir")
+            .arg(&dir)
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("starting the test API server")?;
+        let stdout = child.stdout.take().context("its stdout")?;
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line)?;
+        ensure!(
+            line.starts_with("listening on"),
+            "the test API server said {line:?}"
+        );
+        self.node.service_account = dir;
+        self.apiserver = Some(child);
+        Ok(())
+    }
+
+    fn stop_apiserver(&mut self) -> Result<()> {
+        if let Some(mut c) = self.apiserver.take() {
+            // `ip netns exec` execs the server: the child is the server.
+            let _ = Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .output();
+            c.wait()?;
+        }
+        Ok(())
+    }
+
+    /// `kubectl` against the test API server, from the node.
+    fn kubectl(&self, args: &[&str], stdin: Option<&str>) -> Result<String> {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.node_ns.name, "kubectl", "--kubeconfig"])
+            .arg(self.node.service_account.join("kubeconfig"))
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().context("running kubectl")?;
+        if let Some(text) = stdin {
+            child
+                .stdin
+                .take()
+                .context("kubectl's stdin")?
+                .write_all(text.as_bytes())?;
+        }
+        drop(child.stdin.take());
+        let out = child.wait_with_output()?;
+        ensure!(
+            out.status.success(),
+            "kubectl {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// The node, its namespace and pods, in the API server.
+    fn create_cluster(&self) -> Result<()> {
+        let mut objects = format!(
+            "apiVersion: v1
+kind: Node
+metadata: {{name: {node}}}
+status:
+  addresses: [{{type: InternalIP, address: {NODE_V4}}}, {{type: InternalIP, address: \"{NODE_V6}\"}}]
+---
+apiVersion: v1
+kind: Namespace
+metadata: {{name: demo, labels: {{kubernetes.io/metadata.name: demo}}}}
+",
+            node = self.node.name
+        );
+        for ((name, labels, _), (_, _, _, v4, v6)) in PODS.iter().zip(&self.pods) {
+            objects.push_str(&format!(
+                "---
+apiVersion: v1
+kind: Pod
+metadata: {{name: {name}, namespace: demo, uid: uid-{name}, labels: {{{labels}}}}}
+spec: {{nodeName: {node}, containers: [{{name: c, image: x}}]}}
+status: {{phase: Running, podIP: \"{v4}\", podIPs: [{{ip: \"{v4}\"}}, {{ip: \"{v6}\"}}]}}
+",
+                node = self.node.name
+            ));
+        }
+        self.kubectl(&["create", "-f", "-"], Some(&objects))?;
+        Ok(())
+    }
+
+    fn pod(&self, name: &str) -> &(String, Netns, String, IpAddr, IpAddr) {
+        self.pods
+            .iter()
+            .find(|p| p.0 == name)
+            .unwrap_or_else(|| unreachable!("pod {name} is one of PODS"))
+    }
+
+    /// Whether each client reaches the server, per family, as `want`
+    /// says: (allowed v4, allowed v6, denied v4, denied v6).
+    fn probes(&self) -> [bool; 4] {
+        let server = self.pod("server");
+        let mut out = [false; 4];
+        for (i, client) in ["allowed", "denied"].iter().enumerate() {
+            let c = self.pod(client);
+            out[2 * i] = echo::connects(&c.1, server.3, PORT, CONNECT_TIMEOUT);
+            out[2 * i + 1] = echo::connects(&c.1, server.4, PORT, CONNECT_TIMEOUT);
+        }
+        out
+    }
+
+    fn enforced_before_and_after_policy(&self) -> Result<()> {
+        ensure!(
+            self.probes() == [true; 4],
+            "without a policy every probe must pass: {:?}",
+            self.probes()
+        );
+        self.kubectl(&["create", "-f", "-"], Some(POLICY))?;
+        let want = [true, true, false, false];
+        self.until("the policy is enforced (allowed v4/v6, denied v4/v6)", |c| {
+            Ok((c.probes() == want).then_some(()))
+        })?;
+        println!(
+            "deploy-test: policy server-ingress enforced: allowed -> server passes and denied -> \
+             server is dropped, IPv4 and IPv6"
+        );
+        Ok(())
+    }
+
+    fn exec(&self, container: &str, args: &[&str]) -> Result<(i32, String)> {
+        let out = podman()
+            .args(["exec", container])
+            .args(args)
+            .output()
+            .context("podman exec")?;
+        Ok((
+            out.status.code().unwrap_or(-1),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        ))
+    }
+
+    fn inspect_and_explain(&self, agent: &str) -> Result<()> {
+        let (code, out) = self.exec(agent, &["netpol-agent", "inspect", "endpoints"])?;
+        ensure!(code == 0, "inspect endpoints: {out}");
+        for (pod, ..) in &self.pods {
+            ensure!(
+                out.contains(&format!("demo/{pod}")),
+                "inspect endpoints does not name demo/{pod}:\n{out}"
+            );
+        }
+        println!("deploy-test: podman exec … netpol-agent inspect endpoints\n{out}");
+        let (code, out) = self.exec(
+            agent,
+            &["netpol-agent", "explain", "demo/allowed", "demo/server", "tcp/8080"],
+        )?;
+        ensure!(
+            code == 0 && out.contains("server-ingress"),
+            "explain allowed -> server (exit {code}):\n{out}"
+        );
+        let (code, out) = self.exec(
+            agent,
+            &["netpol-agent", "explain", "demo/denied", "demo/server", "tcp/8080"],
+        )?;
+        ensure!(
+            code == 1 && out.contains("server-ingress"),
+            "explain denied -> server (exit {code}):\n{out}"
+        );
+        println!("deploy-test: podman exec … netpol-agent explain demo/denied demo/server tcp/8080\n{out}");
+        let (code, out) = self.exec(agent, &["bpftool", "net", "show"])?;
+        ensure!(
+            code == 0 && out.contains("from_pod") && out.contains("to_pod"),
+            "bpftool net show (exit {code}):\n{out}"
+        );
+        println!("deploy-test: podman exec … bpftool net show\n{out}");
+        Ok(())
+    }
+
+    /// GETs /metrics on the node's address and parses every sample line.
+    fn scrape(&self) -> Result<()> {
+        let (code, body) = self
+            .http("/metrics")?
+            .context("no answer from /metrics")?;
+        ensure!(code == 200, "/metrics: {code}");
+        let samples = parse_metrics(&body)?;
+        for name in ["netpol_generation", "netpol_interfaces", "netpol_sync_duration_seconds_count"] {
+            ensure!(
+                samples.iter().any(|(n, _)| n.starts_with(name)),
+                "/metrics has no {name}"
+            );
+        }
+        println!(
+            "deploy-test: scraped http://{NODE_V4}:9101/metrics: {} samples",
+            samples.len()
+        );
+        Ok(())
+    }
+
+    /// `podman stop` with the DaemonSet's grace: the agent must exit 0
+    /// itself, not be killed.
+    fn stop_within_grace(&self, agent: &str) -> Result<()> {
+        let grace = pod_spec(&self.daemonset)?
+            .termination_grace_period_seconds
+            .unwrap_or(30);
+        let started = Instant::now();
+        run(podman().args(["stop", "--time", &grace.to_string(), agent]))?;
+        let out = podman()
+            .args(["inspect", "--format", "{{.State.ExitCode}}", agent])
+            .output()?;
+        let code = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        ensure!(
+            code == "0",
+            "the agent exited {code} on SIGTERM (grace {grace} s)\n{}",
+            self.logs(agent)
+        );
+        println!(
+            "deploy-test: the agent exited 0 {:.1} s after SIGTERM (grace {grace} s)",
+            started.elapsed().as_secs_f64()
+        );
+        Ok(())
+    }
+
+    /// The cleanup Job's container, then nothing of netpol's on the node.
+    fn cleanup_job(&self) -> Result<()> {
+        let spec = self
+            .job
+            .spec
+            .as_ref()
+            .and_then(|s| s.template.spec.as_ref())
+            .context("the cleanup Job has no pod spec")?;
+        let c = &spec.containers[0];
+        let out = self.podman_run(spec, c, false)?;
+        println!("deploy-test: cleanup Job: {}", out.trim());
+        ensure!(out.contains("pins removed"), "cleanup: {out}");
+        let pins = self.node.host_file("/sys/fs/bpf").join("netpol");
+        ensure!(!pins.exists(), "{} is still there", pins.display());
+        let state = self.node.host_file("/run/netpol").join("state.json");
+        ensure!(!state.exists(), "{} is still there", state.display());
+        let shown = self.node_ns_exec("bpftool", &["net", "show"])?;
+        ensure!(
+            !shown.contains("from_pod") && !shown.contains("to_pod"),
+            "programs still attached after cleanup:\n{shown}"
+        );
+        Ok(())
+    }
+
+    fn node_ns_exec(&self, program: &str, args: &[&str]) -> Result<String> {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.node_ns.name, program])
+            .args(args)
+            .output()?;
+        ensure!(out.status.success(), "{program}: {}", String::from_utf8_lossy(&out.stderr));
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    fn logs(&self, container: &str) -> String {
+        podman()
+            .args(["logs", "--tail", "40", container])
+            .output()
+            .map(|o| {
+                format!(
+                    "last log lines of {container}:\n{}{}",
+                    String::from_utf8_lossy(&o.stdout),
+                    String::from_utf8_lossy(&o.stderr)
+                )
+            })
+            .unwrap_or_default()
+    }
+
+    /// GET `path` on the agent's port at the node's address, from the node
+    /// (as the kubelet probes and Prometheus scrapes): `None` when nothing
+    /// answers.
+    fn http(&self, path: &str) -> Result<Option<(u16, String)>> {
+        let addr = SocketAddr::new(self.node.host_ip, 9101);
+        let path = path.to_owned();
+        Ok(self.node_ns.run(move || http_get(addr, &path).ok()))
+    }
+
+    /// Polls `f` until it gives a value, for at most [`DEADLINE`] past the
+    /// agent's liveness threshold.
+    fn until<T>(&self, what: &str, mut f: impl FnMut(&Self) -> Result<Option<T>>) -> Result<T> {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            if let Some(v) = f(self)? {
+                return Ok(v);
+            }
+            if Instant::now() > deadline {
+                bail!("timed out after {DEADLINE:?} waiting until {what}");
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+}
+
+impl Drop for Case {
+    fn drop(&mut self) {
+        for c in &self.containers {
+            let _ = podman().args(["rm", "-f", "--time", "0", c]).output();
+        }
+        let _ = self.stop_apiserver();
+        let _ = Command::new("umount")
+            .arg("-R")
+            .arg(&self.node.root)
+            .output();
+        let _ = std::fs::remove_dir_all(&self.node.root);
+    }
+}
+
+fn podman() -> Command {
+    let mut c = Command::new("podman");
+    c.args(pod::PODMAN);
+    c
+}
+
+/// The node's root folder, a shared mount of its own: a hostPath mounted
+/// `Bidirectional` (the init container's bpffs) must propagate back.
+fn node_root(root: &Path) -> Result<()> {
+    let _ = Command::new("umount").arg("-R").arg(root).output();
+    let _ = std::fs::remove_dir_all(root);
+    std::fs::create_dir_all(root)?;
+    run(Command::new("mount").arg("--bind").arg(root).arg(root))?;
+    run(Command::new("mount").arg("--make-rshared").arg(root))?;
+    Ok(())
+}
+
+fn is_bpffs(p: &Path) -> Result<bool> {
+    let st = nix::sys::statfs::statfs(p).with_context(|| format!("statfs {}", p.display()))?;
+    Ok(st.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC)
+}
+
+fn pod_spec(ds: &DaemonSet) -> Result<&PodSpec> {
+    ds.spec
+        .as_ref()
+        .and_then(|s| s.template.spec.as_ref())
+        .context("the DaemonSet has no pod spec")
+}
+
+fn daemonset_images(ds: &DaemonSet) -> Vec<(String, String)> {
+    pod_spec(ds)
+        .map(|p| {
+            p.containers
+                .iter()
+                .chain(p.init_containers.iter().flatten())
+                .map(|c| (c.image.clone().unwrap_or_default(), format!("container {}", c.name)))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn job_images(job: &Job) -> Vec<(String, String)> {
+    job.spec
+        .as_ref()
+        .and_then(|s| s.template.spec.as_ref())
+        .map(|p| {
+            p.containers
+                .iter()
+                .map(|c| (c.image.clone().unwrap_or_default(), format!("cleanup container {}", c.name)))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The path of the agent's readiness (`ready`) or liveness probe, which
+/// must be an httpGet on the port the agent listens on.
+fn probe_path(agent: &Container, ready: bool) -> Result<String> {
+    let probe = if ready {
+        agent.readiness_probe.as_ref()
+    } else {
+        agent.liveness_probe.as_ref()
+    };
+    let get = probe
+        .and_then(|p| p.http_get.as_ref())
+        .context("the agent's probes must be httpGet")?;
+    ensure!(get.host.is_none(), "a probe host other than the pod's IP");
+    ensure!(
+        get.port == k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(9101),
+        "probe port {:?}",
+        get.port
+    );
+    get.path.clone().context("a probe without a path")
+}
+
+/// A plain HTTP/1.1 GET: (status, body).
+fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    let (head, body) = text.split_once("\r\n\r\n").context("no HTTP header")?;
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .context("no HTTP status")?;
+    Ok((code, body.to_owned()))
+}
+
+/// Prometheus' text format: every line not a comment is `name{labels}
+/// value`, the value a float. Returns (name with labels, value).
+fn parse_metrics(body: &str) -> Result<Vec<(String, f64)>> {
+    let mut out = Vec::new();
+    for line in body.lines() {
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (series, value) = line
+            .rsplit_once(' ')
+            .with_context(|| format!("a metrics line without a value: {line:?}"))?;
+        let v: f64 = match value {
+            "+Inf" => f64::INFINITY,
+            "-Inf" => f64::NEG_INFINITY,
+            v => v
+                .parse()
+                .with_context(|| format!("a metrics value that is not a number: {line:?}"))?,
+        };
+        let name_end = series.find('{').unwrap_or(series.len());
+        ensure!(
+            series[..name_end]
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
+            "a metric name Prometheus refuses: {line:?}"
+        );
+        if name_end < series.len() {
+            ensure!(series.ends_with('}'), "unterminated labels: {line:?}");
+        }
+        out.push((series.to_owned(), v));
+    }
+    ensure!(!out.is_empty(), "no samples");
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_parse_and_bad_lines_are_named() {
+        let ok = "# HELP x y\n# TYPE x gauge\nnetpol_generation 3\nnetpol_x{kind=\"Pod\"} 1.5\nh_bucket{le=\"+Inf\"} 2\n";
+        let s = parse_metrics(ok).unwrap();
+        assert_eq!(s.len(), 3);
+        assert_eq!(s[1], ("netpol_x{kind=\"Pod\"}".to_owned(), 1.5));
+        assert!(parse_metrics("netpol_x notanumber\n").is_err());
+        assert!(parse_metrics("bad-name 1\n").is_err());
+        assert!(parse_metrics("# only comments\n").is_err());
+    }
+}
