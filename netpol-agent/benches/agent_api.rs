@@ -244,19 +244,6 @@ impl Drop for Api {
     }
 }
 
-/// Runs `f` on a thread inside `ns`, left running ([`Netns::run`] waits).
-fn spawn_in<T: Send + 'static>(
-    ns: &Netns,
-    f: impl FnOnce() -> T + Send + 'static,
-) -> std::thread::JoinHandle<T> {
-    let path = PathBuf::from("/var/run/netns").join(&ns.name);
-    std::thread::spawn(move || {
-        let file = std::fs::File::open(&path).expect("namespace file");
-        nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).expect("entering namespace");
-        f()
-    })
-}
-
 /// `netpol-agent run` on the Kubernetes source, in the node's namespace.
 struct Agent {
     child: Child,
@@ -393,7 +380,7 @@ impl Arrivals {
 fn receive(p: &Pod, arrivals: Arc<Arrivals>, stop: Arc<AtomicBool>) {
     let addr = SocketAddr::new(p.v4, PORT);
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    spawn_in(&p.ns, move || {
+    p.ns.spawn(move || {
         let s = UdpSocket::bind(addr).expect("binding the receiver");
         s.set_read_timeout(Some(Duration::from_millis(50)))
             .expect("timeout");
@@ -417,7 +404,7 @@ fn receive(p: &Pod, arrivals: Arc<Arrivals>, stop: Arc<AtomicBool>) {
 /// (one flow).
 fn send(p: &Pod, to: IpAddr, stop: Arc<AtomicBool>) {
     let dst = SocketAddr::new(to, PORT);
-    spawn_in(&p.ns, move || {
+    p.ns.spawn(move || {
         let s = UdpSocket::bind("0.0.0.0:0").expect("binding the sender");
         while !stop.load(Ordering::Relaxed) {
             // Dropped datagrams come back as errors on a connected

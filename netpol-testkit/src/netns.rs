@@ -126,6 +126,20 @@ impl Netns {
         setns(&self.path()).unwrap_or_else(|e| panic!("{e}"));
     }
 
+    /// Runs `f` on a thread of its own that enters the namespace, and
+    /// leaves it running (traffic kept up while the test does other
+    /// things).
+    pub fn spawn<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> std::thread::JoinHandle<T> {
+        let path = self.path();
+        std::thread::spawn(move || {
+            setns(&path).unwrap_or_else(|e| panic!("{e}"));
+            f()
+        })
+    }
+
     /// Runs `f` on a thread that has entered the namespace. Everything the
     /// closure creates (sockets, netlink requests, BPF attachments by
     /// interface name) happens in it.

@@ -117,13 +117,14 @@ struct KubeFeed {
 
 impl KubeFeed {
     fn start(node: &Netns) -> Self {
-        let (rt, fake) = spawn_in(node, || {
-            let rt = tokio::runtime::Runtime::new().expect("runtime");
-            let fake = rt.block_on(fake_apiserver::FakeApiServer::start());
-            (rt, fake)
-        })
-        .join()
-        .expect("starting the fake API server");
+        let (rt, fake) = node
+            .spawn(|| {
+                let rt = tokio::runtime::Runtime::new().expect("runtime");
+                let fake = rt.block_on(fake_apiserver::FakeApiServer::start());
+                (rt, fake)
+            })
+            .join()
+            .expect("starting the fake API server");
         let kubeconfig = fake.kubeconfig();
         Self {
             fake,
@@ -349,19 +350,6 @@ fn status(node: &Netns) -> Option<String> {
     })
 }
 
-/// Runs `f` on a thread inside `ns` until it returns.
-fn spawn_in<T: Send + 'static>(
-    ns: &Netns,
-    f: impl FnOnce() -> T + Send + 'static,
-) -> JoinHandle<T> {
-    let path = PathBuf::from("/var/run/netns").join(&ns.name);
-    std::thread::spawn(move || {
-        let file = std::fs::File::open(&path).expect("namespace file");
-        nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).expect("entering namespace");
-        f()
-    })
-}
-
 /// Traffic kept under test: one TCP stream b → a exchanging a message
 /// every few milliseconds, and probes c → a that must never connect.
 struct Probes {
@@ -394,7 +382,7 @@ impl Probes {
         let mut threads = Vec::new();
 
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        threads.push(spawn_in(&a.ns, move || {
+        threads.push(a.ns.spawn(move || {
             let l = TcpListener::bind(("::", PORT)).expect("listening in a");
             ready_tx.send(()).expect("ready");
             // The stream's connection; a denied probe that got through
@@ -416,7 +404,7 @@ impl Probes {
                 stream_error.clone(),
                 slowest.clone(),
             );
-            threads.push(spawn_in(&b.ns, move || {
+            threads.push(b.ns.spawn(move || {
                 let fail = |e: String| {
                     *stream_error.lock().expect("lock") = Some(e);
                 };
@@ -449,7 +437,7 @@ impl Probes {
         // Many short probes, so that a short window is likely to be hit.
         for _ in 0..8 {
             let (stop, breaches, attempts) = (stop.clone(), breaches.clone(), attempts.clone());
-            threads.push(spawn_in(&c.ns, move || {
+            threads.push(c.ns.spawn(move || {
                 while !stop.load(Ordering::Relaxed) {
                     attempts.fetch_add(1, Ordering::Relaxed);
                     if TcpStream::connect_timeout(&denied, Duration::from_millis(20)).is_ok() {
@@ -746,9 +734,8 @@ fn restart_keeps_enforcing(mode: &str) {
     );
     // Nothing enforces any more: the denied pair connects.
     let server = SocketAddr::new(a.v4, PORT);
-    let server_up = spawn_in(&a.ns, || {
-        TcpListener::bind(("0.0.0.0", PORT)).map(|l| l.accept())
-    });
+    let server_up =
+        a.ns.spawn(|| TcpListener::bind(("0.0.0.0", PORT)).map(|l| l.accept()));
     let connected = c.ns.run(|| {
         let deadline = Instant::now() + DEADLINE;
         while Instant::now() < deadline {

@@ -223,7 +223,9 @@ impl Case {
             })
             .map_err(|e| e.context(self.logs(&agent_name)))?;
         println!("deploy-test: {ready}: {}", ready_body.1.trim());
-        let (code, body) = self.http(&live)?.context("no answer from the liveness probe")?;
+        let (code, body) = self
+            .http(&live)?
+            .context("no answer from the liveness probe")?;
         ensure!(code == 200, "{live}: {code} {body}");
 
         self.enforced_before_and_after_policy()?;
@@ -235,7 +237,10 @@ impl Case {
             Ok(c.http(&live)?.filter(|(code, _)| *code == 503))
         })?;
         ensure!(why.1.contains("source"), "{live}: {}", why.1);
-        println!("deploy-test: {live} with the API server stopped: {}", why.1.trim());
+        println!(
+            "deploy-test: {live} with the API server stopped: {}",
+            why.1.trim()
+        );
 
         self.stop_within_grace(&agent_name)?;
         self.cleanup_job()?;
@@ -306,12 +311,18 @@ impl Case {
     /// `kubectl` against the test API server, from the node.
     fn kubectl(&self, args: &[&str], stdin: Option<&str>) -> Result<String> {
         let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.node_ns.name, "kubectl", "--kubeconfig"])
-            .arg(self.node.service_account.join("kubeconfig"))
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+        cmd.args([
+            "netns",
+            "exec",
+            &self.node_ns.name,
+            "kubectl",
+            "--kubeconfig",
+        ])
+        .arg(self.node.service_account.join("kubeconfig"))
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
         let mut child = cmd.spawn().context("running kubectl")?;
         if let Some(text) = stdin {
             child
@@ -390,9 +401,10 @@ status: {{phase: Running, podIP: \"{v4}\", podIPs: [{{ip: \"{v4}\"}}, {{ip: \"{v
         );
         self.kubectl(&["create", "-f", "-"], Some(POLICY))?;
         let want = [true, true, false, false];
-        self.until("the policy is enforced (allowed v4/v6, denied v4/v6)", |c| {
-            Ok((c.probes() == want).then_some(()))
-        })?;
+        self.until(
+            "the policy is enforced (allowed v4/v6, denied v4/v6)",
+            |c| Ok((c.probes() == want).then_some(())),
+        )?;
         println!(
             "deploy-test: policy server-ingress enforced: allowed -> server passes and denied -> \
              server is dropped, IPv4 and IPv6"
@@ -428,7 +440,13 @@ status: {{phase: Running, podIP: \"{v4}\", podIPs: [{{ip: \"{v4}\"}}, {{ip: \"{v
         println!("deploy-test: podman exec … netpol-agent inspect endpoints\n{out}");
         let (code, out) = self.exec(
             agent,
-            &["netpol-agent", "explain", "demo/allowed", "demo/server", "tcp/8080"],
+            &[
+                "netpol-agent",
+                "explain",
+                "demo/allowed",
+                "demo/server",
+                "tcp/8080",
+            ],
         )?;
         ensure!(
             code == 0 && out.contains("server-ingress"),
@@ -436,13 +454,21 @@ status: {{phase: Running, podIP: \"{v4}\", podIPs: [{{ip: \"{v4}\"}}, {{ip: \"{v
         );
         let (code, out) = self.exec(
             agent,
-            &["netpol-agent", "explain", "demo/denied", "demo/server", "tcp/8080"],
+            &[
+                "netpol-agent",
+                "explain",
+                "demo/denied",
+                "demo/server",
+                "tcp/8080",
+            ],
         )?;
         ensure!(
             code == 1 && out.contains("server-ingress"),
             "explain denied -> server (exit {code}):\n{out}"
         );
-        println!("deploy-test: podman exec … netpol-agent explain demo/denied demo/server tcp/8080\n{out}");
+        println!(
+            "deploy-test: podman exec … netpol-agent explain demo/denied demo/server tcp/8080\n{out}"
+        );
         let (code, out) = self.exec(agent, &["bpftool", "net", "show"])?;
         ensure!(
             code == 0 && out.contains("from_pod") && out.contains("to_pod"),
@@ -454,12 +480,14 @@ status: {{phase: Running, podIP: \"{v4}\", podIPs: [{{ip: \"{v4}\"}}, {{ip: \"{v
 
     /// GETs /metrics on the node's address and parses every sample line.
     fn scrape(&self) -> Result<()> {
-        let (code, body) = self
-            .http("/metrics")?
-            .context("no answer from /metrics")?;
+        let (code, body) = self.http("/metrics")?.context("no answer from /metrics")?;
         ensure!(code == 200, "/metrics: {code}");
         let samples = parse_metrics(&body)?;
-        for name in ["netpol_generation", "netpol_interfaces", "netpol_sync_duration_seconds_count"] {
+        for name in [
+            "netpol_generation",
+            "netpol_interfaces",
+            "netpol_sync_duration_seconds_count",
+        ] {
             ensure!(
                 samples.iter().any(|(n, _)| n.starts_with(name)),
                 "/metrics has no {name}"
@@ -525,7 +553,11 @@ status: {{phase: Running, podIP: \"{v4}\", podIPs: [{{ip: \"{v4}\"}}, {{ip: \"{v
             .args(["netns", "exec", &self.node_ns.name, program])
             .args(args)
             .output()?;
-        ensure!(out.status.success(), "{program}: {}", String::from_utf8_lossy(&out.stderr));
+        ensure!(
+            out.status.success(),
+            "{program}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
@@ -617,7 +649,12 @@ fn daemonset_images(ds: &DaemonSet) -> Vec<(String, String)> {
             p.containers
                 .iter()
                 .chain(p.init_containers.iter().flatten())
-                .map(|c| (c.image.clone().unwrap_or_default(), format!("container {}", c.name)))
+                .map(|c| {
+                    (
+                        c.image.clone().unwrap_or_default(),
+                        format!("container {}", c.name),
+                    )
+                })
                 .collect()
         })
         .unwrap_or_default()
@@ -630,7 +667,12 @@ fn job_images(job: &Job) -> Vec<(String, String)> {
         .map(|p| {
             p.containers
                 .iter()
-                .map(|c| (c.image.clone().unwrap_or_default(), format!("cleanup container {}", c.name)))
+                .map(|c| {
+                    (
+                        c.image.clone().unwrap_or_default(),
+                        format!("cleanup container {}", c.name),
+                    )
+                })
                 .collect()
         })
         .unwrap_or_default()

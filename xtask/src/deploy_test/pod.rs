@@ -168,11 +168,7 @@ pub fn run_args(
         } else {
             format!(":{}", opts.join(","))
         };
-        a.push(format!(
-            "--volume={}:{}{opts}",
-            src.display(),
-            m.mount_path
-        ));
+        a.push(format!("--volume={}:{}{opts}", src.display(), m.mount_path));
     }
     // hostNetwork: a hostPort is the containerPort on the node already.
     for p in c.ports.iter().flatten() {
@@ -226,8 +222,14 @@ fn pod_security(pod: &PodSpec, a: &mut Vec<String>) -> Result<()> {
 /// service variables.
 fn env_of(c: &Container, node: &Node) -> Result<Vec<(String, String)>> {
     let mut out = vec![
-        ("KUBERNETES_SERVICE_HOST".to_owned(), node.api.ip().to_string()),
-        ("KUBERNETES_SERVICE_PORT".to_owned(), node.api.port().to_string()),
+        (
+            "KUBERNETES_SERVICE_HOST".to_owned(),
+            node.api.ip().to_string(),
+        ),
+        (
+            "KUBERNETES_SERVICE_PORT".to_owned(),
+            node.api.port().to_string(),
+        ),
     ];
     for EnvVar {
         name,
@@ -299,16 +301,28 @@ mod tests {
     #[test]
     fn expansion_follows_kubernetes() {
         let env = vec![("HOST_IP".to_owned(), "fd00::7".to_owned())];
-        assert_eq!(expand("--listen=[$(HOST_IP)]:9101", &env), "--listen=[fd00::7]:9101");
-        assert_eq!(expand("$(NOPE) $$(HOST_IP) $", &env), "$(NOPE) $(HOST_IP) $");
+        assert_eq!(
+            expand("--listen=[$(HOST_IP)]:9101", &env),
+            "--listen=[fd00::7]:9101"
+        );
+        assert_eq!(
+            expand("$(NOPE) $$(HOST_IP) $", &env),
+            "$(NOPE) $(HOST_IP) $"
+        );
     }
 
     #[test]
     fn host_paths_are_the_nodes_but_kernel_wide_ones() {
         let n = node();
-        assert_eq!(n.host_file("/sys/fs/bpf"), PathBuf::from("/tmp/root-n1/sys/fs/bpf"));
+        assert_eq!(
+            n.host_file("/sys/fs/bpf"),
+            PathBuf::from("/tmp/root-n1/sys/fs/bpf")
+        );
         assert_eq!(n.host_file("/run/netns"), PathBuf::from("/run/netns"));
-        assert_eq!(n.host_file("/sys/fs/cgroup"), PathBuf::from("/sys/fs/cgroup"));
+        assert_eq!(
+            n.host_file("/sys/fs/cgroup"),
+            PathBuf::from("/sys/fs/cgroup")
+        );
     }
 
     #[test]
