@@ -83,6 +83,19 @@ struct InForce {
     fingerprint: Fingerprint,
 }
 
+/// What an incremental apply replaces, kept until the write is known: a
+/// rolled-back write puts it back in force.
+struct Before {
+    /// The snapshot in force before.
+    snapshot: Snapshot,
+    /// The ids its compile gave (the rolled-back maps hold them).
+    ids: crate::compiler::IdAllocation,
+    /// Its fingerprint.
+    fingerprint: Fingerprint,
+    /// The new snapshot's, updated from the change set.
+    next: Fingerprint,
+}
+
 pub(crate) struct SyncLoop<D: Dataplane = Datapath> {
     dp: D,
     uplinks: crate::node::uplinks::Uplinks,
@@ -339,9 +352,15 @@ impl<D: Dataplane> SyncLoop<D> {
             let ids = compiler.compiled().ids.clone();
             let changes = Changes::between(&old, &snapshot);
             let ops: Vec<RawOp> = compiler.update(&snapshot, &changes).raw().collect();
-            let mut fp = fingerprint;
-            fp.update(&old, &snapshot, &changes);
-            (compiler, ops, Some((old, ids, fingerprint, fp)))
+            let mut next = fingerprint;
+            next.update(&old, &snapshot, &changes);
+            let before = Before {
+                snapshot: old,
+                ids,
+                fingerprint,
+                next,
+            };
+            (compiler, ops, Some(before))
         } else {
             let old = self.resume(&snapshot);
             let compiler = Compiler::new(&snapshot, &old.ids);
@@ -354,7 +373,7 @@ impl<D: Dataplane> SyncLoop<D> {
         match result {
             Ok(mut applied) => {
                 let fingerprint = match &before {
-                    Some((_, _, _, fp)) => *fp,
+                    Some(b) => b.next,
                     None => Fingerprint::of(&snapshot),
                 };
                 self.in_force = Some(InForce {
@@ -409,13 +428,13 @@ impl<D: Dataplane> SyncLoop<D> {
                 // of a copy of the compiler on every change). When the
                 // rollback failed too, only the maps say what they hold,
                 // and a first apply starts from them anyway.
-                if let Some((old, ids, fingerprint, _)) = before
+                if let Some(b) = before
                     && !matches!(e, MapWriteError::RollbackFailed { .. })
                 {
                     self.in_force = Some(InForce {
-                        compiler: Compiler::new(&old, &ids),
-                        snapshot: old,
-                        fingerprint,
+                        compiler: Compiler::new(&b.snapshot, &b.ids),
+                        snapshot: b.snapshot,
+                        fingerprint: b.fingerprint,
                     });
                 }
                 self.fail("apply", format!("{e}"));
