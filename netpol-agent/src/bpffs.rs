@@ -8,8 +8,6 @@ use std::{
     path::{Path, PathBuf},
 };
 
-/// `BPF_FS_MAGIC` from `include/uapi/linux/magic.h`.
-const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
 /// Errors preparing the bpffs folder.
 #[derive(Debug, thiserror::Error)]
@@ -38,13 +36,9 @@ pub fn is_bpffs(path: &Path) -> Result<bool, BpffsError> {
         path: path.to_owned(),
         source,
     })?;
-    // The type's width differs by libc target; the magic fits in any of them.
-    #[expect(
-        clippy::useless_conversion,
-        reason = "f_type is i64 on some targets only"
-    )]
-    let magic = i64::from(st.filesystem_type().0);
-    Ok(magic == BPF_FS_MAGIC)
+    // nix's constant has the libc target's own width (i64 with glibc, u64
+    // with musl).
+    Ok(st.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC)
 }
 
 /// Makes sure `root` exists and is a bpffs, mounting one there when it is

@@ -44,10 +44,49 @@ const VM_TOOLS: &[(&str, &str)] = &[
     ("strip", "binutils"),
 ];
 
-/// Everything, `vm-test`'s tools included (`cargo xtask test` runs it).
+/// What `cargo xtask image` builds with: the static target's standard
+/// library, a C compiler for it (ring's C code), and bpftool (copied in).
+const IMAGE_TOOLS: &[(&str, &str)] = &[("musl-gcc", "musl-tools"), ("bpftool", "bpftool")];
+
+/// What `cargo xtask deploy-test` runs the image with: podman on runc
+/// (crun refuses this host's hybrid cgroups), and skopeo to read the
+/// archive as a registry client would.
+const CONTAINER_TOOLS: &[(&str, &str)] = &[("podman", "podman"), ("runc", "runc"), ("skopeo", "skopeo")];
+
+/// Everything, `vm-test`'s, the image's and the deploy test's tools
+/// included (`cargo xtask test` runs it).
 pub fn all() -> Result<()> {
     vm_tools()?;
+    image_tools()?;
+    container_tools()?;
     ebpf_toolchain()
+}
+
+/// The musl target (rustup) and [`IMAGE_TOOLS`].
+pub fn image_tools() -> Result<()> {
+    install_missing("image tools (musl-tools, bpftool)", IMAGE_TOOLS, &[])?;
+    let installed = Command::new("rustup")
+        .args(["target", "list", "--installed", "--toolchain", "stable"])
+        .output()
+        .context("running rustup")?;
+    if String::from_utf8_lossy(&installed.stdout)
+        .lines()
+        .any(|l| l.trim() == crate::image::MUSL)
+    {
+        println!("bootstrap: rust target {}: present", crate::image::MUSL);
+        return Ok(());
+    }
+    println!("bootstrap: rust target {}: installing", crate::image::MUSL);
+    run(Command::new("rustup").args(["target", "add", crate::image::MUSL, "--toolchain", "stable"]))
+}
+
+/// [`CONTAINER_TOOLS`].
+pub fn container_tools() -> Result<()> {
+    install_missing(
+        "container tools (podman, runc, skopeo)",
+        CONTAINER_TOOLS,
+        &[],
+    )
 }
 
 /// Nightly with rust-src, and bpf-linker.

@@ -18,6 +18,7 @@ mod demo;
 mod deploy;
 mod deploy_check;
 mod deploy_test;
+mod image;
 mod vm;
 
 /// The eBPF target.
@@ -82,6 +83,13 @@ enum Cmd {
     /// Build the object and the release agent as deploy/Containerfile does
     /// and check that every path it copies exists.
     DeployCheck,
+    /// Build the agent's OCI image (no base image) into
+    /// target/image/netpol-agent-<version>.oci.tar; prints
+    /// `image: sha256:<digest>` last.
+    Image,
+    /// Run the image under podman exactly as the rendered manifests say,
+    /// against the test API server over TLS (as root).
+    DeployTest,
     /// Write deploy/netpol.yaml (deploy/base in one file, for k3s's
     /// auto-deploy folder) with `kubectl kustomize`.
     RenderDeploy,
@@ -129,6 +137,8 @@ fn main() -> Result<()> {
         Cmd::Demo { hold } => demo::demo(hold),
         Cmd::DeployCheck => deploy_check::check(),
         Cmd::RenderDeploy => deploy::render(),
+        Cmd::Image => image::build().map(drop),
+        Cmd::DeployTest => deploy_test::run(),
         Cmd::VmTest { kernel } => vm::test(&vm::select(&kernel)?),
         Cmd::Conformance {
             scenarios,
@@ -428,6 +438,22 @@ fn conformance_with(
         agent: demo::target_dir().join("debug/netpol-agent"),
         object: object.to_owned(),
     })
+}
+
+/// The test API server (netpol-testkit's `netpol-apiserver`), built.
+fn apiserver_binary() -> Result<PathBuf> {
+    println!("xtask: cargo build -p netpol-testkit --bin netpol-apiserver");
+    run(cargo("stable").current_dir(root()).args([
+        "build",
+        "--locked",
+        "-p",
+        "netpol-testkit",
+        "--bin",
+        "netpol-apiserver",
+        "--target-dir",
+        "target",
+    ]))?;
+    Ok(root().join("target/debug/netpol-apiserver"))
 }
 
 fn netpol_is_root() -> bool {

@@ -38,7 +38,7 @@ use netpol_testkit::{
 };
 use serde::Deserialize as _;
 
-use crate::run;
+use crate::run as sh;
 
 /// The node's own addresses (on its loopback: the node's uplink is not
 /// part of what is tested, and a veth would be taken for a pod's).
@@ -69,6 +69,59 @@ spec:
   ingress:
     - from: [{podSelector: {matchLabels: {access: \"true\"}}}]
 ";
+
+/// Builds the image and the test API server, loads the image into podman
+/// (and reads it with skopeo, as a registry client would), then runs both
+/// variants.
+pub fn run() -> Result<()> {
+    ensure!(
+        crate::netpol_is_root(),
+        "deploy-test runs containers and network namespaces: run it as root"
+    );
+    crate::bootstrap::container_tools()?;
+    let built = crate::image::build()?;
+    load(&built)?;
+    let apiserver = crate::apiserver_binary()?;
+    run_all(&built.reference, &apiserver)
+}
+
+/// `podman load` names the image as the archive says, and `skopeo
+/// inspect` reads the same manifest digest.
+fn load(built: &crate::image::Built) -> Result<()> {
+    let out = podman()
+        .arg("load")
+        .arg("--input")
+        .arg(&built.archive)
+        .output()
+        .context("running podman load")?;
+    let said = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success() && said.contains(&built.reference),
+        "podman load {}: {said}{}",
+        built.archive.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    println!("deploy-test: podman load: {}", said.trim());
+    let out = Command::new("skopeo")
+        .arg("inspect")
+        .arg(format!("oci-archive:{}", built.archive.display()))
+        .output()
+        .context("running skopeo")?;
+    ensure!(
+        out.status.success(),
+        "skopeo inspect: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    ensure!(
+        v["Digest"].as_str() == Some(built.digest.as_str()),
+        "skopeo reads digest {}, the build printed {}",
+        v["Digest"],
+        built.digest
+    );
+    println!("deploy-test: skopeo inspect oci-archive: digest {}", built.digest);
+    Ok(())
+}
 
 /// Runs both variants.
 pub fn run_all(image: &str, apiserver: &Path) -> Result<()> {
@@ -162,7 +215,7 @@ impl Case {
         kit::ip_in(&n, &["addr", "add", &format!("{NODE_V4}/32"), "dev", "lo"])?;
         kit::ip_in(&n, &["addr", "add", &format!("{NODE_V6}/128"), "dev", "lo"])?;
         for s in ["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"] {
-            run(Command::new("ip").args(["netns", "exec", &n, "sysctl", "-qw", s]))?;
+            sh(Command::new("ip").args(["netns", "exec", &n, "sysctl", "-qw", s]))?;
         }
         kit::add_bridge(&n, "10.42.0.1/24", Some("fd42::1/64"))?;
         for (i, (pod, _, host)) in PODS.iter().enumerate() {
@@ -507,7 +560,7 @@ status: {{phase: Running, podIP: \"{v4}\", podIPs: [{{ip: \"{v4}\"}}, {{ip: \"{v
             .termination_grace_period_seconds
             .unwrap_or(30);
         let started = Instant::now();
-        run(podman().args(["stop", "--time", &grace.to_string(), agent]))?;
+        sh(podman().args(["stop", "--time", &grace.to_string(), agent]))?;
         let out = podman()
             .args(["inspect", "--format", "{{.State.ExitCode}}", agent])
             .output()?;
@@ -626,8 +679,8 @@ fn node_root(root: &Path) -> Result<()> {
     let _ = Command::new("umount").arg("-R").arg(root).output();
     let _ = std::fs::remove_dir_all(root);
     std::fs::create_dir_all(root)?;
-    run(Command::new("mount").arg("--bind").arg(root).arg(root))?;
-    run(Command::new("mount").arg("--make-rshared").arg(root))?;
+    sh(Command::new("mount").arg("--bind").arg(root).arg(root))?;
+    sh(Command::new("mount").arg("--make-rshared").arg(root))?;
     Ok(())
 }
 

@@ -160,9 +160,18 @@ pub(crate) fn link_type(interface: &str) -> std::io::Result<u16> {
     for (dst, src) in req.ifr_name.iter_mut().zip(name) {
         *dst = libc::c_char::from_ne_bytes([*src]);
     }
+    // The request's type is the libc target's (c_ulong with glibc, c_int
+    // with musl, the static image's); the number fits either.
+    #[allow(
+        clippy::cast_possible_truncation,
+        clippy::cast_possible_wrap,
+        clippy::unnecessary_cast,
+        reason = "the ioctl request type differs by libc target"
+    )]
+    let request = libc::SIOCGIFHWADDR as _;
     // SAFETY: `req` is a valid `ifreq` with a NUL-terminated name (checked
     // shorter than IFNAMSIZ, the rest zeroed) and outlives the call.
-    let ret = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFHWADDR, &mut req) };
+    let ret = unsafe { libc::ioctl(sock.as_raw_fd(), request, &mut req) };
     if ret < 0 {
         return Err(std::io::Error::last_os_error());
     }
