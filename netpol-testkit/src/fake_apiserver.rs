@@ -86,6 +86,8 @@ struct Control {
 
 #[derive(Debug)]
 struct Shared {
+    /// Requests must carry `Authorization: Bearer <token>` when set.
+    token: Option<String>,
     inner: Mutex<Inner>,
     /// The latest resource version, bumped by every change.
     changed: watch::Sender<u64>,
@@ -97,6 +99,7 @@ struct Shared {
 #[derive(Debug)]
 pub struct FakeApiServer {
     addr: SocketAddr,
+    scheme: &'static str,
     shared: Arc<Shared>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -127,7 +130,8 @@ fn key(obj: &Value) -> (String, String) {
 }
 
 impl FakeApiServer {
-    /// Binds 127.0.0.1 on a free port and serves until dropped.
+    /// Binds 127.0.0.1 on a free port and serves plain HTTP, anyone
+    /// allowed, until dropped.
     ///
     /// # Panics
     /// When no port can be bound.
@@ -135,8 +139,25 @@ impl FakeApiServer {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("binding the fake API server");
+        Self::serve(listener, None, None)
+    }
+
+    /// Serves on `listener` until dropped: over TLS with `tls`, and only to
+    /// requests bearing `token` when one is given (401 otherwise), as a
+    /// real API server serves its service accounts.
+    ///
+    /// # Panics
+    /// When the listener has no local address.
+    #[must_use]
+    pub fn serve(
+        listener: tokio::net::TcpListener,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+        token: Option<String>,
+    ) -> Self {
         let addr = listener.local_addr().expect("its address");
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let shared = Arc::new(Shared {
+            token,
             inner: Mutex::new(Inner {
                 rv: 1,
                 ..Inner::default()
@@ -157,18 +178,25 @@ impl FakeApiServer {
                     continue;
                 }
                 let s = s.clone();
+                let tls = tls.clone();
                 tokio::spawn(async move {
-                    let svc = service_fn(move |req| {
-                        let s = s.clone();
-                        async move { handle(&s, &req) }
-                    });
-                    let _ = http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
+                    match tls {
+                        None => connection(s, stream).await,
+                        Some(acceptor) => {
+                            if let Ok(stream) = acceptor.accept(stream).await {
+                                connection(s, stream).await;
+                            }
+                        }
+                    }
                 });
             }
         });
-        Self { addr, shared, task }
+        Self {
+            addr,
+            scheme,
+            shared,
+            task,
+        }
     }
 
     /// Writes a kubeconfig naming this server (no credentials) to a new
@@ -194,10 +222,10 @@ impl FakeApiServer {
         path
     }
 
-    /// `http://127.0.0.1:PORT`.
+    /// `http://127.0.0.1:PORT` (`https://ADDR:PORT` over TLS).
     #[must_use]
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("{}://{}", self.scheme, self.addr)
     }
 
     /// Creates or replaces an object (its `kind` says where), giving it
@@ -327,6 +355,28 @@ impl FakeApiServer {
 
 type Body = BoxBody<Bytes, Infallible>;
 
+/// Serves one connection (plain or TLS) until it closes.
+async fn connection<S>(s: Arc<Shared>, stream: S)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
+        let s = s.clone();
+        async move {
+            let (parts, body) = req.into_parts();
+            // Writes carry an object; reads nothing worth keeping.
+            let body = match body.collect().await {
+                Ok(b) => b.to_bytes(),
+                Err(_) => Bytes::new(),
+            };
+            handle(&s, &Request::from_parts(parts, body))
+        }
+    });
+    let _ = http1::Builder::new()
+        .serve_connection(TokioIo::new(stream), svc)
+        .await;
+}
+
 /// The server is down: hyper drops the connection.
 #[derive(Debug)]
 struct Refused;
@@ -389,11 +439,27 @@ fn name_filter(query: &BTreeMap<String, String>) -> Option<String> {
         .map(str::to_owned)
 }
 
-fn handle<B>(s: &Arc<Shared>, req: &Request<B>) -> Result<Response<Body>, Refused> {
+fn handle(s: &Arc<Shared>, req: &Request<Bytes>) -> Result<Response<Body>, Refused> {
     if !s.up.load(Ordering::SeqCst) {
         return Err(Refused);
     }
+    if let Some(token) = &s.token {
+        let bearer = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if bearer != Some(token.as_str()) {
+            return Ok(json_response(
+                StatusCode::UNAUTHORIZED,
+                &status(401, "Unauthorized", "Unauthorized"),
+            ));
+        }
+    }
     let path = req.uri().path();
+    if req.method() != hyper::Method::GET {
+        return Ok(write(s, req));
+    }
     let query: BTreeMap<String, String> = req
         .uri()
         .query()
@@ -522,6 +588,143 @@ fn handle<B>(s: &Arc<Shared>, req: &Request<B>) -> Result<Response<Body>, Refuse
         header::HeaderValue::from_static("application/json"),
     );
     Ok(resp)
+}
+
+/// Where a write goes: the resource, the namespace, and the object's
+/// name (none for a create, which POSTs to the collection).
+fn write_target(path: &str) -> Option<(usize, String, Option<String>)> {
+    let rest = path
+        .strip_prefix("/api/v1/")
+        .map(|r| ("v1", r))
+        .or_else(|| {
+            let r = path.strip_prefix("/apis/")?;
+            let mut parts = r.splitn(3, '/');
+            let (group, version, rest) = (parts.next()?, parts.next()?, parts.next()?);
+            let api = RESOURCES
+                .iter()
+                .find(|res| res.2 == format!("{group}/{version}"))?
+                .2;
+            Some((api, rest))
+        })?;
+    let (api, rest) = rest;
+    let segs: Vec<&str> = rest.split('/').filter(|s| !s.is_empty()).collect();
+    let (ns, plural, name) = match segs.as_slice() {
+        ["namespaces", ns, plural] => (*ns, *plural, None),
+        ["namespaces", ns, plural, name] => (*ns, *plural, Some(*name)),
+        [plural] => ("", *plural, None),
+        [plural, name] => ("", *plural, Some(*name)),
+        _ => return None,
+    };
+    let r = RESOURCES
+        .iter()
+        .position(|res| res.0 == plural && res.2 == api)?;
+    Some((r, ns.to_owned(), name.map(str::to_owned)))
+}
+
+/// POST (create), PUT (replace) and DELETE, answered as the API server
+/// answers them, each feeding the watches.
+fn write(s: &Arc<Shared>, req: &Request<Bytes>) -> Response<Body> {
+    let path = req.uri().path();
+    let Some((r, ns, name)) = write_target(path) else {
+        return json_response(
+            StatusCode::NOT_FOUND,
+            &status(404, "NotFound", &format!("the fake serves no {path}")),
+        );
+    };
+    let (_, _, api_version, kind) = RESOURCES[r];
+    let method = req.method().clone();
+    let mut inner = s.inner.lock().expect("fake state");
+    let stored = |inner: &Inner, k: &(String, String)| inner.collections[r].objects.get(k).cloned();
+    let response = match (&method, name) {
+        (&hyper::Method::POST, None) | (&hyper::Method::PUT, Some(_)) => {
+            let mut obj: Value = match serde_json::from_slice(req.body()) {
+                Ok(v @ Value::Object(_)) => v,
+                _ => {
+                    return json_response(
+                        StatusCode::BAD_REQUEST,
+                        &status(400, "BadRequest", "the body is not a JSON object"),
+                    );
+                }
+            };
+            if !ns.is_empty() {
+                obj["metadata"]["namespace"] = json!(ns);
+            }
+            let k = key(&obj);
+            if k.1.is_empty() {
+                return json_response(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    &status(422, "Invalid", "metadata.name: Required value"),
+                );
+            }
+            let exists = stored(&inner, &k).is_some();
+            let create = method == hyper::Method::POST;
+            if create && exists {
+                return json_response(
+                    StatusCode::CONFLICT,
+                    &status(409, "AlreadyExists", &format!("{kind} \"{}\" already exists", k.1)),
+                );
+            }
+            if !create && !exists {
+                return json_response(
+                    StatusCode::NOT_FOUND,
+                    &status(404, "NotFound", &format!("{kind} \"{}\" not found", k.1)),
+                );
+            }
+            inner.rv += 1;
+            let rv = inner.rv;
+            obj["apiVersion"] = json!(api_version);
+            obj["kind"] = json!(kind);
+            obj["metadata"]["resourceVersion"] = json!(rv.to_string());
+            if obj.pointer("/metadata/uid").is_none() {
+                obj["metadata"]["uid"] = json!(format!("uid-{rv}"));
+            }
+            let text: Arc<str> = obj.to_string().into();
+            let c = &mut inner.collections[r];
+            c.objects.insert(k.clone(), text.clone());
+            c.log
+                .push((rv, if create { "ADDED" } else { "MODIFIED" }, k.1, text));
+            let code = if create {
+                StatusCode::CREATED
+            } else {
+                StatusCode::OK
+            };
+            (json_response(code, &obj), Some(rv))
+        }
+        (&hyper::Method::DELETE, Some(name)) => {
+            let k = (ns, name.clone());
+            match inner.collections[r].objects.remove(&k) {
+                None => (
+                    json_response(
+                        StatusCode::NOT_FOUND,
+                        &status(404, "NotFound", &format!("{kind} \"{name}\" not found")),
+                    ),
+                    None,
+                ),
+                Some(text) => {
+                    inner.rv += 1;
+                    let rv = inner.rv;
+                    let mut obj: Value = serde_json::from_str(&text).expect("stored JSON");
+                    obj["metadata"]["resourceVersion"] = json!(rv.to_string());
+                    inner.collections[r]
+                        .log
+                        .push((rv, "DELETED", name, obj.to_string().into()));
+                    (json_response(StatusCode::OK, &obj), Some(rv))
+                }
+            }
+        }
+        _ => (
+            json_response(
+                StatusCode::METHOD_NOT_ALLOWED,
+                &status(405, "MethodNotAllowed", &format!("{method} {path}")),
+            ),
+            None,
+        ),
+    };
+    drop(inner);
+    if let Some(rv) = response.1 {
+        s.changed.send_replace(rv);
+    }
+    response.0
 }
 
 fn line(v: &Value) -> Bytes {

@@ -26,6 +26,8 @@ pub mod topology;
 #[cfg(feature = "agent")]
 pub mod agent;
 #[cfg(feature = "agent")]
+pub mod apiserver;
+#[cfg(feature = "agent")]
 pub mod baseline;
 #[cfg(feature = "agent")]
 pub mod compiler;

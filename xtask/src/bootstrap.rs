@@ -49,9 +49,14 @@ const VM_TOOLS: &[(&str, &str)] = &[
 const IMAGE_TOOLS: &[(&str, &str)] = &[("musl-gcc", "musl-tools"), ("bpftool", "bpftool")];
 
 /// What `cargo xtask deploy-test` runs the image with: podman on runc
-/// (crun refuses this host's hybrid cgroups), and skopeo to read the
-/// archive as a registry client would.
-const CONTAINER_TOOLS: &[(&str, &str)] = &[("podman", "podman"), ("runc", "runc"), ("skopeo", "skopeo")];
+/// (crun refuses this host's hybrid cgroups), skopeo to read the archive
+/// as a registry client would, curl to write through the API server.
+const CONTAINER_TOOLS: &[(&str, &str)] = &[
+    ("podman", "podman"),
+    ("runc", "runc"),
+    ("skopeo", "skopeo"),
+    ("curl", "curl"),
+];
 
 /// Everything, `vm-test`'s, the image's and the deploy test's tools
 /// included (`cargo xtask test` runs it).
@@ -83,7 +88,7 @@ pub fn image_tools() -> Result<()> {
 /// [`CONTAINER_TOOLS`].
 pub fn container_tools() -> Result<()> {
     install_missing(
-        "container tools (podman, runc, skopeo)",
+        "container tools (podman, runc, skopeo, curl)",
         CONTAINER_TOOLS,
         &[],
     )

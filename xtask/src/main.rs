@@ -16,7 +16,6 @@ mod bootstrap;
 mod conformance;
 mod demo;
 mod deploy;
-mod deploy_check;
 mod deploy_test;
 mod image;
 mod vm;
@@ -40,8 +39,8 @@ enum Cmd {
     /// Build the eBPF object (release) to target/netpol-ebpf.o.
     BuildEbpf,
     /// Build the object, run the lints and every test of the workspace,
-    /// then (unfiltered, as root) the deploy check, `vm-test --kernel all`
-    /// and the conformance run.
+    /// then (unfiltered, as root) the image and `deploy-test`, `vm-test
+    /// --kernel all` and the conformance run.
     Test {
         /// Skip fmt and clippy.
         #[arg(long)]
@@ -80,9 +79,6 @@ enum Cmd {
         #[arg(default_value = "all")]
         which: String,
     },
-    /// Build the object and the release agent as deploy/Containerfile does
-    /// and check that every path it copies exists.
-    DeployCheck,
     /// Build the agent's OCI image (no base image) into
     /// target/image/netpol-agent-<version>.oci.tar; prints
     /// `image: sha256:<digest>` last.
@@ -135,7 +131,6 @@ fn main() -> Result<()> {
             lint()
         }
         Cmd::Demo { hold } => demo::demo(hold),
-        Cmd::DeployCheck => deploy_check::check(),
         Cmd::RenderDeploy => deploy::render(),
         Cmd::Image => image::build().map(drop),
         Cmd::DeployTest => deploy_test::run(),
@@ -334,15 +329,15 @@ fn test(no_lint: bool, args: &[String]) -> Result<()> {
         // A filtered run, or one without the privileges the harness needs.
         return Ok(());
     }
-    println!("xtask: deploy check (the paths deploy/Containerfile copies)");
-    deploy_check::check()?;
+    println!("xtask: deploy-test (the image under podman, as the rendered manifests say)");
+    deploy_test::run()?;
     // vm-test's guests take the cores the host has to spare (one on a
     // 2-core machine); the conformance run takes the rest meanwhile.
     // Everything both run is built first, so neither builds beside the
     // other.
     let suites = vm::suites(&object)?;
     conformance_build()?;
-    phases.done("deploy check and builds for vm-test and conformance");
+    phases.done("image, deploy-test, and builds for vm-test and conformance");
     println!(
         "xtask: vm-test (the datapath suites on every kernel of the matrix, qemu) beside the \
          conformance run"

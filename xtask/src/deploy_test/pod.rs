@@ -195,6 +195,19 @@ pub fn run_args(
 
 /// The pod's securityContext as podman's: AppArmor and SELinux.
 fn pod_security(pod: &PodSpec, a: &mut Vec<String>) -> Result<()> {
+    // The kubelet runs a container without a seccomp profile unless one is
+    // named (the `SeccompDefault` feature is off by default); podman would
+    // apply its own, which refuses bpf(2) without CAP_SYS_ADMIN.
+    let seccomp = pod
+        .security_context
+        .as_ref()
+        .and_then(|sc| sc.seccomp_profile.as_ref())
+        .map(|p| p.type_.as_str());
+    match seccomp {
+        None | Some("Unconfined") => a.push("--security-opt=seccomp=unconfined".into()),
+        Some("RuntimeDefault") => {}
+        Some(other) => bail!("seccompProfile {other} is not run here"),
+    }
     let Some(sc) = &pod.security_context else {
         return Ok(());
     };
