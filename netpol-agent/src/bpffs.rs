@@ -8,7 +8,6 @@ use std::{
     path::{Path, PathBuf},
 };
 
-
 /// Errors preparing the bpffs folder.
 #[derive(Debug, thiserror::Error)]
 pub enum BpffsError {

@@ -89,7 +89,13 @@ impl Credentials {
     ) -> Result<Self, CredentialsError> {
         let sa = dir.join("serviceaccount");
         std::fs::create_dir_all(&sa).map_err(io(&sa))?;
-        let files = ["ca.crt", "ca.key", "server.crt", "server.key", "serviceaccount/token"];
+        let files = [
+            "ca.crt",
+            "ca.key",
+            "server.crt",
+            "server.key",
+            "serviceaccount/token",
+        ];
         if !files.iter().all(|f| dir.join(f).is_file()) {
             Self::create(dir, listen.ip(), extra)?;
         }
@@ -132,7 +138,12 @@ impl Credentials {
         let ca_cert = ca.self_signed(&ca_key)?;
         let key = KeyPair::generate()?;
         let mut names: Vec<String> = NAMES.iter().map(|n| (*n).to_owned()).collect();
-        names.extend(extra.iter().filter(|e| e.parse::<IpAddr>().is_err()).cloned());
+        names.extend(
+            extra
+                .iter()
+                .filter(|e| e.parse::<IpAddr>().is_err())
+                .cloned(),
+        );
         let mut params = CertificateParams::new(names)?;
         params
             .distinguished_name
@@ -149,8 +160,11 @@ impl Credentials {
         let cert = params.signed_by(&key, &ca_cert, &ca_key)?;
         let mut token = [0u8; 24];
         let urandom = Path::new("/dev/urandom");
-        std::io::Read::read_exact(&mut std::fs::File::open(urandom).map_err(io(urandom))?, &mut token)
-            .map_err(io(urandom))?;
+        std::io::Read::read_exact(
+            &mut std::fs::File::open(urandom).map_err(io(urandom))?,
+            &mut token,
+        )
+        .map_err(io(urandom))?;
         let token: String = token.iter().map(|b| format!("{b:02x}")).collect();
         write(&dir.join("ca.crt"), &ca_cert.pem())?;
         write(&dir.join("ca.key"), &ca_key.serialize_pem())?;

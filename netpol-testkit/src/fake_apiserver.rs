@@ -661,7 +661,11 @@ fn write(s: &Arc<Shared>, req: &Request<Bytes>) -> Response<Body> {
             if create && exists {
                 return json_response(
                     StatusCode::CONFLICT,
-                    &status(409, "AlreadyExists", &format!("{kind} \"{}\" already exists", k.1)),
+                    &status(
+                        409,
+                        "AlreadyExists",
+                        &format!("{kind} \"{}\" already exists", k.1),
+                    ),
                 );
             }
             if !create && !exists {

@@ -79,8 +79,8 @@ pub fn build() -> Result<Built> {
     add_file(&mut files, "usr/sbin/bpftool", &bpftool, 0o755)?;
     for lib in shared_libraries(&bpftool)? {
         let rel = lib.to_string_lossy().trim_start_matches('/').to_owned();
-        let real = std::fs::canonicalize(&lib)
-            .with_context(|| format!("resolving {}", lib.display()))?;
+        let real =
+            std::fs::canonicalize(&lib).with_context(|| format!("resolving {}", lib.display()))?;
         add_file(&mut files, &rel, &real, 0o755)?;
     }
     let layer = tar(&files, epoch)?;
@@ -186,7 +186,15 @@ fn static_agent() -> Result<PathBuf> {
     );
     run(crate::cargo("stable")
         .current_dir(&root)
-        .args(["build", "--release", "--locked", "-p", "netpol-agent", "--target", MUSL])
+        .args([
+            "build",
+            "--release",
+            "--locked",
+            "-p",
+            "netpol-agent",
+            "--target",
+            MUSL,
+        ])
         .args(["--target-dir", "target"])
         .env("CARGO_TARGET_X86_64_UNKNOWN_LINUX_MUSL_RUSTFLAGS", flags)
         // ring's C code, against musl's headers.
@@ -211,7 +219,10 @@ fn static_agent() -> Result<PathBuf> {
 /// What `ldd` says `bin` loads, the loader included (the vDSO is not a
 /// file).
 fn shared_libraries(bin: &Path) -> Result<Vec<PathBuf>> {
-    let out = Command::new("ldd").arg(bin).output().context("running ldd")?;
+    let out = Command::new("ldd")
+        .arg(bin)
+        .output()
+        .context("running ldd")?;
     ensure!(out.status.success(), "ldd {}", bin.display());
     let mut libs = Vec::new();
     for line in String::from_utf8_lossy(&out.stdout).lines() {
@@ -223,7 +234,11 @@ fn shared_libraries(bin: &Path) -> Result<Vec<PathBuf>> {
             libs.push(PathBuf::from(p));
         }
     }
-    ensure!(!libs.is_empty(), "ldd found no libraries for {}", bin.display());
+    ensure!(
+        !libs.is_empty(),
+        "ldd found no libraries for {}",
+        bin.display()
+    );
     libs.sort();
     libs.dedup();
     Ok(libs)
@@ -261,7 +276,11 @@ fn revision() -> Result<String> {
     };
     let commit = git(&["rev-parse", "HEAD"])?;
     let dirty = !git(&["status", "--porcelain", "--untracked-files=no"])?.is_empty();
-    Ok(if dirty { format!("{commit}-dirty") } else { commit })
+    Ok(if dirty {
+        format!("{commit}-dirty")
+    } else {
+        commit
+    })
 }
 
 /// An entry of a tar: a folder, or a file's bytes and mode.
@@ -379,7 +398,9 @@ mod tests {
         let mut at = 0;
         while a[at] != 0 {
             let h = &a[at..at + 512];
-            let name = String::from_utf8_lossy(&h[..100]).trim_end_matches('\0').to_owned();
+            let name = String::from_utf8_lossy(&h[..100])
+                .trim_end_matches('\0')
+                .to_owned();
             assert_eq!(&h[108..115], b"0000000", "{name} uid");
             assert_eq!(&h[116..123], b"0000000", "{name} gid");
             assert_eq!(&h[136..147], format!("{:011o}", 1_700_000_000).as_bytes());
@@ -391,7 +412,10 @@ mod tests {
             names.push(name);
             at += 512 + usize::try_from(size.next_multiple_of(512)).unwrap();
         }
-        assert_eq!(names, ["run/", "run/netpol/", "usr/", "usr/bin/", "usr/bin/x"]);
+        assert_eq!(
+            names,
+            ["run/", "run/netpol/", "usr/", "usr/bin/", "usr/bin/x"]
+        );
     }
 
     #[test]
@@ -403,7 +427,11 @@ mod tests {
         std::fs::write(&path, bytes).unwrap();
         let out = Command::new("tar").arg("-tvf").arg(&path).output().unwrap();
         let _ = std::fs::remove_file(&path);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let listing = String::from_utf8_lossy(&out.stdout);
         assert!(listing.contains("-rwxr-xr-x 0/0"), "{listing}");
         assert!(listing.contains("2023-11-14"), "{listing}");

@@ -63,9 +63,6 @@ fn main() -> ExitCode {
 
 fn serve() -> Result<(), String> {
     let a = args()?;
-    let creds = Credentials::load_or_create(&a.tls_dir, a.listen, &a.sans)
-        .map_err(|e| e.to_string())?;
-    let acceptor = creds.acceptor().map_err(|e| e.to_string())?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -75,6 +72,11 @@ fn serve() -> Result<(), String> {
         let listener = tokio::net::TcpListener::bind(a.listen)
             .await
             .map_err(|e| format!("binding {}: {e}", a.listen))?;
+        // Port 0 picks one: the kubeconfig names the one bound.
+        let bound = listener.local_addr().map_err(|e| e.to_string())?;
+        let creds =
+            Credentials::load_or_create(&a.tls_dir, bound, &a.sans).map_err(|e| e.to_string())?;
+        let acceptor = creds.acceptor().map_err(|e| e.to_string())?;
         let server = FakeApiServer::serve(listener, Some(acceptor), Some(creds.token.clone()));
         println!("listening on {}", server.url());
         let _ = std::io::stdout().flush();

@@ -119,7 +119,10 @@ fn load(built: &crate::image::Built) -> Result<()> {
         v["Digest"],
         built.digest
     );
-    println!("deploy-test: skopeo inspect oci-archive: digest {}", built.digest);
+    println!(
+        "deploy-test: skopeo inspect oci-archive: digest {}",
+        built.digest
+    );
     Ok(())
 }
 
@@ -253,7 +256,15 @@ impl Case {
         for (_, _, _, v4, v6) in &self.pods {
             for a in [v4, v6] {
                 sh(Command::new("ip").args([
-                    "netns", "exec", &n, "ping", "-c", "1", "-W", "2", &a.to_string(),
+                    "netns",
+                    "exec",
+                    &n,
+                    "ping",
+                    "-c",
+                    "1",
+                    "-W",
+                    "2",
+                    &a.to_string(),
                 ]))?;
             }
         }
@@ -298,9 +309,14 @@ impl Case {
         self.scrape()?;
 
         // Healthy while the API server answers, whatever time has passed.
-        let (code, body) = self.http(&live)?.context("no answer from the liveness probe")?;
+        let (code, body) = self
+            .http(&live)?
+            .context("no answer from the liveness probe")?;
         let status = self.http("/status")?.map(|s| s.1).unwrap_or_default();
-        ensure!(code == 200, "{live} with the API server up: {code} {body}\n/status: {status}");
+        ensure!(
+            code == 200,
+            "{live} with the API server up: {code} {body}\n/status: {status}"
+        );
         self.stop_apiserver()?;
         let why = self.until("/healthz fails with the API server stopped", |c| {
             Ok(c.http(&live)?.filter(|(code, _)| *code == 503))
@@ -393,11 +409,24 @@ impl Case {
             let obj: serde_json::Value = serde_json::to_value(serde_yaml::Value::deserialize(d)?)?;
             let url = format!("https://{}{}", self.node.api, collection(&obj)?);
             let mut child = Command::new("ip")
-                .args(["netns", "exec", &self.node_ns.name, "curl", "-sS", "--fail-with-body"])
+                .args([
+                    "netns",
+                    "exec",
+                    &self.node_ns.name,
+                    "curl",
+                    "-sS",
+                    "--fail-with-body",
+                ])
                 .arg("--cacert")
                 .arg(dir.join("ca.crt"))
                 .args(["-H", &format!("Authorization: Bearer {}", token.trim())])
-                .args(["-H", "Content-Type: application/json", "--data-binary", "@-", &url])
+                .args([
+                    "-H",
+                    "Content-Type: application/json",
+                    "--data-binary",
+                    "@-",
+                    &url,
+                ])
                 .stdin(Stdio::piped())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
@@ -584,7 +613,13 @@ status: {{phase: Running, podIP: \"{v4}\", podIPs: [{{ip: \"{v4}\"}}, {{ip: \"{v
         );
         let (code, out) = self.exec(
             agent,
-            &["bpftool", "map", "dump", "pinned", "/sys/fs/bpf/netpol/NETPOL_ENDPOINTS"],
+            &[
+                "bpftool",
+                "map",
+                "dump",
+                "pinned",
+                "/sys/fs/bpf/netpol/NETPOL_ENDPOINTS",
+            ],
         )?;
         ensure!(
             code == 0 && out.contains("\"key\""),
@@ -662,12 +697,12 @@ status: {{phase: Running, podIP: \"{v4}\", podIPs: [{{ip: \"{v4}\"}}, {{ip: \"{v
         let state = self.node.host_file("/run/netpol").join("state.json");
         ensure!(!state.exists(), "{} is still there", state.display());
         // Nothing attached: the denied pod reaches the server again.
-        self.until("the denied pod reaches the server with netpol removed", |c| {
-            Ok((c.probes() == [true; 4]).then_some(()))
-        })?;
+        self.until(
+            "the denied pod reaches the server with netpol removed",
+            |c| Ok((c.probes() == [true; 4]).then_some(())),
+        )?;
         Ok(())
     }
-
 
     fn logs(&self, container: &str) -> String {
         podman()
@@ -789,7 +824,9 @@ fn job_images(job: &Job) -> Vec<(String, String)> {
 /// The collection an object is created in: `/api/v1/…` or
 /// `/apis/<group>/<version>/…`, under its namespace when it has one.
 fn collection(obj: &serde_json::Value) -> Result<String> {
-    let api = obj["apiVersion"].as_str().context("an object without apiVersion")?;
+    let api = obj["apiVersion"]
+        .as_str()
+        .context("an object without apiVersion")?;
     let kind = obj["kind"].as_str().context("an object without kind")?;
     let plural = match kind {
         "Pod" => "pods",
