@@ -80,6 +80,14 @@ pub fn run() -> Result<()> {
     );
     crate::bootstrap::container_tools()?;
     let built = crate::image::build()?;
+    // Reproducible: the same commit, built again, is the same image.
+    let again = crate::image::build()?;
+    ensure!(
+        again.digest == built.digest,
+        "two builds of one commit gave {} and {}",
+        built.digest,
+        again.digest
+    );
     load(&built)?;
     let apiserver = crate::apiserver_binary()?;
     run_all(&built.reference, &apiserver)
