@@ -10,7 +10,7 @@ use std::{
 use k8s_openapi::api::{
     apps::v1::DaemonSet,
     batch::v1::Job,
-    core::v1::{Container, Namespace, Node, Pod, Service, ServiceAccount},
+    core::v1::{Container, Namespace, Node, Pod, PodSpec, Service, ServiceAccount, Volume},
     discovery::v1::EndpointSlice,
     networking::v1::NetworkPolicy,
     rbac::v1::{ClusterRole, ClusterRoleBinding},
@@ -254,17 +254,7 @@ fn the_k3s_manifest_is_the_base_rendered_and_every_manifest_names_the_release() 
     let c = &job.containers[0];
     assert_eq!(c.image.as_deref(), Some(release_image().as_str()));
     assert_eq!(c.args.as_deref(), Some(&["cleanup".to_owned()][..]));
-    let bpffs = job
-        .volumes
-        .as_deref()
-        .unwrap()
-        .iter()
-        .find(|v| {
-            v.host_path
-                .as_ref()
-                .is_some_and(|h| h.path == DEFAULT_BPFFS)
-        })
-        .expect("the host's bpffs");
+    let bpffs = host_path_volume(job, DEFAULT_BPFFS, "the host's bpffs");
     assert!(
         c.volume_mounts
             .as_deref()
@@ -283,6 +273,15 @@ fn daemonset(m: &Manifests) -> &DaemonSet {
         .collect();
     assert_eq!(base.len(), 1, "one DaemonSet in deploy/base/");
     &base[0].1
+}
+
+/// The volume of `pod` that is the host's `path`.
+fn host_path_volume<'a>(pod: &'a PodSpec, path: &str, what: &str) -> &'a Volume {
+    pod.volumes
+        .iter()
+        .flatten()
+        .find(|v| v.host_path.as_ref().is_some_and(|h| h.path == path))
+        .unwrap_or_else(|| panic!("no hostPath volume of {path}: {what}"))
 }
 
 fn container<'a>(ds: &'a DaemonSet, name: &str, init: bool) -> &'a Container {
@@ -433,17 +432,8 @@ fn daemonset_matches_the_agents_defaults() {
 
     // bpffs: the host's, at the agent's default path, mounted on the host by
     // a privileged init container and seen by the agent through propagation.
-    let bpffs_volume = pod
-        .volumes
-        .as_deref()
-        .unwrap()
-        .iter()
-        .find(|v| {
-            v.host_path
-                .as_ref()
-                .is_some_and(|h| h.path == DEFAULT_BPFFS)
-        })
-        .expect("a hostPath volume of the default bpffs");
+    let bpffs_volume =
+        host_path_volume(pod, DEFAULT_BPFFS, "a hostPath volume of the default bpffs");
     let init = container(ds, "init", true);
     assert_eq!(
         init.args.as_deref(),
@@ -529,17 +519,7 @@ fn daemonset_matches_the_agents_defaults() {
     );
     // --cgroup-root is the host's /sys/fs/cgroup: the container's own
     // shows only its cgroup namespace, where to_host would see nothing.
-    let cgroup = pod
-        .volumes
-        .as_deref()
-        .unwrap_or_default()
-        .iter()
-        .find(|v| {
-            v.host_path
-                .as_ref()
-                .is_some_and(|h| h.path == "/sys/fs/cgroup")
-        })
-        .expect("a hostPath volume of /sys/fs/cgroup");
+    let cgroup = host_path_volume(pod, "/sys/fs/cgroup", "a hostPath volume of /sys/fs/cgroup");
     assert!(
         agent
             .volume_mounts
@@ -552,17 +532,11 @@ fn daemonset_matches_the_agents_defaults() {
 
     // The state file on the host, where the agent writes it by default:
     // it outlives the agent's pod, as the pins do.
-    let state = pod
-        .volumes
-        .as_deref()
-        .unwrap_or_default()
-        .iter()
-        .find(|v| {
-            v.host_path
-                .as_ref()
-                .is_some_and(|h| h.path == DEFAULT_STATE_DIR)
-        })
-        .expect("a hostPath volume of the state folder");
+    let state = host_path_volume(
+        pod,
+        DEFAULT_STATE_DIR,
+        "a hostPath volume of the state folder",
+    );
     assert!(
         agent
             .volume_mounts
