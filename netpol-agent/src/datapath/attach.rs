@@ -1,11 +1,29 @@
 //! Attaching the programs: to pod interfaces (`from_pod`, `to_pod`) and to
 //! uplinks (`leave_node`), and detaching them.
 
+use std::{
+    os::fd::AsFd as _,
+    path::{Path, PathBuf},
+};
+
 use aya::programs::TcAttachType;
 use netpol_common::programs;
 
 use super::lifecycle::{self, Held, Hook};
 use super::{Datapath, DatapathError, classifier, uplink_program};
+
+/// Threads creating TCX links at once ([`Datapath::attach_many`]): the
+/// kernel's waits for RCU grace periods overlap; more threads gain little
+/// once each waits on the same grace period.
+const ATTACH_THREADS: usize = 16;
+
+/// An interface [`Datapath::attach_many`] attaches on its parallel path.
+struct Fresh {
+    interface: String,
+    ifindex: u32,
+    from_pod: PathBuf,
+    to_pod: PathBuf,
+}
 
 /// One interface's two attachments.
 #[derive(Debug)]
@@ -86,6 +104,181 @@ impl Datapath {
         self.attached
             .insert(interface.to_owned(), Attachment { from_pod, to_pod });
         Ok(())
+    }
+
+    /// [`Self::attach`] for many pod interfaces at once, one result each
+    /// in order. Creating a TCX link waits out an RCU grace period in the
+    /// kernel (10–20 ms); links made on several threads share those waits,
+    /// which is most of an agent's start on a node of 100 pods. Only new
+    /// interfaces of a persistent TCX datapath take that path (nothing to
+    /// adopt or replace, no pin of theirs yet); the rest are attached one
+    /// by one as [`Self::attach`] does.
+    pub fn attach_many(&mut self, interfaces: &[String]) -> Vec<Result<(), DatapathError>> {
+        let parallel = interfaces.len() > 1
+            && self.persistent
+            && self.replacing.is_none()
+            && matches!(self.use_tcx(), Ok(true));
+        if !parallel {
+            return interfaces.iter().map(|i| self.attach(i)).collect();
+        }
+        let mut results: Vec<Option<Result<(), DatapathError>>> =
+            interfaces.iter().map(|_| None).collect();
+        let mut fresh = Vec::new();
+        for (i, name) in interfaces.iter().enumerate() {
+            if let Some(f) = self.fresh_interface(name) {
+                fresh.push((i, f));
+            }
+        }
+        match self.create_links(&fresh.iter().map(|(_, f)| f).collect::<Vec<_>>()) {
+            Ok(created) => {
+                for ((i, f), r) in fresh.iter().zip(created) {
+                    results[*i] = Some(r.map(|()| self.hold_fresh(f)));
+                }
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "parallel attach unavailable: one by one");
+            }
+        }
+        interfaces
+            .iter()
+            .zip(results)
+            .map(|(name, r)| r.unwrap_or_else(|| self.attach(name)))
+            .collect()
+    }
+
+    /// `interface` when it takes [`Self::attach_many`]'s parallel path: not
+    /// attached in any role, known to the kernel, and no pin of either
+    /// hook (a link left unpinned there is pinned first, then adopted by
+    /// [`Self::attach`]).
+    fn fresh_interface(&self, interface: &str) -> Option<Fresh> {
+        if self.attached.contains_key(interface) || self.uplinks.contains_key(interface) {
+            return None;
+        }
+        let ifindex = nix::net::if_::if_nametoindex(interface).ok()?;
+        let mut paths = Vec::new();
+        for (program, hook) in [
+            (programs::FROM_POD, TcAttachType::Ingress),
+            (programs::TO_POD, TcAttachType::Egress),
+        ] {
+            let h = Hook {
+                program,
+                interface,
+                hook,
+                persistent: true,
+                pin_dir: &self.pin_dir,
+            };
+            let path = lifecycle::link_pin(&self.pin_dir, interface, program);
+            if !path.exists() {
+                lifecycle::pin_unpinned_link(&h, &path);
+            }
+            if path.exists() {
+                return None;
+            }
+            paths.push(path);
+        }
+        let [from_pod, to_pod] = <[PathBuf; 2]>::try_from(paths).ok()?;
+        Some(Fresh {
+            interface: interface.to_owned(),
+            ifindex,
+            from_pod,
+            to_pod,
+        })
+    }
+
+    /// Creates and pins both links of each interface, on up to
+    /// [`ATTACH_THREADS`] threads (each inherits this thread's network
+    /// namespace, where the indexes were read). An interface whose second
+    /// link fails loses its first.
+    fn create_links(
+        &mut self,
+        fresh: &[&Fresh],
+    ) -> Result<Vec<Result<(), DatapathError>>, DatapathError> {
+        let fd_of = |ebpf: &mut aya::Ebpf,
+                     name: &'static str|
+         -> Result<std::os::fd::OwnedFd, DatapathError> {
+            let prog = super::classifier(ebpf, name)?;
+            let fd = prog.fd().map_err(|source| DatapathError::Program {
+                name,
+                source: Box::new(source),
+            })?;
+            fd.as_fd()
+                .try_clone_to_owned()
+                .map_err(|source| DatapathError::Io {
+                    what: format!("duplicating the descriptor of {name}"),
+                    source,
+                })
+        };
+        let from_fd = fd_of(&mut self.ebpf, programs::FROM_POD)?;
+        let to_fd = fd_of(&mut self.ebpf, programs::TO_POD)?;
+        let one = |f: &Fresh| -> Result<(), DatapathError> {
+            let link = |prog: &std::os::fd::OwnedFd, attach, path: &Path, program| {
+                let err = |source: std::io::Error| DatapathError::LinkCreate {
+                    program,
+                    interface: f.interface.clone(),
+                    source,
+                };
+                let fd =
+                    lifecycle::bpf_link_create_tcx(prog.as_fd(), f.ifindex, attach).map_err(err)?;
+                // The pin holds the link; this descriptor closes.
+                lifecycle::bpf_obj_pin(fd.as_fd(), path).map_err(|source| {
+                    DatapathError::PinLinkFd {
+                        path: path.to_owned(),
+                        source,
+                    }
+                })
+            };
+            link(
+                &from_fd,
+                lifecycle::BPF_TCX_INGRESS,
+                &f.from_pod,
+                programs::FROM_POD,
+            )?;
+            if let Err(e) = link(
+                &to_fd,
+                lifecycle::BPF_TCX_EGRESS,
+                &f.to_pod,
+                programs::TO_POD,
+            ) {
+                // No half-attached interface: the unpinned link detaches.
+                let _ = std::fs::remove_file(&f.from_pod);
+                return Err(e);
+            }
+            Ok(())
+        };
+        let threads = ATTACH_THREADS.min(fresh.len()).max(1);
+        let per = fresh.len().div_ceil(threads);
+        Ok(std::thread::scope(|s| {
+            let handles: Vec<_> = fresh
+                .chunks(per.max(1))
+                .map(|chunk| s.spawn(|| chunk.iter().map(|f| one(f)).collect::<Vec<_>>()))
+                .collect();
+            handles
+                .into_iter()
+                .flat_map(|h| h.join().unwrap_or_default())
+                .collect()
+        }))
+    }
+
+    /// Records a [`Fresh`] interface whose links [`Self::create_links`]
+    /// pinned.
+    fn hold_fresh(&mut self, f: &Fresh) {
+        for path in [&f.from_pod, &f.to_pod] {
+            if let Err(e) = self.pins.hold(path) {
+                tracing::warn!(pin = %path.display(), error = %e, "holding a link pin (it cannot be restored if lost)");
+            }
+        }
+        tracing::info!(interface = %f.interface, "attached");
+        self.attached.insert(
+            f.interface.clone(),
+            Attachment {
+                from_pod: Held::Pinned {
+                    path: f.from_pod.clone(),
+                },
+                to_pod: Held::Pinned {
+                    path: f.to_pod.clone(),
+                },
+            },
+        );
     }
 
     pub(super) fn attach_hook(

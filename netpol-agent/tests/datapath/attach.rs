@@ -254,3 +254,68 @@ fn attaching_to_a_missing_interface_names_it_the_program_and_why() {
         });
     }
 }
+
+#[test]
+fn many_interfaces_attach_at_once_and_a_missing_one_fails_alone() {
+    if !privileged() {
+        return;
+    }
+    let node = netpol_testkit::Netns::new("npam");
+    let names: Vec<String> = (0..6).map(|i| format!("npam{i}")).collect();
+    for n in &names {
+        node.exec(
+            "ip",
+            &[
+                "link",
+                "add",
+                n,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &format!("{n}p"),
+            ],
+        );
+        node.exec("ip", &["link", "set", n, "up"]);
+    }
+    let bpffs = TempBpffs::new();
+    node.run(|| {
+        let tcx = aya::util::KernelVersion::current()
+            .is_ok_and(|v| v >= aya::util::KernelVersion::new(6, 6, 0));
+        let mut dp = Datapath::load(&DatapathConfig {
+            persistent: true,
+            ..config(&bpffs, AttachMode::Auto)
+        })
+        .expect("load");
+        let mut asked = names.clone();
+        asked.insert(3, "npam-missing".into());
+        let results = dp.attach_many(&asked);
+        assert_eq!(results.len(), asked.len());
+        for (name, r) in asked.iter().zip(&results) {
+            if name == "npam-missing" {
+                let e = r.as_ref().expect_err("no such interface");
+                assert!(e.to_string().contains("npam-missing"), "{e}");
+            } else {
+                r.as_ref().unwrap_or_else(|e| panic!("{name}: {e}"));
+                if tcx {
+                    for program in ["from_pod", "to_pod"] {
+                        let pin = bpffs
+                            .path()
+                            .join("netpol/links")
+                            .join(format!("{name}-{program}"));
+                        assert!(pin.exists(), "{}", pin.display());
+                    }
+                }
+            }
+        }
+        // Attached once: again is a no-op, and each detaches cleanly.
+        assert!(dp.attach_many(&names).iter().all(Result::is_ok));
+        for n in &names {
+            dp.detach(n).unwrap_or_else(|e| panic!("{n}: {e}"));
+        }
+        let left = std::fs::read_dir(bpffs.path().join("netpol/links"))
+            .map(|d| d.count())
+            .unwrap_or(0);
+        assert_eq!(left, 0, "link pins left after detaching every interface");
+    });
+}
