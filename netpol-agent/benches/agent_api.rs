@@ -68,7 +68,13 @@ fn v6(p: &Pod) -> String {
     p.v6.map(|a| a.to_string()).unwrap_or_default()
 }
 
-const AGENT: &str = env!("CARGO_BIN_EXE_netpol-agent");
+/// The agent binary: `NETPOL_AGENT_BIN` (`cargo xtask bench agent` passes
+/// the image's static musl build, the binary a cluster runs), else this
+/// build's.
+fn agent_binary() -> String {
+    std::env::var("NETPOL_AGENT_BIN")
+        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_netpol-agent").to_owned())
+}
 const LISTEN: &str = "127.0.0.1:9101";
 const LOCAL: &str = "node-0";
 /// Receiver port.
@@ -258,7 +264,7 @@ impl Agent {
         let state = std::env::temp_dir().join(unique("netpol-bench-state-"));
         let file = std::fs::File::create(&log).expect("agent log");
         let child = Command::new("ip")
-            .args(["netns", "exec", &node.name, AGENT, "--bpffs"])
+            .args(["netns", "exec", &node.name, &agent_binary(), "--bpffs"])
             .arg(bpffs)
             .args([
                 "run",

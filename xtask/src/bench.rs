@@ -155,10 +155,17 @@ pub fn agent() -> Result<()> {
         .args(["bench", "-p", "netpol-agent", "--bench", "agent"])
         .env("NETPOL_EBPF_OBJECT", &object))?;
     let ms = median_in("agent", "new_pod_enforced")? / 1e6;
-    println!("xtask: cargo bench -p netpol-agent --bench agent_api");
+    // The binary the image ships (static, musl): what a cluster runs.
+    crate::bootstrap::image_tools()?;
+    let agent = crate::image::static_agent()?;
+    println!(
+        "xtask: cargo bench -p netpol-agent --bench agent_api (agent: {})",
+        agent.display()
+    );
     run(cargo("stable")
         .args(["bench", "-p", "netpol-agent", "--bench", "agent_api"])
-        .env("NETPOL_EBPF_OBJECT", &object))?;
+        .env("NETPOL_EBPF_OBJECT", &object)
+        .env("NETPOL_AGENT_BIN", &agent))?;
     let path = root().join("target/netpol-bench/agent_api.json");
     let api: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?,
@@ -172,7 +179,7 @@ pub fn agent() -> Result<()> {
     )?;
     writeln!(
         section,
-        "`cargo xtask bench agent` (as root), {date}, {machine}. The `netpol-agent run` binary \
+        "`cargo xtask bench agent` (as root), {date}, {machine}. The image's static (musl) `netpol-agent run` binary \
          in a node namespace, its pods real veths, its source the fake API server over TCP \
          (in the bench's process). What each figure covers and leaves out is in \
          `netpol-agent/benches/agent_api.rs`.\n"

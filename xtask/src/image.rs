@@ -171,7 +171,7 @@ pub fn build() -> Result<Built> {
 /// The agent for the musl target, release, with this machine's paths
 /// remapped (the workspace and cargo's registry), so another checkout of
 /// the commit builds the same bytes.
-fn static_agent() -> Result<PathBuf> {
+pub fn static_agent() -> Result<PathBuf> {
     println!("xtask: cargo build --release -p netpol-agent --target {MUSL} (static)");
     let root = crate::root();
     let registry = std::env::var_os("CARGO_HOME")
