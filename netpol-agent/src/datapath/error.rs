@@ -48,23 +48,6 @@ pub enum DatapathError {
         interface: String,
         source: Box<aya::programs::ProgramError>,
     },
-    /// A TCX link made by `attach_many`'s parallel path.
-    #[error("attaching {program} to {interface}: {source}")]
-    LinkCreate {
-        program: &'static str,
-        interface: String,
-        source: std::io::Error,
-    },
-    #[error("pinning a link at {path}: {source}")]
-    PinLinkFd {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("{what}: {source}")]
-    Io {
-        what: String,
-        source: std::io::Error,
-    },
     #[error("{interface} is not attached by this agent")]
     NotAttached { interface: String },
     #[error("map {name}: {source}")]

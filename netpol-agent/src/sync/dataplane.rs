@@ -15,11 +15,6 @@ pub(crate) trait Dataplane: crate::node::uplinks::UplinkHooks {
     fn writer(&mut self) -> &mut MapWriter<Self::Backend>;
     /// Attaches both programs to a pod interface.
     fn attach(&mut self, interface: &str) -> Result<(), DatapathError>;
-    /// [`Self::attach`] for many interfaces, one result each in order
-    /// (the kernel's datapath makes their links on several threads).
-    fn attach_many(&mut self, interfaces: &[String]) -> Vec<Result<(), DatapathError>> {
-        interfaces.iter().map(|i| self.attach(i)).collect()
-    }
     /// Detaches them.
     fn detach(&mut self, interface: &str) -> Result<(), DatapathError>;
     /// The programs' clock in force.
@@ -45,9 +40,6 @@ impl Dataplane for Datapath {
     }
     fn attach(&mut self, interface: &str) -> Result<(), DatapathError> {
         Datapath::attach(self, interface)
-    }
-    fn attach_many(&mut self, interfaces: &[String]) -> Vec<Result<(), DatapathError>> {
-        Datapath::attach_many(self, interfaces)
     }
     fn detach(&mut self, interface: &str) -> Result<(), DatapathError> {
         Datapath::detach(self, interface)

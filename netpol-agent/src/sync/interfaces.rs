@@ -81,43 +81,6 @@ impl<D: Dataplane> SyncLoop<D> {
         pods || uplinks
     }
 
-    /// A burst of link events (the first dump at start, many pods created
-    /// at once), in order, with each run of new pod interfaces added
-    /// together ([`Self::add_many`]: their links made at once).
-    pub(super) fn on_links(&mut self, events: Vec<LinkEvent>) -> bool {
-        let mut changed = false;
-        let mut new: Vec<Link> = Vec::new();
-        for ev in events {
-            if let LinkEvent::Present(link) = &ev
-                && !self.ifaces.contains_key(&link.ifindex)
-                && link.class(self.cfg.interfaces.as_ref(), self.cfg.uplinks.as_ref())
-                    == links::LinkClass::Pod
-            {
-                new.push(link.clone());
-                continue;
-            }
-            changed |= self.flush_new(&mut new);
-            changed |= self.on_link(&ev);
-        }
-        changed | self.flush_new(&mut new)
-    }
-
-    /// Adds the pending new pod interfaces, then lets the uplinks see
-    /// them (one that was an uplink is detached from that role).
-    fn flush_new(&mut self, new: &mut Vec<Link>) -> bool {
-        if new.is_empty() {
-            return false;
-        }
-        let links = std::mem::take(new);
-        let mut changed = self.add_many(links.clone());
-        for link in links {
-            changed |= self
-                .uplinks
-                .on_link(&mut self.dp, &LinkEvent::Present(link));
-        }
-        changed
-    }
-
     pub(super) fn on_pod_link(&mut self, ev: LinkEvent) -> bool {
         match ev {
             LinkEvent::Present(link) => {
@@ -155,64 +118,46 @@ impl<D: Dataplane> SyncLoop<D> {
     /// A new pod interface: its "not programmed" entry first, then the
     /// programs, so the new-pods mode applies from its first packet.
     pub(super) fn add(&mut self, link: Link) -> bool {
-        self.add_many(vec![link])
-    }
-
-    /// New pod interfaces: every "not programmed" entry first, then the
-    /// programs of all (made at once), so the new-pods mode applies from
-    /// each one's first packet; one that fails to attach loses its entry
-    /// and is reported, the others go on.
-    pub(super) fn add_many(&mut self, links: Vec<Link>) -> bool {
-        let in_force = self.in_force.is_some();
-        let mirror = &self.dp.writer().mirror().endpoints;
-        let adopted: Vec<bool> = links
-            .iter()
-            .map(|l| !in_force && mirror.get(&l.ifindex).is_some_and(EndpointInfo::programmed))
-            .collect();
-        let entries: Vec<KernelOp> = links
-            .iter()
-            .zip(&adopted)
-            .filter(|(_, adopted)| !**adopted)
-            .map(|(l, _)| KernelOp::EndpointUpsert(l.ifindex, unbound_entry(l.ifindex)))
-            .collect();
-        if let Err(e) = self.dp.writer().apply_kernel(&entries) {
-            let names: Vec<&str> = links.iter().map(|l| l.name.as_str()).collect();
-            self.fail(
-                "attach",
-                format!("marking {} as pod interfaces: {e}", names.join(", ")),
-            );
+        let ifindex = link.ifindex;
+        let name = link.name.clone();
+        let adopted = self.in_force.is_none()
+            && self
+                .dp
+                .writer()
+                .mirror()
+                .endpoints
+                .get(&ifindex)
+                .is_some_and(EndpointInfo::programmed);
+        let entry: &[KernelOp] = if adopted {
+            &[]
+        } else {
+            &[KernelOp::EndpointUpsert(ifindex, unbound_entry(ifindex))]
+        };
+        if let Err(e) = self.dp.writer().apply_kernel(entry) {
+            self.fail("attach", format!("marking {name} as a pod interface: {e}"));
             return false;
         }
-        let names: Vec<String> = links.iter().map(|l| l.name.clone()).collect();
-        let results = self.dp.attach_many(&names);
-        let mut added = false;
-        for ((link, adopted), result) in links.into_iter().zip(adopted).zip(results) {
-            let ifindex = link.ifindex;
-            if let Err(e) = result {
-                if !adopted {
-                    let _ = self
-                        .dp
-                        .writer()
-                        .apply_kernel(&[KernelOp::EndpointDelete(ifindex)]);
-                }
-                self.fail("attach", format!("{e}"));
-                continue;
-            }
-            tracing::info!(interface = %link.name, ifindex, "pod interface attached, not programmed yet");
-            self.ifaces.insert(
-                ifindex,
-                Iface {
-                    link,
-                    peer: Vec::new(),
-                    routed: Vec::new(),
-                    lookup_pending: false,
-                    lookup_again: false,
-                },
-            );
-            self.lookup_peer(ifindex);
-            added = true;
+        if let Err(e) = self.dp.attach(&name) {
+            let _ = self
+                .dp
+                .writer()
+                .apply_kernel(&[KernelOp::EndpointDelete(ifindex)]);
+            self.fail("attach", format!("{e}"));
+            return false;
         }
-        added
+        tracing::info!(interface = %name, ifindex, "pod interface attached, not programmed yet");
+        self.ifaces.insert(
+            ifindex,
+            Iface {
+                link,
+                peer: Vec::new(),
+                routed: Vec::new(),
+                lookup_pending: false,
+                lookup_again: false,
+            },
+        );
+        self.lookup_peer(ifindex);
+        true
     }
 
     pub(super) fn gone(&mut self, ifindex: u32, name: &str) {

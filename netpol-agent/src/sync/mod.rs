@@ -247,15 +247,7 @@ impl<D: Dataplane> SyncLoop<D> {
                         None => std::future::pending().await,
                     }
                 } => compile = true,
-                Some(ev) = links.recv() => {
-                    // Everything already queued: a burst of new pods is
-                    // attached at once.
-                    let mut burst = vec![ev];
-                    while let Ok(ev) = links.try_recv() {
-                        burst.push(ev);
-                    }
-                    endpoints = self.on_links(burst);
-                }
+                Some(ev) = links.recv() => endpoints = self.on_link(&ev),
                 Some(f) = found.recv() => endpoints = self.on_found(f),
                 Some(()) = async {
                     match health.as_mut() {

@@ -19,8 +19,6 @@ use crate::node::links::Link;
 struct Fake {
     writer: MapWriter<FakeBackend>,
     attached: BTreeSet<String>,
-    /// Each attach, and the endpoint entries the maps held then.
-    attaches: Vec<(String, BTreeSet<u32>)>,
 }
 
 impl crate::node::uplinks::UplinkHooks for Fake {
@@ -38,14 +36,6 @@ impl Dataplane for Fake {
         &mut self.writer
     }
     fn attach(&mut self, interface: &str) -> Result<(), DatapathError> {
-        let entries = self.writer.mirror().endpoints.keys().copied().collect();
-        self.attaches.push((interface.to_owned(), entries));
-        // A stand-in for an interface the kernel refuses (gone mid-attach).
-        if interface.starts_with("bad") {
-            return Err(DatapathError::NotAttached {
-                interface: interface.to_owned(),
-            });
-        }
         self.attached.insert(interface.to_owned());
         Ok(())
     }
@@ -86,7 +76,6 @@ fn sync_loop(maps: Mirror) -> SyncLoop<Fake> {
             maps,
         ),
         attached: BTreeSet::new(),
-        attaches: Vec::new(),
     };
     let cfg = SyncConfig {
         node: Some("n1".into()),
@@ -361,53 +350,4 @@ async fn a_pod_whose_interface_comes_after_its_compile_is_bound_then() {
         EndpointInfo { slot: 0, ..have },
         EndpointInfo { slot: 0, ..want }
     );
-}
-
-fn link(ifindex: u32, name: &str) -> LinkEvent {
-    LinkEvent::Present(Link {
-        ifindex,
-        name: name.into(),
-        veth: true,
-        kind: Some("veth".into()),
-        peer_netnsid: None,
-        peer_ifindex: None,
-    })
-}
-
-#[tokio::test]
-async fn a_burst_of_veths_is_marked_before_any_attach_and_one_failure_stays_its_own() {
-    let mut l = sync_loop(Mirror::default());
-    assert!(l.on_links(vec![link(3, "veth3"), link(4, "bad4"), link(5, "veth5")]));
-    // Every new interface had its "not programmed" entry before the first
-    // program was attached anywhere.
-    assert_eq!(l.dp.attaches.len(), 3);
-    for (name, entries) in &l.dp.attaches {
-        assert_eq!(
-            *entries,
-            BTreeSet::from([3, 4, 5]),
-            "at the attach of {name}"
-        );
-    }
-    // The one the kernel refused: no entry, not tracked, reported; the
-    // others attached, tracked and fail-closed until bound.
-    let endpoints = &l.dp.writer().mirror().endpoints;
-    assert!(!endpoints.contains_key(&4));
-    for i in [3, 5] {
-        assert_eq!(endpoints[&i], interfaces::unbound_entry(i));
-    }
-    assert_eq!(
-        l.dp.attached,
-        BTreeSet::from(["veth3".into(), "veth5".into()])
-    );
-    assert!(l.ifaces.contains_key(&3) && l.ifaces.contains_key(&5) && !l.ifaces.contains_key(&4));
-    assert!(
-        l.last_error.as_deref().is_some_and(|e| e.contains("bad4")),
-        "{:?}",
-        l.last_error
-    );
-
-    // A later event for a known interface and a new one in one burst: in
-    // order, the new one added.
-    assert!(l.on_links(vec![link(5, "veth5"), link(6, "veth6")]));
-    assert!(l.dp.attached.contains("veth6"));
 }

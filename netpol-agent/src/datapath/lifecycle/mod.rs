@@ -37,16 +37,15 @@ use super::DatapathError;
 pub use cleanup::{Cleaned, cleanup};
 pub use layout::LAYOUT_RECORD;
 pub(super) use layout::{finish_layout, prepare_layout};
-pub(super) use records::link_pin;
 pub(super) use records::{ensure_clsact, previous_interfaces, sweep_stale_links, write_record};
 pub(crate) use sys::detach_pinned_link;
-pub(super) use sys::{
-    BPF_TCX_EGRESS, BPF_TCX_INGRESS, bpf_link_create_tcx, bpf_obj_get, bpf_obj_pin, link_type,
-    update_pinned_link,
-};
+pub(super) use sys::{bpf_obj_get, bpf_obj_pin, link_type, update_pinned_link};
 
-use records::filter_record;
-use sys::{BPF_LINK_GET_FD_BY_ID, BPF_PROG_QUERY, bpf_link_detach, sys_bpf};
+use records::{filter_record, link_pin};
+use sys::{
+    BPF_LINK_GET_FD_BY_ID, BPF_PROG_QUERY, BPF_TCX_EGRESS, BPF_TCX_INGRESS, bpf_link_detach,
+    sys_bpf,
+};
 
 /// Priority of netpol's netlink filters on both clsact hooks ("NP").
 pub const NL_PRIORITY: u16 = 0x4e50;
@@ -150,7 +149,7 @@ pub(super) fn attach_tcx(
 /// pinned at `path`, so that it is adopted like any other; further links
 /// of the program (a second set attached beside it) are detached. Best
 /// effort: without them, a new link is attached as before.
-pub(super) fn pin_unpinned_link(h: &Hook<'_>, path: &Path) {
+fn pin_unpinned_link(h: &Hook<'_>, path: &Path) {
     let links = match tcx_links(h.interface, h.hook, h.program) {
         Ok(l) => l,
         Err(e) => {

@@ -70,52 +70,11 @@ pub(super) unsafe fn sys_bpf<T>(cmd: libc::c_long, attr: &mut T) -> std::io::Res
 const BPF_OBJ_PIN: libc::c_long = 6;
 pub(super) const BPF_PROG_QUERY: libc::c_long = 16;
 pub(super) const BPF_LINK_GET_FD_BY_ID: libc::c_long = 30;
-pub(crate) const BPF_TCX_INGRESS: u32 = 46;
-pub(crate) const BPF_TCX_EGRESS: u32 = 47;
+pub(super) const BPF_TCX_INGRESS: u32 = 46;
+pub(super) const BPF_TCX_EGRESS: u32 = 47;
 const BPF_OBJ_GET: libc::c_long = 7;
 pub(super) const BPF_LINK_UPDATE: libc::c_long = 29;
 const BPF_LINK_DETACH: libc::c_long = 34;
-const BPF_LINK_CREATE: libc::c_long = 28;
-
-/// A TCX link of `prog` on `ifindex` at `attach_type` ([`BPF_TCX_INGRESS`]
-/// or [`BPF_TCX_EGRESS`]), after the links already there: what aya's
-/// attach with `LinkOrder::default()` creates, but callable from any
-/// thread (aya's needs the program mutably).
-pub(crate) fn bpf_link_create_tcx(
-    prog: std::os::fd::BorrowedFd<'_>,
-    ifindex: u32,
-    attach_type: u32,
-) -> std::io::Result<std::os::fd::OwnedFd> {
-    use std::os::fd::{AsRawFd as _, FromRawFd as _};
-    // `link_create` of `union bpf_attr`, its `tcx` member: no relative
-    // program, any revision.
-    #[repr(C)]
-    struct LinkCreate {
-        prog_fd: u32,
-        target_ifindex: u32,
-        attach_type: u32,
-        flags: u32,
-        relative_fd: u32,
-        // Explicit: the kernel's zero check must never see padding.
-        _pad: u32,
-        expected_revision: u64,
-    }
-    let mut attr = LinkCreate {
-        prog_fd: prog.as_raw_fd().cast_unsigned(),
-        target_ifindex: ifindex,
-        attach_type,
-        flags: 0,
-        relative_fd: 0,
-        _pad: 0,
-        expected_revision: 0,
-    };
-    // SAFETY: `attr` is a valid prefix of `union bpf_attr` for
-    // BPF_LINK_CREATE and outlives the call.
-    let fd = unsafe { sys_bpf(BPF_LINK_CREATE, &mut attr) }?;
-    let fd = i32::try_from(fd).map_err(|_| std::io::Error::other("link fd out of range"))?;
-    // SAFETY: the kernel returned a new descriptor that nothing else owns.
-    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
-}
 
 pub(crate) fn bpf_obj_get(path: &Path) -> std::io::Result<std::os::fd::OwnedFd> {
     use std::os::fd::FromRawFd as _;
