@@ -31,7 +31,12 @@
 //! difference in remote pods (policies and namespaces grow too, and are
 //! charged to the pods).
 //!
-//! Writes `target/netpol-bench/agent_api.json`.
+//! Writes `target/netpol-bench/agent_api.json`. `cargo bench --bench
+//! agent_api -- cold` (or `changes`) runs one part. The environment:
+//! `NETPOL_AGENT_BIN` the agent binary (`cargo xtask bench agent` passes
+//! the image's static musl build), `NETPOL_BENCH_LOG` the agent's
+//! `RUST_LOG` (default `warn`), `NETPOL_BENCH_KEEP_LOG` keeps its log in
+//! the temporary folder.
 use std::{
     net::{IpAddr, SocketAddr, UdpSocket},
     path::{Path, PathBuf},
@@ -278,7 +283,10 @@ impl Agent {
             .arg("--state-dir")
             .arg(&state)
             .env("KUBECONFIG", &api.kubeconfig)
-            .env("RUST_LOG", "warn")
+            .env(
+                "RUST_LOG",
+                std::env::var("NETPOL_BENCH_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdout(Stdio::from(file.try_clone().expect("log")))
             .stderr(Stdio::from(file))
             .spawn()
@@ -347,7 +355,9 @@ impl Drop for Agent {
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let _ = std::fs::remove_file(&self.log);
+        if std::env::var_os("NETPOL_BENCH_KEEP_LOG").is_none() {
+            let _ = std::fs::remove_file(&self.log);
+        }
         let _ = std::fs::remove_dir_all(&self.state);
     }
 }
