@@ -73,6 +73,14 @@ async fn client(dir: &Path, token: Option<&str>) -> Client {
     Client::try_from(cfg).expect("client")
 }
 
+async fn count(api: &Api<NetworkPolicy>) -> usize {
+    api.list(&ListParams::default())
+        .await
+        .expect("list")
+        .items
+        .len()
+}
+
 fn policy(name: &str) -> NetworkPolicy {
     serde_json::from_value(serde_json::json!({
         "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
@@ -98,13 +106,7 @@ async fn tls_token_writes_and_a_restart_on_the_same_folder() {
     let c = client(&dir, None).await;
     let policies: Api<NetworkPolicy> = Api::namespaced(c.clone(), "x");
     let all: Api<NetworkPolicy> = Api::all(c.clone());
-    assert!(
-        all.list(&ListParams::default())
-            .await
-            .expect("list")
-            .items
-            .is_empty()
-    );
+    assert_eq!(count(&all).await, 0);
 
     // Created through the API: listed, and a second create conflicts.
     let created = policies
@@ -112,8 +114,7 @@ async fn tls_token_writes_and_a_restart_on_the_same_folder() {
         .await
         .expect("create");
     assert!(created.metadata.resource_version.is_some());
-    let listed = all.list(&ListParams::default()).await.expect("list");
-    assert_eq!(listed.items.len(), 1);
+    assert_eq!(count(&all).await, 1);
     let e = policies
         .create(&PostParams::default(), &policy("deny"))
         .await
@@ -123,13 +124,7 @@ async fn tls_token_writes_and_a_restart_on_the_same_folder() {
         .delete("deny", &DeleteParams::default())
         .await
         .expect("delete");
-    assert!(
-        all.list(&ListParams::default())
-            .await
-            .expect("list")
-            .items
-            .is_empty()
-    );
+    assert_eq!(count(&all).await, 0);
 
     // A wrong token is refused as a real API server refuses it.
     let wrong = client(&dir, Some("not-the-token")).await;

@@ -10,7 +10,9 @@ use std::{
 use k8s_openapi::api::{
     apps::v1::DaemonSet,
     batch::v1::Job,
-    core::v1::{Container, Namespace, Node, Pod, PodSpec, Service, ServiceAccount, Volume},
+    core::v1::{
+        Container, Namespace, Node, Pod, PodSpec, Service, ServiceAccount, Volume, VolumeMount,
+    },
     discovery::v1::EndpointSlice,
     networking::v1::NetworkPolicy,
     rbac::v1::{ClusterRole, ClusterRoleBinding},
@@ -284,6 +286,11 @@ fn host_path_volume<'a>(pod: &'a PodSpec, path: &str, what: &str) -> &'a Volume 
         .unwrap_or_else(|| panic!("no hostPath volume of {path}: {what}"))
 }
 
+/// Where container `c` mounts `volume`.
+fn mount_of<'a>(c: &'a Container, volume: &str) -> Option<&'a VolumeMount> {
+    c.volume_mounts.iter().flatten().find(|m| m.name == volume)
+}
+
 fn container<'a>(ds: &'a DaemonSet, name: &str, init: bool) -> &'a Container {
     let spec = ds.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
     let list = if init {
@@ -521,12 +528,7 @@ fn daemonset_matches_the_agents_defaults() {
     // shows only its cgroup namespace, where to_host would see nothing.
     let cgroup = host_path_volume(pod, "/sys/fs/cgroup", "a hostPath volume of /sys/fs/cgroup");
     assert!(
-        agent
-            .volume_mounts
-            .as_deref()
-            .unwrap_or_default()
-            .iter()
-            .any(|m| m.name == cgroup.name && m.mount_path == "/host/sys/fs/cgroup"),
+        mount_of(agent, &cgroup.name).is_some_and(|m| m.mount_path == "/host/sys/fs/cgroup"),
         "the host's cgroup hierarchy at --cgroup-root"
     );
 
@@ -538,14 +540,8 @@ fn daemonset_matches_the_agents_defaults() {
         "a hostPath volume of the state folder",
     );
     assert!(
-        agent
-            .volume_mounts
-            .as_deref()
-            .unwrap_or_default()
-            .iter()
-            .any(|m| m.name == state.name
-                && m.mount_path == DEFAULT_STATE_DIR
-                && m.read_only != Some(true)),
+        mount_of(agent, &state.name)
+            .is_some_and(|m| m.mount_path == DEFAULT_STATE_DIR && m.read_only != Some(true)),
         "the state folder mounted writable where the agent writes it"
     );
 
