@@ -499,3 +499,43 @@ async fn kubectl_create_get_apply_replace_label_and_delete() {
     let (ok, out) = kubectl(&["get", "netpol", "deny", "-n", "x"]);
     assert!(!ok && out.contains("NotFound"), "{out}");
 }
+
+#[tokio::test]
+async fn it_serves_ipv6_writes_its_ready_file_and_refuses_a_kind_it_does_not_serve() {
+    let dir = TempDir::new();
+    let ready = dir.0.join("ready");
+    let tls = dir.0.join("tls");
+    let v6: SocketAddr = "[::1]:0".parse().expect("an address");
+    let p = Process::start(
+        Path::new(BIN),
+        v6,
+        &tls,
+        &["--ready-file", &ready.display().to_string()],
+    )
+    .expect("it starts on ::1");
+    assert_eq!(
+        std::fs::read_to_string(&ready).expect("the ready file"),
+        format!("listening on {}\n", p.url())
+    );
+    // The certificate covers the address (a client checks the name).
+    Api::<Pod>::all(p.client().expect("a client"))
+        .list(&ListParams::default())
+        .await
+        .expect("listed over IPv6");
+    drop(p);
+
+    let bad = dir.0.join("bad.yaml");
+    std::fs::write(
+        &bad,
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: d, namespace: x}\n",
+    )
+    .expect("a manifest");
+    let e = Process::start(
+        Path::new(BIN),
+        ANY_PORT,
+        &tls,
+        &["--manifests", &bad.display().to_string()],
+    )
+    .expect_err("a kind it does not serve");
+    assert!(e.to_string().contains("did not start"), "{e}");
+}
