@@ -34,33 +34,128 @@ use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
 use tokio::sync::watch;
 
-/// The kinds served: (plural, list path, apiVersion, kind).
-const RESOURCES: [(&str, &str, &str, &str); 6] = [
-    ("pods", "/api/v1/pods", "v1", "Pod"),
-    ("namespaces", "/api/v1/namespaces", "v1", "Namespace"),
-    ("nodes", "/api/v1/nodes", "v1", "Node"),
-    ("services", "/api/v1/services", "v1", "Service"),
-    (
-        "networkpolicies",
-        "/apis/networking.k8s.io/v1/networkpolicies",
-        "networking.k8s.io/v1",
-        "NetworkPolicy",
-    ),
-    (
-        "endpointslices",
-        "/apis/discovery.k8s.io/v1/endpointslices",
-        "discovery.k8s.io/v1",
-        "EndpointSlice",
-    ),
+/// A kind served.
+#[derive(Debug)]
+struct Resource {
+    /// The path segment (`pods`).
+    plural: &'static str,
+    singular: &'static str,
+    /// `v1` for the core group, `group/version` otherwise.
+    api_version: &'static str,
+    kind: &'static str,
+    /// Whether objects live in a namespace (paths `.../namespaces/NS/...`).
+    namespaced: bool,
+    /// kubectl's abbreviations (`netpol`).
+    short_names: &'static [&'static str],
+}
+
+impl Resource {
+    /// `/api/v1` or `/apis/GROUP/VERSION`.
+    fn prefix(&self) -> String {
+        if self.api_version.contains('/') {
+            format!("/apis/{}", self.api_version)
+        } else {
+            format!("/api/{}", self.api_version)
+        }
+    }
+
+    /// The collection's path, in `namespace` when given.
+    fn collection(&self, namespace: &str) -> String {
+        if self.namespaced && !namespace.is_empty() {
+            format!("{}/namespaces/{namespace}/{}", self.prefix(), self.plural)
+        } else {
+            format!("{}/{}", self.prefix(), self.plural)
+        }
+    }
+}
+
+/// The kinds served.
+const RESOURCES: [Resource; 6] = [
+    Resource {
+        plural: "pods",
+        singular: "pod",
+        api_version: "v1",
+        kind: "Pod",
+        namespaced: true,
+        short_names: &["po"],
+    },
+    Resource {
+        plural: "namespaces",
+        singular: "namespace",
+        api_version: "v1",
+        kind: "Namespace",
+        namespaced: false,
+        short_names: &["ns"],
+    },
+    Resource {
+        plural: "nodes",
+        singular: "node",
+        api_version: "v1",
+        kind: "Node",
+        namespaced: false,
+        short_names: &["no"],
+    },
+    Resource {
+        plural: "services",
+        singular: "service",
+        api_version: "v1",
+        kind: "Service",
+        namespaced: true,
+        short_names: &["svc"],
+    },
+    Resource {
+        plural: "networkpolicies",
+        singular: "networkpolicy",
+        api_version: "networking.k8s.io/v1",
+        kind: "NetworkPolicy",
+        namespaced: true,
+        short_names: &["netpol"],
+    },
+    Resource {
+        plural: "endpointslices",
+        singular: "endpointslice",
+        api_version: "discovery.k8s.io/v1",
+        kind: "EndpointSlice",
+        namespaced: true,
+        short_names: &[],
+    },
 ];
+
+/// The path of `kind`'s collection (in `namespace` for a namespaced kind;
+/// every namespace's when empty), where a create POSTs.
+///
+/// # Panics
+/// When the fake does not serve `kind`.
+#[must_use]
+pub fn collection_path(kind: &str, namespace: &str) -> String {
+    RESOURCES[resource_of_kind(kind)].collection(namespace)
+}
+
+/// Whether the fake serves `kind` (`Pod`, `NetworkPolicy`, ...).
+#[must_use]
+pub fn serves(kind: &str) -> bool {
+    RESOURCES.iter().any(|r| r.kind == kind)
+}
+
+/// The path of one object, where a replace PUTs and a delete DELETEs.
+///
+/// # Panics
+/// When the fake does not serve `kind`.
+#[must_use]
+pub fn object_path(kind: &str, namespace: &str, name: &str) -> String {
+    format!("{}/{name}", collection_path(kind, namespace))
+}
+
+/// `(namespace, name)`; the namespace empty for cluster-scoped kinds.
+type Key = (String, String);
 
 #[derive(Debug, Default)]
 struct Collection {
     /// Serialized objects (far smaller than `Value`s, so a big fake
     /// cluster does not blur the memory of the code under test).
-    objects: BTreeMap<(String, String), Arc<str>>,
+    objects: BTreeMap<Key, Arc<str>>,
     /// `(resourceVersion, type, object)` of every change since `min_rv`.
-    log: Vec<(u64, &'static str, String, Arc<str>)>,
+    log: Vec<(u64, &'static str, Key, Arc<str>)>,
     /// Watches from an older version get `410 Gone`.
     min_rv: u64,
     lists: usize,
@@ -115,7 +210,7 @@ impl Drop for FakeApiServer {
 fn resource_of_kind(kind: &str) -> usize {
     RESOURCES
         .iter()
-        .position(|r| r.3 == kind)
+        .position(|r| r.kind == kind)
         .unwrap_or_else(|| panic!("the fake API server does not serve {kind}"))
 }
 
@@ -247,7 +342,7 @@ impl FakeApiServer {
                 let r = resource_of_kind(&kind);
                 inner.rv += 1;
                 let rv = inner.rv;
-                obj["apiVersion"] = json!(RESOURCES[r].2);
+                obj["apiVersion"] = json!(RESOURCES[r].api_version);
                 obj["metadata"]["resourceVersion"] = json!(rv.to_string());
                 if obj.pointer("/metadata/uid").is_none() {
                     obj["metadata"]["uid"] = json!(format!("uid-{rv}"));
@@ -255,13 +350,12 @@ impl FakeApiServer {
                 let c = &mut inner.collections[r];
                 let k = key(&obj);
                 let text: Arc<str> = obj.to_string().into();
-                let name = k.1.clone();
-                let ty = if c.objects.insert(k, text.clone()).is_some() {
+                let ty = if c.objects.insert(k.clone(), text.clone()).is_some() {
                     "MODIFIED"
                 } else {
                     "ADDED"
                 };
-                c.log.push((rv, ty, name, text));
+                c.log.push((rv, ty, k, text));
             }
             inner.rv
         };
@@ -281,8 +375,12 @@ impl FakeApiServer {
             };
             let mut obj: Value = serde_json::from_str(&text).expect("stored JSON");
             obj["metadata"]["resourceVersion"] = json!(rv.to_string());
-            c.log
-                .push((rv, "DELETED", name.to_owned(), obj.to_string().into()));
+            c.log.push((
+                rv,
+                "DELETED",
+                (namespace.to_owned(), name.to_owned()),
+                obj.to_string().into(),
+            ));
             rv
         };
         self.shared.changed.send_replace(rv);
@@ -481,12 +579,31 @@ fn handle(s: &Arc<Shared>, req: &Request<Bytes>) -> Result<Response<Body>, Refus
             }),
         ));
     }
-    let Some(r) = RESOURCES.iter().position(|res| res.1 == path) else {
+    if let Some(body) = discovery(path) {
+        return Ok(json_response(StatusCode::OK, &body));
+    }
+    let Some((r, ns, name)) = target(path) else {
         return Ok(json_response(
             StatusCode::NOT_FOUND,
             &status(404, "NotFound", &format!("the fake serves no {path}")),
         ));
     };
+    if let Some(name) = name {
+        let inner = s.inner.lock().expect("fake state");
+        return Ok(
+            match inner.collections[r].objects.get(&(ns, name.clone())) {
+                Some(text) => {
+                    let mut resp = Response::new(Full::new(Bytes::from(text.to_string())).boxed());
+                    resp.headers_mut().insert(
+                        header::CONTENT_TYPE,
+                        header::HeaderValue::from_static("application/json"),
+                    );
+                    resp
+                }
+                None => not_found(r, &name),
+            },
+        );
+    }
     let filter = name_filter(&query);
     let watching = matches!(query.get("watch").map(String::as_str), Some("true" | "1"));
     if !watching {
@@ -520,7 +637,9 @@ fn handle(s: &Arc<Shared>, req: &Request<Bytes>) -> Result<Response<Body>, Refus
         let mut matching = c
             .objects
             .range((from, std::ops::Bound::Unbounded))
-            .filter(|(k, _)| filter.as_deref().is_none_or(|n| k.1 == n));
+            .filter(|(k, _)| {
+                (ns.is_empty() || k.0 == ns) && filter.as_deref().is_none_or(|n| k.1 == n)
+            });
         let page: Vec<(&(String, String), &Arc<str>)> = matching.by_ref().take(limit).collect();
         let cont = match (page.last(), matching.next()) {
             (Some(((ns, name), _)), Some(_)) => format!(",\"continue\":\"{ns}/{name}\""),
@@ -529,7 +648,7 @@ fn handle(s: &Arc<Shared>, req: &Request<Bytes>) -> Result<Response<Body>, Refus
         let page = page.into_iter().map(|(_, v)| v);
         let mut body = format!(
             "{{\"apiVersion\":\"{}\",\"kind\":\"{}List\",\"metadata\":{{\"resourceVersion\":\"{rv}\"{cont}}},\"items\":[",
-            RESOURCES[r].2, RESOURCES[r].3
+            RESOURCES[r].api_version, RESOURCES[r].kind
         );
         for (i, item) in page.enumerate() {
             if i > 0 {
@@ -554,7 +673,10 @@ fn handle(s: &Arc<Shared>, req: &Request<Bytes>) -> Result<Response<Body>, Refus
         let rv = inner.rv;
         let c = &mut inner.collections[r];
         c.watches += 1;
-        (from < c.min_rv, rv)
+        // A version never issued is one a server restarted without its
+        // objects issued (the binary's history is in memory): too old
+        // for this one, so the client lists again.
+        (from < c.min_rv || from > rv, rv)
     };
     let mut pending = VecDeque::new();
     let mut done = false;
@@ -565,7 +687,7 @@ fn handle(s: &Arc<Shared>, req: &Request<Bytes>) -> Result<Response<Body>, Refus
         pending.push_back(line(&json!({
             "type": "BOOKMARK",
             "object": {
-                "kind": RESOURCES[r].3, "apiVersion": RESOURCES[r].2,
+                "kind": RESOURCES[r].kind, "apiVersion": RESOURCES[r].api_version,
                 "metadata": {"resourceVersion": from.max(1).min(current).to_string()}
             }
         })));
@@ -574,6 +696,7 @@ fn handle(s: &Arc<Shared>, req: &Request<Bytes>) -> Result<Response<Body>, Refus
         shared: s.clone(),
         resource: r,
         cursor: from,
+        namespace: ns,
         filter,
         changed: s.changed.subscribe(),
         control: s.control.subscribe(),
@@ -590,23 +713,20 @@ fn handle(s: &Arc<Shared>, req: &Request<Bytes>) -> Result<Response<Body>, Refus
     Ok(resp)
 }
 
-/// Where a write goes: the resource, the namespace, and the object's
-/// name (none for a create, which POSTs to the collection).
-fn write_target(path: &str) -> Option<(usize, String, Option<String>)> {
-    let rest = path
+/// What a path names: the resource, the namespace (empty for every
+/// namespace's collection and for cluster-scoped kinds), and the object's
+/// name (none for the collection: a list, a watch or a create). A
+/// namespaced kind's object is only found in its namespace, a
+/// cluster-scoped one's never in one, as the API server routes them.
+fn target(path: &str) -> Option<(usize, String, Option<String>)> {
+    let (api, rest) = path
         .strip_prefix("/api/v1/")
-        .map(|r| ("v1", r))
+        .map(|r| ("v1".to_owned(), r))
         .or_else(|| {
-            let r = path.strip_prefix("/apis/")?;
-            let mut parts = r.splitn(3, '/');
+            let mut parts = path.strip_prefix("/apis/")?.splitn(3, '/');
             let (group, version, rest) = (parts.next()?, parts.next()?, parts.next()?);
-            let api = RESOURCES
-                .iter()
-                .find(|res| res.2 == format!("{group}/{version}"))?
-                .2;
-            Some((api, rest))
+            Some((format!("{group}/{version}"), rest))
         })?;
-    let (api, rest) = rest;
     let segs: Vec<&str> = rest.split('/').filter(|s| !s.is_empty()).collect();
     let (ns, plural, name) = match segs.as_slice() {
         ["namespaces", ns, plural] => (*ns, *plural, None),
@@ -617,34 +737,173 @@ fn write_target(path: &str) -> Option<(usize, String, Option<String>)> {
     };
     let r = RESOURCES
         .iter()
-        .position(|res| res.0 == plural && res.2 == api)?;
+        .position(|res| res.plural == plural && res.api_version == api)?;
+    let namespaced = RESOURCES[r].namespaced;
+    if (!namespaced && !ns.is_empty()) || (namespaced && ns.is_empty() && name.is_some()) {
+        return None;
+    }
     Some((r, ns.to_owned(), name.map(str::to_owned)))
 }
 
-/// POST (create), PUT (replace) and DELETE, answered as the API server
-/// answers them, each feeding the watches.
+/// The discovery documents kubectl reads to map kinds to paths: the
+/// legacy ones (`APIVersions`, `APIGroupList`, `APIResourceList`); a
+/// client asking for the aggregated form gets these and falls back, as it
+/// does with an older API server.
+fn discovery(path: &str) -> Option<Value> {
+    let group_versions = || {
+        let mut gvs: Vec<&str> = RESOURCES
+            .iter()
+            .map(|r| r.api_version)
+            .filter(|v| v.contains('/'))
+            .collect();
+        gvs.dedup();
+        gvs
+    };
+    let group = |gv: &str| {
+        let (name, version) = gv.split_once('/').unwrap_or((gv, ""));
+        let v = json!({"groupVersion": gv, "version": version});
+        json!({"name": name, "versions": [v.clone()], "preferredVersion": v})
+    };
+    match path.trim_end_matches('/') {
+        "/openapi/v3" => Some(json!({"paths": RESOURCES
+            .iter()
+            .map(|r| {
+                let gv = r.prefix().trim_start_matches('/').to_owned();
+                let url = format!("/openapi/v3/{gv}");
+                (gv, json!({"serverRelativeURL": url}))
+            })
+            .collect::<serde_json::Map<_, _>>()})),
+        p if p.starts_with("/openapi/v3/") => openapi_v3(&p["/openapi/v3".len()..]),
+        "/api" => Some(json!({"kind": "APIVersions", "versions": ["v1"],
+            "serverAddressByClientCIDRs": []})),
+        "/apis" => Some(json!({"kind": "APIGroupList", "apiVersion": "v1",
+            "groups": group_versions().into_iter().map(group).collect::<Vec<_>>()})),
+        p => {
+            let gv = match p.strip_prefix("/api/") {
+                Some(v) => v.to_owned(),
+                None => {
+                    let g = p.strip_prefix("/apis/")?;
+                    if let Some(gv) = group_versions()
+                        .into_iter()
+                        .find(|gv| gv.starts_with(&format!("{g}/")))
+                    {
+                        let mut doc = group(gv);
+                        doc["kind"] = json!("APIGroup");
+                        doc["apiVersion"] = json!("v1");
+                        return Some(doc);
+                    }
+                    g.to_owned()
+                }
+            };
+            let resources: Vec<Value> = RESOURCES
+                .iter()
+                .filter(|r| r.api_version == gv)
+                .map(|r| {
+                    json!({"name": r.plural, "singularName": r.singular,
+                        "namespaced": r.namespaced, "kind": r.kind, "shortNames": r.short_names,
+                        "verbs": ["create", "delete", "get", "list", "patch", "update", "watch"]})
+                })
+                .collect();
+            (!resources.is_empty()).then(|| {
+                json!({"kind": "APIResourceList", "apiVersion": "v1",
+                    "groupVersion": gv, "resources": resources})
+            })
+        }
+    }
+}
+
+/// The OpenAPI v3 document of a group version (`/apis/G/V`), as far as
+/// kubectl reads it before a write: each kind's PATCH operation names the
+/// `fieldValidation` parameter, so kubectl leaves validation to the
+/// server (which only parses) instead of downloading schemas the fake
+/// does not have.
+fn openapi_v3(prefix: &str) -> Option<Value> {
+    let paths: serde_json::Map<String, Value> = RESOURCES
+        .iter()
+        .filter(|r| r.prefix() == prefix)
+        .map(|r| {
+            let (group, version) = r.api_version.split_once('/').unwrap_or(("", r.api_version));
+            let path = format!("{}/{{name}}", r.collection(if r.namespaced { "{namespace}" } else { "" }));
+            let patch = json!({
+                "x-kubernetes-group-version-kind": {"group": group, "version": version, "kind": r.kind},
+                "parameters": [{"name": "fieldValidation", "in": "query",
+                                "schema": {"type": "string", "uniqueItems": true}}],
+                "responses": {}
+            });
+            (path, json!({"patch": patch}))
+        })
+        .collect();
+    (!paths.is_empty()).then(|| {
+        json!({"openapi": "3.0.0", "info": {"title": "netpol fake API server", "version": "v1"},
+               "paths": paths, "components": {"schemas": {}}})
+    })
+}
+
+fn not_found(r: usize, name: &str) -> Response<Body> {
+    let res = &RESOURCES[r];
+    let group = res.api_version.split_once('/').map_or("", |(g, _)| g);
+    let mut body = status(
+        404,
+        "NotFound",
+        &format!("{}.{group} \"{name}\" not found", res.plural),
+    );
+    body["details"] = json!({"name": name, "group": group, "kind": res.plural});
+    json_response(StatusCode::NOT_FOUND, &body)
+}
+
+/// RFC 7386 JSON merge patch: objects merge key by key, `null` removes,
+/// anything else replaces. A strategic merge patch (kubectl's) is applied
+/// the same way with its `$` directives dropped: right for maps and for
+/// lists without a merge key (all of a NetworkPolicy's), wrong for lists
+/// merged by key (a Pod's containers), which it replaces.
+fn merge_patch(target: &mut Value, patch: &Value) {
+    let Value::Object(patch) = patch else {
+        *target = patch.clone();
+        return;
+    };
+    if !target.is_object() {
+        *target = json!({});
+    }
+    let Value::Object(t) = target else {
+        return;
+    };
+    for (k, v) in patch {
+        if k.starts_with('$') {
+            continue;
+        }
+        if v.is_null() {
+            t.remove(k);
+        } else {
+            merge_patch(t.entry(k.clone()).or_insert(Value::Null), v);
+        }
+    }
+}
+
+/// POST (create), PUT (replace), PATCH (merge) and DELETE, answered as
+/// the API server answers them, each feeding the watches.
 fn write(s: &Arc<Shared>, req: &Request<Bytes>) -> Response<Body> {
     let path = req.uri().path();
-    let Some((r, ns, name)) = write_target(path) else {
+    let Some((r, ns, name)) = target(path) else {
         return json_response(
             StatusCode::NOT_FOUND,
             &status(404, "NotFound", &format!("the fake serves no {path}")),
         );
     };
-    let (_, _, api_version, kind) = RESOURCES[r];
+    let Resource {
+        api_version, kind, ..
+    } = RESOURCES[r];
     let method = req.method().clone();
+    let bad =
+        |message: &str| json_response(StatusCode::BAD_REQUEST, &status(400, "BadRequest", message));
+    let body: Option<Value> = match serde_json::from_slice(req.body()) {
+        Ok(v @ Value::Object(_)) => Some(v),
+        _ => None,
+    };
     let mut inner = s.inner.lock().expect("fake state");
-    let stored = |inner: &Inner, k: &(String, String)| inner.collections[r].objects.get(k).cloned();
-    let response = match (&method, name) {
+    let (mut obj, ty, code) = match (&method, name.clone()) {
         (&hyper::Method::POST, None) | (&hyper::Method::PUT, Some(_)) => {
-            let mut obj: Value = match serde_json::from_slice(req.body()) {
-                Ok(v @ Value::Object(_)) => v,
-                _ => {
-                    return json_response(
-                        StatusCode::BAD_REQUEST,
-                        &status(400, "BadRequest", "the body is not a JSON object"),
-                    );
-                }
+            let Some(mut obj) = body else {
+                return bad("the body is not a JSON object");
             };
             if !ns.is_empty() {
                 obj["metadata"]["namespace"] = json!(ns);
@@ -656,79 +915,137 @@ fn write(s: &Arc<Shared>, req: &Request<Bytes>) -> Response<Body> {
                     &status(422, "Invalid", "metadata.name: Required value"),
                 );
             }
-            let exists = stored(&inner, &k).is_some();
+            let stored = inner.collections[r].objects.get(&k).cloned();
             let create = method == hyper::Method::POST;
-            if create && exists {
-                return json_response(
-                    StatusCode::CONFLICT,
-                    &status(
+            match (create, stored) {
+                (true, Some(_)) => {
+                    let group = api_version.split_once('/').map_or("", |(g, _)| g);
+                    let plural = RESOURCES[r].plural;
+                    let mut body = status(
                         409,
                         "AlreadyExists",
-                        &format!("{kind} \"{}\" already exists", k.1),
-                    ),
-                );
-            }
-            if !create && !exists {
-                return json_response(
-                    StatusCode::NOT_FOUND,
-                    &status(404, "NotFound", &format!("{kind} \"{}\" not found", k.1)),
-                );
-            }
-            inner.rv += 1;
-            let rv = inner.rv;
-            obj["apiVersion"] = json!(api_version);
-            obj["kind"] = json!(kind);
-            obj["metadata"]["resourceVersion"] = json!(rv.to_string());
-            if obj.pointer("/metadata/uid").is_none() {
-                obj["metadata"]["uid"] = json!(format!("uid-{rv}"));
-            }
-            let text: Arc<str> = obj.to_string().into();
-            let c = &mut inner.collections[r];
-            c.objects.insert(k.clone(), text.clone());
-            c.log
-                .push((rv, if create { "ADDED" } else { "MODIFIED" }, k.1, text));
-            let code = if create {
-                StatusCode::CREATED
-            } else {
-                StatusCode::OK
-            };
-            (json_response(code, &obj), Some(rv))
-        }
-        (&hyper::Method::DELETE, Some(name)) => {
-            let k = (ns, name.clone());
-            match inner.collections[r].objects.remove(&k) {
-                None => (
-                    json_response(
-                        StatusCode::NOT_FOUND,
-                        &status(404, "NotFound", &format!("{kind} \"{name}\" not found")),
-                    ),
-                    None,
-                ),
-                Some(text) => {
-                    inner.rv += 1;
-                    let rv = inner.rv;
-                    let mut obj: Value = serde_json::from_str(&text).expect("stored JSON");
-                    obj["metadata"]["resourceVersion"] = json!(rv.to_string());
-                    inner.collections[r]
-                        .log
-                        .push((rv, "DELETED", name, obj.to_string().into()));
-                    (json_response(StatusCode::OK, &obj), Some(rv))
+                        &format!("{plural}.{group} \"{}\" already exists", k.1),
+                    );
+                    body["details"] = json!({"name": k.1, "group": group, "kind": plural});
+                    return json_response(StatusCode::CONFLICT, &body);
+                }
+                (false, None) => return not_found(r, &k.1),
+                (false, Some(old)) => {
+                    if name.as_deref() != Some(k.1.as_str()) {
+                        return bad("the name of the object does not match the name on the URL");
+                    }
+                    // Optimistic concurrency: a replace naming a version
+                    // must name the current one.
+                    let old: Value = serde_json::from_str(&old).expect("stored JSON");
+                    let theirs = obj
+                        .pointer("/metadata/resourceVersion")
+                        .and_then(Value::as_str);
+                    let ours = old
+                        .pointer("/metadata/resourceVersion")
+                        .and_then(Value::as_str);
+                    if theirs.is_some_and(|v| !v.is_empty() && Some(v) != ours) {
+                        return json_response(
+                            StatusCode::CONFLICT,
+                            &status(
+                                409,
+                                "Conflict",
+                                &format!(
+                                    "Operation cannot be fulfilled on {} \"{}\": the object has been modified; please apply your changes to the latest version and try again",
+                                    RESOURCES[r].plural, k.1
+                                ),
+                            ),
+                        );
+                    }
+                    // What the server set on create outlives a replace.
+                    for field in ["uid", "creationTimestamp"] {
+                        obj["metadata"][field] = old["metadata"][field].clone();
+                    }
+                    (obj, "MODIFIED", StatusCode::OK)
+                }
+                (true, None) => {
+                    obj["metadata"]["creationTimestamp"] = json!(now());
+                    (obj, "ADDED", StatusCode::CREATED)
                 }
             }
         }
-        _ => (
-            json_response(
+        (&hyper::Method::PATCH, Some(name)) => {
+            let content_type = req
+                .headers()
+                .get(header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default();
+            if !matches!(
+                content_type,
+                "application/merge-patch+json" | "application/strategic-merge-patch+json"
+            ) {
+                return json_response(
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    &status(
+                        415,
+                        "UnsupportedMediaType",
+                        &format!(
+                            "the fake applies merge and strategic merge patches, not {content_type}"
+                        ),
+                    ),
+                );
+            }
+            let Some(patch) = body else {
+                return bad("the patch is not a JSON object");
+            };
+            let Some(old) = inner.collections[r]
+                .objects
+                .get(&(ns.clone(), name.clone()))
+            else {
+                return not_found(r, &name);
+            };
+            let mut obj: Value = serde_json::from_str(old).expect("stored JSON");
+            let metadata = obj["metadata"].clone();
+            merge_patch(&mut obj, &patch);
+            // A patch changes neither the object's identity nor its kind.
+            for field in ["name", "namespace", "uid"] {
+                obj["metadata"][field] = metadata[field].clone();
+            }
+            (obj, "MODIFIED", StatusCode::OK)
+        }
+        (&hyper::Method::DELETE, Some(name)) => {
+            let Some(text) = inner.collections[r].objects.remove(&(ns, name.clone())) else {
+                return not_found(r, &name);
+            };
+            let obj: Value = serde_json::from_str(&text).expect("stored JSON");
+            (obj, "DELETED", StatusCode::OK)
+        }
+        _ => {
+            return json_response(
                 StatusCode::METHOD_NOT_ALLOWED,
                 &status(405, "MethodNotAllowed", &format!("{method} {path}")),
-            ),
-            None,
-        ),
+            );
+        }
     };
-    drop(inner);
-    if let Some(rv) = response.1 {
-        s.changed.send_replace(rv);
+    inner.rv += 1;
+    let rv = inner.rv;
+    obj["apiVersion"] = json!(api_version);
+    obj["kind"] = json!(kind);
+    obj["metadata"]["resourceVersion"] = json!(rv.to_string());
+    if obj.pointer("/metadata/uid").is_none_or(Value::is_null) {
+        obj["metadata"]["uid"] = json!(format!("uid-{rv}"));
     }
-    response.0
+    let k = key(&obj);
+    let text: Arc<str> = obj.to_string().into();
+    let c = &mut inner.collections[r];
+    if ty != "DELETED" {
+        c.objects.insert(k.clone(), text.clone());
+    }
+    c.log.push((rv, ty, k, text));
+    drop(inner);
+    s.changed.send_replace(rv);
+    json_response(code, &obj)
+}
+
+/// Now, as Kubernetes writes a time (RFC 3339, whole seconds, UTC).
+fn now() -> String {
+    k8s_openapi::jiff::Timestamp::now()
+        .strftime("%Y-%m-%dT%H:%M:%SZ")
+        .to_string()
 }
 
 fn line(v: &Value) -> Bytes {
@@ -748,6 +1065,8 @@ struct WatchState {
     shared: Arc<Shared>,
     resource: usize,
     cursor: u64,
+    /// Every namespace's when empty.
+    namespace: String,
     filter: Option<String>,
     changed: watch::Receiver<u64>,
     control: watch::Receiver<Control>,
@@ -782,8 +1101,10 @@ async fn next_frame(mut st: WatchState) -> Option<(Item, WatchState)> {
             let inner = st.shared.inner.lock().expect("fake state");
             let c = &inner.collections[st.resource];
             let from = st.cursor;
-            for (rv, ty, name, obj) in c.log.iter().filter(|e| e.0 > from) {
-                if st.filter.as_deref().is_none_or(|n| name == n) {
+            for (rv, ty, (ns, name), obj) in c.log.iter().filter(|e| e.0 > from) {
+                if (st.namespace.is_empty() || *ns == st.namespace)
+                    && st.filter.as_deref().is_none_or(|n| name == n)
+                {
                     st.pending.push_back(Bytes::from(format!(
                         "{{\"type\":\"{ty}\",\"object\":{obj}}}\n"
                     )));

@@ -2,29 +2,43 @@
 //!
 //! ```text
 //! netpol-apiserver --listen ADDR:PORT --tls-dir DIR [--san NAME_OR_IP]...
+//!                  [--manifests FILE_OR_DIR] [--ready-file PATH]
 //! ```
 //!
-//! It serves list, watch, create (POST), replace (PUT) and delete for
-//! Pods, Namespaces, Nodes, Services, NetworkPolicies and EndpointSlices to
-//! requests bearing the token in `DIR/serviceaccount/token`, and prints
-//! `listening on https://ADDR:PORT` once it accepts connections (see
-//! `netpol_testkit::apiserver` for the files in DIR). SIGTERM stops it.
+//! It serves discovery, get, list, watch, create (POST), replace (PUT),
+//! merge patch (PATCH) and delete for Pods, Namespaces, Nodes, Services,
+//! NetworkPolicies and EndpointSlices to requests bearing the token in
+//! `DIR/serviceaccount/token` (kubectl's `create`, `get`, `apply`,
+//! `replace`, `label` and `delete` work), starting with the objects of
+//! `--manifests`, and prints `listening on https://ADDR:PORT` once it
+//! accepts connections (and writes that line to `--ready-file`). See
+//! `netpol_testkit::apiserver` for the files in DIR. SIGTERM stops it.
 //! It validates nothing beyond JSON, runs no admission and keeps nothing
-//! on disk but its credentials: a restart starts with no objects.
+//! on disk but its credentials: a restart starts with no objects but the
+//! manifests'.
 use std::{io::Write as _, net::SocketAddr, path::PathBuf, process::ExitCode};
 
-use netpol_testkit::{apiserver::Credentials, fake_apiserver::FakeApiServer};
+use netpol_testkit::{
+    apiserver::{Credentials, manifests},
+    fake_apiserver::{FakeApiServer, serves},
+};
+
+const USAGE: &str = "usage: netpol-apiserver --listen ADDR:PORT --tls-dir DIR [--san NAME_OR_IP]... [--manifests FILE_OR_DIR] [--ready-file PATH]";
 
 struct Args {
     listen: SocketAddr,
     tls_dir: PathBuf,
     sans: Vec<String>,
+    manifests: Option<PathBuf>,
+    ready_file: Option<PathBuf>,
 }
 
 fn args() -> Result<Args, String> {
     let mut listen = None;
     let mut tls_dir = None;
     let mut sans = Vec::new();
+    let mut manifests = None;
+    let mut ready_file = None;
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         let mut value = |name: &str| it.next().ok_or(format!("{name} needs a value"));
@@ -35,12 +49,9 @@ fn args() -> Result<Args, String> {
             }
             "--tls-dir" => tls_dir = Some(PathBuf::from(value("--tls-dir")?)),
             "--san" => sans.push(value("--san")?),
-            "-h" | "--help" => {
-                return Err(
-                    "usage: netpol-apiserver --listen ADDR:PORT --tls-dir DIR [--san NAME_OR_IP]..."
-                        .into(),
-                );
-            }
+            "--manifests" => manifests = Some(PathBuf::from(value("--manifests")?)),
+            "--ready-file" => ready_file = Some(PathBuf::from(value("--ready-file")?)),
+            "-h" | "--help" => return Err(USAGE.into()),
             other => return Err(format!("unknown argument {other}")),
         }
     }
@@ -48,6 +59,8 @@ fn args() -> Result<Args, String> {
         listen: listen.ok_or("--listen is required")?,
         tls_dir: tls_dir.ok_or("--tls-dir is required")?,
         sans,
+        manifests,
+        ready_file,
     })
 }
 
@@ -63,6 +76,20 @@ fn main() -> ExitCode {
 
 fn serve() -> Result<(), String> {
     let a = args()?;
+    // Read before binding: a bad manifest fails the start, not a test later.
+    let objects = match &a.manifests {
+        Some(path) => manifests(path)?,
+        None => Vec::new(),
+    };
+    if let Some(obj) = objects
+        .iter()
+        .find(|o| !serves(o["kind"].as_str().unwrap_or_default()))
+    {
+        return Err(format!(
+            "--manifests: the server does not serve kind {} (of {})",
+            obj["kind"], obj["metadata"]["name"]
+        ));
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -78,7 +105,16 @@ fn serve() -> Result<(), String> {
             Credentials::load_or_create(&a.tls_dir, bound, &a.sans).map_err(|e| e.to_string())?;
         let acceptor = creds.acceptor().map_err(|e| e.to_string())?;
         let server = FakeApiServer::serve(listener, Some(acceptor), Some(creds.token.clone()));
-        println!("listening on {}", server.url());
+        server.apply_all(objects);
+        let line = format!("listening on {}", server.url());
+        if let Some(path) = &a.ready_file {
+            // Renamed into place, so a poller never reads half a line.
+            let tmp = path.with_extension("tmp");
+            std::fs::write(&tmp, format!("{line}\n"))
+                .and_then(|()| std::fs::rename(&tmp, path))
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+        }
+        println!("{line}");
         let _ = std::io::stdout().flush();
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .map_err(|e| format!("SIGTERM handler: {e}"))?;
