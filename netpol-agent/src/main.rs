@@ -425,14 +425,24 @@ fn run_agent(bpffs: PathBuf, args: RunArgs) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()
         .context("starting the runtime")?;
-    rt.block_on(agent.run(async {
+    let outcome = rt.block_on(agent.run(async {
         if let Err(e) = signal().await {
             tracing::error!(error = %e, "waiting for a signal");
         }
-    }))
-    .context("running the agent")?;
+    }));
+    // Dropping the runtime would wait for every blocking task, however
+    // long: a peer namespace's address dump or a rescan still running must
+    // not keep a stopping agent past its termination grace. What it
+    // enforces is in the kernel already.
+    rt.shutdown_timeout(SHUTDOWN_WAIT);
+    outcome.context("running the agent")?;
     Ok(ExitCode::SUCCESS)
 }
+
+/// How long a stopping agent waits for its blocking tasks (lookups,
+/// rescans) before it exits without them; well inside the agent pod's
+/// 10 s termination grace.
+const SHUTDOWN_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 fn parse_glob(text: &str) -> Result<glob::Pattern, String> {
     glob::Pattern::new(text).map_err(|e| format!("not a glob: {e}"))
