@@ -735,8 +735,9 @@ status: {{phase: Running, podIP: \"{v4}\", podIPs: [{{ip: \"{v4}\"}}, {{ip: \"{v
         Ok(self.node_ns.run(move || http_get(addr, &path).ok()))
     }
 
-    /// Polls `f` until it gives a value, for at most [`DEADLINE`] past the
-    /// agent's liveness threshold.
+    /// Polls `f` until it gives a value, for at most [`DEADLINE`] (which
+    /// must exceed the agent's 30 s liveness threshold: the `/healthz`
+    /// step waits on it).
     fn until<T>(&self, what: &str, mut f: impl FnMut(&Self) -> Result<Option<T>>) -> Result<T> {
         let deadline = Instant::now() + DEADLINE;
         loop {
