@@ -201,21 +201,13 @@ fn archive(files: &BTreeMap<String, Entry>, meta: &Meta<'_>) -> Result<(Vec<u8>,
 }
 
 /// The agent for the musl target, release, with this machine's paths
-/// remapped (the workspace and cargo's registry), so another checkout of
-/// the commit builds the same bytes.
+/// remapped ([`crate::remap_path_prefixes`]), so another checkout of the
+/// commit builds the same bytes.
 pub fn static_agent() -> Result<PathBuf> {
     println!("xtask: cargo build --release -p netpol-agent --target {MUSL} (static)");
     let root = crate::root();
-    let registry = std::env::var_os("CARGO_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
-        .unwrap_or_default()
-        .join("registry/src");
-    let flags = format!(
-        "--remap-path-prefix={}=/netpol --remap-path-prefix={}=/cargo -C strip=debuginfo",
-        root.display(),
-        registry.display()
-    );
+    let mut flags = crate::remap_path_prefixes();
+    flags.push("-Cstrip=debuginfo".to_owned());
     run(crate::cargo("stable")
         .current_dir(&root)
         .args([
@@ -228,7 +220,10 @@ pub fn static_agent() -> Result<PathBuf> {
             MUSL,
         ])
         .args(["--target-dir", "target"])
-        .env("CARGO_TARGET_X86_64_UNKNOWN_LINUX_MUSL_RUSTFLAGS", flags)
+        .env(
+            "CARGO_TARGET_X86_64_UNKNOWN_LINUX_MUSL_RUSTFLAGS",
+            flags.join(" "),
+        )
         // ring's C code, against musl's headers.
         .env("CC_x86_64_unknown_linux_musl", "musl-gcc"))?;
     let bin = root.join(format!("target/{MUSL}/release/netpol-agent"));
