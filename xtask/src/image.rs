@@ -224,6 +224,8 @@ pub fn static_agent() -> Result<PathBuf> {
             "CARGO_TARGET_X86_64_UNKNOWN_LINUX_MUSL_RUSTFLAGS",
             flags.join(" "),
         )
+        // The binary looks for its object in the image's folder only.
+        .env("NETPOL_NO_WORKSPACE_OBJECT", "1")
         // ring's C code, against musl's headers.
         .env("CC_x86_64_unknown_linux_musl", "musl-gcc"))?;
     let bin = root.join(format!("target/{MUSL}/release/netpol-agent"));
