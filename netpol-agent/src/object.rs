@@ -11,8 +11,17 @@ pub const OBJECT_ENV: &str = "NETPOL_EBPF_OBJECT";
 pub const OBJECT_FILE: &str = "netpol-ebpf.o";
 /// Where packages and the container image install the object.
 pub const INSTALL_PATH: &str = "/usr/lib/netpol/netpol-ebpf.o";
-/// Where `cargo xtask build-ebpf` leaves it in the workspace.
-pub const WORKSPACE_PATH: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../target/netpol-ebpf.o");
+/// Where `cargo xtask build-ebpf` leaves it in the workspace; none in the
+/// image's build (`cargo xtask image` sets `NETPOL_NO_WORKSPACE_OBJECT`),
+/// whose binary must name no folder of the machine it was built on: that
+/// would make two checkouts of one commit build different images.
+pub const WORKSPACE_PATH: Option<&str> = match option_env!("NETPOL_NO_WORKSPACE_OBJECT") {
+    Some(_) => None,
+    None => Some(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../target/netpol-ebpf.o"
+    )),
+};
 
 /// The object could not be found.
 #[derive(Debug, thiserror::Error)]
@@ -27,7 +36,7 @@ pub struct ObjectNotFound {
 
 /// The places looked at, in order: `$NETPOL_EBPF_OBJECT`, next to the
 /// running binary and one folder up (`target/debug/..`), the install path,
-/// then the workspace's `target/`.
+/// then the workspace's `target/` (but for the image's build).
 #[must_use]
 pub fn candidates() -> Vec<PathBuf> {
     let mut out = Vec::new();
@@ -44,7 +53,7 @@ pub fn candidates() -> Vec<PathBuf> {
         }
     }
     out.push(PathBuf::from(INSTALL_PATH));
-    out.push(PathBuf::from(WORKSPACE_PATH));
+    out.extend(WORKSPACE_PATH.map(PathBuf::from));
     out
 }
 

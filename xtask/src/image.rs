@@ -83,10 +83,54 @@ pub fn build() -> Result<Built> {
             std::fs::canonicalize(&lib).with_context(|| format!("resolving {}", lib.display()))?;
         add_file(&mut files, &rel, &real, 0o755)?;
     }
-    let layer = tar(&files, epoch)?;
+    let revision = revision()?;
+    let image = Meta {
+        version,
+        revision: &revision,
+        epoch,
+    };
+    let (archive_bytes, digest) = archive(&files, &image)?;
+    let dir = crate::root().join("target/image");
+    std::fs::create_dir_all(&dir)?;
+    let archive = dir.join(format!("netpol-agent-{version}.oci.tar"));
+    std::fs::write(&archive, &archive_bytes)
+        .with_context(|| format!("writing {}", archive.display()))?;
+    println!(
+        "xtask: {} ({reference}, {:.1} MB)",
+        archive.display(),
+        archive_bytes.len() as f64 / 1e6
+    );
+    println!("image: {digest}");
+    Ok(Built {
+        archive,
+        reference,
+        digest,
+    })
+}
+
+/// What the image says of itself besides its files.
+struct Meta<'a> {
+    /// The crate version: the tag and a label.
+    version: &'a str,
+    /// The commit: a label only, so that a build names its source.
+    revision: &'a str,
+    /// Every time in the archive, the layer's and the config's.
+    epoch: u64,
+}
+
+/// The oci-archive of one layer holding `files`, and its manifest's
+/// digest. A function of its inputs alone: no clock, no host name, no
+/// owner, no order but the sorted one.
+fn archive(files: &BTreeMap<String, Entry>, meta: &Meta<'_>) -> Result<(Vec<u8>, String)> {
+    let Meta {
+        version,
+        revision,
+        epoch,
+    } = *meta;
+    let reference = format!("{NAME}:{version}");
+    let layer = tar(files, epoch)?;
     let layer_digest = sha256(&layer);
     let created = rfc3339(epoch);
-    let revision = revision()?;
     let config = serde_json::to_vec(&json!({
         "architecture": "amd64",
         "os": "linux",
@@ -128,6 +172,10 @@ pub fn build() -> Result<Built> {
             "mediaType": "application/vnd.oci.image.manifest.v1+json",
             "digest": digest,
             "size": manifest.len(),
+            // containerd's importer keeps a manifest with no platform on
+            // every node; one for amd64 is refused on arm64 at import
+            // rather than failing at exec.
+            "platform": {"architecture": "amd64", "os": "linux"},
             "annotations": {
                 "io.containerd.image.name": reference,
                 "org.opencontainers.image.ref.name": reference,
@@ -149,41 +197,17 @@ pub fn build() -> Result<Built> {
         let hex = d.trim_start_matches("sha256:");
         outer.insert(format!("blobs/sha256/{hex}"), Entry::Bytes(bytes, 0o644));
     }
-    let archive_bytes = tar(&outer, epoch)?;
-    let dir = crate::root().join("target/image");
-    std::fs::create_dir_all(&dir)?;
-    let archive = dir.join(format!("netpol-agent-{version}.oci.tar"));
-    std::fs::write(&archive, &archive_bytes)
-        .with_context(|| format!("writing {}", archive.display()))?;
-    println!(
-        "xtask: {} ({reference}, {:.1} MB)",
-        archive.display(),
-        archive_bytes.len() as f64 / 1e6
-    );
-    println!("image: {digest}");
-    Ok(Built {
-        archive,
-        reference,
-        digest,
-    })
+    Ok((tar(&outer, epoch)?, digest))
 }
 
 /// The agent for the musl target, release, with this machine's paths
-/// remapped (the workspace and cargo's registry), so another checkout of
-/// the commit builds the same bytes.
+/// remapped ([`crate::remap_path_prefixes`]), so another checkout of the
+/// commit builds the same bytes.
 pub fn static_agent() -> Result<PathBuf> {
     println!("xtask: cargo build --release -p netpol-agent --target {MUSL} (static)");
     let root = crate::root();
-    let registry = std::env::var_os("CARGO_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
-        .unwrap_or_default()
-        .join("registry/src");
-    let flags = format!(
-        "--remap-path-prefix={}=/netpol --remap-path-prefix={}=/cargo -C strip=debuginfo",
-        root.display(),
-        registry.display()
-    );
+    let mut flags = crate::remap_path_prefixes();
+    flags.push("-Cstrip=debuginfo".to_owned());
     run(crate::cargo("stable")
         .current_dir(&root)
         .args([
@@ -196,7 +220,12 @@ pub fn static_agent() -> Result<PathBuf> {
             MUSL,
         ])
         .args(["--target-dir", "target"])
-        .env("CARGO_TARGET_X86_64_UNKNOWN_LINUX_MUSL_RUSTFLAGS", flags)
+        .env(
+            "CARGO_TARGET_X86_64_UNKNOWN_LINUX_MUSL_RUSTFLAGS",
+            flags.join(" "),
+        )
+        // The binary looks for its object in the image's folder only.
+        .env("NETPOL_NO_WORKSPACE_OBJECT", "1")
         // ring's C code, against musl's headers.
         .env("CC_x86_64_unknown_linux_musl", "musl-gcc"))?;
     let bin = root.join(format!("target/{MUSL}/release/netpol-agent"));
@@ -384,6 +413,34 @@ fn rfc3339(epoch: u64) -> String {
 mod tests {
     use super::*;
 
+    /// A ustar archive's entries, in order, each checked to be owned by
+    /// 0:0 and timed `mtime`.
+    fn entries(tar: &[u8], mtime: u64) -> Vec<(String, Vec<u8>)> {
+        let mut out = Vec::new();
+        let mut at = 0;
+        while tar[at] != 0 {
+            let h = &tar[at..at + 512];
+            let name = String::from_utf8_lossy(&h[..100])
+                .trim_end_matches('\0')
+                .to_owned();
+            assert_eq!(&h[108..115], b"0000000", "{name} uid");
+            assert_eq!(&h[116..123], b"0000000", "{name} gid");
+            assert_eq!(&h[136..147], format!("{mtime:011o}").as_bytes(), "{name}");
+            let size = usize::from_str_radix(
+                String::from_utf8_lossy(&h[124..135]).trim_end_matches('\0'),
+                8,
+            )
+            .unwrap();
+            out.push((name, tar[at + 512..at + 512 + size].to_vec()));
+            at += 512 + size.next_multiple_of(512);
+        }
+        out
+    }
+
+    fn names(entries: &[(String, Vec<u8>)]) -> Vec<&str> {
+        entries.iter().map(|(n, _)| n.as_str()).collect()
+    }
+
     #[test]
     fn tar_is_deterministic_sorted_and_owned_by_root() {
         let mut files = BTreeMap::new();
@@ -393,28 +450,89 @@ mod tests {
         let b = tar(&files, 1_700_000_000).unwrap();
         assert_eq!(sha256(&a), sha256(&b));
         assert_ne!(sha256(&a), sha256(&tar(&files, 1).unwrap()));
-        // Headers in sorted order, each with uid/gid 0 and the time given.
-        let mut names = Vec::new();
-        let mut at = 0;
-        while a[at] != 0 {
-            let h = &a[at..at + 512];
-            let name = String::from_utf8_lossy(&h[..100])
-                .trim_end_matches('\0')
-                .to_owned();
-            assert_eq!(&h[108..115], b"0000000", "{name} uid");
-            assert_eq!(&h[116..123], b"0000000", "{name} gid");
-            assert_eq!(&h[136..147], format!("{:011o}", 1_700_000_000).as_bytes());
-            let size = u64::from_str_radix(
-                String::from_utf8_lossy(&h[124..135]).trim_end_matches('\0'),
-                8,
-            )
-            .unwrap();
-            names.push(name);
-            at += 512 + usize::try_from(size.next_multiple_of(512)).unwrap();
-        }
         assert_eq!(
-            names,
+            names(&entries(&a, 1_700_000_000)),
             ["run/", "run/netpol/", "usr/", "usr/bin/", "usr/bin/x"]
+        );
+    }
+
+    #[test]
+    fn archive_is_a_function_of_its_inputs_and_names_the_image() {
+        let mut files = BTreeMap::new();
+        add_dirs(&mut files, "sys/fs/bpf");
+        add_file(
+            &mut files,
+            "usr/bin/netpol-agent",
+            Path::new("Cargo.toml"),
+            0o755,
+        )
+        .unwrap();
+        let meta = Meta {
+            version: "1.2.3",
+            revision: "abc",
+            epoch: 1_700_000_000,
+        };
+        let (a, digest) = archive(&files, &meta).unwrap();
+        let (b, again) = archive(&files, &meta).unwrap();
+        assert_eq!(digest, again);
+        assert_eq!(a, b, "the archive itself, not only the manifest");
+        let other = Meta {
+            revision: "abd",
+            ..meta
+        };
+        assert_ne!(archive(&files, &other).unwrap().1, digest);
+
+        // The layout: sorted, owned by root, timed at the epoch, each blob
+        // named by its digest.
+        let outer = entries(&a, 1_700_000_000);
+        let mut sorted = names(&outer);
+        sorted.sort_unstable();
+        assert_eq!(names(&outer), sorted);
+        assert_eq!(&names(&outer)[..2], ["blobs/", "blobs/sha256/"]);
+        assert_eq!(&names(&outer)[5..], ["index.json", "oci-layout"]);
+        let blob = |d: &str| {
+            let name = format!("blobs/sha256/{}", d.trim_start_matches("sha256:"));
+            let (_, bytes) = outer.iter().find(|(n, _)| *n == name).unwrap();
+            assert_eq!(sha256(bytes), d);
+            bytes.clone()
+        };
+        let json = |b: &[u8]| serde_json::from_slice::<serde_json::Value>(b).unwrap();
+        let (_, index) = outer.iter().find(|(n, _)| n == "index.json").unwrap();
+        let index = json(index);
+        let entry = &index["manifests"][0];
+        assert_eq!(entry["digest"], digest.as_str());
+        // containerd's importer (`k3s ctr images import`) names an image by
+        // the first, podman and skopeo by the second.
+        let reference = format!("{NAME}:1.2.3");
+        assert_eq!(
+            entry["annotations"]["io.containerd.image.name"],
+            reference.as_str()
+        );
+        assert_eq!(
+            entry["annotations"]["org.opencontainers.image.ref.name"],
+            reference.as_str()
+        );
+
+        let manifest = json(&blob(&digest));
+        let config = json(&blob(manifest["config"]["digest"].as_str().unwrap()));
+        assert_eq!(config["created"], "2023-11-14T22:13:20Z");
+        assert_eq!(config["config"]["Entrypoint"][0], "/usr/bin/netpol-agent");
+        assert_eq!(
+            config["config"]["Labels"]["org.opencontainers.image.revision"],
+            "abc"
+        );
+        let layer = blob(manifest["layers"][0]["digest"].as_str().unwrap());
+        assert_eq!(config["rootfs"]["diff_ids"][0], sha256(&layer).as_str());
+        assert_eq!(
+            names(&entries(&layer, 1_700_000_000)),
+            [
+                "sys/",
+                "sys/fs/",
+                "sys/fs/bpf/",
+                "usr/",
+                "usr/bin/",
+                "usr/bin/netpol-agent"
+            ]
         );
     }
 

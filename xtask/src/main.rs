@@ -245,12 +245,38 @@ fn ebpf_cargo(subcommand: &str, target_dir: &str) -> Command {
     // fifth of a packet's run time; expanded inline they are a few stores.
     // v3 (32-bit jumps and subregisters, kernel 5.1 and later) keeps the
     // stack the stores need within the verifier's 512 bytes.
-    c.env(
-        "CARGO_ENCODED_RUSTFLAGS",
-        "-Cdebuginfo=2\x1f-Clink-arg=--btf\x1f-Clink-arg=--disable-expand-memcpy-in-order\x1f\
-         -Ctarget-cpu=v3",
-    );
+    // The remapped paths keep the checkout's, cargo's and rustup's folders
+    // out of the BTF and DWARF line information, which the image carries.
+    let mut flags = vec![
+        "-Cdebuginfo=2".to_owned(),
+        "-Clink-arg=--btf".to_owned(),
+        "-Clink-arg=--disable-expand-memcpy-in-order".to_owned(),
+        "-Ctarget-cpu=v3".to_owned(),
+    ];
+    flags.extend(remap_path_prefixes());
+    c.env("CARGO_ENCODED_RUSTFLAGS", flags.join("\x1f"));
     c
+}
+
+/// `--remap-path-prefix` flags for this machine's folders that rustc
+/// writes into what it builds (panic locations, debug information): the
+/// checkout, cargo's home (the registry's sources) and rustup's (the
+/// nightly's `rust-src`, which `build-std` compiles). Without them another
+/// checkout of one commit, or another user, builds other bytes.
+fn remap_path_prefixes() -> Vec<String> {
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_default();
+    let under_home =
+        |var: &str, dir: &str| std::env::var_os(var).map_or_else(|| home.join(dir), PathBuf::from);
+    [
+        (root(), "/netpol"),
+        (under_home("CARGO_HOME", ".cargo"), "/cargo"),
+        (under_home("RUSTUP_HOME", ".rustup"), "/rustup"),
+    ]
+    .iter()
+    .map(|(from, to)| format!("--remap-path-prefix={}={to}", from.display()))
+    .collect()
 }
 
 fn build_ebpf() -> Result<PathBuf> {
