@@ -36,7 +36,10 @@
 //! `NETPOL_AGENT_BIN` the agent binary (`cargo xtask bench agent` passes
 //! the image's static musl build), `NETPOL_BENCH_LOG` the agent's
 //! `RUST_LOG` (default `warn`), `NETPOL_BENCH_KEEP_LOG` keeps its log in
-//! the temporary folder.
+//! the temporary folder, `NETPOL_BENCH_ATTACH_MODE` the agent's
+//! `--attach-mode` (`auto`, `tcx`, `netlink`; default: the agent's
+//! default), which the JSON records (`cargo xtask bench agent` runs the
+//! default: the figures it writes are the shipped path's).
 use std::{
     net::{IpAddr, SocketAddr, UdpSocket},
     path::{Path, PathBuf},
@@ -263,6 +266,13 @@ struct Agent {
     state: PathBuf,
 }
 
+/// `NETPOL_BENCH_ATTACH_MODE`: the attach path the agent is told to take
+/// (TCX links cost the kernel an RCU grace period each, netlink filters
+/// do not: the cold start differs by seconds).
+fn attach_mode() -> Option<String> {
+    std::env::var("NETPOL_BENCH_ATTACH_MODE").ok()
+}
+
 impl Agent {
     fn start(node: &Netns, bpffs: &Path, api: &Api) -> Self {
         let log = std::env::temp_dir().join(unique("netpol-bench-agent-"));
@@ -271,15 +281,9 @@ impl Agent {
         let child = Command::new("ip")
             .args(["netns", "exec", &node.name, &agent_binary(), "--bpffs"])
             .arg(bpffs)
-            .args([
-                "run",
-                "--node",
-                LOCAL,
-                "--interfaces",
-                "nph*",
-                "--listen",
-                LISTEN,
-            ])
+            .arg("run")
+            .args(attach_mode().map(|m| format!("--attach-mode={m}")))
+            .args(["--node", LOCAL, "--interfaces", "nph*", "--listen", LISTEN])
             .arg("--state-dir")
             .arg(&state)
             .env("KUBECONFIG", &api.kubeconfig)
@@ -672,7 +676,8 @@ fn main() {
         );
         report.insert(
             "cold_start".into(),
-            json!({"small": small, "large": large, "per_remote_pod_bytes": per_pod}),
+            json!({"small": small, "large": large, "per_remote_pod_bytes": per_pod,
+                   "attach_mode": attach_mode().unwrap_or_else(|| "default".into())}),
         );
     }
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/netpol-bench");

@@ -165,7 +165,9 @@ pub fn agent() -> Result<()> {
     run(cargo("stable")
         .args(["bench", "-p", "netpol-agent", "--bench", "agent_api"])
         .env("NETPOL_EBPF_OBJECT", &object)
-        .env("NETPOL_AGENT_BIN", &agent))?;
+        .env("NETPOL_AGENT_BIN", &agent)
+        // The figures written are the default attach path's.
+        .env_remove("NETPOL_BENCH_ATTACH_MODE"))?;
     let path = root().join("target/netpol-bench/agent_api.json");
     let api: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?,

@@ -19,6 +19,9 @@ use crate::node::links::Link;
 struct Fake {
     writer: MapWriter<FakeBackend>,
     attached: BTreeSet<String>,
+    /// Each attach asked for, with the endpoint entry its interface had
+    /// in the maps at that moment.
+    attaches: Vec<(String, Option<EndpointInfo>)>,
 }
 
 impl crate::node::uplinks::UplinkHooks for Fake {
@@ -36,6 +39,20 @@ impl Dataplane for Fake {
         &mut self.writer
     }
     fn attach(&mut self, interface: &str) -> Result<(), DatapathError> {
+        // The fake's interfaces are named `veth<ifindex>` or `gone<ifindex>`.
+        let ifindex = interface
+            .trim_start_matches(char::is_alphabetic)
+            .parse::<u32>()
+            .ok();
+        let entry = ifindex.and_then(|i| self.writer.mirror().endpoints.get(&i).copied());
+        self.attaches.push((interface.to_owned(), entry));
+        // An interface that disappeared before its programs were attached:
+        // the kernel refuses, as it does with ENODEV.
+        if interface.starts_with("gone") {
+            return Err(DatapathError::NotAttached {
+                interface: interface.to_owned(),
+            });
+        }
         self.attached.insert(interface.to_owned());
         Ok(())
     }
@@ -76,6 +93,7 @@ fn sync_loop(maps: Mirror) -> SyncLoop<Fake> {
             maps,
         ),
         attached: BTreeSet::new(),
+        attaches: Vec::new(),
     };
     let cfg = SyncConfig {
         node: Some("n1".into()),
@@ -350,4 +368,87 @@ async fn a_pod_whose_interface_comes_after_its_compile_is_bound_then() {
         EndpointInfo { slot: 0, ..have },
         EndpointInfo { slot: 0, ..want }
     );
+}
+
+fn link(ifindex: u32, name: &str) -> LinkEvent {
+    LinkEvent::Present(Link {
+        ifindex,
+        name: name.into(),
+        veth: true,
+        kind: Some("veth".into()),
+        peer_netnsid: None,
+        peer_ifindex: None,
+    })
+}
+
+/// The order a new pod interface needs (whatever attaches it, one at a
+/// time or many at once): its "not programmed" entry is in the maps when
+/// its programs are attached, so none of its packets is judged without
+/// it; and one the kernel refuses is reported, keeps no entry, and leaves
+/// the interfaces around it attached and fail-closed.
+#[tokio::test]
+async fn a_burst_of_new_veths_each_marked_before_its_attach_and_a_failure_stays_its_own() {
+    let mut l = sync_loop(Mirror::default());
+    apply(&mut l, cluster("b"));
+    veth(&mut l, 2, "10.0.0.2");
+    let bound = endpoint(&mut l, 2);
+    assert!(bound.programmed());
+    l.dp.attaches.clear();
+
+    // Everything the link watch queued at once, taken in one go.
+    let burst: Vec<LinkEvent> = (10..20)
+        .map(|i| {
+            if i == 14 {
+                link(i, &format!("gone{i}"))
+            } else {
+                link(i, &format!("veth{i}"))
+            }
+        })
+        .collect();
+    for ev in &burst {
+        if l.on_link(ev) {
+            l.sync_endpoints_and_publish();
+        }
+        if matches!(ev, LinkEvent::Present(Link { ifindex: 14, .. })) {
+            // Its entry goes with the failure, not at the next sweep.
+            assert!(!l.dp.writer().mirror().endpoints.contains_key(&14));
+        }
+    }
+
+    assert_eq!(l.dp.attaches.len(), 10, "{:?}", l.dp.attaches);
+    for (name, entry) in &l.dp.attaches {
+        let i: u32 = name
+            .trim_start_matches(char::is_alphabetic)
+            .parse()
+            .expect("index");
+        assert_eq!(
+            *entry,
+            Some(interfaces::unbound_entry(i)),
+            "{name}: its programs were attached before its not-programmed entry"
+        );
+    }
+    let endpoints = l.dp.writer().mirror().endpoints.clone();
+    // The refused one: no entry, not tracked, reported.
+    assert!(!endpoints.contains_key(&14), "{endpoints:?}");
+    assert!(!l.ifaces.contains_key(&14));
+    assert!(!l.dp.attached.contains("gone14"));
+    assert!(
+        l.last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("gone14")),
+        "{:?}",
+        l.last_error
+    );
+    // The others: attached, tracked, fail-closed until bound; the pod
+    // bound before the burst keeps its entry.
+    for i in (10..20).filter(|&i| i != 14) {
+        assert_eq!(
+            endpoints.get(&i),
+            Some(&interfaces::unbound_entry(i)),
+            "veth{i}"
+        );
+        assert!(l.ifaces.contains_key(&i) && l.dp.attached.contains(&format!("veth{i}")));
+    }
+    assert_eq!(endpoints.get(&2), Some(&bound));
+    assert_eq!(endpoints.len(), 10);
 }

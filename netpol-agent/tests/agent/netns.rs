@@ -5,7 +5,10 @@
 //!
 //! Each test waits on the agent's status (generation, fingerprint,
 //! interface state), never on a sleep.
-use std::{path::PathBuf, time::Instant};
+use std::{
+    path::PathBuf,
+    time::{Duration, Instant},
+};
 
 use netpol_common::reason;
 use netpol_testkit::{
@@ -125,6 +128,83 @@ fn ipv4_only_node_runs_for_ipv4() {
     pod_interface_lifecycle(Topology::Routed, false);
 }
 
+/// A burst of pod interfaces: all there when the agent starts (its first
+/// link dump, as after a node reboot), the last of them deleted while the
+/// agent works through the others, so that its attach fails. Each of the
+/// rest is attached fail-closed; the gone one is reported as an attach
+/// error and leaves no entry; the pod programmed beside them keeps its
+/// entry and its traffic.
+#[test]
+fn a_burst_of_veths_fails_closed_and_one_gone_mid_attach_stays_its_own() {
+    if !privileged() {
+        return;
+    }
+    let topo = Topology::Routed;
+    let node = node(topo, false);
+    let bpffs = TempBpffs::new();
+    let m = Manifests::new();
+    m.write("00-base.yaml", BASE);
+    let b = pod(&node, topo, 3, false);
+    m.write("b.yaml", &pod_manifest("b", &b));
+    // Veths of pods the agent is not told of. Interfaces are dumped in
+    // index order: the last one is reached after the others' attaches
+    // (each tens of ms of the kernel's), time enough to delete it first.
+    let mut burst: Vec<Pod> = (10..40).map(|n| pod(&node, topo, n, false)).collect();
+    let gone = burst.pop().expect("a burst");
+    let mut agent = Running::start(&node, bpffs.path(), &m);
+    // Half attached: the link dump is taken (it streams beside the first
+    // attaches) and the last veth of it is still to come.
+    agent.wait("the burst being attached", |s| s.interfaces.len() >= 15);
+    sh("ip", &["-n", &node.name, "link", "del", &gone.host_if]);
+
+    let fp = m.fingerprint();
+    let s = agent.wait("every veth of the burst attached, not programmed", |s| {
+        s.fingerprint.as_deref() == Some(fp.as_str())
+            && interface(s, &b.host_if).is_some_and(|i| i.programmed)
+            && interface(s, &gone.host_if).is_none()
+            && burst
+                .iter()
+                .all(|p| interface(s, &p.host_if).is_some_and(|i| !i.programmed && i.pod.is_none()))
+    });
+    // b and the burst's: the gone one kept none.
+    assert_eq!(s.maps.endpoints, 1 + burst.len(), "{s:#?}");
+    // Reported (once per event the link watch had queued for it), maybe
+    // just after the others: its event comes last.
+    let addr = s.listen.expect("listening");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let reported = loop {
+        let metrics = http_get(&node, addr, "/metrics");
+        let errors = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("netpol_errors_total{stage=\"attach\"} "))
+            .and_then(|n| n.trim().parse::<u64>().ok());
+        if errors.is_some_and(|n| n >= 1) || Instant::now() > deadline {
+            break errors.is_some_and(|n| n >= 1);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(reported, "the gone veth's attach is not reported");
+    let s = agent.status.get();
+    assert!(interface(&s, &gone.host_if).is_none());
+    assert_eq!(s.maps.endpoints, 1 + burst.len(), "{s:#?}");
+
+    // No unbound pod's packet gets through; b still takes the node's.
+    let drops = count(bpffs.path(), reason::DROP_NOT_PROGRAMMED);
+    let through: Vec<String> = std::thread::scope(|scope| {
+        let pinging: Vec<_> = burst
+            .iter()
+            .map(|p| scope.spawn(|| pings(&p.ns, b.v4).then(|| p.host_if.clone())))
+            .collect();
+        pinging
+            .into_iter()
+            .filter_map(|h| h.join().expect("ping"))
+            .collect()
+    });
+    assert!(through.is_empty(), "unbound pods got through: {through:?}");
+    assert!(count(bpffs.path(), reason::DROP_NOT_PROGRAMMED) >= drops + burst.len() as u64);
+    assert!(pings(&node, b.v4), "the node still reaches b");
+}
+
 #[test]
 fn http_reports_readiness_status_and_metrics() {
     if !privileged() {
@@ -199,7 +279,7 @@ fn a_fifo_and_a_deeply_nested_file_neither_stall_health_nor_later_changes() {
     for _ in 0..20 {
         let started = Instant::now();
         assert!(http_get(&node, addr, "/healthz").starts_with("HTTP/1.1 200"));
-        assert!(started.elapsed() < std::time::Duration::from_secs(5));
+        assert!(started.elapsed() < Duration::from_secs(5));
     }
     std::fs::remove_file(&fifo).expect("rm fifo");
     std::fs::remove_file(m.0.join("nested.yaml")).expect("rm nested");
