@@ -97,6 +97,9 @@ pub enum AgentError {
         /// Why.
         source: std::io::Error,
     },
+    /// The CNI plugin's socket could not be bound.
+    #[error(transparent)]
+    CniSocket(#[from] crate::node::cni::CniSocketError),
     /// The files source failed.
     #[error(transparent)]
     Files(#[from] FilesError),
@@ -172,6 +175,8 @@ pub struct AgentBuilder {
     cgroup_root: PathBuf,
     new_pods: NewPods,
     listen: Option<SocketAddr>,
+    cni_socket: Option<PathBuf>,
+    cni_install: Option<crate::node::cni::CniInstall>,
     debounce: Duration,
     state_dir: Option<PathBuf>,
     log_denied: bool,
@@ -201,6 +206,8 @@ impl Default for AgentBuilder {
             cgroup_root: PathBuf::from(DEFAULT_CGROUP_ROOT),
             new_pods: NewPods::FailClosed,
             listen: None,
+            cni_socket: None,
+            cni_install: None,
             debounce: DEFAULT_DEBOUNCE,
             state_dir: Some(PathBuf::from(crate::provenance::DEFAULT_STATE_DIR)),
             log_denied: false,
@@ -315,6 +322,22 @@ impl AgentBuilder {
     #[must_use]
     pub fn listen(mut self, addr: Option<SocketAddr>) -> Self {
         self.listen = addr;
+        self
+    }
+
+    /// Serve the CNI plugin (`netpol-cni`) on this unix socket (default:
+    /// none; the DaemonSet uses [`netpol_cni::DEFAULT_SOCKET`]).
+    #[must_use]
+    pub fn cni_socket(mut self, path: Option<PathBuf>) -> Self {
+        self.cni_socket = path;
+        self
+    }
+
+    /// Keep netpol-cni in the node's conflist while running
+    /// ([`crate::node::cni::keep_installed`]).
+    #[must_use]
+    pub fn cni_install(mut self, install: Option<crate::node::cni::CniInstall>) -> Self {
+        self.cni_install = install;
         self
     }
 
@@ -627,6 +650,25 @@ impl Agent {
         };
         let (link_tx, link_rx) = mpsc::unbounded_channel();
         let mut links = tokio::spawn(links::watch_links(link_tx, stop_rx.clone()));
+        let (cni_tx, cni_rx) = mpsc::unbounded_channel();
+        let cni = match &s.cni_socket {
+            Some(path) => {
+                let l = crate::node::cni::bind(path)?;
+                tracing::info!(socket = %path.display(), "serving the CNI plugin");
+                Some(tokio::spawn(crate::node::cni::serve(
+                    l,
+                    cni_tx,
+                    stop_rx.clone(),
+                )))
+            }
+            None => None,
+        };
+        // Installed only once the socket is served: an entry whose agent
+        // does not answer fails the node's ADDs.
+        let keeper = s
+            .cni_install
+            .clone()
+            .map(|i| tokio::spawn(crate::node::cni::keep_installed(i, stop_rx.clone())));
 
         let cfg = SyncConfig {
             node: s.node.clone(),
@@ -650,7 +692,7 @@ impl Agent {
         );
         let sync = SyncLoop::new(dp, cfg, families, self.status.clone(), self.metrics.clone())
             .with_directory(directory_tx)
-            .run(input_rx, link_rx, stop_rx.clone());
+            .run(input_rx, link_rx, cni_rx, stop_rx.clone());
         tokio::pin!(sync);
         tokio::pin!(shutdown);
         let mut sync_done = false;
@@ -666,6 +708,9 @@ impl Agent {
             sync.await;
         }
         let _ = events.await;
+        for t in [cni, keeper].into_iter().flatten() {
+            let _ = t.await;
+        }
         if let Some(h) = http {
             let _ = h.await;
         }

@@ -153,7 +153,54 @@ struct RunArgs {
     #[arg(long, env = "NETPOL_STATE_DIR", value_name = "DIR", default_value = netpol_agent::provenance::DEFAULT_STATE_DIR)]
     state_dir: PathBuf,
     #[command(flatten)]
+    cni: CniArgs,
+    #[command(flatten)]
     limits: Limits,
+}
+
+/// The chained CNI plugin (`netpol-cni`): where the agent serves it and
+/// where it is installed.
+#[derive(clap::Args, Debug, Clone)]
+struct CniArgs {
+    /// Serve netpol-cni on this unix socket: a new pod's veth is bound
+    /// from the plugin's report, and ADD returns once the pod's policy is
+    /// in the kernel.
+    #[arg(long, value_name = "PATH")]
+    cni_socket: Option<PathBuf>,
+    /// Install netpol-cni from this binary (the image's
+    /// /usr/lib/netpol/netpol-cni): copied into --cni-bin-dir and put last
+    /// in the node's conflist; `run` keeps it there (k3s rewrites its
+    /// conflist at every start). Needs --cni-socket.
+    #[arg(long, value_name = "FILE", requires = "cni_socket")]
+    cni_plugin: Option<PathBuf>,
+    /// The node's CNI binaries (k3s: /var/lib/rancher/k3s/data/cni).
+    #[arg(long, value_name = "DIR", default_value = "/opt/cni/bin")]
+    cni_bin_dir: PathBuf,
+    /// The node's CNI configurations (k3s:
+    /// /var/lib/rancher/k3s/agent/etc/cni/net.d).
+    #[arg(long, value_name = "DIR", default_value = "/etc/cni/net.d")]
+    cni_conf_dir: PathBuf,
+    /// The conflist to edit (default: the first *.conflist of
+    /// --cni-conf-dir, the one the runtime loads).
+    #[arg(long, value_name = "FILE")]
+    cni_conflist: Option<PathBuf>,
+    /// How long ADD waits for the agent before it fails (the runtime
+    /// retries; the pod's containers do not start meanwhile).
+    #[arg(long, value_name = "MS", default_value_t = netpol_cni::DEFAULT_TIMEOUT_MS)]
+    cni_timeout_ms: u64,
+}
+
+impl CniArgs {
+    fn install(&self) -> Option<netpol_agent::node::cni::CniInstall> {
+        Some(netpol_agent::node::cni::CniInstall {
+            plugin: self.cni_plugin.clone()?,
+            bin_dir: self.cni_bin_dir.clone(),
+            conf_dir: self.cni_conf_dir.clone(),
+            conflist: self.cni_conflist.clone(),
+            socket: self.cni_socket.clone()?,
+            timeout_ms: self.cni_timeout_ms,
+        })
+    }
 }
 
 /// Connection timeouts and map sizes (defaults suit a node of a few
@@ -215,8 +262,12 @@ enum Command {
     /// Prepare the node for `run` (the init container of the agent's pod):
     /// mount bpffs at --bpffs where the host sees it, so the pins outlive
     /// the agent's pod and `run` needs no `CAP_SYS_ADMIN`. Does nothing when
-    /// one is mounted there already.
-    Init,
+    /// one is mounted there already. With --cni-plugin, also install
+    /// netpol-cni (see `run --help`).
+    Init {
+        #[command(flatten)]
+        cni: CniArgs,
+    },
     /// Print the packet counters from the pinned maps.
     Stats,
     /// Remove everything netpol attached or pinned on this node (pinned
@@ -227,6 +278,10 @@ enum Command {
         /// Folder of the state file to remove.
         #[arg(long, env = "NETPOL_STATE_DIR", value_name = "DIR", default_value = netpol_agent::provenance::DEFAULT_STATE_DIR)]
         state_dir: PathBuf,
+        /// Also take netpol-cni out of every conflist of --cni-conf-dir
+        /// (and --cni-conflist) and remove its binary from --cni-bin-dir.
+        #[command(flatten)]
+        cni: CniArgs,
     },
     /// Compile manifests offline and print what this node's maps would hold.
     Compile(cmd::compile::CompileArgs),
@@ -298,9 +353,19 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             drop(dp);
             Ok(ExitCode::SUCCESS)
         }
-        Command::Init => {
+        Command::Init { cni } => {
             let mounted = netpol_agent::bpffs::ensure_mounted(&cli.bpffs)
                 .with_context(|| format!("preparing {}", cli.bpffs.display()))?;
+            if let Some(install) = cni.install() {
+                let done = install.ensure().context("installing netpol-cni")?;
+                println!(
+                    "netpol-cni: {} {}, entry {} in {}",
+                    if done.binary { "copied to" } else { "already in" },
+                    install.bin_dir.display(),
+                    if done.entry { "added" } else { "already" },
+                    done.conflist.display()
+                );
+            }
             println!(
                 "{} bpffs at {}",
                 if mounted {
@@ -319,7 +384,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             print!("{}", cmd::inspect::counters_table(&counters));
             Ok(ExitCode::SUCCESS)
         }
-        Command::Cleanup { state_dir } => {
+        Command::Cleanup { state_dir, cni } => {
+            let cni_removed = netpol_agent::node::cni::CniInstall::remove(
+                &cni.cni_conf_dir,
+                cni.cni_conflist.as_deref(),
+                &cni.cni_bin_dir,
+            )
+            .context("removing netpol-cni")?;
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
@@ -336,7 +407,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             };
             println!(
-                "removed {} pinned links ({}), {} netlink filters ({}), {} clsact qdiscs ({}); pins {}; state file {}",
+                "removed {} pinned links ({}), {} netlink filters ({}), {} clsact qdiscs ({}); pins {}; state file {}; netpol-cni {}",
                 cleaned.links.len(),
                 cleaned.links.join(", "),
                 cleaned.filters.len(),
@@ -345,6 +416,18 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 cleaned.qdiscs.join(", "),
                 if cleaned.pins { "removed" } else { "absent" },
                 if state_removed { "removed" } else { "absent" },
+                if cni_removed.is_empty() {
+                    "absent".to_owned()
+                } else {
+                    format!(
+                        "removed from {}",
+                        cni_removed
+                            .iter()
+                            .map(|p| p.display().to_string())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )
+                },
             );
             Ok(ExitCode::SUCCESS)
         }
@@ -389,6 +472,8 @@ fn run_agent(bpffs: PathBuf, args: RunArgs) -> anyhow::Result<ExitCode> {
             NewPodsArg::Open => NewPods::FailOpen,
         })
         .listen(Some(args.listen))
+        .cni_install(args.cni.install())
+        .cni_socket(args.cni.cni_socket.clone())
         .state_dir(Some(args.state_dir))
         .debounce(std::time::Duration::from_millis(args.debounce_ms))
         .stuck_after(std::time::Duration::from_secs(args.stuck_after_secs))

@@ -7,7 +7,9 @@
 //! unchanged once the agent says the pod's policy is in the kernel. An
 //! agent that does not answer in time fails the ADD (code 11, "try again
 //! later"): the runtime tears the sandbox down and retries, and no
-//! container of the pod runs meanwhile. DEL tells the agent to forget the
+//! container of the pod runs meanwhile. Before failing, it sets the pod's
+//! host veth down, so that not even the sandbox passes a packet until
+//! the runtime deletes it. DEL tells the agent to forget the
 //! pod's connections at once; it succeeds without an agent (the veth goes
 //! with the sandbox, and the next agent sweeps what is left).
 use std::{
@@ -184,15 +186,85 @@ fn add(config: &Value, socket: &std::path::Path, timeout_ms: u64) -> Result<Stri
         attachment,
         pod: pod.clone(),
         netns: env("CNI_NETNS")?,
-        host_interfaces,
+        host_interfaces: host_interfaces.clone(),
         ips,
         timeout_ms,
     };
-    ask(socket, &req, Duration::from_millis(timeout_ms)).map_err(|e| Failure {
-        msg: format!("pod {pod}: {}", e.msg),
-        ..e
-    })?;
+    if let Err(e) = ask(socket, &req, Duration::from_millis(timeout_ms)) {
+        let downed: Vec<String> = host_interfaces
+            .iter()
+            .filter(|n| !is_bridge(n))
+            .filter_map(|n| match set_down(n) {
+                Ok(()) => Some(n.clone()),
+                Err(err) => {
+                    eprintln!("netpol-cni: setting {n} down: {err}");
+                    None
+                }
+            })
+            .collect();
+        let named = e.msg.contains(&pod.to_string());
+        return Err(Failure {
+            msg: if named {
+                e.msg.clone()
+            } else {
+                format!("pod {pod}: {}", e.msg)
+            },
+            details: format!("host interfaces set down until the sandbox is deleted: {downed:?}"),
+            ..e
+        });
+    }
     Ok(prev.to_string())
+}
+
+/// Whether `name` is a bridge (the main plugin's `cni0`, shared by every
+/// pod: never set down).
+fn is_bridge(name: &str) -> bool {
+    let dev = std::path::Path::new("/sys/class/net").join(name);
+    !dev.exists() || dev.join("bridge").exists()
+}
+
+/// Clears `IFF_UP` on `name` in the plugin's namespace (the node's).
+fn set_down(name: &str) -> std::io::Result<()> {
+    let mut req = ifreq(name)?;
+    // SAFETY: a plain socket call; the descriptor is owned below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a new descriptor nothing else owns.
+    let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
+    // SAFETY: SIOCGIFFLAGS reads the name and writes the flags of `req`, a
+    // valid ifreq that outlives the call. The request's type differs by
+    // libc (`as _`).
+    if unsafe { libc::ioctl(raw, libc::SIOCGIFFLAGS as _, &raw mut req) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the union's flags member, just written by SIOCGIFFLAGS.
+    unsafe {
+        req.ifr_ifru.ifru_flags &= !(libc::IFF_UP as libc::c_short);
+    }
+    // SAFETY: as above; SIOCSIFFLAGS reads `req`.
+    if unsafe { libc::ioctl(raw, libc::SIOCSIFFLAGS as _, &raw const req) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn ifreq(name: &str) -> std::io::Result<libc::ifreq> {
+    // SAFETY: ifreq is plain old data; all zeroes is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    let bytes = name.as_bytes();
+    if bytes.is_empty() || bytes.len() >= req.ifr_name.len() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("interface name {name:?}"),
+        ));
+    }
+    for (d, s) in req.ifr_name.iter_mut().zip(bytes) {
+        *d = *s as libc::c_char;
+    }
+    Ok(req)
 }
 
 /// The host-side interface names (entries without a `sandbox`) and the

@@ -30,6 +30,8 @@ pub mod apiserver;
 #[cfg(feature = "agent")]
 pub mod baseline;
 #[cfg(feature = "agent")]
+pub mod cni;
+#[cfg(feature = "agent")]
 pub mod compiler;
 #[cfg(feature = "agent")]
 pub mod datapath;

@@ -30,6 +30,8 @@ const TEST_TOOLS: &[(&str, &str)] = &[
     ("ping", "iputils-ping"),
     // The kube-router-style baseline of `bench control` and `throughput`.
     ("ipset", "ipset"),
+    // The CNI chain netpol-cni's tests run (bridge, host-local, portmap).
+    ("/usr/lib/cni/bridge", "containernetworking-plugins"),
 ];
 
 /// What `vm-test` needs beyond [`DEBIAN_TOOLS`], each with a binary that
@@ -284,7 +286,7 @@ pub fn demo_tools() -> Result<()> {
 /// apt-get when any is missing.
 pub fn debian_tools() -> Result<()> {
     install_missing(
-        "Debian tools (bpftool, iproute2, ping, iptables, ipset)",
+        "Debian tools (bpftool, iproute2, ping, iptables, ipset, CNI plugins)",
         &[DEMO_TOOLS, TEST_TOOLS].concat(),
         &[],
     )

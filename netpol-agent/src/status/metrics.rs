@@ -33,6 +33,8 @@ pub struct Metrics {
     registry: Registry,
     /// Seconds per sync (compile, diff, apply).
     pub sync_duration: Histogram,
+    /// Seconds from a CNI ADD reaching the agent to its pod programmed.
+    pub cni_add_seconds: Histogram,
     /// Generation in force.
     pub generation: Gauge,
     /// Objects per kind.
@@ -85,6 +87,12 @@ impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("netpol");
         let sync_duration = Histogram::new(exponential_buckets(0.000_25, 2.0, 16));
+        let cni_add_seconds = Histogram::new(exponential_buckets(0.000_25, 2.0, 16));
+        registry.register(
+            "cni_add_seconds",
+            "Time from a CNI ADD reaching the agent to the pod's policy in the kernel",
+            cni_add_seconds.clone(),
+        );
         let generation = Gauge::default();
         let objects = Family::default();
         let map_entries = Family::default();
@@ -162,6 +170,7 @@ impl Metrics {
         Self {
             registry,
             sync_duration,
+            cni_add_seconds,
             generation,
             objects,
             map_entries,

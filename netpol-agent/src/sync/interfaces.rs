@@ -162,6 +162,7 @@ impl<D: Dataplane> SyncLoop<D> {
 
     pub(super) fn gone(&mut self, ifindex: u32, name: &str) {
         self.ifaces.remove(&ifindex);
+        self.cni.link_gone(ifindex, name);
         // The kernel released the programs with the device; the detach
         // only drops our handles, so its error says nothing.
         if let Err(e) = self.dp.detach(name) {
@@ -318,9 +319,20 @@ impl<D: Dataplane> SyncLoop<D> {
         changed
     }
 
-    /// Pods of `compiled` matched to pod interfaces by address: the peer's
-    /// own addresses first, routes second.
+    /// Pods of `compiled` matched to pod interfaces: those the CNI plugin
+    /// reported by their veth first, then by address, the peer's own
+    /// addresses before routes. An interface a DEL released is bound to
+    /// nothing.
     pub(super) fn bind(&self, compiled: &Compiled) -> BTreeMap<ObjectRef, u32> {
+        let mut out = BTreeMap::new();
+        let mut taken = self.cni.released.clone();
+        for (pod, i) in self.reported_bindings(compiled) {
+            if taken.insert(i) {
+                out.insert(pod, i);
+            } else {
+                tracing::warn!(%pod, ifindex = i, "interface reported for two pods; left unbound");
+            }
+        }
         let mut by_peer: BTreeMap<IpAddr, u32> = BTreeMap::new();
         let mut by_route: BTreeMap<IpAddr, u32> = BTreeMap::new();
         for (ifindex, iface) in &self.ifaces {
@@ -331,9 +343,10 @@ impl<D: Dataplane> SyncLoop<D> {
                 by_route.entry(*ip).or_insert(*ifindex);
             }
         }
-        let mut out = BTreeMap::new();
-        let mut taken = BTreeSet::new();
         for (pod, ep) in &compiled.endpoints {
+            if out.contains_key(pod) {
+                continue;
+            }
             let found = ep
                 .ips
                 .iter()
@@ -342,7 +355,7 @@ impl<D: Dataplane> SyncLoop<D> {
             if let Some(&i) = found {
                 if taken.insert(i) {
                     out.insert(pod.clone(), i);
-                } else {
+                } else if !self.cni.released.contains(&i) && !out.values().any(|&v| v == i) {
                     tracing::warn!(%pod, ifindex = i, "interface claimed by two pods; left unbound");
                 }
             }

@@ -41,6 +41,7 @@ use crate::{
     status::{Families, InterfaceStatus, Metrics, Status},
 };
 
+mod cni;
 mod dataplane;
 mod interfaces;
 
@@ -134,6 +135,8 @@ pub(crate) struct SyncLoop<D: Dataplane = Datapath> {
     /// Who is behind each endpoint id and address, for the deny-event
     /// reader; sent after every applied compile.
     directory: Option<watch::Sender<Arc<crate::events::Directory>>>,
+    /// Pods the CNI plugin reported, and the ADDs waiting for them.
+    cni: cni::Cni,
 }
 
 impl<D: Dataplane> SyncLoop<D> {
@@ -175,6 +178,7 @@ impl<D: Dataplane> SyncLoop<D> {
             found_tx,
             found_rx: Some(found_rx),
             directory: None,
+            cni: cni::Cni::default(),
         }
     }
 
@@ -199,6 +203,7 @@ impl<D: Dataplane> SyncLoop<D> {
         mut self,
         mut inputs: watch::Receiver<Option<Arc<Input>>>,
         mut links: mpsc::UnboundedReceiver<LinkEvent>,
+        mut cni: mpsc::UnboundedReceiver<crate::node::cni::CniCall>,
         mut stop: watch::Receiver<bool>,
     ) {
         let Some(mut found) = self.found_rx.take() else {
@@ -220,6 +225,7 @@ impl<D: Dataplane> SyncLoop<D> {
             let retry = self.retry_at;
             let rebind = self.rebind_at;
             let compile_at = self.compile_at;
+            let cni_deadline = self.cni.deadline();
             let mut compile = false;
             let mut endpoints = false;
             tokio::select! {
@@ -248,6 +254,14 @@ impl<D: Dataplane> SyncLoop<D> {
                     }
                 } => compile = true,
                 Some(ev) = links.recv() => endpoints = self.on_link(&ev),
+                // An ADD is compiled at once, debounce or not: a pod waits.
+                Some(call) = cni.recv() => compile = self.on_cni(call),
+                () = async {
+                    match cni_deadline {
+                        Some(t) => tokio::time::sleep_until(t).await,
+                        None => std::future::pending().await,
+                    }
+                } => {}
                 Some(f) = found.recv() => endpoints = self.on_found(f),
                 Some(()) = async {
                     match health.as_mut() {
@@ -282,6 +296,7 @@ impl<D: Dataplane> SyncLoop<D> {
             } else if endpoints {
                 self.sync_endpoints_and_publish();
             }
+            self.answer_cni();
         }
         clock_watch.abort();
         tracing::info!("sync loop stopped");
@@ -340,6 +355,7 @@ impl<D: Dataplane> SyncLoop<D> {
         if let Some(n) = &self.cfg.node {
             snapshot.local_node = Some(n.clone());
         }
+        self.cni_overlay(&mut snapshot);
         // The first apply (and the one after a write whose rollback failed
         // too) diffs from what the pinned maps hold: a previous agent's
         // state, or nothing, read back with the ids to keep.

@@ -15,6 +15,8 @@ pub struct FakeBackend {
     pub log: Vec<KernelOp>,
     /// Endpoint ids whose connections were purged.
     pub purged: Vec<u32>,
+    /// Peer addresses whose connections were purged.
+    pub purged_peers: Vec<std::net::IpAddr>,
 }
 
 impl Backend for FakeBackend {
@@ -56,6 +58,11 @@ impl Backend for FakeBackend {
 
     fn purge_connections(&mut self, endpoint: u32) -> Result<usize, BackendError> {
         self.purged.push(endpoint);
+        Ok(0)
+    }
+
+    fn purge_peers(&mut self, peers: &[std::net::IpAddr]) -> Result<usize, BackendError> {
+        self.purged_peers.extend_from_slice(peers);
         Ok(0)
     }
 }

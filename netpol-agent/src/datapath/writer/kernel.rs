@@ -191,16 +191,35 @@ impl Backend for KernelBackend {
     }
 
     fn purge_connections(&mut self, endpoint: u32) -> Result<usize, BackendError> {
+        self.purge_where(|k| k.endpoint == endpoint)
+    }
+
+    fn purge_peers(&mut self, peers: &[std::net::IpAddr]) -> Result<usize, BackendError> {
+        let keys: Vec<(u8, [u8; 16])> = peers
+            .iter()
+            .map(|ip| {
+                let mut a = [0u8; 16];
+                match ip {
+                    std::net::IpAddr::V4(v4) => {
+                        a[..4].copy_from_slice(&v4.octets());
+                        (netpol_common::family::IPV4 as u8, a)
+                    }
+                    std::net::IpAddr::V6(v6) => (netpol_common::family::IPV6 as u8, v6.octets()),
+                }
+            })
+            .collect();
+        self.purge_where(|k| keys.iter().any(|(f, a)| k.family == *f && k.peer_addr == *a))
+    }
+}
+
+impl KernelBackend {
+    fn purge_where(&mut self, forget: impl Fn(&CtKey) -> bool) -> Result<usize, BackendError> {
         let Some(ct) = self.conntrack.as_mut() else {
             return Ok(0);
         };
         // Collect first: deleting while iterating restarts the kernel's
         // key walk.
-        let keys: Vec<CtKey> = ct
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| k.endpoint == endpoint)
-            .collect();
+        let keys: Vec<CtKey> = ct.keys().filter_map(Result::ok).filter(|k| forget(k)).collect();
         for k in &keys {
             tolerate_absent(ct.remove(k))?;
         }

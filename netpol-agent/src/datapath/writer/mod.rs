@@ -83,6 +83,15 @@ pub trait Backend {
     /// # Errors
     /// When the connection map cannot be read or written.
     fn purge_connections(&mut self, endpoint: u32) -> Result<usize, BackendError>;
+
+    /// Forgets every tracked connection, of any endpoint, whose peer is one
+    /// of `peers`: a pod gone from the node leaves its address free for
+    /// the next pod, which must not find its connections open. Returns how
+    /// many were removed.
+    ///
+    /// # Errors
+    /// When the connection map cannot be read or written.
+    fn purge_peers(&mut self, peers: &[std::net::IpAddr]) -> Result<usize, BackendError>;
 }
 
 /// What one apply did.
@@ -244,6 +253,18 @@ impl<B: Backend> MapWriter<B> {
             }
         }
         Ok(())
+    }
+
+    /// Forgets the connections whose peer is one of `peers` (see
+    /// [`Backend::purge_peers`]); returns how many.
+    ///
+    /// # Errors
+    /// The backend's.
+    pub fn purge_peers(&mut self, peers: &[std::net::IpAddr]) -> Result<usize, BackendError> {
+        if peers.is_empty() {
+            return Ok(0);
+        }
+        self.backend.purge_peers(peers)
     }
 
     fn apply_all(&mut self, ops: &[KernelOp]) -> Result<(), MapWriteError> {
