@@ -360,7 +360,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 let done = install.ensure().context("installing netpol-cni")?;
                 println!(
                     "netpol-cni: {} {}, entry {} in {}",
-                    if done.binary { "copied to" } else { "already in" },
+                    if done.binary {
+                        "copied to"
+                    } else {
+                        "already in"
+                    },
                     install.bin_dir.display(),
                     if done.entry { "added" } else { "already" },
                     done.conflist.display()

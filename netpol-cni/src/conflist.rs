@@ -152,7 +152,9 @@ pub fn edit_file(
     let Some(new) = edit(&name, &text)? else {
         return Ok(Edit::Unchanged);
     };
-    let perms = std::fs::metadata(path).map_err(io("reading"))?.permissions();
+    let perms = std::fs::metadata(path)
+        .map_err(io("reading"))?
+        .permissions();
     let tmp = path.with_extension("netpol-tmp");
     std::fs::write(&tmp, new).map_err(io("writing"))?;
     std::fs::set_permissions(&tmp, perms).map_err(io("writing"))?;
@@ -201,7 +203,8 @@ impl Plugins {
             file: file.to_owned(),
             reason,
         };
-        let doc: Value = serde_json::from_str(text).map_err(|e| invalid(format!("not JSON: {e}")))?;
+        let doc: Value =
+            serde_json::from_str(text).map_err(|e| invalid(format!("not JSON: {e}")))?;
         if !doc.get("plugins").is_some_and(Value::is_array) {
             return Err(invalid(
                 "no \"plugins\" array (a single-plugin .conf: netpol-cni chains only in a conflist)"
@@ -383,7 +386,10 @@ mod tests {
     #[test]
     fn install_appends_last_and_uninstall_restores_the_bytes() {
         let installed = install("f", K3S, &ours()).unwrap().unwrap();
-        assert_eq!(types(&installed), ["flannel", "portmap", "bandwidth", "netpol-cni"]);
+        assert_eq!(
+            types(&installed),
+            ["flannel", "portmap", "bandwidth", "netpol-cni"]
+        );
         let v: Value = serde_json::from_str(&installed).unwrap();
         assert_eq!(v["plugins"][3], ours());
         assert_eq!(v["name"], "cbr0", "the rest is kept");
@@ -402,7 +408,10 @@ mod tests {
         let once = install("f", K3S, &ours()).unwrap().unwrap();
         let other = entry("/other.sock", 1);
         let twice = install("f", &once, &other).unwrap().unwrap();
-        assert_eq!(types(&twice), ["flannel", "portmap", "bandwidth", "netpol-cni"]);
+        assert_eq!(
+            types(&twice),
+            ["flannel", "portmap", "bandwidth", "netpol-cni"]
+        );
         let v: Value = serde_json::from_str(&twice).unwrap();
         assert_eq!(v["plugins"][3]["socket"], "/other.sock");
         assert_eq!(uninstall("f", &twice).unwrap().unwrap(), K3S);
@@ -436,7 +445,10 @@ mod tests {
     #[test]
     fn a_conf_without_plugins_or_not_json_is_refused_by_name() {
         let e = install("/etc/cni/net.d/10-x.conf", r#"{"type":"bridge"}"#, &ours()).unwrap_err();
-        assert!(e.to_string().contains("10-x.conf") && e.to_string().contains("plugins"), "{e}");
+        assert!(
+            e.to_string().contains("10-x.conf") && e.to_string().contains("plugins"),
+            "{e}"
+        );
         let e = install("g", "{", &ours()).unwrap_err();
         assert!(e.to_string().contains("not JSON"), "{e}");
     }
@@ -450,8 +462,14 @@ mod tests {
         let f = find(dir.path()).unwrap();
         assert!(f.ends_with("10-flannel.conflist"));
         let e = ours();
-        assert_eq!(edit_file(&f, |n, t| install(n, t, &e)).unwrap(), Edit::Changed);
-        assert_eq!(edit_file(&f, |n, t| install(n, t, &e)).unwrap(), Edit::Unchanged);
+        assert_eq!(
+            edit_file(&f, |n, t| install(n, t, &e)).unwrap(),
+            Edit::Changed
+        );
+        assert_eq!(
+            edit_file(&f, |n, t| install(n, t, &e)).unwrap(),
+            Edit::Unchanged
+        );
         assert_eq!(edit_file(&f, uninstall).unwrap(), Edit::Changed);
         assert_eq!(std::fs::read_to_string(&f).unwrap(), K3S);
         let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();

@@ -12,13 +12,7 @@
 //! the runtime deletes it. DEL tells the agent to forget the
 //! pod's connections at once; it succeeds without an agent (the veth goes
 //! with the sandbox, and the next agent sweeps what is left).
-use std::{
-    io::Read as _,
-    net::IpAddr,
-    path::PathBuf,
-    process::ExitCode,
-    time::Duration,
-};
+use std::{io::Read as _, net::IpAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use netpol_cni::protocol::{self, Attachment, PodRef, Reply, Request};
 use serde_json::{Value, json};
@@ -82,9 +76,16 @@ fn run(config: &Value, stdin: &str) -> Result<Option<String>, Failure> {
         ));
     }
     if config.is_null() {
-        return Err(fail(6, "the configuration on stdin is not JSON", stdin.to_owned()));
+        return Err(fail(
+            6,
+            "the configuration on stdin is not JSON",
+            stdin.to_owned(),
+        ));
     }
-    let version = config.get("cniVersion").and_then(Value::as_str).unwrap_or("");
+    let version = config
+        .get("cniVersion")
+        .and_then(Value::as_str)
+        .unwrap_or("");
     if !SUPPORTED.contains(&version) {
         return Err(fail(
             1,
@@ -362,6 +363,10 @@ mod tests {
         .unwrap();
         let (host, ips) = interfaces(&old);
         assert_eq!(host, ["vethx"]);
-        assert_eq!(ips, ["10.0.0.9".parse::<IpAddr>().unwrap()], "a host address is not the pod's");
+        assert_eq!(
+            ips,
+            ["10.0.0.9".parse::<IpAddr>().unwrap()],
+            "a host address is not the pod's"
+        );
     }
 }

@@ -222,7 +222,10 @@ mod tests {
         )
         .unwrap_err();
         assert!(matches!(e, CallError::Unreachable { .. }), "{e}");
-        assert!(start.elapsed() >= Duration::from_millis(150), "retried until the deadline");
+        assert!(
+            start.elapsed() >= Duration::from_millis(150),
+            "retried until the deadline"
+        );
     }
 
     #[test]
@@ -236,7 +239,10 @@ mod tests {
             let (s, _) = l.accept().unwrap();
             let mut line = String::new();
             BufReader::new(&s).read_line(&mut line).unwrap();
-            assert_eq!(serde_json::from_str::<Request>(&line).unwrap(), Request::Status);
+            assert_eq!(
+                serde_json::from_str::<Request>(&line).unwrap(),
+                Request::Status
+            );
             (&s).write_all(b"{\"result\":\"ok\"}\n").unwrap();
         });
         let r = call(&path, &Request::Status, Duration::from_secs(5)).unwrap();

@@ -152,7 +152,11 @@ fn armed_to(
             let (go, known) = (go.clone(), known.clone());
             ns.spawn(move || {
                 go.wait();
-                let dst = addr(known.get().expect("addresses set before the barrier"), v6, 8080);
+                let dst = addr(
+                    known.get().expect("addresses set before the barrier"),
+                    v6,
+                    8080,
+                );
                 (dst, TcpStream::connect_timeout(&dst, timeout).is_ok())
             })
         })
@@ -160,7 +164,9 @@ fn armed_to(
 }
 
 fn joined(hs: Vec<std::thread::JoinHandle<(SocketAddr, bool)>>) -> Vec<(SocketAddr, bool)> {
-    hs.into_iter().map(|h| h.join().expect("connect thread")).collect()
+    hs.into_iter()
+        .map(|h| h.join().expect("connect thread"))
+        .collect()
 }
 
 /// The pod's first packets, both ways and both families, are judged by its
@@ -228,15 +234,27 @@ fn a_new_pod_is_enforced_from_the_moment_add_returns() {
         "the connections started {armed_after:?} after ADD returned"
     );
     for (dst, ok) in out_allowed.iter().chain(&in_allowed) {
-        assert!(ok, "{dst}: allowed, must be answered on its first SYN (ADD took {took:?})");
+        assert!(
+            ok,
+            "{dst}: allowed, must be answered on its first SYN (ADD took {took:?})"
+        );
     }
     for (dst, ok) in out_denied.iter().chain(&in_denied) {
-        assert!(!ok, "{dst}: denied by the client's policy, yet it connected");
+        assert!(
+            !ok,
+            "{dst}: denied by the client's policy, yet it connected"
+        );
     }
     // The result is the main plugin's, unchanged.
-    assert_eq!(result["interfaces"].as_array().map(Vec::len), Some(3), "{result}");
+    assert_eq!(
+        result["interfaces"].as_array().map(Vec::len),
+        Some(3),
+        "{result}"
+    );
     let s = agent.wait("client bound", |s| {
-        s.interfaces.iter().any(|i| i.pod.as_deref() == Some("x/client") && i.programmed)
+        s.interfaces
+            .iter()
+            .any(|i| i.pod.as_deref() == Some("x/client") && i.programmed)
     });
     let host = &s
         .interfaces

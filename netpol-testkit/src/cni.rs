@@ -60,7 +60,10 @@ impl Chain {
     }
 
     fn plugins(&self) -> Vec<Value> {
-        self.conflist["plugins"].as_array().cloned().unwrap_or_default()
+        self.conflist["plugins"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
     }
 
     /// ADD through the whole chain; the last result, or the first failure
@@ -161,9 +164,7 @@ impl Chain {
             .expect("stdin")
             .write_all(conf.to_string().as_bytes())
             .map_err(|e| format!("{ty}: writing its config: {e}"))?;
-        let out = child
-            .wait_with_output()
-            .map_err(|e| format!("{ty}: {e}"))?;
+        let out = child.wait_with_output().map_err(|e| format!("{ty}: {e}"))?;
         let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
         if !out.status.success() {
             return Err(format!(

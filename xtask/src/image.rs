@@ -5,6 +5,8 @@
 //! - `/usr/bin/netpol-agent`, static (x86_64-unknown-linux-musl), built
 //!   with the host's paths remapped;
 //! - `/usr/lib/netpol/netpol-ebpf.o`, where the agent looks for it;
+//! - `/usr/lib/netpol/netpol-cni`, the chained CNI plugin (static too),
+//!   which the init container copies into the node's CNI folder;
 //! - `/usr/sbin/bpftool`, Debian's, with the shared libraries and loader
 //!   `ldd` lists, at their paths (it is not built static by Debian);
 //! - the empty folders the DaemonSet mounts over (runc cannot create a
@@ -75,6 +77,9 @@ pub fn build() -> Result<Built> {
     }
     add_file(&mut files, "usr/bin/netpol-agent", &agent, 0o755)?;
     add_file(&mut files, "usr/lib/netpol/netpol-ebpf.o", &object, 0o644)?;
+    // The CNI plugin, which the init container copies onto the node.
+    let cni = agent.with_file_name("netpol-cni");
+    add_file(&mut files, "usr/lib/netpol/netpol-cni", &cni, 0o755)?;
     let bpftool = which("bpftool")?;
     add_file(&mut files, "usr/sbin/bpftool", &bpftool, 0o755)?;
     for lib in shared_libraries(&bpftool)? {
@@ -204,7 +209,7 @@ fn archive(files: &BTreeMap<String, Entry>, meta: &Meta<'_>) -> Result<(Vec<u8>,
 /// remapped ([`crate::remap_path_prefixes`]), so another checkout of the
 /// commit builds the same bytes.
 pub fn static_agent() -> Result<PathBuf> {
-    println!("xtask: cargo build --release -p netpol-agent --target {MUSL} (static)");
+    println!("xtask: cargo build --release -p netpol-agent -p netpol-cni --target {MUSL} (static)");
     let root = crate::root();
     let mut flags = crate::remap_path_prefixes();
     flags.push("-Cstrip=debuginfo".to_owned());
@@ -216,6 +221,8 @@ pub fn static_agent() -> Result<PathBuf> {
             "--locked",
             "-p",
             "netpol-agent",
+            "-p",
+            "netpol-cni",
             "--target",
             MUSL,
         ])

@@ -135,8 +135,12 @@ impl<D: Dataplane> SyncLoop<D> {
                     addrs.extend(ep.ips.iter().filter(|a| !r.ips.contains(a)));
                 }
                 match self.dp.writer().purge_peers(&addrs) {
-                    Ok(n) => tracing::debug!(pod = %r.pod, removed = n, "connections to its addresses forgotten"),
-                    Err(e) => tracing::warn!(pod = %r.pod, error = %e, "purging connections to its addresses"),
+                    Ok(n) => {
+                        tracing::debug!(pod = %r.pod, removed = n, "connections to its addresses forgotten")
+                    }
+                    Err(e) => {
+                        tracing::warn!(pod = %r.pod, error = %e, "purging connections to its addresses")
+                    }
                 }
                 self.cni.done.push(reply);
                 true
@@ -236,7 +240,10 @@ impl<D: Dataplane> SyncLoop<D> {
         if self.bindings.get(&r.pod) == Some(&i) && programmed {
             return None;
         }
-        let pod = self.input.as_ref().and_then(|s| s.snapshot.pods.get(&r.pod));
+        let pod = self
+            .input
+            .as_ref()
+            .and_then(|s| s.snapshot.pods.get(&r.pod));
         Some(match pod {
             None => format!(
                 "pod {}: not in the agent's view of the API server (the watch is behind, or the \
@@ -273,7 +280,9 @@ impl<D: Dataplane> SyncLoop<D> {
                 }),
                 Some(r) => match self.why_not_programmed(r, &endpoints) {
                     None => {
-                        self.metrics.cni_add_seconds.observe(r.since.elapsed().as_secs_f64());
+                        self.metrics
+                            .cni_add_seconds
+                            .observe(r.since.elapsed().as_secs_f64());
                         tracing::info!(pod = %r.pod, micros = r.since.elapsed().as_micros(), "CNI ADD answered: pod programmed");
                         Some(Reply::Ok)
                     }

@@ -255,7 +255,18 @@ fn the_k3s_manifest_is_the_base_rendered_and_every_manifest_names_the_release() 
         .unwrap();
     let c = &job.containers[0];
     assert_eq!(c.image.as_deref(), Some(release_image().as_str()));
-    assert_eq!(c.args.as_deref(), Some(&["cleanup".to_owned()][..]));
+    let args = c.args.clone().unwrap_or_default();
+    assert_eq!(args.first().map(String::as_str), Some("cleanup"));
+    // It takes netpol-cni out of the folders the DaemonSet put it in.
+    let agent = container(daemonset(&m), "agent", false);
+    let dirs = |args: &[String]| -> Vec<String> {
+        args.iter()
+            .filter(|a| a.starts_with("--cni-bin-dir=") || a.starts_with("--cni-conf-dir="))
+            .cloned()
+            .collect()
+    };
+    assert_eq!(dirs(&args), dirs(agent.args.as_deref().unwrap_or_default()));
+    assert_eq!(dirs(&args).len(), 2, "{args:?}");
     let bpffs = host_path_volume(job, DEFAULT_BPFFS, "the host's bpffs");
     assert!(
         c.volume_mounts
@@ -442,11 +453,34 @@ fn daemonset_matches_the_agents_defaults() {
     let bpffs_volume =
         host_path_volume(pod, DEFAULT_BPFFS, "a hostPath volume of the default bpffs");
     let init = container(ds, "init", true);
+    let init_args = init.args.clone().unwrap_or_default();
     assert_eq!(
-        init.args.as_deref(),
-        Some(&["init".to_owned()][..]),
+        init_args.first().map(String::as_str),
+        Some("init"),
         "the agent binary mounts bpffs (the image has no shell)"
     );
+    // netpol-cni: installed by init where the agent keeps it, naming the
+    // socket the agent serves, from the image's binary.
+    let cni = |args: &[String]| -> Vec<String> {
+        args.iter()
+            .filter(|a| a.starts_with("--cni-"))
+            .cloned()
+            .collect()
+    };
+    let agent_args = container(ds, "agent", false)
+        .args
+        .clone()
+        .unwrap_or_default();
+    assert_eq!(cni(&init_args), cni(&agent_args));
+    for want in [
+        "--cni-socket=/run/netpol/cni.sock",
+        "--cni-plugin=/usr/lib/netpol/netpol-cni",
+    ] {
+        assert!(
+            agent_args.iter().any(|a| a == want),
+            "{want} in {agent_args:?}"
+        );
+    }
     let init_mount = init
         .volume_mounts
         .as_deref()
@@ -514,8 +548,13 @@ fn daemonset_matches_the_agents_defaults() {
     }
     let args = agent.args.as_deref().unwrap();
     let listen: SocketAddr = DEFAULT_LISTEN.parse().unwrap();
+    let without_cni: Vec<String> = args
+        .iter()
+        .filter(|a| !a.starts_with("--cni-"))
+        .cloned()
+        .collect();
     assert_eq!(
-        args,
+        without_cni,
         [
             "run".to_owned(),
             "--cgroup-root=/host/sys/fs/cgroup".to_owned(),

@@ -283,10 +283,20 @@ impl Case {
         self.start_apiserver()?;
         self.create_cluster()?;
         let spec = pod_spec(&self.daemonset)?.clone();
+        // k3s's flannel conflist, as k3s writes it at start.
+        let conflist = self.node.host_file(K3S_CONFLIST);
+        std::fs::create_dir_all(conflist.parent().context("conflist folder")?)?;
+        std::fs::write(&conflist, FLANNEL_CONFLIST)?;
         for c in spec.init_containers.iter().flatten() {
             let out = self.podman_run(&spec, c, false)?;
             println!("deploy-test: init container {}: {}", c.name, out.trim());
         }
+        let installed = std::fs::read_to_string(&conflist)?;
+        ensure!(
+            installed.contains("\"type\":\"netpol-cni\"")
+                && self.node.host_file(K3S_CNI_BIN).join("netpol-cni").exists(),
+            "the init container did not install netpol-cni: {installed}"
+        );
         ensure!(
             is_bpffs(&self.node.host_file("/sys/fs/bpf"))?,
             "the init containers left no bpffs at the node's /sys/fs/bpf"
@@ -311,6 +321,21 @@ impl Case {
             .http(&live)?
             .context("no answer from the liveness probe")?;
         ensure!(code == 200, "{live}: {code} {body}");
+
+        // k3s rewrites its conflist at every start: the agent puts the
+        // plugin back.
+        let conflist = self.node.host_file(K3S_CONFLIST);
+        std::fs::write(&conflist, FLANNEL_CONFLIST)?;
+        self.until(
+            "the agent puts netpol-cni back into a rewritten conflist",
+            |_| {
+                Ok(std::fs::read_to_string(&conflist)?
+                    .contains("\"type\":\"netpol-cni\"")
+                    .then_some(()))
+            },
+        )
+        .map_err(|e| e.context(self.logs(&agent_name)))?;
+        println!("deploy-test: netpol-cni put back into a rewritten {K3S_CONFLIST}");
 
         self.enforced_before_and_after_policy()?;
         self.inspect_and_explain(&agent_name)?;
@@ -688,7 +713,8 @@ status: {{phase: Running, podIP: \"{v4}\", podIPs: [{{ip: \"{v4}\"}}, {{ip: \"{v
         Ok(())
     }
 
-    /// The cleanup Job's container, then nothing of netpol's on the node.
+    /// The cleanup Job's container, then nothing of netpol's on the node,
+    /// the conflist as k3s wrote it included.
     fn cleanup_job(&self) -> Result<()> {
         let spec = self
             .job
@@ -700,6 +726,13 @@ status: {{phase: Running, podIP: \"{v4}\", podIPs: [{{ip: \"{v4}\"}}, {{ip: \"{v
         let out = self.podman_run(spec, c, false)?;
         println!("deploy-test: cleanup Job: {}", out.trim());
         ensure!(out.contains("pins removed"), "cleanup: {out}");
+        let conflist = std::fs::read_to_string(self.node.host_file(K3S_CONFLIST))?;
+        ensure!(
+            conflist == FLANNEL_CONFLIST,
+            "cleanup left the conflist other than it found it: {conflist}"
+        );
+        let plugin = self.node.host_file(K3S_CNI_BIN).join("netpol-cni");
+        ensure!(!plugin.exists(), "{} is still there", plugin.display());
         let pins = self.node.host_file("/sys/fs/bpf").join("netpol");
         ensure!(!pins.exists(), "{} is still there", pins.display());
         let state = self.node.host_file("/run/netpol").join("state.json");
@@ -944,3 +977,36 @@ mod tests {
         assert!(parse_metrics("# only comments\n").is_err());
     }
 }
+
+/// k3s's conflist and CNI binaries (the DaemonSet's hostPaths).
+const K3S_CONFLIST: &str = "/var/lib/rancher/k3s/agent/etc/cni/net.d/10-flannel.conflist";
+const K3S_CNI_BIN: &str = "/var/lib/rancher/k3s/data/cni";
+
+/// What k3s writes there (its flannel template).
+const FLANNEL_CONFLIST: &str = r#"{
+  "name":"cbr0",
+  "cniVersion":"1.0.0",
+  "plugins":[
+    {
+      "type":"flannel",
+      "delegate":{
+        "hairpinMode":true,
+        "forceAddress":true,
+        "isDefaultGateway":true
+      }
+    },
+    {
+      "type":"portmap",
+      "capabilities":{
+        "portMappings":true
+      }
+    },
+    {
+      "type":"bandwidth",
+      "capabilities":{
+        "bandwidth":true
+      }
+    }
+  ]
+}
+"#;

@@ -208,7 +208,10 @@ impl Backend for KernelBackend {
                 }
             })
             .collect();
-        self.purge_where(|k| keys.iter().any(|(f, a)| k.family == *f && k.peer_addr == *a))
+        self.purge_where(|k| {
+            keys.iter()
+                .any(|(f, a)| k.family == *f && k.peer_addr == *a)
+        })
     }
 }
 
@@ -219,7 +222,11 @@ impl KernelBackend {
         };
         // Collect first: deleting while iterating restarts the kernel's
         // key walk.
-        let keys: Vec<CtKey> = ct.keys().filter_map(Result::ok).filter(|k| forget(k)).collect();
+        let keys: Vec<CtKey> = ct
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| forget(k))
+            .collect();
         for k in &keys {
             tolerate_absent(ct.remove(k))?;
         }
