@@ -452,3 +452,204 @@ async fn a_burst_of_new_veths_each_marked_before_its_attach_and_a_failure_stays_
     assert_eq!(endpoints.get(&2), Some(&bound));
     assert_eq!(endpoints.len(), 10);
 }
+
+/// `cluster(from)` plus pod `c` (label `app: b`, so `a`'s policy admits it
+/// when it admits `b`), scheduled and pending: no addresses yet, as a
+/// Pod is when its sandbox is made. With `ip`, the API server has it.
+fn with_pending_c(from: &str, ip: Option<&str>) -> Arc<Input> {
+    let mut input = (*cluster(from)).clone();
+    let mut report = LoadReport::default();
+    let status = match ip {
+        Some(ip) => json!({"phase": "Running", "podIPs": [{"ip": ip}]}),
+        None => json!({"phase": "Pending"}),
+    };
+    apply_value(
+        &mut input.snapshot,
+        json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "c", "namespace": "x", "uid": "uid-c", "labels": {"app": "b"}},
+            "spec": {"nodeName": "n1", "containers": [{"name": "c"}]},
+            "status": status}),
+        "test",
+        &mut report,
+    );
+    Arc::new(input)
+}
+
+/// A veth the loop sees with nothing to read of its peer (no
+/// `CAP_SYS_ADMIN`, a bridge, a pod that has not spoken).
+fn silent_veth(l: &mut SyncLoop<Fake>, ifindex: u32) {
+    if l.on_link(&LinkEvent::Present(Link {
+        ifindex,
+        name: format!("veth{ifindex}"),
+        veth: true,
+        kind: Some("veth".into()),
+        peer_netnsid: None,
+        peer_ifindex: None,
+    })) {
+        l.sync_endpoints_and_publish();
+    }
+}
+
+fn attachment(pod: &str) -> netpol_cni::protocol::Attachment {
+    netpol_cni::protocol::Attachment {
+        container_id: format!("ctr-{pod}"),
+        ifname: "eth0".into(),
+    }
+}
+
+/// One request as the socket hands it over, then the rest of the loop's
+/// turn (a compile when it asks for one, then the answers).
+fn cni(
+    l: &mut SyncLoop<Fake>,
+    request: netpol_cni::protocol::Request,
+) -> tokio::sync::oneshot::Receiver<netpol_cni::protocol::Reply> {
+    let (reply, rx) = tokio::sync::oneshot::channel();
+    if l.on_cni(crate::node::cni::CniCall { request, reply }) {
+        l.sync();
+    }
+    l.answer_cni();
+    rx
+}
+
+fn add(
+    pod: &str,
+    uid: &str,
+    hosts: &[&str],
+    ips: &[&str],
+    timeout_ms: u64,
+) -> netpol_cni::protocol::Request {
+    netpol_cni::protocol::Request::Add {
+        attachment: attachment(pod),
+        pod: netpol_cni::protocol::PodRef {
+            namespace: "x".into(),
+            name: pod.into(),
+            uid: Some(uid.into()),
+        },
+        netns: format!("/var/run/netns/{pod}"),
+        host_interfaces: hosts.iter().map(|h| (*h).to_owned()).collect(),
+        ips: ips.iter().map(|i| i.parse().expect("address")).collect(),
+        timeout_ms,
+    }
+}
+
+fn peer_in_policy(l: &mut SyncLoop<Fake>, ip: [u8; 4]) -> bool {
+    l.dp.writer()
+        .mirror()
+        .policy_v4
+        .keys()
+        .any(|(_, k)| k.addr == ip)
+}
+
+#[tokio::test]
+async fn a_reported_pod_is_bound_by_its_veth_with_its_reported_addresses_then_answered() {
+    use netpol_cni::protocol::Reply;
+    let mut l = sync_loop(Mirror::default());
+    veth(&mut l, 10, "10.0.0.2");
+    veth(&mut l, 11, "10.0.0.3");
+    apply(&mut l, with_pending_c("b", None));
+    silent_veth(&mut l, 12);
+    assert!(!endpoint(&mut l, 12).programmed());
+    assert!(!peer_in_policy(&mut l, [10, 0, 0, 4]));
+    let mut rx = cni(
+        &mut l,
+        add("c", "uid-c", &["cni0", "veth12"], &["10.0.0.4"], 5_000),
+    );
+    assert_eq!(rx.try_recv(), Ok(Reply::Ok));
+    let e = endpoint(&mut l, 12);
+    assert!(e.programmed(), "bound by name, no address read");
+    assert_eq!(e.ipv4, [10, 0, 0, 4], "the reported address is the pod's");
+    assert_eq!(l.bindings.get(&ObjectRef::new("x", "c")), Some(&12));
+    assert!(
+        peer_in_policy(&mut l, [10, 0, 0, 4]),
+        "a's policy admits c's reported address before the API server has it"
+    );
+}
+
+#[tokio::test]
+async fn an_add_waits_for_its_veth_and_one_never_programmed_is_refused_with_the_reason() {
+    use netpol_cni::protocol::Reply;
+    let mut l = sync_loop(Mirror::default());
+    veth(&mut l, 10, "10.0.0.2");
+    apply(&mut l, with_pending_c("b", None));
+    // ADD before the link event: it waits.
+    let mut rx = cni(&mut l, add("c", "uid-c", &["veth13"], &["10.0.0.4"], 5_000));
+    assert!(
+        rx.try_recv().is_err(),
+        "answered before its veth was programmed"
+    );
+    silent_veth(&mut l, 13);
+    l.answer_cni();
+    assert_eq!(rx.try_recv(), Ok(Reply::Ok));
+    // A pod the API view lacks, and another incarnation of c: refused
+    // at their deadline, naming why; neither takes c's addresses.
+    for (pod, uid, why) in [
+        ("zz", "uid-zz", "not in the agent's view"),
+        ("c", "uid-other", "the API server has uid"),
+    ] {
+        silent_veth(&mut l, 14);
+        let mut rx = cni(&mut l, add(pod, uid, &["veth14"], &["10.0.0.9"], 0));
+        match rx.try_recv() {
+            Ok(Reply::Error { message }) => {
+                assert!(
+                    message.contains(&format!("x/{pod}")) && message.contains(why),
+                    "{message}"
+                );
+            }
+            other => panic!("{pod}: {other:?}"),
+        }
+        assert!(!endpoint(&mut l, 14).programmed());
+        assert!(!peer_in_policy(&mut l, [10, 0, 0, 9]));
+        l.on_link(&LinkEvent::Gone {
+            ifindex: 14,
+            name: "veth14".into(),
+        });
+    }
+}
+
+#[tokio::test]
+async fn del_releases_the_veth_fail_closed_and_forgets_its_connections() {
+    use netpol_cni::protocol::{Reply, Request};
+    let mut l = sync_loop(Mirror::default());
+    veth(&mut l, 10, "10.0.0.2");
+    // The API server has c's address by now, and its veth's peer shows
+    // it: without the release, the address would bind it again.
+    apply(&mut l, with_pending_c("b", Some("10.0.0.4")));
+    veth(&mut l, 12, "10.0.0.4");
+    let mut rx = cni(&mut l, add("c", "uid-c", &["veth12"], &["10.0.0.4"], 5_000));
+    assert_eq!(rx.try_recv(), Ok(Reply::Ok));
+    let id = endpoint(&mut l, 12).id;
+    let mut rx = cni(
+        &mut l,
+        Request::Del {
+            attachment: attachment("c"),
+        },
+    );
+    assert_eq!(rx.try_recv(), Ok(Reply::Ok));
+    let e = endpoint(&mut l, 12);
+    assert!(
+        !e.programmed(),
+        "released: fail-closed until the veth is gone"
+    );
+    assert!(
+        l.dp.writer().backend().purged.contains(&id),
+        "its connections"
+    );
+    assert!(
+        l.dp.writer()
+            .backend()
+            .purged_peers
+            .contains(&"10.0.0.4".parse().unwrap()),
+        "connections to its address, which the next pod may get"
+    );
+    // The veth gone, its index may carry a new pod.
+    l.on_link(&LinkEvent::Gone {
+        ifindex: 12,
+        name: "veth12".into(),
+    });
+    assert!(l.cni.released.is_empty());
+    // GC forgets what is not listed.
+    let _ = cni(&mut l, add("c", "uid-c", &["veth15"], &["10.0.0.4"], 5_000));
+    let mut rx = cni(&mut l, Request::Gc { valid: Vec::new() });
+    assert_eq!(rx.try_recv(), Ok(Reply::Ok));
+    assert!(l.cni.reports.is_empty());
+}
