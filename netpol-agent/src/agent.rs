@@ -326,7 +326,7 @@ impl AgentBuilder {
     }
 
     /// Serve the CNI plugin (`netpol-cni`) on this unix socket (default:
-    /// none; the DaemonSet uses [`netpol_cni::DEFAULT_SOCKET`]).
+    /// none; the `DaemonSet` uses [`netpol_cni::DEFAULT_SOCKET`]).
     #[must_use]
     pub fn cni_socket(mut self, path: Option<PathBuf>) -> Self {
         self.cni_socket = path;

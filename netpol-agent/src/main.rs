@@ -5,7 +5,10 @@
     // Subcommand modules name their argument types in full (`compile::CompileArgs`).
     clippy::module_name_repetitions,
 )]
-use std::{path::PathBuf, process::ExitCode};
+use std::{
+    path::{Path, PathBuf},
+    process::ExitCode,
+};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
@@ -165,40 +168,48 @@ struct CniArgs {
     /// Serve netpol-cni on this unix socket: a new pod's veth is bound
     /// from the plugin's report, and ADD returns once the pod's policy is
     /// in the kernel.
-    #[arg(long, value_name = "PATH")]
-    cni_socket: Option<PathBuf>,
+    #[arg(long = "cni-socket", value_name = "PATH")]
+    socket: Option<PathBuf>,
     /// Install netpol-cni from this binary (the image's
     /// /usr/lib/netpol/netpol-cni): copied into --cni-bin-dir and put last
     /// in the node's conflist; `run` keeps it there (k3s rewrites its
     /// conflist at every start). Needs --cni-socket.
-    #[arg(long, value_name = "FILE", requires = "cni_socket")]
-    cni_plugin: Option<PathBuf>,
+    #[arg(long = "cni-plugin", value_name = "FILE", requires = "socket")]
+    plugin: Option<PathBuf>,
     /// The node's CNI binaries (k3s: /var/lib/rancher/k3s/data/cni).
-    #[arg(long, value_name = "DIR", default_value = "/opt/cni/bin")]
-    cni_bin_dir: PathBuf,
+    #[arg(
+        long = "cni-bin-dir",
+        value_name = "DIR",
+        default_value = "/opt/cni/bin"
+    )]
+    bin_dir: PathBuf,
     /// The node's CNI configurations (k3s:
     /// /var/lib/rancher/k3s/agent/etc/cni/net.d).
-    #[arg(long, value_name = "DIR", default_value = "/etc/cni/net.d")]
-    cni_conf_dir: PathBuf,
+    #[arg(
+        long = "cni-conf-dir",
+        value_name = "DIR",
+        default_value = "/etc/cni/net.d"
+    )]
+    conf_dir: PathBuf,
     /// The conflist to edit (default: the first *.conflist of
     /// --cni-conf-dir, the one the runtime loads).
-    #[arg(long, value_name = "FILE")]
-    cni_conflist: Option<PathBuf>,
+    #[arg(long = "cni-conflist", value_name = "FILE")]
+    conflist: Option<PathBuf>,
     /// How long ADD waits for the agent before it fails (the runtime
     /// retries; the pod's containers do not start meanwhile).
-    #[arg(long, value_name = "MS", default_value_t = netpol_cni::DEFAULT_TIMEOUT_MS)]
-    cni_timeout_ms: u64,
+    #[arg(long = "cni-timeout-ms", value_name = "MS", default_value_t = netpol_cni::DEFAULT_TIMEOUT_MS)]
+    timeout_ms: u64,
 }
 
 impl CniArgs {
     fn install(&self) -> Option<netpol_agent::node::cni::CniInstall> {
         Some(netpol_agent::node::cni::CniInstall {
-            plugin: self.cni_plugin.clone()?,
-            bin_dir: self.cni_bin_dir.clone(),
-            conf_dir: self.cni_conf_dir.clone(),
-            conflist: self.cni_conflist.clone(),
-            socket: self.cni_socket.clone()?,
-            timeout_ms: self.cni_timeout_ms,
+            plugin: self.plugin.clone()?,
+            bin_dir: self.bin_dir.clone(),
+            conf_dir: self.conf_dir.clone(),
+            conflist: self.conflist.clone(),
+            socket: self.socket.clone()?,
+            timeout_ms: self.timeout_ms,
         })
     }
 }
@@ -388,53 +399,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             print!("{}", cmd::inspect::counters_table(&counters));
             Ok(ExitCode::SUCCESS)
         }
-        Command::Cleanup { state_dir, cni } => {
-            let cni_removed = netpol_agent::node::cni::CniInstall::remove(
-                &cni.cni_conf_dir,
-                cni.cni_conflist.as_deref(),
-                &cni.cni_bin_dir,
-            )
-            .context("removing netpol-cni")?;
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .context("starting the runtime")?;
-            let cleaned = rt
-                .block_on(datapath::cleanup(&cli.bpffs))
-                .context("cleaning up")?;
-            let state = state_dir.join(netpol_agent::provenance::STATE_FILE);
-            let state_removed = match std::fs::remove_file(&state) {
-                Ok(()) => true,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
-                Err(e) => {
-                    return Err(e).with_context(|| format!("removing {}", state.display()));
-                }
-            };
-            println!(
-                "removed {} pinned links ({}), {} netlink filters ({}), {} clsact qdiscs ({}); pins {}; state file {}; netpol-cni {}",
-                cleaned.links.len(),
-                cleaned.links.join(", "),
-                cleaned.filters.len(),
-                cleaned.filters.join(", "),
-                cleaned.qdiscs.len(),
-                cleaned.qdiscs.join(", "),
-                if cleaned.pins { "removed" } else { "absent" },
-                if state_removed { "removed" } else { "absent" },
-                if cni_removed.is_empty() {
-                    "absent".to_owned()
-                } else {
-                    format!(
-                        "removed from {}",
-                        cni_removed
-                            .iter()
-                            .map(|p| p.display().to_string())
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    )
-                },
-            );
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Cleanup { state_dir, cni } => cleanup(&cli.bpffs, &state_dir, &cni),
         Command::Compile(args) => cmd::compile::run(&args),
         Command::Inspect(args) => cmd::inspect::run(&cli.bpffs, &args),
         Command::Explain(args) => Ok(cmd::explain::run(&cli.bpffs, &args)),
@@ -445,6 +410,55 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// `netpol-agent cleanup`.
+fn cleanup(bpffs: &Path, state_dir: &Path, cni: &CniArgs) -> anyhow::Result<ExitCode> {
+    let cni_removed = netpol_agent::node::cni::CniInstall::remove(
+        &cni.conf_dir,
+        cni.conflist.as_deref(),
+        &cni.bin_dir,
+    )
+    .context("removing netpol-cni")?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    let cleaned = rt
+        .block_on(datapath::cleanup(bpffs))
+        .context("cleaning up")?;
+    let state = state_dir.join(netpol_agent::provenance::STATE_FILE);
+    let state_removed = match std::fs::remove_file(&state) {
+        Ok(()) => true,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+        Err(e) => {
+            return Err(e).with_context(|| format!("removing {}", state.display()));
+        }
+    };
+    println!(
+        "removed {} pinned links ({}), {} netlink filters ({}), {} clsact qdiscs ({}); pins {}; state file {}; netpol-cni {}",
+        cleaned.links.len(),
+        cleaned.links.join(", "),
+        cleaned.filters.len(),
+        cleaned.filters.join(", "),
+        cleaned.qdiscs.len(),
+        cleaned.qdiscs.join(", "),
+        if cleaned.pins { "removed" } else { "absent" },
+        if state_removed { "removed" } else { "absent" },
+        if cni_removed.is_empty() {
+            "absent".to_owned()
+        } else {
+            format!(
+                "removed from {}",
+                cni_removed
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        },
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 impl From<Mode> for AttachMode {
@@ -477,7 +491,7 @@ fn run_agent(bpffs: PathBuf, args: RunArgs) -> anyhow::Result<ExitCode> {
         })
         .listen(Some(args.listen))
         .cni_install(args.cni.install())
-        .cni_socket(args.cni.cni_socket.clone())
+        .cni_socket(args.cni.socket.clone())
         .state_dir(Some(args.state_dir))
         .debounce(std::time::Duration::from_millis(args.debounce_ms))
         .stuck_after(std::time::Duration::from_secs(args.stuck_after_secs))

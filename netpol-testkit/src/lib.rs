@@ -29,7 +29,7 @@ pub mod agent;
 pub mod apiserver;
 #[cfg(feature = "agent")]
 pub mod baseline;
-#[cfg(feature = "agent")]
+#[cfg(feature = "cni")]
 pub mod cni;
 #[cfg(feature = "agent")]
 pub mod compiler;

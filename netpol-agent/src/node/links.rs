@@ -60,6 +60,9 @@ pub enum LinkEvent {
         /// Its last name.
         name: String,
     },
+    /// The node resolved a neighbour (or changed one): an unbound pod may
+    /// now be found behind a bridge port.
+    Neighbour,
 }
 
 /// Why a netlink operation failed.
@@ -200,11 +203,12 @@ pub async fn watch_links(
     let (mut conn, handle, mut messages) =
         rtnetlink::new_connection().map_err(io("netlink socket"))?;
     // Subscribed before the dump, so no link born in between is missed.
+    // Neighbour events drive binding behind a bridge (see `routes`).
     conn.socket_mut()
         .socket_mut()
         .bind(&netlink_sys::SocketAddr::new(
             0,
-            rtnetlink::constants::RTMGRP_LINK,
+            rtnetlink::constants::RTMGRP_LINK | rtnetlink::constants::RTMGRP_NEIGH,
         ))
         .map_err(io("subscribing to link events"))?;
     tokio::spawn(conn);
@@ -248,6 +252,9 @@ pub async fn watch_links(
                     ifindex: l.ifindex,
                     name: l.name,
                 }
+            }
+            NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewNeighbour(_)) => {
+                LinkEvent::Neighbour
             }
             _ => continue,
         };

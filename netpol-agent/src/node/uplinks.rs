@@ -133,6 +133,7 @@ impl Uplinks {
                 }
                 None => false,
             },
+            LinkEvent::Neighbour => false,
         }
     }
 

@@ -136,10 +136,10 @@ impl<D: Dataplane> SyncLoop<D> {
                 }
                 match self.dp.writer().purge_peers(&addrs) {
                     Ok(n) => {
-                        tracing::debug!(pod = %r.pod, removed = n, "connections to its addresses forgotten")
+                        tracing::debug!(pod = %r.pod, removed = n, "connections to its addresses forgotten");
                     }
                     Err(e) => {
-                        tracing::warn!(pod = %r.pod, error = %e, "purging connections to its addresses")
+                        tracing::warn!(pod = %r.pod, error = %e, "purging connections to its addresses");
                     }
                 }
                 self.cni.done.push(reply);

@@ -102,7 +102,13 @@ impl<D: Dataplane> SyncLoop<D> {
                     }
                     return false;
                 }
-                wanted && self.add(link)
+                let added = wanted && self.add(link);
+                // A pod the API gave first may be waiting for this veth:
+                // start looking for it (and keep looking).
+                if added && self.rebind_at.is_none() {
+                    self.unbound_pods_lookup();
+                }
+                added
             }
             LinkEvent::Gone { ifindex, name } => {
                 if self.ifaces.contains_key(&ifindex) {
@@ -111,6 +117,13 @@ impl<D: Dataplane> SyncLoop<D> {
                 } else {
                     false
                 }
+            }
+            // Bindings come from the routes' answer, not from here.
+            LinkEvent::Neighbour => {
+                if self.unbound_pods_and_ifaces() {
+                    self.lookup_routes();
+                }
+                false
             }
         }
     }
@@ -371,31 +384,74 @@ impl<D: Dataplane> SyncLoop<D> {
     /// are both unbound.
     pub(super) fn unbound_pods_lookup(&mut self) {
         self.rebind_at = None;
-        let Some(compiled) = self.compiled() else {
-            return;
-        };
-        if compiled
-            .endpoints
-            .keys()
-            .all(|p| self.bindings.contains_key(p))
-        {
+        if !self.unbound_pods_and_ifaces() {
             return;
         }
         let bound: BTreeSet<u32> = self.bindings.values().copied().collect();
         let unbound: Vec<u32> = self
             .ifaces
             .keys()
-            .filter(|i| !bound.contains(i))
+            .filter(|i| !bound.contains(i) && !self.cni.released.contains(i))
             .copied()
             .collect();
-        if unbound.is_empty() {
-            return;
-        }
         self.rebind_at = Some(tokio::time::Instant::now() + REBIND);
         for i in unbound {
             self.lookup_peer(i);
         }
+        self.solicit();
         self.lookup_routes();
+    }
+
+    /// Whether a compiled pod and a pod interface are both unbound.
+    fn unbound_pods_and_ifaces(&self) -> bool {
+        let Some(compiled) = self.compiled() else {
+            return false;
+        };
+        let pods = compiled
+            .endpoints
+            .keys()
+            .any(|p| !self.bindings.contains_key(p));
+        let bound: BTreeSet<u32> = self.bindings.values().copied().collect();
+        let ifaces = self
+            .ifaces
+            .keys()
+            .any(|i| !bound.contains(i) && !self.cni.released.contains(i));
+        pods && ifaces
+    }
+
+    /// Makes the node resolve the addresses of the unbound pods: one empty
+    /// UDP datagram to port 9 (discard) of each. The kernel asks for the
+    /// address (ARP, neighbour solicitation), the pod answers (neither is
+    /// judged), and the node's neighbour entry and the bridge's FDB entry
+    /// then name the veth (see `links::routes`), even for a pod that never
+    /// sent a packet, without entering its namespace. The datagram itself
+    /// reaches the pod (the node's own traffic passes `to_pod`); the pod's
+    /// ICMP answer meets its fail-closed default and is dropped.
+    fn solicit(&self) {
+        let Some(compiled) = self.compiled() else {
+            return;
+        };
+        let targets: Vec<IpAddr> = compiled
+            .endpoints
+            .iter()
+            .filter(|(p, _)| !self.bindings.contains_key(*p))
+            .flat_map(|(_, ep)| ep.ips.iter().copied())
+            .collect();
+        if targets.is_empty() {
+            return;
+        }
+        tokio::spawn(async move {
+            for ip in targets {
+                let local: std::net::SocketAddr = if ip.is_ipv4() {
+                    (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+                } else {
+                    (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+                };
+                if let Ok(s) = tokio::net::UdpSocket::bind(local).await {
+                    let _ = s.send_to(&[], (ip, 9)).await;
+                }
+            }
+        });
     }
 
     /// Endpoint entries the interfaces should have, against what the map

@@ -648,7 +648,7 @@ async fn del_releases_the_veth_fail_closed_and_forgets_its_connections() {
     });
     assert!(l.cni.released.is_empty());
     // GC forgets what is not listed.
-    let _ = cni(&mut l, add("c", "uid-c", &["veth15"], &["10.0.0.4"], 5_000));
+    let _waiting = cni(&mut l, add("c", "uid-c", &["veth15"], &["10.0.0.4"], 5_000));
     let mut rx = cni(&mut l, Request::Gc { valid: Vec::new() });
     assert_eq!(rx.try_recv(), Ok(Reply::Ok));
     assert!(l.cni.reports.is_empty());

@@ -53,6 +53,39 @@ const DEADLINE: Duration = Duration::from_secs(60);
 /// A denied probe waits this out; an allowed one answers at once.
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(1500);
 
+/// k3s's conflist and CNI binaries (the DaemonSet's hostPaths).
+const K3S_CONFLIST: &str = "/var/lib/rancher/k3s/agent/etc/cni/net.d/10-flannel.conflist";
+const K3S_CNI_BIN: &str = "/var/lib/rancher/k3s/data/cni";
+
+/// What k3s writes there (its flannel template).
+const FLANNEL_CONFLIST: &str = r#"{
+  "name":"cbr0",
+  "cniVersion":"1.0.0",
+  "plugins":[
+    {
+      "type":"flannel",
+      "delegate":{
+        "hairpinMode":true,
+        "forceAddress":true,
+        "isDefaultGateway":true
+      }
+    },
+    {
+      "type":"portmap",
+      "capabilities":{
+        "portMappings":true
+      }
+    },
+    {
+      "type":"bandwidth",
+      "capabilities":{
+        "bandwidth":true
+      }
+    }
+  ]
+}
+"#;
+
 /// The pods of the test: name, labels, IPv4 host part.
 const PODS: [(&str, &str, u8); 3] = [
     ("server", "app: server", 10),
@@ -256,26 +289,11 @@ impl Case {
             echo::serve(&ns, &[v4, v6], PORT);
             self.pods.push(((*pod).to_owned(), ns, host_if, v4, v6));
         }
-        // The node talks to each pod, as the kubelet's probes do: the
-        // agent without CAP_SYS_ADMIN cannot enter a pod's namespace and
-        // binds a veth from the node's neighbour and bridge forwarding
-        // entries. A pod the node never talked to is issue #23's (the CNI
-        // plugin reports it).
-        for (_, _, _, v4, v6) in &self.pods {
-            for a in [v4, v6] {
-                sh(Command::new("ip").args([
-                    "netns",
-                    "exec",
-                    &n,
-                    "ping",
-                    "-c",
-                    "1",
-                    "-W",
-                    "2",
-                    &a.to_string(),
-                ]))?;
-            }
-        }
+        // Nothing talks to the pods before the agent runs: the agent
+        // without CAP_SYS_ADMIN cannot enter a pod's namespace, and binds
+        // these (made without netpol-cni) by making the node resolve their
+        // addresses, then reading its neighbour and bridge forwarding
+        // entries. `cni_pods` makes pods with the plugin.
         Ok(())
     }
 
@@ -338,6 +356,7 @@ impl Case {
         println!("deploy-test: netpol-cni put back into a rewritten {K3S_CONFLIST}");
 
         self.enforced_before_and_after_policy()?;
+        self.cni_pods()?;
         self.inspect_and_explain(&agent_name)?;
         self.scrape()?;
 
@@ -552,6 +571,95 @@ status: {{phase: Running, podIP: \"{v4}\", podIPs: [{{ip: \"{v4}\"}}, {{ip: \"{v
             "deploy-test: policy server-ingress enforced: allowed -> server passes and denied -> \
              server is dropped, IPv4 and IPv6"
         );
+        Ok(())
+    }
+
+    /// Pods made by a CNI chain with the plugin the init container
+    /// installed, talking to the agent in its container: each is enforced
+    /// the moment ADD returns, with the variant's capabilities (the base
+    /// one cannot enter a pod's namespace), before the API server has its
+    /// addresses and before it sends a packet.
+    fn cni_pods(&self) -> Result<()> {
+        use netpol_testkit::cni::{Chain, Sandbox, result_ips};
+        let ipam = self.node.root.join("var/lib/cni/networks");
+        std::fs::create_dir_all(&ipam)?;
+        let chain = Chain {
+            conflist: serde_json::json!({
+                "cniVersion": "1.0.0",
+                "name": "cbr0",
+                "plugins": [
+                    {
+                        "type": "bridge", "bridge": "cni0", "isGateway": true, "hairpinMode": true,
+                        "ipam": {
+                            "type": "host-local", "dataDir": ipam,
+                            "ranges": [
+                                [{"subnet": "10.42.0.0/24", "rangeStart": "10.42.0.100", "gateway": "10.42.0.1"}],
+                                [{"subnet": "fd42::/64", "rangeStart": "fd42::100", "gateway": "fd42::1"}],
+                            ],
+                        },
+                    },
+                    {
+                        "type": "netpol-cni",
+                        "socket": self.node.host_file("/run/netpol").join("cni.sock"),
+                        "timeoutMs": 5000,
+                    },
+                ],
+            }),
+            path: vec![
+                self.node.host_file(K3S_CNI_BIN),
+                PathBuf::from(netpol_testkit::cni::DEBIAN_PLUGINS),
+            ],
+        };
+        let server = self.pod("server");
+        for (name, labels, want) in [
+            ("late-allowed", "app: client, access: \"true\"", true),
+            ("late-denied", "app: client", false),
+        ] {
+            self.create(&format!(
+                "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: demo, uid: uid-{name}, \
+                 labels: {{{labels}}}}}\nspec: {{nodeName: {node}, containers: [{{name: c, image: x}}]}}\n\
+                 status: {{phase: Pending}}\n",
+                node = self.node.name
+            ))?;
+            let ns = Netns::create(format!("npdt-{}-{name}", &self.variant[..1]))?;
+            let sandbox = Sandbox::new("demo", name);
+            let start = std::time::Instant::now();
+            let result = chain
+                .add(&self.node_ns, &ns, &sandbox)
+                .map_err(|e| anyhow::anyhow!("ADD {name}: {e}"))
+                .map_err(|e| e.context(self.endpoints()))?;
+            let took = start.elapsed();
+            let ips = result_ips(&result);
+            ensure!(ips.len() == 2, "ADD {name}: {result}");
+            // At once: an allowed connection is answered on its first SYN
+            // (shorter than its retransmission), a denied one never.
+            let timeout = if want {
+                Duration::from_millis(900)
+            } else {
+                CONNECT_TIMEOUT
+            };
+            for dst in [server.3, server.4] {
+                let got = echo::connects(&ns, dst, PORT, timeout);
+                ensure!(
+                    got == want,
+                    "{name} -> {dst} right after ADD (took {took:?}): {}",
+                    if want {
+                        "not answered on its first SYN"
+                    } else {
+                        "connected, yet denied"
+                    }
+                );
+            }
+            println!(
+                "deploy-test: {name} made by bridge + netpol-cni (ADD {} ms): {} server on its \
+                 first SYN, IPv4 and IPv6",
+                took.as_millis(),
+                if want { "reaches" } else { "never reaches" }
+            );
+            chain
+                .del(&self.node_ns, &ns, &sandbox, Some(&result))
+                .map_err(|e| anyhow::anyhow!("DEL {name}: {e}"))?;
+        }
         Ok(())
     }
 
@@ -977,36 +1085,3 @@ mod tests {
         assert!(parse_metrics("# only comments\n").is_err());
     }
 }
-
-/// k3s's conflist and CNI binaries (the DaemonSet's hostPaths).
-const K3S_CONFLIST: &str = "/var/lib/rancher/k3s/agent/etc/cni/net.d/10-flannel.conflist";
-const K3S_CNI_BIN: &str = "/var/lib/rancher/k3s/data/cni";
-
-/// What k3s writes there (its flannel template).
-const FLANNEL_CONFLIST: &str = r#"{
-  "name":"cbr0",
-  "cniVersion":"1.0.0",
-  "plugins":[
-    {
-      "type":"flannel",
-      "delegate":{
-        "hairpinMode":true,
-        "forceAddress":true,
-        "isDefaultGateway":true
-      }
-    },
-    {
-      "type":"portmap",
-      "capabilities":{
-        "portMappings":true
-      }
-    },
-    {
-      "type":"bandwidth",
-      "capabilities":{
-        "bandwidth":true
-      }
-    }
-  ]
-}
-"#;

@@ -195,22 +195,22 @@ impl Backend for KernelBackend {
     }
 
     fn purge_peers(&mut self, peers: &[std::net::IpAddr]) -> Result<usize, BackendError> {
-        let keys: Vec<(u8, [u8; 16])> = peers
+        let keys: Vec<(u32, [u8; 16])> = peers
             .iter()
             .map(|ip| {
                 let mut a = [0u8; 16];
                 match ip {
                     std::net::IpAddr::V4(v4) => {
                         a[..4].copy_from_slice(&v4.octets());
-                        (netpol_common::family::IPV4 as u8, a)
+                        (netpol_common::family::IPV4, a)
                     }
-                    std::net::IpAddr::V6(v6) => (netpol_common::family::IPV6 as u8, v6.octets()),
+                    std::net::IpAddr::V6(v6) => (netpol_common::family::IPV6, v6.octets()),
                 }
             })
             .collect();
         self.purge_where(|k| {
             keys.iter()
-                .any(|(f, a)| k.family == *f && k.peer_addr == *a)
+                .any(|(f, a)| u32::from(k.family) == *f && k.peer_addr == *a)
         })
     }
 }
