@@ -31,6 +31,10 @@
 //! difference in remote pods (policies and namespaces grow too, and are
 //! charged to the pods).
 //!
+//! **Pod start** (`cargo bench --bench agent_api -- pod-start`, which
+//! `cargo xtask bench pod-start` runs): see [`pod_start`]; writes
+//! `target/netpol-bench/pod_start.json`.
+//!
 //! Writes `target/netpol-bench/agent_api.json`. `cargo bench --bench
 //! agent_api -- cold` (or `changes`) runs one part. The environment:
 //! `NETPOL_AGENT_BIN` the agent binary (`cargo xtask bench agent` passes
@@ -275,6 +279,11 @@ fn attach_mode() -> Option<String> {
 
 impl Agent {
     fn start(node: &Netns, bpffs: &Path, api: &Api) -> Self {
+        Self::start_with(node, bpffs, api, "nph*", &[])
+    }
+
+    /// [`Self::start`] with another pod-interface glob and more arguments.
+    fn start_with(node: &Netns, bpffs: &Path, api: &Api, interfaces: &str, extra: &[String]) -> Self {
         let log = std::env::temp_dir().join(unique("netpol-bench-agent-"));
         let state = std::env::temp_dir().join(unique("netpol-bench-state-"));
         let file = std::fs::File::create(&log).expect("agent log");
@@ -283,7 +292,8 @@ impl Agent {
             .arg(bpffs)
             .arg("run")
             .args(attach_mode().map(|m| format!("--attach-mode={m}")))
-            .args(["--node", LOCAL, "--interfaces", "nph*", "--listen", LISTEN])
+            .args(["--node", LOCAL, "--interfaces", interfaces, "--listen", LISTEN])
+            .args(extra)
             .arg("--state-dir")
             .arg(&state)
             .env("KUBECONFIG", &api.kubeconfig)
@@ -633,6 +643,98 @@ fn cold_start(size: &Size) -> Value {
            "resident_bytes": rss, "idle_cpu": idle})
 }
 
+/// How many pods `pod_start` starts.
+const POD_STARTS: usize = 200;
+
+/// **Pod start**, on the 10,000-pod cluster: each pod's Pod object is
+/// created (pending, no addresses, in `ns-1` with `app: app-1`, which the
+/// cluster's policies select both ways), then its sandbox through the CNI
+/// chain as the runtime runs it (Debian's `bridge` with host-local,
+/// `portmap`, then `netpol-cni`, each plugin a process), then deleted. The
+/// figure is the time of the `netpol-cni` step alone (process start, the
+/// agent's compile and apply, its answer): what the plugin adds to a pod's
+/// start. Right after each ADD, `/status` must show the pod's veth bound
+/// and programmed (its full policy in force before any container runs);
+/// the count of those that were not is reported and must be 0. Leaves
+/// out: the kubelet and containerd, image pulls, and the API server's
+/// latency (the Pod object exists before the sandbox, as in a cluster).
+fn pod_start() -> Value {
+    let plugin = PathBuf::from(
+        std::env::var("NETPOL_CNI_BIN").expect("NETPOL_CNI_BIN: the netpol-cni binary"),
+    );
+    let size = &SMALL;
+    let node = node();
+    let bpffs = TempBpffs::new();
+    let api = Api::start(&node);
+    api.fake.apply_all(cluster(size, &[]));
+    let dir = std::env::temp_dir().join(unique("netpol-bench-cni-"));
+    std::fs::create_dir_all(dir.join("ipam")).expect("bench folder");
+    let socket = dir.join("cni.sock");
+    let chain = netpol_testkit::cni::Chain::flannel_like(
+        &plugin,
+        &socket,
+        &dir.join("ipam"),
+        "10.201.0.0/24",
+        "fd00:201::/64",
+    );
+    let mut agent = Agent::start_with(
+        &node,
+        bpffs.path(),
+        &api,
+        "veth*",
+        &[format!("--cni-socket={}", socket.display())],
+    );
+    agent.wait_programmed(&[], Duration::from_secs(60));
+    let plugins = chain.conflist["plugins"].as_array().cloned().unwrap_or_default();
+    let (mut bridge, mut netpol) = (Vec::new(), Vec::new());
+    let mut late = 0;
+    for i in 0..POD_STARTS {
+        let name = format!("start-{i}");
+        api.fake.apply(json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": "ns-1", "uid": format!("uid-{name}"),
+                         "labels": {"app": "app-1"}},
+            "spec": {"nodeName": LOCAL, "containers": [{"name": "c"}]},
+            "status": {"phase": "Pending"}
+        }));
+        let pod = Netns::new("npbs");
+        let sandbox = netpol_testkit::cni::Sandbox::new("ns-1", &name);
+        let mut prev: Option<Value> = None;
+        for p in &plugins {
+            let t = Instant::now();
+            let r = chain
+                .exec(&node, &pod, &sandbox, "ADD", p, prev.as_ref())
+                .unwrap_or_else(|e| panic!("ADD {name}: {e}; agent log:\n{}", agent.log()));
+            let took = t.elapsed();
+            match p["type"].as_str() {
+                Some("bridge") => bridge.push(took),
+                Some("netpol-cni") => netpol.push(took),
+                _ => {}
+            }
+            prev = Some(r);
+        }
+        let result = prev.expect("a result");
+        let veth = result["interfaces"][1]["name"].as_str().unwrap_or_default().to_owned();
+        if !agent.status().is_some_and(|s| programmed(&s, &veth)) {
+            late += 1;
+        }
+        chain
+            .del(&node, &pod, &sandbox, Some(&result))
+            .unwrap_or_else(|e| panic!("DEL {name}: {e}"));
+        api.fake.delete("Pod", "ns-1", &name);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    let (b50, b99) = percentiles(bridge);
+    let (n50, n99) = percentiles(netpol);
+    println!(
+        "pod start: netpol-cni p50 {n50:.2} ms, p99 {n99:.2} ms (bridge p50 {b50:.2} ms, p99 \
+         {b99:.2} ms); not programmed when ADD returned: {late} of {POD_STARTS}"
+    );
+    json!({"pods": POD_STARTS, "cluster_pods": size.pods, "netpol_cni_p50_ms": n50,
+           "netpol_cni_p99_ms": n99, "bridge_p50_ms": b50, "bridge_p99_ms": b99,
+           "not_programmed_at_add": late})
+}
+
 fn main() {
     if !netpol_agent::privileges::is_root() {
         eprintln!(
@@ -661,6 +763,19 @@ fn main() {
         }
         report.insert("cluster".into(), cluster);
         report.insert("changes".into(), Value::Array(rows));
+    }
+    // Only when asked for (`cargo xtask bench pod-start`): it needs the
+    // plugin's binary.
+    if filter.as_deref() == Some("pod-start") {
+        report.insert("pod_start".into(), pod_start());
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/netpol-bench");
+        std::fs::create_dir_all(&dir).expect("bench output folder");
+        std::fs::write(
+            dir.join("pod_start.json"),
+            serde_json::to_string_pretty(&Value::Object(report)).expect("json"),
+        )
+        .expect("writing the bench result");
+        return;
     }
     if wants("cold") {
         let small = cold_start(&SMALL);

@@ -73,7 +73,8 @@ enum Cmd {
     /// Run benchmarks and record them in docs/PERFORMANCE.md.
     Bench {
         /// Which: `datapath` (per packet, root), `compiler`, `agent` (new
-        /// pod to enforced, root), `kube` (initial sync and memory against
+        /// pod to enforced, root), `pod-start` (what netpol-cni adds to a
+        /// pod's CNI chain, root), `kube` (initial sync and memory against
         /// a fake API server), `control` and `throughput` (netpol against
         /// a kube-router-style iptables + ipset baseline, root), or `all`.
         #[arg(default_value = "all")]
@@ -89,6 +90,15 @@ enum Cmd {
     /// Write deploy/netpol.yaml (deploy/base in one file, for k3s's
     /// auto-deploy folder) with `kubectl kustomize`.
     RenderDeploy,
+    /// Start and delete pods through the CNI chain (bridge, portmap,
+    /// netpol-cni), each with a random policy, reusing addresses: every
+    /// connection gets its policy's verdict from ADD on (`cargo test` runs
+    /// 40 of them; this runs `--pods`, 1,000 by default; as root).
+    CniChurn {
+        /// How many pods.
+        #[arg(long, default_value_t = 1000)]
+        pods: usize,
+    },
     /// Run the datapath tests on Debian kernels 5.10, 6.1 and 6.12, each
     /// booted in qemu (as root; kernels cached under target/vm).
     VmTest {
@@ -134,6 +144,23 @@ fn main() -> Result<()> {
         Cmd::RenderDeploy => deploy::render(),
         Cmd::Image => image::build().map(drop),
         Cmd::DeployTest => deploy_test::run(),
+        Cmd::CniChurn { pods } => {
+            bootstrap::debian_tools()?;
+            let object = build_ebpf()?;
+            run(cargo("stable")
+                .args([
+                    "test",
+                    "-p",
+                    "netpol-cni",
+                    "--test",
+                    "chain",
+                    "pods_started_and_deleted",
+                    "--",
+                    "--nocapture",
+                ])
+                .env("NETPOL_CNI_CHURN", pods.to_string())
+                .env("NETPOL_EBPF_OBJECT", &object))
+        }
         Cmd::VmTest { kernel } => vm::test(&vm::select(&kernel)?),
         Cmd::Conformance {
             scenarios,
@@ -159,18 +186,20 @@ fn main() -> Result<()> {
             "datapath" => bench::datapath(),
             "compiler" => bench::compiler(),
             "agent" => bench::agent(),
+            "pod-start" => bench::pod_start(),
             "kube" => bench::kube(),
             "control" => bench::control(),
             "throughput" => bench::throughput(),
             "all" => bench::compiler()
                 .and_then(|()| bench::datapath())
                 .and_then(|()| bench::agent())
+                .and_then(|()| bench::pod_start())
                 .and_then(|()| bench::kube())
                 .and_then(|()| bench::control())
                 .and_then(|()| bench::throughput()),
             other => bail!(
-                "unknown bench {other:?}: datapath, compiler, agent, kube, control, throughput \
-                 or all"
+                "unknown bench {other:?}: datapath, compiler, agent, pod-start, kube, control, \
+                 throughput or all"
             ),
         },
     }

@@ -651,10 +651,9 @@ status: {{phase: Running, podIP: \"{v4}\", podIPs: [{{ip: \"{v4}\"}}, {{ip: \"{v
                 );
             }
             println!(
-                "deploy-test: {name} made by bridge + netpol-cni (ADD {} ms): {} server on its \
-                 first SYN, IPv4 and IPv6",
+                "deploy-test: {name} made by bridge + netpol-cni (ADD {} ms): {}, IPv4 and IPv6",
                 took.as_millis(),
-                if want { "reaches" } else { "never reaches" }
+                if want { "reaches server on its first SYN" } else { "never reaches server" }
             );
             chain
                 .del(&self.node_ns, &ns, &sandbox, Some(&result))
