@@ -487,7 +487,12 @@ fn pods_started_and_deleted_with_reused_addresses_get_exactly_their_policy() {
             .unwrap_or_else(|e| panic!("DEL {name}: {e}"));
         node.manifests.remove(&format!("{name}.yaml"));
     }
-    assert!(wrong.is_empty(), "{} of {n} pods:\n{}", wrong.len(), wrong.join("\n"));
+    assert!(
+        wrong.is_empty(),
+        "{} of {n} pods:\n{}",
+        wrong.len(),
+        wrong.join("\n")
+    );
     assert!(
         addresses.len() <= 16 && n > 16,
         "addresses were reused: {addresses:?}"

@@ -398,6 +398,28 @@ async fn nsid_of(handle: &mut Handle, file: &std::fs::File) -> Option<i32> {
 /// When the route dump fails.
 pub async fn routes() -> Result<Vec<(IpNet, u32)>, InterfaceError> {
     let handle = connect()?;
+    let mut out: Vec<(IpNet, u32)> = kernel_routes(&handle)
+        .await?
+        .into_iter()
+        .map(|r| (r.dst, r.oif))
+        .collect();
+    // Best effort: a node that never spoke to a pod has no entry for it.
+    if let Ok(ports) = neighbour_ports(&handle).await {
+        out.extend(ports.into_iter().map(|(ip, port)| (IpNet::from(ip), port)));
+    }
+    Ok(out)
+}
+
+/// A route of the node's tables.
+struct Route {
+    dst: IpNet,
+    oif: u32,
+    /// Unicast and with no gateway: its destinations are resolved on `oif`.
+    on_link: bool,
+}
+
+/// Every route with a destination and an output interface, both families.
+async fn kernel_routes(handle: &Handle) -> Result<Vec<Route>, InterfaceError> {
     let mut out = Vec::new();
     for v6 in [false, true] {
         let version = if v6 { IpVersion::V6 } else { IpVersion::V4 };
@@ -418,6 +440,7 @@ pub async fn routes() -> Result<Vec<(IpNet, u32)>, InterfaceError> {
             let len = msg.header.destination_prefix_length;
             let mut dst = None;
             let mut oif = None;
+            let mut gateway = false;
             for a in &msg.attributes {
                 match a {
                     RouteAttribute::Destination(RouteAddress::Inet(a)) => {
@@ -427,19 +450,62 @@ pub async fn routes() -> Result<Vec<(IpNet, u32)>, InterfaceError> {
                         dst = IpNet::new(IpAddr::V6(*a), len).ok();
                     }
                     RouteAttribute::Oif(i) => oif = Some(*i),
+                    RouteAttribute::Gateway(_) | RouteAttribute::Via(_) => gateway = true,
                     _ => {}
                 }
             }
-            if let (Some(d), Some(o)) = (dst, oif) {
-                out.push((d, o));
+            if let (Some(dst), Some(oif)) = (dst, oif) {
+                let unicast = msg.header.kind == netlink_packet_route::route::RouteType::Unicast;
+                out.push(Route {
+                    dst,
+                    oif,
+                    on_link: unicast && !gateway,
+                });
             }
         }
     }
-    // Best effort: a node that never spoke to a pod has no entry for it.
-    if let Ok(ports) = neighbour_ports(&handle).await {
-        out.extend(ports.into_iter().map(|(ip, port)| (IpNet::from(ip), port)));
-    }
     Ok(out)
+}
+
+/// Makes the node resolve each of `ips` on the link its longest on-link
+/// route names, as `ip neigh replace IP dev DEV use nud none` does
+/// (`NTF_USE`: the kernel sends ARP or a neighbour solicitation as if a
+/// packet were waiting). No packet goes to the pod; its answer (never
+/// judged) gives the node a neighbour entry and the bridge an FDB entry
+/// for its port, which [`routes`] then reads. Addresses without an on-link
+/// route are skipped. Returns how many were asked for.
+///
+/// # Errors
+/// When the route dump fails; a refused neighbour request is skipped.
+pub async fn resolve(ips: &[IpAddr]) -> Result<usize, InterfaceError> {
+    use netlink_packet_route::neighbour::{NeighbourFlag, NeighbourState};
+    let handle = connect()?;
+    let routes = kernel_routes(&handle).await?;
+    let mut asked = 0;
+    for ip in ips {
+        let Some(r) = routes
+            .iter()
+            .filter(|r| r.on_link && r.dst.contains(ip))
+            .max_by_key(|r| r.dst.prefix_len())
+        else {
+            continue;
+        };
+        let sent = handle
+            .neighbours()
+            .add(r.oif, *ip)
+            .state(NeighbourState::None)
+            .flags(vec![NeighbourFlag::Use])
+            .replace()
+            .execute()
+            .await;
+        match sent {
+            Ok(()) => asked += 1,
+            Err(e) => {
+                tracing::debug!(%ip, oif = r.oif, error = %e, "asking the node to resolve a pod")
+            }
+        }
+    }
+    Ok(asked)
 }
 
 /// `(neighbour address, bridge port)` for every IP neighbour on a bridge

@@ -419,14 +419,11 @@ impl<D: Dataplane> SyncLoop<D> {
         pods && ifaces
     }
 
-    /// Makes the node resolve the addresses of the unbound pods: one empty
-    /// UDP datagram to port 9 (discard) of each. The kernel asks for the
-    /// address (ARP, neighbour solicitation), the pod answers (neither is
-    /// judged), and the node's neighbour entry and the bridge's FDB entry
-    /// then name the veth (see `links::routes`), even for a pod that never
-    /// sent a packet, without entering its namespace. The datagram itself
-    /// reaches the pod (the node's own traffic passes `to_pod`); the pod's
-    /// ICMP answer meets its fail-closed default and is dropped.
+    /// Makes the node resolve the addresses of the unbound pods
+    /// ([`links::resolve`]: ARP or neighbour solicitation, no packet to
+    /// the pod): the node's neighbour entry and the bridge's FDB entry then
+    /// name the veth, for a pod that never sent a packet, without entering
+    /// its namespace. A neighbour event follows, which reads them.
     fn solicit(&self) {
         let Some(compiled) = self.compiled() else {
             return;
@@ -441,15 +438,8 @@ impl<D: Dataplane> SyncLoop<D> {
             return;
         }
         tokio::spawn(async move {
-            for ip in targets {
-                let local: std::net::SocketAddr = if ip.is_ipv4() {
-                    (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
-                } else {
-                    (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
-                };
-                if let Ok(s) = tokio::net::UdpSocket::bind(local).await {
-                    let _ = s.send_to(&[], (ip, 9)).await;
-                }
+            if let Err(e) = links::resolve(&targets).await {
+                tracing::debug!(error = %e, "asking the node to resolve unbound pods");
             }
         });
     }

@@ -419,6 +419,33 @@ fn binds_without_its_namespace(topo: Topology, api_first: bool) {
     );
 }
 
+/// A pod whose addresses the API gave before its veth appeared, its
+/// namespace visible: the lookup at link time finds no address yet (the
+/// CNI addresses the peer after creating it), and the agent keeps looking
+/// until it binds.
+#[test]
+fn a_pod_known_before_its_veth_binds_once_its_peer_is_addressed() {
+    if !privileged() {
+        return;
+    }
+    let node = node(Topology::Bridge, true);
+    let bpffs = TempBpffs::new();
+    let m = Manifests::new();
+    m.write("00-base.yaml", BASE);
+    m.write(
+        "a.yaml",
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: a, namespace: x, labels: {app: a}}\n\
+         spec: {nodeName: n1, containers: [{name: c}]}\n\
+         status: {phase: Running, podIPs: [{ip: 10.42.0.5}, {ip: \"fd42::5\"}]}\n",
+    );
+    let mut agent = Running::start(&node, bpffs.path(), &m);
+    agent.wait_enforced(&m);
+    let a = pod(&node, Topology::Bridge, 5, true);
+    agent.wait("a bound after its peer got its addresses", |s| {
+        interface(s, &a.host_if).is_some_and(|i| i.programmed && i.pod.as_deref() == Some("x/a"))
+    });
+}
+
 #[test]
 fn a_silent_bridged_pod_whose_addresses_were_known_first_binds_without_its_namespace() {
     if !privileged() {

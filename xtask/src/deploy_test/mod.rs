@@ -609,6 +609,7 @@ status: {{phase: Running, podIP: \"{v4}\", podIPs: [{{ip: \"{v4}\"}}, {{ip: \"{v
                 self.node.host_file(K3S_CNI_BIN),
                 PathBuf::from(netpol_testkit::cni::DEBIAN_PLUGINS),
             ],
+            direct: false,
         };
         let server = self.pod("server");
         for (name, labels, want) in [
@@ -653,7 +654,11 @@ status: {{phase: Running, podIP: \"{v4}\", podIPs: [{{ip: \"{v4}\"}}, {{ip: \"{v
             println!(
                 "deploy-test: {name} made by bridge + netpol-cni (ADD {} ms): {}, IPv4 and IPv6",
                 took.as_millis(),
-                if want { "reaches server on its first SYN" } else { "never reaches server" }
+                if want {
+                    "reaches server on its first SYN"
+                } else {
+                    "never reaches server"
+                }
             );
             chain
                 .del(&self.node_ns, &ns, &sandbox, Some(&result))
