@@ -501,7 +501,7 @@ pub async fn resolve(ips: &[IpAddr]) -> Result<usize, InterfaceError> {
         match sent {
             Ok(()) => asked += 1,
             Err(e) => {
-                tracing::debug!(%ip, oif = r.oif, error = %e, "asking the node to resolve a pod")
+                tracing::debug!(%ip, oif = r.oif, error = %e, "asking the node to resolve a pod");
             }
         }
     }
