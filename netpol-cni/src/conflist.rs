@@ -341,33 +341,7 @@ mod tests {
     use super::*;
 
     /// k3s's flannel conflist, as k3s writes it.
-    const K3S: &str = r#"{
-  "name":"cbr0",
-  "cniVersion":"1.0.0",
-  "plugins":[
-    {
-      "type":"flannel",
-      "delegate":{
-        "hairpinMode":true,
-        "forceAddress":true,
-        "isDefaultGateway":true
-      }
-    },
-    {
-      "type":"portmap",
-      "capabilities":{
-        "portMappings":true
-      }
-    },
-    {
-      "type":"bandwidth",
-      "capabilities":{
-        "bandwidth":true
-      }
-    }
-  ]
-}
-"#;
+    const K3S: &str = netpol_testkit::cni::K3S_FLANNEL_CONFLIST;
 
     fn ours() -> Value {
         entry("/run/netpol/cni.sock", 10_000)

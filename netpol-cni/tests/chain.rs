@@ -365,26 +365,16 @@ fn an_agent_stopping_during_add_fails_it() {
     );
 }
 
-/// The churned pods' policies: `egress-server` pods reach only `server`,
-/// `egress-other` pods only `other`; `open` pods are selected by none.
-const CHURN_POLICIES: &str = r"
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: egress-server, namespace: x}
-spec:
-  podSelector: {matchLabels: {role: egress-server}}
-  policyTypes: [Egress]
-  egress: [{to: [{podSelector: {matchLabels: {app: server}}}], ports: [{port: 8080}]}]
----
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: egress-other, namespace: x}
-spec:
-  podSelector: {matchLabels: {role: egress-other}}
-  policyTypes: [Egress]
-  egress: [{to: [{podSelector: {matchLabels: {app: other}}}], ports: [{port: 8080}]}]
-";
-
+/// A churned pod's policy: pods labelled `role: egress-<to>` reach only
+/// `to` on 8080 (`open` pods are selected by none).
+fn churn_policy(to: &str) -> String {
+    format!(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\n\
+         metadata: {{name: egress-{to}, namespace: x}}\n\
+         spec: {{podSelector: {{matchLabels: {{role: egress-{to}}}}}, policyTypes: [Egress],\n  \
+         egress: [{{to: [{{podSelector: {{matchLabels: {{app: {to}}}}}}}], ports: [{{port: 8080}}]}}]}}\n"
+    )
+}
 /// How many pods `churn` starts and deletes: `NETPOL_CNI_CHURN`, else 40
 /// (`cargo xtask cni-churn` runs 1,000).
 fn churn_count() -> usize {
@@ -411,7 +401,10 @@ fn pods_started_and_deleted_with_reused_addresses_get_exactly_their_policy() {
     ipam[0][0]["rangeEnd"] = "10.244.7.17".into();
     ipam[1][0]["rangeStart"] = "fd00:244:7::10".into();
     ipam[1][0]["rangeEnd"] = "fd00:244:7::17".into();
-    node.manifests.write("20-churn.yaml", CHURN_POLICIES);
+    for to in ["server", "other"] {
+        node.manifests
+            .write(&format!("20-churn-{to}.yaml"), &churn_policy(to));
+    }
     let mut agent = node.agent();
     let mut ips = std::collections::BTreeMap::new();
     let mut keep = Vec::new();

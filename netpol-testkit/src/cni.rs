@@ -14,6 +14,36 @@ use serde_json::{Value, json};
 
 use crate::netns::Netns;
 
+/// k3s's flannel conflist as k3s writes it at every start (its template),
+/// for the installer's tests.
+pub const K3S_FLANNEL_CONFLIST: &str = r#"{
+  "name":"cbr0",
+  "cniVersion":"1.0.0",
+  "plugins":[
+    {
+      "type":"flannel",
+      "delegate":{
+        "hairpinMode":true,
+        "forceAddress":true,
+        "isDefaultGateway":true
+      }
+    },
+    {
+      "type":"portmap",
+      "capabilities":{
+        "portMappings":true
+      }
+    },
+    {
+      "type":"bandwidth",
+      "capabilities":{
+        "bandwidth":true
+      }
+    }
+  ]
+}
+"#;
+
 /// Where Debian's containernetworking-plugins puts the plugins.
 pub const DEBIAN_PLUGINS: &str = "/usr/lib/cni";
 

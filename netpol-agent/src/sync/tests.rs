@@ -146,14 +146,7 @@ fn cluster(from: &str) -> Arc<Input> {
 }
 
 fn veth(l: &mut SyncLoop<Fake>, ifindex: u32, ip: &str) {
-    l.on_link(&LinkEvent::Present(Link {
-        ifindex,
-        name: format!("veth{ifindex}"),
-        veth: true,
-        kind: Some("veth".into()),
-        peer_netnsid: None,
-        peer_ifindex: None,
-    }));
+    silent_veth(l, ifindex);
     let result = Ok(vec![ip.parse().expect("address")]);
     if l.on_found(Found::Peer { ifindex, result }) {
         l.sync_endpoints_and_publish();

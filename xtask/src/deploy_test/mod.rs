@@ -58,33 +58,7 @@ const K3S_CONFLIST: &str = "/var/lib/rancher/k3s/agent/etc/cni/net.d/10-flannel.
 const K3S_CNI_BIN: &str = "/var/lib/rancher/k3s/data/cni";
 
 /// What k3s writes there (its flannel template).
-const FLANNEL_CONFLIST: &str = r#"{
-  "name":"cbr0",
-  "cniVersion":"1.0.0",
-  "plugins":[
-    {
-      "type":"flannel",
-      "delegate":{
-        "hairpinMode":true,
-        "forceAddress":true,
-        "isDefaultGateway":true
-      }
-    },
-    {
-      "type":"portmap",
-      "capabilities":{
-        "portMappings":true
-      }
-    },
-    {
-      "type":"bandwidth",
-      "capabilities":{
-        "bandwidth":true
-      }
-    }
-  ]
-}
-"#;
+const FLANNEL_CONFLIST: &str = netpol_testkit::cni::K3S_FLANNEL_CONFLIST;
 
 /// The pods of the test: name, labels, IPv4 host part.
 const PODS: [(&str, &str, u8); 3] = [
