@@ -106,6 +106,17 @@ pub fn uninstall(file: &str, text: &str) -> Result<Option<String>, ConflistError
 /// # Errors
 /// [`ConflistError::Io`], [`ConflistError::NoConflist`].
 pub fn find(dir: &Path) -> Result<PathBuf, ConflistError> {
+    all(dir)?
+        .into_iter()
+        .next()
+        .ok_or_else(|| ConflistError::NoConflist(dir.display().to_string()))
+}
+
+/// Every `*.conflist` of `dir`, by name.
+///
+/// # Errors
+/// [`ConflistError::Io`] when `dir` cannot be listed.
+pub fn all(dir: &Path) -> Result<Vec<PathBuf>, ConflistError> {
     let mut names: Vec<PathBuf> = std::fs::read_dir(dir)
         .map_err(|source| ConflistError::Io {
             op: "listing",
@@ -117,10 +128,7 @@ pub fn find(dir: &Path) -> Result<PathBuf, ConflistError> {
         .filter(|p| p.extension().is_some_and(|x| x == "conflist"))
         .collect();
     names.sort();
-    names
-        .into_iter()
-        .next()
-        .ok_or_else(|| ConflistError::NoConflist(dir.display().to_string()))
+    Ok(names)
 }
 
 /// What [`edit_file`] did.
@@ -278,39 +286,27 @@ fn plugins_array(text: &str) -> Option<Range<usize>> {
     Some(open + 1..close?)
 }
 
-/// The `[` of the top-level `plugins` value, found by walking top-level
-/// keys (strings at depth 1 directly followed by `:`).
+/// The `[` of the top-level `plugins` value: a string opening at depth 1
+/// that reads `"plugins"` (an escaped quote would differ), then `:`.
 fn find_key(text: &str) -> Option<usize> {
-    let bytes = text.as_bytes();
-    let mut depth = 0usize;
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'"' => {
-                let start = i;
-                i += 1;
-                while i < bytes.len() && bytes[i] != b'"' {
-                    if bytes[i] == b'\\' {
-                        i += 1;
-                    }
-                    i += 1;
-                }
-                let key = &text[start..=i.min(bytes.len() - 1)];
-                let after = text[i + 1..].trim_start();
-                if depth == 1 && key == "\"plugins\"" && after.starts_with(':') {
-                    let v = after[1..].trim_start();
-                    if v.starts_with('[') {
-                        return Some(text.len() - v.len());
-                    }
-                }
-            }
-            b'{' | b'[' => depth += 1,
-            b'}' | b']' => depth = depth.saturating_sub(1),
-            _ => {}
+    let mut found = None;
+    walk(text, 0..text.len(), |i, b, depth| {
+        if b != b'"' || depth != 1 {
+            return true;
         }
-        i += 1;
-    }
-    None
+        let Some(after) = text[i..].strip_prefix("\"plugins\"") else {
+            return true;
+        };
+        let after = after.trim_start();
+        if let Some(v) = after.strip_prefix(':').map(str::trim_start)
+            && v.starts_with('[')
+        {
+            found = Some(text.len() - v.len());
+            return false;
+        }
+        true
+    });
+    found
 }
 
 /// The elements of an array's inside, trimmed of whitespace.

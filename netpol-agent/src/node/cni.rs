@@ -192,14 +192,8 @@ impl CniInstall {
         bin_dir: &Path,
     ) -> Result<Vec<PathBuf>, netpol_cni::conflist::ConflistError> {
         use netpol_cni::conflist::{Edit, edit_file, uninstall};
-        let mut files: Vec<PathBuf> = std::fs::read_dir(conf_dir)
-            .map(|d| {
-                d.filter_map(Result::ok)
-                    .map(|e| e.path())
-                    .filter(|p| p.extension().is_some_and(|x| x == "conflist"))
-                    .collect()
-            })
-            .unwrap_or_default();
+        // A folder that cannot be listed holds no entry of ours to remove.
+        let mut files = netpol_cni::conflist::all(conf_dir).unwrap_or_default();
         files.extend(conflist.map(Path::to_owned));
         files.sort();
         files.dedup();
