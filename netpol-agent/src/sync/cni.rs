@@ -68,20 +68,21 @@ impl Cni {
         self.waiters.iter().map(|w| w.deadline).min()
     }
 
-    /// The interface names this report's veth may have.
-    fn hosts_of(&self, ifname: &str) -> impl Iterator<Item = &Attachment> {
-        self.reports
-            .iter()
-            .filter(move |(_, r)| r.hosts.iter().any(|h| h == ifname))
-            .map(|(a, _)| a)
-    }
-
     /// Forgets the reports of a veth that is gone (a DEL the agent missed).
     pub(super) fn link_gone(&mut self, ifindex: u32, name: &str) {
         self.released.remove(&ifindex);
-        let gone: Vec<Attachment> = self.hosts_of(name).cloned().collect();
-        for a in gone {
-            self.reports.remove(&a);
+        self.reports
+            .retain(|_, r| !r.hosts.iter().any(|h| h == name));
+    }
+}
+
+impl Report {
+    /// Whether the API server's `pod` may be the one the runtime reported:
+    /// not when both name a uid and they differ (another incarnation).
+    fn same_incarnation(&self, pod: &crate::model::Pod) -> bool {
+        match (&self.uid, &pod.uid) {
+            (Some(a), Some(b)) => a == b,
+            _ => true,
         }
     }
 }
@@ -190,11 +191,8 @@ impl<D: Dataplane> SyncLoop<D> {
             let Some(pod) = snapshot.pods.get(&r.pod) else {
                 continue;
             };
-            let same = match (&r.uid, &pod.uid) {
-                (Some(a), Some(b)) => a == b,
-                _ => true,
-            };
-            if !same || pod.host_network || pod.ips == r.ips || r.ips.is_empty() {
+            if !r.same_incarnation(pod) || pod.host_network || pod.ips == r.ips || r.ips.is_empty()
+            {
                 continue;
             }
             let mut p = pod.clone();
@@ -250,7 +248,7 @@ impl<D: Dataplane> SyncLoop<D> {
                  pod was deleted)",
                 r.pod
             ),
-            Some(p) if r.uid.is_some() && p.uid.is_some() && p.uid != r.uid => format!(
+            Some(p) if !r.same_incarnation(p) => format!(
                 "pod {}: the API server has uid {:?}, the runtime {:?}",
                 r.pod, p.uid, r.uid
             ),

@@ -368,7 +368,7 @@ impl<D: Dataplane> SyncLoop<D> {
             if let Some(&i) = found {
                 if taken.insert(i) {
                     out.insert(pod.clone(), i);
-                } else if !self.cni.released.contains(&i) && !out.values().any(|&v| v == i) {
+                } else if !self.cni.released.contains(&i) {
                     tracing::warn!(%pod, ifindex = i, "interface claimed by two pods; left unbound");
                 }
             }
@@ -384,16 +384,13 @@ impl<D: Dataplane> SyncLoop<D> {
     /// are both unbound.
     pub(super) fn unbound_pods_lookup(&mut self) {
         self.rebind_at = None;
-        if !self.unbound_pods_and_ifaces() {
+        if !self.unbound_pods() {
             return;
         }
-        let bound: BTreeSet<u32> = self.bindings.values().copied().collect();
-        let unbound: Vec<u32> = self
-            .ifaces
-            .keys()
-            .filter(|i| !bound.contains(i) && !self.cni.released.contains(i))
-            .copied()
-            .collect();
+        let unbound = self.unbound_ifaces();
+        if unbound.is_empty() {
+            return;
+        }
         self.rebind_at = Some(tokio::time::Instant::now() + REBIND);
         for i in unbound {
             self.lookup_peer(i);
@@ -404,19 +401,23 @@ impl<D: Dataplane> SyncLoop<D> {
 
     /// Whether a compiled pod and a pod interface are both unbound.
     fn unbound_pods_and_ifaces(&self) -> bool {
-        let Some(compiled) = self.compiled() else {
-            return false;
-        };
-        let pods = compiled
-            .endpoints
-            .keys()
-            .any(|p| !self.bindings.contains_key(p));
+        self.unbound_pods() && !self.unbound_ifaces().is_empty()
+    }
+
+    /// Whether a compiled pod has no interface.
+    fn unbound_pods(&self) -> bool {
+        self.compiled()
+            .is_some_and(|c| c.endpoints.keys().any(|p| !self.bindings.contains_key(p)))
+    }
+
+    /// Pod interfaces bound to no pod, those a DEL released left out.
+    fn unbound_ifaces(&self) -> Vec<u32> {
         let bound: BTreeSet<u32> = self.bindings.values().copied().collect();
-        let ifaces = self
-            .ifaces
+        self.ifaces
             .keys()
-            .any(|i| !bound.contains(i) && !self.cni.released.contains(i));
-        pods && ifaces
+            .filter(|i| !bound.contains(i) && !self.cni.released.contains(i))
+            .copied()
+            .collect()
     }
 
     /// Makes the node resolve the addresses of the unbound pods
