@@ -21,6 +21,7 @@
 pub mod echo;
 pub mod kube_proxy;
 pub mod netns;
+pub mod resources;
 pub mod topology;
 
 #[cfg(feature = "agent")]

@@ -952,27 +952,15 @@ fn job_images(job: &Job) -> Vec<(String, String)> {
 /// The collection an object is created in: `/api/v1/…` or
 /// `/apis/<group>/<version>/…`, under its namespace when it has one.
 fn collection(obj: &serde_json::Value) -> Result<String> {
-    let api = obj["apiVersion"]
-        .as_str()
-        .context("an object without apiVersion")?;
     let kind = obj["kind"].as_str().context("an object without kind")?;
-    let plural = match kind {
-        "Pod" => "pods",
-        "Namespace" => "namespaces",
-        "Node" => "nodes",
-        "Service" => "services",
-        "NetworkPolicy" => "networkpolicies",
-        other => bail!("the deploy test creates no {other}"),
-    };
-    let prefix = if api == "v1" {
-        "/api/v1".to_owned()
-    } else {
-        format!("/apis/{api}")
-    };
-    Ok(match obj["metadata"]["namespace"].as_str() {
-        Some(ns) => format!("{prefix}/namespaces/{ns}/{plural}"),
-        None => format!("{prefix}/{plural}"),
-    })
+    ensure!(
+        netpol_testkit::resources::serves(kind),
+        "the deploy test creates no {kind}"
+    );
+    Ok(netpol_testkit::resources::collection_path(
+        kind,
+        obj["metadata"]["namespace"].as_str().unwrap_or_default(),
+    ))
 }
 
 /// The path of the agent's readiness (`ready`) or liveness probe, which
