@@ -687,23 +687,88 @@ const POD_STARTS: usize = 200;
 /// cluster's policies select both ways), then its sandbox through the CNI
 /// chain as the runtime runs it (Debian's `bridge` with host-local,
 /// `portmap`, then `netpol-cni`, each plugin a process forked in the
-/// node's namespace), then deleted. The
-/// figure is the time of the `netpol-cni` step alone (process start, the
-/// agent's compile and apply, its answer): what the plugin adds to a pod's
-/// start. Right after each ADD, `/status` must show the pod's veth bound
-/// and programmed (its full policy in force before any container runs);
-/// the count of those that were not is reported and must be 0. Leaves
-/// out: the kubelet and containerd, image pulls, and the API server's
-/// latency (the Pod object exists before the sandbox, as in a cluster).
+/// node's namespace), then deleted. Three configurations in one run: the
+/// chain alone (no agent, no `netpol-cni`: the baseline), then an agent
+/// attaching with TCX links (kernels ≥ 6.6, its default there) and one
+/// attaching netlink clsact filters. For each: the `netpol-cni` step
+/// (process start, the agent's compile and apply, its answer), the
+/// agent's own part of it, the `bridge` step (the agent attaches to the
+/// new veth while `bridge` runs, and both take `rtnl_lock`), and the whole
+/// chain, whose difference from the baseline is what netpol adds to a
+/// pod's start. Right after each ADD, `/status` must show the pod's veth
+/// bound and programmed (its full policy in force before any container
+/// runs); the count of those that were not is reported and must be 0.
+/// Leaves out: the kubelet and containerd, image pulls, and the API
+/// server's latency (the Pod object exists before the sandbox, as in a
+/// cluster).
 fn pod_start() -> Value {
+    let size = &SMALL;
+    let node = node();
+    let api = Api::start(&node);
+    api.fake.apply_all(cluster(size, &[]));
+    // The chain's own time on this machine, in the same run: what each
+    // configuration adds is measured against it.
+    let baseline = pod_starts(&node, &api, None);
+    // TCX where the kernel has it (the agent's default there), and
+    // netlink clsact filters everywhere.
+    let tcx = aya::util::KernelVersion::current()
+        .is_ok_and(|v| v >= aya::util::KernelVersion::new(6, 6, 0));
+    let modes: Vec<Value> = ["tcx", "netlink"]
+        .into_iter()
+        .filter(|m| tcx || *m == "netlink")
+        .map(|mode| {
+            let r = pod_starts(&node, &api, Some(mode));
+            let (n50, n99) = percentiles(r.netpol.clone());
+            let (a50, a99) = percentiles(r.answered.clone());
+            let (b50, b99) = percentiles(r.bridge.clone());
+            let (c50, c99) = percentiles(r.chain.clone());
+            println!(
+                "pod start, {mode} attach: netpol-cni p50 {n50:.2} ms, p99 {n99:.2} ms (the \
+                 agent's part p50 {a50:.2} ms, p99 {a99:.2} ms); bridge p50 {b50:.2} ms, p99 \
+                 {b99:.2} ms; whole chain p50 {c50:.2} ms, p99 {c99:.2} ms; not programmed when \
+                 ADD returned: {} of {POD_STARTS}",
+                r.late
+            );
+            json!({"mode": mode, "netpol_cni_p50_ms": n50, "netpol_cni_p99_ms": n99,
+                   "agent_p50_ms": a50, "agent_p99_ms": a99,
+                   "bridge_p50_ms": b50, "bridge_p99_ms": b99,
+                   "chain_p50_ms": c50, "chain_p99_ms": c99,
+                   "not_programmed_at_add": r.late})
+        })
+        .collect();
+    let (b50, b99) = percentiles(baseline.bridge);
+    let (c50, c99) = percentiles(baseline.chain);
+    println!(
+        "pod start, no agent and no netpol-cni: bridge p50 {b50:.2} ms, p99 {b99:.2} ms; whole \
+         chain p50 {c50:.2} ms, p99 {c99:.2} ms"
+    );
+    json!({"pods": POD_STARTS, "cluster_pods": size.pods,
+           "baseline": {"bridge_p50_ms": b50, "bridge_p99_ms": b99,
+                        "chain_p50_ms": c50, "chain_p99_ms": c99},
+           "modes": modes})
+}
+
+/// The times of one configuration of [`pod_start`].
+struct PodStarts {
+    /// Every plugin of the chain, one pod each.
+    chain: Vec<Duration>,
+    /// The `bridge` step.
+    bridge: Vec<Duration>,
+    /// The `netpol-cni` step (empty without the agent).
+    netpol: Vec<Duration>,
+    /// The agent's own time on each ADD, from its log.
+    answered: Vec<Duration>,
+    /// Pods not programmed when their ADD returned.
+    late: usize,
+}
+
+/// [`POD_STARTS`] pods through the chain: with an agent attaching in
+/// `mode` and `netpol-cni` last, or (`None`) neither.
+fn pod_starts(node: &Netns, api: &Api, mode: Option<&str>) -> PodStarts {
     let plugin = PathBuf::from(
         std::env::var("NETPOL_CNI_BIN").expect("NETPOL_CNI_BIN: the netpol-cni binary"),
     );
-    let size = &SMALL;
-    let node = node();
     let bpffs = TempBpffs::new();
-    let api = Api::start(&node);
-    api.fake.apply_all(cluster(size, &[]));
     let dir = std::env::temp_dir().join(unique("netpol-bench-cni-"));
     std::fs::create_dir_all(dir.join("ipam")).expect("bench folder");
     let socket = dir.join("cni.sock");
@@ -716,22 +781,36 @@ fn pod_start() -> Value {
     );
     // As containerd runs them: timed without `ip netns exec`'s own cost.
     chain.direct = true;
-    let mut agent = Agent::start_with(
-        &node,
-        bpffs.path(),
-        &api,
-        "veth*",
-        &[format!("--cni-socket={}", socket.display())],
-        // Its own timing of each ADD, read back from the log.
-        Some("warn,netpol_agent::sync::cni=info"),
-    );
-    agent.wait_programmed(&[], Duration::from_secs(60));
-    let plugins = chain.conflist["plugins"]
+    let agent = mode.map(|mode| {
+        let mut agent = Agent::start_with(
+            node,
+            bpffs.path(),
+            api,
+            "veth*",
+            &[
+                format!("--cni-socket={}", socket.display()),
+                format!("--attach-mode={mode}"),
+            ],
+            // Its own timing of each ADD, read back from the log.
+            Some("warn,netpol_agent::sync::cni=info"),
+        );
+        agent.wait_programmed(&[], Duration::from_secs(60));
+        agent
+    });
+    let plugins: Vec<Value> = chain.conflist["plugins"]
         .as_array()
         .cloned()
-        .unwrap_or_default();
-    let (mut bridge, mut netpol) = (Vec::new(), Vec::new());
-    let mut late = 0;
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|p| agent.is_some() || p["type"] != "netpol-cni")
+        .collect();
+    let mut r = PodStarts {
+        chain: Vec::new(),
+        bridge: Vec::new(),
+        netpol: Vec::new(),
+        answered: Vec::new(),
+        late: 0,
+    };
     for i in 0..POD_STARTS {
         let name = format!("start-{i}");
         api.fake.apply(json!({
@@ -744,36 +823,48 @@ fn pod_start() -> Value {
         let pod = Netns::new("npbs");
         let sandbox = netpol_testkit::cni::Sandbox::new("ns-1", &name);
         let mut prev: Option<Value> = None;
+        let mut total = Duration::ZERO;
         for p in &plugins {
             let t = Instant::now();
-            let r = chain
-                .exec(&node, &pod, &sandbox, "ADD", p, prev.as_ref())
-                .unwrap_or_else(|e| panic!("ADD {name}: {e}; agent log:\n{}", agent.log()));
+            let out = chain
+                .exec(node, &pod, &sandbox, "ADD", p, prev.as_ref())
+                .unwrap_or_else(|e| {
+                    let log = agent.as_ref().map(Agent::log).unwrap_or_default();
+                    panic!("ADD {name}: {e}; agent log:\n{log}")
+                });
             let took = t.elapsed();
+            total += took;
             match p["type"].as_str() {
-                Some("bridge") => bridge.push(took),
-                Some("netpol-cni") => netpol.push(took),
+                Some("bridge") => r.bridge.push(took),
+                Some("netpol-cni") => r.netpol.push(took),
                 _ => {}
             }
-            prev = Some(r);
+            prev = Some(out);
         }
+        r.chain.push(total);
         let result = prev.expect("a result");
         let veth = result["interfaces"][1]["name"]
             .as_str()
             .unwrap_or_default()
             .to_owned();
-        if !agent.status().is_some_and(|s| programmed(&s, &veth)) {
-            late += 1;
+        if let Some(agent) = &agent
+            && !agent.status().is_some_and(|s| programmed(&s, &veth))
+        {
+            r.late += 1;
         }
         chain
-            .del(&node, &pod, &sandbox, Some(&result))
+            .del(node, &pod, &sandbox, Some(&result))
             .unwrap_or_else(|e| panic!("DEL {name}: {e}"));
         api.fake.delete("Pod", "ns-1", &name);
     }
     let _ = std::fs::remove_dir_all(&dir);
-    // The agent's part: from the request reaching it to its answer (the
-    // `micros` of "CNI ADD answered"), without the plugin's process.
-    let answered: Vec<Duration> = agent
+    let Some(agent) = agent else {
+        return r;
+    };
+    // The agent's part: from the request read off its socket to its
+    // answer (the `micros` of "CNI ADD answered"), without the plugin's
+    // process.
+    r.answered = agent
         .log()
         .lines()
         .filter(|l| l.contains("CNI ADD answered"))
@@ -789,22 +880,11 @@ fn pod_start() -> Value {
         })
         .collect();
     assert_eq!(
-        answered.len(),
+        r.answered.len(),
         POD_STARTS,
         "the agent's log names every ADD"
     );
-    let (a50, a99) = percentiles(answered);
-    let (b50, b99) = percentiles(bridge);
-    let (n50, n99) = percentiles(netpol);
-    println!(
-        "pod start: netpol-cni p50 {n50:.2} ms, p99 {n99:.2} ms (the agent's part p50 {a50:.2} \
-         ms, p99 {a99:.2} ms; bridge p50 {b50:.2} ms, p99 {b99:.2} ms); not programmed when ADD \
-         returned: {late} of {POD_STARTS}"
-    );
-    json!({"pods": POD_STARTS, "cluster_pods": size.pods, "netpol_cni_p50_ms": n50,
-           "agent_p50_ms": a50, "agent_p99_ms": a99,
-           "netpol_cni_p99_ms": n99, "bridge_p50_ms": b50, "bridge_p99_ms": b99,
-           "not_programmed_at_add": late})
+    r
 }
 
 fn main() {

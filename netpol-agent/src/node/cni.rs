@@ -25,6 +25,9 @@ pub struct CniCall {
     pub request: Request,
     /// Where the loop answers.
     pub reply: oneshot::Sender<Reply>,
+    /// When the request was read off the socket: the agent's time on an
+    /// ADD counts from here, the wait for the loop included.
+    pub received: std::time::Instant,
 }
 
 /// Why the socket could not be served.
@@ -102,13 +105,21 @@ async fn connection(
     tokio::io::AsyncReadExt::take(BufReader::new(read), MAX_LINE)
         .read_line(&mut line)
         .await?;
+    let received = std::time::Instant::now();
     let reply = match serde_json::from_str::<Request>(line.trim()) {
         Err(e) => Reply::Error {
             message: format!("not a netpol-cni request ({e})"),
         },
         Ok(request) => {
             let (tx, rx) = oneshot::channel();
-            if calls.send(CniCall { request, reply: tx }).is_err() {
+            if calls
+                .send(CniCall {
+                    request,
+                    reply: tx,
+                    received,
+                })
+                .is_err()
+            {
                 Reply::Error {
                     message: "the agent is stopping".into(),
                 }

@@ -91,7 +91,11 @@ impl<D: Dataplane> SyncLoop<D> {
     /// Takes a plugin's request; returns whether the compile's input
     /// changed (the caller compiles this turn).
     pub(super) fn on_cni(&mut self, call: CniCall) -> bool {
-        let CniCall { request, reply } = call;
+        let CniCall {
+            request,
+            reply,
+            received,
+        } = call;
         match request {
             Request::Add {
                 attachment,
@@ -101,7 +105,7 @@ impl<D: Dataplane> SyncLoop<D> {
                 ips,
                 timeout_ms,
             } => {
-                let now = Instant::now();
+                let now = Instant::from_std(received);
                 let pod_ref = ObjectRef::new(&pod.namespace, &pod.name);
                 tracing::info!(pod = %pod_ref, %netns, ?host_interfaces, ?ips, container = %attachment.container_id, "CNI ADD");
                 self.cni.reports.insert(

@@ -497,7 +497,11 @@ fn cni(
     request: netpol_cni::protocol::Request,
 ) -> tokio::sync::oneshot::Receiver<netpol_cni::protocol::Reply> {
     let (reply, rx) = tokio::sync::oneshot::channel();
-    if l.on_cni(crate::node::cni::CniCall { request, reply }) {
+    if l.on_cni(crate::node::cni::CniCall {
+        request,
+        reply,
+        received: std::time::Instant::now(),
+    }) {
         l.sync();
     }
     l.answer_cni();
