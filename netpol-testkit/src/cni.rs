@@ -160,6 +160,9 @@ impl Chain {
         if let Some(p) = prev {
             conf["prevResult"] = p.clone();
         }
+        if !sandbox.ips.is_empty() && plugin["capabilities"]["ips"] == true {
+            conf["runtimeConfig"] = json!({ "ips": sandbox.ips });
+        }
         let ty = plugin["type"].as_str().unwrap_or_default().to_owned();
         let bin = self
             .path
@@ -238,6 +241,10 @@ pub struct Sandbox {
     pub name: String,
     pub uid: String,
     pub container_id: String,
+    /// Addresses the pod asks for (CIDR notation), handed to the plugins
+    /// that declare the `ips` capability as `runtimeConfig.ips`, as the
+    /// runtime does; empty: `host-local` picks.
+    pub ips: Vec<String>,
 }
 
 impl Sandbox {
@@ -249,6 +256,7 @@ impl Sandbox {
             name: name.into(),
             uid: format!("uid-{name}"),
             container_id: crate::netns::unique(&format!("ctr-{name}-")),
+            ips: Vec::new(),
         }
     }
 }

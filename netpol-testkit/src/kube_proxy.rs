@@ -49,23 +49,42 @@ pub fn kube_proxy(node: &Netns, rules: &[Dnat]) {
             ));
         }
         r.push_str("COMMIT\n");
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", &node.name, tool, "-w"])
-            .stdin(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("running {tool}: {e}"));
-        child
-            .stdin
-            .take()
-            .expect("stdin")
-            .write_all(r.as_bytes())
-            .expect("writing rules");
-        let out = child.wait_with_output().expect("waiting for the rules");
-        assert!(
-            out.status.success(),
-            "{tool} failed: {}\n{r}",
+        restore(&node.name, tool, &r, false).unwrap_or_else(|e| panic!("{e}"));
+    }
+}
+
+/// `tool` (`iptables-restore`, `ip6tables-restore`) fed `rules` in the
+/// namespace `ns`; with `keep`, the tables' other rules stay
+/// (`--noflush`).
+///
+/// # Errors
+/// The tool's complaint, with the rules.
+pub fn restore(ns: &str, tool: &str, rules: &str, keep: bool) -> Result<(), String> {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", ns, tool, "-w"]);
+    if keep {
+        cmd.arg("--noflush");
+    }
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("running {tool}: {e}"))?;
+    child
+        .stdin
+        .take()
+        .ok_or("no stdin")?
+        .write_all(rules.as_bytes())
+        .map_err(|e| format!("{tool}: writing rules: {e}"))?;
+    let out = child
+        .wait_with_output()
+        .map_err(|e| format!("{tool}: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{tool} in {ns} failed: {}\n{rules}",
             String::from_utf8_lossy(&out.stderr)
-        );
+        ))
     }
 }

@@ -7,6 +7,8 @@
 //!   bridged, in a subnet each, or routed as Calico does;
 //! - [`echo`]: TCP and UDP echo servers and the probes that talk to them;
 //! - [`kube_proxy`]: a node's Service DNAT as kube-proxy writes it;
+//! - [`cni`]: a CNI chain run as containerd runs it;
+//! - [`cluster`]: several nodes wired as flannel's VXLAN backend wires them;
 //! - [`manifests`]: snapshots and the manifests folder an agent watches;
 //! - [`datapath`]: private bpffs mounts and a datapath enforcing a compile;
 //! - [`agent`]: the agent on a thread in a node namespace;
@@ -30,6 +32,8 @@ pub mod agent;
 pub mod apiserver;
 #[cfg(feature = "agent")]
 pub mod baseline;
+#[cfg(feature = "cni")]
+pub mod cluster;
 #[cfg(feature = "cni")]
 pub mod cni;
 #[cfg(feature = "agent")]

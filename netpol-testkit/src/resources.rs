@@ -7,6 +7,8 @@
 pub(crate) struct Resource {
     /// The path segment (`pods`).
     pub(crate) plural: &'static str,
+    /// kubectl's name for one (discovery; served with the `agent` feature).
+    #[cfg_attr(not(feature = "agent"), expect(dead_code))]
     pub(crate) singular: &'static str,
     /// `v1` for the core group, `group/version` otherwise.
     pub(crate) api_version: &'static str,
@@ -14,6 +16,7 @@ pub(crate) struct Resource {
     /// Whether objects live in a namespace (paths `.../namespaces/NS/...`).
     pub(crate) namespaced: bool,
     /// kubectl's abbreviations (`netpol`).
+    #[cfg_attr(not(feature = "agent"), expect(dead_code))]
     pub(crate) short_names: &'static [&'static str],
 }
 

@@ -13,6 +13,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod bootstrap;
+mod cluster;
 mod conformance;
 mod demo;
 mod deploy;
@@ -106,6 +107,14 @@ enum Cmd {
         #[arg(long, default_value = "all")]
         kernel: String,
     },
+    /// A k3s-like cluster on this machine (as root): node namespaces on an
+    /// underlay bridge, flannel's VXLAN between them, the cluster file's
+    /// pods made through each node's CNI chain. Not yet: the API server,
+    /// the agents, Services.
+    Cluster {
+        #[command(subcommand)]
+        action: ClusterAction,
+    },
     /// Show netpol on a live pod: netns, veth, both families, counters, and
     /// the offline compile of the built-in example manifests.
     Demo {
@@ -115,6 +124,26 @@ enum Cmd {
         #[arg(long)]
         hold: bool,
     },
+}
+
+#[derive(Subcommand)]
+enum ClusterAction {
+    /// Wire the nodes and make the pods; fails when a cluster is up.
+    Up {
+        /// N generated nodes (node-N: 10.42.N.0/24, fd00:10:42:N::/64,
+        /// InternalIPs 10.200.0.N, fd00:200::N), no pods; with
+        /// `--cluster`, the file's count of Nodes.
+        #[arg(long)]
+        nodes: Option<usize>,
+        /// The cluster file (default
+        /// ../shared/conformance/cluster-3node.yaml).
+        #[arg(long)]
+        cluster: Option<PathBuf>,
+    },
+    /// Remove every namespace of the cluster and its state folder.
+    Down,
+    /// The nodes, their VXLAN peers and the pods with their addresses.
+    Status,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -141,6 +170,11 @@ fn main() -> Result<()> {
             lint()
         }
         Cmd::Demo { hold } => demo::demo(hold),
+        Cmd::Cluster { action } => match action {
+            ClusterAction::Up { nodes, cluster } => cluster::up(nodes, cluster.as_deref()),
+            ClusterAction::Down => cluster::down(),
+            ClusterAction::Status => cluster::status(),
+        },
         Cmd::RenderDeploy => deploy::render(),
         Cmd::Image => image::build().map(drop),
         Cmd::DeployTest => deploy_test::run(),
