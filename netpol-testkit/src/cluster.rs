@@ -1,8 +1,9 @@
 //! Several k3s nodes on one machine, wired as flannel's VXLAN backend
 //! wires them (`cargo xtask cluster`, and the tests of several nodes):
 //!
-//! - a namespace per node, its `eth0` on an underlay bridge (`br0` in the
-//!   underlay namespace) with the node's InternalIPs (`status.addresses`
+//! - a namespace per node, its `eth0` a macvlan (bridge mode) of the
+//!   underlay namespace's `underlay0` (a veth would be taken for a
+//!   pod's), with the node's InternalIPs (`status.addresses`
 //!   of its Node object; /24 and /64);
 //! - `flannel.1` (IPv4) and `flannel-v6.1` (IPv6): VXLAN, VNI 1, port
 //!   8472, no learning, MTU 50 and 70 below the uplink's, holding the
@@ -36,6 +37,8 @@ use crate::{
     topology::ip_in,
 };
 
+/// The underlay's parent device, in the underlay namespace.
+const UNDERLAY: &str = "underlay0";
 /// flannel's IPv4 VXLAN device.
 pub const VXLAN_V4: &str = "flannel.1";
 /// flannel's IPv6 VXLAN device.
@@ -192,7 +195,7 @@ pub struct Names {
 }
 
 impl Names {
-    /// The namespace holding the underlay bridge.
+    /// The namespace holding the underlay's parent device.
     #[must_use]
     pub fn underlay(&self) -> String {
         format!("{}-underlay", self.prefix)
@@ -233,8 +236,11 @@ fn wire(names: &Names, nodes: &[NodeSpec]) -> Result<(), String> {
     let e = |e: crate::netns::Error| e.to_string();
     let underlay = names.underlay();
     create(&underlay)?;
-    ip_in(&underlay, &["link", "add", "br0", "type", "bridge"]).map_err(e)?;
-    ip_in(&underlay, &["link", "set", "br0", "up"]).map_err(e)?;
+    // The underlay is macvlans (bridge mode) of one parent, a bridge with
+    // no port (this kernel has no dummy devices): a node's uplink must not
+    // be a veth, which the agent takes for a pod's.
+    ip_in(&underlay, &["link", "add", UNDERLAY, "type", "bridge"]).map_err(e)?;
+    ip_in(&underlay, &["link", "set", UNDERLAY, "up"]).map_err(e)?;
     let mut macs = Vec::new();
     for (i, n) in nodes.iter().enumerate() {
         let ns = names.node(&n.name);
@@ -242,16 +248,7 @@ fn wire(names: &Names, nodes: &[NodeSpec]) -> Result<(), String> {
         for sysctl in ["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"] {
             run("ip", &["netns", "exec", &ns, "sysctl", "-qw", sysctl]).map_err(e)?;
         }
-        let port = format!("u{i}");
-        ip_in(
-            &underlay,
-            &[
-                "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &ns,
-            ],
-        )
-        .map_err(e)?;
-        ip_in(&underlay, &["link", "set", &port, "master", "br0", "up"]).map_err(e)?;
-        ip_in(&ns, &["link", "set", "eth0", "up"]).map_err(e)?;
+        uplink(&underlay, &format!("u{i}"), &ns, "eth0")?;
         let mut mac = [None, None];
         for (f, v4) in [true, false].into_iter().enumerate() {
             let (Some(addr), Some(cidr)) = (n.internal_ip(v4), n.pod_cidr(v4)) else {
@@ -362,6 +359,56 @@ fn wire(names: &Names, nodes: &[NodeSpec]) -> Result<(), String> {
                 .map_err(e)?;
             }
         }
+    }
+    Ok(())
+}
+
+/// The calling process's namespace on the underlay too: a macvlan `dev`
+/// here holding `addrs` (/24 and /64). It goes when the underlay
+/// namespace does (with its parent).
+///
+/// # Errors
+/// The command that failed.
+pub fn host_leg(names: &Names, dev: &str, addrs: &[&str]) -> Result<(), String> {
+    let e = |e: crate::netns::Error| e.to_string();
+    // Moved to this process's namespace (`ip` runs in the underlay's).
+    uplink(
+        &names.underlay(),
+        "host",
+        &std::process::id().to_string(),
+        dev,
+    )?;
+    for a in addrs {
+        let v4 = a
+            .parse::<IpAddr>()
+            .map_err(|x| format!("{a}: {x}"))?
+            .is_ipv4();
+        let cidr = format!("{a}/{}", if v4 { 24 } else { 64 });
+        let mut args = vec!["addr", "add", cidr.as_str(), "dev", dev];
+        if !v4 {
+            args.push("nodad");
+        }
+        run("ip", &args).map_err(e)?;
+    }
+    Ok(())
+}
+
+/// A macvlan of the underlay's parent, moved into `ns` (a name, or a
+/// process's id) as `dev`, up.
+fn uplink(underlay: &str, tmp: &str, ns: &str, dev: &str) -> Result<(), String> {
+    let e = |e: crate::netns::Error| e.to_string();
+    ip_in(
+        underlay,
+        &[
+            "link", "add", tmp, "link", UNDERLAY, "type", "macvlan", "mode", "bridge",
+        ],
+    )
+    .map_err(e)?;
+    ip_in(underlay, &["link", "set", tmp, "netns", ns, "name", dev]).map_err(e)?;
+    if ns.parse::<u32>().is_ok() {
+        run("ip", &["link", "set", dev, "up"]).map_err(e)?;
+    } else {
+        ip_in(ns, &["link", "set", dev, "up"]).map_err(e)?;
     }
     Ok(())
 }

@@ -905,10 +905,20 @@ fn write(s: &Arc<Shared>, req: &Request<Bytes>) -> Response<Body> {
             );
         }
     };
-    inner.rv += 1;
-    let rv = inner.rv;
     obj["apiVersion"] = json!(api_version);
     obj["kind"] = json!(kind);
+    // The API server decodes what it is sent into the kind's type before
+    // storing it; what does not decode never reaches a watch.
+    if ty != "DELETED"
+        && let Err(e) = decodes(kind, &obj)
+    {
+        return bad(&format!(
+            "{kind} in version \"{}\" cannot be handled as a {kind}: {e}",
+            api_version.rsplit('/').next().unwrap_or(api_version)
+        ));
+    }
+    inner.rv += 1;
+    let rv = inner.rv;
     obj["metadata"]["resourceVersion"] = json!(rv.to_string());
     if obj.pointer("/metadata/uid").is_none_or(Value::is_null) {
         obj["metadata"]["uid"] = json!(format!("uid-{rv}"));
@@ -923,6 +933,27 @@ fn write(s: &Arc<Shared>, req: &Request<Bytes>) -> Response<Body> {
     drop(inner);
     s.changed.send_replace(rv);
     json_response(code, &obj)
+}
+
+/// Whether `obj` decodes as the served `kind`'s type: a label value that
+/// is not a string, a port that is not a number, are refused (400), as
+/// the API server refuses them.
+fn decodes(kind: &str, obj: &Value) -> Result<(), serde_json::Error> {
+    use k8s_openapi::api::{
+        core::v1::{Namespace, Node, Pod, Service},
+        discovery::v1::EndpointSlice,
+        networking::v1::NetworkPolicy,
+    };
+    let v = obj.clone();
+    match kind {
+        "Pod" => serde_json::from_value::<Pod>(v).map(drop),
+        "Namespace" => serde_json::from_value::<Namespace>(v).map(drop),
+        "Node" => serde_json::from_value::<Node>(v).map(drop),
+        "Service" => serde_json::from_value::<Service>(v).map(drop),
+        "NetworkPolicy" => serde_json::from_value::<NetworkPolicy>(v).map(drop),
+        "EndpointSlice" => serde_json::from_value::<EndpointSlice>(v).map(drop),
+        _ => Ok(()),
+    }
 }
 
 /// Now, as Kubernetes writes a time (RFC 3339, whole seconds, UTC).

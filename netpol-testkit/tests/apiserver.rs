@@ -493,6 +493,26 @@ async fn kubectl_create_get_apply_replace_label_and_delete() {
         Some([("app".to_owned(), "b".to_owned())].into())
     );
 
+    // YAML reads an unquoted `y` as true: the API server refuses a label
+    // value that is not a string, and the stored policy stays as it was.
+    write("{matchLabels: {app: y}}");
+    let (ok, out) = kubectl(&["replace", "-f", &f]);
+    assert!(
+        !ok && out.contains("cannot be handled as a NetworkPolicy"),
+        "{out}"
+    );
+    assert_eq!(
+        stored("deny")
+            .await
+            .expect("deny")
+            .spec
+            .expect("spec")
+            .pod_selector
+            .expect("a selector")
+            .match_labels,
+        Some([("app".to_owned(), "b".to_owned())].into())
+    );
+
     let (ok, out) = kubectl(&["delete", "-f", &f]);
     assert!(ok && out.contains("deleted"), "{out}");
     assert!(stored("deny").await.is_none());

@@ -1,28 +1,55 @@
 //! `cargo xtask cluster up|down|status`: a k3s-like cluster on this
-//! machine, wired by `netpol_testkit::cluster`: a namespace per Node on an
-//! underlay bridge, flannel's VXLAN between them (`flannel.1`,
-//! `flannel-v6.1`), and each Pod of the cluster file made through its
-//! node's CNI chain (`bridge` on `cni0` with `host-local`, `portmap`) with
-//! the file's addresses.
+//! machine:
 //!
-//! Not yet: the API server, the agents (so no `netpol-cni` in the chain
-//! and no policy), kube-proxy's Services, host-networked pods. Those are
-//! the next steps of the multi-node issue.
+//! 1. the network (`netpol_testkit::cluster`): a namespace per Node on an
+//!    underlay bridge, flannel's VXLAN between them (`flannel.1`,
+//!    `flannel-v6.1`);
+//! 2. the host on the underlay too (`npc0`, [`API_V4`] and [`API_V6`]),
+//!    where the test API server listens over TLS, holding the cluster
+//!    file's objects; `target/cluster/kubeconfig` is kubectl's way in;
+//! 3. one agent per node, started from the rendered DaemonSet
+//!    (`deploy/base`) exactly as `deploy-test` starts it (podman and runc,
+//!    the manifest's container specs, host network = the node's namespace,
+//!    in-cluster configuration over the underlay), each node with its own
+//!    root folder, bpffs and state;
+//! 4. each Pod of the file made on its node through k3s's chain as the
+//!    init container installed it (`bridge` on `cni0` with `host-local`,
+//!    `portmap`, `netpol-cni`), with the file's addresses: its ADD
+//!    returns once that node's agent enforces the pod's policy.
+//!
+//! Not yet: kube-proxy's Services, host-networked pods, `conformance
+//! --cluster`, the rolling upgrade. Those are the next steps of the
+//! multi-node issue.
 use std::{
     fmt::Write as _,
     net::IpAddr,
     path::{Path, PathBuf},
+    process::Command,
 };
 
 use anyhow::{Context as _, Result, bail, ensure};
+use k8s_openapi::api::core::v1::{Container, PodSpec};
 use netpol_testkit::{
     cluster::{self, Names, NodeSpec},
     cni::{Sandbox, result_ips},
 };
+
+use crate::deploy_test::{self as dt, pod};
 use serde_json::{Value, json};
 
 /// Every namespace of the cluster is named `npc-…`.
 const PREFIX: &str = "npc";
+
+/// The host's addresses on the underlay: the API server's.
+pub const API_V4: &str = "10.200.0.254";
+pub const API_V6: &str = "fd00:200::fe";
+/// The host's leg on the underlay bridge.
+const HOST_LEG: &str = "npc0";
+/// Where each node's root folder lives (a shared mount each, as in
+/// deploy-test: the init container's bpffs propagates back).
+const NODE_ROOTS: &str = "/run/netpol-cluster";
+/// How long an agent gets to become ready.
+const READY_WITHIN: std::time::Duration = std::time::Duration::from_secs(90);
 
 fn state_dir() -> PathBuf {
     crate::root().join("target/cluster")
@@ -148,6 +175,13 @@ pub fn up(nodes: Option<usize>, file: Option<&Path>) -> Result<()> {
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let names = names();
     cluster::up(&names, &specs).map_err(anyhow::Error::msg)?;
+    let nodes = match control_plane(&names, &specs, &objects, &dir) {
+        Ok(n) => n,
+        Err(e) => {
+            let _ = down();
+            return Err(e);
+        }
+    };
     let mut made = Vec::new();
     for FilePod {
         namespace: ns,
@@ -157,15 +191,23 @@ pub fn up(nodes: Option<usize>, file: Option<&Path>) -> Result<()> {
     } in &pods
     {
         let spec = specs.iter().find(|s| &s.name == node).context("node")?;
-        let chain = cluster::node_chain(spec, &dir.join("ipam").join(node), None);
+        let at = nodes.iter().find(|n| &n.name == node).context("node")?;
+        let plugin = at.host_file(dt::K3S_CNI_BIN).join("netpol-cni");
+        let socket = at.host_file("/run/netpol").join("cni.sock");
+        let chain = cluster::node_chain(
+            spec,
+            &at.host_file("/var/lib/cni/networks"),
+            Some((&plugin, &socket)),
+        );
         let mut sandbox = Sandbox::new(ns, name);
         sandbox.ips = cluster::requested_ips(spec, ips)
             .map_err(|e| anyhow::anyhow!("Pod {ns}/{name}: {e}"))?;
         let result = match cluster::add_pod(&names, spec, &chain, &sandbox) {
             Ok(r) => r,
             Err(e) => {
-                let _ = cluster::down(PREFIX);
-                bail!("Pod {ns}/{name} on {node}: {e}");
+                let logs = agent_logs(node);
+                let _ = down();
+                bail!("Pod {ns}/{name} on {node}: {e}\n{logs}");
             }
         };
         made.push(json!({
@@ -177,7 +219,7 @@ pub fn up(nodes: Option<usize>, file: Option<&Path>) -> Result<()> {
         }));
     }
     if let Err(e) = cluster::settle(PREFIX, std::time::Duration::from_secs(10)) {
-        let _ = cluster::down(PREFIX);
+        let _ = down();
         bail!("{e}");
     }
     let state = json!({
@@ -204,10 +246,203 @@ pub fn down() -> Result<()> {
         crate::netpol_is_root(),
         "cluster down removes network namespaces: run it as root"
     );
+    let agents = containers()?;
+    for c in &agents {
+        let _ = dt::podman().args(["rm", "--force", "--time=5", c]).output();
+    }
+    let pid_file = state_dir().join("apiserver.pid");
+    if let Ok(pid) = std::fs::read_to_string(&pid_file) {
+        let _ = Command::new("kill").args(["-TERM", pid.trim()]).output();
+    }
+    if let Ok(roots) = std::fs::read_dir(NODE_ROOTS) {
+        for r in roots.flatten() {
+            let _ = Command::new("umount").arg("-R").arg(r.path()).output();
+        }
+    }
+    let _ = std::fs::remove_dir_all(NODE_ROOTS);
+    // The host's leg goes with its peer in the underlay namespace.
     let gone = cluster::down(PREFIX).map_err(anyhow::Error::msg)?;
     let _ = std::fs::remove_dir_all(state_dir());
-    println!("cluster down: {} namespaces removed", gone.len());
+    println!(
+        "cluster down: {} containers and {} namespaces removed",
+        agents.len(),
+        gone.len()
+    );
     Ok(())
+}
+
+/// The cluster's containers (`npc-<node>-<container>`), running or not.
+fn containers() -> Result<Vec<String>> {
+    let out = dt::podman()
+        .args(["ps", "--all", "--format", "{{.Names}}"])
+        .output()
+        .context("podman ps")?;
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|n| n.starts_with(&format!("{PREFIX}-")))
+        .map(str::to_owned)
+        .collect())
+}
+
+fn agent_logs(node: &str) -> String {
+    let name = format!("{PREFIX}-{node}-agent");
+    dt::podman()
+        .args(["logs", "--tail=40", &name])
+        .output()
+        .map(|o| {
+            format!(
+                "{name}'s last log lines:\n{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            )
+        })
+        .unwrap_or_default()
+}
+
+/// The host's leg on the underlay, the API server, the image and one
+/// agent per node, ready; the nodes as the agents' pods see them.
+fn control_plane(
+    names: &Names,
+    specs: &[NodeSpec],
+    objects: &[Value],
+    dir: &Path,
+) -> Result<Vec<pod::Node>> {
+    cluster::host_leg(names, HOST_LEG, &[API_V4, API_V6]).map_err(anyhow::Error::msg)?;
+    crate::bootstrap::container_tools()?;
+    let apiserver = crate::apiserver_binary()?;
+    let api = std::net::SocketAddr::new(API_V4.parse()?, dt::API_PORT);
+    let tls = dir.join("apiserver");
+    let manifests = dir.join("objects.yaml");
+    let mut text = String::new();
+    for o in objects {
+        writeln!(text, "---\n{}", serde_json::to_string(o)?)?;
+    }
+    std::fs::write(&manifests, text)?;
+    let ready = dir.join("apiserver.ready");
+    let log = std::fs::File::create(dir.join("apiserver.log"))?;
+    let child = {
+        use std::os::unix::process::CommandExt as _;
+        Command::new(&apiserver)
+            .arg("--listen")
+            .arg(api.to_string())
+            .arg("--tls-dir")
+            .arg(&tls)
+            .arg("--manifests")
+            .arg(&manifests)
+            .arg("--ready-file")
+            .arg(&ready)
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            // Outlives `cluster up`: `cluster down` stops it.
+            .process_group(0)
+            .spawn()
+            .context("starting the test API server")?
+    };
+    std::fs::write(dir.join("apiserver.pid"), child.id().to_string())?;
+    wait_for(std::time::Duration::from_secs(20), "the API server", || {
+        Ok(ready.exists().then_some(()))
+    })?;
+    std::fs::copy(tls.join("kubeconfig"), dir.join("kubeconfig"))?;
+    println!("cluster: API server on https://{api}, kubeconfig target/cluster/kubeconfig");
+
+    let built = crate::image::build()?;
+    dt::load(&built)?;
+    let ds = dt::daemonset("base")?;
+    let spec = dt::pod_spec(&ds)?.clone();
+    let agent = spec
+        .containers
+        .iter()
+        .find(|c| c.name == "agent")
+        .context("no agent container in the DaemonSet")?
+        .clone();
+    let mut nodes = Vec::new();
+    for n in specs {
+        let node = pod::Node {
+            name: n.name.clone(),
+            host_ip: n
+                .internal_ip(true)
+                .or_else(|| n.internal_ip(false))
+                .context("an InternalIP")?,
+            netns: netpol_testkit::Netns::path_of(&names.node(&n.name)),
+            root: PathBuf::from(NODE_ROOTS).join(&n.name),
+            api,
+            service_account: tls.join("serviceaccount"),
+        };
+        dt::node_root(&node.root)?;
+        // k3s's flannel conflist, as k3s writes it at start.
+        let conflist = node.host_file(dt::K3S_CONFLIST);
+        std::fs::create_dir_all(conflist.parent().context("conflist folder")?)?;
+        std::fs::write(&conflist, dt::FLANNEL_CONFLIST)?;
+        for c in spec.init_containers.iter().flatten() {
+            run_container(&spec, c, &node, &built.reference, false)?;
+        }
+        run_container(&spec, &agent, &node, &built.reference, true)?;
+        nodes.push(node);
+    }
+    let path = dt::probe_path(&agent, true)?;
+    for node in &nodes {
+        let at = std::net::SocketAddr::new(node.host_ip, 9101);
+        wait_for(
+            READY_WITHIN,
+            &format!("{}'s agent ready", node.name),
+            || {
+                Ok(dt::http_get(at, &path)
+                    .ok()
+                    .filter(|(code, _)| *code == 200)
+                    .map(drop))
+            },
+        )
+        .map_err(|e| e.context(agent_logs(&node.name)))?;
+        println!("cluster: {}'s agent is ready", node.name);
+    }
+    Ok(nodes)
+}
+
+/// `podman run` of container `c` of `spec` on `node`, named
+/// `npc-<node>-<container>`; `detach` for the agent, else it must exit 0.
+fn run_container(
+    spec: &PodSpec,
+    c: &Container,
+    node: &pod::Node,
+    image: &str,
+    detach: bool,
+) -> Result<()> {
+    let name = format!("{PREFIX}-{}-{}", node.name, c.name);
+    let _ = dt::podman().args(["rm", "-f", &name]).output();
+    let args = pod::run_args(spec, c, node, image, &name, detach)?;
+    let out = dt::podman()
+        .arg("run")
+        .args(&args)
+        .output()
+        .context("running podman")?;
+    ensure!(
+        out.status.success(),
+        "podman run {}: {}{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+/// Polls `f` every 100 ms until it gives a value or `within` passes.
+fn wait_for<T>(
+    within: std::time::Duration,
+    what: &str,
+    mut f: impl FnMut() -> Result<Option<T>>,
+) -> Result<T> {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        if let Some(v) = f()? {
+            return Ok(v);
+        }
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "{what}: not within {within:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
 }
 
 pub fn status() -> Result<()> {

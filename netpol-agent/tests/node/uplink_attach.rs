@@ -48,10 +48,10 @@ fn agent_attaches_leave_node_to_uplinks_only_adopts_it_on_restart_and_cleanup_re
     let p = pod(&node, Topology::Bridge, 2, false);
     m.write("00-base.yaml", BASE);
     m.write("10-pod.yaml", &pod_manifest("a", &p));
-    // A tunnel (flannel.1 is a VXLAN device), and a veth --interfaces
-    // leaves out (a kind node's eth0 is one). This kernel has no dummy
-    // devices.
-    let tunnel = unique("upl");
+    // A tunnel named as flannel names its VXLAN device (`flannel.1`: bpffs
+    // refuses a `.` in a pin's name), and a veth --interfaces leaves out
+    // (a kind node's eth0 is one). This kernel has no dummy devices.
+    let tunnel = format!("{}.1", unique("upl"));
     ip(
         &node.name,
         &format!("link add {tunnel} type vxlan id 42 dstport 4789"),
@@ -113,7 +113,7 @@ fn agent_attaches_leave_node_to_uplinks_only_adopts_it_on_restart_and_cleanup_re
             bpffs
                 .path()
                 .join("netpol/links")
-                .join(format!("{up}-leave_node"))
+                .join(format!("{}-leave_node", up.replace('.', ":")))
                 .exists(),
             "{up}: link pin"
         );
@@ -241,7 +241,7 @@ fn netlink_uplink_filter_is_on_egress_only_adopted_by_the_next_datapath_and_clea
     }
     let node = Netns::new("npn");
     let bpffs = TempBpffs::new();
-    let up = unique("upl");
+    let up = format!("{}.1", unique("upl"));
     ip(
         &node.name,
         &format!("link add {up} type vxlan id 42 dstport 4789"),

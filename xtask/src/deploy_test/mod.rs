@@ -16,7 +16,7 @@
 //! 7. the agent exits 0 within the DaemonSet's termination grace;
 //! 8. the cleanup Job's container leaves nothing pinned, attached or
 //!    written.
-mod pod;
+pub(crate) mod pod;
 
 use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
@@ -45,7 +45,7 @@ use crate::run as sh;
 const NODE_V4: &str = "192.168.250.2";
 const NODE_V6: &str = "fd00:250::2";
 /// The API server's port on the node (k3s' server listens on the node).
-const API_PORT: u16 = 6443;
+pub(crate) const API_PORT: u16 = 6443;
 /// The pods' echo port.
 const PORT: u16 = 8080;
 /// How long the agent gets to do each step.
@@ -54,11 +54,12 @@ const DEADLINE: Duration = Duration::from_secs(60);
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(1500);
 
 /// k3s's conflist and CNI binaries (the DaemonSet's hostPaths).
-const K3S_CONFLIST: &str = "/var/lib/rancher/k3s/agent/etc/cni/net.d/10-flannel.conflist";
-const K3S_CNI_BIN: &str = "/var/lib/rancher/k3s/data/cni";
+pub(crate) const K3S_CONFLIST: &str =
+    "/var/lib/rancher/k3s/agent/etc/cni/net.d/10-flannel.conflist";
+pub(crate) const K3S_CNI_BIN: &str = "/var/lib/rancher/k3s/data/cni";
 
 /// What k3s writes there (its flannel template).
-const FLANNEL_CONFLIST: &str = netpol_testkit::cni::K3S_FLANNEL_CONFLIST;
+pub(crate) const FLANNEL_CONFLIST: &str = netpol_testkit::cni::K3S_FLANNEL_CONFLIST;
 
 /// The pods of the test: name, labels, IPv4 host part.
 const PODS: [(&str, &str, u8); 3] = [
@@ -102,7 +103,7 @@ pub fn run() -> Result<()> {
 
 /// `podman load` names the image as the archive says, and `skopeo
 /// inspect` reads the same manifest digest.
-fn load(built: &crate::image::Built) -> Result<()> {
+pub(crate) fn load(built: &crate::image::Built) -> Result<()> {
     let out = podman()
         .arg("load")
         .arg("--input")
@@ -175,15 +176,7 @@ struct Case {
 
 impl Case {
     fn new(variant: &'static str, image: &str, apiserver: &Path) -> Result<Self> {
-        let rendered = crate::deploy::kustomize(variant)?;
-        let mut daemonset = None;
-        for d in serde_yaml::Deserializer::from_str(&rendered) {
-            let v = serde_yaml::Value::deserialize(d)?;
-            if v.get("kind").and_then(|k| k.as_str()) == Some("DaemonSet") {
-                daemonset = Some(serde_yaml::from_value::<DaemonSet>(v)?);
-            }
-        }
-        let daemonset = daemonset.context("no DaemonSet in the rendered manifest")?;
+        let daemonset = daemonset(variant)?;
         let tag = format!(":{}", env!("CARGO_PKG_VERSION"));
         let job_text = std::fs::read_to_string(crate::root().join("deploy/cleanup/job.yaml"))?;
 
@@ -885,7 +878,19 @@ impl Drop for Case {
     }
 }
 
-fn podman() -> Command {
+/// The DaemonSet of `deploy/<variant>`, rendered.
+pub(crate) fn daemonset(variant: &str) -> Result<DaemonSet> {
+    let rendered = crate::deploy::kustomize(variant)?;
+    for d in serde_yaml::Deserializer::from_str(&rendered) {
+        let v = serde_yaml::Value::deserialize(d)?;
+        if v.get("kind").and_then(|k| k.as_str()) == Some("DaemonSet") {
+            return Ok(serde_yaml::from_value::<DaemonSet>(v)?);
+        }
+    }
+    bail!("no DaemonSet in the rendered deploy/{variant}")
+}
+
+pub(crate) fn podman() -> Command {
     let mut c = Command::new("podman");
     c.args(pod::PODMAN);
     c
@@ -893,7 +898,7 @@ fn podman() -> Command {
 
 /// The node's root folder, a shared mount of its own: a hostPath mounted
 /// `Bidirectional` (the init container's bpffs) must propagate back.
-fn node_root(root: &Path) -> Result<()> {
+pub(crate) fn node_root(root: &Path) -> Result<()> {
     let _ = Command::new("umount").arg("-R").arg(root).output();
     let _ = std::fs::remove_dir_all(root);
     std::fs::create_dir_all(root)?;
@@ -902,12 +907,12 @@ fn node_root(root: &Path) -> Result<()> {
     Ok(())
 }
 
-fn is_bpffs(p: &Path) -> Result<bool> {
+pub(crate) fn is_bpffs(p: &Path) -> Result<bool> {
     let st = nix::sys::statfs::statfs(p).with_context(|| format!("statfs {}", p.display()))?;
     Ok(st.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC)
 }
 
-fn pod_spec(ds: &DaemonSet) -> Result<&PodSpec> {
+pub(crate) fn pod_spec(ds: &DaemonSet) -> Result<&PodSpec> {
     ds.spec
         .as_ref()
         .and_then(|s| s.template.spec.as_ref())
@@ -965,7 +970,7 @@ fn collection(obj: &serde_json::Value) -> Result<String> {
 
 /// The path of the agent's readiness (`ready`) or liveness probe, which
 /// must be an httpGet on the port the agent listens on.
-fn probe_path(agent: &Container, ready: bool) -> Result<String> {
+pub(crate) fn probe_path(agent: &Container, ready: bool) -> Result<String> {
     let probe = if ready {
         agent.readiness_probe.as_ref()
     } else {
@@ -984,7 +989,7 @@ fn probe_path(agent: &Container, ready: bool) -> Result<String> {
 }
 
 /// A plain HTTP/1.1 GET: (status, body).
-fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
+pub(crate) fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
     write!(

@@ -42,9 +42,9 @@ pub async fn cleanup(bpffs: &Path) -> Result<Cleaned, DatapathError> {
                 path: path.clone(),
                 source,
             })?;
-            cleaned
-                .links
-                .push(entry.file_name().to_string_lossy().into_owned());
+            cleaned.links.push(super::records::interface_of(
+                &entry.file_name().to_string_lossy(),
+            ));
         }
     }
 
@@ -89,7 +89,7 @@ pub async fn cleanup(bpffs: &Path) -> Result<Cleaned, DatapathError> {
     if let Ok(entries) = std::fs::read_dir(pin_dir.join(QDISCS_DIR)) {
         let mut handle = None;
         for entry in entries.flatten() {
-            let interface = entry.file_name().to_string_lossy().into_owned();
+            let interface = super::records::interface_of(&entry.file_name().to_string_lossy());
             let recorded = std::fs::read_link(entry.path())
                 .ok()
                 .and_then(|t| t.to_string_lossy().parse::<u32>().ok());

@@ -10,12 +10,24 @@ use netpol_common::programs;
 use super::super::{DatapathError, LEAVE_NODE_L3};
 use super::{FILTERS_DIR, LINKS_DIR, QDISCS_DIR};
 
+/// An interface's name as a bpffs entry. bpffs refuses names holding a
+/// `.` (`flannel.1`, a VLAN's `eth0.100`) and no interface name holds a
+/// `:` (the kernel's `dev_valid_name`), so each `.` is written `:`.
+fn entry_name(interface: &str) -> String {
+    interface.replace('.', ":")
+}
+
+/// The interface a bpffs entry name stands for ([`entry_name`] undone).
+pub(crate) fn interface_of(entry: &str) -> String {
+    entry.replace(':', ".")
+}
+
 /// `<pin_dir>/filters/<ifname>-<program>` → ifindex: a persistent netlink
 /// filter netpol attached.
 pub(super) fn filter_record(pin_dir: &Path, interface: &str, program: &str) -> PathBuf {
     pin_dir
         .join(FILTERS_DIR)
-        .join(format!("{interface}-{program}"))
+        .join(format!("{}-{program}", entry_name(interface)))
 }
 
 /// Points `link` at `target`, replacing what it pointed at.
@@ -31,17 +43,17 @@ pub(crate) fn write_record(link: &Path, target: &str) -> std::io::Result<()> {
     std::os::unix::fs::symlink(target, link)
 }
 
-/// `<pin_dir>/links/<ifname>-<program>`.
+/// `<pin_dir>/links/<ifname>-<program>` ([`entry_name`]).
 pub(crate) fn link_pin(pin_dir: &Path, interface: &str, program: &str) -> PathBuf {
     pin_dir
         .join(LINKS_DIR)
-        .join(format!("{interface}-{program}"))
+        .join(format!("{}-{program}", entry_name(interface)))
 }
 
 /// The interface and program of a link pin or filter record named
 /// `<interface>-<program>`. Program names hold underscores, never a `-`;
 /// interface names may hold both, so the program is matched as a suffix.
-fn pinned_interface(name: &str) -> Option<(&str, &'static str)> {
+fn pinned_interface(name: &str) -> Option<(String, &'static str)> {
     [
         programs::FROM_POD,
         programs::TO_POD,
@@ -51,6 +63,7 @@ fn pinned_interface(name: &str) -> Option<(&str, &'static str)> {
     .into_iter()
     .find_map(|p| Some((name.strip_suffix(p)?.strip_suffix('-')?, p)))
     .filter(|(interface, _)| !interface.is_empty())
+    .map(|(interface, p)| (interface_of(interface), p))
 }
 
 /// Pod interfaces (still present) that a previous agent attached to: link
@@ -66,9 +79,9 @@ pub(crate) fn previous_interfaces(pin_dir: &Path) -> std::collections::BTreeSet<
             let name = entry.file_name().to_string_lossy().into_owned();
             if let Some((interface, program)) = pinned_interface(&name)
                 && [programs::FROM_POD, programs::TO_POD].contains(&program)
-                && nix::net::if_::if_nametoindex(interface).is_ok()
+                && nix::net::if_::if_nametoindex(interface.as_str()).is_ok()
             {
-                out.insert(interface.to_owned());
+                out.insert(interface);
             }
         }
     }
@@ -84,7 +97,7 @@ pub(crate) fn sweep_stale_links(pin_dir: &Path) {
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
         if let Some((interface, _)) = pinned_interface(&name)
-            && nix::net::if_::if_nametoindex(interface).is_err()
+            && nix::net::if_::if_nametoindex(interface.as_str()).is_err()
         {
             tracing::info!(interface, pin = %entry.path().display(), "removing the link pin of a gone interface");
             let _ = std::fs::remove_file(entry.path());
@@ -121,7 +134,7 @@ fn record_clsact(interface: &str, pin_dir: &Path) -> std::io::Result<()> {
     let dir = pin_dir.join(QDISCS_DIR);
     std::fs::create_dir_all(&dir)?;
     let ifindex = nix::net::if_::if_nametoindex(interface).map_err(std::io::Error::from)?;
-    write_record(&dir.join(interface), &ifindex.to_string())
+    write_record(&dir.join(entry_name(interface)), &ifindex.to_string())
 }
 
 #[cfg(test)]
@@ -132,28 +145,28 @@ mod tests {
     fn pin_names_give_back_interface_and_program() {
         assert_eq!(
             pinned_interface("eth0-from_pod"),
-            Some(("eth0", programs::FROM_POD))
+            Some(("eth0".into(), programs::FROM_POD))
         );
         assert_eq!(
             pinned_interface("veth1-to_pod"),
-            Some(("veth1", programs::TO_POD))
+            Some(("veth1".into(), programs::TO_POD))
         );
         assert_eq!(
             pinned_interface("eth0-leave_node"),
-            Some(("eth0", programs::LEAVE_NODE))
+            Some(("eth0".into(), programs::LEAVE_NODE))
         );
         // Interface names may hold dashes and underscores themselves.
         assert_eq!(
-            pinned_interface("flannel-v6.1-leave_node"),
-            Some(("flannel-v6.1", programs::LEAVE_NODE))
+            pinned_interface("flannel-v6:1-leave_node"),
+            Some(("flannel-v6.1".into(), programs::LEAVE_NODE))
         );
         assert_eq!(
             pinned_interface("my_if-to-to_pod"),
-            Some(("my_if-to", programs::TO_POD))
+            Some(("my_if-to".into(), programs::TO_POD))
         );
         assert_eq!(
             pinned_interface("wg0-leave_node_l3"),
-            Some(("wg0", LEAVE_NODE_L3))
+            Some(("wg0".into(), LEAVE_NODE_L3))
         );
     }
 
@@ -176,6 +189,28 @@ mod tests {
         let p = link_pin(Path::new("/b/netpol"), "eth0", programs::LEAVE_NODE);
         assert_eq!(p, Path::new("/b/netpol/links/eth0-leave_node"));
         let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-        assert_eq!(pinned_interface(name), Some(("eth0", programs::LEAVE_NODE)));
+        assert_eq!(
+            pinned_interface(name),
+            Some(("eth0".into(), programs::LEAVE_NODE))
+        );
+    }
+
+    #[test]
+    fn names_with_dots_are_pinned_without_them() {
+        // bpffs refuses a `.` in a name: flannel's VXLAN devices are
+        // `flannel.1` and `flannel-v6.1`.
+        for interface in ["flannel.1", "flannel-v6.1", "eth0.100"] {
+            for p in [
+                link_pin(Path::new("/b/netpol"), interface, programs::LEAVE_NODE),
+                filter_record(Path::new("/b/netpol"), interface, programs::LEAVE_NODE),
+            ] {
+                let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+                assert!(!name.contains('.'), "{name}");
+                assert_eq!(
+                    pinned_interface(name),
+                    Some((interface.into(), programs::LEAVE_NODE))
+                );
+            }
+        }
     }
 }
