@@ -524,3 +524,141 @@ pub fn status() -> Result<()> {
     print!("{out}");
     Ok(())
 }
+
+/// The echo port of the test's server pod.
+const PORT: u16 = 8080;
+
+/// `cargo xtask cluster test`: the cluster of `cluster-3node.yaml` up,
+/// then a policy written with kubectl enforced across nodes, both
+/// families, then down (also when a check fails).
+pub fn test() -> Result<()> {
+    up(None, None)?;
+    let checked = checks();
+    if checked.is_err() {
+        for node in ["node-1", "node-2", "node-3"] {
+            eprintln!("{}", agent_logs(node));
+        }
+    }
+    let downed = down();
+    checked.and(downed)
+}
+
+/// A pod of the running cluster: its namespace's name and addresses.
+fn running_pod(state: &Value, namespace: &str, name: &str) -> Result<(String, Vec<IpAddr>)> {
+    let p = state["pods"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|p| p["namespace"] == namespace && p["name"] == name)
+        .with_context(|| format!("pod {namespace}/{name} in the cluster"))?;
+    let ips = p["ips"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|i| i.as_str()?.parse().ok())
+        .collect();
+    Ok((p["netns"].as_str().unwrap_or_default().to_owned(), ips))
+}
+
+fn kubectl(args: &[&str], stdin: Option<&str>) -> Result<String> {
+    use std::io::Write as _;
+    let mut child = Command::new("kubectl")
+        .arg("--kubeconfig")
+        .arg(state_dir().join("kubeconfig"))
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .context("running kubectl")?;
+    if let Some(text) = stdin {
+        child
+            .stdin
+            .take()
+            .context("kubectl's stdin")?
+            .write_all(text.as_bytes())?;
+    }
+    drop(child.stdin.take());
+    let out = child.wait_with_output()?;
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ensure!(out.status.success(), "kubectl {}: {said}", args.join(" "));
+    Ok(said)
+}
+
+fn checks() -> Result<()> {
+    use netpol_testkit::echo;
+    let state: Value =
+        serde_json::from_str(&std::fs::read_to_string(state_dir().join("cluster.json"))?)?;
+    let handle = |name: &str| {
+        std::mem::ManuallyDrop::new(netpol_testkit::Netns {
+            name: name.to_owned(),
+        })
+    };
+    let (server_ns, server_ips) = running_pod(&state, "x", "b")?;
+    echo::serve(&handle(&server_ns), &server_ips, PORT);
+    // x/b is on node-2; x/a and y/b on node-1, y/a on node-3.
+    let clients = [
+        ("x/a on node-1", running_pod(&state, "x", "a")?.0),
+        ("y/a on node-3", running_pod(&state, "y", "a")?.0),
+        ("y/b on node-1", running_pod(&state, "y", "b")?.0),
+        ("node-1", names().node("node-1")),
+        ("node-2 (x/b's own)", names().node("node-2")),
+    ];
+    let reaches = |from: &str, to: IpAddr| {
+        echo::connects(
+            &handle(from),
+            to,
+            PORT,
+            std::time::Duration::from_millis(1500),
+        )
+    };
+    let expect = |what: &str, want: [bool; 5]| -> Result<()> {
+        for &to in &server_ips {
+            // The agents apply a write within milliseconds; the first
+            // probe may still precede it.
+            let first = clients.iter().zip(want).next().context("a client")?;
+            wait_for(std::time::Duration::from_secs(30), what, || {
+                Ok((reaches(&first.0.1, to) == first.1).then_some(()))
+            })?;
+            for ((who, ns), want) in clients.iter().zip(want) {
+                let got = reaches(ns, to);
+                ensure!(
+                    got == want,
+                    "{what}: {who} -> x/b at {to}: {}",
+                    if want {
+                        "refused, yet allowed"
+                    } else {
+                        "allowed, yet denied"
+                    }
+                );
+            }
+        }
+        println!("cluster test: {what}: as the policy says, IPv4 and IPv6");
+        Ok(())
+    };
+    expect("no policy: every pod and node reaches x/b", [true; 5])?;
+    kubectl(
+        &["create", "-f", "-"],
+        Some(
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\n\
+             metadata: {name: b-from-y, namespace: x}\n\
+             spec:\n  podSelector: {matchLabels: {pod: b}}\n  policyTypes: [Ingress]\n\
+             \x20 ingress:\n  - from: [{namespaceSelector: {matchLabels: {ns: \"y\"}}}]\n",
+        ),
+    )?;
+    expect(
+        "x/b admits namespace y only (kubectl create): other pods and other nodes are denied, \
+         its own node is not",
+        [false, true, true, false, true],
+    )?;
+    kubectl(&["delete", "networkpolicy", "-n", "x", "b-from-y"], None)?;
+    expect(
+        "policy deleted (kubectl delete): every pod and node reaches x/b",
+        [true; 5],
+    )?;
+    Ok(())
+}

@@ -108,9 +108,10 @@ enum Cmd {
         kernel: String,
     },
     /// A k3s-like cluster on this machine (as root): node namespaces on an
-    /// underlay bridge, flannel's VXLAN between them, the cluster file's
-    /// pods made through each node's CNI chain. Not yet: the API server,
-    /// the agents, Services.
+    /// underlay, flannel's VXLAN between them, the test API server over
+    /// TLS, an agent per node from the DaemonSet under podman, the cluster
+    /// file's pods made through each node's CNI chain. Not yet: Services,
+    /// host-networked pods.
     Cluster {
         #[command(subcommand)]
         action: ClusterAction,
@@ -144,6 +145,9 @@ enum ClusterAction {
     Down,
     /// The nodes, their VXLAN peers and the pods with their addresses.
     Status,
+    /// Up from cluster-3node.yaml, a policy written with kubectl enforced
+    /// across nodes (both families, pods and nodes as clients), down.
+    Test,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -174,6 +178,7 @@ fn main() -> Result<()> {
             ClusterAction::Up { nodes, cluster } => cluster::up(nodes, cluster.as_deref()),
             ClusterAction::Down => cluster::down(),
             ClusterAction::Status => cluster::status(),
+            ClusterAction::Test => cluster::test(),
         },
         Cmd::RenderDeploy => deploy::render(),
         Cmd::Image => image::build().map(drop),
@@ -420,13 +425,15 @@ fn test(no_lint: bool, args: &[String]) -> Result<()> {
     }
     println!("xtask: deploy-test (the image under podman, as the rendered manifests say)");
     deploy_test::run()?;
+    println!("xtask: cluster test (three nodes over flannel's VXLAN, an agent each under podman)");
+    cluster::test()?;
     // vm-test's guests take the cores the host has to spare (one on a
     // 2-core machine); the conformance run takes the rest meanwhile.
     // Everything both run is built first, so neither builds beside the
     // other.
     let suites = vm::suites(&object)?;
     conformance_build()?;
-    phases.done("image, deploy-test, and builds for vm-test and conformance");
+    phases.done("image, deploy-test, cluster test, and builds for vm-test and conformance");
     println!(
         "xtask: vm-test (the datapath suites on every kernel of the matrix, qemu) beside the \
          conformance run"
