@@ -28,7 +28,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail, ensure};
-use k8s_openapi::api::core::v1::{Container, PodSpec};
+use k8s_openapi::api::core::v1::Container;
 use netpol_testkit::{
     cluster::{self, Names, NodeSpec},
     cni::{Sandbox, result_ips},
@@ -285,18 +285,7 @@ fn containers() -> Result<Vec<String>> {
 }
 
 fn agent_logs(node: &str) -> String {
-    let name = format!("{PREFIX}-{node}-agent");
-    dt::podman()
-        .args(["logs", "--tail=40", &name])
-        .output()
-        .map(|o| {
-            format!(
-                "{name}'s last log lines:\n{}{}",
-                String::from_utf8_lossy(&o.stdout),
-                String::from_utf8_lossy(&o.stderr)
-            )
-        })
-        .unwrap_or_default()
+    dt::logs(&format!("{PREFIX}-{node}-agent"))
 }
 
 /// The host's leg on the underlay, the API server, the image and one
@@ -374,10 +363,11 @@ fn control_plane(
         let conflist = node.host_file(dt::K3S_CONFLIST);
         std::fs::create_dir_all(conflist.parent().context("conflist folder")?)?;
         std::fs::write(&conflist, dt::FLANNEL_CONFLIST)?;
+        let name = |c: &Container| format!("{PREFIX}-{}-{}", node.name, c.name);
         for c in spec.init_containers.iter().flatten() {
-            run_container(&spec, c, &node, &built.reference, false)?;
+            dt::podman_run(&spec, c, &node, &built.reference, &name(c), false)?;
         }
-        run_container(&spec, &agent, &node, &built.reference, true)?;
+        dt::podman_run(&spec, &agent, &node, &built.reference, &name(&agent), true)?;
         nodes.push(node);
     }
     let path = dt::probe_path(&agent, true)?;
@@ -397,33 +387,6 @@ fn control_plane(
         println!("cluster: {}'s agent is ready", node.name);
     }
     Ok(nodes)
-}
-
-/// `podman run` of container `c` of `spec` on `node`, named
-/// `npc-<node>-<container>`; `detach` for the agent, else it must exit 0.
-fn run_container(
-    spec: &PodSpec,
-    c: &Container,
-    node: &pod::Node,
-    image: &str,
-    detach: bool,
-) -> Result<()> {
-    let name = format!("{PREFIX}-{}-{}", node.name, c.name);
-    let _ = dt::podman().args(["rm", "-f", &name]).output();
-    let args = pod::run_args(spec, c, node, image, &name, detach)?;
-    let out = dt::podman()
-        .arg("run")
-        .args(&args)
-        .output()
-        .context("running podman")?;
-    ensure!(
-        out.status.success(),
-        "podman run {}: {}{}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(())
 }
 
 /// Polls `f` every 100 ms until it gives a value or `within` passes.

@@ -355,25 +355,7 @@ impl Case {
     /// its output (it must exit 0).
     fn podman_run(&self, spec: &PodSpec, c: &Container, detach: bool) -> Result<String> {
         let name = format!("npdt-{}-{}", self.variant, c.name);
-        let _ = podman().args(["rm", "-f", &name]).output();
-        let args = pod::run_args(spec, c, &self.node, &self.image, &name, detach)?;
-        let out = podman()
-            .arg("run")
-            .args(&args)
-            .output()
-            .context("running podman")?;
-        ensure!(
-            out.status.success(),
-            "podman run {}: {}{}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Ok(if detach {
-            name
-        } else {
-            String::from_utf8_lossy(&out.stdout).into_owned()
-        })
+        podman_run(spec, c, &self.node, &self.image, &name, detach)
     }
 
     fn start_apiserver(&mut self) -> Result<()> {
@@ -825,17 +807,7 @@ status: {{phase: Running, podIP: \"{v4}\", podIPs: [{{ip: \"{v4}\"}}, {{ip: \"{v
     }
 
     fn logs(&self, container: &str) -> String {
-        podman()
-            .args(["logs", "--tail", "40", container])
-            .output()
-            .map(|o| {
-                format!(
-                    "last log lines of {container}:\n{}{}",
-                    String::from_utf8_lossy(&o.stdout),
-                    String::from_utf8_lossy(&o.stderr)
-                )
-            })
-            .unwrap_or_default()
+        logs(container)
     }
 
     /// GET `path` on the agent's port at the node's address, from the node
@@ -888,6 +860,53 @@ pub(crate) fn daemonset(variant: &str) -> Result<DaemonSet> {
         }
     }
     bail!("no DaemonSet in the rendered deploy/{variant}")
+}
+
+/// `podman run` of container `c` of `spec` on `node` from `image`, named
+/// `name` (a container of that name is removed first); `detach`: its
+/// name, else its output (it must exit 0).
+pub(crate) fn podman_run(
+    spec: &PodSpec,
+    c: &Container,
+    node: &pod::Node,
+    image: &str,
+    name: &str,
+    detach: bool,
+) -> Result<String> {
+    let _ = podman().args(["rm", "-f", name]).output();
+    let args = pod::run_args(spec, c, node, image, name, detach)?;
+    let out = podman()
+        .arg("run")
+        .args(&args)
+        .output()
+        .context("running podman")?;
+    ensure!(
+        out.status.success(),
+        "podman run {}: {}{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(if detach {
+        name.to_owned()
+    } else {
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    })
+}
+
+/// The container's last 40 log lines, for a failure's report.
+pub(crate) fn logs(container: &str) -> String {
+    podman()
+        .args(["logs", "--tail", "40", container])
+        .output()
+        .map(|o| {
+            format!(
+                "last log lines of {container}:\n{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            )
+        })
+        .unwrap_or_default()
 }
 
 pub(crate) fn podman() -> Command {
