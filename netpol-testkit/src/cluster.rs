@@ -601,3 +601,72 @@ pub fn requested_ips(node: &NodeSpec, ips: &[IpAddr]) -> Result<Vec<String>, Str
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(cidrs: &[&str]) -> NodeSpec {
+        NodeSpec {
+            name: "node-1".into(),
+            internal: vec!["10.200.0.1".parse().expect("ip")],
+            pod_cidrs: cidrs.iter().map(|c| c.parse().expect("cidr")).collect(),
+        }
+    }
+
+    #[test]
+    fn cidrs_parse_and_contain_their_family_only() {
+        let c: Cidr = "10.42.1.0/24".parse().expect("cidr");
+        assert!(c.contains("10.42.1.255".parse().expect("ip")));
+        assert!(!c.contains("10.42.2.0".parse().expect("ip")));
+        assert!(!c.contains("fd00::1".parse().expect("ip")));
+        let c6: Cidr = "fd00:10:42:1::/64".parse().expect("cidr");
+        assert!(c6.contains("fd00:10:42:1::11".parse().expect("ip")));
+        assert!(!c6.contains("fd00:10:42:2::11".parse().expect("ip")));
+        let all: Cidr = "0.0.0.0/0".parse().expect("cidr");
+        assert!(all.contains("192.0.2.1".parse().expect("ip")));
+        for bad in ["10.42.1.0", "10.42.1.0/33", "fd00::/129", "x/8"] {
+            assert!(bad.parse::<Cidr>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn requested_addresses_take_their_subnets_length_or_are_refused_by_name() {
+        let n = node(&["10.42.1.0/24", "fd00:10:42:1::/64"]);
+        let ips: Vec<IpAddr> = vec![
+            "10.42.1.11".parse().expect("ip"),
+            "fd00:10:42:1::11".parse().expect("ip"),
+        ];
+        assert_eq!(
+            requested_ips(&n, &ips).expect("inside"),
+            ["10.42.1.11/24", "fd00:10:42:1::11/64"]
+        );
+        let e = requested_ips(&n, &["10.42.2.11".parse().expect("ip")]).expect_err("outside");
+        assert!(e.contains("10.42.2.11") && e.contains("node-1"), "{e}");
+    }
+
+    #[test]
+    fn a_node_chain_has_netpol_cni_last_only_when_given() {
+        let n = node(&["10.42.1.0/24", "fd00:10:42:1::/64"]);
+        let types = |c: &Chain| -> Vec<String> {
+            c.conflist["plugins"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|p| p["type"].as_str().map(str::to_owned))
+                .collect()
+        };
+        let plain = node_chain(&n, Path::new("/ipam"), None);
+        assert_eq!(types(&plain), ["bridge", "portmap"]);
+        let bridge = &plain.conflist["plugins"][0];
+        assert_eq!(bridge["mtu"], 1430, "the IPv6 VXLAN device's MTU");
+        assert_eq!(bridge["capabilities"]["ips"], true);
+        let with = node_chain(
+            &n,
+            Path::new("/ipam"),
+            Some((Path::new("/bin/netpol-cni"), Path::new("/run/cni.sock"))),
+        );
+        assert_eq!(types(&with), ["bridge", "portmap", "netpol-cni"]);
+        assert_eq!(with.path[0], Path::new("/bin"));
+    }
+}

@@ -625,3 +625,57 @@ fn checks() -> Result<()> {
     )?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_nodes_follow_the_three_node_files_scheme() {
+        let (generated, source) = objects(Some(12), None).expect("twelve nodes");
+        assert_eq!(source, "12 generated nodes");
+        let specs = cluster::node_specs(&generated).expect("they wire");
+        assert_eq!(specs.len(), 12);
+        let n12 = &specs[11];
+        assert_eq!(n12.name, "node-12");
+        assert_eq!(
+            n12.pod_cidrs
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>(),
+            ["10.42.12.0/24", "fd00:10:42:c::/64"]
+        );
+        assert_eq!(
+            n12.internal,
+            [
+                "10.200.0.12".parse::<IpAddr>().expect("ip"),
+                "fd00:200::c".parse().expect("ip")
+            ]
+        );
+        assert!(objects(Some(0), None).is_err());
+        assert!(objects(Some(201), None).is_err());
+    }
+
+    #[test]
+    fn pods_name_what_cannot_be_made() {
+        let nodes = cluster::node_specs(&objects(Some(1), None).expect("a node").0).expect("wires");
+        let pod = |spec: Value| json!({"kind": "Pod", "metadata": {"name": "p", "namespace": "x"}, "spec": spec});
+        for (spec, says) in [
+            (
+                json!({"nodeName": "node-1", "hostNetwork": true}),
+                "host-networked",
+            ),
+            (json!({}), "no spec.nodeName"),
+            (
+                json!({"nodeName": "node-9"}),
+                "node node-9 is not in the file",
+            ),
+        ] {
+            let e = pods(&[pod(spec)], &nodes)
+                .err()
+                .expect("refused")
+                .to_string();
+            assert!(e.contains("x/p") && e.contains(says), "{e}");
+        }
+    }
+}
