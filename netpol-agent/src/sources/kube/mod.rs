@@ -512,7 +512,7 @@ fn spawn_store<K>(
                 Err(watcher::Error::WatchError(s)) if s.code == 410 => Change::Expired,
                 Err(e) => Change::Error {
                     list: matches!(e, watcher::Error::InitialListFailed(_)),
-                    message: error_chain(&e),
+                    message: watch_error(&e, store.as_str()),
                 },
             };
             let msg = Msg::Store {
@@ -525,6 +525,24 @@ fn spawn_store<K>(
             }
         }
     });
+}
+
+/// What a watch error says. kube's client reads a watch line that is
+/// neither an event of the kind nor an error status as an empty status (no
+/// code, no message): that is an object the agent cannot decode as its
+/// kind, which the API server would have refused on write. Said so, as
+/// `ApiError: : Status { code: 0, .. }` does not.
+fn watch_error(e: &watcher::Error, kind: &str) -> String {
+    match e {
+        watcher::Error::WatchFailed(kube::Error::Api(s)) if s.code == 0 && s.message.is_empty() => {
+            format!(
+                "the watch carried a {kind} the agent cannot decode (an object outside the \
+                 {kind} schema, which an API server refuses on write); the watch starts again \
+                 from before it"
+            )
+        }
+        _ => error_chain(e),
+    }
 }
 
 /// `error: cause: cause`, as `{err:#}` prints an anyhow chain.
@@ -681,6 +699,26 @@ mod tests {
         assert!(asm.snapshot.services.is_empty());
         assert!(asm.snapshot.errors().is_empty());
         assert!(asm.dirty);
+    }
+
+    #[test]
+    fn an_undecodable_watch_event_is_named_as_such() {
+        let empty = watcher::Error::WatchFailed(kube::Error::Api(Box::default()));
+        let said = watch_error(&empty, "NetworkPolicy");
+        assert!(
+            said.contains("cannot decode") && said.contains("NetworkPolicy"),
+            "{said}"
+        );
+        let gone = kube::core::Status {
+            code: 403,
+            message: "forbidden".into(),
+            ..Default::default()
+        };
+        let said = watch_error(
+            &watcher::Error::WatchFailed(kube::Error::Api(Box::new(gone))),
+            "Pod",
+        );
+        assert!(said.contains("forbidden"), "{said}");
     }
 
     #[test]
