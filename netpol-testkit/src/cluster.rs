@@ -23,7 +23,6 @@
 //! also from another process than the one that made them.
 use std::{
     fmt,
-    mem::ManuallyDrop,
     net::IpAddr,
     path::{Path, PathBuf},
     str::FromStr,
@@ -212,11 +211,6 @@ impl Names {
     pub fn pod(&self, node: &str, namespace: &str, name: &str) -> String {
         format!("{}-{node}-{namespace}-{name}", self.prefix)
     }
-}
-
-/// Handles on existing namespaces that do not delete them when dropped.
-fn handle(name: String) -> ManuallyDrop<Netns> {
-    ManuallyDrop::new(Netns { name })
 }
 
 /// Wires the nodes (see the module's documentation); on failure, removes
@@ -579,7 +573,7 @@ pub fn add_pod(
 ) -> Result<Value, String> {
     let pod_ns = names.pod(&node.name, &sandbox.namespace, &sandbox.name);
     let pod = Netns::create(&pod_ns).map_err(|e| e.to_string())?;
-    let node_ns = handle(names.node(&node.name));
+    let node_ns = Netns::existing(names.node(&node.name));
     let result = chain.add(&node_ns, &pod, sandbox)?;
     std::mem::forget(pod);
     Ok(result)

@@ -97,6 +97,13 @@ impl Netns {
         Ok(ns)
     }
 
+    /// A handle on the existing namespace `name` that leaves it in place
+    /// when dropped (one made by another process, or one that must outlive
+    /// this one).
+    pub fn existing(name: impl Into<String>) -> std::mem::ManuallyDrop<Self> {
+        std::mem::ManuallyDrop::new(Self { name: name.into() })
+    }
+
     /// `/var/run/netns/<name>`.
     pub fn path(&self) -> PathBuf {
         Self::path_of(&self.name)

@@ -6,7 +6,6 @@
 //! node's pod leaves from its VXLAN address.
 use std::{
     io::{Read as _, Write as _},
-    mem::ManuallyDrop,
     net::{IpAddr, SocketAddr, TcpListener, TcpStream},
     path::{Path, PathBuf},
     time::Duration,
@@ -76,7 +75,7 @@ fn tx_packets(ns: &str, dev: &str) -> u64 {
 /// Connects from namespace `from` to `to:port`, where [`peer_server`]
 /// answers with the address it saw; that address.
 fn seen_from(from: &str, to: IpAddr, port: u16) -> Option<IpAddr> {
-    let ns = ManuallyDrop::new(Netns { name: from.into() });
+    let ns = Netns::existing(from);
     ns.run(|| {
         let mut s =
             TcpStream::connect_timeout(&SocketAddr::new(to, port), Duration::from_secs(3)).ok()?;
@@ -90,7 +89,7 @@ fn seen_from(from: &str, to: IpAddr, port: u16) -> Option<IpAddr> {
 /// A TCP server on `at` in namespace `ns` telling each client the address
 /// it connected from.
 fn peer_server(ns: &str, at: SocketAddr) {
-    let ns = ManuallyDrop::new(Netns { name: ns.into() });
+    let ns = Netns::existing(ns);
     let listener = ns.run(|| TcpListener::bind(at).expect("bind"));
     std::thread::spawn(move || {
         for mut s in listener.incoming().flatten() {

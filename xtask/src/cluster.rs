@@ -329,9 +329,11 @@ fn control_plane(
             .context("starting the test API server")?
     };
     std::fs::write(dir.join("apiserver.pid"), child.id().to_string())?;
-    wait_for(std::time::Duration::from_secs(20), "the API server", || {
-        Ok(ready.exists().then_some(()))
-    })?;
+    wait_for(
+        std::time::Duration::from_secs(20),
+        "the API server is ready",
+        || Ok(ready.exists().then_some(())),
+    )?;
     std::fs::copy(tls.join("kubeconfig"), dir.join("kubeconfig"))?;
     println!("cluster: API server on https://{api}, kubeconfig target/cluster/kubeconfig");
 
@@ -375,7 +377,7 @@ fn control_plane(
         let at = std::net::SocketAddr::new(node.host_ip, 9101);
         wait_for(
             READY_WITHIN,
-            &format!("{}'s agent ready", node.name),
+            &format!("{}'s agent is ready", node.name),
             || {
                 Ok(dt::http_get(at, &path)
                     .ok()
@@ -389,23 +391,13 @@ fn control_plane(
     Ok(nodes)
 }
 
-/// Polls `f` every 100 ms until it gives a value or `within` passes.
+/// [`dt::until`], every 100 ms.
 fn wait_for<T>(
     within: std::time::Duration,
     what: &str,
-    mut f: impl FnMut() -> Result<Option<T>>,
+    f: impl FnMut() -> Result<Option<T>>,
 ) -> Result<T> {
-    let deadline = std::time::Instant::now() + within;
-    loop {
-        if let Some(v) = f()? {
-            return Ok(v);
-        }
-        ensure!(
-            std::time::Instant::now() < deadline,
-            "{what}: not within {within:?}"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+    dt::until(within, std::time::Duration::from_millis(100), what, f)
 }
 
 pub fn status() -> Result<()> {
@@ -556,13 +548,12 @@ fn checks() -> Result<()> {
     use netpol_testkit::echo;
     let state: Value =
         serde_json::from_str(&std::fs::read_to_string(state_dir().join("cluster.json"))?)?;
-    let handle = |name: &str| {
-        std::mem::ManuallyDrop::new(netpol_testkit::Netns {
-            name: name.to_owned(),
-        })
-    };
     let (server_ns, server_ips) = running_pod(&state, "x", "b")?;
-    echo::serve(&handle(&server_ns), &server_ips, PORT);
+    echo::serve(
+        &netpol_testkit::Netns::existing(server_ns.as_str()),
+        &server_ips,
+        PORT,
+    );
     // x/b is on node-2; x/a and y/b on node-1, y/a on node-3.
     let clients = [
         ("x/a on node-1", running_pod(&state, "x", "a")?.0),
@@ -573,7 +564,7 @@ fn checks() -> Result<()> {
     ];
     let reaches = |from: &str, to: IpAddr| {
         echo::connects(
-            &handle(from),
+            &netpol_testkit::Netns::existing(from),
             to,
             PORT,
             std::time::Duration::from_millis(1500),

@@ -823,16 +823,7 @@ status: {{phase: Running, podIP: \"{v4}\", podIPs: [{{ip: \"{v4}\"}}, {{ip: \"{v
     /// must exceed the agent's 30 s liveness threshold: the `/healthz`
     /// step waits on it).
     fn until<T>(&self, what: &str, mut f: impl FnMut(&Self) -> Result<Option<T>>) -> Result<T> {
-        let deadline = Instant::now() + DEADLINE;
-        loop {
-            if let Some(v) = f(self)? {
-                return Ok(v);
-            }
-            if Instant::now() > deadline {
-                bail!("timed out after {DEADLINE:?} waiting until {what}");
-            }
-            std::thread::sleep(Duration::from_millis(250));
-        }
+        until(DEADLINE, Duration::from_millis(250), what, || f(self))
     }
 }
 
@@ -892,6 +883,26 @@ pub(crate) fn podman_run(
     } else {
         String::from_utf8_lossy(&out.stdout).into_owned()
     })
+}
+
+/// Polls `f` every `every` until it gives a value, or fails once `within`
+/// has passed.
+pub(crate) fn until<T>(
+    within: Duration,
+    every: Duration,
+    what: &str,
+    mut f: impl FnMut() -> Result<Option<T>>,
+) -> Result<T> {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = f()? {
+            return Ok(v);
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {within:?} waiting until {what}");
+        }
+        std::thread::sleep(every);
+    }
 }
 
 /// The container's last 40 log lines, for a failure's report.
