@@ -311,6 +311,11 @@ enum Command {
         /// Folder of manifests.
         #[arg(long)]
         manifests: PathBuf,
+        /// The fingerprint of this node's agent when the folder holds
+        /// several Nodes: an agent watching the API server sees its own
+        /// Node only.
+        #[arg(long)]
+        node: Option<String>,
     },
 }
 
@@ -403,9 +408,26 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Compile(args) => cmd::compile::run(&args),
         Command::Inspect(args) => cmd::inspect::run(&cli.bpffs, &args),
         Command::Explain(args) => Ok(cmd::explain::run(&cli.bpffs, &args)),
-        Command::Fingerprint { manifests } => {
-            let loaded = netpol_agent::model::folder::Folder::load(&manifests)
+        Command::Fingerprint { manifests, node } => {
+            let mut loaded = netpol_agent::model::folder::Folder::load(&manifests)
                 .with_context(|| format!("reading {}", manifests.display()))?;
+            if let Some(node) = node {
+                anyhow::ensure!(
+                    loaded.snapshot.nodes.contains_key(&node),
+                    "no Node {node} in {}",
+                    manifests.display()
+                );
+                let others: Vec<String> = loaded
+                    .snapshot
+                    .nodes
+                    .keys()
+                    .filter(|n| **n != node)
+                    .cloned()
+                    .collect();
+                for n in others {
+                    loaded.snapshot.nodes.remove(&n);
+                }
+            }
             println!("{}", netpol_agent::fingerprint(&loaded.snapshot));
             Ok(ExitCode::SUCCESS)
         }

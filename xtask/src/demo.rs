@@ -394,7 +394,10 @@ pub fn demo(hold: bool) -> Result<()> {
         }
     }
     println!("demo: kube-proxy-style DNAT of the Services' ClusterIPs (iptables, ip6tables)");
-    let kube = services::Kube::new(&topo.node.name)?;
+    let kube = services::Kube::new(&[services::KubeNode {
+        name: model.node_name.clone(),
+        netns: topo.node.name.clone(),
+    }])?;
     kube.sync(&model.objects)?;
     let lookup = Lookup::new(&model.objects, &records)?;
     println!("demo: netpol-agent run --manifests <cluster> (in the node netns)");

@@ -70,6 +70,12 @@ enum Cmd {
         /// Only N matching scenarios, spread over the set.
         #[arg(long)]
         limit: Option<usize>,
+        /// Run on a cluster brought up from this file (`cargo xtask
+        /// cluster`; scenarios default to ../shared/conformance/
+        /// scenarios-3node), writing through its API server; taken down
+        /// at the end. No cluster may be up.
+        #[arg(long)]
+        cluster: Option<PathBuf>,
     },
     /// Run benchmarks and record them in docs/PERFORMANCE.md.
     Bench {
@@ -207,6 +213,7 @@ fn main() -> Result<()> {
             topology,
             via,
             limit,
+            cluster,
         } => {
             let topology = match topology {
                 TopologyArg::Bridge => conformance::topology::Kind::Bridge,
@@ -217,7 +224,10 @@ fn main() -> Result<()> {
                 ViaArg::Service => conformance::ViaSel::Service,
                 ViaArg::All => conformance::ViaSel::All,
             };
-            let t = conformance_run(scenarios, filter, topology, via, limit)?;
+            let t = match cluster {
+                Some(file) => conformance_cluster(&file, scenarios, filter, via, limit)?,
+                None => conformance_run(scenarios, filter, topology, via, limit)?,
+            };
             ensure!(t.failed == 0, "{} conformance cells failed", t.failed);
             Ok(())
         }
@@ -427,13 +437,32 @@ fn test(no_lint: bool, args: &[String]) -> Result<()> {
     deploy_test::run()?;
     println!("xtask: cluster test (three nodes over flannel's VXLAN, an agent each under podman)");
     cluster::test()?;
+    println!(
+        "xtask: conformance on the cluster (every scenario of scenarios-3node, via pod and \
+         service, written through the API server)"
+    );
+    let shared = shared_conformance()?;
+    let on_cluster = conformance_cluster(
+        &shared.join("cluster-3node.yaml"),
+        None,
+        None,
+        conformance::ViaSel::All,
+        None,
+    )?;
+    ensure!(
+        on_cluster.failed == 0,
+        "{} conformance cells failed on the cluster",
+        on_cluster.failed
+    );
     // vm-test's guests take the cores the host has to spare (one on a
     // 2-core machine); the conformance run takes the rest meanwhile.
     // Everything both run is built first, so neither builds beside the
     // other.
     let suites = vm::suites(&object)?;
     conformance_build()?;
-    phases.done("image, deploy-test, cluster test, and builds for vm-test and conformance");
+    phases.done(
+        "image, deploy-test, cluster test and conformance, and builds for vm-test and conformance",
+    );
     println!(
         "xtask: vm-test (the datapath suites on every kernel of the matrix, qemu) beside the \
          conformance run"
@@ -528,6 +557,28 @@ fn conformance_with(
         limit,
         agent: demo::target_dir().join("debug/netpol-agent"),
         object: object.to_owned(),
+    })
+}
+
+/// The scenarios on a cluster brought up from `file`.
+fn conformance_cluster(
+    file: &Path,
+    scenarios: Option<PathBuf>,
+    filter: Option<String>,
+    via: conformance::ViaSel,
+    limit: Option<usize>,
+) -> Result<conformance::Tally> {
+    let object = conformance_build()?;
+    let shared = shared_conformance()?;
+    conformance::cluster::run(&conformance::Options {
+        scenarios: scenarios.unwrap_or_else(|| shared.join("scenarios-3node")),
+        model: file.to_owned(),
+        filter,
+        topology: conformance::topology::Kind::Bridge,
+        via,
+        limit,
+        agent: demo::target_dir().join("debug/netpol-agent"),
+        object,
     })
 }
 

@@ -2,13 +2,14 @@
 //! (FORMAT.md) with real packets between network namespaces, filtered by
 //! the real programs, with policies fed to the real `netpol-agent run` as
 //! manifests.
+pub mod cluster;
 pub mod probe;
 pub mod scenario;
 pub mod services;
 pub mod topology;
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::BTreeMap,
     fs::File,
     io::{Read as _, Write as _},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
@@ -508,10 +509,80 @@ pub fn enforce(
     wait_applied(run, &topo.node_fd, &fp, topo.pods.len())
 }
 
-/// The conformance run. Prints every differing cell and the summaries;
-/// returns the tally over all cells.
-pub fn run(opts: &Options) -> Result<Tally> {
-    let model = load_model(&opts.model)?;
+/// Where scenarios run: the cluster's state brought about, pods to probe
+/// from and to, and (where the harness has them) the live maps to ask.
+pub trait Harness {
+    /// Makes `after` the cluster's objects (it holds `before`) and returns
+    /// once every agent enforces them.
+    fn apply(
+        &mut self,
+        before: &BTreeMap<ObjKey, Value>,
+        after: &BTreeMap<ObjKey, Value>,
+    ) -> Result<()>;
+    /// A pod's network namespace and what it serves.
+    fn pod(&self, id: &str) -> Option<(&Arc<File>, &PodSpec)>;
+    /// `netpol-agent explain` answers for the queries, in order; `None`
+    /// where the harness cannot ask the node that would answer.
+    fn explain(&self, queries: &[String]) -> Result<Option<Vec<serde_json::Value>>>;
+}
+
+/// One node netns with its pods and the real agent reading manifests.
+struct OneNode {
+    topo: Topology,
+    run: Run,
+    manifests: PathBuf,
+    agent: PathBuf,
+    services: services::Kube,
+    via: ViaSel,
+}
+
+impl Harness for OneNode {
+    fn apply(
+        &mut self,
+        before: &BTreeMap<ObjKey, Value>,
+        after: &BTreeMap<ObjKey, Value>,
+    ) -> Result<()> {
+        // Pods that went or changed lose their netns; new or changed ones
+        // get one, with their servers.
+        for (k, v) in before {
+            if k.0 == "Pod" && after.get(k) != Some(v) {
+                self.topo.remove_pod(&format!("{}/{}", k.1, k.2));
+            }
+        }
+        for v in after.values() {
+            if let Some(p) = scenario::pod_spec(v)?
+                && self.topo.pods.get(&p.id).is_none_or(|have| have.spec != p)
+            {
+                self.topo.remove_pod(&p.id);
+                self.topo.add_pod(&p)?;
+                probe::start_servers(&self.topo.pods[&p.id].fd, &p)?;
+            }
+        }
+        enforce(
+            &mut self.run,
+            &self.topo,
+            &self.manifests,
+            &self.agent,
+            after,
+        )?;
+        if self.via != ViaSel::Pod {
+            self.services.sync(after)?;
+        }
+        Ok(())
+    }
+
+    fn pod(&self, id: &str) -> Option<(&Arc<File>, &PodSpec)> {
+        self.topo.pods.get(id).map(|p| (&p.fd, &p.spec))
+    }
+
+    fn explain(&self, queries: &[String]) -> Result<Option<Vec<serde_json::Value>>> {
+        self.run.explain(&self.topo, &self.agent, queries).map(Some)
+    }
+}
+
+/// The scenarios `opts` selects (name filter, then `limit` spread over
+/// the set).
+pub fn select(opts: &Options) -> Result<Vec<Scenario>> {
     let mut scenarios: Vec<Scenario> = scenario::load_dir(&opts.scenarios)?
         .into_iter()
         .filter(|s| {
@@ -529,67 +600,76 @@ pub fn run(opts: &Options) -> Result<Tally> {
         scenarios = scenarios.into_iter().step_by(step).take(n).collect();
     }
     ensure!(!scenarios.is_empty(), "no scenario matches");
+    Ok(scenarios)
+}
 
-    let mut topo = Topology::new(opts.topology, model.node_v4, model.node_v6)?;
-    let base_pods: Vec<PodSpec> = model
-        .objects
-        .values()
-        .filter_map(|v| scenario::pod_spec(v).ok().flatten())
-        .collect();
-    for p in &base_pods {
-        topo.add_pod(p)?;
-        probe::start_servers(&topo.pods[&p.id].fd, p)?;
-    }
-    let services = services::Kube::new(&topo.node.name)?;
+/// The conformance run on one node. Prints every differing cell and the
+/// summaries; returns the tally over all cells.
+pub fn run(opts: &Options) -> Result<Tally> {
+    let model = load_model(&opts.model)?;
+    let scenarios = select(opts)?;
+    let topo = Topology::new(opts.topology, model.node_v4, model.node_v6)?;
+    let services = services::Kube::new(&[services::KubeNode {
+        name: model.node_name.clone(),
+        netns: topo.node.name.clone(),
+    }])?;
+    let (run, manifests) = start_agent(&topo, &model, &opts.agent, &opts.object)?;
+    let mut node = OneNode {
+        topo,
+        run,
+        manifests,
+        agent: opts.agent.clone(),
+        services,
+        via: opts.via,
+    };
+    node.apply(&BTreeMap::new(), &model.objects)?;
+    let tally = scenarios_on(&mut node, &model.objects, &scenarios, opts.via)?;
+    drop(node);
+    println!(
+        "conformance: {} passed, {} failed",
+        tally.passed, tally.failed
+    );
+    Ok(tally)
+}
 
-    let (mut run, manifests) = start_agent(&topo, &model, &opts.agent, &opts.object)?;
-
+/// The scenarios on `harness`, each from `model`'s objects and back.
+/// Prints every differing cell and the summaries; returns the tally over
+/// all cells.
+pub fn scenarios_on(
+    harness: &mut dyn Harness,
+    model: &BTreeMap<ObjKey, Value>,
+    scenarios: &[Scenario],
+    via: ViaSel,
+) -> Result<Tally> {
     let mut total: BTreeMap<Via, Tally> = BTreeMap::new();
     // `explain` against every cell's expected result.
     let mut explained = Tally::default();
-    for sc in &scenarios {
+    for sc in scenarios {
         let started = Instant::now();
         let mut waited = Duration::ZERO;
-        let mut objects = model.objects.clone();
-        let mut extra_pods: BTreeSet<String> = BTreeSet::new();
+        let mut objects = model.clone();
         let mut lines = Vec::new();
         for (i, step) in sc.steps.iter().enumerate() {
+            let mut next = objects.clone();
             for k in &step.delete {
-                objects.remove(k);
+                next.remove(k);
             }
             for v in &step.apply {
-                objects.insert(scenario::key_of(v)?, v.clone());
-            }
-            // Pods the step added get a netns; pods it deleted lose theirs.
-            for v in &step.apply {
-                if let Some(p) = scenario::pod_spec(v)?
-                    && topo.pods.get(&p.id).is_none_or(|have| have.spec != p)
-                {
-                    topo.remove_pod(&p.id);
-                    topo.add_pod(&p)?;
-                    probe::start_servers(&topo.pods[&p.id].fd, &p)?;
-                    extra_pods.insert(p.id.clone());
-                }
-            }
-            for (kind, ns, name) in &step.delete {
-                if kind == "Pod" {
-                    topo.remove_pod(&format!("{ns}/{name}"));
-                    extra_pods.insert(format!("{ns}/{name}"));
-                }
+                next.insert(scenario::key_of(v)?, v.clone());
             }
             let t0 = Instant::now();
-            enforce(&mut run, &topo, &manifests, &opts.agent, &objects)?;
+            harness
+                .apply(&objects, &next)
+                .with_context(|| format!("{}: step {}", sc.name, i + 1))?;
             waited += t0.elapsed();
-            if opts.via != ViaSel::Pod {
-                services.sync(&objects)?;
-            }
+            objects = next;
 
             let mut jobs = Vec::new();
             // (query, expected, whether the server listens, label)
             let mut checks: Vec<(String, bool, bool, String)> = Vec::new();
             for probe in &step.probes {
                 let wanted = matches!(
-                    (opts.via, probe.via),
+                    (via, probe.via),
                     (ViaSel::All, _) | (ViaSel::Pod, Via::Pod) | (ViaSel::Service, Via::Service)
                 );
                 if !wanted {
@@ -597,17 +677,17 @@ pub fn run(opts: &Options) -> Result<Tally> {
                 }
                 for fam in &probe.families {
                     for (from, to, want) in &probe.cells {
-                        let Some(client) = topo.pods.get(from) else {
+                        let Some((client, _)) = harness.pod(from) else {
                             bail!("{}: step {}: unknown client pod {from}", sc.name, i + 1);
                         };
                         let dst = match probe.via {
                             Via::Pod => {
-                                let server = topo.pods.get(to).with_context(|| {
+                                let (_, server) = harness.pod(to).with_context(|| {
                                     format!("{}: unknown server pod {to}", sc.name)
                                 })?;
                                 match fam {
-                                    Family::V4 => server.spec.v4.map(IpAddr::V4),
-                                    Family::V6 => server.spec.v6.map(IpAddr::V6),
+                                    Family::V4 => server.v4.map(IpAddr::V4),
+                                    Family::V6 => server.v6.map(IpAddr::V6),
                                 }
                                 .map(|ip| SocketAddr::new(ip, probe.port))
                             }
@@ -618,7 +698,7 @@ pub fn run(opts: &Options) -> Result<Tally> {
                         let mark = |b: bool| if b { "X" } else { "." };
                         // A Service cell is judged against the backend
                         // kube-proxy picks: the Service's one pod.
-                        if let Some(server) = topo.pods.get(to) {
+                        if let Some((_, server)) = harness.pod(to) {
                             let fam_n = match fam {
                                 Family::V4 => 4,
                                 Family::V6 => 6,
@@ -630,7 +710,7 @@ pub fn run(opts: &Options) -> Result<Tally> {
                                     probe.port
                                 ),
                                 *want,
-                                server.spec.ports.contains(&(probe.proto, probe.port)),
+                                server.ports.contains(&(probe.proto, probe.port)),
                                 format!(
                                     "step {} {}/{} {} {} explain: {} -> {} expected {}",
                                     i + 1,
@@ -646,7 +726,7 @@ pub fn run(opts: &Options) -> Result<Tally> {
                         }
                         jobs.push(Job {
                             via: probe.via,
-                            from: client.fd.clone(),
+                            from: client.clone(),
                             dst,
                             proto: probe.proto,
                             want: *want,
@@ -675,9 +755,10 @@ pub fn run(opts: &Options) -> Result<Tally> {
                     lines.push(job.label);
                 }
             }
-            if !checks.is_empty() {
-                let queries: Vec<String> = checks.iter().map(|c| c.0.clone()).collect();
-                let answers = run.explain(&topo, &opts.agent, &queries)?;
+            let queries: Vec<String> = checks.iter().map(|c| c.0.clone()).collect();
+            if !checks.is_empty()
+                && let Some(answers) = harness.explain(&queries)?
+            {
                 for ((_, want, listens, label), a) in checks.into_iter().zip(answers) {
                     // The kernel's verdict, and a server to answer.
                     let allowed = a["verdict"] == "allowed";
@@ -692,14 +773,6 @@ pub fn run(opts: &Options) -> Result<Tally> {
                         ));
                     }
                 }
-            }
-        }
-        // Back to the model's pods for the next scenario.
-        for id in extra_pods {
-            topo.remove_pod(&id);
-            if let Some(p) = base_pods.iter().find(|p| p.id == id) {
-                topo.add_pod(p)?;
-                probe::start_servers(&topo.pods[&p.id].fd, p)?;
             }
         }
         lines.sort();
@@ -720,6 +793,10 @@ pub fn run(opts: &Options) -> Result<Tally> {
                 println!("  {l}");
             }
         }
+        // Back to the model for the next scenario.
+        harness
+            .apply(&objects, model)
+            .with_context(|| format!("{}: back to the model", sc.name))?;
     }
     let mut all = Tally::default();
     for (via, t) in &total {
@@ -740,9 +817,5 @@ pub fn run(opts: &Options) -> Result<Tally> {
         );
         all.failed += explained.failed;
     }
-    drop(services);
-    drop(topo);
-    drop(run);
-    println!("conformance: {} passed, {} failed", all.passed, all.failed);
     Ok(all)
 }

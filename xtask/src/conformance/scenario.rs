@@ -308,6 +308,11 @@ pub struct ServiceSpec {
     pub cluster_ips: Vec<std::net::IpAddr>,
     /// (protocol, port, targetPort).
     pub ports: Vec<(Proto, u16, u16)>,
+    /// (protocol, nodePort, targetPort) of a NodePort Service.
+    pub node_ports: Vec<(Proto, u16, u16)>,
+    /// `externalTrafficPolicy: Local`: node ports lead to the node's own
+    /// backends only, and keep the client's address.
+    pub local_traffic: bool,
     pub selector: BTreeMap<String, String>,
 }
 
@@ -323,6 +328,7 @@ pub fn service_spec(v: &Value) -> Result<Option<ServiceSpec>> {
         .filter_map(|ip| ip.as_str()?.parse().ok())
         .collect();
     let mut ports = Vec::new();
+    let mut node_ports = Vec::new();
     for p in v["spec"]["ports"].as_sequence().into_iter().flatten() {
         let port = p["port"]
             .as_u64()
@@ -332,11 +338,11 @@ pub fn service_spec(v: &Value) -> Result<Option<ServiceSpec>> {
             .as_u64()
             .and_then(|p| u16::try_from(p).ok())
             .unwrap_or(port);
-        ports.push((
-            Proto::parse(p["protocol"].as_str().unwrap_or("TCP"))?,
-            port,
-            target,
-        ));
+        let proto = Proto::parse(p["protocol"].as_str().unwrap_or("TCP"))?;
+        ports.push((proto, port, target));
+        if let Some(node_port) = p["nodePort"].as_u64().and_then(|p| u16::try_from(p).ok()) {
+            node_ports.push((proto, node_port, target));
+        }
     }
     let selector = v["spec"]["selector"]
         .as_mapping()
@@ -348,6 +354,8 @@ pub fn service_spec(v: &Value) -> Result<Option<ServiceSpec>> {
         namespace: ns,
         cluster_ips,
         ports,
+        node_ports,
+        local_traffic: v["spec"]["externalTrafficPolicy"].as_str() == Some("Local"),
         selector,
     }))
 }

@@ -51,14 +51,19 @@ pub struct Node {
 impl Node {
     /// The node's file at `host_path` (a hostPath volume's path).
     pub fn host_file(&self, host_path: &str) -> PathBuf {
-        if KERNEL_WIDE
-            .iter()
-            .any(|k| Path::new(host_path).starts_with(k))
-        {
-            PathBuf::from(host_path)
-        } else {
-            self.root.join(host_path.trim_start_matches('/'))
-        }
+        host_file(&self.root, host_path)
+    }
+}
+
+/// The file at `host_path` of the node whose root folder is `root`.
+pub fn host_file(root: &Path, host_path: &str) -> PathBuf {
+    if KERNEL_WIDE
+        .iter()
+        .any(|k| Path::new(host_path).starts_with(k))
+    {
+        PathBuf::from(host_path)
+    } else {
+        root.join(host_path.trim_start_matches('/'))
     }
 }
 
