@@ -65,10 +65,15 @@ pub struct Built {
 /// Builds the binary, the object and the archive; prints
 /// `image: sha256:<digest>` last.
 pub fn build() -> Result<Built> {
+    build_as(env!("CARGO_PKG_VERSION"))
+}
+
+/// [`build`], tagged and labelled `version` (the cluster's rolling
+/// upgrade rolls to a second image of another version).
+pub fn build_as(version: &str) -> Result<Built> {
     crate::bootstrap::image_tools()?;
     let object = crate::build_ebpf()?;
     let agent = static_agent()?;
-    let version = env!("CARGO_PKG_VERSION");
     let reference = format!("{NAME}:{version}");
     let epoch = commit_time()?;
     let mut files: BTreeMap<String, Entry> = BTreeMap::new();

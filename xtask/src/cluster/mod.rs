@@ -24,6 +24,9 @@
 //! `cargo xtask conformance --cluster` runs the scenarios on it
 //! (`conformance::cluster`). Not yet: host-networked pods, the rolling
 //! upgrade.
+mod traffic;
+mod upgrade;
+
 use std::{
     fmt::Write as _,
     net::IpAddr,
@@ -401,56 +404,77 @@ fn control_plane(names: &Names, specs: &[NodeSpec], objects: &[Value], dir: &Pat
 
     let built = crate::image::build()?;
     dt::load(&built)?;
-    let ds = dt::daemonset("base")?;
-    let spec = dt::pod_spec(&ds)?.clone();
-    let agent = spec
-        .containers
-        .iter()
-        .find(|c| c.name == "agent")
-        .context("no agent container in the DaemonSet")?
-        .clone();
-    let mut nodes = Vec::new();
     for n in specs {
-        let node = pod::Node {
-            name: n.name.clone(),
-            host_ip: n
-                .internal_ip(true)
-                .or_else(|| n.internal_ip(false))
-                .context("an InternalIP")?,
-            netns: netpol_testkit::Netns::path_of(&names.node(&n.name)),
-            root: PathBuf::from(NODE_ROOTS).join(&n.name),
-            api,
-            service_account: tls.join("serviceaccount"),
-        };
+        let node = pod_node(n)?;
         dt::node_root(&node.root)?;
         // k3s's flannel conflist, as k3s writes it at start.
         let conflist = node.host_file(dt::K3S_CONFLIST);
         std::fs::create_dir_all(conflist.parent().context("conflist folder")?)?;
         std::fs::write(&conflist, dt::FLANNEL_CONFLIST)?;
-        let name = |c: &Container| format!("{PREFIX}-{}-{}", node.name, c.name);
-        for c in spec.init_containers.iter().flatten() {
-            dt::podman_run(&spec, c, &node, &built.reference, &name(c), false)?;
-        }
-        dt::podman_run(&spec, &agent, &node, &built.reference, &name(&agent), true)?;
-        nodes.push(node);
+        start_agent_pod(&node, &built.reference)?;
     }
-    let path = dt::probe_path(&agent, true)?;
-    for node in &nodes {
-        let at = std::net::SocketAddr::new(node.host_ip, 9101);
-        wait_for(
-            READY_WITHIN,
-            &format!("{}'s agent is ready", node.name),
-            || {
-                Ok(dt::http_get(at, &path)
-                    .ok()
-                    .filter(|(code, _)| *code == 200)
-                    .map(drop))
-            },
-        )
-        .map_err(|e| e.context(agent_logs(&node.name)))?;
-        println!("cluster: {}'s agent is ready", node.name);
+    for n in specs {
+        wait_ready(&pod_node(n)?)?;
+        println!("cluster: {}'s agent is ready", n.name);
     }
     Ok(())
+}
+
+/// A node as the agent's pod sees it (`cluster up` made it).
+fn pod_node(n: &NodeSpec) -> Result<pod::Node> {
+    let dir = state_dir();
+    Ok(pod::Node {
+        name: n.name.clone(),
+        host_ip: n
+            .internal_ip(true)
+            .or_else(|| n.internal_ip(false))
+            .context("an InternalIP")?,
+        netns: netpol_testkit::Netns::path_of(&names().node(&n.name)),
+        root: PathBuf::from(NODE_ROOTS).join(&n.name),
+        api: std::net::SocketAddr::new(API_V4.parse()?, dt::API_PORT),
+        service_account: dir.join("apiserver/serviceaccount"),
+    })
+}
+
+/// The DaemonSet's pod on `node` from `image`, as the kubelet starts it:
+/// the init containers in order, each to completion, then the agent
+/// (`npc-<node>-<container>`).
+fn start_agent_pod(node: &pod::Node, image: &str) -> Result<()> {
+    let ds = dt::daemonset("base")?;
+    let spec = dt::pod_spec(&ds)?.clone();
+    let name = |c: &Container| format!("{PREFIX}-{}-{}", node.name, c.name);
+    for c in spec.init_containers.iter().flatten() {
+        dt::podman_run(&spec, c, node, image, &name(c), false)?;
+    }
+    let agent = agent_container(&spec)?;
+    dt::podman_run(&spec, &agent, node, image, &name(&agent), true)?;
+    Ok(())
+}
+
+fn agent_container(spec: &k8s_openapi::api::core::v1::PodSpec) -> Result<Container> {
+    spec.containers
+        .iter()
+        .find(|c| c.name == "agent")
+        .cloned()
+        .context("no agent container in the DaemonSet")
+}
+
+/// Until `node`'s agent answers its readiness probe.
+fn wait_ready(node: &pod::Node) -> Result<()> {
+    let ds = dt::daemonset("base")?;
+    let path = dt::probe_path(&agent_container(dt::pod_spec(&ds)?)?, true)?;
+    let at = std::net::SocketAddr::new(node.host_ip, 9101);
+    wait_for(
+        READY_WITHIN,
+        &format!("{}'s agent is ready", node.name),
+        || {
+            Ok(dt::http_get(at, &path)
+                .ok()
+                .filter(|(code, _)| *code == 200)
+                .map(drop))
+        },
+    )
+    .map_err(|e| e.context(agent_logs(&node.name)))
 }
 
 /// [`dt::until`], every 100 ms.
@@ -550,7 +574,7 @@ const PORT: u16 = 8080;
 /// families, then down (also when a check fails).
 pub fn test() -> Result<()> {
     up(None, None)?;
-    let checked = checks();
+    let checked = checks().and_then(|()| upgrade::rolling_upgrade());
     if checked.is_err() {
         for node in ["node-1", "node-2", "node-3"] {
             eprintln!("{}", agent_logs(node));
@@ -800,6 +824,12 @@ fn node_ports() -> Result<()> {
         "cluster test: node port, externalTrafficPolicy Cluster: through another node the \
          client is that node's address: denied, then admitted by an ipBlock of it"
     );
+    kubectl(
+        &["delete", "networkpolicy", "-n", "x", "b-from-cidrs"],
+        None,
+    )?;
+    kubectl(&["delete", "service", "-n", "x", "np-b"], None)?;
+    kube_proxy(&specs, &objects)?;
     Ok(())
 }
 
