@@ -44,6 +44,73 @@ pub const fn unbound_entry(ifindex: u32) -> EndpointInfo {
 /// pod speaks, e.g. answers the kubelet's first probe).
 const REBIND: Duration = Duration::from_secs(1);
 
+/// The bindings the previous agent's state file records: interface →
+/// the pod bound to it (its uid and addresses then).
+#[derive(Debug, Default)]
+pub(super) struct Remembered(BTreeMap<u32, RememberedPod>);
+
+#[derive(Debug)]
+struct RememberedPod {
+    pod: String,
+    uid: Option<String>,
+    interface: String,
+    addresses: BTreeSet<IpAddr>,
+}
+
+impl Remembered {
+    /// The state file's bindings; none when there is no state folder or
+    /// file, or it cannot be read (the lookups bind then, as before).
+    pub(super) fn read(dir: Option<&std::path::Path>) -> Self {
+        let Some(state) = dir.and_then(|d| crate::provenance::State::read(d).ok().flatten()) else {
+            return Self::default();
+        };
+        Self(
+            state
+                .endpoints
+                .into_iter()
+                .filter_map(|e| {
+                    Some((
+                        e.ifindex?,
+                        RememberedPod {
+                            pod: e.pod,
+                            uid: e.uid,
+                            interface: e.interface?,
+                            addresses: e.addresses.into_iter().collect(),
+                        },
+                    ))
+                })
+                .collect(),
+        )
+    }
+
+    /// Whether the file binds a pod to interface `ifindex` named `name`.
+    pub(super) fn names(&self, ifindex: u32, name: &str) -> bool {
+        self.0.get(&ifindex).is_some_and(|r| r.interface == name)
+    }
+
+    /// The interface the file bound `pod` to, when it is still the same
+    /// pod (name, uid, addresses) and the same interface (index, name).
+    fn interface_of(
+        &self,
+        pod: &ObjectRef,
+        uid: Option<&str>,
+        ips: &[IpAddr],
+        ifaces: &BTreeMap<u32, Iface>,
+    ) -> Option<u32> {
+        let name = pod.to_string();
+        self.0.iter().find_map(|(&i, r)| {
+            let same = r.pod == name
+                && match (r.uid.as_deref(), uid) {
+                    (Some(a), Some(b)) => a == b,
+                    _ => true,
+                }
+                && r.addresses == ips.iter().copied().collect::<BTreeSet<_>>()
+                && ifaces.get(&i).is_some_and(|f| f.link.name == r.interface);
+            same.then_some(i)
+        })
+    }
+}
+
 /// A pod interface the loop knows.
 #[derive(Debug)]
 pub(super) struct Iface {
@@ -360,10 +427,17 @@ impl<D: Dataplane> SyncLoop<D> {
             if out.contains_key(pod) {
                 continue;
             }
-            let found = ep
-                .ips
-                .iter()
-                .find_map(|ip| by_peer.get(ip))
+            let uid = compiled
+                .ids
+                .endpoints
+                .get(pod)
+                .and_then(|e| e.uid.as_deref());
+            let remembered = self
+                .remembered
+                .interface_of(pod, uid, &ep.ips, &self.ifaces);
+            let found = remembered
+                .as_ref()
+                .or_else(|| ep.ips.iter().find_map(|ip| by_peer.get(ip)))
                 .or_else(|| ep.ips.iter().find_map(|ip| by_route.get(ip)));
             if let Some(&i) = found {
                 if taken.insert(i) {

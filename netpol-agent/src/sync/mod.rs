@@ -127,6 +127,11 @@ pub(crate) struct SyncLoop<D: Dataplane = Datapath> {
     pins_error: Option<String>,
     /// Until when the first apply waits for adopted interfaces.
     adopt_until: Option<tokio::time::Instant>,
+    /// The previous agent's bindings, from its state file: what binds a
+    /// pod to the interface it programmed when nothing else can tell yet
+    /// (without `CAP_SYS_ADMIN` a peer's addresses cannot be read, and a
+    /// quiet pod has no neighbour entry).
+    remembered: interfaces::Remembered,
     rebind_at: Option<tokio::time::Instant>,
     status: watch::Sender<Status>,
     metrics: Arc<Metrics>,
@@ -172,6 +177,7 @@ impl<D: Dataplane> SyncLoop<D> {
             retry_at: None,
             pins_error: None,
             adopt_until: None,
+            remembered: interfaces::Remembered::default(),
             rebind_at: None,
             status,
             metrics,
@@ -570,9 +576,12 @@ impl<D: Dataplane> SyncLoop<D> {
     /// Waits [`ADOPT_WAIT`] at most.
     fn adoption_settled(&mut self) -> bool {
         let now = tokio::time::Instant::now();
+        if self.adopt_until.is_none() {
+            self.remembered = interfaces::Remembered::read(self.cfg.state_dir.as_deref());
+        }
         let until = *self.adopt_until.get_or_insert(now + ADOPT_WAIT);
-        if now >= until || self.routes_pending {
-            return now >= until;
+        if now >= until {
+            return true;
         }
         self.dp
             .writer()
@@ -582,8 +591,12 @@ impl<D: Dataplane> SyncLoop<D> {
             .filter(|(_, e)| e.programmed())
             .all(|(&i, _)| match self.ifaces.get(&i) {
                 Some(f) => {
-                    let found = !f.peer.is_empty() || !f.routed.is_empty();
-                    !f.lookup_pending && found
+                    // The state file names it: bound whatever the lookups
+                    // say.
+                    self.remembered.names(i, &f.link.name)
+                        || (!f.lookup_pending
+                            && (!f.peer.is_empty()
+                                || (!self.routes_pending && !f.routed.is_empty())))
                 }
                 // Gone: its entry goes.
                 None => nix::net::if_::if_indextoname(i).is_err(),

@@ -650,3 +650,74 @@ async fn del_releases_the_veth_fail_closed_and_forgets_its_connections() {
     assert_eq!(rx.try_recv(), Ok(Reply::Ok));
     assert!(l.cni.reports.is_empty());
 }
+
+/// A restarted agent that cannot read its pods' addresses (no
+/// `CAP_SYS_ADMIN`, quiet pods: no neighbour entries) binds them by the
+/// previous agent's state file: its first apply comes at once and never
+/// marks a programmed interface unprogrammed, which would drop the pod's
+/// packets until a neighbour entry bound it again.
+#[tokio::test]
+async fn a_restart_that_cannot_read_peers_binds_by_the_state_file() {
+    let snapshot = cluster("b").snapshot.clone();
+    let old = compiler::compile(&snapshot, &IdAllocation::default());
+    let maps = old.map_state();
+    let mut pinned = Mirror {
+        policy_v4: maps.policy_v4.clone(),
+        ports: maps.ports.clone(),
+        ..Mirror::default()
+    };
+    pinned
+        .endpoints
+        .insert(10, maps.endpoints[&ObjectRef::new("x", "a")]);
+    pinned
+        .endpoints
+        .insert(11, maps.endpoints[&ObjectRef::new("x", "b")]);
+    let dir = std::env::temp_dir().join(format!("netpol-remembered-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("state dir");
+    let interfaces: BTreeMap<ObjectRef, crate::provenance::Bound> = [("a", 10), ("b", 11)]
+        .into_iter()
+        .map(|(pod, ifindex)| {
+            (
+                ObjectRef::new("x", pod),
+                crate::provenance::Bound {
+                    ifindex,
+                    name: format!("veth{ifindex}"),
+                },
+            )
+        })
+        .collect();
+    crate::provenance::State::build(&crate::provenance::Inputs {
+        compiled: &old,
+        snapshot: &snapshot,
+        interfaces: &interfaces,
+        generation: 1,
+        fingerprint: None,
+        pin_dir: std::path::Path::new("/sys/fs/bpf/netpol"),
+    })
+    .write(&dir)
+    .expect("state file");
+
+    let mut l = sync_loop(pinned.clone());
+    l.cfg.state_dir = Some(dir.clone());
+    silent_veth(&mut l, 10);
+    silent_veth(&mut l, 11);
+    apply(&mut l, cluster("b"));
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(l.in_force.is_some(), "the first apply waited for lookups");
+    assert!(l.last_error.is_none(), "{:?}", l.last_error);
+    let unprogrammed: Vec<KernelOp> = log(&mut l)
+        .into_iter()
+        .filter(|op| {
+            matches!(op, KernelOp::EndpointUpsert(_, e) if e.flags & endpoint_flags::NOT_PROGRAMMED != 0)
+        })
+        .collect();
+    assert!(unprogrammed.is_empty(), "{unprogrammed:?}");
+    for (ifindex, pod) in [(10, "a"), (11, "b")] {
+        assert_eq!(l.bindings.get(&ObjectRef::new("x", pod)), Some(&ifindex));
+        assert_eq!(
+            endpoint(&mut l, ifindex),
+            pinned.endpoints[&ifindex],
+            "{pod} kept"
+        );
+    }
+}

@@ -315,6 +315,11 @@ impl KubeSource {
         mut stop: watch::Receiver<bool>,
     ) -> Result<(), KubeError> {
         let (msg_tx, mut msg_rx) = mpsc::unbounded_channel();
+        let (kick, kicked) = watch::channel(0u64);
+        let links = StoreLinks {
+            tx: msg_tx.clone(),
+            kick: kicked,
+        };
         let mut tasks = tokio::task::JoinSet::new();
         let c = &self.client;
         let all = watcher::Config::default();
@@ -325,7 +330,7 @@ impl KubeSource {
             StoreKind::Pod,
             trim_pod,
             convert_pod,
-            msg_tx.clone(),
+            links.clone(),
         );
         spawn_store::<core::Namespace>(
             &mut tasks,
@@ -334,7 +339,7 @@ impl KubeSource {
             StoreKind::Namespace,
             trim_namespace,
             convert_namespace,
-            msg_tx.clone(),
+            links.clone(),
         );
         spawn_store::<core::Node>(
             &mut tasks,
@@ -343,7 +348,7 @@ impl KubeSource {
             StoreKind::Node,
             trim_node,
             convert_node,
-            msg_tx.clone(),
+            links.clone(),
         );
         spawn_store::<networking::NetworkPolicy>(
             &mut tasks,
@@ -352,7 +357,7 @@ impl KubeSource {
             StoreKind::NetworkPolicy,
             trim_policy,
             convert_policy,
-            msg_tx.clone(),
+            links.clone(),
         );
         spawn_store::<core::Service>(
             &mut tasks,
@@ -361,7 +366,7 @@ impl KubeSource {
             StoreKind::Service,
             trim_service,
             convert_service,
-            msg_tx.clone(),
+            links.clone(),
         );
         tracing::info!(
             node = %self.node,
@@ -422,6 +427,9 @@ impl KubeSource {
                 probing = false;
                 if probe {
                     probe_delay = PROBE_FIRST;
+                    // The API server answers again: the watchers retry
+                    // now, not when their backoff ends.
+                    kick.send_modify(|k| *k += 1);
                 } else {
                     probe_delay = (probe_delay * 2).min(PROBE_MAX);
                 }
@@ -451,6 +459,69 @@ impl KubeSource {
     }
 }
 
+/// First delay before a failed watch is retried; doubled per failure up
+/// to [`WATCH_RETRY_MAX`] (kube-rs' default backoff without its jitter).
+const WATCH_RETRY_FIRST: Duration = Duration::from_millis(800);
+const WATCH_RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// What a watcher task talks to: the assembler, and the kick that ends
+/// its backoff once a probe finds the API server answering again (so a
+/// node catches up when it reconnects, not up to 30 s later).
+#[derive(Clone)]
+struct StoreLinks {
+    tx: mpsc::UnboundedSender<Msg>,
+    kick: watch::Receiver<u64>,
+}
+
+/// What a watch poll gave, for [`Retry`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Outcome {
+    Event,
+    Failed,
+}
+
+/// A watcher's pause between failed polls: [`WATCH_RETRY_FIRST`],
+/// doubling to [`WATCH_RETRY_MAX`], none after an event; a kick ends it.
+#[derive(Debug)]
+struct Retry {
+    delay: Option<Duration>,
+    kick: watch::Receiver<u64>,
+}
+
+impl Retry {
+    fn new(kick: watch::Receiver<u64>) -> Self {
+        Self { delay: None, kick }
+    }
+
+    fn after(&mut self, outcome: Outcome) {
+        self.delay = match outcome {
+            Outcome::Event => None,
+            Outcome::Failed => {
+                // Kicks before this failure say nothing of it.
+                self.kick.borrow_and_update();
+                Some(
+                    self.delay
+                        .map_or(WATCH_RETRY_FIRST, |d| (d * 2).min(WATCH_RETRY_MAX)),
+                )
+            }
+        };
+    }
+
+    /// Waits out the delay, or until a kick.
+    async fn pause(&mut self) {
+        let Some(d) = self.delay else { return };
+        tokio::select! {
+            () = tokio::time::sleep(d) => {}
+            changed = self.kick.changed() => {
+                if changed.is_err() {
+                    // The source is gone: no kick will come.
+                    tokio::time::sleep(d).await;
+                }
+            }
+        }
+    }
+}
+
 /// Spawns one kind's watcher and conversion.
 fn spawn_store<K>(
     tasks: &mut tokio::task::JoinSet<()>,
@@ -459,7 +530,7 @@ fn spawn_store<K>(
     store: StoreKind,
     trim: fn(&mut K),
     convert: fn(&K) -> Obj,
-    tx: mpsc::UnboundedSender<Msg>,
+    links: StoreLinks,
 ) where
     K: kube::Resource
         + k8s_openapi::Resource
@@ -481,12 +552,26 @@ fn spawn_store<K>(
     // The assembler keeps the one copy of each object (converted); the
     // watcher task keeps only the names, for the store's size.
     tasks.spawn(async move {
-        let stream = watcher(api, config).default_backoff().modify(trim);
+        let StoreLinks { tx, kick } = links;
+        // Retried by this loop, not a `StreamBackoff`: its sleep can be
+        // cut short.
+        let stream = watcher(api, config).modify(trim);
         let mut stream = std::pin::pin!(stream);
         let mut names: HashSet<ObjectRef> = HashSet::new();
         let mut relist: Option<HashSet<ObjectRef>> = None;
         let id = |o: &K| ObjectRef::new(o.namespace().unwrap_or_default(), o.name_any());
-        while let Some(item) = stream.next().await {
+        let mut retry = Retry::new(kick);
+        loop {
+            retry.pause().await;
+            let Some(item) = stream.next().await else {
+                return;
+            };
+            retry.after(match &item {
+                Ok(_) => Outcome::Event,
+                // A relist cures an expired watch: at once.
+                Err(watcher::Error::WatchError(s)) if s.code == 410 => Outcome::Event,
+                Err(_) => Outcome::Failed,
+            });
             let change = match item {
                 Ok(watcher::Event::Init) => {
                     relist = Some(HashSet::new());
@@ -563,6 +648,48 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A watcher's retry doubles to its cap, and a kick (the API server
+    /// found again) ends the pause at once rather than up to 30 s later.
+    #[tokio::test(start_paused = true)]
+    async fn a_kick_ends_a_watchers_backoff() {
+        let (kick, kicked) = watch::channel(0u64);
+        let mut retry = Retry::new(kicked);
+        let start = tokio::time::Instant::now();
+        retry.pause().await;
+        assert_eq!(start.elapsed(), Duration::ZERO, "no pause while healthy");
+        let mut waited = Vec::new();
+        for _ in 0..7 {
+            retry.after(Outcome::Failed);
+            let t = tokio::time::Instant::now();
+            retry.pause().await;
+            waited.push(t.elapsed().as_millis());
+        }
+        assert_eq!(waited, [800, 1600, 3200, 6400, 12800, 25600, 30000]);
+
+        retry.after(Outcome::Failed);
+        let kicker = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            kick.send_modify(|k| *k += 1);
+            kick
+        });
+        let t = tokio::time::Instant::now();
+        retry.pause().await;
+        assert_eq!(t.elapsed(), Duration::from_secs(2), "the kick ended it");
+        let kick = kicker.await.expect("kicker");
+
+        // A kick before a failure does not shorten the pause after it.
+        kick.send_modify(|k| *k += 1);
+        retry.after(Outcome::Failed);
+        let t = tokio::time::Instant::now();
+        retry.pause().await;
+        assert_eq!(t.elapsed(), WATCH_RETRY_MAX);
+
+        retry.after(Outcome::Event);
+        let t = tokio::time::Instant::now();
+        retry.pause().await;
+        assert_eq!(t.elapsed(), Duration::ZERO, "an event resets it");
+    }
 
     #[expect(
         clippy::needless_pass_by_value,
