@@ -15,7 +15,9 @@
 //! `netpol_testkit::apiserver` for the files in DIR. SIGTERM stops it.
 //! It validates nothing beyond JSON, runs no admission and keeps nothing
 //! on disk but its credentials: a restart starts with no objects but the
-//! manifests'.
+//! manifests'. SIGUSR1 compacts its history, as etcd's compaction
+//! does: open watches end with `410 Gone`, and so does a watch from an
+//! older version, so clients list again.
 use std::{io::Write as _, net::SocketAddr, path::PathBuf, process::ExitCode};
 
 use netpol_testkit::{
@@ -118,9 +120,19 @@ fn serve() -> Result<(), String> {
         let _ = std::io::stdout().flush();
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .map_err(|e| format!("SIGTERM handler: {e}"))?;
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
+        let mut compact =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())
+                .map_err(|e| format!("SIGUSR1 handler: {e}"))?;
+        loop {
+            tokio::select! {
+                _ = term.recv() => break,
+                _ = tokio::signal::ctrl_c() => break,
+                _ = compact.recv() => {
+                    server.expire_watches();
+                    println!("history compacted: watches from older versions get 410 Gone");
+                    let _ = std::io::stdout().flush();
+                }
+            }
         }
         drop(server);
         Ok(())

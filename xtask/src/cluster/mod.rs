@@ -24,6 +24,7 @@
 //! `cargo xtask conformance --cluster` runs the scenarios on it
 //! (`conformance::cluster`). Not yet: host-networked pods, the rolling
 //! upgrade.
+mod outage;
 mod traffic;
 mod upgrade;
 
@@ -574,7 +575,9 @@ const PORT: u16 = 8080;
 /// families, then down (also when a check fails).
 pub fn test() -> Result<()> {
     up(None, None)?;
-    let checked = checks().and_then(|()| upgrade::rolling_upgrade());
+    let checked = checks()
+        .and_then(|()| upgrade::rolling_upgrade())
+        .and_then(|()| outage::kill_and_cut());
     if checked.is_err() {
         for node in ["node-1", "node-2", "node-3"] {
             eprintln!("{}", agent_logs(node));
@@ -599,6 +602,17 @@ fn running_pod(state: &Value, namespace: &str, name: &str) -> Result<(String, Ve
         .filter_map(|i| i.as_str()?.parse().ok())
         .collect();
     Ok((p["netns"].as_str().unwrap_or_default().to_owned(), ips))
+}
+
+/// A pod of the running cluster (`ns/name`): a handle on its namespace,
+/// and its addresses.
+fn pod_handle(state: &Value, id: &str) -> Result<(std::sync::Arc<std::fs::File>, Vec<IpAddr>)> {
+    let (ns, name) = id.split_once('/').context("ns/name")?;
+    let (netns, ips) = running_pod(state, ns, name)?;
+    Ok((
+        std::sync::Arc::new(netpol_testkit::Netns::existing(netns.as_str()).open()?),
+        ips,
+    ))
 }
 
 /// kubectl against the cluster's API server; its output, or an error

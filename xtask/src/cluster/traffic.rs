@@ -20,7 +20,8 @@ use anyhow::{Context as _, Result};
 
 use crate::conformance::probe::enter;
 
-/// The port every counting server listens on, TCP and UDP.
+/// The rolling upgrade's servers' port, TCP and UDP (the outage's is the
+/// next: a server lives as long as the process).
 pub const PORT: u16 = 9000;
 /// A probe's allowance: generous, so a busy 2-core machine does not turn
 /// a slow answer into a failure.
@@ -48,12 +49,12 @@ impl Seen {
     }
 }
 
-/// Counting echo servers (TCP lines, UDP datagrams) on [`PORT`] of each of
+/// Counting echo servers (TCP lines, UDP datagrams) on `port` of each of
 /// `addrs`, in the namespace of `fd`; listening when this returns.
-pub fn serve(fd: &Arc<File>, addrs: &[IpAddr]) -> Result<Seen> {
+pub fn serve(fd: &Arc<File>, addrs: &[IpAddr], port: u16) -> Result<Seen> {
     let seen = Seen::default();
     for &addr in addrs {
-        let at = SocketAddr::new(addr, PORT);
+        let at = SocketAddr::new(addr, port);
         let (tx, rx) = std::sync::mpsc::channel();
         let (fd, seen_tcp) = (fd.clone(), seen.clone());
         std::thread::spawn(move || {
@@ -197,4 +198,16 @@ pub fn long_lived(
         .context("a connection thread")?
         .with_context(|| format!("connecting to {dst}"))?;
     Ok(handle)
+}
+
+/// Whether a TCP line echoes from the namespace of `fd` to `dst`.
+pub fn reaches(fd: &Arc<File>, dst: SocketAddr, timeout: Duration) -> bool {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            enter(fd).is_ok()
+                && netpol_testkit::echo::echoes(netpol_testkit::echo::Proto::Tcp, dst, timeout)
+        })
+        .join()
+        .unwrap_or(false)
+    })
 }

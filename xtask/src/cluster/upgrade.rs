@@ -26,7 +26,7 @@ use netpol_testkit::cluster::NodeSpec;
 use serde_json::{Value, json};
 
 use super::{
-    FilePod, PREFIX, kubectl, make_pod, names, objects, pod_node, running_pod, start_agent_pod,
+    FilePod, PREFIX, kubectl, make_pod, names, objects, pod_handle, pod_node, start_agent_pod,
     traffic, wait_for, wait_ready,
 };
 use crate::deploy_test as dt;
@@ -59,28 +59,6 @@ const PAIRS: [(&str, &str, bool); 8] = [
     ("x/c", "x/a", false),
 ];
 
-/// A pod of the running cluster: its namespace handle and addresses.
-fn pod(state: &Value, id: &str) -> Result<(Arc<std::fs::File>, Vec<IpAddr>)> {
-    let (ns, name) = id.split_once('/').context("ns/name")?;
-    let (netns, ips) = running_pod(state, ns, name)?;
-    Ok((
-        Arc::new(netpol_testkit::Netns::existing(netns.as_str()).open()?),
-        ips,
-    ))
-}
-
-/// Whether a TCP line echoes from the namespace of `fd` to `dst`.
-fn reaches(fd: &Arc<std::fs::File>, dst: SocketAddr, timeout: Duration) -> bool {
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            crate::conformance::probe::enter(fd).is_ok()
-                && netpol_testkit::echo::echoes(netpol_testkit::echo::Proto::Tcp, dst, timeout)
-        })
-        .join()
-        .unwrap_or(false)
-    })
-}
-
 /// The image a node's agent container runs.
 fn image_of(node: &str) -> Result<String> {
     let out = dt::podman()
@@ -109,19 +87,19 @@ pub fn rolling_upgrade() -> Result<()> {
     kubectl(&["create", "-f", "-"], Some(POLICIES))?;
     let mut servers = std::collections::BTreeMap::new();
     for id in ["x/a", "x/b"] {
-        let (fd, ips) = pod(&state, id)?;
-        servers.insert(id, (traffic::serve(&fd, &ips)?, ips));
+        let (fd, ips) = pod_handle(&state, id)?;
+        servers.insert(id, (traffic::serve(&fd, &ips, traffic::PORT)?, ips));
     }
     // Every pair as its policy says before the roll starts.
     for (client, server, allowed) in PAIRS {
-        let (fd, _) = pod(&state, client)?;
+        let (fd, _) = pod_handle(&state, client)?;
         for &ip in &servers[server].1 {
             let dst = SocketAddr::new(ip, traffic::PORT);
             wait_for(
                 Duration::from_secs(30),
                 &format!("{client} -> {server} at {ip} is as the policies say"),
                 || {
-                    let got = reaches(&fd, dst, Duration::from_millis(500));
+                    let got = traffic::reaches(&fd, dst, Duration::from_millis(500));
                     Ok((got == allowed).then_some(()))
                 },
             )?;
@@ -132,7 +110,7 @@ pub fn rolling_upgrade() -> Result<()> {
     let mut probers = Vec::new();
     let mut held = Vec::new();
     for (client, server, allowed) in PAIRS {
-        let (fd, client_ips) = pod(&state, client)?;
+        let (fd, client_ips) = pod_handle(&state, client)?;
         for &ip in &servers[server].1 {
             let dst = SocketAddr::new(ip, traffic::PORT);
             let (counts, handle) = traffic::prober(&fd, dst, &stop);
@@ -306,12 +284,12 @@ fn roll(
     let fd = Arc::new(
         netpol_testkit::Netns::existing(names().pod(&node.name, "x", &name).as_str()).open()?,
     );
-    let seen = traffic::serve(&fd, &ips)?;
+    let seen = traffic::serve(&fd, &ips, traffic::PORT)?;
     for (client, allowed) in [("y/a", true), ("x/a", false)] {
-        let (cfd, cips) = pod(state, client)?;
+        let (cfd, cips) = pod_handle(state, client)?;
         for &ip in &ips {
             let dst = SocketAddr::new(ip, traffic::PORT);
-            let got = reaches(&cfd, dst, Duration::from_secs(1));
+            let got = traffic::reaches(&cfd, dst, Duration::from_secs(1));
             let source = cips
                 .iter()
                 .copied()
