@@ -125,6 +125,11 @@ pub fn datapath() -> Result<()> {
     write_section(&root().join("docs/PERFORMANCE.md"), "datapath", &section)
 }
 
+/// Records section `name` of docs/PERFORMANCE.md.
+pub(crate) fn record(name: &str, body: &str) -> Result<()> {
+    write_section(&root().join("docs/PERFORMANCE.md"), name, body)
+}
+
 /// Replaces the text between `<!-- NAME:begin -->` and `<!-- NAME:end -->`
 /// (appending the block when missing), leaving other sections alone.
 fn write_section(path: &Path, name: &str, body: &str) -> Result<()> {
@@ -381,7 +386,7 @@ fn kernel_and_cpu() -> Result<(String, String)> {
 }
 
 /// Kernel, CPU, CPU count and date, for the recorded sections.
-fn machine() -> Result<(String, String)> {
+pub(crate) fn machine() -> Result<(String, String)> {
     let (kernel, cpu) = kernel_and_cpu()?;
     let date = String::from_utf8_lossy(
         &Command::new("date")

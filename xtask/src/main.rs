@@ -83,7 +83,8 @@ enum Cmd {
         /// pod to enforced, root), `pod-start` (what netpol-cni adds to a
         /// pod's CNI chain, root), `kube` (initial sync and memory against
         /// a fake API server), `control` and `throughput` (netpol against
-        /// a kube-router-style iptables + ipset baseline, root), or `all`.
+        /// a kube-router-style iptables + ipset baseline, root), `propagation`
+        /// (kubectl to every node of the three-node cluster, root), or `all`.
         #[arg(default_value = "all")]
         which: String,
     },
@@ -239,16 +240,18 @@ fn main() -> Result<()> {
             "kube" => bench::kube(),
             "control" => bench::control(),
             "throughput" => bench::throughput(),
+            "propagation" => cluster::propagation::bench(),
             "all" => bench::compiler()
                 .and_then(|()| bench::datapath())
                 .and_then(|()| bench::agent())
                 .and_then(|()| bench::pod_start())
                 .and_then(|()| bench::kube())
                 .and_then(|()| bench::control())
-                .and_then(|()| bench::throughput()),
+                .and_then(|()| bench::throughput())
+                .and_then(|()| cluster::propagation::bench()),
             other => bail!(
                 "unknown bench {other:?}: datapath, compiler, agent, pod-start, kube, control, \
-                 throughput or all"
+                 throughput, propagation or all"
             ),
         },
     }

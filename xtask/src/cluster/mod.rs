@@ -25,6 +25,7 @@
 //! (`conformance::cluster`). Not yet: host-networked pods, the rolling
 //! upgrade.
 mod outage;
+pub mod propagation;
 mod traffic;
 mod upgrade;
 
