@@ -84,8 +84,18 @@ fn colour() -> bool {
 
 /// Probes every client pod against every target and prints the matrix;
 /// returns the cells that connected, as (client, target) indices.
+/// Each pod's network namespace, by id.
+type Nets = BTreeMap<String, Arc<std::fs::File>>;
+
+fn nets(topo: &Topology) -> Nets {
+    topo.pods
+        .iter()
+        .map(|(id, p)| (id.clone(), p.fd.clone()))
+        .collect()
+}
+
 fn matrix(
-    topo: &Topology,
+    nets: &Nets,
     pods: &[PodSpec],
     targets: &[Target],
     fam: Family,
@@ -93,7 +103,10 @@ fn matrix(
     let mut jobs = Vec::new();
     for (ci, client) in pods.iter().enumerate() {
         for (ti, t) in targets.iter().enumerate() {
-            let server = &topo.pods[&t.pod].spec;
+            let server = pods
+                .iter()
+                .find(|p| p.id == t.pod)
+                .with_context(|| format!("no pod {}", t.pod))?;
             let ip = match fam {
                 Family::V4 => server.v4.map(IpAddr::V4),
                 Family::V6 => server.v6.map(IpAddr::V6),
@@ -101,7 +114,10 @@ fn matrix(
             let Some(ip) = ip else { continue };
             jobs.push(Job {
                 via: Via::Pod,
-                from: topo.pods[&client.id].fd.clone(),
+                from: nets
+                    .get(&client.id)
+                    .with_context(|| format!("no namespace of {}", client.id))?
+                    .clone(),
                 dst: SocketAddr::new(ip, t.port),
                 proto: t.proto,
                 // Every cell gets its slow retry: the demo reports, it
@@ -409,7 +425,7 @@ pub fn demo(hold: bool) -> Result<()> {
         "\nBefore any NetworkPolicy: every pod reaches every port (X = connects, . = blocked)\n"
     );
     for fam in [Family::V4, Family::V6] {
-        matrix(&topo, &pods, &targets, fam)?;
+        matrix(&nets(&topo), &pods, &targets, fam)?;
         println!();
     }
     print_lookups(&lookup, &topo, &pods);
@@ -443,7 +459,7 @@ pub fn demo(hold: bool) -> Result<()> {
     println!("\nAfter the policies, enforced by netpol's TC programs on each pod's veth\n");
     let mut allowed_v4 = Vec::new();
     for fam in [Family::V4, Family::V6] {
-        let allowed = matrix(&topo, &pods, &targets, fam)?;
+        let allowed = matrix(&nets(&topo), &pods, &targets, fam)?;
         if fam == Family::V4 {
             allowed_v4 = allowed;
         }
@@ -748,4 +764,169 @@ mod dns {
             assert_eq!(addresses(9, &respond(&q, &records).unwrap()), None);
         }
     }
+}
+
+/// The example app's objects spread over `nodes` Nodes in the scheme of
+/// `cluster-3node.yaml`: its Node replaced by node-1…node-N, its pods
+/// placed in turn on them, each keeping its address's host part in its
+/// node's subnets (10.42.0.10 on node-2 is 10.42.2.10, fd42::10 is
+/// fd00:10:42:2::10).
+fn spread(cluster: &str, nodes: usize) -> Result<String> {
+    let (generated, _) = crate::cluster::generated_nodes(nodes)?;
+    let mut out = String::new();
+    for n in &generated {
+        out.push_str("---\n");
+        out.push_str(&serde_json::to_string(n)?);
+        out.push('\n');
+    }
+    let mut placed = 0;
+    for mut v in scenario::documents(cluster)? {
+        match v["kind"].as_str() {
+            Some("Node") => continue,
+            Some("Pod") => {
+                let node = placed % nodes + 1;
+                placed += 1;
+                v["spec"]["nodeName"] = Value::from(format!("node-{node}"));
+                let moved = |ip: &str| -> Result<String> {
+                    Ok(match ip.parse::<IpAddr>()? {
+                        IpAddr::V4(a) => format!("10.42.{node}.{}", a.octets()[3]),
+                        IpAddr::V6(a) => {
+                            format!("fd00:10:42:{node:x}::{:x}", a.segments()[7])
+                        }
+                    })
+                };
+                let mut ips = Vec::new();
+                for ip in v["status"]["podIPs"].as_sequence().into_iter().flatten() {
+                    let mut m = serde_yaml::Mapping::new();
+                    m.insert(
+                        "ip".into(),
+                        moved(ip["ip"].as_str().unwrap_or_default())?.into(),
+                    );
+                    ips.push(Value::Mapping(m));
+                }
+                if let Some(first) = ips.first() {
+                    v["status"]["podIP"] = first["ip"].clone();
+                }
+                v["status"]["podIPs"] = Value::Sequence(ips);
+            }
+            _ => {}
+        }
+        out.push_str("---\n");
+        out.push_str(&serde_json::to_string(&v)?);
+        out.push('\n');
+    }
+    Ok(out)
+}
+
+/// `cargo xtask demo --nodes N`: the example app spread over a cluster of
+/// N nodes (`cargo xtask cluster`: flannel's VXLAN, an agent per node
+/// from the image, the policies written with kubectl), which pod reaches
+/// which port across nodes before and after the example's policies. Not
+/// here: the DNS lookups and `explain` of the one-node demo.
+pub fn demo_nodes(nodes: usize, hold: bool) -> Result<()> {
+    ensure!(
+        crate::netpol_is_root(),
+        "the demo brings up a cluster of network namespaces: run it as root"
+    );
+    ensure!((2..=9).contains(&nodes), "--nodes {nodes}: from 2 to 9");
+    bootstrap::demo_tools()?;
+    build_ebpf()?;
+    println!("demo: building netpol-agent");
+    run(cargo("stable").args(["build", "-p", "netpol-agent"]))?;
+    let agent = target_dir().join("debug/netpol-agent");
+    let examples = root().join("deploy/examples");
+    let cluster = std::fs::read_to_string(examples.join("cluster.yaml"))
+        .context("reading deploy/examples/cluster.yaml")?;
+    let text = spread(&cluster, nodes)?;
+    let file = root().join("target/demo-cluster.yaml");
+    std::fs::write(&file, &text)?;
+    crate::cluster::up(None, Some(&file))?;
+    let shown = (|| -> Result<()> {
+        let model = conformance::model_from_text(&text)?;
+        let pods: Vec<PodSpec> = model
+            .objects
+            .values()
+            .filter_map(|v| scenario::pod_spec(v).ok().flatten())
+            .collect();
+        let names = crate::cluster::names();
+        let mut nets = Nets::new();
+        let mut on = BTreeMap::new();
+        for p in &pods {
+            let (ns, name) = p.id.split_once('/').context("ns/name")?;
+            let key = ("Pod".to_owned(), ns.to_owned(), name.to_owned());
+            let node = model.objects[&key]["spec"]["nodeName"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned();
+            let fd = Arc::new(netpol_testkit::Netns::existing(names.pod(&node, ns, name)).open()?);
+            start_servers(&fd, p)?;
+            nets.insert(p.id.clone(), fd);
+            on.insert(p.id.clone(), node);
+        }
+        println!("\ndemo: the example app on {nodes} nodes:");
+        for p in &pods {
+            println!(
+                "  {:<24} {:<8} {}",
+                p.id,
+                on[&p.id],
+                [p.v4.map(IpAddr::V4), p.v6.map(IpAddr::V6)]
+                    .iter()
+                    .flatten()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            );
+        }
+        let targets = targets(&model);
+        println!(
+            "\nBefore any NetworkPolicy: every pod reaches every port, across nodes (X = \
+             connects, . = blocked)\n"
+        );
+        for fam in [Family::V4, Family::V6] {
+            matrix(&nets, &pods, &targets, fam)?;
+            println!();
+        }
+        println!(
+            "demo: kubectl create -f deploy/examples/policies.yaml (against the cluster's API \
+             server; every node's agent watches it)"
+        );
+        crate::cluster::kubectl(
+            &[
+                "create",
+                "-f",
+                &examples.join("policies.yaml").display().to_string(),
+            ],
+            None,
+        )?;
+        let specs = netpol_testkit::cluster::node_specs(
+            &scenario::documents(&text)?
+                .iter()
+                .map(serde_json::to_value)
+                .collect::<Result<Vec<_>, _>>()?,
+        )
+        .map_err(anyhow::Error::msg)?;
+        let dir = crate::cluster::state_dir().join("demo");
+        std::fs::create_dir_all(&dir)?;
+        conformance::cluster::wait_enforced(&specs, &agent, &dir, |node| {
+            on.values().filter(|n| *n == node).count()
+        })?;
+        println!(
+            "\nAfter the policies, each node enforcing its own pods' (X = connects, . = blocked)\n"
+        );
+        for fam in [Family::V4, Family::V6] {
+            matrix(&nets, &pods, &targets, fam)?;
+            println!();
+        }
+        Ok(())
+    })();
+    if hold && shown.is_ok() {
+        println!(
+            "demo: holding the cluster. `kubectl --kubeconfig target/cluster/kubeconfig get \
+             networkpolicies -A`, `cargo xtask cluster status`; `cargo xtask cluster down` \
+             removes it."
+        );
+        return Ok(());
+    }
+    let downed = crate::cluster::down();
+    shown.and(downed)
 }

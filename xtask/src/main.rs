@@ -131,6 +131,11 @@ enum Cmd {
         /// Enter (or Ctrl-C).
         #[arg(long)]
         hold: bool,
+        /// Spread the example app over a cluster of N nodes (`cargo xtask
+        /// cluster`), policies written with kubectl; with --hold the
+        /// cluster stays up.
+        #[arg(long)]
+        nodes: Option<usize>,
     },
 }
 
@@ -180,7 +185,11 @@ fn main() -> Result<()> {
             bootstrap::ebpf_toolchain()?;
             lint()
         }
-        Cmd::Demo { hold } => demo::demo(hold),
+        Cmd::Demo { hold, nodes: None } => demo::demo(hold),
+        Cmd::Demo {
+            hold,
+            nodes: Some(n),
+        } => demo::demo_nodes(n, hold),
         Cmd::Cluster { action } => match action {
             ClusterAction::Up { nodes, cluster } => cluster::up(nodes, cluster.as_deref()),
             ClusterAction::Down => cluster::down(),

@@ -75,25 +75,7 @@ pub fn names() -> Names {
 /// InternalIPs 10.200.0.N and fd00:200::N) and no pods.
 fn objects(nodes: Option<usize>, file: Option<&Path>) -> Result<(Vec<Value>, String)> {
     let file = match (nodes, file) {
-        (Some(n), None) => {
-            ensure!((1..=200).contains(&n), "--nodes {n}: from 1 to 200");
-            let nodes = (1..=n)
-                .map(|i| {
-                    json!({
-                        "apiVersion": "v1", "kind": "Node",
-                        "metadata": {"name": format!("node-{i}"),
-                                     "labels": {"kubernetes.io/hostname": format!("node-{i}")}},
-                        "spec": {"podCIDRs": [format!("10.42.{i}.0/24"),
-                                              format!("fd00:10:42:{i:x}::/64")]},
-                        "status": {"addresses": [
-                            {"type": "InternalIP", "address": format!("10.200.0.{i}")},
-                            {"type": "InternalIP", "address": format!("fd00:200::{i:x}")}
-                        ]}
-                    })
-                })
-                .collect();
-            return Ok((nodes, format!("{n} generated nodes")));
-        }
+        (Some(n), None) => return generated_nodes(n),
         (_, Some(f)) => f.to_owned(),
         (None, None) => crate::shared_conformance()?.join("cluster-3node.yaml"),
     };
@@ -113,6 +95,27 @@ fn objects(nodes: Option<usize>, file: Option<&Path>) -> Result<(Vec<Value>, Str
     }
     let shown = file.strip_prefix(crate::root()).unwrap_or(&file);
     Ok((objects, shown.display().to_string()))
+}
+
+/// `n` Nodes in the scheme of `cluster-3node.yaml`, and how to name them.
+pub fn generated_nodes(n: usize) -> Result<(Vec<Value>, String)> {
+    ensure!((1..=200).contains(&n), "--nodes {n}: from 1 to 200");
+    let nodes = (1..=n)
+        .map(|i| {
+            json!({
+                "apiVersion": "v1", "kind": "Node",
+                "metadata": {"name": format!("node-{i}"),
+                             "labels": {"kubernetes.io/hostname": format!("node-{i}")}},
+                "spec": {"podCIDRs": [format!("10.42.{i}.0/24"),
+                                      format!("fd00:10:42:{i:x}::/64")]},
+                "status": {"addresses": [
+                    {"type": "InternalIP", "address": format!("10.200.0.{i}")},
+                    {"type": "InternalIP", "address": format!("fd00:200::{i:x}")}
+                ]}
+            })
+        })
+        .collect();
+    Ok((nodes, format!("{n} generated nodes")))
 }
 
 /// A pod of the file to make.
@@ -553,7 +556,7 @@ pub fn status() -> Result<()> {
         };
         writeln!(
             out,
-            "{:<12} {:<8} {:<28} {}",
+            "{:<24} {:<8} {:<34} {}",
             format!(
                 "{}/{}",
                 p["namespace"].as_str().unwrap_or("?"),

@@ -215,54 +215,66 @@ impl Cluster {
         Ok(())
     }
 
-    /// Every node's agent reports the fingerprint of the API server's
-    /// objects as that node sees them, with its pods programmed.
     fn wait_enforced(&self) -> Result<()> {
-        let dump = cl::kubectl(
-            &[
-                "get",
-                "nodes,namespaces,pods,services,networkpolicies",
-                "--all-namespaces",
-                "-o",
-                "yaml",
-            ],
-            None,
-        )?;
-        std::fs::write(self.dir.join("objects.yaml"), dump)?;
-        let deadline = Instant::now() + APPLY_DEADLINE;
-        for node in &self.nodes {
-            let want = fingerprint(&self.agent, &self.dir, &node.name)?;
-            let pods = self.pods.values().filter(|p| p.node == node.name).count();
-            let ip = node
-                .internal_ip(true)
-                .or_else(|| node.internal_ip(false))
-                .context("an InternalIP")?;
-            let at = SocketAddr::new(ip, STATUS_PORT);
-            let mut last = serde_json::Value::Null;
-            loop {
-                if let Ok((200, body)) = crate::deploy_test::http_get(at, "/status")
-                    && let Ok(s) = serde_json::from_str::<serde_json::Value>(&body)
-                {
-                    let programmed = s["interfaces"]
-                        .as_array()
-                        .map_or(0, |i| i.iter().filter(|i| i["programmed"] == true).count());
-                    if s["fingerprint"].as_str() == Some(want.as_str()) && programmed >= pods {
-                        break;
-                    }
-                    last = s;
-                }
-                if Instant::now() > deadline {
-                    bail!(
-                        "{}'s agent did not enforce fingerprint {want} ({pods} pods) within \
-                         {APPLY_DEADLINE:?}; last status: {last}",
-                        node.name
-                    );
-                }
-                std::thread::sleep(Duration::from_millis(5));
-            }
-        }
-        Ok(())
+        wait_enforced(&self.nodes, &self.agent, &self.dir, |node| {
+            self.pods.values().filter(|p| p.node == node).count()
+        })
     }
+}
+
+/// Every node's agent reports the fingerprint of the API server's objects
+/// as that node sees them (`agent fingerprint --node`, over a dump in
+/// `dir`), with `pods_on(node)` pod interfaces programmed.
+pub fn wait_enforced(
+    nodes: &[NodeSpec],
+    agent: &Path,
+    dir: &Path,
+    pods_on: impl Fn(&str) -> usize,
+) -> Result<()> {
+    let dump = cl::kubectl(
+        &[
+            "get",
+            "nodes,namespaces,pods,services,networkpolicies",
+            "--all-namespaces",
+            "-o",
+            "yaml",
+        ],
+        None,
+    )?;
+    std::fs::write(dir.join("objects.yaml"), dump)?;
+    let deadline = Instant::now() + APPLY_DEADLINE;
+    for node in nodes {
+        let want = fingerprint(agent, dir, &node.name)?;
+        let pods = pods_on(&node.name);
+        let ip = node
+            .internal_ip(true)
+            .or_else(|| node.internal_ip(false))
+            .context("an InternalIP")?;
+        let at = SocketAddr::new(ip, STATUS_PORT);
+        let mut last = serde_json::Value::Null;
+        loop {
+            if let Ok((200, body)) = crate::deploy_test::http_get(at, "/status")
+                && let Ok(s) = serde_json::from_str::<serde_json::Value>(&body)
+            {
+                let programmed = s["interfaces"]
+                    .as_array()
+                    .map_or(0, |i| i.iter().filter(|i| i["programmed"] == true).count());
+                if s["fingerprint"].as_str() == Some(want.as_str()) && programmed >= pods {
+                    break;
+                }
+                last = s;
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{}'s agent did not enforce fingerprint {want} ({pods} pods) within \
+                     {APPLY_DEADLINE:?}; last status: {last}",
+                    node.name
+                );
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    Ok(())
 }
 
 /// `netpol-agent fingerprint --node` over a folder of objects.
