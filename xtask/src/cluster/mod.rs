@@ -539,7 +539,7 @@ pub fn status() -> Result<()> {
     }
     writeln!(
         out,
-        "\n{:<12} {:<8} {:<28} ADDRESSES",
+        "\n{:<24} {:<8} {:<34} ADDRESSES",
         "POD", "NODE", "NAMESPACE"
     )?;
     for p in state["pods"].as_array().into_iter().flatten() {
