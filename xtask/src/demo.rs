@@ -365,11 +365,9 @@ fn print_lookups(lookup: &Lookup, topo: &Topology, pods: &[PodSpec]) {
     println!();
 }
 
-pub fn demo(hold: bool) -> Result<()> {
-    ensure!(
-        crate::netpol_is_root(),
-        "the demo creates network namespaces and loads BPF programs: run it as root"
-    );
+/// The demo's tools, the eBPF object, the agent (debug) and the example
+/// cluster's folder and file.
+fn prepare() -> Result<(PathBuf, PathBuf, PathBuf, String)> {
     bootstrap::demo_tools()?;
     let object = build_ebpf()?;
     println!("demo: building netpol-agent");
@@ -378,6 +376,15 @@ pub fn demo(hold: bool) -> Result<()> {
     let examples = root().join("deploy/examples");
     let cluster = std::fs::read_to_string(examples.join("cluster.yaml"))
         .context("reading deploy/examples/cluster.yaml")?;
+    Ok((object, agent, examples, cluster))
+}
+
+pub fn demo(hold: bool) -> Result<()> {
+    ensure!(
+        crate::netpol_is_root(),
+        "the demo creates network namespaces and loads BPF programs: run it as root"
+    );
+    let (object, agent, examples, cluster) = prepare()?;
     let policies = std::fs::read_to_string(examples.join("policies.yaml"))
         .context("reading deploy/examples/policies.yaml")?;
     let model = conformance::model_from_text(&cluster)?;
@@ -829,14 +836,7 @@ pub fn demo_nodes(nodes: usize, hold: bool) -> Result<()> {
         "the demo brings up a cluster of network namespaces: run it as root"
     );
     ensure!((2..=9).contains(&nodes), "--nodes {nodes}: from 2 to 9");
-    bootstrap::demo_tools()?;
-    build_ebpf()?;
-    println!("demo: building netpol-agent");
-    run(cargo("stable").args(["build", "-p", "netpol-agent"]))?;
-    let agent = target_dir().join("debug/netpol-agent");
-    let examples = root().join("deploy/examples");
-    let cluster = std::fs::read_to_string(examples.join("cluster.yaml"))
-        .context("reading deploy/examples/cluster.yaml")?;
+    let (_, agent, examples, cluster) = prepare()?;
     let text = spread(&cluster, nodes)?;
     let file = root().join("target/demo-cluster.yaml");
     std::fs::write(&file, &text)?;

@@ -284,6 +284,22 @@ async fn a_failed_write_is_rolled_back_and_the_retry_applies_it() {
     assert_eq!(l.dp.writer().mirror().policy_v4, want.policy_v4);
 }
 
+/// A previous agent's maps for `old`: a on interface 10, b on 11.
+fn pinned_a_b(old: &Compiled) -> Mirror {
+    let maps = old.map_state();
+    let mut pinned = Mirror {
+        policy_v4: maps.policy_v4.clone(),
+        ports: maps.ports.clone(),
+        ..Mirror::default()
+    };
+    for (ifindex, pod) in [(10, "a"), (11, "b")] {
+        pinned
+            .endpoints
+            .insert(ifindex, maps.endpoints[&ObjectRef::new("x", pod)]);
+    }
+    pinned
+}
+
 #[tokio::test]
 async fn a_previous_agents_entries_are_kept_and_its_ids_too() {
     // A previous agent's maps: a on interface 10, admitting b; ids 1..6
@@ -296,18 +312,7 @@ async fn a_previous_agents_entries_are_kept_and_its_ids_too() {
     let old = compiler::compile(&cluster("b").snapshot, &ids);
     let a_id = old.endpoints[&ObjectRef::new("x", "a")].id;
     assert!(a_id >= 7);
-    let mut maps = old.map_state();
-    let mut pinned = Mirror {
-        policy_v4: std::mem::take(&mut maps.policy_v4),
-        ports: std::mem::take(&mut maps.ports),
-        ..Mirror::default()
-    };
-    pinned
-        .endpoints
-        .insert(10, maps.endpoints[&ObjectRef::new("x", "a")]);
-    pinned
-        .endpoints
-        .insert(11, maps.endpoints[&ObjectRef::new("x", "b")]);
+    let pinned = pinned_a_b(&old);
 
     let mut l = sync_loop(pinned.clone());
     veth(&mut l, 10, "10.0.0.2");
@@ -660,18 +665,7 @@ async fn del_releases_the_veth_fail_closed_and_forgets_its_connections() {
 async fn a_restart_that_cannot_read_peers_binds_by_the_state_file() {
     let snapshot = cluster("b").snapshot.clone();
     let old = compiler::compile(&snapshot, &IdAllocation::default());
-    let maps = old.map_state();
-    let mut pinned = Mirror {
-        policy_v4: maps.policy_v4.clone(),
-        ports: maps.ports.clone(),
-        ..Mirror::default()
-    };
-    pinned
-        .endpoints
-        .insert(10, maps.endpoints[&ObjectRef::new("x", "a")]);
-    pinned
-        .endpoints
-        .insert(11, maps.endpoints[&ObjectRef::new("x", "b")]);
+    let pinned = pinned_a_b(&old);
     let dir = std::env::temp_dir().join(format!("netpol-remembered-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("state dir");
     let interfaces: BTreeMap<ObjectRef, crate::provenance::Bound> = [("a", 10), ("b", 11)]

@@ -276,15 +276,19 @@ pub fn kube_proxy(nodes: &[NodeSpec], objects: &[Value]) -> Result<()> {
         let v = serde_yaml::to_value(o)?;
         by_key.insert(scenario::key_of(&v)?, v);
     }
+    services::Kube::new(&kube_nodes(nodes))?.sync(&by_key)
+}
+
+/// The nodes as kube-proxy's part addresses them: name and namespace.
+pub fn kube_nodes(nodes: &[NodeSpec]) -> Vec<crate::conformance::services::KubeNode> {
     let names = names();
-    let nodes: Vec<services::KubeNode> = nodes
+    nodes
         .iter()
-        .map(|n| services::KubeNode {
+        .map(|n| crate::conformance::services::KubeNode {
             name: n.name.clone(),
             netns: names.node(&n.name),
         })
-        .collect();
-    services::Kube::new(&nodes)?.sync(&by_key)
+        .collect()
 }
 
 /// The CNI chain of `node` as its init container installed it: k3s's

@@ -18,12 +18,11 @@ use std::{
     fs::File,
     net::SocketAddr,
     path::{Path, PathBuf},
-    process::Command,
     sync::Arc,
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, Result, bail, ensure};
+use anyhow::{Context as _, Result, bail};
 use netpol_testkit::{
     Netns,
     cluster::{self as net, NodeSpec},
@@ -149,14 +148,7 @@ impl Cluster {
                 },
             );
         }
-        let kube_nodes: Vec<services::KubeNode> = nodes
-            .iter()
-            .map(|n| services::KubeNode {
-                name: n.name.clone(),
-                netns: names.node(&n.name),
-            })
-            .collect();
-        let services = services::Kube::new(&kube_nodes)?;
+        let services = services::Kube::new(&cl::kube_nodes(&nodes))?;
         let dir = cl::state_dir().join("conformance");
         std::fs::create_dir_all(&dir)?;
         let cluster = Self {
@@ -244,7 +236,7 @@ pub fn wait_enforced(
     std::fs::write(dir.join("objects.yaml"), dump)?;
     let deadline = Instant::now() + APPLY_DEADLINE;
     for node in nodes {
-        let want = fingerprint(agent, dir, &node.name)?;
+        let want = super::expected_fingerprint(agent, dir, Some(&node.name))?;
         let pods = pods_on(&node.name);
         let ip = node
             .internal_ip(true)
@@ -275,22 +267,6 @@ pub fn wait_enforced(
         }
     }
     Ok(())
-}
-
-/// `netpol-agent fingerprint --node` over a folder of objects.
-fn fingerprint(agent: &Path, dir: &Path, node: &str) -> Result<String> {
-    let out = Command::new(agent)
-        .args(["fingerprint", "--manifests"])
-        .arg(dir)
-        .args(["--node", node])
-        .output()
-        .context("running netpol-agent fingerprint")?;
-    ensure!(
-        out.status.success(),
-        "netpol-agent fingerprint failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
 
 /// Objects as kubectl reads them from standard input: JSON documents,

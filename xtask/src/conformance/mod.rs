@@ -299,11 +299,14 @@ pub fn write_manifests(dir: &Path, objects: &BTreeMap<ObjKey, Value>) -> Result<
     Ok(())
 }
 
-/// The fingerprint the agent will report once it enforces `dir`.
-pub fn expected_fingerprint(agent: &Path, dir: &Path) -> Result<String> {
+/// The fingerprint the agent will report once it enforces `dir`; with
+/// `node`, that node's agent when `dir` holds several Nodes (it sees its
+/// own only).
+pub fn expected_fingerprint(agent: &Path, dir: &Path, node: Option<&str>) -> Result<String> {
     let out = Command::new(agent)
         .args(["fingerprint", "--manifests"])
         .arg(dir)
+        .args(node.map(|n| ["--node", n]).into_iter().flatten())
         .output()
         .context("running netpol-agent fingerprint")?;
     ensure!(
@@ -505,7 +508,7 @@ pub fn enforce(
     objects: &BTreeMap<ObjKey, Value>,
 ) -> Result<()> {
     write_manifests(manifests, objects)?;
-    let fp = expected_fingerprint(agent, manifests)?;
+    let fp = expected_fingerprint(agent, manifests, None)?;
     wait_applied(run, &topo.node_fd, &fp, topo.pods.len())
 }
 
