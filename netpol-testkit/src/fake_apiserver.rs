@@ -740,6 +740,101 @@ fn not_found(r: usize, name: &str) -> Response<Body> {
 /// the same way with its `$` directives dropped: right for maps and for
 /// lists without a merge key (all of a NetworkPolicy's), wrong for lists
 /// merged by key (a Pod's containers), which it replaces.
+/// RFC 6902: `add`, `remove`, `replace`, `move`, `copy` and `test`, in
+/// order, all or nothing (the caller keeps the stored object on error).
+fn apply_json_patch(target: &mut Value, ops: &[Value]) -> Result<(), String> {
+    let mut out = target.clone();
+    for (i, op) in ops.iter().enumerate() {
+        let path = op["path"]
+            .as_str()
+            .ok_or(format!("operation {i}: no path"))?;
+        let value = || {
+            op.get("value")
+                .cloned()
+                .ok_or(format!("operation {i}: no value"))
+        };
+        let from = || op["from"].as_str().ok_or(format!("operation {i}: no from"));
+        match op["op"].as_str() {
+            Some("add") => pointer_add(&mut out, path, value()?)?,
+            Some("remove") => {
+                pointer_remove(&mut out, path)?;
+            }
+            Some("replace") => {
+                pointer_remove(&mut out, path)?;
+                pointer_add(&mut out, path, value()?)?;
+            }
+            Some("move") => {
+                let v = pointer_remove(&mut out, from()?)?;
+                pointer_add(&mut out, path, v)?;
+            }
+            Some("copy") => {
+                let v = out
+                    .pointer(from()?)
+                    .cloned()
+                    .ok_or(format!("operation {i}: nothing at {}", from()?))?;
+                pointer_add(&mut out, path, v)?;
+            }
+            Some("test") => {
+                if out.pointer(path) != Some(&value()?) {
+                    return Err(format!("operation {i}: test of {path} failed"));
+                }
+            }
+            other => return Err(format!("operation {i}: unknown op {other:?}")),
+        }
+    }
+    *target = out;
+    Ok(())
+}
+
+/// A JSON pointer's parent and its last token, unescaped.
+fn split_pointer(path: &str) -> Result<(&str, String), String> {
+    let (parent, last) = path
+        .rsplit_once('/')
+        .ok_or(format!("{path:?} is not a JSON pointer"))?;
+    Ok((parent, last.replace("~1", "/").replace("~0", "~")))
+}
+
+fn pointer_add(target: &mut Value, path: &str, v: Value) -> Result<(), String> {
+    if path.is_empty() {
+        *target = v;
+        return Ok(());
+    }
+    let (parent, key) = split_pointer(path)?;
+    match target.pointer_mut(parent) {
+        Some(Value::Object(m)) => {
+            m.insert(key, v);
+            Ok(())
+        }
+        Some(Value::Array(a)) => {
+            let at = if key == "-" {
+                a.len()
+            } else {
+                key.parse::<usize>()
+                    .ok()
+                    .filter(|i| *i <= a.len())
+                    .ok_or(format!("{path}: no index {key}"))?
+            };
+            a.insert(at, v);
+            Ok(())
+        }
+        _ => Err(format!("{path}: no object or array at {parent:?}")),
+    }
+}
+
+fn pointer_remove(target: &mut Value, path: &str) -> Result<Value, String> {
+    let (parent, key) = split_pointer(path)?;
+    let removed = match target.pointer_mut(parent) {
+        Some(Value::Object(m)) => m.remove(&key),
+        Some(Value::Array(a)) => key
+            .parse::<usize>()
+            .ok()
+            .filter(|i| *i < a.len())
+            .map(|i| a.remove(i)),
+        _ => None,
+    };
+    removed.ok_or(format!("{path}: nothing to remove"))
+}
+
 fn merge_patch(target: &mut Value, patch: &Value) {
     let Value::Object(patch) = patch else {
         *target = patch.clone();
@@ -858,24 +953,25 @@ fn write(s: &Arc<Shared>, req: &Request<Bytes>) -> Response<Body> {
                 .get(header::CONTENT_TYPE)
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or_default();
-            if !matches!(
-                content_type,
-                "application/merge-patch+json" | "application/strategic-merge-patch+json"
-            ) {
+            let json_patch = content_type == "application/json-patch+json";
+            if !json_patch
+                && !matches!(
+                    content_type,
+                    "application/merge-patch+json" | "application/strategic-merge-patch+json"
+                )
+            {
                 return json_response(
                     StatusCode::UNSUPPORTED_MEDIA_TYPE,
                     &status(
                         415,
                         "UnsupportedMediaType",
                         &format!(
-                            "the fake applies merge and strategic merge patches, not {content_type}"
+                            "the fake applies JSON, merge and strategic merge patches, not \
+                             {content_type}"
                         ),
                     ),
                 );
             }
-            let Some(patch) = body else {
-                return bad("the patch is not a JSON object");
-            };
             let Some(old) = inner.collections[r]
                 .objects
                 .get(&(ns.clone(), name.clone()))
@@ -884,7 +980,23 @@ fn write(s: &Arc<Shared>, req: &Request<Bytes>) -> Response<Body> {
             };
             let mut obj: Value = serde_json::from_str(old).expect("stored JSON");
             let metadata = obj["metadata"].clone();
-            merge_patch(&mut obj, &patch);
+            if json_patch {
+                let ops = match serde_json::from_slice::<Value>(req.body()) {
+                    Ok(Value::Array(ops)) => ops,
+                    _ => return bad("a JSON patch is an array of operations"),
+                };
+                if let Err(e) = apply_json_patch(&mut obj, &ops) {
+                    return json_response(
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        &status(422, "Invalid", &format!("the JSON patch: {e}")),
+                    );
+                }
+            } else {
+                let Some(patch) = body else {
+                    return bad("the patch is not a JSON object");
+                };
+                merge_patch(&mut obj, &patch);
+            }
             // A patch changes neither the object's identity nor its kind.
             for field in ["name", "namespace", "uid"] {
                 obj["metadata"][field] = metadata[field].clone();
@@ -1033,6 +1145,50 @@ async fn next_frame(mut st: WatchState) -> Option<(Item, WatchState)> {
         tokio::select! {
             r = st.changed.changed() => if r.is_err() { return None },
             r = st.control.changed() => if r.is_err() { return None },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_patches_apply_in_order_all_or_nothing() {
+        let mut v = json!({"metadata": {"labels": {"a/b": "1"}}, "spec": {"ports": [80, 81]}});
+        let ops = json!([
+            {"op": "test", "path": "/metadata/labels/a~1b", "value": "1"},
+            {"op": "replace", "path": "/metadata/labels/a~1b", "value": "2"},
+            {"op": "add", "path": "/spec/ports/-", "value": 82},
+            {"op": "add", "path": "/spec/ports/0", "value": 79},
+            {"op": "remove", "path": "/spec/ports/1"},
+            {"op": "copy", "from": "/spec/ports", "path": "/spec/copy"},
+            {"op": "move", "from": "/spec/copy", "path": "/moved"},
+        ]);
+        apply_json_patch(&mut v, ops.as_array().expect("ops")).expect("applies");
+        assert_eq!(
+            v,
+            json!({"metadata": {"labels": {"a/b": "2"}},
+                   "spec": {"ports": [79, 81, 82]}, "moved": [79, 81, 82]})
+        );
+        let before = v.clone();
+        let failing = json!([
+            {"op": "replace", "path": "/moved", "value": []},
+            {"op": "test", "path": "/spec/ports/0", "value": 80},
+        ]);
+        let e = apply_json_patch(&mut v, failing.as_array().expect("ops")).expect_err("refused");
+        assert!(e.contains("test of /spec/ports/0 failed"), "{e}");
+        assert_eq!(v, before, "nothing applied");
+        for bad in [
+            json!([{"op": "remove", "path": "/nothing"}]),
+            json!([{"op": "add", "path": "/spec/ports/9", "value": 1}]),
+            json!([{"op": "frobnicate", "path": "/spec"}]),
+            json!([{"op": "add", "path": "/spec/x"}]),
+        ] {
+            assert!(
+                apply_json_patch(&mut v, bad.as_array().expect("ops")).is_err(),
+                "{bad}"
+            );
         }
     }
 }

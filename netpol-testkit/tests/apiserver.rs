@@ -395,7 +395,7 @@ async fn a_restarted_server_on_the_same_folder_and_port_is_trusted_and_watched_a
 
 /// kubectl, as a developer would run it against the server.
 #[tokio::test]
-async fn kubectl_create_get_apply_replace_label_and_delete() {
+async fn kubectl_create_get_apply_replace_label_annotate_patch_and_delete() {
     if Command::new("kubectl")
         .arg("version")
         .arg("--client")
@@ -492,6 +492,76 @@ async fn kubectl_create_get_apply_replace_label_and_delete() {
             .match_labels,
         Some([("app".to_owned(), "b".to_owned())].into())
     );
+
+    let (ok, out) = kubectl(&["annotate", "netpol", "deny", "-n", "x", "note=hi"]);
+    assert!(ok && out.contains("annotated"), "{out}");
+    let (ok, out) = kubectl(&[
+        "patch",
+        "netpol",
+        "deny",
+        "-n",
+        "x",
+        "--type",
+        "json",
+        "-p",
+        r#"[{"op": "replace", "path": "/spec/podSelector/matchLabels/app", "value": "c"}]"#,
+    ]);
+    assert!(ok && out.contains("patched"), "{out}");
+    let (ok, out) = kubectl(&[
+        "patch",
+        "netpol",
+        "deny",
+        "-n",
+        "x",
+        "--type",
+        "merge",
+        "-p",
+        r#"{"metadata": {"labels": {"tier": "web"}}}"#,
+    ]);
+    assert!(ok && out.contains("patched"), "{out}");
+    let np = stored("deny").await.expect("deny");
+    assert_eq!(
+        np.metadata.annotations,
+        Some([("note".to_owned(), "hi".to_owned())].into())
+    );
+    assert_eq!(
+        np.metadata.labels,
+        Some(
+            [
+                ("team".to_owned(), "a".to_owned()),
+                ("tier".to_owned(), "web".to_owned())
+            ]
+            .into()
+        )
+    );
+    assert_eq!(
+        np.spec
+            .expect("spec")
+            .pod_selector
+            .expect("a selector")
+            .match_labels,
+        Some([("app".to_owned(), "c".to_owned())].into())
+    );
+    // A JSON patch whose test fails changes nothing.
+    let (ok, out) = kubectl(&[
+        "patch",
+        "netpol",
+        "deny",
+        "-n",
+        "x",
+        "--type",
+        "json",
+        "-p",
+        r#"[{"op": "replace", "path": "/spec/podSelector/matchLabels/app", "value": "d"},
+            {"op": "test", "path": "/metadata/name", "value": "other"}]"#,
+    ]);
+    assert!(
+        !ok && out.contains("test of /metadata/name failed"),
+        "{out}"
+    );
+    write("{matchLabels: {app: b}}");
+    let (ok, out) = kubectl(&["replace", "-f", &f]);
+    assert!(ok && out.contains("replaced"), "{out}");
 
     // YAML reads an unquoted `y` as true: the API server refuses a label
     // value that is not a string, and the stored policy stays as it was.

@@ -6,10 +6,11 @@
 //! ```
 //!
 //! It serves discovery, get, list, watch, create (POST), replace (PUT),
-//! merge patch (PATCH) and delete for Pods, Namespaces, Nodes, Services,
-//! NetworkPolicies and EndpointSlices to requests bearing the token in
-//! `DIR/serviceaccount/token` (kubectl's `create`, `get`, `apply`,
-//! `replace`, `label` and `delete` work), starting with the objects of
+//! JSON, merge and strategic merge patches (PATCH) and delete for Pods,
+//! Namespaces, Nodes, Services, NetworkPolicies and EndpointSlices to
+//! requests bearing the token in `DIR/serviceaccount/token` (kubectl's
+//! `create`, `get`, `apply`, `replace`, `label`, `annotate`, `patch` and
+//! `delete` work), starting with the objects of
 //! `--manifests`, and prints `listening on https://ADDR:PORT` once it
 //! accepts connections (and writes that line to `--ready-file`). See
 //! `netpol_testkit::apiserver` for the files in DIR. SIGTERM stops it.
