@@ -102,6 +102,59 @@ impl Kube {
     }
 }
 
+/// The backend kube-proxy sends Service `key` to, for one family, and
+/// its node: the first ready endpoint of the Service's EndpointSlices
+/// (label `kubernetes.io/service-name`) when it has any, else the first
+/// pod its selector matches (the shared models have no slices).
+fn backend(
+    key: &ObjKey,
+    svc: &scenario::ServiceSpec,
+    objects: &BTreeMap<ObjKey, Value>,
+    v4: bool,
+) -> Result<Option<(IpAddr, Option<String>)>> {
+    let slices: Vec<&Value> = objects
+        .iter()
+        .filter(|((kind, ns, _), v)| {
+            kind == "EndpointSlice"
+                && *ns == key.1
+                && v["metadata"]["labels"]["kubernetes.io/service-name"].as_str()
+                    == Some(key.2.as_str())
+        })
+        .map(|(_, v)| v)
+        .collect();
+    if !slices.is_empty() {
+        let family = if v4 { "IPv4" } else { "IPv6" };
+        for slice in slices
+            .iter()
+            .filter(|s| s["addressType"].as_str() == Some(family))
+        {
+            for e in slice["endpoints"].as_sequence().into_iter().flatten() {
+                // An endpoint without conditions is ready (the API's default).
+                if e["conditions"]["ready"].as_bool() == Some(false) {
+                    continue;
+                }
+                if let Some(ip) = e["addresses"][0].as_str().and_then(|a| a.parse().ok()) {
+                    return Ok(Some((ip, e["nodeName"].as_str().map(str::to_owned))));
+                }
+            }
+        }
+        return Ok(None);
+    }
+    let pods = super::backends(svc, objects);
+    let Some(pod) = pods.first() else {
+        return Ok(None);
+    };
+    let Some(spec) = scenario::pod_spec(pod)? else {
+        return Ok(None);
+    };
+    let ip = if v4 {
+        spec.v4.map(IpAddr::V4)
+    } else {
+        spec.v6.map(IpAddr::V6)
+    };
+    Ok(ip.map(|ip| (ip, pod["spec"]["nodeName"].as_str().map(str::to_owned))))
+}
+
 /// One node's nat rules for one family (`iptables-restore --noflush`
 /// input).
 fn rules(objects: &BTreeMap<ObjKey, Value>, node: &str, v4: bool) -> Result<String> {
@@ -112,21 +165,13 @@ fn rules(objects: &BTreeMap<ObjKey, Value>, node: &str, v4: bool) -> Result<Stri
     writeln!(r, ":{NODEPORTS} - [0:0]")?;
     writeln!(r, ":{POSTROUTING} - [0:0]")?;
     let mut hairpin = Vec::new();
-    for v in objects.values() {
+    for (key, v) in objects {
         let Some(svc) = scenario::service_spec(v)? else {
             continue;
         };
-        let pods = super::backends(&svc, objects);
-        let Some(pod) = pods.first() else { continue };
-        let Some(spec) = scenario::pod_spec(pod)? else {
+        let Some((backend, backend_node)) = backend(key, &svc, objects, v4)? else {
             continue;
         };
-        let backend = if v4 {
-            spec.v4.map(IpAddr::V4)
-        } else {
-            spec.v6.map(IpAddr::V6)
-        };
-        let Some(backend) = backend else { continue };
         for ip in svc.cluster_ips.iter().filter(|ip| ip.is_ipv4() == v4) {
             for (proto, port, target) in &svc.ports {
                 let to = std::net::SocketAddr::new(backend, *target);
@@ -137,7 +182,7 @@ fn rules(objects: &BTreeMap<ObjKey, Value>, node: &str, v4: bool) -> Result<Stri
                 )?;
             }
         }
-        let local = pod["spec"]["nodeName"].as_str() == Some(node);
+        let local = backend_node.as_deref() == Some(node);
         for (proto, node_port, target) in &svc.node_ports {
             let head = format!(
                 "-A {NODEPORTS} -p {p} -m {p} --dport {node_port}",
@@ -193,6 +238,37 @@ mod tests {
             .into_iter()
             .map(|d| (scenario::key_of(&d).expect("key"), d))
             .collect()
+    }
+
+    #[test]
+    fn endpoint_slices_pick_the_backend_when_a_service_has_them() {
+        let mut objs = objects("Local");
+        let slice = "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+                     metadata: {name: np-b-1, namespace: x, labels: {kubernetes.io/service-name: np-b}}\n\
+                     addressType: IPv4\n\
+                     endpoints: [{addresses: [10.42.3.7], conditions: {ready: false}, nodeName: node-3},\n\
+                     {addresses: [10.42.1.9], nodeName: node-1}]\n";
+        for d in scenario::documents(slice).expect("yaml") {
+            objs.insert(scenario::key_of(&d).expect("key"), d);
+        }
+        let on_1 = rules(&objs, "node-1", true).expect("rules");
+        let on_2 = rules(&objs, "node-2", true).expect("rules");
+        // The ready endpoint on node-1, not the selector's pod on node-2.
+        assert!(
+            on_1.contains("--dport 30080 -j DNAT --to-destination 10.42.1.9:8080"),
+            "{on_1}"
+        );
+        assert!(!on_2.contains("--dport 30080"), "{on_2}");
+        assert!(
+            !on_1.contains("10.42.3.7") && !on_1.contains("10.42.2.12"),
+            "{on_1}"
+        );
+        // Slices of one family only: none for the other.
+        assert!(
+            !rules(&objs, "node-1", false)
+                .expect("rules")
+                .contains("DNAT")
+        );
     }
 
     #[test]
