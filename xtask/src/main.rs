@@ -454,18 +454,22 @@ fn test(no_lint: bool, args: &[String]) -> Result<()> {
          service, written through the API server)"
     );
     let shared = shared_conformance()?;
-    let on_cluster = conformance_cluster(
-        &shared.join("cluster-3node.yaml"),
-        None,
-        None,
-        conformance::ViaSel::All,
-        None,
-    )?;
-    ensure!(
-        on_cluster.failed == 0,
-        "{} conformance cells failed on the cluster",
-        on_cluster.failed
-    );
+    // The shared scenarios, then netpol's own for the cluster (host-
+    // networked pods).
+    for scenarios in [None, Some(root().join("xtask/scenarios"))] {
+        let on_cluster = conformance_cluster(
+            &shared.join("cluster-3node.yaml"),
+            scenarios,
+            None,
+            conformance::ViaSel::All,
+            None,
+        )?;
+        ensure!(
+            on_cluster.failed == 0,
+            "{} conformance cells failed on the cluster",
+            on_cluster.failed
+        );
+    }
     // vm-test's guests take the cores the host has to spare (one on a
     // 2-core machine); the conformance run takes the rest meanwhile.
     // Everything both run is built first, so neither builds beside the

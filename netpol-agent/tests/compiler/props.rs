@@ -355,8 +355,22 @@ fn mutate(s: &Snapshot, seed: u64) -> Snapshot {
                     .insert("team".into(), team);
             }
             2 => {
+                // A pod of index i has i's addresses: one added again in
+                // another namespace replaces the first, as IPAM hands an
+                // address to one running pod at a time (two claiming one
+                // are admitted as either: LIMITS.md).
                 let i = 20 + r.below(10);
-                s.upsert_pod(random_pod(&mut r, i));
+                let pod = random_pod(&mut r, i);
+                let taken: Vec<ObjectRef> = s
+                    .pods
+                    .iter()
+                    .filter(|(_, q)| q.ips.iter().any(|ip| pod.ips.contains(ip)))
+                    .map(|(k, _)| k.clone())
+                    .collect();
+                for k in taken {
+                    s.pods.remove(&k);
+                }
+                s.upsert_pod(pod);
             }
             3 => {
                 let keys: Vec<ObjectRef> = s.pods.keys().cloned().collect();

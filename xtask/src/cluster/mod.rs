@@ -124,6 +124,9 @@ pub struct FilePod {
     pub name: String,
     pub node: String,
     pub ips: Vec<IpAddr>,
+    /// `spec.hostNetwork`: it lives in its node's namespace, with the
+    /// node's addresses; nothing is made for it.
+    pub host_network: bool,
 }
 
 /// The pods of the file to make.
@@ -134,16 +137,14 @@ pub fn pods(objects: &[Value], nodes: &[NodeSpec]) -> Result<Vec<FilePod>> {
         let name = o["metadata"]["name"]
             .as_str()
             .context("a Pod without a name")?;
-        if o["spec"]["hostNetwork"] == true {
-            bail!("Pod {ns}/{name}: host-networked pods are not made yet");
-        }
         let node = o["spec"]["nodeName"]
             .as_str()
             .with_context(|| format!("Pod {ns}/{name}: no spec.nodeName"))?;
-        ensure!(
-            nodes.iter().any(|n| n.name == node),
-            "Pod {ns}/{name}: node {node} is not in the file"
-        );
+        let spec = nodes
+            .iter()
+            .find(|n| n.name == node)
+            .with_context(|| format!("Pod {ns}/{name}: node {node} is not in the file"))?;
+        let host_network = o["spec"]["hostNetwork"] == true;
         let ips = o["status"]["podIPs"]
             .as_array()
             .into_iter()
@@ -156,11 +157,18 @@ pub fn pods(objects: &[Value], nodes: &[NodeSpec]) -> Result<Vec<FilePod>> {
                     .with_context(|| format!("Pod {ns}/{name}: podIPs"))
             })
             .collect::<Result<Vec<_>>>()?;
+        if host_network && let Some(ip) = ips.iter().find(|ip| !spec.internal.contains(ip)) {
+            bail!(
+                "Pod {ns}/{name}: host-networked, but {ip} is not an address of its node \
+                 {node} (its podIPs are the node's)"
+            );
+        }
         out.push(FilePod {
             namespace: ns.to_owned(),
             name: name.to_owned(),
             node: node.to_owned(),
             ips,
+            host_network,
         });
     }
     Ok(out)
@@ -193,6 +201,15 @@ pub fn up(nodes: Option<usize>, file: Option<&Path>) -> Result<()> {
     }
     let mut made = Vec::new();
     for pod in &pods {
+        if pod.host_network {
+            made.push(json!({
+                "namespace": pod.namespace, "name": pod.name, "node": pod.node,
+                "netns": names.node(&pod.node),
+                "ips": pod.ips,
+                "host_network": true,
+            }));
+            continue;
+        }
         let spec = specs.iter().find(|s| s.name == pod.node).context("node")?;
         let (sandbox, result) = match make_pod(spec, pod) {
             Ok(r) => r,
@@ -890,10 +907,6 @@ mod tests {
         let nodes = cluster::node_specs(&objects(Some(1), None).expect("a node").0).expect("wires");
         let pod = |spec: Value| json!({"kind": "Pod", "metadata": {"name": "p", "namespace": "x"}, "spec": spec});
         for (spec, says) in [
-            (
-                json!({"nodeName": "node-1", "hostNetwork": true}),
-                "host-networked",
-            ),
             (json!({}), "no spec.nodeName"),
             (
                 json!({"nodeName": "node-9"}),
@@ -906,5 +919,20 @@ mod tests {
                 .to_string();
             assert!(e.contains("x/p") && e.contains(says), "{e}");
         }
+        let host = |ip: &str| {
+            let mut p = pod(json!({"nodeName": "node-1", "hostNetwork": true}));
+            p["status"] = json!({"podIPs": [{"ip": ip}]});
+            p
+        };
+        let e = pods(&[host("10.42.1.5")], &nodes)
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(
+            e.contains("x/p") && e.contains("not an address of its node node-1"),
+            "{e}"
+        );
+        let ok = pods(&[host("10.200.0.1")], &nodes).expect("the node's address");
+        assert!(ok[0].host_network && ok[0].ips == ["10.200.0.1".parse::<IpAddr>().expect("ip")]);
     }
 }

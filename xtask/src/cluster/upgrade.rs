@@ -267,6 +267,7 @@ fn roll(
         name: name.clone(),
         node: node.name.clone(),
         ips: ips.clone(),
+        host_network: false,
     };
     let node_spec = node.clone();
     let add = std::thread::spawn(move || make_pod(&node_spec, &file_pod));

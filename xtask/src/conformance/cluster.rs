@@ -11,8 +11,11 @@
 //! reports the fingerprint of what the API server holds, as that node sees
 //! it (its own Node only), with its pods programmed.
 //!
+//! A host-networked pod is its node's namespace: nothing is made for it,
+//! and its ports are served on the node's addresses.
+//!
 //! Not here: `explain` (each node's maps answer for that node's pods only;
-//! the one-node run checks it), host-networked pods.
+//! the one-node run checks it).
 use std::{
     collections::BTreeMap,
     fs::File,
@@ -42,13 +45,14 @@ const APPLY_DEADLINE: Duration = Duration::from_secs(30);
 /// The agents' status port (the DaemonSet's).
 const STATUS_PORT: u16 = 9101;
 
-/// A pod made on a node.
+/// A pod on a node.
 struct Pod {
     node: String,
     fd: Arc<File>,
     spec: PodSpec,
-    sandbox: Sandbox,
-    result: serde_json::Value,
+    /// Its sandbox and the chain's result; `None` for a host-networked
+    /// pod, which is its node's namespace.
+    made: Option<(Sandbox, serde_json::Value)>,
 }
 
 /// The cluster as the scenarios see it.
@@ -60,6 +64,10 @@ struct Cluster {
     agent: PathBuf,
     /// Where the API server's objects are dumped for `fingerprint`.
     dir: PathBuf,
+    /// Ports served in node namespaces for host-networked pods: (node,
+    /// protocol, port). Their servers outlive the pod, as the process's
+    /// threads do; a pod declaring one again finds it served.
+    host_served: std::collections::BTreeSet<(String, super::scenario::Proto, u16)>,
 }
 
 /// `cluster down` when the run ends, however it ends.
@@ -124,6 +132,7 @@ impl Cluster {
                 .context("the cluster's state file")?,
         )?;
         let mut pods = BTreeMap::new();
+        let mut host = Vec::new();
         for p in state["pods"].as_array().into_iter().flatten() {
             let (ns, name, node) = (
                 p["namespace"].as_str().unwrap_or_default(),
@@ -133,6 +142,10 @@ impl Cluster {
             let key = ("Pod".to_owned(), ns.to_owned(), name.to_owned());
             let spec = scenario::pod_spec(model.get(&key).context("a made pod in the model")?)?
                 .context("a made pod without addresses")?;
+            if p["host_network"] == true {
+                host.push((node.to_owned(), spec));
+                continue;
+            }
             let mut sandbox = Sandbox::new(ns, name);
             sandbox.container_id = p["container_id"].as_str().unwrap_or_default().to_owned();
             let fd = Arc::new(Netns::existing(names.pod(node, ns, name)).open()?);
@@ -143,22 +156,25 @@ impl Cluster {
                     node: node.to_owned(),
                     fd,
                     spec,
-                    sandbox,
-                    result: p["result"].clone(),
+                    made: Some((sandbox, p["result"].clone())),
                 },
             );
         }
         let services = services::Kube::new(&cl::kube_nodes(&nodes))?;
         let dir = cl::state_dir().join("conformance");
         std::fs::create_dir_all(&dir)?;
-        let cluster = Self {
+        let mut cluster = Self {
             nodes,
             pods,
             services,
             via: opts.via,
             agent: opts.agent.clone(),
             dir,
+            host_served: std::collections::BTreeSet::new(),
         };
+        for (node, spec) in host {
+            cluster.host(&node, spec)?;
+        }
         if cluster.via != ViaSel::Pod {
             cluster.services.sync(model)?;
         }
@@ -182,13 +198,40 @@ impl Cluster {
     }
 
     fn remove(&mut self, id: &str) -> Result<()> {
-        if let Some(p) = self.pods.remove(id) {
-            cl::remove_pod(self.node(&p.node)?, &p.sandbox, &p.result)?;
+        if let Some(p) = self.pods.remove(id)
+            && let Some((sandbox, result)) = &p.made
+        {
+            cl::remove_pod(self.node(&p.node)?, sandbox, result)?;
         }
         Ok(())
     }
 
+    /// A host-networked pod: its node's namespace, serving its ports on
+    /// the node's addresses (those not served already).
+    fn host(&mut self, node: &str, spec: PodSpec) -> Result<()> {
+        let fd = Arc::new(Netns::existing(cl::names().node(node)).open()?);
+        let mut new = spec.clone();
+        new.ports
+            .retain(|&(proto, port)| self.host_served.insert((node.to_owned(), proto, port)));
+        if !new.ports.is_empty() {
+            probe::start_servers(&fd, &new)?;
+        }
+        self.pods.insert(
+            spec.id.clone(),
+            Pod {
+                node: node.to_owned(),
+                fd,
+                spec,
+                made: None,
+            },
+        );
+        Ok(())
+    }
+
     fn make(&mut self, pod: &cl::FilePod, spec: PodSpec) -> Result<()> {
+        if pod.host_network {
+            return self.host(&pod.node, spec);
+        }
         let node = self.node(&pod.node)?.clone();
         let (sandbox, result) = cl::make_pod(&node, pod)?;
         let netns = cl::names().pod(&pod.node, &pod.namespace, &pod.name);
@@ -200,8 +243,7 @@ impl Cluster {
                 node: pod.node.clone(),
                 fd,
                 spec,
-                sandbox,
-                result,
+                made: Some((sandbox, result)),
             },
         );
         Ok(())
@@ -209,7 +251,10 @@ impl Cluster {
 
     fn wait_enforced(&self) -> Result<()> {
         wait_enforced(&self.nodes, &self.agent, &self.dir, |node| {
-            self.pods.values().filter(|p| p.node == node).count()
+            self.pods
+                .values()
+                .filter(|p| p.node == node && p.made.is_some())
+                .count()
         })
     }
 }
@@ -321,7 +366,9 @@ impl Harness for Cluster {
             if k.0 == "Pod" {
                 let (old, new) = (self.placed(&before[k])?, self.placed(v)?);
                 let same = match (&old, &new) {
-                    (Some((of, os)), Some((nf, ns))) => of.node == nf.node && os == ns,
+                    (Some((of, os)), Some((nf, ns))) => {
+                        of.node == nf.node && of.host_network == nf.host_network && os == ns
+                    }
                     (None, None) => true,
                     _ => false,
                 };

@@ -603,6 +603,18 @@ pub fn select(opts: &Options) -> Result<Vec<Scenario>> {
         scenarios = scenarios.into_iter().step_by(step).take(n).collect();
     }
     ensure!(!scenarios.is_empty(), "no scenario matches");
+    let model = opts.model.file_name().and_then(|n| n.to_str());
+    if let Some(sc) = scenarios
+        .iter()
+        .find(|s| s.cluster.is_some() && s.cluster.as_deref() != model)
+    {
+        bail!(
+            "scenario {} runs on the model {}, not {}: run it with that model",
+            sc.name,
+            sc.cluster.as_deref().unwrap_or_default(),
+            opts.model.display()
+        );
+    }
     Ok(scenarios)
 }
 

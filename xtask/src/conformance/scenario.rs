@@ -98,6 +98,9 @@ pub struct Step {
 pub struct Scenario {
     pub name: String,
     pub steps: Vec<Step>,
+    /// The model it names (`cluster:`, a file of the shared folder), if
+    /// any.
+    pub cluster: Option<String>,
 }
 
 /// The identity of a manifest object.
@@ -243,7 +246,11 @@ pub fn load(path: &Path) -> Result<Scenario> {
             probes,
         });
     }
-    Ok(Scenario { name, steps })
+    Ok(Scenario {
+        name,
+        steps,
+        cluster: v["cluster"].as_str().map(str::to_owned),
+    })
 }
 
 /// Every `*.yaml` scenario of a folder, by file name.
