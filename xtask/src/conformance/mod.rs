@@ -545,10 +545,15 @@ impl Harness for OneNode {
         before: &BTreeMap<ObjKey, Value>,
         after: &BTreeMap<ObjKey, Value>,
     ) -> Result<()> {
-        // Pods that went or changed lose their netns; new or changed ones
-        // get one, with their servers.
+        // Pods that went, or whose addresses or ports changed, lose their
+        // netns; new or changed ones get one, with their servers. A
+        // relabelled pod keeps its netns.
         for (k, v) in before {
-            if k.0 == "Pod" && after.get(k) != Some(v) {
+            if k.0 != "Pod" {
+                continue;
+            }
+            let now = after.get(k).map(scenario::pod_spec).transpose()?.flatten();
+            if now != scenario::pod_spec(v)? {
                 self.topo.remove_pod(&format!("{}/{}", k.1, k.2));
             }
         }
