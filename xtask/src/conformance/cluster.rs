@@ -84,17 +84,42 @@ impl Drop for Down {
 /// The conformance run on a cluster brought up from `opts.model`, taken
 /// down at the end.
 pub fn run(opts: &Options) -> Result<Tally> {
-    let scenarios = super::select(opts)?;
-    let text = std::fs::read_to_string(&opts.model)
-        .with_context(|| format!("reading {}", opts.model.display()))?;
+    let scenarios = super::select_any_model(opts)?;
+    // Each scenario on the model it names (`cluster:`, a file of the
+    // shared folder), else on `opts.model`: one cluster per model, in turn.
+    let mut by_model: BTreeMap<PathBuf, Vec<super::Scenario>> = BTreeMap::new();
+    for sc in scenarios {
+        let model = match &sc.cluster {
+            Some(name) => crate::shared_conformance()?.join(name),
+            None => opts.model.clone(),
+        };
+        by_model.entry(model).or_default().push(sc);
+    }
+    let mut total = Tally::default();
+    for (model, scenarios) in &by_model {
+        let t = run_on(opts, model, scenarios)?;
+        total.passed += t.passed;
+        total.failed += t.failed;
+    }
+    println!(
+        "conformance: {} passed, {} failed",
+        total.passed, total.failed
+    );
+    Ok(total)
+}
+
+/// `scenarios` on a cluster brought up from `model_file`, taken down after.
+fn run_on(opts: &Options, model_file: &Path, scenarios: &[super::Scenario]) -> Result<Tally> {
+    let text = std::fs::read_to_string(model_file)
+        .with_context(|| format!("reading {}", model_file.display()))?;
     let mut model = BTreeMap::new();
     for d in scenario::documents(&text)? {
         model.insert(scenario::key_of(&d)?, d);
     }
-    cl::up(None, Some(&opts.model))?;
+    cl::up(None, Some(model_file))?;
     let down = Down;
     let mut cluster = Cluster::new(&model, opts)?;
-    let tally = super::scenarios_on(&mut cluster, &model, &scenarios, opts.via);
+    let tally = super::scenarios_on(&mut cluster, &model, scenarios, opts.via);
     if tally.as_ref().map_or(true, |t| t.failed > 0) {
         for n in &cluster.nodes {
             eprintln!("{}", cl::agent_logs(&n.name));
@@ -104,8 +129,13 @@ pub fn run(opts: &Options) -> Result<Tally> {
     drop(down);
     let tally = tally?;
     println!(
-        "conformance: {} passed, {} failed",
-        tally.passed, tally.failed
+        "conformance on {}: {} passed, {} failed",
+        model_file
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("?"),
+        tally.passed,
+        tally.failed
     );
     Ok(tally)
 }

@@ -589,8 +589,26 @@ impl Harness for OneNode {
 }
 
 /// The scenarios `opts` selects (name filter, then `limit` spread over
-/// the set).
+/// the set), each of which runs on `opts.model`.
 pub fn select(opts: &Options) -> Result<Vec<Scenario>> {
+    let scenarios = select_any_model(opts)?;
+    let model = opts.model.file_name().and_then(|n| n.to_str());
+    if let Some(sc) = scenarios
+        .iter()
+        .find(|s| s.cluster.is_some() && s.cluster.as_deref() != model)
+    {
+        bail!(
+            "scenario {} runs on the model {}, not {}: run it with that model (`--cluster`)",
+            sc.name,
+            sc.cluster.as_deref().unwrap_or_default(),
+            opts.model.display()
+        );
+    }
+    Ok(scenarios)
+}
+
+/// [`select`], whatever model each names.
+pub fn select_any_model(opts: &Options) -> Result<Vec<Scenario>> {
     let mut scenarios: Vec<Scenario> = scenario::load_dir(&opts.scenarios)?
         .into_iter()
         .filter(|s| {
@@ -608,18 +626,6 @@ pub fn select(opts: &Options) -> Result<Vec<Scenario>> {
         scenarios = scenarios.into_iter().step_by(step).take(n).collect();
     }
     ensure!(!scenarios.is_empty(), "no scenario matches");
-    let model = opts.model.file_name().and_then(|n| n.to_str());
-    if let Some(sc) = scenarios
-        .iter()
-        .find(|s| s.cluster.is_some() && s.cluster.as_deref() != model)
-    {
-        bail!(
-            "scenario {} runs on the model {}, not {}: run it with that model",
-            sc.name,
-            sc.cluster.as_deref().unwrap_or_default(),
-            opts.model.display()
-        );
-    }
     Ok(scenarios)
 }
 
