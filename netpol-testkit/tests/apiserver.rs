@@ -77,6 +77,15 @@ metadata: {name: allow, namespace: x}
 spec: {podSelector: {matchLabels: {app: a}}, ingress: [{from: [{podSelector: {}}]}]}
 ";
 
+/// The labels a stored policy's pod selector matches.
+fn selected(np: NetworkPolicy) -> Option<std::collections::BTreeMap<String, String>> {
+    np.spec
+        .expect("spec")
+        .pod_selector
+        .expect("a selector")
+        .match_labels
+}
+
 fn policy(name: &str) -> Value {
     json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
            "metadata": {"name": name, "namespace": "x"},
@@ -466,12 +475,7 @@ async fn kubectl_create_get_apply_replace_label_annotate_patch_and_delete() {
     let (ok, out) = kubectl(&["apply", "-f", &f]);
     assert!(ok && out.contains("configured"), "{out}");
     let np = stored("deny").await.expect("deny");
-    let selector = np
-        .spec
-        .expect("spec")
-        .pod_selector
-        .expect("a selector")
-        .match_labels;
+    let selector = selected(np);
     assert_eq!(selector, Some([("app".to_owned(), "a".to_owned())].into()));
 
     write("{matchLabels: {app: b}}");
@@ -485,39 +489,23 @@ async fn kubectl_create_get_apply_replace_label_annotate_patch_and_delete() {
         Some([("team".to_owned(), "a".to_owned())].into())
     );
     assert_eq!(
-        np.spec
-            .expect("spec")
-            .pod_selector
-            .expect("a selector")
-            .match_labels,
+        selected(np),
         Some([("app".to_owned(), "b".to_owned())].into())
     );
 
+    let patch = |kind: &str, body: &str| {
+        kubectl(&[
+            "patch", "netpol", "deny", "-n", "x", "--type", kind, "-p", body,
+        ])
+    };
     let (ok, out) = kubectl(&["annotate", "netpol", "deny", "-n", "x", "note=hi"]);
     assert!(ok && out.contains("annotated"), "{out}");
-    let (ok, out) = kubectl(&[
-        "patch",
-        "netpol",
-        "deny",
-        "-n",
-        "x",
-        "--type",
+    let (ok, out) = patch(
         "json",
-        "-p",
         r#"[{"op": "replace", "path": "/spec/podSelector/matchLabels/app", "value": "c"}]"#,
-    ]);
+    );
     assert!(ok && out.contains("patched"), "{out}");
-    let (ok, out) = kubectl(&[
-        "patch",
-        "netpol",
-        "deny",
-        "-n",
-        "x",
-        "--type",
-        "merge",
-        "-p",
-        r#"{"metadata": {"labels": {"tier": "web"}}}"#,
-    ]);
+    let (ok, out) = patch("merge", r#"{"metadata": {"labels": {"tier": "web"}}}"#);
     assert!(ok && out.contains("patched"), "{out}");
     let np = stored("deny").await.expect("deny");
     assert_eq!(
@@ -535,26 +523,15 @@ async fn kubectl_create_get_apply_replace_label_annotate_patch_and_delete() {
         )
     );
     assert_eq!(
-        np.spec
-            .expect("spec")
-            .pod_selector
-            .expect("a selector")
-            .match_labels,
+        selected(np),
         Some([("app".to_owned(), "c".to_owned())].into())
     );
     // A JSON patch whose test fails changes nothing.
-    let (ok, out) = kubectl(&[
-        "patch",
-        "netpol",
-        "deny",
-        "-n",
-        "x",
-        "--type",
+    let (ok, out) = patch(
         "json",
-        "-p",
         r#"[{"op": "replace", "path": "/spec/podSelector/matchLabels/app", "value": "d"},
             {"op": "test", "path": "/metadata/name", "value": "other"}]"#,
-    ]);
+    );
     assert!(
         !ok && out.contains("test of /metadata/name failed"),
         "{out}"
@@ -572,14 +549,7 @@ async fn kubectl_create_get_apply_replace_label_annotate_patch_and_delete() {
         "{out}"
     );
     assert_eq!(
-        stored("deny")
-            .await
-            .expect("deny")
-            .spec
-            .expect("spec")
-            .pod_selector
-            .expect("a selector")
-            .match_labels,
+        selected(stored("deny").await.expect("deny")),
         Some([("app".to_owned(), "b".to_owned())].into())
     );
 
