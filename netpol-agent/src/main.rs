@@ -412,21 +412,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let mut loaded = netpol_agent::model::folder::Folder::load(&manifests)
                 .with_context(|| format!("reading {}", manifests.display()))?;
             if let Some(node) = node {
-                anyhow::ensure!(
-                    loaded.snapshot.nodes.contains_key(&node),
-                    "no Node {node} in {}",
-                    manifests.display()
-                );
-                let others: Vec<String> = loaded
+                let own = loaded
                     .snapshot
                     .nodes
-                    .keys()
-                    .filter(|n| **n != node)
+                    .get(&node)
                     .cloned()
-                    .collect();
-                for n in others {
-                    loaded.snapshot.nodes.remove(&n);
-                }
+                    .with_context(|| format!("no Node {node} in {}", manifests.display()))?;
+                loaded.snapshot.nodes = std::iter::once((node, own)).collect();
             }
             println!("{}", netpol_agent::fingerprint(&loaded.snapshot));
             Ok(ExitCode::SUCCESS)

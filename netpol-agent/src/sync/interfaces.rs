@@ -44,38 +44,34 @@ pub const fn unbound_entry(ifindex: u32) -> EndpointInfo {
 /// pod speaks, e.g. answers the kubelet's first probe).
 const REBIND: Duration = Duration::from_secs(1);
 
-/// The bindings the previous agent's state file records: interface →
-/// the pod bound to it (its uid and addresses then).
+/// The bindings the previous agent's state file records, by pod: the
+/// interface it was bound to, and its uid and addresses then.
 #[derive(Debug, Default)]
-pub(super) struct Remembered(BTreeMap<u32, RememberedPod>);
+pub(super) struct Remembered(BTreeMap<String, RememberedPod>);
 
 #[derive(Debug)]
 struct RememberedPod {
-    pod: String,
-    uid: Option<String>,
+    ifindex: u32,
     interface: String,
+    uid: Option<String>,
     addresses: BTreeSet<IpAddr>,
 }
 
 impl Remembered {
-    /// The state file's bindings; none when there is no state folder or
-    /// file, or it cannot be read (the lookups bind then, as before).
-    pub(super) fn read(dir: Option<&std::path::Path>) -> Self {
-        let Some(state) = dir.and_then(|d| crate::provenance::State::read(d).ok().flatten()) else {
-            return Self::default();
-        };
+    /// The bindings of a state file (none without one).
+    pub(super) fn of(state: Option<&crate::provenance::State>) -> Self {
         Self(
             state
-                .endpoints
                 .into_iter()
+                .flat_map(|s| &s.endpoints)
                 .filter_map(|e| {
                     Some((
-                        e.ifindex?,
+                        e.pod.clone(),
                         RememberedPod {
-                            pod: e.pod,
-                            uid: e.uid,
-                            interface: e.interface?,
-                            addresses: e.addresses.into_iter().collect(),
+                            ifindex: e.ifindex?,
+                            interface: e.interface.clone()?,
+                            uid: e.uid.clone(),
+                            addresses: e.addresses.iter().copied().collect(),
                         },
                     ))
                 })
@@ -85,7 +81,9 @@ impl Remembered {
 
     /// Whether the file binds a pod to interface `ifindex` named `name`.
     pub(super) fn names(&self, ifindex: u32, name: &str) -> bool {
-        self.0.get(&ifindex).is_some_and(|r| r.interface == name)
+        self.0
+            .values()
+            .any(|r| r.ifindex == ifindex && r.interface == name)
     }
 
     /// The interface the file bound `pod` to, when it is still the same
@@ -97,17 +95,15 @@ impl Remembered {
         ips: &[IpAddr],
         ifaces: &BTreeMap<u32, Iface>,
     ) -> Option<u32> {
-        let name = pod.to_string();
-        self.0.iter().find_map(|(&i, r)| {
-            let same = r.pod == name
-                && match (r.uid.as_deref(), uid) {
-                    (Some(a), Some(b)) => a == b,
-                    _ => true,
-                }
-                && r.addresses == ips.iter().copied().collect::<BTreeSet<_>>()
-                && ifaces.get(&i).is_some_and(|f| f.link.name == r.interface);
-            same.then_some(i)
-        })
+        let r = self.0.get(&pod.to_string())?;
+        let same = match (r.uid.as_deref(), uid) {
+            (Some(a), Some(b)) => a == b,
+            _ => true,
+        } && r.addresses == ips.iter().copied().collect::<BTreeSet<_>>()
+            && ifaces
+                .get(&r.ifindex)
+                .is_some_and(|f| f.link.name == r.interface);
+        same.then_some(r.ifindex)
     }
 }
 

@@ -132,6 +132,9 @@ pub(crate) struct SyncLoop<D: Dataplane = Datapath> {
     /// (without `CAP_SYS_ADMIN` a peer's addresses cannot be read, and a
     /// quiet pod has no neighbour entry).
     remembered: interfaces::Remembered,
+    /// The state file as read at start, until the first apply's resume
+    /// takes it.
+    previous_state: Option<provenance::State>,
     rebind_at: Option<tokio::time::Instant>,
     status: watch::Sender<Status>,
     metrics: Arc<Metrics>,
@@ -178,6 +181,7 @@ impl<D: Dataplane> SyncLoop<D> {
             pins_error: None,
             adopt_until: None,
             remembered: interfaces::Remembered::default(),
+            previous_state: None,
             rebind_at: None,
             status,
             metrics,
@@ -472,14 +476,12 @@ impl<D: Dataplane> SyncLoop<D> {
     fn resume(&mut self, snapshot: &Snapshot) -> Compiled {
         let probe = compiler::compile(snapshot, &IdAllocation::default());
         let bindings = self.bind(&probe);
-        let known = self.cfg.state_dir.as_deref().and_then(|dir| {
-            provenance::State::read(dir)
-                .inspect_err(|e| {
-                    tracing::warn!(error = %e, "reading the previous state file; pods keep their ids by address");
-                })
-                .ok()
-                .flatten()
-        });
+        // Read once at start (for the bindings); read again after a
+        // failed rollback, when this agent has written it since.
+        let known = self
+            .previous_state
+            .take()
+            .or_else(|| self.read_previous_state());
         let r = resume::resume(self.dp.writer().mirror(), known.as_ref(), &probe, &bindings);
         tracing::info!(
             endpoints = r.old.endpoints.len(),
@@ -491,6 +493,18 @@ impl<D: Dataplane> SyncLoop<D> {
             "resuming from the pinned maps"
         );
         r.old
+    }
+
+    /// The state file in the state folder, if any.
+    fn read_previous_state(&self) -> Option<provenance::State> {
+        self.cfg.state_dir.as_deref().and_then(|dir| {
+            provenance::State::read(dir)
+                .inspect_err(|e| {
+                    tracing::warn!(error = %e, "reading the previous state file; pods keep their ids by address");
+                })
+                .ok()
+                .flatten()
+        })
     }
 
     /// Hands the state file (the provenance of what the maps now hold:
@@ -577,7 +591,8 @@ impl<D: Dataplane> SyncLoop<D> {
     fn adoption_settled(&mut self) -> bool {
         let now = tokio::time::Instant::now();
         if self.adopt_until.is_none() {
-            self.remembered = interfaces::Remembered::read(self.cfg.state_dir.as_deref());
+            self.previous_state = self.read_previous_state();
+            self.remembered = interfaces::Remembered::of(self.previous_state.as_ref());
         }
         let until = *self.adopt_until.get_or_insert(now + ADOPT_WAIT);
         if now >= until {
