@@ -381,7 +381,27 @@ fn containers() -> Result<Vec<String>> {
 }
 
 pub fn agent_logs(node: &str) -> String {
-    dt::logs(&format!("{PREFIX}-{node}-agent"))
+    dt::logs(&agent_name(node))
+}
+
+/// The name of `node`'s agent container.
+fn agent_name(node: &str) -> String {
+    format!("{PREFIX}-{node}-agent")
+}
+
+/// `podman ARGS`: its standard output, or an error with what it said.
+fn podman_ok(args: &[&str]) -> Result<String> {
+    let out = dt::podman()
+        .args(args)
+        .output()
+        .with_context(|| format!("running podman {}", args.join(" ")))?;
+    ensure!(
+        out.status.success(),
+        "podman {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
 
 /// The host's leg on the underlay, the API server, the image and one
@@ -489,7 +509,7 @@ fn agent_container(spec: &k8s_openapi::api::core::v1::PodSpec) -> Result<Contain
 fn wait_ready(node: &pod::Node) -> Result<()> {
     let ds = dt::daemonset("base")?;
     let path = dt::probe_path(&agent_container(dt::pod_spec(&ds)?)?, true)?;
-    let at = std::net::SocketAddr::new(node.host_ip, 9101);
+    let at = std::net::SocketAddr::new(node.host_ip, crate::conformance::cluster::STATUS_PORT);
     wait_for(
         READY_WITHIN,
         &format!("{}'s agent is ready", node.name),

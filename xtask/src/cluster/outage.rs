@@ -24,7 +24,9 @@ use std::{
 use anyhow::{Context as _, Result, bail, ensure};
 use serde_json::{Value, json};
 
-use super::{API_V4, PREFIX, kubectl, names, pod_handle, state_dir, traffic, wait_for};
+use super::{
+    API_V4, agent_name, kubectl, names, pod_handle, podman_ok, state_dir, traffic, wait_for,
+};
 use crate::deploy_test as dt;
 
 /// How long node-3 stays cut from the API server.
@@ -211,9 +213,8 @@ fn cut(on: bool) -> Result<()> {
     Ok(())
 }
 
-/// node-3's agent's `/status`.
-fn victim_status() -> Option<Value> {
-    let at = SocketAddr::new("10.200.0.3".parse().ok()?, 9101);
+/// node-3's agent's `/status`, on its node's address `at`.
+fn victim_status(at: SocketAddr) -> Option<Value> {
     let (_, body) = dt::http_get(at, "/status").ok()?;
     serde_json::from_str(&body).ok()
 }
@@ -246,6 +247,16 @@ fn compact() -> Result<()> {
 pub fn kill_and_cut() -> Result<()> {
     let state: Value =
         serde_json::from_str(&std::fs::read_to_string(state_dir().join("cluster.json"))?)?;
+    let (objects, _) = super::objects(None, None)?;
+    let victim = netpol_testkit::cluster::node_specs(&objects)
+        .map_err(anyhow::Error::msg)?
+        .into_iter()
+        .find(|n| n.name == VICTIM)
+        .with_context(|| format!("{VICTIM} in the cluster file"))?;
+    let status_at = SocketAddr::new(
+        victim.internal_ip(true).context("node-3's IPv4 address")?,
+        crate::conformance::cluster::STATUS_PORT,
+    );
     let mut seen = Vec::new();
     for id in ["x/b", "x/c"] {
         let (fd, ips) = pod_handle(&state, id)?;
@@ -260,33 +271,17 @@ pub fn kill_and_cut() -> Result<()> {
     probes.until(1, "y", Duration::from_secs(30))?;
 
     // The agent killed; the policy changes while it is dead.
-    let agent = format!("{PREFIX}-{VICTIM}-agent");
+    let agent = agent_name(VICTIM);
     let stop = Arc::new(AtomicBool::new(false));
     let held = probes.hold("y", &stop)?;
-    let out = dt::podman()
-        .args(["kill", "--signal", "KILL", &agent])
-        .output()
-        .context("podman kill")?;
-    ensure!(
-        out.status.success(),
-        "podman kill: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    podman_ok(&["kill", "--signal", "KILL", &agent])?;
     kubectl(&["replace", "-f", "-"], Some(&policy("z")))?;
     probes.until(0, "z", Duration::from_secs(30))?;
     std::thread::sleep(Duration::from_secs(2));
     stop.store(true, Ordering::Relaxed);
     let answered = held.judge(&probes.seen[1].0, "while node-3's agent was dead")?;
     // The kubelet restarts it; it catches up.
-    let out = dt::podman()
-        .args(["start", &agent])
-        .output()
-        .context("podman start")?;
-    ensure!(
-        out.status.success(),
-        "podman start: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    podman_ok(&["start", &agent])?;
     probes.until(1, "z", Duration::from_secs(60))?;
     println!(
         "cluster test: node-3's agent killed (SIGKILL): node-3 held its last state ({answered} \
@@ -307,7 +302,7 @@ pub fn kill_and_cut() -> Result<()> {
         compact()?;
         let mut unreachable = None;
         while cut_at.elapsed() < CUT {
-            if let Some(s) = victim_status()
+            if let Some(s) = victim_status(status_at)
                 && let Some(why) = s["source"]["unreachable"].as_str()
             {
                 unreachable = Some(why.to_owned());
@@ -329,7 +324,7 @@ pub fn kill_and_cut() -> Result<()> {
             Duration::from_secs(90),
             "node-3's agent reaches the API server again",
             || {
-                Ok(victim_status()
+                Ok(victim_status(status_at)
                     .filter(|s| {
                         s["source"]["unreachable"].is_null() && s["source"]["synced"] == true
                     })

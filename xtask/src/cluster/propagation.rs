@@ -35,9 +35,8 @@ use std::{
 use anyhow::{Context as _, Result, ensure};
 use serde_json::{Value, json};
 
-use super::{PREFIX, kubectl, pod_handle, state_dir, traffic};
+use super::{agent_name, kubectl, pod_handle, podman_ok, state_dir, traffic};
 use crate::conformance::probe::enter;
-use crate::deploy_test as dt;
 
 const CHANGES: usize = 100;
 /// The servers' UDP port.
@@ -158,20 +157,14 @@ fn first_echo(
     })
 }
 
-/// Whether `client` reaches `server`'s echo, once.
+/// Whether `fd`'s pod reaches the UDP echo at `dst`, once.
 fn reaches(fd: &Arc<std::fs::File>, dst: SocketAddr) -> bool {
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            enter(fd).is_ok()
-                && netpol_testkit::echo::echoes(
-                    netpol_testkit::echo::Proto::Udp,
-                    dst,
-                    Duration::from_millis(300),
-                )
-        })
-        .join()
-        .unwrap_or(false)
-    })
+    traffic::echoes(
+        fd,
+        netpol_testkit::echo::Proto::Udp,
+        dst,
+        Duration::from_millis(300),
+    )
 }
 
 /// The agents' processes' CPU time (user + system), seconds.
@@ -180,19 +173,20 @@ fn cpu(nodes: &[String]) -> Result<Vec<f64>> {
     nodes
         .iter()
         .map(|n| {
-            let out = dt::podman()
-                .args(["inspect", "--format", "{{.State.Pid}}"])
-                .arg(format!("{PREFIX}-{n}-agent"))
-                .output()?;
-            let pid = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+            let pid = podman_ok(&["inspect", "--format", "{{.State.Pid}}", &agent_name(n)])?;
             let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
                 .with_context(|| format!("{n}'s agent's /proc/{pid}/stat"))?;
             // Fields after the command's closing parenthesis; utime and
             // stime are the 14th and 15th of the line.
             let rest = stat.rsplit_once(')').context("stat")?.1;
-            let f: Vec<&str> = rest.split_whitespace().collect();
-            let ticks: f64 = f[11].parse::<f64>()? + f[12].parse::<f64>()?;
-            Ok(ticks / tick)
+            let field = |i: usize| -> Result<f64> {
+                Ok(rest
+                    .split_whitespace()
+                    .nth(i)
+                    .with_context(|| format!("{n}'s agent's stat: field {i}"))?
+                    .parse::<f64>()?)
+            };
+            Ok((field(11)? + field(12)?) / tick)
         })
         .collect()
 }

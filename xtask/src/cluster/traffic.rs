@@ -202,12 +202,20 @@ pub fn long_lived(
 
 /// Whether a TCP line echoes from the namespace of `fd` to `dst`.
 pub fn reaches(fd: &Arc<File>, dst: SocketAddr, timeout: Duration) -> bool {
+    echoes(fd, netpol_testkit::echo::Proto::Tcp, dst, timeout)
+}
+
+/// Whether one `proto` exchange with the echo server at `dst` succeeds
+/// from the namespace of `fd`.
+pub fn echoes(
+    fd: &Arc<File>,
+    proto: netpol_testkit::echo::Proto,
+    dst: SocketAddr,
+    timeout: Duration,
+) -> bool {
     std::thread::scope(|s| {
-        s.spawn(|| {
-            enter(fd).is_ok()
-                && netpol_testkit::echo::echoes(netpol_testkit::echo::Proto::Tcp, dst, timeout)
-        })
-        .join()
-        .unwrap_or(false)
+        s.spawn(|| enter(fd).is_ok() && netpol_testkit::echo::echoes(proto, dst, timeout))
+            .join()
+            .unwrap_or(false)
     })
 }

@@ -26,8 +26,8 @@ use netpol_testkit::cluster::NodeSpec;
 use serde_json::{Value, json};
 
 use super::{
-    FilePod, PREFIX, kubectl, make_pod, names, objects, pod_handle, pod_node, start_agent_pod,
-    traffic, wait_for, wait_ready,
+    FilePod, agent_name, kubectl, make_pod, names, objects, pod_handle, pod_node, podman_ok,
+    start_agent_pod, traffic, wait_for, wait_ready,
 };
 use crate::deploy_test as dt;
 
@@ -61,12 +61,7 @@ const PAIRS: [(&str, &str, bool); 8] = [
 
 /// The image a node's agent container runs.
 fn image_of(node: &str) -> Result<String> {
-    let out = dt::podman()
-        .args(["inspect", "--format", "{{.ImageName}}"])
-        .arg(format!("{PREFIX}-{node}-agent"))
-        .output()
-        .context("podman inspect")?;
-    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    podman_ok(&["inspect", "--format", "{{.ImageName}}", &agent_name(node)])
 }
 
 pub fn rolling_upgrade() -> Result<()> {
@@ -247,16 +242,7 @@ fn roll(
         ),
     )?;
     let at = pod_node(node)?;
-    let stopped = dt::podman()
-        .args(["stop", "--time=10"])
-        .arg(format!("{PREFIX}-{}-agent", node.name))
-        .output()
-        .context("podman stop")?;
-    ensure!(
-        stopped.status.success(),
-        "podman stop: {}",
-        String::from_utf8_lossy(&stopped.stderr)
-    );
+    podman_ok(&["stop", "--time=10", &agent_name(&node.name)])?;
     println!(
         "cluster test: {}'s old agent stopped ({:.3}s)",
         node.name,

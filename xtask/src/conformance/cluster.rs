@@ -43,7 +43,7 @@ use crate::cluster as cl;
 /// How long the agents may take to enforce one step.
 const APPLY_DEADLINE: Duration = Duration::from_secs(30);
 /// The agents' status port (the DaemonSet's).
-const STATUS_PORT: u16 = 9101;
+pub const STATUS_PORT: u16 = 9101;
 
 /// A pod on a node.
 struct Pod {
