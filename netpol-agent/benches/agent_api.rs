@@ -360,6 +360,28 @@ impl Agent {
         }
     }
 
+    /// Waits until no interface waits on netlink filters for its TCX
+    /// links (`--attach-mode=auto` moves them once the node is quiet);
+    /// returns when.
+    fn wait_on_tcx(&mut self, within: Duration) -> Instant {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(s) = self.status()
+                && s["interfaces"]
+                    .as_array()
+                    .is_some_and(|i| i.iter().all(|i| i["awaiting_tcx"] != true))
+            {
+                return Instant::now();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "interfaces still on netlink filters after {within:?}; log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
@@ -534,6 +556,8 @@ fn changes() -> (Vec<Change>, Value) {
     api.fake.apply_all(objects);
     let mut agent = Agent::start(&node, bpffs.path(), &api);
     agent.wait_programmed(&[&r.host_if, &s.host_if], Duration::from_secs(60));
+    // Changes are measured once the start's moves to TCX links are done.
+    agent.wait_on_tcx(Duration::from_secs(60));
     let (rss, _) = agent.usage();
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -639,6 +663,9 @@ fn cold_start(size: &Size) -> Value {
     let listed = listed.into_inner().expect("list time").unwrap_or(started);
     let from_start = enforced - started;
     let from_list = enforced - listed;
+    // With `--attach-mode=auto`, enforced by netlink filters first: when
+    // every interface is on its TCX links.
+    let on_tcx = agent.wait_on_tcx(Duration::from_secs(300)) - listed;
     let (rss, _) = agent.usage();
     // Idle: after the trailing work of the start (the state file) is done.
     std::thread::sleep(Duration::from_secs(5));
@@ -650,14 +677,17 @@ fn cold_start(size: &Size) -> Value {
     let mib = rss as f64 / 1_048_576.0;
     eprintln!(
         "cold start at {} pods: enforced {:.2} s after the start, {:.2} s after the first \
-         Pod list; resident {mib:.1} MiB, idle CPU {idle:.4}",
+         Pod list, every interface on TCX links {:.2} s after it; resident {mib:.1} MiB, idle \
+         CPU {idle:.4}",
         size.pods,
         from_start.as_secs_f64(),
         from_list.as_secs_f64(),
+        on_tcx.as_secs_f64(),
     );
     json!({"pods": size.pods, "policies": size.policies, "namespaces": size.namespaces,
            "local_pods": local, "enforced_after_start_s": from_start.as_secs_f64(),
            "enforced_after_list_s": from_list.as_secs_f64(),
+           "on_tcx_after_list_s": on_tcx.as_secs_f64(),
            "resident_bytes": rss, "idle_cpu": idle})
 }
 
@@ -687,20 +717,23 @@ const POD_STARTS: usize = 200;
 /// cluster's policies select both ways), then its sandbox through the CNI
 /// chain as the runtime runs it (Debian's `bridge` with host-local,
 /// `portmap`, then `netpol-cni`, each plugin a process forked in the
-/// node's namespace), then deleted. Three configurations in one run: the
-/// chain alone (no agent, no `netpol-cni`: the baseline), then an agent
-/// attaching with TCX links (kernels ≥ 6.6, its default there) and one
-/// attaching netlink clsact filters. For each: the `netpol-cni` step
-/// (process start, the agent's compile and apply, its answer), the
-/// agent's own part of it, the `bridge` step (the agent attaches to the
-/// new veth while `bridge` runs, and both take `rtnl_lock`), and the whole
-/// chain, whose difference from the baseline is what netpol adds to a
-/// pod's start. Right after each ADD, `/status` must show the pod's veth
-/// bound and programmed (its full policy in force before any container
-/// runs); the count of those that were not is reported and must be 0.
-/// Leaves out: the kubelet and containerd, image pulls, and the API
-/// server's latency (the Pod object exists before the sandbox, as in a
-/// cluster).
+/// node's namespace); the next pod comes 0–300 ms later ([`gap`]), and the
+/// pods are deleted when the series ends. Four configurations in one run:
+/// the chain alone (no agent, no `netpol-cni`: the baseline), then the
+/// agent's default, `--attach-mode=auto` (netlink filters at once, TCX
+/// links once the node has been quiet for 200 ms: some pods start while
+/// another's interface moves), `tcx` (TCX links at once) and `netlink`
+/// (clsact filters only); kernels before 6.6 run the baseline and
+/// `netlink`. For each: the `netpol-cni` step (process start, the agent's
+/// compile and apply, its answer), the agent's own part of it, the
+/// `bridge` step (the agent attaches to the new veth while `bridge` runs,
+/// and both take `rtnl_lock`), and the whole chain, whose difference from
+/// the baseline is what netpol adds to a pod's start. Right after each
+/// ADD, `/status` must show the pod's veth bound and programmed (its full
+/// policy in force before any container runs); the count of those that
+/// were not is reported and must be 0. Leaves out: the kubelet and
+/// containerd, image pulls, and the API server's latency (the Pod object
+/// exists before the sandbox, as in a cluster).
 fn pod_start() -> Value {
     let size = &SMALL;
     let node = node();
@@ -709,11 +742,11 @@ fn pod_start() -> Value {
     // The chain's own time on this machine, in the same run: what each
     // configuration adds is measured against it.
     let baseline = pod_starts(&node, &api, None);
-    // TCX where the kernel has it (the agent's default there), and
+    // The default (staged), TCX at once where the kernel has it, and
     // netlink clsact filters everywhere.
     let tcx = aya::util::KernelVersion::current()
         .is_ok_and(|v| v >= aya::util::KernelVersion::new(6, 6, 0));
-    let modes: Vec<Value> = ["tcx", "netlink"]
+    let modes: Vec<Value> = ["auto", "tcx", "netlink"]
         .into_iter()
         .filter(|m| tcx || *m == "netlink")
         .map(|mode| {
@@ -746,6 +779,14 @@ fn pod_start() -> Value {
            "baseline": {"bridge_p50_ms": b50, "bridge_p99_ms": b99,
                         "chain_p50_ms": c50, "chain_p99_ms": c99},
            "modes": modes})
+}
+
+/// The pause after pod `i`'s start: 0–300 ms, spread by a fixed
+/// sequence (Knuth's multiplicative hash), the same in every
+/// configuration.
+fn gap(i: usize) -> Duration {
+    let h = u64::try_from(i).unwrap_or(0).wrapping_mul(2_654_435_761) % 300;
+    Duration::from_millis(h)
 }
 
 /// The times of one configuration of [`pod_start`].
@@ -804,6 +845,7 @@ fn pod_starts(node: &Netns, api: &Api, mode: Option<&str>) -> PodStarts {
         .into_iter()
         .filter(|p| agent.is_some() || p["type"] != "netpol-cni")
         .collect();
+    let mut started = Vec::new();
     let mut r = PodStarts {
         chain: Vec::new(),
         bridge: Vec::new(),
@@ -852,10 +894,21 @@ fn pod_starts(node: &Netns, api: &Api, mode: Option<&str>) -> PodStarts {
         {
             r.late += 1;
         }
+        // Pods stay until the series ends, and the next one comes after a
+        // gap of 0–300 ms (the same for every configuration): with
+        // `--attach-mode=auto` the interfaces move to TCX links once the
+        // node has been quiet for 200 ms, and some pods start while one
+        // moves.
+        std::thread::sleep(gap(i));
+        started.push((pod, sandbox, result));
+    }
+    for (pod, sandbox, result) in started {
         chain
             .del(node, &pod, &sandbox, Some(&result))
-            .unwrap_or_else(|e| panic!("DEL {name}: {e}"));
-        api.fake.delete("Pod", "ns-1", &name);
+            .unwrap_or_else(|e| panic!("DEL {}: {e}", sandbox.name));
+    }
+    for i in 0..POD_STARTS {
+        api.fake.delete("Pod", "ns-1", &format!("start-{i}"));
     }
     let _ = std::fs::remove_dir_all(&dir);
     let Some(agent) = agent else {

@@ -23,21 +23,126 @@ pub(super) struct UplinkAttachment {
 
 impl Datapath {
     /// Attaches `from_pod` to `interface`'s TC ingress and `to_pod` to its TC
-    /// egress. On the netlink path a clsact qdisc is added when missing (and
-    /// recorded, for `cleanup`). An attachment a previous persistent
-    /// datapath left on the interface (a pinned TCX link, a netlink filter at
-    /// netpol's priority and handle) is adopted: its program is replaced
-    /// atomically, so the hook is never empty.
-    ///
-    /// # Errors
-    /// When the interface does not exist or the kernel refuses the attach;
-    /// nothing this call attached stays attached on error.
-    #[tracing::instrument(skip(self), fields(pin_dir = %self.pin_dir.display()))]
+    /// egress, in the datapath's mode. On the netlink path a clsact qdisc is
+    /// added when missing (and recorded, for `cleanup`). An attachment a
+    /// previous persistent datapath left on the interface (a pinned TCX
+    /// link, a netlink filter at netpol's priority and handle) is adopted:
+    /// its program is replaced atomically, so the hook is never empty.
     ///
     /// An interface attached as an uplink becomes a pod interface: its
     /// `leave_node` is detached first (both use netpol's egress filter on
     /// the netlink path).
+    ///
+    /// # Errors
+    /// When the interface does not exist or the kernel refuses the attach;
+    /// nothing this call attached stays attached on error.
     pub fn attach(&mut self, interface: &str) -> Result<(), DatapathError> {
+        let tcx = self.use_tcx()?;
+        self.attach_as(interface, tcx)
+    }
+
+    /// The loop's attach: whatever enforces soonest. With
+    /// [`AttachMode::Auto`](super::AttachMode::Auto) on a TCX kernel, an
+    /// interface with no TCX link of a previous agent to adopt gets netpol's
+    /// netlink filters now and waits for its TCX links
+    /// ([`Self::upgrade_to_tcx`]). Creating a TCX link waits out an RCU
+    /// grace period while holding `rtnl_lock` (10–25 ms on the machines
+    /// measured, two per interface), which every pod start and every
+    /// interface of a cold start would otherwise wait for; a netlink filter
+    /// takes a fraction of a millisecond. In other modes, [`Self::attach`].
+    ///
+    /// # Errors
+    /// As [`Self::attach`].
+    pub fn attach_staged(&mut self, interface: &str) -> Result<(), DatapathError> {
+        if !self.stages_tcx()? || self.attached.contains_key(interface) {
+            return self.attach(interface);
+        }
+        let pinned = [programs::FROM_POD, programs::TO_POD]
+            .iter()
+            .any(|p| lifecycle::link_pin(&self.pin_dir, interface, p).exists());
+        if pinned {
+            self.attach_as(interface, true)?;
+            // A previous agent that stopped between creating the links and
+            // deleting the filters left them behind, moot.
+            lifecycle::delete_filters(interface, &self.pin_dir);
+            return Ok(());
+        }
+        self.attach_as(interface, false)?;
+        self.awaiting_tcx.insert(interface.to_owned());
+        Ok(())
+    }
+
+    /// Moves one interface [`Self::attach_staged`] left on netlink filters
+    /// to TCX links: both links are created first, in front of the filters
+    /// (a TCX program's verdict other than `TCX_NEXT` ends the hook, and
+    /// netpol's programs return `TC_ACT_OK` or `TC_ACT_SHOT`, so the
+    /// filters stop seeing packets), then the filters are deleted. No
+    /// packet meets neither. Returns the interface, `None` when none waits
+    /// or while a layout is replaced (its interfaces move at
+    /// [`Self::commit_layout`]).
+    ///
+    /// # Errors
+    /// When the kernel refuses a link; the interface keeps its filters and
+    /// is tried again by the next call.
+    pub fn upgrade_to_tcx(&mut self) -> Result<Option<String>, DatapathError> {
+        if self.replacing.is_some() {
+            return Ok(None);
+        }
+        let Some(name) = self.awaiting_tcx.pop_first() else {
+            return Ok(None);
+        };
+        if !self.attached.contains_key(&name) {
+            return Ok(Some(name));
+        }
+        let (from_pod, _) =
+            match self.attach_hook(programs::FROM_POD, &name, TcAttachType::Ingress, true) {
+                Ok(r) => r,
+                Err(e) => {
+                    self.awaiting_tcx.insert(name);
+                    return Err(e);
+                }
+            };
+        let (to_pod, _) =
+            match self.attach_hook(programs::TO_POD, &name, TcAttachType::Egress, true) {
+                Ok(r) => r,
+                Err(e) => {
+                    let _ = self.release(from_pod, programs::FROM_POD);
+                    self.awaiting_tcx.insert(name);
+                    return Err(e);
+                }
+            };
+        let old = self
+            .attached
+            .insert(name.clone(), Attachment { from_pod, to_pod });
+        for (program, held) in old.into_iter().flat_map(|a| {
+            [
+                (programs::FROM_POD, a.from_pod),
+                (programs::TO_POD, a.to_pod),
+            ]
+        }) {
+            if let Err(e) = self.release(held, program) {
+                tracing::warn!(interface = %name, program, error = %e, "deleting a netlink filter its TCX link made moot");
+            }
+        }
+        tracing::info!(interface = %name, "moved from netlink filters to TCX links");
+        Ok(Some(name))
+    }
+
+    /// Whether `interface` is enforced by netlink filters until
+    /// [`Self::upgrade_to_tcx`] moves it.
+    #[must_use]
+    pub fn awaits_tcx(&self, interface: &str) -> bool {
+        self.awaiting_tcx.contains(interface)
+    }
+
+    /// How many interfaces [`Self::upgrade_to_tcx`] has yet to move.
+    #[must_use]
+    pub fn awaiting_tcx(&self) -> usize {
+        self.awaiting_tcx.len()
+    }
+
+    #[tracing::instrument(skip(self), fields(pin_dir = %self.pin_dir.display()))]
+    fn attach_as(&mut self, interface: &str, tcx: bool) -> Result<(), DatapathError> {
         if self.attached.contains_key(interface) {
             return Ok(());
         }
@@ -48,7 +153,6 @@ impl Datapath {
             );
             self.detach_uplink(interface)?;
         }
-        let tcx = self.use_tcx()?;
         if !tcx {
             lifecycle::ensure_clsact(
                 interface,
@@ -135,6 +239,7 @@ impl Datapath {
     /// When the interface was not attached by this datapath, or the kernel
     /// refuses the detach.
     pub fn detach(&mut self, interface: &str) -> Result<(), DatapathError> {
+        self.awaiting_tcx.remove(interface);
         let a = self
             .attached
             .remove(interface)

@@ -10,7 +10,9 @@ use super::{DEFAULT_BPFFS, DatapathError, PIN_SUBDIR};
 /// How the programs are attached to an interface.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum AttachMode {
-    /// TCX links on kernels ≥ 6.6, netlink clsact filters below.
+    /// Kernels ≥ 6.6: TCX links, a pod interface's preceded by netlink
+    /// clsact filters until the loop moves it
+    /// ([`super::Datapath::attach_staged`]); netlink filters below 6.6.
     #[default]
     Auto,
     /// Netlink clsact filters (the only path before 6.6).

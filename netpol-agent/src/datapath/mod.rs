@@ -75,6 +75,9 @@ pub struct Datapath {
     /// [`Datapath::commit_layout`].
     replacing: Option<u32>,
     attached: BTreeMap<String, Attachment>,
+    /// Pod interfaces [`Datapath::attach_staged`] put on netlink filters,
+    /// until [`Datapath::upgrade_to_tcx`] moves them to TCX links.
+    awaiting_tcx: std::collections::BTreeSet<String>,
     /// `leave_node` on the TC egress of the node's other devices.
     uplinks: BTreeMap<String, UplinkAttachment>,
     /// The cgroup v2 root `to_host` is attached to.
@@ -207,6 +210,7 @@ impl Datapath {
             persistent: config.persistent,
             replacing,
             attached: BTreeMap::new(),
+            awaiting_tcx: std::collections::BTreeSet::new(),
             uplinks: BTreeMap::new(),
             host: None,
             bpffs: config.bpffs.clone(),
@@ -398,6 +402,8 @@ impl Datapath {
         self.replacing = None;
         let names: Vec<String> = self.attached.keys().cloned().collect();
         for name in names {
+            // An interface still on netlink filters keeps them.
+            let tcx = tcx && !self.awaiting_tcx.contains(&name);
             for (program, hook) in [
                 (programs::FROM_POD, TcAttachType::Ingress),
                 (programs::TO_POD, TcAttachType::Egress),
@@ -474,6 +480,12 @@ impl Datapath {
             })?;
         let array = PerCpuArray::<_, TrafficCounter>::try_from(map).map_err(map_err)?;
         Counters::read(&array)
+    }
+
+    /// Whether [`Datapath::attach_staged`] puts pod interfaces on netlink
+    /// filters first.
+    fn stages_tcx(&self) -> Result<bool, DatapathError> {
+        Ok(self.attach_mode == AttachMode::Auto && self.use_tcx()?)
     }
 
     /// Whether this datapath attaches through TCX (else netlink).

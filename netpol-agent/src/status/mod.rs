@@ -33,6 +33,10 @@ pub struct InterfaceStatus {
     /// Its endpoint entry holds the pod's compiled state (otherwise the
     /// new-pods mode applies to it).
     pub programmed: bool,
+    /// Its programs are netpol's netlink filters until the node is quiet
+    /// and they move to TCX links (`--attach-mode=auto` on kernels ≥ 6.6).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub awaiting_tcx: bool,
 }
 
 /// Families the node's own stack has.

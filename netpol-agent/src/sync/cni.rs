@@ -106,6 +106,7 @@ impl<D: Dataplane> SyncLoop<D> {
                 timeout_ms,
             } => {
                 let now = Instant::from_std(received);
+                self.last_pod_start = Some(Instant::now());
                 let pod_ref = ObjectRef::new(&pod.namespace, &pod.name);
                 tracing::info!(pod = %pod_ref, %netns, ?host_interfaces, ?ips, container = %attachment.container_id, "CNI ADD");
                 self.cni.reports.insert(

@@ -13,8 +13,21 @@ pub(crate) trait Dataplane: crate::node::uplinks::UplinkHooks {
     type Backend: Backend;
     /// The policy-map writer.
     fn writer(&mut self) -> &mut MapWriter<Self::Backend>;
-    /// Attaches both programs to a pod interface.
+    /// Attaches both programs to a pod interface, the quickest way that
+    /// enforces ([`Datapath::attach_staged`]).
     fn attach(&mut self, interface: &str) -> Result<(), DatapathError>;
+    /// Whether an interface waits on netlink filters for its TCX links.
+    fn awaits_tcx(&self) -> bool {
+        false
+    }
+    /// Whether `interface` does.
+    fn interface_awaits_tcx(&self, _interface: &str) -> bool {
+        false
+    }
+    /// Moves one such interface to TCX links.
+    fn upgrade_to_tcx(&mut self) -> Result<Option<String>, DatapathError> {
+        Ok(None)
+    }
     /// Detaches them.
     fn detach(&mut self, interface: &str) -> Result<(), DatapathError>;
     /// The programs' clock in force.
@@ -39,7 +52,16 @@ impl Dataplane for Datapath {
         Datapath::writer(self)
     }
     fn attach(&mut self, interface: &str) -> Result<(), DatapathError> {
-        Datapath::attach(self, interface)
+        Datapath::attach_staged(self, interface)
+    }
+    fn awaits_tcx(&self) -> bool {
+        Datapath::awaiting_tcx(self) > 0
+    }
+    fn interface_awaits_tcx(&self, interface: &str) -> bool {
+        Datapath::awaits_tcx(self, interface)
+    }
+    fn upgrade_to_tcx(&mut self) -> Result<Option<String>, DatapathError> {
+        Datapath::upgrade_to_tcx(self)
     }
     fn detach(&mut self, interface: &str) -> Result<(), DatapathError> {
         Datapath::detach(self, interface)

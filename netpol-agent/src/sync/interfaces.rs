@@ -221,6 +221,7 @@ impl<D: Dataplane> SyncLoop<D> {
             self.fail("attach", format!("{e}"));
             return false;
         }
+        self.last_pod_start = Some(tokio::time::Instant::now());
         tracing::info!(interface = %name, ifindex, "pod interface attached, not programmed yet");
         self.ifaces.insert(
             ifindex,

@@ -58,6 +58,13 @@ const ADOPT_WAIT: Duration = Duration::from_secs(3);
 /// How often it looks while it waits.
 const ADOPT_POLL: Duration = Duration::from_millis(10);
 
+/// How long the node goes without a new pod interface or CNI call before
+/// the interfaces attached with netlink filters move to TCX links (see
+/// [`crate::datapath::Datapath::attach_staged`]): each move holds
+/// `rtnl_lock` for two RCU grace periods, which a pod being started would
+/// wait for.
+pub(crate) const TCX_QUIET: Duration = Duration::from_millis(200);
+
 /// Settings of the loop.
 #[derive(Clone, Debug)]
 pub(crate) struct SyncConfig {
@@ -136,6 +143,11 @@ pub(crate) struct SyncLoop<D: Dataplane = Datapath> {
     /// takes it.
     previous_state: Option<provenance::State>,
     rebind_at: Option<tokio::time::Instant>,
+    /// The last new pod interface or CNI call: interfaces move to TCX
+    /// links [`TCX_QUIET`] after it.
+    last_pod_start: Option<tokio::time::Instant>,
+    /// After a failed move to TCX links, when the next is tried.
+    tcx_retry_at: Option<tokio::time::Instant>,
     status: watch::Sender<Status>,
     metrics: Arc<Metrics>,
     found_tx: mpsc::UnboundedSender<Found>,
@@ -183,6 +195,8 @@ impl<D: Dataplane> SyncLoop<D> {
             remembered: interfaces::Remembered::default(),
             previous_state: None,
             rebind_at: None,
+            last_pod_start: None,
+            tcx_retry_at: None,
             status,
             metrics,
             found_tx,
@@ -236,6 +250,7 @@ impl<D: Dataplane> SyncLoop<D> {
             let rebind = self.rebind_at;
             let compile_at = self.compile_at;
             let cni_deadline = self.cni.deadline();
+            let upgrade_at = self.upgrade_at();
             let mut compile = false;
             let mut endpoints = false;
             tokio::select! {
@@ -294,6 +309,12 @@ impl<D: Dataplane> SyncLoop<D> {
                     self.rebind_at = None;
                     self.unbound_pods_lookup();
                 }
+                () = async {
+                    match upgrade_at {
+                        Some(t) => tokio::time::sleep_until(t).await,
+                        None => std::future::pending().await,
+                    }
+                } => self.upgrade_one(),
             }
             if compile {
                 self.compile_at = None;
@@ -310,6 +331,38 @@ impl<D: Dataplane> SyncLoop<D> {
         }
         clock_watch.abort();
         tracing::info!("sync loop stopped");
+    }
+
+    /// When the next interface on netlink filters moves to TCX links: once
+    /// the first apply is done (enforcement first), [`TCX_QUIET`] after the
+    /// last pod start, and not before a failed move's retry.
+    fn upgrade_at(&self) -> Option<tokio::time::Instant> {
+        if self.in_force.is_none() || !self.dp.awaits_tcx() {
+            return None;
+        }
+        let quiet = self.last_pod_start.map(|t| t + TCX_QUIET);
+        Some(
+            quiet
+                .max(self.tcx_retry_at)
+                .unwrap_or_else(tokio::time::Instant::now),
+        )
+    }
+
+    /// Moves one interface to TCX links (one per turn of the loop, so a
+    /// change or a pod start waits for one move at most).
+    fn upgrade_one(&mut self) {
+        match self.dp.upgrade_to_tcx() {
+            Ok(moved) => {
+                self.tcx_retry_at = None;
+                if moved.is_some() {
+                    self.publish();
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "moving a pod interface to TCX links (its netlink filters keep enforcing; tried again in {RETRY:?})");
+                self.tcx_retry_at = Some(tokio::time::Instant::now() + RETRY);
+            }
+        }
     }
 
     /// Puts back the pins that went missing (see `datapath::pins`),
@@ -474,8 +527,22 @@ impl<D: Dataplane> SyncLoop<D> {
     /// ([`resume::resume`]), with the previous agent's state file naming
     /// the pods behind their ids.
     fn resume(&mut self, snapshot: &Snapshot) -> Compiled {
-        let probe = compiler::compile(snapshot, &IdAllocation::default());
-        let bindings = self.bind(&probe);
+        // The probe names the pods behind programmed entries; with none
+        // (a fresh node) the first apply compiles once, not twice.
+        let (probe, bindings) = if self
+            .dp
+            .writer()
+            .mirror()
+            .endpoints
+            .values()
+            .any(EndpointInfo::programmed)
+        {
+            let probe = compiler::compile(snapshot, &IdAllocation::default());
+            let bindings = self.bind(&probe);
+            (probe, bindings)
+        } else {
+            (Compiled::default(), BTreeMap::new())
+        };
         // Read once at start (for the bindings); read again after a
         // failed rollback, when this agent has written it since.
         let known = self
@@ -661,6 +728,7 @@ impl<D: Dataplane> SyncLoop<D> {
                     pod,
                     addresses,
                     programmed,
+                    awaiting_tcx: self.dp.interface_awaits_tcx(&f.link.name),
                 }
             })
             .collect();

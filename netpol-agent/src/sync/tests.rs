@@ -16,12 +16,22 @@ use crate::datapath::{
 use crate::model::manifests::{LoadReport, apply_value};
 use crate::node::links::Link;
 
+/// Moves to TCX links, each with its time.
+type Moves = Arc<std::sync::Mutex<Vec<(String, tokio::time::Instant)>>>;
+
 struct Fake {
     writer: MapWriter<FakeBackend>,
     attached: BTreeSet<String>,
     /// Each attach asked for, with the endpoint entry its interface had
     /// in the maps at that moment.
     attaches: Vec<(String, Option<EndpointInfo>)>,
+    /// Set: attaches are staged (`attach_staged` on a TCX kernel) and
+    /// each move to TCX links is logged here with its time.
+    moves: Option<Moves>,
+    /// Interfaces waiting for their move.
+    staged: BTreeSet<String>,
+    /// Moves the kernel refuses before one succeeds.
+    refuse_moves: usize,
 }
 
 impl crate::node::uplinks::UplinkHooks for Fake {
@@ -54,11 +64,38 @@ impl Dataplane for Fake {
             });
         }
         self.attached.insert(interface.to_owned());
+        if self.moves.is_some() {
+            self.staged.insert(interface.to_owned());
+        }
         Ok(())
     }
     fn detach(&mut self, interface: &str) -> Result<(), DatapathError> {
         self.attached.remove(interface);
+        self.staged.remove(interface);
         Ok(())
+    }
+    fn awaits_tcx(&self) -> bool {
+        !self.staged.is_empty()
+    }
+    fn interface_awaits_tcx(&self, interface: &str) -> bool {
+        self.staged.contains(interface)
+    }
+    fn upgrade_to_tcx(&mut self) -> Result<Option<String>, DatapathError> {
+        if self.refuse_moves > 0 {
+            self.refuse_moves -= 1;
+            return Err(DatapathError::NotAttached {
+                interface: "refused".into(),
+            });
+        }
+        let Some(name) = self.staged.pop_first() else {
+            return Ok(None);
+        };
+        if let Some(m) = &self.moves {
+            m.lock()
+                .expect("moves")
+                .push((name.clone(), tokio::time::Instant::now()));
+        }
+        Ok(Some(name))
     }
     fn clock(&self) -> JiffyClock {
         JiffyClock::NONE
@@ -94,6 +131,9 @@ fn sync_loop(maps: Mirror) -> SyncLoop<Fake> {
         ),
         attached: BTreeSet::new(),
         attaches: Vec::new(),
+        moves: None,
+        staged: BTreeSet::new(),
+        refuse_moves: 0,
     };
     let cfg = SyncConfig {
         node: Some("n1".into()),
@@ -714,4 +754,58 @@ async fn a_restart_that_cannot_read_peers_binds_by_the_state_file() {
             "{pod} kept"
         );
     }
+}
+
+/// Staged attaches (netlink filters first) move to TCX links only once the
+/// first apply is done and no pod interface has come for [`TCX_QUIET`],
+/// one per turn of the loop; a refused move is tried again after
+/// [`RETRY`]. Runs the loop itself, on paused time.
+#[tokio::test(start_paused = true)]
+async fn interfaces_move_to_tcx_links_once_enforced_and_quiet() {
+    use tokio::time::{Instant, sleep};
+    let mut l = sync_loop(Mirror::default());
+    let moves = Arc::new(std::sync::Mutex::new(Vec::new()));
+    l.dp.moves = Some(moves.clone());
+    l.dp.refuse_moves = 1;
+    let (input_tx, inputs) = watch::channel(None);
+    let (link_tx, links) = mpsc::unbounded_channel();
+    let (_cni_tx, cni) = mpsc::unbounded_channel();
+    let (stop_tx, stop) = watch::channel(false);
+    let task = tokio::spawn(l.run(inputs, links, cni, stop));
+    let moved = || moves.lock().expect("moves").clone();
+
+    link_tx.send(link(10, "veth10")).expect("send");
+    sleep(Duration::from_secs(1)).await;
+    assert!(moved().is_empty(), "not before the first apply");
+
+    input_tx.send(Some(cluster("b"))).expect("send");
+    let applied = Instant::now();
+    sleep(Duration::from_millis(500)).await;
+    // The first move is refused at once, and tried again a second later.
+    assert!(moved().is_empty(), "{:?}", moved());
+    sleep(Duration::from_secs(1)).await;
+    let m = moved();
+    assert_eq!(m.len(), 1, "{m:?}");
+    assert_eq!(m[0].0, "veth10");
+    assert!(m[0].1 >= applied + RETRY, "{:?}", m[0].1 - applied);
+
+    // Two pod interfaces 100 ms apart: both wait for quiet after the last.
+    link_tx.send(link(11, "veth11")).expect("send");
+    sleep(Duration::from_millis(100)).await;
+    link_tx.send(link(12, "veth12")).expect("send");
+    let last = Instant::now();
+    sleep(Duration::from_millis(150)).await;
+    assert_eq!(moved().len(), 1, "not while pods start");
+    sleep(Duration::from_secs(1)).await;
+    let m = moved();
+    assert_eq!(
+        m.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
+        ["veth10", "veth11", "veth12"]
+    );
+    for (name, at) in &m[1..] {
+        assert!(*at >= last + TCX_QUIET, "{name}: {:?}", *at - last);
+        assert!(*at < last + TCX_QUIET + Duration::from_millis(50), "{name}");
+    }
+    stop_tx.send(true).expect("stop");
+    task.await.expect("loop");
 }

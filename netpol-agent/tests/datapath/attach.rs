@@ -254,3 +254,161 @@ fn attaching_to_a_missing_interface_names_it_the_program_and_why() {
         });
     }
 }
+
+fn tcx_kernel() -> bool {
+    aya::util::KernelVersion::current().is_ok_and(|v| v >= aya::util::KernelVersion::new(6, 6, 0))
+}
+
+fn persistent(bpffs: &TempBpffs, mode: AttachMode) -> DatapathConfig {
+    DatapathConfig {
+        persistent: true,
+        ..config(bpffs, mode)
+    }
+}
+
+/// netpol's netlink filters on `dev` (ingress `from_pod`, egress
+/// `to_pod`), as `tc` lists them, and its TCX links there.
+fn hooks(dev: &str) -> (usize, usize) {
+    let filters = ["ingress", "egress"]
+        .iter()
+        .map(|h| sh("tc", &["filter", "show", "dev", dev, h]))
+        .map(|out| {
+            // One line per filter: `… bpf chain 0 handle 0x4e50 from_pod
+            // direct-action … name from_pod tag …`.
+            out.lines()
+                .filter(|l| {
+                    l.contains("handle 0x4e50") && (l.contains("from_pod") || l.contains("to_pod"))
+                })
+                .count()
+        })
+        .sum();
+    // Debian's bpftool does not list TCX links.
+    let tcx = [
+        aya::programs::TcAttachType::Ingress,
+        aya::programs::TcAttachType::Egress,
+    ]
+    .into_iter()
+    .flat_map(|hook| {
+        aya::programs::SchedClassifier::query_tcx(dev, hook)
+            .map(|(_, progs)| progs)
+            .unwrap_or_default()
+    })
+    .filter(|p| matches!(p.name_as_str(), Some("from_pod" | "to_pod")))
+    .count();
+    (filters, tcx)
+}
+
+/// IPv4 packets the programs counted, per direction.
+fn v4(dp: &Datapath) -> (u64, u64) {
+    let c = dp.counters().expect("counters");
+    (
+        c.total(direction::EGRESS, family::IPV4).packets,
+        c.total(direction::INGRESS, family::IPV4).packets,
+    )
+}
+
+/// The agent's attach (`attach_staged`): netlink filters at once, then
+/// TCX links in front of them and the filters deleted. A ping flood runs
+/// through the move: every request and every reply is judged by exactly
+/// one program (a gap would count fewer, both hooks running would count
+/// more).
+#[test]
+fn staged_attach_enforces_at_once_then_moves_to_tcx_without_a_gap() {
+    if !privileged() {
+        return;
+    }
+    let link = PodLink::new();
+    let bpffs = TempBpffs::new();
+    let tcx = tcx_kernel();
+    link.node.run(|| {
+        let mut dp = Datapath::load(&persistent(&bpffs, AttachMode::Auto)).expect("load");
+        dp.attach_staged(&link.host_if).expect("attach");
+        assert_eq!(hooks(&link.host_if), (2, 0), "netlink filters first");
+        assert_eq!(dp.awaits_tcx(&link.host_if), tcx);
+        if !tcx {
+            // Below 6.6 netlink filters are the attachment.
+            assert_eq!(dp.upgrade_to_tcx().expect("nothing to move"), None);
+            return;
+        }
+        let before = v4(&dp);
+        let node = netpol_testkit::netns::Netns::existing(link.node.name.clone());
+        let flood = std::thread::spawn(move || {
+            node.exec(
+                "ping",
+                &["-c", "400", "-i", "0.002", "-W", "2", "-q", POD_V4],
+            );
+        });
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(
+            dp.upgrade_to_tcx().expect("move"),
+            Some(link.host_if.clone())
+        );
+        flood.join().expect("ping flood");
+        let after = v4(&dp);
+        assert_eq!(hooks(&link.host_if), (0, 2), "TCX links only");
+        assert!(!dp.awaits_tcx(&link.host_if));
+        assert_eq!(dp.awaiting_tcx(), 0);
+        assert_eq!(
+            (after.0 - before.0, after.1 - before.1),
+            (400, 400),
+            "requests (to_pod, the pod's ingress) and replies (from_pod) judged once each"
+        );
+        for p in ["from_pod", "to_pod"] {
+            let pin = bpffs
+                .path()
+                .join("netpol/links")
+                .join(format!("{}-{p}", link.host_if));
+            assert!(pin.exists(), "{}", pin.display());
+        }
+        assert_eq!(dp.upgrade_to_tcx().expect("none left"), None);
+    });
+}
+
+/// A restart in each state of the move: the next agent adopts the netlink
+/// filters (still waiting for TCX), or the TCX links; and filters a crash
+/// left behind TCX links are deleted.
+#[test]
+fn staged_attachments_are_adopted_in_either_state() {
+    if !privileged() || !tcx_kernel() {
+        return;
+    }
+    let link = PodLink::new();
+    let bpffs = TempBpffs::new();
+    link.node.run(|| {
+        let dev = link.host_if.as_str();
+        let mut dp = Datapath::load(&persistent(&bpffs, AttachMode::Auto)).expect("load");
+        dp.attach_staged(dev).expect("attach");
+        drop(dp);
+        assert_eq!(hooks(dev), (2, 0), "the filters outlive the agent");
+
+        let mut dp = Datapath::load(&persistent(&bpffs, AttachMode::Auto)).expect("reload");
+        dp.attach_staged(dev).expect("adopt the filters");
+        assert_eq!(hooks(dev), (2, 0), "adopted, not added beside");
+        assert!(dp.awaits_tcx(dev));
+        let before = v4(&dp);
+        ping(&link, POD_V4, 2);
+        assert_eq!(v4(&dp).1 - before.1, 2, "the adopted filters judge");
+        dp.upgrade_to_tcx().expect("move");
+        drop(dp);
+        assert_eq!(hooks(dev), (0, 2), "the links outlive the agent");
+
+        let mut dp = Datapath::load(&persistent(&bpffs, AttachMode::Auto)).expect("reload");
+        dp.attach_staged(dev).expect("adopt the links");
+        assert_eq!(hooks(dev), (0, 2));
+        assert!(!dp.awaits_tcx(dev));
+        drop(dp);
+
+        // An agent stopped between creating the links and deleting the
+        // filters: the next one deletes them.
+        let mut nl = Datapath::load(&persistent(&bpffs, AttachMode::Netlink)).expect("netlink");
+        nl.attach(dev).expect("filters");
+        drop(nl);
+        assert_eq!(hooks(dev), (2, 2));
+        let mut dp = Datapath::load(&persistent(&bpffs, AttachMode::Auto)).expect("reload");
+        dp.attach_staged(dev).expect("adopt");
+        assert_eq!(hooks(dev), (0, 2), "moot filters deleted");
+        let before = v4(&dp);
+        ping(&link, POD_V4, 2);
+        assert_eq!(v4(&dp).1 - before.1, 2);
+    });
+}

@@ -74,8 +74,12 @@ fn agent_attaches_leave_node_to_uplinks_only_adopts_it_on_restart_and_cleanup_re
 
     let mut agent = Running::start(&node, bpffs.path(), &m);
     agent.wait_enforced(&m);
-    let s = agent.wait("both uplinks attached", |s| {
-        uplink_names(s) == expected && s.uplinks.iter().all(|u| u.state == "attached")
+    // The pod interface's netlink filters move to TCX links once the
+    // node is quiet (`--attach-mode=auto`).
+    let s = agent.wait("both uplinks attached, the pod on TCX links", |s| {
+        uplink_names(s) == expected
+            && s.uplinks.iter().all(|u| u.state == "attached")
+            && s.interfaces.iter().all(|i| !i.awaiting_tcx)
     });
     assert!(s.uplinks.iter().all(|u| u.error.is_none()), "{s:#?}");
     let kinds: Vec<Option<&str>> = s.uplinks.iter().map(|u| u.kind.as_deref()).collect();

@@ -41,7 +41,8 @@ pub(super) use records::{ensure_clsact, previous_interfaces, sweep_stale_links, 
 pub(crate) use sys::detach_pinned_link;
 pub(super) use sys::{bpf_obj_get, bpf_obj_pin, link_type, update_pinned_link};
 
-use records::{filter_record, link_pin};
+use records::filter_record;
+pub(super) use records::link_pin;
 use sys::{
     BPF_LINK_GET_FD_BY_ID, BPF_PROG_QUERY, BPF_TCX_EGRESS, BPF_TCX_INGRESS, bpf_link_detach,
     sys_bpf,
@@ -356,6 +357,37 @@ pub(super) fn detach(
             let _ = std::fs::remove_file(record);
             ManuallyDrop::into_inner(link).detach().map_err(program_err)
         }
+    }
+}
+
+/// Deletes the netlink filters a previous agent recorded on `interface`
+/// (both hooks) and their records. Best effort: a filter left behind is
+/// moot once a TCX link is in front of it, and `cleanup` removes it.
+pub(super) fn delete_filters(interface: &str, pin_dir: &Path) {
+    for (program, hook) in [
+        (netpol_common::programs::FROM_POD, TcAttachType::Ingress),
+        (netpol_common::programs::TO_POD, TcAttachType::Egress),
+    ] {
+        let record = filter_record(pin_dir, interface, program);
+        if std::fs::symlink_metadata(&record).is_err() {
+            continue;
+        }
+        let deleted = SchedClassifierLink::attached(interface, hook, NL_PRIORITY, NL_HANDLE, None)
+            .map_err(|e| e.to_string())
+            .and_then(|link| link.detach().map_err(|e| e.to_string()));
+        match deleted {
+            Ok(()) => {
+                tracing::info!(
+                    interface,
+                    program,
+                    "deleted a netlink filter a TCX link made moot"
+                );
+            }
+            Err(e) => {
+                tracing::debug!(interface, program, error = %e, "deleting a moot netlink filter");
+            }
+        }
+        let _ = std::fs::remove_file(record);
     }
 }
 
