@@ -68,7 +68,7 @@ const DENIED: u16 = 81;
 const PATIENCE: Duration = Duration::from_secs(5);
 
 /// Whether this kernel attaches through TCX (what `AttachMode::Auto` picks).
-fn tcx_kernel() -> bool {
+pub(crate) fn tcx_kernel() -> bool {
     KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0))
 }
 
