@@ -155,7 +155,7 @@ pub enum PodPhase {
 }
 
 /// A pod, reduced to what policies look at.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
 pub struct Pod {
     /// Namespace and name.
     pub id: ObjectRef,
@@ -200,7 +200,7 @@ impl Pod {
 }
 
 /// A namespace.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
 pub struct Namespace {
     /// Name.
     pub name: String,
@@ -209,7 +209,7 @@ pub struct Namespace {
 }
 
 /// A node.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
 pub struct Node {
     /// Name.
     pub name: String,
@@ -236,7 +236,7 @@ pub struct ServicePort {
 /// (no address, no node port). A manifest of the files source that leaves
 /// `clusterIP` out (not allocated, as the API server would) keeps its other
 /// frontends.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
 pub struct Service {
     /// Namespace and name.
     pub id: ObjectRef,
@@ -315,7 +315,7 @@ impl LabelSelector {
 }
 
 /// A policy peer.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
 pub enum Peer {
     /// `podSelector` and/or `namespaceSelector`.
     Pods {
@@ -359,7 +359,7 @@ pub struct PolicyPort {
 }
 
 /// An ingress or egress rule.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize)]
 pub struct Rule {
     /// `from`/`to`; empty matches every peer.
     pub peers: Vec<Peer>,
@@ -368,7 +368,7 @@ pub struct Rule {
 }
 
 /// A validated, defaulted `NetworkPolicy`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
 pub struct NetworkPolicy {
     /// Namespace and name.
     pub id: ObjectRef,
@@ -415,15 +415,21 @@ pub fn retain<K: Ord + Clone, V: Clone>(map: &mut Map<K, V>, mut keep: impl FnMu
 /// ([`Map::diff`]) skips it.
 #[must_use]
 pub fn rebase<K: Ord + Clone, V: Clone + PartialEq>(old: &Map<K, V>, new: Map<K, V>) -> Map<K, V> {
+    // The first list: nothing to share.
+    if old.is_empty() {
+        return new;
+    }
     let mut out = old.clone();
     for k in old.keys() {
         if !new.contains_key(k) {
             out.remove(k);
         }
     }
-    for (k, v) in new {
-        if old.get(&k) != Some(&v) {
-            out.insert(k, v);
+    // By reference: consuming an imbl map clones every value; this way
+    // only the entries that changed are cloned.
+    for (k, v) in &new {
+        if old.get(k) != Some(v) {
+            out.insert(k.clone(), v.clone());
         }
     }
     out

@@ -4,7 +4,11 @@
 pub mod files;
 pub mod kube;
 
-use std::{path::PathBuf, sync::Arc};
+use std::{
+    hash::{Hash, Hasher},
+    path::PathBuf,
+    sync::Arc,
+};
 
 use serde::Serialize;
 
@@ -157,23 +161,40 @@ impl std::fmt::Display for Fingerprint {
     }
 }
 
-/// One object's share of a [`Fingerprint`]: its kind and its canonical
-/// JSON (the model's maps are ordered, so the text is canonical).
-fn object_hash<T: Serialize>(kind: u8, object: Option<&T>) -> Option<u64> {
-    let mut bytes = vec![kind];
-    serde_json::to_writer(&mut bytes, object?).ok()?;
-    Some(fnv1a(&bytes))
+/// One object's share of a [`Fingerprint`]: its kind and its content, as
+/// the model's derived `Hash` feeds it (ordered maps, so equal objects
+/// hash equally whatever order they were built in).
+fn object_hash<T: Hash>(kind: u8, object: Option<&T>) -> Option<u64> {
+    let mut h = Fnv1a::default();
+    h.write_u8(kind);
+    object?.hash(&mut h);
+    Some(h.finish())
 }
 
-/// FNV-1a, 64 bits: stable across builds and platforms (std's hashers are
-/// not), and collisions only cost a test a false wait.
-fn fnv1a(bytes: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in bytes {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
+/// FNV-1a, 64 bits: the same for every process of one build (std's
+/// hashers are seeded per process), which is all a fingerprint compares;
+/// collisions only cost a test a false wait. Fed by `Hash`, not by the
+/// objects' JSON: no keys or quotes, nothing written out (at 100,000 pods
+/// the JSON took 0.13 s of the first apply).
+struct Fnv1a(u64);
+
+impl Default for Fnv1a {
+    fn default() -> Self {
+        Self(0xcbf2_9ce4_8422_2325)
     }
-    h
+}
+
+impl Hasher for Fnv1a {
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 ^= u64::from(*b);
+            self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
 }
 
 #[cfg(test)]

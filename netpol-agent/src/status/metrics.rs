@@ -231,9 +231,11 @@ impl Metrics {
         }
     }
 
-    /// Counts one watch event of `kind`.
-    pub fn kube_watch_event(&self, kind: &str) {
-        self.watch_events.get_or_create(&label("kind", kind)).inc();
+    /// Counts `n` watch events of `kind`.
+    pub fn kube_watch_events(&self, kind: &str, n: u64) {
+        self.watch_events
+            .get_or_create(&label("kind", kind))
+            .inc_by(n);
     }
 
     /// Counts one watch error of `kind`.

@@ -448,7 +448,9 @@ impl<D: Dataplane> SyncLoop<D> {
         };
         let resuming = before.is_none();
         let bindings = self.bind(compiler.compiled());
+        let compiled = start.elapsed();
         let result = self.dp.writer().apply(&ops, &bindings).map(|r| r.applied);
+        let written = start.elapsed();
         match result {
             Ok(mut applied) => {
                 let fingerprint = match &before {
@@ -496,6 +498,8 @@ impl<D: Dataplane> SyncLoop<D> {
                     applied,
                     counts = %self.dp.writer().counts(),
                     micros = elapsed.as_micros(),
+                    compile_micros = compiled.as_micros(),
+                    write_micros = written.saturating_sub(compiled).as_micros(),
                     "state applied"
                 );
                 self.unbound_pods_lookup();

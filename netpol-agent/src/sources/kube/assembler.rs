@@ -14,6 +14,8 @@ pub(super) struct StoreState {
     pub(super) list_error: bool,
     /// A relist in progress: the objects listed so far.
     pub(super) relist: Option<Snapshot>,
+    /// Events of the list in progress, not yet counted in the metrics.
+    pub(super) listed_events: u64,
 }
 
 /// Owns the model and decides what is published.
@@ -71,10 +73,15 @@ impl Assembler {
         };
         let kind = store.as_str();
         let state = &mut self.stores[store.index()];
-        state.size = size;
-        if let Some(m) = metrics {
+        // A list is one event per object: its metrics are written once
+        // the list is done, not with two labelled lookups per object.
+        let listing = matches!(change, Change::InitApply(_));
+        if let Some(m) = metrics
+            && (state.size != size || !listing)
+        {
             m.kube_store_objects(kind, size);
         }
+        state.size = size;
         if matches!(change, Change::Expired) {
             if let Some(m) = metrics {
                 m.kube_watch_error(kind);
@@ -100,8 +107,10 @@ impl Assembler {
             state.list_error = list;
             return;
         }
-        if let Some(m) = metrics {
-            m.kube_watch_event(kind);
+        if listing {
+            state.listed_events += 1;
+        } else if let Some(m) = metrics {
+            m.kube_watch_events(kind, std::mem::take(&mut state.listed_events) + 1);
         }
         // The watcher announces every list attempt with `Init`: only what
         // follows it shows the list succeeded.
@@ -234,14 +243,20 @@ impl Assembler {
     }
 }
 
+/// Whether `target` holds errors of the object: its key is built only
+/// when there are errors at all (a list upserts every object).
+fn was_invalid(target: &Snapshot, kind: &str, name: impl FnOnce() -> String) -> bool {
+    !target.invalid.is_empty() && target.invalid.contains_key(&(kind.to_owned(), name()))
+}
+
 /// Adds or replaces one object of `target`. An invalid version keeps the
 /// valid one in force: `target`'s own, or during a relist the one of
 /// `previous`. Returns whether `target` changed.
 pub(super) fn upsert(target: &mut Snapshot, previous: Option<&Snapshot>, obj: Obj) -> bool {
     match obj {
         Obj::Pod(id, Ok(pod)) => {
-            let key = ("Pod".to_owned(), id.to_string());
-            let changed = target.pods.get(&id) != Some(&pod) || target.invalid.contains_key(&key);
+            let changed =
+                target.pods.get(&id) != Some(&pod) || was_invalid(target, "Pod", || id.to_string());
             target.upsert_pod(pod);
             changed
         }
@@ -252,9 +267,8 @@ pub(super) fn upsert(target: &mut Snapshot, previous: Option<&Snapshot>, obj: Ob
             invalid(target, "Pod", id.to_string(), errors)
         }
         Obj::Namespace(name, Ok(ns)) => {
-            let key = ("Namespace".to_owned(), name.clone());
-            let changed =
-                target.namespaces.get(&name) != Some(&ns) || target.invalid.contains_key(&key);
+            let changed = target.namespaces.get(&name) != Some(&ns)
+                || was_invalid(target, "Namespace", || name.clone());
             target.upsert_namespace(ns);
             changed
         }
@@ -278,9 +292,8 @@ pub(super) fn upsert(target: &mut Snapshot, previous: Option<&Snapshot>, obj: Ob
             invalid(target, "Node", name, errors)
         }
         Obj::Service(id, Ok(svc)) => {
-            let key = ("Service".to_owned(), id.to_string());
-            let changed =
-                target.services.get(&id) != Some(&svc) || target.invalid.contains_key(&key);
+            let changed = target.services.get(&id) != Some(&svc)
+                || was_invalid(target, "Service", || id.to_string());
             target.upsert_service(svc);
             changed
         }

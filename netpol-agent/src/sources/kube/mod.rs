@@ -227,12 +227,14 @@ impl Debug for KubeSource {
 
 mod assembler;
 mod objects;
+mod slim;
 
 use assembler::Assembler;
 use objects::{
     Obj, convert_namespace, convert_node, convert_pod, convert_policy, convert_service,
-    trim_namespace, trim_node, trim_pod, trim_policy, trim_service,
+    trim_namespace, trim_node, trim_policy, trim_service,
 };
+use slim::SlimPod;
 
 #[derive(Debug)]
 enum Change {
@@ -323,12 +325,13 @@ impl KubeSource {
         let mut tasks = tokio::task::JoinSet::new();
         let c = &self.client;
         let all = watcher::Config::default();
-        spawn_store::<core::Pod>(
+        // Decoded slim: nothing to trim.
+        spawn_store::<SlimPod>(
             &mut tasks,
             Api::all(c.clone()),
             all.clone(),
             StoreKind::Pod,
-            trim_pod,
+            |_| {},
             convert_pod,
             links.clone(),
         );
@@ -691,21 +694,35 @@ mod tests {
         assert_eq!(t.elapsed(), Duration::ZERO, "an event resets it");
     }
 
+    /// A Pod as the API serves it, with much netpol never reads.
     #[expect(
         clippy::needless_pass_by_value,
         reason = "callers pass `json!` literals"
     )]
-    fn pod_json(name: &str, ip: &str, port: serde_json::Value) -> core::Pod {
-        serde_json::from_value(serde_json::json!({
+    fn pod_value(name: &str, ip: &str, port: serde_json::Value) -> serde_json::Value {
+        serde_json::json!({
             "apiVersion": "v1", "kind": "Pod",
             "metadata": {"name": name, "namespace": "x", "labels": {"app": name},
-                         "annotations": {"big": "x".repeat(1000), ALLOW_ANY_SOURCE_ANNOTATION: "true"},
-                         "managedFields": [{"manager": "kubectl"}]},
-            "spec": {"nodeName": "n1", "containers": [{"name": "c", "image": "busybox",
-                     "ports": [{"containerPort": port}]}]},
-            "status": {"phase": "Running", "podIP": ip, "conditions": [{"type": "Ready", "status": "True"}]}
-        }))
-        .expect("a pod")
+                         "uid": "u-1", "resourceVersion": "7",
+                         "annotations": {"big": "x".repeat(1000), ALLOW_ANY_SOURCE_ANNOTATION: "true",
+                                         "nested\\\"key": "v"},
+                         "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet",
+                                              "name": "rs", "uid": "rs-uid", "controller": true}],
+                         "managedFields": [{"manager": "kubectl", "time": "2025-01-01T00:00:00Z",
+                                            "fieldsType": "FieldsV1",
+                                            "fieldsV1": {"f:metadata": {"f:labels": {}}}}]},
+            "spec": {"nodeName": "n1", "hostNetwork": false,
+                     "containers": [{"name": "c", "image": "busybox", "env": [{"name": "A", "value": "1"}],
+                                     "ports": [{"name": "http", "containerPort": port, "protocol": "TCP"}]},
+                                    {"name": "d", "ports": null}],
+                     "volumes": [{"name": "v", "emptyDir": {}}]},
+            "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}, {"ip": "fd00::1"}],
+                       "conditions": [{"type": "Ready", "status": "True"}]}
+        })
+    }
+
+    fn pod_json(name: &str, ip: &str, port: serde_json::Value) -> SlimPod {
+        serde_json::from_value(pod_value(name, ip, port)).expect("a pod")
     }
 
     #[test]
@@ -725,15 +742,96 @@ mod tests {
     }
 
     #[test]
-    fn trimmed_pod_converts_as_the_full_one() {
-        let full = pod_json("a", "10.0.0.1", serde_json::json!(80));
-        let mut trimmed = full.clone();
-        trim_pod(&mut trimmed);
-        assert_eq!(Pod::try_from(&trimmed), Pod::try_from(&full));
-        assert!(trimmed.metadata.managed_fields.is_none());
-        let annotations = trimmed.metadata.annotations.expect("annotation kept");
-        assert_eq!(annotations.len(), 1);
-        assert!(trimmed.status.expect("status").conditions.is_none());
+    fn slim_pod_converts_as_the_full_one() {
+        for (text, port) in [
+            (
+                pod_value("a", "10.0.0.1", serde_json::json!(80)).to_string(),
+                80,
+            ),
+            // null and absent fields, as k8s-openapi takes them
+            (
+                r#"{"metadata": {"name": "b", "namespace": "x", "annotations": null,
+                    "labels": null}, "spec": {"containers": null}, "status": null}"#
+                    .to_owned(),
+                0,
+            ),
+        ] {
+            let full: core::Pod = serde_json::from_str(&text).expect("full decode");
+            let slim: SlimPod = serde_json::from_str(&text).expect("slim decode");
+            assert_eq!(Pod::try_from(&slim.0), Pod::try_from(&full), "{text}");
+            assert_eq!(slim.0.metadata.uid, full.metadata.uid);
+            assert_eq!(
+                slim.0.metadata.resource_version,
+                full.metadata.resource_version
+            );
+            assert!(slim.0.metadata.managed_fields.is_none());
+            assert!(slim.0.metadata.owner_references.is_none());
+            if port != 0 {
+                let pod = Pod::try_from(&slim.0).expect("valid");
+                assert!(pod.allow_any_source);
+                assert_eq!(pod.ips.len(), 2);
+                assert_eq!(pod.ports[0].port, 80);
+                let annotations = slim.0.metadata.annotations.as_ref().expect("kept");
+                assert_eq!(annotations.len(), 1, "only the annotation the model reads");
+                let status = slim.0.status.as_ref().expect("status");
+                assert!(status.conditions.is_none());
+                assert!(slim.0.spec.as_ref().expect("spec").volumes.is_none());
+            }
+        }
+        // A watch event decodes it too (kube's `WatchEvent` wraps it).
+        let event = format!(
+            r#"{{"type": "ADDED", "object": {}}}"#,
+            pod_value("c", "10.0.0.3", serde_json::json!(81))
+        );
+        let e: kube::core::WatchEvent<SlimPod> = serde_json::from_str(&event).expect("event");
+        let kube::core::WatchEvent::Added(p) = e else {
+            panic!("not an ADDED event")
+        };
+        assert_eq!(p.0.metadata.name.as_deref(), Some("c"));
+        // A kept field of the wrong type is refused, as the full decode
+        // refuses it.
+        let bad = r#"{"metadata": {"name": "d", "labels": {"a": 1}}}"#;
+        assert!(serde_json::from_str::<core::Pod>(bad).is_err());
+        assert!(serde_json::from_str::<SlimPod>(bad).is_err());
+    }
+
+    #[test]
+    fn a_list_counts_every_event_once_it_is_done() {
+        let metrics = Metrics::new();
+        let mut asm = Assembler::new("n1".into());
+        let msg = |size, change| Msg::Store {
+            store: StoreKind::Pod,
+            size,
+            change,
+        };
+        let count = |m: &Metrics| {
+            let text = m.encode();
+            text.lines()
+                .find_map(|l| l.strip_prefix("netpol_watch_events_total{kind=\"Pod\"} "))
+                .map(str::to_owned)
+                .unwrap_or_default()
+        };
+        asm.handle(msg(0, Change::Init), Some(&metrics));
+        for (i, name) in ["a", "b", "c"].into_iter().enumerate() {
+            let pod = pod_json(name, &format!("10.0.0.{}", i + 1), serde_json::json!(80));
+            asm.handle(msg(0, Change::InitApply(convert_pod(&pod))), Some(&metrics));
+        }
+        assert_eq!(count(&metrics), "1", "the list's objects wait for its end");
+        asm.handle(msg(3, Change::InitDone), Some(&metrics));
+        assert_eq!(count(&metrics), "5", "Init, three objects, InitDone");
+        assert!(
+            metrics
+                .encode()
+                .contains("netpol_store_objects{kind=\"Pod\"} 3")
+        );
+        let pod = pod_json("d", "10.0.0.4", serde_json::json!(80));
+        asm.handle(msg(4, Change::Apply(convert_pod(&pod))), Some(&metrics));
+        assert_eq!(count(&metrics), "6");
+        assert!(
+            metrics
+                .encode()
+                .contains("netpol_store_objects{kind=\"Pod\"} 4")
+        );
     }
 
     #[test]

@@ -23,8 +23,8 @@ pub(super) fn pod_ref(meta: &ObjectMeta) -> ObjectRef {
     )
 }
 
-pub(super) fn convert_pod(p: &core::Pod) -> Obj {
-    Obj::Pod(pod_ref(&p.metadata), Pod::try_from(p))
+pub(super) fn convert_pod(p: &super::SlimPod) -> Obj {
+    Obj::Pod(pod_ref(&p.0.metadata), Pod::try_from(&p.0))
 }
 
 pub(super) fn convert_namespace(n: &core::Namespace) -> Obj {
@@ -66,30 +66,6 @@ pub(super) fn trim_meta(meta: &mut ObjectMeta, keep_labels: bool) {
         annotations,
         ..ObjectMeta::default()
     };
-}
-
-pub(super) fn trim_pod(p: &mut core::Pod) {
-    trim_meta(&mut p.metadata, true);
-    p.spec = p.spec.take().map(|s| core::PodSpec {
-        node_name: s.node_name,
-        host_network: s.host_network,
-        containers: s
-            .containers
-            .into_iter()
-            .map(|c| core::Container {
-                name: c.name,
-                ports: c.ports,
-                ..core::Container::default()
-            })
-            .collect(),
-        ..core::PodSpec::default()
-    });
-    p.status = p.status.take().map(|s| core::PodStatus {
-        phase: s.phase,
-        pod_ip: s.pod_ip,
-        pod_ips: s.pod_ips,
-        ..core::PodStatus::default()
-    });
 }
 
 pub(super) fn trim_namespace(n: &mut core::Namespace) {
