@@ -340,42 +340,43 @@ impl Agent {
 
     /// Waits until every interface in `names` is programmed; returns when.
     fn wait_programmed(&mut self, names: &[&str], within: Duration) -> Instant {
-        let deadline = Instant::now() + within;
-        loop {
-            if let Ok(Some(st)) = self.child.try_wait() {
-                panic!("netpol-agent exited ({st}); log:\n{}", self.log());
-            }
-            if let Some(s) = self.status()
-                && s["ready"] == true
-                && names.iter().all(|n| programmed(&s, n))
-            {
-                return Instant::now();
-            }
-            assert!(
-                Instant::now() < deadline,
-                "interfaces not programmed within {within:?}; log:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        self.wait_status(within, "interfaces not programmed", |s| {
+            s["ready"] == true && names.iter().all(|n| programmed(s, n))
+        })
     }
 
     /// Waits until no interface waits on netlink filters for its TCX
     /// links (`--attach-mode=auto` moves them once the node is quiet);
     /// returns when.
     fn wait_on_tcx(&mut self, within: Duration) -> Instant {
+        self.wait_status(within, "interfaces still on netlink filters", |s| {
+            s["interfaces"]
+                .as_array()
+                .is_some_and(|i| i.iter().all(|i| i["awaiting_tcx"] != true))
+        })
+    }
+
+    /// Polls `/status` every 5 ms until `done` holds; returns when. Panics
+    /// with the agent's log when it exits or `within` runs out.
+    fn wait_status(
+        &mut self,
+        within: Duration,
+        what: &str,
+        done: impl Fn(&Value) -> bool,
+    ) -> Instant {
         let deadline = Instant::now() + within;
         loop {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                panic!("netpol-agent exited ({st}); log:\n{}", self.log());
+            }
             if let Some(s) = self.status()
-                && s["interfaces"]
-                    .as_array()
-                    .is_some_and(|i| i.iter().all(|i| i["awaiting_tcx"] != true))
+                && done(&s)
             {
                 return Instant::now();
             }
             assert!(
                 Instant::now() < deadline,
-                "interfaces still on netlink filters after {within:?}; log:\n{}",
+                "{what} after {within:?}; log:\n{}",
                 self.log()
             );
             std::thread::sleep(Duration::from_millis(5));

@@ -1,6 +1,7 @@
 //! Kubernetes objects in, model objects out: trimmed of what netpol never
-//! reads (managed fields, most annotations, container specs), then
-//! converted once, at the edge.
+//! reads (managed fields, most annotations, specs and statuses but for a
+//! few fields; Pods arrive slim from `slim.rs`), then converted once, at
+//! the edge.
 
 use super::*;
 
