@@ -32,6 +32,7 @@
 )]
 
 pub mod agent;
+pub mod api;
 pub mod bpffs;
 pub mod compiler;
 pub mod datapath;

@@ -123,12 +123,14 @@ pub fn resume(
     }
 
     let mut blocks: BTreeMap<u32, BTreeSet<PortPrefix>> = BTreeMap::new();
-    for &(len, k) in maps.ports.keys() {
+    for (&(len, k), v) in &maps.ports {
         live_rulesets.insert(k.ruleset);
-        blocks
-            .entry(k.ruleset)
-            .or_default()
-            .insert(port_prefix(len, k.protocol, k.port));
+        blocks.entry(k.ruleset).or_default().insert(port_prefix(
+            len,
+            k.protocol,
+            k.port,
+            v.allow != 0,
+        ));
     }
     for (id, present) in blocks {
         let Some(set) = ruleset(&present) else {
@@ -231,18 +233,20 @@ fn insert(old: &mut Compiled, selector: u32, prefix: IpNet, ruleset: u32) {
 
 /// The port-trie entry `(len, protocol, port)` as a prefix; one no rule
 /// set encodes (an unknown protocol) makes its set inexact.
-fn port_prefix(len: u32, protocol: u8, port: [u8; 2]) -> PortPrefix {
+fn port_prefix(len: u32, protocol: u8, port: [u8; 2], allow: bool) -> PortPrefix {
     let protocol = Protocol::ALL.into_iter().find(|p| p.number() == protocol);
     match protocol {
         Some(p) if len >= PORT_KEY_PROTOCOL_BITS => PortPrefix {
             protocol: Some(p),
             port: u16::from_be_bytes(port),
             port_bits: u8::try_from(len - PORT_KEY_PROTOCOL_BITS).unwrap_or(u8::MAX),
+            allow,
         },
         _ => PortPrefix {
             protocol: None,
             port: u16::from_be_bytes(port),
             port_bits: u8::try_from(len.saturating_sub(SELECTOR_BITS)).unwrap_or(u8::MAX),
+            allow,
         },
     }
 }
@@ -253,24 +257,27 @@ fn ruleset(present: &BTreeSet<PortPrefix>) -> Option<RuleSet> {
         protocol: None,
         port: 0,
         port_bits: 0,
+        allow: true,
     };
-    let set = if present.contains(&all) {
-        RuleSet::allow_all()
-    } else {
-        let mut ranges = Vec::with_capacity(present.len());
-        for p in present {
-            let protocol = p.protocol?;
-            if p.port_bits > 16 {
-                return None;
-            }
-            let size = 1u32 << (16 - u32::from(p.port_bits));
-            let first = u32::from(p.port);
-            ranges.push(PortRange {
-                protocol,
-                first: p.port,
-                last: u16::try_from(first + size - 1).ok()?,
-            });
+    let every = present.contains(&all);
+    let mut ranges = Vec::with_capacity(present.len());
+    for p in present.iter().filter(|&&p| p != all) {
+        let protocol = p.protocol?;
+        // Blocks not allowed only make sense under the entry for all.
+        if p.port_bits > 16 || p.allow == every {
+            return None;
         }
+        let size = 1u32 << (16 - u32::from(p.port_bits));
+        let first = u32::from(p.port);
+        ranges.push(PortRange {
+            protocol,
+            first: p.port,
+            last: u16::try_from(first + size - 1).ok()?,
+        });
+    }
+    let set = if every {
+        RuleSet::all_but(ranges)
+    } else {
         RuleSet::from_ranges(ranges)
     };
     let encoded: BTreeSet<PortPrefix> = set.port_prefixes().into_iter().collect();

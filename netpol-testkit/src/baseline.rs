@@ -979,6 +979,7 @@ spec:
             netpol_agent::model::Node {
                 name: "n2".into(),
                 addresses: Vec::new(),
+                labels: netpol_agent::model::Labels::new(),
             },
         );
         assert_eq!(generate(&s), Err(BaselineError::NoLocalNode));

@@ -2,10 +2,14 @@
 //! written as plainly as possible), the userspace LPM simulator that answers
 //! the same question from compiled map entries, and cluster builders.
 
+use std::borrow::Cow;
 use std::net::IpAddr;
 
 use netpol_agent::compiler::{Compiled, Direction, MapState, RuleSet};
-use netpol_agent::model::{NetworkPolicy, Peer, Pod, PortSpec, Rule, Snapshot};
+use netpol_agent::model::{
+    Action, ClusterNetworkPolicy, ClusterPeer, ClusterPort, NetworkPolicy, Peer, Pod, PortSpec,
+    Protocol, Rule, Snapshot, Tier,
+};
 use netpol_common::{PolicyKeyV4, PolicyKeyV6, PortKey, policy_selector};
 
 pub const ICMP: u8 = 1;
@@ -24,17 +28,18 @@ fn rules(p: &NetworkPolicy, d: Direction) -> Option<&Vec<Rule>> {
     }
 }
 
-/// Reference: does `pod`'s policy in direction `d` allow the peer at
-/// `peer_addr` (the pod `peer`, if it is one) on `proto`/`port`? For
-/// egress `port` is the peer's, for ingress the pod's own.
-pub fn reference_allows(
+/// Reference: the `NetworkPolicy` tier's verdict for `pod` in direction
+/// `d` on the peer at `peer_addr` (the pod `peer`, if it is one) on
+/// `proto`/`port`; `None` when no `NetworkPolicy` isolates the direction.
+/// For egress `port` is the peer's, for ingress the pod's own.
+fn np_verdict(
     snap: &Snapshot,
     pod: &Pod,
     d: Direction,
     peer_addr: IpAddr,
     proto: u8,
     port: u16,
-) -> bool {
+) -> Option<bool> {
     let peer = pod_at(snap, peer_addr);
     let selecting: Vec<&NetworkPolicy> = snap
         .policies
@@ -45,14 +50,14 @@ pub fn reference_allows(
         .filter(|p| rules(p, d).is_some())
         .collect();
     if selecting.is_empty() {
-        return true;
+        return None;
     }
     // The pod whose named ports a rule names.
     let destination = match d {
         Direction::Ingress => Some(pod),
         Direction::Egress => peer,
     };
-    selecting.iter().any(|p| {
+    Some(selecting.iter().any(|p| {
         rules(p, d).into_iter().flatten().any(|rule| {
             let peer_ok = rule.peers.is_empty()
                 || rule.peers.iter().any(|peer_spec| match peer_spec {
@@ -82,7 +87,110 @@ pub fn reference_allows(
                 });
             peer_ok && port_ok
         })
-    })
+    }))
+}
+
+/// Reference: does `pod`'s policy in direction `d` allow the peer at
+/// `peer_addr` on `proto`/`port`? The Admin tier's first matching rule,
+/// then `NetworkPolicy` if it isolates the direction, then the Baseline
+/// tier's first matching rule, then allowed (CNP-SEMANTICS.md 2, 4-6).
+pub fn reference_allows(
+    snap: &Snapshot,
+    pod: &Pod,
+    d: Direction,
+    peer_addr: IpAddr,
+    proto: u8,
+    port: u16,
+) -> bool {
+    match tier_verdict(snap, Tier::Admin, pod, d, peer_addr, proto, port) {
+        Some(Action::Accept) => return true,
+        Some(Action::Deny) => return false,
+        Some(Action::Pass) | None => {}
+    }
+    if let Some(v) = np_verdict(snap, pod, d, peer_addr, proto, port) {
+        return v;
+    }
+    tier_verdict(snap, Tier::Baseline, pod, d, peer_addr, proto, port) != Some(Action::Deny)
+}
+
+/// The action of the first rule of `tier` matching the connection: the
+/// policies applying to `pod` by priority, then name; rules in order.
+pub fn tier_verdict(
+    snap: &Snapshot,
+    tier: Tier,
+    pod: &Pod,
+    d: Direction,
+    peer_addr: IpAddr,
+    proto: u8,
+    port: u16,
+) -> Option<Action> {
+    if snap.cluster_policies.is_empty() {
+        return None;
+    }
+    let ns_labels = |ns: &str| match snap.namespaces.get(ns) {
+        Some(n) => Cow::Borrowed(&n.labels),
+        None => Cow::Owned(snap.namespace_labels(ns)),
+    };
+    let own = ns_labels(&pod.id.namespace);
+    let mut policies: Vec<&ClusterNetworkPolicy> = snap
+        .cluster_policies
+        .values()
+        .filter_map(|s| s.in_force.as_ref())
+        .filter(|c| c.tier == tier && c.selects(&own, &pod.labels))
+        .collect();
+    if policies.is_empty() {
+        return None;
+    }
+    policies.sort_by(|a, b| (a.priority, &a.name).cmp(&(b.priority, &b.name)));
+    let peer = pod_at(snap, peer_addr);
+    let destination = match d {
+        Direction::Ingress => Some(pod),
+        Direction::Egress => peer,
+    };
+    for c in policies {
+        let rules = match d {
+            Direction::Ingress => &c.ingress,
+            Direction::Egress => &c.egress,
+        };
+        for rule in rules {
+            let peer_ok = rule.peers.iter().any(|p| match p {
+                ClusterPeer::Namespaces(sel) => {
+                    peer.is_some_and(|q| sel.matches(&ns_labels(&q.id.namespace)))
+                }
+                ClusterPeer::Pods {
+                    namespace_selector,
+                    pod_selector,
+                } => peer.is_some_and(|q| {
+                    namespace_selector.matches(&ns_labels(&q.id.namespace))
+                        && pod_selector.matches(&q.labels)
+                }),
+                ClusterPeer::Networks(nets) => nets.iter().any(|n| n.contains(&peer_addr)),
+                ClusterPeer::Nodes(sel) => snap
+                    .nodes
+                    .values()
+                    .any(|n| sel.matches(&n.labels) && n.addresses.contains(&peer_addr)),
+            });
+            let port_ok = rule.ports.as_ref().is_none_or(|list| {
+                list.iter().any(|p| match p {
+                    ClusterPort::Ports {
+                        protocol,
+                        first,
+                        last,
+                    } => protocol.number() == proto && (*first..=*last).contains(&port),
+                    ClusterPort::Named(name) => Protocol::ALL
+                        .into_iter()
+                        .find(|p| p.number() == proto)
+                        .is_some_and(|p| {
+                            destination.is_some_and(|q| q.named_port(name, p) == Some(port))
+                        }),
+                })
+            });
+            if peer_ok && port_ok {
+                return Some(rule.action);
+            }
+        }
+    }
+    None
 }
 
 /// Reference: a whole connection from pod `src` to pod `dst`.

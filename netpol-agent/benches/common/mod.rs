@@ -69,6 +69,7 @@ pub fn cluster() -> Snapshot {
     s.upsert_node(Node {
         name: "node-0".into(),
         addresses: vec![IpAddr::V4(Ipv4Addr::new(192, 168, 0, 1))],
+        labels: netpol_agent::model::Labels::new(),
     });
     for n in 0..NAMESPACES {
         let name = ns_name(n);

@@ -85,6 +85,9 @@ struct RuleSetDoc {
     id: u32,
     all: bool,
     ports: Vec<PortsDoc>,
+    /// With `all`: what a `ClusterNetworkPolicy` Deny took out.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    except: Vec<PortsDoc>,
 }
 
 #[derive(Serialize)]
@@ -116,18 +119,20 @@ struct Summary {
 }
 
 fn ruleset_doc(id: u32, rs: &RuleSet) -> RuleSetDoc {
-    RuleSetDoc {
-        id,
-        all: rs.all,
-        ports: rs
-            .ranges
-            .iter()
+    let docs = |list: &[netpol_agent::compiler::PortRange]| -> Vec<PortsDoc> {
+        list.iter()
             .map(|r| PortsDoc {
                 protocol: r.protocol.as_str(),
                 first: r.first,
                 last: r.last,
             })
-            .collect(),
+            .collect()
+    };
+    RuleSetDoc {
+        id,
+        all: rs.all,
+        ports: docs(&rs.ranges),
+        except: docs(&rs.except),
     }
 }
 
@@ -200,21 +205,27 @@ fn error_doc(e: &ModelError) -> ErrorDoc {
 }
 
 fn ports_text(rs: &RuleSetDoc) -> String {
-    if rs.all {
+    let list = |ports: &[PortsDoc]| {
+        ports
+            .iter()
+            .map(|p| match (p.first, p.last) {
+                (0, u16::MAX) => format!("{} all", p.protocol),
+                (a, b) if a == b => format!("{} {a}", p.protocol),
+                (a, b) => format!("{} {a}-{b}", p.protocol),
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    if rs.all && rs.except.is_empty() {
         return "all protocols and ports".to_owned();
+    }
+    if rs.all {
+        return format!("all protocols and ports except {}", list(&rs.except));
     }
     if rs.ports.is_empty() {
         return "nothing".to_owned();
     }
-    rs.ports
-        .iter()
-        .map(|p| match (p.first, p.last) {
-            (0, u16::MAX) => format!("{} all", p.protocol),
-            (a, b) if a == b => format!("{} {a}", p.protocol),
-            (a, b) => format!("{} {a}-{b}", p.protocol),
-        })
-        .collect::<Vec<_>>()
-        .join(", ")
+    list(&rs.ports)
 }
 
 fn table(doc: &Document) -> String {

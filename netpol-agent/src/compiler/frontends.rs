@@ -258,6 +258,7 @@ mod tests {
         s.upsert_node(Node {
             name: "n1".into(),
             addresses: vec![NODE],
+            labels: Labels::new(),
         });
         s.upsert_service(service("a", &[V4], vec![tcp(80, Some(30080))]));
         let c = compile(&s, &IdAllocation::default());
@@ -285,6 +286,7 @@ mod tests {
         s.upsert_node(Node {
             name: "n1".into(),
             addresses: vec![NODE],
+            labels: Labels::new(),
         });
         s.upsert_service(service("a", &[V4], vec![tcp(80, None)]));
         let mut inc = Compiler::new(&s, &IdAllocation::default());

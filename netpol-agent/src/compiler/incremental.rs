@@ -30,8 +30,11 @@
 //! - A policy: the local pods it selected before or selects now.
 //! - A Service: no pod; the frontends are recomputed whole (cheap: no
 //!   selector is evaluated) and diffed.
-//! - A namespace, the local node or which node is local: everything (a
-//!   full compile), as for a batch of more than 512 pods and policies.
+//! - A pod or a Node, when `ClusterNetworkPolicies` apply to local pods:
+//!   those pods too (their tiered entries are recomputed whole).
+//! - A namespace, a `ClusterNetworkPolicy`, the local node or which node
+//!   is local: everything (a full compile), as for a batch of more than
+//!   512 pods and policies.
 //!
 //! Only those pods' endpoints and entries are recomputed, spliced into the
 //! kept output, and diffed. The result is equal, value for value, to
@@ -73,6 +76,8 @@ pub struct Changes {
     pub nodes: BTreeSet<String>,
     /// Services: their frontends.
     pub services: BTreeSet<ObjectRef>,
+    /// `ClusterNetworkPolicies`: a full compile.
+    pub cluster_policies: BTreeSet<String>,
     /// Anything else (the local node setting, a resync): a full compile.
     pub everything: bool,
 }
@@ -87,6 +92,7 @@ impl Changes {
             && self.namespaces.is_empty()
             && self.nodes.is_empty()
             && self.services.is_empty()
+            && self.cluster_policies.is_empty()
     }
 
     /// The objects that differ between two snapshots. The snapshot's maps
@@ -110,6 +116,7 @@ impl Changes {
             namespaces: keys(&old.namespaces, &new.namespaces),
             nodes: keys(&old.nodes, &new.nodes),
             services: keys(&old.services, &new.services),
+            cluster_policies: keys(&old.cluster_policies, &new.cluster_policies),
             everything: old.local_node != new.local_node,
         }
     }
@@ -131,6 +138,8 @@ struct Index {
     global: BTreeSet<ObjectRef>,
     /// Rule-set id → number of entries pointing at it.
     refs: HashMap<u32, usize>,
+    /// Local pods some `ClusterNetworkPolicy` with rules applies to.
+    cluster_selected: BTreeSet<ObjectRef>,
 }
 
 impl Index {
@@ -213,6 +222,9 @@ impl Compiler {
                     .map(|&pi| core.policies[pi].id.clone())
                     .collect();
                 index.set_selecting(&pod.id, Some(pols));
+                if pod.cluster_selected {
+                    index.cluster_selected.insert(pod.id.clone());
+                }
             }
         }
         for e in out.policy_v4.values().chain(out.policy_v6.values()) {
@@ -244,6 +256,7 @@ impl Compiler {
         if changes.everything
             || changes.pods.len() + changes.policies.len() > FULL_COMPILE_ABOVE
             || !changes.namespaces.is_empty()
+            || !changes.cluster_policies.is_empty()
             || node.is_none()
             || node != self.out.node.as_deref()
             || node.is_some_and(|n| changes.nodes.contains(n))
@@ -309,6 +322,11 @@ impl Compiler {
                     out.insert(id.clone());
                 }
             }
+        }
+        if !changes.pods.is_empty() || !changes.nodes.is_empty() {
+            // Tiered entries depend on every pod and Node their rules'
+            // peers may select.
+            out.extend(self.index.cluster_selected.iter().cloned());
         }
         if changes.pods.is_empty() {
             return out;
@@ -459,6 +477,10 @@ impl Compiler {
         for pod in affected {
             let pols = selecting.remove(pod);
             self.index.set_selecting(pod, pols);
+            self.index.cluster_selected.remove(pod);
+        }
+        for pod in core.pods.iter().filter(|p| p.cluster_selected) {
+            self.index.cluster_selected.insert(pod.id.clone());
         }
         let unused: Vec<ObjectRef> = self
             .index

@@ -10,20 +10,32 @@ use ipnet::IpNet;
 
 use super::hash::{HashMap, generation};
 use super::ids::{endpoint_ids, ruleset_ids};
-use super::peers::{Peers, SelectionCache, prepare};
-use super::prefixes::{Ctx, Interner, rules_of};
+use super::peers::{Peers, SelectionCache, prepare, prepare_cluster};
+use super::prefixes::{Ctx, Interner, Mode, Source, Tiered, cluster_rules_of, rules_of};
 use super::{
     Compiled, Direction, EMPTY_RULESET, Endpoint, EndpointId, IdAllocation, PolicyEntry,
     PolicyTarget, RuleRef, RuleSet, frontends,
 };
-use crate::model::{NetworkPolicy, ObjectRef, Peer, PortSpec, Protocol, Snapshot};
+use crate::model::{
+    ClusterNetworkPolicy, ClusterPort, NetworkPolicy, ObjectRef, Peer, PortSpec, Protocol, Snapshot,
+};
 
 /// Endpoints with equal keys have equal entries: direction, selecting
-/// policies, and (ingress with named ports) the pod's own named ports.
-type GroupKey = (Direction, Vec<usize>, Vec<(Protocol, String, u16)>);
+/// policies and `ClusterNetworkPolicies`, and (ingress with named ports)
+/// the pod's own named ports.
+type GroupKey = (
+    Direction,
+    Vec<usize>,
+    Vec<usize>,
+    Vec<(Protocol, String, u16)>,
+);
 
 /// One local pod's compiled direction entries, in content form (rule sets
 /// as interner indices of [`Core::sets`]), before ids are handed out.
+#[allow(
+    clippy::struct_excessive_bools,
+    reason = "independent facts of one pod"
+)]
 pub(super) struct PodOut {
     pub(super) id: ObjectRef,
     pub(super) uid: Option<String>,
@@ -34,6 +46,9 @@ pub(super) struct PodOut {
     /// Policies (indices into [`Core::policies`]) whose pod selector
     /// matches the pod, whatever their directions.
     pub(super) selecting: Vec<usize>,
+    /// Some `ClusterNetworkPolicy` with rules applies to the pod: its
+    /// entries depend on every pod and node a tiered rule may select.
+    pub(super) cluster_selected: bool,
     /// `(direction, prefix, rule set, sources)`, egress first, each
     /// direction sorted by prefix.
     pub(super) entries: Vec<(Direction, IpNet, u32, Arc<[RuleRef]>)>,
@@ -104,6 +119,38 @@ pub(super) fn core<'a>(
         .values()
         .filter_map(|s| s.in_force.as_ref())
         .collect();
+    let mut cnps: Vec<&ClusterNetworkPolicy> = snap
+        .cluster_policies
+        .values()
+        .filter_map(|s| s.in_force.as_ref())
+        .collect();
+    cnps.sort_by(|a, b| a.order().cmp(&b.order()));
+
+    // Which ClusterNetworkPolicies apply to each local pod, per direction,
+    // in evaluation order.
+    let mut cluster_selecting: BTreeMap<(usize, Direction), Vec<usize>> = BTreeMap::new();
+    let mut relevant_cnps: BTreeSet<usize> = BTreeSet::new();
+    if !cnps.is_empty() {
+        for (&ns, candidates) in &local_by_ns {
+            let ns_labels = snap.namespace_labels(ns);
+            for (ci, c) in cnps.iter().enumerate() {
+                for &i in candidates {
+                    if !c.selects(&ns_labels, &peers.list[i].labels) {
+                        continue;
+                    }
+                    for (d, rules) in [
+                        (Direction::Ingress, &c.ingress),
+                        (Direction::Egress, &c.egress),
+                    ] {
+                        if !rules.is_empty() {
+                            relevant_cnps.insert(ci);
+                            cluster_selecting.entry((i, d)).or_default().push(ci);
+                        }
+                    }
+                }
+            }
+        }
+    }
 
     // Which policies select each local pod, per direction.
     let mut selecting: BTreeMap<(usize, Direction), Vec<usize>> = BTreeMap::new();
@@ -157,7 +204,7 @@ pub(super) fn core<'a>(
             })
         })
     });
-    let ns_labels = if wants_namespaces {
+    let ns_labels = if wants_namespaces || !relevant_cnps.is_empty() {
         peers.namespace_labels()
     } else {
         BTreeMap::new()
@@ -191,6 +238,7 @@ pub(super) fn core<'a>(
                     policy: p.id.clone(),
                     direction: d,
                     index: ri,
+                    tier: None,
                 });
                 let prep = prepare(id, p, rule, &mut peers, &ns_labels, &mut cache);
                 if members {
@@ -199,7 +247,7 @@ pub(super) fn core<'a>(
                         && !prep.named.is_empty()
                         && (prep.all_peers || !prep.blocks.is_empty());
                 }
-                prepared.insert((pi, d, ri), prep);
+                prepared.insert((Source::Np(pi), d, ri), prep);
             }
         }
         if members {
@@ -210,9 +258,36 @@ pub(super) fn core<'a>(
         }
     }
 
+    let mut tiered: Vec<Option<Tiered>> = vec![None; rules.len()];
+    for &ci in &relevant_cnps {
+        let c = cnps[ci];
+        for d in [Direction::Egress, Direction::Ingress] {
+            for (ri, rule) in cluster_rules_of(c, d).iter().enumerate() {
+                let id = u32::try_from(rules.len()).unwrap_or(u32::MAX);
+                rules.push(RuleRef {
+                    policy: ObjectRef::new("", c.name.clone()),
+                    direction: d,
+                    index: ri,
+                    tier: Some(c.tier),
+                });
+                // At most 25 rules per direction: the index fits in 5 bits.
+                let rank = u32::try_from(ci * 32 + ri).unwrap_or(u32::MAX);
+                tiered.push(Some(Tiered {
+                    rank,
+                    tier: c.tier,
+                    action: rule.action,
+                }));
+                let prep = prepare_cluster(id, rule, &mut peers, &ns_labels, &mut cache);
+                prepared.insert((Source::Cnp(ci), d, ri), prep);
+            }
+        }
+    }
+
     let mut ctx = Ctx {
         peers: peers.list,
         policies,
+        cnps,
+        tiered,
         prepared,
         sets: Interner::default(),
         values: HashMap::default(),
@@ -237,22 +312,35 @@ pub(super) fn core<'a>(
             egress_isolated: false,
             ingress_isolated: false,
             selecting: selected_by.remove(&i).unwrap_or_default(),
+            cluster_selected: false,
             entries: Vec::new(),
         };
         for d in [Direction::Egress, Direction::Ingress] {
-            let Some(pols) = selecting.get(&(i, d)) else {
+            let none = Vec::new();
+            let cluster = cluster_selecting.get(&(i, d)).unwrap_or(&none);
+            let np = selecting.get(&(i, d));
+            if np.is_none() && cluster.is_empty() {
                 continue;
-            };
+            }
+            out.cluster_selected |= !cluster.is_empty();
+            let pols = np.unwrap_or(&none);
             match d {
                 Direction::Egress => out.egress_isolated = true,
                 Direction::Ingress => out.ingress_isolated = true,
             }
             let own_ports: Vec<(Protocol, String, u16)> = if d == Direction::Ingress
-                && pols.iter().any(|&pi| {
+                && (pols.iter().any(|&pi| {
                     rules_of(ctx.policies[pi], d)
                         .iter()
                         .any(|r| r.ports.iter().any(|p| matches!(p.port, PortSpec::Named(_))))
-                }) {
+                }) || cluster.iter().any(|&ci| {
+                    cluster_rules_of(ctx.cnps[ci], d).iter().any(|r| {
+                        r.ports
+                            .iter()
+                            .flatten()
+                            .any(|p| matches!(p, ClusterPort::Named(_)))
+                    })
+                })) {
                 pod.ports
                     .iter()
                     .filter_map(|p| p.name.clone().map(|n| (p.protocol, n, p.port)))
@@ -260,10 +348,17 @@ pub(super) fn core<'a>(
             } else {
                 Vec::new()
             };
-            let key = (d, pols.clone(), own_ports);
+            let key = (d, pols.clone(), cluster.clone(), own_ports);
             if !groups.contains_key(&key) {
-                let contribs = ctx.contributions(i, d, pols);
-                let e = ctx.entries(&contribs);
+                let contribs = ctx.contributions(i, d, pols, cluster);
+                let mode = if cluster.is_empty() {
+                    Mode::Union
+                } else {
+                    Mode::Tiered {
+                        np_isolated: np.is_some(),
+                    }
+                };
+                let e = ctx.entries(&contribs, mode);
                 groups.insert(key.clone(), e);
             }
             for &(prefix, set, sources) in &groups[&key] {

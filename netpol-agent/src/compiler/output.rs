@@ -14,7 +14,7 @@ use netpol_common::{
 use serde::{Deserialize, Serialize};
 
 use super::{MapCounts, MapState, RuleSet};
-use crate::model::{ModelError, ObjectRef};
+use crate::model::{ModelError, ObjectRef, Tier};
 
 /// Direction of a policy, seen from the local pod.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -46,23 +46,35 @@ impl Direction {
 /// One rule of one policy.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 pub struct RuleRef {
-    /// The policy.
+    /// The policy (a `ClusterNetworkPolicy` has an empty namespace).
     pub policy: ObjectRef,
     /// `spec.ingress` or `spec.egress`.
     pub direction: Direction,
     /// Index in that list.
     pub index: usize,
+    /// The `ClusterNetworkPolicy` tier; `None` for a `NetworkPolicy`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tier: Option<Tier>,
 }
 
 impl fmt::Display for RuleRef {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{}: spec.{}[{}]",
-            self.policy,
-            self.direction.field(),
-            self.index
-        )
+        match self.tier {
+            None => write!(
+                f,
+                "{}: spec.{}[{}]",
+                self.policy,
+                self.direction.field(),
+                self.index
+            ),
+            Some(tier) => write!(
+                f,
+                "ClusterNetworkPolicy {} ({tier}): spec.{}[{}]",
+                self.policy.name,
+                self.direction.field(),
+                self.index
+            ),
+        }
     }
 }
 

@@ -10,8 +10,8 @@ use super::PortRange;
 use super::hash::HashMap;
 use super::prefixes::same_family;
 use crate::model::{
-    LabelSelector, NetworkPolicy, ObjectRef, Peer, Pod, PolicyPort, PortSpec, Protocol, Rule,
-    Snapshot,
+    ClusterPeer, ClusterPort, ClusterRule, LabelSelector, NetworkPolicy, ObjectRef, Peer, Pod,
+    PolicyPort, PortSpec, Protocol, Rule, Snapshot,
 };
 
 /// A rule, its peers resolved to pods, ready to contribute prefixes.
@@ -222,6 +222,99 @@ pub(super) fn prepare<'a>(
                 last: *last,
             }),
             PortSpec::Named(name) => prep.named.push((*protocol, name.as_str())),
+        }
+    }
+    prep
+}
+
+/// A `ClusterNetworkPolicy` rule prepared as [`prepare`] does a
+/// `NetworkPolicy` rule: its pod peers resolved to pods, `networks` and
+/// the addresses of the `nodes` it selects as blocks (without except),
+/// `protocols` as ranges and named ports (a named port matches a
+/// container port of that name with the connection's protocol: all three
+/// protocols are looked up).
+pub(super) fn prepare_cluster<'a>(
+    id: u32,
+    rule: &'a ClusterRule,
+    peers: &mut Peers<'a>,
+    ns_labels: &BTreeMap<&'a str, Cow<'a, crate::model::Labels>>,
+    cache: &mut SelectionCache<'a>,
+) -> Prepared<'a> {
+    let mut prep = Prepared {
+        rule: id,
+        all_peers: false,
+        pods: Vec::new(),
+        blocks: Vec::new(),
+        all_ports: rule.ports.is_none(),
+        numeric: Vec::new(),
+        named: Vec::new(),
+    };
+    let snap = peers.snap;
+    for peer in &rule.peers {
+        let (ns_sel, pod_sel) = match peer {
+            ClusterPeer::Networks(list) => {
+                prep.blocks.extend(list.iter().map(|n| (*n, &[][..])));
+                continue;
+            }
+            ClusterPeer::Nodes(sel) => {
+                for node in snap.nodes.values().filter(|n| sel.matches(&n.labels)) {
+                    prep.blocks
+                        .extend(node.addresses.iter().map(|&a| (IpNet::from(a), &[][..])));
+                }
+                continue;
+            }
+            ClusterPeer::Namespaces(ns) => (ns, None),
+            ClusterPeer::Pods {
+                namespace_selector,
+                pod_selector,
+            } => (namespace_selector, Some(pod_selector)),
+        };
+        let namespaces: Vec<&'a str> = cache
+            .namespaces
+            .entry(ns_sel)
+            .or_insert_with(|| {
+                ns_labels
+                    .iter()
+                    .filter(|(_, l)| ns_sel.matches(l))
+                    .map(|(&n, _)| n)
+                    .collect()
+            })
+            .clone();
+        for ns in namespaces {
+            let Some(ns_key) = peers.load(ns) else {
+                continue;
+            };
+            let (list, in_ns) = (&peers.list, &peers.by_ns[ns_key]);
+            let selected = cache.pods.entry((ns_key, pod_sel)).or_insert_with(|| {
+                in_ns
+                    .iter()
+                    .copied()
+                    .filter(|&i| pod_sel.is_none_or(|s| s.matches(&list[i].labels)))
+                    .collect()
+            });
+            prep.pods.extend_from_slice(selected);
+        }
+    }
+    prep.pods.sort_unstable();
+    prep.pods.dedup();
+    prep.blocks.sort_unstable_by_key(|b| b.0);
+    prep.blocks.dedup_by_key(|b| b.0);
+    for port in rule.ports.iter().flatten() {
+        match port {
+            ClusterPort::Ports {
+                protocol,
+                first,
+                last,
+            } => prep.numeric.push(PortRange {
+                protocol: *protocol,
+                first: *first,
+                last: *last,
+            }),
+            ClusterPort::Named(name) => {
+                for protocol in Protocol::ALL {
+                    prep.named.push((protocol, name.as_str()));
+                }
+            }
         }
     }
     prep

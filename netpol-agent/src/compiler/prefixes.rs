@@ -10,7 +10,47 @@ use ipnet::IpNet;
 
 use super::peers::Prepared;
 use super::{Direction, PortRange, RuleSet, hash::HashMap};
-use crate::model::{NetworkPolicy, Pod, Rule};
+use crate::model::{Action, ClusterNetworkPolicy, NetworkPolicy, Pod, Rule, Tier};
+
+/// The rule id of the contributions that make the tiered evaluation's
+/// roots (`0.0.0.0/0`, `::/0`) present: no rule.
+const ROOT: u32 = u32::MAX;
+
+/// A value's cache key: the mode and the sorted `(rule, port set)`s
+/// matching an address.
+pub(super) type ValueKey = (Mode, Vec<(u32, u32)>);
+
+/// Whose rules a prepared rule is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(super) enum Source {
+    /// A `NetworkPolicy` (index into [`Ctx::policies`]).
+    Np(usize),
+    /// A `ClusterNetworkPolicy` (index into [`Ctx::cnps`]).
+    Cnp(usize),
+}
+
+/// A `ClusterNetworkPolicy` rule's place in the evaluation.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Tiered {
+    /// Its order among every tiered rule (tier, priority, name, index).
+    pub(super) rank: u32,
+    pub(super) tier: Tier,
+    pub(super) action: Action,
+}
+
+/// How an endpoint direction's entries are valued.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(super) enum Mode {
+    /// `NetworkPolicy` alone: the union of the matching rules' ports.
+    Union,
+    /// `ClusterNetworkPolicy` rules too: Admin, then `NetworkPolicy` (when
+    /// it isolates the direction: `np_isolated`), then Baseline, then
+    /// allow.
+    Tiered {
+        /// Some `NetworkPolicy` selects the pod for the direction.
+        np_isolated: bool,
+    },
+}
 
 /// A prefix some rule allows a port set on.
 pub(super) struct Contribution<'a> {
@@ -42,13 +82,28 @@ impl Interner {
 pub(super) struct Ctx<'a> {
     pub(super) peers: Vec<&'a Pod>,
     pub(super) policies: Vec<&'a NetworkPolicy>,
-    pub(super) prepared: HashMap<(usize, Direction, usize), Prepared<'a>>,
+    /// `ClusterNetworkPolicies` in force, in evaluation order.
+    pub(super) cnps: Vec<&'a ClusterNetworkPolicy>,
+    /// By rule id: the tiered rule's place, `None` for a `NetworkPolicy`
+    /// rule.
+    pub(super) tiered: Vec<Option<Tiered>>,
+    pub(super) prepared: HashMap<(Source, Direction, usize), Prepared<'a>>,
     pub(super) sets: Interner,
-    /// Sorted `(rule, port set)` lists → (union port set, source set).
-    pub(super) values: HashMap<Vec<(u32, u32)>, (u32, u32)>,
+    /// Mode and sorted `(rule, port set)` lists → (port set, source set).
+    pub(super) values: HashMap<ValueKey, (u32, u32)>,
     pub(super) source_sets: Vec<Vec<u32>>,
     pub(super) source_index: HashMap<Vec<u32>, u32>,
     pub(super) empty: u32,
+}
+
+pub(super) fn cluster_rules_of(
+    p: &ClusterNetworkPolicy,
+    d: Direction,
+) -> &[crate::model::ClusterRule] {
+    match d {
+        Direction::Egress => &p.egress,
+        Direction::Ingress => &p.ingress,
+    }
 }
 
 pub(super) fn rules_of(p: &NetworkPolicy, d: Direction) -> &[Rule] {
@@ -93,20 +148,41 @@ impl<'a> Ctx<'a> {
         self.sets.intern(RuleSet::from_ranges(ranges))
     }
 
+    /// The contributions of the rules of `policies` and `cnps` (indices)
+    /// for one endpoint direction; with `cnps`, also the roots every
+    /// address of the tiered evaluation falls under.
     pub(super) fn contributions(
         &mut self,
         endpoint: usize,
         d: Direction,
         policies: &[usize],
+        cnps: &[usize],
     ) -> Vec<Contribution<'a>> {
         let mut out = Vec::new();
         let everything = [
             IpNet::V4(ipnet::Ipv4Net::default()),
             IpNet::V6(ipnet::Ipv6Net::default()),
         ];
+        let mut keys: Vec<(Source, usize)> = Vec::new();
         for &pi in policies {
-            let policy = self.policies[pi];
-            for ri in 0..rules_of(policy, d).len() {
+            keys.extend((0..rules_of(self.policies[pi], d).len()).map(|ri| (Source::Np(pi), ri)));
+        }
+        for &ci in cnps {
+            let n = cluster_rules_of(self.cnps[ci], d).len();
+            keys.extend((0..n).map(|ri| (Source::Cnp(ci), ri)));
+        }
+        if !cnps.is_empty() {
+            for prefix in everything {
+                out.push(Contribution {
+                    prefix,
+                    except: &[],
+                    rule: ROOT,
+                    ports: self.empty,
+                });
+            }
+        }
+        for (pi, ri) in keys {
+            {
                 let Some(prep) = self.prepared.remove(&(pi, d, ri)) else {
                     continue;
                 };
@@ -221,8 +297,12 @@ impl<'a> Ctx<'a> {
     }
 
     /// The entries of one endpoint-direction from its contributions:
-    /// `(prefix, union port set, source set)`.
-    pub(super) fn entries(&mut self, contribs: &[Contribution<'a>]) -> Vec<(IpNet, u32, u32)> {
+    /// `(prefix, port set, source set)`.
+    pub(super) fn entries(
+        &mut self,
+        contribs: &[Contribution<'a>],
+        mode: Mode,
+    ) -> Vec<(IpNet, u32, u32)> {
         let mut at: HashMap<IpNet, Vec<usize>> = HashMap::default();
         let mut present: BTreeSet<IpNet> = BTreeSet::new();
         for (i, c) in contribs.iter().enumerate() {
@@ -263,13 +343,18 @@ impl<'a> Ctx<'a> {
             }
             key.sort_unstable();
             key.dedup();
-            let mut v = if let Some(&v) = self.values.get(&key) {
+            let cached = (mode, std::mem::take(&mut key));
+            let mut v = if let Some(&v) = self.values.get(&cached) {
                 v
             } else {
-                let v = self.value(&key);
-                self.values.insert(key.clone(), v);
+                let v = match mode {
+                    Mode::Union => self.value(&cached.1),
+                    Mode::Tiered { np_isolated } => self.tiered_value(&cached.1, np_isolated),
+                };
+                self.values.insert(cached.clone(), v);
                 v
             };
+            key = cached.1;
             if key.is_empty() && !shadowed_by.is_empty() {
                 // Nothing allowed here: name the rules whose except it is.
                 shadowed_by.sort_unstable();
@@ -328,6 +413,76 @@ impl<'a> Ctx<'a> {
         let mut rules: Vec<u32> = key.iter().map(|&(r, _)| r).collect();
         rules.dedup();
         (set, self.source_set(rules))
+    }
+
+    /// The tiered evaluation of the rules matching an address (`key`):
+    /// per `(protocol, port)`, the first Admin rule decides; what it
+    /// passes or leaves goes to `NetworkPolicy` when it isolates the
+    /// direction (its rules' union), else to the first Baseline rule
+    /// (Pass: allowed), else allowed.
+    fn tiered_value(&mut self, key: &[(u32, u32)], np_isolated: bool) -> (u32, u32) {
+        let mut np = RuleSet::default();
+        let mut tiered: Vec<(u32, Tier, Action, u32)> = Vec::new();
+        for &(rule, ports) in key {
+            if rule == ROOT {
+                continue;
+            }
+            match self.tiered.get(rule as usize).copied().flatten() {
+                None => np = np.union(&self.sets.sets[ports as usize]),
+                Some(t) => tiered.push((t.rank, t.tier, t.action, ports)),
+            }
+        }
+        tiered.sort_unstable();
+        // One rule's contributions (a peer pod reached through two peers,
+        // named ports per pod) are one match: the union of their ports.
+        let mut rules: Vec<(Tier, Action, RuleSet)> = Vec::new();
+        let mut last_rank = None;
+        for (rank, tier, action, ports) in tiered {
+            let set = &self.sets.sets[ports as usize];
+            if last_rank == Some(rank)
+                && let Some(r) = rules.last_mut()
+            {
+                r.2 = r.2.union(set);
+                continue;
+            }
+            last_rank = Some(rank);
+            rules.push((tier, action, set.clone()));
+        }
+        let mut undecided = RuleSet::allow_all();
+        let mut allowed = RuleSet::default();
+        let mut passed = RuleSet::default();
+        for (tier, action, set) in &rules {
+            if *tier != Tier::Admin || undecided.is_empty() {
+                continue;
+            }
+            let decided = undecided.intersect(set);
+            match action {
+                Action::Accept => allowed = allowed.union(&decided),
+                Action::Deny => {}
+                Action::Pass => passed = passed.union(&decided),
+            }
+            undecided = undecided.minus(&decided);
+        }
+        let mut rest = undecided.union(&passed);
+        if np_isolated {
+            allowed = allowed.union(&rest.intersect(&np));
+        } else {
+            for (tier, action, set) in &rules {
+                if *tier != Tier::Baseline || rest.is_empty() {
+                    continue;
+                }
+                let decided = rest.intersect(set);
+                if *action != Action::Deny {
+                    allowed = allowed.union(&decided);
+                }
+                rest = rest.minus(&decided);
+            }
+            allowed = allowed.union(&rest);
+        }
+        let set = self.sets.intern(allowed);
+        let mut names: Vec<u32> = key.iter().map(|&(r, _)| r).filter(|&r| r != ROOT).collect();
+        names.dedup();
+        (set, self.source_set(names))
     }
 
     fn source_set(&mut self, rules: Vec<u32>) -> u32 {

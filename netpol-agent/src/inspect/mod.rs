@@ -189,33 +189,45 @@ pub struct PortRun {
     pub first: u16,
     /// Last port.
     pub last: u16,
+    /// Taken out of the `any` run (a `ClusterNetworkPolicy` Deny): not
+    /// allowed.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub except: bool,
 }
 
-/// The allowed ports of each rule set, contiguous blocks merged.
+/// The allowed ports of each rule set, contiguous blocks merged; blocks
+/// written not allowed (under an entry for every protocol) follow as
+/// `except` runs.
 #[must_use]
 pub fn rulesets(blocks: &[PortBlock]) -> BTreeMap<u32, Vec<PortRun>> {
-    let mut sorted: Vec<&PortBlock> = blocks.iter().filter(|b| b.allow).collect();
-    sorted.sort();
-    let mut out: BTreeMap<u32, Vec<(Option<u8>, u16, u16)>> = BTreeMap::new();
+    // (allowed, protocol, first, last) runs of each rule set.
+    type Runs = Vec<(bool, Option<u8>, u16, u16)>;
+    let mut sorted: Vec<&PortBlock> = blocks.iter().collect();
+    // Allowed blocks first, then the exceptions, each in port order.
+    sorted.sort_by_key(|b| (b.ruleset, !b.allow, b.protocol, b.first));
+    let mut out: BTreeMap<u32, Runs> = BTreeMap::new();
     for b in sorted {
         let runs = out.entry(b.ruleset).or_default();
         match runs.last_mut() {
-            Some((p, _, last))
-                if *p == b.protocol && u32::from(b.first) <= u32::from(*last) + 1 =>
+            Some((allow, p, _, last))
+                if *allow == b.allow
+                    && *p == b.protocol
+                    && u32::from(b.first) <= u32::from(*last) + 1 =>
             {
                 *last = (*last).max(b.last);
             }
-            _ => runs.push((b.protocol, b.first, b.last)),
+            _ => runs.push((b.allow, b.protocol, b.first, b.last)),
         }
     }
     out.into_iter()
         .map(|(id, runs)| {
             let runs = runs
                 .into_iter()
-                .map(|(p, first, last)| PortRun {
+                .map(|(allow, p, first, last)| PortRun {
                     protocol: p.map_or_else(|| "any".to_owned(), protocol_name),
                     first,
                     last,
+                    except: !allow,
                 })
                 .collect();
             (id, runs)
@@ -223,22 +235,26 @@ pub fn rulesets(blocks: &[PortBlock]) -> BTreeMap<u32, Vec<PortRun>> {
         .collect()
 }
 
-/// `TCP 80, UDP 53, SCTP 1000-1999`, `all protocols and ports`, or
-/// `nothing`.
+/// `TCP 80, UDP 53, SCTP 1000-1999`, `all protocols and ports`, `all
+/// protocols and ports except TCP 80`, or `nothing`.
 #[must_use]
 pub fn ports_text(runs: &[PortRun]) -> String {
-    if runs.is_empty() {
+    let text = |r: &PortRun| match (r.protocol.as_str(), r.first, r.last) {
+        ("any", _, _) => "all protocols and ports".to_owned(),
+        (p, 0, u16::MAX) => format!("{p} all ports"),
+        (p, a, b) if a == b => format!("{p} {a}"),
+        (p, a, b) => format!("{p} {a}-{b}"),
+    };
+    let allowed: Vec<String> = runs.iter().filter(|r| !r.except).map(text).collect();
+    let except: Vec<String> = runs.iter().filter(|r| r.except).map(text).collect();
+    if allowed.is_empty() {
         return "nothing".to_owned();
     }
-    runs.iter()
-        .map(|r| match (r.protocol.as_str(), r.first, r.last) {
-            ("any", _, _) => "all protocols and ports".to_owned(),
-            (p, 0, u16::MAX) => format!("{p} all ports"),
-            (p, a, b) if a == b => format!("{p} {a}"),
-            (p, a, b) => format!("{p} {a}-{b}"),
-        })
-        .collect::<Vec<_>>()
-        .join(", ")
+    if except.is_empty() {
+        allowed.join(", ")
+    } else {
+        format!("{} except {}", allowed.join(", "), except.join(", "))
+    }
 }
 
 /// An endpoint-map entry.
@@ -698,6 +714,30 @@ mod tests {
             .collect();
         assert_eq!(ports_text(&rulesets(&all)[&6]), "all protocols and ports");
         assert_eq!(ports_text(&[]), "nothing");
+        // What a ClusterNetworkPolicy Deny takes out of "everything".
+        let but: Vec<PortBlock> = RuleSet::all_but(vec![
+            PortRange {
+                protocol: Protocol::Tcp,
+                first: 80,
+                last: 80,
+            },
+            PortRange {
+                protocol: Protocol::Udp,
+                first: 0,
+                last: u16::MAX,
+            },
+        ])
+        .port_prefixes()
+        .into_iter()
+        .map(|p| {
+            let (l, k, v) = p.raw(9);
+            decode_port(l, &k, v)
+        })
+        .collect();
+        assert_eq!(
+            ports_text(&rulesets(&but)[&9]),
+            "all protocols and ports except TCP 80, UDP all ports"
+        );
     }
 
     #[test]

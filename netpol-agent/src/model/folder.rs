@@ -336,6 +336,15 @@ impl Folder {
                     out.snapshot.services.insert(k.clone(), v.clone());
                 }
             }
+            for (k, v) in &f.cluster_policies {
+                if !dup(
+                    "ClusterNetworkPolicy",
+                    ObjectRef::new("", k.as_str()),
+                    &mut out,
+                ) {
+                    out.snapshot.cluster_policies.insert(k.clone(), v.clone());
+                }
+            }
             out.snapshot
                 .invalid
                 .extend(f.invalid.iter().map(|(k, v)| (k.clone(), v.clone())));
@@ -386,6 +395,17 @@ fn convert_file(path: &Path, text: &str, state: &mut FileState) {
             slot.errors.clear();
         }
     }
+    let with_errors: Vec<String> = fragment
+        .cluster_policies
+        .iter()
+        .filter(|(_, slot)| !slot.errors.is_empty())
+        .map(|(name, _)| name.clone())
+        .collect();
+    for name in with_errors {
+        if let Some(slot) = fragment.cluster_policies.get_mut(&name) {
+            slot.errors.clear();
+        }
+    }
     let mut named = Named::default();
     let mut report = LoadReport::default();
     for (i, value) in docs {
@@ -420,6 +440,9 @@ fn convert_file(path: &Path, text: &str, state: &mut FileState) {
     });
     retain(&mut fragment.services, |id, _| {
         keep("Service", &id.namespace, &id.name)
+    });
+    retain(&mut fragment.cluster_policies, |n, _| {
+        keep("ClusterNetworkPolicy", "", n)
     });
     let mut problems = report.errors;
     problems.extend(fragment.errors().into_iter().map(|e| ModelError {
@@ -470,7 +493,7 @@ impl Named {
             .map(str::to_owned);
         if KINDS.contains(&(api.as_str(), kind.as_str())) {
             let namespace = match kind.as_str() {
-                "Node" | "Namespace" => String::new(),
+                "Node" | "Namespace" | "ClusterNetworkPolicy" => String::new(),
                 _ => namespace.unwrap_or_else(|| "default".to_owned()),
             };
             self.kinds.insert((kind, namespace, name));

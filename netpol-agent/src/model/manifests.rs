@@ -3,7 +3,10 @@
 use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::api::networking::v1 as net;
 
-use super::{ModelError, Namespace, NetworkPolicy, Node, Pod, Service, Snapshot, strict};
+use super::{
+    ClusterNetworkPolicy, ModelError, Namespace, NetworkPolicy, Node, Pod, Service, Snapshot,
+    strict,
+};
 
 /// `value` as a `T`, refusing fields `T` does not have
 /// ([`strict::unknown_fields`]), as the API server's strict field
@@ -63,6 +66,7 @@ pub const KINDS: &[(&str, &str)] = &[
     ("v1", "Node"),
     ("v1", "Service"),
     ("networking.k8s.io/v1", "NetworkPolicy"),
+    (crate::api::API_VERSION, crate::api::KIND),
     ("v1", "Endpoints"),
     ("discovery.k8s.io/v1", "EndpointSlice"),
 ];
@@ -155,7 +159,15 @@ pub fn apply_value(
     }
     report.objects += 1;
     match (api.as_str(), kind.as_str()) {
-        (_, "List" | "PodList" | "NetworkPolicyList" | "NamespaceList" | "ServiceList") => {
+        (
+            _,
+            "List"
+            | "PodList"
+            | "NetworkPolicyList"
+            | "NamespaceList"
+            | "ServiceList"
+            | "ClusterNetworkPolicyList",
+        ) => {
             report.objects -= 1;
             let items = match value {
                 serde_json::Value::Object(mut object) => object.remove("items"),
@@ -219,6 +231,14 @@ pub fn apply_value(
                 report.valid += 1;
             }
             snapshot.upsert_policy(converted);
+        }
+        (crate::api::API_VERSION, crate::api::KIND) => {
+            let raw = parse!(crate::api::ClusterNetworkPolicy);
+            let converted = ClusterNetworkPolicy::try_from(&raw);
+            if converted.is_ok() {
+                report.valid += 1;
+            }
+            snapshot.upsert_cluster_policy(converted);
         }
         ("v1", "Service") => {
             let raw = parse!(core::Service);

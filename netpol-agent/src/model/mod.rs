@@ -6,6 +6,7 @@
 //! values. [`manifests`] loads a folder of multi-document YAML/JSON into a
 //! [`Snapshot`].
 
+pub mod cluster_policy;
 pub mod convert;
 pub mod folder;
 pub mod manifests;
@@ -14,6 +15,10 @@ pub mod strict;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::IpAddr;
+
+pub use cluster_policy::{
+    Action, ClusterNetworkPolicy, ClusterPeer, ClusterPort, ClusterRule, Subject, Tier,
+};
 
 use ipnet::IpNet;
 use serde::Serialize;
@@ -215,6 +220,9 @@ pub struct Node {
     pub name: String,
     /// IP addresses of `status.addresses` (host names dropped).
     pub addresses: Vec<IpAddr>,
+    /// `metadata.labels`: what a `ClusterNetworkPolicy`'s `nodes` peer
+    /// selects.
+    pub labels: Labels,
 }
 
 /// One port of a Service.
@@ -383,10 +391,10 @@ pub struct NetworkPolicy {
 /// A policy as the compiler sees it: the version in force and the errors of
 /// the latest one.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct PolicySlot {
+pub struct PolicySlot<P = NetworkPolicy> {
     /// The last valid version: enforcement never drops because a policy
     /// became invalid.
-    pub in_force: Option<NetworkPolicy>,
+    pub in_force: Option<P>,
     /// Errors of the latest version (empty when it is the one in force).
     pub errors: Vec<ModelError>,
 }
@@ -451,6 +459,8 @@ pub struct Snapshot {
     pub policies: Map<ObjectRef, PolicySlot>,
     /// Services (their frontends).
     pub services: Map<ObjectRef, Service>,
+    /// `ClusterNetworkPolicies` by name, with their last valid version.
+    pub cluster_policies: Map<String, PolicySlot<ClusterNetworkPolicy>>,
     /// Errors of rejected pods, namespaces, nodes and Services, by kind and
     /// name. A rejected update leaves the last valid version in the
     /// snapshot.
@@ -470,6 +480,9 @@ pub enum Kind {
     NetworkPolicy,
     /// v1 Service.
     Service,
+    /// policy.networking.k8s.io/v1alpha2 `ClusterNetworkPolicy`
+    /// (cluster-scoped).
+    ClusterNetworkPolicy,
 }
 
 impl Snapshot {
@@ -484,6 +497,7 @@ impl Snapshot {
             pods: rebase(&old.pods, self.pods),
             policies: rebase(&old.policies, self.policies),
             services: rebase(&old.services, self.services),
+            cluster_policies: rebase(&old.cluster_policies, self.cluster_policies),
             invalid: self.invalid,
         }
     }
@@ -514,6 +528,32 @@ impl Snapshot {
             }
             Err((id, errors)) => {
                 let slot = self.policies.entry(id).or_insert(PolicySlot {
+                    in_force: None,
+                    errors: Vec::new(),
+                });
+                slot.errors = errors;
+            }
+        }
+    }
+
+    /// Adds or replaces a `ClusterNetworkPolicy`, as
+    /// [`Snapshot::upsert_policy`] does a `NetworkPolicy`.
+    pub fn upsert_cluster_policy(
+        &mut self,
+        policy: Result<ClusterNetworkPolicy, (String, Vec<ModelError>)>,
+    ) {
+        match policy {
+            Ok(p) => {
+                self.cluster_policies.insert(
+                    p.name.clone(),
+                    PolicySlot {
+                        in_force: Some(p),
+                        errors: Vec::new(),
+                    },
+                );
+            }
+            Err((name, errors)) => {
+                let slot = self.cluster_policies.entry(name).or_insert(PolicySlot {
                     in_force: None,
                     errors: Vec::new(),
                 });
@@ -570,6 +610,9 @@ impl Snapshot {
             Kind::Service => {
                 self.services.remove(&id);
             }
+            Kind::ClusterNetworkPolicy => {
+                self.cluster_policies.remove(name);
+            }
         }
     }
 
@@ -590,6 +633,11 @@ impl Snapshot {
         let mut out: Vec<ModelError> = self.invalid.values().flatten().cloned().collect();
         out.extend(
             self.policies
+                .values()
+                .flat_map(|s| s.errors.iter().cloned()),
+        );
+        out.extend(
+            self.cluster_policies
                 .values()
                 .flat_map(|s| s.errors.iter().cloned()),
         );

@@ -14,18 +14,20 @@ use crate::{
 };
 
 fn ruleset_state(id: u32, rs: &RuleSet) -> RuleSetState {
-    RuleSetState {
-        id,
-        all: rs.all,
-        ports: rs
-            .ranges
-            .iter()
+    let ranges = |list: &[crate::compiler::PortRange]| {
+        list.iter()
             .map(|r| PortRangeState {
                 protocol: r.protocol.as_str().to_owned(),
                 first: r.first,
                 last: r.last,
             })
-            .collect(),
+            .collect()
+    };
+    RuleSetState {
+        id,
+        all: rs.all,
+        ports: ranges(&rs.ranges),
+        except: ranges(&rs.except),
     }
 }
 

@@ -198,26 +198,43 @@ pub struct RuleState {
     pub direction: Direction,
     /// Index in that list.
     pub index: usize,
+    /// `Admin` or `Baseline` for a `ClusterNetworkPolicy` rule (whose
+    /// `policy` is its name); absent for a `NetworkPolicy` rule.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tier: Option<String>,
 }
 
 impl std::fmt::Display for RuleState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{}: spec.{}[{}]",
-            self.policy,
-            self.direction.field(),
-            self.index
-        )
+        match &self.tier {
+            None => write!(
+                f,
+                "{}: spec.{}[{}]",
+                self.policy,
+                self.direction.field(),
+                self.index
+            ),
+            Some(tier) => write!(
+                f,
+                "ClusterNetworkPolicy {} ({tier}): spec.{}[{}]",
+                self.policy,
+                self.direction.field(),
+                self.index
+            ),
+        }
     }
 }
 
 impl From<&RuleRef> for RuleState {
     fn from(r: &RuleRef) -> Self {
         Self {
-            policy: r.policy.to_string(),
+            policy: match r.tier {
+                None => r.policy.to_string(),
+                Some(_) => r.policy.name.clone(),
+            },
             direction: r.direction,
             index: r.index,
+            tier: r.tier.map(|t| t.as_str().to_owned()),
         }
     }
 }
@@ -231,6 +248,9 @@ pub struct RuleSetState {
     pub all: bool,
     /// Otherwise these ranges (empty: nothing, rule set 1).
     pub ports: Vec<PortRangeState>,
+    /// With `all`: the ranges not allowed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub except: Vec<PortRangeState>,
 }
 
 /// Ports `first..=last` of a protocol.

@@ -16,9 +16,10 @@ use netpol_agent::compiler::{
 };
 use netpol_agent::datapath::writer::{FakeBackend, KernelOp, MapWriter, Mirror};
 use netpol_agent::model::{
-    ContainerPort, LabelSelector, Labels, NAMESPACE_NAME_LABEL, Namespace, NetworkPolicy, Node,
-    ObjectRef, Operator, Peer, Pod, PodPhase, PolicyPort, PolicySlot, PortSpec, Protocol,
-    Requirement, Rule, Snapshot,
+    Action, ClusterNetworkPolicy, ClusterPeer, ClusterPort, ClusterRule, ContainerPort,
+    LabelSelector, Labels, NAMESPACE_NAME_LABEL, Namespace, NetworkPolicy, Node, ObjectRef,
+    Operator, Peer, Pod, PodPhase, PolicyPort, PolicySlot, PortSpec, Protocol, Requirement, Rule,
+    Snapshot, Subject, Tier,
 };
 use netpol_agent::provenance::{Bound, Inputs, State};
 use netpol_agent::resume::{leftovers, resume};
@@ -275,7 +276,18 @@ fn random_cluster(seed: u64) -> Snapshot {
     };
     s.upsert_node(Node {
         name: "node-1".into(),
-        addresses: vec![IpAddr::V4(Ipv4Addr::new(10, 0, 1, 1))],
+        addresses: vec![
+            IpAddr::V4(Ipv4Addr::new(10, 0, 1, 1)),
+            IpAddr::V6(Ipv6Addr::new(0xfd00, 0, 0, 1, 0, 0, 0, 1)),
+        ],
+        labels: labels(&[("zone", "a")]),
+    });
+    s.upsert_node(Node {
+        name: "node-2".into(),
+        // Inside the pods' /24: a node address a networks peer and an
+        // ipBlock both reach.
+        addresses: vec![IpAddr::V4(Ipv4Addr::new(10, 0, 0, 250))],
+        labels: labels(&[("zone", "b")]),
     });
     for ns in NAMESPACES {
         let mut l = labels(&[(NAMESPACE_NAME_LABEL, ns)]);
@@ -291,7 +303,133 @@ fn random_cluster(seed: u64) -> Snapshot {
     for i in 0..1 + r.below(4) {
         put_policy(&mut s, random_policy(&mut r, i));
     }
+    // Half the clusters hold ClusterNetworkPolicies too.
+    if r.chance(50) {
+        for i in 0..1 + r.below(3) {
+            put_cluster_policy(&mut s, random_cluster_policy(&mut r, i));
+        }
+    }
     s
+}
+
+const NODE_KEYS: &[(&str, &[&str])] = &[("zone", &["a", "b"])];
+
+fn random_cluster_port(r: &mut Rng) -> ClusterPort {
+    match r.below(7) {
+        0 => ClusterPort::Ports {
+            protocol: Protocol::Tcp,
+            first: 80,
+            last: 80,
+        },
+        1 => ClusterPort::Ports {
+            protocol: Protocol::Udp,
+            first: 53,
+            last: 53,
+        },
+        2 => ClusterPort::Ports {
+            protocol: Protocol::Tcp,
+            first: 1000,
+            last: 2000,
+        },
+        3 => ClusterPort::Ports {
+            protocol: Protocol::Sctp,
+            first: 1,
+            last: 65535,
+        },
+        4 => ClusterPort::Named("http".into()),
+        5 => ClusterPort::Named("dns".into()),
+        _ => ClusterPort::Ports {
+            protocol: Protocol::Tcp,
+            first: 1,
+            last: 65535,
+        },
+    }
+}
+
+fn random_cluster_rule(r: &mut Rng, egress: bool) -> ClusterRule {
+    let action = *r.pick(&[Action::Accept, Action::Deny, Action::Pass]);
+    // Named ports never beside networks or nodes peers (the CRD refuses).
+    let mut ports = if r.chance(40) {
+        None
+    } else {
+        Some(
+            (0..1 + r.below(2))
+                .map(|_| random_cluster_port(r))
+                .collect::<Vec<_>>(),
+        )
+    };
+    let named = ports
+        .iter()
+        .flatten()
+        .any(|p| matches!(p, ClusterPort::Named(_)));
+    let mut peers = Vec::new();
+    for _ in 0..1 + r.below(2) {
+        let kinds = if egress && !named { 4 } else { 2 };
+        peers.push(match r.below(kinds) {
+            0 => ClusterPeer::Namespaces(random_selector(r, NS_KEYS)),
+            1 => ClusterPeer::Pods {
+                namespace_selector: random_selector(r, NS_KEYS),
+                pod_selector: random_selector(r, POD_KEYS),
+            },
+            2 => ClusterPeer::Networks(
+                (0..1 + r.below(2))
+                    .map(|_| net(r.pick(CIDRS).0))
+                    .collect::<BTreeSet<_>>()
+                    .into_iter()
+                    .collect(),
+            ),
+            _ => ClusterPeer::Nodes(random_selector(r, NODE_KEYS)),
+        });
+    }
+    if peers.is_empty() {
+        ports = None;
+    }
+    ClusterRule {
+        name: String::new(),
+        action,
+        peers,
+        ports,
+    }
+}
+
+fn random_cluster_policy(r: &mut Rng, i: usize) -> ClusterNetworkPolicy {
+    let subject = if r.chance(50) {
+        Subject::Namespaces(random_selector(r, NS_KEYS))
+    } else {
+        Subject::Pods {
+            namespace_selector: random_selector(r, NS_KEYS),
+            pod_selector: random_selector(r, POD_KEYS),
+        }
+    };
+    let ingress = (0..r.below(4))
+        .map(|_| random_cluster_rule(r, false))
+        .collect();
+    let egress = (0..r.below(4))
+        .map(|_| random_cluster_rule(r, true))
+        .collect();
+    ClusterNetworkPolicy {
+        name: format!("cnp{i}"),
+        tier: if r.chance(50) {
+            Tier::Admin
+        } else {
+            Tier::Baseline
+        },
+        // Few priorities: equal ones are ordered by name on both sides.
+        priority: u16::try_from(r.below(3)).unwrap() * 10,
+        subject,
+        ingress,
+        egress,
+    }
+}
+
+fn put_cluster_policy(s: &mut Snapshot, p: ClusterNetworkPolicy) {
+    s.cluster_policies.insert(
+        p.name.clone(),
+        PolicySlot {
+            in_force: Some(p),
+            errors: Vec::new(),
+        },
+    );
 }
 
 fn put_policy(s: &mut Snapshot, p: NetworkPolicy) {
@@ -345,6 +483,13 @@ fn mutate(s: &Snapshot, seed: u64) -> Snapshot {
                     pod.labels.insert("app".into(), (*r.pick(&APPS)).to_owned());
                 }
             }
+            1 if r.chance(25) => {
+                // A Node's labels: what a nodes peer selects.
+                let zone = (*r.pick(&["a", "b"])).to_owned();
+                if let Some(n) = s.nodes.get_mut("node-2") {
+                    n.labels.insert("zone".into(), zone);
+                }
+            }
             1 => {
                 let ns = *r.pick(&NAMESPACES);
                 let team = (*r.pick(&["x", "y"])).to_owned();
@@ -380,11 +525,18 @@ fn mutate(s: &Snapshot, seed: u64) -> Snapshot {
             }
             4 => {
                 let i = r.below(6);
-                put_policy(&mut s, random_policy(&mut r, i));
+                if r.chance(30) {
+                    put_cluster_policy(&mut s, random_cluster_policy(&mut r, i));
+                } else {
+                    put_policy(&mut s, random_policy(&mut r, i));
+                }
             }
             _ => {
                 let keys: Vec<ObjectRef> = s.policies.keys().cloned().collect();
-                if !keys.is_empty() {
+                let cnps: Vec<String> = s.cluster_policies.keys().cloned().collect();
+                if !cnps.is_empty() && r.chance(30) {
+                    s.cluster_policies.remove(&cnps[r.below(cnps.len())]);
+                } else if !keys.is_empty() {
                     s.policies.remove(&keys[r.below(keys.len())]);
                 }
             }
@@ -399,6 +551,9 @@ fn probe_addresses(s: &Snapshot, r: &mut Rng) -> Vec<IpAddr> {
     let mut out: BTreeSet<IpAddr> = BTreeSet::new();
     for p in s.pods.values() {
         out.extend(p.ips.iter().copied());
+    }
+    for n in s.nodes.values() {
+        out.extend(n.addresses.iter().copied());
     }
     let mut nets: Vec<IpNet> = Vec::new();
     for (c, ex) in CIDRS {

@@ -1,6 +1,7 @@
 //! Conversion from k8s-openapi objects, with the API server's defaulting and
 //! validation (manifests read from files get neither).
 
+mod cluster_policy;
 mod policy;
 mod service;
 #[cfg(test)]
@@ -316,6 +317,11 @@ impl TryFrom<&core::Node> for Node {
                 addresses.push(ip);
             }
         }
-        Ok(Node { name, addresses })
+        let labels = node.metadata.labels.clone().unwrap_or_default();
+        Ok(Node {
+            name,
+            addresses,
+            labels,
+        })
     }
 }

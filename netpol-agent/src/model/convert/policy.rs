@@ -14,7 +14,7 @@ use crate::model::{
     Requirement, Rule,
 };
 
-fn selector(sel: &meta::LabelSelector, field: &str, errs: &mut Errors) -> LabelSelector {
+pub(super) fn selector(sel: &meta::LabelSelector, field: &str, errs: &mut Errors) -> LabelSelector {
     labels(
         sel.match_labels.as_ref(),
         &format!("{field}.matchLabels"),

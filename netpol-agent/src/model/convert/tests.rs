@@ -108,3 +108,168 @@ fn invalid_service_fields_are_named() {
         "x/s: spec.clusterIPs[0]: invalid IP address \"10.43.0.300\""
     );
 }
+
+/// The policy of `spec` (a JSON object) through the manifests loader, as
+/// the files source reads it: strict decode, then conversion.
+fn cnp(name: &str, spec: &serde_json::Value) -> crate::model::Snapshot {
+    let doc = serde_json::json!({
+        "apiVersion": "policy.networking.k8s.io/v1alpha2",
+        "kind": "ClusterNetworkPolicy",
+        "metadata": {"name": name},
+        "spec": spec,
+    });
+    let mut s = crate::model::Snapshot::default();
+    let mut report = crate::model::manifests::LoadReport::default();
+    crate::model::manifests::apply_value(&mut s, doc, "t", &mut report);
+    for e in report.errors {
+        s.invalid
+            .insert(("document".to_owned(), name.to_owned()), vec![e]);
+    }
+    s
+}
+
+#[test]
+fn cluster_network_policy_converts_every_peer_and_protocol() {
+    use crate::model::{Action, ClusterPeer, ClusterPort, Subject, Tier};
+    let s = cnp(
+        "guard",
+        &serde_json::json!({
+            "tier": "Admin", "priority": 7,
+            "subject": {"pods": {"podSelector": {"matchLabels": {"app": "web"}}}},
+            "ingress": [{"name": "mon", "action": "Accept",
+                         "from": [{"namespaces": {"matchLabels": {"team": "mon"}}}],
+                         "protocols": [{"tcp": {"destinationPort": {"number": 9090}}},
+                                       {"destinationNamedPort": "metrics"}]}],
+            "egress": [{"action": "Deny",
+                        "to": [{"networks": ["169.254.169.254/32", "10.1.2.3/8"]},
+                               {"nodes": {}}],
+                        "protocols": [{"udp": {"destinationPort": {"range": {"start": 1, "end": 1024}}}}]},
+                       {"action": "Pass", "to": [{"pods": {"namespaceSelector": {}, "podSelector": {}}}]}]
+        }),
+    );
+    assert!(s.errors().is_empty(), "{:?}", s.errors());
+    let p = s.cluster_policies["guard"]
+        .in_force
+        .as_ref()
+        .expect("in force");
+    assert_eq!((p.tier, p.priority), (Tier::Admin, 7));
+    assert!(
+        matches!(&p.subject, Subject::Pods { namespace_selector, .. } if namespace_selector.is_empty())
+    );
+    assert_eq!(p.ingress[0].action, Action::Accept);
+    assert_eq!(
+        p.ingress[0].ports,
+        Some(vec![
+            ClusterPort::Ports {
+                protocol: Protocol::Tcp,
+                first: 9090,
+                last: 9090
+            },
+            ClusterPort::Named("metrics".into())
+        ])
+    );
+    // Host bits are masked, as the API's matching of a CIDR does.
+    assert_eq!(
+        p.egress[0].peers[0],
+        ClusterPeer::Networks(vec![
+            "169.254.169.254/32".parse().expect("cidr"),
+            "10.0.0.0/8".parse().expect("cidr")
+        ])
+    );
+    assert!(matches!(&p.egress[0].peers[1], ClusterPeer::Nodes(sel) if sel.is_empty()));
+    assert_eq!(p.egress[1].ports, None);
+}
+
+#[test]
+fn invalid_cluster_network_policies_are_refused_naming_the_field() {
+    let base = |extra: serde_json::Value| {
+        let mut spec = serde_json::json!({
+            "tier": "Baseline", "priority": 1,
+            "subject": {"namespaces": {}},
+        });
+        spec.as_object_mut()
+            .expect("object")
+            .extend(extra.as_object().expect("object").clone());
+        spec
+    };
+    let cases: Vec<(serde_json::Value, &str)> = vec![
+        (
+            serde_json::json!({"priority": 1001}),
+            "spec.priority: must be 0-1000",
+        ),
+        (
+            serde_json::json!({"tier": "Developer"}),
+            "spec.tier: unsupported tier",
+        ),
+        (
+            serde_json::json!({"subject": {}}),
+            "spec.subject: must set one of",
+        ),
+        (
+            serde_json::json!({"subject": {"namespaces": {}, "pods": {"podSelector": {}}}}),
+            "spec.subject: must set exactly one field",
+        ),
+        (
+            serde_json::json!({"egress": [{"action": "Accept", "to": [{"domainNames": ["example.com"]}]}]}),
+            "spec.egress[0].to[0].domainNames: not supported by netpol",
+        ),
+        (
+            serde_json::json!({"egress": [{"action": "Deny", "to": [{}]}]}),
+            "spec.egress[0].to[0]: must set one of",
+        ),
+        (
+            serde_json::json!({"egress": [{"action": "Deny", "to": []}]}),
+            "spec.egress[0].to: must have at least 1 item",
+        ),
+        (
+            serde_json::json!({"ingress": [{"action": "Allow", "from": [{"namespaces": {}}]}]}),
+            "spec.ingress[0].action: unsupported action \"Allow\"",
+        ),
+        (
+            serde_json::json!({"ingress": [{"action": "Deny", "from": [{"namespaces": {}}],
+                                            "protocols": [{"tcp": {}}]}]}),
+            "spec.ingress[0].protocols[0].tcp.destinationPort: required",
+        ),
+        (
+            serde_json::json!({"ingress": [{"action": "Deny", "from": [{"namespaces": {}}],
+                                            "protocols": [{"sctp": {"destinationPort": {"range": {"start": 9, "end": 9}}}}]}]}),
+            "spec.ingress[0].protocols[0].sctp.destinationPort.range: Start port must be less than End port",
+        ),
+        (
+            serde_json::json!({"ingress": [{"action": "Deny", "from": [{"namespaces": {}}],
+                                            "protocols": [{"udp": {"destinationPort": {"number": 0}}}]}]}),
+            "spec.ingress[0].protocols[0].udp.destinationPort.number: must be 1-65535, is 0",
+        ),
+        (
+            serde_json::json!({"egress": [{"action": "Deny", "to": [{"networks": ["10.0.0.0/33"]}]}]}),
+            "spec.egress[0].to[0].networks[0]: Invalid CIDR format provided",
+        ),
+        (
+            serde_json::json!({"egress": [{"action": "Deny", "to": [{"networks": ["10.0.0.0/8"]}],
+                                           "protocols": [{"destinationNamedPort": "web"}]}]}),
+            "spec.egress[0]: networks/nodes/domainNames peer cannot be set with namedPorts",
+        ),
+        (
+            serde_json::json!({"ingress": [{"action": "Deny", "form": [{"namespaces": {}}]}]}),
+            "unknown field \"spec.ingress[0].form\"",
+        ),
+        (
+            serde_json::json!({"ingress": [{"action": "Deny", "from": [{"networks": ["0.0.0.0/0"]}]}]}),
+            "unknown field \"spec.ingress[0].from[0].networks\"",
+        ),
+    ];
+    for (extra, want) in cases {
+        let s = cnp("bad", &base(extra.clone()));
+        let errors: Vec<String> = s.errors().iter().map(ToString::to_string).collect();
+        assert!(
+            errors.iter().any(|e| e.contains(want)),
+            "{extra}: want {want:?}, got {errors:?}"
+        );
+        assert!(
+            s.cluster_policies
+                .get("bad")
+                .is_none_or(|slot| slot.in_force.is_none()),
+            "{extra}: an invalid policy is never in force"
+        );
+    }
+}

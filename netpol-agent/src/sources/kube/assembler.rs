@@ -354,6 +354,7 @@ pub(super) fn remove(target: &mut Snapshot, store: StoreKind, id: &ObjectRef) ->
         Kind::Node => target.nodes.contains_key(&id.name),
         Kind::NetworkPolicy => target.policies.contains_key(id),
         Kind::Service => target.services.contains_key(id),
+        Kind::ClusterNetworkPolicy => target.cluster_policies.contains_key(&id.name),
     };
     target.remove(model_kind, &id.namespace, &id.name);
     had || had_errors
