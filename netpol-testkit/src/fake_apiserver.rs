@@ -53,12 +53,15 @@ struct Collection {
     watches: usize,
     /// Lists answer `403 Forbidden` (the kind's store never becomes ready).
     fail_lists: bool,
+    /// Reads answer `404 Not Found`, as for a kind whose CRD is not
+    /// installed.
+    not_served: bool,
 }
 
 #[derive(Debug, Default)]
 struct Inner {
     rv: u64,
-    collections: [Collection; 6],
+    collections: [Collection; RESOURCES.len()],
 }
 
 /// Generations of the commands that reach open watches.
@@ -308,6 +311,13 @@ impl FakeApiServer {
         inner.collections[resource_of_kind(kind)].fail_lists = fail;
     }
 
+    /// Makes the reads of a kind answer `404 Not Found`, as an API server
+    /// without its CRD does, or serves it again.
+    pub fn set_served(&self, kind: &str, served: bool) {
+        let mut inner = self.shared.inner.lock().expect("fake state");
+        inner.collections[resource_of_kind(kind)].not_served = !served;
+    }
+
     /// Every object served, each kind in name order.
     #[must_use]
     pub fn objects(&self) -> Vec<Value> {
@@ -472,6 +482,16 @@ fn handle(s: &Arc<Shared>, req: &Request<Bytes>) -> Result<Response<Body>, Refus
             &status(404, "NotFound", &format!("the fake serves no {path}")),
         ));
     };
+    if s.inner.lock().expect("fake state").collections[r].not_served {
+        return Ok(json_response(
+            StatusCode::NOT_FOUND,
+            &status(
+                404,
+                "NotFound",
+                "the server could not find the requested resource",
+            ),
+        ));
+    }
     if let Some(name) = name {
         let inner = s.inner.lock().expect("fake state");
         return Ok(

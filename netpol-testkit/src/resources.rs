@@ -41,7 +41,7 @@ impl Resource {
 }
 
 /// The kinds served.
-pub(crate) const RESOURCES: [Resource; 6] = [
+pub(crate) const RESOURCES: [Resource; 7] = [
     Resource {
         plural: "pods",
         singular: "pod",
@@ -81,6 +81,14 @@ pub(crate) const RESOURCES: [Resource; 6] = [
         kind: "NetworkPolicy",
         namespaced: true,
         short_names: &["netpol"],
+    },
+    Resource {
+        plural: "clusternetworkpolicies",
+        singular: "clusternetworkpolicy",
+        api_version: "policy.networking.k8s.io/v1alpha2",
+        kind: "ClusterNetworkPolicy",
+        namespaced: false,
+        short_names: &["cnp"],
     },
     Resource {
         plural: "endpointslices",

@@ -109,6 +109,9 @@ impl Fingerprint {
         for s in snapshot.services.values() {
             add(object_hash(b'V', Some(s)));
         }
+        for slot in snapshot.cluster_policies.values() {
+            add(object_hash(b'C', slot.in_force.as_ref()));
+        }
         Self(sum)
     }
 
@@ -150,6 +153,15 @@ impl Fingerprint {
                 object_hash(b'V', old.services.get(k)),
                 object_hash(b'V', new.services.get(k)),
             );
+        }
+        for k in &changes.cluster_policies {
+            let in_force = |s: &Snapshot| {
+                object_hash(
+                    b'C',
+                    s.cluster_policies.get(k).and_then(|s| s.in_force.as_ref()),
+                )
+            };
+            swap(in_force(old), in_force(new));
         }
         self.0 = sum;
     }

@@ -62,17 +62,22 @@ fn endpoint_slice(name: &str) -> Value {
            "endpoints": [{"addresses": ["10.0.0.1"]}]})
 }
 
+fn cluster_policy(name: &str, port: u16) -> Value {
+    json!({"apiVersion": "policy.networking.k8s.io/v1alpha2", "kind": "ClusterNetworkPolicy",
+           "metadata": {"name": name},
+           "spec": {"tier": "Admin", "priority": 10, "subject": {"namespaces": {}},
+                    "egress": [{"action": "Deny", "to": [{"nodes": {}}],
+                                "protocols": [{"tcp": {"destinationPort": {"number": port}}}]}]}})
+}
+
 /// What the source should publish for the server's objects: the same
-/// conversion, from the JSON the server holds. Other nodes' Node objects
-/// are not watched.
-fn expected(fake: &FakeApiServer, local: &str) -> String {
+/// conversion, from the JSON the server holds (every Node: a
+/// ClusterNetworkPolicy's `nodes` peer may select any).
+fn expected(fake: &FakeApiServer, _local: &str) -> String {
     let mut snap = Snapshot::default();
     let mut report = LoadReport::default();
     for obj in fake.objects() {
-        let other_node = obj["kind"] == "Node" && obj["metadata"]["name"] != local;
-        if !other_node {
-            apply_value(&mut snap, obj, "fake", &mut report);
-        }
+        apply_value(&mut snap, obj, "fake", &mut report);
     }
     fingerprint(&snap)
 }
@@ -174,6 +179,7 @@ async fn cluster() -> FakeApiServer {
         policy("allow-80", 80),
         service("s"),
         endpoint_slice("s-1"),
+        cluster_policy("no-ssh-to-nodes", 22),
     ]);
     fake
 }
@@ -186,14 +192,16 @@ async fn model_converges_to_the_servers_objects_through_watch_end_and_410() {
     assert_eq!(first.snapshot.pods.len(), 2);
     assert_eq!(
         first.snapshot.nodes.keys().collect::<Vec<_>>(),
-        ["n1"],
-        "only this node's Node is watched"
+        ["n1", "n2"],
+        "every Node is watched"
     );
+    assert_eq!(first.snapshot.cluster_policies.len(), 1);
     assert!(first.problems.is_empty(), "{:?}", first.problems);
 
     // Watch events: added, modified, deleted.
     fake.apply(pod("c", "10.0.0.3", "n1"));
     fake.apply(policy("allow-80", 8080));
+    fake.apply(cluster_policy("no-ssh-to-nodes", 2222));
     assert!(fake.delete("Pod", "x", "b"));
     src.converged("watch events", &expected(&fake, "n1")).await;
 
@@ -230,7 +238,8 @@ async fn model_converges_to_the_servers_objects_through_watch_end_and_410() {
         "netpol_watch_events_total{kind=\"Pod\"}",
         "netpol_watch_errors_total{kind=\"Pod\"}",
         "netpol_store_objects{kind=\"Pod\"} 2",
-        "netpol_store_objects{kind=\"Node\"} 1",
+        "netpol_store_objects{kind=\"Node\"} 2",
+        "netpol_store_objects{kind=\"ClusterNetworkPolicy\"} 1",
     ] {
         assert!(
             metrics.contains(needle),
@@ -302,5 +311,87 @@ async fn api_outage_keeps_the_last_state_and_reports_unreachable_until_it_return
     );
     src.health_until("reachable again", |h| h.unreachable.is_none())
         .await;
+    src.stop().await;
+}
+
+/// A cluster without the ClusterNetworkPolicy CRD (its reads answer 404)
+/// runs as one without ClusterNetworkPolicies, and one installed later is
+/// found by the store's retry; an invalid one is a problem naming it, and
+/// the last valid version stays.
+#[tokio::test]
+async fn a_cluster_without_the_cluster_network_policy_crd_syncs_and_finds_it_later() {
+    let fake = cluster().await;
+    fake.set_served("ClusterNetworkPolicy", false);
+    let mut src = Running::start(&fake, "n1");
+    let first = src
+        .converged("no CRD", &{
+            let mut snap = Snapshot::default();
+            let mut report = LoadReport::default();
+            for obj in fake.objects() {
+                if obj["kind"] != "ClusterNetworkPolicy" {
+                    apply_value(&mut snap, obj, "fake", &mut report);
+                }
+            }
+            fingerprint(&snap)
+        })
+        .await;
+    assert!(first.snapshot.cluster_policies.is_empty());
+    let health = src.health.borrow().clone();
+    assert!(health.unreachable.is_none(), "{health:?}");
+    assert!(
+        health.stores.iter().all(|s| s.ready && s.error.is_none()),
+        "{health:?}"
+    );
+
+    // The CRD installed: found by the retry, without a restart.
+    fake.set_served("ClusterNetworkPolicy", true);
+    let later = src.converged("CRD installed", &expected(&fake, "n1")).await;
+    assert_eq!(later.snapshot.cluster_policies.len(), 1);
+
+    // An invalid new version: named, the valid one stays in force.
+    let mut bad = cluster_policy("no-ssh-to-nodes", 22);
+    bad["spec"]["egress"][0]["to"] = json!([{"domainNames": ["example.com"]}]);
+    fake.apply(bad);
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let input = src.inputs.borrow().clone().expect("published");
+        if input.problems.iter().any(|p| {
+            p.contains("no-ssh-to-nodes") && p.contains("domainNames: not supported by netpol")
+        }) {
+            assert!(
+                input.snapshot.cluster_policies["no-ssh-to-nodes"]
+                    .in_force
+                    .is_some(),
+                "the last valid version stays in force"
+            );
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no problem naming the invalid ClusterNetworkPolicy: {:?}",
+            input.problems
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // The CRD removed again: its objects go with it, as the API server
+    // deletes a CRD's objects.
+    fake.set_served("ClusterNetworkPolicy", false);
+    fake.end_watches();
+    src.health_until("store still ready", |h| h.stores.iter().all(|s| s.ready))
+        .await;
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while !src
+        .inputs
+        .borrow()
+        .as_ref()
+        .is_some_and(|i| i.snapshot.cluster_policies.is_empty())
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the ClusterNetworkPolicies of a removed CRD stay"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     src.stop().await;
 }

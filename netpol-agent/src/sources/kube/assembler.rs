@@ -145,6 +145,18 @@ impl Assembler {
                     self.dirty = true;
                 }
             }
+            Change::Absent => {
+                state.relist = None;
+                if !state.ready || state.size != 0 || !self.snapshot.cluster_policies.is_empty() {
+                    tracing::info!(
+                        kind,
+                        "the API server does not serve this kind (its CRD is not installed): \
+                         none are enforced; looking again with backoff"
+                    );
+                }
+                state.ready = true;
+                self.swap_in(store, Snapshot::default());
+            }
             Change::Expired | Change::Error { .. } => {}
         }
     }
@@ -158,6 +170,7 @@ impl Assembler {
             pods,
             policies,
             services,
+            cluster_policies,
             invalid,
             ..
         } = buf;
@@ -185,6 +198,11 @@ impl Assembler {
             StoreKind::Service => {
                 s.services = rebase(&s.services, services);
                 "Service"
+            }
+            StoreKind::ClusterNetworkPolicy => {
+                s.cluster_policies = rebase(&s.cluster_policies, cluster_policies);
+                self.dirty = true;
+                return;
             }
         };
         s.invalid.retain(|(k, _), _| k != kind);
@@ -311,6 +329,27 @@ pub(super) fn upsert(target: &mut Snapshot, previous: Option<&Snapshot>, obj: Ob
             target.upsert_policy(Ok(p));
             changed
         }
+        Obj::ClusterPolicy(Ok(p)) => {
+            let changed = target
+                .cluster_policies
+                .get(&p.name)
+                .is_none_or(|s| s.in_force.as_ref() != Some(&p) || !s.errors.is_empty());
+            target.upsert_cluster_policy(Ok(p));
+            changed
+        }
+        Obj::ClusterPolicy(Err((name, errors))) => {
+            if !target.cluster_policies.contains_key(&name)
+                && let Some(old) = previous.and_then(|p| p.cluster_policies.get(&name))
+            {
+                target.cluster_policies.insert(name.clone(), old.clone());
+            }
+            let changed = target
+                .cluster_policies
+                .get(&name)
+                .is_none_or(|s| s.errors != errors);
+            target.upsert_cluster_policy(Err((name, errors)));
+            changed
+        }
         Obj::Policy(Err((id, errors))) => {
             if !target.policies.contains_key(&id)
                 && let Some(old) = previous.and_then(|p| p.policies.get(&id))
@@ -346,6 +385,11 @@ pub(super) fn remove(target: &mut Snapshot, store: StoreKind, id: &ObjectRef) ->
         StoreKind::Node => ("Node", Kind::Node, id.name.clone()),
         StoreKind::NetworkPolicy => ("NetworkPolicy", Kind::NetworkPolicy, id.to_string()),
         StoreKind::Service => ("Service", Kind::Service, id.to_string()),
+        StoreKind::ClusterNetworkPolicy => (
+            "ClusterNetworkPolicy",
+            Kind::ClusterNetworkPolicy,
+            id.name.clone(),
+        ),
     };
     let had_errors = target.invalid.remove(&(kind.to_owned(), key)).is_some();
     let had = match model_kind {

@@ -42,8 +42,8 @@ use tokio::sync::{mpsc, watch};
 use super::{Input, InputSender};
 use crate::{
     model::{
-        ALLOW_ANY_SOURCE_ANNOTATION, Kind, ModelError, Namespace, NetworkPolicy, Node, ObjectRef,
-        Pod, Service, Snapshot, rebase,
+        ALLOW_ANY_SOURCE_ANNOTATION, ClusterNetworkPolicy, Kind, ModelError, Namespace,
+        NetworkPolicy, Node, ObjectRef, Pod, Service, Snapshot, rebase,
     },
     status::Metrics,
 };
@@ -86,6 +86,11 @@ pub const WATCHED: &[(&str, &str, &[&str])] = &[
     (
         api_of::<core::Service>().0,
         api_of::<core::Service>().1,
+        WATCH_VERBS,
+    ),
+    (
+        api_of::<crate::api::ClusterNetworkPolicy>().0,
+        api_of::<crate::api::ClusterNetworkPolicy>().1,
         WATCH_VERBS,
     ),
 ];
@@ -149,22 +154,27 @@ pub enum StoreKind {
     Pod,
     /// v1 Namespaces.
     Namespace,
-    /// This node's v1 Node.
+    /// v1 Nodes (this node's addresses; every node's for the `nodes`
+    /// peers of `ClusterNetworkPolicies`).
     Node,
     /// networking.k8s.io/v1 `NetworkPolicies`, all namespaces.
     NetworkPolicy,
     /// v1 Services, all namespaces.
     Service,
+    /// policy.networking.k8s.io/v1alpha2 `ClusterNetworkPolicies`; a
+    /// cluster without their CRD has none.
+    ClusterNetworkPolicy,
 }
 
 impl StoreKind {
     /// Every store, in the order of [`SourceHealth::stores`].
-    pub const ALL: [Self; 5] = [
+    pub const ALL: [Self; 6] = [
         Self::Pod,
         Self::Namespace,
         Self::Node,
         Self::NetworkPolicy,
         Self::Service,
+        Self::ClusterNetworkPolicy,
     ];
 
     /// The kind's name (the `kind` label of the metrics).
@@ -176,6 +186,7 @@ impl StoreKind {
             Self::Node => "Node",
             Self::NetworkPolicy => "NetworkPolicy",
             Self::Service => "Service",
+            Self::ClusterNetworkPolicy => "ClusterNetworkPolicy",
         }
     }
 
@@ -231,8 +242,8 @@ mod slim;
 
 use assembler::Assembler;
 use objects::{
-    Obj, convert_namespace, convert_node, convert_pod, convert_policy, convert_service,
-    trim_namespace, trim_node, trim_policy, trim_service,
+    Obj, convert_cluster_policy, convert_namespace, convert_node, convert_pod, convert_policy,
+    convert_service, trim_cluster_policy, trim_namespace, trim_node, trim_policy, trim_service,
 };
 use slim::SlimPod;
 
@@ -246,6 +257,10 @@ enum Change {
     /// The watch is too old (`410 Gone`): the watcher lists again. Not an
     /// outage.
     Expired,
+    /// The API server has no such resource (`404`: the CRD of an optional
+    /// kind is not installed): an empty list, retried with backoff in
+    /// case it is installed later.
+    Absent,
     Error {
         message: String,
         /// A list failed: its retry shows success by listing. Otherwise a
@@ -344,10 +359,12 @@ impl KubeSource {
             convert_namespace,
             links.clone(),
         );
+        // Every Node: a ClusterNetworkPolicy's `nodes` peer selects any of
+        // them by label.
         spawn_store::<core::Node>(
             &mut tasks,
             Api::all(c.clone()),
-            watcher::Config::default().fields(&format!("metadata.name={}", self.node)),
+            all.clone(),
             StoreKind::Node,
             trim_node,
             convert_node,
@@ -371,10 +388,19 @@ impl KubeSource {
             convert_service,
             links.clone(),
         );
+        spawn_store::<crate::api::ClusterNetworkPolicy>(
+            &mut tasks,
+            Api::all(c.clone()),
+            all.clone(),
+            StoreKind::ClusterNetworkPolicy,
+            trim_cluster_policy,
+            convert_cluster_policy,
+            links.clone(),
+        );
         tracing::info!(
             node = %self.node,
-            "kube source: watching Pods, Namespaces, this Node, NetworkPolicies and Services; \
-             nothing is enforced until every store has listed"
+            "kube source: watching Pods, Namespaces, Nodes, NetworkPolicies, Services and \
+             ClusterNetworkPolicies; nothing is enforced until every store has listed"
         );
         let mut asm = Assembler::new(self.node.clone());
         // Alive while every watch is healthy: a liveness probe then fails
@@ -598,6 +624,10 @@ fn spawn_store<K>(
                     Change::Delete(o)
                 }
                 Err(watcher::Error::WatchError(s)) if s.code == 410 => Change::Expired,
+                Err(e) if not_found(&e) => {
+                    names.clear();
+                    Change::Absent
+                }
                 Err(e) => Change::Error {
                     list: matches!(e, watcher::Error::InitialListFailed(_)),
                     message: watch_error(&e, store.as_str()),
@@ -613,6 +643,18 @@ fn spawn_store<K>(
             }
         }
     });
+}
+
+/// Whether the API server has no such resource (`404 Not Found` on the
+/// list or the watch): the CRD of an optional kind is not installed.
+fn not_found(e: &watcher::Error) -> bool {
+    match e {
+        watcher::Error::InitialListFailed(kube::Error::Api(s))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(s))
+        | watcher::Error::WatchFailed(kube::Error::Api(s))
+        | watcher::Error::WatchError(s) => s.code == 404,
+        _ => false,
+    }
 }
 
 /// What a watch error says. kube's client reads a watch line that is
@@ -734,8 +776,9 @@ mod tests {
             ("", "nodes"),
             ("networking.k8s.io", "networkpolicies"),
             ("", "services"),
-            ("discovery.k8s.io", "endpointslices"),
+            ("policy.networking.k8s.io", "clusternetworkpolicies"),
         ];
+        assert_eq!(WATCHED.len(), expect.len());
         for (w, e) in WATCHED.iter().zip(expect) {
             assert_eq!((w.0, w.1), e);
         }

@@ -13,6 +13,7 @@ pub(super) enum Obj {
     Node(String, Result<Node, Vec<ModelError>>),
     Policy(Result<NetworkPolicy, (ObjectRef, Vec<ModelError>)>),
     Service(ObjectRef, Result<Service, Vec<ModelError>>),
+    ClusterPolicy(Result<ClusterNetworkPolicy, (String, Vec<ModelError>)>),
 }
 
 pub(super) fn pod_ref(meta: &ObjectMeta) -> ObjectRef {
@@ -38,6 +39,15 @@ pub(super) fn convert_node(n: &core::Node) -> Obj {
 
 pub(super) fn convert_policy(p: &networking::NetworkPolicy) -> Obj {
     Obj::Policy(NetworkPolicy::try_from(p))
+}
+
+pub(super) fn convert_cluster_policy(p: &crate::api::ClusterNetworkPolicy) -> Obj {
+    Obj::ClusterPolicy(ClusterNetworkPolicy::try_from(p))
+}
+
+pub(super) fn trim_cluster_policy(p: &mut crate::api::ClusterNetworkPolicy) {
+    trim_meta(&mut p.metadata, false);
+    p.status = None;
 }
 
 pub(super) fn convert_service(s: &core::Service) -> Obj {
