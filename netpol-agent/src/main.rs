@@ -318,9 +318,8 @@ enum Command {
         /// Folder of manifests.
         #[arg(long)]
         manifests: PathBuf,
-        /// The fingerprint of this node's agent when the folder holds
-        /// several Nodes: an agent watching the API server sees its own
-        /// Node only.
+        /// The node whose agent reports it (it must be in the folder; the
+        /// fingerprint covers every Node, as the agent watches them all).
         #[arg(long)]
         node: Option<String>,
     },
@@ -424,14 +423,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Fingerprint { manifests, node } => {
             let mut loaded = netpol_agent::model::folder::Folder::load(&manifests)
                 .with_context(|| format!("reading {}", manifests.display()))?;
+            // The agent watches every Node (a ClusterNetworkPolicy's nodes
+            // peer may select any): `--node` only names the local one.
             if let Some(node) = node {
-                let own = loaded
-                    .snapshot
-                    .nodes
-                    .get(&node)
-                    .cloned()
-                    .with_context(|| format!("no Node {node} in {}", manifests.display()))?;
-                loaded.snapshot.nodes = std::iter::once((node, own)).collect();
+                anyhow::ensure!(
+                    loaded.snapshot.nodes.contains_key(&node),
+                    "no Node {node} in {}",
+                    manifests.display()
+                );
+                loaded.snapshot.local_node = Some(node);
             }
             println!("{}", netpol_agent::fingerprint(&loaded.snapshot));
             Ok(ExitCode::SUCCESS)

@@ -201,6 +201,7 @@ fn endpoint(info: &EndpointInfo) -> Endpoint {
     }
     Endpoint {
         id: info.id,
+        hairpin_judged: has(endpoint_flags::HAIRPIN_JUDGED),
         ingress_isolated: has(endpoint_flags::INGRESS_ISOLATED),
         egress_isolated: has(endpoint_flags::EGRESS_ISOLATED),
         ips,

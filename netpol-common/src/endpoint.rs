@@ -24,6 +24,10 @@ pub mod endpoint_flags {
     /// other addresses: the documented `netpol.io/allow-any-source`
     /// annotation); `from_pod` skips its anti-spoofing check.
     pub const ALLOW_ANY_SOURCE: u32 = 1 << 5;
+    /// The pod's traffic to itself through one of its Services (hairpin)
+    /// is judged, egress and ingress, with its own address as the peer (a
+    /// `ClusterNetworkPolicy` applies to it); without the flag it passes.
+    pub const HAIRPIN_JUDGED: u32 = 1 << 6;
 }
 
 /// Value of [`maps::ENDPOINTS`], keyed by the host-side interface index.

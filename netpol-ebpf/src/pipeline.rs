@@ -2,7 +2,9 @@
 //! endpoint → conntrack → policy → verdict. `main.rs` holds the entry
 //! points; each step's logic lives in its own module.
 use aya_ebpf::programs::TcContext;
-use netpol_common::{EndpointInfo, GlobalConfig, direction, family, protocol, reason};
+use netpol_common::{
+    EndpointInfo, GlobalConfig, direction, endpoint_flags, family, protocol, reason,
+};
 
 use crate::{
     config, conntrack, ctx, endpoint, fragment,
@@ -160,11 +162,23 @@ pub fn steps(ctx: &TcContext, ep: &EndpointInfo, dir: u32, parsed: Parsed, pkt: 
 }
 
 /// A pod reaching itself through its own Service (kube-proxy masquerades
-/// the source to a node address): not subject to its policies, and
-/// tracked so that its replies to the masqueraded address pass its
+/// the source to a node address): not subject to its `NetworkPolicies`;
+/// when a `ClusterNetworkPolicy` applies to it (`HAIRPIN_JUDGED`), its
+/// egress and then its ingress are judged with its own address (the
+/// translated destination) as the peer, every packet, as Service traffic
+/// is. Tracked so that its replies to the masqueraded address pass its
 /// `from_pod`.
 #[inline(always)]
 fn hairpin(ep: &EndpointInfo, pkt: &Packet) -> u32 {
+    if ep.flags & endpoint_flags::HAIRPIN_JUDGED != 0 {
+        let judged = |dir: u32| {
+            !ep.isolated(dir)
+                || policy::allows(ep.id, dir, pkt.family, pkt.protocol, pkt.dport, &pkt.dst)
+        };
+        if !judged(direction::EGRESS) || !judged(direction::INGRESS) {
+            return reason::DROP_POLICY;
+        }
+    }
     let key = conntrack::key(ep.id, direction::INGRESS, pkt);
     conntrack::track(
         &key,

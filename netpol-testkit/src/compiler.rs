@@ -108,9 +108,25 @@ pub fn reference_allows(
         Some(Action::Pass) | None => {}
     }
     if let Some(v) = np_verdict(snap, pod, d, peer_addr, proto, port) {
-        return v;
+        // The pod's own address is the peer only of a hairpin through a
+        // Service; when a ClusterNetworkPolicy applies to the pod that is
+        // judged, and NetworkPolicy never restricts a pod's traffic to
+        // itself (CNP-SEMANTICS.md 15).
+        return v || (pod.ips.contains(&peer_addr) && hairpin_judged(snap, pod));
     }
     tier_verdict(snap, Tier::Baseline, pod, d, peer_addr, proto, port) != Some(Action::Deny)
+}
+
+/// Whether some `ClusterNetworkPolicy` with rules applies to `pod`: then
+/// its traffic to itself through a Service is judged.
+pub fn hairpin_judged(snap: &Snapshot, pod: &Pod) -> bool {
+    let ns_labels = snap.namespace_labels(&pod.id.namespace);
+    snap.cluster_policies
+        .values()
+        .filter_map(|s| s.in_force.as_ref())
+        .any(|c| {
+            (!c.ingress.is_empty() || !c.egress.is_empty()) && c.selects(&ns_labels, &pod.labels)
+        })
 }
 
 /// The action of the first rule of `tier` matching the connection: the

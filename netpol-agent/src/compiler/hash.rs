@@ -91,6 +91,19 @@ pub(super) fn generation<'s>(entries: impl Iterator<Item = (IpNet, &'s RuleSet)>
                 u64::from(r.protocol.number()) << 32 | u64::from(r.first) << 16 | u64::from(r.last),
             );
         }
+        // Only when present: a set without exceptions hashes as it did
+        // before they existed, so an upgrade moves no generation.
+        if !set.except.is_empty() {
+            h.add(u64::MAX);
+            h.add(set.except.len() as u64);
+            for r in &set.except {
+                h.add(
+                    u64::from(r.protocol.number()) << 32
+                        | u64::from(r.first) << 16
+                        | u64::from(r.last),
+                );
+            }
+        }
     }
     let x = h.finish();
     #[expect(

@@ -49,6 +49,9 @@ pub(super) struct PodOut {
     /// Some `ClusterNetworkPolicy` with rules applies to the pod: its
     /// entries depend on every pod and node a tiered rule may select.
     pub(super) cluster_selected: bool,
+    /// Its traffic to itself through a Service is judged (by the entries
+    /// of its own addresses): some `ClusterNetworkPolicy` applies to it.
+    pub(super) hairpin_judged: bool,
     /// `(direction, prefix, rule set, sources)`, egress first, each
     /// direction sorted by prefix.
     pub(super) entries: Vec<(Direction, IpNet, u32, Arc<[RuleRef]>)>,
@@ -62,6 +65,42 @@ pub(super) struct Members {
     /// Some egress rule resolves named ports on pods reached through an
     /// ipBlock or "every peer": any pod change may change its entries.
     pub(super) global: bool,
+}
+
+/// One group's entries and the contributions they came from.
+struct Group<'a> {
+    entries: Vec<(IpNet, u32, u32)>,
+    contribs: Vec<super::prefixes::Contribution<'a>>,
+}
+
+/// `entries` (sorted by prefix) with the pod's own host prefixes `own`
+/// in place: replacing an entry of the same prefix, left out where the
+/// longest shorter entry already gives the same rule set.
+fn with_own(
+    entries: &[(IpNet, u32, u32)],
+    own: &[(IpNet, u32, u32)],
+    empty: u32,
+) -> Vec<(IpNet, u32, u32)> {
+    if own.is_empty() {
+        return entries.to_vec();
+    }
+    let mut out: Vec<(IpNet, u32, u32)> = entries
+        .iter()
+        .filter(|e| !own.iter().any(|o| o.0 == e.0))
+        .copied()
+        .collect();
+    for &(prefix, set, sources) in own {
+        let inherited = out
+            .iter()
+            .filter(|e| super::prefixes::same_family(&e.0, &prefix) && e.0.contains(&prefix))
+            .max_by_key(|e| e.0.prefix_len())
+            .map_or(empty, |e| e.1);
+        if set != inherited {
+            out.push((prefix, set, sources));
+        }
+    }
+    out.sort_unstable_by_key(|e| e.0);
+    out
 }
 
 /// A compile of some or all local pods, before ids.
@@ -298,8 +337,9 @@ pub(super) fn core<'a>(
     ctx.empty = ctx.sets.intern(RuleSet::default());
 
     // Entries, computed once per distinct (direction, policies, own named
-    // ports) and shared by the endpoints that have it.
-    let mut groups: HashMap<GroupKey, Vec<(IpNet, u32, u32)>> = HashMap::default();
+    // ports) and shared by the endpoints that have it (with the
+    // contributions, for the pods' own addresses).
+    let mut groups: HashMap<GroupKey, Group<'a>> = HashMap::default();
     let mut shared: HashMap<u32, Arc<[RuleRef]>> = HashMap::default();
     let mut pods = Vec::with_capacity(local.len());
     for &i in &local {
@@ -313,8 +353,15 @@ pub(super) fn core<'a>(
             ingress_isolated: false,
             selecting: selected_by.remove(&i).unwrap_or_default(),
             cluster_selected: false,
+            hairpin_judged: false,
             entries: Vec::new(),
         };
+        // A ClusterNetworkPolicy judges the pod's traffic to itself through
+        // a Service (hairpin): its own addresses get entries of their own.
+        let hairpin = [Direction::Egress, Direction::Ingress]
+            .iter()
+            .any(|&d| cluster_selecting.contains_key(&(i, d)));
+        out.hairpin_judged = hairpin;
         for d in [Direction::Egress, Direction::Ingress] {
             let none = Vec::new();
             let cluster = cluster_selecting.get(&(i, d)).unwrap_or(&none);
@@ -349,19 +396,31 @@ pub(super) fn core<'a>(
                 Vec::new()
             };
             let key = (d, pols.clone(), cluster.clone(), own_ports);
+            let mode = if cluster.is_empty() {
+                Mode::Union
+            } else {
+                Mode::Tiered {
+                    np_isolated: np.is_some(),
+                }
+            };
             if !groups.contains_key(&key) {
                 let contribs = ctx.contributions(i, d, pols, cluster);
-                let mode = if cluster.is_empty() {
-                    Mode::Union
-                } else {
-                    Mode::Tiered {
-                        np_isolated: np.is_some(),
-                    }
-                };
-                let e = ctx.entries(&contribs, mode);
-                groups.insert(key.clone(), e);
+                let entries = ctx.entries(&contribs, mode);
+                groups.insert(key.clone(), Group { entries, contribs });
             }
-            for &(prefix, set, sources) in &groups[&key] {
+            let group = &groups[&key];
+            let own: Vec<(IpNet, u32, u32)> = if hairpin {
+                pod.ips
+                    .iter()
+                    .map(|&ip| {
+                        let (set, sources) = ctx.own_value(&group.contribs, ip, mode);
+                        (IpNet::from(ip), set, sources)
+                    })
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            for &(prefix, set, sources) in &with_own(&group.entries, &own, ctx.empty) {
                 let src = shared
                     .entry(sources)
                     .or_insert_with(|| {
@@ -401,6 +460,7 @@ impl PodOut {
         };
         Endpoint {
             id,
+            hairpin_judged: self.hairpin_judged,
             ingress_isolated: self.ingress_isolated,
             egress_isolated: self.egress_isolated,
             ips: self.ips.clone(),

@@ -80,6 +80,10 @@ impl fmt::Display for RuleRef {
 
 /// A local endpoint.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[allow(
+    clippy::struct_excessive_bools,
+    reason = "the endpoint flags, one field each"
+)]
 pub struct Endpoint {
     /// Endpoint id (never 0).
     pub id: u32,
@@ -87,6 +91,10 @@ pub struct Endpoint {
     pub ingress_isolated: bool,
     /// Some policy selects the pod for egress.
     pub egress_isolated: bool,
+    /// Its traffic to itself through a Service is judged against the
+    /// entries of its own addresses (a `ClusterNetworkPolicy` applies to
+    /// it); otherwise it passes.
+    pub hairpin_judged: bool,
     /// The pod's addresses.
     pub ips: Vec<IpAddr>,
     /// The pod is annotated
@@ -121,6 +129,9 @@ impl Endpoint {
         }
         if self.allow_any_source {
             flags |= endpoint_flags::ALLOW_ANY_SOURCE;
+        }
+        if self.hairpin_judged {
+            flags |= endpoint_flags::HAIRPIN_JUDGED;
         }
         let mut info = EndpointInfo {
             id: self.id,

@@ -15,6 +15,10 @@ use crate::model::{Action, ClusterNetworkPolicy, NetworkPolicy, Pod, Rule, Tier}
 /// The rule id of the contributions that make the tiered evaluation's
 /// roots (`0.0.0.0/0`, `::/0`) present: no rule.
 const ROOT: u32 = u32::MAX;
+/// The rule id marking the pod's own address as the peer (a hairpin
+/// through a Service): `NetworkPolicy` never restricts a pod's traffic to
+/// itself.
+const SELF: u32 = u32::MAX - 1;
 
 /// A value's cache key: the mode and the sorted `(rule, port set)`s
 /// matching an address.
@@ -422,9 +426,14 @@ impl<'a> Ctx<'a> {
     /// (Pass: allowed), else allowed.
     fn tiered_value(&mut self, key: &[(u32, u32)], np_isolated: bool) -> (u32, u32) {
         let mut np = RuleSet::default();
+        let mut own = false;
         let mut tiered: Vec<(u32, Tier, Action, u32)> = Vec::new();
         for &(rule, ports) in key {
             if rule == ROOT {
+                continue;
+            }
+            if rule == SELF {
+                own = true;
                 continue;
             }
             match self.tiered.get(rule as usize).copied().flatten() {
@@ -464,7 +473,9 @@ impl<'a> Ctx<'a> {
             undecided = undecided.minus(&decided);
         }
         let mut rest = undecided.union(&passed);
-        if np_isolated {
+        if np_isolated && own {
+            allowed = allowed.union(&rest);
+        } else if np_isolated {
             allowed = allowed.union(&rest.intersect(&np));
         } else {
             for (tier, action, set) in &rules {
@@ -480,9 +491,46 @@ impl<'a> Ctx<'a> {
             allowed = allowed.union(&rest);
         }
         let set = self.sets.intern(allowed);
-        let mut names: Vec<u32> = key.iter().map(|&(r, _)| r).filter(|&r| r != ROOT).collect();
+        let mut names: Vec<u32> = key
+            .iter()
+            .map(|&(r, _)| r)
+            .filter(|&r| r != ROOT && r != SELF)
+            .collect();
         names.dedup();
         (set, self.source_set(names))
+    }
+
+    /// The value of the pod's own address `ip` as the peer of a hairpin
+    /// through a Service: the rules matching it, evaluated as for any
+    /// peer, except that `NetworkPolicy` allows (it never restricts a
+    /// pod's traffic to itself). `NetworkPolicy` alone: everything.
+    pub(super) fn own_value(
+        &mut self,
+        contribs: &[Contribution<'a>],
+        ip: IpAddr,
+        mode: Mode,
+    ) -> (u32, u32) {
+        let Mode::Tiered { np_isolated } = mode else {
+            let all = self.sets.intern(RuleSet::allow_all());
+            return (all, self.source_set(Vec::new()));
+        };
+        let own = host(ip);
+        let mut key: Vec<(u32, u32)> = contribs
+            .iter()
+            .filter(|c| same_family(&c.prefix, &own) && c.prefix.contains(&own))
+            .filter(|c| !c.except.iter().any(|e| e.contains(&own)))
+            .map(|c| (c.rule, c.ports))
+            .collect();
+        key.push((SELF, self.empty));
+        key.sort_unstable();
+        key.dedup();
+        let cached = (mode, key);
+        if let Some(&v) = self.values.get(&cached) {
+            return v;
+        }
+        let v = self.tiered_value(&cached.1, np_isolated);
+        self.values.insert(cached, v);
+        v
     }
 
     fn source_set(&mut self, rules: Vec<u32>) -> u32 {

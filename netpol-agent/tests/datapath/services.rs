@@ -247,3 +247,56 @@ fn marking_keeps_other_mark_bits_and_skips_pods_without_policy() {
         }
     });
 }
+
+/// A ClusterNetworkPolicy judges a pod's traffic to itself through its
+/// Service (CNP-SEMANTICS.md 15): egress and ingress with the pod itself
+/// as the peer, NetworkPolicy allowing it as it allows any traffic of a
+/// pod to itself.
+#[test]
+fn a_cluster_network_policy_judges_a_pods_hairpin_through_its_service() {
+    let manifests = format!(
+        "{SERVICES_AND_POLICY}---\n{}",
+        r"
+apiVersion: policy.networking.k8s.io/v1alpha2
+kind: ClusterNetworkPolicy
+metadata: {name: no-self-8080}
+spec:
+  tier: Admin
+  priority: 1
+  subject: {pods: {namespaceSelector: {}, podSelector: {matchLabels: {app: a}}}}
+  ingress:
+    - action: Deny
+      from: [{pods: {podSelector: {matchLabels: {app: a}}}}]
+      protocols: [{tcp: {destinationPort: {number: 8080}}}]
+"
+    );
+    with_fixture(&manifests, |fx| {
+        for f in [V4, V6] {
+            let marked = send_to_frontend(fx, &tcp_syn(f.a, f.vip_a, 40070, 80));
+            let (v, _) = fx.run_marked(
+                Hook::Ingress("x/a"),
+                &tcp_syn(f.node, f.a, 40070, 8080),
+                marked,
+            );
+            assert_eq!(v, V::Drop, "the Admin tier denies the hairpin on 8080");
+            assert_eq!(
+                fx.counter(direction::INGRESS, f.fam, reason::DROP_POLICY),
+                1
+            );
+            // Another port: no ClusterNetworkPolicy rule matches, and the
+            // NetworkPolicy tier (which isolates x/a both ways, allowing
+            // it nothing in) never restricts a pod's traffic to itself.
+            let marked = send_to_frontend(fx, &tcp_syn(f.a, f.vip_a, 40071, 80));
+            let (v, _) = fx.run_marked(
+                Hook::Ingress("x/a"),
+                &tcp_syn(f.node, f.a, 40071, 9090),
+                marked,
+            );
+            assert_eq!(v, V::Pass, "hairpin on 9090");
+            assert_eq!(
+                fx.counter(direction::INGRESS, f.fam, reason::PASS_HAIRPIN),
+                1
+            );
+        }
+    });
+}

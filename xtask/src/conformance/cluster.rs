@@ -301,7 +301,7 @@ pub fn wait_enforced(
     let dump = cl::kubectl(
         &[
             "get",
-            "nodes,namespaces,pods,services,networkpolicies",
+            "nodes,namespaces,pods,services,networkpolicies,clusternetworkpolicies",
             "--all-namespaces",
             "-o",
             "yaml",
