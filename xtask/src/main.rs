@@ -234,9 +234,21 @@ fn main() -> Result<()> {
                 ViaArg::Service => conformance::ViaSel::Service,
                 ViaArg::All => conformance::ViaSel::All,
             };
+            // Scenarios naming another model (`cluster:`, as every file of
+            // scenarios-cnp does: several Nodes, host-networked pods) run
+            // on the cluster, each on its model.
+            let other_model = cluster.is_none()
+                && scenarios.as_deref().is_some_and(|dir| {
+                    conformance::scenario::load_dir(dir).is_ok_and(|list| {
+                        list.iter()
+                            .any(|s| s.cluster.as_deref().is_some_and(|m| m != "cluster.yaml"))
+                    })
+                });
+            let all = conformance::Models::All;
             let t = match cluster {
-                Some(file) => conformance_cluster(&file, scenarios, filter, via, limit)?,
-                None => conformance_run(scenarios, filter, topology, via, limit)?,
+                Some(file) => conformance_cluster(&file, scenarios, filter, via, limit, all)?,
+                None if other_model => conformance_mixed(scenarios, filter, topology, via, limit)?,
+                None => conformance_run(scenarios, filter, topology, via, limit, all)?,
             };
             ensure!(t.failed == 0, "{} conformance cells failed", t.failed);
             Ok(())
@@ -450,8 +462,8 @@ fn test(no_lint: bool, args: &[String]) -> Result<()> {
     println!("xtask: cluster test (three nodes over flannel's VXLAN, an agent each under podman)");
     cluster::test()?;
     println!(
-        "xtask: conformance on the cluster (every scenario of scenarios-3node, via pod and \
-         service, written through the API server)"
+        "xtask: conformance on the cluster (every scenario of scenarios-3node and netpol's own, \
+         via pod and service, written through the API server)"
     );
     let shared = shared_conformance()?;
     // The shared scenarios, then netpol's own for the cluster (host-
@@ -463,6 +475,7 @@ fn test(no_lint: bool, args: &[String]) -> Result<()> {
             None,
             conformance::ViaSel::All,
             None,
+            conformance::Models::All,
         )?;
         ensure!(
             on_cluster.failed == 0,
@@ -470,6 +483,23 @@ fn test(no_lint: bool, args: &[String]) -> Result<()> {
             on_cluster.failed
         );
     }
+    println!(
+        "xtask: ClusterNetworkPolicy conformance on the cluster (every scenario of \
+         scenarios-cnp, each on the model it names, via pod and service)"
+    );
+    let cnp = conformance_cluster(
+        &shared.join("cluster.yaml"),
+        Some(shared.join("scenarios-cnp")),
+        None,
+        conformance::ViaSel::All,
+        None,
+        conformance::Models::Others,
+    )?;
+    ensure!(
+        cnp.failed == 0,
+        "{} ClusterNetworkPolicy conformance cells failed on the cluster",
+        cnp.failed
+    );
     // vm-test's guests take the cores the host has to spare (one on a
     // 2-core machine); the conformance run takes the rest meanwhile.
     // Everything both run is built first, so neither builds beside the
@@ -510,10 +540,35 @@ fn conformance_both(object: &Path) -> Result<(usize, usize)> {
         ("routed", conformance::topology::Kind::Routed),
     ] {
         println!("xtask: conformance, {name} topology, every scenario (via pod and service)");
-        let t = conformance_with(None, None, topology, conformance::ViaSel::All, None, object)?;
+        let t = conformance_with(
+            None,
+            None,
+            topology,
+            conformance::ViaSel::All,
+            None,
+            object,
+            conformance::Models::All,
+        )?;
         tally.0 += t.passed;
         tally.1 += t.failed;
     }
+    // The ClusterNetworkPolicy scenarios on this model (the others run on
+    // the cluster, before).
+    println!(
+        "xtask: conformance, bridge topology, the scenarios of scenarios-cnp on cluster.yaml \
+         (via pod and service)"
+    );
+    let t = conformance_with(
+        Some(shared_conformance()?.join("scenarios-cnp")),
+        None,
+        conformance::topology::Kind::Bridge,
+        conformance::ViaSel::All,
+        None,
+        object,
+        conformance::Models::Own,
+    )?;
+    tally.0 += t.passed;
+    tally.1 += t.failed;
     Ok(tally)
 }
 
@@ -549,9 +604,62 @@ fn conformance_run(
     topology: conformance::topology::Kind,
     via: conformance::ViaSel,
     limit: Option<usize>,
+    models: conformance::Models,
 ) -> Result<conformance::Tally> {
     let object = conformance_build()?;
-    conformance_with(scenarios, filter, topology, via, limit, &object)
+    conformance_with(scenarios, filter, topology, via, limit, &object, models)
+}
+
+/// A folder whose scenarios name several models: those on cluster.yaml
+/// on one node (its Node's address is the pods' gateway, which a cluster's
+/// underlay cannot be), the others each on a cluster of its model.
+fn conformance_mixed(
+    scenarios: Option<PathBuf>,
+    filter: Option<String>,
+    topology: conformance::topology::Kind,
+    via: conformance::ViaSel,
+    limit: Option<usize>,
+) -> Result<conformance::Tally> {
+    let shared = shared_conformance()?;
+    let dir = scenarios
+        .clone()
+        .unwrap_or_else(|| shared.join("scenarios"));
+    let named: Vec<conformance::scenario::Scenario> = conformance::scenario::load_dir(&dir)?
+        .into_iter()
+        .filter(|s| filter.as_ref().is_none_or(|f| s.name.contains(f.as_str())))
+        .collect();
+    let has = |m: conformance::Models| named.iter().any(|s| m.takes(s, Some("cluster.yaml")));
+    let mut total = conformance::Tally::default();
+    for (models, on_cluster) in [
+        (conformance::Models::Own, false),
+        (conformance::Models::Others, true),
+    ] {
+        if !has(models) {
+            continue;
+        }
+        let t = if on_cluster {
+            conformance_cluster(
+                &shared.join("cluster.yaml"),
+                scenarios.clone(),
+                filter.clone(),
+                via,
+                limit,
+                models,
+            )?
+        } else {
+            conformance_run(
+                scenarios.clone(),
+                filter.clone(),
+                topology,
+                via,
+                limit,
+                models,
+            )?
+        };
+        total.passed += t.passed;
+        total.failed += t.failed;
+    }
+    Ok(total)
 }
 
 /// Runs the conformance scenarios with what [`conformance_build`] built.
@@ -562,6 +670,7 @@ fn conformance_with(
     via: conformance::ViaSel,
     limit: Option<usize>,
     object: &Path,
+    models: conformance::Models,
 ) -> Result<conformance::Tally> {
     let shared = shared_conformance()?;
     conformance::run(&conformance::Options {
@@ -573,6 +682,7 @@ fn conformance_with(
         limit,
         agent: demo::target_dir().join("debug/netpol-agent"),
         object: object.to_owned(),
+        models,
     })
 }
 
@@ -583,6 +693,7 @@ fn conformance_cluster(
     filter: Option<String>,
     via: conformance::ViaSel,
     limit: Option<usize>,
+    models: conformance::Models,
 ) -> Result<conformance::Tally> {
     let object = conformance_build()?;
     let shared = shared_conformance()?;
@@ -595,6 +706,7 @@ fn conformance_cluster(
         limit,
         agent: demo::target_dir().join("debug/netpol-agent"),
         object,
+        models,
     })
 }
 

@@ -33,8 +33,13 @@ pub struct ExplainArgs {
     /// address's family, else IPv4 when both pods have one).
     #[arg(long, value_parser = parse_family)]
     pub family: Option<u8>,
+    /// Through one of the server's Services: for a pod reaching itself,
+    /// the hairpin kube-proxy sends back to it (judged when a
+    /// `ClusterNetworkPolicy` applies to the pod).
+    #[arg(long)]
+    pub via_service: bool,
     /// Answer one query per line of FILE (`-`: standard input), each
-    /// `SRC DST PROTO/PORT [4|6]`; one answer per line with `-o json`
+    /// `SRC DST PROTO/PORT [4|6] [via-service]`; one answer per line with `-o json`
     /// (JSON lines, each with its `query`). The exit code is 0 once every
     /// line is answered (or reported as an error).
     #[arg(long, value_name = "FILE", conflicts_with_all = ["src", "dst", "port", "family"])]
@@ -109,6 +114,7 @@ fn explain(bpffs: &Path, args: &ExplainArgs) -> anyhow::Result<ExitCode> {
     let text = format!("{src} {dst} {port}");
     let mut q: Query = text.parse().map_err(|e: String| anyhow::anyhow!(e))?;
     q.family = args.family;
+    q.via_service = args.via_service;
     let e = explainer.explain(&q)?;
     if json {
         let a = Answer {

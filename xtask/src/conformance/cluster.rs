@@ -84,7 +84,11 @@ impl Drop for Down {
 /// The conformance run on a cluster brought up from `opts.model`, taken
 /// down at the end.
 pub fn run(opts: &Options) -> Result<Tally> {
-    let scenarios = super::select_any_model(opts)?;
+    let own = opts.model.file_name().and_then(|n| n.to_str());
+    let scenarios: Vec<super::Scenario> = super::select_any_model(opts)?
+        .into_iter()
+        .filter(|s| opts.models.takes(s, own))
+        .collect();
     // Each scenario on the model it names (`cluster:`, a file of the
     // shared folder), else on `opts.model`: one cluster per model, in turn.
     let mut by_model: BTreeMap<PathBuf, Vec<super::Scenario>> = BTreeMap::new();

@@ -59,6 +59,33 @@ pub struct Options {
     pub agent: PathBuf,
     /// The eBPF object.
     pub object: PathBuf,
+    /// Which scenarios, by the model they name.
+    pub models: Models,
+}
+
+/// Which scenarios a run takes, by the model (`cluster:`) they name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Models {
+    /// Every scenario: the one-node run refuses one naming another model
+    /// than its own; the cluster run brings up each model in turn.
+    All,
+    /// Only those on the run's own model (or naming none).
+    Own,
+    /// Only those naming another model than the run's own.
+    Others,
+}
+
+impl Models {
+    /// Whether `sc` is taken by a run on `model` (a file name).
+    #[must_use]
+    pub fn takes(self, sc: &Scenario, model: Option<&str>) -> bool {
+        let own = sc.cluster.is_none() || sc.cluster.as_deref() == model;
+        match self {
+            Models::All => true,
+            Models::Own => own,
+            Models::Others => !own,
+        }
+    }
 }
 
 /// Cells passed and failed.
@@ -591,8 +618,11 @@ impl Harness for OneNode {
 /// The scenarios `opts` selects (name filter, then `limit` spread over
 /// the set), each of which runs on `opts.model`.
 pub fn select(opts: &Options) -> Result<Vec<Scenario>> {
-    let scenarios = select_any_model(opts)?;
     let model = opts.model.file_name().and_then(|n| n.to_str());
+    let scenarios: Vec<Scenario> = select_any_model(opts)?
+        .into_iter()
+        .filter(|s| opts.models.takes(s, model))
+        .collect();
     if let Some(sc) = scenarios
         .iter()
         .find(|s| s.cluster.is_some() && s.cluster.as_deref() != model)
@@ -729,9 +759,16 @@ pub fn scenarios_on(
                                 Family::V4 => 4,
                                 Family::V6 => 6,
                             };
+                            // A pod reaching itself through its Service
+                            // is a hairpin, not a packet in its netns.
+                            let hairpin = if probe.via == Via::Service && from == to {
+                                " via-service"
+                            } else {
+                                ""
+                            };
                             checks.push((
                                 format!(
-                                    "{from} {to} {}/{} {fam_n}",
+                                    "{from} {to} {}/{} {fam_n}{hairpin}",
                                     probe.proto.to_string().to_lowercase(),
                                     probe.port
                                 ),

@@ -78,11 +78,16 @@ pub fn start_servers(fd: &Arc<File>, pod: &PodSpec) -> Result<()> {
                 .map(|(_, port)| *port)
                 .collect();
             if !sctp.is_empty() {
-                for v6 in [false, true] {
-                    if (v6 && pod.v6.is_none()) || (!v6 && pod.v4.is_none()) {
-                        continue;
-                    }
+                // One responder per address, bound to it: its INIT-ACK
+                // leaves from the address the INIT was sent to. Unbound,
+                // the kernel picks the route's source (a host-networked
+                // pod's node answers a local pod from its bridge address),
+                // and the prober rightly ignores it.
+                for addr in &addrs {
+                    let v6 = addr.is_ipv6();
                     let sock = raw_sctp(v6)?;
+                    sock.bind(&SocketAddr::new(*addr, 0).into())
+                        .with_context(|| format!("{}: sctp responder on {addr}", pod.id))?;
                     let ports = sctp.clone();
                     std::thread::spawn(move || serve_sctp(&sock, v6, &ports));
                 }

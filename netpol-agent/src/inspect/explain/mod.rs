@@ -254,7 +254,30 @@ impl<'a> Explainer<'a> {
                     .unwrap_or_default(),
                 kind: crate::provenance::frontend_kind_name(v.kind).to_owned(),
             });
-        let (egress, ingress) = if sa == da {
+        let hairpin_judged = src
+            .live
+            .is_some_and(|l| l.info.flags & netpol_common::endpoint_flags::HAIRPIN_JUDGED != 0);
+        let (egress, ingress) = if sa == da && q.via_service && hairpin_judged {
+            // kube-proxy sends the pod back to itself; a ClusterNetworkPolicy
+            // applies to it, so `to_pod` judges both directions with the pod
+            // as its own peer, from the entries of its own address.
+            notes.push(
+                "a pod reaching itself through its Service (hairpin) is subject to the \
+                 ClusterNetworkPolicies that apply to it; NetworkPolicy allows it"
+                    .to_owned(),
+            );
+            (
+                self.side(&src, &sp, Direction::Egress, da, q, &mut notes)?,
+                self.side(&dst, &dp, Direction::Ingress, sa, q, &mut notes)?,
+            )
+        } else if sa == da && q.via_service {
+            let text = "a pod reaching itself through its Service (hairpin) is not subject to \
+                        its NetworkPolicies (pass_hairpin)";
+            (
+                Judgement::not_judged(Direction::Egress, sp.name(), text.to_owned()),
+                Judgement::not_judged(Direction::Ingress, dp.name(), text.to_owned()),
+            )
+        } else if sa == da {
             let text = "a pod reaching itself is not subject to its policies (the packet never \
                         leaves its network namespace)";
             (

@@ -55,6 +55,9 @@ pub struct Query {
     /// 4 or 6: which address of a pod to use (default: the addresses'
     /// family, else IPv4 when both pods have one).
     pub family: Option<u8>,
+    /// Through one of the server's Services (a trailing `via-service`):
+    /// for a pod reaching itself, the hairpin kube-proxy sends back to it.
+    pub via_service: bool,
 }
 
 /// Parses `tcp/80`, `UDP/53`, `sctp/5000`, `icmp`.
@@ -94,9 +97,14 @@ pub fn parse_family(s: &str) -> Result<u8, String> {
 impl FromStr for Query {
     type Err = String;
 
-    /// `SRC DST PROTO/PORT [4|6]` (a line of `explain --batch`).
+    /// `SRC DST PROTO/PORT [4|6] [via-service]` (a line of `explain
+    /// --batch`).
     fn from_str(line: &str) -> Result<Self, Self::Err> {
-        let words: Vec<&str> = line.split_whitespace().collect();
+        let mut words: Vec<&str> = line.split_whitespace().collect();
+        let via_service = words.last() == Some(&"via-service");
+        if via_service {
+            words.pop();
+        }
         let (src, dst, port, family) = match words.as_slice() {
             [src, dst, port] => (src, dst, port, None),
             [src, dst, port, fam] | [src, dst, port, "--family", fam] => {
@@ -111,6 +119,7 @@ impl FromStr for Query {
             protocol,
             port,
             family,
+            via_service,
         })
     }
 }

@@ -316,8 +316,11 @@ fn queries_parse_from_batch_lines() {
             protocol: protocol::SCTP,
             port: 5000,
             family: Some(6),
+            via_service: false,
         }
     );
+    let q: Query = "x/a x/a tcp/80 4 via-service".parse().expect("query");
+    assert!(q.via_service && q.family == Some(4));
     assert!("x/a x/b tcp".parse::<Query>().is_err());
     assert!("x/a x/b tcp/99999".parse::<Query>().is_err());
     assert!("x x/b tcp/80".parse::<Query>().is_err());
