@@ -58,7 +58,7 @@ pub use local::compile;
 pub use maps::{MapContents, MapCounts, MapOp, MapState, RawOp};
 pub use output::{
     Compiled, Direction, Endpoint, EndpointId, IdAllocation, PolicyEntry, PolicyTarget, RuleRef,
-    Sizes,
+    Sizes, write_rule,
 };
 pub use ruleset::{PortPrefix, PortRange, RuleSet};
 

@@ -60,21 +60,38 @@ pub struct RuleRef {
 impl fmt::Display for RuleRef {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.tier {
-            None => write!(
+            None => write_rule(f, &self.policy, None, self.direction, self.index),
+            Some(tier) => write_rule(
                 f,
-                "{}: spec.{}[{}]",
-                self.policy,
-                self.direction.field(),
-                self.index
-            ),
-            Some(tier) => write!(
-                f,
-                "ClusterNetworkPolicy {} ({tier}): spec.{}[{}]",
-                self.policy.name,
-                self.direction.field(),
-                self.index
+                &self.policy.name,
+                Some(tier.as_str()),
+                self.direction,
+                self.index,
             ),
         }
+    }
+}
+
+/// How a rule is named everywhere (entries, the state file, explain):
+/// `ns/name: spec.ingress[0]`, or for a `ClusterNetworkPolicy`
+/// `ClusterNetworkPolicy name (Admin): spec.ingress[0]`.
+///
+/// # Errors
+/// The formatter's.
+pub fn write_rule(
+    f: &mut fmt::Formatter<'_>,
+    policy: &dyn fmt::Display,
+    tier: Option<&str>,
+    direction: Direction,
+    index: usize,
+) -> fmt::Result {
+    match tier {
+        None => write!(f, "{policy}: spec.{}[{index}]", direction.field()),
+        Some(tier) => write!(
+            f,
+            "ClusterNetworkPolicy {policy} ({tier}): spec.{}[{index}]",
+            direction.field()
+        ),
     }
 }
 

@@ -171,39 +171,15 @@ pub(super) fn prepare<'a>(
             } => {
                 let namespaces: Vec<&'a str> = match namespace_selector {
                     None => vec![policy.id.namespace.as_str()],
-                    Some(sel) => cache
-                        .namespaces
-                        .entry(sel)
-                        .or_insert_with(|| {
-                            ns_labels
-                                .iter()
-                                .filter(|(_, l)| sel.matches(l))
-                                .map(|(&n, _)| n)
-                                .collect()
-                        })
-                        .clone(),
+                    Some(sel) => namespaces_of(sel, ns_labels, cache),
                 };
-                for ns in namespaces {
-                    let Some(ns_key) = peers.load(ns) else {
-                        continue;
-                    };
-                    let (list, in_ns) = (&peers.list, &peers.by_ns[ns_key]);
-                    let selected = cache
-                        .pods
-                        .entry((ns_key, pod_selector.as_ref()))
-                        .or_insert_with(|| {
-                            in_ns
-                                .iter()
-                                .copied()
-                                .filter(|&i| {
-                                    pod_selector
-                                        .as_ref()
-                                        .is_none_or(|s| s.matches(&list[i].labels))
-                                })
-                                .collect()
-                        });
-                    prep.pods.extend_from_slice(selected);
-                }
+                pods_of(
+                    &namespaces,
+                    pod_selector.as_ref(),
+                    peers,
+                    cache,
+                    &mut prep.pods,
+                );
             }
         }
     }
@@ -225,6 +201,50 @@ pub(super) fn prepare<'a>(
         }
     }
     prep
+}
+
+/// The namespaces `sel` matches (cached: policies repeat selectors).
+fn namespaces_of<'a>(
+    sel: &'a LabelSelector,
+    ns_labels: &BTreeMap<&'a str, Cow<'a, crate::model::Labels>>,
+    cache: &mut SelectionCache<'a>,
+) -> Vec<&'a str> {
+    cache
+        .namespaces
+        .entry(sel)
+        .or_insert_with(|| {
+            ns_labels
+                .iter()
+                .filter(|(_, l)| sel.matches(l))
+                .map(|(&n, _)| n)
+                .collect()
+        })
+        .clone()
+}
+
+/// Adds to `out` the networked pods of `namespaces` that `pod_sel`
+/// (`None`: every pod) matches.
+fn pods_of<'a>(
+    namespaces: &[&'a str],
+    pod_sel: Option<&'a LabelSelector>,
+    peers: &mut Peers<'a>,
+    cache: &mut SelectionCache<'a>,
+    out: &mut Vec<usize>,
+) {
+    for ns in namespaces {
+        let Some(ns_key) = peers.load(ns) else {
+            continue;
+        };
+        let (list, in_ns) = (&peers.list, &peers.by_ns[ns_key]);
+        let selected = cache.pods.entry((ns_key, pod_sel)).or_insert_with(|| {
+            in_ns
+                .iter()
+                .copied()
+                .filter(|&i| pod_sel.is_none_or(|s| s.matches(&list[i].labels)))
+                .collect()
+        });
+        out.extend_from_slice(selected);
+    }
 }
 
 /// A `ClusterNetworkPolicy` rule prepared as [`prepare`] does a
@@ -269,31 +289,8 @@ pub(super) fn prepare_cluster<'a>(
                 pod_selector,
             } => (namespace_selector, Some(pod_selector)),
         };
-        let namespaces: Vec<&'a str> = cache
-            .namespaces
-            .entry(ns_sel)
-            .or_insert_with(|| {
-                ns_labels
-                    .iter()
-                    .filter(|(_, l)| ns_sel.matches(l))
-                    .map(|(&n, _)| n)
-                    .collect()
-            })
-            .clone();
-        for ns in namespaces {
-            let Some(ns_key) = peers.load(ns) else {
-                continue;
-            };
-            let (list, in_ns) = (&peers.list, &peers.by_ns[ns_key]);
-            let selected = cache.pods.entry((ns_key, pod_sel)).or_insert_with(|| {
-                in_ns
-                    .iter()
-                    .copied()
-                    .filter(|&i| pod_sel.is_none_or(|s| s.matches(&list[i].labels)))
-                    .collect()
-            });
-            prep.pods.extend_from_slice(selected);
-        }
+        let namespaces = namespaces_of(ns_sel, ns_labels, cache);
+        pods_of(&namespaces, pod_sel, peers, cache, &mut prep.pods);
     }
     prep.pods.sort_unstable();
     prep.pods.dedup();

@@ -206,22 +206,13 @@ pub struct RuleState {
 
 impl std::fmt::Display for RuleState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match &self.tier {
-            None => write!(
-                f,
-                "{}: spec.{}[{}]",
-                self.policy,
-                self.direction.field(),
-                self.index
-            ),
-            Some(tier) => write!(
-                f,
-                "ClusterNetworkPolicy {} ({tier}): spec.{}[{}]",
-                self.policy,
-                self.direction.field(),
-                self.index
-            ),
-        }
+        crate::compiler::write_rule(
+            f,
+            &self.policy,
+            self.tier.as_deref(),
+            self.direction,
+            self.index,
+        )
     }
 }
 

@@ -298,6 +298,44 @@ fn rule_name(name: Option<&String>, field: &str, errs: &mut Errors) -> String {
     name
 }
 
+/// The fields ingress and egress rules share.
+struct RuleParts<'a> {
+    name: Option<&'a String>,
+    action: Option<&'a str>,
+    protocols: Option<&'a Vec<api::Protocol>>,
+}
+
+/// One rule at `field`: its peers (`from`/`to`, at `peer_field`) by
+/// `peer`, then the fields both directions share.
+fn rule<P>(
+    parts: &RuleParts<'_>,
+    list: Option<&Vec<P>>,
+    field: &str,
+    peer_field: &str,
+    peer: fn(&P, &str, &mut Errors) -> Option<ClusterPeer>,
+    errs: &mut Errors,
+) -> Option<ClusterRule> {
+    let name = rule_name(parts.name, field, errs);
+    let action = action(parts.action, &format!("{field}.action"), errs);
+    let Some(list) = list else {
+        errs.push(format!("{field}.{peer_field}"), "required");
+        return None;
+    };
+    let mut peers = Vec::new();
+    for j in items(Some(list), &format!("{field}.{peer_field}"), 1, errs) {
+        if let Some(p) = peer(&list[j], &format!("{field}.{peer_field}[{j}]"), errs) {
+            peers.push(p);
+        }
+    }
+    let ports = protocols(parts.protocols, &format!("{field}.protocols"), errs);
+    Some(ClusterRule {
+        name,
+        action: action?,
+        peers,
+        ports,
+    })
+}
+
 impl TryFrom<&api::ClusterNetworkPolicy> for ClusterNetworkPolicy {
     type Error = (String, Vec<ModelError>);
 
@@ -378,57 +416,43 @@ impl TryFrom<&api::ClusterNetworkPolicy> for ClusterNetworkPolicy {
             }
         };
         let mut ingress = Vec::new();
-        let list = spec.ingress.as_ref();
-        for i in items(list, "spec.ingress", 0, &mut errs) {
-            let r = &list.map_or(&[][..], Vec::as_slice)[i];
+        let list = spec.ingress.as_deref().unwrap_or_default();
+        for i in items(spec.ingress.as_ref(), "spec.ingress", 0, &mut errs) {
+            let r = &list[i];
             let f = format!("spec.ingress[{i}]");
-            let name = rule_name(r.name.as_ref(), &f, &mut errs);
-            let action = action(r.action.as_deref(), &format!("{f}.action"), &mut errs);
-            let mut peers = Vec::new();
-            let Some(from) = &r.from else {
-                errs.push(format!("{f}.from"), "required");
-                continue;
+            let parts = RuleParts {
+                name: r.name.as_ref(),
+                action: r.action.as_deref(),
+                protocols: r.protocols.as_ref(),
             };
-            for j in items(Some(from), &format!("{f}.from"), 1, &mut errs) {
-                if let Some(p) = ingress_peer(&from[j], &format!("{f}.from[{j}]"), &mut errs) {
-                    peers.push(p);
-                }
-            }
-            let ports = protocols(r.protocols.as_ref(), &format!("{f}.protocols"), &mut errs);
-            if let Some(action) = action {
-                ingress.push(ClusterRule {
-                    name,
-                    action,
-                    peers,
-                    ports,
-                });
-            }
+            ingress.extend(rule(
+                &parts,
+                r.from.as_ref(),
+                &f,
+                "from",
+                ingress_peer,
+                &mut errs,
+            ));
         }
         let mut egress = Vec::new();
-        let list = spec.egress.as_ref();
-        for i in items(list, "spec.egress", 0, &mut errs) {
-            let r = &list.map_or(&[][..], Vec::as_slice)[i];
+        let list = spec.egress.as_deref().unwrap_or_default();
+        for i in items(spec.egress.as_ref(), "spec.egress", 0, &mut errs) {
+            let r = &list[i];
             let f = format!("spec.egress[{i}]");
-            let name = rule_name(r.name.as_ref(), &f, &mut errs);
-            let action = action(r.action.as_deref(), &format!("{f}.action"), &mut errs);
-            let Some(to) = &r.to else {
-                errs.push(format!("{f}.to"), "required");
-                continue;
+            let parts = RuleParts {
+                name: r.name.as_ref(),
+                action: r.action.as_deref(),
+                protocols: r.protocols.as_ref(),
             };
-            let mut peers = Vec::new();
-            for j in items(Some(to), &format!("{f}.to"), 1, &mut errs) {
-                if let Some(p) = egress_peer(&to[j], &format!("{f}.to[{j}]"), &mut errs) {
-                    peers.push(p);
-                }
-            }
-            let ports = protocols(r.protocols.as_ref(), &format!("{f}.protocols"), &mut errs);
-            let named = ports
+            let named = r
+                .protocols
                 .iter()
                 .flatten()
-                .any(|p| matches!(p, ClusterPort::Named(_)));
-            let addressed = to
-                .iter()
-                .any(|p| p.networks.is_some() || p.nodes.is_some() || p.domain_names.is_some());
+                .any(|p| p.destination_named_port.is_some());
+            let addressed =
+                r.to.iter()
+                    .flatten()
+                    .any(|p| p.networks.is_some() || p.nodes.is_some() || p.domain_names.is_some());
             if named && addressed {
                 errs.push(
                     f.clone(),
@@ -436,14 +460,14 @@ impl TryFrom<&api::ClusterNetworkPolicy> for ClusterNetworkPolicy {
                      there are no namedPorts for networks/nodes/domainNames",
                 );
             }
-            if let Some(action) = action {
-                egress.push(ClusterRule {
-                    name,
-                    action,
-                    peers,
-                    ports,
-                });
-            }
+            egress.extend(rule(
+                &parts,
+                r.to.as_ref(),
+                &f,
+                "to",
+                egress_peer,
+                &mut errs,
+            ));
         }
         match (tier, priority, subject) {
             (Some(tier), Some(priority), Some(subject)) if errs.list.is_empty() => {
