@@ -17,6 +17,9 @@ use k8s_openapi::api::{
     networking::v1::NetworkPolicy,
     rbac::v1::{ClusterRole, ClusterRoleBinding},
 };
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
+    CustomResourceDefinition, JSONSchemaProps,
+};
 use netpol_agent::{
     agent::DEFAULT_LISTEN, datapath::DEFAULT_BPFFS, provenance::DEFAULT_STATE_DIR,
     sources::kube::WATCHED,
@@ -77,9 +80,14 @@ fn typed<T: DeserializeOwned + Serialize>(v: &Value, what: &str) -> T {
     t
 }
 
-/// Drops null values, which the types do not write back.
+/// Drops null values, which the types do not write back, and reads whole
+/// floats as integers (a schema's `minimum: 1` comes back as `1.0`).
 fn normalize(v: Value) -> Value {
     match v {
+        Value::Number(n) if n.as_f64().is_some_and(|f| f.fract() == 0.0 && !n.is_i64()) => {
+            #[expect(clippy::cast_possible_truncation, reason = "a whole float")]
+            Value::Number((n.as_f64().unwrap_or_default() as i64).into())
+        }
         Value::Mapping(m) => Value::Mapping(
             m.into_iter()
                 .map(|(k, v)| (k, normalize(v)))
@@ -105,6 +113,7 @@ struct Manifests {
     bindings: Vec<ClusterRoleBinding>,
     daemonsets: Vec<(PathBuf, DaemonSet)>,
     jobs: Vec<Job>,
+    crds: Vec<CustomResourceDefinition>,
     kustomizations: Vec<(PathBuf, Value)>,
 }
 
@@ -144,6 +153,7 @@ impl Manifests {
             "ClusterRoleBinding" => self.bindings.push(typed(&v, what)),
             "DaemonSet" => self.daemonsets.push((f.to_owned(), typed(&v, what))),
             "Job" => self.jobs.push(typed(&v, what)),
+            "CustomResourceDefinition" => self.crds.push(typed(&v, what)),
             // The demo's cluster (deploy/examples).
             "Node" => drop(typed::<Node>(&v, what)),
             "Pod" => drop(typed::<Pod>(&v, what)),
@@ -680,4 +690,98 @@ fn privileged_variant_patches_the_agent_container() {
         agent.security_context.as_ref().unwrap().privileged,
         Some(true)
     );
+}
+
+/// Every field of `value` (an object the agent decodes) in `schema`, and
+/// every property of `schema` in `value` (`value` sets every field): the
+/// CRD serves exactly the fields `netpol_agent::api` reads.
+fn schema_covers(schema: &JSONSchemaProps, value: &serde_json::Value, at: &str) {
+    match value {
+        serde_json::Value::Object(map) => {
+            // Object metadata and status are the API server's; a map
+            // (`matchLabels`) has keys of its own.
+            if at == ".metadata" || at == ".status" || schema.additional_properties.is_some() {
+                return;
+            }
+            let props = schema.properties.clone().unwrap_or_default();
+            for (k, v) in map {
+                let sub = props
+                    .get(k)
+                    .unwrap_or_else(|| panic!("the CRD has no {at}.{k}"));
+                schema_covers(sub, v, &format!("{at}.{k}"));
+            }
+            for k in props.keys() {
+                assert!(map.contains_key(k), "netpol does not read the CRD's {at}.{k}");
+            }
+        }
+        serde_json::Value::Array(items) => {
+            let item = match &schema.items {
+                Some(k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::JSONSchemaPropsOrArray::Schema(s)) => s,
+                other => panic!("{at}: an array without one item schema: {other:?}"),
+            };
+            for v in items {
+                schema_covers(item, v, &format!("{at}[]"));
+            }
+        }
+        _ => {}
+    }
+}
+
+#[test]
+fn the_cluster_network_policy_crd_serves_the_fields_the_agent_reads() {
+    use netpol_agent::api;
+    let m = load();
+    let [crd] = m.crds.as_slice() else {
+        panic!("one CRD in deploy/, found {}", m.crds.len());
+    };
+    assert_eq!(crd.spec.group, api::GROUP);
+    assert_eq!(crd.spec.names.kind, api::KIND);
+    assert_eq!(crd.spec.names.plural, api::PLURAL);
+    assert_eq!(crd.spec.scope, "Cluster");
+    let version = &crd.spec.versions[0];
+    assert_eq!(version.name, api::VERSION);
+    let schema = version
+        .schema
+        .as_ref()
+        .and_then(|s| s.open_api_v3_schema.as_ref())
+        .expect("a schema");
+    // One object with every field of every type set, each form of a one-of
+    // in its own list entry.
+    let selector = serde_json::json!({"matchLabels": {"a": "b"},
+        "matchExpressions": [{"key": "a", "operator": "In", "values": ["b"]}]});
+    let pods = serde_json::json!({"namespaceSelector": selector, "podSelector": selector});
+    let port = serde_json::json!({"destinationPort": {"number": 80, "range": {"start": 1, "end": 2}}});
+    let protocols = serde_json::json!([{"tcp": port, "udp": port, "sctp": port,
+                                        "destinationNamedPort": "web"}]);
+    let full: api::ClusterNetworkPolicy = serde_json::from_value(serde_json::json!({
+        "apiVersion": api::API_VERSION, "kind": api::KIND,
+        "metadata": {"name": "all-fields"},
+        "spec": {
+            "tier": "Admin", "priority": 1,
+            "subject": {"namespaces": selector, "pods": pods},
+            "ingress": [{"name": "i", "action": "Accept",
+                         "from": [{"namespaces": selector, "pods": pods}],
+                         "protocols": protocols}],
+            "egress": [{"name": "e", "action": "Deny",
+                        "to": [{"namespaces": selector, "pods": pods, "nodes": selector,
+                                "networks": ["10.0.0.0/8"], "domainNames": ["example.com"]}],
+                        "protocols": protocols}]
+        },
+        "status": {"conditions": []}
+    }))
+    .expect("the api types");
+    let value = serde_json::to_value(&full).expect("JSON");
+    schema_covers(schema, &value, "");
+    // The selector schema is the one Kubernetes uses.
+    let spec = &schema.properties.as_ref().expect("properties")["spec"];
+    let subject = &spec.properties.as_ref().expect("spec")["subject"];
+    let ns = &subject.properties.as_ref().expect("subject")["namespaces"];
+    let keys: BTreeSet<&str> = ns
+        .properties
+        .as_ref()
+        .expect("selector")
+        .keys()
+        .map(String::as_str)
+        .collect();
+    assert_eq!(keys, BTreeSet::from(["matchExpressions", "matchLabels"]));
 }
