@@ -76,13 +76,13 @@ struct Group<'a> {
 /// `entries` (sorted by prefix) with the pod's own host prefixes `own`
 /// in place: replacing an entry of the same prefix, left out where the
 /// longest shorter entry already gives the same rule set.
-fn with_own(
-    entries: &[(IpNet, u32, u32)],
+fn with_own<'e>(
+    entries: &'e [(IpNet, u32, u32)],
     own: &[(IpNet, u32, u32)],
     empty: u32,
-) -> Vec<(IpNet, u32, u32)> {
+) -> std::borrow::Cow<'e, [(IpNet, u32, u32)]> {
     if own.is_empty() {
-        return entries.to_vec();
+        return std::borrow::Cow::Borrowed(entries);
     }
     let mut out: Vec<(IpNet, u32, u32)> = entries
         .iter()
@@ -100,7 +100,7 @@ fn with_own(
         }
     }
     out.sort_unstable_by_key(|e| e.0);
-    out
+    std::borrow::Cow::Owned(out)
 }
 
 /// A compile of some or all local pods, before ids.
@@ -406,6 +406,12 @@ pub(super) fn core<'a>(
             if !groups.contains_key(&key) {
                 let contribs = ctx.contributions(i, d, pols, cluster);
                 let entries = ctx.entries(&contribs, mode);
+                // Kept for the own addresses of tiered directions only.
+                let contribs = if cluster.is_empty() {
+                    Vec::new()
+                } else {
+                    contribs
+                };
                 groups.insert(key.clone(), Group { entries, contribs });
             }
             let group = &groups[&key];
@@ -420,7 +426,7 @@ pub(super) fn core<'a>(
             } else {
                 Vec::new()
             };
-            for &(prefix, set, sources) in &with_own(&group.entries, &own, ctx.empty) {
+            for &(prefix, set, sources) in with_own(&group.entries, &own, ctx.empty).iter() {
                 let src = shared
                     .entry(sources)
                     .or_insert_with(|| {

@@ -84,7 +84,8 @@ fn typed<T: DeserializeOwned + Serialize>(v: &Value, what: &str) -> T {
 /// floats as integers (a schema's `minimum: 1` comes back as `1.0`).
 fn normalize(v: Value) -> Value {
     match v {
-        Value::Number(n) if n.as_f64().is_some_and(|f| f.fract() == 0.0 && !n.is_i64()) => {
+        Value::Number(n) if n.as_f64().is_some_and(|f| f.fract() == 0.0 && !n.is_i64()) =>
+        {
             #[expect(clippy::cast_possible_truncation, reason = "a whole float")]
             Value::Number((n.as_f64().unwrap_or_default() as i64).into())
         }
@@ -711,7 +712,10 @@ fn schema_covers(schema: &JSONSchemaProps, value: &serde_json::Value, at: &str) 
                 schema_covers(sub, v, &format!("{at}.{k}"));
             }
             for k in props.keys() {
-                assert!(map.contains_key(k), "netpol does not read the CRD's {at}.{k}");
+                assert!(
+                    map.contains_key(k),
+                    "netpol does not read the CRD's {at}.{k}"
+                );
             }
         }
         serde_json::Value::Array(items) => {
@@ -750,7 +754,8 @@ fn the_cluster_network_policy_crd_serves_the_fields_the_agent_reads() {
     let selector = serde_json::json!({"matchLabels": {"a": "b"},
         "matchExpressions": [{"key": "a", "operator": "In", "values": ["b"]}]});
     let pods = serde_json::json!({"namespaceSelector": selector, "podSelector": selector});
-    let port = serde_json::json!({"destinationPort": {"number": 80, "range": {"start": 1, "end": 2}}});
+    let port =
+        serde_json::json!({"destinationPort": {"number": 80, "range": {"start": 1, "end": 2}}});
     let protocols = serde_json::json!([{"tcp": port, "udp": port, "sctp": port,
                                         "destinationNamedPort": "web"}]);
     let full: api::ClusterNetworkPolicy = serde_json::from_value(serde_json::json!({
