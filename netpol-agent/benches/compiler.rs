@@ -187,6 +187,71 @@ fn bench(c: &mut Criterion) {
         black_box(diff(&base, &c2));
     });
 
+    // ClusterNetworkPolicy: 100 of 25 rules per direction on the same
+    // cluster; the NetworkPolicy-only compile again, in the same run, as
+    // the baseline of the ratio.
+    let s_cnp = common::with_cluster_policies(&s, 100);
+    let c_cnp = compile(&s_cnp, &IdAllocation::default());
+    let sizes = c_cnp.sizes();
+    eprintln!(
+        "with 100 ClusterNetworkPolicies: {} IPv4 + {} IPv6 policy entries, {} port entries \
+         ({} rule sets), {} of {} local pods under one",
+        sizes.entries.policy_v4,
+        sizes.entries.policy_v6,
+        sizes.entries.ports,
+        c_cnp.rulesets.len(),
+        c_cnp
+            .endpoints
+            .values()
+            .filter(|e| e.hairpin_judged)
+            .count(),
+        c_cnp.endpoints.len()
+    );
+    let median = |f: &mut dyn FnMut()| {
+        let mut v: Vec<Duration> = (0..31)
+            .map(|_| {
+                let t = Instant::now();
+                f();
+                t.elapsed()
+            })
+            .collect();
+        v.sort();
+        v[v.len() / 2]
+    };
+    let np_only = median(&mut || {
+        black_box(compile(&s, &base.ids));
+    });
+    let tiered = median(&mut || {
+        black_box(compile(&s_cnp, &c_cnp.ids));
+    });
+    eprintln!(
+        "full compile, NetworkPolicy only: p50 {np_only:?}; with 100 ClusterNetworkPolicies: \
+         p50 {tiered:?}; ratio {:.2} (goal <= 2)",
+        tiered.as_secs_f64() / np_only.as_secs_f64()
+    );
+    let inc_cnp = Compiler::new(&s_cnp, &c_cnp.ids);
+    let mut s_cnp2 = s_cnp.clone();
+    if let Some(p) = s_cnp2
+        .cluster_policies
+        .get_mut("cnp-0")
+        .and_then(|slot| slot.in_force.as_mut())
+    {
+        p.ingress[0].ports = Some(vec![netpol_agent::model::ClusterPort::Ports {
+            protocol: Protocol::Tcp,
+            first: 7000,
+            last: 7010,
+        }]);
+    }
+    let ch_cnp = Changes::between(&s_cnp, &s_cnp2);
+    percentiles_with(
+        "one ClusterNetworkPolicy edit: Compiler::update (a full compile + diff)",
+        || inc_cnp.clone(),
+        |mut i| {
+            black_box(i.update(&s_cnp2, &ch_cnp));
+            i
+        },
+    );
+
     let mut g = c.benchmark_group("compiler");
     g.sample_size(20);
     g.bench_function("full_compile", |b| {

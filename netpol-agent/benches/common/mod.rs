@@ -275,3 +275,93 @@ pub fn relabelled(s: &Snapshot) -> (Snapshot, Changes) {
     }
     (s2, changes)
 }
+
+/// `s` plus `n` ClusterNetworkPolicies of 25 rules per direction each: both
+/// tiers (alternating), every action, peers of every kind (namespaces by
+/// team, pods by app, networks, nodes), ports numbered, ranged and named;
+/// subjects a team's namespaces (one in 20) or a tier of pods, so that
+/// most local pods fall under several.
+#[must_use]
+pub fn with_cluster_policies(s: &Snapshot, n: usize) -> Snapshot {
+    use netpol_agent::model::{
+        Action, ClusterNetworkPolicy, ClusterPeer, ClusterPort, ClusterRule, PolicySlot, Subject,
+        Tier,
+    };
+    let mut s = s.clone();
+    let mut r = Rng(7);
+    for i in 0..n {
+        let rule = |r: &mut Rng, k: usize| {
+            let action = [Action::Accept, Action::Deny, Action::Pass][k % 3];
+            let peer = match r.below(4) {
+                0 => ClusterPeer::Namespaces(sel(&[("team", format!("team-{}", r.below(20)))])),
+                1 => ClusterPeer::Pods {
+                    namespace_selector: sel(&[("env", "prod".to_owned())]),
+                    pod_selector: sel(&[("app", format!("app-{}", r.below(APPS_PER_NS)))]),
+                },
+                2 => ClusterPeer::Networks(vec![
+                    format!("10.64.{}.0/24", r.below(40)).parse().expect("cidr"),
+                    format!("fd00::{:x}00/120", r.below(40))
+                        .parse()
+                        .expect("cidr"),
+                ]),
+                _ => ClusterPeer::Nodes(LabelSelector::default()),
+            };
+            let named = matches!(peer, ClusterPeer::Namespaces(_) | ClusterPeer::Pods { .. });
+            let ports = match r.below(4) {
+                0 => None,
+                1 if named => Some(vec![ClusterPort::Named("http".into())]),
+                2 => Some(vec![ClusterPort::Ports {
+                    protocol: Protocol::Tcp,
+                    first: 1000 + u16::try_from(r.below(1000)).unwrap_or(0),
+                    last: 3000,
+                }]),
+                _ => Some(vec![
+                    ClusterPort::Ports {
+                        protocol: Protocol::Tcp,
+                        first: 443,
+                        last: 443,
+                    },
+                    ClusterPort::Ports {
+                        protocol: Protocol::Udp,
+                        first: 53,
+                        last: 53,
+                    },
+                ]),
+            };
+            ClusterRule {
+                name: format!("r{k}"),
+                action,
+                peers: vec![peer],
+                ports,
+            }
+        };
+        let subject = if i % 2 == 0 {
+            Subject::Namespaces(sel(&[("team", format!("team-{}", i % 20))]))
+        } else {
+            Subject::Pods {
+                namespace_selector: LabelSelector::default(),
+                pod_selector: sel(&[("tier", ["web", "api", "db"][i % 3].to_owned())]),
+            }
+        };
+        let p = ClusterNetworkPolicy {
+            name: format!("cnp-{i}"),
+            tier: if i % 2 == 0 {
+                Tier::Admin
+            } else {
+                Tier::Baseline
+            },
+            priority: u16::try_from(i).unwrap_or(0),
+            subject,
+            ingress: (0..25).map(|k| rule(&mut r, k)).collect(),
+            egress: (0..25).map(|k| rule(&mut r, k)).collect(),
+        };
+        s.cluster_policies.insert(
+            p.name.clone(),
+            PolicySlot {
+                in_force: Some(p),
+                errors: Vec::new(),
+            },
+        );
+    }
+    s
+}

@@ -426,8 +426,9 @@ impl<'a> Ctx<'a> {
     /// (Pass: allowed), else allowed.
     fn tiered_value(&mut self, key: &[(u32, u32)], np_isolated: bool) -> (u32, u32) {
         let mut np = RuleSet::default();
+        let mut np_rules: Vec<u32> = Vec::new();
         let mut own = false;
-        let mut tiered: Vec<(u32, Tier, Action, u32)> = Vec::new();
+        let mut tiered: Vec<(u32, Tier, Action, u32, u32)> = Vec::new();
         for &(rule, ports) in key {
             if rule == ROOT {
                 continue;
@@ -437,34 +438,44 @@ impl<'a> Ctx<'a> {
                 continue;
             }
             match self.tiered.get(rule as usize).copied().flatten() {
-                None => np = np.union(&self.sets.sets[ports as usize]),
-                Some(t) => tiered.push((t.rank, t.tier, t.action, ports)),
+                None => {
+                    np = np.union(&self.sets.sets[ports as usize]);
+                    np_rules.push(rule);
+                }
+                Some(t) => tiered.push((t.rank, t.tier, t.action, rule, ports)),
             }
         }
         tiered.sort_unstable();
         // One rule's contributions (a peer pod reached through two peers,
         // named ports per pod) are one match: the union of their ports.
-        let mut rules: Vec<(Tier, Action, RuleSet)> = Vec::new();
+        let mut rules: Vec<(Tier, Action, u32, RuleSet)> = Vec::new();
         let mut last_rank = None;
-        for (rank, tier, action, ports) in tiered {
+        for (rank, tier, action, rule, ports) in tiered {
             let set = &self.sets.sets[ports as usize];
             if last_rank == Some(rank)
                 && let Some(r) = rules.last_mut()
             {
-                r.2 = r.2.union(set);
+                r.3 = r.3.union(set);
                 continue;
             }
             last_rank = Some(rank);
-            rules.push((tier, action, set.clone()));
+            rules.push((tier, action, rule, set.clone()));
         }
+        // The rules that decided some (protocol, port) here, Pass included:
+        // what the entry names.
+        let mut deciding: Vec<u32> = Vec::new();
         let mut undecided = RuleSet::allow_all();
         let mut allowed = RuleSet::default();
         let mut passed = RuleSet::default();
-        for (tier, action, set) in &rules {
+        for (tier, action, rule, set) in &rules {
             if *tier != Tier::Admin || undecided.is_empty() {
                 continue;
             }
             let decided = undecided.intersect(set);
+            if decided.is_empty() {
+                continue;
+            }
+            deciding.push(*rule);
             match action {
                 Action::Accept => allowed = allowed.union(&decided),
                 Action::Deny => {}
@@ -476,13 +487,20 @@ impl<'a> Ctx<'a> {
         if np_isolated && own {
             allowed = allowed.union(&rest);
         } else if np_isolated {
+            if !rest.is_empty() {
+                deciding.extend_from_slice(&np_rules);
+            }
             allowed = allowed.union(&rest.intersect(&np));
         } else {
-            for (tier, action, set) in &rules {
+            for (tier, action, rule, set) in &rules {
                 if *tier != Tier::Baseline || rest.is_empty() {
                     continue;
                 }
                 let decided = rest.intersect(set);
+                if decided.is_empty() {
+                    continue;
+                }
+                deciding.push(*rule);
                 if *action != Action::Deny {
                     allowed = allowed.union(&decided);
                 }
@@ -491,13 +509,9 @@ impl<'a> Ctx<'a> {
             allowed = allowed.union(&rest);
         }
         let set = self.sets.intern(allowed);
-        let mut names: Vec<u32> = key
-            .iter()
-            .map(|&(r, _)| r)
-            .filter(|&r| r != ROOT && r != SELF)
-            .collect();
-        names.dedup();
-        (set, self.source_set(names))
+        deciding.sort_unstable();
+        deciding.dedup();
+        (set, self.source_set(deciding))
     }
 
     /// The value of the pod's own address `ip` as the peer of a hairpin

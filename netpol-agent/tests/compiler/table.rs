@@ -854,3 +854,81 @@ fn compiler_updates_equal_full_compiles_through_a_sequence_of_changes() {
         full = next;
     }
 }
+
+/// A tiered entry names the rules that decided some (protocol, port) of
+/// its addresses (by rule id: NetworkPolicy rules first), and not the ones
+/// shadowed by them: an Admin Deny on 80 before a Pass on 80 and 81, the
+/// NetworkPolicy that decides what the Pass handed on, and not a later
+/// Deny on 81 that the Pass took first.
+#[test]
+fn tiered_entries_name_the_rules_that_decided() {
+    let (_, c, m) = compiled(
+        r#"
+apiVersion: policy.networking.k8s.io/v1alpha2
+kind: ClusterNetworkPolicy
+metadata: {name: guard}
+spec:
+  tier: Admin
+  priority: 1
+  subject: {namespaces: {matchLabels: {team: a}}}
+  ingress:
+    - {action: Deny, from: [{namespaces: {matchLabels: {team: b}}}], protocols: [{tcp: {destinationPort: {number: 80}}}]}
+    - {action: Pass, from: [{namespaces: {matchLabels: {team: b}}}], protocols: [{tcp: {destinationPort: {range: {start: 80, end: 81}}}}]}
+    - {action: Accept, from: [{namespaces: {}}], protocols: [{tcp: {destinationPort: {number: 99}}}]}
+    - {action: Deny, from: [{namespaces: {matchLabels: {team: b}}}], protocols: [{tcp: {destinationPort: {number: 81}}}]}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: p, namespace: x}
+spec: {podSelector: {}, ingress: [{ports: [{port: 81}, {port: 82}]}]}
+"#,
+    );
+    let xa = c.endpoints[&ObjectRef::new("x", "a")].id;
+    // y/a is 10.0.0.3: Deny 80, Pass 81 to NetworkPolicy (allows 81),
+    // Accept 99; NetworkPolicy decides the rest (82 allowed).
+    let (t, e) = c
+        .policy_v4
+        .iter()
+        .find(|(t, _)| {
+            t.endpoint == xa
+                && t.direction == Direction::Ingress
+                && t.prefix == "10.0.0.3/32".parse::<ipnet::IpNet>().unwrap()
+        })
+        .expect("an entry for y/a");
+    let names: Vec<String> = c.sources(e).map(ToString::to_string).collect();
+    assert_eq!(
+        names,
+        vec![
+            "x/p: spec.ingress[0]",
+            "ClusterNetworkPolicy guard (Admin): spec.ingress[0]",
+            "ClusterNetworkPolicy guard (Admin): spec.ingress[1]",
+            "ClusterNetworkPolicy guard (Admin): spec.ingress[2]",
+        ],
+        "{t:?}"
+    );
+    for (port, want) in [(80, false), (81, true), (82, true), (99, true), (83, false)] {
+        assert_eq!(
+            dir(&m, "x/a", Direction::Ingress, "10.0.0.3", 6, port),
+            want,
+            "tcp/{port} from y/a"
+        );
+    }
+    // From x/b (team a): no tiered rule but the Accept on 99 matches it.
+    let (_, e) = c
+        .policy_v4
+        .iter()
+        .find(|(t, _)| {
+            t.endpoint == xa
+                && t.direction == Direction::Ingress
+                && t.prefix == "10.0.0.2/32".parse::<ipnet::IpNet>().unwrap()
+        })
+        .expect("an entry for x/b");
+    let names: Vec<String> = c.sources(e).map(ToString::to_string).collect();
+    assert_eq!(
+        names,
+        vec![
+            "x/p: spec.ingress[0]",
+            "ClusterNetworkPolicy guard (Admin): spec.ingress[2]"
+        ]
+    );
+}
