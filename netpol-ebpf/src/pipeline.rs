@@ -110,7 +110,7 @@ pub fn decide(ctx: &TcContext, dir: u32, pkt: &mut Packet) -> Verdict {
                     return Verdict::new(direction::EGRESS, fam, reason::DROP_MARK_STALE, 0);
                 }
                 Some((ifindex, _)) if ifindex == ctx::ifindex(ctx) => {
-                    return Verdict::new(dir, fam, hairpin(&ep, pkt), ep.id);
+                    return Verdict::new(dir, fam, hairpin(ctx, &ep, pkt), ep.id);
                 }
                 Some((_, src)) => {
                     let r = steps(ctx, &src, direction::EGRESS, parsed, pkt);
@@ -169,13 +169,10 @@ pub fn steps(ctx: &TcContext, ep: &EndpointInfo, dir: u32, parsed: Parsed, pkt: 
 /// is. Tracked so that its replies to the masqueraded address pass its
 /// `from_pod`.
 #[inline(always)]
-fn hairpin(ep: &EndpointInfo, pkt: &Packet) -> u32 {
+fn hairpin(ctx: &TcContext, ep: &EndpointInfo, pkt: &Packet) -> u32 {
     if ep.flags & endpoint_flags::HAIRPIN_JUDGED != 0 {
-        let judged = |dir: u32| {
-            !ep.isolated(dir)
-                || policy::allows(ep.id, dir, pkt.family, pkt.protocol, pkt.dport, &pkt.dst)
-        };
-        if !judged(direction::EGRESS) || !judged(direction::INGRESS) {
+        let flags_family = u64::from(ep.flags) | u64::from(pkt.family) << 32;
+        if policy::netpol_hairpin_allows(ctx.skb.skb, ep.id, flags_family, pkt.event) == 0 {
             return reason::DROP_POLICY;
         }
     }

@@ -53,3 +53,51 @@ pub fn allows(
     );
     NETPOL_PORTS.get(&key).is_some_and(|v| v.allow != 0)
 }
+
+/// Whether an endpoint's policies allow its hairpin through one of its
+/// Services (`flags` its `EndpointInfo::flags`, `fam` the family,
+/// `packet` [`Packet::event_word`](crate::packet::Packet::event_word)):
+/// each isolated direction looked up with the translated destination, the
+/// pod's own address, as the peer. A *global* function, as
+/// `netpol_deny_event` is, so the verifier checks its two lookups once on
+/// their own rather than on every path of `to_pod` (which took kernel
+/// 5.10 past its limit); before 5.12 global functions take the context and
+/// scalars only, so it reads the address from the packet again.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn netpol_hairpin_allows(
+    skb: *mut aya_ebpf::bindings::__sk_buff,
+    endpoint: u32,
+    flags_family: u64,
+    packet: u64,
+) -> i32 {
+    let ctx = aya_ebpf::programs::TcContext::new(skb);
+    let flags = flags_family as u32;
+    let fam = (flags_family >> 32) as u32;
+    let l3 = (packet >> 16) as u16 as usize;
+    let protocol = packet as u8;
+    let dport = (packet >> 48) as u16;
+    let mut own = [0u8; 16];
+    if fam == family::IPV4 {
+        let Ok(a) = ctx.load::<[u8; 4]>(l3 + 16) else {
+            return 0;
+        };
+        own[..4].copy_from_slice(&a);
+    } else {
+        let Ok(a) = ctx.load::<[u8; 16]>(l3 + 24) else {
+            return 0;
+        };
+        own = a;
+    }
+    let judged =
+        |dir: u32, bit: u32| flags & bit == 0 || allows(endpoint, dir, fam, protocol, dport, &own);
+    i32::from(
+        judged(
+            netpol_common::direction::EGRESS,
+            netpol_common::endpoint_flags::EGRESS_ISOLATED,
+        ) && judged(
+            netpol_common::direction::INGRESS,
+            netpol_common::endpoint_flags::INGRESS_ISOLATED,
+        ),
+    )
+}
