@@ -60,9 +60,10 @@ pub fn allows(
 /// each isolated direction looked up with the translated destination, the
 /// pod's own address, as the peer. A *global* function, as
 /// `netpol_deny_event` is, so the verifier checks its two lookups once on
-/// their own rather than on every path of `to_pod` (which took kernel
-/// 5.10 past its limit); before 5.12 global functions take the context and
-/// scalars only, so it reads the address from the packet again.
+/// their own rather than on every path of `to_pod` (inlined, they failed
+/// kernel 5.10's datapath tests); before 5.12 global functions take the
+/// context and scalars only, so it reads the address from the packet
+/// again.
 #[unsafe(no_mangle)]
 #[inline(never)]
 pub extern "C" fn netpol_hairpin_allows(
