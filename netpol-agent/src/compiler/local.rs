@@ -47,11 +47,10 @@ pub(super) struct PodOut {
     /// matches the pod, whatever their directions.
     pub(super) selecting: Vec<usize>,
     /// Some `ClusterNetworkPolicy` with rules applies to the pod: its
-    /// entries depend on every pod and node a tiered rule may select.
+    /// entries depend on every pod and node a tiered rule may select, and
+    /// its traffic to itself through a Service is judged (by the entries
+    /// of its own addresses).
     pub(super) cluster_selected: bool,
-    /// Its traffic to itself through a Service is judged (by the entries
-    /// of its own addresses): some `ClusterNetworkPolicy` applies to it.
-    pub(super) hairpin_judged: bool,
     /// `(direction, prefix, rule set, sources)`, egress first, each
     /// direction sorted by prefix.
     pub(super) entries: Vec<(Direction, IpNet, u32, Arc<[RuleRef]>)>,
@@ -353,7 +352,6 @@ pub(super) fn core<'a>(
             ingress_isolated: false,
             selecting: selected_by.remove(&i).unwrap_or_default(),
             cluster_selected: false,
-            hairpin_judged: false,
             entries: Vec::new(),
         };
         // A ClusterNetworkPolicy judges the pod's traffic to itself through
@@ -361,7 +359,7 @@ pub(super) fn core<'a>(
         let hairpin = [Direction::Egress, Direction::Ingress]
             .iter()
             .any(|&d| cluster_selecting.contains_key(&(i, d)));
-        out.hairpin_judged = hairpin;
+        out.cluster_selected = hairpin;
         for d in [Direction::Egress, Direction::Ingress] {
             let none = Vec::new();
             let cluster = cluster_selecting.get(&(i, d)).unwrap_or(&none);
@@ -369,7 +367,6 @@ pub(super) fn core<'a>(
             if np.is_none() && cluster.is_empty() {
                 continue;
             }
-            out.cluster_selected |= !cluster.is_empty();
             let pols = np.unwrap_or(&none);
             match d {
                 Direction::Egress => out.egress_isolated = true,
@@ -466,7 +463,7 @@ impl PodOut {
         };
         Endpoint {
             id,
-            hairpin_judged: self.hairpin_judged,
+            hairpin_judged: self.cluster_selected,
             ingress_isolated: self.ingress_isolated,
             egress_isolated: self.egress_isolated,
             ips: self.ips.clone(),
