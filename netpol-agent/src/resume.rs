@@ -225,6 +225,7 @@ fn insert(old: &mut Compiled, selector: u32, prefix: IpNet, ruleset: u32) {
     let entry = PolicyEntry {
         ruleset,
         sources: Arc::from([]),
+        decisions: None,
     };
     match prefix {
         IpNet::V4(_) => old.policy_v4.insert(target, entry),

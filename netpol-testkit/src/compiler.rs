@@ -140,6 +140,20 @@ pub fn tier_verdict(
     proto: u8,
     port: u16,
 ) -> Option<Action> {
+    tier_rule(snap, tier, pod, d, peer_addr, proto, port).map(|(_, _, a)| a)
+}
+
+/// The first rule of `tier` matching the connection: its policy's name,
+/// its index and its action.
+pub fn tier_rule<'s>(
+    snap: &'s Snapshot,
+    tier: Tier,
+    pod: &Pod,
+    d: Direction,
+    peer_addr: IpAddr,
+    proto: u8,
+    port: u16,
+) -> Option<(&'s str, usize, Action)> {
     if snap.cluster_policies.is_empty() {
         return None;
     }
@@ -168,7 +182,7 @@ pub fn tier_verdict(
             Direction::Ingress => &c.ingress,
             Direction::Egress => &c.egress,
         };
-        for rule in rules {
+        for (index, rule) in rules.iter().enumerate() {
             let peer_ok = rule.peers.iter().any(|p| match p {
                 ClusterPeer::Namespaces(sel) => {
                     peer.is_some_and(|q| sel.matches(&ns_labels(&q.id.namespace)))
@@ -202,11 +216,46 @@ pub fn tier_verdict(
                 })
             });
             if peer_ok && port_ok {
-                return Some(rule.action);
+                return Some((&c.name, index, rule.action));
             }
         }
     }
     None
+}
+
+/// Whether NetworkPolicy isolates `pod` for `d` (some policy selects it
+/// for that direction).
+pub fn np_isolates(snap: &Snapshot, pod: &Pod, d: Direction) -> bool {
+    snap.policies
+        .values()
+        .filter_map(|s| s.in_force.as_ref())
+        .any(|p| {
+            p.id.namespace == pod.id.namespace
+                && p.pod_selector.matches(&pod.labels)
+                && rules(p, d).is_some()
+        })
+}
+
+/// The compiled entry the datapath's longest-prefix match finds for
+/// `endpoint`'s direction `d` and the peer `addr`.
+pub fn entry_at(
+    c: &Compiled,
+    endpoint: u32,
+    d: Direction,
+    addr: IpAddr,
+) -> Option<&netpol_agent::compiler::PolicyEntry> {
+    let (map, max) = match addr {
+        IpAddr::V4(_) => (&c.policy_v4, 32),
+        IpAddr::V6(_) => (&c.policy_v6, 128),
+    };
+    (0..=max).rev().find_map(|len| {
+        let prefix = ipnet::IpNet::new(addr, len).ok()?.trunc();
+        map.get(&netpol_agent::compiler::PolicyTarget {
+            endpoint,
+            direction: d,
+            prefix,
+        })
+    })
 }
 
 /// Reference: a whole connection from pod `src` to pod `dst`.

@@ -49,7 +49,7 @@ use super::hash::HashMap;
 use super::ids::{endpoint_ids, ruleset_ids};
 use super::local::{Core, core, full, insert_entry};
 use super::{
-    Compiled, Direction, EMPTY_RULESET, EndpointId, PolicyEntry, PolicyTarget, diff::frontend_diff,
+    Compiled, Direction, EMPTY_RULESET, EndpointId, PolicyTarget, diff::frontend_diff,
     frontends::frontends,
 };
 use crate::compiler::{Diff, IdAllocation, diff};
@@ -446,7 +446,7 @@ impl Compiler {
                 if ruleset != EMPTY_RULESET {
                     *self.index.refs.entry(ruleset).or_default() += 1;
                 }
-                let entry = PolicyEntry { ruleset, sources };
+                let entry = sources.entry(ruleset);
                 insert_entry(&mut new, target, entry.clone());
                 insert_entry(&mut self.out, target, entry);
             }

@@ -13,7 +13,7 @@ use super::ids::{endpoint_ids, ruleset_ids};
 use super::peers::{Peers, SelectionCache, prepare, prepare_cluster};
 use super::prefixes::{Ctx, Interner, Mode, Source, Tiered, cluster_rules_of, rules_of};
 use super::{
-    Compiled, Direction, EMPTY_RULESET, Endpoint, EndpointId, IdAllocation, PolicyEntry,
+    Compiled, Decision, Direction, EMPTY_RULESET, Endpoint, EndpointId, IdAllocation, PolicyEntry,
     PolicyTarget, RuleRef, RuleSet, frontends,
 };
 use crate::model::{
@@ -51,9 +51,28 @@ pub(super) struct PodOut {
     /// its traffic to itself through a Service is judged (by the entries
     /// of its own addresses).
     pub(super) cluster_selected: bool,
-    /// `(direction, prefix, rule set, sources)`, egress first, each
+    /// `(direction, prefix, rule set, provenance)`, egress first, each
     /// direction sorted by prefix.
-    pub(super) entries: Vec<(Direction, IpNet, u32, Arc<[RuleRef]>)>,
+    pub(super) entries: Vec<(Direction, IpNet, u32, Provenance)>,
+}
+
+/// An entry's rules and decisions ([`PolicyEntry`]'s), shared between
+/// the entries that have the same.
+#[derive(Clone, Debug)]
+pub(super) struct Provenance {
+    pub(super) rules: Arc<[RuleRef]>,
+    pub(super) decisions: Option<Arc<[Decision]>>,
+}
+
+impl Provenance {
+    /// The map value with this provenance.
+    pub(super) fn entry(self, ruleset: u32) -> PolicyEntry {
+        PolicyEntry {
+            ruleset,
+            sources: self.rules,
+            decisions: self.decisions,
+        }
+    }
 }
 
 /// The peers a policy's rules select, for the incremental compiler.
@@ -74,11 +93,13 @@ struct Group<'a> {
 
 /// `entries` (sorted by prefix) with the pod's own host prefixes `own`
 /// in place: replacing an entry of the same prefix, left out where the
-/// longest shorter entry already gives the same rule set.
+/// longest shorter entry already gives the same rule set (and, `tiered`,
+/// the same provenance: its decisions name what decides a hairpin).
 fn with_own<'e>(
     entries: &'e [(IpNet, u32, u32)],
     own: &[(IpNet, u32, u32)],
     empty: u32,
+    tiered: bool,
 ) -> std::borrow::Cow<'e, [(IpNet, u32, u32)]> {
     if own.is_empty() {
         return std::borrow::Cow::Borrowed(entries);
@@ -93,8 +114,8 @@ fn with_own<'e>(
             .iter()
             .filter(|e| super::prefixes::same_family(&e.0, &prefix) && e.0.contains(&prefix))
             .max_by_key(|e| e.0.prefix_len())
-            .map_or(empty, |e| e.1);
-        if set != inherited {
+            .map_or((empty, None), |e| (e.1, Some(e.2)));
+        if set != inherited.0 || (tiered && Some(sources) != inherited.1) {
             out.push((prefix, set, sources));
         }
     }
@@ -339,7 +360,7 @@ pub(super) fn core<'a>(
     // ports) and shared by the endpoints that have it (with the
     // contributions, for the pods' own addresses).
     let mut groups: HashMap<GroupKey, Group<'a>> = HashMap::default();
-    let mut shared: HashMap<u32, Arc<[RuleRef]>> = HashMap::default();
+    let mut shared: HashMap<u32, Provenance> = HashMap::default();
     let mut pods = Vec::with_capacity(local.len());
     for &i in &local {
         let pod = ctx.peers[i];
@@ -423,14 +444,35 @@ pub(super) fn core<'a>(
             } else {
                 Vec::new()
             };
-            for &(prefix, set, sources) in with_own(&group.entries, &own, ctx.empty).iter() {
+            for &(prefix, set, sources) in with_own(
+                &group.entries,
+                &own,
+                ctx.empty,
+                matches!(mode, Mode::Tiered { .. }),
+            )
+            .iter()
+            {
                 let src = shared
                     .entry(sources)
                     .or_insert_with(|| {
-                        ctx.source_sets[sources as usize]
-                            .iter()
-                            .map(|&r| rules[r as usize].clone())
-                            .collect()
+                        let s = &ctx.source_sets[sources as usize];
+                        let name = |list: &[u32]| -> Vec<RuleRef> {
+                            list.iter().map(|&r| rules[r as usize].clone()).collect()
+                        };
+                        Provenance {
+                            rules: name(&s.rules).into(),
+                            decisions: s.decisions.as_ref().map(|list| {
+                                list.iter()
+                                    .map(|d| Decision {
+                                        ports: d.ports.clone(),
+                                        allowed: d.allowed,
+                                        stage: d.stage,
+                                        passed: name(&d.passed),
+                                        rules: name(&d.rules),
+                                    })
+                                    .collect()
+                            }),
+                        }
                     })
                     .clone();
                 out.entries.push((d, prefix, set, src));
@@ -559,7 +601,7 @@ pub(super) fn full<'a>(
                 prefix,
             };
             let ruleset = set_ids[set as usize];
-            insert_entry(&mut out, target, PolicyEntry { ruleset, sources });
+            insert_entry(&mut out, target, sources.entry(ruleset));
         }
     }
     (out, members.then_some(core))

@@ -57,8 +57,8 @@ pub use incremental::{Changes, Compiler};
 pub use local::compile;
 pub use maps::{MapContents, MapCounts, MapOp, MapState, RawOp};
 pub use output::{
-    Compiled, Direction, Endpoint, EndpointId, IdAllocation, PolicyEntry, PolicyTarget, RuleRef,
-    Sizes, write_rule,
+    Compiled, Decision, Direction, Endpoint, EndpointId, IdAllocation, PolicyEntry, PolicyTarget,
+    RuleRef, Sizes, Stage, write_rule,
 };
 pub use ruleset::{PortPrefix, PortRange, RuleSet};
 

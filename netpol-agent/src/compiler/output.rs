@@ -252,6 +252,98 @@ pub struct PolicyEntry {
     /// `except` it is). Shared between the entries that have the same.
     #[serde(serialize_with = "serialize_rules")]
     pub sources: Arc<[RuleRef]>,
+    /// For an entry of a direction some `ClusterNetworkPolicy` applies to:
+    /// how each of its `(protocol, port)`s was decided, disjoint and
+    /// covering them all. Shared like `sources`.
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "serialize_decisions"
+    )]
+    pub decisions: Option<Arc<[Decision]>>,
+}
+
+impl PolicyEntry {
+    /// The decision covering `(protocol, port)`, for a tiered entry.
+    #[must_use]
+    pub fn decision(&self, protocol: u8, port: u16) -> Option<&Decision> {
+        self.decisions
+            .as_deref()?
+            .iter()
+            .find(|d| d.ports.allows(protocol, port))
+    }
+}
+
+fn serialize_decisions<S: serde::Serializer>(
+    r: &Option<Arc<[Decision]>>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    s.collect_seq(r.iter().flat_map(|d| d.iter()))
+}
+
+/// The stage of the tiered evaluation that decided some `(protocol,
+/// port)`s.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Stage {
+    /// An Admin rule: Accept or Deny.
+    Admin,
+    /// `NetworkPolicy` isolates the direction: its rules allow them, or
+    /// nothing does (or the peer is the pod itself, which `NetworkPolicy`
+    /// never restricts).
+    NetworkPolicy,
+    /// A Baseline rule: Accept or Deny.
+    Baseline,
+    /// No rule decided (or the last one was a Pass): allowed.
+    Default,
+}
+
+/// How some `(protocol, port)`s of the peers under a tiered entry are
+/// decided: what deny events, `explain` and the state file name.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
+pub struct Decision {
+    /// The `(protocol, port)`s it covers.
+    pub ports: RuleSet,
+    /// Whether they are allowed.
+    pub allowed: bool,
+    /// What decided.
+    pub stage: Stage,
+    /// The Pass rules that sent them on, in evaluation order.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub passed: Vec<RuleRef>,
+    /// The deciding rule (Admin, Baseline); for `NetworkPolicy`, its rules
+    /// allowing them (none: isolated, nothing allows them).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub rules: Vec<RuleRef>,
+}
+
+impl fmt::Display for Decision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let list = |rules: &[RuleRef]| {
+            rules
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let verdict = if self.allowed { "allowed" } else { "denied" };
+        if !self.passed.is_empty() {
+            write!(f, "passed by {}; then ", list(&self.passed))?;
+        }
+        match (self.stage, self.rules.is_empty()) {
+            (Stage::Admin | Stage::Baseline, _) => {
+                let action = if self.allowed { "Accept" } else { "Deny" };
+                write!(f, "{verdict} by {} ({action})", list(&self.rules))
+            }
+            (Stage::NetworkPolicy, false) => write!(f, "{verdict} by {}", list(&self.rules)),
+            (Stage::NetworkPolicy, true) if self.allowed => {
+                f.write_str("allowed: NetworkPolicy does not restrict a pod's traffic to itself")
+            }
+            (Stage::NetworkPolicy, true) => f.write_str(
+                "denied: NetworkPolicy isolates the pod and none of its rules allows it",
+            ),
+            (Stage::Default, _) => f.write_str("allowed: no rule denies it"),
+        }
+    }
 }
 
 fn serialize_rules<S: serde::Serializer>(r: &Arc<[RuleRef]>, s: S) -> Result<S::Ok, S::Error> {

@@ -9,7 +9,7 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 
 use super::peers::Prepared;
-use super::{Direction, PortRange, RuleSet, hash::HashMap};
+use super::{Direction, PortRange, RuleSet, Stage, hash::HashMap};
 use crate::model::{Action, ClusterNetworkPolicy, NetworkPolicy, Pod, Rule, Tier};
 
 /// The rule id of the contributions that make the tiered evaluation's
@@ -56,6 +56,54 @@ pub(super) enum Mode {
     },
 }
 
+/// An entry's provenance, with rule ids: see [`super::PolicyEntry`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub(super) struct Sources {
+    /// The rules it names.
+    pub(super) rules: Vec<u32>,
+    /// Tiered entries: how each `(protocol, port)` was decided.
+    pub(super) decisions: Option<Vec<RawDecision>>,
+}
+
+/// A [`super::Decision`] with rule ids.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub(super) struct RawDecision {
+    pub(super) ports: RuleSet,
+    pub(super) allowed: bool,
+    pub(super) stage: Stage,
+    pub(super) passed: Vec<u32>,
+    pub(super) rules: Vec<u32>,
+}
+
+impl RawDecision {
+    fn new(ports: RuleSet, allowed: bool, stage: Stage, passed: Vec<u32>, rules: Vec<u32>) -> Self {
+        Self {
+            ports,
+            allowed,
+            stage,
+            passed,
+            rules,
+        }
+    }
+
+    /// Decisions that differ only in their ports made one, in first-seen
+    /// order.
+    fn merged(list: Vec<Self>) -> Vec<Self> {
+        let mut out: Vec<Self> = Vec::with_capacity(list.len());
+        for d in list {
+            if let Some(o) = out.iter_mut().find(|o| {
+                (o.allowed, o.stage, &o.passed, &o.rules)
+                    == (d.allowed, d.stage, &d.passed, &d.rules)
+            }) {
+                o.ports = o.ports.union(&d.ports);
+            } else {
+                out.push(d);
+            }
+        }
+        out
+    }
+}
+
 /// A prefix some rule allows a port set on.
 pub(super) struct Contribution<'a> {
     prefix: IpNet,
@@ -95,8 +143,9 @@ pub(super) struct Ctx<'a> {
     pub(super) sets: Interner,
     /// Mode and sorted `(rule, port set)` lists → (port set, source set).
     pub(super) values: HashMap<ValueKey, (u32, u32)>,
-    pub(super) source_sets: Vec<Vec<u32>>,
-    pub(super) source_index: HashMap<Vec<u32>, u32>,
+    /// Interned provenance of entries, by the index values carry.
+    pub(super) source_sets: Vec<Sources>,
+    pub(super) source_index: HashMap<Sources, u32>,
     pub(super) empty: u32,
 }
 
@@ -395,9 +444,15 @@ impl<'a> Ctx<'a> {
                 .iter()
                 .rev()
                 .filter(|&&l| l < p.prefix_len())
-                .find_map(|&l| supernet(p, l).and_then(|q| value_of.get(&q)))
-                .map_or(self.empty, |&(s, _)| s);
-            if set != inherited {
+                .find_map(|&l| supernet(p, l).and_then(|q| value_of.get(&q)));
+            // Tiered entries also stay where only their decisions differ:
+            // a denied packet's entry names what denied it.
+            let keep = match (mode, inherited) {
+                (_, None) => set != self.empty || matches!(mode, Mode::Tiered { .. }),
+                (Mode::Union, Some(&(s, _))) => set != s,
+                (Mode::Tiered { .. }, Some(&v)) => (set, sources) != v,
+            };
+            if keep {
                 out.push((*p, set, sources));
             }
         }
@@ -427,6 +482,7 @@ impl<'a> Ctx<'a> {
     fn tiered_value(&mut self, key: &[(u32, u32)], np_isolated: bool) -> (u32, u32) {
         let mut np = RuleSet::default();
         let mut np_rules: Vec<u32> = Vec::new();
+        let mut np_sets: Vec<RuleSet> = Vec::new();
         let mut own = false;
         let mut tiered: Vec<(u32, Tier, Action, u32, u32)> = Vec::new();
         for &(rule, ports) in key {
@@ -439,8 +495,17 @@ impl<'a> Ctx<'a> {
             }
             match self.tiered.get(rule as usize).copied().flatten() {
                 None => {
-                    np = np.union(&self.sets.sets[ports as usize]);
-                    np_rules.push(rule);
+                    let set = &self.sets.sets[ports as usize];
+                    np = np.union(set);
+                    // One rule's contributions are one match (named ports).
+                    if np_rules.last() == Some(&rule) {
+                        if let Some(last) = np_sets.last_mut() {
+                            *last = last.union(set);
+                        }
+                    } else {
+                        np_rules.push(rule);
+                        np_sets.push(set.clone());
+                    }
                 }
                 Some(t) => tiered.push((t.rank, t.tier, t.action, rule, ports)),
             }
@@ -462,11 +527,13 @@ impl<'a> Ctx<'a> {
             rules.push((tier, action, rule, set.clone()));
         }
         // The rules that decided some (protocol, port) here, Pass included:
-        // what the entry names.
+        // what the entry names; and per (protocol, port), how.
         let mut deciding: Vec<u32> = Vec::new();
+        let mut decisions: Vec<RawDecision> = Vec::new();
         let mut undecided = RuleSet::allow_all();
         let mut allowed = RuleSet::default();
-        let mut passed = RuleSet::default();
+        // What Admin left or passed, with the Pass rule that passed it.
+        let mut rest: Vec<(RuleSet, Vec<u32>)> = Vec::new();
         for (tier, action, rule, set) in &rules {
             if *tier != Tier::Admin || undecided.is_empty() {
                 continue;
@@ -476,42 +543,133 @@ impl<'a> Ctx<'a> {
                 continue;
             }
             deciding.push(*rule);
-            match action {
-                Action::Accept => allowed = allowed.union(&decided),
-                Action::Deny => {}
-                Action::Pass => passed = passed.union(&decided),
-            }
             undecided = undecided.minus(&decided);
+            match action {
+                Action::Accept | Action::Deny => {
+                    let accept = *action == Action::Accept;
+                    if accept {
+                        allowed = allowed.union(&decided);
+                    }
+                    decisions.push(RawDecision::new(
+                        decided,
+                        accept,
+                        Stage::Admin,
+                        Vec::new(),
+                        vec![*rule],
+                    ));
+                }
+                Action::Pass => rest.push((decided, vec![*rule])),
+            }
         }
-        let mut rest = undecided.union(&passed);
+        if !undecided.is_empty() {
+            rest.insert(0, (undecided, Vec::new()));
+        }
         if np_isolated && own {
-            allowed = allowed.union(&rest);
+            for (set, passed) in rest {
+                allowed = allowed.union(&set);
+                decisions.push(RawDecision::new(
+                    set,
+                    true,
+                    Stage::NetworkPolicy,
+                    passed,
+                    Vec::new(),
+                ));
+            }
         } else if np_isolated {
             if !rest.is_empty() {
                 deciding.extend_from_slice(&np_rules);
             }
-            allowed = allowed.union(&rest.intersect(&np));
-        } else {
-            for (tier, action, rule, set) in &rules {
-                if *tier != Tier::Baseline || rest.is_empty() {
-                    continue;
+            for (set, passed) in rest {
+                let yes = set.intersect(&np);
+                let no = set.minus(&np);
+                if !yes.is_empty() {
+                    let by: Vec<u32> = np_rules
+                        .iter()
+                        .zip(&np_sets)
+                        .filter(|(_, s)| !yes.intersect(s).is_empty())
+                        .map(|(&r, _)| r)
+                        .collect();
+                    allowed = allowed.union(&yes);
+                    decisions.push(RawDecision::new(
+                        yes,
+                        true,
+                        Stage::NetworkPolicy,
+                        passed.clone(),
+                        by,
+                    ));
                 }
-                let decided = rest.intersect(set);
-                if decided.is_empty() {
-                    continue;
+                if !no.is_empty() {
+                    decisions.push(RawDecision::new(
+                        no,
+                        false,
+                        Stage::NetworkPolicy,
+                        passed,
+                        Vec::new(),
+                    ));
                 }
-                deciding.push(*rule);
-                if *action != Action::Deny {
-                    allowed = allowed.union(&decided);
-                }
-                rest = rest.minus(&decided);
             }
-            allowed = allowed.union(&rest);
+        } else {
+            for (mut set, passed) in rest {
+                for (tier, action, rule, rs) in &rules {
+                    if *tier != Tier::Baseline || set.is_empty() {
+                        continue;
+                    }
+                    let decided = set.intersect(rs);
+                    if decided.is_empty() {
+                        continue;
+                    }
+                    deciding.push(*rule);
+                    set = set.minus(&decided);
+                    let mut chain = passed.clone();
+                    match action {
+                        Action::Accept | Action::Deny => {
+                            let accept = *action == Action::Accept;
+                            if accept {
+                                allowed = allowed.union(&decided);
+                            }
+                            decisions.push(RawDecision::new(
+                                decided,
+                                accept,
+                                Stage::Baseline,
+                                chain,
+                                vec![*rule],
+                            ));
+                        }
+                        Action::Pass => {
+                            chain.push(*rule);
+                            allowed = allowed.union(&decided);
+                            decisions.push(RawDecision::new(
+                                decided,
+                                true,
+                                Stage::Default,
+                                chain,
+                                Vec::new(),
+                            ));
+                        }
+                    }
+                }
+                if !set.is_empty() {
+                    allowed = allowed.union(&set);
+                    decisions.push(RawDecision::new(
+                        set,
+                        true,
+                        Stage::Default,
+                        passed,
+                        Vec::new(),
+                    ));
+                }
+            }
         }
         let set = self.sets.intern(allowed);
         deciding.sort_unstable();
         deciding.dedup();
-        (set, self.source_set(deciding))
+        (
+            set,
+            self.sources(Sources {
+                rules: deciding,
+                decisions: Some(RawDecision::merged(decisions)),
+            }),
+        )
     }
 
     /// The value of the pod's own address `ip` as the peer of a hairpin
@@ -548,12 +706,19 @@ impl<'a> Ctx<'a> {
     }
 
     fn source_set(&mut self, rules: Vec<u32>) -> u32 {
-        if let Some(&s) = self.source_index.get(&rules) {
+        self.sources(Sources {
+            rules,
+            decisions: None,
+        })
+    }
+
+    fn sources(&mut self, sources: Sources) -> u32 {
+        if let Some(&s) = self.source_index.get(&sources) {
             s
         } else {
             let s = u32::try_from(self.source_sets.len()).unwrap_or(u32::MAX);
-            self.source_sets.push(rules.clone());
-            self.source_index.insert(rules, s);
+            self.source_sets.push(sources.clone());
+            self.source_index.insert(sources, s);
             s
         }
     }

@@ -5,7 +5,9 @@
 //! gives a verdict that neither the old nor the new state gives; a
 //! [`Compiler`] updated through random changes equals a full compile of
 //! each new snapshot, and so do its diffs; generations move exactly when
-//! an endpoint direction's contents do.
+//! an endpoint direction's contents do; and where a
+//! `ClusterNetworkPolicy` applies, the entry the datapath matches names
+//! the rule (and Pass chain) the reference says decided.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -14,6 +16,7 @@ use ipnet::IpNet;
 use netpol_agent::compiler::{
     Changes, Compiled, Compiler, Direction, IdAllocation, MapState, RuleSet, compile, diff,
 };
+use netpol_agent::compiler::{Decision, RuleRef, Stage};
 use netpol_agent::datapath::writer::{FakeBackend, KernelOp, MapWriter, Mirror};
 use netpol_agent::model::{
     Action, ClusterNetworkPolicy, ClusterPeer, ClusterPort, ClusterRule, ContainerPort,
@@ -24,7 +27,9 @@ use netpol_agent::model::{
 use netpol_agent::provenance::{Bound, Inputs, State};
 use netpol_agent::resume::{leftovers, resume};
 use netpol_agent::sync::unbound_entry;
-use netpol_testkit::compiler::{ICMP, reference_allows, simulate};
+use netpol_testkit::compiler::{
+    ICMP, entry_at, hairpin_judged, np_isolates, reference_allows, simulate, tier_rule,
+};
 use proptest::{prelude::*, test_runner::FileFailurePersistence};
 
 /// splitmix64: the cluster is a function of one seed, so a failing case
@@ -649,6 +654,114 @@ fn check_agrees(s: &Snapshot, c: &Compiled, r: &mut Rng) -> Result<(), TestCaseE
     Ok(())
 }
 
+/// A Tiered rule as the reference names it: `(policy, index, tier)`.
+fn named(r: &RuleRef) -> (String, usize, Option<Tier>) {
+    (r.policy.name.clone(), r.index, r.tier)
+}
+
+/// The decision the reference evaluator gives: (allowed, stage, Pass
+/// chain, deciding tiered rule), and whether NetworkPolicy decided with
+/// rules (`Some(true)`: some rule allows; `Some(false)`: none does).
+fn reference_decision(
+    s: &Snapshot,
+    pod: &Pod,
+    d: Direction,
+    a: IpAddr,
+    proto: u8,
+    port: u16,
+) -> (
+    Stage,
+    Vec<(String, usize, Option<Tier>)>,
+    Vec<(String, usize, Option<Tier>)>,
+) {
+    let name = |t: Tier, (p, i, _): (&str, usize, Action)| (p.to_owned(), i, Some(t));
+    let mut passed = Vec::new();
+    match tier_rule(s, Tier::Admin, pod, d, a, proto, port) {
+        Some(r @ (_, _, Action::Accept | Action::Deny)) => {
+            return (Stage::Admin, passed, vec![name(Tier::Admin, r)]);
+        }
+        Some(r) => passed.push(name(Tier::Admin, r)),
+        None => {}
+    }
+    if np_isolates(s, pod, d) {
+        return (Stage::NetworkPolicy, passed, Vec::new());
+    }
+    match tier_rule(s, Tier::Baseline, pod, d, a, proto, port) {
+        Some(r @ (_, _, Action::Accept | Action::Deny)) => {
+            (Stage::Baseline, passed, vec![name(Tier::Baseline, r)])
+        }
+        Some(r) => {
+            passed.push(name(Tier::Baseline, r));
+            (Stage::Default, passed, Vec::new())
+        }
+        None => (Stage::Default, passed, Vec::new()),
+    }
+}
+
+/// Where a `ClusterNetworkPolicy` decides an endpoint direction, the entry
+/// the datapath matches carries a decision for every (protocol, port),
+/// with the reference's verdict, stage, Pass chain and deciding rule; a
+/// `NetworkPolicy` decision names rules exactly when it allows (not for
+/// the pod's own address, which it never restricts).
+fn check_decisions(s: &Snapshot, c: &Compiled, r: &mut Rng) -> Result<(), TestCaseError> {
+    let addrs = probe_addresses(s, r);
+    let ports = probe_ports(r);
+    for pod in local_pods(s) {
+        let id = c.endpoints[&pod.id].id;
+        for d in [Direction::Egress, Direction::Ingress] {
+            for &a in &addrs {
+                for &(proto, port) in &ports {
+                    let (stage, passed, rules) = reference_decision(s, pod, d, a, proto, port);
+                    let entry = entry_at(c, id, d, a);
+                    let decision: Option<&Decision> = entry.and_then(|e| e.decision(proto, port));
+                    let tiered = entry.is_some_and(|e| e.decisions.is_some());
+                    let at = format!("{} {d:?} peer {a} proto {proto} port {port}", pod.id);
+                    if !tiered {
+                        // Then no ClusterNetworkPolicy rule may decide.
+                        prop_assert!(
+                            stage == Stage::NetworkPolicy
+                                || (stage == Stage::Default && passed.is_empty()),
+                            "{}: the reference has {:?} {:?} {:?}, the entry no decisions",
+                            at,
+                            stage,
+                            passed,
+                            rules
+                        );
+                        continue;
+                    }
+                    let Some(got) = decision else {
+                        return Err(TestCaseError::fail(format!("{at}: no decision")));
+                    };
+                    prop_assert_eq!(
+                        got.allowed,
+                        reference_allows(s, pod, d, a, proto, port),
+                        "{}",
+                        at
+                    );
+                    prop_assert_eq!(got.stage, stage, "{}", at);
+                    let got_passed: Vec<_> = got.passed.iter().map(named).collect();
+                    prop_assert_eq!(got_passed, passed, "{}", at);
+                    if stage == Stage::NetworkPolicy {
+                        let own = pod.ips.contains(&a) && hairpin_judged(s, pod);
+                        prop_assert_eq!(
+                            !got.rules.is_empty(),
+                            got.allowed && !own,
+                            "{}: {}",
+                            at,
+                            got
+                        );
+                        prop_assert!(got.rules.iter().all(|r| r.tier.is_none()), "{}", at);
+                    } else {
+                        let got_rules: Vec<_> = got.rules.iter().map(named).collect();
+                        prop_assert_eq!(got_rules, rules, "{}", at);
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// `cases` cases; failures are kept in `props.proptest-regressions` beside
 /// this file (the default place would be `tests/proptest-regressions/`,
 /// beside this binary's folder, as it holds a `main.rs`).
@@ -671,6 +784,7 @@ proptest! {
         let c = compile(&s, &IdAllocation::default());
         let mut r = Rng(seed ^ 0x5555);
         check_agrees(&s, &c, &mut r)?;
+        check_decisions(&s, &c, &mut r)?;
     }
 
     #[test]
