@@ -13,7 +13,8 @@ use std::{
 };
 
 use aya::maps::{MapData, RingBuf};
-use netpol_common::{DenyEvent, family, reason};
+use ipnet::IpNet;
+use netpol_common::{DenyEvent, family, protocol, reason};
 use serde::Serialize;
 use tokio::{
     io::unix::AsyncFd,
@@ -21,15 +22,22 @@ use tokio::{
 };
 
 use crate::{
-    compiler::Compiled,
+    compiler::{Compiled, Direction, PolicyTarget, Stage},
     datapath::{self, events::decode},
     model::{Map, ObjectRef, Pod, Snapshot},
     status::Metrics,
 };
 
-/// Who is behind an endpoint id or an address, as of the compile in force.
+/// Who is behind an endpoint id or an address, and which rule decided a
+/// packet, as of the compile in force.
 #[derive(Clone, Debug, Default)]
 pub struct Directory {
+    /// The compile in force (shared with the state file's writer): the
+    /// entries whose decisions name the rules.
+    compiled: Arc<Compiled>,
+    /// Its snapshot (a clone shares its maps): the policies isolating a
+    /// pod.
+    snapshot: Snapshot,
     /// Endpoint id → local pod.
     endpoints: BTreeMap<u32, ObjectRef>,
     /// The local pods.
@@ -45,7 +53,7 @@ pub struct Directory {
 impl Directory {
     /// The directory of a compiled state and the snapshot it came from.
     #[must_use]
-    pub fn new(compiled: &Compiled, snapshot: &Snapshot) -> Self {
+    pub fn new(compiled: Arc<Compiled>, snapshot: &Snapshot) -> Self {
         let endpoints: BTreeMap<u32, ObjectRef> = compiled
             .endpoints
             .iter()
@@ -53,11 +61,66 @@ impl Directory {
             .collect();
         let local = endpoints.values().cloned().collect();
         Self {
+            compiled,
+            snapshot: snapshot.clone(),
             endpoints,
             local,
             pods: snapshot.pods.clone(),
             addresses: OnceLock::new(),
         }
+    }
+
+    /// What decided a packet the policy of `endpoint`'s direction `d`
+    /// dropped: the decision of the entry the datapath matched for `peer`
+    /// where a `ClusterNetworkPolicy` applies, else the policies isolating
+    /// the pod (none of whose rules allows it). `None` for an unknown
+    /// endpoint.
+    #[must_use]
+    pub fn attribute(
+        &self,
+        endpoint: u32,
+        d: Direction,
+        peer: IpAddr,
+        protocol: u8,
+        port: u16,
+    ) -> Option<Attribution> {
+        let pod = self.endpoints.get(&endpoint)?;
+        let (map, max) = match peer {
+            IpAddr::V4(_) => (&self.compiled.policy_v4, 32),
+            IpAddr::V6(_) => (&self.compiled.policy_v6, 128),
+        };
+        let entry = (0..=max).rev().find_map(|len| {
+            let prefix = IpNet::new(peer, len).ok()?.trunc();
+            map.get(&PolicyTarget {
+                endpoint,
+                direction: d,
+                prefix,
+            })
+        });
+        if let Some(decision) = entry.and_then(|e| e.decision(protocol, port)) {
+            let names =
+                |r: &[crate::compiler::RuleRef]| r.iter().map(ToString::to_string).collect();
+            return Some(Attribution {
+                text: decision.to_string(),
+                stage: Some(decision.stage),
+                rules: names(&decision.rules),
+                passed: names(&decision.passed),
+                policies: Vec::new(),
+            });
+        }
+        let policies = crate::provenance::isolating(&self.snapshot, pod, d);
+        let text = if policies.is_empty() {
+            "isolated and no rule allows it".to_owned()
+        } else {
+            format!("isolated by {} and no rule allows it", policies.join(", "))
+        };
+        Some(Attribution {
+            text,
+            stage: None,
+            rules: Vec::new(),
+            passed: Vec::new(),
+            policies,
+        })
     }
 
     /// The local pod of an endpoint id.
@@ -87,6 +150,26 @@ impl Directory {
     pub fn is_local(&self, pod: &ObjectRef) -> bool {
         self.local.contains(pod)
     }
+}
+
+/// What decided a dropped packet ([`Directory::attribute`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Attribution {
+    /// One sentence.
+    pub text: String,
+    /// Where a `ClusterNetworkPolicy` applies: the stage that decided.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stage: Option<Stage>,
+    /// The deciding rule (`ClusterNetworkPolicy`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub rules: Vec<String>,
+    /// The Pass rules on the way, in order.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub passed: Vec<String>,
+    /// `NetworkPolicy` isolates the pod and none of its rules allows the
+    /// packet: the policies isolating it.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub policies: Vec<String>,
 }
 
 /// One dropped packet, resolved to pods.
@@ -119,6 +202,9 @@ pub struct Denial {
     /// The pod it was for (the endpoint's pod for ingress, else found by
     /// address; a Service packet carries its backend's).
     pub destination: Option<ObjectRef>,
+    /// For a policy drop (a new connection or a revoked one): what
+    /// decided it.
+    pub decided: Option<Attribution>,
 }
 
 impl Denial {
@@ -141,7 +227,23 @@ impl Denial {
         } else {
             (by_addr(src), pod.clone().or_else(|| by_addr(dst)))
         };
+        let decided = if matches!(e.reason, reason::DROP_POLICY | reason::DROP_REVOKED) {
+            let (d, peer) = if egress {
+                (Direction::Egress, dst)
+            } else {
+                (Direction::Ingress, src)
+            };
+            // Protocols without ports are looked up with port 0.
+            let port = match e.protocol {
+                protocol::TCP | protocol::UDP | protocol::SCTP => e.dport,
+                _ => 0,
+            };
+            dir.attribute(e.endpoint, d, peer, e.protocol, port)
+        } else {
+            None
+        };
         Self {
+            decided,
             timestamp_ns: e.timestamp_ns,
             direction: u32::from(e.direction),
             reason: e.reason,
@@ -269,12 +371,16 @@ fn log(d: &Denial) {
         destination = %shown(d.destination.as_ref()),
         endpoint = d.endpoint,
         ifindex = d.ifindex,
-        "denied {} {} {} -> {} ({})",
+        decided = d.decided.as_ref().map_or("", |a| a.text.as_str()),
+        "denied {} {} {} -> {} ({}{})",
         d.direction_name(),
         protocol_name(d.protocol),
         shown(d.source.as_ref()),
         shown(d.destination.as_ref()),
         d.reason_name(),
+        d.decided
+            .as_ref()
+            .map_or_else(String::new, |a| format!(": {}", a.text)),
     );
 }
 
@@ -310,7 +416,7 @@ status: {phase: Running, podIPs: [{ip: 10.2.0.2}]}
 "#,
         );
         let compiled = crate::compiler::compile(&snap, &crate::compiler::IdAllocation::default());
-        let d = Directory::new(&compiled, &snap);
+        let d = Directory::new(Arc::new(compiled.clone()), &snap);
         let (a, b) = (ObjectRef::new("x", "a"), ObjectRef::new("x", "b"));
         let id = compiled.endpoints[&a].id;
         assert_eq!(d.endpoint(id), Some(&a));
@@ -324,6 +430,8 @@ status: {phase: Running, podIPs: [{ip: 10.2.0.2}]}
         let a = ObjectRef::new("x", "a");
         let b = ObjectRef::new("y", "b");
         Directory {
+            compiled: Arc::default(),
+            snapshot: Snapshot::default(),
             endpoints: BTreeMap::from([(5, a.clone())]),
             local: BTreeSet::from([a.clone()]),
             pods: Map::new(),
@@ -388,6 +496,146 @@ status: {phase: Running, podIPs: [{ip: 10.2.0.2}]}
         assert_eq!(d.source, Some(ObjectRef::new("x", "a")));
         assert_eq!(d.destination, Some(ObjectRef::new("y", "b")));
         assert_eq!(d.dst, SocketAddr::new(dst.into(), 53));
+    }
+
+    /// Pod `x/a` on n1, `y/b` (TCP 80) and `y/c` on n2; `NetworkPolicy`
+    /// `x/np` isolates `a` for ingress allowing TCP 8080 from `y`.
+    const TIERED: &str = r"
+apiVersion: v1
+kind: Node
+metadata: {name: n1}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: x, labels: {kubernetes.io/metadata.name: x}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: y, labels: {kubernetes.io/metadata.name: y}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: a, namespace: x}
+spec: {nodeName: n1, containers: [{name: c}]}
+status: {phase: Running, podIPs: [{ip: 10.1.0.2}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: b, namespace: y, labels: {app: b}}
+spec: {nodeName: n2, containers: [{name: c}]}
+status: {phase: Running, podIPs: [{ip: 10.2.0.2}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: c, namespace: y}
+spec: {nodeName: n2, containers: [{name: c}]}
+status: {phase: Running, podIPs: [{ip: 10.2.0.3}]}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: np, namespace: x}
+spec:
+  podSelector: {}
+  ingress:
+  - from: [{namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: y}}}]
+    ports: [{port: 8080}]
+";
+
+    /// Admin: `pass-b` passes TCP 80 from `y/b`, `deny-y` denies TCP 80
+    /// from `y`.
+    const ADMIN: &str = r"
+---
+apiVersion: policy.networking.k8s.io/v1alpha2
+kind: ClusterNetworkPolicy
+metadata: {name: guard}
+spec:
+  tier: Admin
+  priority: 10
+  subject: {namespaces: {matchLabels: {kubernetes.io/metadata.name: x}}}
+  ingress:
+  - name: pass-b
+    action: Pass
+    from: [{pods: {namespaceSelector: {}, podSelector: {matchLabels: {app: b}}}}]
+    protocols: [{tcp: {destinationPort: {number: 80}}}]
+  - name: deny-y
+    action: Deny
+    from: [{namespaces: {matchLabels: {kubernetes.io/metadata.name: y}}}]
+    protocols: [{tcp: {destinationPort: {number: 80}}}]
+";
+
+    fn tcp_ingress(dir: &Directory, id: u32, from: [u8; 4], port: u16) -> Denial {
+        let mut e = event(
+            direction::INGRESS,
+            family::IPV4,
+            v4(from),
+            v4([10, 1, 0, 2]),
+        );
+        e.endpoint = id;
+        e.protocol = netpol_common::protocol::TCP;
+        e.dport = port;
+        Denial::resolve(&e, dir)
+    }
+
+    #[test]
+    fn a_policy_denial_names_the_tier_rule_the_pass_chain_or_the_isolating_policies() {
+        let snap = crate::test_support::snapshot(&format!("{TIERED}{ADMIN}"));
+        let compiled = crate::compiler::compile(&snap, &crate::compiler::IdAllocation::default());
+        let id = compiled.endpoints[&ObjectRef::new("x", "a")].id;
+        let dir = Directory::new(Arc::new(compiled), &snap);
+
+        // y/c on TCP 80: the Admin Deny.
+        let d = tcp_ingress(&dir, id, [10, 2, 0, 3], 80)
+            .decided
+            .expect("attributed");
+        assert_eq!(d.stage, Some(Stage::Admin));
+        assert_eq!(
+            d.rules,
+            ["ClusterNetworkPolicy guard (Admin): spec.ingress[1]"]
+        );
+        assert!(d.passed.is_empty() && d.policies.is_empty());
+        assert_eq!(
+            d.text,
+            "denied by ClusterNetworkPolicy guard (Admin): spec.ingress[1] (Deny)"
+        );
+
+        // y/b on TCP 80: passed to NetworkPolicy, which allows only 8080.
+        let d = tcp_ingress(&dir, id, [10, 2, 0, 2], 80)
+            .decided
+            .expect("attributed");
+        assert_eq!(d.stage, Some(Stage::NetworkPolicy));
+        assert_eq!(
+            d.passed,
+            ["ClusterNetworkPolicy guard (Admin): spec.ingress[0]"]
+        );
+        assert!(d.rules.is_empty());
+
+        // y/c on TCP 81: no Admin rule; NetworkPolicy denies.
+        let d = tcp_ingress(&dir, id, [10, 2, 0, 3], 81)
+            .decided
+            .expect("attributed");
+        assert_eq!((d.stage, d.passed.len()), (Some(Stage::NetworkPolicy), 0));
+
+        // Without the ClusterNetworkPolicy: the isolating policy.
+        let snap = crate::test_support::snapshot(TIERED);
+        let compiled = crate::compiler::compile(&snap, &crate::compiler::IdAllocation::default());
+        let id = compiled.endpoints[&ObjectRef::new("x", "a")].id;
+        let dir = Directory::new(Arc::new(compiled), &snap);
+        let d = tcp_ingress(&dir, id, [10, 2, 0, 3], 80)
+            .decided
+            .expect("attributed");
+        assert_eq!((d.stage, d.policies), (None, vec!["x/np".to_owned()]));
+        assert_eq!(d.text, "isolated by x/np and no rule allows it");
+
+        // Not a policy drop: nothing to attribute.
+        let mut e = event(
+            direction::INGRESS,
+            family::IPV4,
+            v4([10, 2, 0, 3]),
+            v4([10, 1, 0, 2]),
+        );
+        e.endpoint = id;
+        e.reason = reason::DROP_SPOOFED;
+        assert_eq!(Denial::resolve(&e, &dir).decided, None);
     }
 
     #[test]

@@ -273,6 +273,10 @@ impl PolicyEntry {
     }
 }
 
+#[allow(
+    clippy::ref_option,
+    reason = "serde's serialize_with passes the field by reference"
+)]
 fn serialize_decisions<S: serde::Serializer>(
     r: &Option<Arc<[Decision]>>,
     s: S,

@@ -5,34 +5,77 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use super::{
-    DirectionState, EndpointState, FrontendState, Inputs, PolicyEntryState, PortRangeState,
-    RemotePod, RuleSetState, RuleState, STATE_VERSION, State, frontend_kind_name,
+    ClusterPolicyState, DecisionState, DirectionState, EndpointState, FrontendState, Inputs,
+    PolicyEntryState, PortRangeState, RemotePod, RuleSetState, RuleState, STATE_VERSION, State,
+    frontend_kind_name,
 };
 use crate::{
-    compiler::{Direction, EMPTY_RULESET, RuleSet, service_frontends},
+    compiler::{Decision, Direction, EMPTY_RULESET, RuleSet, service_frontends},
     model::{ObjectRef, Protocol, Snapshot},
 };
 
+fn port_ranges(list: &[crate::compiler::PortRange]) -> Vec<PortRangeState> {
+    list.iter()
+        .map(|r| PortRangeState {
+            protocol: r.protocol.as_str().to_owned(),
+            first: r.first,
+            last: r.last,
+        })
+        .collect()
+}
+
 fn ruleset_state(id: u32, rs: &RuleSet) -> RuleSetState {
-    let ranges = |list: &[crate::compiler::PortRange]| {
-        list.iter()
-            .map(|r| PortRangeState {
-                protocol: r.protocol.as_str().to_owned(),
-                first: r.first,
-                last: r.last,
-            })
-            .collect()
-    };
     RuleSetState {
         id,
         all: rs.all,
-        ports: ranges(&rs.ranges),
-        except: ranges(&rs.except),
+        ports: port_ranges(&rs.ranges),
+        except: port_ranges(&rs.except),
     }
 }
 
+fn decision_state(d: &Decision) -> DecisionState {
+    DecisionState {
+        all: d.ports.all,
+        ports: port_ranges(&d.ports.ranges),
+        except: port_ranges(&d.ports.except),
+        allowed: d.allowed,
+        stage: d.stage,
+        passed: d.passed.iter().map(RuleState::from).collect(),
+        rules: d.rules.iter().map(RuleState::from).collect(),
+        text: d.to_string(),
+    }
+}
+
+/// The `ClusterNetworkPolicies` with rules for `d` applying to `pod`, in
+/// evaluation order.
+fn cluster_applying(snap: &Snapshot, pod: &ObjectRef, d: Direction) -> Vec<ClusterPolicyState> {
+    let Some(p) = snap.pods.get(pod) else {
+        return Vec::new();
+    };
+    let ns_labels = snap.namespace_labels(&pod.namespace);
+    let mut applying: Vec<_> = snap
+        .cluster_policies
+        .values()
+        .filter_map(|slot| slot.in_force.as_ref())
+        .filter(|c| match d {
+            Direction::Ingress => !c.ingress.is_empty(),
+            Direction::Egress => !c.egress.is_empty(),
+        })
+        .filter(|c| c.selects(&ns_labels, &p.labels))
+        .collect();
+    applying.sort_by(|a, b| a.order().cmp(&b.order()));
+    applying
+        .into_iter()
+        .map(|c| ClusterPolicyState {
+            name: c.name.clone(),
+            tier: c.tier.as_str().to_owned(),
+            priority: c.priority,
+        })
+        .collect()
+}
+
 /// `namespace/name` of the policies selecting `pod` for `d`.
-fn isolating(snap: &Snapshot, pod: &ObjectRef, d: Direction) -> Vec<String> {
+pub(crate) fn isolating(snap: &Snapshot, pod: &ObjectRef, d: Direction) -> Vec<String> {
     let Some(p) = snap.pods.get(pod) else {
         return Vec::new();
     };
@@ -63,6 +106,7 @@ impl State {
                     isolated: e.isolated(d),
                     generation: e.generation(d),
                     policies: isolating(snap, pod, d),
+                    cluster_policies: cluster_applying(snap, pod, d),
                 };
                 EndpointState {
                     pod: pod.to_string(),
@@ -87,6 +131,12 @@ impl State {
                 prefix: t.prefix,
                 ruleset: e.ruleset,
                 rules: c.sources(e).map(RuleState::from).collect(),
+                decisions: e
+                    .decisions
+                    .iter()
+                    .flat_map(|d| d.iter())
+                    .map(decision_state)
+                    .collect(),
             })
             .collect();
         let mut rulesets = vec![ruleset_state(EMPTY_RULESET, &RuleSet::default())];

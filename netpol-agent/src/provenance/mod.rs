@@ -19,12 +19,16 @@
 //!   `fingerprint` (as on `/status`), `written_unix_secs`;
 //! - `endpoints`: each local pod → endpoint id, host `ifindex` and
 //!   `interface` (absent while unbound), `addresses`, and per direction
-//!   `isolated`, `generation` and the `policies` selecting it;
+//!   `isolated`, `generation`, the `policies` selecting it and the
+//!   `cluster_policies` applying to it (in evaluation order);
 //! - `policy`: each policy-trie entry → (`endpoint`, `direction`,
 //!   `selector`, `prefix`) → `ruleset` and the `rules` (`policy`,
 //!   `direction`, `index` in `spec.ingress`/`spec.egress`) that produced
 //!   it (for an entry of rule set 1, the empty set shadowing a shorter
-//!   prefix: the rules whose `except` it is);
+//!   prefix: the rules whose `except` it is); in a direction some
+//!   `ClusterNetworkPolicy` applies to, its `decisions`: per set of
+//!   (protocol, port), `allowed`, the deciding `stage`, the Pass rules
+//!   that `passed` it on, the deciding `rules` and a `text`;
 //! - `rulesets`: each rule set → `all` or its `ports` (`protocol`, `first`,
 //!   `last`);
 //! - `frontends`: each Service frontend (`address`, `port`, `protocol`,
@@ -49,10 +53,11 @@ use netpol_common::frontend_kind;
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    compiler::{Compiled, Direction, RuleRef},
+    compiler::{Compiled, Direction, RuleRef, Stage},
     model::{ObjectRef, Protocol, Snapshot},
 };
 
+pub(crate) use build::isolating;
 pub use writer::Writer;
 
 /// Version of the state file's schema.
@@ -169,6 +174,27 @@ pub struct DirectionState {
     pub generation: u32,
     /// `namespace/name` of the policies selecting the pod for it.
     pub policies: Vec<String>,
+    /// The `ClusterNetworkPolicies` with rules for it that apply to the
+    /// pod, in evaluation order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cluster_policies: Vec<ClusterPolicyState>,
+}
+
+/// A `ClusterNetworkPolicy` applying to a pod.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterPolicyState {
+    /// Its name.
+    pub name: String,
+    /// `Admin` or `Baseline`.
+    pub tier: String,
+    /// Its priority (lower first).
+    pub priority: u16,
+}
+
+impl std::fmt::Display for ClusterPolicyState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} (priority {})", self.name, self.priority)
+    }
 }
 
 /// One policy-trie entry.
@@ -187,6 +213,62 @@ pub struct PolicyEntryState {
     pub ruleset: u32,
     /// The rules that produced it.
     pub rules: Vec<RuleState>,
+    /// Entries of a direction some `ClusterNetworkPolicy` applies to: how
+    /// each `(protocol, port)` is decided (disjoint, covering them all).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub decisions: Vec<DecisionState>,
+}
+
+impl PolicyEntryState {
+    /// The decision covering `protocol` (number) and `port`.
+    #[must_use]
+    pub fn decision(&self, protocol: u8, port: u16) -> Option<&DecisionState> {
+        self.decisions.iter().find(|d| d.covers(protocol, port))
+    }
+}
+
+/// How some `(protocol, port)`s of a tiered entry are decided
+/// ([`crate::compiler::Decision`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DecisionState {
+    /// Every protocol and port (but `except`).
+    pub all: bool,
+    /// Otherwise these ranges.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<PortRangeState>,
+    /// With `all`: the ranges it does not cover.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub except: Vec<PortRangeState>,
+    /// Whether they are allowed.
+    pub allowed: bool,
+    /// `admin`, `network_policy`, `baseline` or `default`.
+    pub stage: Stage,
+    /// The Pass rules that sent them on, in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub passed: Vec<RuleState>,
+    /// The deciding rule, or the `NetworkPolicy` rules allowing them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rules: Vec<RuleState>,
+    /// One sentence.
+    pub text: String,
+}
+
+impl DecisionState {
+    /// Whether it covers `protocol` (number) and `port`.
+    #[must_use]
+    pub fn covers(&self, protocol: u8, port: u16) -> bool {
+        let listed = |list: &[PortRangeState]| {
+            list.iter().any(|r| {
+                netpol_common::protocol::name(protocol) == Some(r.protocol.as_str())
+                    && (r.first..=r.last).contains(&port)
+            })
+        };
+        if self.all {
+            !listed(&self.except)
+        } else {
+            listed(&self.ports)
+        }
+    }
 }
 
 /// One rule of one `NetworkPolicy`.

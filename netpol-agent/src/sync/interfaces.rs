@@ -593,7 +593,7 @@ impl<D: Dataplane> SyncLoop<D> {
             Ok(true) => {
                 self.generation += 1;
                 tracing::debug!(generation = self.generation, "interfaces applied");
-                self.write_state();
+                self.write_state(None);
             }
             Ok(false) => {}
             Err(e) => self.fail("apply", format!("{e}")),

@@ -481,9 +481,16 @@ impl<D: Dataplane> SyncLoop<D> {
                 self.fingerprint = Some(fingerprint.to_string());
                 self.ready = true;
                 self.metrics.applied();
-                if let (Some(tx), Some(f)) = (&self.directory, &self.in_force) {
+                // One copy of the compile in force, for the deny events'
+                // directory and the state file's writer.
+                let shared = self
+                    .in_force
+                    .as_ref()
+                    .filter(|_| self.directory.is_some() || self.cfg.state_dir.is_some())
+                    .map(|f| Arc::new(f.compiler.compiled().clone()));
+                if let (Some(tx), Some(f), Some(c)) = (&self.directory, &self.in_force, &shared) {
                     tx.send_replace(Arc::new(crate::events::Directory::new(
-                        f.compiler.compiled(),
+                        c.clone(),
                         &f.snapshot,
                     )));
                 }
@@ -491,7 +498,7 @@ impl<D: Dataplane> SyncLoop<D> {
                 self.retry_at = None;
                 let elapsed = start.elapsed();
                 self.metrics.sync_duration.observe(elapsed.as_secs_f64());
-                self.write_state();
+                self.write_state(shared);
                 tracing::info!(
                     generation,
                     fingerprint = self.fingerprint.as_deref().unwrap_or_default(),
@@ -582,7 +589,7 @@ impl<D: Dataplane> SyncLoop<D> {
     /// pods of the endpoint ids, rules of the entries) to its writer
     /// thread. A failure is logged (once until it changes) and counted,
     /// never fatal: enforcement does not depend on it.
-    fn write_state(&mut self) {
+    fn write_state(&mut self, compiled: Option<Arc<Compiled>>) {
         let (Some(dir), Some(in_force)) = (self.cfg.state_dir.as_ref(), self.in_force.as_ref())
         else {
             return;
@@ -629,7 +636,7 @@ impl<D: Dataplane> SyncLoop<D> {
             .collect();
         // Cheap next to building and serializing the state: entries share
         // their rule lists, a snapshot clone shares its maps.
-        let compiled = in_force.compiler.compiled().clone();
+        let compiled = compiled.unwrap_or_else(|| Arc::new(in_force.compiler.compiled().clone()));
         let snapshot = in_force.snapshot.clone();
         let generation = self.generation;
         let fingerprint = self.fingerprint.clone();

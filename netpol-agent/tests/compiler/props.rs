@@ -654,8 +654,11 @@ fn check_agrees(s: &Snapshot, c: &Compiled, r: &mut Rng) -> Result<(), TestCaseE
     Ok(())
 }
 
-/// A Tiered rule as the reference names it: `(policy, index, tier)`.
-fn named(r: &RuleRef) -> (String, usize, Option<Tier>) {
+/// A rule as the reference names it: `(policy, index, tier)`.
+type Named = (String, usize, Option<Tier>);
+
+/// A tiered rule as the reference names it.
+fn named(r: &RuleRef) -> Named {
     (r.policy.name.clone(), r.index, r.tier)
 }
 
@@ -669,11 +672,7 @@ fn reference_decision(
     a: IpAddr,
     proto: u8,
     port: u16,
-) -> (
-    Stage,
-    Vec<(String, usize, Option<Tier>)>,
-    Vec<(String, usize, Option<Tier>)>,
-) {
+) -> (Stage, Vec<Named>, Vec<Named>) {
     let name = |t: Tier, (p, i, _): (&str, usize, Action)| (p.to_owned(), i, Some(t));
     let mut passed = Vec::new();
     match tier_rule(s, Tier::Admin, pod, d, a, proto, port) {

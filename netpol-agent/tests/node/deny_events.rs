@@ -16,7 +16,7 @@ use netpol_testkit::{
     Netns,
     agent::{DEADLINE, Running, count, http_get, interface},
     datapath::TempBpffs,
-    echo::pings,
+    echo::{connects, pings},
     manifests::{BASE, Manifests, pod_manifest},
     privileged,
     topology::{Pod, Topology, node, pod},
@@ -458,7 +458,9 @@ fn log_denied_writes_each_denial_with_both_pods_to_the_agents_log() {
     };
     let f = &line["fields"];
     assert_eq!(
-        f["message"], "denied ingress icmp x/b -> x/a (drop_policy)",
+        f["message"],
+        "denied ingress icmp x/b -> x/a (drop_policy: isolated by x/a-only-from-nobody and no \
+         rule allows it)",
         "{line:#}"
     );
     assert_eq!(
@@ -473,4 +475,66 @@ fn log_denied_writes_each_denial_with_both_pods_to_the_agents_log() {
         let shown = f[field].as_str().unwrap_or_default();
         assert!(shown.starts_with(&format!("{addr}:")), "{field}: {line:#}");
     }
+
+    // With a ClusterNetworkPolicy: the line names the deciding Admin rule,
+    // or the Pass that sent the packet on to NetworkPolicy.
+    m.write("guard.yaml", GUARD);
+    agent.wait_enforced(&m, &[&a.host_if, &b.host_if]);
+    let decided = |port: u16| {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            assert!(
+                !connects(&b.ns, a.v4, port, Duration::from_millis(200)),
+                "b → a TCP {port} is denied"
+            );
+            let found = agent
+                .log()
+                .lines()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .filter(|v| v["target"] == "netpol::denied")
+                .find(|v| {
+                    v["fields"]["dst"]
+                        .as_str()
+                        .is_some_and(|d| d == format!("{}:{port}", a.v4))
+                });
+            if let Some(v) = found {
+                break v["fields"]["decided"].clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no deny line for TCP {port} in the log:\n{}",
+                agent.log()
+            );
+        }
+    };
+    assert_eq!(
+        decided(80),
+        "denied by ClusterNetworkPolicy guard (Admin): spec.ingress[1] (Deny)"
+    );
+    assert_eq!(
+        decided(81),
+        "passed by ClusterNetworkPolicy guard (Admin): spec.ingress[0]; then denied: \
+         NetworkPolicy isolates the pod and none of its rules allows it"
+    );
 }
+
+/// Admin, for `a`'s ingress: rule 0 passes TCP 81 from every pod (to
+/// `NetworkPolicy`, which isolates `a`), rule 1 denies everything from
+/// `b`.
+const GUARD: &str = r#"
+apiVersion: policy.networking.k8s.io/v1alpha2
+kind: ClusterNetworkPolicy
+metadata: {name: guard}
+spec:
+  tier: Admin
+  priority: 1
+  subject: {pods: {namespaceSelector: {}, podSelector: {matchLabels: {app: a}}}}
+  ingress:
+  - name: pass-81
+    action: Pass
+    from: [{namespaces: {}}]
+    protocols: [{tcp: {destinationPort: {number: 81}}}]
+  - name: deny-b
+    action: Deny
+    from: [{pods: {namespaceSelector: {}, podSelector: {matchLabels: {app: b}}}}]
+"#;

@@ -500,3 +500,101 @@ fn inspect_and_explain_name_pods_and_rules_from_live_maps_and_outlive_the_agent(
     check_inspect_and_explain(&w, true);
     drop(conn);
 }
+
+/// Admin, for b's ingress: rule 0 passes TCP 81 from every namespace (to
+/// `x/b-from-a`, which allows only TCP 80), rule 1 denies everything from
+/// c.
+const GUARD: &str = r#"
+apiVersion: policy.networking.k8s.io/v1alpha2
+kind: ClusterNetworkPolicy
+metadata: {name: guard}
+spec:
+  tier: Admin
+  priority: 1
+  subject: {pods: {namespaceSelector: {}, podSelector: {matchLabels: {app: b}}}}
+  ingress:
+  - name: pass-81
+    action: Pass
+    from: [{namespaces: {}}]
+    protocols: [{tcp: {destinationPort: {number: 81}}}]
+  - name: deny-c
+    action: Deny
+    from: [{pods: {namespaceSelector: {}, podSelector: {matchLabels: {app: c}}}}]
+"#;
+
+#[test]
+fn a_cluster_network_policy_is_shown_in_tiers_and_explain_names_its_decisions() {
+    if !privileged() {
+        return;
+    }
+    let mut w = World::new();
+    w._manifests.write("20-guard.yaml", GUARD);
+    w.agent
+        .wait_enforced(&w._manifests, &[&w.a.host_if, &w.b.host_if, &w.c.host_if]);
+    wait_state(&w.state.0, &w.agent.fingerprint(&w._manifests), 3);
+    let mut cases = Vec::new();
+    for fam in [0usize, 1] {
+        let b = w.b.addresses()[fam];
+        let at = |port| SocketAddr::new(b, port);
+        cases.push(Case::echo(&w.a.ns, Proto::Tcp, at(80), true));
+        cases.push(Case::echo(&w.a.ns, Proto::Tcp, at(81), false));
+        cases.push(Case::echo(&w.c.ns, Proto::Tcp, at(80), false));
+    }
+    expect("probes", cases);
+
+    for fam in [4, 6] {
+        let (code, e) = w.explain("x/c", "x/b", "tcp/80", fam);
+        assert_eq!(code, 1, "{e:#}");
+        let ing = &e["ingress"];
+        assert_eq!(ing["entry"]["decision"]["stage"], "admin", "{e:#}");
+        assert!(
+            ing["text"].as_str().is_some_and(|t| t.starts_with(
+                "denied by ClusterNetworkPolicy guard (Admin): spec.ingress[1] (Deny)"
+            )),
+            "{e:#}"
+        );
+        let (code, e) = w.explain("x/a", "x/b", "tcp/81", fam);
+        assert_eq!(code, 1, "{e:#}");
+        assert!(
+            e["ingress"]["text"].as_str().is_some_and(|t| t.starts_with(
+                "passed by ClusterNetworkPolicy guard (Admin): spec.ingress[0]; then denied: \
+                 NetworkPolicy isolates the pod"
+            )),
+            "{e:#}"
+        );
+        let (code, e) = w.explain("x/a", "x/b", "tcp/80", fam);
+        assert_eq!(code, 0, "{e:#}");
+        assert_eq!(e["ingress"]["entry"]["decision"]["stage"], "network_policy");
+        assert!(
+            e["ingress"]["text"]
+                .as_str()
+                .is_some_and(|t| t.starts_with("allowed by x/b-from-a: spec.ingress[0]")),
+            "{e:#}"
+        );
+    }
+
+    let doc = w.json(&["inspect", "policy", "x/b", "--ingress"]);
+    let dir = &doc["directions"][0];
+    assert_eq!(dir["cluster_policies"][0]["name"], "guard", "{doc:#}");
+    assert_eq!(dir["cluster_policies"][0]["tier"], "Admin", "{doc:#}");
+    let (code, out) = netpol(
+        w.bpffs.path(),
+        &w.state.0,
+        &["inspect", "policy", "x/b", "--ingress"],
+    );
+    assert_eq!(code, 0, "{out}");
+    for want in [
+        "ingress: judged in tiers",
+        "Admin: ClusterNetworkPolicy guard (priority 1)",
+        "NetworkPolicy: x/b-from-a",
+        "Baseline: -",
+        "denied by ClusterNetworkPolicy guard (Admin): spec.ingress[1] (Deny)",
+        "passed by ClusterNetworkPolicy guard (Admin): spec.ingress[0]; then denied: \
+         NetworkPolicy isolates the pod",
+    ] {
+        assert!(out.contains(want), "{want:?} missing from:\n{out}");
+    }
+    // Only a NetworkPolicy except makes an entry of rule set 1 an except.
+    assert!(!out.contains("except of"), "{out}");
+    w.agent.kill();
+}

@@ -189,6 +189,27 @@ pub fn why(answer: &serde_json::Value) -> String {
     }
 }
 
+/// Whether a side of an explain answer that policy judged names what
+/// decided it: the `ClusterNetworkPolicy` decision of its entry (agreeing
+/// with the kernel), else the rules of the entry that allowed it, or the
+/// policies isolating it.
+fn names_decider(j: &serde_json::Value) -> bool {
+    if j["reason"] != "pass_policy" && j["reason"] != "drop_policy" {
+        return true;
+    }
+    let nonempty = |v: &serde_json::Value| v.as_array().is_some_and(|a| !a.is_empty());
+    let decision = &j["entry"]["decision"];
+    if !decision.is_null() {
+        return decision["allowed"] == j["allowed"]
+            && decision["text"].as_str().is_some_and(|t| !t.is_empty());
+    }
+    if j["allowed"] == true {
+        nonempty(&j["entry"]["rules"])
+    } else {
+        nonempty(&j["policies"])
+    }
+}
+
 /// What an interrupted run must remove: Ctrl-C (SIGINT/SIGTERM) ends the
 /// process without running destructors, so the handler removes these.
 #[derive(Default)]
@@ -825,13 +846,19 @@ pub fn scenarios_on(
                 for ((_, want, listens, label), a) in checks.into_iter().zip(answers) {
                     // The kernel's verdict, and a server to answer.
                     let allowed = a["verdict"] == "allowed";
-                    if a["error"].is_null() && (allowed && listens) == want {
+                    let named = names_decider(&a["egress"]) && names_decider(&a["ingress"]);
+                    if a["error"].is_null() && (allowed && listens) == want && named {
                         explained.passed += 1;
                     } else {
                         explained.failed += 1;
                         lines.push(format!(
-                            "{label}, explain says {}: {}",
+                            "{label}, explain says {}{}: {}",
                             a["verdict"].as_str().unwrap_or("nothing"),
+                            if named {
+                                ""
+                            } else {
+                                " and names nothing that decided"
+                            },
                             why(&a)
                         ));
                     }

@@ -7,7 +7,7 @@ use anyhow::Context as _;
 use netpol_agent::{
     compiler::Direction,
     inspect::{LiveEndpoint, LiveEntry, LiveMaps, Maps as _, ports_text, rulesets},
-    provenance::State,
+    provenance::{ClusterPolicyState, DecisionState, State},
 };
 use serde::Serialize;
 
@@ -29,6 +29,8 @@ struct PolicyDirection {
     direction: Direction,
     isolated: bool,
     policies: Vec<String>,
+    /// `ClusterNetworkPolicies` applying, in evaluation order.
+    cluster_policies: Vec<ClusterPolicyState>,
     entries: Vec<PolicyRow>,
 }
 
@@ -46,8 +48,38 @@ struct PolicyRow {
     ports: Vec<netpol_agent::inspect::PortRun>,
     ports_text: String,
     rules: Vec<String>,
+    /// Where a `ClusterNetworkPolicy` applies: how each set of (protocol,
+    /// port) is decided.
+    decisions: Vec<DecisionRow>,
     /// The state file has no such entry (older or newer than the maps).
     stale: bool,
+}
+
+#[derive(Serialize)]
+struct DecisionRow {
+    ports_text: String,
+    allowed: bool,
+    text: String,
+}
+
+/// The ports of a decision, as rule sets print.
+fn decision_ports(d: &DecisionState) -> String {
+    let list = |ports: &[netpol_agent::provenance::PortRangeState]| {
+        ports
+            .iter()
+            .map(|p| match (p.first, p.last) {
+                (0, u16::MAX) => format!("{} all ports", p.protocol),
+                (a, b) if a == b => format!("{} {a}", p.protocol),
+                (a, b) => format!("{} {a}-{b}", p.protocol),
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    match (d.all, d.except.is_empty()) {
+        (true, true) => "all protocols and ports".to_owned(),
+        (true, false) => format!("all protocols and ports except {}", list(&d.except)),
+        (false, _) => list(&d.ports),
+    }
 }
 
 /// The live endpoint of `pod`: `namespace/name` (state file), an address,
@@ -121,6 +153,9 @@ pub(super) fn policy(
             policies: st
                 .map(|s| s.direction(d).policies.clone())
                 .unwrap_or_default(),
+            cluster_policies: st
+                .map(|s| s.direction(d).cluster_policies.clone())
+                .unwrap_or_default(),
             entries: entries
                 .iter()
                 .filter(|(_, e)| e.direction == d)
@@ -144,6 +179,18 @@ pub(super) fn policy(
                         ports: runs,
                         rules: recorded
                             .map(|r| r.rules.iter().map(ToString::to_string).collect())
+                            .unwrap_or_default(),
+                        decisions: recorded
+                            .map(|r| {
+                                r.decisions
+                                    .iter()
+                                    .map(|d| DecisionRow {
+                                        ports_text: decision_ports(d),
+                                        allowed: d.allowed,
+                                        text: d.text.clone(),
+                                    })
+                                    .collect()
+                            })
                             .unwrap_or_default(),
                         stale: state.is_some() && recorded.is_none(),
                     }
@@ -182,15 +229,46 @@ pub(super) fn policy_table(doc: &PolicyDoc) -> String {
             );
             continue;
         }
-        let _ = writeln!(
-            s,
-            "\n{field}: isolated by {}",
-            if d.policies.is_empty() {
-                "policies the state file does not name".to_owned()
-            } else {
-                d.policies.join(", ")
+        let isolating = if d.policies.is_empty() {
+            "policies the state file does not name".to_owned()
+        } else {
+            d.policies.join(", ")
+        };
+        if d.cluster_policies.is_empty() {
+            let _ = writeln!(s, "\n{field}: isolated by {isolating}");
+        } else {
+            // The tiers in evaluation order, NetworkPolicy between them.
+            let tier = |t: &str| {
+                d.cluster_policies
+                    .iter()
+                    .filter(|c| c.tier == t)
+                    .map(|c| format!("ClusterNetworkPolicy {c}"))
+                    .collect::<Vec<_>>()
+            };
+            let _ = writeln!(s, "\n{field}: judged in tiers");
+            for (name, list) in [
+                ("Admin", tier("Admin")),
+                (
+                    "NetworkPolicy",
+                    if d.policies.is_empty() {
+                        Vec::new()
+                    } else {
+                        d.policies.clone()
+                    },
+                ),
+                ("Baseline", tier("Baseline")),
+            ] {
+                let _ = writeln!(
+                    s,
+                    "  {name}: {}",
+                    if list.is_empty() {
+                        "-".to_owned()
+                    } else {
+                        list.join(", ")
+                    }
+                );
             }
-        );
+        }
         if d.entries.is_empty() {
             let _ = writeln!(s, "  no entry: every peer is denied");
             continue;
@@ -213,12 +291,20 @@ pub(super) fn policy_table(doc: &PolicyDoc) -> String {
                     "-"
                 }
                 .to_owned()
-            } else if e.ruleset == netpol_agent::compiler::EMPTY_RULESET {
+            } else if e.ruleset == netpol_agent::compiler::EMPTY_RULESET && e.decisions.is_empty() {
                 format!("except of {}", e.rules.join("; "))
             } else {
                 e.rules.join("; ")
             };
             rows.push([peer, e.ruleset.to_string(), e.ports_text.clone(), rules]);
+            for dec in &e.decisions {
+                rows.push([
+                    String::new(),
+                    String::new(),
+                    format!("  {}", dec.ports_text),
+                    dec.text.clone(),
+                ]);
+            }
         }
         s.push_str(&columns(&rows));
     }

@@ -9,6 +9,7 @@ use serde::Serialize;
 
 use super::super::InspectError;
 use crate::compiler::Direction;
+use crate::provenance::DecisionState;
 
 /// Why a query could not be answered.
 #[derive(Debug, thiserror::Error)]
@@ -120,6 +121,10 @@ pub struct Matched {
     /// The state file has no such entry, or another rule set for it (it
     /// is older or newer than the maps): `rules` may be missing.
     pub stale: bool,
+    /// For a direction some `ClusterNetworkPolicy` applies to: how the
+    /// entry decides the queried protocol and port (state file).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub decision: Option<DecisionState>,
 }
 
 /// One direction's judgement.
@@ -218,12 +223,15 @@ impl Explanation {
     /// The `NetworkPolicy` rules that allow it (empty unless a side was
     /// allowed by a rule).
     #[must_use]
-    pub fn allowing_rules(&self) -> Vec<&str> {
+    pub fn allowing_rules(&self) -> Vec<String> {
         [&self.egress, &self.ingress]
             .into_iter()
             .filter(|j| j.allowed && j.reason == reason::name(reason::PASS_POLICY))
             .filter_map(|j| j.entry.as_ref())
-            .flat_map(|m| m.rules.iter().map(String::as_str))
+            .flat_map(|m| match &m.decision {
+                Some(d) => d.rules.iter().map(ToString::to_string).collect(),
+                None => m.rules.clone(),
+            })
             .collect()
     }
 }

@@ -457,7 +457,16 @@ impl<'a> Explainer<'a> {
         }
         let selector = policy_selector(live.info.id, d.raw());
         let ruleset = self.maps.policy_lookup(selector, peer)?;
-        let entry = ruleset.map(|rs| self.matched(live.info, d, selector, peer, rs, notes));
+        let entry = ruleset.map(|rs| {
+            self.matched(
+                live.info,
+                d,
+                selector,
+                (peer, q.protocol, q.port),
+                rs,
+                notes,
+            )
+        });
         let allowed = match ruleset {
             Some(rs) => self.maps.port_allows(rs, q.protocol, q.port)?,
             None => false,
@@ -468,41 +477,55 @@ impl<'a> Explainer<'a> {
             format!("isolated by {}", policies.join(", "))
         };
         let what = format!("{}/{}", protocol_name(q.protocol), q.port);
-        let text = match (&entry, allowed) {
-            (Some(m), true) => format!(
-                "allowed by {} (entry {} -> rule set {}: {})",
-                if m.rules.is_empty() {
-                    "a rule the state file does not name".to_owned()
-                } else {
-                    m.rules.join(", ")
-                },
-                m.prefix,
-                m.ruleset,
-                m.ports
-            ),
-            (Some(m), false) if m.ruleset == EMPTY_RULESET => format!(
-                "{isolated_by} and no rule matches: {peer} falls in {}, an except of {}",
-                m.prefix,
-                if m.rules.is_empty() {
-                    "a rule".to_owned()
-                } else {
-                    m.rules.join(", ")
+        let decided = entry.as_ref().and_then(|m| {
+            let d = m.decision.as_ref()?;
+            // The maps decide; the state file only names.
+            (d.allowed == allowed).then(|| {
+                format!(
+                    "{} (entry {} -> rule set {}: {})",
+                    d.text, m.prefix, m.ruleset, m.ports
+                )
+            })
+        });
+        let text = if let Some(t) = decided {
+            t
+        } else {
+            match (&entry, allowed) {
+                (Some(m), true) => format!(
+                    "allowed by {} (entry {} -> rule set {}: {})",
+                    if m.rules.is_empty() {
+                        "a rule the state file does not name".to_owned()
+                    } else {
+                        m.rules.join(", ")
+                    },
+                    m.prefix,
+                    m.ruleset,
+                    m.ports
+                ),
+                (Some(m), false) if m.ruleset == EMPTY_RULESET => format!(
+                    "{isolated_by} and no rule matches: {peer} falls in {}, an except of {}",
+                    m.prefix,
+                    if m.rules.is_empty() {
+                        "a rule".to_owned()
+                    } else {
+                        m.rules.join(", ")
+                    }
+                ),
+                (Some(m), false) => format!(
+                    "{isolated_by} and no rule matches: entry {} -> rule set {} ({}{}) does not \
+                     allow {what}",
+                    m.prefix,
+                    m.ruleset,
+                    m.ports,
+                    if m.rules.is_empty() {
+                        String::new()
+                    } else {
+                        format!(", from {}", m.rules.join(", "))
+                    }
+                ),
+                (None, _) => {
+                    format!("{isolated_by} and no rule matches: no entry covers {peer}")
                 }
-            ),
-            (Some(m), false) => format!(
-                "{isolated_by} and no rule matches: entry {} -> rule set {} ({}{}) does not \
-                 allow {what}",
-                m.prefix,
-                m.ruleset,
-                m.ports,
-                if m.rules.is_empty() {
-                    String::new()
-                } else {
-                    format!(", from {}", m.rules.join(", "))
-                }
-            ),
-            (None, _) => {
-                format!("{isolated_by} and no rule matches: no entry covers {peer}")
             }
         };
         Ok(Judgement {
@@ -530,7 +553,7 @@ impl<'a> Explainer<'a> {
         info: EndpointInfo,
         d: Direction,
         selector: u32,
-        peer: IpAddr,
+        (peer, protocol, port): (IpAddr, u8, u16),
         ruleset: u32,
         notes: &mut Vec<String>,
     ) -> Matched {
@@ -557,6 +580,7 @@ impl<'a> Explainer<'a> {
                 ports,
                 rules: Vec::new(),
                 stale: true,
+                decision: None,
             };
         };
         let recorded = self
@@ -581,6 +605,7 @@ impl<'a> Explainer<'a> {
                 .map(|e| e.rules.iter().map(ToString::to_string).collect())
                 .unwrap_or_default(),
             stale: recorded.is_none(),
+            decision: recorded.and_then(|e| e.decision(protocol, port)).cloned(),
         }
     }
 }
