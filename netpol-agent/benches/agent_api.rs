@@ -229,6 +229,22 @@ fn receiver_policy(from: &str) -> Value {
     })
 }
 
+/// Admin, for r's ingress: `action` on UDP `PORT` from the pods labelled
+/// `s-denied` (which r's `NetworkPolicy` does not allow).
+fn receiver_guard(action: &str) -> Value {
+    json!({
+        "apiVersion": "policy.networking.k8s.io/v1alpha2", "kind": "ClusterNetworkPolicy",
+        "metadata": {"name": "r-guard"},
+        "spec": {"tier": "Admin", "priority": 10,
+                 "subject": {"pods": {"namespaceSelector": {},
+                                      "podSelector": {"matchLabels": {"app": "r"}}}},
+                 "ingress": [{"name": "s", "action": action,
+                              "from": [{"pods": {"namespaceSelector": {},
+                                                 "podSelector": {"matchLabels": {"app": "s-denied"}}}}],
+                              "protocols": [{"udp": {"destinationPort": {"number": PORT}}}]}]}
+    })
+}
+
 /// The fake API server on a runtime of its own, in the node's namespace.
 struct Api {
     fake: FakeApiServer,
@@ -614,6 +630,14 @@ fn changes() -> (Vec<Change>, Value) {
         &|| {
             api.fake.delete("Pod", "bench", "n");
         },
+    );
+    // s is labelled s-denied again: an Admin Accept lets it in, a Deny
+    // (the same object edited) shuts it out.
+    run(
+        "one ClusterNetworkPolicy edit",
+        s.v4,
+        &|| api.fake.apply(receiver_guard("Accept")),
+        &|| api.fake.apply(receiver_guard("Deny")),
     );
     stop.store(true, Ordering::Relaxed);
     let summary = json!({"pods": size.pods, "policies": size.policies,

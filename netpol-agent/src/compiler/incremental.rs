@@ -32,9 +32,10 @@
 //!   selector is evaluated) and diffed.
 //! - A pod or a Node, when `ClusterNetworkPolicies` apply to local pods:
 //!   those pods too (their tiered entries are recomputed whole).
-//! - A namespace, a `ClusterNetworkPolicy`, the local node or which node
-//!   is local: everything (a full compile), as for a batch of more than
-//!   512 pods and policies.
+//! - A `ClusterNetworkPolicy`: the local pods any `ClusterNetworkPolicy`
+//!   applied to, and those it applies to now.
+//! - A namespace, the local node or which node is local: everything (a
+//!   full compile), as for a batch of more than 512 pods and policies.
 //!
 //! Only those pods' endpoints and entries are recomputed, spliced into the
 //! kept output, and diffed. The result is equal, value for value, to
@@ -76,7 +77,7 @@ pub struct Changes {
     pub nodes: BTreeSet<String>,
     /// Services: their frontends.
     pub services: BTreeSet<ObjectRef>,
-    /// `ClusterNetworkPolicies`: a full compile.
+    /// `ClusterNetworkPolicies` by name.
     pub cluster_policies: BTreeSet<String>,
     /// Anything else (the local node setting, a resync): a full compile.
     pub everything: bool,
@@ -256,7 +257,6 @@ impl Compiler {
         if changes.everything
             || changes.pods.len() + changes.policies.len() > FULL_COMPILE_ABOVE
             || !changes.namespaces.is_empty()
-            || !changes.cluster_policies.is_empty()
             || node.is_none()
             || node != self.out.node.as_deref()
             || node.is_some_and(|n| changes.nodes.contains(n))
@@ -323,10 +323,36 @@ impl Compiler {
                 }
             }
         }
-        if !changes.pods.is_empty() || !changes.nodes.is_empty() {
+        if !changes.pods.is_empty()
+            || !changes.nodes.is_empty()
+            || !changes.cluster_policies.is_empty()
+        {
             // Tiered entries depend on every pod and Node their rules'
-            // peers may select.
+            // peers may select, and on every ClusterNetworkPolicy that
+            // applies (their order decides): the pods some applied to.
             out.extend(self.index.cluster_selected.iter().cloned());
+        }
+        // And the pods a changed ClusterNetworkPolicy applies to now.
+        for name in &changes.cluster_policies {
+            let Some(c) = snap
+                .cluster_policies
+                .get(name)
+                .and_then(|s| s.in_force.as_ref())
+            else {
+                continue;
+            };
+            let mut ns_labels: BTreeMap<&str, crate::model::Labels> = BTreeMap::new();
+            for id in self.out.endpoints.keys() {
+                let Some(pod) = snap.pods.get(id) else {
+                    continue;
+                };
+                let labels = ns_labels
+                    .entry(id.namespace.as_str())
+                    .or_insert_with(|| snap.namespace_labels(&id.namespace));
+                if c.selects(labels, &pod.labels) {
+                    out.insert(id.clone());
+                }
+            }
         }
         if changes.pods.is_empty() {
             return out;
