@@ -254,7 +254,8 @@ fn bench(c: &mut Criterion) {
         .collect();
     edits.sort();
     eprintln!(
-        "one ClusterNetworkPolicy edit: Compiler::update (a full compile + diff): median of 5 {:?}",
+        "one ClusterNetworkPolicy edit: Compiler::update (every local pod some ClusterNetworkPolicy \
+         applies to) + diff: median of 5 {:?}",
         edits[2]
     );
 

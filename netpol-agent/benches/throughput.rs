@@ -16,7 +16,10 @@
 //! Configurations: no filtering (twice: the second, `none-b`, is the A/A
 //! control that shows how finely the bench resolves), netpol (programs on
 //! both host veths; a second netpol lane, `netpol-10`, keeps 10 entries
-//! throughout, so that N entries are compared with 10 inside each cycle),
+//! throughout, so that N entries are compared with 10 inside each cycle;
+//! a third, `netpol-cnp`, has the same policies plus 100
+//! `ClusterNetworkPolicies` applying to both pods, compared with `netpol`
+//! inside each cycle),
 //! and the baseline restored by `iptables-nft-restore`
 //! and by `iptables-legacy-restore`. Each configuration has a topology of
 //! its own (a lane: node namespace, server, client), all built alike, so
@@ -64,17 +67,93 @@ const TESTS: [&str; 3] = ["tcp_rr", "tcp_crr", "tcp_stream"];
 /// `netpol-10` holds 10 entries throughout: `netpol` at N entries is
 /// compared with it inside each cycle ([`OVER_10`]), not across the
 /// minutes between the sizes' runs.
-const CONFIGS: [&str; 6] = [
+const CONFIGS: [&str; 7] = [
     "none",
     "none-b",
     "netpol",
     "netpol-10",
+    "netpol-cnp",
     "iptables-nft",
     "iptables-legacy",
 ];
 const FAMILIES: [&str; 2] = ["ipv4", "ipv6"];
 /// The samples of `netpol` ÷ `netpol-10`, each from one cycle.
 const OVER_10: &str = "netpol-over-10";
+/// The samples of `netpol-cnp` (the same policies plus
+/// [`CLUSTER_POLICIES`] `ClusterNetworkPolicies` applying to both pods) ÷
+/// `netpol`, each from one cycle.
+const CNP_OVER_NETPOL: &str = "netpol-cnp-over-netpol";
+/// `ClusterNetworkPolicies` of the `netpol-cnp` lane.
+const CLUSTER_POLICIES: usize = 100;
+
+/// `snap` plus [`CLUSTER_POLICIES`] `ClusterNetworkPolicies` of 25 rules
+/// per direction applying to every pod, both tiers, Accept/Deny/Pass in
+/// turn, their peers networks of 198.18.0.0/15 and 2001:db8::/32 (none
+/// the pair's), their ports none, TCP 443 + UDP 53, or a TCP range: every
+/// connection of the pair goes through both tiers to `NetworkPolicy`.
+fn with_cluster_policies(snap: &Snapshot) -> Snapshot {
+    use netpol_agent::model::{
+        Action, ClusterNetworkPolicy, ClusterPeer, ClusterPort, ClusterRule, Protocol, Subject,
+        Tier,
+    };
+    let mut s = snap.clone();
+    for i in 0..CLUSTER_POLICIES {
+        let rule = |k: usize| {
+            let n = i * 50 + k;
+            let ports = match n % 3 {
+                0 => None,
+                1 => Some(vec![
+                    ClusterPort::Ports {
+                        protocol: Protocol::Tcp,
+                        first: 443,
+                        last: 443,
+                    },
+                    ClusterPort::Ports {
+                        protocol: Protocol::Udp,
+                        first: 53,
+                        last: 53,
+                    },
+                ]),
+                _ => Some(vec![ClusterPort::Ports {
+                    protocol: Protocol::Tcp,
+                    first: 1000,
+                    last: 3000,
+                }]),
+            };
+            ClusterRule {
+                name: format!("r{k}"),
+                action: [Action::Accept, Action::Deny, Action::Pass][n % 3],
+                peers: vec![ClusterPeer::Networks(vec![
+                    format!("198.18.{}.{}/32", n / 256 % 256, n % 256)
+                        .parse()
+                        .expect("cidr"),
+                    format!("2001:db8::{n:x}/128").parse().expect("cidr"),
+                ])],
+                ports,
+            }
+        };
+        let p = ClusterNetworkPolicy {
+            name: format!("cnp-{i}"),
+            tier: if i % 2 == 0 {
+                Tier::Admin
+            } else {
+                Tier::Baseline
+            },
+            priority: u16::try_from(i).unwrap_or(0),
+            subject: Subject::Namespaces(LabelSelector::default()),
+            ingress: (0..25).map(rule).collect(),
+            egress: (25..50).map(rule).collect(),
+        };
+        s.cluster_policies.insert(
+            p.name.clone(),
+            PolicySlot {
+                in_force: Some(p),
+                errors: Vec::new(),
+            },
+        );
+    }
+    s
+}
 
 fn rounds() -> usize {
     std::env::var("NETPOL_BENCH_ROUNDS")
@@ -493,12 +572,19 @@ fn main() {
     };
     let netpol = lane("netpol");
     let reference = lane("netpol-10");
+    let tiered = lane("netpol-cnp");
     let bpffs = TempBpffs::new();
     let bpffs_10 = TempBpffs::new();
+    let bpffs_cnp = TempBpffs::new();
     let snaps: Vec<Snapshot> = SIZES
         .iter()
         .map(|&n| snapshot(&netpol.server, &netpol.client, n))
         .collect();
+    let snaps_cnp: Vec<Snapshot> = snaps.iter().map(with_cluster_policies).collect();
+    // Attached from the start, policies written per size below (the same
+    // addresses in every lane: one snapshot describes them all).
+    let (mut dp_cnp, ifaces_cnp) = tiered.enforce(&bpffs_cnp, &Compiled::default());
+    let mut written_cnp = Compiled::default();
 
     // samples[(size, family, test, config)]: one (rate, ratio to the same
     // cycle's no-filter run) per cycle.
@@ -518,7 +604,7 @@ fn main() {
             .position(|c| *c == name)
             .expect("a configuration")
     };
-    let (at_netpol, at_reference) = (at("netpol"), at("netpol-10"));
+    let (at_netpol, at_reference, at_cnp) = (at("netpol"), at("netpol-10"), at("netpol-cnp"));
     netpol.node.run(|| {
         // Attached from the start, policies written per size below.
         let (mut dp, ifaces) = netpol.enforce(&bpffs, &Compiled::default());
@@ -531,6 +617,17 @@ fn main() {
                 let ops: Vec<_> = compiler::diff(&written, &compiled).raw().collect();
                 dp.writer().apply(&ops, &ifaces).expect("map writes");
                 written = compiled;
+                let compiled = compiler::compile(&snaps_cnp[si], &written_cnp.ids);
+                assert!(
+                    compiled.endpoints.values().all(|e| e.hairpin_judged),
+                    "the ClusterNetworkPolicies apply to both pods"
+                );
+                let ops: Vec<_> = compiler::diff(&written_cnp, &compiled).raw().collect();
+                dp_cnp
+                    .writer()
+                    .apply(&ops, &ifaces_cnp)
+                    .expect("map writes (ClusterNetworkPolicies)");
+                written_cnp = compiled;
                 let rules = baseline::generate(snap).expect("baseline");
                 for (config, backend) in [
                     ("iptables-nft", Backend::Nft),
@@ -564,6 +661,11 @@ fn main() {
                                 .entry(((size, family, test), OVER_10))
                                 .or_default()
                                 .push((over, over));
+                            let over = rates[at_cnp] / rates[at_netpol];
+                            samples
+                                .entry(((size, family, test), CNP_OVER_NETPOL))
+                                .or_default()
+                                .push((over, over));
                         }
                         // Where netpol's time goes: the kernel's run time of
                         // its programs (BPF_ENABLE_STATS, on for this run
@@ -590,7 +692,7 @@ fn main() {
     for &size in &SIZES {
         for family in FAMILIES {
             for test in TESTS {
-                for config in CONFIGS.iter().chain([&OVER_10]) {
+                for config in CONFIGS.iter().chain([&OVER_10, &CNP_OVER_NETPOL]) {
                     let v = &samples[&((size, family, test), *config)];
                     let mut abs: Vec<f64> = v.iter().map(|s| s.0).collect();
                     let mut ratios: Vec<f64> = v.iter().map(|s| s.1).collect();

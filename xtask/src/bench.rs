@@ -598,17 +598,21 @@ pub fn throughput() -> Result<()> {
          second unfiltered lane, the A/A control: its spread is what the bench can resolve on \
          this machine. `netpol-10` is a second netpol lane that keeps 10 entries throughout; \
          `netpol ÷ netpol-10` is the median of their ratio inside each cycle, the measure of \
-         what N entries cost against 10.\n",
+         what N entries cost against 10. `netpol-cnp` is a third netpol lane with the same \
+         policies plus 100 ClusterNetworkPolicies of 25 rules per direction applying to both \
+         pods (both tiers, Accept/Deny/Pass, peers networks that are not the pair's: every \
+         connection goes through both tiers to NetworkPolicy); `netpol-cnp ÷ netpol` is the \
+         median of their ratio inside each cycle.\n",
         j["ms_per_run"], j["slices"], j["rounds"]
     )?;
     writeln!(
         s,
         "| N | family | test | no filter | none-b (A/A) | netpol | netpol-10 | netpol ÷ \
-         netpol-10 | iptables-nft | iptables-legacy |"
+         netpol-10 | netpol-cnp ÷ netpol | iptables-nft | iptables-legacy |"
     )?;
     writeln!(
         s,
-        "| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+        "| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     )?;
     let cell = |size: u64, fam: &str, test: &str, config: &str| -> String {
         get(size, fam, test, config).map_or_else(
@@ -634,12 +638,13 @@ pub fn throughput() -> Result<()> {
                 };
                 writeln!(
                     s,
-                    "| {size} | {fam} | {} | {abs} | {} | {} | {} | {} | {} | {} |",
+                    "| {size} | {fam} | {} | {abs} | {} | {} | {} | {} | {} | {} | {} |",
                     test.to_uppercase(),
                     cell(size, fam, test, "none-b"),
                     cell(size, fam, test, "netpol"),
                     cell(size, fam, test, "netpol-10"),
                     cell(size, fam, test, "netpol-over-10"),
+                    cell(size, fam, test, "netpol-cnp-over-netpol"),
                     cell(size, fam, test, "iptables-nft"),
                     cell(size, fam, test, "iptables-legacy")
                 )?;
@@ -734,6 +739,14 @@ pub fn throughput() -> Result<()> {
             },
         )?;
     }
+    row(
+        &mut s,
+        "TCP_CRR with 100 ClusterNetworkPolicies ÷ without (netpol-cnp ÷ netpol) at 10,000 ≥ 0.97",
+        &|fam| {
+            let r = ratio(10000, fam, "tcp_crr", "netpol-cnp-over-netpol");
+            (r, r >= 0.97)
+        },
+    )?;
     println!("\n{s}");
     write_section(&root().join("docs/PERFORMANCE.md"), "throughput", &s)
 }
