@@ -576,12 +576,17 @@ spec:
         Denial::resolve(&e, dir)
     }
 
-    #[test]
-    fn a_policy_denial_names_the_tier_rule_the_pass_chain_or_the_isolating_policies() {
-        let snap = crate::test_support::snapshot(&format!("{TIERED}{ADMIN}"));
+    /// The directory of `yaml`'s compile and `x/a`'s endpoint id.
+    fn directory_of(yaml: &str) -> (Directory, u32) {
+        let snap = crate::test_support::snapshot(yaml);
         let compiled = crate::compiler::compile(&snap, &crate::compiler::IdAllocation::default());
         let id = compiled.endpoints[&ObjectRef::new("x", "a")].id;
-        let dir = Directory::new(Arc::new(compiled), &snap);
+        (Directory::new(Arc::new(compiled), &snap), id)
+    }
+
+    #[test]
+    fn a_policy_denial_names_the_tier_rule_the_pass_chain_or_the_isolating_policies() {
+        let (dir, id) = directory_of(&format!("{TIERED}{ADMIN}"));
 
         // y/c on TCP 80: the Admin Deny.
         let d = tcp_ingress(&dir, id, [10, 2, 0, 3], 80)
@@ -616,10 +621,7 @@ spec:
         assert_eq!((d.stage, d.passed.len()), (Some(Stage::NetworkPolicy), 0));
 
         // Without the ClusterNetworkPolicy: the isolating policy.
-        let snap = crate::test_support::snapshot(TIERED);
-        let compiled = crate::compiler::compile(&snap, &crate::compiler::IdAllocation::default());
-        let id = compiled.endpoints[&ObjectRef::new("x", "a")].id;
-        let dir = Directory::new(Arc::new(compiled), &snap);
+        let (dir, id) = directory_of(TIERED);
         let d = tcp_ingress(&dir, id, [10, 2, 0, 3], 80)
             .decided
             .expect("attributed");

@@ -45,6 +45,32 @@ pub fn pod_manifest(name: &str, p: &Pod) -> String {
     )
 }
 
+/// `ClusterNetworkPolicy` `guard` (Admin, priority 1) for the ingress of
+/// the pods labelled `app: <subject>`: rule 0 passes TCP `pass_port` from
+/// every namespace, rule 1 denies everything from the pods labelled
+/// `app: <denied>`.
+pub fn guard_manifest(subject: &str, pass_port: u16, denied: &str) -> String {
+    format!(
+        r"
+apiVersion: policy.networking.k8s.io/v1alpha2
+kind: ClusterNetworkPolicy
+metadata: {{name: guard}}
+spec:
+  tier: Admin
+  priority: 1
+  subject: {{pods: {{namespaceSelector: {{}}, podSelector: {{matchLabels: {{app: {subject}}}}}}}}}
+  ingress:
+  - name: pass-{pass_port}
+    action: Pass
+    from: [{{namespaces: {{}}}}]
+    protocols: [{{tcp: {{destinationPort: {{number: {pass_port}}}}}}}]
+  - name: deny-{denied}
+    action: Deny
+    from: [{{pods: {{namespaceSelector: {{}}, podSelector: {{matchLabels: {{app: {denied}}}}}}}}}]
+"
+    )
+}
+
 /// A manifests folder (the agent's `--manifests`), removed on drop.
 pub struct Manifests(pub PathBuf);
 

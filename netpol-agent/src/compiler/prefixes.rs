@@ -104,6 +104,29 @@ impl RawDecision {
     }
 }
 
+/// The rules of `tier`, in order, over `region`: per rule matching some
+/// of what the earlier ones left, its action, id and that part; and what
+/// no rule matched.
+fn first_matches(
+    rules: &[(Tier, Action, u32, RuleSet)],
+    tier: Tier,
+    mut region: RuleSet,
+) -> (Vec<(Action, u32, RuleSet)>, RuleSet) {
+    let mut out = Vec::new();
+    for (t, action, rule, set) in rules {
+        if *t != tier || region.is_empty() {
+            continue;
+        }
+        let decided = region.intersect(set);
+        if decided.is_empty() {
+            continue;
+        }
+        region = region.minus(&decided);
+        out.push((*action, *rule, decided));
+    }
+    (out, region)
+}
+
 /// A prefix some rule allows a port set on.
 pub(super) struct Contribution<'a> {
     prefix: IpNet,
@@ -530,43 +553,29 @@ impl<'a> Ctx<'a> {
         // what the entry names; and per (protocol, port), how.
         let mut deciding: Vec<u32> = Vec::new();
         let mut decisions: Vec<RawDecision> = Vec::new();
-        let mut undecided = RuleSet::allow_all();
-        let mut allowed = RuleSet::default();
         // What Admin left or passed, with the Pass rule that passed it.
+        let (matched, undecided) = first_matches(&rules, Tier::Admin, RuleSet::allow_all());
         let mut rest: Vec<(RuleSet, Vec<u32>)> = Vec::new();
-        for (tier, action, rule, set) in &rules {
-            if *tier != Tier::Admin || undecided.is_empty() {
+        for (action, rule, decided) in matched {
+            deciding.push(rule);
+            if action == Action::Pass {
+                rest.push((decided, vec![rule]));
                 continue;
             }
-            let decided = undecided.intersect(set);
-            if decided.is_empty() {
-                continue;
-            }
-            deciding.push(*rule);
-            undecided = undecided.minus(&decided);
-            match action {
-                Action::Accept | Action::Deny => {
-                    let accept = *action == Action::Accept;
-                    if accept {
-                        allowed = allowed.union(&decided);
-                    }
-                    decisions.push(RawDecision::new(
-                        decided,
-                        accept,
-                        Stage::Admin,
-                        Vec::new(),
-                        vec![*rule],
-                    ));
-                }
-                Action::Pass => rest.push((decided, vec![*rule])),
-            }
+            let accept = action == Action::Accept;
+            decisions.push(RawDecision::new(
+                decided,
+                accept,
+                Stage::Admin,
+                Vec::new(),
+                vec![rule],
+            ));
         }
         if !undecided.is_empty() {
             rest.insert(0, (undecided, Vec::new()));
         }
         if np_isolated && own {
             for (set, passed) in rest {
-                allowed = allowed.union(&set);
                 decisions.push(RawDecision::new(
                     set,
                     true,
@@ -589,7 +598,6 @@ impl<'a> Ctx<'a> {
                         .filter(|(_, s)| !yes.intersect(s).is_empty())
                         .map(|(&r, _)| r)
                         .collect();
-                    allowed = allowed.union(&yes);
                     decisions.push(RawDecision::new(
                         yes,
                         true,
@@ -609,47 +617,22 @@ impl<'a> Ctx<'a> {
                 }
             }
         } else {
-            for (mut set, passed) in rest {
-                for (tier, action, rule, rs) in &rules {
-                    if *tier != Tier::Baseline || set.is_empty() {
-                        continue;
-                    }
-                    let decided = set.intersect(rs);
-                    if decided.is_empty() {
-                        continue;
-                    }
-                    deciding.push(*rule);
-                    set = set.minus(&decided);
+            for (set, passed) in rest {
+                let (matched, set) = first_matches(&rules, Tier::Baseline, set);
+                for (action, rule, decided) in matched {
+                    deciding.push(rule);
                     let mut chain = passed.clone();
-                    match action {
-                        Action::Accept | Action::Deny => {
-                            let accept = *action == Action::Accept;
-                            if accept {
-                                allowed = allowed.union(&decided);
-                            }
-                            decisions.push(RawDecision::new(
-                                decided,
-                                accept,
-                                Stage::Baseline,
-                                chain,
-                                vec![*rule],
-                            ));
-                        }
+                    // A Baseline Pass leaves it to the default: allowed.
+                    let (accept, stage, by) = match action {
                         Action::Pass => {
-                            chain.push(*rule);
-                            allowed = allowed.union(&decided);
-                            decisions.push(RawDecision::new(
-                                decided,
-                                true,
-                                Stage::Default,
-                                chain,
-                                Vec::new(),
-                            ));
+                            chain.push(rule);
+                            (true, Stage::Default, Vec::new())
                         }
-                    }
+                        _ => (action == Action::Accept, Stage::Baseline, vec![rule]),
+                    };
+                    decisions.push(RawDecision::new(decided, accept, stage, chain, by));
                 }
                 if !set.is_empty() {
-                    allowed = allowed.union(&set);
                     decisions.push(RawDecision::new(
                         set,
                         true,
@@ -660,6 +643,11 @@ impl<'a> Ctx<'a> {
                 }
             }
         }
+        // What the entry allows: the allowing decisions' ports.
+        let allowed = decisions
+            .iter()
+            .filter(|d| d.allowed)
+            .fold(RuleSet::default(), |a, d| a.union(&d.ports));
         let set = self.sets.intern(allowed);
         deciding.sort_unstable();
         deciding.dedup();

@@ -17,7 +17,7 @@ use netpol_testkit::{
     agent::{DEADLINE, Running, count, http_get, interface},
     datapath::TempBpffs,
     echo::{connects, pings},
-    manifests::{BASE, Manifests, pod_manifest},
+    manifests::{BASE, Manifests, guard_manifest, pod_manifest},
     privileged,
     topology::{Pod, Topology, node, pod},
 };
@@ -478,7 +478,9 @@ fn log_denied_writes_each_denial_with_both_pods_to_the_agents_log() {
 
     // With a ClusterNetworkPolicy: the line names the deciding Admin rule,
     // or the Pass that sent the packet on to NetworkPolicy.
-    m.write("guard.yaml", GUARD);
+    // Admin for a: TCP 81 passed (to NetworkPolicy, which isolates a),
+    // everything from b denied.
+    m.write("guard.yaml", &guard_manifest("a", 81, "b"));
     agent.wait_enforced(&m, &[&a.host_if, &b.host_if]);
     let decided = |port: u16| {
         let deadline = Instant::now() + DEADLINE;
@@ -517,24 +519,3 @@ fn log_denied_writes_each_denial_with_both_pods_to_the_agents_log() {
          NetworkPolicy isolates the pod and none of its rules allows it"
     );
 }
-
-/// Admin, for `a`'s ingress: rule 0 passes TCP 81 from every pod (to
-/// `NetworkPolicy`, which isolates `a`), rule 1 denies everything from
-/// `b`.
-const GUARD: &str = r#"
-apiVersion: policy.networking.k8s.io/v1alpha2
-kind: ClusterNetworkPolicy
-metadata: {name: guard}
-spec:
-  tier: Admin
-  priority: 1
-  subject: {pods: {namespaceSelector: {}, podSelector: {matchLabels: {app: a}}}}
-  ingress:
-  - name: pass-81
-    action: Pass
-    from: [{namespaces: {}}]
-    protocols: [{tcp: {destinationPort: {number: 81}}}]
-  - name: deny-b
-    action: Deny
-    from: [{pods: {namespaceSelector: {}, podSelector: {matchLabels: {app: b}}}}]
-"#;

@@ -14,7 +14,7 @@ use netpol_testkit::{
     Netns,
     datapath::TempBpffs,
     echo::{Case, Proto, connect, echo, exchange, expect},
-    manifests::Manifests,
+    manifests::{Manifests, guard_manifest},
     privileged,
     process::{self, AgentProcess, Turn},
     topology::{Pod, Topology, calico_pod, node},
@@ -501,34 +501,16 @@ fn inspect_and_explain_name_pods_and_rules_from_live_maps_and_outlive_the_agent(
     drop(conn);
 }
 
-/// Admin, for b's ingress: rule 0 passes TCP 81 from every namespace (to
-/// `x/b-from-a`, which allows only TCP 80), rule 1 denies everything from
-/// c.
-const GUARD: &str = r#"
-apiVersion: policy.networking.k8s.io/v1alpha2
-kind: ClusterNetworkPolicy
-metadata: {name: guard}
-spec:
-  tier: Admin
-  priority: 1
-  subject: {pods: {namespaceSelector: {}, podSelector: {matchLabels: {app: b}}}}
-  ingress:
-  - name: pass-81
-    action: Pass
-    from: [{namespaces: {}}]
-    protocols: [{tcp: {destinationPort: {number: 81}}}]
-  - name: deny-c
-    action: Deny
-    from: [{pods: {namespaceSelector: {}, podSelector: {matchLabels: {app: c}}}}]
-"#;
-
 #[test]
 fn a_cluster_network_policy_is_shown_in_tiers_and_explain_names_its_decisions() {
     if !privileged() {
         return;
     }
     let mut w = World::new();
-    w._manifests.write("20-guard.yaml", GUARD);
+    // Admin for b: TCP 81 passed (to x/b-from-a, which allows only TCP
+    // 80), everything from c denied.
+    w._manifests
+        .write("20-guard.yaml", &guard_manifest("b", 81, "c"));
     w.agent
         .wait_enforced(&w._manifests, &[&w.a.host_if, &w.b.host_if, &w.c.host_if]);
     wait_state(&w.state.0, &w.agent.fingerprint(&w._manifests), 3);
