@@ -13,7 +13,6 @@ use std::{
 };
 
 use aya::maps::{MapData, RingBuf};
-use ipnet::IpNet;
 use netpol_common::{DenyEvent, family, protocol, reason};
 use serde::Serialize;
 use tokio::{
@@ -22,7 +21,7 @@ use tokio::{
 };
 
 use crate::{
-    compiler::{Compiled, Direction, PolicyTarget, Stage},
+    compiler::{Compiled, Direction, Stage},
     datapath::{self, events::decode},
     model::{Map, ObjectRef, Pod, Snapshot},
     status::Metrics,
@@ -85,19 +84,7 @@ impl Directory {
         port: u16,
     ) -> Option<Attribution> {
         let pod = self.endpoints.get(&endpoint)?;
-        let (map, max) = match peer {
-            IpAddr::V4(_) => (&self.compiled.policy_v4, 32),
-            IpAddr::V6(_) => (&self.compiled.policy_v6, 128),
-        };
-        let entry = (0..=max).rev().find_map(|len| {
-            let prefix = IpNet::new(peer, len).ok()?.trunc();
-            map.get(&PolicyTarget {
-                endpoint,
-                direction: d,
-                prefix,
-            })
-        });
-        if let Some(decision) = entry.and_then(|e| e.decision(protocol, port)) {
+        if let Some(decision) = self.compiled.decision_at(endpoint, d, peer, protocol, port) {
             let names =
                 |r: &[crate::compiler::RuleRef]| r.iter().map(ToString::to_string).collect();
             return Some(Attribution {

@@ -236,28 +236,6 @@ pub fn np_isolates(snap: &Snapshot, pod: &Pod, d: Direction) -> bool {
         })
 }
 
-/// The compiled entry the datapath's longest-prefix match finds for
-/// `endpoint`'s direction `d` and the peer `addr`.
-pub fn entry_at(
-    c: &Compiled,
-    endpoint: u32,
-    d: Direction,
-    addr: IpAddr,
-) -> Option<&netpol_agent::compiler::PolicyEntry> {
-    let (map, max) = match addr {
-        IpAddr::V4(_) => (&c.policy_v4, 32),
-        IpAddr::V6(_) => (&c.policy_v6, 128),
-    };
-    (0..=max).rev().find_map(|len| {
-        let prefix = ipnet::IpNet::new(addr, len).ok()?.trunc();
-        map.get(&netpol_agent::compiler::PolicyTarget {
-            endpoint,
-            direction: d,
-            prefix,
-        })
-    })
-}
-
 /// Reference: a whole connection from pod `src` to pod `dst`.
 pub fn reference_connection(
     snap: &Snapshot,

@@ -64,7 +64,7 @@ pub(super) fn ruleset_ids(
     let mut ids = vec![0; core.sets.len()];
     let mut used = vec![false; core.sets.len()];
     for pod in &core.pods {
-        for e in &pod.entries {
+        for e in pod.entries.iter().filter(|e| e.4) {
             used[e.2 as usize] = true;
         }
     }

@@ -424,6 +424,16 @@ impl Compiler {
                     }
                 }
             }
+            let gone: Vec<PolicyTarget> = self
+                .out
+                .named
+                .range(from..)
+                .take_while(|(t, _)| t.endpoint == e.id)
+                .map(|(t, _)| *t)
+                .collect();
+            for t in gone {
+                self.out.named.remove(&t);
+            }
             old.endpoints.insert(pod.clone(), e);
         }
 
@@ -462,12 +472,18 @@ impl Compiler {
             let e = pod.endpoint(id, &core.sets);
             self.out.endpoints.insert(pod.id.clone(), e.clone());
             new.endpoints.insert(pod.id.clone(), e);
-            for (direction, prefix, set, sources) in std::mem::take(&mut pod.entries) {
+            for (direction, prefix, set, sources, in_map) in std::mem::take(&mut pod.entries) {
                 let target = PolicyTarget {
                     endpoint: id,
                     direction,
                     prefix,
                 };
+                if !in_map {
+                    if let Some(d) = sources.decisions {
+                        self.out.named.insert(target, d);
+                    }
+                    continue;
+                }
                 let ruleset = set_ids[set as usize];
                 if ruleset != EMPTY_RULESET {
                     *self.index.refs.entry(ruleset).or_default() += 1;

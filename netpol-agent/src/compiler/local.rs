@@ -11,7 +11,7 @@ use ipnet::IpNet;
 use super::hash::{HashMap, generation};
 use super::ids::{endpoint_ids, ruleset_ids};
 use super::peers::{Peers, SelectionCache, prepare, prepare_cluster};
-use super::prefixes::{Ctx, Interner, Mode, Source, Tiered, cluster_rules_of, rules_of};
+use super::prefixes::{Ctx, Entry, Interner, Mode, Source, Tiered, cluster_rules_of, rules_of};
 use super::{
     Compiled, Decision, Direction, EMPTY_RULESET, Endpoint, EndpointId, IdAllocation, PolicyEntry,
     PolicyTarget, RuleRef, RuleSet, frontends,
@@ -51,9 +51,9 @@ pub(super) struct PodOut {
     /// its traffic to itself through a Service is judged (by the entries
     /// of its own addresses).
     pub(super) cluster_selected: bool,
-    /// `(direction, prefix, rule set, provenance)`, egress first, each
-    /// direction sorted by prefix.
-    pub(super) entries: Vec<(Direction, IpNet, u32, Provenance)>,
+    /// `(direction, prefix, rule set, provenance, in the maps)`, egress
+    /// first, each direction sorted by prefix.
+    pub(super) entries: Vec<(Direction, IpNet, u32, Provenance, bool)>,
 }
 
 /// An entry's rules and decisions ([`PolicyEntry`]'s), shared between
@@ -87,7 +87,7 @@ pub(super) struct Members {
 
 /// One group's entries and the contributions they came from.
 struct Group<'a> {
-    entries: Vec<(IpNet, u32, u32)>,
+    entries: Vec<Entry>,
     contribs: Vec<super::prefixes::Contribution<'a>>,
 }
 
@@ -96,15 +96,15 @@ struct Group<'a> {
 /// longest shorter entry already gives the same rule set (and, `tiered`,
 /// the same provenance: its decisions name what decides a hairpin).
 fn with_own<'e>(
-    entries: &'e [(IpNet, u32, u32)],
+    entries: &'e [Entry],
     own: &[(IpNet, u32, u32)],
     empty: u32,
     tiered: bool,
-) -> std::borrow::Cow<'e, [(IpNet, u32, u32)]> {
+) -> std::borrow::Cow<'e, [Entry]> {
     if own.is_empty() {
         return std::borrow::Cow::Borrowed(entries);
     }
-    let mut out: Vec<(IpNet, u32, u32)> = entries
+    let mut out: Vec<Entry> = entries
         .iter()
         .filter(|e| !own.iter().any(|o| o.0 == e.0))
         .copied()
@@ -115,8 +115,9 @@ fn with_own<'e>(
             .filter(|e| super::prefixes::same_family(&e.0, &prefix) && e.0.contains(&prefix))
             .max_by_key(|e| e.0.prefix_len())
             .map_or((empty, None), |e| (e.1, Some(e.2)));
-        if set != inherited.0 || (tiered && Some(sources) != inherited.1) {
-            out.push((prefix, set, sources));
+        let in_map = set != inherited.0;
+        if in_map || (tiered && Some(sources) != inherited.1) {
+            out.push((prefix, set, sources, in_map));
         }
     }
     out.sort_unstable_by_key(|e| e.0);
@@ -444,7 +445,7 @@ pub(super) fn core<'a>(
             } else {
                 Vec::new()
             };
-            for &(prefix, set, sources) in with_own(
+            for &(prefix, set, sources, in_map) in with_own(
                 &group.entries,
                 &own,
                 ctx.empty,
@@ -475,7 +476,7 @@ pub(super) fn core<'a>(
                         }
                     })
                     .clone();
-                out.entries.push((d, prefix, set, src));
+                out.entries.push((d, prefix, set, src, in_map));
             }
         }
         pods.push(out);
@@ -499,7 +500,7 @@ impl PodOut {
             generation(
                 self.entries
                     .iter()
-                    .filter(|e| e.0 == d)
+                    .filter(|e| e.0 == d && e.4)
                     .map(|e| (e.1, &sets[e.2 as usize])),
             )
         };
@@ -594,14 +595,17 @@ pub(super) fn full<'a>(
         );
         out.endpoints
             .insert(pod.id.clone(), pod.endpoint(id, &core.sets));
-        for (direction, prefix, set, sources) in std::mem::take(&mut pod.entries) {
+        for (direction, prefix, set, sources, in_map) in std::mem::take(&mut pod.entries) {
             let target = PolicyTarget {
                 endpoint: id,
                 direction,
                 prefix,
             };
-            let ruleset = set_ids[set as usize];
-            insert_entry(&mut out, target, sources.entry(ruleset));
+            if in_map {
+                insert_entry(&mut out, target, sources.entry(set_ids[set as usize]));
+            } else if let Some(d) = sources.decisions {
+                out.named.insert(target, d);
+            }
         }
     }
     (out, members.then_some(core))

@@ -262,17 +262,6 @@ pub struct PolicyEntry {
     pub decisions: Option<Arc<[Decision]>>,
 }
 
-impl PolicyEntry {
-    /// The decision covering `(protocol, port)`, for a tiered entry.
-    #[must_use]
-    pub fn decision(&self, protocol: u8, port: u16) -> Option<&Decision> {
-        self.decisions
-            .as_deref()?
-            .iter()
-            .find(|d| d.ports.allows(protocol, port))
-    }
-}
-
 #[allow(
     clippy::ref_option,
     reason = "serde's serialize_with passes the field by reference"
@@ -409,9 +398,48 @@ pub struct Compiled {
     pub errors: Vec<ModelError>,
     /// Remarks (no local node, ...).
     pub notes: Vec<String>,
+    /// Names only, never in the maps: where a `ClusterNetworkPolicy`
+    /// applies, the decisions of the prefixes whose rule set equals the
+    /// shorter prefix's (so the maps leave them out) but whose decisions
+    /// do not (a peer an Admin rule denies under a default deny). With the
+    /// entries' own decisions they name what decides every address
+    /// ([`Compiled::decision_at`]).
+    pub named: BTreeMap<PolicyTarget, Arc<[Decision]>>,
 }
 
 impl Compiled {
+    /// What decides `(protocol, port)` from the peer `addr` for
+    /// `endpoint`'s direction `d`, where a `ClusterNetworkPolicy` applies:
+    /// the decision of the longest prefix covering `addr` among the
+    /// entries and [`Compiled::named`]. `None` where none applies.
+    #[must_use]
+    pub fn decision_at(
+        &self,
+        endpoint: u32,
+        d: Direction,
+        addr: IpAddr,
+        protocol: u8,
+        port: u16,
+    ) -> Option<&Decision> {
+        let (map, max) = match addr {
+            IpAddr::V4(_) => (&self.policy_v4, 32),
+            IpAddr::V6(_) => (&self.policy_v6, 128),
+        };
+        (0..=max).rev().find_map(|len| {
+            let prefix = IpNet::new(addr, len).ok()?.trunc();
+            let target = PolicyTarget {
+                endpoint,
+                direction: d,
+                prefix,
+            };
+            let decisions = match self.named.get(&target) {
+                Some(named) => named,
+                None => map.get(&target)?.decisions.as_ref()?,
+            };
+            decisions.iter().find(|x| x.ports.allows(protocol, port))
+        })
+    }
+
     /// The rules that produced an entry.
     pub fn sources<'e>(&self, entry: &'e PolicyEntry) -> impl Iterator<Item = &'e RuleRef> {
         entry.sources.iter()

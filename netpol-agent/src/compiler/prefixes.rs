@@ -56,6 +56,10 @@ pub(super) enum Mode {
     },
 }
 
+/// An entry: prefix, port set, source set, and whether it goes to the
+/// maps (else it carries names only).
+pub(super) type Entry = (IpNet, u32, u32, bool);
+
 /// An entry's provenance, with rule ids: see [`super::PolicyEntry`].
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub(super) struct Sources {
@@ -373,12 +377,9 @@ impl<'a> Ctx<'a> {
     }
 
     /// The entries of one endpoint-direction from its contributions:
-    /// `(prefix, port set, source set)`.
-    pub(super) fn entries(
-        &mut self,
-        contribs: &[Contribution<'a>],
-        mode: Mode,
-    ) -> Vec<(IpNet, u32, u32)> {
+    /// `(prefix, port set, source set, in the maps)`; those not in the
+    /// maps carry names only (see [`super::Compiled::named`]).
+    pub(super) fn entries(&mut self, contribs: &[Contribution<'a>], mode: Mode) -> Vec<Entry> {
         let mut at: HashMap<IpNet, Vec<usize>> = HashMap::default();
         let mut present: BTreeSet<IpNet> = BTreeSet::new();
         for (i, c) in contribs.iter().enumerate() {
@@ -468,15 +469,14 @@ impl<'a> Ctx<'a> {
                 .rev()
                 .filter(|&&l| l < p.prefix_len())
                 .find_map(|&l| supernet(p, l).and_then(|q| value_of.get(&q)));
-            // Tiered entries also stay where only their decisions differ:
-            // a denied packet's entry names what denied it.
-            let keep = match (mode, inherited) {
-                (_, None) => set != self.empty || matches!(mode, Mode::Tiered { .. }),
-                (Mode::Union, Some(&(s, _))) => set != s,
-                (Mode::Tiered { .. }, Some(&v)) => (set, sources) != v,
-            };
-            if keep {
-                out.push((*p, set, sources));
+            let in_map = inherited.map_or(self.empty, |&(s, _)| s) != set;
+            // Tiered entries whose decisions differ from the shorter
+            // prefix's are kept out of the maps, for the names only: a
+            // denied packet is named with what denied it.
+            let named = matches!(mode, Mode::Tiered { .. })
+                && inherited.is_none_or(|&(_, src)| src != sources);
+            if in_map || named {
+                out.push((*p, set, sources, in_map));
             }
         }
         out
@@ -671,8 +671,21 @@ impl<'a> Ctx<'a> {
         mode: Mode,
     ) -> (u32, u32) {
         let Mode::Tiered { np_isolated } = mode else {
+            // Named like a tiered one: a hairpin explained from either
+            // direction says why it passes.
             let all = self.sets.intern(RuleSet::allow_all());
-            return (all, self.source_set(Vec::new()));
+            let decision = RawDecision::new(
+                RuleSet::allow_all(),
+                true,
+                Stage::NetworkPolicy,
+                Vec::new(),
+                Vec::new(),
+            );
+            let sources = self.sources(Sources {
+                rules: Vec::new(),
+                decisions: Some(vec![decision]),
+            });
+            return (all, sources);
         };
         let own = host(ip);
         let mut key: Vec<(u32, u32)> = contribs

@@ -6,8 +6,8 @@ use std::net::IpAddr;
 
 use super::{
     ClusterPolicyState, DecisionState, DirectionState, EndpointState, FrontendState, Inputs,
-    PolicyEntryState, PortRangeState, RemotePod, RuleSetState, RuleState, STATE_VERSION, State,
-    frontend_kind_name,
+    NamedState, PolicyEntryState, PortRangeState, RemotePod, RuleSetState, RuleState,
+    STATE_VERSION, State, frontend_kind_name,
 };
 use crate::{
     compiler::{Decision, Direction, EMPTY_RULESET, RuleSet, service_frontends},
@@ -189,6 +189,16 @@ impl State {
                 .map_or(0, |d| d.as_secs()),
             endpoints,
             policy,
+            named: c
+                .named
+                .iter()
+                .map(|(t, d)| NamedState {
+                    endpoint: t.endpoint,
+                    direction: t.direction,
+                    prefix: t.prefix,
+                    decisions: d.iter().map(decision_state).collect(),
+                })
+                .collect(),
             rulesets,
             frontends,
             remote_pods,

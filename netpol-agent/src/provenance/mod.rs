@@ -29,6 +29,9 @@
 //!   `ClusterNetworkPolicy` applies to, its `decisions`: per set of
 //!   (protocol, port), `allowed`, the deciding `stage`, the Pass rules
 //!   that `passed` it on, the deciding `rules` and a `text`;
+//! - `named`: the decisions (`endpoint`, `direction`, `prefix`,
+//!   `decisions`) of the prefixes the maps leave out because their rule
+//!   set is the shorter prefix's;
 //! - `rulesets`: each rule set → `all` or its `ports` (`protocol`, `first`,
 //!   `last`);
 //! - `frontends`: each Service frontend (`address`, `port`, `protocol`,
@@ -121,6 +124,10 @@ pub struct State {
     pub endpoints: Vec<EndpointState>,
     /// Policy-trie entries, both families, by endpoint, direction, prefix.
     pub policy: Vec<PolicyEntryState>,
+    /// Names only: the decisions of prefixes the maps leave out
+    /// ([`crate::compiler::Compiled::named`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub named: Vec<NamedState>,
     /// Rule sets in use (the empty set, id 1, included).
     pub rulesets: Vec<RuleSetState>,
     /// Service frontends.
@@ -219,12 +226,18 @@ pub struct PolicyEntryState {
     pub decisions: Vec<DecisionState>,
 }
 
-impl PolicyEntryState {
-    /// The decision covering `protocol` (number) and `port`.
-    #[must_use]
-    pub fn decision(&self, protocol: u8, port: u16) -> Option<&DecisionState> {
-        self.decisions.iter().find(|d| d.covers(protocol, port))
-    }
+/// The decisions of a prefix the maps leave out (its rule set is the
+/// shorter prefix's).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NamedState {
+    /// Local endpoint id.
+    pub endpoint: u32,
+    /// Direction.
+    pub direction: Direction,
+    /// Peer prefix.
+    pub prefix: IpNet,
+    /// How each `(protocol, port)` is decided.
+    pub decisions: Vec<DecisionState>,
 }
 
 /// How some `(protocol, port)`s of a tiered entry are decided
@@ -436,6 +449,37 @@ impl State {
         self.policy
             .iter()
             .find(|e| e.endpoint == endpoint && e.direction == d && e.prefix == prefix)
+    }
+
+    /// What decides `(protocol, port)` from `peer` for `endpoint`'s
+    /// direction `d` where a `ClusterNetworkPolicy` applies: the decision
+    /// of the longest prefix covering `peer` among the entries and the
+    /// names-only prefixes (as [`crate::compiler::Compiled::decision_at`]).
+    #[must_use]
+    pub fn decision_at(
+        &self,
+        endpoint: u32,
+        d: Direction,
+        peer: IpAddr,
+        protocol: u8,
+        port: u16,
+    ) -> Option<&DecisionState> {
+        let entries = self
+            .policy
+            .iter()
+            .filter(|e| !e.decisions.is_empty())
+            .map(|e| (e.endpoint, e.direction, e.prefix, &e.decisions));
+        let named = self
+            .named
+            .iter()
+            .map(|e| (e.endpoint, e.direction, e.prefix, &e.decisions));
+        entries
+            .chain(named)
+            .filter(|e| e.0 == endpoint && e.1 == d && e.2.contains(&peer))
+            .max_by_key(|e| e.2.prefix_len())?
+            .3
+            .iter()
+            .find(|x| x.covers(protocol, port))
     }
 
     /// Rule set `id`.

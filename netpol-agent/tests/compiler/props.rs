@@ -28,7 +28,7 @@ use netpol_agent::provenance::{Bound, Inputs, State};
 use netpol_agent::resume::{leftovers, resume};
 use netpol_agent::sync::unbound_entry;
 use netpol_testkit::compiler::{
-    ICMP, entry_at, hairpin_judged, np_isolates, reference_allows, simulate, tier_rule,
+    ICMP, hairpin_judged, np_isolates, reference_allows, simulate, tier_rule,
 };
 use proptest::{prelude::*, test_runner::FileFailurePersistence};
 
@@ -697,8 +697,25 @@ fn reference_decision(
     }
 }
 
-/// Where a `ClusterNetworkPolicy` decides an endpoint direction, the entry
-/// the datapath matches carries a decision for every (protocol, port),
+/// Whether some entry of `endpoint`'s direction `d` (in the maps or
+/// names only) but those of `pod`'s own addresses carries decisions: a
+/// `ClusterNetworkPolicy` applies to the direction.
+fn tiered(c: &Compiled, pod: &Pod, endpoint: u32, d: Direction) -> bool {
+    let other = |t: &netpol_agent::compiler::PolicyTarget| {
+        t.endpoint == endpoint
+            && t.direction == d
+            && !pod.ips.iter().any(|&ip| IpNet::from(ip) == t.prefix)
+    };
+    c.policy_v4
+        .iter()
+        .chain(&c.policy_v6)
+        .any(|(t, e)| other(t) && e.decisions.is_some())
+        || c.named.keys().any(other)
+}
+
+/// Where a `ClusterNetworkPolicy` decides an endpoint direction, the
+/// longest prefix covering a peer among its entries and its names-only
+/// prefixes carries a decision for every (protocol, port),
 /// with the reference's verdict, stage, Pass chain and deciding rule; a
 /// `NetworkPolicy` decision names rules exactly when it allows (not for
 /// the pod's own address, which it never restricts).
@@ -711,15 +728,15 @@ fn check_decisions(s: &Snapshot, c: &Compiled, r: &mut Rng) -> Result<(), TestCa
             for &a in &addrs {
                 for &(proto, port) in &ports {
                     let (stage, passed, rules) = reference_decision(s, pod, d, a, proto, port);
-                    let entry = entry_at(c, id, d, a);
-                    let decision: Option<&Decision> = entry.and_then(|e| e.decision(proto, port));
-                    let tiered = entry.is_some_and(|e| e.decisions.is_some());
+                    let decision: Option<&Decision> = c.decision_at(id, d, a, proto, port);
                     let at = format!("{} {d:?} peer {a} proto {proto} port {port}", pod.id);
-                    if !tiered {
-                        // Then no ClusterNetworkPolicy rule may decide.
+                    if !tiered(c, pod, id, d) {
+                        // Then no ClusterNetworkPolicy rule may decide (a
+                        // hairpin's own address is named all the same).
                         prop_assert!(
-                            stage == Stage::NetworkPolicy
-                                || (stage == Stage::Default && passed.is_empty()),
+                            decision.is_none_or(|x| x.allowed && pod.ips.contains(&a))
+                                && (stage == Stage::NetworkPolicy
+                                    || (stage == Stage::Default && passed.is_empty())),
                             "{}: the reference has {:?} {:?} {:?}, the entry no decisions",
                             at,
                             stage,

@@ -528,7 +528,7 @@ fn a_cluster_network_policy_is_shown_in_tiers_and_explain_names_its_decisions() 
         let (code, e) = w.explain("x/c", "x/b", "tcp/80", fam);
         assert_eq!(code, 1, "{e:#}");
         let ing = &e["ingress"];
-        assert_eq!(ing["entry"]["decision"]["stage"], "admin", "{e:#}");
+        assert_eq!(ing["decision"]["stage"], "admin", "{e:#}");
         assert!(
             ing["text"].as_str().is_some_and(|t| t.starts_with(
                 "denied by ClusterNetworkPolicy guard (Admin): spec.ingress[1] (Deny)"
@@ -546,7 +546,7 @@ fn a_cluster_network_policy_is_shown_in_tiers_and_explain_names_its_decisions() 
         );
         let (code, e) = w.explain("x/a", "x/b", "tcp/80", fam);
         assert_eq!(code, 0, "{e:#}");
-        assert_eq!(e["ingress"]["entry"]["decision"]["stage"], "network_policy");
+        assert_eq!(e["ingress"]["decision"]["stage"], "network_policy");
         assert!(
             e["ingress"]["text"]
                 .as_str()

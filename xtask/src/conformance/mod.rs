@@ -198,7 +198,7 @@ fn names_decider(j: &serde_json::Value) -> bool {
         return true;
     }
     let nonempty = |v: &serde_json::Value| v.as_array().is_some_and(|a| !a.is_empty());
-    let decision = &j["entry"]["decision"];
+    let decision = &j["decision"];
     if !decision.is_null() {
         return decision["allowed"] == j["allowed"]
             && decision["text"].as_str().is_some_and(|t| !t.is_empty());

@@ -9,6 +9,7 @@ use netpol_agent::{
     inspect::{LiveEndpoint, LiveEntry, LiveMaps, Maps as _, ports_text, rulesets},
     provenance::{ClusterPolicyState, DecisionState, State},
 };
+use netpol_common::{SELECTOR_BITS, policy_selector};
 use serde::Serialize;
 
 use super::endpoints::interface_name;
@@ -44,7 +45,9 @@ struct PolicyRow {
     prefix: ipnet::IpNet,
     /// Pod of the prefix when it is one address of a known pod.
     peer_pod: Option<String>,
-    ruleset: u32,
+    /// The entry's rule set; `None` for a prefix the maps leave out, whose
+    /// decisions the state file names (`named`).
+    ruleset: Option<u32>,
     ports: Vec<netpol_agent::inspect::PortRun>,
     ports_text: String,
     rules: Vec<String>,
@@ -60,6 +63,29 @@ struct DecisionRow {
     ports_text: String,
     allowed: bool,
     text: String,
+}
+
+fn family_of(p: ipnet::IpNet) -> u8 {
+    if p.addr().is_ipv6() { 6 } else { 4 }
+}
+
+/// The pod a host prefix is.
+fn peer_pod(state: Option<&State>, prefix: ipnet::IpNet) -> Option<String> {
+    let single = prefix.prefix_len() == prefix.max_prefix_len();
+    state
+        .filter(|_| single)
+        .and_then(|s| s.pod_by_address(prefix.addr()))
+        .map(str::to_owned)
+}
+
+fn decision_rows(list: &[DecisionState]) -> Vec<DecisionRow> {
+    list.iter()
+        .map(|d| DecisionRow {
+            ports_text: decision_ports(d),
+            allowed: d.allowed,
+            text: d.text.clone(),
+        })
+        .collect()
 }
 
 /// The ports of a decision, as rule sets print.
@@ -156,46 +182,58 @@ pub(super) fn policy(
             cluster_policies: st
                 .map(|s| s.direction(d).cluster_policies.clone())
                 .unwrap_or_default(),
-            entries: entries
-                .iter()
-                .filter(|(_, e)| e.direction == d)
-                .map(|&(family, e)| {
-                    let recorded = state
-                        .and_then(|s| s.entry(e.endpoint, d, e.prefix))
-                        .filter(|r| r.ruleset == e.ruleset);
-                    let runs = ports.get(&e.ruleset).cloned().unwrap_or_default();
-                    let single = e.prefix.prefix_len() == e.prefix.max_prefix_len();
-                    PolicyRow {
-                        family,
-                        selector: e.selector,
-                        prefix_len: e.prefix_len,
-                        prefix: e.prefix,
-                        peer_pod: state
-                            .filter(|_| single)
-                            .and_then(|s| s.pod_by_address(e.prefix.addr()))
-                            .map(str::to_owned),
-                        ruleset: e.ruleset,
-                        ports_text: ports_text(&runs),
-                        ports: runs,
-                        rules: recorded
-                            .map(|r| r.rules.iter().map(ToString::to_string).collect())
-                            .unwrap_or_default(),
-                        decisions: recorded
-                            .map(|r| {
-                                r.decisions
-                                    .iter()
-                                    .map(|d| DecisionRow {
-                                        ports_text: decision_ports(d),
-                                        allowed: d.allowed,
-                                        text: d.text.clone(),
-                                    })
-                                    .collect()
-                            })
-                            .unwrap_or_default(),
-                        stale: state.is_some() && recorded.is_none(),
-                    }
-                })
-                .collect(),
+            entries: {
+                let mut rows: Vec<PolicyRow> = entries
+                    .iter()
+                    .filter(|(_, e)| e.direction == d)
+                    .map(|&(family, e)| {
+                        let recorded = state
+                            .and_then(|s| s.entry(e.endpoint, d, e.prefix))
+                            .filter(|r| r.ruleset == e.ruleset);
+                        let runs = ports.get(&e.ruleset).cloned().unwrap_or_default();
+                        PolicyRow {
+                            family,
+                            selector: e.selector,
+                            prefix_len: e.prefix_len,
+                            prefix: e.prefix,
+                            peer_pod: peer_pod(state, e.prefix),
+                            ruleset: Some(e.ruleset),
+                            ports_text: ports_text(&runs),
+                            ports: runs,
+                            rules: recorded
+                                .map(|r| r.rules.iter().map(ToString::to_string).collect())
+                                .unwrap_or_default(),
+                            decisions: recorded
+                                .map(|r| decision_rows(&r.decisions))
+                                .unwrap_or_default(),
+                            stale: state.is_some() && recorded.is_none(),
+                        }
+                    })
+                    .collect();
+                // Prefixes the maps leave out, named in the state file.
+                let named = state.iter().flat_map(|s| &s.named).filter(|n| {
+                    n.endpoint == ep.info.id
+                        && n.direction == d
+                        && a.family.is_none_or(|f| f == family_of(n.prefix))
+                });
+                for n in named {
+                    rows.push(PolicyRow {
+                        family: family_of(n.prefix),
+                        selector: policy_selector(n.endpoint, d.raw()),
+                        prefix_len: SELECTOR_BITS + u32::from(n.prefix.prefix_len()),
+                        prefix: n.prefix,
+                        peer_pod: peer_pod(state, n.prefix),
+                        ruleset: None,
+                        ports: Vec::new(),
+                        ports_text: "(not in the maps)".to_owned(),
+                        rules: Vec::new(),
+                        decisions: decision_rows(&n.decisions),
+                        stale: false,
+                    });
+                }
+                rows.sort_by_key(|r| (r.family, r.prefix));
+                rows
+            },
         })
         .collect();
     Ok(PolicyDoc {
@@ -291,12 +329,15 @@ pub(super) fn policy_table(doc: &PolicyDoc) -> String {
                     "-"
                 }
                 .to_owned()
-            } else if e.ruleset == netpol_agent::compiler::EMPTY_RULESET && e.decisions.is_empty() {
+            } else if e.ruleset == Some(netpol_agent::compiler::EMPTY_RULESET)
+                && e.decisions.is_empty()
+            {
                 format!("except of {}", e.rules.join("; "))
             } else {
                 e.rules.join("; ")
             };
-            rows.push([peer, e.ruleset.to_string(), e.ports_text.clone(), rules]);
+            let ruleset = e.ruleset.map_or_else(|| "-".to_owned(), |r| r.to_string());
+            rows.push([peer, ruleset, e.ports_text.clone(), rules]);
             for dec in &e.decisions {
                 rows.push([
                     String::new(),

@@ -121,10 +121,6 @@ pub struct Matched {
     /// The state file has no such entry, or another rule set for it (it
     /// is older or newer than the maps): `rules` may be missing.
     pub stale: bool,
-    /// For a direction some `ClusterNetworkPolicy` applies to: how the
-    /// entry decides the queried protocol and port (state file).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub decision: Option<DecisionState>,
 }
 
 /// One direction's judgement.
@@ -147,6 +143,12 @@ pub struct Judgement {
     pub policies: Vec<String>,
     /// The entry the kernel matched, if any.
     pub entry: Option<Matched>,
+    /// For a direction some `ClusterNetworkPolicy` applies to: what
+    /// decides the queried protocol and port (state file: the longest
+    /// prefix covering the peer among the entries and the prefixes the
+    /// maps leave out).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub decision: Option<DecisionState>,
     /// One sentence.
     pub text: String,
 }
@@ -162,6 +164,7 @@ impl Judgement {
             isolated: None,
             policies: Vec::new(),
             entry: None,
+            decision: None,
             text,
         }
     }
@@ -227,10 +230,10 @@ impl Explanation {
         [&self.egress, &self.ingress]
             .into_iter()
             .filter(|j| j.allowed && j.reason == reason::name(reason::PASS_POLICY))
-            .filter_map(|j| j.entry.as_ref())
-            .flat_map(|m| match &m.decision {
-                Some(d) => d.rules.iter().map(ToString::to_string).collect(),
-                None => m.rules.clone(),
+            .flat_map(|j| match (&j.decision, &j.entry) {
+                (Some(d), _) => d.rules.iter().map(ToString::to_string).collect(),
+                (None, Some(m)) => m.rules.clone(),
+                (None, None) => Vec::new(),
             })
             .collect()
     }

@@ -457,16 +457,7 @@ impl<'a> Explainer<'a> {
         }
         let selector = policy_selector(live.info.id, d.raw());
         let ruleset = self.maps.policy_lookup(selector, peer)?;
-        let entry = ruleset.map(|rs| {
-            self.matched(
-                live.info,
-                d,
-                selector,
-                (peer, q.protocol, q.port),
-                rs,
-                notes,
-            )
-        });
+        let entry = ruleset.map(|rs| self.matched(live.info, d, selector, peer, rs, notes));
         let allowed = match ruleset {
             Some(rs) => self.maps.port_allows(rs, q.protocol, q.port)?,
             None => false,
@@ -477,15 +468,20 @@ impl<'a> Explainer<'a> {
             format!("isolated by {}", policies.join(", "))
         };
         let what = format!("{}/{}", protocol_name(q.protocol), q.port);
-        let decided = entry.as_ref().and_then(|m| {
-            let d = m.decision.as_ref()?;
-            // The maps decide; the state file only names.
-            (d.allowed == allowed).then(|| {
-                format!(
-                    "{} (entry {} -> rule set {}: {})",
-                    d.text, m.prefix, m.ruleset, m.ports
-                )
-            })
+        // Where a ClusterNetworkPolicy applies: what decides, from the
+        // state file. The maps decide; a decision that disagrees with them
+        // (a state file older or newer than the maps) names nothing.
+        let decision = self
+            .state
+            .and_then(|s| s.decision_at(live.info.id, d, peer, q.protocol, q.port))
+            .filter(|x| x.allowed == allowed)
+            .cloned();
+        let decided = decision.as_ref().map(|x| match &entry {
+            Some(m) => format!(
+                "{} (entry {} -> rule set {}: {})",
+                x.text, m.prefix, m.ruleset, m.ports
+            ),
+            None => format!("{} (no entry covers {peer})", x.text),
         });
         let text = if let Some(t) = decided {
             t
@@ -542,6 +538,7 @@ impl<'a> Explainer<'a> {
             isolated: Some(true),
             policies,
             entry,
+            decision,
             text,
         })
     }
@@ -553,7 +550,7 @@ impl<'a> Explainer<'a> {
         info: EndpointInfo,
         d: Direction,
         selector: u32,
-        (peer, protocol, port): (IpAddr, u8, u16),
+        peer: IpAddr,
         ruleset: u32,
         notes: &mut Vec<String>,
     ) -> Matched {
@@ -580,7 +577,6 @@ impl<'a> Explainer<'a> {
                 ports,
                 rules: Vec::new(),
                 stale: true,
-                decision: None,
             };
         };
         let recorded = self
@@ -605,7 +601,6 @@ impl<'a> Explainer<'a> {
                 .map(|e| e.rules.iter().map(ToString::to_string).collect())
                 .unwrap_or_default(),
             stale: recorded.is_none(),
-            decision: recorded.and_then(|e| e.decision(protocol, port)).cloned(),
         }
     }
 }
