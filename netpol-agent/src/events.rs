@@ -70,10 +70,10 @@ impl Directory {
     }
 
     /// What decided a packet the policy of `endpoint`'s direction `d`
-    /// dropped: the decision of the entry the datapath matched for `peer`
-    /// where a `ClusterNetworkPolicy` applies, else the policies isolating
-    /// the pod (none of whose rules allows it). `None` for an unknown
-    /// endpoint.
+    /// dropped: where a `ClusterNetworkPolicy` applies, the decision for
+    /// `peer`, `protocol` and `port` ([`Compiled::decision_at`]), else the
+    /// policies isolating the pod (none of whose rules allows it). `None`
+    /// for an unknown endpoint.
     #[must_use]
     pub fn attribute(
         &self,
