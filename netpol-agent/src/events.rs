@@ -13,7 +13,7 @@ use std::{
 };
 
 use aya::maps::{MapData, RingBuf};
-use netpol_common::{DenyEvent, family, protocol, reason};
+use netpol_common::{DenyEvent, family, reason};
 use serde::Serialize;
 use tokio::{
     io::unix::AsyncFd,
@@ -23,7 +23,7 @@ use tokio::{
 use crate::{
     compiler::{Compiled, Direction, Stage},
     datapath::{self, events::decode},
-    model::{Map, ObjectRef, Pod, Snapshot},
+    model::{ObjectRef, Snapshot},
     status::Metrics,
 };
 
@@ -34,16 +34,14 @@ pub struct Directory {
     /// The compile in force (shared with the state file's writer): the
     /// entries whose decisions name the rules.
     compiled: Arc<Compiled>,
-    /// Its snapshot (a clone shares its maps): the policies isolating a
-    /// pod.
+    /// Its snapshot (a clone shares its maps, so a directory costs the
+    /// loop O(local pods)): every pod of the cluster (peers live
+    /// anywhere) and the policies isolating a pod.
     snapshot: Snapshot,
     /// Endpoint id → local pod.
     endpoints: BTreeMap<u32, ObjectRef>,
     /// The local pods.
     local: BTreeSet<ObjectRef>,
-    /// Every pod of the cluster (peers live anywhere): the snapshot's map,
-    /// shared with it, so a directory costs the loop O(local pods).
-    pods: Map<ObjectRef, Pod>,
     /// Address → pod, of every networked pod: built by the reader on the
     /// first lookup, not by the loop on every apply.
     addresses: OnceLock<BTreeMap<IpAddr, ObjectRef>>,
@@ -64,7 +62,6 @@ impl Directory {
             snapshot: snapshot.clone(),
             endpoints,
             local,
-            pods: snapshot.pods.clone(),
             addresses: OnceLock::new(),
         }
     }
@@ -122,7 +119,7 @@ impl Directory {
         self.addresses
             .get_or_init(|| {
                 let mut addresses = BTreeMap::new();
-                for pod in self.pods.values().filter(|p| p.is_networked()) {
+                for pod in self.snapshot.pods.values().filter(|p| p.is_networked()) {
                     for ip in &pod.ips {
                         addresses.entry(*ip).or_insert_with(|| pod.id.clone());
                     }
@@ -220,12 +217,9 @@ impl Denial {
             } else {
                 (Direction::Ingress, src)
             };
-            // Protocols without ports are looked up with port 0.
-            let port = match e.protocol {
-                protocol::TCP | protocol::UDP | protocol::SCTP => e.dport,
-                _ => 0,
-            };
-            dir.attribute(e.endpoint, d, peer, e.protocol, port)
+            // As the programs looked it up: a protocol without ports
+            // (its `dport` an echo id) matches only "every protocol".
+            dir.attribute(e.endpoint, d, peer, e.protocol, e.dport)
         } else {
             None
         };
@@ -421,7 +415,6 @@ status: {phase: Running, podIPs: [{ip: 10.2.0.2}]}
             snapshot: Snapshot::default(),
             endpoints: BTreeMap::from([(5, a.clone())]),
             local: BTreeSet::from([a.clone()]),
-            pods: Map::new(),
             addresses: OnceLock::from(BTreeMap::from([
                 ("10.0.0.5".parse().expect("ip"), a),
                 ("10.0.0.9".parse().expect("ip"), b.clone()),
