@@ -483,47 +483,43 @@ impl<'a> Explainer<'a> {
             ),
             None => format!("{} (no entry covers {peer})", x.text),
         });
-        let text = if let Some(t) = decided {
-            t
-        } else {
-            match (&entry, allowed) {
-                (Some(m), true) => format!(
-                    "allowed by {} (entry {} -> rule set {}: {})",
-                    if m.rules.is_empty() {
-                        "a rule the state file does not name".to_owned()
-                    } else {
-                        m.rules.join(", ")
-                    },
-                    m.prefix,
-                    m.ruleset,
-                    m.ports
-                ),
-                (Some(m), false) if m.ruleset == EMPTY_RULESET => format!(
-                    "{isolated_by} and no rule matches: {peer} falls in {}, an except of {}",
-                    m.prefix,
-                    if m.rules.is_empty() {
-                        "a rule".to_owned()
-                    } else {
-                        m.rules.join(", ")
-                    }
-                ),
-                (Some(m), false) => format!(
-                    "{isolated_by} and no rule matches: entry {} -> rule set {} ({}{}) does not \
-                     allow {what}",
-                    m.prefix,
-                    m.ruleset,
-                    m.ports,
-                    if m.rules.is_empty() {
-                        String::new()
-                    } else {
-                        format!(", from {}", m.rules.join(", "))
-                    }
-                ),
-                (None, _) => {
-                    format!("{isolated_by} and no rule matches: no entry covers {peer}")
+        let text = decided.unwrap_or_else(|| match (&entry, allowed) {
+            (Some(m), true) => format!(
+                "allowed by {} (entry {} -> rule set {}: {})",
+                if m.rules.is_empty() {
+                    "a rule the state file does not name".to_owned()
+                } else {
+                    m.rules.join(", ")
+                },
+                m.prefix,
+                m.ruleset,
+                m.ports
+            ),
+            (Some(m), false) if m.ruleset == EMPTY_RULESET => format!(
+                "{isolated_by} and no rule matches: {peer} falls in {}, an except of {}",
+                m.prefix,
+                if m.rules.is_empty() {
+                    "a rule".to_owned()
+                } else {
+                    m.rules.join(", ")
                 }
+            ),
+            (Some(m), false) => format!(
+                "{isolated_by} and no rule matches: entry {} -> rule set {} ({}{}) does not \
+                 allow {what}",
+                m.prefix,
+                m.ruleset,
+                m.ports,
+                if m.rules.is_empty() {
+                    String::new()
+                } else {
+                    format!(", from {}", m.rules.join(", "))
+                }
+            ),
+            (None, _) => {
+                format!("{isolated_by} and no rule matches: no entry covers {peer}")
             }
-        };
+        });
         Ok(Judgement {
             direction: d,
             of,
