@@ -41,14 +41,7 @@ fn np_verdict(
     port: u16,
 ) -> Option<bool> {
     let peer = pod_at(snap, peer_addr);
-    let selecting: Vec<&NetworkPolicy> = snap
-        .policies
-        .values()
-        .filter_map(|s| s.in_force.as_ref())
-        .filter(|p| p.id.namespace == pod.id.namespace)
-        .filter(|p| p.pod_selector.matches(&pod.labels))
-        .filter(|p| rules(p, d).is_some())
-        .collect();
+    let selecting = isolating(snap, pod, d);
     if selecting.is_empty() {
         return None;
     }
@@ -223,17 +216,21 @@ pub fn tier_rule<'s>(
     None
 }
 
-/// Whether NetworkPolicy isolates `pod` for `d` (some policy selects it
-/// for that direction).
-pub fn np_isolates(snap: &Snapshot, pod: &Pod, d: Direction) -> bool {
+/// The `NetworkPolicies` selecting `pod` for `d`.
+fn isolating<'s>(snap: &'s Snapshot, pod: &Pod, d: Direction) -> Vec<&'s NetworkPolicy> {
     snap.policies
         .values()
         .filter_map(|s| s.in_force.as_ref())
-        .any(|p| {
-            p.id.namespace == pod.id.namespace
-                && p.pod_selector.matches(&pod.labels)
-                && rules(p, d).is_some()
-        })
+        .filter(|p| p.id.namespace == pod.id.namespace)
+        .filter(|p| p.pod_selector.matches(&pod.labels))
+        .filter(|p| rules(p, d).is_some())
+        .collect()
+}
+
+/// Whether NetworkPolicy isolates `pod` for `d` (some policy selects it
+/// for that direction).
+pub fn np_isolates(snap: &Snapshot, pod: &Pod, d: Direction) -> bool {
+    !isolating(snap, pod, d).is_empty()
 }
 
 /// Reference: a whole connection from pod `src` to pod `dst`.

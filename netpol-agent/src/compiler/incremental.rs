@@ -332,6 +332,8 @@ impl Compiler {
             // applies (their order decides): the pods some applied to.
             out.extend(self.index.cluster_selected.iter().cloned());
         }
+        // Namespace labels, looked up once per namespace.
+        let mut ns_labels: BTreeMap<&str, crate::model::Labels> = BTreeMap::new();
         // And the pods a changed ClusterNetworkPolicy applies to now.
         for name in &changes.cluster_policies {
             let Some(c) = snap
@@ -341,7 +343,6 @@ impl Compiler {
             else {
                 continue;
             };
-            let mut ns_labels: BTreeMap<&str, crate::model::Labels> = BTreeMap::new();
             for id in self.out.endpoints.keys() {
                 let Some(pod) = snap.pods.get(id) else {
                     continue;
@@ -360,7 +361,6 @@ impl Compiler {
         for q in &self.index.global {
             reach(q, &mut out);
         }
-        let mut ns_labels: BTreeMap<&str, crate::model::Labels> = BTreeMap::new();
         for id in &changes.pods {
             if self.out.endpoints.contains_key(id) {
                 out.insert(id.clone());
@@ -401,39 +401,18 @@ impl Compiler {
             let Some(e) = self.out.endpoints.remove(pod) else {
                 continue;
             };
-            let from = PolicyTarget {
-                endpoint: e.id,
-                direction: Direction::Egress,
-                prefix: IpNet::V4(Ipv4Net::default()),
-            };
             for map in [&mut self.out.policy_v4, &mut self.out.policy_v6] {
-                let gone: Vec<PolicyTarget> = map
-                    .range(from..)
-                    .take_while(|(t, _)| t.endpoint == e.id)
-                    .map(|(t, _)| *t)
-                    .collect();
-                for t in gone {
-                    if let Some(entry) = map.remove(&t) {
-                        if let Some(n) = self.index.refs.get_mut(&entry.ruleset) {
-                            *n -= 1;
-                            if *n == 0 {
-                                dropped.push(entry.ruleset);
-                            }
+                for (t, entry) in take_endpoint(map, e.id) {
+                    if let Some(n) = self.index.refs.get_mut(&entry.ruleset) {
+                        *n -= 1;
+                        if *n == 0 {
+                            dropped.push(entry.ruleset);
                         }
-                        insert_entry(&mut old, t, entry);
                     }
+                    insert_entry(&mut old, t, entry);
                 }
             }
-            let gone: Vec<PolicyTarget> = self
-                .out
-                .named
-                .range(from..)
-                .take_while(|(t, _)| t.endpoint == e.id)
-                .map(|(t, _)| *t)
-                .collect();
-            for t in gone {
-                self.out.named.remove(&t);
-            }
+            take_endpoint(&mut self.out.named, e.id);
             old.endpoints.insert(pod.clone(), e);
         }
 
@@ -562,4 +541,21 @@ fn peers_select(
             ns_ok && pod_selector.as_ref().is_none_or(|s| s.matches(&pod.labels))
         }
     })
+}
+
+/// Takes `endpoint`'s entries out of `map`: its keys are one range.
+fn take_endpoint<V>(map: &mut BTreeMap<PolicyTarget, V>, endpoint: u32) -> Vec<(PolicyTarget, V)> {
+    let from = PolicyTarget {
+        endpoint,
+        direction: Direction::Egress,
+        prefix: IpNet::V4(Ipv4Net::default()),
+    };
+    let keys: Vec<PolicyTarget> = map
+        .range(from..)
+        .take_while(|(t, _)| t.endpoint == endpoint)
+        .map(|(t, _)| *t)
+        .collect();
+    keys.into_iter()
+        .filter_map(|t| map.remove(&t).map(|v| (t, v)))
+        .collect()
 }

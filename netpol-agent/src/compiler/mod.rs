@@ -60,6 +60,7 @@ pub use output::{
     Compiled, Decision, Direction, Endpoint, EndpointId, IdAllocation, PolicyEntry, PolicyTarget,
     RuleRef, Sizes, Stage, write_rule,
 };
+pub(crate) use prefixes::cluster_rules_of;
 pub use ruleset::{PortPrefix, PortRange, RuleSet};
 
 /// Rule-set id of the empty set: never has port entries, so a peer prefix

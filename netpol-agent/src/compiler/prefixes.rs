@@ -176,7 +176,8 @@ pub(super) struct Ctx<'a> {
     pub(super) empty: u32,
 }
 
-pub(super) fn cluster_rules_of(
+/// `spec.ingress` or `spec.egress` of a `ClusterNetworkPolicy`.
+pub(crate) fn cluster_rules_of(
     p: &ClusterNetworkPolicy,
     d: Direction,
 ) -> &[crate::model::ClusterRule] {
@@ -503,7 +504,7 @@ impl<'a> Ctx<'a> {
     /// direction (its rules' union), else to the first Baseline rule
     /// (Pass: allowed), else allowed.
     fn tiered_value(&mut self, key: &[(u32, u32)], np_isolated: bool) -> (u32, u32) {
-        let mut np = RuleSet::default();
+        // NetworkPolicy's rules matching here, each with its ports.
         let mut np_rules: Vec<u32> = Vec::new();
         let mut np_sets: Vec<RuleSet> = Vec::new();
         let mut own = false;
@@ -519,7 +520,6 @@ impl<'a> Ctx<'a> {
             match self.tiered.get(rule as usize).copied().flatten() {
                 None => {
                     let set = &self.sets.sets[ports as usize];
-                    np = np.union(set);
                     // One rule's contributions are one match (named ports).
                     if np_rules.last() == Some(&rule) {
                         if let Some(last) = np_sets.last_mut() {
@@ -588,6 +588,7 @@ impl<'a> Ctx<'a> {
             if !rest.is_empty() {
                 deciding.extend_from_slice(&np_rules);
             }
+            let np = np_sets.iter().fold(RuleSet::default(), |a, s| a.union(s));
             for (set, passed) in rest {
                 let yes = set.intersect(&np);
                 let no = set.minus(&np);

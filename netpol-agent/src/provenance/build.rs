@@ -10,7 +10,7 @@ use super::{
     STATE_VERSION, State, frontend_kind_name,
 };
 use crate::{
-    compiler::{Decision, Direction, EMPTY_RULESET, RuleSet, service_frontends},
+    compiler::{Decision, Direction, EMPTY_RULESET, RuleSet, cluster_rules_of, service_frontends},
     model::{ObjectRef, Protocol, Snapshot},
 };
 
@@ -57,10 +57,7 @@ fn cluster_applying(snap: &Snapshot, pod: &ObjectRef, d: Direction) -> Vec<Clust
         .cluster_policies
         .values()
         .filter_map(|slot| slot.in_force.as_ref())
-        .filter(|c| match d {
-            Direction::Ingress => !c.ingress.is_empty(),
-            Direction::Egress => !c.egress.is_empty(),
-        })
+        .filter(|c| !cluster_rules_of(c, d).is_empty())
         .filter(|c| c.selects(&ns_labels, &p.labels))
         .collect();
     applying.sort_by(|a, b| a.order().cmp(&b.order()));

@@ -6,7 +6,7 @@ use std::{fmt::Write as _, net::IpAddr};
 use anyhow::Context as _;
 use netpol_agent::{
     compiler::Direction,
-    inspect::{LiveEndpoint, LiveEntry, LiveMaps, Maps as _, ports_text, rulesets},
+    inspect::{LiveEndpoint, LiveEntry, LiveMaps, Maps as _, PortRun, ports_text, rulesets},
     provenance::{ClusterPolicyState, DecisionState, State},
 };
 use netpol_common::{SELECTOR_BITS, policy_selector};
@@ -88,24 +88,28 @@ fn decision_rows(list: &[DecisionState]) -> Vec<DecisionRow> {
         .collect()
 }
 
-/// The ports of a decision, as rule sets print.
+/// The ports of a decision, as rule sets print ([`ports_text`]).
 fn decision_ports(d: &DecisionState) -> String {
-    let list = |ports: &[netpol_agent::provenance::PortRangeState]| {
-        ports
-            .iter()
-            .map(|p| match (p.first, p.last) {
-                (0, u16::MAX) => format!("{} all ports", p.protocol),
-                (a, b) if a == b => format!("{} {a}", p.protocol),
-                (a, b) => format!("{} {a}-{b}", p.protocol),
-            })
-            .collect::<Vec<_>>()
-            .join(", ")
+    let run = |p: &netpol_agent::provenance::PortRangeState, except| PortRun {
+        protocol: p.protocol.clone(),
+        first: p.first,
+        last: p.last,
+        except,
     };
-    match (d.all, d.except.is_empty()) {
-        (true, true) => "all protocols and ports".to_owned(),
-        (true, false) => format!("all protocols and ports except {}", list(&d.except)),
-        (false, _) => list(&d.ports),
-    }
+    let runs: Vec<PortRun> = if d.all {
+        let every = PortRun {
+            protocol: "any".to_owned(),
+            first: 0,
+            last: u16::MAX,
+            except: false,
+        };
+        std::iter::once(every)
+            .chain(d.except.iter().map(|p| run(p, true)))
+            .collect()
+    } else {
+        d.ports.iter().map(|p| run(p, false)).collect()
+    };
+    ports_text(&runs)
 }
 
 /// The live endpoint of `pod`: `namespace/name` (state file), an address,
