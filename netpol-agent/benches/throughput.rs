@@ -143,6 +143,7 @@ fn with_cluster_policies(snap: &Snapshot) -> Snapshot {
             subject: Subject::Namespaces(LabelSelector::default()),
             ingress: (0..25).map(rule).collect(),
             egress: (25..50).map(rule).collect(),
+            staging: netpol_agent::model::Staging::Enforced,
         };
         s.cluster_policies.insert(
             p.name.clone(),
@@ -251,6 +252,7 @@ fn snapshot(server: &Pod, client: &Pod, n: usize) -> Snapshot {
                     ports: Vec::new(),
                 }]),
                 egress: None,
+                staging: netpol_agent::model::Staging::Enforced,
             },
         );
         insert(
@@ -263,6 +265,7 @@ fn snapshot(server: &Pod, client: &Pod, n: usize) -> Snapshot {
                     peers: blocks(k),
                     ports: Vec::new(),
                 }]),
+                staging: netpol_agent::model::Staging::Enforced,
             },
         );
     }
@@ -280,6 +283,7 @@ fn snapshot(server: &Pod, client: &Pod, n: usize) -> Snapshot {
                 ports: Vec::new(),
             }]),
             egress: None,
+            staging: netpol_agent::model::Staging::Enforced,
         },
     );
     insert(
@@ -292,6 +296,7 @@ fn snapshot(server: &Pod, client: &Pod, n: usize) -> Snapshot {
                 peers: vec![pods("srv")],
                 ports: Vec::new(),
             }]),
+            staging: netpol_agent::model::Staging::Enforced,
         },
     );
     s

@@ -1,5 +1,10 @@
 //! Deny events: the one reader of the programs' ring buffer.
 //!
+//! The ring also carries the staged view's reports
+//! (`reason::STAGED_WOULD_DENY`, `STAGED_WOULD_ALLOW`): not drops, never
+//! counted as denials, always logged (target `netpol::staged`) and handed
+//! to subscribers with the view's attribution.
+//!
 //! The programs report each dropped packet their endpoint's rate limit
 //! lets through (`netpol_common::events`). The reader resolves the event's
 //! endpoint id and addresses to pods through the [`Directory`] the sync
@@ -13,7 +18,7 @@ use std::{
 };
 
 use aya::maps::{MapData, RingBuf};
-use netpol_common::{DenyEvent, family, reason};
+use netpol_common::{DenyEvent, family, reason, staged_endpoint};
 use serde::Serialize;
 use tokio::{
     io::unix::AsyncFd,
@@ -67,10 +72,11 @@ impl Directory {
     }
 
     /// What decided a packet the policy of `endpoint`'s direction `d`
-    /// dropped: where a `ClusterNetworkPolicy` applies, the decision for
-    /// `peer`, `protocol` and `port` ([`Compiled::decision_at`]), else the
-    /// policies isolating the pod (none of whose rules allows it). `None`
-    /// for an unknown endpoint.
+    /// judged, in the enforced view or (`staged`) the staged one: where a
+    /// `ClusterNetworkPolicy` applies, the decision for `peer`,
+    /// `protocol` and `port` ([`Compiled::decision_at`]); else the rules
+    /// allowing it, or the policies isolating the pod (none of whose rules
+    /// allows it). `None` for an unknown endpoint.
     #[must_use]
     pub fn attribute(
         &self,
@@ -79,11 +85,16 @@ impl Directory {
         peer: IpAddr,
         protocol: u8,
         port: u16,
+        staged: bool,
     ) -> Option<Attribution> {
         let pod = self.endpoints.get(&endpoint)?;
-        if let Some(decision) = self.compiled.decision_at(endpoint, d, peer, protocol, port) {
-            let names =
-                |r: &[crate::compiler::RuleRef]| r.iter().map(ToString::to_string).collect();
+        let ep = self.compiled.endpoints.get(pod)?;
+        let (keyed, isolated) = match ep.staged(d) {
+            Some(isolated) if staged => (staged_endpoint(endpoint), isolated),
+            _ => (endpoint, ep.isolated(d)),
+        };
+        let names = |r: &[crate::compiler::RuleRef]| r.iter().map(ToString::to_string).collect();
+        if let Some(decision) = self.compiled.decision_at(keyed, d, peer, protocol, port) {
             return Some(Attribution {
                 text: decision.to_string(),
                 stage: Some(decision.stage),
@@ -92,18 +103,39 @@ impl Directory {
                 policies: Vec::new(),
             });
         }
-        let policies = crate::provenance::isolating(&self.snapshot, pod, d);
+        let plain = |text: String| Attribution {
+            text,
+            stage: None,
+            rules: Vec::new(),
+            passed: Vec::new(),
+            policies: Vec::new(),
+        };
+        if !isolated {
+            return Some(plain("allowed: no policy isolates the pod".to_owned()));
+        }
+        if let Some(entry) = self.compiled.entry_at(keyed, d, peer)
+            && self
+                .compiled
+                .rulesets
+                .get(&entry.ruleset)
+                .is_some_and(|rs| rs.allows(protocol, port))
+        {
+            let rules: Vec<String> = names(&entry.sources);
+            return Some(Attribution {
+                text: format!("allowed by {}", rules.join(", ")),
+                rules,
+                ..plain(String::new())
+            });
+        }
+        let policies = crate::provenance::isolating(&self.snapshot, pod, d, staged);
         let text = if policies.is_empty() {
             "isolated and no rule allows it".to_owned()
         } else {
             format!("isolated by {} and no rule allows it", policies.join(", "))
         };
         Some(Attribution {
-            text,
-            stage: None,
-            rules: Vec::new(),
-            passed: Vec::new(),
             policies,
+            ..plain(text)
         })
     }
 
@@ -211,7 +243,8 @@ impl Denial {
         } else {
             (by_addr(src), pod.clone().or_else(|| by_addr(dst)))
         };
-        let decided = if matches!(e.reason, reason::DROP_POLICY | reason::DROP_REVOKED) {
+        let staged = reason::is_staged(e.reason);
+        let decided = if staged || matches!(e.reason, reason::DROP_POLICY | reason::DROP_REVOKED) {
             let (d, peer) = if egress {
                 (Direction::Egress, dst)
             } else {
@@ -219,7 +252,7 @@ impl Denial {
             };
             // As the programs looked it up: a protocol without ports
             // (its `dport` an echo id) matches only "every protocol".
-            dir.attribute(e.endpoint, d, peer, e.protocol, e.dport)
+            dir.attribute(e.endpoint, d, peer, e.protocol, e.dport, staged)
         } else {
             None
         };
@@ -325,9 +358,15 @@ impl Reader {
                             continue;
                         };
                         let d = Denial::resolve(&event, &dir);
-                        metrics.denied(d.pod.as_ref(), d.direction);
-                        if log_denied {
-                            log(&d);
+                        if reason::is_staged(d.reason) {
+                            // Not a drop: what a staged policy would change,
+                            // logged always (only staging produces them).
+                            log_staged(&d);
+                        } else {
+                            metrics.denied(d.pod.as_ref(), d.direction);
+                            if log_denied {
+                                log(&d);
+                            }
                         }
                         // No subscriber is no error.
                         let _ = denials.send(d);
@@ -338,6 +377,35 @@ impl Reader {
         }
         tracing::debug!("deny-event reader stopped");
     }
+}
+
+/// A staged view's report: `staged: would deny ingress tcp x/b -> x/a
+/// port 80 (isolated by x/deny-all and no rule allows it)`.
+fn log_staged(d: &Denial) {
+    let would = if d.reason == reason::STAGED_WOULD_ALLOW {
+        "would allow"
+    } else {
+        "would deny"
+    };
+    tracing::info!(
+        target: "netpol::staged",
+        direction = d.direction_name(),
+        report = d.reason_name(),
+        protocol = %protocol_name(d.protocol),
+        src = %d.src,
+        dst = %d.dst,
+        source = %shown(d.source.as_ref()),
+        destination = %shown(d.destination.as_ref()),
+        endpoint = d.endpoint,
+        decided = d.decided.as_ref().map_or("", |a| a.text.as_str()),
+        "staged: {would} {} {} {} -> {} port {} ({})",
+        d.direction_name(),
+        protocol_name(d.protocol),
+        shown(d.source.as_ref()),
+        shown(d.destination.as_ref()),
+        d.dst.port(),
+        d.decided.as_ref().map_or("", |a| a.text.as_str()),
+    );
 }
 
 fn log(d: &Denial) {

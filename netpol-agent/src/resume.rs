@@ -208,6 +208,10 @@ fn endpoint(info: &EndpointInfo) -> Endpoint {
         allow_any_source: has(endpoint_flags::ALLOW_ANY_SOURCE),
         ingress_gen: info.ingress_gen,
         egress_gen: info.egress_gen,
+        staged_ingress: has(endpoint_flags::STAGED_INGRESS)
+            .then(|| has(endpoint_flags::STAGED_INGRESS_ISOLATED)),
+        staged_egress: has(endpoint_flags::STAGED_EGRESS)
+            .then(|| has(endpoint_flags::STAGED_EGRESS_ISOLATED)),
     }
 }
 

@@ -28,6 +28,30 @@ pub mod endpoint_flags {
     /// is judged, egress and ingress, with its own address as the peer (a
     /// `ClusterNetworkPolicy` applies to it); without the flag it passes.
     pub const HAIRPIN_JUDGED: u32 = 1 << 6;
+    /// The staged view (policies annotated as staged, not enforced) judges
+    /// the pod's ingress differently: new connections are also judged
+    /// against its entries ([`crate::staged_endpoint`]) and a difference is
+    /// reported, never acted on.
+    pub const STAGED_INGRESS: u32 = 1 << 7;
+    /// The same for egress.
+    pub const STAGED_EGRESS: u32 = 1 << 8;
+    /// In the staged view the pod is isolated for ingress (meaningful with
+    /// `STAGED_INGRESS`).
+    pub const STAGED_INGRESS_ISOLATED: u32 = 1 << 9;
+    /// The same for egress.
+    pub const STAGED_EGRESS_ISOLATED: u32 = 1 << 10;
+
+    /// `STAGED_INGRESS` or `STAGED_EGRESS`, and the matching isolation
+    /// flag, for a direction.
+    #[inline(always)]
+    #[must_use]
+    pub const fn staged(dir: u32) -> (u32, u32) {
+        if dir == crate::direction::INGRESS {
+            (STAGED_INGRESS, STAGED_INGRESS_ISOLATED)
+        } else {
+            (STAGED_EGRESS, STAGED_EGRESS_ISOLATED)
+        }
+    }
 }
 
 /// Value of [`maps::ENDPOINTS`], keyed by the host-side interface index.

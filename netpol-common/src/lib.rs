@@ -58,7 +58,7 @@ pub use events::{DenyEvent, EventBucket};
 pub use fragment::{FragKey, FragValue};
 pub use policy::{
     PORT_KEY_PROTOCOL_BITS, PolicyKeyV4, PolicyKeyV6, PolicyValue, PortKey, PortValue,
-    SELECTOR_BITS, policy_selector,
+    SELECTOR_BITS, STAGED_ENDPOINT_BIT, policy_selector, staged_endpoint,
 };
 pub use service::{FrontendKeyV4, FrontendKeyV6, FrontendValue, frontend_kind};
 

@@ -12,6 +12,18 @@ pub const fn policy_selector(endpoint_id: u32, direction: u32) -> u32 {
     (endpoint_id << 1) | (direction & 1)
 }
 
+/// Set in the endpoint id of a staged view's entries: the policy keys of
+/// endpoint `id`'s staged view use `policy_selector(staged_endpoint(id),
+/// dir)`. Compiled endpoint ids stay below it.
+pub const STAGED_ENDPOINT_BIT: u32 = 1 << 30;
+
+/// The endpoint id that keys `endpoint`'s staged-view entries.
+#[inline(always)]
+#[must_use]
+pub const fn staged_endpoint(endpoint: u32) -> u32 {
+    endpoint | STAGED_ENDPOINT_BIT
+}
+
 /// Bits of the selector at the start of every policy and port key.
 pub const SELECTOR_BITS: u32 = 32;
 

@@ -58,6 +58,20 @@ pub const DROP_REVOKED: u32 = 72;
 /// mark is not netpol's).
 pub const DROP_MARK_STALE: u32 = 73;
 
+/// Not a verdict (never counted, never a packet's fate): reported on the
+/// events ring when the staged view would deny a new connection the
+/// enforced policy allows.
+pub const STAGED_WOULD_DENY: u32 = 120;
+/// The same when the staged view would allow one the enforced policy
+/// denies.
+pub const STAGED_WOULD_ALLOW: u32 = 121;
+
+/// Whether `reason` is a staged view's report, not a verdict.
+#[must_use]
+pub const fn is_staged(reason: u32) -> bool {
+    matches!(reason, STAGED_WOULD_DENY | STAGED_WOULD_ALLOW)
+}
+
 /// Slots per (direction, family) in the counter array.
 pub const SLOTS: u32 = 128;
 
@@ -93,6 +107,8 @@ pub const fn name(reason: u32) -> &'static str {
         DROP_SPOOFED => "drop_spoofed",
         DROP_REVOKED => "drop_revoked",
         DROP_MARK_STALE => "drop_mark_stale",
+        STAGED_WOULD_DENY => "staged_would_deny",
+        STAGED_WOULD_ALLOW => "staged_would_allow",
         _ => "unknown",
     }
 }

@@ -10,18 +10,31 @@
 //! caller packs the verdict and the packet's identity into two words and
 //! the function reads the addresses from the packet again.
 use aya_ebpf::{bindings::__sk_buff, helpers::bpf_ktime_get_ns, programs::TcContext};
-use netpol_common::{DenyEvent, events, family};
+use netpol_common::{DenyEvent, direction, events, family};
 
 use crate::{
     config, ctx,
     maps::{NETPOL_EVENT_LIMITS, NETPOL_EVENTS, NETPOL_EVENTS_LOST},
+    policy,
 };
 
-/// Emits one deny event if the endpoint's rate limit admits it. `verdict`:
-/// reason, direction, family (a byte each from the lowest); `packet`:
-/// [`Packet::event_word`](crate::packet::Packet::event_word). Returns whether an event was emitted. `no_mangle`
-/// and `extern "C"`: rustc exports it to bpf-linker, so it keeps global
-/// linkage in the object and its BTF.
+/// Staged bits of the verdict word (its fourth byte): judge the new
+/// connection against the endpoint's staged view too.
+pub const STAGED_JUDGE: u8 = 1;
+/// With [`STAGED_JUDGE`]: the staged view isolates the direction.
+pub const STAGED_ISOLATED: u8 = 2;
+
+/// Emits one deny event for a dropped packet, and for a new connection
+/// the staged view judges otherwise ([`STAGED_JUDGE`]) a "would deny" or
+/// "would allow" report, each if the endpoint's rate limit admits it.
+/// `verdict`: reason, direction, family, staged bits (a byte each from
+/// the lowest); `packet`:
+/// [`Packet::event_word`](crate::packet::Packet::event_word). Returns how
+/// many events were emitted. `no_mangle` and `extern "C"`: rustc exports
+/// it to bpf-linker, so it keeps global linkage in the object and its
+/// BTF. The staged view's lookups live here, not in the programs: the
+/// verifier checks them once, and the programs pay one flag test where
+/// the views agree.
 #[unsafe(no_mangle)]
 #[inline(never)]
 pub extern "C" fn netpol_deny_event(
@@ -30,13 +43,14 @@ pub extern "C" fn netpol_deny_event(
     verdict: u64,
     packet: u64,
 ) -> i32 {
-    let ctx = TcContext::new(skb);
-    // SAFETY: bpf_ktime_get_ns has no preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
-    if !within_limit(endpoint, now) {
-        lost(events::LOST_RATE_LIMITED);
+    let reason = u32::from(verdict as u8);
+    let staged = (verdict >> 24) as u8;
+    let drop = netpol_common::reason::is_drop(reason);
+    // A new connection whose endpoint's views agree: nothing to do.
+    if !drop && staged & STAGED_JUDGE == 0 {
         return 0;
     }
+    let ctx = TcContext::new(skb);
     let fam = (verdict >> 16) as u8;
     let l3 = (packet >> 16) as u16 as usize;
     let mut src = [0u8; 16];
@@ -56,6 +70,46 @@ pub extern "C" fn netpol_deny_event(
             dst = a;
         }
     }
+    let dir = u32::from((verdict >> 8) as u8);
+    let mut sent = 0;
+    if staged & STAGED_JUDGE != 0 {
+        let peer = if dir == direction::EGRESS { &dst } else { &src };
+        let report = policy::staged_report(
+            endpoint,
+            dir,
+            u32::from(fam),
+            staged & STAGED_ISOLATED != 0,
+            packet,
+            peer,
+            !drop,
+        );
+        if report != 0 {
+            sent += emit(&ctx, endpoint, report, verdict, packet, &src, &dst);
+        }
+    }
+    if drop {
+        sent += emit(&ctx, endpoint, reason, verdict, packet, &src, &dst);
+    }
+    sent
+}
+
+/// One event on the ring, within the endpoint's rate limit.
+#[inline(always)]
+fn emit(
+    ctx: &TcContext,
+    endpoint: u32,
+    reason: u32,
+    verdict: u64,
+    packet: u64,
+    src: &[u8; 16],
+    dst: &[u8; 16],
+) -> i32 {
+    // SAFETY: bpf_ktime_get_ns has no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if !within_limit(endpoint, now) {
+        lost(events::LOST_RATE_LIMITED);
+        return 0;
+    }
     let Some(mut entry) = NETPOL_EVENTS.reserve(0) else {
         lost(events::LOST_RING_FULL);
         return 0;
@@ -63,16 +117,16 @@ pub extern "C" fn netpol_deny_event(
     entry.write(DenyEvent {
         timestamp_ns: now,
         endpoint,
-        ifindex: ctx::ifindex(&ctx),
-        reason: u32::from(verdict as u8),
+        ifindex: ctx::ifindex(ctx),
+        reason,
         direction: (verdict >> 8) as u8,
-        family: fam,
+        family: (verdict >> 16) as u8,
         protocol: packet as u8,
         icmp_type: (packet >> 8) as u8,
         sport: (packet >> 32) as u16,
         dport: (packet >> 48) as u16,
-        src,
-        dst,
+        src: *src,
+        dst: *dst,
         _pad: 0,
     });
     entry.submit(0);

@@ -41,7 +41,10 @@ pub fn leave(ctx: &TcContext, l3: bool) -> i32 {
         (_, None) => reason::DROP_MARK_STALE,
         (_, Some((_, src))) => steps(ctx, src, direction::EGRESS, parsed, &pkt),
     };
-    let v = Verdict::new(direction::EGRESS, pkt.family, r, id);
+    let mut v = Verdict::new(direction::EGRESS, pkt.family, r, id);
+    if let Some((_, src)) = &source {
+        v = v.staged_for(src);
+    }
     verdict::to_tc_action(ctx, &v, &pkt)
 }
 
@@ -68,7 +71,7 @@ pub fn host(ctx: &TcContext) -> i32 {
         Parsed::NonIp => reason::DROP_PARSE,
         _ => steps(ctx, &src, direction::EGRESS, parsed, &pkt),
     };
-    let v = Verdict::new(direction::EGRESS, pkt.family, r, src.id);
+    let v = Verdict::new(direction::EGRESS, pkt.family, r, src.id).staged_for(&src);
     i32::from(verdict::to_tc_action(ctx, &v, &pkt) == aya_ebpf::bindings::TC_ACT_OK)
 }
 
@@ -114,9 +117,13 @@ pub fn decide(ctx: &TcContext, dir: u32, pkt: &mut Packet) -> Verdict {
                 }
                 Some((_, src)) => {
                     let r = steps(ctx, &src, direction::EGRESS, parsed, pkt);
-                    if reason::is_drop(r) {
-                        return Verdict::new(direction::EGRESS, fam, r, src.id);
+                    let v = Verdict::new(direction::EGRESS, fam, r, src.id).staged_for(&src);
+                    if reason::is_drop(v.reason) {
+                        return v;
                     }
+                    // The source's egress passed: its staged report now,
+                    // the ingress's verdict below.
+                    verdict::report_staged(ctx, &v, pkt);
                 }
             }
         }
@@ -128,7 +135,7 @@ pub fn decide(ctx: &TcContext, dir: u32, pkt: &mut Packet) -> Verdict {
     {
         return Verdict::new(dir, fam, reason::DROP_SPOOFED, ep.id);
     }
-    Verdict::new(dir, fam, steps(ctx, &ep, dir, parsed, pkt), ep.id)
+    Verdict::new(dir, fam, steps(ctx, &ep, dir, parsed, pkt), ep.id).staged_for(&ep)
 }
 
 /// The endpoint's verdict on an IP packet in `dir`: parse failures,
@@ -154,7 +161,7 @@ pub fn steps(ctx: &TcContext, ep: &EndpointInfo, dir: u32, parsed: Parsed, pkt: 
     let r = judge(ctx, ep, dir, pkt);
     if pkt.frag == FRAG_FIRST && enforced(ep, dir) {
         let key = fragment::key(ep.id, dir, pkt);
-        if !fragment::record(&key, pkt, !reason::is_drop(r)) {
+        if !fragment::record(&key, pkt, !reason::is_drop(verdict::reason_of(r))) {
             return reason::DROP_FRAGMENT_OVERLAP;
         }
     }
@@ -221,6 +228,11 @@ fn judge(ctx: &TcContext, ep: &EndpointInfo, dir: u32, pkt: &Packet) -> u32 {
         return fallback(ep, dir);
     };
     let ct = conntrack::lookup(&key, cfg, pkt.tcp_flags);
+    // A new connection the policy judges is marked (a constant bit: the
+    // verifier still tells the paths apart) for the staged view's
+    // judgement, which the programs make where the verdict is made (see
+    // `Verdict::staged_for`).
+    let mut judged = 0;
     // Service traffic is judged after translation (see `service`), every
     // packet: the frontend says nothing about the backend it will reach.
     // The entry recorded here is the one the replies, translated back to
@@ -249,6 +261,7 @@ fn judge(ctx: &TcContext, ep: &EndpointInfo, dir: u32, pkt: &Packet) -> u32 {
         if let Some(r) = untracked(ep, dir, pkt, cfg) {
             return r;
         }
+        judged = verdict::JUDGED;
         if !ep.isolated(dir) {
             reason::PASS_NOT_ISOLATED
         } else {
@@ -258,13 +271,13 @@ fn judge(ctx: &TcContext, ep: &EndpointInfo, dir: u32, pkt: &Packet) -> u32 {
                 &pkt.src
             };
             if !policy::allows(ep.id, dir, pkt.family, pkt.protocol, pkt.dport, peer) {
-                return reason::DROP_POLICY;
+                return reason::DROP_POLICY | verdict::JUDGED;
             }
             reason::PASS_POLICY
         }
     };
     conntrack::track(&key, dir, r, endpoint::generation(ep, dir), pkt.tcp_flags);
-    r
+    r | judged
 }
 
 /// An array's entries always exist, so the settings are always found; the

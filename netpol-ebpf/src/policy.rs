@@ -3,7 +3,7 @@
 use aya_ebpf::maps::lpm_trie::Key;
 use netpol_common::{
     PORT_KEY_PROTOCOL_BITS, PolicyKeyV4, PolicyKeyV6, PortKey, SELECTOR_BITS, family,
-    policy_selector,
+    policy_selector, reason, staged_endpoint,
 };
 
 use crate::maps::{NETPOL_POLICY_V4, NETPOL_POLICY_V6, NETPOL_PORTS};
@@ -101,4 +101,30 @@ pub extern "C" fn netpol_hairpin_allows(
             netpol_common::endpoint_flags::INGRESS_ISOLATED,
         ),
     )
+}
+
+/// The staged view's judgement of a new connection the enforced policy
+/// judged (`enforced`: allowed or not) for an endpoint whose staged view
+/// differs in direction `dir` (`isolated`: whether the staged view
+/// isolates it), `peer` its peer: the report to send when the views
+/// disagree ([`reason::STAGED_WOULD_DENY`], `STAGED_WOULD_ALLOW`), 0 when
+/// they agree.
+#[inline(always)]
+pub fn staged_report(
+    endpoint: u32,
+    dir: u32,
+    fam: u32,
+    isolated: bool,
+    packet: u64,
+    peer: &[u8; 16],
+    enforced: bool,
+) -> u32 {
+    let protocol = packet as u8;
+    let dport = (packet >> 48) as u16;
+    let staged = !isolated || allows(staged_endpoint(endpoint), dir, fam, protocol, dport, peer);
+    match (staged, enforced) {
+        (true, false) => reason::STAGED_WOULD_ALLOW,
+        (false, true) => reason::STAGED_WOULD_DENY,
+        _ => 0,
+    }
 }

@@ -10,7 +10,7 @@ use netpol_agent::compiler::Changes;
 use netpol_agent::model::{
     ContainerPort, LabelSelector, Labels, NAMESPACE_NAME_LABEL, Namespace, NetworkPolicy, Node,
     ObjectRef, Operator, Peer, Pod, PodPhase, PolicyPort, PolicySlot, PortSpec, Protocol,
-    Requirement, Rule, Snapshot,
+    Requirement, Rule, Snapshot, Staging,
 };
 
 pub const PODS: usize = 10_000;
@@ -138,6 +138,7 @@ pub fn cluster() -> Snapshot {
                 pod_selector: LabelSelector::default(),
                 ingress: Some(Vec::new()),
                 egress: None,
+                staging: Staging::Enforced,
             },
             // Per-app ingress from the app in front, on the named port.
             1 | 2 => NetworkPolicy {
@@ -154,6 +155,7 @@ pub fn cluster() -> Snapshot {
                     ports: vec![port(Protocol::Tcp, PortSpec::Named("http".into()))],
                 }]),
                 egress: None,
+                staging: Staging::Enforced,
             },
             // Monitoring from the team's namespaces (namespace selector).
             3 => NetworkPolicy {
@@ -182,6 +184,7 @@ pub fn cluster() -> Snapshot {
                     ],
                 }]),
                 egress: None,
+                staging: Staging::Enforced,
             },
             // Egress: DNS, the namespace itself, and the outside minus the
             // cluster ranges.
@@ -242,6 +245,7 @@ pub fn cluster() -> Snapshot {
                         )],
                     },
                 ]),
+                staging: Staging::Enforced,
             },
         };
         s.policies.insert(
@@ -284,8 +288,8 @@ pub fn relabelled(s: &Snapshot) -> (Snapshot, Changes) {
 #[must_use]
 pub fn with_cluster_policies(s: &Snapshot, n: usize) -> Snapshot {
     use netpol_agent::model::{
-        Action, ClusterNetworkPolicy, ClusterPeer, ClusterPort, ClusterRule, PolicySlot, Subject,
-        Tier,
+        Action, ClusterNetworkPolicy, ClusterPeer, ClusterPort, ClusterRule, PolicySlot, Staging,
+        Subject, Tier,
     };
     let mut s = s.clone();
     let mut r = Rng(7);
@@ -354,6 +358,7 @@ pub fn with_cluster_policies(s: &Snapshot, n: usize) -> Snapshot {
             subject,
             ingress: (0..25).map(|k| rule(&mut r, k)).collect(),
             egress: (0..25).map(|k| rule(&mut r, k)).collect(),
+            staging: Staging::Enforced,
         };
         s.cluster_policies.insert(
             p.name.clone(),

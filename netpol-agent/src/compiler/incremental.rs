@@ -205,6 +205,8 @@ impl Index {
 pub struct Compiler {
     out: Compiled,
     index: Index,
+    /// The output has a staged view: updates compile it whole.
+    staged: bool,
 }
 
 impl Compiler {
@@ -212,6 +214,13 @@ impl Compiler {
     /// first start), kept for updates.
     #[must_use]
     pub fn new(snap: &Snapshot, prev: &IdAllocation) -> Self {
+        if snap.views().is_some() {
+            return Self {
+                out: super::compile(snap, prev),
+                index: Index::default(),
+                staged: true,
+            };
+        }
         let (out, core) = full(snap, prev, true);
         let mut index = Index::default();
         if let Some(core) = core {
@@ -233,7 +242,11 @@ impl Compiler {
                 *index.refs.entry(e.ruleset).or_default() += 1;
             }
         }
-        Self { out, index }
+        Self {
+            out,
+            index,
+            staged: false,
+        }
     }
 
     /// The current output.
@@ -254,7 +267,11 @@ impl Compiler {
     /// same as [`diff`] of the two).
     pub fn update(&mut self, snap: &Snapshot, changes: &Changes) -> Diff {
         let node = snap.local_node_name();
-        if changes.everything
+        // With staged policies (before or now) both views are compiled
+        // whole.
+        if self.staged
+            || snap.has_staged()
+            || changes.everything
             || changes.pods.len() + changes.policies.len() > FULL_COMPILE_ABOVE
             || !changes.namespaces.is_empty()
             || node.is_none()

@@ -513,6 +513,8 @@ impl PodOut {
             allow_any_source: self.allow_any_source,
             ingress_gen: gen_of(Direction::Ingress, self.ingress_isolated),
             egress_gen: gen_of(Direction::Egress, self.egress_isolated),
+            staged_ingress: None,
+            staged_egress: None,
         }
     }
 }
@@ -533,7 +535,10 @@ pub(super) fn insert_entry(out: &mut Compiled, target: PolicyTarget, entry: Poli
 /// updates equals this function's on the same snapshot and allocation.
 #[must_use]
 pub fn compile(snap: &Snapshot, prev: &IdAllocation) -> Compiled {
-    full(snap, prev, false).0
+    match snap.views() {
+        None => full(snap, prev, false).0,
+        Some(v) => super::staged::overlay(full(&v.enforced, prev, false).0, &v.staged, prev),
+    }
 }
 
 /// A full compile; with `members`, also what [`Compiler`] keeps.

@@ -50,6 +50,7 @@ mod output;
 mod peers;
 mod prefixes;
 mod ruleset;
+mod staged;
 
 pub use diff::{Diff, Op, diff};
 pub use frontends::{ServiceFrontend, service_frontends};
@@ -68,5 +69,7 @@ pub use ruleset::{PortPrefix, PortRange, RuleSet};
 /// prefix.
 pub const EMPTY_RULESET: u32 = 1;
 
-/// Largest endpoint id: the selector keeps the direction in its low bit.
-pub const MAX_ENDPOINT_ID: u32 = (1 << 31) - 1;
+/// Largest endpoint id: the selector keeps the direction in its low bit,
+/// and the staged view's entries set
+/// [`STAGED_ENDPOINT_BIT`](netpol_common::STAGED_ENDPOINT_BIT).
+pub const MAX_ENDPOINT_ID: u32 = netpol_common::STAGED_ENDPOINT_BIT - 1;

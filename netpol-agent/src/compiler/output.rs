@@ -125,6 +125,15 @@ pub struct Endpoint {
     pub ingress_gen: u32,
     /// The same for egress.
     pub egress_gen: u32,
+    /// Where the staged view ([`crate::model::Staging`]) judges the
+    /// ingress differently (another isolation or generation): whether it
+    /// isolates it. Its entries are keyed by
+    /// [`staged_endpoint`](netpol_common::staged_endpoint)`(id)`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub staged_ingress: Option<bool>,
+    /// The same for egress.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub staged_egress: Option<bool>,
 }
 
 impl Endpoint {
@@ -150,6 +159,17 @@ impl Endpoint {
         if self.hairpin_judged {
             flags |= endpoint_flags::HAIRPIN_JUDGED;
         }
+        for (d, staged) in [
+            (direction::INGRESS, self.staged_ingress),
+            (direction::EGRESS, self.staged_egress),
+        ] {
+            let (differs, isolated) = endpoint_flags::staged(d);
+            match staged {
+                Some(true) => flags |= differs | isolated,
+                Some(false) => flags |= differs,
+                None => {}
+            }
+        }
         let mut info = EndpointInfo {
             id: self.id,
             flags,
@@ -174,6 +194,16 @@ impl Endpoint {
         match d {
             Direction::Egress => self.egress_isolated,
             Direction::Ingress => self.ingress_isolated,
+        }
+    }
+
+    /// Where the staged view judges direction `d` differently: whether it
+    /// isolates it.
+    #[must_use]
+    pub fn staged(&self, d: Direction) -> Option<bool> {
+        match d {
+            Direction::Egress => self.staged_egress,
+            Direction::Ingress => self.staged_ingress,
         }
     }
 
@@ -437,6 +467,23 @@ impl Compiled {
                 None => map.get(&target)?.decisions.as_ref()?,
             };
             decisions.iter().find(|x| x.ports.allows(protocol, port))
+        })
+    }
+
+    /// The entry of the longest prefix covering `addr` among `endpoint`'s
+    /// entries for direction `d`: what the programs' lookup finds.
+    #[must_use]
+    pub fn entry_at(&self, endpoint: u32, d: Direction, addr: IpAddr) -> Option<&PolicyEntry> {
+        let (map, max) = match addr {
+            IpAddr::V4(_) => (&self.policy_v4, 32),
+            IpAddr::V6(_) => (&self.policy_v6, 128),
+        };
+        (0..=max).rev().find_map(|len| {
+            map.get(&PolicyTarget {
+                endpoint,
+                direction: d,
+                prefix: IpNet::new(addr, len).ok()?.trunc(),
+            })
         })
     }
 

@@ -144,6 +144,8 @@ pub struct ClusterNetworkPolicy {
     pub ingress: Vec<ClusterRule>,
     /// `spec.egress` (empty: egress is not affected).
     pub egress: Vec<ClusterRule>,
+    /// Enforced or staged ([`super::STAGED_ANNOTATION`]).
+    pub staging: super::Staging,
 }
 
 impl ClusterNetworkPolicy {

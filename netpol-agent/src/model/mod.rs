@@ -37,6 +37,47 @@ pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
 /// no annotation, keeps the check.
 pub const ALLOW_ANY_SOURCE_ANNOTATION: &str = "netpol.io/allow-any-source";
 
+/// Policy annotation (`NetworkPolicy`, `ClusterNetworkPolicy`): with the
+/// value `"true"` the policy is staged: not enforced, judged beside the
+/// enforced ones (see [`Staging`]). `"false"` or no annotation: enforced;
+/// any other value makes the object invalid.
+pub const STAGED_ANNOTATION: &str = "netpol.io/staged";
+
+/// Policy annotation: with `"true"` the policy stays enforced and the
+/// staged view leaves it out (what deleting it would do).
+pub const STAGED_DELETE_ANNOTATION: &str = "netpol.io/staged-delete";
+
+/// Whether a policy is enforced, and in which view it counts. The
+/// enforced view holds the `Enforced` and `StagedDelete` policies; the
+/// staged view the `Enforced` and `Staged` ones. Removing the annotation
+/// promotes the change: a staged policy becomes enforced, a staged delete
+/// leaves the staged view's policies as they were, now enforced.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Staging {
+    /// No annotation: enforced, in both views.
+    #[default]
+    Enforced,
+    /// [`STAGED_ANNOTATION`]: in the staged view only.
+    Staged,
+    /// [`STAGED_DELETE_ANNOTATION`]: in the enforced view only.
+    StagedDelete,
+}
+
+impl Staging {
+    /// Whether the policy counts in the enforced view.
+    #[must_use]
+    pub const fn enforced(self) -> bool {
+        !matches!(self, Staging::Staged)
+    }
+
+    /// Whether it counts in the staged view.
+    #[must_use]
+    pub const fn in_staged_view(self) -> bool {
+        !matches!(self, Staging::StagedDelete)
+    }
+}
+
 /// A namespaced object's identity.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 pub struct ObjectRef {
@@ -386,6 +427,8 @@ pub struct NetworkPolicy {
     pub ingress: Option<Vec<Rule>>,
     /// Egress rules if `Egress` is among the (defaulted) policy types.
     pub egress: Option<Vec<Rule>>,
+    /// Enforced or staged ([`STAGED_ANNOTATION`]).
+    pub staging: Staging,
 }
 
 /// A policy as the compiler sees it: the version in force and the errors of
@@ -643,6 +686,89 @@ impl Snapshot {
         );
         out
     }
+
+    /// Whether some policy in force is staged or staged for deletion
+    /// ([`Staging`]).
+    #[must_use]
+    pub fn has_staged(&self) -> bool {
+        let staged = |s: Staging| s != Staging::Enforced;
+        self.policies
+            .values()
+            .filter_map(|s| s.in_force.as_ref())
+            .any(|p| staged(p.staging))
+            || self
+                .cluster_policies
+                .values()
+                .filter_map(|s| s.in_force.as_ref())
+                .any(|p| staged(p.staging))
+    }
+
+    /// The enforced and the staged view ([`Staging`]), when some policy is
+    /// staged; `None` when both would be this snapshot. A policy a view
+    /// leaves out keeps its slot there without a version in force, so
+    /// both views report the same errors.
+    #[must_use]
+    pub fn views(&self) -> Option<Views> {
+        if !self.has_staged() {
+            return None;
+        }
+        // Each view is a snapshot without staging: its policies enforced,
+        // the others without a version in force.
+        let view = |keep: fn(Staging) -> bool| {
+            let mut v = self.clone();
+            let marked: Vec<ObjectRef> = self
+                .policies
+                .iter()
+                .filter(|(_, s)| {
+                    s.in_force
+                        .as_ref()
+                        .is_some_and(|p| p.staging != Staging::Enforced)
+                })
+                .map(|(k, _)| k.clone())
+                .collect();
+            for k in marked {
+                if let Some(slot) = v.policies.get_mut(&k) {
+                    match &mut slot.in_force {
+                        Some(p) if keep(p.staging) => p.staging = Staging::Enforced,
+                        _ => slot.in_force = None,
+                    }
+                }
+            }
+            let marked: Vec<String> = self
+                .cluster_policies
+                .iter()
+                .filter(|(_, s)| {
+                    s.in_force
+                        .as_ref()
+                        .is_some_and(|p| p.staging != Staging::Enforced)
+                })
+                .map(|(k, _)| k.clone())
+                .collect();
+            for k in marked {
+                if let Some(slot) = v.cluster_policies.get_mut(&k) {
+                    match &mut slot.in_force {
+                        Some(p) if keep(p.staging) => p.staging = Staging::Enforced,
+                        _ => slot.in_force = None,
+                    }
+                }
+            }
+            v
+        };
+        Some(Views {
+            enforced: view(Staging::enforced),
+            staged: view(Staging::in_staged_view),
+        })
+    }
+}
+
+/// A snapshot's two views when some policy is staged
+/// ([`Snapshot::views`]).
+#[derive(Clone, Debug)]
+pub struct Views {
+    /// What the datapath enforces.
+    pub enforced: Snapshot,
+    /// What it would enforce with every staged change promoted.
+    pub staged: Snapshot,
 }
 
 #[cfg(test)]

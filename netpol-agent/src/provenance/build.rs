@@ -57,6 +57,7 @@ fn cluster_applying(snap: &Snapshot, pod: &ObjectRef, d: Direction) -> Vec<Clust
         .cluster_policies
         .values()
         .filter_map(|slot| slot.in_force.as_ref())
+        .filter(|c| c.staging.enforced())
         .filter(|c| !cluster_rules_of(c, d).is_empty())
         .filter(|c| c.selects(&ns_labels, &p.labels))
         .collect();
@@ -71,14 +72,27 @@ fn cluster_applying(snap: &Snapshot, pod: &ObjectRef, d: Direction) -> Vec<Clust
         .collect()
 }
 
-/// `namespace/name` of the policies selecting `pod` for `d`.
-pub(crate) fn isolating(snap: &Snapshot, pod: &ObjectRef, d: Direction) -> Vec<String> {
+/// `namespace/name` of the policies selecting `pod` for `d`: the enforced
+/// ones, or with `staged` those of the staged view.
+pub(crate) fn isolating(
+    snap: &Snapshot,
+    pod: &ObjectRef,
+    d: Direction,
+    staged: bool,
+) -> Vec<String> {
     let Some(p) = snap.pods.get(pod) else {
         return Vec::new();
     };
     snap.policies
         .values()
         .filter_map(|slot| slot.in_force.as_ref())
+        .filter(|np| {
+            if staged {
+                np.staging.in_staged_view()
+            } else {
+                np.staging.enforced()
+            }
+        })
         .filter(|np| np.id.namespace == pod.namespace && np.pod_selector.matches(&p.labels))
         .filter(|np| match d {
             Direction::Ingress => np.ingress.is_some(),
@@ -102,7 +116,7 @@ impl State {
                 let dir = |d: Direction| DirectionState {
                     isolated: e.isolated(d),
                     generation: e.generation(d),
-                    policies: isolating(snap, pod, d),
+                    policies: isolating(snap, pod, d, false),
                     cluster_policies: cluster_applying(snap, pod, d),
                 };
                 EndpointState {

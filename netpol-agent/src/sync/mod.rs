@@ -15,8 +15,9 @@
 //! # Ids of unbound interfaces
 //! A veth with no pod yet gets `EndpointInfo { id: UNBOUND_ID_BASE |
 //! ifindex, flags: NOT_PROGRAMMED }`. The compiler's endpoint ids stop at
-//! [`compiler::MAX_ENDPOINT_ID`] (2³¹ − 1), so these never collide with a
-//! compiled id, need no allocation state, and differ per interface. The id
+//! [`compiler::MAX_ENDPOINT_ID`] (2³⁰ − 1; the staged view's entries use
+//! them with bit 30 set), so these never collide with a compiled id, need
+//! no allocation state, and differ per interface. The id
 //! of an unprogrammed entry never reaches a policy lookup; it only keys
 //! conntrack entries of the node's own traffic (probes), which therefore
 //! cannot be confused with a programmed pod's connections.

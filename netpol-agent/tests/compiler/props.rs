@@ -16,17 +16,18 @@ use ipnet::IpNet;
 use netpol_agent::compiler::{
     Changes, Compiled, Compiler, Direction, IdAllocation, MapState, RuleSet, compile, diff,
 };
-use netpol_agent::compiler::{Decision, RuleRef, Stage};
+use netpol_agent::compiler::{Decision, PolicyEntry, PolicyTarget, RuleRef, Stage};
 use netpol_agent::datapath::writer::{FakeBackend, KernelOp, MapWriter, Mirror};
 use netpol_agent::model::{
     Action, ClusterNetworkPolicy, ClusterPeer, ClusterPort, ClusterRule, ContainerPort,
     LabelSelector, Labels, NAMESPACE_NAME_LABEL, Namespace, NetworkPolicy, Node, ObjectRef,
     Operator, Peer, Pod, PodPhase, PolicyPort, PolicySlot, PortSpec, Protocol, Requirement, Rule,
-    Snapshot, Subject, Tier,
+    Snapshot, Staging, Subject, Tier,
 };
 use netpol_agent::provenance::{Bound, Inputs, State};
 use netpol_agent::resume::{leftovers, resume};
 use netpol_agent::sync::unbound_entry;
+use netpol_common::{STAGED_ENDPOINT_BIT, staged_endpoint};
 use netpol_testkit::compiler::{
     ICMP, hairpin_judged, np_isolates, reference_allows, simulate, tier_rule,
 };
@@ -270,6 +271,7 @@ fn random_policy(r: &mut Rng, i: usize) -> NetworkPolicy {
         pod_selector: random_selector(r, POD_KEYS),
         ingress,
         egress,
+        staging: Staging::Enforced,
     }
 }
 
@@ -424,6 +426,7 @@ fn random_cluster_policy(r: &mut Rng, i: usize) -> ClusterNetworkPolicy {
         subject,
         ingress,
         egress,
+        staging: Staging::Enforced,
     }
 }
 
@@ -1156,6 +1159,130 @@ proptest! {
                     n + 1, log.len(), op, k.0, k
                 );
             }
+        }
+    }
+}
+
+/// `s` with some policies staged and some staged for deletion (`seed`
+/// picks; about a third of the seeds stage nothing).
+fn stage(mut s: Snapshot, seed: u64) -> Snapshot {
+    let mut r = Rng(seed);
+    if r.chance(33) {
+        return s;
+    }
+    let pick = |r: &mut Rng| match r.below(10) {
+        0..=2 => Staging::Staged,
+        3 => Staging::StagedDelete,
+        _ => Staging::Enforced,
+    };
+    let ids: Vec<ObjectRef> = s.policies.keys().cloned().collect();
+    for id in ids {
+        let staging = pick(&mut r);
+        if let Some(p) = s.policies.get_mut(&id).and_then(|x| x.in_force.as_mut()) {
+            p.staging = staging;
+        }
+    }
+    let names: Vec<String> = s.cluster_policies.keys().cloned().collect();
+    for name in names {
+        let staging = pick(&mut r);
+        if let Some(p) = s
+            .cluster_policies
+            .get_mut(&name)
+            .and_then(|x| x.in_force.as_mut())
+        {
+            p.staging = staging;
+        }
+    }
+    s
+}
+
+/// An endpoint direction's entries by content: prefix → rule set (`None`:
+/// the empty set that shadows a shorter prefix).
+fn entry_contents(c: &Compiled, endpoint: u32, d: Direction) -> BTreeMap<IpNet, Option<RuleSet>> {
+    c.policy_v4
+        .iter()
+        .chain(&c.policy_v6)
+        .filter(|(t, _)| t.endpoint == endpoint && t.direction == d)
+        .map(|(t, e)| (t.prefix, c.rulesets.get(&e.ruleset).cloned()))
+        .collect()
+}
+
+proptest! {
+    #![proptest_config(config(96))]
+
+    /// With staged policies the maps hold the enforced view exactly as
+    /// its own compile does, and each endpoint direction the staged view
+    /// judges differently (and only those) is flagged, with entries under
+    /// its staged id whose contents are the staged view's own compile's.
+    /// (Each view's compile is checked against the reference evaluator by
+    /// the tests above: views are random clusters too.)
+    #[test]
+    fn staged_views_are_overlaid_where_they_differ_and_only_there(
+        seed in any::<u64>(),
+        staging in any::<u64>(),
+    ) {
+        let s = stage(random_cluster(seed), staging);
+        let c = compile(&s, &IdAllocation::default());
+        let Some(views) = s.views() else {
+            prop_assert_eq!(&c, &compile(&s, &IdAllocation::default()));
+            return Ok(());
+        };
+        let enforced = compile(&views.enforced, &IdAllocation::default());
+        let staged = compile(&views.staged, &IdAllocation::default());
+        let below = |m: &BTreeMap<PolicyTarget, PolicyEntry>| -> BTreeMap<PolicyTarget, PolicyEntry> {
+            m.iter()
+                .filter(|(t, _)| t.endpoint & STAGED_ENDPOINT_BIT == 0)
+                .map(|(t, e)| (*t, e.clone()))
+                .collect()
+        };
+        prop_assert_eq!(below(&c.policy_v4), enforced.policy_v4.clone());
+        prop_assert_eq!(below(&c.policy_v6), enforced.policy_v6.clone());
+        for (pod, ep) in &c.endpoints {
+            let mut plain = ep.clone();
+            plain.staged_ingress = None;
+            plain.staged_egress = None;
+            prop_assert_eq!(&plain, &enforced.endpoints[pod]);
+            let st = &staged.endpoints[pod];
+            for d in [Direction::Ingress, Direction::Egress] {
+                let now = entry_contents(&c, ep.id, d);
+                let would = entry_contents(&staged, st.id, d);
+                let differs = ep.isolated(d) != st.isolated(d) || now != would;
+                match ep.staged(d) {
+                    None => prop_assert!(!differs, "{} {:?}: the views differ, no flag", pod, d),
+                    Some(isolated) => {
+                        prop_assert!(differs, "{} {:?}: flagged, the views agree", pod, d);
+                        prop_assert_eq!(isolated, st.isolated(d));
+                        prop_assert_eq!(entry_contents(&c, staged_endpoint(ep.id), d), would);
+                    }
+                }
+                if ep.staged(d).is_none() {
+                    prop_assert!(entry_contents(&c, staged_endpoint(ep.id), d).is_empty());
+                }
+            }
+        }
+    }
+
+    /// The incremental compiler with policies staged, promoted and
+    /// unstaged between steps: the same output and diff as full compiles.
+    #[test]
+    fn compiler_updates_equal_full_compiles_through_staging(
+        seed in any::<u64>(),
+        change in any::<u64>(),
+    ) {
+        let mut s = stage(random_cluster(seed), change);
+        let mut inc = Compiler::new(&s, &IdAllocation::default());
+        let mut full = compile(&s, &IdAllocation::default());
+        prop_assert_eq!(inc.compiled(), &full);
+        for step in 0..4u64 {
+            let k = change.wrapping_add(step.wrapping_mul(0x9E37_79B9));
+            let next_snap = stage(mutate(&s, k), k.rotate_left(9));
+            let changes = Changes::between(&s, &next_snap);
+            let next = compile(&next_snap, &full.ids);
+            let d = inc.update(&next_snap, &changes);
+            prop_assert_eq!(inc.compiled(), &next, "step {}: {:?}", step, changes);
+            prop_assert_eq!(&d, &diff(&full, &next), "step {}: diff", step);
+            full = next;
+            s = next_snap;
         }
     }
 }

@@ -8,6 +8,7 @@ mod inspect_explain;
 mod service_dns;
 mod service_node_backend;
 mod service_remote_backend;
+mod staged;
 mod uplink_attach;
 
 /// The agent binary cargo built for these tests.

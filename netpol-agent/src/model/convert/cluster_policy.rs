@@ -343,6 +343,7 @@ impl TryFrom<&api::ClusterNetworkPolicy> for ClusterNetworkPolicy {
         let name = cnp.metadata.name.clone().unwrap_or_default();
         let mut errs = Errors::new("ClusterNetworkPolicy", name.clone());
         super::object_meta(&cnp.metadata, rules::dns_subdomain, false, &mut errs);
+        let staging = super::staging(&cnp.metadata, &mut errs);
         if cnp
             .metadata
             .namespace
@@ -478,6 +479,7 @@ impl TryFrom<&api::ClusterNetworkPolicy> for ClusterNetworkPolicy {
                     subject,
                     ingress,
                     egress,
+                    staging,
                 })
             }
             _ => Err((name, errs.list)),

@@ -199,6 +199,39 @@ fn object_meta(
     labels(m.labels.as_ref(), "metadata.labels", errs);
 }
 
+/// A policy's [`Staging`](super::Staging) from its annotations: each
+/// `"true"` or `"false"` exactly (a typo must not enforce what was meant
+/// to be staged), and not both `"true"`.
+fn staging(m: &meta::ObjectMeta, errs: &mut Errors) -> super::Staging {
+    use super::{STAGED_ANNOTATION, STAGED_DELETE_ANNOTATION, Staging};
+    let mut set = |key: &str| match m.annotations.as_ref().and_then(|a| a.get(key)) {
+        None => false,
+        Some(v) if v == "true" => true,
+        Some(v) if v == "false" => false,
+        Some(v) => {
+            errs.push(
+                format!("metadata.annotations[{key}]"),
+                format!("must be \"true\" or \"false\", is {v:?}"),
+            );
+            false
+        }
+    };
+    match (set(STAGED_ANNOTATION), set(STAGED_DELETE_ANNOTATION)) {
+        (false, false) => Staging::Enforced,
+        (true, false) => Staging::Staged,
+        (false, true) => Staging::StagedDelete,
+        (true, true) => {
+            errs.push(
+                format!("metadata.annotations[{STAGED_DELETE_ANNOTATION}]"),
+                format!(
+                    "a policy cannot be both {STAGED_ANNOTATION} and {STAGED_DELETE_ANNOTATION}"
+                ),
+            );
+            Staging::Enforced
+        }
+    }
+}
+
 impl TryFrom<&core::Pod> for Pod {
     type Error = Vec<ModelError>;
 

@@ -231,6 +231,7 @@ impl TryFrom<&net::NetworkPolicy> for NetworkPolicy {
         let id = object_ref(&np.metadata);
         let mut errs = Errors::new("NetworkPolicy", id.to_string());
         object_meta(&np.metadata, rules::dns_subdomain, true, &mut errs);
+        let staging = super::staging(&np.metadata, &mut errs);
         let default_spec = net::NetworkPolicySpec::default();
         let spec = np.spec.as_ref().unwrap_or(&default_spec);
         let pod_selector = spec
@@ -293,6 +294,7 @@ impl TryFrom<&net::NetworkPolicy> for NetworkPolicy {
             pod_selector,
             ingress: has_ingress.then_some(ingress_rules),
             egress: has_egress.then_some(egress_rules),
+            staging,
         })
     }
 }

@@ -273,3 +273,79 @@ fn invalid_cluster_network_policies_are_refused_naming_the_field() {
         );
     }
 }
+
+/// A document through the manifests loader, as [`cnp`] does.
+fn load(doc: serde_json::Value) -> crate::model::Snapshot {
+    let mut s = crate::model::Snapshot::default();
+    let mut report = crate::model::manifests::LoadReport::default();
+    crate::model::manifests::apply_value(&mut s, doc, "t", &mut report);
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    s
+}
+
+#[test]
+fn staging_annotations_mark_policies_and_anything_but_true_or_false_is_refused() {
+    use crate::model::{STAGED_ANNOTATION, STAGED_DELETE_ANNOTATION, Staging};
+    let np = |annotations: serde_json::Value| {
+        load(serde_json::json!({
+            "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+            "metadata": {"name": "p", "namespace": "x", "annotations": annotations},
+            "spec": {"podSelector": {}},
+        }))
+    };
+    let staging = |s: &crate::model::Snapshot| {
+        let slot = &s.policies[&crate::model::ObjectRef::new("x", "p")];
+        (
+            slot.in_force.as_ref().map(|p| p.staging),
+            slot.errors
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>(),
+        )
+    };
+    for (annotations, want) in [
+        (serde_json::json!({}), Staging::Enforced),
+        (
+            serde_json::json!({STAGED_ANNOTATION: "false"}),
+            Staging::Enforced,
+        ),
+        (
+            serde_json::json!({STAGED_ANNOTATION: "true"}),
+            Staging::Staged,
+        ),
+        (
+            serde_json::json!({STAGED_DELETE_ANNOTATION: "true"}),
+            Staging::StagedDelete,
+        ),
+    ] {
+        assert_eq!(staging(&np(annotations)), (Some(want), vec![]));
+    }
+    let (in_force, errors) = staging(&np(serde_json::json!({STAGED_ANNOTATION: "yes"})));
+    assert_eq!(in_force, None);
+    assert_eq!(
+        errors,
+        vec![
+            "x/p: metadata.annotations[netpol.io/staged]: must be \"true\" or \
+             \"false\", is \"yes\""
+        ]
+    );
+    let (in_force, errors) = staging(&np(serde_json::json!({
+        STAGED_ANNOTATION: "true", STAGED_DELETE_ANNOTATION: "true",
+    })));
+    assert_eq!(in_force, None);
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(errors[0].contains("cannot be both"), "{errors:?}");
+    // ClusterNetworkPolicy reads the same annotations.
+    let s = load(serde_json::json!({
+        "apiVersion": "policy.networking.k8s.io/v1alpha2", "kind": "ClusterNetworkPolicy",
+        "metadata": {"name": "guard", "annotations": {STAGED_ANNOTATION: "true"}},
+        "spec": {"tier": "Admin", "priority": 1, "subject": {"namespaces": {}}},
+    }));
+    assert_eq!(
+        s.cluster_policies["guard"]
+            .in_force
+            .as_ref()
+            .map(|p| p.staging),
+        Some(Staging::Staged)
+    );
+}

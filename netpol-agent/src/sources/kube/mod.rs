@@ -43,7 +43,8 @@ use super::{Input, InputSender};
 use crate::{
     model::{
         ALLOW_ANY_SOURCE_ANNOTATION, ClusterNetworkPolicy, Kind, ModelError, Namespace,
-        NetworkPolicy, Node, ObjectRef, Pod, Service, Snapshot, rebase,
+        NetworkPolicy, Node, ObjectRef, Pod, STAGED_ANNOTATION, STAGED_DELETE_ANNOTATION, Service,
+        Snapshot, rebase,
     },
     status::Metrics,
 };
@@ -933,6 +934,36 @@ mod tests {
         let spec = trimmed.spec.expect("spec");
         assert!(spec.selector.is_none());
         assert!(spec.ports.expect("ports")[0].target_port.is_none());
+    }
+
+    #[test]
+    fn trimmed_policies_keep_their_staging_annotations() {
+        let mut np: networking::NetworkPolicy = serde_json::from_value(serde_json::json!({
+            "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+            "metadata": {"name": "p", "namespace": "x",
+                         "annotations": {"big": "x".repeat(1000), STAGED_ANNOTATION: "true"}},
+            "spec": {"podSelector": {}}
+        }))
+        .expect("a NetworkPolicy");
+        trim_policy(&mut np);
+        assert_eq!(
+            np.metadata
+                .annotations
+                .as_ref()
+                .map(|a| a.keys().collect::<Vec<_>>()),
+            Some(vec![&STAGED_ANNOTATION.to_owned()])
+        );
+        let p = NetworkPolicy::try_from(&np).expect("valid");
+        assert_eq!(p.staging, crate::model::Staging::Staged);
+        let mut cnp: crate::api::ClusterNetworkPolicy = serde_json::from_value(serde_json::json!({
+            "apiVersion": "policy.networking.k8s.io/v1alpha2", "kind": "ClusterNetworkPolicy",
+            "metadata": {"name": "guard", "annotations": {STAGED_DELETE_ANNOTATION: "true"}},
+            "spec": {"tier": "Admin", "priority": 1, "subject": {"namespaces": {}}}
+        }))
+        .expect("a ClusterNetworkPolicy");
+        trim_cluster_policy(&mut cnp);
+        let p = ClusterNetworkPolicy::try_from(&cnp).expect("valid");
+        assert_eq!(p.staging, crate::model::Staging::StagedDelete);
     }
 
     #[test]

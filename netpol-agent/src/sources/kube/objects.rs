@@ -54,15 +54,19 @@ pub(super) fn convert_service(s: &core::Service) -> Obj {
     Obj::Service(pod_ref(&s.metadata), Service::try_from(s))
 }
 
-/// The metadata the stores keep: identity, labels, and the one annotation
+/// The metadata the stores keep: identity, labels, and the annotations
 /// the model reads.
 pub(super) fn trim_meta(meta: &mut ObjectMeta, keep_labels: bool) {
     let annotations = meta.annotations.take().and_then(|mut a| {
-        let v = a.remove(ALLOW_ANY_SOURCE_ANNOTATION)?;
-        Some(BTreeMap::from([(
-            ALLOW_ANY_SOURCE_ANNOTATION.to_owned(),
-            v,
-        )]))
+        let kept: BTreeMap<String, String> = [
+            ALLOW_ANY_SOURCE_ANNOTATION,
+            STAGED_ANNOTATION,
+            STAGED_DELETE_ANNOTATION,
+        ]
+        .into_iter()
+        .filter_map(|k| Some((k.to_owned(), a.remove(k)?)))
+        .collect();
+        (!kept.is_empty()).then_some(kept)
     });
     *meta = ObjectMeta {
         name: meta.name.take(),

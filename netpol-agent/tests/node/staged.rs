@@ -1,0 +1,187 @@
+//! Staged policies end to end: the agent binary in a node namespace, pods
+//! with real traffic. A policy annotated `netpol.io/staged: "true"` is not
+//! enforced; the programs judge each new connection against the staged
+//! view too and the agent logs where it differs (`staged: would deny`,
+//! `staged: would allow`), naming the rule or the isolating policies.
+//! Removing the annotation promotes it.
+use std::time::{Duration, Instant};
+
+use netpol_testkit::{
+    Netns,
+    agent::DEADLINE,
+    datapath::TempBpffs,
+    echo::{connects, echo},
+    manifests::{BASE, Manifests},
+    privileged,
+    process::{AgentProcess, Turn},
+    topology::{Pod, Topology, calico_pod, node},
+};
+
+use crate::AGENT;
+
+/// Ingress of `a` from `b` on TCP 81 only; `staged` adds the annotation.
+fn only_81(staged: bool) -> String {
+    let annotations = if staged {
+        "annotations: {netpol.io/staged: \"true\"}"
+    } else {
+        "annotations: {}"
+    };
+    format!(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\n\
+         metadata: {{name: a-only-81, namespace: x, {annotations}}}\n\
+         spec:\n  podSelector: {{matchLabels: {{app: a}}}}\n  \
+         ingress: [{{from: [{{podSelector: {{matchLabels: {{app: b}}}}}}], ports: [{{port: 81}}]}}]\n"
+    )
+}
+
+/// Enforced: ingress of `a` from pods labelled `app: nobody` only.
+const DENY_A: &str = r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: a-only-from-nobody, namespace: x}
+spec:
+  podSelector: {matchLabels: {app: a}}
+  ingress: [{from: [{podSelector: {matchLabels: {app: nobody}}}]}]
+"#;
+
+fn pod_yaml(name: &str, p: &Pod) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: x, labels: {{app: {name}}}}}\n\
+         spec: {{nodeName: n1, containers: [{{name: c}}]}}\n\
+         status: {{phase: Running, podIPs: {}}}\n",
+        p.pod_ips()
+    )
+}
+
+/// The `netpol::staged` log lines' messages so far.
+fn staged_lines(agent: &AgentProcess) -> Vec<String> {
+    agent
+        .log()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["target"] == "netpol::staged")
+        .filter_map(|v| v["fields"]["message"].as_str().map(str::to_owned))
+        .collect()
+}
+
+/// Connects from `b` to `to` until the log has a staged line containing
+/// `want`; asserts each connection's outcome is `connected`.
+fn until_reported(
+    agent: &AgentProcess,
+    b: &Netns,
+    to: std::net::IpAddr,
+    port: u16,
+    connected: bool,
+    want: &str,
+) {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        assert_eq!(
+            connects(b, to, port, Duration::from_millis(300)),
+            connected,
+            "b -> {to} TCP {port}"
+        );
+        if staged_lines(agent).iter().any(|l| l == want) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no staged line {want:?} in the log:\n{}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_staged_policy_is_reported_not_enforced_and_promoted_by_removing_its_annotation() {
+    if !privileged() {
+        return;
+    }
+    let _turn = Turn::take("staged");
+    let node = node(Topology::Routed, true);
+    let bpffs = TempBpffs::new();
+    let a = calico_pod(&node, "10.244.1.2", "fd00:1::2");
+    let b = calico_pod(&node, "10.244.1.3", "fd00:1::3");
+    echo(&a, 80);
+    echo(&a, 81);
+    let m = Manifests::new();
+    m.write("00-base.yaml", BASE);
+    m.write("a.yaml", &pod_yaml("a", &a));
+    m.write("b.yaml", &pod_yaml("b", &b));
+    m.write("only-81.yaml", &only_81(true));
+    let mut agent = AgentProcess::start(
+        AGENT.as_ref(),
+        &node,
+        bpffs.path(),
+        &m,
+        "n1",
+        &["--log-format", "json", "--event-burst", "100"],
+    );
+    agent.wait_enforced(&m, &[&a.host_if, &b.host_if]);
+    let (v4, v6): (std::net::IpAddr, std::net::IpAddr) = (a.v4, a.v6.expect("dual-stack"));
+
+    // Staged: nothing isolates a, so everything connects; the staged view
+    // would cut port 80, in both families, and agrees on port 81.
+    until_reported(
+        &agent,
+        &b.ns,
+        v4,
+        80,
+        true,
+        "staged: would deny ingress tcp x/b -> x/a port 80 (isolated by x/a-only-81 and no rule \
+         allows it)",
+    );
+    until_reported(
+        &agent,
+        &b.ns,
+        v6,
+        80,
+        true,
+        "staged: would deny ingress tcp x/b -> x/a port 80 (isolated by x/a-only-81 and no rule \
+         allows it)",
+    );
+    assert!(connects(&b.ns, a.v4, 81, Duration::from_secs(2)));
+    assert!(
+        !staged_lines(&agent).iter().any(|l| l.contains("port 81")),
+        "the views agree on port 81:\n{}",
+        agent.log()
+    );
+
+    // An enforced default deny: both ports are denied; the staged view
+    // (the same plus the staged policy) would allow port 81.
+    m.write("deny-a.yaml", DENY_A);
+    agent.wait_enforced(&m, &[&a.host_if, &b.host_if]);
+    until_reported(
+        &agent,
+        &b.ns,
+        v4,
+        81,
+        false,
+        "staged: would allow ingress tcp x/b -> x/a port 81 (allowed by x/a-only-81: \
+         spec.ingress[0])",
+    );
+    assert!(!connects(&b.ns, a.v4, 80, Duration::from_millis(300)));
+
+    // Promoted: the annotation removed, the enforced default deny
+    // deleted. Port 81 connects, port 80 is denied, and the views agree.
+    m.write("only-81.yaml", &only_81(false));
+    m.remove("deny-a.yaml");
+    agent.wait_enforced(&m, &[&a.host_if, &b.host_if]);
+    let before = staged_lines(&agent).len();
+    for ip in [v4, v6] {
+        assert!(connects(&b.ns, ip, 81, Duration::from_secs(2)), "{ip} 81");
+        assert!(
+            !connects(&b.ns, ip, 80, Duration::from_millis(300)),
+            "{ip} 80"
+        );
+    }
+    // Time for the reader to log a report, were there one.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        staged_lines(&agent).len(),
+        before,
+        "no staged report once promoted:\n{}",
+        agent.log()
+    );
+}
