@@ -50,6 +50,20 @@ pub struct Directory {
     /// Address → pod, of every networked pod: built by the reader on the
     /// first lookup, not by the loop on every apply.
     addresses: OnceLock<BTreeMap<IpAddr, ObjectRef>>,
+    /// The policies staged or staged for deletion, by [`policy_label`].
+    staged: BTreeSet<String>,
+}
+
+/// How a policy is named in `netpol_staged_reports_total`: `ns/name` for
+/// a `NetworkPolicy`, `ClusterNetworkPolicy/name` (namespaces are
+/// lowercase: no clash).
+#[must_use]
+pub fn policy_label(policy: &ObjectRef) -> String {
+    if policy.namespace.is_empty() {
+        format!("ClusterNetworkPolicy/{}", policy.name)
+    } else {
+        policy.to_string()
+    }
 }
 
 impl Directory {
@@ -62,13 +76,37 @@ impl Directory {
             .map(|(pod, ep)| (ep.id, pod.clone()))
             .collect();
         let local = endpoints.values().cloned().collect();
+        let staging = crate::model::Staging::Enforced;
+        let staged = snapshot
+            .policies
+            .values()
+            .filter_map(|s| s.in_force.as_ref())
+            .filter(|p| p.staging != staging)
+            .map(|p| policy_label(&p.id))
+            .chain(
+                snapshot
+                    .cluster_policies
+                    .values()
+                    .filter_map(|s| s.in_force.as_ref())
+                    .filter(|p| p.staging != staging)
+                    .map(|p| policy_label(&ObjectRef::new("", p.name.clone()))),
+            )
+            .collect();
         Self {
             compiled,
             snapshot: snapshot.clone(),
             endpoints,
             local,
             addresses: OnceLock::new(),
+            staged,
         }
+    }
+
+    /// Whether a policy ([`policy_label`]) is staged or staged for
+    /// deletion.
+    #[must_use]
+    pub fn is_staged(&self, label: &str) -> bool {
+        self.staged.contains(label)
     }
 
     /// What decided a packet the policy of `endpoint`'s direction `d`
@@ -94,13 +132,21 @@ impl Directory {
             _ => (endpoint, ep.isolated(d)),
         };
         let names = |r: &[crate::compiler::RuleRef]| r.iter().map(ToString::to_string).collect();
+        let labels = |r: &[crate::compiler::RuleRef]| {
+            r.iter()
+                .map(|r| policy_label(&r.policy))
+                .collect::<BTreeSet<_>>()
+        };
         if let Some(decision) = self.compiled.decision_at(keyed, d, peer, protocol, port) {
+            let mut named = labels(&decision.rules);
+            named.extend(labels(&decision.passed));
             return Some(Attribution {
                 text: decision.to_string(),
                 stage: Some(decision.stage),
                 rules: names(&decision.rules),
                 passed: names(&decision.passed),
                 policies: Vec::new(),
+                labels: named,
             });
         }
         let plain = |text: String| Attribution {
@@ -109,6 +155,7 @@ impl Directory {
             rules: Vec::new(),
             passed: Vec::new(),
             policies: Vec::new(),
+            labels: BTreeSet::new(),
         };
         if !isolated {
             return Some(plain("allowed: no policy isolates the pod".to_owned()));
@@ -124,6 +171,7 @@ impl Directory {
             return Some(Attribution {
                 text: format!("allowed by {}", rules.join(", ")),
                 rules,
+                labels: labels(&entry.sources),
                 ..plain(String::new())
             });
         }
@@ -134,6 +182,7 @@ impl Directory {
             format!("isolated by {} and no rule allows it", policies.join(", "))
         };
         Some(Attribution {
+            labels: policies.iter().cloned().collect(),
             policies,
             ..plain(text)
         })
@@ -186,6 +235,9 @@ pub struct Attribution {
     /// packet: the policies isolating it.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub policies: Vec<String>,
+    /// Every policy named above, by [`policy_label`].
+    #[serde(skip)]
+    pub labels: BTreeSet<String>,
 }
 
 /// One dropped packet, resolved to pods.
@@ -219,8 +271,13 @@ pub struct Denial {
     /// address; a Service packet carries its backend's).
     pub destination: Option<ObjectRef>,
     /// For a policy drop (a new connection or a revoked one): what
-    /// decided it.
+    /// decided it. For a staged view's report: what decides it there.
     pub decided: Option<Attribution>,
+    /// For a staged view's report: the staged (or staged-for-deletion)
+    /// policies named by either view's judgement, by [`policy_label`]
+    /// (what `netpol_staged_reports_total` counts it under).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub staged_policies: Vec<String>,
 }
 
 impl Denial {
@@ -252,12 +309,31 @@ impl Denial {
             };
             // As the programs looked it up: a protocol without ports
             // (its `dport` an echo id) matches only "every protocol".
-            dir.attribute(e.endpoint, d, peer, e.protocol, e.dport, staged)
+            Some((d, peer))
         } else {
             None
         };
+        let judged = |in_staged: bool| {
+            decided.and_then(|(d, peer)| {
+                dir.attribute(e.endpoint, d, peer, e.protocol, e.dport, in_staged)
+            })
+        };
+        let staged_policies = if staged {
+            // What makes the views differ: a staged policy the staged
+            // view names, or one staged for deletion the enforced one
+            // names.
+            let mut labels = BTreeSet::new();
+            for a in [judged(true), judged(false)].into_iter().flatten() {
+                labels.extend(a.labels.into_iter().filter(|l| dir.is_staged(l)));
+            }
+            labels.into_iter().collect()
+        } else {
+            Vec::new()
+        };
+        let decided = judged(staged);
         Self {
             decided,
+            staged_policies,
             timestamp_ns: e.timestamp_ns,
             direction: u32::from(e.direction),
             reason: e.reason,
@@ -337,9 +413,11 @@ impl Reader {
                         break;
                     }
                     dir = directory.borrow_and_update().clone();
-                    // Bounded label sets: pods that left this node fold
-                    // into the unnamed series.
+                    // Bounded label sets: pods that left this node, and
+                    // policies no longer staged, fold into the unnamed
+                    // series.
                     metrics.retain_denied(|p| dir.is_local(p));
+                    metrics.retain_staged(|l| dir.is_staged(l));
                 }
                 r = ring.readable_mut() => {
                     let mut guard = match r {
@@ -361,6 +439,7 @@ impl Reader {
                         if reason::is_staged(d.reason) {
                             // Not a drop: what a staged policy would change,
                             // logged always (only staging produces them).
+                            metrics.staged(&d.staged_policies, d.reason);
                             log_staged(&d);
                         } else {
                             metrics.denied(d.pod.as_ref(), d.direction);
@@ -398,6 +477,7 @@ fn log_staged(d: &Denial) {
         destination = %shown(d.destination.as_ref()),
         endpoint = d.endpoint,
         decided = d.decided.as_ref().map_or("", |a| a.text.as_str()),
+        staged_policies = %d.staged_policies.join(","),
         "staged: {would} {} {} {} -> {} port {} ({})",
         d.direction_name(),
         protocol_name(d.protocol),
@@ -488,6 +568,7 @@ status: {phase: Running, podIPs: [{ip: 10.2.0.2}]}
                 ("10.0.0.9".parse().expect("ip"), b.clone()),
                 ("fd00::9".parse().expect("ip"), b),
             ])),
+            staged: BTreeSet::new(),
         }
     }
 
@@ -686,6 +767,69 @@ spec:
         e.endpoint = id;
         e.reason = reason::DROP_SPOOFED;
         assert_eq!(Denial::resolve(&e, &dir).decided, None);
+    }
+
+    /// A staged view's report from `y/c` on TCP `port` to `x/a`.
+    fn staged_report(dir: &Directory, id: u32, report: u32, port: u16) -> Denial {
+        let mut e = event(
+            direction::INGRESS,
+            family::IPV4,
+            v4([10, 2, 0, 3]),
+            v4([10, 1, 0, 2]),
+        );
+        e.endpoint = id;
+        e.reason = report;
+        e.protocol = netpol_common::protocol::TCP;
+        e.dport = port;
+        Denial::resolve(&e, dir)
+    }
+
+    #[test]
+    fn a_staged_report_names_the_staged_views_decision_and_the_staged_policies_behind_it() {
+        // x/np staged: the staged view isolates a, the enforced one does
+        // not.
+        let staged_np = TIERED.replace(
+            "metadata: {name: np, namespace: x}",
+            "metadata: {name: np, namespace: x, annotations: {netpol.io/staged: \"true\"}}",
+        );
+        let (dir, id) = directory_of(&staged_np);
+        let d = staged_report(&dir, id, reason::STAGED_WOULD_DENY, 80);
+        let a = d.decided.expect("attributed");
+        assert_eq!(a.text, "isolated by x/np and no rule allows it");
+        assert_eq!(d.staged_policies, ["x/np"]);
+        let d = staged_report(&dir, id, reason::STAGED_WOULD_DENY, 8080);
+        assert_eq!(
+            d.decided.expect("attributed").text,
+            "allowed by x/np: spec.ingress[0]"
+        );
+
+        // x/np staged for deletion: the enforced view names it.
+        let (dir, id) = directory_of(&TIERED.replace(
+            "metadata: {name: np, namespace: x}",
+            "metadata: {name: np, namespace: x, annotations: {netpol.io/staged-delete: \"true\"}}",
+        ));
+        let d = staged_report(&dir, id, reason::STAGED_WOULD_ALLOW, 80);
+        assert_eq!(
+            d.decided.expect("attributed").text,
+            "allowed: no policy isolates the pod"
+        );
+        assert_eq!(d.staged_policies, ["x/np"]);
+
+        // A staged ClusterNetworkPolicy over the enforced x/np: its Deny
+        // decides in the staged view.
+        let (dir, id) = directory_of(&format!(
+            "{TIERED}{}",
+            ADMIN.replace(
+                "metadata: {name: guard}",
+                "metadata: {name: guard, annotations: {netpol.io/staged: \"true\"}}",
+            )
+        ));
+        let d = staged_report(&dir, id, reason::STAGED_WOULD_DENY, 80);
+        assert_eq!(
+            d.decided.expect("attributed").text,
+            "denied by ClusterNetworkPolicy guard (Admin): spec.ingress[1] (Deny)"
+        );
+        assert_eq!(d.staged_policies, ["ClusterNetworkPolicy/guard"]);
     }
 
     #[test]

@@ -211,6 +211,39 @@ impl Metrics {
         }
     }
 
+    /// Counts one staged view's report (`netpol_common::reason`
+    /// `STAGED_WOULD_*`) under each staged policy it names (none named:
+    /// the unnamed series).
+    pub fn staged(&self, policies: &[String], report: u32) {
+        let Ok(mut s) = self.datapath.staged.lock() else {
+            return;
+        };
+        let report = reason::name(report);
+        if policies.is_empty() {
+            *s.entry((String::new(), report)).or_default() += 1;
+        }
+        for p in policies {
+            *s.entry((p.clone(), report)).or_default() += 1;
+        }
+    }
+
+    /// Keeps `staged_reports_total` series only for policies `keep` says
+    /// are still staged; the others fold into `policy=""`.
+    pub fn retain_staged(&self, keep: impl Fn(&str) -> bool) {
+        let Ok(mut s) = self.datapath.staged.lock() else {
+            return;
+        };
+        let gone: Vec<_> = s
+            .keys()
+            .filter(|(p, _)| !p.is_empty() && !keep(p))
+            .cloned()
+            .collect();
+        for key in gone {
+            let n = s.remove(&key).unwrap_or_default();
+            *s.entry((String::new(), key.1)).or_default() += n;
+        }
+    }
+
     /// Keeps `denied_total` series only for pods `keep` says are local;
     /// the counts of the others move to the unnamed (`pod=""`) series, so
     /// that the label set stays bounded and every sum stays monotonic.
@@ -455,6 +488,8 @@ type DeniedCounts = BTreeMap<(String, String, &'static str), u64>;
 struct DatapathMetrics {
     counters: Mutex<Option<KernelCounters>>,
     denied: Mutex<DeniedCounts>,
+    /// Staged views' reports by (policy, report).
+    staged: Mutex<BTreeMap<(String, &'static str), u64>>,
 }
 
 /// Encodes [`DatapathMetrics`] at each scrape.
@@ -550,6 +585,18 @@ impl Collector for DatapathCollector {
             ];
             ConstCounter::new(*n).encode(m.encode_family(&labels)?)?;
         }
+        let staged = self.0.staged.lock().map(|s| s.clone()).unwrap_or_default();
+        let mut m = encoder.encode_descriptor(
+            "staged_reports",
+            "New connections a staged policy would judge otherwise, per staged policy (policy=\"\": \
+             none named, or no longer staged) and report (staged_would_deny, staged_would_allow)",
+            None,
+            MetricType::Counter,
+        )?;
+        for ((policy, report), n) in &staged {
+            let labels = [("policy", policy.as_str()), ("report", report)];
+            ConstCounter::new(*n).encode(m.encode_family(&labels)?)?;
+        }
         Ok(())
     }
 }
@@ -579,5 +626,28 @@ mod tests {
         assert!(!text.contains("pod=\"b\""), "{text}");
         // No datapath attached: no kernel counters to show.
         assert!(!text.contains("netpol_packets_total"), "{text}");
+    }
+
+    #[test]
+    fn staged_reports_count_per_staged_policy_and_fold_when_it_is_no_longer_staged() {
+        let m = Metrics::new();
+        let (p, q) = ("x/p".to_owned(), "ClusterNetworkPolicy/q".to_owned());
+        m.staged(std::slice::from_ref(&p), reason::STAGED_WOULD_DENY);
+        m.staged(&[p.clone(), q.clone()], reason::STAGED_WOULD_DENY);
+        m.staged(std::slice::from_ref(&q), reason::STAGED_WOULD_ALLOW);
+        m.staged(&[], reason::STAGED_WOULD_ALLOW);
+        m.retain_staged(|l| l == p);
+        let text = m.encode();
+        for line in [
+            "netpol_staged_reports_total{policy=\"x/p\",report=\"staged_would_deny\"} 2",
+            "netpol_staged_reports_total{policy=\"\",report=\"staged_would_deny\"} 1",
+            "netpol_staged_reports_total{policy=\"\",report=\"staged_would_allow\"} 2",
+        ] {
+            assert!(text.contains(line), "{line} missing from\n{text}");
+        }
+        assert!(
+            !text.contains("policy=\"ClusterNetworkPolicy/q\""),
+            "{text}"
+        );
     }
 }

@@ -147,6 +147,16 @@ fn a_staged_policy_is_reported_not_enforced_and_promoted_by_removing_its_annotat
         "the views agree on port 81:\n{}",
         agent.log()
     );
+    // Counted under the staged policy.
+    let metrics = agent.get("/metrics").expect("metrics");
+    let series =
+        "netpol_staged_reports_total{policy=\"x/a-only-81\",report=\"staged_would_deny\"} ";
+    let n: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(series))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {series} in\n{metrics}"));
+    assert!(n >= 2, "{n} reports counted");
 
     // An enforced default deny: both ports are denied; the staged view
     // (the same plus the staged policy) would allow port 81.
