@@ -38,8 +38,13 @@ pub struct ExplainArgs {
     /// `ClusterNetworkPolicy` applies to the pod).
     #[arg(long)]
     pub via_service: bool,
+    /// The staged view's verdict: policies annotated `netpol.io/staged`
+    /// in force, those annotated `netpol.io/staged-delete` gone, from the
+    /// staged entries in the live maps.
+    #[arg(long)]
+    pub staged: bool,
     /// Answer one query per line of FILE (`-`: standard input), each
-    /// `SRC DST PROTO/PORT [4|6] [via-service]`; one answer per line with `-o json`
+    /// `SRC DST PROTO/PORT [4|6] [via-service] [staged]`; one answer per line with `-o json`
     /// (JSON lines, each with its `query`). The exit code is 0 once every
     /// line is answered (or reported as an error).
     #[arg(long, value_name = "FILE", conflicts_with_all = ["src", "dst", "port", "family"])]
@@ -115,6 +120,7 @@ fn explain(bpffs: &Path, args: &ExplainArgs) -> anyhow::Result<ExitCode> {
     let mut q: Query = text.parse().map_err(|e: String| anyhow::anyhow!(e))?;
     q.family = args.family;
     q.via_service = args.via_service;
+    q.staged = args.staged;
     let e = explainer.explain(&q)?;
     if json {
         let a = Answer {

@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use super::{
     ClusterPolicyState, DecisionState, DirectionState, EndpointState, FrontendState, Inputs,
     NamedState, PolicyEntryState, PortRangeState, RemotePod, RuleSetState, RuleState,
-    STATE_VERSION, State, frontend_kind_name,
+    STATE_VERSION, StagedDirectionState, State, frontend_kind_name,
 };
 use crate::{
     compiler::{Decision, Direction, EMPTY_RULESET, RuleSet, cluster_rules_of, service_frontends},
@@ -118,6 +118,10 @@ impl State {
                     generation: e.generation(d),
                     policies: isolating(snap, pod, d, false),
                     cluster_policies: cluster_applying(snap, pod, d),
+                    staged: e.staged(d).map(|isolated| StagedDirectionState {
+                        isolated,
+                        policies: isolating(snap, pod, d, true),
+                    }),
                 };
                 EndpointState {
                     pod: pod.to_string(),

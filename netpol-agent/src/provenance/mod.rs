@@ -185,6 +185,20 @@ pub struct DirectionState {
     /// pod, in evaluation order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub cluster_policies: Vec<ClusterPolicyState>,
+    /// Where the staged view judges this direction differently (its
+    /// entries are keyed by the staged endpoint id): whether it isolates
+    /// it, and the policies selecting the pod there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub staged: Option<StagedDirectionState>,
+}
+
+/// The staged view of an endpoint direction ([`DirectionState::staged`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StagedDirectionState {
+    /// Some policy of the staged view selects the pod for it.
+    pub isolated: bool,
+    /// `namespace/name` of those policies.
+    pub policies: Vec<String>,
 }
 
 /// A `ClusterNetworkPolicy` applying to a pod.

@@ -110,14 +110,46 @@ fn a_staged_policy_is_reported_not_enforced_and_promoted_by_removing_its_annotat
     m.write("a.yaml", &pod_yaml("a", &a));
     m.write("b.yaml", &pod_yaml("b", &b));
     m.write("only-81.yaml", &only_81(true));
+    let state = std::env::temp_dir().join(format!("netpol-staged-state-{}", std::process::id()));
+    let state_arg = state.to_string_lossy().into_owned();
     let mut agent = AgentProcess::start(
         AGENT.as_ref(),
         &node,
         bpffs.path(),
         &m,
         "n1",
-        &["--log-format", "json", "--event-burst", "100"],
+        &[
+            "--log-format",
+            "json",
+            "--event-burst",
+            "100",
+            "--state-dir",
+            &state_arg,
+        ],
     );
+    // `explain` from the live maps: its exit code (0 allowed, 1 denied)
+    // and the ingress judgement's text.
+    let explain = |port: &str, staged: bool| {
+        let mut args = vec!["x/b", "x/a", port, "-o", "json"];
+        if staged {
+            args.push("--staged");
+        }
+        let out = std::process::Command::new(AGENT)
+            .arg("--bpffs")
+            .arg(bpffs.path())
+            .arg("explain")
+            .args(&args)
+            .arg("--state-dir")
+            .arg(&state)
+            .output()
+            .expect("running explain");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("explain {args:?}: {e}: {out:?}"));
+        (
+            out.status.code().unwrap_or(-1),
+            v["ingress"]["text"].as_str().unwrap_or_default().to_owned(),
+        )
+    };
     agent.wait_enforced(&m, &[&a.host_if, &b.host_if]);
     let (v4, v6): (std::net::IpAddr, std::net::IpAddr) = (a.v4, a.v6.expect("dual-stack"));
 
@@ -147,6 +179,23 @@ fn a_staged_policy_is_reported_not_enforced_and_promoted_by_removing_its_annotat
         "the views agree on port 81:\n{}",
         agent.log()
     );
+    // explain: the enforced verdict, and with --staged the staged one.
+    assert_eq!(explain("tcp/80", false).0, 0);
+    assert_eq!(
+        explain("tcp/80", true),
+        (
+            1,
+            "isolated by x/a-only-81 and no rule matches: entry 10.244.1.3/32 -> rule set 2 (TCP \
+             81, from x/a-only-81: spec.ingress[0]) does not allow TCP/80"
+                .to_owned()
+        )
+    );
+    let (code, text) = explain("tcp/81", true);
+    assert_eq!(code, 0, "{text}");
+    assert!(
+        text.starts_with("allowed by x/a-only-81: spec.ingress[0]"),
+        "{text}"
+    );
     // Counted under the staged policy.
     let metrics = agent.get("/metrics").expect("metrics");
     let series =
@@ -172,6 +221,8 @@ fn a_staged_policy_is_reported_not_enforced_and_promoted_by_removing_its_annotat
          spec.ingress[0])",
     );
     assert!(!connects(&b.ns, a.v4, 80, Duration::from_millis(300)));
+    assert_eq!(explain("tcp/81", false).0, 1);
+    assert_eq!(explain("tcp/81", true).0, 0);
 
     // Promoted: the annotation removed, the enforced default deny
     // deleted. Port 81 connects, port 80 is denied, and the views agree.
@@ -186,6 +237,9 @@ fn a_staged_policy_is_reported_not_enforced_and_promoted_by_removing_its_annotat
             "{ip} 80"
         );
     }
+    // Promoted, the views agree: --staged answers as the enforced view.
+    assert_eq!(explain("tcp/80", true).0, 1);
+    assert_eq!(explain("tcp/81", true).0, 0);
     // Time for the reader to log a report, were there one.
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(
@@ -194,4 +248,6 @@ fn a_staged_policy_is_reported_not_enforced_and_promoted_by_removing_its_annotat
         "no staged report once promoted:\n{}",
         agent.log()
     );
+    drop(agent);
+    let _ = std::fs::remove_dir_all(&state);
 }

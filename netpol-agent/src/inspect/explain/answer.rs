@@ -210,6 +210,9 @@ pub struct Explanation {
     pub service: Option<ServiceNote>,
     /// Caveats (no state file, ...).
     pub notes: Vec<String>,
+    /// The staged view's verdict ([`Query::staged`](super::Query::staged)).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub staged: bool,
 }
 
 impl Explanation {
@@ -243,8 +246,14 @@ impl fmt::Display for Explanation {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
             f,
-            "{} -> {} {}/{} IPv{}: {}",
-            self.src, self.dst, self.protocol, self.port, self.family, self.verdict
+            "{} -> {} {}/{} IPv{}: {}{}",
+            self.src,
+            self.dst,
+            self.protocol,
+            self.port,
+            self.family,
+            self.verdict,
+            if self.staged { " (staged view)" } else { "" }
         )?;
         if let Some(s) = &self.service {
             writeln!(

@@ -22,7 +22,9 @@ mod query;
 use std::{collections::BTreeMap, fmt, net::IpAddr};
 
 use ipnet::IpNet;
-use netpol_common::{EndpointInfo, GlobalConfig, config_flags, policy_selector, reason};
+use netpol_common::{
+    GlobalConfig, config_flags, endpoint_flags, policy_selector, reason, staged_endpoint,
+};
 
 pub use answer::{
     ExplainError, Explanation, Judgement, Location, Matched, Party, ServiceNote, Verdict,
@@ -327,6 +329,7 @@ impl<'a> Explainer<'a> {
             ingress,
             service,
             notes,
+            staged: q.staged,
         })
     }
 
@@ -441,11 +444,29 @@ impl<'a> Explainer<'a> {
             j.allowed = open;
             return Ok(j);
         }
+        // The staged view where it differs for this direction: its
+        // entries under the staged endpoint id, its isolation flag.
+        let (differs, staged_isolated) = endpoint_flags::staged(d.raw());
+        let in_staged = q.staged && live.info.flags & differs != 0;
+        let (id, isolated) = if in_staged {
+            (
+                staged_endpoint(live.info.id),
+                live.info.flags & staged_isolated != 0,
+            )
+        } else {
+            (live.info.id, live.isolated(d))
+        };
         let policies = r
             .state
-            .map(|s| s.direction(d).policies.clone())
+            .map(|s| {
+                let ds = s.direction(d);
+                match &ds.staged {
+                    Some(st) if in_staged => st.policies.clone(),
+                    _ => ds.policies.clone(),
+                }
+            })
             .unwrap_or_default();
-        if !live.isolated(d) {
+        if !isolated {
             let mut j = Judgement::passes(
                 d,
                 of,
@@ -455,9 +476,9 @@ impl<'a> Explainer<'a> {
             j.isolated = Some(false);
             return Ok(j);
         }
-        let selector = policy_selector(live.info.id, d.raw());
+        let selector = policy_selector(id, d.raw());
         let ruleset = self.maps.policy_lookup(selector, peer)?;
-        let entry = ruleset.map(|rs| self.matched(live.info, d, selector, peer, rs, notes));
+        let entry = ruleset.map(|rs| self.matched(id, d, selector, peer, rs, notes));
         let allowed = match ruleset {
             Some(rs) => self.maps.port_allows(rs, q.protocol, q.port)?,
             None => false,
@@ -473,7 +494,7 @@ impl<'a> Explainer<'a> {
         // (a state file older or newer than the maps) names nothing.
         let decision = self
             .state
-            .and_then(|s| s.decision_at(live.info.id, d, peer, q.protocol, q.port))
+            .and_then(|s| s.decision_at(id, d, peer, q.protocol, q.port))
             .filter(|x| x.allowed == allowed)
             .cloned();
         let decided = decision.as_ref().map(|x| match &entry {
@@ -540,10 +561,11 @@ impl<'a> Explainer<'a> {
     }
 
     /// The entry behind the kernel's answer `ruleset`: the longest prefix
-    /// of `selector` covering `peer`, named from the state file.
+    /// of `selector` covering `peer`, named from the state file (`endpoint`:
+    /// the id its entries are keyed by, the staged one for the staged view).
     fn matched(
         &self,
-        info: EndpointInfo,
+        endpoint: u32,
         d: Direction,
         selector: u32,
         peer: IpAddr,
@@ -577,14 +599,14 @@ impl<'a> Explainer<'a> {
         };
         let recorded = self
             .state
-            .and_then(|s| s.entry(info.id, d, best.prefix))
+            .and_then(|s| s.entry(endpoint, d, best.prefix))
             .filter(|e| e.ruleset == ruleset);
         if self.state.is_some() && recorded.is_none() {
             notes.push(format!(
                 "the state file has no entry {} for endpoint {} ({}): it is older or newer \
                  than the maps",
                 best.prefix,
-                info.id,
+                endpoint,
                 d.field()
             ));
         }

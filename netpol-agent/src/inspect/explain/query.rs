@@ -58,6 +58,11 @@ pub struct Query {
     /// Through one of the server's Services (a trailing `via-service`):
     /// for a pod reaching itself, the hairpin kube-proxy sends back to it.
     pub via_service: bool,
+    /// Judged by the staged view (a trailing `staged`): the policies
+    /// annotated `netpol.io/staged` in force, those annotated
+    /// `netpol.io/staged-delete` gone, as the programs judge a new
+    /// connection beside the enforced verdict.
+    pub staged: bool,
 }
 
 /// Parses `tcp/80`, `UDP/53`, `sctp/5000`, `icmp`.
@@ -97,10 +102,14 @@ pub fn parse_family(s: &str) -> Result<u8, String> {
 impl FromStr for Query {
     type Err = String;
 
-    /// `SRC DST PROTO/PORT [4|6] [via-service]` (a line of `explain
-    /// --batch`).
+    /// `SRC DST PROTO/PORT [4|6] [via-service] [staged]` (a line of
+    /// `explain --batch`).
     fn from_str(line: &str) -> Result<Self, Self::Err> {
         let mut words: Vec<&str> = line.split_whitespace().collect();
+        let staged = words.last() == Some(&"staged");
+        if staged {
+            words.pop();
+        }
         let via_service = words.last() == Some(&"via-service");
         if via_service {
             words.pop();
@@ -120,6 +129,7 @@ impl FromStr for Query {
             port,
             family,
             via_service,
+            staged,
         })
     }
 }

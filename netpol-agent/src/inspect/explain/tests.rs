@@ -317,6 +317,7 @@ fn queries_parse_from_batch_lines() {
             port: 5000,
             family: Some(6),
             via_service: false,
+            staged: false,
         }
     );
     let q: Query = "x/a x/a tcp/80 4 via-service".parse().expect("query");
