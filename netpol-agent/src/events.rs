@@ -240,14 +240,16 @@ pub struct Attribution {
     pub labels: BTreeSet<String>,
 }
 
-/// One dropped packet, resolved to pods.
+/// One dropped packet (or a staged view's report on a new connection),
+/// resolved to pods.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Denial {
     /// When the program dropped it (`CLOCK_MONOTONIC`, ns).
     pub timestamp_ns: u64,
     /// `netpol_common::direction` of the policy that dropped it.
     pub direction: u32,
-    /// `netpol_common::reason` (a drop).
+    /// `netpol_common::reason`: a drop, or `STAGED_WOULD_DENY` /
+    /// `STAGED_WOULD_ALLOW` (not verdicts).
     pub reason: u32,
     /// IP protocol number.
     pub protocol: u8,

@@ -136,7 +136,8 @@ pub struct DenyEvent {
     pub endpoint: u32,
     /// `skb->ifindex`: the interface the program ran on.
     pub ifindex: u32,
-    /// [`reason`] (a drop).
+    /// [`reason`]: a drop, or a staged view's report
+    /// ([`reason::STAGED_WOULD_DENY`], [`reason::STAGED_WOULD_ALLOW`]).
     pub reason: u32,
     /// [`direction`] of the policy that dropped it.
     pub direction: u8,

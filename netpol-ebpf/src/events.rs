@@ -46,8 +46,16 @@ pub extern "C" fn netpol_deny_event(
     let reason = u32::from(verdict as u8);
     let staged = (verdict >> 24) as u8;
     let drop = netpol_common::reason::is_drop(reason);
+    let judge = staged & STAGED_JUDGE != 0;
     // A new connection whose endpoint's views agree: nothing to do.
-    if !drop && staged & STAGED_JUDGE == 0 {
+    if !drop && !judge {
+        return 0;
+    }
+    // SAFETY: bpf_ktime_get_ns has no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    // A plain drop (what a flood sends) asks the rate limit before
+    // reading anything.
+    if !judge && !admitted(endpoint, now) {
         return 0;
     }
     let ctx = TcContext::new(skb);
@@ -72,7 +80,7 @@ pub extern "C" fn netpol_deny_event(
     }
     let dir = u32::from((verdict >> 8) as u8);
     let mut sent = 0;
-    if staged & STAGED_JUDGE != 0 {
+    if judge {
         let peer = if dir == direction::EGRESS { &dst } else { &src };
         let report = policy::staged_report(
             endpoint,
@@ -83,20 +91,39 @@ pub extern "C" fn netpol_deny_event(
             peer,
             !drop,
         );
-        if report != 0 {
-            sent += emit(&ctx, endpoint, report, verdict, packet, &src, &dst);
+        if report != 0 && admitted(endpoint, now) {
+            sent += emit(&ctx, now, endpoint, report, verdict, packet, &src, &dst);
+        }
+        if drop && !admitted(endpoint, now) {
+            return sent;
         }
     }
     if drop {
-        sent += emit(&ctx, endpoint, reason, verdict, packet, &src, &dst);
+        sent += emit(&ctx, now, endpoint, reason, verdict, packet, &src, &dst);
     }
     sent
 }
 
-/// One event on the ring, within the endpoint's rate limit.
+/// Whether the endpoint's rate limit admits one more event at `now`
+/// (a refusal is counted).
 #[inline(always)]
+fn admitted(endpoint: u32, now: u64) -> bool {
+    if within_limit(endpoint, now) {
+        return true;
+    }
+    lost(events::LOST_RATE_LIMITED);
+    false
+}
+
+/// One event on the ring (the rate limit already asked).
+#[inline(always)]
+#[allow(
+    clippy::too_many_arguments,
+    reason = "the event's fields, unpacked once"
+)]
 fn emit(
     ctx: &TcContext,
+    now: u64,
     endpoint: u32,
     reason: u32,
     verdict: u64,
@@ -104,12 +131,6 @@ fn emit(
     src: &[u8; 16],
     dst: &[u8; 16],
 ) -> i32 {
-    // SAFETY: bpf_ktime_get_ns has no preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
-    if !within_limit(endpoint, now) {
-        lost(events::LOST_RATE_LIMITED);
-        return 0;
-    }
     let Some(mut entry) = NETPOL_EVENTS.reserve(0) else {
         lost(events::LOST_RING_FULL);
         return 0;

@@ -45,6 +45,18 @@ pub fn pod_manifest(name: &str, p: &Pod) -> String {
     )
 }
 
+/// `NetworkPolicy` `x/a-only-from-nobody`: ingress of the pods labelled
+/// `app: a` only from pods labelled `app: nobody` (none): every pod is
+/// denied, the node's own traffic passes.
+pub const DENY_A: &str = r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: a-only-from-nobody, namespace: x}
+spec:
+  podSelector: {matchLabels: {app: a}}
+  ingress: [{from: [{podSelector: {matchLabels: {app: nobody}}}]}]
+"#;
+
 /// `ClusterNetworkPolicy` `guard` (Admin, priority 1) for the ingress of
 /// the pods labelled `app: <subject>`: rule 0 passes TCP `pass_port` from
 /// every namespace, rule 1 denies everything from the pods labelled

@@ -716,48 +716,63 @@ impl Snapshot {
         // the others without a version in force.
         let view = |keep: fn(Staging) -> bool| {
             let mut v = self.clone();
-            let marked: Vec<ObjectRef> = self
-                .policies
-                .iter()
-                .filter(|(_, s)| {
-                    s.in_force
-                        .as_ref()
-                        .is_some_and(|p| p.staging != Staging::Enforced)
-                })
-                .map(|(k, _)| k.clone())
-                .collect();
-            for k in marked {
-                if let Some(slot) = v.policies.get_mut(&k) {
-                    match &mut slot.in_force {
-                        Some(p) if keep(p.staging) => p.staging = Staging::Enforced,
-                        _ => slot.in_force = None,
-                    }
-                }
-            }
-            let marked: Vec<String> = self
-                .cluster_policies
-                .iter()
-                .filter(|(_, s)| {
-                    s.in_force
-                        .as_ref()
-                        .is_some_and(|p| p.staging != Staging::Enforced)
-                })
-                .map(|(k, _)| k.clone())
-                .collect();
-            for k in marked {
-                if let Some(slot) = v.cluster_policies.get_mut(&k) {
-                    match &mut slot.in_force {
-                        Some(p) if keep(p.staging) => p.staging = Staging::Enforced,
-                        _ => slot.in_force = None,
-                    }
-                }
-            }
+            restage(&mut v.policies, keep);
+            restage(&mut v.cluster_policies, keep);
             v
         };
         Some(Views {
             enforced: view(Staging::enforced),
             staged: view(Staging::in_staged_view),
         })
+    }
+}
+
+/// A policy that can be staged.
+trait Staged {
+    fn staging_mut(&mut self) -> &mut Staging;
+    fn staging(&self) -> Staging;
+}
+
+impl Staged for NetworkPolicy {
+    fn staging_mut(&mut self) -> &mut Staging {
+        &mut self.staging
+    }
+    fn staging(&self) -> Staging {
+        self.staging
+    }
+}
+
+impl Staged for ClusterNetworkPolicy {
+    fn staging_mut(&mut self) -> &mut Staging {
+        &mut self.staging
+    }
+    fn staging(&self) -> Staging {
+        self.staging
+    }
+}
+
+/// In one view ([`Snapshot::views`]): the staged policies `keep` keeps
+/// become enforced, the others lose their version in force.
+fn restage<K: Ord + Clone, P: Clone + Staged>(
+    slots: &mut Map<K, PolicySlot<P>>,
+    keep: fn(Staging) -> bool,
+) {
+    let marked: Vec<K> = slots
+        .iter()
+        .filter(|(_, s)| {
+            s.in_force
+                .as_ref()
+                .is_some_and(|p| p.staging() != Staging::Enforced)
+        })
+        .map(|(k, _)| k.clone())
+        .collect();
+    for k in marked {
+        if let Some(slot) = slots.get_mut(&k) {
+            match slot.in_force.as_mut().map(Staged::staging_mut) {
+                Some(s) if keep(*s) => *s = Staging::Enforced,
+                _ => slot.in_force = None,
+            }
+        }
     }
 }
 

@@ -16,22 +16,11 @@ use netpol_testkit::{
     agent::{Running, count, http_get, interface},
     datapath::TempBpffs,
     echo::pings,
-    manifests::{BASE, Manifests, pod_manifest},
+    manifests::{BASE, DENY_A, Manifests, pod_manifest},
     privileged, sh,
     topology::{Pod, Topology, ip, node, pod},
     unique,
 };
-
-/// Ingress of `a` only from pods labelled `app: nobody`: nothing the test
-/// runs may reach it but the node.
-const DENY_A: &str = r#"
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: a-only-from-nobody, namespace: x}
-spec:
-  podSelector: {matchLabels: {app: a}}
-  ingress: [{from: [{podSelector: {matchLabels: {app: nobody}}}]}]
-"#;
 
 /// The whole life of a pod interface, as the issue lists it.
 fn pod_interface_lifecycle(topo: Topology, dual: bool) {

@@ -17,22 +17,12 @@ use netpol_testkit::{
     agent::{DEADLINE, Running, count, http_get, interface},
     datapath::TempBpffs,
     echo::{connects, pings},
-    manifests::{BASE, Manifests, guard_manifest, pod_manifest},
+    manifests::{BASE, DENY_A, Manifests, guard_manifest, pod_manifest},
     privileged,
     topology::{Pod, Topology, node, pod},
 };
 
 use crate::AGENT;
-
-/// Ingress of `a` only from pods labelled `app: nobody`: `b` is denied.
-const DENY_A: &str = r#"
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: a-only-from-nobody, namespace: x}
-spec:
-  podSelector: {matchLabels: {app: a}}
-  ingress: [{from: [{podSelector: {matchLabels: {app: nobody}}}]}]
-"#;
 
 /// A routed dual-stack node with pods `x/a` (isolated for ingress by
 /// [`DENY_A`]) and `x/b`, and an agent enforcing them. Fields drop in
@@ -406,17 +396,9 @@ fn log_denied_writes_each_denial_with_both_pods_to_the_agents_log() {
     let a = calico_pod(&node, "10.244.1.2", "fd00:1::2");
     let b = calico_pod(&node, "10.244.1.3", "fd00:1::3");
     let m = Manifests::new();
-    let pod_yaml = |name: &str, p: &Pod| {
-        format!(
-            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: x, labels: {{app: {name}}}}}\n\
-             spec: {{nodeName: n1, containers: [{{name: c}}]}}\n\
-             status: {{phase: Running, podIPs: {}}}\n",
-            p.pod_ips()
-        )
-    };
     m.write("00-base.yaml", BASE);
-    m.write("a.yaml", &pod_yaml("a", &a));
-    m.write("b.yaml", &pod_yaml("b", &b));
+    m.write("a.yaml", &pod_manifest("a", &a));
+    m.write("b.yaml", &pod_manifest("b", &b));
     m.write("deny-a.yaml", DENY_A);
     let mut agent = AgentProcess::start(
         AGENT.as_ref(),

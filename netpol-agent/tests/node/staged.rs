@@ -11,10 +11,10 @@ use netpol_testkit::{
     agent::DEADLINE,
     datapath::TempBpffs,
     echo::{connects, echo},
-    manifests::{BASE, Manifests},
+    manifests::{BASE, DENY_A, Manifests, pod_manifest},
     privileged,
     process::{AgentProcess, Turn},
-    topology::{Pod, Topology, calico_pod, node},
+    topology::{Topology, calico_pod, node},
 };
 
 use crate::AGENT;
@@ -31,25 +31,6 @@ fn only_81(staged: bool) -> String {
          metadata: {{name: a-only-81, namespace: x, {annotations}}}\n\
          spec:\n  podSelector: {{matchLabels: {{app: a}}}}\n  \
          ingress: [{{from: [{{podSelector: {{matchLabels: {{app: b}}}}}}], ports: [{{port: 81}}]}}]\n"
-    )
-}
-
-/// Enforced: ingress of `a` from pods labelled `app: nobody` only.
-const DENY_A: &str = r#"
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: a-only-from-nobody, namespace: x}
-spec:
-  podSelector: {matchLabels: {app: a}}
-  ingress: [{from: [{podSelector: {matchLabels: {app: nobody}}}]}]
-"#;
-
-fn pod_yaml(name: &str, p: &Pod) -> String {
-    format!(
-        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: x, labels: {{app: {name}}}}}\n\
-         spec: {{nodeName: n1, containers: [{{name: c}}]}}\n\
-         status: {{phase: Running, podIPs: {}}}\n",
-        p.pod_ips()
     )
 }
 
@@ -107,8 +88,8 @@ fn a_staged_policy_is_reported_not_enforced_and_promoted_by_removing_its_annotat
     echo(&a, 81);
     let m = Manifests::new();
     m.write("00-base.yaml", BASE);
-    m.write("a.yaml", &pod_yaml("a", &a));
-    m.write("b.yaml", &pod_yaml("b", &b));
+    m.write("a.yaml", &pod_manifest("a", &a));
+    m.write("b.yaml", &pod_manifest("b", &b));
     m.write("only-81.yaml", &only_81(true));
     let state = std::env::temp_dir().join(format!("netpol-staged-state-{}", std::process::id()));
     let state_arg = state.to_string_lossy().into_owned();
