@@ -303,6 +303,17 @@ impl LiveEndpoint {
             (endpoint_flags::HAS_IPV6, "has_ipv6"),
             (endpoint_flags::NOT_PROGRAMMED, "not_programmed"),
             (endpoint_flags::ALLOW_ANY_SOURCE, "allow_any_source"),
+            (endpoint_flags::HAIRPIN_JUDGED, "hairpin_judged"),
+            (endpoint_flags::STAGED_INGRESS, "staged_ingress"),
+            (endpoint_flags::STAGED_EGRESS, "staged_egress"),
+            (
+                endpoint_flags::STAGED_INGRESS_ISOLATED,
+                "staged_ingress_isolated",
+            ),
+            (
+                endpoint_flags::STAGED_EGRESS_ISOLATED,
+                "staged_egress_isolated",
+            ),
         ]
         .into_iter()
         .filter(|(bit, _)| self.info.flags & bit != 0)

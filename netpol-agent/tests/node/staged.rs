@@ -160,6 +160,34 @@ fn a_staged_policy_is_reported_not_enforced_and_promoted_by_removing_its_annotat
         "the views agree on port 81:\n{}",
         agent.log()
     );
+    // inspect endpoints names a's staged flags.
+    let out = std::process::Command::new(AGENT)
+        .arg("--bpffs")
+        .arg(bpffs.path())
+        .args(["inspect", "endpoints", "-o", "json", "--state-dir"])
+        .arg(&state)
+        .output()
+        .expect("running inspect");
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let flags = |pod: &str| {
+        rows["endpoints"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|r| r["pod"] == pod)
+            .map(|r| r["flags"].clone())
+            .unwrap_or_else(|| panic!("no row for {pod}: {rows}"))
+    };
+    assert_eq!(
+        flags("x/a"),
+        serde_json::json!([
+            "has_ipv4",
+            "has_ipv6",
+            "staged_ingress",
+            "staged_ingress_isolated"
+        ])
+    );
+    assert_eq!(flags("x/b"), serde_json::json!(["has_ipv4", "has_ipv6"]));
     // explain: the enforced verdict, and with --staged the staged one.
     assert_eq!(explain("tcp/80", false).0, 0);
     assert_eq!(
