@@ -36,6 +36,8 @@
 //!   applied to, and those it applies to now.
 //! - A namespace, the local node or which node is local: everything (a
 //!   full compile), as for a batch of more than 512 pods and policies.
+//! - Anything, while some policy is staged (before or after the change):
+//!   both views compiled whole (`staged.rs`).
 //!
 //! Only those pods' endpoints and entries are recomputed, spliced into the
 //! kept output, and diffed. The result is equal, value for value, to
@@ -214,7 +216,7 @@ impl Compiler {
     /// first start), kept for updates.
     #[must_use]
     pub fn new(snap: &Snapshot, prev: &IdAllocation) -> Self {
-        if snap.views().is_some() {
+        if snap.has_staged() {
             return Self {
                 out: super::compile(snap, prev),
                 index: Index::default(),

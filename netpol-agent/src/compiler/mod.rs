@@ -24,6 +24,10 @@
 //!   but shadows a shorter one gets [`EMPTY_RULESET`].
 //! - Rule sets, deduplicated by content and shared: each a set of
 //!   `(protocol, port range)`s, written to the port trie.
+//! - Where policies are staged ([`crate::model::Staging`]): the staged
+//!   view's entries for each endpoint direction it judges differently,
+//!   keyed by the staged endpoint id, and the endpoint's staged flags
+//!   (`staged.rs`). The enforced entries are those of the enforced view.
 //! - Service frontends ([`frontends`]): every cluster, external and
 //!   load-balancer IP of every Service with each of its ports, and this
 //!   node's addresses with each node port, keyed by (address, port,
