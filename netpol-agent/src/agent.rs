@@ -687,6 +687,7 @@ impl Agent {
                 metrics: self.metrics.clone(),
                 log_denied: s.log_denied,
                 denials: self.denials.clone(),
+                staged_dir: s.state_dir.clone(),
             }
             .run(stop_rx.clone()),
         );

@@ -381,6 +381,9 @@ pub(crate) struct Reader {
     pub metrics: Arc<Metrics>,
     pub log_denied: bool,
     pub denials: broadcast::Sender<Denial>,
+    /// Where the staged view's reports are summed up
+    /// ([`crate::staged::FILE`], the state folder); `None`: nowhere.
+    pub staged_dir: Option<std::path::PathBuf>,
 }
 
 impl Reader {
@@ -393,7 +396,11 @@ impl Reader {
             metrics,
             log_denied,
             denials,
+            staged_dir,
         } = self;
+        let mut staged = crate::staged::Fold::default();
+        let mut flush = tokio::time::interval(std::time::Duration::from_secs(1));
+        flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // SAFETY: the RingBuf owns its map's descriptor, open until the
         // RingBuf is dropped (with the AsyncFd owning it), and always
         // returns that same descriptor.
@@ -420,6 +427,14 @@ impl Reader {
                     // series.
                     metrics.retain_denied(|p| dir.is_local(p));
                     metrics.retain_staged(|l| dir.is_staged(l));
+                    staged.retain(|l| dir.is_staged(l));
+                }
+                _ = flush.tick() => {
+                    if let Some(d) = &staged_dir
+                        && let Err(e) = staged.flush(d)
+                    {
+                        tracing::warn!(error = %e, dir = %d.display(), "writing the staged view's reports");
+                    }
                 }
                 r = ring.readable_mut() => {
                     let mut guard = match r {
@@ -442,6 +457,7 @@ impl Reader {
                             // Not a drop: what a staged policy would change,
                             // logged always (only staging produces them).
                             metrics.staged(&d.staged_policies, d.reason);
+                            staged.add(&d);
                             log_staged(&d);
                         } else {
                             metrics.denied(d.pod.as_ref(), d.direction);

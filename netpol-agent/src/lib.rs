@@ -47,6 +47,7 @@ pub mod provenance;
 pub mod resume;
 mod shutdown;
 pub mod sources;
+pub mod staged;
 pub mod status;
 pub mod sync;
 #[cfg(test)]

@@ -454,14 +454,17 @@ fn cleanup(bpffs: &Path, state_dir: &Path, cni: &CniArgs) -> anyhow::Result<Exit
     let cleaned = rt
         .block_on(datapath::cleanup(bpffs))
         .context("cleaning up")?;
-    let state = state_dir.join(netpol_agent::provenance::STATE_FILE);
-    let state_removed = match std::fs::remove_file(&state) {
-        Ok(()) => true,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
-        Err(e) => {
-            return Err(e).with_context(|| format!("removing {}", state.display()));
+    let remove = |name: &str| -> anyhow::Result<bool> {
+        let path = state_dir.join(name);
+        match std::fs::remove_file(&path) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e).with_context(|| format!("removing {}", path.display())),
         }
     };
+    let state_removed = remove(netpol_agent::provenance::STATE_FILE)?;
+    // The staged view's reports: not reported on their own.
+    remove(netpol_agent::staged::FILE)?;
     println!(
         "removed {} pinned links ({}), {} netlink filters ({}), {} clsact qdiscs ({}); pins {}; state file {}; netpol-cni {}",
         cleaned.links.len(),

@@ -205,6 +205,49 @@ fn a_staged_policy_is_reported_not_enforced_and_promoted_by_removing_its_annotat
         text.starts_with("allowed by x/a-only-81: spec.ingress[0]"),
         "{text}"
     );
+    // inspect staged: the reader's summary, written within a second.
+    let summary = || {
+        let out = std::process::Command::new(AGENT)
+            .arg("--bpffs")
+            .arg(bpffs.path())
+            .args(["inspect", "staged", "-o", "json", "--state-dir"])
+            .arg(&state)
+            .output()
+            .expect("running inspect staged");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("inspect staged: {e}: {out:?}"));
+        v["rows"].as_array().cloned().unwrap_or_default()
+    };
+    let deadline = Instant::now() + DEADLINE;
+    let rows = loop {
+        let rows = summary();
+        if rows.len() == 2 {
+            break rows;
+        }
+        assert!(Instant::now() < deadline, "inspect staged: {rows:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    for (row, family) in rows.iter().zip(["ipv4", "ipv6"]) {
+        let mut row = row.clone();
+        assert!(row["count"].as_u64().is_some_and(|n| n >= 1), "{row}");
+        assert!(
+            row["last_seen_unix_secs"].as_u64().is_some_and(|t| t > 0),
+            "{row}"
+        );
+        let o = row.as_object_mut().expect("object");
+        o.remove("count");
+        o.remove("last_seen_unix_secs");
+        assert_eq!(
+            row,
+            serde_json::json!({
+                "source": "x/b", "destination": "x/a", "direction": "ingress",
+                "protocol": "tcp", "port": 80, "family": family,
+                "report": "staged_would_deny",
+                "decided": "isolated by x/a-only-81 and no rule allows it",
+                "staged_policies": ["x/a-only-81"],
+            })
+        );
+    }
     // Counted under the staged policy.
     let metrics = agent.get("/metrics").expect("metrics");
     let series =
@@ -249,6 +292,12 @@ fn a_staged_policy_is_reported_not_enforced_and_promoted_by_removing_its_annotat
     // Promoted, the views agree: --staged answers as the enforced view.
     assert_eq!(explain("tcp/80", true).0, 1);
     assert_eq!(explain("tcp/81", true).0, 0);
+    // The promoted policy's rows are gone from the summary.
+    let deadline = Instant::now() + DEADLINE;
+    while !summary().is_empty() {
+        assert!(Instant::now() < deadline, "inspect staged: {:?}", summary());
+        std::thread::sleep(Duration::from_millis(100));
+    }
     // Time for the reader to log a report, were there one.
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(

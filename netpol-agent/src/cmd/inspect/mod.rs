@@ -6,6 +6,7 @@ mod conntrack;
 mod counters;
 mod endpoints;
 mod policy;
+mod staged;
 
 use std::{
     fmt::Write as _,
@@ -27,6 +28,7 @@ use counters::counters_doc;
 pub use counters::counters_table;
 use endpoints::{endpoints, endpoints_table};
 use policy::{policy, policy_table};
+use staged::staged_table;
 
 /// Output format.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -76,6 +78,12 @@ pub enum What {
     Conntrack(ConntrackArgs),
     /// Packet counters per direction, family and reason (as `stats`).
     Counters(Common),
+    /// What the staged view (policies annotated netpol.io/staged or
+    /// netpol.io/staged-delete) would change on this node: per pod pair,
+    /// direction, port and family, the new connections it would deny or
+    /// allow, how many, when last, and what decides them there. Summed up
+    /// by the running agent in the state folder (staged.json).
+    Staged(Common),
 }
 
 /// Arguments of `inspect policy`.
@@ -164,6 +172,12 @@ pub fn run(bpffs: &Path, args: &InspectArgs) -> anyhow::Result<ExitCode> {
             let (maps, state) = open(bpffs, &a.common.state_dir)?;
             let doc = conntrack(&maps, state.as_ref(), a.pod.as_deref())?;
             emit(a.common.output, &doc, conntrack_table)?;
+        }
+        What::Staged(c) => {
+            let doc = netpol_agent::staged::read(&c.state_dir)
+                .with_context(|| format!("reading {}", c.state_dir.display()))?
+                .unwrap_or_default();
+            emit(c.output, &doc, staged_table)?;
         }
         What::Counters(c) => {
             let pin_dir = bpffs.join(datapath::PIN_SUBDIR);
