@@ -108,22 +108,25 @@ fn a_staged_policy_is_reported_not_enforced_and_promoted_by_removing_its_annotat
             &state_arg,
         ],
     );
-    // `explain` from the live maps: its exit code (0 allowed, 1 denied)
-    // and the ingress judgement's text.
-    let explain = |port: &str, staged: bool| {
-        let mut args = vec!["x/b", "x/a", port, "-o", "json"];
-        if staged {
-            args.push("--staged");
-        }
-        let out = std::process::Command::new(AGENT)
+    // `netpol-agent ARGS` on the agent's maps and state folder.
+    let netpol = |args: &[&str]| {
+        std::process::Command::new(AGENT)
             .arg("--bpffs")
             .arg(bpffs.path())
-            .arg("explain")
-            .args(&args)
+            .args(args)
             .arg("--state-dir")
             .arg(&state)
             .output()
-            .expect("running explain");
+            .unwrap_or_else(|e| panic!("netpol-agent {args:?}: {e}"))
+    };
+    // `explain` from the live maps: its exit code (0 allowed, 1 denied)
+    // and the ingress judgement's text.
+    let explain = |port: &str, staged: bool| {
+        let mut args = vec!["explain", "x/b", "x/a", port, "-o", "json"];
+        if staged {
+            args.push("--staged");
+        }
+        let out = netpol(&args);
         let v: serde_json::Value = serde_json::from_slice(&out.stdout)
             .unwrap_or_else(|e| panic!("explain {args:?}: {e}: {out:?}"));
         (
@@ -161,13 +164,7 @@ fn a_staged_policy_is_reported_not_enforced_and_promoted_by_removing_its_annotat
         agent.log()
     );
     // inspect endpoints names a's staged flags.
-    let out = std::process::Command::new(AGENT)
-        .arg("--bpffs")
-        .arg(bpffs.path())
-        .args(["inspect", "endpoints", "-o", "json", "--state-dir"])
-        .arg(&state)
-        .output()
-        .expect("running inspect");
+    let out = netpol(&["inspect", "endpoints", "-o", "json"]);
     let rows: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     let flags = |pod: &str| {
         rows["endpoints"]
@@ -207,13 +204,7 @@ fn a_staged_policy_is_reported_not_enforced_and_promoted_by_removing_its_annotat
     );
     // inspect staged: the reader's summary, written within a second.
     let summary = || {
-        let out = std::process::Command::new(AGENT)
-            .arg("--bpffs")
-            .arg(bpffs.path())
-            .args(["inspect", "staged", "-o", "json", "--state-dir"])
-            .arg(&state)
-            .output()
-            .expect("running inspect staged");
+        let out = netpol(&["inspect", "staged", "-o", "json"]);
         let v: serde_json::Value = serde_json::from_slice(&out.stdout)
             .unwrap_or_else(|e| panic!("inspect staged: {e}: {out:?}"));
         v["rows"].as_array().cloned().unwrap_or_default()
