@@ -312,6 +312,12 @@ enum Command {
     /// live maps. Exit code 0 allowed, 1 denied, 2 depends on a Service's
     /// backend (or could not be answered).
     Explain(cmd::explain::ExplainArgs),
+    /// What applying manifests would change on this node, predicted
+    /// against the live maps and conntrack: the pod pairs and ports whose
+    /// verdict would change, and the tracked connections that would be
+    /// cut. Exit code 0 nothing would change, 1 something would, 2 could
+    /// not be answered.
+    Diff(cmd::diff::DiffArgs),
     /// Print the input fingerprint `run` will report on /status once it
     /// enforces this folder of manifests (tests wait on it).
     Fingerprint {
@@ -420,6 +426,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Compile(args) => cmd::compile::run(&args),
         Command::Inspect(args) => cmd::inspect::run(&cli.bpffs, &args),
         Command::Explain(args) => Ok(cmd::explain::run(&cli.bpffs, &args)),
+        Command::Diff(args) => Ok(cmd::diff::run(&cli.bpffs, &args)),
         Command::Fingerprint { manifests, node } => {
             let mut loaded = netpol_agent::model::folder::Folder::load(&manifests)
                 .with_context(|| format!("reading {}", manifests.display()))?;

@@ -1,4 +1,5 @@
 //! Subcommands of the `netpol-agent` binary that need more than a few lines.
 pub mod compile;
+pub mod diff;
 pub mod explain;
 pub mod inspect;

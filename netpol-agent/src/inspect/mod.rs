@@ -12,7 +12,11 @@
 //!   the big-endian destination port: prefix length 32 is every protocol
 //!   and port, 48 every port of the protocol, `48 + k` the ports sharing
 //!   the first `k` bits.
+mod compiled;
+pub mod diff;
 pub mod explain;
+
+pub use compiled::CompiledMaps;
 
 use std::{collections::BTreeMap, net::IpAddr, path::Path};
 

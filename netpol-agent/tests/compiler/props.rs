@@ -1286,3 +1286,136 @@ proptest! {
         }
     }
 }
+
+/// The verdict node-1 gives `src -> dst` in `s` by the reference: the
+/// egress of a source and the ingress of a destination that are local
+/// pods bound to an interface (`bound`); a side of another node, or not
+/// bound, is not judged here.
+fn node_verdict(
+    s: &Snapshot,
+    bound: &BTreeSet<ObjectRef>,
+    src: IpAddr,
+    dst: IpAddr,
+    proto: u8,
+    port: u16,
+) -> bool {
+    let local = |a: IpAddr| {
+        local_pods(s)
+            .into_iter()
+            .find(|p| bound.contains(&p.id) && p.ips.contains(&a))
+    };
+    local(src).is_none_or(|p| reference_allows(s, p, Direction::Egress, dst, proto, port))
+        && local(dst).is_none_or(|p| reference_allows(s, p, Direction::Ingress, src, proto, port))
+}
+
+/// The objects of `b` that are new or changed against `a`, as manifests
+/// to apply would hold them; `None` when `b` lost an object.
+fn upserts(a: &Snapshot, b: &Snapshot) -> Option<Snapshot> {
+    fn changed<K: Ord + Clone, V: Clone + PartialEq>(
+        a: &netpol_agent::model::Map<K, V>,
+        b: &netpol_agent::model::Map<K, V>,
+    ) -> Option<netpol_agent::model::Map<K, V>> {
+        if a.keys().any(|k| !b.contains_key(k)) {
+            return None;
+        }
+        Some(
+            b.iter()
+                .filter(|(k, v)| a.get(*k) != Some(*v))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        )
+    }
+    Some(Snapshot {
+        nodes: changed(&a.nodes, &b.nodes)?,
+        namespaces: changed(&a.namespaces, &b.namespaces)?,
+        pods: changed(&a.pods, &b.pods)?,
+        policies: changed(&a.policies, &b.policies)?,
+        services: changed(&a.services, &b.services)?,
+        cluster_policies: changed(&a.cluster_policies, &b.cluster_policies)?,
+        ..Snapshot::default()
+    })
+}
+
+proptest! {
+    #![proptest_config(config(1000))]
+
+    /// `netpol-agent diff`'s prediction: node-1's live maps (a compile of
+    /// `a` with its pods bound) against `b` compiled the way `diff` does
+    /// report exactly the probed pod pairs, protocols and ports whose
+    /// verdict on node-1 the reference says changes, with both verdicts.
+    #[test]
+    fn diff_predicts_exactly_the_verdicts_a_change_changes(
+        seed in any::<u64>(),
+        change in any::<u64>(),
+    ) {
+        use netpol_agent::inspect::{CompiledMaps, diff as predict, explain::{Explainer, Verdict}};
+        let a = random_cluster(seed);
+        let b = mutate(&a, change);
+        if let Some(u) = upserts(&a, &b) {
+            prop_assert_eq!(predict::apply(&a, &u).expect("valid"), b.clone());
+        }
+        let ca = compile(&a, &IdAllocation::default());
+        let at = interfaces(&ca, &mut BTreeMap::new());
+        let bound: BTreeMap<ObjectRef, Bound> = at
+            .iter()
+            .map(|(p, &i)| (p.clone(), Bound { ifindex: i, name: format!("veth{i}") }))
+            .collect();
+        let live_state = State::build(&Inputs {
+            compiled: &ca,
+            snapshot: &a,
+            interfaces: &bound,
+            generation: 1,
+            fingerprint: None,
+            pin_dir: std::path::Path::new("/sys/fs/bpf/netpol"),
+        });
+        let config = netpol_common::GlobalConfig::default();
+        let live = CompiledMaps::new(&ca, &at, config);
+        let future = predict::predict(&b, "node-1", &live_state, config);
+        let pairs = predict::Pairs::of(&a, &b, "node-1");
+        let now_x = Explainer::new(&live, Some(&live_state)).expect("explainer");
+        let after_x = Explainer::new(&future.maps, Some(&future.state)).expect("explainer");
+        let found = predict::changes(&now_x, &after_x, &pairs).expect("changes");
+        let names: BTreeSet<ObjectRef> = at.keys().cloned().collect();
+        let verdict = |v: bool| if v { Verdict::Allowed } else { Verdict::Denied };
+        // Every reported range is a change at both ends.
+        for c in &found {
+            let proto = netpol_agent::inspect::parse_protocol(&c.protocol).expect("protocol");
+            for port in [c.first, c.last] {
+                prop_assert_eq!(
+                    (verdict(node_verdict(&a, &names, c.src, c.dst, proto, port)),
+                     verdict(node_verdict(&b, &names, c.src, c.dst, proto, port))),
+                    (c.now, c.after),
+                    "{:?} at {}", c, port
+                );
+            }
+        }
+        // Every probed change is reported, and nothing else.
+        let mut r = Rng(seed ^ change);
+        let ports: Vec<(u8, u16)> =
+            probe_ports(&mut r).into_iter().filter(|&(p, _)| p != ICMP).collect();
+        for &(src, dst) in &pairs.pairs {
+            for &(proto, port) in &ports {
+                let want = (
+                    node_verdict(&a, &names, src, dst, proto, port),
+                    node_verdict(&b, &names, src, dst, proto, port),
+                );
+                let row = found.iter().find(|c| {
+                    c.src == src
+                        && c.dst == dst
+                        && c.protocol == netpol_agent::inspect::protocol_name(proto)
+                        && (c.first..=c.last).contains(&port)
+                });
+                if want.0 == want.1 {
+                    prop_assert!(row.is_none(), "{src} -> {dst} {proto}/{port}: reported {row:?}");
+                } else {
+                    let row = row.ok_or_else(|| {
+                        TestCaseError::fail(format!(
+                            "{src} -> {dst} {proto}/{port}: {want:?} not reported"
+                        ))
+                    })?;
+                    prop_assert_eq!((row.now, row.after), (verdict(want.0), verdict(want.1)));
+                }
+            }
+        }
+    }
+}

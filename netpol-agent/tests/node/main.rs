@@ -4,6 +4,7 @@
 //! another node; DNS; deny events; `leave_node` on uplinks; `inspect`
 //! and `explain` against the live maps.
 mod deny_events;
+mod diff;
 mod inspect_explain;
 mod service_dns;
 mod service_node_backend;

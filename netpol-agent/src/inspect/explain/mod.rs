@@ -46,6 +46,7 @@ pub struct Explainer<'a> {
     entries_v4: Vec<LiveEntry>,
     entries_v6: Vec<LiveEntry>,
     rulesets: BTreeMap<u32, Vec<PortRun>>,
+    blocks: BTreeMap<u32, Vec<Block>>,
     config: GlobalConfig,
     notes: Vec<String>,
 }
@@ -53,6 +54,40 @@ pub struct Explainer<'a> {
 impl fmt::Debug for Explainer<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Explainer").finish_non_exhaustive()
+    }
+}
+
+/// A port-trie block of a rule set without the rule set's id (ids differ
+/// between two compiles): `(protocol, first, last, allow)`, `None` for
+/// every protocol.
+pub type Block = (Option<u8>, u16, u16, bool);
+
+/// What one side of a connection lets through towards a peer, as the
+/// maps say: two readings of the maps judge the side alike on every
+/// port exactly when their allowances are equal.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Allowance {
+    /// Not judged on this node, not isolated, unmanaged, or not
+    /// programmed yet with new pods failing open.
+    Everything,
+    /// Not programmed yet with new pods failing closed.
+    Nothing,
+    /// Isolated: the blocks of the rule set the peer's entry points to
+    /// (none: no entry covers the peer).
+    Ports(Vec<Block>),
+}
+
+impl Allowance {
+    /// The ports where the verdict may change (each block's first port
+    /// and the one after its last), per protocol (`None`: every one).
+    pub fn boundaries(&self) -> impl Iterator<Item = (Option<u8>, u16)> + '_ {
+        let blocks = match self {
+            Self::Ports(b) => b.as_slice(),
+            Self::Everything | Self::Nothing => &[],
+        };
+        blocks.iter().flat_map(|&(p, first, last, _)| {
+            std::iter::once((p, first)).chain(last.checked_add(1).map(|n| (p, n)))
+        })
     }
 }
 
@@ -78,11 +113,19 @@ impl<'a> Explainer<'a> {
             notes
                 .push("no state file: pods are named by address only, rules not at all".to_owned());
         }
+        let mut blocks = maps.port_blocks()?;
+        blocks.sort();
         Ok(Self {
             endpoints: maps.endpoints()?,
             entries_v4: maps.policy_entries(false)?,
             entries_v6: maps.policy_entries(true)?,
-            rulesets: super::rulesets(&maps.port_blocks()?),
+            rulesets: super::rulesets(&blocks),
+            blocks: blocks.iter().fold(BTreeMap::new(), |mut m, b| {
+                m.entry(b.ruleset)
+                    .or_insert_with(Vec::new)
+                    .push((b.protocol, b.first, b.last, b.allow));
+                m
+            }),
             config: maps.config()?,
             maps,
             state,
@@ -199,6 +242,43 @@ impl<'a> Explainer<'a> {
                 })
             }
         }
+    }
+
+    /// What the side at local address `at` lets through in direction `d`
+    /// towards `peer`, read the way [`Self::explain`] judges a pod's side
+    /// of a connection between two pods' addresses (the enforced view).
+    ///
+    /// # Errors
+    /// When a lookup fails.
+    pub fn allowance(
+        &self,
+        at: IpAddr,
+        d: Direction,
+        peer: IpAddr,
+    ) -> Result<Allowance, ExplainError> {
+        let r = self.resolve(&Target::Address(at))?;
+        let Some(live) = r.live.filter(|_| r.location == Location::Local) else {
+            return Ok(Allowance::Everything);
+        };
+        if !live.programmed() {
+            return Ok(
+                if self.config.flags & config_flags::NEW_PODS_FAIL_OPEN != 0 {
+                    Allowance::Everything
+                } else {
+                    Allowance::Nothing
+                },
+            );
+        }
+        if !live.isolated(d) {
+            return Ok(Allowance::Everything);
+        }
+        let selector = policy_selector(live.info.id, d.raw());
+        Ok(Allowance::Ports(
+            self.maps
+                .policy_lookup(selector, peer)?
+                .and_then(|rs| self.blocks.get(&rs).cloned())
+                .unwrap_or_default(),
+        ))
     }
 
     /// Answers one query.

@@ -1,101 +1,12 @@
 use std::{collections::BTreeMap, path::Path};
 
-use netpol_common::{FrontendValue, protocol};
+use netpol_common::{GlobalConfig, protocol};
 
 use super::*;
-use crate::compiler::{Compiled, IdAllocation, compile};
-use crate::inspect::{PortBlock, decode_policy_v4, decode_policy_v6, decode_port};
-use crate::model::ObjectRef;
+use crate::compiler::{IdAllocation, compile};
+use crate::inspect::CompiledMaps;
 use crate::provenance::{Bound, Inputs};
 use crate::test_support;
-
-/// The maps as the map writer fills them, in memory: lookups are the
-/// longest prefix match over the entries.
-struct Fake {
-    endpoints: Vec<LiveEndpoint>,
-    v4: Vec<LiveEntry>,
-    v6: Vec<LiveEntry>,
-    ports: Vec<PortBlock>,
-    frontends: BTreeMap<(IpAddr, u16, u8), FrontendValue>,
-    config: GlobalConfig,
-}
-
-impl Fake {
-    fn of(c: &Compiled, ifindex: &BTreeMap<ObjectRef, u32>) -> Self {
-        let mut frontends = BTreeMap::new();
-        for (k, v) in &c.frontends_v4 {
-            frontends.insert(
-                (IpAddr::from(k.addr), u16::from_be_bytes(k.port), k.protocol),
-                *v,
-            );
-        }
-        for (k, v) in &c.frontends_v6 {
-            frontends.insert(
-                (IpAddr::from(k.addr), u16::from_be_bytes(k.port), k.protocol),
-                *v,
-            );
-        }
-        Self {
-            endpoints: c
-                .endpoint_infos()
-                .filter_map(|(p, info)| ifindex.get(p).map(|&i| LiveEndpoint { ifindex: i, info }))
-                .collect(),
-            v4: c
-                .policy_v4_entries()
-                .map(|(l, k, v)| decode_policy_v4(l, &k, v))
-                .collect(),
-            v6: c
-                .policy_v6_entries()
-                .map(|(l, k, v)| decode_policy_v6(l, &k, v))
-                .collect(),
-            ports: c
-                .port_entries()
-                .map(|(l, k, v)| decode_port(l, &k, v))
-                .collect(),
-            frontends,
-            config: GlobalConfig::default(),
-        }
-    }
-}
-
-impl Maps for Fake {
-    fn endpoints(&self) -> Result<Vec<LiveEndpoint>, InspectError> {
-        Ok(self.endpoints.clone())
-    }
-    fn policy_entries(&self, v6: bool) -> Result<Vec<LiveEntry>, InspectError> {
-        Ok(if v6 { self.v6.clone() } else { self.v4.clone() })
-    }
-    fn policy_lookup(&self, selector: u32, peer: IpAddr) -> Result<Option<u32>, InspectError> {
-        let list = if peer.is_ipv6() { &self.v6 } else { &self.v4 };
-        Ok(list
-            .iter()
-            .filter(|e| e.selector == selector && e.prefix.contains(&peer))
-            .max_by_key(|e| e.prefix_len)
-            .map(|e| e.ruleset))
-    }
-    fn port_blocks(&self) -> Result<Vec<PortBlock>, InspectError> {
-        Ok(self.ports.clone())
-    }
-    fn port_allows(&self, ruleset: u32, proto: u8, port: u16) -> Result<bool, InspectError> {
-        Ok(self.ports.iter().any(|b| {
-            b.ruleset == ruleset
-                && b.allow
-                && b.protocol.is_none_or(|p| p == proto)
-                && (b.first..=b.last).contains(&port)
-        }))
-    }
-    fn frontend(
-        &self,
-        a: IpAddr,
-        port: u16,
-        proto: u8,
-    ) -> Result<Option<FrontendValue>, InspectError> {
-        Ok(self.frontends.get(&(a, port, proto)).copied())
-    }
-    fn config(&self) -> Result<GlobalConfig, InspectError> {
-        Ok(self.config)
-    }
-}
 
 const CLUSTER: &str = r#"
 apiVersion: v1
@@ -146,7 +57,7 @@ spec:
   - from: [{ipBlock: {cidr: 10.2.0.0/16, except: [10.2.0.0/24]}}]
 "#;
 
-fn setup() -> (Fake, State) {
+fn setup() -> (CompiledMaps, State) {
     let snap = test_support::snapshot(CLUSTER);
     let c = compile(&snap, &IdAllocation::default());
     let mut ifindex = BTreeMap::new();
@@ -170,7 +81,10 @@ fn setup() -> (Fake, State) {
         fingerprint: None,
         pin_dir: Path::new("/sys/fs/bpf/netpol"),
     });
-    (Fake::of(&c, &ifindex), state)
+    (
+        CompiledMaps::new(&c, &ifindex, GlobalConfig::default()),
+        state,
+    )
 }
 
 fn ask(line: &str) -> Explanation {
