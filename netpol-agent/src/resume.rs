@@ -212,6 +212,8 @@ fn endpoint(info: &EndpointInfo) -> Endpoint {
             .then(|| has(endpoint_flags::STAGED_INGRESS_ISOLATED)),
         staged_egress: has(endpoint_flags::STAGED_EGRESS)
             .then(|| has(endpoint_flags::STAGED_EGRESS_ISOLATED)),
+        staged_hairpin_judged: has(endpoint_flags::STAGED_HAIRPIN)
+            .then(|| !has(endpoint_flags::HAIRPIN_JUDGED)),
     }
 }
 

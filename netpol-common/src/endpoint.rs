@@ -40,6 +40,12 @@ pub mod endpoint_flags {
     pub const STAGED_INGRESS_ISOLATED: u32 = 1 << 9;
     /// The same for egress.
     pub const STAGED_EGRESS_ISOLATED: u32 = 1 << 10;
+    /// The staged view judges the pod's traffic to itself through a
+    /// Service the other way from [`HAIRPIN_JUDGED`] (a
+    /// `ClusterNetworkPolicy` applies to the pod in one view only). Read by
+    /// `explain --staged`; the programs judge a hairpin by the enforced
+    /// view only and report nothing about it.
+    pub const STAGED_HAIRPIN: u32 = 1 << 11;
 
     /// `STAGED_INGRESS` or `STAGED_EGRESS`, and the matching isolation
     /// flag, for a direction.

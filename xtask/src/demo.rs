@@ -124,6 +124,7 @@ fn matrix(
                 // does not assert.
                 want: true,
                 label: format!("{ci} {ti}"),
+                key: String::new(),
             });
         }
     }
@@ -424,7 +425,7 @@ pub fn demo(hold: bool) -> Result<()> {
     kube.sync(&model.objects)?;
     let lookup = Lookup::new(&model.objects, &records)?;
     println!("demo: netpol-agent run --manifests <cluster> (in the node netns)");
-    let (mut agent_run, manifests) = conformance::start_agent(&topo, &model, &agent, &object)?;
+    let (mut agent_run, manifests) = conformance::start_agent(&topo, &model, &agent, &object, &[])?;
     conformance::enforce(&mut agent_run, &topo, &manifests, &agent, &model.objects)?;
     let targets = targets(&model);
 

@@ -515,6 +515,7 @@ impl PodOut {
             egress_gen: gen_of(Direction::Egress, self.egress_isolated),
             staged_ingress: None,
             staged_egress: None,
+            staged_hairpin_judged: None,
         }
     }
 }

@@ -134,6 +134,10 @@ pub struct Endpoint {
     /// The same for egress.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub staged_egress: Option<bool>,
+    /// Where the staged view judges the pod's hairpin the other way:
+    /// whether it does.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub staged_hairpin_judged: Option<bool>,
 }
 
 impl Endpoint {
@@ -158,6 +162,12 @@ impl Endpoint {
         }
         if self.hairpin_judged {
             flags |= endpoint_flags::HAIRPIN_JUDGED;
+        }
+        if self
+            .staged_hairpin_judged
+            .is_some_and(|s| s != self.hairpin_judged)
+        {
+            flags |= endpoint_flags::STAGED_HAIRPIN;
         }
         for (d, staged) in [
             (direction::INGRESS, self.staged_ingress),

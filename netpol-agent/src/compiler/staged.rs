@@ -43,6 +43,9 @@ pub(super) fn overlay(mut enforced: Compiled, staged: &Snapshot, prev: &IdAlloca
             continue;
         };
         debug_assert_eq!(st.id, ep.id, "the staged view keeps the endpoint ids");
+        if st.hairpin_judged != ep.hairpin_judged {
+            ep.staged_hairpin_judged = Some(st.hairpin_judged);
+        }
         for d in [Direction::Ingress, Direction::Egress] {
             if st.isolated(d) == ep.isolated(d) && st.generation(d) == ep.generation(d) {
                 continue;

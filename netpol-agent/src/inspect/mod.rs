@@ -318,6 +318,7 @@ impl LiveEndpoint {
                 endpoint_flags::STAGED_EGRESS_ISOLATED,
                 "staged_egress_isolated",
             ),
+            (endpoint_flags::STAGED_HAIRPIN, "staged_hairpin"),
         ]
         .into_iter()
         .filter(|(bit, _)| self.info.flags & bit != 0)

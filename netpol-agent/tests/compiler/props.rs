@@ -1241,8 +1241,14 @@ proptest! {
             let mut plain = ep.clone();
             plain.staged_ingress = None;
             plain.staged_egress = None;
+            plain.staged_hairpin_judged = None;
             prop_assert_eq!(&plain, &enforced.endpoints[pod]);
             let st = &staged.endpoints[pod];
+            // A hairpin the staged view judges the other way is flagged.
+            prop_assert_eq!(
+                ep.staged_hairpin_judged,
+                (st.hairpin_judged != ep.hairpin_judged).then_some(st.hairpin_judged)
+            );
             for d in [Direction::Ingress, Direction::Egress] {
                 let now = entry_contents(&c, ep.id, d);
                 let would = entry_contents(&staged, st.id, d);

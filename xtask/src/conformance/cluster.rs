@@ -123,7 +123,7 @@ fn run_on(opts: &Options, model_file: &Path, scenarios: &[super::Scenario]) -> R
     cl::up(None, Some(model_file))?;
     let down = Down;
     let mut cluster = Cluster::new(&model, opts)?;
-    let tally = super::scenarios_on(&mut cluster, &model, scenarios, opts.via);
+    let tally = super::scenarios_on(&mut cluster, &model, scenarios, opts.via, opts.staged);
     if tally.as_ref().map_or(true, |t| t.failed > 0) {
         for n in &cluster.nodes {
             eprintln!("{}", cl::agent_logs(&n.name));

@@ -6,6 +6,7 @@ pub mod cluster;
 pub mod probe;
 pub mod scenario;
 pub mod services;
+pub mod staged;
 pub mod topology;
 
 use std::{
@@ -61,6 +62,8 @@ pub struct Options {
     pub object: PathBuf,
     /// Which scenarios, by the model they name.
     pub models: Models,
+    /// Stage each policy step before applying it (`staged`).
+    pub staged: bool,
 }
 
 /// Which scenarios a run takes, by the model (`cluster:`) they name.
@@ -193,7 +196,7 @@ pub fn why(answer: &serde_json::Value) -> String {
 /// decided it: the `ClusterNetworkPolicy` decision of its entry (agreeing
 /// with the kernel), else the rules of the entry that allowed it, or the
 /// policies isolating it.
-fn names_decider(j: &serde_json::Value) -> bool {
+pub(crate) fn names_decider(j: &serde_json::Value) -> bool {
     if j["reason"] != "pass_policy" && j["reason"] != "drop_policy" {
         return true;
     }
@@ -446,6 +449,8 @@ pub struct Job {
     pub proto: Proto,
     pub want: bool,
     pub label: String,
+    /// The cell (its `explain` line; empty where none).
+    pub key: String,
 }
 
 /// Runs probes on a pool of threads, each entering the client's netns.
@@ -499,6 +504,7 @@ pub fn start_agent(
     model: &Model,
     agent: &Path,
     object: &Path,
+    extra: &[&str],
 ) -> Result<(Run, PathBuf)> {
     let dir = std::env::temp_dir().join(format!("netpol-conformance-{}", std::process::id()));
     let manifests = dir.join("manifests");
@@ -533,6 +539,7 @@ pub fn start_agent(
         .args(["--node", &model.node_name, "--listen", LISTEN])
         .arg("--state-dir")
         .arg(&state)
+        .args(extra)
         .env("NETPOL_EBPF_OBJECT", object)
         .stdout(Stdio::from(log.try_clone()?))
         .stderr(Stdio::from(log))
@@ -575,6 +582,10 @@ pub trait Harness {
     /// `netpol-agent explain` answers for the queries, in order; `None`
     /// where the harness cannot ask the node that would answer.
     fn explain(&self, queries: &[String]) -> Result<Option<Vec<serde_json::Value>>>;
+    /// The agent's log file, where the harness has one to read.
+    fn agent_log(&self) -> Option<PathBuf> {
+        None
+    }
 }
 
 /// One node netns with its pods and the real agent reading manifests.
@@ -634,6 +645,10 @@ impl Harness for OneNode {
     fn explain(&self, queries: &[String]) -> Result<Option<Vec<serde_json::Value>>> {
         self.run.explain(&self.topo, &self.agent, queries).map(Some)
     }
+
+    fn agent_log(&self) -> Option<PathBuf> {
+        Some(self.run.dir.join("agent.log"))
+    }
 }
 
 /// The scenarios `opts` selects (name filter, then `limit` spread over
@@ -680,6 +695,116 @@ pub fn select_any_model(opts: &Options) -> Result<Vec<Scenario>> {
     Ok(scenarios)
 }
 
+/// A cell's `explain` question and what it must answer.
+#[derive(Clone, Debug)]
+pub struct Check {
+    /// The `explain --batch` line (also the cell's [`Job::key`]).
+    pub query: String,
+    /// The matrix's mark.
+    pub want: bool,
+    /// Whether the server listens on the port (an allowed cell without a
+    /// listener fails the probe).
+    pub listens: bool,
+    /// How a failure is reported.
+    pub label: String,
+}
+
+/// The probes of one step (number `step`, for labels) as jobs to send
+/// and, where the server is a pod, the `explain` checks of the same
+/// cells.
+fn cells(
+    harness: &dyn Harness,
+    sc: &Scenario,
+    step: usize,
+    probes: &[scenario::Probe],
+    objects: &BTreeMap<ObjKey, Value>,
+    via: ViaSel,
+) -> Result<(Vec<Job>, Vec<Check>)> {
+    let mut jobs = Vec::new();
+    let mut checks: Vec<Check> = Vec::new();
+    for probe in probes {
+        let wanted = matches!(
+            (via, probe.via),
+            (ViaSel::All, _) | (ViaSel::Pod, Via::Pod) | (ViaSel::Service, Via::Service)
+        );
+        if !wanted {
+            continue;
+        }
+        for fam in &probe.families {
+            for (from, to, want) in &probe.cells {
+                let Some((client, _)) = harness.pod(from) else {
+                    bail!("{}: step {step}: unknown client pod {from}", sc.name);
+                };
+                let dst = match probe.via {
+                    Via::Pod => {
+                        let (_, server) = harness
+                            .pod(to)
+                            .with_context(|| format!("{}: unknown server pod {to}", sc.name))?;
+                        match fam {
+                            Family::V4 => server.v4.map(IpAddr::V4),
+                            Family::V6 => server.v6.map(IpAddr::V6),
+                        }
+                        .map(|ip| SocketAddr::new(ip, probe.port))
+                    }
+                    Via::Service => services::cluster_ip(objects, to, *fam)
+                        .map(|ip| SocketAddr::new(ip, probe.port)),
+                };
+                let Some(dst) = dst else { continue };
+                let mark = |b: bool| if b { "X" } else { "." };
+                let fam_n = match fam {
+                    Family::V4 => 4,
+                    Family::V6 => 6,
+                };
+                // A pod reaching itself through its Service is a hairpin,
+                // not a packet in its netns.
+                let hairpin = if probe.via == Via::Service && from == to {
+                    " via-service"
+                } else {
+                    ""
+                };
+                let key = format!(
+                    "{from} {to} {}/{} {fam_n}{hairpin}",
+                    probe.proto.to_string().to_lowercase(),
+                    probe.port
+                );
+                // A Service cell is judged against the backend kube-proxy
+                // picks: the Service's one pod.
+                if let Some((_, server)) = harness.pod(to) {
+                    checks.push(Check {
+                        query: key.clone(),
+                        want: *want,
+                        listens: server.ports.contains(&(probe.proto, probe.port)),
+                        label: format!(
+                            "step {step} {}/{} {fam} {} explain: {from} -> {to} expected {}",
+                            probe.port,
+                            probe.proto,
+                            probe.via,
+                            mark(*want),
+                        ),
+                    });
+                }
+                jobs.push(Job {
+                    via: probe.via,
+                    from: client.clone(),
+                    dst,
+                    proto: probe.proto,
+                    want: *want,
+                    label: format!(
+                        "step {step} {}/{} {fam} {}: {from} -> {to} expected {} got {}",
+                        probe.port,
+                        probe.proto,
+                        probe.via,
+                        mark(*want),
+                        mark(!*want)
+                    ),
+                    key,
+                });
+            }
+        }
+    }
+    Ok((jobs, checks))
+}
+
 /// The conformance run on one node. Prints every differing cell and the
 /// summaries; returns the tally over all cells.
 pub fn run(opts: &Options) -> Result<Tally> {
@@ -690,7 +815,12 @@ pub fn run(opts: &Options) -> Result<Tally> {
         name: model.node_name.clone(),
         netns: topo.node.name.clone(),
     }])?;
-    let (run, manifests) = start_agent(&topo, &model, &opts.agent, &opts.object)?;
+    let extra: &[&str] = if opts.staged {
+        &staged::AGENT_ARGS
+    } else {
+        &[]
+    };
+    let (run, manifests) = start_agent(&topo, &model, &opts.agent, &opts.object, extra)?;
     let mut node = OneNode {
         topo,
         run,
@@ -700,7 +830,7 @@ pub fn run(opts: &Options) -> Result<Tally> {
         via: opts.via,
     };
     node.apply(&BTreeMap::new(), &model.objects)?;
-    let tally = scenarios_on(&mut node, &model.objects, &scenarios, opts.via)?;
+    let tally = scenarios_on(&mut node, &model.objects, &scenarios, opts.via, opts.staged)?;
     drop(node);
     println!(
         "conformance: {} passed, {} failed",
@@ -717,8 +847,10 @@ pub fn scenarios_on(
     model: &BTreeMap<ObjKey, Value>,
     scenarios: &[Scenario],
     via: ViaSel,
+    stage: bool,
 ) -> Result<Tally> {
     let mut total: BTreeMap<Via, Tally> = BTreeMap::new();
+    let mut staged_found = staged::Found::default();
     // `explain` against every cell's expected result.
     let mut explained = Tally::default();
     for sc in scenarios {
@@ -734,6 +866,10 @@ pub fn scenarios_on(
             for v in &step.apply {
                 next.insert(scenario::key_of(v)?, v.clone());
             }
+            if stage && i > 0 && staged::policy_only(step)? {
+                objects =
+                    staged::phase(harness, sc, i, &objects, via, &mut staged_found, &mut lines)?;
+            }
             let t0 = Instant::now();
             harness
                 .apply(&objects, &next)
@@ -741,95 +877,7 @@ pub fn scenarios_on(
             waited += t0.elapsed();
             objects = next;
 
-            let mut jobs = Vec::new();
-            // (query, expected, whether the server listens, label)
-            let mut checks: Vec<(String, bool, bool, String)> = Vec::new();
-            for probe in &step.probes {
-                let wanted = matches!(
-                    (via, probe.via),
-                    (ViaSel::All, _) | (ViaSel::Pod, Via::Pod) | (ViaSel::Service, Via::Service)
-                );
-                if !wanted {
-                    continue;
-                }
-                for fam in &probe.families {
-                    for (from, to, want) in &probe.cells {
-                        let Some((client, _)) = harness.pod(from) else {
-                            bail!("{}: step {}: unknown client pod {from}", sc.name, i + 1);
-                        };
-                        let dst = match probe.via {
-                            Via::Pod => {
-                                let (_, server) = harness.pod(to).with_context(|| {
-                                    format!("{}: unknown server pod {to}", sc.name)
-                                })?;
-                                match fam {
-                                    Family::V4 => server.v4.map(IpAddr::V4),
-                                    Family::V6 => server.v6.map(IpAddr::V6),
-                                }
-                                .map(|ip| SocketAddr::new(ip, probe.port))
-                            }
-                            Via::Service => services::cluster_ip(&objects, to, *fam)
-                                .map(|ip| SocketAddr::new(ip, probe.port)),
-                        };
-                        let Some(dst) = dst else { continue };
-                        let mark = |b: bool| if b { "X" } else { "." };
-                        // A Service cell is judged against the backend
-                        // kube-proxy picks: the Service's one pod.
-                        if let Some((_, server)) = harness.pod(to) {
-                            let fam_n = match fam {
-                                Family::V4 => 4,
-                                Family::V6 => 6,
-                            };
-                            // A pod reaching itself through its Service
-                            // is a hairpin, not a packet in its netns.
-                            let hairpin = if probe.via == Via::Service && from == to {
-                                " via-service"
-                            } else {
-                                ""
-                            };
-                            checks.push((
-                                format!(
-                                    "{from} {to} {}/{} {fam_n}{hairpin}",
-                                    probe.proto.to_string().to_lowercase(),
-                                    probe.port
-                                ),
-                                *want,
-                                server.ports.contains(&(probe.proto, probe.port)),
-                                format!(
-                                    "step {} {}/{} {} {} explain: {} -> {} expected {}",
-                                    i + 1,
-                                    probe.port,
-                                    probe.proto,
-                                    fam,
-                                    probe.via,
-                                    from,
-                                    to,
-                                    mark(*want),
-                                ),
-                            ));
-                        }
-                        jobs.push(Job {
-                            via: probe.via,
-                            from: client.clone(),
-                            dst,
-                            proto: probe.proto,
-                            want: *want,
-                            label: format!(
-                                "step {} {}/{} {} {}: {} -> {} expected {} got {}",
-                                i + 1,
-                                probe.port,
-                                probe.proto,
-                                fam,
-                                probe.via,
-                                from,
-                                to,
-                                mark(*want),
-                                mark(!*want)
-                            ),
-                        });
-                    }
-                }
-            }
+            let (jobs, checks) = cells(harness, sc, i + 1, &step.probes, &objects, via)?;
             for (job, got) in run_probes(jobs) {
                 let t = total.entry(job.via).or_default();
                 if got == job.want {
@@ -839,11 +887,20 @@ pub fn scenarios_on(
                     lines.push(job.label);
                 }
             }
-            let queries: Vec<String> = checks.iter().map(|c| c.0.clone()).collect();
+            let queries: Vec<String> = checks.iter().map(|c| c.query.clone()).collect();
             if !checks.is_empty()
                 && let Some(answers) = harness.explain(&queries)?
             {
-                for ((_, want, listens, label), a) in checks.into_iter().zip(answers) {
+                for (
+                    Check {
+                        want,
+                        listens,
+                        label,
+                        ..
+                    },
+                    a,
+                ) in checks.into_iter().zip(answers)
+                {
                     // The kernel's verdict, and a server to answer.
                     let allowed = a["verdict"] == "allowed";
                     let named = names_decider(&a["egress"]) && names_decider(&a["ingress"]);
@@ -896,6 +953,28 @@ pub fn scenarios_on(
         );
         all.passed += t.passed;
         all.failed += t.failed;
+    }
+    if stage {
+        let f = &staged_found;
+        println!(
+            "conformance staged: step k-1's cells with step k staged: {} passed, {} failed; \
+             explain --staged against step k and the probes against explain: {} agree, {} \
+             disagree; the datapath's staged reports ({} read, {} sides where the views \
+             differ): {} agree, {} disagree",
+            f.enforced.passed,
+            f.enforced.failed,
+            f.explained.passed,
+            f.explained.failed,
+            f.reports,
+            f.due,
+            f.reported.passed,
+            f.reported.failed
+        );
+        ensure!(
+            f.enforced.passed + f.explained.passed > 0,
+            "--staged: no step of the scenarios changes policy objects only"
+        );
+        all.failed += f.enforced.failed + f.explained.failed + f.reported.failed;
     }
     if explained.passed + explained.failed > 0 {
         // Its agreements are the same cells again; its disagreements fail

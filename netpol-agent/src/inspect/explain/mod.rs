@@ -336,9 +336,12 @@ impl<'a> Explainer<'a> {
                     .unwrap_or_default(),
                 kind: crate::provenance::frontend_kind_name(v.kind).to_owned(),
             });
-        let hairpin_judged = src
-            .live
-            .is_some_and(|l| l.info.flags & netpol_common::endpoint_flags::HAIRPIN_JUDGED != 0);
+        // The staged view's judgement where it differs (`STAGED_HAIRPIN`).
+        let hairpin_judged = src.live.is_some_and(|l| {
+            let flags = l.info.flags;
+            (flags & endpoint_flags::HAIRPIN_JUDGED != 0)
+                != (q.staged && flags & endpoint_flags::STAGED_HAIRPIN != 0)
+        });
         let (egress, ingress) = if sa == da && q.via_service && hairpin_judged {
             // kube-proxy sends the pod back to itself; a ClusterNetworkPolicy
             // applies to it, so `to_pod` judges both directions with the pod
