@@ -92,6 +92,9 @@ pub struct AgentProcess {
     node: String,
     pub bpffs: PathBuf,
     pub log: PathBuf,
+    /// Its state folder (`run --state-dir`): the one `extra` names, else
+    /// a fresh one, removed with the process.
+    pub state_dir: PathBuf,
 }
 
 impl AgentProcess {
@@ -107,6 +110,15 @@ impl AgentProcess {
     ) -> Self {
         let log = std::env::temp_dir().join(unique("netpol-svc-agent-"));
         let file = std::fs::File::create(&log).expect("agent log");
+        // Each agent its own state file, not the node's /run/netpol.
+        let given = extra
+            .iter()
+            .position(|a| *a == "--state-dir")
+            .and_then(|i| extra.get(i + 1));
+        let state_dir = given.map_or_else(
+            || std::env::temp_dir().join(unique("netpol-state-")),
+            PathBuf::from,
+        );
         // `ip netns exec` gives the agent a mount namespace of its own,
         // a copy of ours: the bpffs is mounted before.
         let child = Command::new("ip")
@@ -118,17 +130,10 @@ impl AgentProcess {
             .arg(&manifests.0)
             .args(["--node", node_name, "--interfaces", "nph*"])
             .args(["--listen", LISTEN])
-            // Each agent its own state file, not the node's /run/netpol.
-            .args(if extra.contains(&"--state-dir") {
+            .args(if given.is_some() {
                 Vec::new()
             } else {
-                vec![
-                    "--state-dir".to_owned(),
-                    std::env::temp_dir()
-                        .join(unique("netpol-state-"))
-                        .display()
-                        .to_string(),
-                ]
+                vec!["--state-dir".to_owned(), state_dir.display().to_string()]
             })
             .args(extra)
             .env("RUST_LOG", "info")
@@ -142,6 +147,16 @@ impl AgentProcess {
             node: node.name.clone(),
             bpffs: bpffs.to_owned(),
             log,
+            state_dir,
+        }
+    }
+
+    /// The command line tools on this agent's maps and state folder.
+    pub fn cli(&self) -> Cli {
+        Cli {
+            binary: self.binary.clone(),
+            bpffs: self.bpffs.clone(),
+            state_dir: self.state_dir.clone(),
         }
     }
 
@@ -271,6 +286,28 @@ impl AgentProcess {
     }
 }
 
+/// `netpol-agent` run on an agent's maps and state folder (`inspect`,
+/// `explain`, `diff`), apart from the process (which waits take `&mut`).
+pub struct Cli {
+    binary: PathBuf,
+    bpffs: PathBuf,
+    state_dir: PathBuf,
+}
+
+impl Cli {
+    /// `netpol-agent --bpffs <bpffs> ARGS --state-dir <state folder>`.
+    pub fn run(&self, args: &[&str]) -> std::process::Output {
+        Command::new(&self.binary)
+            .arg("--bpffs")
+            .arg(&self.bpffs)
+            .args(args)
+            .arg("--state-dir")
+            .arg(&self.state_dir)
+            .output()
+            .unwrap_or_else(|e| panic!("netpol-agent {args:?}: {e}"))
+    }
+}
+
 impl Drop for AgentProcess {
     fn drop(&mut self) {
         if std::thread::panicking() {
@@ -288,6 +325,7 @@ impl Drop for AgentProcess {
         while Instant::now() < deadline {
             if let Ok(Some(_)) = self.child.try_wait() {
                 let _ = std::fs::remove_file(&self.log);
+                let _ = std::fs::remove_dir_all(&self.state_dir);
                 return;
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -295,6 +333,7 @@ impl Drop for AgentProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_file(&self.log);
+        let _ = std::fs::remove_dir_all(&self.state_dir);
     }
 }
 
@@ -336,5 +375,39 @@ impl Drop for Turn {
             t.0 = None;
             TURN_FREED.notify_all();
         }
+    }
+}
+
+/// What a node test of the agent binary starts from: its turn, a routed
+/// dual-stack node namespace, a private bpffs, and dual-stack calico-style
+/// pods at 10.244.1.2, .3, ... and fd00:1::2, ::3, ...
+pub struct NodeBed {
+    /// Held for the test's length.
+    pub turn: Turn,
+    pub node: Netns,
+    pub bpffs: crate::datapath::TempBpffs,
+    pub pods: Vec<crate::topology::Pod>,
+}
+
+impl NodeBed {
+    /// `pods` pods for a test of `group`; `None` (nothing to run) when
+    /// privileged tests are skipped.
+    pub fn routed(group: &'static str, pods: u8) -> Option<Self> {
+        use crate::topology::{Topology, calico_pod, node};
+        if !crate::privileged() {
+            return None;
+        }
+        let turn = Turn::take(group);
+        let node = node(Topology::Routed, true);
+        let bpffs = crate::datapath::TempBpffs::new();
+        let pods = (2..2 + pods)
+            .map(|i| calico_pod(&node, &format!("10.244.1.{i}"), &format!("fd00:1::{i}")))
+            .collect();
+        Some(Self {
+            turn,
+            node,
+            bpffs,
+            pods,
+        })
     }
 }

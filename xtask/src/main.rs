@@ -253,11 +253,20 @@ fn main() -> Result<()> {
                     })
                 });
             let all = conformance::Models::All;
+            let pick = Pick {
+                scenarios,
+                filter,
+                topology,
+                via,
+                limit,
+            };
             let t = match cluster {
-                None if staged => conformance_staged(scenarios, filter, topology, via, limit)?,
-                Some(file) => conformance_cluster(&file, scenarios, filter, via, limit, all)?,
-                None if other_model => conformance_mixed(scenarios, filter, topology, via, limit)?,
-                None => conformance_run(scenarios, filter, topology, via, limit, all)?,
+                None if staged => conformance_staged_with(&pick, &conformance_build()?)?,
+                Some(file) => {
+                    conformance_cluster(&file, pick.scenarios, pick.filter, via, limit, all)?
+                }
+                None if other_model => conformance_mixed(&pick)?,
+                None => conformance_run(&pick, all)?,
             };
             ensure!(t.failed == 0, "{} conformance cells failed", t.failed);
             Ok(())
@@ -550,11 +559,7 @@ fn conformance_both(object: &Path) -> Result<(usize, usize)> {
     ] {
         println!("xtask: conformance, {name} topology, every scenario (via pod and service)");
         let t = conformance_with(
-            None,
-            None,
-            topology,
-            conformance::ViaSel::All,
-            None,
+            &Pick::every(None, topology),
             object,
             conformance::Models::All,
         )?;
@@ -568,11 +573,10 @@ fn conformance_both(object: &Path) -> Result<(usize, usize)> {
          (via pod and service)"
     );
     let t = conformance_with(
-        Some(shared_conformance()?.join("scenarios-cnp")),
-        None,
-        conformance::topology::Kind::Bridge,
-        conformance::ViaSel::All,
-        None,
+        &Pick::every(
+            Some(shared_conformance()?.join("scenarios-cnp")),
+            conformance::topology::Kind::Bridge,
+        ),
         object,
         conformance::Models::Own,
     )?;
@@ -585,11 +589,10 @@ fn conformance_both(object: &Path) -> Result<(usize, usize)> {
              (via pod and service)"
         );
         let t = conformance_staged_with(
-            Some(shared_conformance()?.join(set)),
-            None,
-            conformance::topology::Kind::Bridge,
-            conformance::ViaSel::All,
-            None,
+            &Pick::every(
+                Some(shared_conformance()?.join(set)),
+                conformance::topology::Kind::Bridge,
+            ),
             object,
         )?;
         tally.0 += t.passed;
@@ -623,36 +626,76 @@ fn conformance_build() -> Result<PathBuf> {
     Ok(object)
 }
 
-/// Builds what a conformance run needs and runs it.
-fn conformance_run(
+/// Which scenarios a conformance run on one node takes, and how.
+#[derive(Clone, Debug)]
+struct Pick {
     scenarios: Option<PathBuf>,
     filter: Option<String>,
     topology: conformance::topology::Kind,
     via: conformance::ViaSel,
     limit: Option<usize>,
-    models: conformance::Models,
-) -> Result<conformance::Tally> {
+}
+
+impl Pick {
+    /// Every scenario of `scenarios` (default: the shared `scenarios`),
+    /// via pod and service.
+    fn every(scenarios: Option<PathBuf>, topology: conformance::topology::Kind) -> Self {
+        Self {
+            scenarios,
+            filter: None,
+            topology,
+            via: conformance::ViaSel::All,
+            limit: None,
+        }
+    }
+
+    fn options(
+        &self,
+        object: &Path,
+        models: conformance::Models,
+        staged: bool,
+    ) -> Result<conformance::Options> {
+        let shared = shared_conformance()?;
+        Ok(conformance::Options {
+            scenarios: self
+                .scenarios
+                .clone()
+                .unwrap_or_else(|| shared.join("scenarios")),
+            model: shared.join("cluster.yaml"),
+            filter: self.filter.clone(),
+            topology: self.topology,
+            via: self.via,
+            limit: self.limit,
+            agent: demo::target_dir().join("debug/netpol-agent"),
+            object: object.to_owned(),
+            models,
+            staged,
+        })
+    }
+}
+
+/// Builds what a conformance run needs and runs it.
+fn conformance_run(pick: &Pick, models: conformance::Models) -> Result<conformance::Tally> {
     let object = conformance_build()?;
-    conformance_with(scenarios, filter, topology, via, limit, &object, models)
+    conformance_with(pick, &object, models)
 }
 
 /// A folder whose scenarios name several models: those on cluster.yaml
 /// on one node (its Node's address is the pods' gateway, which a cluster's
 /// underlay cannot be), the others each on a cluster of its model.
-fn conformance_mixed(
-    scenarios: Option<PathBuf>,
-    filter: Option<String>,
-    topology: conformance::topology::Kind,
-    via: conformance::ViaSel,
-    limit: Option<usize>,
-) -> Result<conformance::Tally> {
+fn conformance_mixed(pick: &Pick) -> Result<conformance::Tally> {
     let shared = shared_conformance()?;
-    let dir = scenarios
+    let dir = pick
+        .scenarios
         .clone()
         .unwrap_or_else(|| shared.join("scenarios"));
     let named: Vec<conformance::scenario::Scenario> = conformance::scenario::load_dir(&dir)?
         .into_iter()
-        .filter(|s| filter.as_ref().is_none_or(|f| s.name.contains(f.as_str())))
+        .filter(|s| {
+            pick.filter
+                .as_ref()
+                .is_none_or(|f| s.name.contains(f.as_str()))
+        })
         .collect();
     let has = |m: conformance::Models| named.iter().any(|s| m.takes(s, Some("cluster.yaml")));
     let mut total = conformance::Tally::default();
@@ -666,21 +709,14 @@ fn conformance_mixed(
         let t = if on_cluster {
             conformance_cluster(
                 &shared.join("cluster.yaml"),
-                scenarios.clone(),
-                filter.clone(),
-                via,
-                limit,
+                pick.scenarios.clone(),
+                pick.filter.clone(),
+                pick.via,
+                pick.limit,
                 models,
             )?
         } else {
-            conformance_run(
-                scenarios.clone(),
-                filter.clone(),
-                topology,
-                via,
-                limit,
-                models,
-            )?
+            conformance_run(pick, models)?
         };
         total.passed += t.passed;
         total.failed += t.failed;
@@ -690,57 +726,26 @@ fn conformance_mixed(
 
 /// Runs the conformance scenarios with what [`conformance_build`] built.
 fn conformance_with(
-    scenarios: Option<PathBuf>,
-    filter: Option<String>,
-    topology: conformance::topology::Kind,
-    via: conformance::ViaSel,
-    limit: Option<usize>,
+    pick: &Pick,
     object: &Path,
     models: conformance::Models,
 ) -> Result<conformance::Tally> {
-    let shared = shared_conformance()?;
-    conformance::run(&conformance::Options {
-        scenarios: scenarios.unwrap_or_else(|| shared.join("scenarios")),
-        model: shared.join("cluster.yaml"),
-        filter,
-        topology,
-        via,
-        limit,
-        agent: demo::target_dir().join("debug/netpol-agent"),
-        object: object.to_owned(),
-        models,
-        staged: false,
-    })
+    conformance::run(&pick.options(object, models, false)?)
 }
 
 /// `conformance --staged`: the scenarios on cluster.yaml on one node,
 /// each step that changes policy objects only staged first, then
-/// promoted (`conformance::staged`).
-fn conformance_staged(
-    scenarios: Option<PathBuf>,
-    filter: Option<String>,
-    topology: conformance::topology::Kind,
-    via: conformance::ViaSel,
-    limit: Option<usize>,
-) -> Result<conformance::Tally> {
-    let object = conformance_build()?;
-    conformance_staged_with(scenarios, filter, topology, via, limit, &object)
-}
-
-/// [`conformance_staged`] with what it runs built.
-fn conformance_staged_with(
-    scenarios: Option<PathBuf>,
-    filter: Option<String>,
-    topology: conformance::topology::Kind,
-    via: conformance::ViaSel,
-    limit: Option<usize>,
-    object: &Path,
-) -> Result<conformance::Tally> {
-    let shared = shared_conformance()?;
-    let dir = scenarios.unwrap_or_else(|| shared.join("scenarios"));
-    let others = conformance::scenario::load_dir(&dir)?
+/// promoted (`conformance::staged`), with what [`conformance_build`]
+/// built.
+fn conformance_staged_with(pick: &Pick, object: &Path) -> Result<conformance::Tally> {
+    let opts = pick.options(object, conformance::Models::Own, true)?;
+    let others = conformance::scenario::load_dir(&opts.scenarios)?
         .iter()
-        .filter(|s| filter.as_ref().is_none_or(|f| s.name.contains(f.as_str())))
+        .filter(|s| {
+            pick.filter
+                .as_ref()
+                .is_none_or(|f| s.name.contains(f.as_str()))
+        })
         .filter(|s| conformance::Models::Others.takes(s, Some("cluster.yaml")))
         .count();
     if others > 0 {
@@ -749,18 +754,7 @@ fn conformance_staged_with(
              left out (the staged run reads the agent's log and live maps on one node)"
         );
     }
-    conformance::run(&conformance::Options {
-        scenarios: dir,
-        model: shared.join("cluster.yaml"),
-        filter,
-        topology,
-        via,
-        limit,
-        agent: demo::target_dir().join("debug/netpol-agent"),
-        object: object.to_owned(),
-        models: conformance::Models::Own,
-        staged: true,
-    })
+    conformance::run(&opts)
 }
 
 /// The scenarios on a cluster brought up from `file`.

@@ -383,26 +383,20 @@ fn a_flood_of_denied_packets_gets_the_burst_then_the_rate_and_the_rest_is_counte
 /// pods and the reason.
 #[test]
 fn log_denied_writes_each_denial_with_both_pods_to_the_agents_log() {
-    use netpol_testkit::{
-        process::{AgentProcess, Turn},
-        topology::calico_pod,
-    };
-    if !privileged() {
+    use netpol_testkit::process::{AgentProcess, NodeBed};
+    let Some(bed) = NodeBed::routed("deny_events", 2) else {
         return;
-    }
-    let _turn = Turn::take("deny_events");
-    let node = node(Topology::Routed, true);
-    let bpffs = TempBpffs::new();
-    let a = calico_pod(&node, "10.244.1.2", "fd00:1::2");
-    let b = calico_pod(&node, "10.244.1.3", "fd00:1::3");
+    };
+    let (node, bpffs, pods) = (&bed.node, &bed.bpffs, &bed.pods);
+    let [a, b] = &pods[..] else { unreachable!() };
     let m = Manifests::new();
     m.write("00-base.yaml", BASE);
-    m.write("a.yaml", &pod_manifest("a", &a));
-    m.write("b.yaml", &pod_manifest("b", &b));
+    m.write("a.yaml", &pod_manifest("a", a));
+    m.write("b.yaml", &pod_manifest("b", b));
     m.write("deny-a.yaml", DENY_A);
     let mut agent = AgentProcess::start(
         AGENT.as_ref(),
-        &node,
+        node,
         bpffs.path(),
         &m,
         "n1",

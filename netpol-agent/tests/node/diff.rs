@@ -8,12 +8,9 @@ use std::{
 };
 
 use netpol_testkit::{
-    datapath::TempBpffs,
     echo::{connect, echo, exchange},
     manifests::{BASE, Manifests, pod_manifest},
-    privileged,
-    process::{AgentProcess, Turn},
-    topology::{Topology, calico_pod, node},
+    process::{AgentProcess, NodeBed},
 };
 
 use crate::AGENT;
@@ -30,31 +27,18 @@ spec:
 
 #[test]
 fn diff_predicts_the_verdicts_and_the_connections_applying_a_policy_changes() {
-    if !privileged() {
+    let Some(bed) = NodeBed::routed("diff", 3) else {
         return;
-    }
-    let _turn = Turn::take("diff");
-    let node = node(Topology::Routed, true);
-    let bpffs = TempBpffs::new();
-    let a = calico_pod(&node, "10.244.1.2", "fd00:1::2");
-    let b = calico_pod(&node, "10.244.1.3", "fd00:1::3");
-    let c = calico_pod(&node, "10.244.1.4", "fd00:1::4");
-    echo(&a, 80);
+    };
+    let (node, bpffs, pods) = (&bed.node, &bed.bpffs, &bed.pods);
+    let [a, b, c] = &pods[..] else { unreachable!() };
+    echo(a, 80);
     let m = Manifests::new();
     m.write("00-base.yaml", BASE);
     for (name, p) in [("a", &a), ("b", &b), ("c", &c)] {
         m.write(&format!("{name}.yaml"), &pod_manifest(name, p));
     }
-    let state = std::env::temp_dir().join(format!("netpol-diff-state-{}", std::process::id()));
-    let state_arg = state.to_string_lossy().into_owned();
-    let mut agent = AgentProcess::start(
-        AGENT.as_ref(),
-        &node,
-        bpffs.path(),
-        &m,
-        "n1",
-        &["--state-dir", &state_arg],
-    );
+    let mut agent = AgentProcess::start(AGENT.as_ref(), node, bpffs.path(), &m, "n1", &[]);
     agent.wait_enforced(&m, &[&a.host_if, &b.host_if, &c.host_if]);
 
     // Open connections from b and c to a, both families: nothing
@@ -73,20 +57,19 @@ fn diff_predicts_the_verdicts_and_the_connections_applying_a_policy_changes() {
 
     // The change, in a folder of its own, not applied.
     let changes = Manifests::new();
+    let cli = agent.cli();
     changes.write("a-from-c.yaml", A_FROM_C);
     let diff = |format: &str| {
-        let out = std::process::Command::new(AGENT)
-            .arg("--bpffs")
-            .arg(bpffs.path())
-            .args(["diff", "--cluster"])
-            .arg(&m.0)
-            .arg("--manifests")
-            .arg(&changes.0)
-            .arg("--state-dir")
-            .arg(&state)
-            .args(["-o", format])
-            .output()
-            .expect("netpol-agent diff");
+        let (cluster, manifests) = (m.0.to_string_lossy(), changes.0.to_string_lossy());
+        let out = cli.run(&[
+            "diff",
+            "--cluster",
+            &cluster,
+            "--manifests",
+            &manifests,
+            "-o",
+            format,
+        ]);
         assert_eq!(out.status.code(), Some(1), "something changes: {out:?}");
         out
     };
@@ -173,5 +156,4 @@ fn diff_predicts_the_verdicts_and_the_connections_applying_a_policy_changes() {
         }
     }
     assert_eq!(predicted, cut, "{doc:#}");
-    let _ = std::fs::remove_dir_all(&state);
 }

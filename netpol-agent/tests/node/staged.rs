@@ -9,12 +9,9 @@ use std::time::{Duration, Instant};
 use netpol_testkit::{
     Netns,
     agent::DEADLINE,
-    datapath::TempBpffs,
     echo::{connects, echo},
     manifests::{BASE, DENY_A, Manifests, pod_manifest},
-    privileged,
-    process::{AgentProcess, Turn},
-    topology::{Topology, calico_pod, node},
+    process::{AgentProcess, NodeBed},
 };
 
 use crate::AGENT;
@@ -76,49 +73,28 @@ fn until_reported(
 
 #[test]
 fn a_staged_policy_is_reported_not_enforced_and_promoted_by_removing_its_annotation() {
-    if !privileged() {
+    let Some(bed) = NodeBed::routed("staged", 2) else {
         return;
-    }
-    let _turn = Turn::take("staged");
-    let node = node(Topology::Routed, true);
-    let bpffs = TempBpffs::new();
-    let a = calico_pod(&node, "10.244.1.2", "fd00:1::2");
-    let b = calico_pod(&node, "10.244.1.3", "fd00:1::3");
-    echo(&a, 80);
-    echo(&a, 81);
+    };
+    let (node, bpffs, pods) = (&bed.node, &bed.bpffs, &bed.pods);
+    let [a, b] = &pods[..] else { unreachable!() };
+    echo(a, 80);
+    echo(a, 81);
     let m = Manifests::new();
     m.write("00-base.yaml", BASE);
-    m.write("a.yaml", &pod_manifest("a", &a));
-    m.write("b.yaml", &pod_manifest("b", &b));
+    m.write("a.yaml", &pod_manifest("a", a));
+    m.write("b.yaml", &pod_manifest("b", b));
     m.write("only-81.yaml", &only_81(true));
-    let state = std::env::temp_dir().join(format!("netpol-staged-state-{}", std::process::id()));
-    let state_arg = state.to_string_lossy().into_owned();
     let mut agent = AgentProcess::start(
         AGENT.as_ref(),
-        &node,
+        node,
         bpffs.path(),
         &m,
         "n1",
-        &[
-            "--log-format",
-            "json",
-            "--event-burst",
-            "100",
-            "--state-dir",
-            &state_arg,
-        ],
+        &["--log-format", "json", "--event-burst", "100"],
     );
-    // `netpol-agent ARGS` on the agent's maps and state folder.
-    let netpol = |args: &[&str]| {
-        std::process::Command::new(AGENT)
-            .arg("--bpffs")
-            .arg(bpffs.path())
-            .args(args)
-            .arg("--state-dir")
-            .arg(&state)
-            .output()
-            .unwrap_or_else(|e| panic!("netpol-agent {args:?}: {e}"))
-    };
+    let cli = agent.cli();
+    let netpol = |args: &[&str]| cli.run(args);
     // `explain` from the live maps: its exit code (0 allowed, 1 denied)
     // and the ingress judgement's text.
     let explain = |port: &str, staged: bool| {
@@ -298,5 +274,4 @@ fn a_staged_policy_is_reported_not_enforced_and_promoted_by_removing_its_annotat
         agent.log()
     );
     drop(agent);
-    let _ = std::fs::remove_dir_all(&state);
 }

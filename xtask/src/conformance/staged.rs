@@ -202,6 +202,16 @@ pub struct Found {
     pub due: usize,
 }
 
+/// Counts `ok` in `t`; a failure adds `line()` to `lines`.
+fn count(t: &mut Tally, ok: bool, lines: &mut Vec<String>, line: impl FnOnce() -> String) {
+    if ok {
+        t.passed += 1;
+    } else {
+        t.failed += 1;
+        lines.push(line());
+    }
+}
+
 impl Found {
     fn add(&mut self, o: &Found) {
         for (a, b) in [
@@ -244,12 +254,9 @@ pub fn phase(
     // The enforced view is step k−1's.
     let (jobs, _) = cells(&*harness, sc, i, &sc.steps[i - 1].probes, &staged, via)?;
     for (job, got) in run_probes(jobs) {
-        if got == job.want {
-            found.enforced.passed += 1;
-        } else {
-            found.enforced.failed += 1;
-            lines.push(format!("{prefix} {}", job.label));
-        }
+        count(&mut found.enforced, got == job.want, lines, || {
+            format!("{prefix} {}", job.label)
+        });
     }
 
     // Step k's cells: sent, and asked both ways.
@@ -322,36 +329,35 @@ impl Cell<'_> {
         let mark = |b: bool| if b { "X" } else { "." };
         let allowed = |a: &serde_json::Value| a["verdict"] == "allowed";
         let named = names_decider(&s["egress"]) && names_decider(&s["ingress"]);
-        if s["error"].is_null() && (allowed(s) && c.listens) == c.want && named {
-            found.explained.passed += 1;
-        } else {
-            found.explained.failed += 1;
-            lines.push(format!(
-                "{prefix} {}, explain --staged says {}{}: {}",
-                c.label,
-                s["verdict"].as_str().unwrap_or("nothing"),
-                if named {
-                    ""
-                } else {
-                    " and names nothing that decided"
-                },
-                why(s)
-            ));
-        }
+        count(
+            &mut found.explained,
+            s["error"].is_null() && (allowed(s) && c.listens) == c.want && named,
+            lines,
+            || {
+                format!(
+                    "{prefix} {}, explain --staged says {}{}: {}",
+                    c.label,
+                    s["verdict"].as_str().unwrap_or("nothing"),
+                    if named {
+                        ""
+                    } else {
+                        " and names nothing that decided"
+                    },
+                    why(s)
+                )
+            },
+        );
         if let Some(got) = got {
             let enforced = allowed(e) && c.listens;
-            if got == enforced {
-                found.explained.passed += 1;
-            } else {
-                found.explained.failed += 1;
-                lines.push(format!(
-                "{prefix} {}: the probe got {} where explain says the enforced view gives {}: {}",
-                c.label,
-                mark(got),
-                mark(enforced),
-                why(e)
-            ));
-            }
+            count(&mut found.explained, got == enforced, lines, || {
+                format!(
+                    "{prefix} {}: the probe got {} where explain says the enforced view gives {}: {}",
+                    c.label,
+                    mark(got),
+                    mark(enforced),
+                    why(e)
+                )
+            });
         }
         let same_pod = e["src"]["address"] == e["dst"]["address"];
         if !self.pod_to_pod || same_pod || !e["error"].is_null() || !s["error"].is_null() {
@@ -396,31 +402,30 @@ impl Cell<'_> {
                 .map(|r| r.report.as_str())
                 .collect();
             found.due += want.len();
-            if seen == want {
-                found.reported.passed += 1;
-            } else {
-                found.reported.failed += 1;
-                lines.push(format!(
+            count(&mut found.reported, seen == want, lines, || {
+                format!(
                     "{prefix} {}: the datapath reported {seen:?} at the {d}, the views' explain \
                  answers give {want:?}",
                     c.label
-                ));
-            }
+                )
+            });
             // A report flips the enforced side's verdict.
             let flipped = !seen.is_empty();
             staged_verdict &= now != flipped;
         }
         if reached_ingress {
-            if (staged_verdict && c.listens) == c.want {
-                found.reported.passed += 1;
-            } else {
-                found.reported.failed += 1;
-                lines.push(format!(
-                    "{prefix} {}: the datapath's reports give the staged view {}",
-                    c.label,
-                    mark(staged_verdict && c.listens)
-                ));
-            }
+            count(
+                &mut found.reported,
+                (staged_verdict && c.listens) == c.want,
+                lines,
+                || {
+                    format!(
+                        "{prefix} {}: the datapath's reports give the staged view {}",
+                        c.label,
+                        mark(staged_verdict && c.listens)
+                    )
+                },
+            );
         }
     }
 }
