@@ -140,12 +140,25 @@ impl Directory {
         if let Some(decision) = self.compiled.decision_at(keyed, d, peer, protocol, port) {
             let mut named = labels(&decision.rules);
             named.extend(labels(&decision.passed));
+            // Denied by NetworkPolicy after the tiers: the policies
+            // isolating the pod, as where no tier applies.
+            let policies = if decision.stage == Stage::NetworkPolicy && !decision.allowed {
+                crate::provenance::isolating(&self.snapshot, pod, d, staged)
+            } else {
+                Vec::new()
+            };
+            named.extend(policies.iter().cloned());
+            let text = if policies.is_empty() {
+                decision.to_string()
+            } else {
+                format!("{decision} (isolated by {})", policies.join(", "))
+            };
             return Some(Attribution {
-                text: decision.to_string(),
+                text,
                 stage: Some(decision.stage),
                 rules: names(&decision.rules),
                 passed: names(&decision.passed),
-                policies: Vec::new(),
+                policies,
                 labels: named,
             });
         }
@@ -519,6 +532,8 @@ fn log(d: &Denial) {
         endpoint = d.endpoint,
         ifindex = d.ifindex,
         decided = d.decided.as_ref().map_or("", |a| a.text.as_str()),
+        policies = %d.decided.as_ref().map_or_else(String::new, |a| a.policies.join(";")),
+        rules = %d.decided.as_ref().map_or_else(String::new, |a| a.rules.join(";")),
         "denied {} {} {} -> {} ({}{})",
         d.direction_name(),
         protocol_name(d.protocol),
@@ -760,12 +775,16 @@ spec:
             ["ClusterNetworkPolicy guard (Admin): spec.ingress[0]"]
         );
         assert!(d.rules.is_empty());
+        // Denied there: the policies isolating the pod are named too.
+        assert_eq!(d.policies, ["x/np"]);
+        assert!(d.text.ends_with(" (isolated by x/np)"), "{}", d.text);
 
         // y/c on TCP 81: no Admin rule; NetworkPolicy denies.
         let d = tcp_ingress(&dir, id, [10, 2, 0, 3], 81)
             .decided
             .expect("attributed");
         assert_eq!((d.stage, d.passed.len()), (Some(Stage::NetworkPolicy), 0));
+        assert_eq!(d.policies, ["x/np"]);
 
         // Without the ClusterNetworkPolicy: the isolating policy.
         let (dir, id) = directory_of(TIERED);

@@ -492,6 +492,7 @@ fn log_denied_writes_each_denial_with_both_pods_to_the_agents_log() {
     assert_eq!(
         decided(81),
         "passed by ClusterNetworkPolicy guard (Admin): spec.ingress[0]; then denied: \
-         NetworkPolicy isolates the pod and none of its rules allows it"
+         NetworkPolicy isolates the pod and none of its rules allows it (isolated by \
+         x/a-only-from-nobody)"
     );
 }

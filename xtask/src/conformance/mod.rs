@@ -2,6 +2,7 @@
 //! (FORMAT.md) with real packets between network namespaces, filtered by
 //! the real programs, with policies fed to the real `netpol-agent run` as
 //! manifests.
+pub mod attribution;
 pub mod cluster;
 pub mod probe;
 pub mod scenario;
@@ -10,7 +11,7 @@ pub mod staged;
 pub mod topology;
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     fs::File,
     io::{Read as _, Write as _},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
@@ -851,6 +852,8 @@ pub fn scenarios_on(
 ) -> Result<Tally> {
     let mut total: BTreeMap<Via, Tally> = BTreeMap::new();
     let mut staged_found = staged::Found::default();
+    // Denied cells whose deny events name what the scenario says.
+    let mut attributed = Tally::default();
     // `explain` against every cell's expected result.
     let mut explained = Tally::default();
     for sc in scenarios {
@@ -878,7 +881,17 @@ pub fn scenarios_on(
             objects = next;
 
             let (jobs, checks) = cells(harness, sc, i + 1, &step.probes, &objects, via)?;
+            // With the agent logging denials (a staged run), each denied
+            // cell's events are checked against the scenario too.
+            let denials = harness
+                .agent_log()
+                .filter(|_| stage)
+                .map(|log| (staged::settled_len(&log), log));
+            let mut denied_pod_to_pod = BTreeSet::new();
             for (job, got) in run_probes(jobs) {
+                if !got && !job.want && job.via == Via::Pod {
+                    denied_pod_to_pod.insert(job.key.clone());
+                }
                 let t = total.entry(job.via).or_default();
                 if got == job.want {
                     t.passed += 1;
@@ -891,6 +904,22 @@ pub fn scenarios_on(
             if !checks.is_empty()
                 && let Some(answers) = harness.explain(&queries)?
             {
+                if let Some((mark, log)) = &denials {
+                    staged::settled_len(log);
+                    let events = attribution::denied(log, *mark)?;
+                    for (c, a) in checks.iter().zip(&answers) {
+                        if denied_pod_to_pod.contains(&c.query) {
+                            attribution::check(
+                                a,
+                                &objects,
+                                &events,
+                                &mut attributed,
+                                &mut lines,
+                                &c.label,
+                            );
+                        }
+                    }
+                }
                 for (
                     Check {
                         want,
@@ -970,6 +999,12 @@ pub fn scenarios_on(
             f.reported.passed,
             f.reported.failed
         );
+        println!(
+            "conformance attribution: the deny events of {} denied cells name what decided, {} \
+             do not",
+            attributed.passed, attributed.failed
+        );
+        all.failed += attributed.failed;
         ensure!(
             f.enforced.passed + f.explained.passed > 0,
             "--staged: no step of the scenarios changes policy objects only"

@@ -50,9 +50,11 @@ const SETTLE_MAX: Duration = Duration::from_secs(5);
 /// How much later a step whose reports disagree is read again.
 const LATE: Duration = Duration::from_millis(1500);
 
-/// Agent flags for a staged run: JSON log lines to read the reports from,
-/// and a rate limit no probe burst reaches.
-pub const AGENT_ARGS: [&str; 6] = [
+/// Agent flags for a staged run: every denial logged, as JSON lines to
+/// read the staged reports and the denials from (`attribution`), and a
+/// rate limit no probe burst reaches.
+pub const AGENT_ARGS: [&str; 7] = [
+    "--log-denied",
     "--log-format",
     "json",
     "--event-rate",
@@ -139,7 +141,7 @@ struct Report {
 
 /// The log's size, once it has stopped growing (the reader has caught up
 /// with the reports of the probes just sent).
-fn settled_len(log: &Path) -> u64 {
+pub fn settled_len(log: &Path) -> u64 {
     let len = || std::fs::metadata(log).map_or(0, |m| m.len());
     let started = Instant::now();
     let mut last = len();
