@@ -13,10 +13,14 @@ use std::{
     path::Path,
 };
 
-use anyhow::{Context as _, Result};
+use anyhow::Result;
 use serde_yaml::Value;
 
-use super::{Tally, scenario::ObjKey};
+use super::{
+    Tally,
+    scenario::{self, ObjKey},
+    staged::log_lines,
+};
 
 /// One `netpol::denied` log line.
 #[derive(Debug)]
@@ -31,39 +35,27 @@ pub struct Denied {
 
 /// The denials logged from byte `from` on.
 pub fn denied(log: &Path, from: u64) -> Result<Vec<Denied>> {
-    let text = std::fs::read(log).with_context(|| format!("reading {}", log.display()))?;
-    let start = usize::try_from(from).unwrap_or(usize::MAX).min(text.len());
-    let mut out = Vec::new();
-    for line in String::from_utf8_lossy(&text[start..]).lines() {
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
-            continue;
-        };
-        if v["target"] != "netpol::denied" {
-            continue;
-        }
-        let f = &v["fields"];
-        let addr = |k: &str| f[k].as_str().and_then(|s| s.parse::<SocketAddr>().ok());
-        let (Some(src), Some(dst)) = (addr("src"), addr("dst")) else {
-            continue;
-        };
-        let list = |k: &str| -> Vec<String> {
-            f[k].as_str()
-                .unwrap_or_default()
-                .split(';')
-                .filter(|s| !s.is_empty())
-                .map(str::to_owned)
-                .collect()
-        };
-        out.push(Denied {
-            src: src.ip(),
-            dst,
-            protocol: f["protocol"].as_str().unwrap_or_default().to_lowercase(),
-            direction: f["direction"].as_str().unwrap_or_default().to_owned(),
-            policies: list("policies").into_iter().collect(),
-            rules: list("rules"),
-        });
-    }
-    Ok(out)
+    Ok(log_lines(log, from, "netpol::denied")?
+        .into_iter()
+        .map(|(f, src, dst)| {
+            let list = |k: &str| -> Vec<String> {
+                f[k].as_str()
+                    .unwrap_or_default()
+                    .split(';')
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_owned)
+                    .collect()
+            };
+            Denied {
+                src: src.ip(),
+                dst,
+                protocol: f["protocol"].as_str().unwrap_or_default().to_lowercase(),
+                direction: f["direction"].as_str().unwrap_or_default().to_owned(),
+                policies: list("policies").into_iter().collect(),
+                rules: list("rules"),
+            }
+        })
+        .collect())
 }
 
 /// Whether `selector` (a LabelSelector) selects `labels`.
@@ -107,15 +99,6 @@ fn selects(selector: &Value, labels: &BTreeMap<String, String>) -> bool {
     true
 }
 
-fn labels_of(v: &Value) -> BTreeMap<String, String> {
-    v["metadata"]["labels"]
-        .as_mapping()
-        .into_iter()
-        .flatten()
-        .filter_map(|(k, v)| Some((k.as_str()?.to_owned(), v.as_str()?.to_owned())))
-        .collect()
-}
-
 /// The NetworkPolicies of `objects` that isolate pod `ns/name` for
 /// `direction` (`ingress` or `egress`), as `namespace/name`.
 pub fn isolating(
@@ -129,7 +112,7 @@ pub fn isolating(
     let Some(p) = objects.get(&("Pod".to_owned(), ns.to_owned(), name.to_owned())) else {
         return BTreeSet::new();
     };
-    let labels = labels_of(p);
+    let labels = scenario::labels(p);
     objects
         .iter()
         .filter(|(k, _)| k.0 == "NetworkPolicy" && k.1 == ns)

@@ -159,32 +159,44 @@ pub fn settled_len(log: &Path) -> u64 {
     last
 }
 
-/// The staged reports logged from byte `from` on.
-fn reports(log: &Path, from: u64) -> Result<Vec<Report>> {
+/// The `fields` and source and destination of each JSON log line of
+/// `target` from byte `from` on (lines without both addresses left out).
+pub fn log_lines(
+    log: &Path,
+    from: u64,
+    target: &str,
+) -> Result<Vec<(serde_json::Value, SocketAddr, SocketAddr)>> {
     let text = std::fs::read(log).with_context(|| format!("reading {}", log.display()))?;
     let start = usize::try_from(from).unwrap_or(usize::MAX).min(text.len());
     let mut out = Vec::new();
     for line in String::from_utf8_lossy(&text[start..]).lines() {
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+        let Ok(mut v) = serde_json::from_str::<serde_json::Value>(line) else {
             continue;
         };
-        if v["target"] != "netpol::staged" {
+        if v["target"] != target {
             continue;
         }
-        let f = &v["fields"];
+        let f = v["fields"].take();
         let addr = |k: &str| f[k].as_str().and_then(|s| s.parse::<SocketAddr>().ok());
-        let (Some(src), Some(dst)) = (addr("src"), addr("dst")) else {
-            continue;
-        };
-        out.push(Report {
+        if let (Some(src), Some(dst)) = (addr("src"), addr("dst")) {
+            out.push((f, src, dst));
+        }
+    }
+    Ok(out)
+}
+
+/// The staged reports logged from byte `from` on.
+fn reports(log: &Path, from: u64) -> Result<Vec<Report>> {
+    Ok(log_lines(log, from, "netpol::staged")?
+        .into_iter()
+        .map(|(f, src, dst)| Report {
             src: src.ip(),
             dst,
             protocol: f["protocol"].as_str().unwrap_or_default().to_lowercase(),
             direction: f["direction"].as_str().unwrap_or_default().to_owned(),
             report: f["report"].as_str().unwrap_or_default().to_owned(),
-        });
-    }
-    Ok(out)
+        })
+        .collect())
 }
 
 /// What one staged phase found.
