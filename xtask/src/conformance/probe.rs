@@ -7,7 +7,7 @@ use std::{
     fs::File,
     io::{BufRead as _, BufReader, Write as _},
     mem::MaybeUninit,
-    net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
     os::fd::AsFd,
     sync::{Arc, mpsc},
     time::{Duration, Instant},
@@ -232,13 +232,29 @@ fn probe_tcp(dst: SocketAddr, timeout: Duration) -> bool {
     BufReader::new(&s).read_line(&mut line).is_ok() && line == "netpol-probe\n"
 }
 
+/// The next client port of a UDP or SCTP probe: taken in turn from
+/// 20000..60000, so a probe never reuses the 5-tuple of a recent one. A
+/// reused one would find the earlier probe's conntrack entry and pass as
+/// tracked, unjudged: neither the new-connection verdict nor the staged
+/// view's report the run checks. (TCP's own port choice already avoids
+/// recent tuples.)
+fn next_port() -> u16 {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    // The process id spreads concurrent runs apart.
+    let at = (n + std::process::id()) % 40_000;
+    20_000 + u16::try_from(at).unwrap_or(0)
+}
+
 fn probe_udp(dst: SocketAddr, timeout: Duration) -> bool {
-    let any: SocketAddr = if dst.is_ipv4() {
-        "0.0.0.0:0".parse().expect("literal")
+    let ip: IpAddr = if dst.is_ipv4() {
+        Ipv4Addr::UNSPECIFIED.into()
     } else {
-        "[::]:0".parse().expect("literal")
+        Ipv6Addr::UNSPECIFIED.into()
     };
-    let Ok(s) = UdpSocket::bind(any) else {
+    // A port in use (a concurrent probe's) is skipped.
+    let Some(s) = (0..8).find_map(|_| UdpSocket::bind(SocketAddr::new(ip, next_port())).ok())
+    else {
         return false;
     };
     if s.connect(dst).is_err() || s.set_read_timeout(Some(timeout)).is_err() {
@@ -264,7 +280,7 @@ fn probe_sctp(dst: SocketAddr, timeout: Duration) -> bool {
         .map_or(0, |d| d.subsec_nanos())
         ^ (std::process::id() << 8)
         ^ u32::from(dst.port());
-    let sport = 20_000 + (nonce % 40_000) as u16;
+    let sport = next_port();
     let tag = nonce | 1;
     let init = sctp_packet(sport, dst.port(), 0, 1, tag);
     if sock
