@@ -156,8 +156,7 @@ fn diff(bpffs: &Path, args: &DiffArgs) -> anyhow::Result<ExitCode> {
         .or_else(|| state.node.clone())
         .context("no --node and no node in the state file")?;
     let changes = changes(args)?;
-    let mut now = cluster(args, &node)?;
-    now.local_node = Some(node.clone());
+    let now = cluster(args, &node)?;
     let after = diff::apply(&now, &changes)?;
     let config = maps.config()?;
     let predicted = diff::predict(&after, &node, &state, config);

@@ -35,7 +35,7 @@ use super::{
     protocol_name,
 };
 use crate::{
-    compiler::{Compiled, Direction, IdAllocation, compile},
+    compiler::{Direction, IdAllocation, compile},
     model::{ModelError, ObjectRef, Snapshot},
     provenance::{Bound, Inputs, State},
 };
@@ -146,8 +146,6 @@ pub fn apply(current: &Snapshot, changes: &Snapshot) -> Result<Snapshot, DiffErr
 /// same interfaces, `config` as the config map's entry.
 #[derive(Debug)]
 pub struct Prediction {
-    /// The compiled state.
-    pub compiled: Compiled,
     /// Its maps.
     pub maps: CompiledMaps,
     /// Its state file.
@@ -186,7 +184,6 @@ pub fn predict(after: &Snapshot, node: &str, live: &State, config: GlobalConfig)
     });
     Prediction {
         maps: CompiledMaps::new(&compiled, &ifindex, config),
-        compiled,
         state,
     }
 }
@@ -235,6 +232,20 @@ impl Pairs {
     }
 }
 
+/// The enforced view's question for `src -> dst` on `protocol`/`port`,
+/// the family the addresses' own.
+fn query(src: IpAddr, dst: IpAddr, protocol: u8, port: u16) -> Query {
+    Query {
+        src: Target::Address(src),
+        dst: Target::Address(dst),
+        protocol,
+        port,
+        family: Some(if src.is_ipv6() { 6 } else { 4 }),
+        via_service: false,
+        staged: false,
+    }
+}
+
 /// The port ranges of each pair whose verdict on this node differs
 /// between `now` (the live maps) and `after` (the prediction).
 ///
@@ -273,15 +284,7 @@ pub fn changes(
                 .collect();
             for (i, &first) in starts.iter().enumerate() {
                 let last = starts.get(i + 1).map_or(u16::MAX, |n| n - 1);
-                let q = Query {
-                    src: Target::Address(src),
-                    dst: Target::Address(dst),
-                    protocol: proto,
-                    port: first,
-                    family: Some(if src.is_ipv6() { 6 } else { 4 }),
-                    via_service: false,
-                    staged: false,
-                };
+                let q = query(src, dst, proto, first);
                 let (x, y) = (now.explain(&q)?, after.explain(&q)?);
                 if x.verdict == y.verdict {
                     continue;
@@ -338,15 +341,7 @@ fn side_allows(
         Direction::Egress => (at, peer),
         Direction::Ingress => (peer, at),
     };
-    let e = x.explain(&Query {
-        src: Target::Address(src),
-        dst: Target::Address(dst),
-        protocol: proto,
-        port,
-        family: Some(if at.is_ipv6() { 6 } else { 4 }),
-        via_service: false,
-        staged: false,
-    })?;
+    let e = x.explain(&query(src, dst, proto, port))?;
     let j = match d {
         Direction::Egress => e.egress,
         Direction::Ingress => e.ingress,

@@ -187,11 +187,8 @@ pub fn check(
                 e.rules.is_empty() && e.policies == want
             }
         });
-    if ok {
-        tally.passed += 1;
-    } else {
-        tally.failed += 1;
-        lines.push(format!(
+    tally.count(ok, lines, || {
+        format!(
             "{label}: the {d} deny events of {pod} ({}) do not name {}: {seen:?}",
             seen.len(),
             if cnp {
@@ -199,6 +196,6 @@ pub fn check(
             } else {
                 format!("exactly the policies isolating it, {want:?}")
             }
-        ));
-    }
+        )
+    });
 }

@@ -99,6 +99,18 @@ pub struct Tally {
     pub failed: usize,
 }
 
+impl Tally {
+    /// Counts `ok`; a failure adds `line()` to `lines`.
+    pub fn count(&mut self, ok: bool, lines: &mut Vec<String>, line: impl FnOnce() -> String) {
+        if ok {
+            self.passed += 1;
+        } else {
+            self.failed += 1;
+            lines.push(line());
+        }
+    }
+}
+
 /// Everything the run made outside its namespaces: the agent process, the
 /// bpffs mount, the scratch folder. Removed on drop, also on failure.
 pub struct Run {
@@ -193,11 +205,42 @@ pub fn why(answer: &serde_json::Value) -> String {
     }
 }
 
+/// Checks `answer` (of `explain`, or of `explain --staged`: `says`)
+/// against the cell `c`: no error, the kernel's verdict with a server
+/// listening gives the matrix's mark, and each side names what decided.
+fn check_explained(
+    tally: &mut Tally,
+    c: &Check,
+    answer: &serde_json::Value,
+    says: &str,
+    lines: &mut Vec<String>,
+) {
+    let allowed = answer["verdict"] == "allowed";
+    let named = names_decider(&answer["egress"]) && names_decider(&answer["ingress"]);
+    tally.count(
+        answer["error"].is_null() && (allowed && c.listens) == c.want && named,
+        lines,
+        || {
+            format!(
+                "{}, {says} says {}{}: {}",
+                c.label,
+                answer["verdict"].as_str().unwrap_or("nothing"),
+                if named {
+                    ""
+                } else {
+                    " and names nothing that decided"
+                },
+                why(answer)
+            )
+        },
+    );
+}
+
 /// Whether a side of an explain answer that policy judged names what
 /// decided it: the `ClusterNetworkPolicy` decision of its entry (agreeing
 /// with the kernel), else the rules of the entry that allowed it, or the
 /// policies isolating it.
-pub(crate) fn names_decider(j: &serde_json::Value) -> bool {
+fn names_decider(j: &serde_json::Value) -> bool {
     if j["reason"] != "pass_policy" && j["reason"] != "drop_policy" {
         return true;
     }
@@ -892,13 +935,10 @@ pub fn scenarios_on(
                 if !got && !job.want && job.via == Via::Pod {
                     denied_pod_to_pod.insert(job.key.clone());
                 }
-                let t = total.entry(job.via).or_default();
-                if got == job.want {
-                    t.passed += 1;
-                } else {
-                    t.failed += 1;
-                    lines.push(job.label);
-                }
+                total
+                    .entry(job.via)
+                    .or_default()
+                    .count(got == job.want, &mut lines, || job.label);
             }
             let queries: Vec<String> = checks.iter().map(|c| c.query.clone()).collect();
             if !checks.is_empty()
@@ -920,34 +960,9 @@ pub fn scenarios_on(
                         }
                     }
                 }
-                for (
-                    Check {
-                        want,
-                        listens,
-                        label,
-                        ..
-                    },
-                    a,
-                ) in checks.into_iter().zip(answers)
-                {
+                for (c, a) in checks.iter().zip(&answers) {
                     // The kernel's verdict, and a server to answer.
-                    let allowed = a["verdict"] == "allowed";
-                    let named = names_decider(&a["egress"]) && names_decider(&a["ingress"]);
-                    if a["error"].is_null() && (allowed && listens) == want && named {
-                        explained.passed += 1;
-                    } else {
-                        explained.failed += 1;
-                        lines.push(format!(
-                            "{label}, explain says {}{}: {}",
-                            a["verdict"].as_str().unwrap_or("nothing"),
-                            if named {
-                                ""
-                            } else {
-                                " and names nothing that decided"
-                            },
-                            why(&a)
-                        ));
-                    }
+                    check_explained(&mut explained, c, a, "explain", &mut lines);
                 }
             }
         }

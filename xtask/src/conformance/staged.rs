@@ -32,7 +32,7 @@ use anyhow::{Context as _, Result};
 use serde_yaml::Value;
 
 use super::{
-    Check, Harness, Tally, ViaSel, cells, names_decider, run_probes,
+    Check, Harness, Tally, ViaSel, cells, check_explained, run_probes,
     scenario::{self, ObjKey, Scenario, Via},
     why,
 };
@@ -216,16 +216,6 @@ pub struct Found {
     pub due: usize,
 }
 
-/// Counts `ok` in `t`; a failure adds `line()` to `lines`.
-fn count(t: &mut Tally, ok: bool, lines: &mut Vec<String>, line: impl FnOnce() -> String) {
-    if ok {
-        t.passed += 1;
-    } else {
-        t.failed += 1;
-        lines.push(line());
-    }
-}
-
 impl Found {
     fn add(&mut self, o: &Found) {
         for (a, b) in [
@@ -268,9 +258,9 @@ pub fn phase(
     // The enforced view is step k−1's.
     let (jobs, _) = cells(&*harness, sc, i, &sc.steps[i - 1].probes, &staged, via)?;
     for (job, got) in run_probes(jobs) {
-        count(&mut found.enforced, got == job.want, lines, || {
-            format!("{prefix} {}", job.label)
-        });
+        found
+            .enforced
+            .count(got == job.want, lines, || format!("{prefix} {}", job.label));
     }
 
     // Step k's cells: sent, and asked both ways.
@@ -342,28 +332,20 @@ impl Cell<'_> {
         let (c, e, s, got) = (self.check, self.enforced, self.staged, self.got);
         let mark = |b: bool| if b { "X" } else { "." };
         let allowed = |a: &serde_json::Value| a["verdict"] == "allowed";
-        let named = names_decider(&s["egress"]) && names_decider(&s["ingress"]);
-        count(
+        let labelled = Check {
+            label: format!("{prefix} {}", c.label),
+            ..c.clone()
+        };
+        check_explained(
             &mut found.explained,
-            s["error"].is_null() && (allowed(s) && c.listens) == c.want && named,
+            &labelled,
+            s,
+            "explain --staged",
             lines,
-            || {
-                format!(
-                    "{prefix} {}, explain --staged says {}{}: {}",
-                    c.label,
-                    s["verdict"].as_str().unwrap_or("nothing"),
-                    if named {
-                        ""
-                    } else {
-                        " and names nothing that decided"
-                    },
-                    why(s)
-                )
-            },
         );
         if let Some(got) = got {
             let enforced = allowed(e) && c.listens;
-            count(&mut found.explained, got == enforced, lines, || {
+            found.explained.count( got == enforced, lines, || {
                 format!(
                     "{prefix} {}: the probe got {} where explain says the enforced view gives {}: {}",
                     c.label,
@@ -416,7 +398,7 @@ impl Cell<'_> {
                 .map(|r| r.report.as_str())
                 .collect();
             found.due += want.len();
-            count(&mut found.reported, seen == want, lines, || {
+            found.reported.count(seen == want, lines, || {
                 format!(
                     "{prefix} {}: the datapath reported {seen:?} at the {d}, the views' explain \
                  answers give {want:?}",
@@ -428,18 +410,15 @@ impl Cell<'_> {
             staged_verdict &= now != flipped;
         }
         if reached_ingress {
-            count(
-                &mut found.reported,
-                (staged_verdict && c.listens) == c.want,
-                lines,
-                || {
+            found
+                .reported
+                .count((staged_verdict && c.listens) == c.want, lines, || {
                     format!(
                         "{prefix} {}: the datapath's reports give the staged view {}",
                         c.label,
                         mark(staged_verdict && c.listens)
                     )
-                },
-            );
+                });
         }
     }
 }
