@@ -32,6 +32,13 @@ pub fn echo(pod: &Pod, port: u16) {
     serve(&pod.ns, &pod.addresses(), port);
 }
 
+/// How long a served connection may stay silent before the server lets it
+/// go. Long: a test may hold a connection idle across an agent restart and
+/// probes that wait out timeouts; in an emulated 5.10 VM, busy with other
+/// tests, that passed the 30 s this once was and the server, not the
+/// programs, closed the held connection.
+const IDLE: Duration = Duration::from_secs(600);
+
 /// TCP and UDP echo servers on `port` of each of `addresses` in `ns` (a
 /// pod's, a node's own), for as long as the test runs.
 pub fn serve(ns: &Netns, addresses: &[impl Display], port: u16) {
@@ -46,7 +53,7 @@ pub fn serve(ns: &Netns, addresses: &[impl Display], port: u16) {
         std::thread::spawn(move || {
             for s in tcp.incoming().flatten() {
                 std::thread::spawn(move || {
-                    let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
+                    let _ = s.set_read_timeout(Some(IDLE));
                     lines(&s);
                 });
             }

@@ -219,6 +219,7 @@ fn this_kernels_attach_path_enforces_and_a_restart_adopts_it() {
         assert_eq!(attached_ids(&link, tcx), old, "attachments left in place");
         check_enforced(&link, "no agent");
         assert!(exchange(&held, "between\n", PATIENCE));
+        let idle = std::time::Instant::now();
 
         // The next agent adopts them: its programs take the same hooks (no
         // second filter or link), the maps are read back, enforcement and
@@ -236,7 +237,8 @@ fn this_kernels_attach_path_enforces_and_a_restart_adopts_it() {
         check_enforced(&link, "adopted");
         assert!(
             exchange(&held, "after\n", PATIENCE),
-            "the held connection survived"
+            "the held connection survived (it was idle {:?})",
+            idle.elapsed()
         );
         assert!(policy_drops(&dp) >= drops + 2, "the pinned counters go on");
 
