@@ -182,6 +182,7 @@ pub struct AgentBuilder {
     log_denied: bool,
     event_rate: u32,
     event_burst: u32,
+    record_allowed: u32,
     handover_wait: Duration,
     stuck_after: Duration,
 }
@@ -213,6 +214,7 @@ impl Default for AgentBuilder {
             log_denied: false,
             event_rate: limits::DEFAULT_RATE,
             event_burst: limits::DEFAULT_BURST,
+            record_allowed: 0,
             handover_wait: DEFAULT_HANDOVER_WAIT,
             stuck_after: crate::status::STUCK_AFTER,
         }
@@ -404,6 +406,17 @@ impl AgentBuilder {
         self
     }
 
+    /// Allowed-connection records: one in `sample` of the new connections
+    /// a rule admits is reported (`netpol::allowed` log lines naming the
+    /// allowing rule, `netpol_rule_hits_total`), within a per-endpoint
+    /// rate limit of their own (the event rate and burst); 0 (the
+    /// default): none.
+    #[must_use]
+    pub fn record_allowed(mut self, sample: u32) -> Self {
+        self.record_allowed = sample;
+        self
+    }
+
     /// Checks the settings.
     ///
     /// # Errors
@@ -559,6 +572,7 @@ impl Agent {
         s.timeouts.apply(&mut global);
         global.event_rate = s.event_rate;
         global.event_burst = s.event_burst;
+        global.allowed_sample = s.record_allowed;
         // One agent per set of pins, before anything is loaded or written:
         // a second one would adopt the first one's attachments and write
         // its own state under it.

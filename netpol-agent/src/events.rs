@@ -26,9 +26,9 @@ use tokio::{
 };
 
 use crate::{
-    compiler::{Compiled, Direction, Stage},
+    compiler::{Compiled, Direction, RuleRef, Stage},
     datapath::{self, events::decode},
-    model::{ObjectRef, Snapshot},
+    model::{ObjectRef, PortSpec, Snapshot},
     status::Metrics,
 };
 
@@ -131,8 +131,8 @@ impl Directory {
             Some(isolated) if staged => (staged_endpoint(endpoint), isolated),
             _ => (endpoint, ep.isolated(d)),
         };
-        let names = |r: &[crate::compiler::RuleRef]| r.iter().map(ToString::to_string).collect();
-        let labels = |r: &[crate::compiler::RuleRef]| {
+        let names = |r: &[RuleRef]| r.iter().map(ToString::to_string).collect();
+        let labels = |r: &[RuleRef]| {
             r.iter()
                 .map(|r| policy_label(&r.policy))
                 .collect::<BTreeSet<_>>()
@@ -153,6 +153,14 @@ impl Directory {
             } else {
                 format!("{decision} (isolated by {})", policies.join(", "))
             };
+            let hits = if decision.rules.is_empty() {
+                policies
+                    .iter()
+                    .map(|p| (p.clone(), String::new()))
+                    .collect()
+            } else {
+                decision.rules.iter().map(hit).collect()
+            };
             return Some(Attribution {
                 text,
                 stage: Some(decision.stage),
@@ -160,6 +168,7 @@ impl Directory {
                 passed: names(&decision.passed),
                 policies,
                 labels: named,
+                hits,
             });
         }
         let plain = |text: String| Attribution {
@@ -169,6 +178,7 @@ impl Directory {
             passed: Vec::new(),
             policies: Vec::new(),
             labels: BTreeSet::new(),
+            hits: Vec::new(),
         };
         if !isolated {
             return Some(plain("allowed: no policy isolates the pod".to_owned()));
@@ -180,11 +190,28 @@ impl Directory {
                 .get(&entry.ruleset)
                 .is_some_and(|rs| rs.allows(protocol, port))
         {
-            let rules: Vec<String> = names(&entry.sources);
+            // The entry's rules all select the peer; those whose ports
+            // take this one allowed it (a named port is the destination
+            // pod's).
+            let named = match d {
+                Direction::Ingress => Some(pod.clone()),
+                Direction::Egress => self.address(peer).cloned(),
+            };
+            let mut allowing: Vec<RuleRef> = entry
+                .sources
+                .iter()
+                .filter(|r| self.admits_port(r, protocol, port, named.as_ref()))
+                .cloned()
+                .collect();
+            if allowing.is_empty() {
+                allowing = entry.sources.to_vec();
+            }
+            let rules: Vec<String> = names(&allowing);
             return Some(Attribution {
                 text: format!("allowed by {}", rules.join(", ")),
                 rules,
-                labels: labels(&entry.sources),
+                labels: labels(&allowing),
+                hits: allowing.iter().map(hit).collect(),
                 ..plain(String::new())
             });
         }
@@ -196,9 +223,46 @@ impl Directory {
         };
         Some(Attribution {
             labels: policies.iter().cloned().collect(),
+            hits: policies
+                .iter()
+                .map(|p| (p.clone(), String::new()))
+                .collect(),
             policies,
             ..plain(text)
         })
+    }
+
+    /// Whether the `NetworkPolicy` rule `r` takes `protocol` and `port`
+    /// (a named port resolved on `named`, the destination pod); a rule
+    /// not found (a tier's, or gone) is not filtered out.
+    fn admits_port(&self, r: &RuleRef, protocol: u8, port: u16, named: Option<&ObjectRef>) -> bool {
+        let rule = self
+            .snapshot
+            .policies
+            .get(&r.policy)
+            .and_then(|s| s.in_force.as_ref())
+            .and_then(|p| match r.direction {
+                Direction::Ingress => p.ingress.as_ref(),
+                Direction::Egress => p.egress.as_ref(),
+            })
+            .and_then(|rules| rules.get(r.index));
+        let Some(rule) = rule.filter(|_| r.tier.is_none()) else {
+            return true;
+        };
+        rule.ports.is_empty()
+            || rule.ports.iter().any(|p| {
+                p.protocol.number() == protocol
+                    && match &p.port {
+                        PortSpec::All => true,
+                        PortSpec::Range { first, last } => (*first..=*last).contains(&port),
+                        PortSpec::Named(name) => {
+                            named
+                                .and_then(|pod| self.snapshot.pods.get(pod))
+                                .and_then(|pod| pod.named_port(name, p.protocol))
+                                == Some(port)
+                        }
+                    }
+            })
     }
 
     /// The local pod of an endpoint id.
@@ -221,6 +285,20 @@ impl Directory {
                 addresses
             })
             .get(&ip)
+    }
+
+    /// Whether a policy ([`policy_label`]) is in the snapshot (enforced
+    /// or staged).
+    #[must_use]
+    pub fn has_policy(&self, label: &str) -> bool {
+        match label.strip_prefix("ClusterNetworkPolicy/") {
+            Some(name) => self.snapshot.cluster_policies.contains_key(name),
+            None => label.split_once('/').is_some_and(|(ns, name)| {
+                self.snapshot
+                    .policies
+                    .contains_key(&ObjectRef::new(ns, name))
+            }),
+        }
     }
 
     /// Whether `pod` is one of this node's endpoints.
@@ -251,6 +329,19 @@ pub struct Attribution {
     /// Every policy named above, by [`policy_label`].
     #[serde(skip)]
     pub labels: BTreeSet<String>,
+    /// What `netpol_rule_hits_total` counts it under: (policy label,
+    /// `spec.ingress[i]`) of each deciding rule, or (policy label, "") of
+    /// each policy whose isolation denied it.
+    #[serde(skip)]
+    pub hits: Vec<(String, String)>,
+}
+
+/// A rule's `netpol_rule_hits_total` labels.
+fn hit(r: &RuleRef) -> (String, String) {
+    (
+        policy_label(&r.policy),
+        format!("spec.{}[{}]", r.direction.field(), r.index),
+    )
 }
 
 /// One dropped packet (or a staged view's report on a new connection),
@@ -316,7 +407,11 @@ impl Denial {
             (by_addr(src), pod.clone().or_else(|| by_addr(dst)))
         };
         let staged = reason::is_staged(e.reason);
-        let decided = if staged || matches!(e.reason, reason::DROP_POLICY | reason::DROP_REVOKED) {
+        let decided = if staged
+            || matches!(
+                e.reason,
+                reason::DROP_POLICY | reason::DROP_REVOKED | reason::PASS_POLICY
+            ) {
             let (d, peer) = if egress {
                 (Direction::Egress, dst)
             } else {
@@ -439,6 +534,7 @@ impl Reader {
                     // policies no longer staged, fold into the unnamed
                     // series.
                     metrics.retain_denied(|p| dir.is_local(p));
+                    metrics.retain_rule_hits(|l| dir.has_policy(l));
                     metrics.retain_staged(|l| dir.is_staged(l));
                     staged.retain(|l| dir.is_staged(l));
                 }
@@ -472,8 +568,13 @@ impl Reader {
                             metrics.staged(&d.staged_policies, d.reason);
                             staged.add(&d);
                             log_staged(&d);
+                        } else if d.reason == reason::PASS_POLICY {
+                            // Only `--record-allowed` produces them.
+                            metrics.rule_hits(d.decided.as_ref(), false);
+                            log_allowed(&d);
                         } else {
                             metrics.denied(d.pod.as_ref(), d.direction);
+                            metrics.rule_hits(d.decided.as_ref(), true);
                             if log_denied {
                                 log(&d);
                             }
@@ -510,6 +611,31 @@ fn log_staged(d: &Denial) {
         decided = d.decided.as_ref().map_or("", |a| a.text.as_str()),
         staged_policies = %d.staged_policies.join(","),
         "staged: {would} {} {} {} -> {} port {} ({})",
+        d.direction_name(),
+        protocol_name(d.protocol),
+        shown(d.source.as_ref()),
+        shown(d.destination.as_ref()),
+        d.dst.port(),
+        d.decided.as_ref().map_or("", |a| a.text.as_str()),
+    );
+}
+
+/// An allowed-connection record: `allowed ingress tcp x/b -> x/a port 80
+/// (allowed by x/allow-80: spec.ingress[0])`.
+fn log_allowed(d: &Denial) {
+    tracing::info!(
+        target: "netpol::allowed",
+        direction = d.direction_name(),
+        protocol = %protocol_name(d.protocol),
+        src = %d.src,
+        dst = %d.dst,
+        source = %shown(d.source.as_ref()),
+        destination = %shown(d.destination.as_ref()),
+        endpoint = d.endpoint,
+        ifindex = d.ifindex,
+        decided = d.decided.as_ref().map_or("", |a| a.text.as_str()),
+        rules = %d.decided.as_ref().map_or_else(String::new, |a| a.rules.join(";")),
+        "allowed {} {} {} -> {} port {} ({})",
         d.direction_name(),
         protocol_name(d.protocol),
         shown(d.source.as_ref()),

@@ -157,6 +157,12 @@ struct RunArgs {
     #[arg(long, value_name = "M", default_value_t = netpol_common::events::DEFAULT_BURST,
           value_parser = clap::value_parser!(u32).range(1..=i64::from(netpol_common::events::MAX_BURST)))]
     event_burst: u32,
+    /// Record one in N of the new connections a policy rule allows
+    /// (netpol::allowed log lines naming the rule, netpol_rule_hits_total),
+    /// within a per-pod rate limit of their own (--event-rate,
+    /// --event-burst); 0: none.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    record_allowed: u32,
     /// Folder of the state file (state.json) written after every apply:
     /// which pod each endpoint id is and which policy rules produced each
     /// map entry, for `inspect` and `explain` (also after the agent died).
@@ -536,6 +542,7 @@ fn run_agent(bpffs: PathBuf, args: RunArgs) -> anyhow::Result<ExitCode> {
         .log_denied(args.log_denied)
         .event_rate(args.event_rate)
         .event_burst(args.event_burst)
+        .record_allowed(args.record_allowed)
         .connection_timeouts(netpol_agent::ConnectionTimeouts {
             tcp_syn: std::time::Duration::from_secs(args.limits.ct_tcp_syn_secs),
             tcp_established: std::time::Duration::from_secs(args.limits.ct_tcp_established_secs),

@@ -54,6 +54,13 @@ pub struct GlobalConfig {
     /// `CLOCK_MONOTONIC` ns at jiffy 0 (wrapping): the programs' clock is
     /// `jiffies × clock_jiffy_ns + clock_offset_ns`, mod 2⁶⁴.
     pub clock_offset_ns: u64,
+    /// Allowed-connection records: one new connection in this many that a
+    /// rule admits (`reason::PASS_POLICY`) is reported on the events ring,
+    /// within the endpoint's own allowed-record rate limit
+    /// ([`events::allowed_bucket`]); 0: none (the default).
+    pub allowed_sample: u32,
+    /// Always 0.
+    pub _pad: u32,
 }
 
 impl GlobalConfig {
@@ -84,7 +91,7 @@ impl GlobalConfig {
 }
 
 const _: () = {
-    assert!(size_of::<GlobalConfig>() == 72);
+    assert!(size_of::<GlobalConfig>() == 80);
     assert!(align_of::<GlobalConfig>() == 8);
     assert!(offset_of!(GlobalConfig, flags) == 0);
     assert!(offset_of!(GlobalConfig, clock_jiffy_ns) == 4);
@@ -98,4 +105,6 @@ const _: () = {
     assert!(offset_of!(GlobalConfig, event_rate) == 56);
     assert!(offset_of!(GlobalConfig, event_burst) == 60);
     assert!(offset_of!(GlobalConfig, clock_offset_ns) == 64);
+    assert!(offset_of!(GlobalConfig, allowed_sample) == 72);
+    assert!(offset_of!(GlobalConfig, _pad) == 76);
 };

@@ -4,6 +4,12 @@
 //! token bucket per endpoint id in [`maps::EVENT_LIMITS`]). Events the
 //! limit refuses, or that find the ring full, are counted in
 //! [`maps::EVENTS_LOST`]; the packet's verdict never depends on either.
+//!
+//! The same ring carries the staged view's reports and, when the agent
+//! asks for them ([`GlobalConfig::allowed_sample`]), records of allowed new
+//! connections (`reason::PASS_POLICY`), sampled and limited by a bucket of
+//! their own ([`allowed_bucket`]) so that they never take a deny event's
+//! place.
 use core::mem::offset_of;
 
 #[cfg(doc)]
@@ -32,6 +38,17 @@ pub const COST: u64 = 1_000_000_000;
 /// Refill considered at most (ns): enough to fill the largest burst at
 /// the lowest rate, and small enough that `elapsed * rate` fits a u64.
 const MAX_REFILL_NS: u64 = MAX_BURST as u64 * COST;
+
+/// Set in the [`maps::EVENT_LIMITS`] key of an endpoint's allowed-record
+/// bucket (endpoint ids, staged ones included, stay below it).
+pub const ALLOWED_BUCKET_BIT: u32 = 1 << 31;
+
+/// The [`maps::EVENT_LIMITS`] key of `endpoint`'s allowed-record bucket.
+#[inline(always)]
+#[must_use]
+pub const fn allowed_bucket(endpoint: u32) -> u32 {
+    endpoint | ALLOWED_BUCKET_BIT
+}
 
 /// The rate in force for a configured value.
 #[inline(always)]
@@ -120,7 +137,9 @@ const _: () = {
     assert!(offset_of!(EventBucket, last_ns) == 8);
 };
 
-/// One dropped packet, as the programs report it on [`maps::EVENTS`].
+/// One dropped packet, as the programs report it on [`maps::EVENTS`] (or
+/// a staged view's report, or an allowed-connection record: see
+/// `reason`).
 /// Addresses and ports are the packet's own (source → destination), not
 /// oriented from the endpoint; `endpoint` is the endpoint whose policy
 /// `direction` dropped it (the destination pod's for ingress, the source
@@ -136,8 +155,9 @@ pub struct DenyEvent {
     pub endpoint: u32,
     /// `skb->ifindex`: the interface the program ran on.
     pub ifindex: u32,
-    /// [`reason`]: a drop, or a staged view's report
-    /// ([`reason::STAGED_WOULD_DENY`], [`reason::STAGED_WOULD_ALLOW`]).
+    /// [`reason`]: a drop, a staged view's report
+    /// ([`reason::STAGED_WOULD_DENY`], [`reason::STAGED_WOULD_ALLOW`]), or
+    /// [`reason::PASS_POLICY`]: an allowed-connection record.
     pub reason: u32,
     /// [`direction`] of the policy that dropped it.
     pub direction: u8,

@@ -65,4 +65,4 @@ pub use service::{FrontendKeyV4, FrontendKeyV6, FrontendValue, frontend_kind};
 /// Version of the layout of every pinned map. Bumped whenever a key or value
 /// type, a map's type or the counter index scheme changes, so that an agent
 /// finding maps of another layout knows it cannot reuse them as they are.
-pub const LAYOUT_VERSION: u32 = 4;
+pub const LAYOUT_VERSION: u32 = 5;

@@ -37,7 +37,8 @@ pub const MARK_SOURCES: &str = "NETPOL_MARK_SOURCES";
 /// endpoint's rate limit lets through (see [`crate::events`]).
 pub const EVENTS: &str = "NETPOL_EVENTS";
 /// LRU hash `u32 endpoint id` → [`crate::EventBucket`]: each
-/// endpoint's event rate limit.
+/// endpoint's event rate limit (and, keyed
+/// [`crate::events::allowed_bucket`], its allowed-record one).
 pub const EVENT_LIMITS: &str = "NETPOL_EVENT_LIMITS";
 /// Per-CPU array of `u64`, indexed by [`crate::events::LOST_RATE_LIMITED`]
 /// and [`crate::events::LOST_RING_FULL`]: events not emitted.

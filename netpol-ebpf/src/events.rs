@@ -1,6 +1,8 @@
 //! Deny events: a dropped packet reported to the agent on the ring buffer,
 //! within its endpoint's rate limit (`netpol_common::events`). Neither the
 //! limit nor a full ring changes the packet's verdict; both are counted.
+//! The staged view's reports and the allowed-connection records a sampled
+//! new connection gets take the same way.
 //!
 //! The work is one *global* BPF function, [`netpol_deny_event`], which the
 //! verifier checks once, on its own: a static function (or inlined code)
@@ -9,7 +11,11 @@
 //! 5.12 allow global functions the context and scalars only, so the
 //! caller packs the verdict and the packet's identity into two words and
 //! the function reads the addresses from the packet again.
-use aya_ebpf::{bindings::__sk_buff, helpers::bpf_ktime_get_ns, programs::TcContext};
+use aya_ebpf::{
+    bindings::__sk_buff,
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
+    programs::TcContext,
+};
 use netpol_common::{DenyEvent, direction, events, family};
 
 use crate::{
@@ -24,9 +30,11 @@ pub const STAGED_JUDGE: u8 = 1;
 /// With [`STAGED_JUDGE`]: the staged view isolates the direction.
 pub const STAGED_ISOLATED: u8 = 2;
 
-/// Emits one deny event for a dropped packet, and for a new connection
-/// the staged view judges otherwise ([`STAGED_JUDGE`]) a "would deny" or
-/// "would allow" report, each if the endpoint's rate limit admits it.
+/// Emits one deny event for a dropped packet, for a new connection the
+/// staged view judges otherwise ([`STAGED_JUDGE`]) a "would deny" or
+/// "would allow" report, each if the endpoint's rate limit admits it, and
+/// for a sampled new connection a rule admitted an allowed-connection
+/// record (within the endpoint's allowed-record bucket).
 /// `verdict`: reason, direction, family, staged bits (a byte each from
 /// the lowest); `packet`:
 /// [`Packet::event_word`](crate::packet::Packet::event_word). Returns how
@@ -47,8 +55,10 @@ pub extern "C" fn netpol_deny_event(
     let staged = (verdict >> 24) as u8;
     let drop = netpol_common::reason::is_drop(reason);
     let judge = staged & STAGED_JUDGE != 0;
-    // A new connection whose endpoint's views agree: nothing to do.
-    if !drop && !judge {
+    let record = reason == netpol_common::reason::PASS_POLICY && sampled();
+    // A new connection whose endpoint's views agree, not recorded: nothing
+    // to do.
+    if !drop && !judge && !record {
         return 0;
     }
     // SAFETY: bpf_ktime_get_ns has no preconditions.
@@ -101,7 +111,22 @@ pub extern "C" fn netpol_deny_event(
     if drop {
         sent += emit(&ctx, now, endpoint, reason, verdict, packet, &src, &dst);
     }
+    if record && admitted(events::allowed_bucket(endpoint), now) {
+        sent += emit(&ctx, now, endpoint, reason, verdict, packet, &src, &dst);
+    }
     sent
+}
+
+/// Whether this allowed new connection is one the agent asked to have
+/// recorded: one in [`GlobalConfig::allowed_sample`](netpol_common::GlobalConfig), at random.
+#[inline(always)]
+fn sampled() -> bool {
+    let n = match config::get() {
+        Some(c) => c.allowed_sample,
+        None => 0,
+    };
+    // SAFETY: bpf_get_prandom_u32 has no preconditions.
+    n == 1 || (n > 1 && unsafe { bpf_get_prandom_u32() } % n == 0)
 }
 
 /// Whether the endpoint's rate limit admits one more event at `now`

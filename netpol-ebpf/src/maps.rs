@@ -82,9 +82,10 @@ pub static NETPOL_MARK_SOURCES: Array<u32, { mark::MAX_SLOTS as usize + 1 }> = A
 #[btf_map]
 pub static NETPOL_EVENTS: RingBuf<DenyEvent, { events::RING_BYTES as usize }> = RingBuf::new();
 
-/// Endpoint id → its deny-event token bucket.
+/// Endpoint id → its deny-event token bucket (and
+/// `events::allowed_bucket(id)` → its allowed-record one).
 #[btf_map]
-pub static NETPOL_EVENT_LIMITS: LruHashMap<u32, EventBucket, 4096> = LruHashMap::new();
+pub static NETPOL_EVENT_LIMITS: LruHashMap<u32, EventBucket, 8192> = LruHashMap::new();
 
 /// Deny events not emitted, by cause (`events::LOST_*`).
 #[btf_map]

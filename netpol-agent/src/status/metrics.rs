@@ -227,6 +227,46 @@ impl Metrics {
         }
     }
 
+    /// Counts one attributed connection (a policy's deny event, or an
+    /// allowed-connection record) under each rule, or isolating policy,
+    /// that decided it. New series past [`MAX_RULE_SERIES`] count under
+    /// the unnamed one (`policy=""`).
+    pub fn rule_hits(&self, decided: Option<&crate::events::Attribution>, denied: bool) {
+        let Some(a) = decided else {
+            return;
+        };
+        let Ok(mut h) = self.datapath.rule_hits.lock() else {
+            return;
+        };
+        let verdict = if denied { "deny" } else { "allow" };
+        for (policy, rule) in &a.hits {
+            let key = (policy.clone(), rule.clone(), verdict);
+            let key = if h.contains_key(&key) || h.len() < MAX_RULE_SERIES {
+                key
+            } else {
+                (String::new(), String::new(), verdict)
+            };
+            *h.entry(key).or_default() += 1;
+        }
+    }
+
+    /// Keeps `rule_hits_total` series only for policies `keep` says still
+    /// exist; the others fold into `policy=""`.
+    pub fn retain_rule_hits(&self, keep: impl Fn(&str) -> bool) {
+        let Ok(mut h) = self.datapath.rule_hits.lock() else {
+            return;
+        };
+        let gone: Vec<_> = h
+            .keys()
+            .filter(|(p, _, _)| !p.is_empty() && !keep(p))
+            .cloned()
+            .collect();
+        for key in gone {
+            let n = h.remove(&key).unwrap_or_default();
+            *h.entry((String::new(), String::new(), key.2)).or_default() += n;
+        }
+    }
+
     /// Keeps `staged_reports_total` series only for policies `keep` says
     /// are still staged; the others fold into `policy=""`.
     pub fn retain_staged(&self, keep: impl Fn(&str) -> bool) {
@@ -482,6 +522,10 @@ impl Metrics {
 /// not (or no longer) local, and drops no endpoint is known for.
 type DeniedCounts = BTreeMap<(String, String, &'static str), u64>;
 
+/// Most `rule_hits_total` series kept (policy, rule, verdict); later
+/// ones count under the unnamed series.
+pub const MAX_RULE_SERIES: usize = 4096;
+
 /// The metrics read from the kernel at scrape time, and the deny counts
 /// the event reader keeps.
 #[derive(Debug, Default)]
@@ -490,6 +534,8 @@ struct DatapathMetrics {
     denied: Mutex<DeniedCounts>,
     /// Staged views' reports by (policy, report).
     staged: Mutex<BTreeMap<(String, &'static str), u64>>,
+    /// Attributed connections by (policy, rule, verdict).
+    rule_hits: Mutex<BTreeMap<(String, String, &'static str), u64>>,
 }
 
 /// Encodes [`DatapathMetrics`] at each scrape.
@@ -595,6 +641,29 @@ impl Collector for DatapathCollector {
         )?;
         for ((policy, report), n) in &staged {
             let labels = [("policy", policy.as_str()), ("report", report)];
+            ConstCounter::new(*n).encode(m.encode_family(&labels)?)?;
+        }
+        let hits = self
+            .0
+            .rule_hits
+            .lock()
+            .map(|h| h.clone())
+            .unwrap_or_default();
+        let mut m = encoder.encode_descriptor(
+            "rule_hits",
+            "Connections the agent attributed, per deciding rule (rule=\"\": the policy's \
+             isolation, a default deny; policy=\"\": gone or past the series limit) and verdict: \
+             deny events of policy drops and allowed-connection records (--record-allowed), so \
+             within their sampling and rate limits",
+            None,
+            MetricType::Counter,
+        )?;
+        for ((policy, rule, verdict), n) in &hits {
+            let labels = [
+                ("policy", policy.as_str()),
+                ("rule", rule.as_str()),
+                ("verdict", verdict),
+            ];
             ConstCounter::new(*n).encode(m.encode_family(&labels)?)?;
         }
         Ok(())

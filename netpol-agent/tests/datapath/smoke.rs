@@ -252,3 +252,37 @@ fn this_kernels_attach_path_enforces_and_a_restart_adopts_it() {
         }
     });
 }
+
+/// The verifier's work on each program stays within a quarter of the
+/// kernel's million-instruction limit, the margin docs/PERFORMANCE.md
+/// records: a change that lets the verifier's paths multiply fails here,
+/// on every kernel of the matrix that reports the count (5.16 on; 5.10
+/// reports none and is only held to loading).
+#[test]
+fn every_program_verifies_within_a_quarter_of_the_kernels_limit() {
+    if !privileged() {
+        return;
+    }
+    const GOAL: u32 = 250_000;
+    let bpffs = TempBpffs::new();
+    let mut dp = load(&bpffs);
+    let counts: Vec<(&str, Option<u32>)> = [
+        programs::FROM_POD,
+        programs::TO_POD,
+        programs::LEAVE_NODE,
+        programs::LEAVE_NODE_L3,
+    ]
+    .into_iter()
+    .map(|name| {
+        let info = dp.program(name).expect("program").info().expect("info");
+        (name, info.verified_instruction_count())
+    })
+    .collect();
+    let reported = KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(5, 16, 0));
+    for (name, count) in &counts {
+        match count {
+            Some(n) => assert!(*n <= GOAL, "{name}: {n} verified instructions: {counts:?}"),
+            None => assert!(!reported, "{name}: no verified instruction count"),
+        }
+    }
+}

@@ -496,3 +496,138 @@ fn log_denied_writes_each_denial_with_both_pods_to_the_agents_log() {
          x/a-only-from-nobody)"
     );
 }
+
+/// x/a admits x/b on TCP 80 by its first ingress rule and on TCP 81 by
+/// its second, which also names TCP 80's peer: a record must name only
+/// the rule whose port took the connection. x/b's egress admits TCP 80
+/// and 81 to x/a by one rule.
+const ALLOWED_RULES: &str = r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: a-in, namespace: x}
+spec:
+  podSelector: {matchLabels: {app: a}}
+  ingress:
+    - from: [{podSelector: {matchLabels: {app: b}}}]
+      ports: [{port: 80}]
+    - from: [{podSelector: {matchLabels: {app: b}}}, {podSelector: {matchLabels: {app: c}}}]
+      ports: [{port: 81}, {port: 90, protocol: UDP}]
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: b-out, namespace: x}
+spec:
+  podSelector: {matchLabels: {app: b}}
+  policyTypes: [Egress]
+  egress:
+    - to: [{podSelector: {matchLabels: {app: a}}}]
+      ports: [{port: 80, endPort: 81}]
+"#;
+
+/// `--record-allowed 1`: every new connection a rule admits gets a
+/// `netpol::allowed` line on each isolated side, naming exactly the rules
+/// whose peer and port admit it, and counts under those rules in
+/// `netpol_rule_hits_total` (denials count under the isolating policy).
+#[test]
+fn allowed_records_name_the_rules_that_admit_each_side_and_count_rule_hits() {
+    use netpol_testkit::process::{AgentProcess, NodeBed};
+    let Some(bed) = NodeBed::routed("deny_events", 2) else {
+        return;
+    };
+    let (node, bpffs, pods) = (&bed.node, &bed.bpffs, &bed.pods);
+    let [a, b] = &pods[..] else { unreachable!() };
+    for port in [80, 81, 82] {
+        netpol_testkit::echo::echo(a, port);
+    }
+    let m = Manifests::new();
+    m.write("00-base.yaml", BASE);
+    m.write("a.yaml", &pod_manifest("a", a));
+    m.write("b.yaml", &pod_manifest("b", b));
+    m.write("rules.yaml", ALLOWED_RULES);
+    let mut agent = AgentProcess::start(
+        AGENT.as_ref(),
+        node,
+        bpffs.path(),
+        &m,
+        "n1",
+        &["--log-format", "json", "--record-allowed", "1"],
+    );
+    agent.wait_enforced(&m, &[&a.host_if, &b.host_if]);
+    let wait = Duration::from_secs(2);
+    let a_v6 = a.v6.expect("a's IPv6 address");
+    for (to, port) in [(a.v4.to_string(), 80), (a_v6.to_string(), 81)] {
+        assert!(connects(&b.ns, &to, port, wait), "b → a TCP {port}");
+    }
+    assert!(
+        !connects(&b.ns, a.v4, 82, Duration::from_millis(300)),
+        "b → a TCP 82 is denied"
+    );
+    // (direction, destination, rules) of every record.
+    let records = || -> Vec<(String, String, String)> {
+        agent
+            .log()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["target"] == "netpol::allowed")
+            .map(|v| {
+                let f = &v["fields"];
+                let s = |k: &str| f[k].as_str().unwrap_or_default().to_owned();
+                (s("direction"), s("dst"), s("rules"))
+            })
+            .collect()
+    };
+    let want = |dir: &str, dst: SocketAddr, rules: &str| {
+        (dir.to_owned(), dst.to_string(), rules.to_owned())
+    };
+    let expected = [
+        want(
+            "ingress",
+            SocketAddr::new(a.v4.into(), 80),
+            "x/a-in: spec.ingress[0]",
+        ),
+        want(
+            "egress",
+            SocketAddr::new(a.v4.into(), 80),
+            "x/b-out: spec.egress[0]",
+        ),
+        want(
+            "ingress",
+            SocketAddr::new(a_v6, 81),
+            "x/a-in: spec.ingress[1]",
+        ),
+        want(
+            "egress",
+            SocketAddr::new(a_v6, 81),
+            "x/b-out: spec.egress[0]",
+        ),
+    ];
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let got = records();
+        if expected.iter().all(|e| got.contains(e)) {
+            // Nothing else: one record per side of each connection.
+            assert_eq!(got.len(), expected.len(), "{got:#?}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "allowed records {got:#?}, expected {expected:#?}\n{}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let text = agent.get("/metrics").expect("metrics");
+    let metrics = Metrics::parse(&text);
+    let hits = |policy: &str, rule: &str, verdict: &str| {
+        metrics.get(
+            "netpol_rule_hits_total",
+            &[("policy", policy), ("rule", rule), ("verdict", verdict)],
+        )
+    };
+    assert_eq!(hits("x/a-in", "spec.ingress[0]", "allow"), 1.0, "{text}");
+    assert_eq!(hits("x/a-in", "spec.ingress[1]", "allow"), 1.0, "{text}");
+    assert_eq!(hits("x/b-out", "spec.egress[0]", "allow"), 2.0, "{text}");
+    // TCP 82: b's egress admits it not (80-81), b's own isolation denied
+    // it (and its SYN's retries).
+    assert!(hits("x/b-out", "", "deny") >= 1.0, "{text}");
+}

@@ -897,6 +897,8 @@ pub fn scenarios_on(
     let mut staged_found = staged::Found::default();
     // Denied cells whose deny events name what the scenario says.
     let mut attributed = Tally::default();
+    // Sides of allowed cells whose records name rules that take them.
+    let mut attributed_allowed = Tally::default();
     // `explain` against every cell's expected result.
     let mut explained = Tally::default();
     for sc in scenarios {
@@ -931,9 +933,13 @@ pub fn scenarios_on(
                 .filter(|_| stage)
                 .map(|log| (staged::settled_len(&log), log));
             let mut denied_pod_to_pod = BTreeSet::new();
+            let mut allowed_pod_to_pod = BTreeSet::new();
             for (job, got) in run_probes(jobs) {
                 if !got && !job.want && job.via == Via::Pod {
                     denied_pod_to_pod.insert(job.key.clone());
+                }
+                if got && job.want && job.via == Via::Pod {
+                    allowed_pod_to_pod.insert(job.key.clone());
                 }
                 total
                     .entry(job.via)
@@ -947,6 +953,7 @@ pub fn scenarios_on(
                 if let Some((mark, log)) = &denials {
                     staged::settled_len(log);
                     let events = attribution::denied(log, *mark)?;
+                    let records = attribution::allowed(log, *mark)?;
                     for (c, a) in checks.iter().zip(&answers) {
                         if denied_pod_to_pod.contains(&c.query) {
                             attribution::check(
@@ -954,6 +961,16 @@ pub fn scenarios_on(
                                 &objects,
                                 &events,
                                 &mut attributed,
+                                &mut lines,
+                                &c.label,
+                            );
+                        }
+                        if allowed_pod_to_pod.contains(&c.query) {
+                            attribution::check_allowed(
+                                a,
+                                &objects,
+                                &records,
+                                &mut attributed_allowed,
                                 &mut lines,
                                 &c.label,
                             );
@@ -1019,7 +1036,12 @@ pub fn scenarios_on(
              do not",
             attributed.passed, attributed.failed
         );
-        all.failed += attributed.failed;
+        println!(
+            "conformance attribution: the allowed-connection records of {} sides a rule \
+             admitted name rules that take the peer and the port, {} do not",
+            attributed_allowed.passed, attributed_allowed.failed
+        );
+        all.failed += attributed.failed + attributed_allowed.failed;
         ensure!(
             f.enforced.passed + f.explained.passed > 0,
             "--staged: no step of the scenarios changes policy objects only"

@@ -50,11 +50,14 @@ const SETTLE_MAX: Duration = Duration::from_secs(5);
 /// How much later a step whose reports disagree is read again.
 const LATE: Duration = Duration::from_millis(1500);
 
-/// Agent flags for a staged run: every denial logged, as JSON lines to
-/// read the staged reports and the denials from (`attribution`), and a
+/// Agent flags for a staged run: every denial and every allowed new
+/// connection logged, as JSON lines to read the staged reports, the
+/// denials and the allowed-connection records from (`attribution`), and a
 /// rate limit no probe burst reaches.
-pub const AGENT_ARGS: [&str; 7] = [
+pub const AGENT_ARGS: [&str; 9] = [
     "--log-denied",
+    "--record-allowed",
+    "1",
     "--log-format",
     "json",
     "--event-rate",
