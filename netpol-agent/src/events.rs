@@ -28,7 +28,7 @@ use tokio::{
 use crate::{
     compiler::{Compiled, Direction, RuleRef, Stage},
     datapath::{self, events::decode},
-    model::{ObjectRef, PortSpec, Snapshot},
+    model::{ObjectRef, Peer, Pod, PortSpec, Rule, Snapshot},
     status::Metrics,
 };
 
@@ -137,7 +137,25 @@ impl Directory {
                 .map(|r| policy_label(&r.policy))
                 .collect::<BTreeSet<_>>()
         };
+        // The rules that take this peer and port, from the policies
+        // themselves: an entry's rules are those of the entry the trie
+        // matched, which may be a shorter prefix standing for a longer one
+        // the compiler left out as redundant (and then names rules that
+        // do not take the peer, like one whose `except` holds it). Where
+        // none is found, the entry's.
+        let allowing = |entry_rules: &[RuleRef]| -> Vec<RuleRef> {
+            let found = self.allowing(pod, d, staged, peer, protocol, port);
+            if found.is_empty() {
+                entry_rules.to_vec()
+            } else {
+                found
+            }
+        };
         if let Some(decision) = self.compiled.decision_at(keyed, d, peer, protocol, port) {
+            let mut decision = decision.clone();
+            if decision.stage == Stage::NetworkPolicy && decision.allowed {
+                decision.rules = allowing(&decision.rules);
+            }
             let mut named = labels(&decision.rules);
             named.extend(labels(&decision.passed));
             // Denied by NetworkPolicy after the tiers: the policies
@@ -190,22 +208,7 @@ impl Directory {
                 .get(&entry.ruleset)
                 .is_some_and(|rs| rs.allows(protocol, port))
         {
-            // The entry's rules all select the peer; those whose ports
-            // take this one allowed it (a named port is the destination
-            // pod's).
-            let named = match d {
-                Direction::Ingress => Some(pod.clone()),
-                Direction::Egress => self.address(peer).cloned(),
-            };
-            let mut allowing: Vec<RuleRef> = entry
-                .sources
-                .iter()
-                .filter(|r| self.admits_port(r, protocol, port, named.as_ref()))
-                .cloned()
-                .collect();
-            if allowing.is_empty() {
-                allowing = entry.sources.to_vec();
-            }
+            let allowing = allowing(&entry.sources);
             let rules: Vec<String> = names(&allowing);
             return Some(Attribution {
                 text: format!("allowed by {}", rules.join(", ")),
@@ -232,37 +235,99 @@ impl Directory {
         })
     }
 
-    /// Whether the `NetworkPolicy` rule `r` takes `protocol` and `port`
-    /// (a named port resolved on `named`, the destination pod); a rule
-    /// not found (a tier's, or gone) is not filtered out.
-    fn admits_port(&self, r: &RuleRef, protocol: u8, port: u16, named: Option<&ObjectRef>) -> bool {
-        let rule = self
-            .snapshot
-            .policies
-            .get(&r.policy)
-            .and_then(|s| s.in_force.as_ref())
-            .and_then(|p| match r.direction {
-                Direction::Ingress => p.ingress.as_ref(),
-                Direction::Egress => p.egress.as_ref(),
-            })
-            .and_then(|rules| rules.get(r.index));
-        let Some(rule) = rule.filter(|_| r.tier.is_none()) else {
-            return true;
+    /// The rules of the `NetworkPolicies` isolating `pod` in `d` (in the
+    /// enforced or the staged view) that take `peer`, `protocol` and
+    /// `port`.
+    fn allowing(
+        &self,
+        pod: &ObjectRef,
+        d: Direction,
+        staged: bool,
+        peer: IpAddr,
+        protocol: u8,
+        port: u16,
+    ) -> Vec<RuleRef> {
+        // A named port is the destination pod's.
+        let destination = match d {
+            Direction::Ingress => self.snapshot.pods.get(pod),
+            Direction::Egress => self.address(peer).and_then(|id| self.snapshot.pods.get(id)),
         };
-        rule.ports.is_empty()
-            || rule.ports.iter().any(|p| {
-                p.protocol.number() == protocol
-                    && match &p.port {
-                        PortSpec::All => true,
-                        PortSpec::Range { first, last } => (*first..=*last).contains(&port),
-                        PortSpec::Named(name) => {
-                            named
-                                .and_then(|pod| self.snapshot.pods.get(pod))
-                                .and_then(|pod| pod.named_port(name, p.protocol))
-                                == Some(port)
+        let peer_pod = self.address(peer).and_then(|id| self.snapshot.pods.get(id));
+        let mut found = Vec::new();
+        for np in crate::provenance::isolating_policies(&self.snapshot, pod, d, staged) {
+            let rules = match d {
+                Direction::Ingress => np.ingress.as_deref(),
+                Direction::Egress => np.egress.as_deref(),
+            };
+            for (index, rule) in rules.unwrap_or_default().iter().enumerate() {
+                if self.takes(
+                    &np.id.namespace,
+                    rule,
+                    peer,
+                    peer_pod,
+                    protocol,
+                    port,
+                    destination,
+                ) {
+                    found.push(RuleRef {
+                        policy: np.id.clone(),
+                        direction: d,
+                        index,
+                        tier: None,
+                    });
+                }
+            }
+        }
+        found
+    }
+
+    /// Whether `rule`, of a policy in `namespace`, takes `peer` (by its
+    /// blocks and their `except`, or as the pod it is by its selectors),
+    /// `protocol` and `port` (a named port resolved on `destination`).
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "the connection's fields, as the caller has them"
+    )]
+    fn takes(
+        &self,
+        namespace: &str,
+        rule: &Rule,
+        peer: IpAddr,
+        peer_pod: Option<&Pod>,
+        protocol: u8,
+        port: u16,
+        destination: Option<&Pod>,
+    ) -> bool {
+        let takes_peer = rule.peers.is_empty()
+            || rule.peers.iter().any(|p| match p {
+                Peer::IpBlock { cidr, except } => {
+                    cidr.contains(&peer) && !except.iter().any(|e| e.contains(&peer))
+                }
+                Peer::Pods {
+                    pod_selector,
+                    namespace_selector,
+                } => peer_pod.is_some_and(|pod| {
+                    let ns = &pod.id.namespace;
+                    let ns_ok = match namespace_selector {
+                        None => ns == namespace,
+                        Some(sel) => sel.matches(&self.snapshot.namespace_labels(ns)),
+                    };
+                    ns_ok && pod_selector.as_ref().is_none_or(|s| s.matches(&pod.labels))
+                }),
+            });
+        takes_peer
+            && (rule.ports.is_empty()
+                || rule.ports.iter().any(|p| {
+                    p.protocol.number() == protocol
+                        && match &p.port {
+                            PortSpec::All => true,
+                            PortSpec::Range { first, last } => (*first..=*last).contains(&port),
+                            PortSpec::Named(name) => {
+                                destination.and_then(|pod| pod.named_port(name, p.protocol))
+                                    == Some(port)
+                            }
                         }
-                    }
-            })
+                }))
     }
 
     /// The local pod of an endpoint id.

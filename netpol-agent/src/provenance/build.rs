@@ -80,26 +80,37 @@ pub(crate) fn isolating(
     d: Direction,
     staged: bool,
 ) -> Vec<String> {
-    let Some(p) = snap.pods.get(pod) else {
-        return Vec::new();
-    };
+    isolating_policies(snap, pod, d, staged)
+        .map(|np| np.id.to_string())
+        .collect()
+}
+
+/// The `NetworkPolicies` of the enforced (or `staged`) view that select
+/// `pod` and have rules for `d`.
+pub(crate) fn isolating_policies<'s>(
+    snap: &'s Snapshot,
+    pod: &'s ObjectRef,
+    d: Direction,
+    staged: bool,
+) -> impl Iterator<Item = &'s crate::model::NetworkPolicy> {
+    let labels = snap.pods.get(pod).map(|p| &p.labels);
     snap.policies
         .values()
         .filter_map(|slot| slot.in_force.as_ref())
-        .filter(|np| {
+        .filter(move |np| {
             if staged {
                 np.staging.in_staged_view()
             } else {
                 np.staging.enforced()
             }
         })
-        .filter(|np| np.id.namespace == pod.namespace && np.pod_selector.matches(&p.labels))
-        .filter(|np| match d {
+        .filter(move |np| {
+            np.id.namespace == pod.namespace && labels.is_some_and(|l| np.pod_selector.matches(l))
+        })
+        .filter(move |np| match d {
             Direction::Ingress => np.ingress.is_some(),
             Direction::Egress => np.egress.is_some(),
         })
-        .map(|np| np.id.to_string())
-        .collect()
 }
 
 impl State {

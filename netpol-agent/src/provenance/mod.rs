@@ -60,7 +60,7 @@ use crate::{
     model::{ObjectRef, Protocol, Snapshot},
 };
 
-pub(crate) use build::isolating;
+pub(crate) use build::{isolating, isolating_policies};
 pub use writer::Writer;
 
 /// Version of the state file's schema.

@@ -582,12 +582,12 @@ fn allowed_records_name_the_rules_that_admit_each_side_and_count_rule_hits() {
     let expected = [
         want(
             "ingress",
-            SocketAddr::new(a.v4.into(), 80),
+            SocketAddr::new(a.v4, 80),
             "x/a-in: spec.ingress[0]",
         ),
         want(
             "egress",
-            SocketAddr::new(a.v4.into(), 80),
+            SocketAddr::new(a.v4, 80),
             "x/b-out: spec.egress[0]",
         ),
         want(

@@ -898,7 +898,7 @@ pub fn scenarios_on(
     // Denied cells whose deny events name what the scenario says.
     let mut attributed = Tally::default();
     // Sides of allowed cells whose records name rules that take them.
-    let mut attributed_allowed = Tally::default();
+    let mut attributed_allowed = attribution::AllowedTally::default();
     // `explain` against every cell's expected result.
     let mut explained = Tally::default();
     for sc in scenarios {
@@ -1036,12 +1036,22 @@ pub fn scenarios_on(
              do not",
             attributed.passed, attributed.failed
         );
+        let a = &attributed_allowed;
         println!(
             "conformance attribution: the allowed-connection records of {} sides a rule \
-             admitted name rules that take the peer and the port, {} do not",
-            attributed_allowed.passed, attributed_allowed.failed
+             admitted name rules that take the peer and the port, {} do not; {} sides without a \
+             record (a tracked 5-tuple)",
+            a.named.passed, a.named.failed, a.unrecorded
         );
-        all.failed += attributed.failed + attributed_allowed.failed;
+        all.failed += attributed.failed + a.named.failed;
+        // Records that never come are no attribution: at most one side in
+        // a hundred may lack one.
+        ensure!(
+            a.unrecorded * 100 <= a.named.passed + a.named.failed + a.unrecorded,
+            "--staged: {} of {} sides a rule admitted have no allowed-connection record",
+            a.unrecorded,
+            a.named.passed + a.named.failed + a.unrecorded
+        );
         ensure!(
             f.enforced.passed + f.explained.passed > 0,
             "--staged: no step of the scenarios changes policy objects only"
