@@ -379,27 +379,47 @@ fn a_flood_of_denied_packets_gets_the_burst_then_the_rate_and_the_rest_is_counte
     );
 }
 
-/// The binary's `--log-denied`: each denial is a log line naming both
-/// pods and the reason.
-#[test]
-fn log_denied_writes_each_denial_with_both_pods_to_the_agents_log() {
-    use netpol_testkit::process::{AgentProcess, NodeBed};
-    let Some(bed) = NodeBed::routed("deny_events", 2) else {
-        return;
+/// The agent binary on `bed`'s pods x/a and x/b with `policy` (a file
+/// name and its text) and `args`, once it enforces them.
+fn two_pod_agent(
+    bed: &netpol_testkit::process::NodeBed,
+    policy: (&str, &str),
+    args: &[&str],
+) -> (Manifests, netpol_testkit::process::AgentProcess) {
+    let [a, b] = &bed.pods[..] else {
+        panic!("two pods")
     };
-    let (node, bpffs, pods) = (&bed.node, &bed.bpffs, &bed.pods);
-    let [a, b] = &pods[..] else { unreachable!() };
     let m = Manifests::new();
     m.write("00-base.yaml", BASE);
     m.write("a.yaml", &pod_manifest("a", a));
     m.write("b.yaml", &pod_manifest("b", b));
-    m.write("deny-a.yaml", DENY_A);
-    let mut agent = AgentProcess::start(
+    m.write(policy.0, policy.1);
+    let mut agent = netpol_testkit::process::AgentProcess::start(
         AGENT.as_ref(),
-        node,
-        bpffs.path(),
+        &bed.node,
+        bed.bpffs.path(),
         &m,
         "n1",
+        args,
+    );
+    agent.wait_enforced(&m, &[&a.host_if, &b.host_if]);
+    (m, agent)
+}
+
+/// The binary's `--log-denied`: each denial is a log line naming both
+/// pods and the reason.
+#[test]
+fn log_denied_writes_each_denial_with_both_pods_to_the_agents_log() {
+    use netpol_testkit::process::NodeBed;
+    let Some(bed) = NodeBed::routed("deny_events", 2) else {
+        return;
+    };
+    let [a, b] = &bed.pods[..] else {
+        unreachable!()
+    };
+    let (m, mut agent) = two_pod_agent(
+        &bed,
+        ("deny-a.yaml", DENY_A),
         &[
             "--log-denied",
             "--log-format",
@@ -410,7 +430,6 @@ fn log_denied_writes_each_denial_with_both_pods_to_the_agents_log() {
             "5",
         ],
     );
-    agent.wait_enforced(&m, &[&a.host_if, &b.host_if]);
     assert!(!pings(&b.ns, a.v4), "b → a is denied");
     // One JSON object per line: the deny line's fields.
     let denial = || {
@@ -530,29 +549,21 @@ spec:
 /// `netpol_rule_hits_total` (denials count under the isolating policy).
 #[test]
 fn allowed_records_name_the_rules_that_admit_each_side_and_count_rule_hits() {
-    use netpol_testkit::process::{AgentProcess, NodeBed};
+    use netpol_testkit::process::NodeBed;
     let Some(bed) = NodeBed::routed("deny_events", 2) else {
         return;
     };
-    let (node, bpffs, pods) = (&bed.node, &bed.bpffs, &bed.pods);
-    let [a, b] = &pods[..] else { unreachable!() };
+    let [a, b] = &bed.pods[..] else {
+        unreachable!()
+    };
     for port in [80, 81, 82] {
         netpol_testkit::echo::echo(a, port);
     }
-    let m = Manifests::new();
-    m.write("00-base.yaml", BASE);
-    m.write("a.yaml", &pod_manifest("a", a));
-    m.write("b.yaml", &pod_manifest("b", b));
-    m.write("rules.yaml", ALLOWED_RULES);
-    let mut agent = AgentProcess::start(
-        AGENT.as_ref(),
-        node,
-        bpffs.path(),
-        &m,
-        "n1",
+    let (_m, agent) = two_pod_agent(
+        &bed,
+        ("rules.yaml", ALLOWED_RULES),
         &["--log-format", "json", "--record-allowed", "1"],
     );
-    agent.wait_enforced(&m, &[&a.host_if, &b.host_if]);
     let wait = Duration::from_secs(2);
     let a_v6 = a.v6.expect("a's IPv6 address");
     for (to, port) in [(a.v4.to_string(), 80), (a_v6.to_string(), 81)] {

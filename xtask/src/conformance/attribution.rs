@@ -43,23 +43,13 @@ pub struct Denied {
 pub fn denied(log: &Path, from: u64) -> Result<Vec<Denied>> {
     Ok(log_lines(log, from, "netpol::denied")?
         .into_iter()
-        .map(|(f, src, dst)| {
-            let list = |k: &str| -> Vec<String> {
-                f[k].as_str()
-                    .unwrap_or_default()
-                    .split(';')
-                    .filter(|s| !s.is_empty())
-                    .map(str::to_owned)
-                    .collect()
-            };
-            Denied {
-                src: src.ip(),
-                dst,
-                protocol: f["protocol"].as_str().unwrap_or_default().to_lowercase(),
-                direction: f["direction"].as_str().unwrap_or_default().to_owned(),
-                policies: list("policies").into_iter().collect(),
-                rules: list("rules"),
-            }
+        .map(|(f, src, dst)| Denied {
+            src: src.ip(),
+            dst,
+            protocol: f["protocol"].as_str().unwrap_or_default().to_lowercase(),
+            direction: f["direction"].as_str().unwrap_or_default().to_owned(),
+            policies: list(&f, "policies").into_iter().collect(),
+            rules: list(&f, "rules"),
         })
         .collect())
 }
@@ -138,6 +128,29 @@ pub fn isolating(
         .collect()
 }
 
+/// The connection an `explain` answer is about: source and destination
+/// address, port, protocol (lowercase).
+fn connection(answer: &serde_json::Value) -> Option<(IpAddr, IpAddr, u16, String)> {
+    let address = |party: &str| answer[party]["address"].as_str()?.parse::<IpAddr>().ok();
+    Some((
+        address("src")?,
+        address("dst")?,
+        u16::try_from(answer["port"].as_u64()?).ok()?,
+        answer["protocol"].as_str()?.to_lowercase(),
+    ))
+}
+
+/// A `;`-separated list field of a log line.
+fn list(fields: &serde_json::Value, key: &str) -> Vec<String> {
+    fields[key]
+        .as_str()
+        .unwrap_or_default()
+        .split(';')
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
 /// Checks the denials of one denied cell: `answer` is its `explain`
 /// answer, `objects` the scenario's state. `None`: not a cell this
 /// checks (not dropped by policy on this node).
@@ -156,21 +169,9 @@ pub fn check(
         return;
     };
     let j = &answer[d];
-    let (Some(src), Some(dst), Some(port)) = (
-        answer["src"]["address"]
-            .as_str()
-            .and_then(|a| a.parse::<IpAddr>().ok()),
-        answer["dst"]["address"]
-            .as_str()
-            .and_then(|a| a.parse::<IpAddr>().ok()),
-        answer["port"].as_u64().and_then(|p| u16::try_from(p).ok()),
-    ) else {
+    let Some((src, dst, port, protocol)) = connection(answer) else {
         return;
     };
-    let protocol = answer["protocol"]
-        .as_str()
-        .unwrap_or_default()
-        .to_lowercase();
     let pod = j["of"].as_str().unwrap_or_default();
     let seen: Vec<&Denied> = events
         .iter()
@@ -225,13 +226,7 @@ pub fn allowed(log: &Path, from: u64) -> Result<Vec<Allowed>> {
             dst,
             protocol: f["protocol"].as_str().unwrap_or_default().to_lowercase(),
             direction: f["direction"].as_str().unwrap_or_default().to_owned(),
-            rules: f["rules"]
-                .as_str()
-                .unwrap_or_default()
-                .split(';')
-                .filter(|s| !s.is_empty())
-                .map(str::to_owned)
-                .collect(),
+            rules: list(&f, "rules"),
         })
         .collect())
 }
@@ -429,21 +424,9 @@ pub fn check_allowed(
     lines: &mut Vec<String>,
     label: &str,
 ) {
-    let (Some(src), Some(dst), Some(port)) = (
-        answer["src"]["address"]
-            .as_str()
-            .and_then(|a| a.parse::<IpAddr>().ok()),
-        answer["dst"]["address"]
-            .as_str()
-            .and_then(|a| a.parse::<IpAddr>().ok()),
-        answer["port"].as_u64().and_then(|p| u16::try_from(p).ok()),
-    ) else {
+    let Some((src, dst, port, protocol)) = connection(answer) else {
         return;
     };
-    let protocol = answer["protocol"]
-        .as_str()
-        .unwrap_or_default()
-        .to_lowercase();
     let src_pod = answer["src"]["pod"].as_str();
     let dst_pod = answer["dst"]["pod"].as_str();
     for d in ["egress", "ingress"] {
