@@ -229,6 +229,24 @@ fn receiver_policy(from: &str) -> Value {
     })
 }
 
+/// A second `NetworkPolicy` for r admitting the pods labelled `s-denied`
+/// on UDP `PORT`, `staged` (annotated `netpol.io/staged: "true"`) or
+/// enforced.
+fn receiver_staged_grant(staged: bool) -> Value {
+    let annotations = if staged {
+        json!({"netpol.io/staged": "true"})
+    } else {
+        json!({})
+    };
+    json!({
+        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": {"name": "r-from-s", "namespace": "bench", "annotations": annotations},
+        "spec": {"podSelector": {"matchLabels": {"app": "r"}}, "policyTypes": ["Ingress"],
+                 "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "s-denied"}}}],
+                              "ports": [{"port": PORT, "protocol": "UDP"}]}]}
+    })
+}
+
 /// Admin, for r's ingress: `action` on UDP `PORT` from the pods labelled
 /// `s-denied` (which r's `NetworkPolicy` does not allow).
 fn receiver_guard(action: &str) -> Value {
@@ -638,6 +656,25 @@ fn changes() -> (Vec<Change>, Value) {
         s.v4,
         &|| api.fake.apply(receiver_guard("Accept")),
         &|| api.fake.apply(receiver_guard("Deny")),
+    );
+    // Without the guard, s (s-denied) is shut out by r's NetworkPolicy;
+    // a second one admitting it waits staged: removing the annotation
+    // promotes it (the grant), putting it back stages it again (the
+    // revocation).
+    api.fake.delete("ClusterNetworkPolicy", "", "r-guard");
+    api.fake.apply(receiver_staged_grant(true));
+    std::thread::sleep(Duration::from_millis(300));
+    arrivals.clear();
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        arrivals.last_from(s.v4).is_none(),
+        "datagrams from s got through a staged policy"
+    );
+    run(
+        "a staged policy promoted, then staged again",
+        s.v4,
+        &|| api.fake.apply(receiver_staged_grant(false)),
+        &|| api.fake.apply(receiver_staged_grant(true)),
     );
     stop.store(true, Ordering::Relaxed);
     let summary = json!({"pods": size.pods, "policies": size.policies,
