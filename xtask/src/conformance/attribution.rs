@@ -28,9 +28,10 @@ use super::{
     staged::log_lines,
 };
 
-/// One `netpol::denied` log line.
+/// One `netpol::denied` or `netpol::allowed` log line: the connection,
+/// the side, and what it names.
 #[derive(Debug)]
-pub struct Denied {
+pub struct Logged {
     src: IpAddr,
     dst: SocketAddr,
     protocol: String,
@@ -39,11 +40,16 @@ pub struct Denied {
     rules: Vec<String>,
 }
 
-/// The denials logged from byte `from` on.
-pub fn denied(log: &Path, from: u64) -> Result<Vec<Denied>> {
-    Ok(log_lines(log, from, "netpol::denied")?
+/// A deny event's line.
+pub type Denied = Logged;
+/// An allowed-connection record's line.
+pub type Allowed = Logged;
+
+/// The lines of `target` logged from byte `from` on.
+fn logged(log: &Path, from: u64, target: &str) -> Result<Vec<Logged>> {
+    Ok(log_lines(log, from, target)?
         .into_iter()
-        .map(|(f, src, dst)| Denied {
+        .map(|(f, src, dst)| Logged {
             src: src.ip(),
             dst,
             protocol: f["protocol"].as_str().unwrap_or_default().to_lowercase(),
@@ -52,6 +58,16 @@ pub fn denied(log: &Path, from: u64) -> Result<Vec<Denied>> {
             rules: list(&f, "rules"),
         })
         .collect())
+}
+
+/// The denials logged from byte `from` on.
+pub fn denied(log: &Path, from: u64) -> Result<Vec<Denied>> {
+    logged(log, from, "netpol::denied")
+}
+
+/// The allowed-connection records logged from byte `from` on.
+pub fn allowed(log: &Path, from: u64) -> Result<Vec<Allowed>> {
+    logged(log, from, "netpol::allowed")
 }
 
 /// Whether `selector` (a LabelSelector) selects `labels`.
@@ -205,30 +221,6 @@ pub fn check(
             }
         )
     });
-}
-
-/// One `netpol::allowed` log line (an allowed-connection record).
-#[derive(Debug)]
-pub struct Allowed {
-    src: IpAddr,
-    dst: SocketAddr,
-    protocol: String,
-    direction: String,
-    rules: Vec<String>,
-}
-
-/// The allowed-connection records logged from byte `from` on.
-pub fn allowed(log: &Path, from: u64) -> Result<Vec<Allowed>> {
-    Ok(log_lines(log, from, "netpol::allowed")?
-        .into_iter()
-        .map(|(f, src, dst)| Allowed {
-            src: src.ip(),
-            dst,
-            protocol: f["protocol"].as_str().unwrap_or_default().to_lowercase(),
-            direction: f["direction"].as_str().unwrap_or_default().to_owned(),
-            rules: list(&f, "rules"),
-        })
-        .collect())
 }
 
 /// Whether `ip` is in `cidr` (`a.b.c.d/n` or IPv6).
