@@ -929,6 +929,53 @@ spec:
         Denial::resolve(&e, dir)
     }
 
+    /// An allowed-connection record (or a NetworkPolicy allow) names the
+    /// rules that take the peer and the port, found from the policies: x/a
+    /// admits y/b by `x/wide`'s second rule (y's pods) but not its first
+    /// (y/b's address is its block's `except`); the compiler leaves y/b's
+    /// host prefix out (its rule set equals the block's), so the entry the
+    /// trie matches is the block's, which names only the first rule.
+    #[test]
+    fn an_allowed_record_names_the_rules_that_take_the_peer_not_the_entrys() {
+        const WIDE: &str = r"
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: wide, namespace: x}
+spec:
+  podSelector: {}
+  ingress:
+  - from: [{ipBlock: {cidr: 10.2.0.0/16, except: [10.2.0.2/32]}}]
+  - from: [{namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: y}}}]
+";
+        let (dir, id) = directory_of(&format!("{TIERED}{WIDE}"));
+        let allowed = |port: u16| {
+            let mut e = event(
+                direction::INGRESS,
+                family::IPV4,
+                v4([10, 2, 0, 2]),
+                v4([10, 1, 0, 2]),
+            );
+            e.endpoint = id;
+            e.reason = reason::PASS_POLICY;
+            e.protocol = netpol_common::protocol::TCP;
+            e.dport = port;
+            Denial::resolve(&e, &dir).decided.expect("attributed")
+        };
+        let d = allowed(80);
+        assert_eq!(d.rules, ["x/wide: spec.ingress[1]"], "{}", d.text);
+        assert_eq!(d.text, "allowed by x/wide: spec.ingress[1]");
+        assert_eq!(
+            d.hits,
+            [("x/wide".to_owned(), "spec.ingress[1]".to_owned())]
+        );
+        // TCP 8080: x/np's rule takes it too.
+        assert_eq!(
+            allowed(8080).rules,
+            ["x/np: spec.ingress[0]", "x/wide: spec.ingress[1]"]
+        );
+    }
+
     /// The directory of `yaml`'s compile and `x/a`'s endpoint id.
     fn directory_of(yaml: &str) -> (Directory, u32) {
         let snap = crate::test_support::snapshot(yaml);
