@@ -929,7 +929,7 @@ spec:
         Denial::resolve(&e, dir)
     }
 
-    /// An allowed-connection record (or a NetworkPolicy allow) names the
+    /// An allowed-connection record (or a `NetworkPolicy` allow) names the
     /// rules that take the peer and the port, found from the policies: x/a
     /// admits y/b by `x/wide`'s second rule (y's pods) but not its first
     /// (y/b's address is its block's `except`); the compiler leaves y/b's
