@@ -256,15 +256,11 @@ impl Metrics {
         let Ok(mut h) = self.datapath.rule_hits.lock() else {
             return;
         };
-        let gone: Vec<_> = h
-            .keys()
-            .filter(|(p, _, _)| !p.is_empty() && !keep(p))
-            .cloned()
-            .collect();
-        for key in gone {
-            let n = h.remove(&key).unwrap_or_default();
-            *h.entry((String::new(), String::new(), key.2)).or_default() += n;
-        }
+        fold_into_unnamed(
+            &mut h,
+            |(p, _, _)| !p.is_empty() && !keep(p),
+            |key| (String::new(), String::new(), key.2),
+        );
     }
 
     /// Keeps `staged_reports_total` series only for policies `keep` says
@@ -273,15 +269,11 @@ impl Metrics {
         let Ok(mut s) = self.datapath.staged.lock() else {
             return;
         };
-        let gone: Vec<_> = s
-            .keys()
-            .filter(|(p, _)| !p.is_empty() && !keep(p))
-            .cloned()
-            .collect();
-        for key in gone {
-            let n = s.remove(&key).unwrap_or_default();
-            *s.entry((String::new(), key.1)).or_default() += n;
-        }
+        fold_into_unnamed(
+            &mut s,
+            |(p, _)| !p.is_empty() && !keep(p),
+            |key| (String::new(), key.1),
+        );
     }
 
     /// Keeps `denied_total` series only for pods `keep` says are local;
@@ -291,17 +283,11 @@ impl Metrics {
         let Ok(mut d) = self.datapath.denied.lock() else {
             return;
         };
-        let gone: Vec<_> = d
-            .keys()
-            .filter(|(ns, name, _)| {
-                !name.is_empty() && !keep(&ObjectRef::new(ns.clone(), name.clone()))
-            })
-            .cloned()
-            .collect();
-        for key in gone {
-            let n = d.remove(&key).unwrap_or_default();
-            *d.entry((String::new(), String::new(), key.2)).or_default() += n;
-        }
+        fold_into_unnamed(
+            &mut d,
+            |(ns, name, _)| !name.is_empty() && !keep(&ObjectRef::new(ns.clone(), name.clone())),
+            |key| (String::new(), String::new(), key.2),
+        );
     }
 
     /// Counts `n` watch events of `kind`.
@@ -521,6 +507,20 @@ impl Metrics {
 /// Deny counts by (namespace, pod, direction); `("", "")`: pods that are
 /// not (or no longer) local, and drops no endpoint is known for.
 type DeniedCounts = BTreeMap<(String, String, &'static str), u64>;
+
+/// Moves the counts of the series `gone` picks onto their `unnamed`
+/// series, so that label sets stay bounded and every sum stays monotonic.
+fn fold_into_unnamed<K: Ord + Clone>(
+    counts: &mut BTreeMap<K, u64>,
+    gone: impl Fn(&K) -> bool,
+    unnamed: impl Fn(&K) -> K,
+) {
+    let keys: Vec<K> = counts.keys().filter(|k| gone(k)).cloned().collect();
+    for key in keys {
+        let n = counts.remove(&key).unwrap_or_default();
+        *counts.entry(unnamed(&key)).or_default() += n;
+    }
+}
 
 /// Most `rule_hits_total` series kept (policy, rule, verdict); later
 /// ones count under the unnamed series.
