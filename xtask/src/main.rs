@@ -120,6 +120,10 @@ enum Cmd {
         /// Which kernel: 5.10, 6.1, 6.12 or all.
         #[arg(long, default_value = "all")]
         kernel: String,
+        /// Only the tests whose names contain this (libtest's filter; a
+        /// quick loop on one kernel's verifier, say).
+        #[arg(long)]
+        only: Option<String>,
     },
     /// A k3s-like cluster on this machine (as root): node namespaces on an
     /// underlay, flannel's VXLAN between them, the test API server over
@@ -223,7 +227,7 @@ fn main() -> Result<()> {
                 .env("NETPOL_CNI_CHURN", pods.to_string())
                 .env("NETPOL_EBPF_OBJECT", &object))
         }
-        Cmd::VmTest { kernel } => vm::test(&vm::select(&kernel)?),
+        Cmd::VmTest { kernel, only } => vm::test(&vm::select(&kernel)?, only.as_deref()),
         Cmd::Conformance {
             scenarios,
             filter,
@@ -533,7 +537,7 @@ fn test(no_lint: bool, args: &[String]) -> Result<()> {
     );
     let series = vm::select("all")?;
     let (vm_result, conformance) = std::thread::scope(|s| {
-        let vm = s.spawn(|| vm::boot_all(&series, &object, &suites));
+        let vm = s.spawn(|| vm::boot_all(&series, &object, &suites, None));
         let conformance = conformance_both(&object);
         let vm_result = vm
             .join()

@@ -121,7 +121,7 @@ pub fn select(name: &str) -> Result<Vec<Series>> {
 }
 
 /// Builds, boots and reports; fails when any kernel fails.
-pub fn test(series: &[Series]) -> Result<()> {
+pub fn test(series: &[Series], only: Option<&str>) -> Result<()> {
     ensure!(
         crate::netpol_is_root(),
         "vm-test fetches kernels with apt-get (private state, but apt wants root): run it as root"
@@ -129,7 +129,7 @@ pub fn test(series: &[Series]) -> Result<()> {
     crate::bootstrap::vm_tools()?;
     let object = crate::build_ebpf()?;
     let suites = build_suites(&vm_dir(), &object)?;
-    boot_all(series, &object, &suites)
+    boot_all(series, &object, &suites, only)
 }
 
 /// The suites as built now, for [`boot_all`]; the caller built the object
@@ -140,14 +140,20 @@ pub fn suites(object: &Path) -> Result<Vec<(String, PathBuf)>> {
 
 /// Fetches the kernels, boots each with `suites` and reports; fails when
 /// any kernel fails. Builds nothing: it can run beside other work.
-pub fn boot_all(series: &[Series], object: &Path, suites: &[(String, PathBuf)]) -> Result<()> {
+/// `only`: run just the tests whose names contain it.
+pub fn boot_all(
+    series: &[Series],
+    object: &Path,
+    suites: &[(String, PathBuf)],
+    only: Option<&str>,
+) -> Result<()> {
     let started = Instant::now();
     let dir = vm_dir();
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let kernels = kernel::get(&dir, series)?;
     let busybox = static_busybox()?;
     let cpio = dir.join("initramfs.cpio");
-    initramfs::build(&cpio, &busybox, object, suites, SKIP, &kernels)?;
+    initramfs::build(&cpio, &busybox, object, suites, SKIP, only, &kernels)?;
     let at_once = guests_at_once(kernels.len());
     println!(
         "vm-test: booting {} (qemu TCG, {GUEST_CPUS} vCPU each, {at_once} at a time)",

@@ -34,15 +34,26 @@ const HOST_TOOLS: &[&str] = &[
 ];
 
 /// Writes the archive for `kernels` running `suites` (name, binary)
-/// without the tests `skip` names (libtest `--skip` filters).
+/// without the tests `skip` names (libtest `--skip` filters), or only
+/// those whose names contain `only`.
 pub fn build(
     dest: &Path,
     busybox: &Path,
     object: &Path,
     suites: &[(String, PathBuf)],
     skip: &[&str],
+    only: Option<&str>,
     kernels: &[Kernel],
 ) -> Result<()> {
+    // The filter goes into the guest's shell script as one word.
+    if let Some(f) = only {
+        ensure!(
+            !f.is_empty()
+                && f.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
+            "--only {f:?}: a test name's letters, digits, '_' and ':' only"
+        );
+    }
     let file = File::create(dest).with_context(|| format!("creating {}", dest.display()))?;
     let mut cpio = Cpio::new(BufWriter::new(file));
     for dir in [
@@ -84,7 +95,7 @@ pub fn build(
             cpio.file(&format!("/modules/{}/{name}.ko", k.release), path, 0o644)?;
         }
     }
-    cpio.data("/init", init_script(skip).as_bytes(), 0o755)?;
+    cpio.data("/init", init_script(skip, only).as_bytes(), 0o755)?;
     cpio.finish()
 }
 
@@ -103,9 +114,12 @@ pub const THREADS_PARAM: &str = "NETPOL_TEST_THREADS";
 /// `NETPOL_VM_GUEST=1` tells a test it runs in the emulated guest, where
 /// the host's load can starve it. `skip` are libtest `--skip` filters
 /// for every suite.
-fn init_script(skip: &[&str]) -> String {
+fn init_script(skip: &[&str], only: Option<&str>) -> String {
     let modules = MODULES.join(" ");
-    let skip: String = skip.iter().map(|s| format!(" --skip {s}")).collect();
+    let mut skip: String = skip.iter().map(|s| format!(" --skip {s}")).collect();
+    if let Some(f) = only {
+        skip.push_str(&format!(" {f}"));
+    }
     format!(
         r#"#!/bin/busybox sh
 /bin/busybox --install -s /bin
