@@ -44,6 +44,7 @@ mod counters;
 mod endpoint;
 mod fragment;
 mod policy;
+pub mod scratch;
 mod service;
 #[cfg(feature = "user")]
 mod user;
@@ -60,6 +61,7 @@ pub use policy::{
     PORT_KEY_PROTOCOL_BITS, PolicyKeyV4, PolicyKeyV6, PolicyValue, PortKey, PortValue,
     SELECTOR_BITS, STAGED_ENDPOINT_BIT, policy_selector, staged_endpoint,
 };
+pub use scratch::PacketScratch;
 pub use service::{FrontendKeyV4, FrontendKeyV6, FrontendValue, frontend_kind};
 
 /// Version of the layout of every pinned map. Bumped whenever a key or value

@@ -12,6 +12,10 @@ pub const ENDPOINT_EPOCH: &str = "NETPOL_EP_EPOCH";
 /// CPU's copies of [`ENDPOINTS`] entries, written by the programs only.
 /// Not pinned: every load starts with an empty one.
 pub const ENDPOINT_CACHE: &str = "NETPOL_EP_CACHE";
+/// Per-CPU array of [`crate::scratch::SLOTS`] [`crate::PacketScratch`]:
+/// the packet each CPU's program is judging, written and read by the
+/// programs only. Not pinned.
+pub const PACKET: &str = "NETPOL_PACKET";
 /// LPM trie `Key<`[`crate::PolicyKeyV4`]`>` → [`crate::PolicyValue`].
 pub const POLICY_V4: &str = "NETPOL_POLICY_V4";
 /// LPM trie `Key<`[`crate::PolicyKeyV6`]`>` → [`crate::PolicyValue`].

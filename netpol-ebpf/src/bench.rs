@@ -15,8 +15,10 @@ pub fn bench_ok(_ctx: TcContext) -> i32 {
 /// Parses like the real programs and does one hash-map lookup.
 #[classifier]
 pub fn bench_lookup(ctx: TcContext) -> i32 {
-    let mut pkt = crate::packet::Packet::default();
-    let parsed = parse::packet(&ctx, &mut pkt);
+    let Some(pkt) = crate::packet::fresh(netpol_common::scratch::SLOT_TC) else {
+        return TC_ACT_OK;
+    };
+    let parsed = parse::packet(&ctx, pkt);
     // The table itself: `endpoint::lookup` would read the per-CPU copy.
     let found = endpoint::from_table(ctx::ifindex(&ctx)).is_some();
     // Use both results so that neither is optimised away.

@@ -30,26 +30,19 @@ use aya_ebpf::{
 };
 use netpol_common::direction;
 
-use crate::{
-    packet::Packet,
-    pipeline::{decide, host, leave},
-};
+use crate::pipeline::{host, leave, pod};
 
 /// The pod's egress.
 #[classifier]
 pub fn from_pod(ctx: TcContext) -> i32 {
-    let mut pkt = Packet::default();
-    let v = decide(&ctx, direction::EGRESS, &mut pkt);
-    verdict::to_tc_action(&ctx, &v, &pkt)
+    pod(&ctx, direction::EGRESS)
 }
 
 /// The pod's ingress (and the egress of a Service packet's source, when
 /// this pod is the backend kube-proxy chose).
 #[classifier]
 pub fn to_pod(ctx: TcContext) -> i32 {
-    let mut pkt = Packet::default();
-    let v = decide(&ctx, direction::INGRESS, &mut pkt);
-    verdict::to_tc_action(&ctx, &v, &pkt)
+    pod(&ctx, direction::INGRESS)
 }
 
 /// TC egress of the node's other devices: a Service packet leaving for a

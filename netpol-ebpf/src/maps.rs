@@ -8,8 +8,8 @@ use aya_ebpf::{
 use netpol_common::{
     COUNTER_ENTRIES, CtKey, CtValue, DenyEvent, ENDPOINT_CACHE_SLOTS, EndpointCacheEntry,
     EndpointInfo, EventBucket, FragKey, FragValue, FrontendKeyV4, FrontendKeyV6, FrontendValue,
-    GlobalConfig, PolicyKeyV4, PolicyKeyV6, PolicyValue, PortKey, PortValue, TrafficCounter,
-    events, mark,
+    GlobalConfig, PacketScratch, PolicyKeyV4, PolicyKeyV6, PolicyValue, PortKey, PortValue,
+    TrafficCounter, events, mark,
 };
 
 /// Packets and bytes by direction, family and reason (`counter_index`).
@@ -29,6 +29,11 @@ pub static NETPOL_EP_EPOCH: Array<u64, 1> = Array::new();
 /// Each CPU's copies of `NETPOL_ENDPOINTS` entries, by interface index.
 #[btf_map]
 pub static NETPOL_EP_CACHE: PerCpuArray<EndpointCacheEntry, { ENDPOINT_CACHE_SLOTS as usize }> =
+    PerCpuArray::new();
+
+/// The packet each CPU's program is judging (`netpol_common::scratch`).
+#[btf_map]
+pub static NETPOL_PACKET: PerCpuArray<PacketScratch, { netpol_common::scratch::SLOTS as usize }> =
     PerCpuArray::new();
 
 /// (endpoint·direction, IPv4 peer prefix) → rule set.

@@ -39,6 +39,33 @@ pub enum Parsed {
     Bad(ParseError),
 }
 
+impl Parsed {
+    /// One byte for [`crate::pipeline::netpol_steps`]'s arguments.
+    #[inline(always)]
+    pub const fn code(self) -> u8 {
+        match self {
+            Self::NonIp => 0,
+            Self::Ip => 1,
+            Self::Bad(ParseError::Truncated) => 2,
+            Self::Bad(ParseError::Malformed) => 3,
+            Self::Bad(ParseError::FragmentShort) => 4,
+        }
+    }
+
+    /// The outcome [`Parsed::code`] gave `c` of an IP packet (the steps
+    /// never see another); any other code is a malformed packet (fails
+    /// closed where policy applies).
+    #[inline(always)]
+    pub const fn from_code(c: u8) -> Self {
+        match c {
+            1 => Self::Ip,
+            2 => Self::Bad(ParseError::Truncated),
+            4 => Self::Bad(ParseError::FragmentShort),
+            _ => Self::Bad(ParseError::Malformed),
+        }
+    }
+}
+
 #[inline(always)]
 fn be16(b: [u8; 2]) -> u16 {
     u16::from_be_bytes(b)

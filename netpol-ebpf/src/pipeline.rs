@@ -1,34 +1,58 @@
 //! What every program does with a packet, top to bottom: parse →
 //! endpoint → conntrack → policy → verdict. `main.rs` holds the entry
 //! points; each step's logic lives in its own module.
-use aya_ebpf::programs::TcContext;
+//!
+//! The steps after parsing (fragments, conntrack, policy) run as one
+//! global BPF function, [`netpol_steps`], which the verifier checks once
+//! per program with nothing known of the packet, rather than once more for
+//! every distinct state the parser and the Service-source step leave (on
+//! 6.1 the programs used up to 73% of the verifier's limit that way).
+use aya_ebpf::{
+    bindings::{__sk_buff, TC_ACT_OK, TC_ACT_SHOT},
+    programs::TcContext,
+};
 use netpol_common::{
-    EndpointInfo, GlobalConfig, direction, endpoint_flags, family, protocol, reason,
+    EndpointInfo, GlobalConfig, direction, endpoint_flags, family, protocol, reason, scratch,
 };
 
 use crate::{
     config, conntrack, ctx, endpoint, fragment,
-    packet::{FRAG_FIRST, FRAG_LATER, Packet, ParseError},
+    packet::{self, FRAG_FIRST, FRAG_LATER, Packet, ParseError},
     parse::{self, Parsed},
     policy, service,
     service::MarkBits,
     verdict::{self, Verdict},
 };
 
+/// `from_pod` and `to_pod`: the pod's packet in `dir`.
+#[inline(always)]
+pub fn pod(ctx: &TcContext, dir: u32) -> i32 {
+    let Some(p) = packet::fresh(scratch::SLOT_TC) else {
+        return TC_ACT_SHOT;
+    };
+    let parsed = parse::packet(ctx, p);
+    let pkt = &*p;
+    let v = decide(ctx, dir, parsed, pkt);
+    verdict::to_tc_action(ctx, &v, pkt)
+}
+
 #[inline(always)]
 pub fn leave(ctx: &TcContext, l3: bool) -> i32 {
     let bits = MarkBits::current();
     let slot = service::marked_slot(ctx, bits);
     if slot == 0 {
-        return aya_ebpf::bindings::TC_ACT_OK;
+        return TC_ACT_OK;
     }
     service::clear(ctx, bits);
-    let mut pkt = Packet::default();
-    let parsed = if l3 {
-        parse::packet_l3(ctx, &mut pkt)
-    } else {
-        parse::packet(ctx, &mut pkt)
+    let Some(p) = packet::fresh(scratch::SLOT_TC) else {
+        return TC_ACT_SHOT;
     };
+    let parsed = if l3 {
+        parse::packet_l3(ctx, p)
+    } else {
+        parse::packet(ctx, p)
+    };
+    let pkt = &*p;
     let source = service::source(slot);
     let id = match &source {
         Some((_, src)) => src.id,
@@ -39,13 +63,13 @@ pub fn leave(ctx: &TcContext, l3: bool) -> i32 {
         // is not passed unjudged.
         (Parsed::NonIp, _) => reason::DROP_PARSE,
         (_, None) => reason::DROP_MARK_STALE,
-        (_, Some((_, src))) => steps(ctx, src, direction::EGRESS, parsed, &pkt),
+        (_, Some((_, src))) => steps(ctx, src, direction::EGRESS, parsed, scratch::SLOT_TC),
     };
     let mut v = Verdict::new(direction::EGRESS, pkt.family, r, id);
     if let Some((_, src)) = &source {
         v = v.staged_for(src);
     }
-    verdict::to_tc_action(ctx, &v, &pkt)
+    verdict::to_tc_action(ctx, &v, pkt)
 }
 
 /// The verdict at the node's own sockets (`to_host`, a cgroup-skb hook:
@@ -57,22 +81,25 @@ pub fn host(ctx: &TcContext) -> i32 {
     if slot == 0 {
         return 1;
     }
-    let mut pkt = Packet::default();
-    let parsed = parse::packet_l3(ctx, &mut pkt);
+    let Some(p) = packet::fresh(scratch::SLOT_HOST) else {
+        return 0;
+    };
+    let parsed = parse::packet_l3(ctx, p);
+    let pkt = &*p;
     // Programs of every agent on the host run at the root cgroup: judge
     // only packets that one of this agent's pods sent from its interface.
     let Some((ifindex, src)) = service::source(slot) else {
         return 1;
     };
-    if ctx::ingress_ifindex(ctx) != ifindex || !endpoint::sent_by(&src, &pkt) {
+    if ctx::ingress_ifindex(ctx) != ifindex || !endpoint::sent_by(&src, pkt) {
         return 1;
     }
     let r = match parsed {
         Parsed::NonIp => reason::DROP_PARSE,
-        _ => steps(ctx, &src, direction::EGRESS, parsed, &pkt),
+        _ => steps(ctx, &src, direction::EGRESS, parsed, scratch::SLOT_HOST),
     };
     let v = Verdict::new(direction::EGRESS, pkt.family, r, src.id).staged_for(&src);
-    i32::from(verdict::to_tc_action(ctx, &v, &pkt) == aya_ebpf::bindings::TC_ACT_OK)
+    i32::from(verdict::to_tc_action(ctx, &v, pkt) == TC_ACT_OK)
 }
 
 /// Neighbour discovery, router messages and MLD: a pod without them loses
@@ -88,12 +115,9 @@ const fn enforced(ep: &EndpointInfo, dir: u32) -> bool {
     !ep.programmed() || ep.isolated(dir)
 }
 
-/// The verdict on the packet in `pkt` (parsed here; the caller keeps it
-/// for the verdict's event).
+/// The verdict on the pod's packet `pkt` (parsed into the TC slot).
 #[inline(always)]
-pub fn decide(ctx: &TcContext, dir: u32, pkt: &mut Packet) -> Verdict {
-    let parsed = parse::packet(ctx, pkt);
-    let pkt = &*pkt;
+fn decide(ctx: &TcContext, dir: u32, parsed: Parsed, pkt: &Packet) -> Verdict {
     if let Parsed::NonIp = parsed {
         return Verdict::new(dir, family::OTHER, reason::PASS_NON_IP, 0);
     }
@@ -116,7 +140,7 @@ pub fn decide(ctx: &TcContext, dir: u32, pkt: &mut Packet) -> Verdict {
                     return Verdict::new(dir, fam, hairpin(ctx, &ep, pkt), ep.id);
                 }
                 Some((_, src)) => {
-                    let r = steps(ctx, &src, direction::EGRESS, parsed, pkt);
+                    let r = steps(ctx, &src, direction::EGRESS, parsed, scratch::SLOT_TC);
                     let v = Verdict::new(direction::EGRESS, fam, r, src.id).staged_for(&src);
                     if reason::is_drop(v.reason) {
                         return v;
@@ -135,13 +159,69 @@ pub fn decide(ctx: &TcContext, dir: u32, pkt: &mut Packet) -> Verdict {
     {
         return Verdict::new(dir, fam, reason::DROP_SPOOFED, ep.id);
     }
-    Verdict::new(dir, fam, steps(ctx, &ep, dir, parsed, pkt), ep.id).staged_for(&ep)
+    let r = steps(ctx, &ep, dir, parsed, scratch::SLOT_TC);
+    Verdict::new(dir, fam, r, ep.id).staged_for(&ep)
+}
+
+/// The endpoint's verdict on the IP packet in scratch `slot`, in `dir`:
+/// [`netpol_steps`], its arguments packed.
+#[inline(always)]
+fn steps(ctx: &TcContext, ep: &EndpointInfo, dir: u32, parsed: Parsed, slot: u32) -> u32 {
+    netpol_steps(
+        ctx.skb.skb,
+        u64::from(ep.id) | u64::from(ep.flags) << 32,
+        u64::from(ep.ingress_gen) | u64::from(ep.egress_gen) << 32,
+        u64::from(ep.slot)
+            | u64::from(dir as u8) << 32
+            | u64::from(parsed.code()) << 40
+            | u64::from(slot as u8) << 48,
+    )
+}
+
+/// The steps after parsing, verified once per program: the endpoint's id
+/// and flags, its generations, then its mark slot, the direction, the
+/// parse outcome ([`Parsed::code`]) and the scratch slot holding the
+/// packet, packed by [`steps`] (kernels before 5.12 give a global
+/// function scalars only; the addresses it does not need). Returns a
+/// step's result (a reason, perhaps with [`verdict::JUDGED`]).
+/// `no_mangle` and `extern "C"`, as `events::netpol_deny_event`.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn netpol_steps(
+    skb: *mut __sk_buff,
+    id_flags: u64,
+    generations: u64,
+    rest: u64,
+) -> u32 {
+    let ctx = TcContext::new(skb);
+    let ep = EndpointInfo {
+        id: id_flags as u32,
+        flags: (id_flags >> 32) as u32,
+        ingress_gen: generations as u32,
+        egress_gen: (generations >> 32) as u32,
+        ipv4: [0; 4],
+        ipv6: [0; 16],
+        slot: rest as u32,
+    };
+    // One constant direction per path: the checks below then agree with
+    // each other, where an unknown one would have the verifier follow
+    // every mix of them.
+    let dir = if (rest >> 32) as u8 == direction::INGRESS as u8 {
+        direction::INGRESS
+    } else {
+        direction::EGRESS
+    };
+    let parsed = Parsed::from_code((rest >> 40) as u8);
+    let Some(pkt) = packet::parsed(u32::from((rest >> 48) as u8)) else {
+        return fallback(&ep, dir);
+    };
+    ip_steps(&ctx, &ep, dir, parsed, pkt)
 }
 
 /// The endpoint's verdict on an IP packet in `dir`: parse failures,
 /// neighbour discovery, fragments, then conntrack and policy.
 #[inline(always)]
-pub fn steps(ctx: &TcContext, ep: &EndpointInfo, dir: u32, parsed: Parsed, pkt: &Packet) -> u32 {
+fn ip_steps(ctx: &TcContext, ep: &EndpointInfo, dir: u32, parsed: Parsed, pkt: &Packet) -> u32 {
     if let Parsed::Bad(e) = parsed {
         // Every parse failure fails closed where policy applies.
         if !enforced(ep, dir) {
@@ -207,8 +287,9 @@ fn later_fragment(ctx: &TcContext, ep: &EndpointInfo, dir: u32, pkt: &Packet) ->
 }
 
 /// Conntrack, then policy, for a packet with a transport header (or none
-/// to have). Not inlined, for the same stack reason as `parse::packet`.
-#[inline(never)]
+/// to have). Inlined into [`netpol_steps`], whose own call already frees
+/// the parser's stack (and the packet is not on the stack).
+#[inline(always)]
 fn judge(ctx: &TcContext, ep: &EndpointInfo, dir: u32, pkt: &Packet) -> u32 {
     let key = conntrack::key(ep.id, dir, pkt);
     // Tracked so that the pod's replies pass an isolated egress.

@@ -253,21 +253,22 @@ fn this_kernels_attach_path_enforces_and_a_restart_adopts_it() {
     });
 }
 
-/// The verifier's work on each program keeps a tenth of the kernel's
-/// million-instruction limit free on every kernel of the matrix that
-/// reports it (5.16 on; 5.10 reports none and is held to loading): a
-/// change that lets the verifier's paths multiply fails here before a
-/// kernel refuses the program. The counts go to stdout past the test
-/// harness's capture (vm-test keeps them in its results log): the goal
-/// docs/PERFORMANCE.md records is a quarter of the limit, met on 6.12
-/// and later, not on 6.1.
+/// The verifier's work on each program stays within a quarter of the
+/// kernel's million-instruction limit (#26's budget) on every kernel of
+/// the matrix that reports it (5.16 on; 5.10 reports none and is held to
+/// loading): a change that lets the verifier's paths multiply fails here
+/// long before a kernel refuses the program. 6.1's verifier prunes least
+/// (the object before the steps became one global function used 731,976
+/// there). The counts go to stdout past the test harness's capture
+/// (vm-test keeps them in its results log; docs/PERFORMANCE.md records
+/// them).
 #[test]
-fn every_program_verifies_with_a_tenth_of_the_kernels_limit_to_spare() {
+fn every_program_verifies_within_a_quarter_of_the_kernels_limit() {
     use std::io::Write as _;
     if !privileged() {
         return;
     }
-    const CEILING: u32 = 900_000;
+    const CEILING: u32 = 250_000;
     let bpffs = TempBpffs::new();
     let mut dp = load(&bpffs);
     let counts: Vec<(&str, Option<u32>)> = [
