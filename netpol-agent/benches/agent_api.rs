@@ -31,6 +31,9 @@
 //! difference in remote pods (policies and namespaces grow too, and are
 //! charged to the pods).
 //!
+//! **Event loss** (`cargo bench --bench agent_api -- events`): see
+//! [`event_loss`]; writes `target/netpol-bench/events.json`.
+//!
 //! **Pod start** (`cargo bench --bench agent_api -- pod-start`, which
 //! `cargo xtask bench pod-start` runs): see [`pod_start`]; writes
 //! `target/netpol-bench/pod_start.json`.
@@ -518,6 +521,122 @@ fn send(p: &Pod, to: IpAddr, stop: Arc<AtomicBool>) {
             std::thread::sleep(Duration::from_micros(100));
         }
     });
+}
+
+/// New connections per second of [`event_loss`].
+const EVENT_RATE: u64 = 20_000;
+/// How long [`event_loss`] sends.
+const EVENT_SECONDS: u64 = 5;
+
+/// The sum of the samples of `name` in a `/metrics` text whose labels
+/// include every one of `labels` (`key="value"`).
+fn metric(text: &str, name: &str, labels: &[&str]) -> u64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with('{'))
+        .filter(|l| labels.iter().all(|want| l.contains(want)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// Deny events at [`EVENT_RATE`] new connections per second for
+/// [`EVENT_SECONDS`], with the rate limit lifted (`--event-rate` 100,000
+/// per pod, its most, `--event-burst` 10,000): pod s sends UDP datagrams
+/// to pod r, whose ingress policy admits no one, each to the next port of
+/// 10,000-59,999 (every datagram a new 5-tuple, judged and dropped at r's
+/// `to_pod`). Counted from the agent's `/metrics` once its counts settle:
+/// the kernel's drops at r's ingress, the deny events the agent read
+/// (`netpol_denied_total` for r), and the events not emitted
+/// (`netpol_events_lost_total`). Twice: the agent's default (events
+/// counted) and with `--log-denied` (a log line each, to a file).
+fn event_loss() -> Value {
+    let node = node();
+    let r = pod(&node, "10.200.0.2", "fd00:200::2");
+    let s = pod(&node, "10.200.0.3", "fd00:200::3");
+    let api = Api::start(&node);
+    api.fake.apply_all(vec![
+        json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "bench"}}),
+        bench_pod("r", "r", &r),
+        bench_pod("s", "s", &s),
+        receiver_policy("nobody"),
+    ]);
+    let mut rows = Vec::new();
+    for (mode, log) in [("default", false), ("--log-denied", true)] {
+        let bpffs = TempBpffs::new();
+        let mut extra: Vec<String> = ["--event-rate", "100000", "--event-burst", "10000"]
+            .map(str::to_owned)
+            .to_vec();
+        if log {
+            extra.push("--log-denied".to_owned());
+        }
+        let mut agent = Agent::start_with(&node, bpffs.path(), &api, "nph*", &extra, Some("info"));
+        agent.wait_programmed(&[&r.host_if, &s.host_if], Duration::from_secs(60));
+        let scrape = || netpol_testkit::process::get_in(&node.name, LISTEN, "/metrics");
+        let counts = |text: &str| {
+            (
+                metric(
+                    text,
+                    "netpol_drops_total",
+                    &["direction=\"ingress\"", "family=\"ipv4\""],
+                ),
+                metric(text, "netpol_denied_total", &["pod=\"r\""]),
+                metric(text, "netpol_events_lost_total", &["cause=\"ring_full\""]),
+                metric(text, "netpol_events_lost_total", &["cause=\"rate_limit\""]),
+            )
+        };
+        let before = counts(&scrape().expect("metrics"));
+        let to = r.v4;
+        let sent = s.ns.run(move || {
+            let sock = UdpSocket::bind("0.0.0.0:0").expect("binding the sender");
+            let start = Instant::now();
+            let total = EVENT_RATE * EVENT_SECONDS;
+            let mut n: u64 = 0;
+            while n < total {
+                // Paced: as many as are due by now, then a short nap.
+                let due = (start.elapsed().as_micros() as u64 * EVENT_RATE / 1_000_000).min(total);
+                while n < due {
+                    let port = 10_000 + (n % 50_000) as u16;
+                    if sock.send_to(b"x", SocketAddr::new(to, port)).is_ok() {
+                        n += 1;
+                    }
+                }
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            (n, start.elapsed())
+        });
+        // Until the agent has read what the ring holds.
+        let mut last = counts(&scrape().expect("metrics"));
+        for _ in 0..50 {
+            std::thread::sleep(Duration::from_millis(200));
+            let now = counts(&scrape().expect("metrics"));
+            if now == last {
+                break;
+            }
+            last = now;
+        }
+        let (drops, read, ring_full, limited) = (
+            last.0 - before.0,
+            last.1 - before.1,
+            last.2 - before.2,
+            last.3 - before.3,
+        );
+        let loss = 1.0 - read as f64 / drops.max(1) as f64;
+        println!(
+            "events ({mode}): {} datagrams in {:.2} s ({:.0}/s), {drops} dropped at r, {read} \
+             events read, ring full {ring_full}, rate-limited {limited}: loss {:.4}%",
+            sent.0,
+            sent.1.as_secs_f64(),
+            sent.0 as f64 / sent.1.as_secs_f64(),
+            loss * 100.0
+        );
+        let (rss, cpu) = agent.usage();
+        rows.push(
+            json!({"mode": mode, "sent": sent.0, "seconds": sent.1.as_secs_f64(),
+                         "dropped": drops, "read": read, "ring_full": ring_full,
+                         "rate_limited": limited, "loss": loss,
+                         "agent_resident_bytes": rss, "agent_cpu_seconds": cpu}),
+        );
+    }
+    json!({"rate": EVENT_RATE, "seconds": EVENT_SECONDS, "runs": rows})
 }
 
 /// p50 and p99 in milliseconds.
@@ -1030,6 +1149,17 @@ fn main() {
         }
         report.insert("cluster".into(), cluster);
         report.insert("changes".into(), Value::Array(rows));
+    }
+    // Only when asked for: its own file.
+    if filter.as_deref() == Some("events") {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/netpol-bench");
+        std::fs::create_dir_all(&dir).expect("bench output folder");
+        std::fs::write(
+            dir.join("events.json"),
+            serde_json::to_string_pretty(&event_loss()).expect("json"),
+        )
+        .expect("writing the bench result");
+        return;
     }
     // Only when asked for (`cargo xtask bench pod-start`): it needs the
     // plugin's binary.

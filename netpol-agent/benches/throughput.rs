@@ -18,8 +18,9 @@
 //! both host veths; a second netpol lane, `netpol-10`, keeps 10 entries
 //! throughout, so that N entries are compared with 10 inside each cycle;
 //! a third, `netpol-cnp`, has the same policies plus 100
-//! `ClusterNetworkPolicies` applying to both pods, compared with `netpol`
-//! inside each cycle),
+//! `ClusterNetworkPolicies` applying to both pods, and a fourth,
+//! `netpol-staged`, the same policies plus staged ones that change both
+//! pods' staged view, each compared with `netpol` inside each cycle),
 //! and the baseline restored by `iptables-nft-restore`
 //! and by `iptables-legacy-restore`. Each configuration has a topology of
 //! its own (a lane: node namespace, server, client), all built alike, so
@@ -67,12 +68,13 @@ const TESTS: [&str; 3] = ["tcp_rr", "tcp_crr", "tcp_stream"];
 /// `netpol-10` holds 10 entries throughout: `netpol` at N entries is
 /// compared with it inside each cycle ([`OVER_10`]), not across the
 /// minutes between the sizes' runs.
-const CONFIGS: [&str; 7] = [
+const CONFIGS: [&str; 8] = [
     "none",
     "none-b",
     "netpol",
     "netpol-10",
     "netpol-cnp",
+    "netpol-staged",
     "iptables-nft",
     "iptables-legacy",
 ];
@@ -85,6 +87,57 @@ const OVER_10: &str = "netpol-over-10";
 const CNP_OVER_NETPOL: &str = "netpol-cnp-over-netpol";
 /// `ClusterNetworkPolicies` of the `netpol-cnp` lane.
 const CLUSTER_POLICIES: usize = 100;
+/// The samples of `netpol-staged` ([`with_staged_policies`]) ÷ `netpol`,
+/// each from one cycle.
+const STAGED_OVER_NETPOL: &str = "netpol-staged-over-netpol";
+
+/// `snap` plus two staged `NetworkPolicies`: the server's ingress and the
+/// client's egress also admit 192.0.2.0/24 and 2001:db8:ffff::/48 (no
+/// address of the pair). Each changes what its direction allows, so both
+/// pods' staged views differ from the enforced ones and every new
+/// connection of the pair is judged against the staged entries as well;
+/// both views allow the pair, so nothing is reported. Every endpoint of
+/// the lane is touched: an upper bound for #26's "staged policies on 10%
+/// of the endpoints", whose other endpoints pay nothing.
+fn with_staged_policies(snap: &Snapshot) -> Snapshot {
+    let mut s = snap.clone();
+    let peers = || {
+        ["192.0.2.0/24", "2001:db8:ffff::/48"]
+            .iter()
+            .map(|c| Peer::IpBlock {
+                cidr: c.parse().expect("cidr"),
+                except: Vec::new(),
+            })
+            .collect::<Vec<_>>()
+    };
+    insert(
+        &mut s,
+        NetworkPolicy {
+            id: ObjectRef::new("x", "staged-in"),
+            pod_selector: selector("srv"),
+            ingress: Some(vec![Rule {
+                peers: peers(),
+                ports: Vec::new(),
+            }]),
+            egress: None,
+            staging: netpol_agent::model::Staging::Staged,
+        },
+    );
+    insert(
+        &mut s,
+        NetworkPolicy {
+            id: ObjectRef::new("x", "staged-out"),
+            pod_selector: selector("cli"),
+            ingress: None,
+            egress: Some(vec![Rule {
+                peers: peers(),
+                ports: Vec::new(),
+            }]),
+            staging: netpol_agent::model::Staging::Staged,
+        },
+    );
+    s
+}
 
 /// `snap` plus [`CLUSTER_POLICIES`] `ClusterNetworkPolicies` of 25 rules
 /// per direction applying to every pod, both tiers, Accept/Deny/Pass in
@@ -578,9 +631,11 @@ fn main() {
     let netpol = lane("netpol");
     let reference = lane("netpol-10");
     let tiered = lane("netpol-cnp");
+    let staged = lane("netpol-staged");
     let bpffs = TempBpffs::new();
     let bpffs_10 = TempBpffs::new();
     let bpffs_cnp = TempBpffs::new();
+    let bpffs_staged = TempBpffs::new();
     let snaps: Vec<Snapshot> = SIZES
         .iter()
         .map(|&n| snapshot(&netpol.server, &netpol.client, n))
@@ -590,6 +645,9 @@ fn main() {
     // addresses in every lane: one snapshot describes them all).
     let (mut dp_cnp, ifaces_cnp) = tiered.enforce(&bpffs_cnp, &Compiled::default());
     let mut written_cnp = Compiled::default();
+    let snaps_staged: Vec<Snapshot> = snaps.iter().map(with_staged_policies).collect();
+    let (mut dp_staged, ifaces_staged) = staged.enforce(&bpffs_staged, &Compiled::default());
+    let mut written_staged = Compiled::default();
 
     // samples[(size, family, test, config)]: one (rate, ratio to the same
     // cycle's no-filter run) per cycle.
@@ -609,7 +667,12 @@ fn main() {
             .position(|c| *c == name)
             .expect("a configuration")
     };
-    let (at_netpol, at_reference, at_cnp) = (at("netpol"), at("netpol-10"), at("netpol-cnp"));
+    let (at_netpol, at_reference, at_cnp, at_staged) = (
+        at("netpol"),
+        at("netpol-10"),
+        at("netpol-cnp"),
+        at("netpol-staged"),
+    );
     netpol.node.run(|| {
         // Attached from the start, policies written per size below.
         let (mut dp, ifaces) = netpol.enforce(&bpffs, &Compiled::default());
@@ -633,6 +696,24 @@ fn main() {
                     .apply(&ops, &ifaces_cnp)
                     .expect("map writes (ClusterNetworkPolicies)");
                 written_cnp = compiled;
+                let compiled = compiler::compile(&snaps_staged[si], &written_staged.ids);
+                let judged = |pod: &str, d: fn(&compiler::Endpoint) -> Option<bool>| {
+                    compiled
+                        .endpoints
+                        .get(&ObjectRef::new("x", pod))
+                        .and_then(d)
+                        .is_some()
+                };
+                assert!(
+                    judged("srv", |e| e.staged_ingress) && judged("cli", |e| e.staged_egress),
+                    "the staged policies change both pods' staged views"
+                );
+                let ops: Vec<_> = compiler::diff(&written_staged, &compiled).raw().collect();
+                dp_staged
+                    .writer()
+                    .apply(&ops, &ifaces_staged)
+                    .expect("map writes (staged policies)");
+                written_staged = compiled;
                 let rules = baseline::generate(snap).expect("baseline");
                 for (config, backend) in [
                     ("iptables-nft", Backend::Nft),
@@ -671,6 +752,11 @@ fn main() {
                                 .entry(((size, family, test), CNP_OVER_NETPOL))
                                 .or_default()
                                 .push((over, over));
+                            let over = rates[at_staged] / rates[at_netpol];
+                            samples
+                                .entry(((size, family, test), STAGED_OVER_NETPOL))
+                                .or_default()
+                                .push((over, over));
                         }
                         // Where netpol's time goes: the kernel's run time of
                         // its programs (BPF_ENABLE_STATS, on for this run
@@ -697,7 +783,11 @@ fn main() {
     for &size in &SIZES {
         for family in FAMILIES {
             for test in TESTS {
-                for config in CONFIGS.iter().chain([&OVER_10, &CNP_OVER_NETPOL]) {
+                for config in
+                    CONFIGS
+                        .iter()
+                        .chain([&OVER_10, &CNP_OVER_NETPOL, &STAGED_OVER_NETPOL])
+                {
                     let v = &samples[&((size, family, test), *config)];
                     let mut abs: Vec<f64> = v.iter().map(|s| s.0).collect();
                     let mut ratios: Vec<f64> = v.iter().map(|s| s.1).collect();
