@@ -719,4 +719,66 @@ mod tests {
             "{text}"
         );
     }
+
+    /// An attribution counting under `hits`.
+    fn attributed(hits: &[(&str, &str)]) -> crate::events::Attribution {
+        crate::events::Attribution {
+            text: String::new(),
+            stage: None,
+            rules: Vec::new(),
+            passed: Vec::new(),
+            policies: Vec::new(),
+            labels: std::collections::BTreeSet::new(),
+            hits: hits
+                .iter()
+                .map(|(p, r)| ((*p).to_owned(), (*r).to_owned()))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn rule_hits_count_per_rule_and_verdict_fold_gone_policies_and_stop_growing_at_the_cap() {
+        let m = Metrics::new();
+        let both = attributed(&[("x/a", "spec.ingress[0]"), ("x/b", "")]);
+        m.rule_hits(Some(&both), true);
+        m.rule_hits(Some(&both), true);
+        m.rule_hits(Some(&attributed(&[("x/a", "spec.ingress[0]")])), false);
+        m.rule_hits(None, true);
+        m.retain_rule_hits(|p| p == "x/a");
+        let text = m.encode();
+        for line in [
+            "netpol_rule_hits_total{policy=\"x/a\",rule=\"spec.ingress[0]\",verdict=\"deny\"} 2",
+            "netpol_rule_hits_total{policy=\"x/a\",rule=\"spec.ingress[0]\",verdict=\"allow\"} 1",
+            "netpol_rule_hits_total{policy=\"\",rule=\"\",verdict=\"deny\"} 2",
+        ] {
+            assert!(text.contains(line), "{line} missing from\n{text}");
+        }
+        assert!(!text.contains("policy=\"x/b\""), "{text}");
+
+        // Past the cap, new series count under the unnamed one; those
+        // already kept go on counting under their own.
+        let m = Metrics::new();
+        for i in 0..MAX_RULE_SERIES {
+            m.rule_hits(Some(&attributed(&[(&format!("x/p{i}"), "")])), true);
+        }
+        m.rule_hits(Some(&attributed(&[("x/late", "spec.egress[1]")])), true);
+        m.rule_hits(Some(&attributed(&[("x/p0", "")])), true);
+        let text = m.encode();
+        let series = text
+            .lines()
+            .filter(|l| l.starts_with("netpol_rule_hits_total{"))
+            .count();
+        assert_eq!(
+            series,
+            MAX_RULE_SERIES + 1,
+            "the cap and the unnamed series"
+        );
+        for line in [
+            "netpol_rule_hits_total{policy=\"\",rule=\"\",verdict=\"deny\"} 1",
+            "netpol_rule_hits_total{policy=\"x/p0\",rule=\"\",verdict=\"deny\"} 2",
+        ] {
+            assert!(text.contains(line), "{line} missing");
+        }
+        assert!(!text.contains("x/late"), "a series past the cap");
+    }
 }
