@@ -37,7 +37,11 @@
 //! - A namespace, the local node or which node is local: everything (a
 //!   full compile), as for a batch of more than 512 pods and policies.
 //! - Anything, while some policy is staged (before or after the change):
-//!   both views compiled whole (`staged.rs`).
+//!   both views compiled whole (`staged.rs`), the staged view's with what
+//!   an incremental compiler keeps, so that the promotion that ends the
+//!   staging (the snapshot becomes the staged view: annotations removed,
+//!   staged deletes deleted) takes that compile as it is, with one diff,
+//!   instead of compiling again.
 //!
 //! Only those pods' endpoints and entries are recomputed, spliced into the
 //! kept output, and diffed. The result is equal, value for value, to
@@ -53,7 +57,7 @@ use super::ids::{endpoint_ids, ruleset_ids};
 use super::local::{Core, core, full, insert_entry};
 use super::{
     Compiled, Direction, EMPTY_RULESET, EndpointId, PolicyTarget, diff::frontend_diff,
-    frontends::frontends,
+    frontends::frontends, staged,
 };
 use crate::compiler::{Diff, IdAllocation, diff};
 use crate::model::{Map, ObjectRef, Peer, Pod, Snapshot};
@@ -207,8 +211,18 @@ impl Index {
 pub struct Compiler {
     out: Compiled,
     index: Index,
-    /// The output has a staged view: updates compile it whole.
-    staged: bool,
+    /// With staged policies: the staged view, whole; updates compile both
+    /// views again, but for a promotion.
+    staged: Option<Box<StagedView>>,
+}
+
+/// The staged view of the last compile with staged policies, and its own
+/// incremental compile (from [`staged::view_allocation`], so its ids are
+/// those a compile of the promoted snapshot gives).
+#[derive(Clone, Debug)]
+struct StagedView {
+    snap: Snapshot,
+    compiler: Compiler,
 }
 
 impl Compiler {
@@ -216,13 +230,23 @@ impl Compiler {
     /// first start), kept for updates.
     #[must_use]
     pub fn new(snap: &Snapshot, prev: &IdAllocation) -> Self {
-        if snap.has_staged() {
-            return Self {
-                out: super::compile(snap, prev),
-                index: Index::default(),
-                staged: true,
-            };
+        let Some(views) = snap.views() else {
+            return Self::unstaged(snap, prev);
+        };
+        let enforced = full(&views.enforced, prev, false).0;
+        let compiler = Self::unstaged(&views.staged, &staged::view_allocation(&enforced, prev));
+        Self {
+            out: staged::overlay_view(enforced, &compiler.out),
+            index: Index::default(),
+            staged: Some(Box::new(StagedView {
+                snap: views.staged,
+                compiler,
+            })),
         }
+    }
+
+    /// [`Compiler::new`] of a snapshot without staged policies.
+    fn unstaged(snap: &Snapshot, prev: &IdAllocation) -> Self {
         let (out, core) = full(snap, prev, true);
         let mut index = Index::default();
         if let Some(core) = core {
@@ -247,8 +271,51 @@ impl Compiler {
         Self {
             out,
             index,
-            staged: false,
+            staged: None,
         }
+    }
+
+    /// The compiler of `snap` when it is the kept staged view promoted:
+    /// nothing staged any more, and `snap` differs from that view at most
+    /// by staged deletes now deleted (slots the view held no version of).
+    fn promoted(&mut self, snap: &Snapshot) -> Option<Compiler> {
+        if snap.has_staged() {
+            return None;
+        }
+        let view = self.staged.as_ref()?;
+        let ch = Changes::between(&view.snap, snap);
+        let gone = |had: bool, has: bool| !had && !has;
+        let only_deletes = ch.pods.is_empty()
+            && ch.namespaces.is_empty()
+            && ch.nodes.is_empty()
+            && ch.services.is_empty()
+            && !ch.everything
+            && ch.policies.iter().all(|k| {
+                gone(
+                    view.snap
+                        .policies
+                        .get(k)
+                        .is_some_and(|s| s.in_force.is_some()),
+                    snap.policies.contains_key(k),
+                )
+            })
+            && ch.cluster_policies.iter().all(|k| {
+                gone(
+                    view.snap
+                        .cluster_policies
+                        .get(k)
+                        .is_some_and(|s| s.in_force.is_some()),
+                    snap.cluster_policies.contains_key(k),
+                )
+            });
+        if !only_deletes {
+            return None;
+        }
+        let mut c = self.staged.take()?.compiler;
+        // The slots gone held no version in force: they select nothing,
+        // and only the errors they carried change.
+        c.out.errors = snap.errors();
+        Some(c)
     }
 
     /// The current output.
@@ -268,10 +335,15 @@ impl Compiler {
     /// ordered map updates from the previous output to the new one (the
     /// same as [`diff`] of the two).
     pub fn update(&mut self, snap: &Snapshot, changes: &Changes) -> Diff {
+        if let Some(new) = self.promoted(snap) {
+            let d = diff(&self.out, &new.out);
+            *self = new;
+            return d;
+        }
         let node = snap.local_node_name();
         // With staged policies (before or now) both views are compiled
         // whole.
-        if self.staged
+        if self.staged.is_some()
             || snap.has_staged()
             || changes.everything
             || changes.pods.len() + changes.policies.len() > FULL_COMPILE_ABOVE

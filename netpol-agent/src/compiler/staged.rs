@@ -20,7 +20,15 @@ use crate::model::Snapshot;
 
 /// `enforced` (the enforced view's compile, from `prev`) with the staged
 /// view `staged` overlaid.
-pub(super) fn overlay(mut enforced: Compiled, staged: &Snapshot, prev: &IdAllocation) -> Compiled {
+pub(super) fn overlay(enforced: Compiled, staged: &Snapshot, prev: &IdAllocation) -> Compiled {
+    let from = view_allocation(&enforced, prev);
+    let view = full(staged, &from, false).0;
+    overlay_view(enforced, &view)
+}
+
+/// The allocation the staged view is compiled from: the enforced
+/// compile's (same pods, same ids) with every rule set `prev` named.
+pub(super) fn view_allocation(enforced: &Compiled, prev: &IdAllocation) -> IdAllocation {
     // Rule sets keep the ids the previous compile gave them, its staged
     // ones included, so no id changes meaning from one compile to the
     // next; the enforced compile already avoided every id `prev` used.
@@ -28,15 +36,20 @@ pub(super) fn overlay(mut enforced: Compiled, staged: &Snapshot, prev: &IdAlloca
     for (set, &id) in &prev.rulesets {
         rulesets.entry(set.clone()).or_insert(id);
     }
-    let from = IdAllocation {
+    IdAllocation {
         endpoints: enforced.ids.endpoints.clone(),
         rulesets,
         next_endpoint: enforced.ids.next_endpoint,
         next_ruleset: enforced.ids.next_ruleset,
         reserved_endpoints: prev.reserved_endpoints.clone(),
         reserved_rulesets: prev.reserved_rulesets.clone(),
-    };
-    let view = full(staged, &from, false).0;
+    }
+}
+
+/// `enforced` with the staged view's compile `view` (from
+/// [`view_allocation`]) overlaid where it judges an endpoint direction
+/// differently.
+pub(super) fn overlay_view(mut enforced: Compiled, view: &Compiled) -> Compiled {
     let mut differs: BTreeSet<(u32, Direction)> = BTreeSet::new();
     for (pod, ep) in &mut enforced.endpoints {
         let Some(st) = view.endpoints.get(pod) else {
