@@ -742,21 +742,17 @@ fn main() {
                                     .or_default()
                                     .push((rates[ci], rates[ci] / rates[0]));
                             }
-                            let over = rates[at_netpol] / rates[at_reference];
-                            samples
-                                .entry(((size, family, test), OVER_10))
-                                .or_default()
-                                .push((over, over));
-                            let over = rates[at_cnp] / rates[at_netpol];
-                            samples
-                                .entry(((size, family, test), CNP_OVER_NETPOL))
-                                .or_default()
-                                .push((over, over));
-                            let over = rates[at_staged] / rates[at_netpol];
-                            samples
-                                .entry(((size, family, test), STAGED_OVER_NETPOL))
-                                .or_default()
-                                .push((over, over));
+                            for (name, lane, to) in [
+                                (OVER_10, at_netpol, at_reference),
+                                (CNP_OVER_NETPOL, at_cnp, at_netpol),
+                                (STAGED_OVER_NETPOL, at_staged, at_netpol),
+                            ] {
+                                let over = rates[lane] / rates[to];
+                                samples
+                                    .entry(((size, family, test), name))
+                                    .or_default()
+                                    .push((over, over));
+                            }
                         }
                         // Where netpol's time goes: the kernel's run time of
                         // its programs (BPF_ENABLE_STATS, on for this run

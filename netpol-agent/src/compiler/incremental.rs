@@ -60,7 +60,7 @@ use super::{
     frontends::frontends, staged,
 };
 use crate::compiler::{Diff, IdAllocation, diff};
-use crate::model::{Map, ObjectRef, Peer, Pod, Snapshot};
+use crate::model::{Map, ObjectRef, Peer, Pod, PolicySlot, Snapshot};
 use imbl::ordmap::DiffItem;
 
 /// Above this many changed pods and policies in one update, a full compile
@@ -127,6 +127,18 @@ impl Changes {
             everything: old.local_node != new.local_node,
         }
     }
+}
+
+/// Whether each of `changed` is a slot `view` held no version in force
+/// of and `now` no longer has (a staged delete, deleted).
+fn deleted_unforced<K: Ord + Clone, P: Clone + PartialEq>(
+    view: &Map<K, PolicySlot<P>>,
+    now: &Map<K, PolicySlot<P>>,
+    changed: &BTreeSet<K>,
+) -> bool {
+    changed
+        .iter()
+        .all(|k| view.get(k).is_none_or(|s| s.in_force.is_none()) && !now.contains_key(k))
 }
 
 /// What the kept output depends on.
@@ -284,30 +296,17 @@ impl Compiler {
         }
         let view = self.staged.as_ref()?;
         let ch = Changes::between(&view.snap, snap);
-        let gone = |had: bool, has: bool| !had && !has;
         let only_deletes = ch.pods.is_empty()
             && ch.namespaces.is_empty()
             && ch.nodes.is_empty()
             && ch.services.is_empty()
             && !ch.everything
-            && ch.policies.iter().all(|k| {
-                gone(
-                    view.snap
-                        .policies
-                        .get(k)
-                        .is_some_and(|s| s.in_force.is_some()),
-                    snap.policies.contains_key(k),
-                )
-            })
-            && ch.cluster_policies.iter().all(|k| {
-                gone(
-                    view.snap
-                        .cluster_policies
-                        .get(k)
-                        .is_some_and(|s| s.in_force.is_some()),
-                    snap.cluster_policies.contains_key(k),
-                )
-            });
+            && deleted_unforced(&view.snap.policies, &snap.policies, &ch.policies)
+            && deleted_unforced(
+                &view.snap.cluster_policies,
+                &snap.cluster_policies,
+                &ch.cluster_policies,
+            );
         if !only_deletes {
             return None;
         }

@@ -1201,49 +1201,29 @@ fn stage(mut s: Snapshot, seed: u64) -> Snapshot {
 /// it once the annotations are acted on).
 fn promote(s: &Snapshot) -> Snapshot {
     let mut p = s.clone();
-    let ids: Vec<ObjectRef> = p.policies.keys().cloned().collect();
-    for id in ids {
-        let staging = p
-            .policies
-            .get(&id)
-            .and_then(|x| x.in_force.as_ref())
-            .map(|x| x.staging);
-        match staging {
-            Some(Staging::StagedDelete) => {
-                p.policies.remove(&id);
-            }
-            Some(Staging::Staged) => {
-                if let Some(x) = p.policies.get_mut(&id).and_then(|x| x.in_force.as_mut()) {
-                    x.staging = Staging::Enforced;
-                }
-            }
-            _ => {}
-        }
-    }
-    let names: Vec<String> = p.cluster_policies.keys().cloned().collect();
-    for name in names {
-        let staging = p
-            .cluster_policies
-            .get(&name)
-            .and_then(|x| x.in_force.as_ref())
-            .map(|x| x.staging);
-        match staging {
-            Some(Staging::StagedDelete) => {
-                p.cluster_policies.remove(&name);
-            }
-            Some(Staging::Staged) => {
-                if let Some(x) = p
-                    .cluster_policies
-                    .get_mut(&name)
-                    .and_then(|x| x.in_force.as_mut())
-                {
-                    x.staging = Staging::Enforced;
-                }
-            }
-            _ => {}
-        }
-    }
+    promote_slots(&mut p.policies, |x| &mut x.staging);
+    promote_slots(&mut p.cluster_policies, |x| &mut x.staging);
     p
+}
+
+/// [`promote`] of one kind of policy.
+fn promote_slots<K: Ord + Clone, P: Clone>(
+    slots: &mut netpol_agent::model::Map<K, PolicySlot<P>>,
+    staging: impl Fn(&mut P) -> &mut Staging,
+) {
+    let keys: Vec<K> = slots.keys().cloned().collect();
+    for k in keys {
+        let Some(p) = slots.get_mut(&k).and_then(|x| x.in_force.as_mut()) else {
+            continue;
+        };
+        match *staging(p) {
+            Staging::StagedDelete => {
+                slots.remove(&k);
+            }
+            Staging::Staged => *staging(p) = Staging::Enforced,
+            Staging::Enforced => {}
+        }
+    }
 }
 
 /// An endpoint direction's entries by content: prefix → rule set (`None`:
