@@ -1107,6 +1107,42 @@ spec:
         assert_eq!(d.staged_policies, ["ClusterNetworkPolicy/guard"]);
     }
 
+    /// The report the programs send for a hairpin the staged view judges
+    /// otherwise (`policy::netpol_hairpin_allows`): from x/a to itself.
+    #[test]
+    fn a_staged_hairpin_report_names_the_pod_on_both_ends_and_the_staged_rule() {
+        let self_deny = r#"
+---
+apiVersion: policy.networking.k8s.io/v1alpha2
+kind: ClusterNetworkPolicy
+metadata: {name: no-self, annotations: {netpol.io/staged: "true"}}
+spec:
+  tier: Admin
+  priority: 1
+  subject: {namespaces: {matchLabels: {kubernetes.io/metadata.name: x}}}
+  ingress:
+  - name: self
+    action: Deny
+    from: [{namespaces: {matchLabels: {kubernetes.io/metadata.name: x}}}]
+    protocols: [{tcp: {destinationPort: {number: 8080}}}]
+"#;
+        let (dir, id) = directory_of(&format!("{TIERED}{self_deny}"));
+        let own = v4([10, 1, 0, 2]);
+        let mut e = event(direction::INGRESS, family::IPV4, own, own);
+        e.endpoint = id;
+        e.reason = reason::STAGED_WOULD_DENY;
+        e.protocol = netpol_common::protocol::TCP;
+        e.dport = 8080;
+        let d = Denial::resolve(&e, &dir);
+        assert_eq!(d.staged_policies, ["ClusterNetworkPolicy/no-self"]);
+        assert_eq!(
+            d.decided.expect("attributed").text,
+            "denied by ClusterNetworkPolicy no-self (Admin): spec.ingress[0] (Deny)"
+        );
+        let a = ObjectRef::new("x", "a");
+        assert_eq!((d.source, d.destination), (Some(a.clone()), Some(a)));
+    }
+
     #[test]
     fn unknown_endpoints_and_addresses_stay_unnamed() {
         let mut e = event(

@@ -42,9 +42,10 @@ pub mod endpoint_flags {
     pub const STAGED_EGRESS_ISOLATED: u32 = 1 << 10;
     /// The staged view judges the pod's traffic to itself through a
     /// Service the other way from [`HAIRPIN_JUDGED`] (a
-    /// `ClusterNetworkPolicy` applies to the pod in one view only). Read by
-    /// `explain --staged`; the programs judge a hairpin by the enforced
-    /// view only and report nothing about it.
+    /// `ClusterNetworkPolicy` applies to the pod in one view only). The
+    /// programs act on the enforced view's hairpin verdict and report a
+    /// new hairpin the staged view judges otherwise; `explain --staged`
+    /// reads it too.
     pub const STAGED_HAIRPIN: u32 = 1 << 11;
 
     /// `STAGED_INGRESS` or `STAGED_EGRESS`, and the matching isolation

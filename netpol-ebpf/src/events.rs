@@ -29,6 +29,10 @@ use crate::{
 pub const STAGED_JUDGE: u8 = 1;
 /// With [`STAGED_JUDGE`]: the staged view isolates the direction.
 pub const STAGED_ISOLATED: u8 = 2;
+/// The reason is a staged report already made (a hairpin:
+/// `policy::netpol_hairpin_allows`), to send as it is with the packet's
+/// destination, the pod's own address, as source and destination.
+pub const STAGED_REPORT: u8 = 4;
 
 /// Emits one deny event for a dropped packet, for a new connection the
 /// staged view judges otherwise ([`STAGED_JUDGE`]) a "would deny" or
@@ -54,7 +58,7 @@ pub extern "C" fn netpol_deny_event(
     let reason = u32::from(verdict as u8);
     let staged = (verdict >> 24) as u8;
     let drop = netpol_common::reason::is_drop(reason);
-    let judge = staged & STAGED_JUDGE != 0;
+    let judge = staged & (STAGED_JUDGE | STAGED_REPORT) != 0;
     let record = reason == netpol_common::reason::PASS_POLICY && sampled();
     // A new connection whose endpoint's views agree, not recorded: nothing
     // to do.
@@ -87,6 +91,12 @@ pub extern "C" fn netpol_deny_event(
         if let Ok(a) = ctx.load::<[u8; 16]>(l3 + 24) {
             dst = a;
         }
+    }
+    if staged & STAGED_REPORT != 0 {
+        if !admitted(endpoint, now) {
+            return 0;
+        }
+        return emit(&ctx, now, endpoint, reason, verdict, packet, &dst, &dst);
     }
     let dir = u32::from((verdict >> 8) as u8);
     let mut sent = 0;

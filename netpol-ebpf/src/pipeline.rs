@@ -257,9 +257,13 @@ fn ip_steps(ctx: &TcContext, ep: &EndpointInfo, dir: u32, parsed: Parsed, pkt: &
 /// `from_pod`.
 #[inline(always)]
 fn hairpin(ctx: &TcContext, ep: &EndpointInfo, pkt: &Packet) -> u32 {
-    if ep.flags & endpoint_flags::HAIRPIN_JUDGED != 0 {
+    if ep.flags & (endpoint_flags::HAIRPIN_JUDGED | endpoint_flags::STAGED_HAIRPIN) != 0 {
         let flags_family = u64::from(ep.flags) | u64::from(pkt.family) << 32;
-        if policy::netpol_hairpin_allows(ctx.skb.skb, ep.id, flags_family, pkt.event) == 0 {
+        let r = policy::netpol_hairpin_allows(ctx.skb.skb, ep.id, flags_family, pkt.event);
+        // What the staged view would do with a new hairpin, reported
+        // (never acted on).
+        verdict::report_hairpin(ctx, ep.id, r, pkt);
+        if r & 1 == 0 {
             return reason::DROP_POLICY;
         }
     }

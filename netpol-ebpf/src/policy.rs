@@ -2,11 +2,15 @@
 //! the rule set's port trie decides the protocol and port.
 use aya_ebpf::maps::lpm_trie::Key;
 use netpol_common::{
-    PORT_KEY_PROTOCOL_BITS, PolicyKeyV4, PolicyKeyV6, PortKey, SELECTOR_BITS, family,
-    policy_selector, reason, staged_endpoint,
+    PORT_KEY_PROTOCOL_BITS, PolicyKeyV4, PolicyKeyV6, PortKey, SELECTOR_BITS, direction,
+    endpoint_flags, family, policy_selector, reason, scratch, staged_endpoint,
 };
 
-use crate::maps::{NETPOL_POLICY_V4, NETPOL_POLICY_V6, NETPOL_PORTS};
+use crate::{
+    config, conntrack,
+    maps::{NETPOL_POLICY_V4, NETPOL_POLICY_V6, NETPOL_PORTS},
+    packet,
+};
 
 /// Whether a rule of the endpoint's policies in `dir` allows `peer` on
 /// `protocol` and the connection's destination port `dport`.
@@ -58,8 +62,13 @@ pub fn allows(
 /// Services (`flags` its `EndpointInfo::flags`, `fam` the family,
 /// `packet` [`Packet::event_word`](crate::packet::Packet::event_word)):
 /// each isolated direction looked up with the translated destination, the
-/// pod's own address, as the peer. A *global* function, as
-/// `netpol_deny_event` is, so the verifier checks its two lookups once on
+/// pod's own address, as the peer. Bit 0 of the result: the enforced view
+/// allows it. Where the staged view judges the pod's hairpin or one of
+/// its directions otherwise and the connection is new, bits 8-15 carry
+/// the report ([`reason::STAGED_WOULD_DENY`], `STAGED_WOULD_ALLOW`) and
+/// bits 16-23 the direction that denies in the view that denies (for
+/// `verdict::report_hairpin`). A *global* function, as
+/// `netpol_deny_event` is, so the verifier checks its lookups once on
 /// their own rather than on every path of `to_pod` (inlined, they failed
 /// kernel 5.10's datapath tests); before 5.12 global functions take the
 /// context and scalars only, so it reads the address from the packet
@@ -90,17 +99,63 @@ pub extern "C" fn netpol_hairpin_allows(
         };
         own = a;
     }
-    let judged =
-        |dir: u32, bit: u32| flags & bit == 0 || allows(endpoint, dir, fam, protocol, dport, &own);
-    i32::from(
-        judged(
-            netpol_common::direction::EGRESS,
-            netpol_common::endpoint_flags::EGRESS_ISOLATED,
-        ) && judged(
-            netpol_common::direction::INGRESS,
-            netpol_common::endpoint_flags::INGRESS_ISOLATED,
-        ),
-    )
+    // A direction in one view: the staged view's entries where its flags
+    // say it differs, the enforced ones otherwise.
+    let allowed = |dir: u32, staged: bool| {
+        let (differs, staged_isolated) = endpoint_flags::staged(dir);
+        if staged && flags & differs != 0 {
+            flags & staged_isolated == 0
+                || allows(staged_endpoint(endpoint), dir, fam, protocol, dport, &own)
+        } else {
+            let isolated = if dir == direction::INGRESS {
+                endpoint_flags::INGRESS_ISOLATED
+            } else {
+                endpoint_flags::EGRESS_ISOLATED
+            };
+            flags & isolated == 0 || allows(endpoint, dir, fam, protocol, dport, &own)
+        }
+    };
+    // A view's verdict: 0 allows, else 1 + the direction that denies.
+    let denies = |staged: bool| {
+        let judged = (flags & endpoint_flags::HAIRPIN_JUDGED != 0)
+            != (staged && flags & endpoint_flags::STAGED_HAIRPIN != 0);
+        if !judged {
+            0
+        } else if !allowed(direction::EGRESS, staged) {
+            1 + direction::EGRESS
+        } else if !allowed(direction::INGRESS, staged) {
+            1 + direction::INGRESS
+        } else {
+            0
+        }
+    };
+    let enforced = denies(false);
+    let verdict = i32::from(enforced == 0);
+    let staged_flags = endpoint_flags::STAGED_HAIRPIN
+        | endpoint_flags::STAGED_INGRESS
+        | endpoint_flags::STAGED_EGRESS;
+    if flags & staged_flags == 0 {
+        return verdict;
+    }
+    let staged = denies(true);
+    let (report, dir) = match (enforced, staged) {
+        (0, 0) => return verdict,
+        (0, d) => (reason::STAGED_WOULD_DENY, d - 1),
+        (d, 0) => (reason::STAGED_WOULD_ALLOW, d - 1),
+        _ => return verdict,
+    };
+    // New connections only, as every staged report: a tracked hairpin
+    // (`pipeline::hairpin` tracks it at its ingress) was reported when new.
+    let tracked = match (packet::parsed(scratch::SLOT_TC), config::get()) {
+        (Some(pkt), Some(cfg)) => {
+            conntrack::exists(&conntrack::key(endpoint, direction::INGRESS, pkt), cfg)
+        }
+        _ => true,
+    };
+    if tracked {
+        return verdict;
+    }
+    verdict | (report as i32) << 8 | (dir as i32) << 16
 }
 
 /// The staged view's judgement of a new connection the enforced policy

@@ -16,15 +16,24 @@ use crate::{
 };
 
 /// Whether the endpoint's Service traffic is marked: it has a slot and is
-/// isolated in some direction (egress: its egress is judged after
-/// translation; ingress only: a hairpin must be recognised as the pod
-/// reaching itself, which kube-proxy's masquerade hides).
+/// isolated in some direction, in the enforced view or the staged one
+/// (egress: its egress is judged after translation, the staged view's
+/// too; ingress only: a hairpin must be recognised as the pod reaching
+/// itself, which kube-proxy's masquerade hides). A pod only the staged
+/// view isolates is marked so that its staged judgement meets the
+/// backend, not the frontend address; its enforced verdicts are the same
+/// either way (not isolated: passed).
 #[inline(always)]
 pub const fn wanted(ep: &EndpointInfo, cfg: &GlobalConfig) -> bool {
     cfg.mark_mask != 0
         && ep.slot != 0
         && ep.flags & endpoint_flags::NOT_PROGRAMMED == 0
-        && ep.flags & (endpoint_flags::INGRESS_ISOLATED | endpoint_flags::EGRESS_ISOLATED) != 0
+        && ep.flags
+            & (endpoint_flags::INGRESS_ISOLATED
+                | endpoint_flags::EGRESS_ISOLATED
+                | endpoint_flags::STAGED_INGRESS_ISOLATED
+                | endpoint_flags::STAGED_EGRESS_ISOLATED)
+            != 0
 }
 
 /// Whether the packet's destination is a Service frontend kube-proxy will

@@ -82,6 +82,24 @@ pub fn report_staged(ctx: &TcContext, v: &Verdict, pkt: &Packet) {
     }
 }
 
+/// Reports what the staged view would do with a new hairpin, from the
+/// result `r` of `policy::netpol_hairpin_allows` (its report in bits
+/// 8-15, the direction in 16-23; none: nothing to report), as a ready
+/// report ([`events::STAGED_REPORT`]) whose source and destination are
+/// the pod's own address.
+#[inline(always)]
+pub fn report_hairpin(ctx: &TcContext, endpoint: u32, r: i32, pkt: &Packet) {
+    let report = (r >> 8) as u8;
+    if report == 0 {
+        return;
+    }
+    let verdict = u64::from(report)
+        | u64::from((r >> 16) as u8) << 8
+        | u64::from(pkt.family as u8) << 16
+        | u64::from(events::STAGED_REPORT) << 24;
+    events::netpol_deny_event(ctx.skb.skb, endpoint, verdict, pkt.event);
+}
+
 /// Counts the packet under its direction, family and reason, reports it
 /// when dropped (and what the staged view says of a new connection), and
 /// maps the verdict to a TC action.

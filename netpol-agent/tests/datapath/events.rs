@@ -263,3 +263,141 @@ fn a_service_packet_judged_downstream_reports_its_source_endpoint_and_backend() 
         );
     });
 }
+
+/// x/a isolated both ways (its own Service s-a, 80 → 8080), and a staged
+/// `ClusterNetworkPolicy` that would deny x/a's traffic to itself on
+/// 8080: enforced, the hairpin is not judged (no `ClusterNetworkPolicy`
+/// applies); staged, it is.
+const A_LOCKED_AND_A_STAGED_SELF_DENY: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: s-a, namespace: x}
+spec:
+  clusterIPs: [10.96.0.1, "fd00:96::1"]
+  ports: [{name: http, port: 80, targetPort: 8080, protocol: TCP}]
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: a-locked, namespace: x}
+spec:
+  podSelector: {matchLabels: {app: a}}
+  policyTypes: [Ingress, Egress]
+---
+apiVersion: policy.networking.k8s.io/v1alpha2
+kind: ClusterNetworkPolicy
+metadata:
+  name: no-self-8080
+  annotations: {netpol.io/staged: "true"}
+spec:
+  tier: Admin
+  priority: 1
+  subject: {pods: {namespaceSelector: {}, podSelector: {matchLabels: {app: a}}}}
+  ingress:
+    - action: Deny
+      from: [{pods: {podSelector: {matchLabels: {app: a}}}}]
+      protocols: [{tcp: {destinationPort: {number: 8080}}}]
+"#;
+
+#[test]
+fn a_hairpin_the_staged_view_would_deny_passes_and_is_reported_once_from_the_pod_to_itself() {
+    with_own_fixture(A_LOCKED_AND_A_STAGED_SELF_DENY, |fx| {
+        let mut ring = fx.dp.take_events().expect("the ring buffer");
+        let a = fx.endpoint_id("x/a");
+        for (own, vip, node) in [(A4, "10.96.0.1", NODE4), (A6, "fd00:96::1", "fd00:ffff::1")] {
+            // x/a to its own Service; kube-proxy picks x/a:8080 and
+            // masquerades the source to a node address.
+            let hairpin = |fx: &mut Fixture, sport: u16, port: u16| {
+                let (v, marked) =
+                    fx.run_marked(Hook::Egress("x/a"), &tcp_syn(own, vip, sport, 80), 0);
+                assert_eq!(v, V::Pass, "marked at the source");
+                fx.run_marked(
+                    Hook::Ingress("x/a"),
+                    &tcp_syn(node, own, sport, port),
+                    marked,
+                )
+                .0
+            };
+            assert_eq!(hairpin(fx, 40100, 8080), V::Pass, "enforced: not judged");
+            let got: Vec<_> = drain(&mut ring)
+                .iter()
+                .map(|e| (e.endpoint, e.reason, e.direction, e.src, e.dst, e.dport))
+                .collect();
+            assert_eq!(
+                got,
+                vec![(
+                    a,
+                    reason::STAGED_WOULD_DENY,
+                    direction::INGRESS as u8,
+                    raw(own),
+                    raw(own),
+                    8080
+                )],
+                "the staged view would deny the new hairpin at x/a's ingress"
+            );
+            // The same connection again (tracked): nothing more.
+            assert_eq!(hairpin(fx, 40100, 8080), V::Pass);
+            // Another port: the staged rule does not match, and
+            // NetworkPolicy never restricts a pod's traffic to itself.
+            assert_eq!(hairpin(fx, 40101, 9090), V::Pass);
+            assert_eq!(drain(&mut ring), vec![], "nothing else to report");
+        }
+    });
+}
+
+/// x/a's Service s-a (80 → 8080); x/b, isolated by nothing enforced, gets
+/// a staged egress policy admitting x/a on `PORT` only.
+const B_STAGED_EGRESS_TO_A: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: s-a, namespace: x}
+spec:
+  clusterIPs: [10.96.0.1, "fd00:96::1"]
+  ports: [{name: http, port: 80, targetPort: 8080, protocol: TCP}]
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata:
+  name: b-out
+  namespace: x
+  annotations: {netpol.io/staged: "true"}
+spec:
+  podSelector: {matchLabels: {app: b}}
+  policyTypes: [Egress]
+  egress: [{to: [{podSelector: {matchLabels: {app: a}}}], ports: [{port: PORT}]}]
+"#;
+
+/// A pod only the staged view isolates still has its Service traffic
+/// marked, so that the staged view judges it with the backend as the peer
+/// (not the frontend address, which no rule names): no report where the
+/// staged policy admits the backend's port, a "would deny" naming the
+/// backend where it does not.
+#[test]
+fn service_traffic_of_a_pod_only_the_staged_view_isolates_is_judged_at_the_backend() {
+    for (port, want) in [(8080, None), (9999, Some(reason::STAGED_WOULD_DENY))] {
+        let manifests = B_STAGED_EGRESS_TO_A.replace("PORT", &port.to_string());
+        with_own_fixture(&manifests, |fx| {
+            let mut ring = fx.dp.take_events().expect("the ring buffer");
+            let b = fx.endpoint_id("x/b");
+            for (from, to, vip, sport) in
+                [(B4, A4, "10.96.0.1", 40200), (B6, A6, "fd00:96::1", 40201)]
+            {
+                let (v, marked) =
+                    fx.run_marked(Hook::Egress("x/b"), &tcp_syn(from, vip, sport, 80), 0);
+                assert_eq!(v, V::Pass);
+                assert_ne!(marked, 0, "marked: the staged view isolates x/b's egress");
+                assert_eq!(drain(&mut ring), vec![], "nothing judged at the frontend");
+                let syn = tcp_syn(from, to, sport, 8080);
+                assert_eq!(fx.run_marked(Hook::Ingress("x/a"), &syn, marked).0, V::Pass);
+                let got: Vec<_> = drain(&mut ring)
+                    .iter()
+                    .map(|e| (e.endpoint, e.reason, e.direction, e.dst, e.dport))
+                    .collect();
+                let expected: Vec<_> = want
+                    .map(|r| (b, r, direction::EGRESS as u8, raw(to), 8080))
+                    .into_iter()
+                    .collect();
+                assert_eq!(got, expected, "staged policy on port {port}");
+            }
+        });
+    }
+}
