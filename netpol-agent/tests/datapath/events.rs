@@ -268,14 +268,9 @@ fn a_service_packet_judged_downstream_reports_its_source_endpoint_and_backend() 
 /// `ClusterNetworkPolicy` that would deny x/a's traffic to itself on
 /// 8080: enforced, the hairpin is not judged (no `ClusterNetworkPolicy`
 /// applies); staged, it is.
-const A_LOCKED_AND_A_STAGED_SELF_DENY: &str = r#"
-apiVersion: v1
-kind: Service
-metadata: {name: s-a, namespace: x}
-spec:
-  clusterIPs: [10.96.0.1, "fd00:96::1"]
-  ports: [{name: http, port: 80, targetPort: 8080, protocol: TCP}]
----
+const A_LOCKED_AND_A_STAGED_SELF_DENY: &str = concat!(
+    service_s_a!(),
+    r#"---
 apiVersion: networking.k8s.io/v1
 kind: NetworkPolicy
 metadata: {name: a-locked, namespace: x}
@@ -296,7 +291,8 @@ spec:
     - action: Deny
       from: [{pods: {podSelector: {matchLabels: {app: a}}}}]
       protocols: [{tcp: {destinationPort: {number: 8080}}}]
-"#;
+"#
+);
 
 #[test]
 fn a_hairpin_the_staged_view_would_deny_passes_and_is_reported_once_from_the_pod_to_itself() {
@@ -346,14 +342,9 @@ fn a_hairpin_the_staged_view_would_deny_passes_and_is_reported_once_from_the_pod
 
 /// x/a's Service s-a (80 → 8080); x/b, isolated by nothing enforced, gets
 /// a staged egress policy admitting x/a on `PORT` only.
-const B_STAGED_EGRESS_TO_A: &str = r#"
-apiVersion: v1
-kind: Service
-metadata: {name: s-a, namespace: x}
-spec:
-  clusterIPs: [10.96.0.1, "fd00:96::1"]
-  ports: [{name: http, port: 80, targetPort: 8080, protocol: TCP}]
----
+const B_STAGED_EGRESS_TO_A: &str = concat!(
+    service_s_a!(),
+    r#"---
 apiVersion: networking.k8s.io/v1
 kind: NetworkPolicy
 metadata:
@@ -364,7 +355,8 @@ spec:
   podSelector: {matchLabels: {app: b}}
   policyTypes: [Egress]
   egress: [{to: [{podSelector: {matchLabels: {app: a}}}], ports: [{port: PORT}]}]
-"#;
+"#
+);
 
 /// A pod only the staged view isolates still has its Service traffic
 /// marked, so that the staged view judges it with the backend as the peer

@@ -8,14 +8,9 @@ use netpol_testkit::packets::*;
 /// Frontends: s-a, s-b (local backends) and s-c (remote backend), port 80
 /// → 8080; x/a may reach pods b and c on 8080 only, and nothing may reach
 /// x/a.
-const SERVICES_AND_POLICY: &str = r#"
-apiVersion: v1
-kind: Service
-metadata: {name: s-a, namespace: x}
-spec:
-  clusterIPs: [10.96.0.1, "fd00:96::1"]
-  ports: [{name: http, port: 80, targetPort: 8080, protocol: TCP}]
----
+const SERVICES_AND_POLICY: &str = concat!(
+    service_s_a!(),
+    r#"---
 apiVersion: v1
 kind: Service
 metadata: {name: s-b, namespace: x}
@@ -41,7 +36,8 @@ spec:
       ports: [{port: 8080}]
     - to: [{namespaceSelector: {matchLabels: {team: ops}}}]
       ports: [{port: 8080}]
-"#;
+"#
+);
 
 struct Fam {
     fam: u32,
