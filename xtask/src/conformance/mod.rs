@@ -1021,13 +1021,14 @@ pub fn scenarios_on(
             "conformance staged: step k-1's cells with step k staged: {} passed, {} failed; \
              explain --staged against step k and the probes against explain: {} agree, {} \
              disagree; the datapath's staged reports ({} read, {} sides where the views \
-             differ): {} agree, {} disagree",
+             differ, {} hairpins among the cells): {} agree, {} disagree",
             f.enforced.passed,
             f.enforced.failed,
             f.explained.passed,
             f.explained.failed,
             f.reports,
             f.due,
+            f.hairpins,
             f.reported.passed,
             f.reported.failed
         );

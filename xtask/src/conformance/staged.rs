@@ -217,6 +217,9 @@ pub struct Found {
     pub reports: usize,
     /// Sides where the views differ and a report was due.
     pub due: usize,
+    /// Hairpins sent (a pod to itself through its Service) whose reports
+    /// were checked.
+    pub hairpins: usize,
 }
 
 impl Found {
@@ -231,6 +234,7 @@ impl Found {
         }
         self.reports += o.reports;
         self.due += o.due;
+        self.hairpins += o.hairpins;
     }
 }
 
@@ -330,6 +334,53 @@ struct Cell<'a> {
 }
 
 impl Cell<'_> {
+    /// A hairpin sent (a pod to itself through its Service): where the
+    /// views' verdicts differ, the datapath reports the new connection
+    /// from the pod to itself, on the backend's port (the scenarios'
+    /// Services keep the port).
+    fn check_hairpin(
+        &self,
+        reports: &[Report],
+        found: &mut Found,
+        prefix: &str,
+        lines: &mut Vec<String>,
+    ) {
+        let (c, e, s) = (self.check, self.enforced, self.staged);
+        let (Some(own), Some(port)) = (
+            e["src"]["address"]
+                .as_str()
+                .and_then(|a| a.parse::<IpAddr>().ok()),
+            e["port"].as_u64().and_then(|p| u16::try_from(p).ok()),
+        ) else {
+            return;
+        };
+        let protocol = e["protocol"].as_str().unwrap_or_default().to_lowercase();
+        let (now, then) = (e["verdict"] == "allowed", s["verdict"] == "allowed");
+        let want: BTreeSet<&str> = if now == then {
+            BTreeSet::new()
+        } else if then {
+            BTreeSet::from(["staged_would_allow"])
+        } else {
+            BTreeSet::from(["staged_would_deny"])
+        };
+        let seen: BTreeSet<&str> = reports
+            .iter()
+            .filter(|r| {
+                r.src == own && r.dst == SocketAddr::new(own, port) && r.protocol == protocol
+            })
+            .map(|r| r.report.as_str())
+            .collect();
+        found.due += want.len();
+        found.hairpins += 1;
+        found.reported.count(seen == want, lines, || {
+            format!(
+                "{prefix} {}: the datapath reported {seen:?} for the hairpin, the views' explain \
+                 answers give {want:?}",
+                c.label
+            )
+        });
+    }
+
     /// The cell's checks (module docs).
     fn check(&self, reports: &[Report], found: &mut Found, prefix: &str, lines: &mut Vec<String>) {
         let (c, e, s, got) = (self.check, self.enforced, self.staged, self.got);
@@ -359,7 +410,14 @@ impl Cell<'_> {
             });
         }
         let same_pod = e["src"]["address"] == e["dst"]["address"];
-        if !self.pod_to_pod || same_pod || !e["error"].is_null() || !s["error"].is_null() {
+        if !e["error"].is_null() || !s["error"].is_null() {
+            return;
+        }
+        if same_pod && c.query.ends_with(" via-service") && got.is_some() {
+            self.check_hairpin(reports, found, prefix, lines);
+            return;
+        }
+        if !self.pod_to_pod || same_pod {
             return;
         }
         let (Some(src), Some(dst), Some(port)) = (
