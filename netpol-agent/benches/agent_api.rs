@@ -12,14 +12,20 @@
 //! timestamps each one. A grant is timed to the first datagram received,
 //! a revocation to the last one received (the next one was dropped); each
 //! change comes 15 ms or more after the last (a change within the 10 ms
-//! debounce of the previous compile waits out the rest of it). Three
+//! debounce of the previous compile waits out the rest of it). Six
 //! changes, each granted then revoked, 100 times:
 //! - one pod's labels (the sender moves in and out of the peer selector of
 //!   the receiver's policy),
 //! - one policy edit (the receiver's policy names the sender's label, then
 //!   another),
 //! - a new pod (its veth exists, unbound and so fail-closed; the Pod object
-//!   with its addresses is created, then deleted).
+//!   with its addresses is created, then deleted),
+//! - one `ClusterNetworkPolicy` edit (an Admin rule for the sender, Accept
+//!   then Deny),
+//! - a staged `NetworkPolicy` promoted (its `netpol.io/staged` annotation
+//!   removed), then staged again,
+//! - a staged `ClusterNetworkPolicy` (the Admin Accept) promoted, then
+//!   staged again.
 //!
 //! **Cold start**, at 10,000 pods / 1,000 policies / 100 namespaces and at
 //! 100,000 / 10,000 / 1,000, 110 local pods each time, every one a real
@@ -264,6 +270,16 @@ fn receiver_guard(action: &str) -> Value {
                                                  "podSelector": {"matchLabels": {"app": "s-denied"}}}}],
                               "protocols": [{"udp": {"destinationPort": {"number": PORT}}}]}]}
     })
+}
+
+/// [`receiver_guard`]`("Accept")`, `staged` (annotated
+/// `netpol.io/staged: "true"`) or enforced.
+fn receiver_guard_staged(staged: bool) -> Value {
+    let mut g = receiver_guard("Accept");
+    if staged {
+        g["metadata"]["annotations"] = json!({"netpol.io/staged": "true"});
+    }
+    g
 }
 
 /// The fake API server on a runtime of its own, in the node's namespace.
@@ -794,6 +810,23 @@ fn changes() -> (Vec<Change>, Value) {
         s.v4,
         &|| api.fake.apply(receiver_staged_grant(false)),
         &|| api.fake.apply(receiver_staged_grant(true)),
+    );
+    // The same with the Admin Accept for s staged: r's NetworkPolicy
+    // alone (s-denied shut out) is enforced meanwhile.
+    api.fake.delete("NetworkPolicy", "bench", "r-from-s");
+    api.fake.apply(receiver_guard_staged(true));
+    std::thread::sleep(Duration::from_millis(300));
+    arrivals.clear();
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        arrivals.last_from(s.v4).is_none(),
+        "datagrams from s got through a staged ClusterNetworkPolicy"
+    );
+    run(
+        "a staged ClusterNetworkPolicy promoted, then staged again",
+        s.v4,
+        &|| api.fake.apply(receiver_guard_staged(false)),
+        &|| api.fake.apply(receiver_guard_staged(true)),
     );
     stop.store(true, Ordering::Relaxed);
     let summary = json!({"pods": size.pods, "policies": size.policies,

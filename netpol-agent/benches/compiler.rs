@@ -167,6 +167,51 @@ fn bench(c: &mut Criterion) {
             i
         },
     );
+    // Staging: the edited policy waits staged (`s_staged`), then is
+    // promoted (`s_pol`) or staged again.
+    let mut s_staged = s_pol.clone();
+    for id in &ch_pol.policies {
+        if let Some(p) = s_staged
+            .policies
+            .get_mut(id)
+            .and_then(|slot| slot.in_force.as_mut())
+        {
+            p.staging = netpol_agent::model::Staging::Staged;
+        }
+    }
+    let staged = Compiler::new(&s_staged, &c_pol.ids);
+    let ch_promote = Changes::between(&s_staged, &s_pol);
+    {
+        let mut i = staged.clone();
+        i.update(&s_pol, &ch_promote);
+        assert_eq!(
+            i.compiled(),
+            &compile(&s_pol, &staged.compiled().ids),
+            "promotion != full"
+        );
+    }
+    percentiles_with(
+        "a staged policy promoted: Compiler::update (the kept staged view + diff)",
+        || staged.clone(),
+        |mut i| {
+            black_box(i.update(&s_pol, &ch_promote));
+            i
+        },
+    );
+    let promoted = {
+        let mut i = staged.clone();
+        i.update(&s_pol, &ch_promote);
+        i
+    };
+    let ch_stage = Changes::between(&s_pol, &s_staged);
+    percentiles_with(
+        "the policy staged again: Compiler::update (both views compiled whole + diff)",
+        || promoted.clone(),
+        |mut i| {
+            black_box(i.update(&s_staged, &ch_stage));
+            i
+        },
+    );
     // What the reconcile loop adds before `update`: the objects that
     // changed between the applied input and the new one.
     percentiles(
