@@ -323,6 +323,16 @@ pub fn phase(
     Ok(staged)
 }
 
+/// The reports due where the enforced view says `now` and the staged one
+/// `then` (allowed or not): none where they agree.
+fn due(now: bool, then: bool) -> BTreeSet<&'static str> {
+    match (now, then) {
+        (false, true) => BTreeSet::from(["staged_would_allow"]),
+        (true, false) => BTreeSet::from(["staged_would_deny"]),
+        _ => BTreeSet::new(),
+    }
+}
+
 /// One cell of step k: its check, the enforced and staged `explain`
 /// answers, the probe's outcome, and whether it was sent pod to pod.
 struct Cell<'a> {
@@ -355,14 +365,7 @@ impl Cell<'_> {
             return;
         };
         let protocol = e["protocol"].as_str().unwrap_or_default().to_lowercase();
-        let (now, then) = (e["verdict"] == "allowed", s["verdict"] == "allowed");
-        let want: BTreeSet<&str> = if now == then {
-            BTreeSet::new()
-        } else if then {
-            BTreeSet::from(["staged_would_allow"])
-        } else {
-            BTreeSet::from(["staged_would_deny"])
-        };
+        let want = due(e["verdict"] == "allowed", s["verdict"] == "allowed");
         let seen: BTreeSet<&str> = reports
             .iter()
             .filter(|r| {
@@ -441,13 +444,7 @@ impl Cell<'_> {
                 continue;
             }
             let (now, then) = (e[d]["allowed"] == true, s[d]["allowed"] == true);
-            let want: BTreeSet<&str> = if now == then {
-                BTreeSet::new()
-            } else if then {
-                BTreeSet::from(["staged_would_allow"])
-            } else {
-                BTreeSet::from(["staged_would_deny"])
-            };
+            let want = due(now, then);
             let seen: BTreeSet<&str> = reports
                 .iter()
                 .filter(|r| {
