@@ -3,9 +3,8 @@
 //! copy is current.
 use core::mem::offset_of;
 
-use crate::direction;
 #[cfg(doc)]
-use crate::{maps, mark};
+use crate::{direction, maps, mark};
 
 /// Flags of [`EndpointInfo::flags`].
 pub mod endpoint_flags {
@@ -47,6 +46,17 @@ pub mod endpoint_flags {
     /// new hairpin the staged view judges otherwise; `explain --staged`
     /// reads it too.
     pub const STAGED_HAIRPIN: u32 = 1 << 11;
+
+    /// `INGRESS_ISOLATED` or `EGRESS_ISOLATED`, for a direction.
+    #[inline(always)]
+    #[must_use]
+    pub const fn isolated(dir: u32) -> u32 {
+        if dir == crate::direction::INGRESS {
+            INGRESS_ISOLATED
+        } else {
+            EGRESS_ISOLATED
+        }
+    }
 
     /// `STAGED_INGRESS` or `STAGED_EGRESS`, and the matching isolation
     /// flag, for a direction.
@@ -100,12 +110,7 @@ impl EndpointInfo {
     #[inline(always)]
     #[must_use]
     pub const fn isolated(&self, dir: u32) -> bool {
-        let bit = if dir == direction::INGRESS {
-            endpoint_flags::INGRESS_ISOLATED
-        } else {
-            endpoint_flags::EGRESS_ISOLATED
-        };
-        self.flags & bit != 0
+        self.flags & endpoint_flags::isolated(dir) != 0
     }
 }
 

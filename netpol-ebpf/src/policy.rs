@@ -107,12 +107,8 @@ pub extern "C" fn netpol_hairpin_allows(
             flags & staged_isolated == 0
                 || allows(staged_endpoint(endpoint), dir, fam, protocol, dport, &own)
         } else {
-            let isolated = if dir == direction::INGRESS {
-                endpoint_flags::INGRESS_ISOLATED
-            } else {
-                endpoint_flags::EGRESS_ISOLATED
-            };
-            flags & isolated == 0 || allows(endpoint, dir, fam, protocol, dport, &own)
+            flags & endpoint_flags::isolated(dir) == 0
+                || allows(endpoint, dir, fam, protocol, dport, &own)
         }
     };
     // A view's verdict: 0 allows, else 1 + the direction that denies.
