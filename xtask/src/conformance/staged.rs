@@ -333,6 +333,49 @@ fn due(now: bool, then: bool) -> BTreeSet<&'static str> {
     }
 }
 
+/// The connection an `explain` answer is about, as reports name it.
+struct Connection {
+    src: IpAddr,
+    dst: SocketAddr,
+    /// Lower case, as the agent logs it.
+    protocol: String,
+}
+
+impl Connection {
+    fn of(answer: &serde_json::Value) -> Option<Self> {
+        let address = |side: &str| {
+            answer[side]["address"]
+                .as_str()
+                .and_then(|a| a.parse::<IpAddr>().ok())
+        };
+        let port = answer["port"]
+            .as_u64()
+            .and_then(|p| u16::try_from(p).ok())?;
+        Some(Self {
+            src: address("src")?,
+            dst: SocketAddr::new(address("dst")?, port),
+            protocol: answer["protocol"]
+                .as_str()
+                .unwrap_or_default()
+                .to_lowercase(),
+        })
+    }
+
+    /// The reports of this connection (at `direction`, or at either).
+    fn reported<'r>(&self, reports: &'r [Report], direction: Option<&str>) -> BTreeSet<&'r str> {
+        reports
+            .iter()
+            .filter(|r| {
+                r.src == self.src
+                    && r.dst == self.dst
+                    && r.protocol == self.protocol
+                    && direction.is_none_or(|d| r.direction == d)
+            })
+            .map(|r| r.report.as_str())
+            .collect()
+    }
+}
+
 /// One cell of step k: its check, the enforced and staged `explain`
 /// answers, the probe's outcome, and whether it was sent pod to pod.
 struct Cell<'a> {
@@ -344,35 +387,21 @@ struct Cell<'a> {
 }
 
 impl Cell<'_> {
-    /// A hairpin sent (a pod to itself through its Service): where the
-    /// views' verdicts differ, the datapath reports the new connection
+    /// A hairpin sent (a pod to itself through its Service, `conn`): where
+    /// the views' verdicts differ, the datapath reports the new connection
     /// from the pod to itself, on the backend's port (the scenarios'
     /// Services keep the port).
     fn check_hairpin(
         &self,
+        conn: &Connection,
         reports: &[Report],
         found: &mut Found,
         prefix: &str,
         lines: &mut Vec<String>,
     ) {
         let (c, e, s) = (self.check, self.enforced, self.staged);
-        let (Some(own), Some(port)) = (
-            e["src"]["address"]
-                .as_str()
-                .and_then(|a| a.parse::<IpAddr>().ok()),
-            e["port"].as_u64().and_then(|p| u16::try_from(p).ok()),
-        ) else {
-            return;
-        };
-        let protocol = e["protocol"].as_str().unwrap_or_default().to_lowercase();
         let want = due(e["verdict"] == "allowed", s["verdict"] == "allowed");
-        let seen: BTreeSet<&str> = reports
-            .iter()
-            .filter(|r| {
-                r.src == own && r.dst == SocketAddr::new(own, port) && r.protocol == protocol
-            })
-            .map(|r| r.report.as_str())
-            .collect();
+        let seen = conn.reported(reports, None);
         found.due += want.len();
         found.hairpins += 1;
         found.reported.count(seen == want, lines, || {
@@ -412,29 +441,20 @@ impl Cell<'_> {
                 )
             });
         }
-        let same_pod = e["src"]["address"] == e["dst"]["address"];
         if !e["error"].is_null() || !s["error"].is_null() {
             return;
         }
+        let Some(conn) = Connection::of(e) else {
+            return;
+        };
+        let same_pod = conn.src == conn.dst.ip();
         if same_pod && c.query.ends_with(" via-service") && got.is_some() {
-            self.check_hairpin(reports, found, prefix, lines);
+            self.check_hairpin(&conn, reports, found, prefix, lines);
             return;
         }
         if !self.pod_to_pod || same_pod {
             return;
         }
-        let (Some(src), Some(dst), Some(port)) = (
-            e["src"]["address"]
-                .as_str()
-                .and_then(|a| a.parse::<IpAddr>().ok()),
-            e["dst"]["address"]
-                .as_str()
-                .and_then(|a| a.parse::<IpAddr>().ok()),
-            e["port"].as_u64().and_then(|p| u16::try_from(p).ok()),
-        ) else {
-            return;
-        };
-        let protocol = e["protocol"].as_str().unwrap_or_default().to_lowercase();
         // The packets reach the egress, and the ingress where the enforced
         // egress lets them through.
         let reached_ingress = e["egress"]["allowed"] == true;
@@ -445,16 +465,7 @@ impl Cell<'_> {
             }
             let (now, then) = (e[d]["allowed"] == true, s[d]["allowed"] == true);
             let want = due(now, then);
-            let seen: BTreeSet<&str> = reports
-                .iter()
-                .filter(|r| {
-                    r.src == src
-                        && r.dst == SocketAddr::new(dst, port)
-                        && r.protocol == protocol
-                        && r.direction == d
-                })
-                .map(|r| r.report.as_str())
-                .collect();
+            let seen = conn.reported(reports, Some(d));
             found.due += want.len();
             found.reported.count(seen == want, lines, || {
                 format!(
